@@ -1,0 +1,203 @@
+"""``meridian demo``: sample origin regions, the edge and GeoDNS of one POP, all on loopback.
+
+Every part runs as its own process (as in production), started from one config file; Ctrl-C
+stops them all, by PID.  ``--port-offset N`` shifts every port so two demos can coexist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+
+from meridian.config import ConfigError, parse_config
+from meridian.log import get_logger
+
+log = get_logger("demo")
+
+
+def packaged_demo_config() -> Path:
+    return Path(str(resources.files("meridian") / "data" / "demo.yaml"))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="topology file (default: the embedded demo)")
+    parser.add_argument("--pop", default="iad", help="which POP's edge and GeoDNS to run")
+    parser.add_argument("--port-offset", type=int, default=0, help="shift every port by N")
+    parser.add_argument(
+        "--run-for", type=float, default=None, help=argparse.SUPPRESS
+    )  # seconds; for tests and scripted smoke runs
+
+
+def _shift_hostport(value: str, offset: int) -> str:
+    host, _, port = value.rpartition(":")
+    return f"{host}:{int(port) + offset}"
+
+
+def _shift_url(url: str, offset: int) -> str:
+    parts = urlsplit(url)
+    if parts.port is None or parts.hostname is None:
+        return url
+    return urlunsplit(parts._replace(netloc=f"{parts.hostname}:{parts.port + offset}"))
+
+
+def shift_ports(data: dict[str, Any], offset: int) -> dict[str, Any]:
+    """The same world with every listener, backend and health URL port moved by ``offset``."""
+    if not offset:
+        return data
+    listeners = data.setdefault("listeners", {})
+    for key in ("edge", "edge_admin", "dns", "dns_admin"):
+        default = {"edge": "127.0.0.1:8080", "edge_admin": "127.0.0.1:9100",
+                   "dns": "127.0.0.1:5353", "dns_admin": "127.0.0.1:9153"}[key]
+        listeners[key] = _shift_hostport(str(listeners.get(key, default)), offset)
+    for region in (data.get("regions") or {}).values():
+        region["backends"] = [_shift_url(u, offset) for u in region.get("backends", [])]
+    for pop in (data.get("pops") or {}).values():
+        if pop.get("health_url"):
+            pop["health_url"] = _shift_url(pop["health_url"], offset)
+    return data
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+
+
+def _wait_for_port(host: str, port: int, deadline: float) -> bool:
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def _available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
+def _stop(children: list[Child]) -> None:
+    for child in children:
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for child in children:
+        try:
+            child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+            child.process.wait()
+
+
+def run(args: argparse.Namespace) -> int:
+    source = Path(args.config) if args.config else packaged_demo_config()
+    data = yaml.safe_load(source.read_text(encoding="utf-8"))
+    data = shift_ports(data, args.port_offset)
+    try:
+        config = parse_config(data, str(source))
+        config.pop(args.pop)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    except KeyError:
+        print(f"{source}: --pop {args.pop!r} is not a POP of this config", file=sys.stderr)
+        return 2
+
+    workdir = Path(tempfile.mkdtemp(prefix="meridian-demo-"))
+    config_path = workdir / "demo.yaml"
+    config_path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    python = sys.executable
+    children: list[Child] = []
+    stop_requested = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        for region in config.regions:
+            for url in region.backends:
+                parts = urlsplit(url)
+                cmd = [python, "-m", "meridian.origin", "--region", region.name,
+                       "--host", parts.hostname or "127.0.0.1", "--port", str(parts.port or 80)]
+                children.append(Child(f"origin {region.name} {url}",
+                                      subprocess.Popen(cmd, env=env)))
+        started = ["origins"]
+        ls = config.listeners
+        if _available("edge.cli"):
+            cmd = [python, "-m", "meridian.cli", "edge", "--config", str(config_path),
+                   "--pop", args.pop]
+            children.append(Child("edge", subprocess.Popen(cmd, env=env)))
+            started.append("edge")
+        else:
+            log.warning("demo_part_missing", part="edge", reason="not implemented yet")
+        if _available("geodns.cli"):
+            cmd = [python, "-m", "meridian.cli", "dns", "--config", str(config_path),
+                   "--pop", args.pop]
+            children.append(Child("dns", subprocess.Popen(cmd, env=env)))
+            started.append("dns")
+        else:
+            log.warning("demo_part_missing", part="dns", reason="not implemented yet")
+
+        deadline = time.monotonic() + 20
+        ports = [(urlsplit(u).hostname or "127.0.0.1", urlsplit(u).port or 80)
+                 for r in config.regions for u in r.backends]
+        if "edge" in started:
+            ports.append((ls.edge.host, ls.edge.port))
+        if "dns" in started:
+            ports.append((ls.dns.host, ls.dns.port))
+        for host, port in ports:
+            if not _wait_for_port(host, port, deadline):
+                log.error("demo_start_failed", addr=f"{host}:{port}")
+                return 1
+        first = config.regions[0].backends[0]
+        print(
+            f"\nMeridian demo is up (POP {args.pop}; {', '.join(started)}).  Try:\n"
+            f"  curl -s {first}/api/v1/ticker/BTC-USD            # an origin directly\n"
+            + (
+                f"  curl -si http://{ls.edge}/api/v1/ticker/BTC-USD   # through the edge (X-Cache)\n"
+                f"  curl -s --compressed -H 'Accept-Encoding: br' http://{ls.edge}/api/v1/depth/BTC-USD\n"
+                f"  curl -s http://{ls.edge_admin}/metrics | grep meridian_\n"
+                if "edge" in started else ""
+            )
+            + (
+                f"  dig @{ls.dns.host} -p {ls.dns.port} api.{config.dns.zone} +subnet=200.160.2.0/24\n"
+                f"  dig @{ls.dns.host} -p {ls.dns.port} origin.{config.dns.zone} +subnet=81.2.69.0/24\n"
+                if "dns" in started else ""
+            )
+            + "Ctrl-C stops everything.\n",
+            flush=True,
+        )
+        end = time.monotonic() + args.run_for if args.run_for else None
+        while not stop_requested and (end is None or time.monotonic() < end):
+            for child in children:
+                if child.process.poll() is not None:
+                    log.error("demo_child_exited", child=child.name, code=child.process.returncode)
+                    return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        _stop(children)
+        log.info("demo_stopped", children=len(children))
