@@ -35,7 +35,8 @@ def _summary(config: Config) -> str:
         order = ",".join(p.regions) if p.regions else "nearest"
         addrs = ",".join(map(str, p.addresses))
         lines.append(
-            f"  {p.name:<6} ({p.location.lat:7.2f}, {p.location.lon:8.2f})  {addrs:<24} regions={order}"
+            f"  {p.name:<6} ({p.location.lat:7.2f}, {p.location.lon:8.2f})  {addrs:<24}"
+            f" regions={order}"
         )
     dns = config.dns
     lines.append(
@@ -49,7 +50,9 @@ def _summary(config: Config) -> str:
         who = ",".join(rule.countries[:6]) + ("..." if len(rule.countries) > 6 else "")
         if rule.continents:
             who = (who + " " if who else "") + "continents " + ",".join(rule.continents)
-        lines.append(f"residency {rule.name}: {who} -> zone {rule.zone} (on failure: {rule.on_failure})")
+        lines.append(
+            f"residency {rule.name}: {who} -> zone {rule.zone} (on failure: {rule.on_failure})"
+        )
     h = config.health
     lines.append(
         f"health: {h.kind} {h.path} every {format_duration(h.interval)}, timeout "
@@ -65,7 +68,8 @@ def _summary(config: Config) -> str:
     )
     ls = config.listeners
     lines.append(
-        f"listeners: edge {ls.edge}, edge admin {ls.edge_admin}, dns {ls.dns}, dns admin {ls.dns_admin}"
+        f"listeners: edge {ls.edge}, edge admin {ls.edge_admin}, dns {ls.dns},"
+        f" dns admin {ls.dns_admin}"
     )
     return "\n".join(lines)
 
@@ -81,9 +85,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _delegate(module: str, adder: str, runner: str, issue: int) -> tuple[
-    Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]
-]:
+def _delegate(
+    module: str, adder: str, runner: str, issue: int
+) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
     """Subcommands provided by a service package, imported when used."""
 
     def add(parser: argparse.ArgumentParser) -> None:
@@ -131,12 +135,23 @@ def _check_add(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="the topology YAML file to validate")
 
 
-SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[Any], int]]] = {
+SUBCOMMANDS: dict[
+    str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[Any], int]]
+] = {
     "check": ("validate a config file and print a summary", _check_add, cmd_check),
     "origin": ("run the sample market-data origin", _origin_add, _origin_run),
-    "dns": ("run the GeoDNS server of a POP", *_delegate("geodns.cli", "add_dns_arguments", "run_dns", 4)),
-    "edge": ("run the edge proxy of a POP", *_delegate("edge.cli", "add_edge_arguments", "run_edge", 5)),
-    "serve": ("run the edge and GeoDNS of a POP together", *_delegate("meridian.serve", "add_arguments", "run", 5)),
+    "dns": (
+        "run the GeoDNS server of a POP",
+        *_delegate("geodns.cli", "add_dns_arguments", "run_dns", 4),
+    ),
+    "edge": (
+        "run the edge proxy of a POP",
+        *_delegate("edge.cli", "add_edge_arguments", "run_edge", 5),
+    ),
+    "serve": (
+        "run the edge and GeoDNS of a POP together",
+        *_delegate("meridian.serve", "add_arguments", "run", 5),
+    ),
     "demo": ("start sample origins, the edge and GeoDNS on loopback", _demo_add, _demo_run),
     "explain": (
         "show how GeoDNS answers one client, step by step",
@@ -151,7 +166,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="meridian", description="Meridian: GeoDNS and a caching edge proxy for market data."
     )
     parser.add_argument("--log-format", choices=("logfmt", "json"), default="logfmt")
-    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    parser.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), default="info"
+    )
     # The logging flags are accepted after the subcommand too (meridian edge --log-format json).
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-format", choices=("logfmt", "json"), default=argparse.SUPPRESS)

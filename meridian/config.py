@@ -380,7 +380,9 @@ class Config:
                 return pop
         raise KeyError(name)
 
-    def residency_zone_for(self, country: str | None, continent: str | None) -> ResidencyRule | None:
+    def residency_zone_for(
+        self, country: str | None, continent: str | None
+    ) -> ResidencyRule | None:
         """The first residency rule that applies to a client in ``country``/``continent``."""
         for rule in self.residency:
             if (country and country in rule.countries) or (
@@ -432,14 +434,17 @@ class _Loader:
             item_tp = args[0]
             if args[-1] is not Ellipsis:  # fixed tuple such as (int, int)
                 return tuple(
-                    self.load(t, v, f"{path}[{i}]") for i, (t, v) in enumerate(zip(args, value, strict=False))
+                    self.load(t, v, f"{path}[{i}]")
+                    for i, (t, v) in enumerate(zip(args, value, strict=False))
                 )
             items = [self.load(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
             return tuple(items)
         if origin is Literal:
             allowed = get_args(tp)
             if value not in allowed:
-                return self.fail(path, f"must be one of {', '.join(map(str, allowed))}, got {value!r}")
+                return self.fail(
+                    path, f"must be one of {', '.join(map(str, allowed))}, got {value!r}"
+                )
             return value
         if dataclasses.is_dataclass(tp) and isinstance(tp, type):
             if tp is HostPort:
@@ -452,12 +457,19 @@ class _Loader:
         if marker is URL:
             return self._url(value, path)
         if marker is COUNTRY:
-            if not (isinstance(value, str) and len(value) == 2 and value.isalpha() and value.isupper()):
-                return self.fail(path, f"expected an ISO 3166 country code such as DE, got {value!r}")
+            if not (
+                isinstance(value, str) and len(value) == 2 and value.isalpha() and value.isupper()
+            ):
+                return self.fail(
+                    path, f"expected an ISO 3166 country code such as DE, got {value!r}"
+                )
             return value
         if marker is CONTINENT:
             if value not in CONTINENTS:
-                return self.fail(path, f"expected a continent code ({', '.join(sorted(CONTINENTS))}), got {value!r}")
+                return self.fail(
+                    path,
+                    f"expected a continent code ({', '.join(sorted(CONTINENTS))}), got {value!r}",
+                )
             return value
         if tp is bool:
             if not isinstance(value, bool):
@@ -529,13 +541,18 @@ class _Loader:
         kwargs: dict[str, Any] = {}
         for key in value:
             if key not in fields:
-                close = difflib.get_close_matches(str(key).replace("-", "_"), fields, n=1, cutoff=0.8)
+                close = difflib.get_close_matches(
+                    str(key).replace("-", "_"), fields, n=1, cutoff=0.8
+                )
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 self.fail(_join(path, str(key)), f"unknown key{hint}")
         for name, fld in fields.items():
             sub = _join(path, name)
             if name not in value:
-                if fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
+                if (
+                    fld.default is dataclasses.MISSING
+                    and fld.default_factory is dataclasses.MISSING
+                ):
                     self.fail(sub, "is required")
                 continue
             tp = hints[name]
@@ -687,17 +704,21 @@ def _semantic_problems(config: Config) -> list[str]:
         problems.append("dns.min_ttl: must not exceed dns.ttl")
     if dns.workers < 1:
         problems.append("dns.workers: must be at least 1")
-    for name in dns.names:
-        where = f"dns.names.{name.name}"
-        if name.answers < 1:
+    for dns_name in dns.names:
+        where = f"dns.names.{dns_name.name}"
+        if dns_name.answers < 1:
             problems.append(f"{where}.answers: must be at least 1")
-        known = pop_names if name.targets == "pops" else region_names
-        for i, cand in enumerate(name.candidates):
+        known = pop_names if dns_name.targets == "pops" else region_names
+        for i, cand in enumerate(dns_name.candidates):
             if cand not in known:
-                problems.append(f"{where}.candidates[{i}]: unknown {name.targets[:-1]} {cand!r}")
-        if name.targets == "regions":
+                problems.append(
+                    f"{where}.candidates[{i}]: unknown {dns_name.targets[:-1]} {cand!r}"
+                )
+        if dns_name.targets == "regions":
             for region in config.regions:
-                if (not name.candidates or region.name in name.candidates) and not region.addresses:
+                if (
+                    not dns_name.candidates or region.name in dns_name.candidates
+                ) and not region.addresses:
                     problems.append(
                         f"{where}: region {region.name!r} has no addresses to answer with"
                     )
@@ -710,10 +731,13 @@ def _semantic_problems(config: Config) -> list[str]:
             if name not in region_names:
                 problems.append(f"{where}.regions[{i}]: unknown region {name!r}")
         if service.residency is not None:
-            members = [r for r in config.regions if not service.regions or r.name in service.regions]
+            members = [
+                r for r in config.regions if not service.regions or r.name in service.regions
+            ]
             if not any(r.residency == service.residency for r in members):
                 problems.append(
-                    f"{where}.residency: no region of the service has residency {service.residency!r}"
+                    f"{where}.residency: no region of the service has residency"
+                    f" {service.residency!r}"
                 )
     if not edge.routes:
         problems.append("edge.routes: at least one route is required")
@@ -727,8 +751,8 @@ def _semantic_problems(config: Config) -> list[str]:
             problems.append(f"{where}.service: unknown service {route.service!r}")
         if not route.path_prefix.startswith("/"):
             problems.append(f"{where}.path_prefix: must start with /")
-    for i, rule in enumerate(edge.cache.rules):
-        if not rule.path_prefix.startswith("/"):
+    for i, cache_rule in enumerate(edge.cache.rules):
+        if not cache_rule.path_prefix.startswith("/"):
             problems.append(f"edge.cache.rules[{i}].path_prefix: must start with /")
     for i, route_name in enumerate(edge.compression.disable_routes):
         if route_name not in seen_routes:
@@ -763,9 +787,7 @@ def _duplicate_key_loader() -> type[yaml.SafeLoader]:
             result[key] = loader.construct_object(value_node)
         return result
 
-    StrictLoader.add_constructor(
-        yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping
-    )
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
     return StrictLoader
 
 
@@ -793,7 +815,7 @@ def load_config(path: str | Path) -> Config:
     except OSError as exc:
         raise ConfigError([f"{source}: cannot read: {exc.strerror or exc}"]) from None
     try:
-        data = yaml.load(text, Loader=_STRICT_LOADER)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_STRICT_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""

@@ -60,8 +60,12 @@ def shift_ports(data: dict[str, Any], offset: int) -> dict[str, Any]:
         return data
     listeners = data.setdefault("listeners", {})
     for key in ("edge", "edge_admin", "dns", "dns_admin"):
-        default = {"edge": "127.0.0.1:8080", "edge_admin": "127.0.0.1:9100",
-                   "dns": "127.0.0.1:5353", "dns_admin": "127.0.0.1:9153"}[key]
+        default = {
+            "edge": "127.0.0.1:8080",
+            "edge_admin": "127.0.0.1:9100",
+            "dns": "127.0.0.1:5353",
+            "dns_admin": "127.0.0.1:9153",
+        }[key]
         listeners[key] = _shift_hostport(str(listeners.get(key, default)), offset)
     for region in (data.get("regions") or {}).values():
         region["backends"] = [_shift_url(u, offset) for u in region.get("backends", [])]
@@ -140,30 +144,59 @@ def run(args: argparse.Namespace) -> int:
         for region in config.regions:
             for url in region.backends:
                 parts = urlsplit(url)
-                cmd = [python, "-m", "meridian.origin", "--region", region.name,
-                       "--host", parts.hostname or "127.0.0.1", "--port", str(parts.port or 80)]
-                children.append(Child(f"origin {region.name} {url}",
-                                      subprocess.Popen(cmd, env=env)))
+                cmd = [
+                    python,
+                    "-m",
+                    "meridian.origin",
+                    "--region",
+                    region.name,
+                    "--host",
+                    parts.hostname or "127.0.0.1",
+                    "--port",
+                    str(parts.port or 80),
+                ]
+                children.append(
+                    Child(f"origin {region.name} {url}", subprocess.Popen(cmd, env=env))
+                )
         started = ["origins"]
         ls = config.listeners
         if _available("edge.cli"):
-            cmd = [python, "-m", "meridian.cli", "edge", "--config", str(config_path),
-                   "--pop", args.pop]
+            cmd = [
+                python,
+                "-m",
+                "meridian.cli",
+                "edge",
+                "--config",
+                str(config_path),
+                "--pop",
+                args.pop,
+            ]
             children.append(Child("edge", subprocess.Popen(cmd, env=env)))
             started.append("edge")
         else:
             log.warning("demo_part_missing", part="edge", reason="not implemented yet")
         if _available("geodns.cli"):
-            cmd = [python, "-m", "meridian.cli", "dns", "--config", str(config_path),
-                   "--pop", args.pop]
+            cmd = [
+                python,
+                "-m",
+                "meridian.cli",
+                "dns",
+                "--config",
+                str(config_path),
+                "--pop",
+                args.pop,
+            ]
             children.append(Child("dns", subprocess.Popen(cmd, env=env)))
             started.append("dns")
         else:
             log.warning("demo_part_missing", part="dns", reason="not implemented yet")
 
         deadline = time.monotonic() + 20
-        ports = [(urlsplit(u).hostname or "127.0.0.1", urlsplit(u).port or 80)
-                 for r in config.regions for u in r.backends]
+        ports = [
+            (urlsplit(u).hostname or "127.0.0.1", urlsplit(u).port or 80)
+            for r in config.regions
+            for u in r.backends
+        ]
         if "edge" in started:
             ports.append((ls.edge.host, ls.edge.port))
         if "dns" in started:
@@ -173,19 +206,22 @@ def run(args: argparse.Namespace) -> int:
                 log.error("demo_start_failed", addr=f"{host}:{port}")
                 return 1
         first = config.regions[0].backends[0]
+        dig = f"dig @{ls.dns.host} -p {ls.dns.port}"
         print(
             f"\nMeridian demo is up (POP {args.pop}; {', '.join(started)}).  Try:\n"
             f"  curl -s {first}/api/v1/ticker/BTC-USD            # an origin directly\n"
             + (
-                f"  curl -si http://{ls.edge}/api/v1/ticker/BTC-USD   # through the edge (X-Cache)\n"
+                f"  curl -si http://{ls.edge}/api/v1/ticker/BTC-USD   # via the edge\n"
                 f"  curl -s --compressed -H 'Accept-Encoding: br' http://{ls.edge}/api/v1/depth/BTC-USD\n"
                 f"  curl -s http://{ls.edge_admin}/metrics | grep meridian_\n"
-                if "edge" in started else ""
+                if "edge" in started
+                else ""
             )
             + (
-                f"  dig @{ls.dns.host} -p {ls.dns.port} api.{config.dns.zone} +subnet=200.160.2.0/24\n"
-                f"  dig @{ls.dns.host} -p {ls.dns.port} origin.{config.dns.zone} +subnet=81.2.69.0/24\n"
-                if "dns" in started else ""
+                f"  {dig} api.{config.dns.zone} +subnet=200.160.2.0/24\n"
+                f"  {dig} origin.{config.dns.zone} +subnet=81.2.69.0/24\n"
+                if "dns" in started
+                else ""
             )
             + "Ctrl-C stops everything.\n",
             flush=True,

@@ -166,8 +166,8 @@ class GeoLocator:
 
     def locate(self, address: IPAddress | str) -> ClientLocation:
         ip = ipaddress.ip_address(address) if isinstance(address, str) else address
-        if ip.version == 6 and ip.ipv4_mapped is not None:  # type: ignore[union-attr]
-            ip = ip.ipv4_mapped  # type: ignore[union-attr]
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
         bucket = _bucket(ip)
         hit = self._by_bucket.get(bucket)
         if hit is not None:
@@ -185,7 +185,9 @@ class GeoLocator:
             self._remember(self._by_address, ip, result)
         return result
 
-    def _remember(self, table: OrderedDict[Any, ClientLocation], key: Any, value: ClientLocation) -> None:
+    def _remember(
+        self, table: OrderedDict[Any, ClientLocation], key: Any, value: ClientLocation
+    ) -> None:
         table[key] = value
         if len(table) > self._cache_size:
             table.popitem(last=False)
@@ -197,10 +199,15 @@ class GeoLocator:
         record, prefix_len = self._reader.get_with_prefix_len(ip)
         network = ipaddress.ip_network(f"{ip}/{prefix_len}", strict=False)
         # An override inside this database network makes only part of it uniform.
-        if any(o.network.version == ip.version and o.network.subnet_of(network)  # type: ignore[arg-type]
-               for o in self._overrides):
-            network = _bucket_network(ip) if _bucket(ip) not in self._cut_buckets else \
-                ipaddress.ip_network(ip)
+        if any(
+            o.network.version == ip.version and o.network.subnet_of(network)  # type: ignore[arg-type]
+            for o in self._overrides
+        ):
+            network = (
+                _bucket_network(ip)
+                if _bucket(ip) not in self._cut_buckets
+                else ipaddress.ip_network(ip)
+            )
         if not isinstance(record, dict):
             d = self._default
             return ClientLocation(d.lat, d.lon, d.country, d.continent, None, network, "default")
@@ -223,8 +230,12 @@ class GeoLocator:
                 accuracy = accuracy or 3000
             else:
                 d = self._default
-                return ClientLocation(d.lat, d.lon, d.country, d.continent, None, network, "default")
-        return ClientLocation(float(lat), float(lon), country, continent, accuracy, network, "database")
+                return ClientLocation(
+                    d.lat, d.lon, d.country, d.continent, None, network, "default"
+                )
+        return ClientLocation(
+            float(lat), float(lon), country, continent, accuracy, network, "database"
+        )
 
     def _from_override(self, override: GeoOverride) -> ClientLocation:
         loc = override.location or self._default

@@ -32,20 +32,23 @@ class ConfigHolder:
         return cls(path=path, current=load_config(path))
 
     def reload(self) -> bool:
-        """Load and validate the file again; swap only if it is good.  Returns whether it swapped."""
+        """Load and validate the file again; swap only if it is good.  True when it swapped."""
         try:
             new = load_config(self.path)
         except ConfigError as exc:
             # One line: the first problem and how many more; the old config keeps serving.
             more = f" (+{len(exc.problems) - 1} more)" if len(exc.problems) > 1 else ""
-            log.error("config_reload_rejected", reason=exc.problems[0] + more,
-                      generation=self.generation)
+            log.error(
+                "config_reload_rejected", reason=exc.problems[0] + more, generation=self.generation
+            )
             return False
         for check in self.listeners:
             try:
                 check(new, self.generation + 1)
             except ConfigError as exc:
-                log.error("config_reload_rejected", reason=exc.problems[0], generation=self.generation)
+                log.error(
+                    "config_reload_rejected", reason=exc.problems[0], generation=self.generation
+                )
                 return False
         self.current = new
         self.generation += 1
@@ -70,7 +73,9 @@ class Lifecycle:
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             self.loop.remove_signal_handler(sig)
 
-    async def run_reloads(self, holder: ConfigHolder, on_reload: Callable[[Config, int], None]) -> None:
+    async def run_reloads(
+        self, holder: ConfigHolder, on_reload: Callable[[Config, int], None]
+    ) -> None:
         """Loop until stopped: each SIGHUP reloads ``holder`` and hands a good snapshot over."""
         while not self.stopping.is_set():
             waiter = asyncio.ensure_future(self.reload_requested.wait())

@@ -17,8 +17,12 @@ from typing import Any, Literal, TextIO
 
 LogFormat = Literal["json", "logfmt"]
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 class _State:
@@ -43,8 +47,13 @@ def _logfmt_value(value: object) -> str:
     return text
 
 
-def format_event(level: str, logger: str, event: str, fields: dict[str, Any], fmt: LogFormat) -> str:
-    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
+def format_event(
+    level: str, logger: str, event: str, fields: dict[str, Any], fmt: LogFormat
+) -> str:
+    ts = (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        + f".{int(time.time() * 1000) % 1000:03d}Z"
+    )
     if fmt == "json":
         record = {"ts": ts, "level": level, "logger": logger, "event": event, **fields}
         return json.dumps(record, default=str, separators=(",", ":"))

@@ -51,32 +51,86 @@ def test_shipped_configs_load() -> None:
 def test_config_is_frozen() -> None:
     config = load_config(DEMO)
     with pytest.raises(AttributeError):
-        config.dns = None  # type: ignore[misc]
+        config.dns = None  # type: ignore[misc,assignment]
 
 
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
         (lambda d: d.update(bogus=1), "t.yaml: bogus: unknown key"),
-        (lambda d: d["health"].update(intervall="5s"), "t.yaml: health.intervall: unknown key (did you mean interval?)"),
-        (lambda d: d["health"].update(interval="soon"), "t.yaml: health.interval: 'soon' is not a duration"),
-        (lambda d: d["health"].update(fall="three"), "t.yaml: health.fall: expected an integer, got the string 'three'"),
-        (lambda d: d["edge"]["cache"].update(memory="lots"), "t.yaml: edge.cache.memory: 'lots' is not a size"),
-        (lambda d: d["pops"]["iad"].update(regions=["mars-1"]), "t.yaml: pops.iad.regions[0]: unknown region 'mars-1'"),
-        (lambda d: d["regions"]["us-east"]["location"].update(lat=123), "t.yaml: regions.us-east.location: lat 123.0 is outside -90..90"),
-        (lambda d: d["regions"]["us-east"].update(backends=["ftp://x"]), "t.yaml: regions.us-east.backends[0]: 'ftp://x' is not an http(s) URL"),
-        (lambda d: d["geo"].update(overrides=[{"network": "10.0.0.0/33", "region": "us-east"}]), "t.yaml: geo.overrides[0].network: '10.0.0.0/33' is not a CIDR network"),
-        (lambda d: d["geo"].update(overrides=[{"network": "10.0.0.1/8", "region": "us-east"}]), "t.yaml: geo.overrides[0].network: '10.0.0.1/8' is not a CIDR network"),
-        (lambda d: d["pops"]["iad"].update(addresses=["999.1.1.1"]), "t.yaml: pops.iad.addresses[0]: '999.1.1.1' is not an IP address"),
-        (lambda d: d["residency"]["eu-data"].update(zone="mars"), "t.yaml: residency.eu-data.zone: no region has residency 'mars'"),
-        (lambda d: d["residency"]["eu-data"].update(countries=["Germany"]), "t.yaml: residency.eu-data.countries[0]: expected an ISO 3166 country code"),
-        (lambda d: d["dns"].update(all_down="panic"), "t.yaml: dns.all_down: must be one of fail_open, empty, servfail, got 'panic'"),
+        (
+            lambda d: d["health"].update(intervall="5s"),
+            "t.yaml: health.intervall: unknown key (did you mean interval?)",
+        ),
+        (
+            lambda d: d["health"].update(interval="soon"),
+            "t.yaml: health.interval: 'soon' is not a duration",
+        ),
+        (
+            lambda d: d["health"].update(fall="three"),
+            "t.yaml: health.fall: expected an integer, got the string 'three'",
+        ),
+        (
+            lambda d: d["edge"]["cache"].update(memory="lots"),
+            "t.yaml: edge.cache.memory: 'lots' is not a size",
+        ),
+        (
+            lambda d: d["pops"]["iad"].update(regions=["mars-1"]),
+            "t.yaml: pops.iad.regions[0]: unknown region 'mars-1'",
+        ),
+        (
+            lambda d: d["regions"]["us-east"]["location"].update(lat=123),
+            "t.yaml: regions.us-east.location: lat 123.0 is outside -90..90",
+        ),
+        (
+            lambda d: d["regions"]["us-east"].update(backends=["ftp://x"]),
+            "t.yaml: regions.us-east.backends[0]: 'ftp://x' is not an http(s) URL",
+        ),
+        (
+            lambda d: d["geo"].update(overrides=[{"network": "10.0.0.0/33", "region": "us-east"}]),
+            "t.yaml: geo.overrides[0].network: '10.0.0.0/33' is not a CIDR network",
+        ),
+        (
+            lambda d: d["geo"].update(overrides=[{"network": "10.0.0.1/8", "region": "us-east"}]),
+            "t.yaml: geo.overrides[0].network: '10.0.0.1/8' is not a CIDR network",
+        ),
+        (
+            lambda d: d["pops"]["iad"].update(addresses=["999.1.1.1"]),
+            "t.yaml: pops.iad.addresses[0]: '999.1.1.1' is not an IP address",
+        ),
+        (
+            lambda d: d["residency"]["eu-data"].update(zone="mars"),
+            "t.yaml: residency.eu-data.zone: no region has residency 'mars'",
+        ),
+        (
+            lambda d: d["residency"]["eu-data"].update(countries=["Germany"]),
+            "t.yaml: residency.eu-data.countries[0]: expected an ISO 3166 country code",
+        ),
+        (
+            lambda d: d["dns"].update(all_down="panic"),
+            "t.yaml: dns.all_down: must be one of fail_open, empty, servfail, got 'panic'",
+        ),
         (lambda d: d["dns"].pop("zone"), "t.yaml: dns.zone: is required"),
-        (lambda d: d["edge"]["routes"].append({"name": "x", "service": "nope"}), "t.yaml: edge.routes[3].service: unknown service 'nope'"),
-        (lambda d: d["listeners"].update(edge="localhost"), "t.yaml: listeners.edge: expected HOST:PORT"),
-        (lambda d: d["edge"]["cache"].update(enabled="yes"), "t.yaml: edge.cache.enabled: expected true or false, got the string 'yes'"),
-        (lambda d: d["health"].update(timeout="20s"), "t.yaml: health.timeout: must not exceed health.interval"),
-        (lambda d: d["edge"]["routes"].append(dict(d["edge"]["routes"][0])), "t.yaml: edge.routes[3].name: duplicate route name 'api'"),
+        (
+            lambda d: d["edge"]["routes"].append({"name": "x", "service": "nope"}),
+            "t.yaml: edge.routes[3].service: unknown service 'nope'",
+        ),
+        (
+            lambda d: d["listeners"].update(edge="localhost"),
+            "t.yaml: listeners.edge: expected HOST:PORT",
+        ),
+        (
+            lambda d: d["edge"]["cache"].update(enabled="yes"),
+            "t.yaml: edge.cache.enabled: expected true or false, got the string 'yes'",
+        ),
+        (
+            lambda d: d["health"].update(timeout="20s"),
+            "t.yaml: health.timeout: must not exceed health.interval",
+        ),
+        (
+            lambda d: d["edge"]["routes"].append(dict(d["edge"]["routes"][0])),
+            "t.yaml: edge.routes[3].name: duplicate route name 'api'",
+        ),
     ],
 )
 def test_each_class_of_bad_input_is_named(mutate: Any, expected: str) -> None:
@@ -97,7 +151,9 @@ def test_all_problems_are_reported_not_just_the_first() -> None:
 
 
 def test_duplicate_names_in_yaml_are_rejected(tmp_path: Path) -> None:
-    text = DEMO.read_text().replace("pops:\n", "pops:\n  gru: {location: {lat: 1, lon: 1}, addresses: [127.0.9.9]}\n", 1)
+    text = DEMO.read_text().replace(
+        "pops:\n", "pops:\n  gru: {location: {lat: 1, lon: 1}, addresses: [127.0.9.9]}\n", 1
+    )
     path = tmp_path / "dup.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
@@ -137,9 +193,15 @@ def test_size_round_trip(n: int) -> None:
     assert parse_size(format_size(n)) == n
 
 
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
-                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
-                    max_leaves=20))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+        lambda inner: (
+            st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+        ),
+        max_leaves=20,
+    )
+)
 def test_any_yaml_value_gives_a_config_or_config_error(data: object) -> None:
     try:
         parse_config(data)
@@ -148,7 +210,9 @@ def test_any_yaml_value_gives_a_config_or_config_error(data: object) -> None:
         assert all(p.startswith("<memory>: ") for p in exc.problems)
 
 
-@given(st.sampled_from(["health", "dns", "edge", "geo", "listeners"]), st.text(min_size=1, max_size=10))
+@given(
+    st.sampled_from(["health", "dns", "edge", "geo", "listeners"]), st.text(min_size=1, max_size=10)
+)
 def test_unknown_keys_anywhere_are_named(section: str, key: str) -> None:
     data = demo_data()
     sub = data.setdefault(section, {})
@@ -160,16 +224,28 @@ def test_unknown_keys_anywhere_are_named(section: str, key: str) -> None:
 
 
 def test_meridian_check_cli(tmp_path: Path) -> None:
-    ok = subprocess.run([sys.executable, "-m", "meridian.cli", "check", str(GLOBAL)],
-                        capture_output=True, text=True, timeout=60)
+    ok = subprocess.run(
+        [sys.executable, "-m", "meridian.cli", "check", str(GLOBAL)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "pops (20)" in ok.stdout and "residency eu-gdpr" in ok.stdout
     broken = tmp_path / "broken.yaml"
-    text = GLOBAL.read_text().replace("fall: 3", "fall: many").replace("interval: 10s", "interval: 10 parsecs")
+    text = (
+        GLOBAL.read_text()
+        .replace("fall: 3", "fall: many")
+        .replace("interval: 10s", "interval: 10 parsecs")
+    )
     text = text.replace("    market: {}", "    market: {regions: [us-east, atlantis]}")
     broken.write_text(text)
-    bad = subprocess.run([sys.executable, "-m", "meridian.cli", "check", str(broken)],
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "meridian.cli", "check", str(broken)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
     lines = bad.stderr.strip().splitlines()
@@ -178,8 +254,17 @@ def test_meridian_check_cli(tmp_path: Path) -> None:
     assert any("health.interval: '10 parsecs' is not a duration" in line for line in lines)
     # Structural problems are reported together; cross-references are checked once those pass.
     assert len(lines) == 2, lines
-    broken.write_text(GLOBAL.read_text().replace("    market: {}", "    market: {regions: [us-east, atlantis]}"))
-    bad = subprocess.run([sys.executable, "-m", "meridian.cli", "check", str(broken)],
-                         capture_output=True, text=True, timeout=60)
+    broken.write_text(
+        GLOBAL.read_text().replace("    market: {}", "    market: {regions: [us-east, atlantis]}")
+    )
+    bad = subprocess.run(
+        [sys.executable, "-m", "meridian.cli", "check", str(broken)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2
-    assert bad.stderr.strip() == f"{broken}: edge.services.market.regions[1]: unknown region 'atlantis'"
+    assert (
+        bad.stderr.strip()
+        == f"{broken}: edge.services.market.regions[1]: unknown region 'atlantis'"
+    )

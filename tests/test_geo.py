@@ -129,8 +129,13 @@ def test_distance_and_ordering() -> None:
     london, new_york = (51.5074, -0.1278), (40.7128, -74.0060)
     assert distance_km(*london, *new_york) == pytest.approx(5570, rel=0.01)
     assert distance_km(0, 0, 0, 180) == pytest.approx(20015, rel=0.001)
-    pops = {"iad": Location(39.04, -77.49), "fra": Location(50.11, 8.68), "sin": Location(1.35, 103.82),
-            "gru": Location(-23.55, -46.63), "syd": Location(-33.87, 151.21)}
+    pops = {
+        "iad": Location(39.04, -77.49),
+        "fra": Location(50.11, 8.68),
+        "sin": Location(1.35, 103.82),
+        "gru": Location(-23.55, -46.63),
+        "syd": Location(-33.87, 151.21),
+    }
     order = nearest_first(-17.47, -45.82, pops, where=pops.__getitem__)  # a Brazilian client
     assert [name for name, _ in order] == ["gru", "iad", "fra", "syd", "sin"]
     assert [d for _, d in order] == sorted(d for _, d in order)
