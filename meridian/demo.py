@@ -8,14 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -25,6 +20,7 @@ import yaml
 
 from meridian.config import ConfigError, parse_config
 from meridian.log import get_logger
+from meridian.supervise import Supervisor, wait_for_port
 
 log = get_logger("demo")
 
@@ -75,40 +71,11 @@ def shift_ports(data: dict[str, Any], offset: int) -> dict[str, Any]:
     return data
 
 
-@dataclass
-class Child:
-    name: str
-    process: subprocess.Popen[bytes]
-
-
-def _wait_for_port(host: str, port: int, deadline: float) -> bool:
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
 def _available(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
     except ImportError:
         return False
-
-
-def _stop(children: list[Child]) -> None:
-    for child in children:
-        if child.process.poll() is None:
-            child.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    for child in children:
-        try:
-            child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.process.kill()
-            child.process.wait()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,25 +96,16 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="meridian-demo-"))
     config_path = workdir / "demo.yaml"
     config_path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    python = sys.executable
-    children: list[Child] = []
-    stop_requested = False
-
-    def request_stop(signum: int, frame: object) -> None:
-        nonlocal stop_requested
-        stop_requested = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    base = [sys.executable, "-m", "meridian.cli"]
+    common = ["--config", str(config_path), "--pop", args.pop]
+    supervisor = Supervisor()
+    supervisor.install_signal_handlers()
     try:
         for region in config.regions:
             for url in region.backends:
                 parts = urlsplit(url)
-                cmd = [
-                    python,
-                    "-m",
-                    "meridian.origin",
+                origin_args = [
+                    "origin",
                     "--region",
                     region.name,
                     "--host",
@@ -155,41 +113,15 @@ def run(args: argparse.Namespace) -> int:
                     "--port",
                     str(parts.port or 80),
                 ]
-                children.append(
-                    Child(f"origin {region.name} {url}", subprocess.Popen(cmd, env=env))
-                )
+                supervisor.start(f"origin {region.name} {url}", base + origin_args)
         started = ["origins"]
         ls = config.listeners
-        if _available("edge.cli"):
-            cmd = [
-                python,
-                "-m",
-                "meridian.cli",
-                "edge",
-                "--config",
-                str(config_path),
-                "--pop",
-                args.pop,
-            ]
-            children.append(Child("edge", subprocess.Popen(cmd, env=env)))
-            started.append("edge")
-        else:
-            log.warning("demo_part_missing", part="edge", reason="not implemented yet")
-        if _available("geodns.cli"):
-            cmd = [
-                python,
-                "-m",
-                "meridian.cli",
-                "dns",
-                "--config",
-                str(config_path),
-                "--pop",
-                args.pop,
-            ]
-            children.append(Child("dns", subprocess.Popen(cmd, env=env)))
-            started.append("dns")
-        else:
-            log.warning("demo_part_missing", part="dns", reason="not implemented yet")
+        for part, module in (("edge", "edge.cli"), ("dns", "geodns.cli")):
+            if _available(module):
+                supervisor.start(part, [*base, part, *common])
+                started.append(part)
+            else:
+                log.warning("demo_part_missing", part=part, reason="not implemented yet")
 
         deadline = time.monotonic() + 20
         ports = [
@@ -202,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         if "dns" in started:
             ports.append((ls.dns.host, ls.dns.port))
         for host, port in ports:
-            if not _wait_for_port(host, port, deadline):
+            if not wait_for_port(host, port, deadline):
                 log.error("demo_start_failed", addr=f"{host}:{port}")
                 return 1
         first = config.regions[0].backends[0]
@@ -212,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
             f"  curl -s {first}/api/v1/ticker/BTC-USD            # an origin directly\n"
             + (
                 f"  curl -si http://{ls.edge}/api/v1/ticker/BTC-USD   # via the edge\n"
-                f"  curl -s --compressed -H 'Accept-Encoding: br' http://{ls.edge}/api/v1/depth/BTC-USD\n"
+                f"  curl -s --compressed -H 'Accept-Encoding: br'"
+                f" http://{ls.edge}/api/v1/depth/BTC-USD\n"
                 f"  curl -s http://{ls.edge_admin}/metrics | grep meridian_\n"
                 if "edge" in started
                 else ""
@@ -226,14 +159,7 @@ def run(args: argparse.Namespace) -> int:
             + "Ctrl-C stops everything.\n",
             flush=True,
         )
-        end = time.monotonic() + args.run_for if args.run_for else None
-        while not stop_requested and (end is None or time.monotonic() < end):
-            for child in children:
-                if child.process.poll() is not None:
-                    log.error("demo_child_exited", child=child.name, code=child.process.returncode)
-                    return 1
-            time.sleep(0.2)
-        return 0
+        return supervisor.run(until=time.monotonic() + args.run_for if args.run_for else None)
     finally:
-        _stop(children)
-        log.info("demo_stopped", children=len(children))
+        supervisor.stop()
+        log.info("demo_stopped", children=len(supervisor.children))
