@@ -125,9 +125,17 @@ def _bucket(ip: IPAddress) -> tuple[int, int]:
     return 6, int(ip) >> (128 - V6_BUCKET)
 
 
+def _network_of(ip: IPAddress, prefix_len: int) -> IPNetwork:
+    """The network of ``prefix_len`` bits holding ``ip`` (built from integers: no text parsing)."""
+    bits = ip.max_prefixlen
+    masked = (int(ip) >> (bits - prefix_len) << (bits - prefix_len)) if prefix_len else 0
+    if ip.version == 4:
+        return ipaddress.IPv4Network((masked, prefix_len))
+    return ipaddress.IPv6Network((masked, prefix_len))
+
+
 def _bucket_network(ip: IPAddress) -> IPNetwork:
-    prefix = V4_BUCKET if ip.version == 4 else V6_BUCKET
-    return ipaddress.ip_network(f"{ip}/{prefix}", strict=False)
+    return _network_of(ip, V4_BUCKET if ip.version == 4 else V6_BUCKET)
 
 
 class GeoLocator:
@@ -197,7 +205,7 @@ class GeoLocator:
             if ip in override.network:
                 return self._from_override(override)
         record, prefix_len = self._reader.get_with_prefix_len(ip)
-        network = ipaddress.ip_network(f"{ip}/{prefix_len}", strict=False)
+        network = _network_of(ip, prefix_len)
         # An override inside this database network makes only part of it uniform.
         if any(
             o.network.version == ip.version and o.network.subnet_of(network)  # type: ignore[arg-type]
@@ -206,7 +214,7 @@ class GeoLocator:
             network = (
                 _bucket_network(ip)
                 if _bucket(ip) not in self._cut_buckets
-                else ipaddress.ip_network(ip)
+                else _network_of(ip, ip.max_prefixlen)
             )
         if not isinstance(record, dict):
             d = self._default

@@ -1,0 +1,169 @@
+"""Command-line entry points called by ``meridian/cli.py`` (and ``python -m geodns``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import urllib.request
+
+from geodns.explain import StaticHealth, explain, parse_client
+from meridian.config import ConfigError, HostPort, load_config
+from meridian.geo import GeoError, GeoLocator
+
+
+def _hostport(text: str) -> HostPort:
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return HostPort(host, int(port))
+
+
+def add_dns_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="topology config file (YAML)")
+    parser.add_argument("--pop", required=True, help="the POP this server runs in")
+    parser.add_argument(
+        "--listen",
+        type=_hostport,
+        default=None,
+        help="UDP and TCP address (default: listeners.dns of the config)",
+    )
+    parser.add_argument(
+        "--admin",
+        type=_hostport,
+        default=None,
+        help="admin HTTP address for /metrics and /status (default: listeners.dns_admin)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes sharing the UDP port (default: dns.workers)",
+    )
+    parser.add_argument("--worker-child", action="store_true", help=argparse.SUPPRESS)
+
+
+def run_dns(args: argparse.Namespace) -> int:
+    from geodns.server import serve  # the server pulls in aiohttp and the health engine
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    if args.workers is not None and args.workers < 1:
+        print("meridian dns: --workers must be at least 1", file=sys.stderr)
+        return 2
+    result: int = runner(
+        serve(
+            args.config,
+            args.pop,
+            listen=args.listen,
+            admin=args.admin,
+            workers=args.workers,
+            worker_child=getattr(args, "worker_child", False),
+        )
+    )
+    return result
+
+
+def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="topology config file (YAML)")
+    parser.add_argument(
+        "--client", required=True, help="client address or subnet (as a resolver would send in ECS)"
+    )
+    parser.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        help="name to explain (repeatable; default: every configured name)",
+    )
+    parser.add_argument(
+        "--pop",
+        default=None,
+        help="POP whose location stands in for unplaceable clients (default: the first POP)",
+    )
+    parser.add_argument(
+        "--down",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="treat this POP or region as down (what-if; repeatable)",
+    )
+    parser.add_argument(
+        "--status",
+        type=_hostport,
+        default=None,
+        metavar="HOST:PORT",
+        help="take health from a running GeoDNS admin listener's /status",
+    )
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    try:
+        pop = config.pop(args.pop) if args.pop else config.pops[0]
+    except KeyError:
+        print(f"meridian explain: no POP named {args.pop!r}", file=sys.stderr)
+        return 2
+    try:
+        client = parse_client(args.client)
+    except ValueError as exc:
+        print(f"meridian explain: --client: {exc}", file=sys.stderr)
+        return 2
+    pops: dict[str, bool] = {}
+    regions: dict[str, bool] = {}
+    source = "every target assumed up (no --status given)"
+    if args.status is not None:
+        url = f"http://{args.status}/status"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                status = json.load(response)
+        except (OSError, ValueError) as exc:
+            print(f"meridian explain: cannot read {url}: {exc}", file=sys.stderr)
+            return 1
+        health = status.get("health", {})
+        pops = {n: bool(v.get("up")) for n, v in health.get("pops", {}).items()}
+        regions = {n: bool(v.get("up")) for n, v in health.get("regions", {}).items()}
+        source = f"from {url} (health generation {status.get('health_generation')})"
+    for name in args.down:
+        if any(p.name == name for p in config.pops):
+            pops[name] = False
+        elif any(r.name == name for r in config.regions):
+            regions[name] = False
+        else:
+            print(f"meridian explain: --down: no POP or region named {name!r}", file=sys.stderr)
+            return 2
+    if args.down:
+        source += f"; treated as down: {', '.join(args.down)}"
+    try:
+        locator = GeoLocator(config.geo, pop.location)
+    except GeoError as exc:
+        print(f"meridian explain: {exc}", file=sys.stderr)
+        return 1
+    try:
+        text = explain(
+            config,
+            args.client,
+            locator.locate(client),
+            StaticHealth(pops, regions),
+            args.name,
+            source,
+        )
+    except KeyError as exc:
+        print(
+            f"meridian explain: --name: {exc.args[0]!r} is not a configured name", file=sys.stderr
+        )
+        return 2
+    finally:
+        locator.close()
+    print(text)
+    return 0

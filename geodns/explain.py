@@ -1,0 +1,116 @@
+"""``meridian explain``: why a client gets the answer it gets, from the same pure selection the
+server runs.  The text is built by :func:`explain` (pure); the CLI only gathers inputs."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from geodns.selection import HealthView, select
+from geodns.zone import GeoName, Zone
+from meridian.config import Config
+from meridian.geo import ClientLocation
+
+
+@dataclass(frozen=True, slots=True)
+class StaticHealth:
+    """A health view from fixed verdicts: everything up unless listed (explain, tests)."""
+
+    pops: Mapping[str, bool] = field(default_factory=dict)
+    regions: Mapping[str, bool] = field(default_factory=dict)
+    generation: int = 0
+
+    def pop_up(self, name: str) -> bool:
+        return self.pops.get(name, True)
+
+    def region_up(self, name: str) -> bool:
+        return self.regions.get(name, True)
+
+    def ttl_hint(self, target: str) -> float | None:
+        return None
+
+
+def _location_line(client: str, location: ClientLocation) -> str:
+    where = "/".join(x for x in (location.country, location.continent) if x) or "unknown place"
+    accuracy = f", accuracy {location.accuracy_km} km" if location.accuracy_km else ""
+    pinned = ""
+    if location.pop:
+        pinned = f", pinned to POP {location.pop}"
+    elif location.region:
+        pinned = f", pinned to region {location.region}"
+    source = {
+        "database": "found in the geo database",
+        "override": "matched a network override",
+        "default": "not in the geo database: using the default location",
+    }[location.source]
+    return (
+        f"client {client}: {where} at {location.lat:.2f},{location.lon:.2f} ({source}, "
+        f"network {location.network}{accuracy}{pinned})"
+    )
+
+
+def explain(
+    config: Config,
+    client: str,
+    location: ClientLocation,
+    health: HealthView,
+    names: Sequence[str] = (),
+    health_source: str = "assumed up",
+) -> str:
+    zone = Zone.build(config)
+    lines = [_location_line(client, location)]
+    rule = config.residency_zone_for(location.country, location.continent)
+    lines.append(
+        f"residency: rule {rule.name} (zone {rule.zone}, on_failure {rule.on_failure})"
+        if rule
+        else "residency: no rule applies"
+    )
+    lines.append(f"health: {health_source}")
+    chosen_names = _names(zone, names)
+    for geo in chosen_names:
+        for family, rdtype in ((4, "A"), (6, "AAAA")):
+            selection = select(config, geo, family, location, health)
+            lines.append("")
+            lines.append(f"{geo.fqdn} {rdtype} ({geo.spec.targets}, {geo.answers} answer(s)):")
+            for c in selection.candidates:
+                zone_verdict = (
+                    "" if c.in_zone is None else ("  in zone" if c.in_zone else "  outside zone")
+                )
+                lines.append(
+                    f"  {'*' if c.chosen else ' '} {c.target.kind} {c.target.name:<14}"
+                    f" {c.distance_km:8.0f} km  {'up' if c.up else 'DOWN':<4}"
+                    f"{'  pinned' if c.pinned else ''}{zone_verdict}"
+                )
+            addresses = ", ".join(str(a) for a in selection.addresses(family))
+            if selection.outcome == "answer" and addresses:
+                result = f"answer {addresses} ttl {selection.ttl}"
+            elif selection.outcome in ("answer", "empty"):
+                result = "NODATA (NOERROR, no records)"
+            else:
+                result = selection.outcome.upper()
+            lines.append(f"  => {result}: {selection.reason}")
+    return "\n".join(lines)
+
+
+def _names(zone: Zone, wanted: Sequence[str]) -> list[GeoName]:
+    if not wanted:
+        return list(zone.geo_names.values())
+    found = []
+    for text in wanted:
+        candidates = [
+            g
+            for g in zone.geo_names.values()
+            if text.rstrip(".").lower() in (g.fqdn.rstrip(".").lower(), g.spec.name)
+        ]
+        if not candidates:
+            raise KeyError(text)
+        found.extend(candidates)
+    return found
+
+
+def parse_client(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A client address, or a subnet (its network address is located, as ECS does)."""
+    if "/" in text:
+        return ipaddress.ip_network(text, strict=False).network_address
+    return ipaddress.ip_address(text)

@@ -1,0 +1,589 @@
+"""The asyncio shells around the responder: UDP and TCP on one port, the admin HTTP listener,
+SIGHUP reload and SIGTERM stop.  All decisions are the responder's; this module does the I/O,
+counts and logs (client addresses truncated to /24 and /56)."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import dns.rcode
+import dns.rdatatype
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from geodns.ratelimit import ResponseRateLimiter, Verdict
+from geodns.responder import Reply, Responder, truncate_for_slip
+from geodns.zone import IPAddress, Zone
+from meridian.config import Config, ConfigError, HostPort
+from meridian.geo import GeoError, GeoLocator
+from meridian.health import HealthMonitor
+from meridian.lifecycle import ConfigHolder, Lifecycle
+from meridian.log import get_logger
+
+log = get_logger("geodns")
+
+#: A TCP connection with no complete query for this long is closed (RFC 7766 suggests seconds).
+TCP_IDLE_TIMEOUT = 10.0
+TCP_MAX_BUFFER = 65535 + 2
+_COUNTED_QTYPES = frozenset(
+    {
+        "A",
+        "AAAA",
+        "ANY",
+        "SOA",
+        "NS",
+        "CNAME",
+        "MX",
+        "TXT",
+        "HTTPS",
+        "SVCB",
+        "PTR",
+        "SRV",
+        "CAA",
+        "DS",
+        "DNSKEY",
+        "AXFR",
+        "IXFR",
+    }
+)
+
+
+def truncate_address(address: IPAddress) -> str:
+    """What may be logged of a client address: its /24 or /56."""
+    prefix = 24 if address.version == 4 else 56
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+
+LATENCY_BUCKETS = (0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05)
+
+
+class DnsMetrics:
+    """The ``meridian_dns_*`` metrics.
+
+    Per-query tallies are plain dict and list increments (a ``prometheus_client`` counter takes
+    a lock per ``inc``: several microseconds per query); a collector turns them into metric
+    families when ``/metrics`` is scraped.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.queries: dict[tuple[int | None, int, str], int] = {}
+        self.ecs: dict[str, int] = {}
+        self.truncated: dict[str, int] = {}
+        self.answers: dict[str, int] = {}
+        self.path = {True: 0, False: 0}
+        self.latency: dict[str, list[int]] = {}
+        self.latency_sum: dict[str, float] = {}
+        self.errors = 0
+        self.rate_limited = Counter(
+            "meridian_dns_rate_limited",
+            "Replies rate limited (dropped, or slipped as truncated)",
+            ["action"],
+            registry=registry,
+        )
+        self.unanswered = Counter(
+            "meridian_dns_unanswered",
+            "Datagrams not answered (shorter than a header, or a response)",
+            ["transport"],
+            registry=registry,
+        )
+        self.config_generation = Gauge(
+            "meridian_dns_config_generation", "Generation of the config in force", registry=registry
+        )
+        self.reloads = Counter(
+            "meridian_dns_reloads", "Reload attempts", ["result"], registry=registry
+        )
+        registry.register(_TallyCollector(self))
+
+    def observe(self, reply: Reply, transport: str, seconds: float) -> None:
+        key = (reply.qtype, reply.rcode, transport)
+        self.queries[key] = self.queries.get(key, 0) + 1
+        self.path[reply.fast] += 1
+        buckets = self.latency.get(transport)
+        if buckets is None:
+            buckets = self.latency[transport] = [0] * (len(LATENCY_BUCKETS) + 1)
+            self.latency_sum[transport] = 0.0
+        buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum[transport] += seconds
+        if reply.ecs:
+            self.ecs[transport] = self.ecs.get(transport, 0) + 1
+        if reply.truncated:
+            self.truncated[transport] = self.truncated.get(transport, 0) + 1
+        if reply.error is not None:
+            self.errors += 1
+        for target in reply.targets:
+            self.answers[target] = self.answers.get(target, 0) + 1
+
+
+def _qtype_label(qtype: int | None) -> str:
+    if qtype is None:
+        return "none"
+    text = dns.rdatatype.to_text(dns.rdatatype.RdataType.make(qtype))
+    return text if text in _COUNTED_QTYPES else "other"
+
+
+class _TallyCollector(Collector):
+    def __init__(self, metrics: DnsMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        queries = CounterMetricFamily(
+            "meridian_dns_queries", "Queries answered", labels=["qtype", "rcode", "transport"]
+        )
+        merged: dict[tuple[str, str, str], int] = {}
+        for (qtype, rcode, transport), count in list(m.queries.items()):
+            label = (_qtype_label(qtype), dns.rcode.to_text(dns.rcode.Rcode.make(rcode)), transport)
+            merged[label] = merged.get(label, 0) + count
+        for labels, count in merged.items():
+            queries.add_metric(list(labels), count)
+        yield queries
+        for name, doc, table in (
+            ("meridian_dns_ecs_queries", "Queries carrying EDNS Client Subnet", m.ecs),
+            ("meridian_dns_truncated", "Replies sent with TC set", m.truncated),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["transport"])
+            for transport, count in list(table.items()):
+                family.add_metric([transport], count)
+            yield family
+        answers = CounterMetricFamily(
+            "meridian_dns_answers", "Answers by target chosen", labels=["target"]
+        )
+        for target, count in list(m.answers.items()):
+            answers.add_metric([target], count)
+        yield answers
+        path = CounterMetricFamily(
+            "meridian_dns_path", "Queries by responder path (fast: memoized wire)", labels=["path"]
+        )
+        path.add_metric(["fast"], m.path[True])
+        path.add_metric(["slow"], m.path[False])
+        yield path
+        yield CounterMetricFamily(
+            "meridian_dns_errors", "Queries that raised (answered SERVFAIL)", value=m.errors
+        )
+        latency = HistogramMetricFamily(
+            "meridian_dns_answer_seconds", "Time to compute a reply", labels=["transport"]
+        )
+        for transport, counts in list(m.latency.items()):
+            cumulative, running = [], 0
+            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
+                running += count
+                cumulative.append((floatToGoString(bound), running))  # type: ignore[no-untyped-call]
+            latency.add_metric([transport], cumulative, m.latency_sum[transport])
+        yield latency
+
+
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """What one config generation serves with; swapped whole on reload."""
+
+    config: Config
+    generation: int
+    responder: Responder
+    locator: GeoLocator
+    limiter: ResponseRateLimiter
+
+
+def build_serving(config: Config, generation: int, pop: str) -> Serving:
+    """Everything a config needs before it can serve; raises ConfigError if it cannot."""
+    try:
+        pop_config = config.pop(pop)
+    except KeyError:
+        raise ConfigError([f"{config.source}: pops: no POP named {pop!r}"]) from None
+    try:
+        locator = GeoLocator(config.geo, pop_config.location)
+    except GeoError as exc:
+        raise ConfigError([f"{config.source}: {exc}"]) from None
+    return Serving(
+        config,
+        generation,
+        Responder(Zone.build(config), locator.locate),
+        locator,
+        ResponseRateLimiter(config.dns.rate_limit),
+    )
+
+
+class DnsServer:
+    def __init__(
+        self,
+        holder: ConfigHolder,
+        pop: str,
+        *,
+        listen: HostPort,
+        admin: HostPort | None,
+        registry: CollectorRegistry | None = None,
+        reuse_port: bool = False,
+        tcp: bool = True,
+    ) -> None:
+        self.holder = holder
+        self.pop = pop
+        self.listen = listen
+        self.admin = admin
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.reuse_port = reuse_port
+        self.serve_tcp = tcp
+        self.metrics = DnsMetrics(self.registry)
+        self.serving = build_serving(holder.current, holder.generation, pop)
+        self._pending: Serving | None = None
+        holder.listeners.append(self._prepare)
+        self.monitor = HealthMonitor(
+            holder.current,
+            registry=self.registry,
+            check_backends=_needs_backend_checks(holder.current),
+            check_pops=True,
+            pop=pop,
+        )
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self._addresses: dict[str, IPAddress] = {}
+        self.udp_address: tuple[str, int] | None = None
+        self.tcp_address: tuple[str, int] | None = None
+        self.admin_address: tuple[str, int] | None = None
+
+    # ----------------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self.monitor.start()
+        self.metrics.config_generation.set(self.holder.generation)
+        family = socket.AF_INET6 if ":" in self.listen.host else socket.AF_INET
+        udp_socket = socket.socket(family, socket.SOCK_DGRAM)
+        if self.reuse_port:
+            udp_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        udp_socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        udp_socket.bind((self.listen.host, self.listen.port))
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _UdpProtocol(self), sock=udp_socket
+        )
+        self._udp = transport
+        self.udp_address = udp_socket.getsockname()[:2]
+        if self.serve_tcp:
+            # The same port as UDP, even when the caller asked for port 0.
+            self._tcp = await loop.create_server(
+                lambda: _TcpProtocol(self),
+                self.listen.host,
+                self.udp_address[1],
+                reuse_address=True,
+                reuse_port=self.reuse_port or None,
+            )
+            self.tcp_address = self._tcp.sockets[0].getsockname()[:2]
+        if self.admin is not None:
+            app = web.Application()
+            app.router.add_get("/metrics", self._metrics_page)
+            app.router.add_get("/status", self._status_page)
+            self._admin_runner = web.AppRunner(app, access_log=None)
+            await self._admin_runner.setup()
+            # Our own socket, so that the bound address is known even for port 0.
+            admin_family = socket.AF_INET6 if ":" in self.admin.host else socket.AF_INET
+            admin_socket = socket.socket(admin_family, socket.SOCK_STREAM)
+            admin_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            admin_socket.bind((self.admin.host, self.admin.port))
+            self.admin_address = admin_socket.getsockname()[:2]
+            await web.SockSite(self._admin_runner, admin_socket).start()
+        log.info(
+            "dns_listening",
+            udp=_fmt(self.udp_address),
+            tcp=_fmt(self.tcp_address),
+            admin=_fmt(self.admin_address),
+            pop=self.pop,
+            zone=self.holder.current.dns.zone,
+            generation=self.holder.generation,
+            pid=os.getpid(),
+        )
+
+    async def stop(self) -> None:
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp is not None:
+            self._tcp.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._tcp.wait_closed(), 2.0)
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        await self.monitor.stop()
+        self.serving.locator.close()
+        log.info("dns_stopped", pop=self.pop)
+
+    # -------------------------------------------------------------------------------- reload
+
+    def _prepare(self, config: Config, generation: int) -> None:
+        """Build the new serving state before the holder swaps; a failure rejects the reload."""
+        self._pending = build_serving(config, generation, self.pop)
+
+    def on_reload(self, config: Config, generation: int) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None or pending.config is not config:
+            return
+        old, self.serving = self.serving, pending  # atomic: replies are computed synchronously
+        old.locator.close()
+        self.monitor.update_config(config)
+        self.metrics.config_generation.set(generation)
+        self.metrics.reloads.labels("ok").inc()
+        log.info("dns_reloaded", generation=generation, geo_database=str(pending.locator.path))
+
+    def reload(self) -> bool:
+        """What SIGHUP does (also for tests): reload config and geo database, or keep both."""
+        ok = self.holder.reload()
+        if ok:
+            self.on_reload(self.holder.current, self.holder.generation)
+        else:
+            self._pending = None
+            self.metrics.reloads.labels("rejected").inc()
+        return ok
+
+    # ----------------------------------------------------------------------------- per query
+
+    def client_address(self, host: str) -> IPAddress:
+        address = self._addresses.get(host)
+        if address is None:
+            if len(self._addresses) > 65536:
+                self._addresses.clear()
+            address = self._addresses[host] = ipaddress.ip_address(host.partition("%")[0])
+        return address
+
+    def answer(self, data: bytes, source: IPAddress, tcp: bool) -> Reply | None:
+        started = time.perf_counter()
+        reply = self.serving.responder.respond(data, source, tcp=tcp, health=self.monitor.snapshot)
+        transport = "tcp" if tcp else "udp"
+        if reply is None:
+            self.metrics.unanswered.labels(transport).inc()
+            return None
+        self.metrics.observe(reply, transport, time.perf_counter() - started)
+        if reply.error is not None:
+            log.error("dns_query_failed", client=truncate_address(source), error=reply.error)
+        return reply
+
+    def handle_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        try:
+            source = self.client_address(addr[0])
+        except ValueError:
+            return
+        reply = self.answer(data, source, tcp=False)
+        if reply is None or self._udp is None:
+            return
+        out = reply.wire
+        verdict = self.serving.limiter.check(source, time.monotonic())
+        if verdict is not Verdict.SEND:
+            self.metrics.rate_limited.labels(verdict.value).inc()
+            if verdict is Verdict.DROP:
+                return
+            out = truncate_for_slip(out)
+        self._udp.sendto(out, addr)
+
+    # ------------------------------------------------------------------------------- admin
+
+    async def _metrics_page(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def _status_page(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "pop": self.pop,
+                "zone": self.holder.current.dns.zone,
+                "config_generation": self.holder.generation,
+                "config_source": self.holder.current.source,
+                "geo_database": str(self.serving.locator.path),
+                "health_generation": self.monitor.snapshot.generation,
+                "health": self.monitor.status(),
+                "listening": {"udp": _fmt(self.udp_address), "tcp": _fmt(self.tcp_address)},
+            }
+        )
+
+
+def _needs_backend_checks(config: Config) -> bool:
+    return any(name.targets == "regions" for name in config.dns.names)
+
+
+def _fmt(address: tuple[str, int] | None) -> str:
+    if address is None:
+        return ""
+    return str(HostPort(address[0], address[1]))
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, server: DnsServer) -> None:
+        self.server = server
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.server.handle_datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP unreachable from a client that went away: nothing to do
+
+
+class _TcpProtocol(asyncio.Protocol):
+    """RFC 7766: length-prefixed messages, pipelined (answered in order), idle timeout."""
+
+    def __init__(self, server: DnsServer) -> None:
+        self.server = server
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.source: IPAddress | None = None
+        self.idle: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        peer = self.transport.get_extra_info("peername")
+        try:
+            self.source = self.server.client_address(peer[0])
+        except (ValueError, TypeError):
+            self.transport.close()
+            return
+        self._arm()
+
+    def _arm(self) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+        self.idle = asyncio.get_running_loop().call_later(TCP_IDLE_TIMEOUT, self._timeout)
+
+    def _timeout(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is None or self.source is None:
+            return
+        self.buffer += data
+        self._arm()
+        while len(self.buffer) >= 2:
+            length = (self.buffer[0] << 8) | self.buffer[1]
+            if len(self.buffer) < 2 + length:
+                break
+            message = bytes(self.buffer[2 : 2 + length])
+            del self.buffer[: 2 + length]
+            reply = self.server.answer(message, self.source, tcp=True)
+            if reply is None:
+                continue
+            self.transport.write(len(reply.wire).to_bytes(2, "big") + reply.wire)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+        self.transport = None
+
+
+# ------------------------------------------------------------------------------------ running
+
+
+async def serve(
+    config_path: str,
+    pop: str,
+    *,
+    listen: HostPort | None,
+    admin: HostPort | None,
+    workers: int | None,
+    worker_child: bool = False,
+) -> int:
+    """Run until SIGTERM/SIGINT.  With ``workers`` > 1, extra processes share the UDP port
+    (SO_REUSEPORT); this process keeps TCP and the admin listener and forwards signals."""
+    try:
+        holder = ConfigHolder.from_file(config_path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("config_invalid", problem=problem)
+        return 2
+    config = holder.current
+    listen = listen or config.listeners.dns
+    count = workers if workers is not None else config.dns.workers
+    if worker_child:
+        admin = None
+    elif admin is None:
+        admin = config.listeners.dns_admin
+    try:
+        server = DnsServer(
+            holder,
+            pop,
+            listen=listen,
+            admin=admin,
+            reuse_port=count > 1 or worker_child,
+            tcp=not worker_child,
+        )
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("config_invalid", problem=problem)
+        return 2
+    loop = asyncio.get_running_loop()
+    lifecycle = Lifecycle(loop)
+    lifecycle.install()
+    children: list[subprocess.Popen[bytes]] = []
+    try:
+        await server.start()
+        if not worker_child and count > 1:
+            assert server.udp_address is not None
+            bound = HostPort(listen.host, server.udp_address[1])
+            children = _spawn_workers(config_path, pop, bound, count - 1)
+        reloads = asyncio.create_task(_reload_loop(lifecycle, server, children))
+        await lifecycle.stopping.wait()
+        reloads.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reloads
+    except OSError as exc:
+        log.error("dns_listen_failed", address=str(listen), error=str(exc))
+        return 1
+    finally:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                await asyncio.to_thread(child.wait, 5.0)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        await server.stop()
+        lifecycle.uninstall()
+    return 0
+
+
+async def _reload_loop(
+    lifecycle: Lifecycle, server: DnsServer, children: Sequence[subprocess.Popen[bytes]]
+) -> None:
+    while not lifecycle.stopping.is_set():
+        await lifecycle.reload_requested.wait()
+        lifecycle.reload_requested.clear()
+        if lifecycle.stopping.is_set():
+            return
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signal.SIGHUP)
+        server.reload()
+
+
+def _spawn_workers(
+    config_path: str, pop: str, listen: HostPort, count: int
+) -> list[subprocess.Popen[bytes]]:
+    command = [
+        sys.executable,
+        "-m",
+        "geodns",
+        "--config",
+        config_path,
+        "--pop",
+        pop,
+        "--listen",
+        str(listen),
+        "--worker-child",
+    ]
+    return [subprocess.Popen(command) for _ in range(count)]

@@ -1,0 +1,336 @@
+"""The sans-I/O cores: wire parser, responder (fast == slow, byte for byte), selection, RRL."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ipaddress
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import dns.edns
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from geodns import wire
+from geodns.ratelimit import ResponseRateLimiter, Verdict
+from geodns.responder import Responder, truncate_for_slip
+from geodns.selection import select
+from geodns.wire import WireError, parse_query
+from geodns.zone import Zone
+from meridian.config import Config, RateLimitConfig, parse_config
+from meridian.geo import ClientLocation, GeoLocator
+from tests.dns_support import base_config, with_many_answers
+
+LOOPBACK = ipaddress.ip_address("127.0.0.1")
+
+
+@dataclass(frozen=True)
+class FakeHealth:
+    """A health snapshot as plain data: the input of the pure functions under test."""
+
+    down: frozenset[str] = frozenset()
+    hints: Mapping[str, float] = field(default_factory=dict)
+    generation: int = 1
+
+    def pop_up(self, name: str) -> bool:
+        return name not in self.down
+
+    def region_up(self, name: str) -> bool:
+        return name not in self.down
+
+    def ttl_hint(self, target: str) -> float | None:
+        return self.hints.get(target)
+
+
+ALL_UP = FakeHealth()
+
+
+@pytest.fixture(scope="module")
+def config() -> Config:
+    return parse_config(with_many_answers(base_config()))
+
+
+@pytest.fixture(scope="module")
+def plain() -> Config:
+    return parse_config(base_config())
+
+
+@pytest.fixture(scope="module")
+def responder(config: Config) -> Responder:
+    locator = GeoLocator(config.geo, config.pops[0].location)
+    return Responder(Zone.build(config), locator.locate)
+
+
+# ---------------------------------------------------------------------------------- parser
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.binary(max_size=600))
+def test_any_bytes_parse_or_raise_wire_error(data: bytes) -> None:
+    try:
+        query = parse_query(data)
+    except WireError:
+        return
+    assert query.question == data[12 : 12 + len(query.question)]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(min_size=1, max_size=80), st.integers(0, 600))
+def test_mutated_valid_queries_parse_or_raise_wire_error(junk: bytes, at: int) -> None:
+    good = dns.message.make_query(
+        "api.meridian.test", "A", use_edns=0, options=[dns.edns.ECSOption("1.2.3.0", 24)]
+    ).to_wire()
+    at %= len(good)
+    for data in (good[:at] + junk + good[at:], good[:at] + junk, good[:at]):
+        with contextlib.suppress(WireError):
+            parse_query(data)
+
+
+def test_parse_query_reads_ecs_and_edns_flags() -> None:
+    query = dns.message.make_query(
+        "API.Meridian.Test",
+        "AAAA",
+        use_edns=0,
+        payload=4000,
+        want_dnssec=True,
+        options=[dns.edns.ECSOption("2001:db8:ab00::", 40)],
+    )
+    parsed = parse_query(query.to_wire())
+    assert parsed.qname_key == b"\x03api\x08meridian\x04test\x00"
+    assert parsed.qtype == wire.TYPE_AAAA and parsed.only_question_and_opt
+    assert parsed.edns is not None and parsed.edns.do_bit and parsed.edns.payload == 4000
+    assert parsed.edns.ecs == wire.ClientSubnet(2, 40, bytes.fromhex("20010db8ab"))
+
+
+def test_compression_loops_and_forward_pointers_are_rejected() -> None:
+    header = struct.pack("!HHHHHH", 1, 0, 1, 1, 0, 0)
+    question = b"\x01a\x00" + struct.pack("!HH", 1, 1)
+    loop = header + question + b"\xc0\x15" + b"\x00" * 10  # points at itself (offset 21)
+    with pytest.raises(WireError):
+        parse_query(loop)
+    pointer_in_question = header[:5] + b"\x01" + header[6:] + b"\xc0\x00" + b"\x00\x01\x00\x01"
+    with pytest.raises(WireError):
+        parse_query(pointer_in_question)
+
+
+# ----------------------------------------------------------------- fast path == slow path
+
+NAMES = ["api", "two", "origin", "many", "deep.sub", "API", "Two", "oRiGiN"]
+V4_SUBNETS = [
+    "200.160.2.0",
+    "81.2.69.160",
+    "8.8.8.0",
+    "1.1.1.0",
+    "165.21.0.0",
+    "10.1.0.0",
+    "10.2.3.0",
+    "5.9.0.0",
+    "203.0.113.0",
+    "0.0.0.0",
+]
+
+
+@st.composite
+def fast_queries(draw: st.DrawFn) -> bytes:
+    name = draw(st.sampled_from(NAMES)) + draw(
+        st.sampled_from([".meridian.test", ".MERIDIAN.test"])
+    )
+    rdtype = draw(st.sampled_from(["A", "AAAA"]))
+    edns = draw(st.booleans())
+    if not edns:
+        query = dns.message.make_query(name, rdtype, use_edns=False)
+    else:
+        options: list[dns.edns.Option] = []
+        if draw(st.booleans()):
+            if draw(st.booleans()):
+                prefix = draw(st.integers(0, 32))
+                address = draw(st.sampled_from(V4_SUBNETS))
+            else:
+                prefix = draw(st.integers(0, 128))
+                address = draw(
+                    st.sampled_from(["2001:4860:4860::", "2a02:d180::", "::ffff:1.1.1.1"])
+                )
+            options.append(dns.edns.ECSOption(address, prefix))
+        query = dns.message.make_query(
+            name,
+            rdtype,
+            use_edns=0,
+            payload=draw(st.integers(0, 65535)),
+            options=options,
+            want_dnssec=draw(st.booleans()),
+        )
+    query.id = draw(st.integers(0, 65535))
+    if not draw(st.booleans()):
+        query.flags &= ~dns.flags.RD
+    return query.to_wire()
+
+
+@settings(
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    data=fast_queries(),
+    tcp=st.booleans(),
+    down=st.sets(
+        st.sampled_from(["iad", "gru", "fra", "sin", "syd", "big", "eu-central", "us-east"])
+    ),
+)
+def test_fast_and_slow_paths_are_byte_identical(
+    responder: Responder, data: bytes, tcp: bool, down: set[str]
+) -> None:
+    health = FakeHealth(frozenset(down), generation=hash(frozenset(down)))
+    fast = responder.respond(data, LOOPBACK, tcp=tcp, health=health)
+    slow = responder.respond_slow(data, LOOPBACK, tcp=tcp, health=health)
+    assert fast is not None and slow is not None
+    assert fast.fast and not slow.fast
+    assert fast.wire == slow.wire
+    assert (fast.rcode, fast.truncated, fast.targets) == (slow.rcode, slow.truncated, slow.targets)
+    # And a memo hit (same generation) gives the same bytes again.
+    again = responder.respond(data, LOOPBACK, tcp=tcp, health=health)
+    assert again is not None and again.wire == fast.wire
+
+
+@settings(
+    max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.binary(max_size=700))
+def test_respond_never_raises_and_replies_parse(responder: Responder, data: bytes) -> None:
+    reply = responder.respond(data, LOOPBACK, tcp=False, health=ALL_UP)
+    if reply is None:
+        return
+    assert reply.error is None
+    assert len(reply.wire) <= 1232
+    assert reply.wire[:2] == data[:2]
+    dns.message.from_wire(reply.wire)
+
+
+def test_fast_path_case_and_id_are_the_querys(responder: Responder) -> None:
+    for name, ident in (("api.meridian.test", 1), ("API.MERIDIAN.TEST", 2)):
+        query = dns.message.make_query(name, "A", use_edns=0)
+        query.id = ident
+        reply = responder.respond(query.to_wire(), LOOPBACK, tcp=False, health=ALL_UP)
+        assert reply is not None and reply.fast
+        parsed = dns.message.from_wire(reply.wire)
+        assert parsed.id == ident and parsed.question[0].name.to_text() == name + "."
+
+
+def test_slip_reply_is_header_and_question_with_tc(responder: Responder) -> None:
+    query = dns.message.make_query("api.meridian.test", "A", use_edns=0)
+    reply = responder.respond(query.to_wire(), LOOPBACK, tcp=False, health=ALL_UP)
+    assert reply is not None
+    slipped = dns.message.from_wire(truncate_for_slip(reply.wire))
+    assert slipped.flags & dns.flags.TC and not slipped.answer and slipped.edns == -1
+    assert slipped.question == query.question
+
+
+# ------------------------------------------------------------------------------- selection
+
+
+def _client(
+    lat: float,
+    lon: float,
+    country: str | None = None,
+    continent: str | None = None,
+    pop: str | None = None,
+) -> ClientLocation:
+    return ClientLocation(
+        lat,
+        lon,
+        country,
+        continent,
+        None,
+        ipaddress.ip_network("192.0.2.0/24"),
+        "database",
+        pop=pop,
+    )
+
+
+def _name(plain: Config, label: str):  # type: ignore[no-untyped-def]
+    zone = Zone.build(plain)
+    return next(g for g in zone.geo_names.values() if g.spec.name == label)
+
+
+def test_nearest_healthy_first_then_next(plain: Config) -> None:
+    api = _name(plain, "api")
+    sao_paulo = _client(-23.5, -46.6)
+    assert [t.name for t in select(plain, api, 4, sao_paulo, ALL_UP).chosen] == ["gru"]
+    moved = select(plain, api, 4, sao_paulo, FakeHealth(frozenset({"gru"})))
+    assert [t.name for t in moved.chosen] == ["iad"]
+    assert "skipped nearer unhealthy gru" in moved.reason
+
+
+def test_override_pin_comes_first(plain: Config) -> None:
+    pinned = select(plain, _name(plain, "two"), 4, _client(-23.5, -46.6, pop="syd"), ALL_UP)
+    assert [t.name for t in pinned.chosen] == ["syd", "gru"]
+
+
+def test_residency_refuse_and_fallback(plain: Config) -> None:
+    api = _name(plain, "api")
+    berlin = _client(52.5, 13.4, "DE", "EU")
+    fra_down = FakeHealth(frozenset({"fra"}))
+    fallback = select(plain, api, 4, berlin, fra_down)
+    assert fallback.outcome == "answer" and fallback.chosen[0].name != "fra"
+    refuse_rule = dataclasses.replace(plain.residency[0], on_failure="refuse")
+    strict = dataclasses.replace(plain, residency=(refuse_rule,))
+    assert select(strict, api, 4, berlin, fra_down).outcome == "refused"
+    assert [t.name for t in select(strict, api, 4, berlin, ALL_UP).chosen] == ["fra"]
+
+
+@pytest.mark.parametrize(
+    ("policy", "outcome", "count"),
+    [("fail_open", "answer", 1), ("empty", "empty", 0), ("servfail", "servfail", 0)],
+)
+def test_all_down_policy(plain: Config, policy: str, outcome: str, count: int) -> None:
+    every = frozenset(p.name for p in plain.pops)
+    cfg = dataclasses.replace(plain, dns=dataclasses.replace(plain.dns, all_down=policy))
+    result = select(cfg, _name(cfg, "api"), 4, _client(-23.5, -46.6), FakeHealth(every))
+    assert result.outcome == outcome and len(result.chosen) == count
+
+
+def test_ttl_shortened_as_a_transition_nears_with_a_floor(plain: Config) -> None:
+    api = _name(plain, "api")
+    sao_paulo = _client(-23.5, -46.6)
+    assert select(plain, api, 4, sao_paulo, FakeHealth(hints={"pop:gru": 12.2})).ttl == 13
+    assert select(plain, api, 4, sao_paulo, FakeHealth(hints={"pop:gru": 0.5})).ttl == 5
+    # A far POP's transition cannot change this answer: no shortening.
+    assert select(plain, api, 4, sao_paulo, FakeHealth(hints={"pop:syd": 1.0})).ttl == 30
+
+
+def test_shortened_ttl_is_not_memoized(plain: Config) -> None:
+    locator = GeoLocator(plain.geo, plain.pops[0].location)
+    responder = Responder(Zone.build(plain), locator.locate)
+    query = dns.message.make_query("api.meridian.test", "A").to_wire()
+    pending = FakeHealth(hints={"pop:iad": 9.0})
+    first = responder.respond(query, LOOPBACK, tcp=False, health=pending)
+    stable = responder.respond(query, LOOPBACK, tcp=False, health=ALL_UP)
+    assert first is not None and stable is not None
+    assert dns.message.from_wire(first.wire).answer[0].ttl == 9
+    assert dns.message.from_wire(stable.wire).answer[0].ttl == 30
+
+
+# ------------------------------------------------------------------------- rate limiting
+
+
+def test_rate_limiter_bucket_slip_and_prefixes() -> None:
+    limiter = ResponseRateLimiter(RateLimitConfig(responses_per_second=3, slip=2))
+    client = ipaddress.ip_address("198.51.100.7")
+    neighbour = ipaddress.ip_address("198.51.100.200")  # same /24
+    other = ipaddress.ip_address("198.51.101.1")
+    verdicts = [
+        limiter.check(c, 100.0) for c in (client, neighbour, client, client, client, client, client)
+    ]
+    assert verdicts == [Verdict.SEND] * 3 + [Verdict.DROP, Verdict.SLIP, Verdict.DROP, Verdict.SLIP]
+    assert limiter.check(other, 100.0) is Verdict.SEND
+    assert limiter.check(client, 100.34) is Verdict.SEND  # one token refilled after 1/3 s
+    v6 = ResponseRateLimiter(RateLimitConfig(responses_per_second=1, slip=0))
+    a, b = ipaddress.ip_address("2001:db8:0:ff::1"), ipaddress.ip_address("2001:db8:0:1::1")
+    assert [v6.check(a, 0.0), v6.check(b, 0.0)] == [Verdict.SEND, Verdict.DROP]  # same /56
+    disabled = ResponseRateLimiter(RateLimitConfig(enabled=False, responses_per_second=1))
+    assert all(disabled.check(client, 0.0) is Verdict.SEND for _ in range(10))
