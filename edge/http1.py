@@ -1,0 +1,379 @@
+"""HTTP/1.1 framing, limits and header rules for the proxy (RFC 9110 / RFC 9112).
+
+Everything here is pure: bytes and header lists in, decisions and bytes out.  httptools (llhttp,
+strict mode) already rejects most ambiguous framing before we see it -- Content-Length together
+with Transfer-Encoding, duplicate Content-Length (even equal values), lists in Content-Length,
+obs-fold continuation lines, invalid or overflowing chunk sizes, bare LF line endings (rejected,
+not tolerated) and unknown transfer codings.  ``check_request_framing`` repeats the checks that
+matter for smuggling so they hold even if the parser's leniency changes, and adds the ones
+llhttp lets through (``Transfer-Encoding: gzip, chunked``, Transfer-Encoding on HTTP/1.0).
+
+Headers travel as ``list[tuple[bytes, bytes]]`` with lower-cased names, values untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from http import HTTPStatus
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+
+from meridian.config import EdgeLimits
+
+Headers = list[tuple[bytes, bytes]]
+
+#: Headers that describe one connection, never forwarded (RFC 9110 7.6.1), plus the
+#: ``Proxy-*`` family (credentials and hints meant for this hop, and httpoxy's ``Proxy``).
+HOP_BY_HOP: frozenset[bytes] = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+CRLF = b"\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+class BodyKind(Enum):
+    NONE = "none"
+    LENGTH = "length"
+    CHUNKED = "chunked"
+    #: Response bodies only: delimited by the server closing the connection.
+    UNTIL_CLOSE = "until_close"
+
+
+@dataclass(frozen=True, slots=True)
+class BodyFraming:
+    kind: BodyKind
+    length: int = 0
+
+    @property
+    def has_body(self) -> bool:
+        return self.kind is not BodyKind.NONE and not (
+            self.kind is BodyKind.LENGTH and self.length == 0
+        )
+
+
+NO_BODY = BodyFraming(BodyKind.NONE)
+CHUNKED = BodyFraming(BodyKind.CHUNKED)
+
+
+class RequestRejected(Exception):
+    """A request answered by the edge itself and never forwarded; the connection is closed."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------
+# Limits checked while the head is still arriving (the protocol calls these from its callbacks)
+
+
+def check_url_length(length: int, limits: EdgeLimits) -> None:
+    if length > limits.max_url:
+        raise RequestRejected(414, "url_too_long")
+
+
+def check_header_section(count: int, size: int, limits: EdgeLimits) -> None:
+    if count > limits.max_headers:
+        raise RequestRejected(431, "too_many_headers")
+    if size > limits.max_header_bytes:
+        raise RequestRejected(431, "headers_too_large")
+
+
+def head_budget(limits: EdgeLimits) -> int:
+    """Raw bytes a request head may take before we stop buffering it (line ends included)."""
+    return limits.max_url + limits.max_header_bytes + 4 * (limits.max_headers + 2) + 64
+
+
+# --------------------------------------------------------------------------------------------
+# Request framing
+
+
+def check_request_framing(headers: Headers, http_version: str, limits: EdgeLimits) -> BodyFraming:
+    """How the request body is delimited; raises RequestRejected for anything ambiguous."""
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    for name, value in headers:
+        if name == b"content-length":
+            lengths.append(value)
+        elif name == b"transfer-encoding":
+            codings.append(value)
+    if codings:
+        if lengths:
+            raise RequestRejected(400, "content_length_with_transfer_encoding")
+        if http_version != "1.1":
+            raise RequestRejected(400, "transfer_encoding_in_http10")
+        if len(codings) != 1 or codings[0].strip().lower() != b"chunked":
+            raise RequestRejected(400, "unsupported_transfer_encoding")
+        return CHUNKED
+    if not lengths:
+        return NO_BODY
+    if len(lengths) != 1:
+        raise RequestRejected(400, "duplicate_content_length")
+    text = lengths[0].strip()
+    if not text.isdigit() or len(text) > 19:
+        raise RequestRejected(400, "invalid_content_length")
+    length = int(text)
+    if length > limits.max_body:
+        raise RequestRejected(413, "body_too_large")
+    return BodyFraming(BodyKind.LENGTH, length) if length else NO_BODY
+
+
+def header_value(headers: Headers, name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def connection_tokens(headers: Headers) -> frozenset[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(tokens)
+
+
+def is_websocket_upgrade(headers: Headers) -> bool:
+    upgrade = header_value(headers, b"upgrade")
+    return (
+        upgrade is not None
+        and upgrade.strip().lower() == b"websocket"
+        and b"upgrade" in connection_tokens(headers)
+    )
+
+
+def expects_continue(headers: Headers) -> bool:
+    value = header_value(headers, b"expect")
+    return value is not None and value.strip().lower() == b"100-continue"
+
+
+# --------------------------------------------------------------------------------------------
+# Header rewriting (pure policy)
+
+TrustedNetworks = Sequence[IPv4Network | IPv6Network]
+
+
+def is_trusted(client_ip: str, trusted: TrustedNetworks) -> bool:
+    if not trusted:
+        return False
+    try:
+        address: IPv4Address | IPv6Address = ip_address(client_ip)
+    except ValueError:
+        return False
+    return any(address in network for network in trusted)
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardingContext:
+    """What the edge knows about the client hop, for the X-Forwarded-* and Via headers."""
+
+    client_ip: str
+    scheme: bytes
+    pop: str
+    http_version: str
+    trusted: bool
+    request_id_header: bytes
+    request_id: bytes
+
+
+def _is_hop_by_hop(name: bytes, named: frozenset[bytes]) -> bool:
+    return name in HOP_BY_HOP or name in named or name.startswith(b"proxy")
+
+
+def rewrite_request_headers(
+    headers: Headers, ctx: ForwardingContext, *, keep_upgrade: bool = False
+) -> Headers:
+    """The headers sent upstream: hop-by-hop removed, forwarding headers and Via added.
+
+    X-Forwarded-* from an untrusted client are replaced, from a trusted proxy extended
+    (For) or kept (Proto, Host).  ``keep_upgrade`` keeps ``Connection: upgrade`` and
+    ``Upgrade`` for a WebSocket handshake.  Expect is answered by the edge, never forwarded.
+    """
+    named = connection_tokens(headers)
+    if keep_upgrade:
+        named = named - {b"upgrade"}
+    out: Headers = []
+    prior_for: list[bytes] = []
+    prior_proto: bytes | None = None
+    prior_host: bytes | None = None
+    host: bytes | None = None
+    prior_via: list[bytes] = []
+    for name, value in headers:
+        if name == b"upgrade" and keep_upgrade:
+            out.append((name, value))
+            continue
+        if _is_hop_by_hop(name, named) or name == b"expect":
+            continue
+        if name == b"x-forwarded-for":
+            prior_for.append(value)
+            continue
+        if name == b"x-forwarded-proto":
+            prior_proto = value
+            continue
+        if name == b"x-forwarded-host":
+            prior_host = value
+            continue
+        if name == b"via":
+            prior_via.append(value)
+            continue
+        if name == ctx.request_id_header:
+            continue
+        if name == b"host":
+            host = value
+        out.append((name, value))
+    client = ctx.client_ip.encode()
+    if ctx.trusted and prior_for:
+        out.append((b"x-forwarded-for", b", ".join([*prior_for, client])))
+    else:
+        out.append((b"x-forwarded-for", client))
+    proto = prior_proto if ctx.trusted and prior_proto is not None else ctx.scheme
+    out.append((b"x-forwarded-proto", proto))
+    forwarded_host = prior_host if ctx.trusted and prior_host is not None else host
+    if forwarded_host is not None:
+        out.append((b"x-forwarded-host", forwarded_host))
+    out.append((b"via", b", ".join([*prior_via, via_value(ctx.http_version, ctx.pop)])))
+    out.append((ctx.request_id_header, ctx.request_id))
+    if keep_upgrade:
+        out.append((b"connection", b"upgrade"))
+    return out
+
+
+def via_value(http_version: str, pop: str) -> bytes:
+    return f"{http_version} meridian-{pop}".encode()
+
+
+def rewrite_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
+    """Upstream response headers with hop-by-hop removed and names lower-cased.
+
+    Content-Length is dropped too: the edge sets its own framing header when it sends the head.
+    """
+    lowered = [(name.lower(), value) for name, value in headers]
+    named = connection_tokens(lowered)
+    return [
+        (name, value)
+        for name, value in lowered
+        if not _is_hop_by_hop(name, named) and name != b"content-length"
+    ]
+
+
+def new_request_id() -> bytes:
+    return os.urandom(12).hex().encode()
+
+
+def valid_request_id(value: bytes) -> bool:
+    """A client's request ID is kept only if it is short and printable (it goes into logs)."""
+    return 0 < len(value) <= 128 and all(0x21 <= c <= 0x7E for c in value)
+
+
+# --------------------------------------------------------------------------------------------
+# Response serialization
+
+
+def response_framing(
+    request_method: str, status: int, upstream_length: int | None, client_http11: bool
+) -> BodyFraming:
+    """How the edge frames a response body to the client."""
+    if request_method == "HEAD" or status < 200 or status in (204, 304):
+        return NO_BODY
+    if upstream_length is not None:
+        return BodyFraming(BodyKind.LENGTH, upstream_length)
+    return CHUNKED if client_http11 else BodyFraming(BodyKind.UNTIL_CLOSE)
+
+
+def reason_phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"
+
+
+def serialize_head(
+    status: int,
+    reason: bytes,
+    headers: Headers,
+    framing: BodyFraming,
+    *,
+    keep_alive: bool,
+    head_length: int | None = None,
+) -> bytes:
+    """The status line and headers; framing headers are written here and nowhere else.
+
+    ``head_length`` is the Content-Length to advertise on a HEAD/304 answer (none: omit).
+    """
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    for name, value in headers:
+        parts.append(name + b": " + value + CRLF)
+    if framing.kind is BodyKind.LENGTH:
+        parts.append(b"content-length: %d\r\n" % framing.length)
+    elif framing.kind is BodyKind.CHUNKED:
+        parts.append(b"transfer-encoding: chunked\r\n")
+    elif head_length is not None:
+        parts.append(b"content-length: %d\r\n" % head_length)
+    if not keep_alive or framing.kind is BodyKind.UNTIL_CLOSE:
+        parts.append(b"connection: close\r\n")
+    parts.append(CRLF)
+    return b"".join(parts)
+
+
+def encode_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def error_body(status: int, pop: str, reason: str, request_id: bytes) -> bytes:
+    return json.dumps(
+        {
+            "error": HTTPStatus(status).phrase,
+            "status": status,
+            "reason": reason,
+            "pop": pop,
+            "request_id": request_id.decode("ascii", "replace"),
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def error_response(
+    status: int,
+    pop: str,
+    reason: str,
+    request_id: bytes,
+    *,
+    request_id_header: bytes = b"x-request-id",
+    keep_alive: bool = False,
+    retry_after: int | None = None,
+    extra: Headers | None = None,
+    head_only: bool = False,
+) -> bytes:
+    """A complete error response generated by the edge: small JSON naming the POP and reason."""
+    body = error_body(status, pop, reason, request_id)
+    headers: Headers = [
+        (b"content-type", b"application/json"),
+        (b"cache-control", b"no-store"),
+        (request_id_header, request_id),
+    ]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    if extra:
+        headers.extend(extra)
+    framing = NO_BODY if head_only else BodyFraming(BodyKind.LENGTH, len(body))
+    head = serialize_head(
+        status,
+        reason_phrase(status),
+        headers,
+        framing,
+        keep_alive=keep_alive,
+        head_length=len(body) if head_only else None,
+    )
+    return head if head_only else head + body

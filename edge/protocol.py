@@ -1,0 +1,736 @@
+"""The client-facing data plane: one ``asyncio.Protocol`` per connection, parsing with httptools.
+
+Shaped like uvicorn's httptools server.  Per connection: one parser, requests answered strictly
+in order (pipelining), at most one request being proxied at a time.  A bodiless GET/HEAD that
+the cache can answer never leaves ``on_message_complete`` (``Pipeline.fast_response``: one
+write, no task, no timer).  Everything else runs ``Pipeline.handle`` in a task.
+
+When a request with a body starts upstream: at its first body byte (or at its end), not at
+its head -- so a request whose framing breaks at the first chunk never reaches the origin.
+With ``Expect: 100-continue`` the edge answers ``100 Continue`` and starts at the head.
+
+Timeouts without per-request timers: each connection keeps one deadline (header read, body
+read, keep-alive idle) and ``Connections`` sweeps them every ``SWEEP_INTERVAL`` (so a timeout
+fires up to that much late), the way nginx trades timer precision for cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from edge.http1 import (
+    BodyFraming,
+    BodyKind,
+    Headers,
+    RequestRejected,
+    check_header_section,
+    check_request_framing,
+    check_url_length,
+    encode_chunk,
+    error_response,
+    expects_continue,
+    head_budget,
+    is_websocket_upgrade,
+    new_request_id,
+    serialize_head,
+    valid_request_id,
+)
+from edge.pipeline import Pipeline, ProxyRequest
+from meridian.log import get_logger
+
+if TYPE_CHECKING:
+    from edge.websocket import Tunnel
+
+log = get_logger("edge")
+
+SWEEP_INTERVAL = 0.25
+#: Request body bytes buffered before the connection stops reading.
+BODY_HIGH_WATER = 256 * 1024
+#: Pipelined requests queued before the connection stops reading.
+PIPELINE_DEPTH = 16
+
+_DEADLINE_NONE = 0
+_DEADLINE_HEADER = 1
+_DEADLINE_BODY = 2
+_DEADLINE_IDLE = 3
+
+
+class StreamedBody:
+    """A request body passed from the parser to the upstream request, never buffered whole."""
+
+    __slots__ = (
+        "_chunks",
+        "_done",
+        "_error",
+        "_on_pause",
+        "_on_resume",
+        "_paused",
+        "_size",
+        "_waiter",
+        "received",
+    )
+
+    def __init__(self, on_pause: Callable[[], None], on_resume: Callable[[], None]) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._done = False
+        self._error: RequestRejected | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._on_pause = on_pause
+        self._on_resume = on_resume
+        self._paused = False
+        #: Bytes received so far (for the body size limit).
+        self.received = 0
+
+    @property
+    def complete(self) -> bool:
+        return self._done
+
+    @property
+    def error(self) -> RequestRejected | None:
+        return self._error
+
+    def feed(self, data: bytes) -> None:
+        self.received += len(data)
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size > BODY_HIGH_WATER and not self._paused:
+            self._paused = True
+            self._on_pause()
+        self._wake()
+
+    def finish(self) -> None:
+        self._done = True
+        self._wake()
+
+    def fail(self, error: RequestRejected) -> None:
+        if self._done:
+            return
+        self._error = error
+        self._done = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self._size -= len(chunk)
+                if self._paused and self._size <= BODY_HIGH_WATER // 2:
+                    self._paused = False
+                    self._on_resume()
+                yield chunk
+                continue
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+            self._waiter = None
+
+
+class Exchange:
+    """One request on a connection, from its head to the end of its response."""
+
+    __slots__ = ("body", "request", "response_started", "scheduled", "websocket")
+
+    def __init__(self, request: ProxyRequest, body: StreamedBody | None, websocket: bool) -> None:
+        self.request = request
+        self.body = body
+        self.websocket = websocket
+        self.scheduled = False
+        self.response_started = False
+
+
+class Connections:
+    """The open connections of one listener: deadline sweeps and draining."""
+
+    def __init__(self, pipeline: Pipeline, loop: asyncio.AbstractEventLoop) -> None:
+        self.pipeline = pipeline
+        self.loop = loop
+        self.open: set[EdgeConnection] = set()
+        self.tunnels: set[Tunnel] = set()
+        self.draining = False
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def factory(self) -> EdgeConnection:
+        return EdgeConnection(self)
+
+    def start(self) -> None:
+        self._sweeper = self.loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = self.loop.time()
+            for conn in list(self.open):
+                conn.check_deadline(now)
+            for tunnel in list(self.tunnels):
+                tunnel.check_idle(now)
+            self.pipeline.access_log.flush()
+
+    @property
+    def busy(self) -> int:
+        return sum(1 for c in self.open if c.busy) + len(self.tunnels)
+
+    def begin_drain(self) -> None:
+        """Stop keep-alive: idle connections close now, busy ones after their response."""
+        self.draining = True
+        for conn in list(self.open):
+            conn.stop_keep_alive()
+        for tunnel in list(self.tunnels):
+            tunnel.close_going_away()
+
+    async def wait_idle(self, within: float) -> bool:
+        deadline = self.loop.time() + within
+        # "busy" is derived from every connection's state; polling it is simpler than events.
+        while self.busy and self.loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        return not self.busy
+
+    def close_all(self) -> None:
+        for conn in list(self.open):
+            conn.close_now()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self.pipeline.access_log.flush()
+
+
+class EdgeConnection(asyncio.Protocol):
+    """HTTP/1.1 server side of one client connection (also the pipeline's ``ResponseSink``)."""
+
+    def __init__(self, connections: Connections) -> None:
+        self._connections = connections
+        self._pipeline = connections.pipeline
+        self._loop = connections.loop
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self.client_ip = "-"
+        # Head being parsed.
+        self._url_parts: list[bytes] = []
+        self._url_length = 0
+        self._headers: Headers = []
+        self._header_bytes = 0
+        self._head_bytes = 0
+        self._reading_head = False
+        self._rejected: RequestRejected | None = None
+        # Requests.
+        self._current: Exchange | None = None
+        self._active: Exchange | None = None
+        self._queue: deque[Exchange] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._tunnel: Tunnel | None = None
+        self._pending_upgrade: Exchange | None = None
+        # Response being written.
+        self._framing = BodyFraming(BodyKind.NONE)
+        self._keep_alive = True
+        self._must_close = False
+        self._pending_head = b""
+        self.bytes_sent = 0
+        # Flow control.
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._read_pauses = 0
+        # Timeouts.
+        self._deadline = 0.0
+        self._deadline_kind = _DEADLINE_NONE
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if peer else "-"
+        self._connections.open.add(self)
+        self._connections.pipeline.metrics.connections.inc()
+        # The first request head must arrive within the header timeout (slowloris).
+        self._set_deadline(_DEADLINE_HEADER)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._connections.open.discard(self)
+        self._connections.pipeline.metrics.connections.dec()
+        self._transport = None
+        for exchange in (self._current, self._active, *self._queue):
+            if exchange is not None and exchange.body is not None:
+                exchange.body.fail(RequestRejected(400, "client_disconnected"))
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self._tunnel is not None:
+            self._tunnel.client_lost()
+        self._wake_drain()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self._tunnel is not None:
+            self._tunnel.pause_upstream_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._tunnel is not None:
+            self._tunnel.resume_upstream_reading()
+        self._wake_drain()
+
+    def data_received(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self._tunnel.from_client(data)
+            return
+        if self._reading_head:
+            self._head_bytes += len(data)
+        try:
+            if self._head_bytes > head_budget(self._pipeline.state.config.edge.limits):
+                raise RequestRejected(431 if self._url_parts else 414, "head_too_large")
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgraded(data[int(upgrade.args[0]) :])
+        except httptools.HttpParserCallbackError:
+            rejected = self._rejected or RequestRejected(400, "bad_request")
+            self._reject(rejected)
+        except RequestRejected as rejected:
+            self._reject(rejected)
+        except httptools.HttpParserError as exc:
+            self._reject(RequestRejected(400, _parser_reason(exc)))
+
+    def eof_received(self) -> bool | None:
+        # A half-closed client still gets its responses (returning True keeps the socket open).
+        return self.busy
+
+    # -- httptools callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url_parts = []
+        self._url_length = 0
+        self._headers = []
+        self._header_bytes = 0
+        self._head_bytes = 0
+        self._reading_head = True
+        self._set_deadline(_DEADLINE_HEADER)
+
+    def on_url(self, url: bytes) -> None:
+        self._url_length += len(url)
+        self._url_parts.append(url)
+        self._guard(check_url_length, self._url_length)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        self._headers.append((name.lower(), value))
+        limits = self._pipeline.state.config.edge.limits
+        try:
+            check_header_section(len(self._headers), self._header_bytes, limits)
+        except RequestRejected as exc:
+            self._rejected = exc
+            raise
+
+    def on_headers_complete(self) -> None:
+        self._reading_head = False
+        state = self._pipeline.state
+        parser = self._parser
+        method = parser.get_method().decode("ascii", "replace")
+        version = parser.get_http_version()
+        headers = self._headers
+        try:
+            if method == "CONNECT":
+                raise RequestRejected(405, "connect_not_supported")
+            framing = check_request_framing(headers, version, state.config.edge.limits)
+            host = _single_host(headers, version)
+        except RequestRejected as exc:
+            self._rejected = exc
+            raise
+        url = b"".join(self._url_parts)
+        target, path, host = _origin_form(url, host)
+        supplied = None
+        for name, value in headers:
+            if name == state.request_id_header:
+                supplied = value
+                break
+        request_id = (
+            supplied if supplied is not None and valid_request_id(supplied) else (new_request_id())
+        )
+        upgrade = parser.should_upgrade()
+        websocket = upgrade and method == "GET" and is_websocket_upgrade(headers)
+        request = ProxyRequest(
+            method=method,
+            target=target,
+            path=path,
+            host=host,
+            http_version=version,
+            headers=headers,
+            # After a non-WebSocket upgrade request httptools stops parsing: close after it.
+            keep_alive=parser.should_keep_alive() and not upgrade,
+            client_ip=self.client_ip,
+            body=framing,
+            request_id=request_id,
+            received_at=self._pipeline.clock(),
+        )
+        body = (
+            StreamedBody(self._pause_for_body, self._resume_for_body) if framing.has_body else None
+        )
+        exchange = Exchange(request, body, websocket)
+        self._current = exchange
+        if body is not None:
+            self._set_deadline(_DEADLINE_BODY)
+            if expects_continue(headers):
+                self._schedule(exchange)
+        else:
+            self._set_deadline(_DEADLINE_NONE)
+
+    def on_body(self, data: bytes) -> None:
+        exchange = self._current
+        if exchange is None or exchange.body is None:
+            return
+        exchange.body.feed(data)
+        self._set_deadline(_DEADLINE_BODY)
+        if exchange.body.received > self._pipeline.state.config.edge.limits.max_body:
+            rejected = RequestRejected(413, "body_too_large")
+            exchange.body.fail(rejected)
+            if not exchange.scheduled:
+                self._rejected = rejected
+                raise rejected
+            return
+        if not exchange.scheduled:
+            self._schedule(exchange)
+
+    def on_message_complete(self) -> None:
+        exchange = self._current
+        self._current = None
+        if exchange is None:
+            return
+        if exchange.body is not None:
+            exchange.body.finish()
+        if exchange.websocket:
+            self._pending_upgrade = exchange  # httptools raises HttpParserUpgrade next
+            return
+        if exchange.scheduled:
+            return
+        request = exchange.request
+        if (
+            self._active is None
+            and request.keep_alive
+            and not self._connections.draining
+            and request.method in ("GET", "HEAD")
+        ):
+            prebuilt = self._pipeline.fast_response(request)
+            if prebuilt is not None and self._transport is not None:
+                self._transport.write(prebuilt)
+                self.bytes_sent += len(prebuilt)
+                self._set_deadline(_DEADLINE_IDLE)
+                return
+        self._schedule(exchange)
+
+    # -- scheduling ---------------------------------------------------------------------------
+
+    def _schedule(self, exchange: Exchange) -> None:
+        exchange.scheduled = True
+        if self._active is None:
+            self._start(exchange)
+            return
+        self._queue.append(exchange)
+        if len(self._queue) == PIPELINE_DEPTH:
+            self._pause_reading()
+
+    def _start(self, exchange: Exchange) -> None:
+        self._active = exchange
+        self._keep_alive = exchange.request.keep_alive
+        self.bytes_sent = 0
+        if exchange.body is not None and expects_continue(exchange.request.headers):
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._task = self._loop.create_task(self._run(exchange))
+
+    async def _run(self, exchange: Exchange) -> None:
+        try:
+            await self._pipeline.handle(exchange.request, exchange.body, self)
+        except asyncio.CancelledError:
+            pass  # the client went away
+        except Exception as exc:  # a bug: answer 500 if we still can, never hang the client
+            log.error(
+                "request_failed",
+                error=repr(exc),
+                request_id=exchange.request.request_id.decode("ascii", "replace"),
+            )
+            if self._active is exchange and not exchange.response_started:
+                self.write_complete(
+                    error_response(
+                        500, self._pipeline.state.pop, "internal_error", exchange.request.request_id
+                    ),
+                    close=True,
+                )
+            else:
+                self.abort()
+        finally:
+            self._finished(exchange)
+
+    def _finished(self, exchange: Exchange) -> None:
+        if self._active is not exchange:
+            return
+        self._active = None
+        self._task = None
+        body_unread = exchange.body is not None and not exchange.body.complete
+        if self._transport is None:
+            return
+        if self._must_close or not self._keep_alive or body_unread:
+            self.close_now()
+            return
+        if self._queue:
+            was_full = len(self._queue) >= PIPELINE_DEPTH
+            self._start(self._queue.popleft())
+            if was_full:
+                self._resume_reading()
+        elif self._connections.draining:
+            self.close_now()
+        elif not self._reading_head and self._current is None:
+            self._set_deadline(_DEADLINE_IDLE)
+
+    # -- ResponseSink -------------------------------------------------------------------------
+
+    @property
+    def response_started(self) -> bool:
+        return self._active is not None and self._active.response_started
+
+    @property
+    def write_paused(self) -> bool:
+        return self._write_paused
+
+    @property
+    def busy(self) -> bool:
+        return self._active is not None or bool(self._queue) or self._current is not None
+
+    def start_response(
+        self,
+        status: int,
+        reason: bytes,
+        headers: Headers,
+        framing: BodyFraming,
+        head_length: int | None,
+    ) -> None:
+        if self._active is not None:
+            self._active.response_started = True
+        keep_alive = self._keep_alive and not self._connections.draining
+        if framing.kind is BodyKind.UNTIL_CLOSE or not keep_alive:
+            self._keep_alive = False
+        self._framing = framing
+        # Held back to go out with the first body bytes: one write per small response.
+        self._pending_head = serialize_head(
+            status,
+            reason,
+            headers,
+            framing,
+            keep_alive=self._keep_alive,
+            head_length=head_length,
+        )
+
+    def write_body(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._framing.kind is BodyKind.CHUNKED:
+            data = encode_chunk(data)
+        if self._pending_head:
+            data = self._pending_head + data
+            self._pending_head = b""
+        self._write(data)
+
+    def end_response(self) -> None:
+        tail = b"0\r\n\r\n" if self._framing.kind is BodyKind.CHUNKED else b""
+        if self._framing.kind is BodyKind.UNTIL_CLOSE:
+            self._must_close = True
+        if self._pending_head or tail:
+            self._write(self._pending_head + tail)
+            self._pending_head = b""
+
+    def write_complete(self, data: bytes, *, close: bool) -> None:
+        if self._active is not None:
+            self._active.response_started = True
+        self._write(data)
+        if close:
+            self._must_close = True
+
+    def abort(self) -> None:
+        """End the connection without completing the response (the client sees truncation)."""
+        self._must_close = True
+        if self._transport is not None:
+            self._transport.close()
+
+    async def drain(self) -> None:
+        if not self._write_paused or self._transport is None:
+            return
+        self._drain_waiter = self._loop.create_future()
+        await self._drain_waiter
+
+    # -- connection control -------------------------------------------------------------------
+
+    def stop_keep_alive(self) -> None:
+        """Draining: an idle connection closes now, a busy one after its current response."""
+        if not self.busy:
+            self.close_now()
+
+    def close_now(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def check_deadline(self, now: float) -> None:
+        kind = self._deadline_kind
+        if kind == _DEADLINE_NONE or now < self._deadline:
+            return
+        self._deadline_kind = _DEADLINE_NONE
+        if kind == _DEADLINE_IDLE:
+            self.close_now()
+        elif kind == _DEADLINE_HEADER:
+            if self._active is None:
+                self._reject(RequestRejected(408, "client_header_timeout"))
+            else:
+                self._must_close = True
+        elif kind == _DEADLINE_BODY:
+            exchange = self._current
+            rejected = RequestRejected(408, "client_body_timeout")
+            if exchange is not None and exchange.body is not None:
+                exchange.body.fail(rejected)
+                if not exchange.scheduled:
+                    self._reject(rejected)
+
+    def _set_deadline(self, kind: int) -> None:
+        self._deadline_kind = kind
+        if kind == _DEADLINE_NONE:
+            return
+        timeouts = self._pipeline.state.config.edge.timeouts
+        seconds = (
+            timeouts.client_header
+            if kind == _DEADLINE_HEADER
+            else timeouts.client_body
+            if kind == _DEADLINE_BODY
+            else timeouts.client_idle
+        )
+        self._deadline = self._loop.time() + seconds
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if self._transport is not None:
+            self._transport.write(data)
+            self.bytes_sent += len(data)
+
+    def _wake_drain(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self._drain_waiter = None
+
+    def _guard(self, check: Callable[..., None], *args: object) -> None:
+        try:
+            check(*args, self._pipeline.state.config.edge.limits)
+        except RequestRejected as exc:
+            self._rejected = exc
+            raise
+
+    def _reject(self, rejected: RequestRejected) -> None:
+        """Answer a request the edge refuses to forward, then close (framing is now unknown)."""
+        state = self._pipeline.state
+        self._pipeline.metrics.errors.labels(str(rejected.status), rejected.reason).inc()
+        log.info(
+            "request_rejected",
+            status=rejected.status,
+            reason=rejected.reason,
+            client=self.client_ip,
+        )
+        self._rejected = None
+        self._deadline_kind = _DEADLINE_NONE
+        if self._current is not None and self._current.body is not None:
+            self._current.body.fail(rejected)
+        if self._transport is None:
+            return
+        if self._active is None:
+            self._transport.write(
+                error_response(
+                    rejected.status,
+                    state.pop,
+                    rejected.reason,
+                    new_request_id(),
+                    request_id_header=state.request_id_header,
+                )
+            )
+            self._transport.close()
+        else:
+            # A response is in progress: let it finish, then close; the bad request is dropped.
+            self._must_close = True
+            self._queue.clear()
+            self._pause_reading()
+
+    def _pause_for_body(self) -> None:
+        self._pause_reading()
+
+    def _resume_for_body(self) -> None:
+        self._resume_reading()
+
+    def _pause_reading(self) -> None:
+        self._read_pauses += 1
+        if self._read_pauses == 1 and self._transport is not None:
+            self._transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        self._read_pauses = max(0, self._read_pauses - 1)
+        if self._read_pauses == 0 and self._transport is not None:
+            self._transport.resume_reading()
+
+    def _upgraded(self, rest: bytes) -> None:
+        exchange = self._current
+        self._current = None
+        if exchange is None:  # on_message_complete already ran
+            exchange = self._pending_upgrade
+        self._pending_upgrade = None
+        if exchange is None or not exchange.websocket:
+            # Not a WebSocket: answered normally, then the connection closes (keep_alive=False).
+            return
+        if self._active is not None or self._queue:
+            self._reject(RequestRejected(400, "upgrade_while_busy"))
+            return
+        from edge.websocket import Tunnel
+
+        assert self._transport is not None
+        self._deadline_kind = _DEADLINE_NONE
+        self._tunnel = Tunnel(self._connections, self, self._transport, exchange.request, rest)
+        self._tunnel.start()
+
+
+def _parser_reason(exc: Exception) -> str:
+    text = str(exc).lower()
+    for needle, reason in (
+        ("content-length", "invalid_content_length"),
+        ("transfer-encoding", "invalid_transfer_encoding"),
+        ("chunk", "invalid_chunk"),
+        ("whitespace after header", "obs_fold"),
+        ("cr", "bare_lf"),
+    ):
+        if needle in text:
+            return reason
+    return "malformed_request"
+
+
+def _single_host(headers: Headers, version: str) -> bytes | None:
+    hosts = [value for name, value in headers if name == b"host"]
+    if len(hosts) > 1:
+        raise RequestRejected(400, "duplicate_host")
+    if not hosts and version == "1.1":
+        raise RequestRejected(400, "missing_host")
+    return hosts[0] if hosts else None
+
+
+def _origin_form(url: bytes, host: bytes | None) -> tuple[bytes, str, bytes | None]:
+    """(origin-form target, path for routing, effective host) from the request-target."""
+    if url[:1] != b"/" and b"://" in url[:8]:
+        # Absolute form: the authority in the target wins over Host (RFC 9112 3.2.2).
+        rest = url.split(b"://", 1)[1]
+        slash = rest.find(b"/")
+        authority, url = (rest, b"/") if slash < 0 else (rest[:slash], rest[slash:])
+        host = authority or host
+    path = url.split(b"?", 1)[0].decode("latin-1")
+    return url, path, host

@@ -1,0 +1,291 @@
+"""Process lifecycle of the edge: workers, reload, drain.
+
+* One worker (the default) runs in the process itself.  With ``--workers N`` a supervising
+  parent binds the listening sockets once, forks N workers that inherit them (a restarted
+  worker accepts on the same socket, so nothing is refused while it starts), forwards SIGHUP
+  and SIGTERM to them and restarts any worker that dies.  Only worker 0 serves the admin
+  listener.
+* SIGHUP (``meridian.lifecycle``): the file is validated in full, then one immutable
+  ``EdgeState`` is swapped in; requests in flight keep the snapshot they started with.
+* SIGTERM: stop accepting, close idle keep-alive connections, let requests in flight finish
+  (their responses carry ``Connection: close``) for up to ``edge.drain_timeout``, close the
+  rest, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import uvloop
+from prometheus_client import CollectorRegistry
+
+from edge.admin import AdminServer, EdgeMetrics
+from edge.pipeline import AccessLog, EdgeState, Pipeline
+from edge.protocol import Connections
+from edge.upstream import UpstreamPool
+from meridian.config import Config, ConfigError, HostPort
+from meridian.health import HealthMonitor
+from meridian.lifecycle import ConfigHolder, Lifecycle
+from meridian.log import get_logger
+
+log = get_logger("edge")
+
+LISTEN_BACKLOG = 2048
+#: A worker that dies sooner than this after its start is restarted after a pause.
+RESTART_BACKOFF = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeOptions:
+    config_path: str
+    pop: str
+    listen: HostPort | None
+    admin: HostPort | None
+    workers: int = 1
+
+
+def _bind(address: HostPort) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address.host, address.port))
+    sock.listen(LISTEN_BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+class EdgeWorker:
+    """One event loop serving clients: the data plane, the health monitor, the admin listener."""
+
+    def __init__(self, options: EdgeOptions, holder: ConfigHolder, *, worker: int = 0) -> None:
+        self.options = options
+        self.holder = holder
+        self.worker = worker
+        self.started = time.time()
+
+    def _check_pop(self, config: Config, generation: int) -> None:
+        try:
+            config.pop(self.options.pop)
+        except KeyError:
+            raise ConfigError(
+                [f"{config.source}: pops: POP {self.options.pop!r} is gone"]
+            ) from None
+
+    async def serve(
+        self, listen_sock: socket.socket | None, admin_sock: socket.socket | None
+    ) -> int:
+        loop = asyncio.get_running_loop()
+        config = self.holder.current
+        pop = self.options.pop
+        self.holder.listeners.append(self._check_pop)
+        registry = CollectorRegistry()
+        metrics = EdgeMetrics(registry, pop=pop, latency_target=config.edge.latency_target)
+        metrics.upstream_pool_limit.set(config.edge.pool_size)
+        metrics.config_generation.set(self.holder.generation)
+        health = HealthMonitor(config, registry=registry, check_backends=True, pop=pop)
+        upstream = UpstreamPool(pool_size=config.edge.pool_size, timeouts=config.edge.timeouts)
+        await upstream.start()
+        await health.start()
+        pipeline = Pipeline(
+            EdgeState.build(config, pop, self.holder.generation),
+            upstream=upstream,
+            health=health,
+            metrics=metrics,
+            access_log=AccessLog(),
+            clock=time.perf_counter,
+        )
+        connections = Connections(pipeline, loop)
+        listen = self.options.listen or config.listeners.edge
+        if listen_sock is not None:
+            server = await loop.create_server(connections.factory, sock=listen_sock)
+        else:
+            server = await loop.create_server(
+                connections.factory,
+                listen.host,
+                listen.port,
+                backlog=LISTEN_BACKLOG,
+                reuse_address=True,
+            )
+        connections.start()
+
+        def region_ready() -> bool:
+            snapshot = health.snapshot
+            return any(snapshot.region_up(r.name) for r in pipeline.state.config.regions)
+
+        def status() -> dict[str, Any]:
+            return {
+                "pop": pop,
+                "worker": self.worker,
+                "pid": os.getpid(),
+                "started": self.started,
+                "config": {"source": self.holder.path, "generation": pipeline.state.generation},
+                "connections": len(connections.open),
+                "in_flight": connections.busy,
+                "websockets": len(connections.tunnels),
+                "draining": connections.draining,
+                "upstream_outstanding": dict(upstream.outstanding),
+                "routes": [
+                    {"route": t.route.name, "service": t.service.name, "regions": list(t.regions)}
+                    for t in pipeline.state.router.targets
+                ],
+                "health": health.status(),
+            }
+
+        admin: AdminServer | None = None
+        if admin_sock is not None or self.options.workers == 1:
+            admin = AdminServer(
+                registry, status=status, ready=region_ready, draining=lambda: connections.draining
+            )
+            admin_address = self.options.admin or config.listeners.edge_admin
+            await admin.start(admin_address.host, admin_address.port, sock=admin_sock)
+
+        def on_reload(new: Config, generation: int) -> None:
+            # In-flight requests hold the old EdgeState; new ones read this one.
+            pipeline.state = EdgeState.build(new, pop, generation)
+            health.update_config(new)
+            metrics.config_generation.set(generation)
+            metrics.latency_target.set(new.edge.latency_target)
+
+        lifecycle = Lifecycle(loop)
+        lifecycle.install()
+        reloads = loop.create_task(lifecycle.run_reloads(self.holder, on_reload))
+        bound = server.sockets[0].getsockname()
+        log.info(
+            "edge_listening",
+            pop=pop,
+            addr=f"{bound[0]}:{bound[1]}",
+            worker=self.worker,
+            pid=os.getpid(),
+            admin=str(self.options.admin or config.listeners.edge_admin) if admin else "",
+        )
+        try:
+            await lifecycle.stopping.wait()
+        finally:
+            drain_timeout = pipeline.state.config.edge.drain_timeout
+            log.info(
+                "edge_draining",
+                pop=pop,
+                in_flight=connections.busy,
+                timeout=drain_timeout,
+                worker=self.worker,
+            )
+            server.close()
+            connections.begin_drain()
+            clean = await connections.wait_idle(drain_timeout)
+            log.info(
+                "edge_stopped", pop=pop, clean=clean, abandoned=connections.busy, worker=self.worker
+            )
+            connections.close_all()
+            reloads.cancel()
+            lifecycle.uninstall()
+            if admin is not None:
+                await admin.stop()
+            await health.stop()
+            await upstream.close()
+        return 0
+
+
+def run_worker(
+    options: EdgeOptions,
+    holder: ConfigHolder,
+    listen_sock: socket.socket | None = None,
+    admin_sock: socket.socket | None = None,
+    worker: int = 0,
+) -> int:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(EdgeWorker(options, holder, worker=worker).serve(listen_sock, admin_sock))
+
+
+def load(options: EdgeOptions) -> ConfigHolder | None:
+    try:
+        holder = ConfigHolder.from_file(options.config_path)
+        holder.current.pop(options.pop)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("config_invalid", problem=problem)
+        return None
+    except KeyError:
+        log.error("config_invalid", problem=f"unknown POP {options.pop!r}")
+        return None
+    return holder
+
+
+def run(options: EdgeOptions) -> int:
+    holder = load(options)
+    if holder is None:
+        return 2
+    if options.workers <= 1:
+        return run_worker(options, holder)
+    return Supervisor(options, holder).run()
+
+
+class Supervisor:
+    """Parent of ``--workers N``: owns the sockets, restarts workers, forwards signals."""
+
+    def __init__(self, options: EdgeOptions, holder: ConfigHolder) -> None:
+        self.options = options
+        self.holder = holder
+        self.children: dict[int, tuple[int, float]] = {}
+        self.stopping = False
+
+    def run(self) -> int:
+        config = self.holder.current
+        listen = _bind(self.options.listen or config.listeners.edge)
+        admin = _bind(self.options.admin or config.listeners.edge_admin)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        for slot in range(self.options.workers):
+            self._spawn(slot, listen, admin)
+        log.info("edge_supervising", workers=self.options.workers, pid=os.getpid())
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            slot, started = self.children.pop(pid, (-1, 0.0))
+            if slot < 0 or self.stopping:
+                continue
+            log.error(
+                "edge_worker_died", worker=slot, pid=pid, status=os.waitstatus_to_exitcode(status)
+            )
+            if time.monotonic() - started < RESTART_BACKOFF:
+                time.sleep(RESTART_BACKOFF)
+            if not self.stopping:
+                self._spawn(slot, listen, admin)
+        return 0
+
+    def _spawn(self, slot: int, listen: socket.socket, admin: socket.socket) -> None:
+        pid = os.fork()
+        if pid == 0:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            code = 1
+            try:
+                # Re-read the file: the parent's copy may predate reloads the workers took.
+                holder = load(self.options) or self.holder
+                code = run_worker(self.options, holder, listen, admin if slot == 0 else None, slot)
+            finally:
+                os._exit(code)
+        self.children[pid] = (slot, time.monotonic())
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        self.stopping = True
+        for pid in list(self.children):
+            _signal(pid, signal.SIGTERM)
+
+    def _on_hup(self, signum: int, frame: object) -> None:
+        for pid in list(self.children):
+            _signal(pid, signal.SIGHUP)
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
