@@ -110,13 +110,13 @@ def _delegate(
 
 
 def _origin_add(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the sample origin")
+    """``meridian origin`` is dispatched before parsing (see ``main``); nothing to add."""
 
 
-def _origin_run(args: argparse.Namespace) -> int:
+def _origin_run(args: argparse.Namespace) -> int:  # pragma: no cover - dispatched in main()
     from meridian import origin
 
-    return origin.main(list(args.rest))
+    return origin.main([])
 
 
 def _demo_add(parser: argparse.ArgumentParser) -> None:
@@ -187,6 +187,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if a in SUBCOMMANDS), None)
+    if command == "origin":  # the sample origin owns its whole command line
+        from meridian import origin
+
+        return origin.main(argv[argv.index("origin") + 1 :])
     parser = build_parser(command)
     args, unknown = parser.parse_known_args(argv)
     if unknown and not getattr(args, "_missing", None):

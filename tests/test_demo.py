@@ -1,0 +1,114 @@
+"""The demo stack end to end: `meridian demo` starts, serves market data, answers DNS, stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import dns.edns
+import dns.message
+import dns.query
+import dns.rdatatype
+import pytest
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _free_offset() -> int:
+    base_ports = (8080, 9100, 5353, 9153, 9001, 9002, 9003)
+    for _ in range(50):
+        offset = random.randrange(12000, 19000)
+        if all(_port_free(p + offset) for p in base_ports):
+            return offset
+    raise RuntimeError("no free port offset")
+
+
+@pytest.fixture()
+def demo() -> Iterator[tuple[subprocess.Popen[str], int]]:
+    offset = _free_offset()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meridian.cli", "demo", "--port-offset", str(offset)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "Meridian demo is up" in line or time.monotonic() > deadline:
+                break
+        assert proc.poll() is None, "the demo exited during start-up"
+        yield proc, offset
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _get(url: str) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (names lower-cased: they are case-insensitive) and body."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        headers = {name.lower(): value for name, value in response.headers.items()}
+        return response.status, headers, response.read()
+
+
+def test_demo_serves_market_data_through_the_edge_and_answers_dns(
+    demo: tuple[subprocess.Popen[str], int],
+) -> None:
+    proc, offset = demo
+    status, headers, body = _get(f"http://127.0.0.1:{9001 + offset}/api/v1/ticker/BTC-USD")
+    assert status == 200 and json.loads(body)
+    assert headers["x-origin-region"] == "us-east"
+
+    # The edge of POP iad forwards to the nearest region, us-east.
+    edge = f"http://127.0.0.1:{8080 + offset}"
+    status, headers, body = _get(f"{edge}/api/v1/whoami")
+    assert status == 200 and json.loads(body)["region"] == "us-east"
+    assert headers["x-meridian-region"] == "us-east"
+    status, headers, body = _get(f"{edge}/api/v1/ticker/BTC-USD")
+    assert status == 200 and "x-cache" in headers
+
+    # GeoDNS: a Brazilian client is sent to the gru POP, a London one to fra.
+    for subnet, expected in (("200.160.2.0", "127.0.1.2"), ("81.2.69.0", "127.0.1.3")):
+        query = dns.message.make_query(
+            "api.meridian.test", "A", use_edns=0, options=[dns.edns.ECSOption(subnet, 24)]
+        )
+        reply = dns.query.udp(query, "127.0.0.1", port=5353 + offset, timeout=5)
+        addresses = [r.address for rrset in reply.answer for r in rrset]
+        assert addresses == [expected], (subnet, addresses)
+
+    # Ctrl-C stops everything, cleanly.
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    deadline = time.monotonic() + 10
+    ports = [p + offset for p in (8080, 9100, 9153, 9001, 9002, 9003)]
+    while any(_listening(p) for p in ports):
+        assert time.monotonic() < deadline, "a demo process outlived the demo"
+        time.sleep(0.1)
