@@ -1,0 +1,1064 @@
+"""The edge's HTTP cache: RFC 9111 semantics, coalesced fills, L1 memory + L2 Redis, purges.
+
+Everything the edge needs is ``HttpCache``.  Its pieces, each usable alone:
+
+* ``policy``: the RFC 9111/5861 rules as pure functions (storable? fresh? 304? invalidate?);
+* ``key``: primary and Vary keys, with per-route query normalisation;
+* ``entry``: a stored response pre-serialised for HTTP/1.1 (a hit is one write);
+* ``store``: L1, bounded in bytes, CLOCK eviction, purge by key/prefix/surrogate key;
+* ``coalesce``: one upstream fetch per key, hit-for-miss memory, one background refresh;
+* ``redis_l2``: the POP-shared Redis level, circuit breaker, purge broadcast.
+
+API (all headers are ``list[tuple[bytes, bytes]]`` with lower-case names)::
+
+    cache = HttpCache(config.edge.cache, registry,
+                      extra_headers=[(b"via", b"1.1 meridian-iad"), (b"x-meridian-region", b"iad")],
+                      compressor=lambda body, coding: compress(body, coding, level_for(coding)),
+                      negotiate=edge.compress.negotiate)
+    await cache.start()                      # purge subscription (only with a Redis URL)
+    cache.reconfigure(new_config.edge.cache)  # on SIGHUP: rules/limits now, entries kept
+
+    cache.lookup(method, scheme, host, target, headers, now=None, extra=b"") -> Lookup   # sync
+    await cache.fill(lookup, fetch, extra=b"") -> Filled     # MISS / REVALIDATE, coalesced
+    cache.refresh(lookup, fetch) -> bool                     # STALE with lookup.refresh
+    cache.invalidate(method, status, scheme, host, target, response_headers) -> int
+    await cache.purge_url(url) / purge_prefix(prefix) / purge_tag(tag) -> PurgeResult
+    cache.check_purge_token(token) -> bool
+    await cache.aclose()
+
+``fetch`` is the edge's ``async (validators) -> UpstreamResponse``: a **GET** (also for HEAD
+requests) of ``lookup.key.target`` (the normalised target: never the raw one), with the
+client's request headers minus its conditionals plus ``validators``
+(``policy.upstream_request_headers`` does exactly that), reading the whole body (decoded to
+identity when the edge can; ``compressible`` set by the edge's own eligibility rules).  It
+raises on failure (connect error, timeout, no healthy region): with a stored response inside
+its stale-if-error window the cache then answers stale instead.  For a background refresh the
+fetch must not depend on the client connection.
+
+The edge's request path::
+
+    r = cache.lookup(method, scheme, host, raw_target, headers)
+    match r.kind:
+        case LookupKind.HIT | LookupKind.ONLY_IF_CACHED:
+            transport.write(r.wire)                       # the whole response, pre-built
+        case LookupKind.STALE:
+            transport.write(r.wire)
+            if r.refresh:
+                cache.refresh(r, fetch)                   # at most one per key, in background
+        case LookupKind.MISS | LookupKind.REVALIDATE:
+            f = await cache.fill(r, fetch)                # coalesce -> L2 -> origin -> store
+            if f.wire is not None:
+                transport.write(f.wire)                   # X-Cache: MISS/HIT/REVALIDATED/STALE
+            else:
+                forward(f.response, x_cache=b"MISS")      # not storable: the edge writes it
+                # (for HEAD: headers only; the fetch was a GET)
+        case LookupKind.BYPASS:
+            response = await proxy(...)                   # X-Cache: BYPASS
+            cache.invalidate(method, response.status, scheme, host, raw_target, response.headers)
+
+``fill`` re-raises the fetch's exception when there is nothing stale to serve (the edge
+answers 502/504 itself).  Served bytes carry ``x-cache`` and ``age`` and the cache-wide
+``extra_headers``; ``extra`` adds pre-formatted per-request lines (``b"x-request-id: 7\\r\\n"``)
+at the cost of one concatenation.  HTTP/1.0 or ``Connection: close`` clients: write the same
+bytes and close (the head has no Connection header).
+
+Metrics (a collector on the registry, plain integer counters on the hot path):
+``meridian_cache_hits_total{layer}``, ``meridian_cache_misses_total``,
+``meridian_cache_stale_served_total{reason}``, ``meridian_cache_bypass_total{reason}``,
+``meridian_cache_coalesced_waiters_total``, ``meridian_cache_evictions_total``,
+``meridian_cache_redis_errors_total{reason}``, gauges ``meridian_cache_bytes``,
+``meridian_cache_entries``, ``meridian_cache_hit_ratio``, ``meridian_cache_redis_circuit_open``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hmac
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Final, NamedTuple
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from meridian.config import CacheConfig
+from meridian.log import get_logger
+
+from .coalesce import Coalescer, Role
+from .entry import (
+    X_CACHE_BYPASS,
+    X_CACHE_HIT,
+    X_CACHE_MISS,
+    X_CACHE_REVALIDATED,
+    X_CACHE_STALE,
+    Compressor,
+    Entry,
+    StoredResponse,
+)
+from .key import (
+    DEFAULT_RULE,
+    CacheKey,
+    Coding,
+    KeyBuilder,
+    Negotiator,
+    coding_class,
+    negotiate_coding,
+    normalise_host,
+    split_target,
+    variant_key,
+    vary_key,
+)
+from .policy import (
+    ERROR_STATUSES,
+    NO_DIRECTIVES,
+    STALE_IF_ERROR,
+    CacheControl,
+    Header,
+    Headers,
+    Use,
+    compute_freshness,
+    decide,
+    format_http_date,
+    invalidation_targets,
+    merge_not_modified,
+    not_modified_applies,
+    parse_cache_control,
+    response_meta,
+    shareable_with_authorization,
+    stored_headers,
+    uncacheable_reason,
+    upstream_validators,
+    usable_on_error,
+    worth_storing,
+)
+from .redis_l2 import NO_LOCK, PurgeMessage, RedisL2
+from .store import MemoryStore
+
+log = get_logger("cache")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamResponse:
+    """A complete upstream response, as the edge's ``fetch`` returns it."""
+
+    status: int
+    headers: Sequence[Header]
+    body: bytes
+    reason: bytes = b""
+    #: The edge's verdict: worth compressing (type, size, no Set-Cookie, route allows it).
+    compressible: bool = False
+
+
+#: ``async fetch(validators) -> UpstreamResponse``; see the module docstring.
+Fetch = Callable[[list[Header]], Awaitable[UpstreamResponse]]
+
+
+class LookupKind(enum.Enum):
+    #: Fresh: write ``Lookup.wire``.
+    HIT = "hit"
+    #: Stale but usable now: write ``Lookup.wire``; start ``refresh`` when ``Lookup.refresh``.
+    STALE = "stale"
+    #: Stored but must be validated first: ``fill`` (conditional fetch, stale-if-error).
+    REVALIDATE = "revalidate"
+    #: Nothing stored: ``fill``.
+    MISS = "miss"
+    #: Not for the cache (method, rule, request body or precondition, request no-store,
+    #: cache disabled): proxy it; why in ``reason``.
+    BYPASS = "bypass"
+    #: ``Cache-Control: only-if-cached`` and nothing usable: write ``Lookup.wire`` (a 504).
+    ONLY_IF_CACHED = "only_if_cached"
+
+
+# Module-level aliases: attribute access on an Enum class costs ~10x a global lookup (3.11).
+_HIT: Final = LookupKind.HIT
+_STALE: Final = LookupKind.STALE
+_MISS: Final = LookupKind.MISS
+_REVALIDATE: Final = LookupKind.REVALIDATE
+_ONLY_IF_CACHED: Final = LookupKind.ONLY_IF_CACHED
+_FRESH: Final = Use.FRESH
+_USE_STALE: Final = Use.STALE
+
+
+# Lookup and RequestInfo are made per request: NamedTuples, because a frozen dataclass's
+# __init__ costs about five times as much, which would dominate a cache hit.
+
+
+class RequestInfo(NamedTuple):
+    """What the cache parsed from a request's headers, reused by ``fill``/``refresh``."""
+
+    headers: Headers
+    cc: CacheControl
+    coding: Coding
+    head: bool
+    authorized: bool
+    if_none_match: bytes | None
+    if_modified_since: bytes | None
+
+
+class Lookup(NamedTuple):
+    """The L1 answer for one request."""
+
+    kind: LookupKind
+    #: The complete response to write (HIT, STALE, ONLY_IF_CACHED), else empty.
+    wire: bytes = b""
+    key: CacheKey | None = None
+    entry: Entry | None = None
+    #: Set for STALE, REVALIDATE and MISS (what ``fill`` and ``refresh`` need); not for HIT.
+    request: RequestInfo | None = None
+    #: BYPASS: why; STALE: the stale reason.
+    reason: str = ""
+    #: STALE: a background refresh should be started.
+    refresh: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Filled:
+    """The result of ``fill``: bytes to write, or an unstored response for the edge to forward."""
+
+    wire: bytes | None
+    response: UpstreamResponse | None
+    x_cache: bytes
+    entry: Entry | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeResult:
+    #: Entries removed from this instance's L1.
+    local: int
+    #: Keys deleted in Redis.
+    shared: int
+    #: Whether the purge was broadcast to the POP's other instances.
+    propagated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """A fill's result, independent of which of the coalesced requests reads it."""
+
+    entry: Entry | None
+    response: UpstreamResponse | None
+    x_cache: bytes
+    #: Where the answer came from, for the metrics: l1, l2, origin or stale.
+    source: str
+
+
+_FROM_L1, _FROM_L2, _FROM_ORIGIN, _FROM_STALE = "l1", "l2", "origin", "stale"
+#: Reasons a new response is not stored that also make the stored one obsolete (the resource
+#: itself changed); per-request reasons (request no-store, Authorization) leave it alone.
+_SUPERSEDING: Final = frozenset(
+    {"status", "no-store", "private", "vary-star", "set-cookie", "no-freshness"}
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+
+
+class CacheMetrics(Collector):
+    """Plain integers bumped on the hot path, turned into Prometheus families on scrape."""
+
+    def __init__(self, cache: HttpCache) -> None:
+        self._cache = cache
+        self.l1_hits = 0
+        self.l2_hits = 0
+        self.coalesced_hits = 0
+        self.misses = 0
+        self.stale: dict[str, int] = {}
+        self.bypass: dict[str, int] = {}
+        self.coalesced_waiters = 0
+        self.redis_errors: dict[str, int] = {}
+
+    @property
+    def hits(self) -> dict[str, int]:
+        return {"l1": self.l1_hits, "l2": self.l2_hits, "coalesced": self.coalesced_hits}
+
+    def count_stale(self, reason: str) -> None:
+        self.stale[reason] = self.stale.get(reason, 0) + 1
+
+    def count_bypass(self, reason: str) -> None:
+        self.bypass[reason] = self.bypass.get(reason, 0) + 1
+
+    def count_redis_error(self, reason: str) -> None:
+        self.redis_errors[reason] = self.redis_errors.get(reason, 0) + 1
+
+    def count_waiter(self) -> None:
+        self.coalesced_waiters += 1
+
+    def collect(self) -> Iterable[Metric]:
+        store = self._cache.store
+        yield _labelled(
+            CounterMetricFamily(
+                "meridian_cache_hits", "Requests served fresh from the cache.", labels=["layer"]
+            ),
+            self.hits,
+        )
+        yield CounterMetricFamily(
+            "meridian_cache_misses", "Requests that needed an upstream fetch.", value=self.misses
+        )
+        yield _labelled(
+            CounterMetricFamily(
+                "meridian_cache_stale_served", "Stale responses served.", labels=["reason"]
+            ),
+            self.stale,
+        )
+        yield _labelled(
+            CounterMetricFamily(
+                "meridian_cache_bypass", "Requests not handled by the cache.", labels=["reason"]
+            ),
+            self.bypass,
+        )
+        yield CounterMetricFamily(
+            "meridian_cache_coalesced_waiters",
+            "Requests that waited for another request's upstream fetch.",
+            value=self.coalesced_waiters,
+        )
+        yield CounterMetricFamily(
+            "meridian_cache_evictions", "L1 entries evicted for space.", value=store.evictions
+        )
+        yield _labelled(
+            CounterMetricFamily(
+                "meridian_cache_redis_errors", "Redis calls failed or timed out.", labels=["reason"]
+            ),
+            self.redis_errors,
+        )
+        yield GaugeMetricFamily("meridian_cache_bytes", "Bytes held by L1.", value=store.bytes)
+        yield GaugeMetricFamily("meridian_cache_entries", "Entries held by L1.", value=len(store))
+        hits = sum(self.hits.values())
+        lookups = hits + self.misses
+        yield GaugeMetricFamily(
+            "meridian_cache_hit_ratio",
+            "Fresh hits over hits plus misses since start.",
+            value=hits / lookups if lookups else 0.0,
+        )
+        l2 = self._cache.l2
+        yield GaugeMetricFamily(
+            "meridian_cache_redis_circuit_open",
+            "1 while Redis is being skipped after repeated errors.",
+            value=1.0 if l2 is not None and not l2.available else 0.0,
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # families are dynamic; registering must not call collect() early
+
+
+def _labelled(family: CounterMetricFamily, values: dict[str, int]) -> CounterMetricFamily:
+    for label, value in sorted(values.items()):
+        family.add_metric([label], value)
+    return family
+
+
+def _truncated(response: UpstreamResponse) -> bool:
+    for name, value in response.headers:
+        if name == b"content-length":
+            return value.strip() != str(len(response.body)).encode()
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# The facade
+
+_REQ_CACHE_CONTROL, _REQ_AUTHORIZATION, _REQ_IF_NONE_MATCH, _REQ_IF_MODIFIED_SINCE = 0, 1, 2, 3
+_REQ_ACCEPT_ENCODING, _REQ_PRECONDITION, _REQ_BODY = 4, 5, 6
+_REQUEST_FIELDS: Final = {
+    b"cache-control": _REQ_CACHE_CONTROL,
+    b"authorization": _REQ_AUTHORIZATION,
+    b"if-none-match": _REQ_IF_NONE_MATCH,
+    b"if-modified-since": _REQ_IF_MODIFIED_SINCE,
+    b"accept-encoding": _REQ_ACCEPT_ENCODING,
+    # Preconditions only an origin can evaluate (RFC 9111 4.3.2): such requests bypass.
+    b"if-match": _REQ_PRECONDITION,
+    b"if-unmodified-since": _REQ_PRECONDITION,
+    b"if-range": _REQ_PRECONDITION,
+    b"content-length": _REQ_BODY,
+    b"transfer-encoding": _REQ_BODY,
+}
+_AUTH_COALESCE_SUFFIX: Final = b"\x00auth"
+
+
+class HttpCache:
+    """The edge cache; see the module docstring for the call sequence."""
+
+    def __init__(
+        self,
+        config: CacheConfig,
+        registry: CollectorRegistry | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        extra_headers: Sequence[Header] = (),
+        compressor: Compressor | None = None,
+        negotiate: Negotiator = negotiate_coding,
+        compress_offload_above: int = 64 * 1024,
+        l2: RedisL2 | None = None,
+        honour_request_no_cache: bool = True,
+        cross_instance_wait: float = 1.0,
+        purge_race_window: float = 30.0,
+        instance_id: str | None = None,
+    ) -> None:
+        """``clock`` is wall time (freshness is compared with origin Dates).  ``l2`` is built
+        from ``config.redis_url`` when not given.  ``cross_instance_wait`` bounds how long a
+        fill waits for another instance that holds the POP-wide fill lock.  Fills that started
+        up to ``purge_race_window`` seconds before a purge are not stored (they may carry the
+        purged content)."""
+        self.config = config
+        self.enabled = config.enabled
+        self.metrics = CacheMetrics(self)
+        self._clock = clock
+        self._negotiate = negotiate
+        self._compressor = compressor
+        self._compress_offload_above = compress_offload_above
+        self._honour_request_no_cache = honour_request_no_cache
+        self._cross_instance_wait = cross_instance_wait
+        self._purge_race_window = purge_race_window
+        self._extra_head = b"".join(n + b": " + v + b"\r\n" for n, v in extra_headers)
+        self._only_if_cached_wire = (
+            b"HTTP/1.1 504 Gateway Timeout\r\ncontent-length: 0\r\n"
+            + self._extra_head
+            + b"x-cache: MISS\r\n\r\n"
+        )
+        self.keys = KeyBuilder(config.rules)
+        self.store = MemoryStore(config.memory, config.max_object, negotiate=negotiate)
+        self._coalescer: Coalescer[_Outcome] = Coalescer(
+            lock_timeout=config.lock_timeout,
+            hit_for_miss=config.hit_for_miss,
+            clock=clock,
+            on_wait=self.metrics.count_waiter,
+            on_background_error=self._background_failed,
+        )
+        if l2 is None and config.redis_url and config.enabled:
+            l2 = RedisL2(
+                config.redis_url,
+                timeout=config.redis_timeout,
+                max_value=config.redis_max_value,
+                clock=clock,
+                instance_id=instance_id,
+                on_error=self.metrics.count_redis_error,
+                negotiate=negotiate,
+            )
+        if l2 is not None and l2.on_error is None:
+            l2.on_error = self.metrics.count_redis_error
+        self.l2 = l2
+        self._tasks: set[asyncio.Task[Any]] = set()
+        #: Recent purges, so a fill that raced one is not stored: by primary key (frequent:
+        #: every unsafe request) and the rest (admin prefix/tag purges, rare), in time order.
+        self._purged_primaries: dict[bytes, float] = {}
+        self._purges: deque[tuple[float, str, bytes]] = deque()
+        self._bypass: dict[str, Lookup] = {}
+        self._codings: dict[bytes | None, Coding] = {}
+        if registry is not None:
+            registry.register(self.metrics)
+
+    # ----------------------------------------------------------------------------------------
+    # Lifecycle
+
+    async def start(self) -> None:
+        """Start listening for purges from the POP's other instances (no-op without Redis)."""
+        if self.l2 is not None:
+            self.l2.start(self._on_purge_message, self._on_resync)
+
+    async def drain(self) -> None:
+        """Wait for fills, refreshes and Redis writes in flight (tests, graceful shutdown)."""
+        while self._tasks or len(self._coalescer):
+            await self._coalescer.drain()
+            if self._tasks:
+                await asyncio.gather(*tuple(self._tasks), return_exceptions=True)
+
+    async def aclose(self) -> None:
+        await self.drain()
+        if self.l2 is not None:
+            await self.l2.aclose()
+
+    def reconfigure(self, config: CacheConfig) -> None:
+        """Apply a reloaded config, keeping what is stored.
+
+        Rules, limits, timeouts and ``enabled`` take effect at once (stored entries keep the
+        freshness they were stored with; a smaller memory bound evicts now).  A changed
+        ``redis_url`` needs a restart: it is logged and ignored.
+        """
+        if config.redis_url != self.config.redis_url:
+            log.warning("cache_redis_url_change_ignored", reason="restart to change redis_url")
+        self.config = config
+        self.enabled = config.enabled
+        self.keys = KeyBuilder(config.rules)
+        self.store.max_bytes = config.memory
+        self.store.max_object = config.max_object
+        self.store.evict()
+        self._coalescer.lock_timeout = config.lock_timeout
+        self._coalescer.hit_for_miss.ttl = config.hit_for_miss
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _background_failed(self, error: BaseException) -> None:
+        log.debug("cache_refresh_failed", error=str(error) or type(error).__name__)
+
+    # ----------------------------------------------------------------------------------------
+    # Lookup (synchronous, L1 only)
+
+    def _bypassed(self, reason: str) -> Lookup:
+        self.metrics.count_bypass(reason)
+        lookup = self._bypass.get(reason)
+        if lookup is None:
+            lookup = self._bypass[reason] = Lookup(LookupKind.BYPASS, reason=reason)
+        return lookup
+
+    def lookup(
+        self,
+        method: bytes,
+        scheme: bytes,
+        host: bytes,
+        target: bytes,
+        headers: Headers,
+        now: float | None = None,
+        extra: bytes = b"",
+    ) -> Lookup:
+        """Classify a request against L1 and, for HIT/STALE, build the response bytes.
+
+        ``target`` is the raw request target; ``host`` the Host header (or b"" for an
+        absolute-form target, whose authority wins).  ``now`` defaults to the cache's clock.
+        """
+        if not self.enabled:
+            return self._bypassed("disabled")
+        head = method == b"HEAD"
+        if not head and method != b"GET":
+            return self._bypassed("method")
+        key = self.keys.build(scheme, host, target)
+        if key.rule.bypass:
+            return self._bypassed("rule")
+        found: list[bytes | None] = [None, None, None, None, None, None, None]
+        for name, value in headers:
+            slot = _REQUEST_FIELDS.get(name)
+            if slot is None:
+                continue
+            if slot == _REQ_BODY:
+                if name == b"transfer-encoding" or value.strip() not in (b"0", b""):
+                    return self._bypassed("request-body")
+                continue
+            previous = found[slot]
+            # List-valued fields arrive on several lines: join them (RFC 9110 5.3).
+            found[slot] = value if previous is None else previous + b"," + value
+        if found[_REQ_PRECONDITION] is not None:
+            return self._bypassed("precondition")
+        cc_raw = found[_REQ_CACHE_CONTROL]
+        cc = NO_DIRECTIVES
+        if cc_raw is not None:
+            cc = parse_cache_control(cc_raw)
+            if not self._honour_request_no_cache and (cc.no_cache or cc.max_age is not None):
+                cc = replace(cc, no_cache=False, max_age=None)
+        authorized = found[_REQ_AUTHORIZATION] is not None
+        if now is None:
+            now = self._clock()
+        entry = self.store.get(key.primary, headers)
+        if entry is not None and authorized and not entry.response.auth_ok:
+            entry = None
+        accept_encoding = found[_REQ_ACCEPT_ENCODING]
+        coding = self._codings.get(accept_encoding)
+        if coding is None:
+            coding = coding_class(self._negotiate, accept_encoding)
+            if len(self._codings) >= 1024:  # bounded: a client can send any value
+                self._codings.clear()
+            self._codings[accept_encoding] = coding
+        if entry is not None:
+            use, reason = decide(entry.response.freshness, cc, now)
+            if use is _FRESH:  # the hot path: no RequestInfo needed
+                self.metrics.l1_hits += 1
+                if_none_match = found[_REQ_IF_NONE_MATCH]
+                if_modified_since = found[_REQ_IF_MODIFIED_SINCE]
+                if (
+                    if_none_match is not None or if_modified_since is not None
+                ) and entry.not_modified_for(if_none_match, if_modified_since):
+                    wire = entry.wire_not_modified(coding, now, X_CACHE_HIT, extra)
+                else:
+                    wire = entry.wire(coding, now, head, X_CACHE_HIT, extra)
+                return Lookup(_HIT, wire, key, entry)
+        request = RequestInfo(
+            headers=headers,
+            cc=cc,
+            coding=coding,
+            head=head,
+            authorized=authorized,
+            if_none_match=found[_REQ_IF_NONE_MATCH],
+            if_modified_since=found[_REQ_IF_MODIFIED_SINCE],
+        )
+        if entry is None:
+            if cc.only_if_cached:
+                return Lookup(_ONLY_IF_CACHED, self._only_if_cached_wire, key)
+            if cc.no_store:
+                return self._bypassed("request-no-store")
+            return Lookup(_MISS, key=key, request=request)
+        if use is _USE_STALE:
+            self.metrics.count_stale(reason)
+            wire = self._serve(entry, request, X_CACHE_STALE, now, extra)
+            return Lookup(_STALE, wire, key, entry, request, reason, refresh=True)
+        if cc.only_if_cached:
+            return Lookup(_ONLY_IF_CACHED, self._only_if_cached_wire, key)
+        if cc.no_store:
+            return self._bypassed("request-no-store")
+        return Lookup(_REVALIDATE, key=key, entry=entry, request=request)
+
+    @staticmethod
+    def _serve(
+        entry: Entry, request: RequestInfo, x_cache: bytes, now: float, extra: bytes
+    ) -> bytes:
+        if (
+            request.if_none_match is not None or request.if_modified_since is not None
+        ) and entry.not_modified_for(request.if_none_match, request.if_modified_since):
+            return entry.wire_not_modified(request.coding, now, x_cache, extra)
+        return entry.wire(request.coding, now, request.head, x_cache, extra)
+
+    # ----------------------------------------------------------------------------------------
+    # Fill (asynchronous: coalescing, L2, origin)
+
+    async def fill(self, lookup: Lookup, fetch: Fetch, extra: bytes = b"") -> Filled:
+        """Answer a MISS or REVALIDATE: one coalesced fetch per key, stored when allowed."""
+        key, request = lookup.key, lookup.request
+        fillable = lookup.kind is LookupKind.MISS or lookup.kind is LookupKind.REVALIDATE
+        if key is None or request is None or not fillable:
+            raise ValueError(f"fill() needs a MISS or REVALIDATE lookup, got {lookup.kind}")
+        for _round in range(2):
+            coalesce_key = self._coalesce_key(key, request)
+            outcome, role = await self._coalescer.run(
+                coalesce_key, lambda: self._fill_once(lookup, fetch)
+            )
+            entry = outcome.entry
+            if role is not Role.WAITER or entry is None:
+                self._count(outcome)
+                return self._deliver(outcome, request, extra)
+            if self._usable_by(entry, request):
+                if outcome.source == _FROM_STALE:
+                    self.metrics.count_stale(STALE_IF_ERROR)
+                    return self._deliver(outcome, request, extra)
+                self.metrics.coalesced_hits += 1
+                return self._deliver(replace(outcome, x_cache=X_CACHE_HIT), request, extra)
+            # The leader's response is another variant (its Vary names are known now, so the
+            # second round queues under the precise key), or not for a request with
+            # Authorization.  After two rounds, fetch alone.
+        outcome, _ = await self._fill_once(lookup, fetch)
+        self._count(outcome)
+        return self._deliver(outcome, request, extra)
+
+    def _count(self, outcome: _Outcome) -> None:
+        """Metrics for a request answered by a fill (background refreshes are not counted)."""
+        source = outcome.source
+        if source == _FROM_ORIGIN:
+            self.metrics.misses += 1
+        elif source == _FROM_L2:
+            self.metrics.l2_hits += 1
+        elif source == _FROM_L1:
+            self.metrics.l1_hits += 1
+        else:
+            self.metrics.count_stale(STALE_IF_ERROR)
+
+    def refresh(self, lookup: Lookup, fetch: Fetch) -> bool:
+        """Revalidate a STALE lookup in the background; False when one is already running."""
+        key, request = lookup.key, lookup.request
+        if key is None or request is None or lookup.entry is None:
+            return False
+        return self._coalescer.refresh(
+            self._coalesce_key(key, request), lambda: self._fill_once(lookup, fetch)
+        )
+
+    def _deliver(self, outcome: _Outcome, request: RequestInfo, extra: bytes) -> Filled:
+        entry = outcome.entry
+        if entry is None:
+            return Filled(None, outcome.response, X_CACHE_MISS)
+        wire = self._serve(entry, request, outcome.x_cache, self._clock(), extra)
+        return Filled(wire, None, outcome.x_cache, entry)
+
+    def _coalesce_key(self, key: CacheKey, request: RequestInfo) -> bytes:
+        names = self.store.vary_names(key.primary)
+        coalesce_key = (
+            key.primary
+            if not names
+            else variant_key(key.primary, names, vary_key(names, request.headers, self._negotiate))
+        )
+        # Requests with Authorization never wait on (or lead) anonymous ones.
+        return coalesce_key + _AUTH_COALESCE_SUFFIX if request.authorized else coalesce_key
+
+    def _usable_by(self, entry: Entry, request: RequestInfo) -> bool:
+        response = entry.response
+        if request.authorized and not response.auth_ok:
+            return False
+        if not response.vary:
+            return True
+        secondary = vary_key(response.vary, request.headers, self._negotiate)
+        return entry.key == variant_key(entry.primary, response.vary, secondary)
+
+    async def _fill_once(self, lookup: Lookup, fetch: Fetch) -> tuple[_Outcome, bool]:
+        """One fill, run by the coalescing leader (or alone): L1 again, L2, origin."""
+        key, request = lookup.key, lookup.request
+        assert key is not None and request is not None
+        stale = lookup.entry
+        # Another fill may have landed while this one queued (lock timeout, hit-for-miss).
+        current = self.store.get(key.primary, request.headers)
+        if current is not None and current is not stale and self._usable_by(current, request):
+            if decide(current.response.freshness, request.cc, self._clock())[0] is Use.FRESH:
+                return _Outcome(current, None, X_CACHE_HIT, _FROM_L1), True
+            stale = stale or current
+        token: bytes | None = None
+        if self.l2 is not None:
+            found = await self.l2.get(key.primary, request.headers)
+            if found is None:
+                token = await self.l2.acquire(
+                    self._coalesce_key(key, request), self.config.lock_timeout
+                )
+                if token is None:  # another instance is filling: give it a moment
+                    found = await self.l2.wait_for_fill(
+                        key.primary,
+                        request.headers,
+                        self._coalesce_key(key, request),
+                        min(self._cross_instance_wait, self.config.lock_timeout),
+                    )
+            if found is not None:
+                shared = self._entry_from_l2(key, *found)
+                if self._usable_by(shared, request):
+                    if decide(shared.response.freshness, request.cc, self._clock())[0] is Use.FRESH:
+                        self.store.put(shared)
+                        return _Outcome(shared, None, X_CACHE_HIT, _FROM_L2), True
+                    newer = stale is None or (
+                        shared.response.freshness.response_time
+                        > stale.response.freshness.response_time
+                    )
+                    if newer:
+                        stale = shared
+        to_share: Entry | None = None
+        try:
+            outcome, shareable, to_share = await self._fetch(key, request, fetch, stale)
+        finally:
+            if self.l2 is not None and (to_share is not None or token):
+                self._spawn(self._share(to_share, key, request, token or NO_LOCK))
+        return outcome, shareable
+
+    async def _share(
+        self, entry: Entry | None, key: CacheKey, request: RequestInfo, token: bytes
+    ) -> None:
+        """Write a fill to L2, then release the POP-wide fill lock (pollers then find it)."""
+        assert self.l2 is not None
+        if entry is not None:
+            await self.l2.put(entry)
+        if token:
+            await self.l2.release(self._coalesce_key(key, request), token)
+
+    def _entry_from_l2(self, key: CacheKey, store_key: bytes, response: StoredResponse) -> Entry:
+        return Entry(
+            response,
+            key=store_key,
+            primary=key.primary,
+            url=key.url,
+            compressor=self._compressor,
+            extra_head=self._extra_head,
+        )
+
+    async def _fetch(
+        self, key: CacheKey, request: RequestInfo, fetch: Fetch, stale: Entry | None
+    ) -> tuple[_Outcome, bool, Entry | None]:
+        """Fetch from the origin (conditionally when something is stored) and store.
+
+        Returns the outcome, whether coalesced waiters may share it, and the entry to write
+        to L2 (None when nothing new was stored).
+        """
+        validators = (
+            upstream_validators(stale.etag, stale.last_modified_raw) if stale is not None else []
+        )
+        request_time = self._clock()
+        try:
+            response = await fetch(validators)
+            if response.status == 304 and stale is not None and validators:
+                response_time = self._clock()
+                if not_modified_applies(stale.etag, response.headers):
+                    return self._revalidated(
+                        key, request, stale, response, request_time, response_time
+                    )
+                # The 304 is about another representation: fetch this one whole.
+                request_time = self._clock()
+                response = await fetch([])
+        except Exception:
+            if stale is not None and usable_on_error(stale.response.freshness, self._clock()):
+                return _Outcome(stale, None, X_CACHE_STALE, _FROM_STALE), True, None
+            raise
+        response_time = self._clock()
+        if (
+            response.status in ERROR_STATUSES
+            and stale is not None
+            and usable_on_error(stale.response.freshness, response_time)
+        ):
+            return _Outcome(stale, None, X_CACHE_STALE, _FROM_STALE), True, None
+        entry, reason = self._admit(key, request, response, request_time, response_time)
+        if entry is None:
+            if stale is not None and reason in _SUPERSEDING and response.status < 500:
+                self.store.remove_entry(stale)  # a 5xx says nothing about the resource
+            return _Outcome(None, response, X_CACHE_MISS, _FROM_ORIGIN), False, None
+        stored = self._store(entry, request_time)
+        return _Outcome(entry, None, X_CACHE_MISS, _FROM_ORIGIN), True, entry if stored else None
+
+    def _admit(
+        self,
+        key: CacheKey,
+        request: RequestInfo,
+        response: UpstreamResponse,
+        request_time: float,
+        response_time: float,
+    ) -> tuple[Entry | None, str]:
+        """An entry for a complete upstream response, or None and why it may not be stored."""
+        meta = response_meta(response.headers)
+        rule = key.rule
+        reason = uncacheable_reason(
+            b"GET", response.status, request.cc, request.authorized, meta, rule
+        )
+        if reason is not None:
+            return None, reason
+        if meta.content_encoding is None and _truncated(response):
+            # Shorter than announced: the upstream died mid-body, or this is a HEAD response.
+            return None, "incomplete"
+        freshness = compute_freshness(response.status, meta, rule, request_time, response_time)
+        if not worth_storing(freshness, meta):
+            return None, "no-freshness"
+        headers = stored_headers(response.headers, keep_set_cookie=rule.store_set_cookie)
+        if meta.date is None:
+            headers.append((b"date", format_http_date(response_time)))
+        names = meta.vary
+        if meta.content_encoding is None:
+            # The entry serves every coding itself: Accept-Encoding does not split variants.
+            names = tuple(name for name in names if name != b"accept-encoding")
+        elif b"accept-encoding" not in names:
+            # An encoded body we cannot decode is only for clients of the same coding class,
+            # even when the origin forgot to say Vary: Accept-Encoding.
+            names = (*names, b"accept-encoding")
+        secondary = vary_key(names, request.headers, self._negotiate) if names else b""
+        stored = StoredResponse(
+            status=response.status,
+            reason=response.reason,
+            headers=tuple(headers),
+            body=response.body,
+            freshness=freshness,
+            vary=names,
+            surrogate_keys=meta.surrogate_keys,
+            content_coding=meta.content_encoding,
+            compressible=response.compressible,
+            auth_ok=shareable_with_authorization(meta.cc),
+        )
+        entry = Entry(
+            stored,
+            key=variant_key(key.primary, names, secondary),
+            primary=key.primary,
+            url=key.url,
+            compressor=self._compressor,
+            extra_head=self._extra_head,
+        )
+        return entry, ""
+
+    def _revalidated(
+        self,
+        key: CacheKey,
+        request: RequestInfo,
+        stale: Entry,
+        update: UpstreamResponse,
+        request_time: float,
+        response_time: float,
+    ) -> tuple[_Outcome, bool, Entry | None]:
+        """RFC 9111 4.3.4: freshen a stored response with a 304's headers."""
+        rule = key.rule
+        merged = merge_not_modified(
+            stale.response.headers, update.headers, keep_set_cookie=rule.store_set_cookie
+        )
+        update_meta = response_meta(update.headers)
+        if update_meta.date is None:  # the stored Date would make the refreshed entry look old
+            merged = [(n, v) for n, v in merged if n != b"date"]
+            merged.append((b"date", format_http_date(response_time)))
+        meta = replace(response_meta(merged), age=update_meta.age)
+        old = stale.response
+        refreshed = stale.refreshed(
+            replace(
+                old,
+                headers=tuple(merged),
+                freshness=compute_freshness(old.status, meta, rule, request_time, response_time),
+                surrogate_keys=update_meta.surrogate_keys or old.surrogate_keys,
+                auth_ok=shareable_with_authorization(meta.cc),
+            )
+        )
+        outcome = _Outcome(refreshed, None, X_CACHE_REVALIDATED, _FROM_ORIGIN)
+        reason = uncacheable_reason(b"GET", old.status, request.cc, request.authorized, meta, rule)
+        if reason is not None:
+            if reason in _SUPERSEDING:
+                self.store.remove_entry(stale)  # the origin now forbids storing it
+            return outcome, False, None
+        stored = self._store(refreshed, request_time)
+        return outcome, True, refreshed if stored else None
+
+    def _store(self, entry: Entry, request_time: float) -> bool:
+        """Put a freshly fetched entry in L1 unless a purge raced with its fetch."""
+        if (self._purges or self._purged_primaries) and self._purged_since(entry, request_time):
+            return False
+        if not self.store.put(entry):
+            return False
+        if entry.compressible and len(entry.body) > self._compress_offload_above:
+            # Big bodies: build the compressed variants in a thread, not on the first hit.
+            self._spawn(self._prepare_variants(entry))
+        return True
+
+    async def _prepare_variants(self, entry: Entry) -> None:
+        compressor = self._compressor
+        assert compressor is not None
+        for coding in ("br", "gzip"):
+            if entry.needs_variant(coding):
+                data = await asyncio.to_thread(compressor, entry.body, coding)
+                entry.set_variant(coding, data)
+
+    # ----------------------------------------------------------------------------------------
+    # Invalidation and purges
+
+    def invalidate(
+        self,
+        method: bytes,
+        status: int,
+        scheme: bytes,
+        host: bytes,
+        target: bytes,
+        response_headers: Headers,
+    ) -> int:
+        """After an unsafe request's response: drop the target URI and same-origin
+        Location/Content-Location (RFC 9111 4.4) here, in Redis and in the POP's other
+        instances (in the background).  Returns the L1 entries removed."""
+        if not self.enabled:
+            return 0
+        key = self.keys.build(scheme, host, target)
+        targets = invalidation_targets(method, status, key.url.decode("latin-1"), response_headers)
+        removed = 0
+        for url in targets:
+            primary = self.keys.from_url(url).primary
+            removed += self._apply_purge("primary", primary)
+            if self.l2 is not None:
+                self._spawn(self._propagate("primary", primary))
+        return removed
+
+    async def purge_url(self, url: str) -> PurgeResult:
+        """Purge one resource (all its variants) by absolute URL, normalised like requests."""
+        return await self._purge("primary", self.keys.from_url(url).primary)
+
+    async def purge_prefix(self, prefix: str) -> PurgeResult:
+        """Purge by URL prefix (``https://host/api/``) or, starting with ``/``, by path prefix
+        on every host.  Cost: a scan of L1 and a SCAN of Redis (see ``redis_l2``)."""
+        raw = prefix.encode("latin-1")
+        if raw.startswith(b"/"):
+            return await self._purge("path_prefix", raw)
+        path, scheme, authority = split_target(raw)
+        if scheme is None or authority is None:
+            raise ValueError(f"not a URL or path prefix: {prefix!r}")
+        url_prefix = scheme + b"://" + normalise_host(authority, scheme) + path
+        return await self._purge("url_prefix", url_prefix)
+
+    async def purge_tag(self, tag: str) -> PurgeResult:
+        """Purge every response tagged with ``tag`` in its Surrogate-Key header."""
+        return await self._purge("tag", tag.encode("utf-8"))
+
+    def check_purge_token(self, presented: bytes | str) -> bool:
+        """Constant-time check of a purge request's token; always False when none is set."""
+        expected = self.config.purge_token
+        if not expected:
+            return False
+        given = presented.encode("utf-8") if isinstance(presented, str) else presented
+        return hmac.compare_digest(expected.encode("utf-8"), given)
+
+    async def _purge(self, kind: str, value: bytes) -> PurgeResult:
+        local = self._apply_purge(kind, value)
+        shared, propagated = 0, False
+        if self.l2 is not None:
+            shared = await self._purge_l2(kind, value)
+            propagated = await self.l2.publish(kind, value)
+        return PurgeResult(local, shared, propagated)
+
+    async def _propagate(self, kind: str, value: bytes) -> None:
+        assert self.l2 is not None
+        await self._purge_l2(kind, value)
+        await self.l2.publish(kind, value)
+
+    async def _purge_l2(self, kind: str, value: bytes) -> int:
+        assert self.l2 is not None
+        if kind == "primary":
+            return await self.l2.purge_primary(value)
+        if kind == "tag":
+            return await self.l2.purge_tag(value.decode("utf-8"))
+        if kind == "url_prefix":
+            return await self.l2.purge_url_prefix(value)
+        return await self.l2.purge_path_prefix(value)
+
+    def _apply_purge(self, kind: str, value: bytes) -> int:
+        """Purge L1 and remember the purge so racing fills are not stored."""
+        now = self._clock()
+        self._forget_purges_before(now - self._purge_race_window)
+        if kind == "primary":
+            self._purged_primaries[value] = now
+            return self.store.remove_primary(value)
+        self._purges.append((now, kind, value))
+        if kind == "tag":
+            return self.store.purge_tag(value.decode("utf-8"))
+        if kind == "url_prefix":
+            return self.store.purge_url_prefix(value)
+        if kind == "path_prefix":
+            return self.store.purge_path_prefix(value)
+        return 0
+
+    def _forget_purges_before(self, horizon: float) -> None:
+        while self._purges and self._purges[0][0] < horizon:
+            self._purges.popleft()
+        if len(self._purged_primaries) > 4096:  # amortised: prune only when it has grown
+            self._purged_primaries = {
+                k: t for k, t in self._purged_primaries.items() if t >= horizon
+            }
+
+    def _purged_since(self, entry: Entry, request_time: float) -> bool:
+        purged_at = self._purged_primaries.get(entry.primary)
+        if purged_at is not None and purged_at >= request_time:
+            return True
+        self._forget_purges_before(self._clock() - self._purge_race_window)
+        for when, kind, value in self._purges:
+            if when < request_time:
+                continue
+            if kind == "tag" and value.decode("utf-8") in entry.response.surrogate_keys:
+                return True
+            if kind == "url_prefix" and entry.url.startswith(value):
+                return True
+            if kind == "path_prefix":
+                url = entry.url
+                start = url.find(b"/", url.find(b"://") + 3)
+                if start != -1 and url.startswith(value, start):
+                    return True
+        return False
+
+    def _on_purge_message(self, message: PurgeMessage) -> None:
+        removed = self._apply_purge(message.kind, message.value)
+        log.debug("cache_purge_received", kind=message.kind, removed=removed, sender=message.sender)
+
+    def _on_resync(self) -> None:
+        # Purges broadcast while we were not subscribed are lost: start L1 afresh.
+        removed = self.store.clear()
+        log.info("cache_l1_cleared_after_resubscribe", removed=removed)
+
+
+__all__ = [
+    "DEFAULT_RULE",
+    "X_CACHE_BYPASS",
+    "X_CACHE_HIT",
+    "X_CACHE_MISS",
+    "X_CACHE_REVALIDATED",
+    "X_CACHE_STALE",
+    "CacheKey",
+    "CacheMetrics",
+    "Coding",
+    "Compressor",
+    "Entry",
+    "Fetch",
+    "Filled",
+    "HttpCache",
+    "Lookup",
+    "LookupKind",
+    "PurgeResult",
+    "RedisL2",
+    "RequestInfo",
+    "UpstreamResponse",
+]

@@ -1,0 +1,387 @@
+"""A stored response, pre-serialised so that a hit is one dict lookup and one write.
+
+``StoredResponse`` is the immutable value (what L2 serialises).  ``Entry`` wraps it with what a
+cache hit needs: the HTTP/1.1 head built once per coding, compressed bodies built once and
+kept, and the final bytes of each response shape cached per value of ``Age``.  ``Age`` is the
+only thing that changes while an entry is stored, once a second, so a hit rebuilds its bytes at
+most once a second.  ``Date`` stays the origin's (RFC 9110 6.6.1: it says when the response was
+generated; ``Age`` tells how long it has been cached), or the time the response was received
+when the origin sent none.
+
+Compression is injected: ``Entry(..., compressor=...)`` takes any ``(body, coding) -> bytes``
+(the edge passes ``edge.compress.compress`` at its cached levels).  A compressed variant gets
+``Content-Encoding``, loses ``Accept-Ranges`` and has a strong ETag weakened (the bytes differ
+from the identity body's), as nginx does.  A variant that does not shrink is served identity.
+
+Bytes held by an entry (body, variants, heads, cached responses) are counted in ``size``; the
+store is told about growth through ``on_resize`` so its bound stays in bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Final
+
+from .key import Coding
+from .policy import Freshness, Header, not_modified, parse_http_date
+
+Compressor = Callable[[bytes, str], bytes]
+
+X_CACHE_HIT: Final = b"HIT"
+X_CACHE_MISS: Final = b"MISS"
+X_CACHE_STALE: Final = b"STALE"
+X_CACHE_REVALIDATED: Final = b"REVALIDATED"
+X_CACHE_BYPASS: Final = b"BYPASS"
+
+#: Estimated bytes of Python objects per entry beyond the payload (the entry, its slots, its
+#: dict slots in the store, the key objects).  Measured roughly; errs on the high side.
+ENTRY_OVERHEAD: Final = 600
+#: Estimated bytes per stored header beyond its name and value (two bytes objects, a tuple).
+HEADER_OVERHEAD: Final = 120
+
+_CODING_INDEX: Final[dict[str, int]] = {"identity": 0, "gzip": 1, "br": 2}
+#: RFC 9110 15.4.5: what a 304 carries from the 200 it stands for (plus Last-Modified).
+_NOT_MODIFIED_FIELDS: Final = frozenset(
+    {b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary", b"last-modified"}
+)
+_NO_CONTENT_LENGTH: Final = frozenset({204, 304})
+_MAX_AGE_VALUE: Final = 2147483648
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """The immutable part of a stored response."""
+
+    status: int
+    reason: bytes
+    #: Stored headers: hop-by-hop, Content-Length, Age, X-Cache, Surrogate-Key removed.
+    headers: tuple[Header, ...]
+    body: bytes
+    freshness: Freshness
+    #: Request header names whose values select this variant (the secondary key's names).
+    vary: tuple[bytes, ...] = ()
+    surrogate_keys: tuple[str, ...] = ()
+    #: The coding ``body`` is in when the cache cannot decode it (None: identity).
+    content_coding: bytes | None = None
+    #: Whether the edge judged the body worth compressing (type, size, no Set-Cookie, ...).
+    compressible: bool = False
+    #: May serve requests carrying Authorization (public, s-maxage or must-revalidate).
+    auth_ok: bool = False
+
+
+def reason_phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("latin-1")
+    except ValueError:
+        return b""
+
+
+def _with_accept_encoding(vary: bytes) -> bytes:
+    fields = {part.strip().lower() for part in vary.split(b",")}
+    if b"accept-encoding" in fields or b"*" in fields:
+        return vary
+    existing = vary.strip().rstrip(b",").rstrip()
+    return existing + b", accept-encoding" if existing else b"accept-encoding"
+
+
+class Entry:
+    """A stored response plus its pre-built wire forms.  Mutated only by its own caches."""
+
+    __slots__ = (
+        "_compressor",
+        "_extra_head",
+        "_heads",
+        "_variants",
+        "_wire",
+        "date",
+        "etag",
+        "key",
+        "last_modified",
+        "last_modified_raw",
+        "on_resize",
+        "primary",
+        "response",
+        "size",
+        "url",
+        "visited",
+    )
+
+    def __init__(
+        self,
+        response: StoredResponse,
+        *,
+        key: bytes,
+        primary: bytes,
+        url: bytes,
+        compressor: Compressor | None = None,
+        extra_head: bytes = b"",
+    ) -> None:
+        self.response = response
+        self.key = key
+        self.primary = primary
+        self.url = url
+        self._compressor = (
+            compressor
+            if response.compressible
+            and response.content_coding is None
+            and response.status not in _NO_CONTENT_LENGTH
+            and response.body
+            else None
+        )
+        self._extra_head = extra_head
+        etag = lm_raw = date_raw = None
+        for name, value in response.headers:
+            if name == b"etag" and etag is None:
+                etag = value.strip() or None
+            elif name == b"last-modified" and lm_raw is None:
+                lm_raw = value
+            elif name == b"date" and date_raw is None:
+                date_raw = value
+        self.etag: bytes | None = etag
+        self.last_modified_raw: bytes | None = lm_raw
+        self.last_modified: float | None = parse_http_date(lm_raw)
+        self.date: float | None = parse_http_date(date_raw)
+        #: Coding -> body; None marks a coding whose compressed form did not shrink.
+        self._variants: dict[str, bytes | None] = {}
+        self._heads: dict[int, bytes] = {}
+        #: slot -> (age, bytes): the last full response built for that shape.
+        self._wire: dict[int, tuple[int, bytes]] = {}
+        self.visited = False
+        self.on_resize: Callable[[Entry, int], None] | None = None
+        self.size = (
+            ENTRY_OVERHEAD
+            + len(key) * 2
+            + len(url)
+            + len(response.body)
+            + sum(len(n) + len(v) + HEADER_OVERHEAD for n, v in response.headers)
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Accessors
+
+    @property
+    def freshness(self) -> Freshness:
+        return self.response.freshness
+
+    @property
+    def status(self) -> int:
+        return self.response.status
+
+    @property
+    def body(self) -> bytes:
+        return self.response.body
+
+    @property
+    def compressible(self) -> bool:
+        return self._compressor is not None
+
+    def age(self, now: float) -> int:
+        """The Age header value at ``now`` (integer seconds, RFC 9111 5.1)."""
+        age = int(self.response.freshness.age(now))
+        return age if age < _MAX_AGE_VALUE else _MAX_AGE_VALUE
+
+    def not_modified_for(
+        self, if_none_match: bytes | None, if_modified_since: bytes | None
+    ) -> bool:
+        """Whether a client's conditional request is answered 304 from this entry."""
+        return not_modified(
+            self.response.status,
+            self.etag,
+            self.last_modified,
+            self.date,
+            if_none_match,
+            if_modified_since,
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Variants
+
+    def needs_variant(self, coding: str) -> bool:
+        """True when serving ``coding`` would compress first (the edge may do it off-loop)."""
+        return (
+            self._compressor is not None and coding != "identity" and coding not in self._variants
+        )
+
+    def set_variant(self, coding: str, data: bytes) -> None:
+        """Install a variant compressed elsewhere (e.g. in a thread) with the same compressor."""
+        if coding == "identity" or self._compressor is None or coding in self._variants:
+            return
+        if len(data) >= len(self.response.body):
+            self._variants[coding] = None
+            return
+        self._variants[coding] = data
+        self._grow(len(data))
+
+    def _variant(self, coding: str) -> tuple[str, bytes]:
+        body = self.response.body
+        if self._compressor is None or coding == "identity":
+            return "identity", body
+        if coding not in self._variants:
+            self.set_variant(coding, self._compressor(body, coding))
+        data = self._variants[coding]
+        return ("identity", body) if data is None else (coding, data)
+
+    def _head(self, coding: str, length: int) -> bytes:
+        """Status line and headers (without X-Cache/Age and the blank line) for a coding."""
+        index = _CODING_INDEX[coding]
+        head = self._heads.get(index)
+        if head is not None:
+            return head
+        response = self.response
+        reason = response.reason or reason_phrase(response.status)
+        lines = [b"HTTP/1.1 %d %s\r\n" % (response.status, reason)]
+        lines.extend(self._header_lines(coding))
+        if response.status not in _NO_CONTENT_LENGTH:
+            lines.append(b"content-length: %d\r\n" % length)
+        lines.append(self._extra_head)
+        head = b"".join(lines)
+        self._heads[index] = head
+        self._grow(len(head))
+        return head
+
+    def _header_lines(self, coding: str) -> list[bytes]:
+        compressed = coding != "identity"
+        lines: list[bytes] = []
+        vary_seen = False
+        for name, value in self.response.headers:
+            if compressed:
+                if name == b"accept-ranges":
+                    continue
+                if name == b"etag" and not value.lstrip().startswith(b"W/"):
+                    value = b"W/" + value.lstrip()
+            if name == b"vary" and self._compressor is not None and not vary_seen:
+                # Every variant says it varies by coding, identity included (RFC 9110 12.5.5).
+                vary_seen = True
+                value = _with_accept_encoding(value)
+            lines.append(name + b": " + value + b"\r\n")
+        if self._compressor is not None and not vary_seen:
+            lines.append(b"vary: accept-encoding\r\n")
+        if compressed:
+            lines.append(b"content-encoding: " + coding.encode("ascii") + b"\r\n")
+        return lines
+
+    # ----------------------------------------------------------------------------------------
+    # Wire forms
+
+    def wire(
+        self,
+        coding: Coding | str,
+        now: float,
+        head_only: bool = False,
+        x_cache: bytes = X_CACHE_HIT,
+        extra: bytes = b"",
+    ) -> bytes:
+        """The complete HTTP/1.1 response for ``coding`` at ``now``.
+
+        ``head_only`` serves HEAD (same headers and Content-Length, no body).  ``x_cache`` is
+        the X-Cache value; ``extra`` is pre-formatted per-request header lines
+        (``b"x-request-id: 1\\r\\n"``).  The plain HIT forms are cached per Age value; others are
+        built per call (one concatenation).
+        """
+        freshness = self.response.freshness
+        resident = now - freshness.response_time
+        age = int(freshness.initial_age + resident if resident > 0 else freshness.initial_age)
+        if age >= _MAX_AGE_VALUE:
+            age = _MAX_AGE_VALUE
+        if self._compressor is None:
+            coding = "identity"
+        cacheable = x_cache == X_CACHE_HIT and not extra
+        # Slots are keyed by the requested coding, so a hit never resolves the variant.
+        slot = _CODING_INDEX[coding] * 2 + head_only
+        if cacheable:
+            cached = self._wire.get(slot)
+            if cached is not None and cached[0] == age:
+                return cached[1]
+        effective, body = self._variant(coding)
+        data = b"".join(
+            (
+                self._head(effective, len(body)),
+                extra,
+                b"x-cache: ",
+                x_cache,
+                b"\r\nage: %d\r\n\r\n" % age,
+                b"" if head_only else body,
+            )
+        )
+        if cacheable:
+            self._remember(slot, age, data)
+        return data
+
+    def wire_not_modified(
+        self,
+        coding: Coding | str,
+        now: float,
+        x_cache: bytes = X_CACHE_HIT,
+        extra: bytes = b"",
+    ) -> bytes:
+        """A 304 answering a client's conditional request from this entry (RFC 9110 15.4.5):
+        the validator and caching fields of the ``coding`` variant, no body."""
+        effective = self._variant(coding)[0]
+        age = self.age(now)
+        cacheable = x_cache == X_CACHE_HIT and not extra
+        slot = 6 + _CODING_INDEX[effective]
+        if cacheable:
+            cached = self._wire.get(slot)
+            if cached is not None and cached[0] == age:
+                return cached[1]
+        lines = [b"HTTP/1.1 304 Not Modified\r\n"]
+        lines.extend(
+            line
+            for line in self._header_lines(effective)
+            if line[: line.index(b":")] in _NOT_MODIFIED_FIELDS
+        )
+        lines.append(self._extra_head)
+        lines.append(extra)
+        lines.append(b"x-cache: " + x_cache + b"\r\nage: %d\r\n\r\n" % age)
+        data = b"".join(lines)
+        if cacheable:
+            self._remember(slot, age, data)
+        return data
+
+    def _remember(self, slot: int, age: int, data: bytes) -> None:
+        old = self._wire.get(slot)
+        self._wire[slot] = (age, data)
+        self._grow(len(data) - (len(old[1]) if old is not None else 0))
+
+    def _grow(self, delta: int) -> None:
+        self.size += delta
+        if self.on_resize is not None:
+            self.on_resize(self, delta)
+
+    # ----------------------------------------------------------------------------------------
+    # Derivation
+
+    def refreshed(self, response: StoredResponse) -> Entry:
+        """A new entry for the same body after a 304 (merged headers, new freshness).
+
+        Compressed variants are reused: the body is the same, so they still apply.
+        """
+        entry = Entry(
+            response,
+            key=self.key,
+            primary=self.primary,
+            url=self.url,
+            compressor=self._compressor,
+            extra_head=self._extra_head,
+        )
+        if entry._compressor is not None:
+            for coding, data in self._variants.items():
+                entry._variants[coding] = data
+                entry.size += len(data) if data is not None else 0
+        return entry
+
+
+__all__ = [
+    "ENTRY_OVERHEAD",
+    "X_CACHE_BYPASS",
+    "X_CACHE_HIT",
+    "X_CACHE_MISS",
+    "X_CACHE_REVALIDATED",
+    "X_CACHE_STALE",
+    "Compressor",
+    "Entry",
+    "StoredResponse",
+    "reason_phrase",
+]

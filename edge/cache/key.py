@@ -1,0 +1,287 @@
+"""Cache keys: which stored response a request may be served.
+
+Primary key: ``b"G|" + scheme://host/path?query``.  ``G`` is the method class (GET and HEAD
+share stored responses); the host is lower-cased without its default port or a trailing dot;
+the query is normalised by the route's rule (parameters stably sorted by name, ``drop_params``
+removed, a trailing ``*`` matching a prefix).  The path is kept byte for byte: decoding
+``%41`` or ``..`` here but not at the origin is a classic poisoning vector.
+
+The normalised target (``CacheKey.target``) is what the edge must forward upstream on a fill,
+so the origin never sees a parameter the key ignores (a reflected ``utm_source``, a ``;``
+cloaked parameter): what is stored is always what the key describes.
+
+Secondary key: the values of the request headers the response names in ``Vary``, normalised
+(whitespace folded, empty list members dropped; ``Accept*`` values lower-cased, since they are
+case-insensitive; other values keep their case, because tokens such as ``Authorization`` are
+not).  ``Accept-Encoding`` is reduced to the negotiated coding class (identity/gzip/br), and is
+left out entirely when the stored body is identity: the entry builds every coding itself.
+
+No other request header takes part, so headers outside the key (``X-Forwarded-Host``, ...)
+cannot change what is served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Final, Literal
+
+from meridian.config import CacheRule
+
+from .policy import Headers, joined
+
+Coding = Literal["identity", "gzip", "br"]
+CODINGS: Final[tuple[Coding, ...]] = ("identity", "gzip", "br")
+Negotiator = Callable[[bytes | None], str | None]
+
+#: Used for paths no configured rule covers: origin freshness only, default normalisation.
+DEFAULT_RULE: Final = CacheRule(path_prefix="/")
+METHOD_CLASS_GET: Final = b"G|"
+#: Joins a primary key and a secondary (Vary) key; never appears in either.
+VARIANT_SEPARATOR: Final = b"\x00"
+
+_DEFAULT_PORTS: Final = {b"http": b"80", b"https": b"443"}
+_CASE_INSENSITIVE_VALUES: Final = frozenset({b"accept", b"accept-charset", b"accept-language"})
+
+
+@dataclass(frozen=True, slots=True)
+class CacheKey:
+    """A request's primary cache key and the normalised pieces it was built from."""
+
+    #: ``b"G|https://host/path?query"``: stored responses live under this.
+    primary: bytes
+    #: ``b"https://host/path?query"``: what prefix purges match against.
+    url: bytes
+    #: ``b"/path?query"``: the normalised target; forward exactly this upstream on a fill.
+    target: bytes
+    path: bytes
+    rule: CacheRule
+
+
+def normalise_host(host: bytes, scheme: bytes) -> bytes:
+    """Lower-case, trailing dot and default port removed (``Example.COM.:443`` -> example.com)."""
+    host = host.strip().lower()
+    name, port = host, b""
+    if host.startswith(b"["):  # IPv6 literal
+        end = host.find(b"]")
+        if end != -1:
+            name, rest = host[: end + 1], host[end + 1 :]
+            port = rest[1:] if rest.startswith(b":") else b""
+    elif host.count(b":") == 1:
+        name, _, port = host.partition(b":")
+    name = name.rstrip(b".")
+    port = port.lstrip(b"0") or (b"0" if port else b"")
+    if not port or port == _DEFAULT_PORTS.get(scheme):
+        return name
+    return name + b":" + port
+
+
+def _param_name(param: bytes) -> bytes:
+    return param.partition(b"=")[0]
+
+
+class _DropMatcher:
+    __slots__ = ("exact", "prefixes")
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        encoded = [p.encode("utf-8") for p in patterns]
+        self.exact = frozenset(p for p in encoded if not p.endswith(b"*"))
+        self.prefixes = tuple(p[:-1] for p in encoded if p.endswith(b"*"))
+
+    def __call__(self, name: bytes) -> bool:
+        return name in self.exact or (bool(self.prefixes) and name.startswith(self.prefixes))
+
+
+@lru_cache(maxsize=256)
+def _drop_matcher(patterns: tuple[str, ...]) -> _DropMatcher:
+    return _DropMatcher(patterns)
+
+
+def normalise_query(query: bytes, rule: CacheRule) -> bytes:
+    """The query as keyed and forwarded: empty members dropped, ``drop_params`` removed, and
+    (with ``sort_query``) a stable sort by parameter name, so repeated parameters keep their
+    relative order (the origin may read the first or the last)."""
+    params = [p for p in query.split(b"&") if p]
+    if rule.drop_params:
+        drop = _drop_matcher(rule.drop_params)
+        params = [p for p in params if not drop(_param_name(p))]
+    if rule.sort_query:
+        params.sort(key=_param_name)
+    return b"&".join(params)
+
+
+def split_target(target: bytes) -> tuple[bytes, bytes | None, bytes | None]:
+    """``(path_and_query, scheme, authority)``; the last two only for absolute-form targets."""
+    lowered = target[:8].lower()
+    for scheme in (b"http", b"https"):
+        prefix = scheme + b"://"
+        if lowered.startswith(prefix):
+            rest = target[len(prefix) :]
+            slash = rest.find(b"/")
+            query = rest.find(b"?")
+            cut = min(i for i in (slash, query, len(rest)) if i != -1)
+            path = rest[cut:]
+            if path.startswith(b"?"):
+                path = b"/" + path
+            return path or b"/", scheme, rest[:cut]
+    return target, None, None
+
+
+class KeyBuilder:
+    """Builds primary keys, memoised per (scheme, host, raw target).
+
+    The hot path sees the same few thousand URLs over and over, so a hit is one dict lookup.
+    The memo is bounded: when full it is simply cleared (no per-hit LRU bookkeeping; it refills
+    with whatever is hot within a few requests).
+    """
+
+    __slots__ = ("_memo", "_memo_size", "_rules")
+
+    def __init__(self, rules: Sequence[CacheRule], *, memo_size: int = 65536) -> None:
+        # Longest prefix first, so the most specific rule wins whatever the config order.
+        self._rules = tuple(sorted(rules, key=lambda r: len(r.path_prefix), reverse=True))
+        self._memo: dict[tuple[bytes, bytes, bytes], CacheKey] = {}
+        self._memo_size = memo_size
+
+    def rule_for(self, path: bytes) -> CacheRule:
+        text = path.decode("latin-1")
+        for rule in self._rules:
+            if text.startswith(rule.path_prefix):
+                return rule
+        return DEFAULT_RULE
+
+    def build(self, scheme: bytes, host: bytes, target: bytes) -> CacheKey:
+        memo_key = (scheme, host, target)
+        key = self._memo.get(memo_key)
+        if key is not None:
+            return key
+        key = self._build(scheme, host, target)
+        if len(self._memo) >= self._memo_size:
+            self._memo.clear()
+        self._memo[memo_key] = key
+        return key
+
+    def _build(self, scheme: bytes, host: bytes, target: bytes) -> CacheKey:
+        target, absolute_scheme, authority = split_target(target)
+        if absolute_scheme is not None and authority is not None:
+            # RFC 9112 3.2.2: an absolute-form target's authority replaces Host.
+            scheme, host = absolute_scheme, authority
+        scheme = scheme.lower()
+        path, has_query, query = target.partition(b"?")
+        path, _, _fragment = path.partition(b"#")
+        query = query.partition(b"#")[0]
+        rule = self.rule_for(path)
+        if has_query:
+            query = normalise_query(query, rule)
+        normalised = path + b"?" + query if query else path
+        url = scheme + b"://" + normalise_host(host, scheme) + normalised
+        return CacheKey(
+            primary=METHOD_CLASS_GET + url, url=url, target=normalised, path=path, rule=rule
+        )
+
+    def from_url(self, url: str | bytes) -> CacheKey:
+        """The key of an absolute URL (purge requests, invalidation targets); a bare path
+        keys as ``http://`` with no host."""
+        raw = url.encode("latin-1") if isinstance(url, str) else url
+        path, scheme, authority = split_target(raw)
+        if scheme is None or authority is None:
+            return self._build(b"http", b"", raw)
+        return self._build(scheme, authority, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Content coding and Vary
+
+
+@lru_cache(maxsize=1024)
+def negotiate_coding(accept_encoding: bytes | None) -> Coding:
+    """The best coding the cache can serve: br, then gzip, then identity (RFC 9110 12.5.3).
+
+    The edge normally injects ``edge.compress.negotiate`` instead; this one keeps the package
+    free of the compression module (and serves identity when nothing else is acceptable).
+    """
+    if not accept_encoding:
+        return "identity"
+    weights: dict[bytes, float] = {}
+    for element in accept_encoding.split(b","):
+        name, _, params = element.partition(b";")
+        name = name.strip().lower()
+        if not name:
+            continue
+        q = 1.0
+        for param in params.split(b";"):
+            key, _, value = param.partition(b"=")
+            if key.strip().lower() == b"q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = 0.0
+        if name == b"x-gzip":
+            name = b"gzip"
+        weights.setdefault(name, q)
+    wildcard = weights.get(b"*", 0.0)
+    best: Coding = "identity"
+    best_q = 0.0
+    for coding in ("br", "gzip"):
+        q = weights.get(coding.encode(), wildcard)
+        if 0.0 < q <= 1.0 and q > best_q:
+            best, best_q = coding, q
+    return best
+
+
+def coding_class(negotiate: Negotiator, accept_encoding: bytes | None) -> Coding:
+    chosen = negotiate(accept_encoding)
+    return chosen if chosen in ("gzip", "br") else "identity"  # type: ignore[return-value]
+
+
+def normalise_value(name: bytes, value: bytes) -> bytes:
+    """A request header value as compared for Vary: list members trimmed, whitespace runs
+    folded to one space, empty members dropped; lower-cased for case-insensitive fields."""
+    members = [b" ".join(part.split()) for part in value.split(b",")]
+    folded = b",".join(m for m in members if m)
+    return folded.lower() if name in _CASE_INSENSITIVE_VALUES else folded
+
+
+def vary_key(
+    names: Sequence[bytes], headers: Headers, negotiate: Negotiator = negotiate_coding
+) -> bytes:
+    """The secondary key for ``names`` (lower-case, from the response's Vary).
+
+    An absent header and an empty one differ (RFC 9111 4.1 matches absent only with absent).
+    """
+    parts: list[bytes] = []
+    for name in names:
+        value = joined(headers, name)
+        if name == b"accept-encoding":
+            parts.append(name + b"=" + coding_class(negotiate, value).encode())
+        elif value is None:
+            parts.append(name + b"!")
+        else:
+            parts.append(name + b"=" + normalise_value(name, value))
+    return b"\n".join(parts)
+
+
+def variant_key(primary: bytes, names: Sequence[bytes], secondary: bytes) -> bytes:
+    """The store key of one variant: the primary key alone when nothing varies."""
+    return primary + VARIANT_SEPARATOR + secondary if names else primary
+
+
+__all__ = [
+    "CODINGS",
+    "DEFAULT_RULE",
+    "METHOD_CLASS_GET",
+    "VARIANT_SEPARATOR",
+    "CacheKey",
+    "Coding",
+    "KeyBuilder",
+    "Negotiator",
+    "coding_class",
+    "negotiate_coding",
+    "normalise_host",
+    "normalise_query",
+    "normalise_value",
+    "split_target",
+    "variant_key",
+    "vary_key",
+]

@@ -1,0 +1,827 @@
+"""HTTP caching rules for a shared cache (RFC 9111, RFC 5861), as pure functions.
+
+Nothing here does I/O, logs or reads a clock: the current time is passed in as ``now`` (seconds
+since the epoch, like ``time.time()``), so every rule can be tested exactly.  Headers are
+``list[tuple[bytes, bytes]]`` (or any sequence of pairs) with lower-cased names.
+
+Decisions worth knowing, where the RFCs leave a choice:
+
+* Freshness order: ``s-maxage`` > ``max-age`` > ``Expires - Date`` > the route's ``ttl`` >
+  10% of ``Date - Last-Modified`` (capped at ``HEURISTIC_CAP``).  The route's ttl is the
+  operator's heuristic, so it replaces the Last-Modified guess: a ticker whose origin sends a
+  day-old Last-Modified must still live one second.  Heuristics (either kind) apply only to
+  statuses cacheable by default or responses marked ``public``.  ``force_ttl`` replaces the
+  origin's freshness *and* its revalidation directives (no-cache, must-revalidate,
+  proxy-revalidate) with the rule's ttl and stale windows, as Varnish's ``beresp.ttl`` does;
+  privacy directives (no-store, private) always win.
+* Stale windows: the origin's ``stale-while-revalidate`` / ``stale-if-error`` when present,
+  otherwise the rule's.  ``no-cache``, ``must-revalidate`` and ``proxy-revalidate`` forbid stale
+  serving altogether (RFC 9111 4.2.4).  ``s-maxage`` implies proxy-revalidate, so it cancels the
+  rule's windows, but windows the origin sent next to it are an explicit grant and are kept.
+* Duplicate directives: the first occurrence wins.  A malformed ``max-age``/``s-maxage`` value
+  (``max-age=abc``, ``max-age =5``) makes the response stale (RFC 9111 4.2.1 allows that), and a
+  malformed stale window is ignored; values past 2^31 are capped (RFC 9111 1.2.2).
+* Qualified ``no-cache="f"`` / ``private="f"`` are treated as unqualified: stricter, and allowed.
+* A request's ``no-cache`` or ``max-age=0`` forces revalidation (coalesced, so it cannot
+  stampede the origin); ``stale-if-error`` still protects such a request when the origin fails.
+* A request with ``Authorization`` is only served a stored response the origin marked shareable
+  (``public``, ``s-maxage`` or ``must-revalidate``), not just stores under that rule (stricter
+  than RFC 9111 3.5 requires: per-user content at a public URL is never served from cache).
+"""
+
+from __future__ import annotations
+
+import calendar
+import enum
+import re
+import string
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from email.utils import formatdate, parsedate_tz
+from functools import lru_cache
+from typing import Final
+from urllib.parse import urljoin, urlsplit
+
+from meridian.config import CacheRule
+
+Header = tuple[bytes, bytes]
+Headers = Sequence[Header]
+
+#: RFC 9111 1.2.2: delta-seconds beyond what a cache can represent count as this.
+DELTA_SECONDS_MAX: Final = 2147483648
+#: Heuristic freshness from Last-Modified never exceeds this many seconds (a day, as Squid).
+HEURISTIC_CAP: Final = 86400.0
+#: Share of ``Date - Last-Modified`` used as heuristic freshness (RFC 9111 4.2.2).
+HEURISTIC_FRACTION: Final = 0.1
+
+#: RFC 9110 15.1 "heuristically cacheable" statuses.  206 is left out: partial content is
+#: never stored here.
+CACHEABLE_BY_DEFAULT: Final = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
+#: Upstream statuses that count as "the origin failed" for stale-if-error.
+ERROR_STATUSES: Final = frozenset({500, 502, 503, 504})
+SAFE_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+
+#: Never stored nor merged from a 304: per-connection fields (RFC 9110 7.6.1) and fields the
+#: cache recomputes for every response it writes.
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+_NOT_STORED: Final = HOP_BY_HOP | {b"age", b"content-length", b"x-cache", b"surrogate-key"}
+#: RFC 9111 3.2: a 304 never changes these; content-encoding/-range describe the body we kept.
+_NOT_UPDATED_BY_304: Final = _NOT_STORED | {b"content-encoding", b"content-range", b"set-cookie"}
+#: Client conditionals the cache answers itself (RFC 9111 4.3.2) and so never forwards on a fill.
+CONDITIONAL_REQUEST_HEADERS: Final = frozenset(
+    {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range"}
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Cache-Control
+
+
+@dataclass(frozen=True, slots=True)
+class CacheControl:
+    """The Cache-Control directives a shared cache acts on, request and response alike."""
+
+    max_age: int | None = None
+    s_maxage: int | None = None
+    no_store: bool = False
+    no_cache: bool = False
+    private: bool = False
+    public: bool = False
+    must_revalidate: bool = False
+    proxy_revalidate: bool = False
+    stale_while_revalidate: int | None = None
+    stale_if_error: int | None = None
+    #: Request only: ``max-stale`` without a value is ``DELTA_SECONDS_MAX`` (any staleness).
+    max_stale: int | None = None
+    min_fresh: int | None = None
+    only_if_cached: bool = False
+
+
+NO_DIRECTIVES: Final = CacheControl()
+
+_TCHAR: Final = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~")
+_NUMERIC_STALE_IF_MALFORMED: Final = frozenset({"max-age", "s-maxage"})
+_NUMERIC_IGNORED_IF_MALFORMED: Final = frozenset(
+    {"stale-while-revalidate", "stale-if-error", "min-fresh", "max-stale"}
+)
+_BOOLEAN: Final = {
+    "no-store": "no_store",
+    "no-cache": "no_cache",
+    "private": "private",
+    "public": "public",
+    "must-revalidate": "must_revalidate",
+    "proxy-revalidate": "proxy_revalidate",
+    "only-if-cached": "only_if_cached",
+}
+_NUMERIC_FIELD: Final = {
+    "max-age": "max_age",
+    "s-maxage": "s_maxage",
+    "stale-while-revalidate": "stale_while_revalidate",
+    "stale-if-error": "stale_if_error",
+    "min-fresh": "min_fresh",
+    "max-stale": "max_stale",
+}
+
+
+def split_directives(text: str) -> list[tuple[str, str | None, bool]]:
+    """``(name, value, well_formed)`` for each list member of a Cache-Control value.
+
+    Names are lower-cased; a quoted value is unquoted.  ``well_formed`` is False when the
+    member breaks the RFC 9110 grammar around ``=`` (whitespace, an unterminated quote, junk
+    after a quoted string, a non-token value).  Members whose name is not a token are dropped.
+    Never raises, whatever the input.
+    """
+    result: list[tuple[str, str | None, bool]] = []
+    i, n = 0, len(text)
+    while i < n:
+        while i < n and text[i] in " \t,":
+            i += 1
+        if i >= n:
+            break
+        start = i
+        while i < n and text[i] not in ",=":
+            i += 1
+        raw_name = text[start:i]
+        name = raw_name.strip(" \t").lower()
+        well_formed = True
+        value: str | None = None
+        if i < n and text[i] == "=":
+            # "max-age =5" is not the grammar; whitespace is only allowed around commas.
+            well_formed = raw_name == raw_name.rstrip(" \t")
+            i += 1
+            if i < n and text[i] == '"':
+                i += 1
+                chars: list[str] = []
+                closed = False
+                while i < n:
+                    ch = text[i]
+                    if ch == "\\" and i + 1 < n:
+                        chars.append(text[i + 1])
+                        i += 2
+                        continue
+                    if ch == '"':
+                        closed = True
+                        i += 1
+                        break
+                    chars.append(ch)
+                    i += 1
+                value = "".join(chars)
+                tail_start = i
+                while i < n and text[i] != ",":
+                    i += 1
+                if not closed or text[tail_start:i].strip(" \t"):
+                    well_formed = False
+            else:
+                vstart = i
+                while i < n and text[i] != ",":
+                    i += 1
+                raw_value = text[vstart:i]
+                value = raw_value.rstrip(" \t")
+                if not value or not all(c in _TCHAR for c in value):
+                    well_formed = False
+        if name and all(c in _TCHAR for c in name):  # else garbage between commas: dropped
+            result.append((name, value, well_formed))
+    return result
+
+
+def _delta_seconds(value: str | None) -> int | None:
+    if value is None or not value or not value.isascii() or not value.isdigit():
+        return None
+    # Leading zeros are fine ("0003600"); overflow is capped rather than rejected.
+    return min(int(value), DELTA_SECONDS_MAX)
+
+
+@lru_cache(maxsize=4096)
+def parse_cache_control(value: bytes | None) -> CacheControl:
+    """Parse a (joined) Cache-Control field value; robust to any input, never raises."""
+    if not value:
+        return NO_DIRECTIVES
+    fields: dict[str, object] = {}
+    for name, raw, well_formed in split_directives(value.decode("latin-1")):
+        boolean = _BOOLEAN.get(name)
+        if boolean is not None:
+            fields.setdefault(boolean, True)
+            continue
+        numeric = _NUMERIC_FIELD.get(name)
+        if numeric is None or numeric in fields:
+            continue  # unknown extension, or a duplicate: the first occurrence wins
+        if name == "max-stale" and raw is None:
+            fields[numeric] = DELTA_SECONDS_MAX
+            continue
+        seconds = _delta_seconds(raw) if well_formed else None
+        if seconds is not None:
+            fields[numeric] = seconds
+        elif name in _NUMERIC_STALE_IF_MALFORMED:
+            fields[numeric] = 0
+        # else: a malformed window or request limit is ignored
+    if not fields:
+        return NO_DIRECTIVES
+    return CacheControl(**fields)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------
+# Header helpers
+
+
+def header(headers: Headers, name: bytes) -> bytes | None:
+    """The first value of ``name`` (lower-case), or None."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def joined(headers: Headers, name: bytes) -> bytes | None:
+    """All values of a list-valued field joined with ``,`` (RFC 9110 5.3), or None."""
+    values = [value for key, value in headers if key == name]
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else b",".join(values)
+
+
+def field_names(value: bytes | None) -> tuple[bytes, ...]:
+    """A comma-separated list of field names, lower-cased, deduplicated, in order."""
+    if not value:
+        return ()
+    seen: dict[bytes, None] = {}
+    for part in value.split(b","):
+        name = part.strip().lower()
+        if name:
+            seen.setdefault(name, None)
+    return tuple(seen)
+
+
+def parse_http_date(value: bytes | None) -> float | None:
+    """An HTTP-date (IMF-fixdate, RFC 850 or asctime) as epoch seconds, or None if invalid."""
+    if not value:
+        return None
+    try:
+        parsed = parsedate_tz(value.decode("latin-1").strip())
+    except (ValueError, IndexError, TypeError):
+        return None
+    if parsed is None:
+        return None
+    try:
+        # parsedate_tz already maps RFC 850 two-digit years into 1969-2068.
+        ts = calendar.timegm(parsed[:6])
+    except (ValueError, OverflowError):
+        return None
+    return float(ts - (parsed[9] or 0))
+
+
+def format_http_date(ts: float) -> bytes:
+    """``ts`` as an IMF-fixdate."""
+    return formatdate(ts, usegmt=True).encode("ascii")
+
+
+# --------------------------------------------------------------------------------------------
+# Responses
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseMeta:
+    """What the caching rules need from a response's headers, parsed once."""
+
+    cc: CacheControl
+    date: float | None
+    #: ``Expires`` as epoch seconds; an invalid value (e.g. "0") is a time in the past (0.0).
+    expires: float | None
+    age: float
+    last_modified: float | None
+    etag: bytes | None
+    vary: tuple[bytes, ...]
+    vary_star: bool
+    set_cookie: bool
+    surrogate_keys: tuple[str, ...]
+    content_encoding: bytes | None
+
+    @property
+    def has_validator(self) -> bool:
+        return self.etag is not None or self.last_modified is not None
+
+
+def response_meta(headers: Headers) -> ResponseMeta:
+    """Parse the caching-relevant response headers (first value of single-valued fields)."""
+    vary = field_names(joined(headers, b"vary"))
+    expires_raw = header(headers, b"expires")
+    expires: float | None = None
+    if expires_raw is not None:
+        parsed = parse_http_date(expires_raw)
+        expires = 0.0 if parsed is None else parsed
+    age = 0.0
+    age_raw = header(headers, b"age")
+    if age_raw is not None:
+        seconds = _delta_seconds(age_raw.strip().decode("latin-1"))
+        age = float(seconds) if seconds is not None else 0.0
+    # Surrogate-Key is space-separated, so several lines join with a space, not a comma.
+    surrogate = b" ".join(value for name, value in headers if name == b"surrogate-key")
+    encoding = header(headers, b"content-encoding")
+    if encoding is not None:
+        encoding = encoding.strip().lower()
+        if encoding in (b"", b"identity"):
+            encoding = None
+    return ResponseMeta(
+        cc=parse_cache_control(joined(headers, b"cache-control")),
+        date=parse_http_date(header(headers, b"date")),
+        expires=expires,
+        age=age,
+        last_modified=parse_http_date(header(headers, b"last-modified")),
+        etag=_strip_or_none(header(headers, b"etag")),
+        vary=tuple(name for name in vary if name != b"*"),
+        vary_star=b"*" in vary,
+        set_cookie=header(headers, b"set-cookie") is not None,
+        surrogate_keys=tuple(dict.fromkeys(surrogate.decode("latin-1").split()))
+        if surrogate
+        else (),
+        content_encoding=encoding,
+    )
+
+
+def _strip_or_none(value: bytes | None) -> bytes | None:
+    if value is None:
+        return None
+    value = value.strip()
+    return value or None
+
+
+def shareable_with_authorization(cc: CacheControl) -> bool:
+    """RFC 9111 3.5: directives that let a response to an authorized request be shared."""
+    return cc.public or cc.s_maxage is not None or cc.must_revalidate
+
+
+def uncacheable_reason(
+    method: bytes,
+    status: int,
+    request_cc: CacheControl,
+    authorized: bool,
+    meta: ResponseMeta,
+    rule: CacheRule,
+) -> str | None:
+    """Why a response may not be stored (RFC 9111 3), or None when it may.
+
+    Only responses to GET are stored (a HEAD response has no body to serve a GET with; the edge
+    fills HEAD misses with a GET).  The reason doubles as a metric/log label.
+    """
+    if method != b"GET":
+        return "method"
+    if rule.bypass:
+        return "rule-bypass"
+    if status < 200 or status in (206, 304):
+        return "status"
+    if request_cc.no_store:
+        return "request-no-store"
+    cc = meta.cc
+    if cc.no_store:
+        return "no-store"
+    if cc.private:
+        return "private"
+    if meta.vary_star:
+        return "vary-star"
+    if authorized and not shareable_with_authorization(cc):
+        return "authorization"
+    if meta.set_cookie and not rule.store_set_cookie:
+        return "set-cookie"
+    explicit = (
+        cc.s_maxage is not None or cc.max_age is not None or meta.expires is not None or cc.public
+    )
+    if status not in CACHEABLE_BY_DEFAULT and not explicit:
+        return "status"
+    return None
+
+
+def storable(
+    method: bytes, status: int, request_headers: Headers, response_headers: Headers, rule: CacheRule
+) -> bool:
+    """RFC 9111 3 from raw headers (convenience over ``uncacheable_reason``)."""
+    return (
+        uncacheable_reason(
+            method,
+            status,
+            parse_cache_control(joined(request_headers, b"cache-control")),
+            header(request_headers, b"authorization") is not None,
+            response_meta(response_headers),
+            rule,
+        )
+        is None
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Freshness:
+    """When a stored response was received, how old it was then, and how long it lives."""
+
+    #: Our clock when the response arrived (RFC 9111 ``response_time``).
+    response_time: float
+    #: RFC 9111 4.2.3 ``corrected_initial_age``.
+    initial_age: float
+    lifetime: float
+    stale_while_revalidate: float
+    stale_if_error: float
+    #: No stale serving of any kind (must-revalidate, proxy-revalidate, no-cache).
+    no_stale: bool
+    #: Every use needs a successful validation first (response no-cache).
+    always_revalidate: bool
+
+    def age(self, now: float) -> float:
+        """RFC 9111 4.2.3 ``current_age``: initial age plus time resident in the cache."""
+        return self.initial_age + max(0.0, now - self.response_time)
+
+    def ttl(self, now: float) -> float:
+        """Seconds of freshness left; negative once stale."""
+        return self.lifetime - self.age(now)
+
+    def retain_for(self, now: float) -> float:
+        """Seconds the response is still of use (fresh or within a stale window)."""
+        return self.ttl(now) + max(self.stale_while_revalidate, self.stale_if_error)
+
+
+def initial_age(meta: ResponseMeta, request_time: float, response_time: float) -> float:
+    """RFC 9111 4.2.3: max(apparent_age, corrected_age_value)."""
+    date = meta.date if meta.date is not None else response_time
+    apparent_age = max(0.0, response_time - date)
+    response_delay = max(0.0, response_time - request_time)
+    corrected_age_value = meta.age + response_delay
+    return max(apparent_age, corrected_age_value)
+
+
+def freshness_lifetime(
+    status: int, meta: ResponseMeta, rule: CacheRule, response_time: float
+) -> float:
+    """RFC 9111 4.2.1/4.2.2 with the rule's ttl as the configured heuristic (module docstring)."""
+    if rule.force_ttl and rule.ttl is not None:
+        return rule.ttl
+    cc = meta.cc
+    if cc.s_maxage is not None:
+        return float(cc.s_maxage)
+    if cc.max_age is not None:
+        return float(cc.max_age)
+    date = meta.date if meta.date is not None else response_time
+    if meta.expires is not None:
+        return max(0.0, meta.expires - date)
+    if status not in CACHEABLE_BY_DEFAULT and not cc.public:
+        return 0.0
+    if rule.ttl is not None:
+        return rule.ttl
+    if meta.last_modified is not None:
+        return min(HEURISTIC_CAP, max(0.0, (date - meta.last_modified) * HEURISTIC_FRACTION))
+    return 0.0
+
+
+def compute_freshness(
+    status: int, meta: ResponseMeta, rule: CacheRule, request_time: float, response_time: float
+) -> Freshness:
+    """Everything the cache needs to decide later whether the response is fresh or usable."""
+    cc = meta.cc
+    lifetime = freshness_lifetime(status, meta, rule, response_time)
+    if rule.force_ttl and rule.ttl is not None:
+        return Freshness(
+            response_time=response_time,
+            initial_age=initial_age(meta, request_time, response_time),
+            lifetime=lifetime,
+            stale_while_revalidate=rule.stale_while_revalidate,
+            stale_if_error=rule.stale_if_error,
+            no_stale=False,
+            always_revalidate=False,
+        )
+    no_stale = cc.no_cache or cc.must_revalidate or cc.proxy_revalidate
+    # s-maxage implies proxy-revalidate: only windows the origin itself grants survive it.
+    rule_windows = not no_stale and cc.s_maxage is None
+    swr: float = 0.0
+    sie: float = 0.0
+    if not no_stale:
+        if cc.stale_while_revalidate is not None:
+            swr = float(cc.stale_while_revalidate)
+        elif rule_windows:
+            swr = rule.stale_while_revalidate
+        if cc.stale_if_error is not None:
+            sie = float(cc.stale_if_error)
+        elif rule_windows:
+            sie = rule.stale_if_error
+    return Freshness(
+        response_time=response_time,
+        initial_age=initial_age(meta, request_time, response_time),
+        lifetime=lifetime,
+        stale_while_revalidate=swr,
+        stale_if_error=sie,
+        no_stale=no_stale,
+        always_revalidate=cc.no_cache,
+    )
+
+
+def worth_storing(freshness: Freshness, meta: ResponseMeta) -> bool:
+    """A storable response that can never be served without a full refetch is not kept."""
+    return (
+        freshness.lifetime > 0
+        or meta.has_validator
+        or freshness.stale_while_revalidate > 0
+        or freshness.stale_if_error > 0
+    )
+
+
+def stored_headers(headers: Headers, *, keep_set_cookie: bool) -> list[Header]:
+    """The response headers kept with a stored response: hop-by-hop fields (including those
+    named by Connection), Age, Content-Length, X-Cache and Surrogate-Key removed."""
+    named = frozenset(field_names(joined(headers, b"connection")))
+    kept: list[Header] = []
+    for name, value in headers:
+        if name in _NOT_STORED or name in named:
+            continue
+        if name == b"set-cookie" and not keep_set_cookie:
+            continue
+        kept.append((name, value))
+    return kept
+
+
+# --------------------------------------------------------------------------------------------
+# Serving decisions
+
+
+class Use(enum.Enum):
+    FRESH = "fresh"
+    #: Usable now although stale (stale-while-revalidate or the client's max-stale).
+    STALE = "stale"
+    #: Must be validated with the origin first (stale-if-error may still apply on failure).
+    VALIDATE = "validate"
+
+
+# Module-level aliases: attribute access on an Enum class costs ~10x a global lookup (3.11).
+_FRESH: Final = Use.FRESH
+_STALE: Final = Use.STALE
+_VALIDATE: Final = Use.VALIDATE
+
+_IS_FRESH: Final = (_FRESH, "")
+_MUST_VALIDATE: Final = (_VALIDATE, "")
+
+STALE_WHILE_REVALIDATE: Final = "while_revalidate"
+STALE_IF_ERROR: Final = "if_error"
+STALE_MAX_STALE: Final = "max_stale"
+
+
+def decide(freshness: Freshness, request_cc: CacheControl, now: float) -> tuple[Use, str]:
+    """How a stored response may be used for a request (RFC 9111 4, 5.2.1; RFC 5861).
+
+    Returns the use and, for ``Use.STALE``, the stale reason (a metric label).  On the hot
+    path (a fresh hit for a request without Cache-Control) this is a few float operations.
+    """
+    resident = now - freshness.response_time
+    age = freshness.initial_age + resident if resident > 0 else freshness.initial_age
+    ttl = freshness.lifetime - age
+    if freshness.always_revalidate:
+        return _MUST_VALIDATE
+    if request_cc is not NO_DIRECTIVES and (
+        request_cc.no_cache
+        or (request_cc.max_age is not None and age > request_cc.max_age)
+        or (request_cc.min_fresh is not None and ttl < request_cc.min_fresh)
+    ):
+        return _MUST_VALIDATE
+    if ttl > 0:
+        return _IS_FRESH
+    if freshness.no_stale:
+        return _MUST_VALIDATE
+    staleness = -ttl
+    if freshness.stale_while_revalidate > 0 and staleness <= freshness.stale_while_revalidate:
+        return _STALE, STALE_WHILE_REVALIDATE
+    if request_cc.max_stale is not None and staleness <= request_cc.max_stale:
+        return _STALE, STALE_MAX_STALE
+    return _MUST_VALIDATE
+
+
+def usable_on_error(freshness: Freshness, now: float) -> bool:
+    """stale-if-error (RFC 5861 4): may this response stand in for a failed origin?
+
+    A still-fresh response always may (its revalidation was forced by the request), unless
+    the origin said no-cache.
+    """
+    if freshness.always_revalidate:
+        return False
+    ttl = freshness.ttl(now)
+    if ttl > 0:
+        return True
+    return (
+        not freshness.no_stale and freshness.stale_if_error > 0 and -ttl <= freshness.stale_if_error
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Conditional requests
+
+
+_ETAG_RE: Final = re.compile(rb'\s*(W/)?("[^"]*")\s*(?:,|$)')
+
+
+def parse_etags(value: bytes) -> tuple[bytes, ...] | None:
+    """The opaque tags of an If-None-Match list (weakness dropped), ``(b"*",)`` for ``*``, or
+    None when the value is malformed."""
+    stripped = value.strip()
+    if stripped == b"*":
+        return (b"*",)
+    tags: list[bytes] = []
+    pos = 0
+    while pos < len(stripped):
+        match = _ETAG_RE.match(stripped, pos)
+        if match is None or match.end() == pos:
+            return None
+        tags.append(match.group(2))
+        pos = match.end()
+        while pos < len(stripped) and stripped[pos : pos + 1] in (b" ", b"\t", b","):
+            pos += 1
+    return tuple(tags) if tags else None
+
+
+def opaque_tag(etag: bytes) -> bytes:
+    """An entity tag without its weakness indicator, for weak comparison."""
+    etag = etag.strip()
+    return etag[2:] if etag.startswith(b"W/") else etag
+
+
+def weak_match(a: bytes, b: bytes) -> bool:
+    """RFC 9110 8.8.3.2 weak comparison."""
+    return opaque_tag(a) == opaque_tag(b)
+
+
+def not_modified(
+    status: int,
+    etag: bytes | None,
+    last_modified: float | None,
+    date: float | None,
+    if_none_match: bytes | None,
+    if_modified_since: bytes | None,
+) -> bool:
+    """Whether a client's conditional GET/HEAD is answered 304 from a stored response.
+
+    RFC 9110 13.2.2 order: If-None-Match (weak comparison) decides alone when present;
+    otherwise If-Modified-Since against Last-Modified, or the stored Date when there is none
+    (RFC 9111 4.3.2).  Only 2xx responses are evaluated (RFC 9110 13.2.1).
+    """
+    if not 200 <= status < 300:
+        return False
+    if if_none_match is not None:
+        tags = parse_etags(if_none_match)
+        if tags is None:
+            return False
+        if tags == (b"*",):
+            return True
+        if etag is None:
+            return False
+        mine = opaque_tag(etag)
+        return any(tag == mine for tag in tags)
+    if if_modified_since is not None:
+        since = parse_http_date(if_modified_since)
+        modified = last_modified if last_modified is not None else date
+        return since is not None and modified is not None and modified <= since
+    return False
+
+
+def upstream_validators(etag: bytes | None, last_modified: bytes | None) -> list[Header]:
+    """Conditional headers for revalidating a stored response with the origin (RFC 9111 4.3.1)."""
+    validators: list[Header] = []
+    if etag is not None:
+        validators.append((b"if-none-match", etag))
+    if last_modified is not None:
+        validators.append((b"if-modified-since", last_modified))
+    return validators
+
+
+#: Never forwarded on a fill: the cache answers these itself from the complete response.
+_NOT_FORWARDED_ON_FILL: Final = CONDITIONAL_REQUEST_HEADERS | {b"range"}
+
+
+def upstream_request_headers(headers: Headers, validators: Iterable[Header]) -> list[Header]:
+    """A fill's upstream request headers: the client's conditionals replaced by ``validators``.
+
+    A fill fetches the whole representation: client conditionals and Range are answered (or,
+    for Range, ignored: a full 200 is a valid answer) by the cache, since a 304 or 206 could
+    not be stored.
+    """
+    forwarded = [(n, v) for n, v in headers if n not in _NOT_FORWARDED_ON_FILL]
+    forwarded.extend(validators)
+    return forwarded
+
+
+def not_modified_applies(stored_etag: bytes | None, update: Headers) -> bool:
+    """RFC 9111 4.3.4: a 304 whose ETag differs from the stored one selects another response."""
+    new_etag = _strip_or_none(header(update, b"etag"))
+    if new_etag is None or stored_etag is None:
+        return True
+    return weak_match(new_etag, stored_etag)
+
+
+def merge_not_modified(
+    stored: Headers, update: Headers, *, keep_set_cookie: bool = False
+) -> list[Header]:
+    """RFC 9111 3.2: stored headers updated with those of a 304.
+
+    Each field the 304 carries replaces every stored line of that field, except fields the
+    cache recomputes or that describe the body it kept (Content-Length, Content-Encoding, ...).
+    """
+    named = frozenset(field_names(joined(update, b"connection")))
+    replacing = [
+        (name, value)
+        for name, value in update
+        if name not in _NOT_UPDATED_BY_304
+        and name not in named
+        and (keep_set_cookie or name != b"set-cookie")
+    ]
+    replaced = {name for name, _ in replacing}
+    merged = [(name, value) for name, value in stored if name not in replaced]
+    merged.extend(replacing)
+    return merged
+
+
+# --------------------------------------------------------------------------------------------
+# Invalidation
+
+
+def invalidation_targets(method: bytes, status: int, url: str, headers: Headers) -> list[str]:
+    """URLs whose stored responses an unsafe request's response invalidates (RFC 9111 4.4).
+
+    ``url`` is the request's absolute URL.  A non-error (2xx/3xx) response to a method not known
+    to be safe invalidates it and the same-origin Location / Content-Location targets.
+    """
+    if method in SAFE_METHODS or not 200 <= status < 400:
+        return []
+    targets = [url]
+    origin = _origin(url)
+    for name in (b"location", b"content-location"):
+        value = header(headers, name)
+        if not value:
+            continue
+        try:
+            resolved = urljoin(url, value.decode("latin-1").strip())
+        except ValueError:
+            continue
+        if _origin(resolved) == origin and resolved not in targets:
+            targets.append(resolved)
+    return targets
+
+
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+
+def _origin(url: str) -> tuple[str, str, int] | None:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").rstrip(".")
+    return scheme, host, port if port is not None else _DEFAULT_PORTS.get(scheme, 0)
+
+
+__all__ = [
+    "CACHEABLE_BY_DEFAULT",
+    "CONDITIONAL_REQUEST_HEADERS",
+    "DELTA_SECONDS_MAX",
+    "ERROR_STATUSES",
+    "HEURISTIC_CAP",
+    "HOP_BY_HOP",
+    "NO_DIRECTIVES",
+    "SAFE_METHODS",
+    "STALE_IF_ERROR",
+    "STALE_MAX_STALE",
+    "STALE_WHILE_REVALIDATE",
+    "CacheControl",
+    "Freshness",
+    "Header",
+    "Headers",
+    "ResponseMeta",
+    "Use",
+    "compute_freshness",
+    "decide",
+    "field_names",
+    "format_http_date",
+    "freshness_lifetime",
+    "header",
+    "initial_age",
+    "invalidation_targets",
+    "joined",
+    "merge_not_modified",
+    "not_modified",
+    "not_modified_applies",
+    "parse_cache_control",
+    "parse_etags",
+    "parse_http_date",
+    "response_meta",
+    "shareable_with_authorization",
+    "split_directives",
+    "storable",
+    "stored_headers",
+    "uncacheable_reason",
+    "upstream_request_headers",
+    "upstream_validators",
+    "usable_on_error",
+    "weak_match",
+]

@@ -1,0 +1,621 @@
+"""L2: a Redis shared by the edge instances of one POP.
+
+Looked up after an L1 miss (by the coalesced leader only, so one GET per key per instance),
+written after a fill in the background.  Redis is an optimisation, never a dependency:
+
+* every call has a deadline (``redis_timeout``, 50 ms by default) and a pool of connections;
+* errors and timeouts feed a circuit breaker: after ``threshold`` consecutive failures Redis is
+  skipped for ``cooldown`` seconds, then one probe decides; opening and closing log once each;
+  every failure increments ``meridian_cache_redis_errors_total{reason}``;
+* nothing here raises to the caller: a failed lookup is a miss, a failed write is dropped.
+
+Keys, under a namespace (``meridian:cache:`` by default):
+
+* ``e:<key>``: one stored response (``encode``), PX = freshness left + the larger stale window;
+* ``v:<primary>``: the Vary names of a resource with variants;
+* ``s:<primary>``: a set of its variant keys, so an exact purge reaches all of them;
+* ``t:<surrogate key>``: a set of keys tagged with it (tag purge: SMEMBERS + DEL, O(tagged));
+* ``l:<key>``: the cross-instance fill lock (SET NX PX, released by token);
+* channel ``purge``: purge and invalidation messages, applied to L1 by every instance.
+
+Prefix purges SCAN the whole keyspace (``SCAN MATCH e:G|<prefix>*``): O(keys in Redis), a few
+hundred ms per million keys, in batches that do not block Redis; they run with
+``admin_timeout`` rather than the per-request deadline.
+
+Values are a compact, versioned binary record (no pickle): magic ``MC``, version byte, fixed
+fields, then length-prefixed reason, coding, Vary names, surrogate keys, headers and body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import struct
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar, cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from meridian.log import get_logger
+
+from .entry import Entry, StoredResponse
+from .key import VARIANT_SEPARATOR, Negotiator, negotiate_coding, vary_key
+from .policy import Freshness, Header, Headers
+
+log = get_logger("cache")
+
+T = TypeVar("T")
+
+# --------------------------------------------------------------------------------------------
+# Circuit breaker (pure)
+
+
+class CircuitBreaker:
+    """Consecutive-failure breaker with a single probe after each cool-down.
+
+    ``allow`` is False while open; once the cool-down has passed, the first caller is let
+    through as a probe (and the window restarts, so concurrent callers keep skipping).
+    """
+
+    __slots__ = ("_failures", "_open", "_until", "cooldown", "threshold")
+
+    def __init__(self, threshold: int = 3, cooldown: float = 5.0) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self._failures = 0
+        self._open = False
+        self._until = 0.0
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    def allow(self, now: float) -> bool:
+        if not self._open:
+            return True
+        if now < self._until:
+            return False
+        self._until = now + self.cooldown  # this caller is the probe
+        return True
+
+    def record_success(self) -> bool:
+        """Returns True when this success closes an open breaker."""
+        self._failures = 0
+        if self._open:
+            self._open = False
+            return True
+        return False
+
+    def record_failure(self, now: float) -> bool:
+        """Returns True when this failure opens the breaker (not when a probe fails again)."""
+        self._failures += 1
+        if self._open:
+            self._until = now + self.cooldown
+            return False
+        if self._failures >= self.threshold:
+            self._open = True
+            self._until = now + self.cooldown
+            return True
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# Serialisation (pure)
+
+MAGIC: Final = b"MC"
+VERSION: Final = 1
+_FIXED: Final = struct.Struct("<2sBHBddddd")
+_U8: Final = struct.Struct("<B")
+_U16: Final = struct.Struct("<H")
+_U32: Final = struct.Struct("<I")
+_HEADER: Final = struct.Struct("<HI")
+_NO_STALE, _ALWAYS_REVALIDATE, _COMPRESSIBLE, _AUTH_OK = 1, 2, 4, 8
+
+
+class DecodeError(ValueError):
+    """A value that is not a record this version understands."""
+
+
+def encode(response: StoredResponse) -> bytes:
+    """Serialise a stored response (binary-safe, no pickle)."""
+    f = response.freshness
+    flags = (
+        (_NO_STALE if f.no_stale else 0)
+        | (_ALWAYS_REVALIDATE if f.always_revalidate else 0)
+        | (_COMPRESSIBLE if response.compressible else 0)
+        | (_AUTH_OK if response.auth_ok else 0)
+    )
+    coding = response.content_coding or b""
+    vary = b",".join(response.vary)
+    tags = " ".join(response.surrogate_keys).encode("utf-8")
+    parts = [
+        _FIXED.pack(
+            MAGIC,
+            VERSION,
+            response.status,
+            flags,
+            f.response_time,
+            f.initial_age,
+            f.lifetime,
+            f.stale_while_revalidate,
+            f.stale_if_error,
+        ),
+        _U8.pack(len(response.reason[:255])),
+        response.reason[:255],
+        _U8.pack(len(coding)),
+        coding,
+        _U16.pack(len(vary)),
+        vary,
+        _U32.pack(len(tags)),
+        tags,
+        _U16.pack(len(response.headers)),
+    ]
+    for name, value in response.headers:
+        parts.append(_HEADER.pack(len(name), len(value)))
+        parts.append(name)
+        parts.append(value)
+    parts.append(response.body)
+    return b"".join(parts)
+
+
+def decode(data: bytes) -> StoredResponse:
+    """Inverse of ``encode``; raises DecodeError on anything else (truncation, other versions)."""
+    view = memoryview(data)
+    try:
+        magic, version, status, flags, rtime, age, lifetime, swr, sie = _FIXED.unpack_from(view)
+        if magic != MAGIC or version != VERSION:
+            raise DecodeError(f"not a v{VERSION} record")
+        pos = _FIXED.size
+
+        def take(n: int) -> bytes:
+            nonlocal pos
+            if pos + n > len(view):
+                raise DecodeError("truncated")
+            chunk = bytes(view[pos : pos + n])
+            pos += n
+            return chunk
+
+        def length(fmt: struct.Struct) -> int:
+            nonlocal pos
+            (n,) = fmt.unpack_from(view, pos)
+            pos += fmt.size
+            return int(n)
+
+        reason = take(length(_U8))
+        coding = take(length(_U8))
+        vary = take(length(_U16))
+        tags = take(length(_U32)).decode("utf-8")
+        headers: list[Header] = []
+        for _ in range(length(_U16)):
+            name_len, value_len = _HEADER.unpack_from(view, pos)
+            pos += _HEADER.size
+            name = take(name_len)
+            headers.append((name, take(value_len)))
+        body = bytes(view[pos:])
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise DecodeError(str(exc)) from None
+    return StoredResponse(
+        status=status,
+        reason=reason,
+        headers=tuple(headers),
+        body=body,
+        freshness=Freshness(
+            response_time=rtime,
+            initial_age=age,
+            lifetime=lifetime,
+            stale_while_revalidate=swr,
+            stale_if_error=sie,
+            no_stale=bool(flags & _NO_STALE),
+            always_revalidate=bool(flags & _ALWAYS_REVALIDATE),
+        ),
+        vary=tuple(vary.split(b",")) if vary else (),
+        surrogate_keys=tuple(tags.split()) if tags else (),
+        content_coding=coding or None,
+        compressible=bool(flags & _COMPRESSIBLE),
+        auth_ok=bool(flags & _AUTH_OK),
+    )
+
+
+def glob_escape(raw: bytes) -> bytes:
+    """Escape Redis glob metacharacters so ``raw`` matches literally in SCAN MATCH."""
+    out = bytearray()
+    for byte in raw:
+        if byte in b"*?[]\\":
+            out += b"\\"
+        out.append(byte)
+    return bytes(out)
+
+
+# --------------------------------------------------------------------------------------------
+# The Redis shell
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeMessage:
+    """A purge broadcast to the POP's instances; ``kind`` is primary/url_prefix/path_prefix/tag."""
+
+    kind: str
+    value: bytes
+    sender: str
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {"v": 1, "from": self.sender, "kind": self.kind, "value": self.value.decode("latin-1")}
+        ).encode()
+
+    @staticmethod
+    def decode(data: bytes) -> PurgeMessage | None:
+        try:
+            doc = json.loads(data)
+            return PurgeMessage(
+                kind=str(doc["kind"]),
+                value=str(doc["value"]).encode("latin-1"),
+                sender=str(doc["from"]),
+            )
+        except (ValueError, KeyError, TypeError, UnicodeEncodeError):
+            return None
+
+
+class _Skipped:
+    """Returned by ``_call`` when Redis was skipped or failed."""
+
+
+_SKIPPED: Final = _Skipped()
+#: ``acquire``'s answer when Redis is unavailable: proceed without a cross-instance lock.
+NO_LOCK: Final = b""
+
+_RELEASE_LUA: Final = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+_DELETE_BATCH: Final = 500
+
+
+class RedisL2:
+    """The shared second level; see the module docstring.  Never raises on Redis trouble."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float,
+        max_value: int,
+        clock: Callable[[], float],
+        monotonic: Callable[[], float] = time.monotonic,
+        namespace: str = "meridian:cache:",
+        instance_id: str | None = None,
+        breaker: CircuitBreaker | None = None,
+        on_error: Callable[[str], None] | None = None,
+        negotiate: Negotiator = negotiate_coding,
+        admin_timeout: float = 10.0,
+        pool_size: int = 32,
+    ) -> None:
+        self.timeout = timeout
+        self.max_value = max_value
+        self.admin_timeout = admin_timeout
+        self.instance_id = instance_id or f"{os.uname().nodename}:{os.getpid()}:{id(self):x}"
+        self.breaker = breaker or CircuitBreaker()
+        self._clock = clock  # wall time: key TTLs follow the entries' freshness
+        self._monotonic = monotonic  # breaker cool-downs
+        self.on_error = on_error
+        self._negotiate = negotiate
+        self._ns = namespace.encode()
+        self.channel = self._ns + b"purge"
+        # No client-side retries: a second attempt would only double the time a request waits.
+        self._redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            max_connections=pool_size,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        self._release = self._redis.register_script(_RELEASE_LUA)
+        self._subscriber: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
+        #: Set while the purge subscription is live (tests and readiness wait on it).
+        self.subscribed = asyncio.Event()
+
+    @property
+    def available(self) -> bool:
+        return not self.breaker.is_open
+
+    def _key(self, kind: bytes, raw: bytes) -> bytes:
+        return self._ns + kind + raw
+
+    # ----------------------------------------------------------------------------------------
+    # Guarded calls
+
+    async def _call(
+        self, op: str, make: Callable[[], Awaitable[T]], deadline: float | None = None
+    ) -> T | _Skipped:
+        """Run one Redis operation within ``deadline`` seconds (default: the per-call timeout),
+        unless the breaker is open; any failure is counted and becomes ``_SKIPPED``."""
+        if not self.breaker.allow(self._monotonic()):
+            return _SKIPPED
+        try:
+            async with asyncio.timeout(deadline if deadline is not None else self.timeout):
+                result = await make()
+        except Exception as exc:  # Redis trouble of any kind must never fail a request
+            self._failure(op, exc)
+            return _SKIPPED
+        if self.breaker.record_success():
+            log.info("redis_recovered", op=op)
+        return result
+
+    def _failure(self, op: str, exc: BaseException) -> None:
+        reason = _error_reason(exc)
+        if self.on_error is not None:
+            self.on_error(reason)
+        if self.breaker.record_failure(self._monotonic()):
+            log.warning(
+                "redis_unavailable",
+                op=op,
+                reason=reason,
+                error=str(exc) or type(exc).__name__,
+                skip_for=self.breaker.cooldown,
+            )
+
+    # ----------------------------------------------------------------------------------------
+    # Lookup and store
+
+    async def get(self, primary: bytes, headers: Headers) -> tuple[bytes, StoredResponse] | None:
+        """The stored response (and its key) for a request, or None (miss, error, skipped)."""
+
+        async def fetch() -> tuple[bytes, bytes | None]:
+            plain, names = cast(
+                "list[bytes | None]",
+                await self._redis.mget([self._key(b"e:", primary), self._key(b"v:", primary)]),
+            )
+            if plain is not None:
+                return primary, plain
+            if not names:
+                return primary, None
+            key = (
+                primary
+                + VARIANT_SEPARATOR
+                + vary_key(tuple(names.split(b",")), headers, self._negotiate)
+            )
+            value = cast("bytes | None", await self._redis.get(self._key(b"e:", key)))
+            return key, value
+
+        result = await self._call("get", fetch)
+        if isinstance(result, _Skipped):
+            return None
+        key, data = result
+        if data is None:
+            return None
+        try:
+            return key, decode(data)
+        except DecodeError as exc:
+            log.debug("redis_value_undecodable", error=str(exc))
+            return None
+
+    async def put(self, entry: Entry) -> bool:
+        """Store ``entry`` for as long as it is of use; False when skipped or too large."""
+        response = entry.response
+        ttl_ms = int(response.freshness.retain_for(self._clock()) * 1000)
+        if ttl_ms <= 0:
+            return False
+        value = encode(response)
+        if len(value) > self.max_value:
+            return False
+
+        async def store() -> None:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(self._key(b"e:", entry.key), value, px=ttl_ms)
+            if response.vary:
+                pipe.set(self._key(b"v:", entry.primary), b",".join(response.vary), px=ttl_ms)
+                self._add_to_set(pipe, self._key(b"s:", entry.primary), entry.key, ttl_ms)
+            for tag in response.surrogate_keys:
+                self._add_to_set(pipe, self._key(b"t:", tag.encode()), entry.key, ttl_ms)
+            await pipe.execute()
+
+        return not isinstance(await self._call("put", store), _Skipped)
+
+    @staticmethod
+    def _add_to_set(pipe: Any, key: bytes, member: bytes, ttl_ms: int) -> None:
+        pipe.sadd(key, member)
+        # NX gives a new set an expiry; GT only ever extends it (a set lives as long as the
+        # longest-lived member it names).
+        pipe.pexpire(key, ttl_ms, nx=True)
+        pipe.pexpire(key, ttl_ms, gt=True)
+
+    # ----------------------------------------------------------------------------------------
+    # Cross-instance fill lock
+
+    async def acquire(self, key: bytes, ttl: float) -> bytes | None:
+        """Try to become the POP-wide filler of ``key``.
+
+        Returns a token when acquired, None when another instance holds the lock, and
+        ``NO_LOCK`` (empty) when Redis is unavailable: then fill without a lock.
+        """
+        token = os.urandom(8).hex().encode()
+        result = await self._call(
+            "lock",
+            lambda: self._redis.set(
+                self._key(b"l:", key), token, nx=True, px=max(1, int(ttl * 1000))
+            ),
+        )
+        if isinstance(result, _Skipped):
+            return NO_LOCK
+        return token if result else None
+
+    async def release(self, key: bytes, token: bytes) -> None:
+        if token:
+            await self._call(
+                "unlock", lambda: self._release(keys=[self._key(b"l:", key)], args=[token])
+            )
+
+    async def wait_for_fill(
+        self, primary: bytes, headers: Headers, lock_key: bytes, wait: float
+    ) -> tuple[bytes, StoredResponse] | None:
+        """Poll for another instance's fill until it lands, its lock goes, or ``wait`` seconds
+        pass (then the caller fetches itself)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        delay = 0.005
+        while loop.time() < deadline:
+            await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+            delay = min(delay * 2, 0.05)
+            found = await self.get(primary, headers)
+            if found is not None:
+                return found
+            held = await self._call("lock", lambda: self._redis.exists(self._key(b"l:", lock_key)))
+            if isinstance(held, _Skipped) or not held:
+                return await self.get(primary, headers)  # it may have landed just before
+        return None
+
+    # ----------------------------------------------------------------------------------------
+    # Purges
+
+    async def purge_primary(self, primary: bytes) -> int:
+        """Delete every stored variant of a resource; returns keys deleted (0 if skipped)."""
+
+        async def purge() -> int:
+            variants = cast("set[bytes]", await self._redis.smembers(self._key(b"s:", primary)))
+            keys = [self._key(b"e:", primary), self._key(b"v:", primary)]
+            keys.append(self._key(b"s:", primary))
+            keys.extend(self._key(b"e:", k) for k in variants)
+            return int(await self._redis.delete(*keys))
+
+        result = await self._call("purge", purge, self.admin_timeout)
+        return 0 if isinstance(result, _Skipped) else result
+
+    async def purge_tag(self, tag: str) -> int:
+        async def purge() -> int:
+            tag_key = self._key(b"t:", tag.encode())
+            members = cast("set[bytes]", await self._redis.smembers(tag_key))
+            return await self._delete_batched([self._key(b"e:", k) for k in members] + [tag_key])
+
+        result = await self._call("purge", purge, self.admin_timeout)
+        return 0 if isinstance(result, _Skipped) else result
+
+    async def purge_url_prefix(self, prefix: bytes) -> int:
+        """Delete responses whose URL starts with ``prefix`` (``https://host/path``)."""
+        pattern = self._key(b"e:G|", glob_escape(prefix)) + b"*"
+        return await self._scan_delete(pattern, lambda url: url.startswith(prefix))
+
+    async def purge_path_prefix(self, prefix: bytes) -> int:
+        """Delete responses whose path, on any host, starts with ``prefix``."""
+        pattern = self._key(b"e:G|", b"*://*") + glob_escape(prefix) + b"*"
+
+        def matches(url: bytes) -> bool:
+            start = url.find(b"/", url.find(b"://") + 3)
+            return start != -1 and url.startswith(prefix, start)
+
+        return await self._scan_delete(pattern, matches)
+
+    async def _scan_delete(self, pattern: bytes, matches: Callable[[bytes], bool]) -> int:
+        skip = len(self._ns) + len(b"e:G|")
+
+        async def purge() -> int:
+            doomed: list[bytes] = []
+            async for key in self._redis.scan_iter(match=pattern, count=1000):
+                url = bytes(key)[skip:].split(VARIANT_SEPARATOR, 1)[0]
+                if matches(url):  # the glob's * may span "/" and over-match
+                    doomed.append(key)
+            return await self._delete_batched(doomed)
+
+        result = await self._call("purge", purge, self.admin_timeout)
+        return 0 if isinstance(result, _Skipped) else result
+
+    async def _delete_batched(self, keys: Sequence[bytes]) -> int:
+        deleted = 0
+        for start in range(0, len(keys), _DELETE_BATCH):
+            deleted += int(await self._redis.delete(*keys[start : start + _DELETE_BATCH]))
+        return deleted
+
+    async def publish(self, kind: str, value: bytes) -> bool:
+        message = PurgeMessage(kind, value, self.instance_id).encode()
+        result = await self._call("publish", lambda: self._redis.publish(self.channel, message))
+        return not isinstance(result, _Skipped)
+
+    # ----------------------------------------------------------------------------------------
+    # Subscription
+
+    def start(
+        self, on_purge: Callable[[PurgeMessage], None], on_resync: Callable[[], None]
+    ) -> None:
+        """Subscribe to purges from the other instances, reconnecting forever.
+
+        ``on_resync`` runs when a subscription is re-established after a loss: purges sent
+        meanwhile were missed, so the owner should drop what they might have covered.
+        """
+        if self._subscriber is None:
+            self._subscriber = asyncio.ensure_future(self._subscribe_loop(on_purge, on_resync))
+
+    async def _subscribe_loop(
+        self, on_purge: Callable[[PurgeMessage], None], on_resync: Callable[[], None]
+    ) -> None:
+        lost = False
+        backoff = 0.1
+        while not self._closing.is_set():
+            pubsub = self._redis.pubsub()
+            try:
+                async with asyncio.timeout(max(self.timeout, 1.0)):
+                    await pubsub.subscribe(self.channel)
+                self.subscribed.set()
+                backoff = 0.1
+                if lost:
+                    lost = False
+                    log.info("redis_purge_subscription_restored")
+                    on_resync()
+                while not self._closing.is_set():
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    purge = PurgeMessage.decode(message["data"])
+                    if purge is not None and purge.sender != self.instance_id:
+                        on_purge(purge)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.subscribed.clear()
+                if not lost:
+                    log.warning("redis_purge_subscription_lost", error=str(exc) or repr(exc))
+                lost = True
+            finally:
+                with contextlib.suppress(Exception):  # the connection may already be gone
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def aclose(self) -> None:
+        self._closing.set()
+        if self._subscriber is not None:
+            self._subscriber.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._subscriber
+            self._subscriber = None
+        with contextlib.suppress(Exception):  # closing a pool whose server died: nothing to say
+            await self._redis.aclose()
+
+
+def _error_reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | aioredis.TimeoutError):
+        return "timeout"
+    if isinstance(exc, OSError | aioredis.ConnectionError):
+        return "connection"
+    return "error"
+
+
+__all__ = [
+    "MAGIC",
+    "NO_LOCK",
+    "VERSION",
+    "CircuitBreaker",
+    "DecodeError",
+    "PurgeMessage",
+    "RedisL2",
+    "decode",
+    "encode",
+    "glob_escape",
+]
