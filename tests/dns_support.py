@@ -26,12 +26,7 @@ import dns.rdatatype
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-MAXMIND = Path("/work/shared/geodata/maxmind-test-data")
-CITY_TEST_DB = (
-    MAXMIND / "GeoIP2-City-Test.mmdb"
-    if (MAXMIND / "GeoIP2-City-Test.mmdb").exists()
-    else REPO / "tests" / "data" / "GeoIP2-City-Test.mmdb"
-)
+CITY_TEST_DB = REPO / "tests" / "data" / "GeoIP2-City-Test.mmdb"
 
 POP_ADDRESSES = {
     "iad": "127.0.1.1",
