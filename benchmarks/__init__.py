@@ -1,0 +1,1 @@
+"""Benchmarks: peer comparison runner (``python -m benchmarks.compare``) and the Locust file."""
