@@ -40,6 +40,20 @@ def configure(level: str = "info", fmt: LogFormat = "logfmt", stream: TextIO | N
     _State.stream = stream if stream is not None else sys.stderr
 
 
+def current_format() -> LogFormat:
+    """The format chosen at start-up, for writers that pre-build their lines (the access log)."""
+    return _State.fmt
+
+
+def write_lines(text: str) -> None:
+    """Write already formatted lines (ending in a newline) in one call: batched access logs."""
+    try:
+        _State.stream.write(text)
+        _State.stream.flush()
+    except (OSError, ValueError):  # a closed stderr must never take a request down
+        pass
+
+
 def _logfmt_value(value: object) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     if text == "" or any(c in text for c in ' ="\\\n\t'):
