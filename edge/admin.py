@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -22,11 +23,76 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+
+
+class RequestStats(Collector):
+    """``meridian_edge_requests_total``, ``meridian_edge_request_duration_seconds`` and
+    ``meridian_edge_requests_over_latency_target_total`` as plain integers: ``observe`` is a
+    dict update and a bisect (under a microsecond), where prometheus_client's labelled
+    Counter and Histogram cost about three per request, a tenth of a cache hit."""
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self._bounds = buckets
+        self._labels = (*(repr(float(b)) for b in buckets), "+Inf")
+        self._counts: dict[tuple[str, int, str, str], int] = {}
+        #: route -> [count per bucket (last: +Inf)..., sum of seconds]
+        self._durations: dict[str, list[float]] = {}
+        self._over: dict[str, int] = {}
+
+    def observe(
+        self, route: str, status: int, cache: str, region: str, seconds: float, target: float
+    ) -> None:
+        key = (route, status, cache, region)
+        counts = self._counts
+        counts[key] = counts.get(key, 0) + 1
+        durations = self._durations.get(route)
+        if durations is None:
+            durations = self._durations[route] = [0.0] * (len(self._bounds) + 2)
+        durations[bisect_left(self._bounds, seconds)] += 1
+        durations[-1] += seconds
+        if seconds > target:
+            self._over[route] = self._over.get(route, 0) + 1
+
+    def collect(self) -> Iterable[Metric]:
+        requests = CounterMetricFamily(
+            "meridian_edge_requests",
+            "Requests answered, by route, status, cache status and region.",
+            labels=["route", "status", "cache", "region"],
+        )
+        for (route, status, cache, region), value in sorted(self._counts.items()):
+            requests.add_metric([route, str(status), cache, region], value)
+        yield requests
+        histogram = HistogramMetricFamily(
+            "meridian_edge_request_duration_seconds",
+            "Client-side latency: request head received to last response byte written.",
+            labels=["route"],
+        )
+        for route, durations in sorted(self._durations.items()):
+            cumulative = 0.0
+            buckets = []
+            for label, count in zip(self._labels, durations, strict=False):
+                cumulative += count
+                buckets.append((label, cumulative))
+            histogram.add_metric([route], buckets, durations[-1])
+        yield histogram
+        over = CounterMetricFamily(
+            "meridian_edge_requests_over_latency_target",
+            "Requests slower than edge.latency_target.",
+            labels=["route"],
+        )
+        for route, value in sorted(self._over.items()):
+            over.add_metric([route], value)
+        yield over
+
+    def describe(self) -> Iterable[Metric]:
+        return []
 
 
 class EdgeMetrics:
@@ -34,19 +100,10 @@ class EdgeMetrics:
 
     def __init__(self, registry: CollectorRegistry, *, pop: str, latency_target: float) -> None:
         self.registry = registry
-        self.requests = Counter(
-            "meridian_edge_requests",
-            "Requests answered, by route, status, cache status and region.",
-            ("route", "status", "cache", "region"),
-            registry=registry,
-        )
-        self.request_duration = Histogram(
-            "meridian_edge_request_duration_seconds",
-            "Client-side latency: request head received to last response byte written.",
-            ("route",),
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
+        #: Requests, their latency histogram and the over-target count: plain integers bumped
+        #: on every request (a cache hit included), turned into Prometheus families on scrape.
+        self.request_stats = RequestStats()
+        registry.register(self.request_stats)
         self.upstream_duration = Histogram(
             "meridian_edge_upstream_duration_seconds",
             "Upstream-side latency: attempt start to response head, per region.",
@@ -102,12 +159,6 @@ class EdgeMetrics:
             "Latency objective (edge.latency_target) exported for autoscaling.",
             registry=registry,
         )
-        self.over_target = Counter(
-            "meridian_edge_requests_over_latency_target",
-            "Requests slower than edge.latency_target.",
-            ("route",),
-            registry=registry,
-        )
         self.websockets = Gauge(
             "meridian_edge_websocket_sessions", "Open WebSocket tunnels.", registry=registry
         )
@@ -118,26 +169,7 @@ class EdgeMetrics:
         ProcessCollector(namespace="meridian_edge", registry=registry)
         self.latency_target.set(latency_target)
         self.pop = pop
-        self._request_children: dict[tuple[str, int, str, str], Any] = {}
-        self._duration_children: dict[str, Any] = {}
-
-    def observe_request(
-        self, route: str, status: int, cache: str, region: str, seconds: float, target: float
-    ) -> None:
-        # Label lookups cost microseconds; keep the children (the label sets are small).
-        key = (route, status, cache, region)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self.requests.labels(
-                route, str(status), cache, region
-            )
-        child.inc()
-        histogram = self._duration_children.get(route)
-        if histogram is None:
-            histogram = self._duration_children[route] = self.request_duration.labels(route)
-        histogram.observe(seconds)
-        if seconds > target:
-            self.over_target.labels(route).inc()
+        self.observe_request = self.request_stats.observe
 
 
 class AdminServer:

@@ -13,6 +13,7 @@ Headers travel as ``list[tuple[bytes, bytes]]`` with lower-cased names, values u
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -268,8 +269,25 @@ def rewrite_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
     ]
 
 
+class _RequestIds:
+    """24 hex digits: a random per-process prefix (drawn again in a forked child) and a
+    counter.  Unique without a system call per request (``os.urandom`` took 1.4 us, a
+    twentieth of a cache hit); request IDs correlate logs, they are not secrets."""
+
+    prefix = os.urandom(4).hex().encode()
+    counter = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+    @classmethod
+    def reseed(cls) -> None:
+        cls.prefix = os.urandom(4).hex().encode()
+        cls.counter = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+
+os.register_at_fork(after_in_child=_RequestIds.reseed)
+
+
 def new_request_id() -> bytes:
-    return os.urandom(12).hex().encode()
+    return b"%s%016x" % (_RequestIds.prefix, next(_RequestIds.counter))
 
 
 def valid_request_id(value: bytes) -> bool:

@@ -1,21 +1,38 @@
 """The request path, in one place: request -> route -> cache -> upstream -> encode -> response.
 
-``Pipeline.handle`` runs the stages in order for every request the fast path did not answer:
+A cache hit never leaves the protocol callback: ``Pipeline.fast_response`` (called from
+``on_message_complete`` for a bodiless HTTP/1.1 GET/HEAD on an idle keep-alive connection) does
+one ``HttpCache.lookup`` and returns the entry's prebuilt bytes (HIT, or STALE after starting
+the one background ``refresh``), which the protocol writes in one ``transport.write``.  The
+compressed variants live in the entry, built once, so a Brotli hit costs what an identity hit
+costs.
 
-1. ``Router.match``                  route, service, regions ordered for this POP
-2. ``Pipeline.cache_lookup``         CACHE SEAM (lookup): returns a ``CacheDecision``
-3. ``Pipeline.fetch``                failover walk over regions/backends (``edge.upstream``)
-4. ``Pipeline.cache_store``          CACHE SEAM (store): may wrap the body to keep a copy
-5. ``Pipeline.encode_response``      COMPRESSION SEAM: may replace headers, length and body
-6. ``Pipeline.send``                 head + streamed body to the client through a ``ResponseSink``
+Everything else runs ``Pipeline.handle`` in a task, stage by stage:
 
-and ``Pipeline.fast_response`` is the synchronous hook the protocol calls at
-``on_message_complete`` for a GET/HEAD with nothing else in flight on the connection: it
-returns the complete prebuilt response bytes of a cache hit (one ``transport.write``) or None.
+1. ``EdgeState.route``              route, service, regions ordered for this POP (memoised)
+2. ``HttpCache.lookup``             the cache's verdict (reused from the fast path when it ran)
+3. by verdict:
 
-Today the seams are pass-throughs: lookups answer MISS (BYPASS for methods a cache never
-serves), nothing is stored, nothing is encoded.  Every stage sees the same ``EdgeState``
-snapshot, pinned when the request starts, so a reload never changes a request half-way.
+   * HIT / STALE / ONLY_IF_CACHED -> ``_write_wire``: the prebuilt bytes
+   * MISS / REVALIDATE -> ``_fill``: ``HttpCache.fill`` with ``_fill_fetch`` (coalesced, L2,
+     then ``_walk`` over regions/backends: retries, failover and passive health reports as for
+     any request).  A response the cache will store is read whole (``_read_for_cache``); one it
+     will not (``HttpCache.storable_head``) or one above ``max_object`` is handed back live
+     and streamed (``_Handover``).  Upstream failures raise ``_FetchError`` inside the fill, so
+     the cache answers from a stale entry within its stale-if-error window, else the edge
+     answers 502/503/504.
+   * BYPASS (methods other than GET/HEAD, bypass rules, request bodies, preconditions) ->
+     ``_forward``: the streaming proxy path (``_walk`` -> ``_from_upstream``), then
+     ``HttpCache.invalidate`` for unsafe methods.
+
+4. ``Pipeline.encode_response``      uncached responses: decode an origin coding the client
+   does not accept, compress chunk by chunk at the stream levels (``edge.transcode``)
+5. ``Pipeline.send``                 head + streamed body to the client through a ``ResponseSink``
+
+Every response carries ``X-Cache`` and ``Age``; responses from the cache carry the
+``X-Meridian-Region`` of the region that filled the entry.  Every stage sees the same
+``EdgeState`` snapshot, pinned when the request starts, so a reload never changes a request
+half-way.
 """
 
 from __future__ import annotations
@@ -29,11 +46,15 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
-from typing import Protocol
+from typing import Final, NamedTuple, Protocol
 
 import aiohttp
 
 from edge.admin import EdgeMetrics
+from edge.cache import Fetch, HttpCache, Lookup, LookupKind, Prepared, UpstreamResponse
+from edge.cache.entry import Entry
+from edge.cache.policy import upstream_request_headers
+from edge.compress import DecompressionBomb, accepts, is_compressible
 from edge.http1 import (
     BodyFraming,
     BodyKind,
@@ -41,6 +62,7 @@ from edge.http1 import (
     Headers,
     RequestRejected,
     error_response,
+    head_budget,
     is_trusted,
     response_framing,
     rewrite_request_headers,
@@ -48,6 +70,14 @@ from edge.http1 import (
     via_value,
 )
 from edge.router import Router, RouteTarget, normalise_host
+from edge.transcode import (
+    DECODABLE,
+    BodyError,
+    Transcoder,
+    content_coding,
+    decode_whole,
+    decoded_headers,
+)
 from edge.upstream import (
     Attempt,
     HealthView,
@@ -66,6 +96,48 @@ access_logger = get_logger("edge.access")
 #: Methods a shared cache may answer; others are marked BYPASS.
 CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
 RETRY_AFTER_SECONDS = 5
+#: Routes remembered per config snapshot by (host, path); cleared when full.
+ROUTE_MEMO_SIZE = 4096
+
+#: Request headers never sent on a cache fill: they are not part of the cache key, and origins
+#: (or frameworks in front of them) are known to change the response for them (URL rewrites,
+#: method overrides, host and scheme overrides).  The edge sets its own X-Forwarded-*.
+UNKEYED_DROPPED_ON_FILL: Final = frozenset(
+    {
+        b"x-original-url",
+        b"x-rewrite-url",
+        b"x-original-host",
+        b"x-host",
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
+        b"x-forwarded-scheme",
+        b"x-forwarded-server",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-forwarded-ssl",
+        b"front-end-https",
+        b"forwarded",
+    }
+)
+
+_HIT: Final = LookupKind.HIT
+_STALE: Final = LookupKind.STALE
+_MISS: Final = LookupKind.MISS
+_REVALIDATE: Final = LookupKind.REVALIDATE
+_ONLY_IF_CACHED: Final = LookupKind.ONLY_IF_CACHED
+_BYPASS: Final = LookupKind.BYPASS
+_METHOD_BYTES: Final = {"GET": b"GET", "HEAD": b"HEAD"}
+_SCHEME: Final = b"http"
+_CLOSE_LINE: Final = b"connection: close\r\n"
+_KEEP_ALIVE_LINE: Final = b"connection: keep-alive\r\n"
+_X_CACHE_LABELS: Final = {
+    b"HIT": "HIT",
+    b"MISS": "MISS",
+    b"STALE": "STALE",
+    b"REVALIDATED": "REVALIDATED",
+    b"BYPASS": "BYPASS",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +151,22 @@ class EdgeState:
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...]
     request_id_header: bytes
     failure_statuses: frozenset[int]
+    #: ``Via`` value this POP adds to responses.
+    via: bytes = b""
+    #: Per-request limits and client deadlines, precomputed for the protocol's callbacks:
+    #: raw head bytes allowed (``http1.head_budget``), and seconds per deadline kind
+    #: (none, header, body, idle: ``edge.protocol``'s ``_DEADLINE_*`` indexes).
+    head_budget: int = 0
+    deadlines: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    max_headers: int = 0
+    max_header_bytes: int = 0
+    #: Request headers the protocol notes as they arrive: Host, framing, the request ID.
+    tracked_headers: frozenset[bytes] = frozenset()
+    #: Raw request chunk -> its parsed head (``RequestHead``), for requests validated under
+    #: this snapshot's limits (a reload starts afresh).
+    request_heads: dict[bytes, RequestHead] = field(default_factory=dict)
+    #: (Host header, path) -> route; filled lazily, dropped with the snapshot.
+    route_memo: dict[tuple[bytes | None, str], RouteTarget | None] = field(default_factory=dict)
 
     @classmethod
     def build(cls, config: Config, pop: str, generation: int) -> EdgeState:
@@ -91,17 +179,49 @@ class EdgeState:
             trusted_proxies=edge.trusted_proxies,
             request_id_header=edge.request_id_header.lower().encode(),
             failure_statuses=frozenset(config.outlier.failure_statuses),
+            via=via_value("1.1", pop),
+            head_budget=head_budget(edge.limits),
+            deadlines=(
+                0.0,
+                edge.timeouts.client_header,
+                edge.timeouts.client_body,
+                edge.timeouts.client_idle,
+            ),
+            max_headers=edge.limits.max_headers,
+            max_header_bytes=edge.limits.max_header_bytes,
+            tracked_headers=frozenset(
+                {
+                    b"host",
+                    b"content-length",
+                    b"transfer-encoding",
+                    edge.request_id_header.lower().encode(),
+                }
+            ),
         )
 
+    def route(self, host: bytes | None, path: str) -> RouteTarget | None:
+        key = (host, path)
+        memo = self.route_memo
+        try:
+            return memo[key]
+        except KeyError:
+            pass
+        target = self.router.match(normalise_host(host), path)
+        if len(memo) >= ROUTE_MEMO_SIZE:
+            memo.clear()
+        memo[key] = target
+        return target
 
-@dataclass(frozen=True, slots=True)
-class ProxyRequest:
-    """A request head as the protocol parsed and validated it."""
+
+class ProxyRequest(NamedTuple):
+    """A request head as the protocol parsed and validated it (a NamedTuple: one is made per
+    request, and a frozen dataclass costs several microseconds more to build)."""
 
     method: str
     #: The request-target in origin form, bytes as received (absolute form is reduced).
     target: bytes
     path: str
+    #: The effective host: the Host header, or an absolute-form target's authority.
     host: bytes | None
     http_version: str
     headers: Headers
@@ -111,6 +231,42 @@ class ProxyRequest:
     request_id: bytes
     #: ``loop.time()`` when the head was complete.
     received_at: float
+    #: The client sent the request ID (echoed on cache hits too; a generated one is not).
+    request_id_supplied: bool = False
+    #: The memoised head this request was replayed from (``edge.protocol``), if any.
+    head: RequestHead | None = None
+
+
+class RequestHead:
+    """A validated bodiless HTTP/1.1 keep-alive GET/HEAD, by the exact bytes it came in.
+
+    Parsing and validation are a pure function of those bytes (under one config snapshot's
+    limits), so when a connection at a message boundary receives exactly the same chunk again
+    (clients repeat their requests byte for byte) the protocol replays this instead of running
+    httptools and its callbacks.  It also keeps what the hit path derives from the head alone:
+    the cache's ``Prepared`` lookup and the route name.  Lives in ``EdgeState.request_heads``.
+    """
+
+    __slots__ = ("headers", "host", "method", "path", "prepared", "route", "supplied_id", "target")
+
+    def __init__(
+        self,
+        method: str,
+        target: bytes,
+        path: str,
+        host: bytes | None,
+        headers: Headers,
+        supplied_id: bytes | None,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.path = path
+        self.host = host
+        self.headers = headers
+        #: The client's request ID when it sent one (valid); None: a new one per request.
+        self.supplied_id = supplied_id
+        self.prepared: Prepared | None = None
+        self.route: str | None = None
 
 
 class RequestBody(Protocol):
@@ -164,14 +320,6 @@ class HealthSource(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class CacheDecision:
-    """What the cache lookup stage decided; ``response`` is a hit to send as it is."""
-
-    status: str
-    response: OutgoingResponse | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class OutgoingResponse:
     status: int
     reason: bytes
@@ -182,6 +330,9 @@ class OutgoingResponse:
     body: AsyncIterable[bytes] | None
     #: For HEAD/304: the Content-Length to advertise without a body.
     head_length: int | None = None
+    #: The whole body when it is in memory (``body`` then yields exactly this), so the
+    #: encoder can compress it in one piece with an exact length.
+    data: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -205,10 +356,18 @@ class AccessLog:
     for the plain values an access line holds; disabled when the level is above info."""
 
     def __init__(self) -> None:
-        self._lines: list[str] = []
+        #: Formatted lines, and cache hits still to format (at flush, in order).
+        self._lines: list[str | tuple[float, str, float, bytes, str]] = []
+        self._middles: dict[tuple[str, int, int, str, str, str], str] = {}
         self._enabled = access_logger.enabled(logging.INFO)
         self._second = -1
         self._stamp = ""
+        self._millisecond = -1
+        self._prefix = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
 
     def _timestamp(self) -> str:
         now = time.time()
@@ -231,6 +390,82 @@ class AccessLog:
                     text = json.dumps(text)
                 parts.append(f"{key}={text}")
             line = " ".join(parts)
+        self._add(line)
+
+    def record_hit(
+        self,
+        request: ProxyRequest,
+        status: int,
+        cache: str,
+        region: str,
+        sent: int,
+        total: float,
+    ) -> None:
+        """The access line of a cache hit: the same fields as ``record``, in the same order.
+
+        Its constant middle (method, path, status, bytes, cache, region) is built once per
+        distinct value and the line is put together at ``flush``: about half a microsecond
+        here instead of four."""
+        if not self._enabled:
+            return
+        if _State.fmt == "json":
+            self.record(
+                method=request.method,
+                path=request.path,
+                status=status,
+                bytes=sent,
+                cache=cache,
+                region=region,
+                backend="-",
+                attempts=0,
+                upstream_ms=0.0,
+                total_ms=round(total * 1000, 2),
+                request_id=request.request_id.decode("ascii", "replace"),
+                client=request.client_ip,
+            )
+            return
+        key = (request.path, status, sent, cache, region, request.method)
+        middle = self._middles.get(key)
+        if middle is None:
+            middle = self._middle(key)
+        self._lines.append((time.time(), middle, total, request.request_id, request.client_ip))
+        if len(self._lines) >= 256:
+            self.flush()
+
+    def _middle(self, key: tuple[str, int, int, str, str, str]) -> str:
+        path, status, sent, cache, region, method = key
+        if _NEEDS_QUOTES.search(path):
+            path = json.dumps(path)
+        middle = (
+            f" method={method} path={path} status={status} bytes={sent} cache={cache}"
+            f" region={region} backend=- attempts=0 upstream_ms=0.0 total_ms="
+        )
+        if len(self._middles) >= 4096:  # bounded: paths are the client's choice
+            self._middles.clear()
+        self._middles[key] = middle
+        return middle
+
+    def _format_hit(self, item: tuple[float, str, float, bytes, str]) -> str:
+        now, middle, total, request_id, client = item
+        millisecond = int(now * 1000)
+        if millisecond != self._millisecond:  # lines of one millisecond share their prefix
+            self._millisecond = millisecond
+            self._prefix = (
+                f"ts={self._stamp_of(millisecond // 1000)}.{millisecond % 1000:03d}Z"
+                " level=info logger=edge.access event=access"
+            )
+        rid = request_id.decode("ascii", "replace")
+        if _NEEDS_QUOTES.search(rid):
+            rid = json.dumps(rid)
+        return f"{self._prefix}{middle}{round(total * 1000, 2)} request_id={rid} client={client}"
+
+    def _stamp_of(self, second: int) -> str:
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return self._stamp
+
+    def _add(self, line: str) -> None:
         self._lines.append(line)
         if len(self._lines) >= 256:
             self.flush()
@@ -238,8 +473,9 @@ class AccessLog:
     def flush(self) -> None:
         if not self._lines:
             return
-        text = "\n".join(self._lines) + "\n"
+        lines = [item if isinstance(item, str) else self._format_hit(item) for item in self._lines]
         self._lines.clear()
+        text = "\n".join(lines) + "\n"
         try:
             _State.stream.write(text)
             _State.stream.flush()
@@ -248,6 +484,77 @@ class AccessLog:
 
 
 _NEEDS_QUOTES = re.compile(r'[ ="\\\n\t]')
+
+
+class _FetchError(Exception):
+    """A fill's fetch got no usable response (raised inside ``HttpCache.fill``, so a stale
+    entry within its stale-if-error window is served instead; otherwise the edge answers)."""
+
+    def __init__(
+        self, status: int, reason: str, retry_after: int | None = None, *, close: bool = False
+    ) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+        self.retry_after = retry_after
+        self.close = close
+
+
+class _Handover:
+    """A live upstream response that a fill's fetch hands back to its own request to stream
+    (the cache will not store it), instead of buffering it whole.
+
+    ``marker`` is the (incomplete) ``UpstreamResponse`` the fetch returned to the cache; the
+    request streams the live body only when ``fill`` returns that very object.  ``close``
+    releases whatever was not taken (the client went away, a stale answer won, ...).
+    """
+
+    __slots__ = ("abandoned", "attempt", "data", "length", "marker", "prefix", "response")
+
+    def __init__(self) -> None:
+        self.abandoned = False
+        self.marker: UpstreamResponse | None = None
+        self.response: aiohttp.ClientResponse | None = None
+        self.attempt: Attempt | None = None
+        self.length: int | None = None
+        self.prefix: list[bytes] = []
+        #: The whole body, when it was read before the hand-over (no live stream left).
+        self.data: bytes | None = None
+
+    def attach(
+        self,
+        marker: UpstreamResponse,
+        response: aiohttp.ClientResponse,
+        attempt: Attempt,
+        length: int | None,
+        prefix: list[bytes],
+        data: bytes | None,
+    ) -> None:
+        self.marker = marker
+        self.response = response
+        self.attempt = attempt
+        self.length = length
+        self.prefix = prefix
+        self.data = data
+
+    async def body(self) -> AsyncIterator[bytes]:
+        assert self.response is not None
+        for chunk in self.prefix:
+            yield chunk
+        self.prefix = []
+        async for chunk in self.response.content.iter_any():
+            yield chunk
+
+    def close(self, upstream: UpstreamPool) -> None:
+        self.abandoned = True
+        response, attempt = self.response, self.attempt
+        self.response = self.attempt = None
+        self.marker = None
+        self.data = None
+        if response is not None:
+            response.release()
+        if attempt is not None:
+            upstream.release(attempt.backend)
 
 
 class Pipeline:
@@ -263,6 +570,8 @@ class Pipeline:
         access_log: AccessLog,
         clock: Callable[[], float],
         rng: random.Random | None = None,
+        cache: HttpCache | None = None,
+        transcoder: Transcoder | None = None,
     ) -> None:
         #: Swapped whole on reload; each request reads it once.
         self.state = state
@@ -272,17 +581,76 @@ class Pipeline:
         self.access_log = access_log
         self.clock = clock
         self.rng = rng or random.Random()
+        self.cache = cache
+        self.transcoder = transcoder
+        #: The fast path's lookup of a request it did not answer, for ``handle`` to reuse
+        #: (a second lookup would count a bypass twice and cost a second key build).
+        self._pending: tuple[ProxyRequest, Lookup] | None = None
 
     # -- stage 0: the fast path ---------------------------------------------------------------
 
     def fast_response(self, request: ProxyRequest) -> bytes | None:
-        """CACHE SEAM (hit fast path): complete response bytes for a fresh hit, else None.
+        """Complete response bytes for a cache hit (fresh, or stale while one background
+        refresh runs), else None.
 
-        Called synchronously from ``on_message_complete`` for a bodiless GET/HEAD on a
-        keep-alive connection with nothing in flight; the protocol writes the bytes in one
-        ``transport.write``.  The cache must do its own metrics/access-log accounting here.
+        Called synchronously from ``on_message_complete`` (or a replayed ``RequestHead``) for
+        a bodiless HTTP/1.1 GET/HEAD on a keep-alive connection with nothing in flight; the
+        protocol writes the bytes in one ``transport.write``.  Metrics and the access line
+        are accounted here.
         """
-        return None
+        cache = self.cache
+        if cache is None or request.http_version != "1.1":
+            return None
+        extra = self._request_id_line(request) if request.request_id_supplied else b""
+        head = request.head
+        if head is not None:
+            prepared = head.prepared
+            if prepared is None:
+                prepared = head.prepared = cache.prepare(
+                    _METHOD_BYTES[request.method],
+                    _SCHEME,
+                    request.host or b"",
+                    request.target,
+                    request.headers,
+                )
+            lookup = cache.lookup_prepared(prepared, None, extra)
+        else:
+            lookup = cache.lookup(
+                _METHOD_BYTES[request.method],
+                _SCHEME,
+                request.host or b"",
+                request.target,
+                request.headers,
+                None,
+                extra,
+            )
+        kind = lookup.kind
+        if kind is _HIT:
+            label = "HIT"
+        elif kind is _STALE:
+            label = "STALE"
+            if lookup.refresh:
+                self._refresh(request, lookup)
+        else:
+            self._pending = (request, lookup)
+            return None
+        wire = lookup.wire
+        state = self.state
+        route = head.route if head is not None else None
+        if route is None:
+            target = state.route(request.host, request.path)
+            route = target.route.name if target is not None else "-"
+            if head is not None:
+                head.route = route
+        region = _entry_region(lookup.entry)
+        status = int(wire[9:12])
+        total = self.clock() - request.received_at
+        self.metrics.observe_request(
+            route, status, label, region, total, state.config.edge.latency_target
+        )
+        if self.access_log.enabled:
+            self.access_log.record_hit(request, status, label, region, len(wire), total)
+        return wire
 
     # -- the slow path ------------------------------------------------------------------------
 
@@ -293,8 +661,9 @@ class Pipeline:
         record = ExchangeRecord()
         self.metrics.in_flight.inc()
         try:
-            target = state.router.match(normalise_host(request.host), request.path)
+            target = state.route(request.host, request.path)
             if target is None:
+                self._take_pending(request)
                 await self._send_error(sink, request, state, record, 404, "no_route")
                 return
             record.route = target.route.name
@@ -320,11 +689,351 @@ class Pipeline:
         target: RouteTarget,
         record: ExchangeRecord,
     ) -> None:
-        decision = await self.cache_lookup(request, target)
-        record.cache = decision.status
-        if decision.response is not None:
-            await self.send(sink, request, decision.response, record)
+        lookup = self._lookup(request, state)
+        kind = _BYPASS if lookup is None else lookup.kind
+        if lookup is not None and kind in (_HIT, _STALE, _ONLY_IF_CACHED):
+            record.cache = "MISS" if kind is _ONLY_IF_CACHED else kind.name
+            record.region = _entry_region(lookup.entry)
+            if kind is _STALE and lookup.refresh:
+                self._refresh(request, lookup)
+            self._write_wire(sink, request, lookup.wire, record)
             return
+        if lookup is not None and (kind is _MISS or kind is _REVALIDATE):
+            await self._fill(request, sink, state, target, record, lookup)
+            return
+        if self.cache is None and request.method in CACHEABLE_METHODS:
+            record.cache = "MISS"  # no cache at all: nothing was bypassed
+        else:
+            record.cache = "BYPASS"
+        await self._forward(request, body, sink, state, target, record)
+
+    # -- stage 2: cache lookup ----------------------------------------------------------------
+
+    def _lookup(self, request: ProxyRequest, state: EdgeState) -> Lookup | None:
+        cache = self.cache
+        if cache is None:
+            return None
+        pending = self._take_pending(request)
+        if pending is not None:
+            return pending
+        method = _METHOD_BYTES.get(request.method, request.method.encode("ascii", "replace"))
+        return cache.lookup(
+            method,
+            _SCHEME,
+            request.host or b"",
+            request.target,
+            request.headers,
+            None,
+            self._cached_extra(request, state),
+        )
+
+    def _take_pending(self, request: ProxyRequest) -> Lookup | None:
+        pending = self._pending
+        if pending is None:
+            return None
+        self._pending = None
+        if pending[0] is not request:
+            return None
+        lookup = pending[1]
+        if lookup.kind is _MISS or lookup.kind is _REVALIDATE or lookup.kind is _BYPASS:
+            return lookup  # carries no bytes: nothing about the connection is baked in
+        return None
+
+    def _request_id_line(self, request: ProxyRequest) -> bytes:
+        return self.state.request_id_header + b": " + request.request_id + b"\r\n"
+
+    def _cached_extra(self, request: ProxyRequest, state: EdgeState) -> bytes:
+        """Per-request header lines for bytes from the cache on the slow path."""
+        extra = self._request_id_line(request) if request.request_id_supplied else b""
+        return extra + _connection_line(request)
+
+    def _write_wire(
+        self, sink: ResponseSink, request: ProxyRequest, wire: bytes, record: ExchangeRecord
+    ) -> None:
+        record.status = int(wire[9:12])
+        sink.write_complete(wire, close=not request.keep_alive)
+
+    # -- stage 3a: fill (MISS / REVALIDATE) ---------------------------------------------------
+
+    async def _fill(
+        self,
+        request: ProxyRequest,
+        sink: ResponseSink,
+        state: EdgeState,
+        target: RouteTarget,
+        record: ExchangeRecord,
+        lookup: Lookup,
+    ) -> None:
+        cache = self.cache
+        assert cache is not None
+        handover = _Handover()
+        fetch = self._fill_fetch(request, state, target, record, lookup, handover)
+        extra = self._request_id_line(request) + _connection_line(request)
+        try:
+            try:
+                filled = await cache.fill(lookup, fetch, extra)
+            except _FetchError as exc:
+                await self._send_error(
+                    sink,
+                    request,
+                    state,
+                    record,
+                    exc.status,
+                    exc.reason,
+                    exc.retry_after,
+                    close=exc.close,
+                )
+                return
+            if filled.wire is not None:
+                record.cache = _X_CACHE_LABELS.get(filled.x_cache, "MISS")
+                if filled.entry is not None:
+                    record.region = _entry_region(filled.entry)
+                self._write_wire(sink, request, filled.wire, record)
+                return
+            record.cache = "MISS"
+            response = filled.response
+            assert response is not None
+            outgoing = self._unstored(request, state, response, handover)
+            if outgoing is None:
+                await self._send_error(sink, request, state, record, 502, "upstream_incomplete")
+                return
+            try:
+                outgoing = self.encode_response(request, target, outgoing)
+            except BodyError as exc:
+                await self._send_error(sink, request, state, record, 502, exc.reason)
+                return
+            await self.send(sink, request, outgoing, record)
+        finally:
+            handover.close(self.upstream)
+
+    def _fill_fetch(
+        self,
+        request: ProxyRequest,
+        state: EdgeState,
+        target: RouteTarget,
+        record: ExchangeRecord,
+        lookup: Lookup,
+        handover: _Handover | None,
+    ) -> Fetch:
+        """The fetch a fill calls: ``async (validators) -> UpstreamResponse``, a GET of the
+        normalised target with the client's headers minus its conditionals and minus unkeyed
+        headers that could change the response; raises ``_FetchError`` on failure.
+
+        ``handover`` None (background refresh): nothing is streamed, and a response too big to
+        buffer is dropped unstored."""
+        assert lookup.key is not None
+        forwarded = self._fill_request_headers(request, state)
+        target_text = lookup.key.target.decode("latin-1")
+
+        async def fetch(validators: list[tuple[bytes, bytes]]) -> UpstreamResponse:
+            # Each call walks the regions afresh (a fill may fetch twice: after a 304 for
+            # another representation); the request's record learns where it went.
+            walk = ExchangeRecord()
+            try:
+                got = await self._walk(
+                    "GET",
+                    target_text,
+                    upstream_request_headers(forwarded, validators),
+                    None,
+                    state,
+                    target,
+                    walk,
+                )
+            finally:
+                record.attempts.extend(walk.attempts)
+                if walk.region != "-":
+                    record.region, record.backend = walk.region, walk.backend
+                    record.upstream_seconds = walk.upstream_seconds
+            if isinstance(got, _EdgeError):
+                raise _FetchError(got.status, got.reason, got.retry_after)
+            if isinstance(got, RequestRejected):
+                raise _FetchError(got.status, got.reason)
+            response, attempt = got
+            return await self._read_for_cache(
+                request, state, target, lookup, response, attempt, handover
+            )
+
+        return fetch
+
+    def _fill_request_headers(self, request: ProxyRequest, state: EdgeState) -> Headers:
+        host = request.host
+        out: Headers = []
+        for name, value in rewrite_request_headers(
+            request.headers, self._forwarding(request, state)
+        ):
+            if name in UNKEYED_DROPPED_ON_FILL:
+                continue
+            if name == b"host" and host is not None:
+                value = host  # the key's host (an absolute-form target's authority wins)
+            out.append((name, value))
+        return out
+
+    async def _read_for_cache(
+        self,
+        request: ProxyRequest,
+        state: EdgeState,
+        target: RouteTarget,
+        lookup: Lookup,
+        response: aiohttp.ClientResponse,
+        attempt: Attempt,
+        handover: _Handover | None,
+    ) -> UpstreamResponse:
+        """Turn an upstream response into what ``fill`` stores: the whole body, decoded to
+        identity.  What the cache will not keep goes back to the request in ``handover``:
+        live, to stream (never buffered whole), or, when the edge must decode a small body
+        for this client, read whole first (so a decompression bomb is a 502, not a truncated
+        response)."""
+        cache = self.cache
+        assert cache is not None
+        kept = False
+
+        def hand_over(
+            length: int | None, prefix: list[bytes], data: bytes | None
+        ) -> UpstreamResponse:
+            nonlocal kept
+            marker = UpstreamResponse(status, headers, b"", reason, complete=False)
+            if handover is None or handover.abandoned:
+                return marker  # a background refresh, or the client is gone: nothing to send
+            handover.attach(marker, response, attempt, length, prefix, data)
+            kept = True
+            return marker
+
+        try:
+            status = response.status
+            reason = (response.reason or "").encode("latin-1", "replace")
+            headers = self._upstream_headers(response.raw_headers, state, attempt.region)
+            if status < 200 or status in (204, 304):
+                return UpstreamResponse(status, headers, b"", reason)
+            edge = state.config.edge
+            limit = edge.cache.max_object
+            length = response.content_length
+            coding = content_coding(headers)
+            decodable = coding is not None and coding in DECODABLE
+            refused = cache.storable_head(lookup, status, headers)
+            if refused is not None or (length is not None and length > limit):
+                small_for_decoding = (
+                    coding is not None
+                    and decodable
+                    and length is not None
+                    and length <= limit
+                    and not accepts(_accept_encoding(request.headers), coding.decode("latin-1"))
+                )
+                if not small_for_decoding or handover is None or handover.abandoned:
+                    return hand_over(length, [], None)
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.content.iter_any():
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    return hand_over(length, chunks, None)  # too big to keep: stream the rest
+            body = b"".join(chunks)
+            if refused is not None:
+                return hand_over(len(body), [], body)
+            if decodable:
+                assert coding is not None and self.transcoder is not None
+                try:
+                    decoded = decode_whole(
+                        body,
+                        coding,
+                        edge.compression.max_decoded_size,
+                        self.transcoder.stats,
+                        count_bomb=False,
+                    )
+                except (DecompressionBomb, ValueError):
+                    # Not stored; whether this client gets it as it is or a 502 is the
+                    # encoder's call (it passes the origin's coding to clients that accept it).
+                    return hand_over(len(body), [], body)
+                body = decoded
+                headers = decoded_headers(headers)
+            compressible = self.transcoder is not None and is_compressible(
+                status, headers, edge.compression, route=target.route.name, body_size=len(body)
+            )
+            return UpstreamResponse(status, headers, body, reason, compressible=compressible)
+        except (aiohttp.ClientError, ConnectionError, OSError, TimeoutError) as exc:
+            # The origin died (or stalled) mid-body: nothing is stored, the client is told.
+            log.warning(
+                "upstream_broke_mid_body",
+                backend=attempt.backend,
+                error=type(exc).__name__,
+                request_id=request.request_id.decode("ascii", "replace"),
+            )
+            self.metrics.upstream_failures.labels(attempt.region, "mid_body").inc()
+            self.health.report(attempt.backend, False)
+            raise _FetchError(502, "upstream_broke_mid_body", close=True) from None
+        finally:
+            if not kept:
+                response.release()
+                self.upstream.release(attempt.backend)
+
+    def _unstored(
+        self,
+        request: ProxyRequest,
+        state: EdgeState,
+        response: UpstreamResponse,
+        handover: _Handover,
+    ) -> OutgoingResponse | None:
+        """The response to send for a fill the cache did not store (X-Cache: MISS)."""
+        headers = list(response.headers)
+        headers.append((b"x-cache", b"MISS"))
+        if not any(name == b"age" for name, _ in headers):
+            headers.append((b"age", b"0"))
+        headers.append((state.request_id_header, request.request_id))
+        status = response.status
+        no_body = request.method == "HEAD" or status < 200 or status in (204, 304)
+        data: bytes | None
+        length: int | None
+        if response is handover.marker and handover.data is not None:
+            data = handover.data
+            length = len(data)
+            body: AsyncIterable[bytes] | None = None if no_body else _one(data)
+        elif response is handover.marker:
+            length = handover.length
+            body = None if no_body else handover.body()
+            data = None
+        elif response.complete:
+            data = response.body
+            length = len(data)
+            body = None if no_body else _one(data)
+        else:
+            return None  # another request's live stream: cannot happen, never half-send
+        return OutgoingResponse(
+            status=status,
+            reason=response.reason,
+            headers=headers,
+            length=None if no_body else length,
+            body=body,
+            head_length=length if no_body else None,
+            data=None if no_body else data,
+        )
+
+    def _refresh(self, request: ProxyRequest, lookup: Lookup) -> None:
+        """Stale-while-revalidate: one background fetch per key (the cache dedupes)."""
+        cache = self.cache
+        state = self.state
+        target = state.route(request.host, request.path)
+        if cache is None or target is None:
+            return
+        fetch = self._fill_fetch(request, state, target, ExchangeRecord(), lookup, None)
+        deadline = state.config.edge.timeouts.total
+
+        async def bounded(validators: list[tuple[bytes, bytes]]) -> UpstreamResponse:
+            async with asyncio.timeout(deadline):
+                return await fetch(validators)
+
+        cache.refresh(lookup, bounded)
+
+    # -- stage 3b: forward (BYPASS) -----------------------------------------------------------
+
+    async def _forward(
+        self,
+        request: ProxyRequest,
+        body: RequestBody | None,
+        sink: ResponseSink,
+        state: EdgeState,
+        target: RouteTarget,
+        record: ExchangeRecord,
+    ) -> None:
         fetched = await self.fetch(request, body, state, target, record)
         if isinstance(fetched, RequestRejected):
             await self._send_error(sink, request, state, record, fetched.status, fetched.reason)
@@ -337,28 +1046,53 @@ class Pipeline:
         response, attempt = fetched
         try:
             outgoing = self._from_upstream(request, state, record, response, attempt)
-            outgoing = self.cache_store(request, target, outgoing)
-            outgoing = self.encode_response(request, target, outgoing)
+            cache = self.cache
+            if cache is not None and request.method not in CACHEABLE_METHODS:
+                cache.invalidate(
+                    request.method.encode("ascii", "replace"),
+                    response.status,
+                    _SCHEME,
+                    request.host or b"",
+                    request.target,
+                    outgoing.headers,
+                )
+            try:
+                outgoing = self.encode_response(request, target, outgoing)
+            except BodyError as exc:
+                await self._send_error(sink, request, state, record, 502, exc.reason)
+                return
             await self.send(sink, request, outgoing, record)
         finally:
             response.release()
             self.upstream.release(attempt.backend)
 
-    # -- stage 2: cache lookup ----------------------------------------------------------------
-
-    async def cache_lookup(self, request: ProxyRequest, target: RouteTarget) -> CacheDecision:
-        """CACHE SEAM (lookup before upstream).  Receives the request and its route; returns
-        the X-Cache status to report and, for a hit or a stale answer, the response to send
-        (``OutgoingResponse``).  Coalescing waits happen in here.  Pass-through for now."""
-        if request.method not in CACHEABLE_METHODS:
-            return _BYPASS
-        return _MISS
-
-    # -- stage 3: upstream --------------------------------------------------------------------
+    # -- upstream -----------------------------------------------------------------------------
 
     async def fetch(
         self,
         request: ProxyRequest,
+        body: RequestBody | None,
+        state: EdgeState,
+        target: RouteTarget,
+        record: ExchangeRecord,
+    ) -> tuple[aiohttp.ClientResponse, Attempt] | _EdgeError | RequestRejected:
+        """The client's request as it is, through the failover walk (the BYPASS path)."""
+        headers = rewrite_request_headers(request.headers, self._forwarding(request, state))
+        return await self._walk(
+            request.method,
+            request.target.decode("latin-1"),
+            headers,
+            body if request.body.has_body else None,
+            state,
+            target,
+            record,
+        )
+
+    async def _walk(
+        self,
+        method: str,
+        target_text: str,
+        headers: Headers,
         body: RequestBody | None,
         state: EdgeState,
         target: RouteTarget,
@@ -369,9 +1103,7 @@ class Pipeline:
         regions = live_regions(target.regions, health)
         if not regions:
             return _EdgeError(503, "no_healthy_region", RETRY_AFTER_SECONDS)
-        headers = rewrite_request_headers(request.headers, self._forwarding(request, state))
-        target_text = request.target.decode("latin-1")
-        has_body = request.body.has_body
+        has_body = body is not None
         failure: UpstreamFailure | None = None
         while True:
             attempt = next_attempt(
@@ -381,7 +1113,7 @@ class Pipeline:
                 break
             if record.attempts:
                 assert failure is not None
-                if not retry_allowed(request.method, target.retry_methods, has_body, failure.kind):
+                if not retry_allowed(method, target.retry_methods, has_body, failure.kind):
                     break
                 self.metrics.retries.labels(target.service.name).inc()
                 if attempt.region != record.attempts[0].region:
@@ -394,11 +1126,7 @@ class Pipeline:
             self.upstream.acquire(attempt.backend)
             try:
                 response = await self.upstream.send(
-                    attempt.backend,
-                    request.method,
-                    target_text,
-                    headers,
-                    body if has_body else None,
+                    attempt.backend, method, target_text, headers, body
                 )
             except UpstreamFailure as exc:
                 self.upstream.release(attempt.backend)
@@ -412,7 +1140,7 @@ class Pipeline:
                     region=attempt.region,
                     kind=exc.kind.value,
                     detail=exc.detail,
-                    request_id=request.request_id.decode("ascii", "replace"),
+                    request_id=_header_text(headers, state.request_id_header),
                 )
                 failure = exc
                 continue
@@ -439,6 +1167,20 @@ class Pipeline:
             request_id=request.request_id,
         )
 
+    def _upstream_headers(
+        self, raw: Headers | tuple[tuple[bytes, bytes], ...], state: EdgeState, region: str
+    ) -> Headers:
+        """An upstream response's headers as the edge passes (and stores) them: hop-by-hop
+        and framing removed, the edge's own headers dropped, Via extended, the region added."""
+        own = (b"x-cache", b"x-meridian-region", state.request_id_header)
+        headers = [h for h in rewrite_response_headers(raw) if h[0] not in own]
+        prior_via = [v for n, v in headers if n == b"via"]
+        if prior_via:
+            headers = [h for h in headers if h[0] != b"via"]
+        headers.append((b"via", b", ".join([*prior_via, state.via])))
+        headers.append((b"x-meridian-region", region.encode()))
+        return headers
+
     def _from_upstream(
         self,
         request: ProxyRequest,
@@ -447,13 +1189,10 @@ class Pipeline:
         response: aiohttp.ClientResponse,
         attempt: Attempt,
     ) -> OutgoingResponse:
-        own = (b"x-cache", b"x-meridian-region", state.request_id_header)
-        headers = [h for h in rewrite_response_headers(response.raw_headers) if h[0] not in own]
-        prior_via = [v for n, v in headers if n == b"via"]
-        headers = [h for h in headers if h[0] != b"via"]
-        headers.append((b"via", b", ".join([*prior_via, via_value("1.1", state.pop)])))
+        headers = self._upstream_headers(response.raw_headers, state, attempt.region)
         headers.append((b"x-cache", record.cache.encode()))
-        headers.append((b"x-meridian-region", attempt.region.encode()))
+        if not any(name == b"age" for name, _ in headers):
+            headers.append((b"age", b"0"))
         headers.append((state.request_id_header, request.request_id))
         length = response.content_length
         no_body = request.method == "HEAD" or response.status in (204, 304)
@@ -466,27 +1205,25 @@ class Pipeline:
             head_length=length if no_body else None,
         )
 
-    # -- stage 4: cache store -----------------------------------------------------------------
-
-    def cache_store(
-        self, request: ProxyRequest, target: RouteTarget, response: OutgoingResponse
-    ) -> OutgoingResponse:
-        """CACHE SEAM (store).  Receives the identity response from upstream; returns it, or a
-        copy whose ``body`` also feeds the store (stored only once the body completes).
-        Pass-through for now."""
-        return response
-
-    # -- stage 5: compression -----------------------------------------------------------------
+    # -- stage 4: compression -----------------------------------------------------------------
 
     def encode_response(
         self, request: ProxyRequest, target: RouteTarget, response: OutgoingResponse
     ) -> OutgoingResponse:
-        """COMPRESSION SEAM.  Receives the response about to be sent (request headers carry
-        Accept-Encoding); returns it, or an encoded copy (new headers incl. Content-Encoding
-        and Vary, ``length`` None when streamed, wrapped ``body``).  Pass-through for now."""
-        return response
+        """An uncached response as this client gets it (``edge.transcode``): an origin coding
+        it does not accept decoded, compressible bodies compressed at the stream levels.
+        Raises ``BodyError`` when a body in memory cannot be decoded (a bomb: 502)."""
+        transcoder = self.transcoder
+        if transcoder is None:
+            return response
+        return transcoder.encode(
+            response,
+            _accept_encoding(request.headers),
+            target.route.name,
+            self.state.config.edge.compression,
+        )
 
-    # -- stage 6: send ------------------------------------------------------------------------
+    # -- stage 5: send ------------------------------------------------------------------------
 
     async def send(
         self,
@@ -508,17 +1245,19 @@ class Pipeline:
                     sink.write_body(chunk)
                     if sink.write_paused:
                         await sink.drain()
-            except (aiohttp.ClientError, ConnectionError, OSError) as exc:
-                # The origin died mid-body: close the client connection so the truncation shows
-                # (a missing last chunk or a short Content-Length), never a clean end.
+            except (aiohttp.ClientError, ConnectionError, OSError, BodyError) as exc:
+                # The origin died mid-body (or its coding broke): close the client connection
+                # so the truncation shows (a missing last chunk or a short Content-Length),
+                # never a clean end.
+                reason = exc.reason if isinstance(exc, BodyError) else "mid_body"
                 log.warning(
                     "upstream_broke_mid_body",
                     backend=record.backend,
-                    error=type(exc).__name__,
+                    error=reason if isinstance(exc, BodyError) else type(exc).__name__,
                     request_id=request.request_id.decode("ascii", "replace"),
                 )
-                self.metrics.upstream_failures.labels(record.region, "mid_body").inc()
-                if record.backend != "-":
+                self.metrics.upstream_failures.labels(record.region, reason).inc()
+                if record.backend != "-" and not isinstance(exc, BodyError):
                     self.health.report(record.backend, False)
                 sink.abort()
                 return
@@ -533,15 +1272,17 @@ class Pipeline:
         status: int,
         reason: str,
         retry_after: int | None = None,
+        *,
+        close: bool = False,
     ) -> None:
         record.status = status
         if record.cache == "MISS" and request.method not in CACHEABLE_METHODS:
             record.cache = "BYPASS"
         self.metrics.errors.labels(str(status), reason).inc()
-        extra: Headers = [(b"x-cache", record.cache.encode())]
+        extra: Headers = [(b"x-cache", record.cache.encode()), (b"age", b"0")]
         if record.region != "-":
             extra.append((b"x-meridian-region", record.region.encode()))
-        close = status in (400, 408, 413, 414, 431) or not request.keep_alive
+        close = close or status in (400, 408, 413, 414, 431) or not request.keep_alive
         sink.write_complete(
             error_response(
                 status,
@@ -592,8 +1333,45 @@ class _EdgeError:
     retry_after: int | None = None
 
 
-_MISS = CacheDecision("MISS")
-_BYPASS = CacheDecision("BYPASS")
+def _entry_region(entry: Entry | None) -> str:
+    """The region that filled a stored response (its X-Meridian-Region, added last)."""
+    if entry is None:
+        return "-"
+    for name, value in reversed(entry.response.headers):
+        if name == b"x-meridian-region":
+            return value.decode("latin-1")
+    return "-"
+
+
+def _connection_line(request: ProxyRequest) -> bytes:
+    """The Connection line cached bytes need: none for HTTP/1.1 keep-alive (the default)."""
+    if not request.keep_alive:
+        return _CLOSE_LINE
+    return _KEEP_ALIVE_LINE if request.http_version == "1.0" else b""
+
+
+def _header_text(headers: Headers, name: bytes) -> str:
+    for field_name, value in headers:
+        if field_name == name:
+            return value.decode("ascii", "replace")
+    return "-"
+
+
+def _accept_encoding(headers: Headers) -> bytes | None:
+    found: bytes | None = None
+    for name, value in headers:
+        if name == b"accept-encoding":
+            found = value if found is None else found + b"," + value
+    return found
+
+
+async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    if data:
+        yield data
+
+
+def _one(data: bytes) -> AsyncIterable[bytes]:
+    return _one_chunk(data)
 
 
 def monotonic() -> float:
@@ -601,8 +1379,8 @@ def monotonic() -> float:
 
 
 __all__ = [
+    "UNKEYED_DROPPED_ON_FILL",
     "AccessLog",
-    "CacheDecision",
     "EdgeState",
     "ExchangeRecord",
     "OutgoingResponse",

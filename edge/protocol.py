@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from edge.http1 import (
+    NO_BODY,
     BodyFraming,
     BodyKind,
     Headers,
@@ -34,13 +35,12 @@ from edge.http1 import (
     encode_chunk,
     error_response,
     expects_continue,
-    head_budget,
     is_websocket_upgrade,
     new_request_id,
     serialize_head,
     valid_request_id,
 )
-from edge.pipeline import Pipeline, ProxyRequest
+from edge.pipeline import Pipeline, ProxyRequest, RequestHead
 from meridian.log import get_logger
 
 if TYPE_CHECKING:
@@ -54,10 +54,26 @@ BODY_HIGH_WATER = 256 * 1024
 #: Pipelined requests queued before the connection stops reading.
 PIPELINE_DEPTH = 16
 
+#: On the edge's own rejections: every response says X-Cache and Age.
+_NOT_CACHED: Headers = [(b"x-cache", b"BYPASS"), (b"age", b"0")]
+
 _DEADLINE_NONE = 0
 _DEADLINE_HEADER = 1
 _DEADLINE_BODY = 2
 _DEADLINE_IDLE = 3
+
+
+#: Raw request chunks remembered per config snapshot, and the largest one remembered.
+REQUEST_HEADS_SIZE = 4096
+REQUEST_HEAD_MAX_BYTES = 2048
+
+
+def remember_head(heads: dict[bytes, RequestHead], data: bytes, head: RequestHead) -> None:
+    if len(data) > REQUEST_HEAD_MAX_BYTES:
+        return
+    if len(heads) >= REQUEST_HEADS_SIZE:
+        heads.clear()  # bounded without bookkeeping: it refills with what is hot
+    heads[data] = head
 
 
 class StreamedBody:
@@ -225,7 +241,15 @@ class EdgeConnection(asyncio.Protocol):
         self._headers: Headers = []
         self._header_bytes = 0
         self._head_bytes = 0
+        self._hosts = 0
+        self._host: bytes | None = None
+        self._supplied_id: bytes | None = None
+        self._framing_headers = False
         self._reading_head = False
+        #: Messages begun in the chunk being fed, and the head of the last bodiless
+        #: keep-alive GET/HEAD parsed from it (see ``RequestHead``).
+        self._chunk_messages = 0
+        self._head_seen: RequestHead | None = None
         self._rejected: RequestRejected | None = None
         # Requests.
         self._current: Exchange | None = None
@@ -287,12 +311,26 @@ class EdgeConnection(asyncio.Protocol):
         if self._tunnel is not None:
             self._tunnel.from_client(data)
             return
+        at_boundary = not self._reading_head and self._current is None
+        if at_boundary and self._active is None:
+            head = self._pipeline.state.request_heads.get(data)
+            if head is not None and not self._connections.draining:
+                self._replay(head)
+                return
         if self._reading_head:
             self._head_bytes += len(data)
+        self._chunk_messages = 0
+        self._head_seen = None
         try:
-            if self._head_bytes > head_budget(self._pipeline.state.config.edge.limits):
+            if self._head_bytes > self._pipeline.state.head_budget:
                 raise RequestRejected(431 if self._url_parts else 414, "head_too_large")
             self._parser.feed_data(data)
+            head = self._head_seen
+            if head is not None:
+                self._head_seen = None
+                if at_boundary and self._chunk_messages == 1 and not self._reading_head:
+                    # The chunk was exactly one request: remember its parsed head.
+                    remember_head(self._pipeline.state.request_heads, data, head)
         except httptools.HttpParserUpgrade as upgrade:
             self._upgraded(data[int(upgrade.args[0]) :])
         except httptools.HttpParserCallbackError:
@@ -310,11 +348,17 @@ class EdgeConnection(asyncio.Protocol):
     # -- httptools callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._chunk_messages += 1
+        self._head_seen = None
         self._url_parts = []
         self._url_length = 0
         self._headers = []
         self._header_bytes = 0
         self._head_bytes = 0
+        self._hosts = 0
+        self._host = None
+        self._supplied_id = None
+        self._framing_headers = False
         self._reading_head = True
         self._set_deadline(_DEADLINE_HEADER)
 
@@ -325,13 +369,25 @@ class EdgeConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value) + 4
-        self._headers.append((name.lower(), value))
-        limits = self._pipeline.state.config.edge.limits
-        try:
-            check_header_section(len(self._headers), self._header_bytes, limits)
-        except RequestRejected as exc:
-            self._rejected = exc
-            raise
+        name = name.lower()
+        headers = self._headers
+        headers.append((name, value))
+        state = self._pipeline.state
+        if len(headers) > state.max_headers or self._header_bytes > state.max_header_bytes:
+            try:
+                check_header_section(len(headers), self._header_bytes, state.config.edge.limits)
+            except RequestRejected as exc:
+                self._rejected = exc
+                raise
+        if name in state.tracked_headers:  # noted now: no second pass over the headers
+            if name == b"host":
+                self._hosts += 1
+                self._host = value
+            elif name == state.request_id_header:
+                if self._supplied_id is None:
+                    self._supplied_id = value
+            else:
+                self._framing_headers = True
 
     def on_headers_complete(self) -> None:
         self._reading_head = False
@@ -343,21 +399,23 @@ class EdgeConnection(asyncio.Protocol):
         try:
             if method == "CONNECT":
                 raise RequestRejected(405, "connect_not_supported")
-            framing = check_request_framing(headers, version, state.config.edge.limits)
-            host = _single_host(headers, version)
+            framing = (
+                check_request_framing(headers, version, state.config.edge.limits)
+                if self._framing_headers
+                else NO_BODY
+            )
+            if self._hosts > 1:
+                raise RequestRejected(400, "duplicate_host")
+            if not self._hosts and version == "1.1":
+                raise RequestRejected(400, "missing_host")
         except RequestRejected as exc:
             self._rejected = exc
             raise
         url = b"".join(self._url_parts)
-        target, path, host = _origin_form(url, host)
-        supplied = None
-        for name, value in headers:
-            if name == state.request_id_header:
-                supplied = value
-                break
-        request_id = (
-            supplied if supplied is not None and valid_request_id(supplied) else (new_request_id())
-        )
+        target, path, host = _origin_form(url, self._host)
+        supplied = self._supplied_id
+        request_supplied = supplied is not None and valid_request_id(supplied)
+        request_id = supplied if request_supplied and supplied is not None else new_request_id()
         upgrade = parser.should_upgrade()
         websocket = upgrade and method == "GET" and is_websocket_upgrade(headers)
         request = ProxyRequest(
@@ -373,6 +431,7 @@ class EdgeConnection(asyncio.Protocol):
             body=framing,
             request_id=request_id,
             received_at=self._pipeline.clock(),
+            request_id_supplied=request_supplied,
         )
         body = (
             StreamedBody(self._pause_for_body, self._resume_for_body) if framing.has_body else None
@@ -415,19 +474,52 @@ class EdgeConnection(asyncio.Protocol):
         if exchange.scheduled:
             return
         request = exchange.request
-        if (
-            self._active is None
-            and request.keep_alive
-            and not self._connections.draining
-            and request.method in ("GET", "HEAD")
-        ):
-            prebuilt = self._pipeline.fast_response(request)
-            if prebuilt is not None and self._transport is not None:
-                self._transport.write(prebuilt)
-                self.bytes_sent += len(prebuilt)
-                self._set_deadline(_DEADLINE_IDLE)
-                return
+        if request.keep_alive and request.method in ("GET", "HEAD"):
+            if request.http_version == "1.1" and exchange.body is None:
+                self._head_seen = RequestHead(
+                    request.method,
+                    request.target,
+                    request.path,
+                    request.host,
+                    request.headers,
+                    request.request_id if request.request_id_supplied else None,
+                )
+            if self._active is None and not self._connections.draining:
+                prebuilt = self._pipeline.fast_response(request)
+                if prebuilt is not None and self._transport is not None:
+                    self._transport.write(prebuilt)
+                    self.bytes_sent += len(prebuilt)
+                    self._set_deadline(_DEADLINE_IDLE)
+                    return
         self._schedule(exchange)
+
+    def _replay(self, head: RequestHead) -> None:
+        """A request whose exact bytes were parsed and validated before: no parser, no
+        callbacks (the parser stays at the message boundary it was at)."""
+        supplied = head.supplied_id
+        request = ProxyRequest(
+            head.method,
+            head.target,
+            head.path,
+            head.host,
+            "1.1",
+            head.headers,
+            True,
+            self.client_ip,
+            NO_BODY,
+            supplied if supplied is not None else new_request_id(),
+            self._pipeline.clock(),
+            supplied is not None,
+            head,
+        )
+        prebuilt = self._pipeline.fast_response(request)
+        if prebuilt is not None and self._transport is not None:
+            self._transport.write(prebuilt)
+            self.bytes_sent += len(prebuilt)
+            self._set_deadline(_DEADLINE_IDLE)
+            return
+        self._set_deadline(_DEADLINE_NONE)
+        self._schedule(Exchange(request, None, False))
 
     # -- scheduling ---------------------------------------------------------------------------
 
@@ -462,7 +554,12 @@ class EdgeConnection(asyncio.Protocol):
             if self._active is exchange and not exchange.response_started:
                 self.write_complete(
                     error_response(
-                        500, self._pipeline.state.pop, "internal_error", exchange.request.request_id
+                        500,
+                        self._pipeline.state.pop,
+                        "internal_error",
+                        exchange.request.request_id,
+                        request_id_header=self._pipeline.state.request_id_header,
+                        extra=_NOT_CACHED,
                     ),
                     close=True,
                 )
@@ -600,17 +697,8 @@ class EdgeConnection(asyncio.Protocol):
 
     def _set_deadline(self, kind: int) -> None:
         self._deadline_kind = kind
-        if kind == _DEADLINE_NONE:
-            return
-        timeouts = self._pipeline.state.config.edge.timeouts
-        seconds = (
-            timeouts.client_header
-            if kind == _DEADLINE_HEADER
-            else timeouts.client_body
-            if kind == _DEADLINE_BODY
-            else timeouts.client_idle
-        )
-        self._deadline = self._loop.time() + seconds
+        if kind != _DEADLINE_NONE:
+            self._deadline = self._loop.time() + self._pipeline.state.deadlines[kind]
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -656,6 +744,7 @@ class EdgeConnection(asyncio.Protocol):
                     rejected.reason,
                     new_request_id(),
                     request_id_header=state.request_id_header,
+                    extra=_NOT_CACHED,
                 )
             )
             self._transport.close()
@@ -713,15 +802,6 @@ def _parser_reason(exc: Exception) -> str:
         if needle in text:
             return reason
     return "malformed_request"
-
-
-def _single_host(headers: Headers, version: str) -> bytes | None:
-    hosts = [value for name, value in headers if name == b"host"]
-    if len(hosts) > 1:
-        raise RequestRejected(400, "duplicate_host")
-    if not hosts and version == "1.1":
-        raise RequestRejected(400, "missing_host")
-    return hosts[0] if hosts else None
 
 
 def _origin_form(url: bytes, host: bytes | None) -> tuple[bytes, str, bytes | None]:

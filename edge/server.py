@@ -9,7 +9,10 @@
   ``EdgeState`` is swapped in; requests in flight keep the snapshot they started with.
 * SIGTERM: stop accepting, close idle keep-alive connections, let requests in flight finish
   (their responses carry ``Connection: close``) for up to ``edge.drain_timeout``, close the
-  rest, exit 0.
+  rest, let the cache's background work (refreshes, Redis writes) finish, exit 0.
+* The cache (``edge.cache.HttpCache``) lives as long as the worker: a reload reconfigures it
+  (rules and limits change, stored entries stay), the purge endpoint is on the admin listener,
+  and its metrics and the compression counters are in the worker's registry.
 """
 
 from __future__ import annotations
@@ -27,8 +30,12 @@ import uvloop
 from prometheus_client import CollectorRegistry
 
 from edge.admin import AdminServer, EdgeMetrics
+from edge.cache import HttpCache
+from edge.compress import negotiate
 from edge.pipeline import AccessLog, EdgeState, Pipeline
 from edge.protocol import Connections
+from edge.purge import PurgeEndpoint
+from edge.transcode import CompressionStats, Transcoder
 from edge.upstream import UpstreamPool
 from meridian.config import Config, ConfigError, HostPort
 from meridian.health import HealthMonitor
@@ -93,13 +100,29 @@ class EdgeWorker:
         upstream = UpstreamPool(pool_size=config.edge.pool_size, timeouts=config.edge.timeouts)
         await upstream.start()
         await health.start()
+        stats = CompressionStats()
+        registry.register(stats)
+        transcoder = Transcoder(stats)
+        state = EdgeState.build(config, pop, self.holder.generation)
+        cache = HttpCache(
+            config.edge.cache,
+            registry,
+            clock=time.time,
+            compressor=transcoder.cached_compressor(lambda: pipeline.state.config.edge.compression),
+            negotiate=negotiate,
+            compress_offload_above=config.edge.compression.offload_above,
+            instance_id=f"{pop}:{os.uname().nodename}:{os.getpid()}",
+        )
+        await cache.start()
         pipeline = Pipeline(
-            EdgeState.build(config, pop, self.holder.generation),
+            state,
             upstream=upstream,
             health=health,
             metrics=metrics,
             access_log=AccessLog(),
             clock=time.perf_counter,
+            cache=cache,
+            transcoder=transcoder,
         )
         connections = Connections(pipeline, loop)
         listen = self.options.listen or config.listeners.edge
@@ -131,6 +154,13 @@ class EdgeWorker:
                 "websockets": len(connections.tunnels),
                 "draining": connections.draining,
                 "upstream_outstanding": dict(upstream.outstanding),
+                "cache": {
+                    "enabled": cache.enabled,
+                    "entries": len(cache.store),
+                    "bytes": cache.store.bytes,
+                    "redis": cache.l2 is not None,
+                    "redis_available": cache.l2 is not None and cache.l2.available,
+                },
                 "routes": [
                     {"route": t.route.name, "service": t.service.name, "regions": list(t.regions)}
                     for t in pipeline.state.router.targets
@@ -144,12 +174,14 @@ class EdgeWorker:
                 registry, status=status, ready=region_ready, draining=lambda: connections.draining
             )
             admin_address = self.options.admin or config.listeners.edge_admin
+            PurgeEndpoint(lambda: cache).install(admin.app)
             await admin.start(admin_address.host, admin_address.port, sock=admin_sock)
 
         def on_reload(new: Config, generation: int) -> None:
             # In-flight requests hold the old EdgeState; new ones read this one.
             pipeline.state = EdgeState.build(new, pop, generation)
             health.update_config(new)
+            cache.reconfigure(new.edge.cache)
             metrics.config_generation.set(generation)
             metrics.latency_target.set(new.edge.latency_target)
 
@@ -187,6 +219,11 @@ class EdgeWorker:
             lifecycle.uninstall()
             if admin is not None:
                 await admin.stop()
+            try:
+                async with asyncio.timeout(drain_timeout):
+                    await cache.aclose()
+            except TimeoutError:
+                log.warning("cache_close_timed_out", worker=self.worker)
             await health.stop()
             await upstream.close()
         return 0

@@ -3,7 +3,10 @@
 Also an echo origin of our own (``python -m tests.edge_support echo --port N --region R``),
 because the sample origin has no header echo: it answers ``/echo`` with the request it saw,
 records every request it receives (``GET /_seen``, not itself recorded), and has endpoints that
-misbehave on purpose (chunked streams, dying mid-body, slow answers, large bodies).
+misbehave on purpose (chunked streams, dying mid-body, slow answers, large bodies).  For the
+cache and compression tests it also has ``/cc/...`` (caching headers chosen by the query
+string, a per-URL counter in the body, and on purpose the classic unkeyed-header behaviours a
+poisoning attack exploits), ``/gz`` (an origin-gzipped body) and ``/bomb`` (a gzip bomb).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -101,7 +105,15 @@ class Proc:
 
 
 class Origin(Proc):
-    def __init__(self, region: str, tmp: Path, *, echo: bool = False, port: int | None = None):
+    def __init__(
+        self,
+        region: str,
+        tmp: Path,
+        *,
+        echo: bool = False,
+        port: int | None = None,
+        update_interval: float | None = None,
+    ):
         self.region = region
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -128,6 +140,8 @@ class Origin(Proc):
                 "--log-level",
                 "warning",
             ]
+            if update_interval is not None:
+                argv += ["--update-interval", str(update_interval)]
         super().__init__(argv, tmp / f"origin-{region}-{self.port}.log", f"origin {region}")
 
     def ready(self) -> Origin:
@@ -151,6 +165,15 @@ class Origin(Proc):
         assert status == 200
         result: list[dict[str, Any]] = json.loads(data)
         return result
+
+    def seen_for(self, path: str) -> list[dict[str, Any]]:
+        """Requests the echo origin received for ``path`` (path and query, exactly)."""
+        return [r for r in self.seen() if r["path"] == path]
+
+    def count(self, path: str) -> int:
+        """The sample origin's request counter for ``path``."""
+        paths: dict[str, int] = self.control()["requests"]["paths"]
+        return paths.get(path, 0)
 
 
 class Edge(Proc):
@@ -188,6 +211,25 @@ class Edge(Proc):
         assert code == 200
         result: dict[str, Any] = json.loads(body)
         return result
+
+    def purge(
+        self, document: dict[str, Any] | None = None, token: str | None = None, **query: str
+    ) -> tuple[int, dict[str, Any]]:
+        """POST /purge on the admin listener (``query`` goes in the query string)."""
+        headers = {"content-type": "application/json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        path = "/purge"
+        if query:
+            path += "?" + "&".join(f"{k}={v}" for k, v in query.items())
+        status, _, body = http_request(
+            self.admin_port,
+            "POST",
+            path,
+            headers=headers,
+            body=json.dumps(document or {}).encode(),
+        )
+        return status, json.loads(body)
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples of ``name`` whose labels include ``labels``."""
@@ -289,6 +331,48 @@ def http_request(
         lines.append(f"Content-Length: {len(body)}")
     raw = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
     return parse_response(raw_exchange(port, raw, timeout=timeout))
+
+
+class Client:
+    """One keep-alive HTTP/1.1 connection to the edge (a cache hit on it takes the fast
+    path); reconnects after the edge closes.  Sends ``Accept-Encoding: identity`` unless the
+    caller sets Accept-Encoding."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+        self.port = port
+        self.host = host
+        self.timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        if self._conn is None:
+            self._conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+        sent = {"Host": self.host, **(headers or {})}
+        try:
+            self._conn.request(method, path, body=body, headers=sent)
+            response = self._conn.getresponse()
+            data = response.read()
+        except (http.client.HTTPException, OSError):
+            self.close()
+            raise
+        result = {k.lower(): v for k, v in response.getheaders()}
+        if response.will_close:
+            self.close()
+        return response.status, result, data
+
+    def get(self, path: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+        return self.request("GET", path, {k.replace("_", "-"): v for k, v in headers.items()})
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 def raw_exchange(port: int, data: bytes, *, timeout: float = 10.0) -> bytes:
@@ -406,7 +490,8 @@ def _echo_app(region: str) -> Any:
         count = int(request.query.get("chunks", "5"))
         size = int(request.query.get("size", "1000"))
         delay = float(request.query.get("delay", "0"))
-        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        content_type = request.query.get("ctype", "application/octet-stream")
+        response = web.StreamResponse(headers={"Content-Type": content_type})
         response.enable_chunked_encoding()
         await response.prepare(request)
         for i in range(count):
@@ -419,6 +504,8 @@ def _echo_app(region: str) -> Any:
     async def die_mid_body(request: web.Request) -> web.StreamResponse:
         chunked = request.query.get("chunked") == "1"
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        if request.query.get("cacheable") == "1":
+            response.headers["Cache-Control"] = "public, max-age=60"
         if chunked:
             response.enable_chunked_encoding()
         else:
@@ -441,6 +528,75 @@ def _echo_app(region: str) -> Any:
     async def seen_handler(request: web.Request) -> web.Response:
         return web.json_response(seen)
 
+    counts: dict[str, int] = {}
+
+    async def cacheable(request: web.Request) -> web.Response:
+        """Caching headers from the query: cc (Cache-Control), etag, vary, tag
+        (Surrogate-Key), cookie (a Set-Cookie), size (padding); a counter per URL in the
+        body.  Deliberately naive about unkeyed headers, like many real origins: it serves
+        X-Original-URL / X-Rewrite-URL instead of the path, believes X-Forwarded-Host and
+        X-HTTP-Method-Override, and reflects them in the body."""
+        query = request.query
+        key = request.path_qs
+        counts[key] = counts.get(key, 0) + 1
+        etag = query.get("etag")
+        headers = {"Cache-Control": query.get("cc", "public, max-age=60")}
+        if etag:
+            headers["ETag"] = f'"{etag}"'
+            if request.headers.get("If-None-Match", "").strip('W/"') == etag:
+                return web.Response(status=304, headers=headers)
+        if "vary" in query:
+            headers["Vary"] = query["vary"]
+        if "tag" in query:
+            headers["Surrogate-Key"] = query["tag"]
+        if "cookie" in query:
+            headers["Set-Cookie"] = "session=s3cret; Path=/"
+        document = {
+            "n": counts[key],
+            "path": request.headers.get("X-Original-URL")
+            or request.headers.get("X-Rewrite-URL")
+            or request.path_qs,
+            "method": request.headers.get("X-HTTP-Method-Override", request.method),
+            "host": request.headers.get("X-Forwarded-Host", request.host),
+            "host_header": request.host,
+            "variant": request.headers.get("X-Variant"),
+            "pad": "p" * int(query.get("size", "0")),
+        }
+        return web.json_response(document, headers=headers)
+
+    async def gzipped(request: web.Request) -> web.Response:
+        """A JSON body the origin gzipped itself (Content-Encoding: gzip)."""
+        body = json.dumps({"symbol": "BTC-USD", "rows": [[i, i * 2] for i in range(400)]})
+        return web.Response(
+            body=__import__("gzip").compress(body.encode(), mtime=0),
+            headers={
+                "Content-Type": "application/json",
+                "Content-Encoding": "gzip",
+                "Cache-Control": request.query.get("cc", "no-store"),
+                "Vary": "Accept-Encoding",
+            },
+        )
+
+    bombs: dict[int, bytes] = {}
+
+    async def bomb(request: web.Request) -> web.Response:
+        """A gzip bomb: ``mb`` MiB of zeros (default 256) in a body of about 0.1% of that."""
+        megabytes = int(request.query.get("mb", "256"))
+        if megabytes not in bombs:
+            compressor = __import__("zlib").compressobj(9, 8, 31)
+            block = bytes(1 << 20)
+            parts = [compressor.compress(block) for _ in range(megabytes)]
+            parts.append(compressor.flush())
+            bombs[megabytes] = b"".join(parts)
+        return web.Response(
+            body=bombs[megabytes],
+            headers={
+                "Content-Type": "application/json",
+                "Content-Encoding": "gzip",
+                "Cache-Control": request.query.get("cc", "no-store"),
+            },
+        )
+
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
@@ -455,6 +611,9 @@ def _echo_app(region: str) -> Any:
     app.router.add_get("/slow", slow)
     app.router.add_get("/big", big)
     app.router.add_get("/status/{code}", status)
+    app.router.add_route("*", "/cc/{tail:.*}", cacheable)
+    app.router.add_get("/gz", gzipped)
+    app.router.add_get("/bomb", bomb)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
 

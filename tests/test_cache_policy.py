@@ -365,7 +365,16 @@ def test_age_is_corrected_by_the_response_delay() -> None:
 
 def test_apparent_age_wins_when_date_is_old() -> None:
     f = fresh([(b"date", date(-30)), (b"age", b"5")])
-    assert f.initial_age == 30
+    assert f.initial_age == 29  # from the end of the Date's second (DATE_RESOLUTION)
+
+
+def test_a_truncated_date_does_not_age_a_fresh_response() -> None:
+    # Generated at NOW + 0.9 but dated NOW (one-second resolution), received at once:
+    # a 500 ms TTL must still be fresh on arrival.
+    sub_second = CacheRule(path_prefix="/", ttl=0.5, force_ttl=True)
+    f = fresh([(b"date", date())], rule=sub_second, request_time=NOW + 0.9, response_time=NOW + 0.9)
+    assert f.initial_age == 0
+    assert f.ttl(NOW + 0.9) == 0.5
 
 
 def test_date_in_the_future_gives_no_negative_age() -> None:

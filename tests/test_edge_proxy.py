@@ -360,6 +360,7 @@ def test_smuggling_vectors_are_rejected_with_400_and_never_reach_the_origin(worl
     response = _request(edge, SMUGGLING[name] + b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n")
     assert statuses(response) == [400], response[:300]
     assert b"connection: close" in response
+    assert b"x-cache: BYPASS" in response and b"age: 0" in response
     assert _seen_paths(origin).count("/smuggle") == before
     assert b"/after" not in response
 

@@ -19,6 +19,9 @@ API (all headers are ``list[tuple[bytes, bytes]]`` with lower-case names)::
     cache.reconfigure(new_config.edge.cache)  # on SIGHUP: rules/limits now, entries kept
 
     cache.lookup(method, scheme, host, target, headers, now=None, extra=b"") -> Lookup   # sync
+    cache.prepare(method, scheme, host, target, headers) -> Prepared   # the request-only part
+    cache.lookup_prepared(prepared, now=None, extra=b"") -> Lookup     # lookup = both, in turn
+    cache.storable_head(lookup, status, headers) -> str | None         # stream, not buffer?
     await cache.fill(lookup, fetch, extra=b"") -> Filled     # MISS / REVALIDATE, coalesced
     cache.refresh(lookup, fetch) -> bool                     # STALE with lookup.refresh
     cache.invalidate(method, status, scheme, host, target, response_headers) -> int
@@ -55,6 +58,11 @@ The edge's request path::
         case LookupKind.BYPASS:
             response = await proxy(...)                   # X-Cache: BYPASS
             cache.invalidate(method, response.status, scheme, host, raw_target, response.headers)
+
+A fetch may return an ``UpstreamResponse`` with ``complete=False`` for a response the cache
+will not keep (``storable_head`` says why from the head alone, or the body outgrew
+``max_object``): the edge then streams that body to its own client itself; it is never stored
+but still counts as the origin's answer (5xx -> stale-if-error, no-store -> supersedes).
 
 ``fill`` re-raises the fetch's exception when there is nothing stale to serve (the edge
 answers 502/504 itself).  Served bytes carry ``x-cache`` and ``age`` and the cache-wide
@@ -119,6 +127,7 @@ from .policy import (
     CacheControl,
     Header,
     Headers,
+    ResponseMeta,
     Use,
     compute_freshness,
     decide,
@@ -151,6 +160,11 @@ class UpstreamResponse:
     reason: bytes = b""
     #: The edge's verdict: worth compressing (type, size, no Set-Cookie, route allows it).
     compressible: bool = False
+    #: False when ``body`` is not the whole body: the edge streams the rest to its client
+    #: itself (a response ``storable_head`` refused, or one too large to buffer).  Such a
+    #: response is never stored; it still counts as the origin's answer (304/5xx handling,
+    #: superseding a stored response).
+    complete: bool = True
 
 
 #: ``async fetch(validators) -> UpstreamResponse``; see the module docstring.
@@ -197,6 +211,22 @@ class RequestInfo(NamedTuple):
     authorized: bool
     if_none_match: bytes | None
     if_modified_since: bytes | None
+
+
+class Prepared(NamedTuple):
+    """``HttpCache.prepare``'s result: what a lookup needs from the request alone."""
+
+    keys: KeyBuilder
+    method: bytes
+    scheme: bytes
+    host: bytes
+    target: bytes
+    headers: Headers
+    key: CacheKey | None
+    #: Set when the cache has nothing to do with the request (also when ``bypass`` is set).
+    request: RequestInfo | None
+    #: The BYPASS reason, or "".
+    bypass: str
 
 
 class Lookup(NamedTuple):
@@ -447,6 +477,8 @@ class HttpCache:
         self._purged_primaries: dict[bytes, float] = {}
         self._purges: deque[tuple[float, str, bytes]] = deque()
         self._bypass: dict[str, Lookup] = {}
+        #: The last header list ``storable_head`` parsed, and its meta (see ``_admit``).
+        self._head_meta: tuple[Sequence[Header], ResponseMeta] | None = None
         self._codings: dict[bytes | None, Coding] = {}
         if registry is not None:
             registry.register(self.metrics)
@@ -521,15 +553,29 @@ class HttpCache:
 
         ``target`` is the raw request target; ``host`` the Host header (or b"" for an
         absolute-form target, whose authority wins).  ``now`` defaults to the cache's clock.
+        The same as ``lookup_prepared(prepare(...))``.
         """
+        return self.lookup_prepared(self.prepare(method, scheme, host, target, headers), now, extra)
+
+    def prepare(
+        self, method: bytes, scheme: bytes, host: bytes, target: bytes, headers: Headers
+    ) -> Prepared:
+        """Everything ``lookup`` derives from the request alone (key, rule, the request's
+        cache directives, conditionals and coding), with no clock and no store.
+
+        A client repeating a request byte for byte can reuse the result: the edge keeps it
+        with the request head it memoises, so a hit skips key building and header parsing.
+        Valid until ``reconfigure`` (``lookup_prepared`` checks and prepares again).
+        """
+        keys = self.keys
         if not self.enabled:
-            return self._bypassed("disabled")
+            return Prepared(keys, method, scheme, host, target, headers, None, None, "disabled")
         head = method == b"HEAD"
         if not head and method != b"GET":
-            return self._bypassed("method")
-        key = self.keys.build(scheme, host, target)
+            return Prepared(keys, method, scheme, host, target, headers, None, None, "method")
+        key = keys.build(scheme, host, target)
         if key.rule.bypass:
-            return self._bypassed("rule")
+            return Prepared(keys, method, scheme, host, target, headers, key, None, "rule")
         found: list[bytes | None] = [None, None, None, None, None, None, None]
         for name, value in headers:
             slot = _REQUEST_FIELDS.get(name)
@@ -537,25 +583,21 @@ class HttpCache:
                 continue
             if slot == _REQ_BODY:
                 if name == b"transfer-encoding" or value.strip() not in (b"0", b""):
-                    return self._bypassed("request-body")
+                    return Prepared(
+                        keys, method, scheme, host, target, headers, key, None, "request-body"
+                    )
                 continue
             previous = found[slot]
             # List-valued fields arrive on several lines: join them (RFC 9110 5.3).
             found[slot] = value if previous is None else previous + b"," + value
         if found[_REQ_PRECONDITION] is not None:
-            return self._bypassed("precondition")
+            return Prepared(keys, method, scheme, host, target, headers, key, None, "precondition")
         cc_raw = found[_REQ_CACHE_CONTROL]
         cc = NO_DIRECTIVES
         if cc_raw is not None:
             cc = parse_cache_control(cc_raw)
             if not self._honour_request_no_cache and (cc.no_cache or cc.max_age is not None):
                 cc = replace(cc, no_cache=False, max_age=None)
-        authorized = found[_REQ_AUTHORIZATION] is not None
-        if now is None:
-            now = self._clock()
-        entry = self.store.get(key.primary, headers)
-        if entry is not None and authorized and not entry.response.auth_ok:
-            entry = None
         accept_encoding = found[_REQ_ACCEPT_ENCODING]
         coding = self._codings.get(accept_encoding)
         if coding is None:
@@ -563,28 +605,46 @@ class HttpCache:
             if len(self._codings) >= 1024:  # bounded: a client can send any value
                 self._codings.clear()
             self._codings[accept_encoding] = coding
-        if entry is not None:
-            use, reason = decide(entry.response.freshness, cc, now)
-            if use is _FRESH:  # the hot path: no RequestInfo needed
-                self.metrics.l1_hits += 1
-                if_none_match = found[_REQ_IF_NONE_MATCH]
-                if_modified_since = found[_REQ_IF_MODIFIED_SINCE]
-                if (
-                    if_none_match is not None or if_modified_since is not None
-                ) and entry.not_modified_for(if_none_match, if_modified_since):
-                    wire = entry.wire_not_modified(coding, now, X_CACHE_HIT, extra)
-                else:
-                    wire = entry.wire(coding, now, head, X_CACHE_HIT, extra)
-                return Lookup(_HIT, wire, key, entry)
         request = RequestInfo(
             headers=headers,
             cc=cc,
             coding=coding,
             head=head,
-            authorized=authorized,
+            authorized=found[_REQ_AUTHORIZATION] is not None,
             if_none_match=found[_REQ_IF_NONE_MATCH],
             if_modified_since=found[_REQ_IF_MODIFIED_SINCE],
         )
+        return Prepared(keys, method, scheme, host, target, headers, key, request, "")
+
+    def lookup_prepared(
+        self, prepared: Prepared, now: float | None = None, extra: bytes = b""
+    ) -> Lookup:
+        """``lookup`` for a request ``prepare`` has seen: the store, freshness and bytes."""
+        if prepared.keys is not self.keys:  # reconfigured since: rules may differ
+            prepared = self.prepare(*prepared[1:6])
+        if prepared.bypass:
+            return self._bypassed(prepared.bypass)
+        key, request = prepared.key, prepared.request
+        assert key is not None and request is not None
+        if now is None:
+            now = self._clock()
+        entry = self.store.get(key.primary, request.headers)
+        if entry is not None and request.authorized and not entry.response.auth_ok:
+            entry = None
+        cc = request.cc
+        if entry is not None:
+            use, reason = decide(entry.response.freshness, cc, now)
+            if use is _FRESH:  # the hot path
+                self.metrics.l1_hits += 1
+                if_none_match = request.if_none_match
+                if_modified_since = request.if_modified_since
+                if (
+                    if_none_match is not None or if_modified_since is not None
+                ) and entry.not_modified_for(if_none_match, if_modified_since):
+                    wire = entry.wire_not_modified(request.coding, now, X_CACHE_HIT, extra)
+                else:
+                    wire = entry.wire(request.coding, now, request.head, X_CACHE_HIT, extra)
+                return Lookup(_HIT, wire, key, entry)
         if entry is None:
             if cc.only_if_cached:
                 return Lookup(_ONLY_IF_CACHED, self._only_if_cached_wire, key)
@@ -610,6 +670,25 @@ class HttpCache:
         ) and entry.not_modified_for(request.if_none_match, request.if_modified_since):
             return entry.wire_not_modified(request.coding, now, x_cache, extra)
         return entry.wire(request.coding, now, request.head, x_cache, extra)
+
+    def storable_head(self, lookup: Lookup, status: int, headers: Headers) -> str | None:
+        """Why a fill's response with this status and these headers will not be stored (its
+        body need not be buffered: the edge may stream it), or None when it may be.
+
+        The same rules ``fill`` applies once the body is in, minus what needs the body.
+        """
+        key, request = lookup.key, lookup.request
+        if key is None or request is None:
+            return "lookup"
+        meta = response_meta(headers)
+        self._head_meta = (headers, meta)  # _admit reuses it for the same header list
+        reason = uncacheable_reason(b"GET", status, request.cc, request.authorized, meta, key.rule)
+        if reason is not None:
+            return reason
+        now = self._clock()
+        if not worth_storing(compute_freshness(status, meta, key.rule, now, now), meta):
+            return "no-freshness"
+        return None
 
     # ----------------------------------------------------------------------------------------
     # Fill (asynchronous: coalescing, L2, origin)
@@ -716,7 +795,14 @@ class HttpCache:
                     )
             if found is not None:
                 shared = self._entry_from_l2(key, *found)
-                if self._usable_by(shared, request):
+                # A purge or an invalidation deletes in Redis in the background: a copy
+                # received before it must not come back from L2 in the meantime.
+                received = shared.response.freshness.response_time
+                if (self._purges or self._purged_primaries) and self._purged_since(
+                    shared, received
+                ):
+                    found = None
+                elif self._usable_by(shared, request):
                     if decide(shared.response.freshness, request.cc, self._clock())[0] is Use.FRESH:
                         self.store.put(shared)
                         return _Outcome(shared, None, X_CACHE_HIT, _FROM_L2), True
@@ -805,13 +891,20 @@ class HttpCache:
         response_time: float,
     ) -> tuple[Entry | None, str]:
         """An entry for a complete upstream response, or None and why it may not be stored."""
-        meta = response_meta(response.headers)
+        known = self._head_meta
+        if known is not None and known[0] is response.headers:
+            meta = known[1]
+        else:
+            meta = response_meta(response.headers)
+        self._head_meta = None
         rule = key.rule
         reason = uncacheable_reason(
             b"GET", response.status, request.cc, request.authorized, meta, rule
         )
         if reason is not None:
             return None, reason
+        if not response.complete:
+            return None, "streamed"
         if meta.content_encoding is None and _truncated(response):
             # Shorter than announced: the upstream died mid-body, or this is a HEAD response.
             return None, "incomplete"
@@ -1057,6 +1150,7 @@ __all__ = [
     "HttpCache",
     "Lookup",
     "LookupKind",
+    "Prepared",
     "PurgeResult",
     "RedisL2",
     "RequestInfo",

@@ -1,0 +1,136 @@
+"""The cache purge endpoint of the admin listener.
+
+    POST /purge        body: {"url": "http://host/path?q"} | {"prefix": "/api/v1/"} |
+                             {"prefix": "http://host/api/"} | {"tag": "ticker"}
+                       (each key may also be a list; several keys may be combined)
+    PURGE /purge?url=...&prefix=...&tag=...      the same from the query string
+
+``Authorization: Bearer <edge.cache.purge_token>`` is required: none or another scheme is
+answered 401 (with ``WWW-Authenticate: Bearer``), a wrong token 403, and with no token
+configured every purge is 403 (purging is off).  A purge clears this process's L1, the shared
+Redis L2, and, through the cache's pub/sub channel, the L1 of the POP's other instances.
+The answer is JSON: how many entries went locally and in Redis, and whether it was broadcast.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from edge.cache import HttpCache, PurgeResult
+from meridian.log import get_logger
+
+log = get_logger("edge")
+
+_KINDS = ("url", "prefix", "tag")
+
+
+def _json(status: int, document: dict[str, Any], **headers: str) -> web.Response:
+    return web.Response(
+        status=status,
+        text=json.dumps(document, separators=(",", ":")),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+class PurgeEndpoint:
+    """``POST /purge`` and ``PURGE /purge`` on an aiohttp application."""
+
+    def __init__(self, cache: Callable[[], HttpCache]) -> None:
+        self._cache = cache
+
+    def install(self, app: web.Application) -> None:
+        app.router.add_route("POST", "/purge", self.handle)
+        app.router.add_route("PURGE", "/purge", self.handle)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        cache = self._cache()
+        denied = self._authorise(request, cache)
+        if denied is not None:
+            return denied
+        try:
+            targets = await self._targets(request)
+        except ValueError as exc:
+            return _json(400, {"error": "bad_request", "reason": str(exc)})
+        local = shared = 0
+        propagated = True
+        done: list[dict[str, str]] = []
+        for kind, value in targets:
+            try:
+                result = await self._purge(cache, kind, value)
+            except ValueError as exc:
+                return _json(400, {"error": "bad_request", "reason": str(exc), "done": done})
+            local += result.local
+            shared += result.shared
+            propagated = propagated and result.propagated
+            done.append({kind: value})
+        log.info("cache_purged", targets=len(done), local=local, shared=shared)
+        return _json(
+            200,
+            {
+                "purged": done,
+                "local": local,
+                "shared": shared,
+                "propagated": propagated and cache.l2 is not None,
+            },
+        )
+
+    @staticmethod
+    def _authorise(request: web.Request, cache: HttpCache) -> web.Response | None:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return _json(
+                401,
+                {"error": "unauthorized", "reason": "Authorization: Bearer <purge token> needed"},
+                **{"WWW-Authenticate": 'Bearer realm="meridian-purge"'},
+            )
+        if not cache.check_purge_token(token.strip()):
+            reason = "purging is disabled" if not cache.config.purge_token else "wrong token"
+            return _json(403, {"error": "forbidden", "reason": reason})
+        return None
+
+    @staticmethod
+    async def _targets(request: web.Request) -> list[tuple[str, str]]:
+        found: list[tuple[str, str]] = []
+        for kind in _KINDS:
+            found.extend((kind, value) for value in request.query.getall(kind, []))
+        if request.method == "POST" and request.can_read_body:
+            try:
+                document = json.loads(await request.read() or b"{}")
+            except ValueError:
+                raise ValueError("body must be JSON") from None
+            if not isinstance(document, dict):
+                raise ValueError("body must be a JSON object")
+            unknown = set(document) - set(_KINDS)
+            if unknown:
+                raise ValueError(f"unknown keys: {', '.join(sorted(unknown))}")
+            for kind in _KINDS:
+                values = document.get(kind, [])
+                values = [values] if isinstance(values, str) else values
+                if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                    raise ValueError(f"{kind} must be a string or a list of strings")
+                found.extend((kind, value) for value in values)
+        if not found:
+            raise ValueError("nothing to purge: give url, prefix or tag")
+        for kind, value in found:
+            if not value:
+                raise ValueError(f"empty {kind}")
+            if kind == "url" and "://" not in value:
+                raise ValueError(f"url must be absolute (http://host/path): {value!r}")
+        return found
+
+    @staticmethod
+    async def _purge(cache: HttpCache, kind: str, value: str) -> PurgeResult:
+        if kind == "url":
+            return await cache.purge_url(value)
+        if kind == "prefix":
+            return await cache.purge_prefix(value)
+        return await cache.purge_tag(value)
+
+
+__all__ = ["PurgeEndpoint"]
