@@ -48,15 +48,22 @@ class ResponseRateLimiter:
     def check(self, client: IPAddress, now: float) -> Verdict:
         if not self.config.enabled:
             return Verdict.SEND
-        key = self.prefix_of(client)
+        return self.check_prefix(self.prefix_of(client), now)
+
+    def check_prefix(self, key: tuple[int, int], now: float) -> Verdict:
+        """:meth:`check` for a prefix from :meth:`prefix_of` (callers may cache it per sender)."""
+        if not self.config.enabled:
+            return Verdict.SEND
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= self.max_prefixes:
                 self._forget_idle(now)
             bucket = self._buckets[key] = _Bucket(self.rate, now)
         else:
-            elapsed = max(0.0, now - bucket.updated)
-            bucket.tokens = min(self.rate, bucket.tokens + elapsed * self.rate)
+            elapsed = now - bucket.updated
+            if elapsed > 0.0:
+                tokens = bucket.tokens + elapsed * self.rate
+                bucket.tokens = tokens if tokens < self.rate else self.rate
             bucket.updated = now
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0

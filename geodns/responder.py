@@ -1,25 +1,33 @@
 """The whole authoritative server as one function: query wire in, reply wire out.
 
 Like dnspython's ``nanonameserver`` there is no I/O here: the asyncio shells in ``server.py`` read
-datagrams, call :meth:`Responder.respond`, send the bytes and count what :class:`Reply` says.
+datagrams, call :meth:`Responder.respond` (or, on the UDP hot path, :meth:`Responder.quick`),
+send the bytes and count what the reply says.
 
 Two paths give byte-for-byte equal replies (hypothesis checks it):
 
-* fast: "one A/AAAA question for a geo name, maybe an OPT with ECS" - the hand parser's
-  :class:`~geodns.wire.Query` is answered from memoized wire bytes keyed by (name, type, the
-  client's location network, health generation); only the header, the echoed question and the
-  OPT (ECS scope) are assembled per query.
-* slow: everything else goes through dnspython message objects and its renderer.
+* fast (:meth:`Responder.quick`): "one A/AAAA question for a geo name, maybe an OPT whose only
+  option is ECS".  The query is recognised in place - no parse into objects: the question is
+  matched against the zone's geo names by slicing, the OPT and ECS fields are read at fixed
+  offsets - and anything else of that shape is left to the strict parser.  The client is placed
+  through a cache of the located networks (``ClientLocation.network``: the whole network gets the
+  same answer), places are numbered by what selection reads, and the answer sections are
+  memoized per (name, type, place) for a health generation.  Only the header, the echoed
+  question and the OPT (ECS scope) are assembled per query.
+* slow: everything else goes through the strict parser (:func:`~geodns.wire.parse_query`) for
+  FORMERR decisions, then dnspython message objects and its renderer.
 
-Both paths share the strict parser (:func:`~geodns.wire.parse_query`) for FORMERR decisions and
-the pure :func:`~geodns.selection.select` for the answer.
+Both paths use the pure :func:`~geodns.selection.select` for the answer.
 """
 
 from __future__ import annotations
 
+import bisect
+import ipaddress
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import dns.edns
 import dns.exception
@@ -35,7 +43,7 @@ import dns.rdtypes.ANY.HINFO
 import dns.rrset
 
 from geodns import wire
-from geodns.selection import HealthView, Selection, select
+from geodns.selection import HealthView, Selection, select, ttl_of
 from geodns.wire import Query, WireError
 from geodns.zone import GeoName, IPAddress, Zone, name_key
 from meridian.geo import ClientLocation
@@ -44,9 +52,71 @@ Locate = Callable[[IPAddress], ClientLocation]
 
 _RR_FIXED = struct.Struct("!HHIH")
 _SOA_NUMBERS = struct.Struct("!IIIII")
+#: A header after its ID: flags, qdcount, ancount, nscount, arcount.
+_HEADER_TAIL = struct.Struct("!HHHHH")
 FAMILY_OF_QTYPE = {wire.TYPE_A: 4, wire.TYPE_AAAA: 6}
+#: The last four bytes of a question the fast path answers (type, class IN) -> (family, type).
+_QUESTION_TAILS = {b"\x00\x01\x00\x01": (4, wire.TYPE_A), b"\x00\x1c\x00\x01": (6, wire.TYPE_AAAA)}
+#: qdcount 1, ancount 0, nscount 0.
+_COUNTS = b"\x00\x01\x00\x00\x00\x00"
 #: Memoized bodies kept before the table is simply emptied (a fresh start is cheap).
 MEMO_LIMIT = 200_000
+#: Located IPv4 networks kept (each covers many /24s: a few thousand cover most clients;
+#: 20,000 random /24s fall in about 9,400 networks of the shipped database).
+PLACE_LIMIT = 32_768
+
+
+#: Types the fast path leaves to the slow one even for a name under the apex: OPT (FORMERR),
+#: zone transfers and meta types (REFUSED or odd), ANY (RFC 8482 answer).
+_SLOW_TYPES = frozenset({wire.TYPE_OPT, wire.TYPE_IXFR, wire.TYPE_AXFR, wire.TYPE_ANY}) | frozenset(
+    range(128, 256)
+)
+#: Negative bodies kept (by name and type) before that table is emptied.
+NEGATIVE_LIMIT = 10_000
+
+#: What the fast path reads of an OPT: present, DO bit, payload (at least 512), ECS family
+#: (0: no ECS), ECS source prefix, and where the ECS option starts.
+_OptFields = tuple[bool, int, int, int, int, int]
+_NO_OPT: _OptFields = (False, 0, 512, 0, 0, 0)
+
+
+def _opt_fields(data: bytes, offset: int, size: int) -> _OptFields | None:
+    """The one additional record at ``offset`` if it is an OPT of the fast shape (root owner,
+    version 0, no option or exactly one well-formed ECS, the end of the message); None for
+    anything else (the strict parser then judges it)."""
+    if (
+        offset + 11 > size
+        or data[offset]
+        or data[offset + 1]
+        or data[offset + 2] != wire.TYPE_OPT
+        or data[offset + 6]
+    ):
+        return None
+    rdlength = (data[offset + 9] << 8) | data[offset + 10]
+    if offset + 11 + rdlength != size:
+        return None
+    do_bit = data[offset + 7] >> 7
+    payload = max((data[offset + 3] << 8) | data[offset + 4], 512)
+    if not rdlength:
+        return True, do_bit, payload, 0, 0, 0
+    start = offset + 11
+    if (
+        rdlength < 8
+        or data[start]
+        or data[start + 1] != wire.OPTION_ECS
+        or (data[start + 2] << 8) | data[start + 3] != rdlength - 4
+        or data[start + 4]
+        or data[start + 7]  # scope must be 0 in a query
+    ):
+        return None
+    family = data[start + 5]
+    source = data[start + 6]
+    bits = wire.FAMILY_BITS.get(family)
+    if bits is None or source > bits or rdlength - 8 != (source + 7) >> 3:
+        return None
+    if source & 7 and data[size - 1] & (0xFF >> (source & 7)):
+        return None
+    return True, do_bit, payload, family, source, start
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,16 +136,83 @@ class Reply:
     reusable: bool = False
 
 
+class ReplyInfo(NamedTuple):
+    """What the shell counts about a reply (also the key of its tally)."""
+
+    qtype: int | None
+    rcode: int
+    truncated: bool
+    ecs: bool
+    fast: bool
+    targets: tuple[str, ...]
+
+
+class Quick(NamedTuple):
+    """A fast-path reply: ``data[:2] + tail`` is the wire."""
+
+    tail: bytes
+    info: ReplyInfo
+    #: The same query bytes (from the same client, unless ``shared``) get the same reply until
+    #: the health generation changes.
+    reusable: bool
+    #: The reply does not depend on the sender's address (an ECS subnet was used instead).
+    shared: bool
+
+
 @dataclass(frozen=True, slots=True)
 class _Body:
     """Everything of a fast-path reply that does not depend on the query's ID, case or ECS."""
 
-    flags: int
     rcode: int
-    ancount: int
-    nscount: int
     sections: bytes
-    targets: tuple[str, ...]
+    #: The header after the ID, by RD * 2 + EDNS: for the whole answer, and truncated (TC).
+    heads: tuple[bytes, ...]
+    tc_heads: tuple[bytes, ...]
+    #: What is counted, by truncated * 2 + ECS.
+    infos: tuple[ReplyInfo, ...]
+
+
+def _body(
+    flags: int,
+    rcode: int,
+    ancount: int,
+    nscount: int,
+    sections: bytes,
+    targets: tuple[str, ...],
+    qtype: int,
+) -> _Body:
+    rd_edns = [(rd, edns) for rd in (0, wire.FLAG_RD) for edns in (0, 1)]
+    return _Body(
+        rcode,
+        sections,
+        tuple(_HEADER_TAIL.pack(flags | rd, 1, ancount, nscount, e) for rd, e in rd_edns),
+        tuple(_HEADER_TAIL.pack(flags | rd | wire.FLAG_TC, 1, 0, 0, e) for rd, e in rd_edns),
+        tuple(
+            ReplyInfo(qtype, rcode, truncated, ecs, True, () if truncated else targets)
+            for truncated in (False, True)
+            for ecs in (False, True)
+        ),
+    )
+
+
+class _Entry(NamedTuple):
+    """A memoized answer: the body, and for a TTL bound by a pending transition what is needed
+    to recompute that TTL per query (the choice itself holds for the health generation)."""
+
+    body: _Body
+    selection: Selection | None
+    geo: GeoName
+    qtype: int
+
+
+class _Place(NamedTuple):
+    """A client location and the number of what selection reads of it (equal numbers: equal
+    answers)."""
+
+    location: ClientLocation
+    number: int
+    #: The ECS scope byte to answer with, by ECS family (1: IPv4, 2: IPv6).
+    scopes: tuple[bytes, bytes, bytes]
 
 
 def _rdtype(value: int) -> dns.rdatatype.RdataType:
@@ -94,10 +231,14 @@ def _scope(query: Query, location: ClientLocation) -> int:
     ecs = query.edns.ecs if query.edns is not None else None
     if ecs is None or ecs.source_prefix == 0:
         return 0
+    return _scope_of(ecs.family, location)
+
+
+def _scope_of(family: int, location: ClientLocation) -> int:
     network = location.network
-    if ecs.family == 2 and network.version == 4:  # an IPv4-mapped IPv6 subnet
+    if family == 2 and network.version == 4:  # an IPv4-mapped IPv6 subnet
         return min(128, 96 + network.prefixlen)
-    return min(wire.FAMILY_BITS[ecs.family], network.prefixlen)
+    return min(wire.FAMILY_BITS[family], network.prefixlen)
 
 
 def _client_address(query: Query, source: IPAddress) -> IPAddress:
@@ -122,10 +263,31 @@ class Responder:
         self.zone = zone
         self.locate = locate
         self._origin_key = name_key(zone.origin)
-        self._memo: dict[tuple[object, ...], _Body] = {}
         self._memo_generation = -1
+        #: (name index, query type, place number) -> answer sections, for a health generation.
+        self._memo: dict[tuple[int, int, int], _Entry] = {}
         #: (query bytes after the ID, client, transport) -> reply: a hit skips even parsing.
         self._replies: dict[tuple[bytes, IPAddress, bool], Reply] = {}
+        #: Geo names by lowercased wire name, with a small index for the memo keys.
+        self._names: dict[bytes, tuple[int, GeoName]] = {
+            key: (index, geo) for index, (key, geo) in enumerate(zone.geo_names.items())
+        }
+        self._name_lengths = tuple(sorted({len(key) for key in zone.geo_names}))
+        #: Located IPv4 networks: their first addresses sorted, and first -> (last, place).
+        #: Any network holding an address gives its answer (``ClientLocation.network``), so a
+        #: bisection finds it.  Override results are never put here (overrides may nest).
+        self._v4_starts: list[int] = []
+        self._v4_networks: dict[int, tuple[int, _Place]] = {}
+        self._place_numbers: dict[tuple[object, ...], int] = {}
+        #: NXDOMAIN / NODATA bodies by (name, type): they hold for the zone's lifetime.
+        self._negative: dict[tuple[bytes, int], _Body] = {}
+        self._max_udp_payload = zone.max_udp_payload
+        payload = struct.pack("!H", zone.max_udp_payload)
+        #: The OPT record up to its RDLENGTH, without and with the DO bit (our rcodes are < 16).
+        self._opt_heads = (
+            b"\x00\x00\x29" + payload + b"\x00\x00\x00\x00",
+            b"\x00\x00\x29" + payload + b"\x00\x00\x80\x00",
+        )
         self._soa_labels = {
             "owner": wire.name_labels(name_key(zone.origin)),
             "mname": wire.name_labels(_wire_name(zone.soa.mname)),
@@ -134,15 +296,22 @@ class Responder:
 
     # ---------------------------------------------------------------------------------- entry
 
+    @property
+    def memo_generation(self) -> int:
+        return self._memo_generation
+
+    def _check_generation(self, health: HealthView) -> None:
+        generation = health.generation
+        if generation != self._memo_generation or len(self._memo) > MEMO_LIMIT:
+            self._memo.clear()
+            self._replies.clear()
+            self._memo_generation = generation
+
     def respond(
         self, data: bytes, source: IPAddress, *, tcp: bool, health: HealthView
     ) -> Reply | None:
         """The reply to ``data`` from ``source``, or None when nothing must be sent."""
-        generation = health.generation
-        if generation != self._memo_generation:
-            self._memo.clear()
-            self._replies.clear()
-            self._memo_generation = generation
+        self._check_generation(health)
         key = (data[2:], source, tcp)
         seen = self._replies.get(key)
         if seen is not None:
@@ -157,7 +326,25 @@ class Responder:
                 None,
                 True,
             )
-        reply = self._respond(data, source, tcp, health, allow_fast=True)
+        try:
+            quick = self.quick(data, source, tcp, health)
+        except Exception:  # answered (SERVFAIL, with the error) by the general path below
+            quick = None
+        if quick is not None:
+            info = quick.info
+            reply: Reply | None = Reply(
+                data[:2] + quick.tail,
+                info.qtype,
+                info.rcode,
+                info.truncated,
+                info.ecs,
+                True,
+                info.targets,
+                None,
+                quick.reusable,
+            )
+        else:
+            reply = self._respond(data, source, tcp, health)
         if reply is not None and reply.reusable:
             if len(self._replies) > MEMO_LIMIT:
                 self._replies.clear()
@@ -168,10 +355,10 @@ class Responder:
         self, data: bytes, source: IPAddress, *, tcp: bool, health: HealthView
     ) -> Reply | None:
         """Same as :meth:`respond` but never the fast path (for the equivalence tests)."""
-        return self._respond(data, source, tcp, health, allow_fast=False)
+        return self._respond(data, source, tcp, health)
 
     def _respond(
-        self, data: bytes, source: IPAddress, tcp: bool, health: HealthView, allow_fast: bool
+        self, data: bytes, source: IPAddress, tcp: bool, health: HealthView
     ) -> Reply | None:
         head = wire.peek_header(data)
         if head is None:
@@ -200,10 +387,6 @@ class Responder:
                 True,
             )
         try:
-            if allow_fast:
-                reply = self._fast(query, source, tcp, health)
-                if reply is not None:
-                    return reply
             return self._slow(data, query, source, tcp, health)
         except Exception as exc:  # a handler bug answers SERVFAIL, never kills the server
             return Reply(
@@ -219,26 +402,209 @@ class Responder:
 
     # ------------------------------------------------------------------------------ fast path
 
-    def _fast(self, query: Query, source: IPAddress, tcp: bool, health: HealthView) -> Reply | None:
-        family = FAMILY_OF_QTYPE.get(query.qtype)
-        if family is None or query.qclass != wire.CLASS_IN or not query.only_question_and_opt:
+    def quick(
+        self,
+        data: bytes,
+        source: IPAddress | Callable[[], IPAddress],
+        tcp: bool,
+        health: HealthView,
+    ) -> Quick | None:
+        """The fast-path reply, or None when the query is not of the fast shape (then
+        :meth:`respond`'s general path decides: FORMERR, BADVERS, slow path...).
+
+        ``source`` may be a callable: it is only called when the reply depends on the sender
+        (no ECS subnet).  May raise on a handler bug; the general path then answers SERVFAIL.
+        """
+        # Header: QR 0, opcode 0, then qdcount 1, ancount 0, nscount 0, arcount 0 or 1.
+        size = len(data)
+        if size < 17 or data[2] & 0xF8 or data[4:10] != _COUNTS or data[10] or data[11] > 1:
             return None
-        edns = query.edns
-        if edns is not None and (edns.version != 0 or edns.other_options):
+        # The question: a geo name matched by slicing.  A lowercased slice equal to a valid
+        # wire name frames its labels exactly as that name (length bytes are below "A").
+        found = None
+        for length in self._name_lengths:
+            end = 12 + length
+            found = self._names.get(data[12:end].lower())
+            if found is not None:
+                break
+        shape = _QUESTION_TAILS.get(data[end : end + 4]) if found is not None else None
+        if found is None or shape is None:
+            return self._quick_negative(data, size, tcp)
+        family, qtype = shape
+        offset = end + 4
+        if data[11]:
+            fields = _opt_fields(data, offset, size)
+            if fields is None:
+                return None
+        elif offset != size:
             return None
-        geo = self.zone.geo_names.get(query.qname_key)
-        if geo is None:
-            return None
-        location = self.locate(_client_address(query, source))
+        else:
+            fields = _NO_OPT
+        ecs_family, ecs_source, ecs_start = fields[3], fields[4], fields[5]
+
+        # Where the client is: the ECS subnet, else the sender.
+        shared = ecs_source > 0
+        if shared:
+            address = data[ecs_start + 8 : size]
+            if ecs_family == 1:
+                place = self._place_v4(int.from_bytes(address, "big") << (32 - 8 * len(address)))
+            else:
+                place = self._place(self.locate(ipaddress.IPv6Address(address.ljust(16, b"\0"))))
+        else:
+            client = source if not callable(source) else source()
+            if client.version == 4:
+                place = self._place_v4(int(client))
+            else:
+                place = self._place(self.locate(client))
+
         if health.generation != self._memo_generation or len(self._memo) > MEMO_LIMIT:
             self._memo.clear()
             self._replies.clear()
             self._memo_generation = health.generation
-        # Keyed by what selection reads (not the network: only the echoed ECS scope needs that),
-        # so all networks of one country share an entry with a country database.
-        key = (
-            query.qname_key,
-            query.qtype,
+        index, geo = found
+        key = (index, qtype, place.number)
+        entry = self._memo.get(key)
+        if entry is None:
+            selection = select(self.zone.config, geo, family, place.location, health)
+            body = self._render_body(data[12:end].lower(), qtype, family, selection)
+            entry = _Entry(body, selection if selection.timed else None, geo, qtype)
+            self._memo[key] = entry
+        reusable = entry.selection is None
+        if reusable:
+            body = entry.body
+        else:
+            body = self._timed_body(data[12:end].lower(), family, entry, health)
+        scope = place.scopes[ecs_family] if shared else None
+        return self._assemble(data, body, offset, fields, scope, tcp, reusable, shared)
+
+    def _quick_negative(self, data: bytes, size: int, tcp: bool) -> Quick | None:
+        """NXDOMAIN for a name under the apex that does not exist, NODATA (SOA) for a type an
+        existing name has no data of (HTTPS/SVCB for a geo name, any type at an empty
+        non-terminal): neither depends on the client.  The apex, glue owners, ANY and zone
+        transfers are the slow path's."""
+        offset = 12
+        starts = []
+        while True:  # an uncompressed name: anything else is the strict parser's to judge
+            if offset >= size:
+                return None
+            length = data[offset]
+            if not length:
+                break
+            if length > 63:
+                return None
+            starts.append(offset)
+            offset += 1 + length
+        name_end = offset + 1
+        if name_end - 12 > wire.MAX_NAME_WIRE or name_end + 4 > size:
+            return None
+        qtype = (data[name_end] << 8) | data[name_end + 1]
+        if data[name_end + 2] or data[name_end + 3] != wire.CLASS_IN or qtype in _SLOW_TYPES:
+            return None
+        origin = self._origin_key
+        apex = name_end - len(origin)
+        if apex == 12 or apex not in starts or data[apex:name_end].lower() != origin:
+            return None  # the apex itself, or outside the zone (REFUSED)
+        key = data[12:name_end].lower()
+        if key in self.zone.existing:
+            if key in self.zone.glue or (key in self._names and qtype in FAMILY_OF_QTYPE):
+                return None
+            rcode = wire.RCODE_NOERROR
+        else:
+            rcode = wire.RCODE_NXDOMAIN
+        offset = name_end + 4
+        if data[11]:
+            fields = _opt_fields(data, offset, size)
+            if fields is None:
+                return None
+        elif offset != size:
+            return None
+        else:
+            fields = _NO_OPT
+        body = self._negative.get((key, qtype))
+        if body is None:
+            if len(self._negative) >= NEGATIVE_LIMIT:
+                self._negative.clear()
+            out = bytearray(name_end + 4)
+            compressor = wire.Compressor()
+            compressor.remember(wire.name_labels(key), 12)
+            self._write_soa(out, compressor)
+            flags = wire.FLAG_QR | wire.FLAG_AA | rcode
+            body = _body(flags, rcode, 0, 1, bytes(out[name_end + 4 :]), (), qtype)
+            self._negative[(key, qtype)] = body
+        # NODATA is reusable; NXDOMAIN is not (a flood of random names would only churn the
+        # reply memo), though its body is kept a while.
+        return self._assemble(data, body, offset, fields, None, tcp, not rcode, True)
+
+    def _assemble(
+        self,
+        data: bytes,
+        body: _Body,
+        offset: int,
+        fields: _OptFields,
+        scope: bytes | None,
+        tcp: bool,
+        reusable: bool,
+        shared: bool,
+    ) -> Quick:
+        """The reply: header, the question as asked, the sections, the OPT echoing ECS (with
+        ``scope``, else as sent: scope 0).  ``offset`` is where the question ends."""
+        edns, do_bit, payload, ecs_family, _, ecs_start = fields
+        sections = body.sections
+        variant = (data[2] & 0x01) << 1  # RD
+        if edns:
+            variant += 1
+            if scope is not None:  # the query's OPT RDATA is exactly its ECS option
+                opt_tail = data[offset + 9 : ecs_start + 7] + scope + data[ecs_start + 8 :]
+            else:  # no option, or ECS echoed as sent
+                opt_tail = data[offset + 9 :]
+            opt_head = self._opt_heads[do_bit]
+            limit = 65535 if tcp else min(payload, self._max_udp_payload)
+            if offset + len(sections) + 9 + len(opt_tail) > limit:
+                return Quick(
+                    b"".join((body.tc_heads[variant], data[12:offset], opt_head, opt_tail)),
+                    body.infos[2 + (ecs_family != 0)],
+                    reusable,
+                    shared,
+                )
+            return Quick(
+                b"".join((body.heads[variant], data[12:offset], sections, opt_head, opt_tail)),
+                body.infos[ecs_family != 0],
+                reusable,
+                shared,
+            )
+        if not tcp and offset + len(sections) > 512:
+            return Quick(body.tc_heads[variant] + data[12:offset], body.infos[2], reusable, shared)
+        return Quick(
+            body.heads[variant] + data[12:offset] + sections, body.infos[0], reusable, shared
+        )
+
+    def _place_v4(self, value: int) -> _Place:
+        """The place of an IPv4 address, from the located networks when one holds it."""
+        starts = self._v4_starts
+        index = bisect.bisect_right(starts, value) - 1
+        if index >= 0:
+            last, place = self._v4_networks[starts[index]]
+            if value <= last:
+                return place
+        location = self.locate(ipaddress.IPv4Address(value))
+        place = self._place(location)
+        network = location.network
+        if location.source != "override" and network.version == 4:
+            if len(starts) >= PLACE_LIMIT:
+                self._forget_places()
+            first = int(network.network_address)
+            if first not in self._v4_networks:
+                bisect.insort(starts, first)
+            self._v4_networks[first] = (first | ((1 << (32 - network.prefixlen)) - 1), place)
+        return place
+
+    def _forget_places(self) -> None:
+        self._v4_starts.clear()
+        self._v4_networks.clear()
+
+    def _place(self, location: ClientLocation) -> _Place:
+        # Exactly what selection reads of a location (the network only sets the ECS scope).
+        what = (
             location.lat,
             location.lon,
             location.country,
@@ -246,76 +612,69 @@ class Responder:
             location.pop,
             location.region,
         )
-        body = self._memo.get(key)
-        reusable = body is not None
-        if body is None:
-            selection = select(self.zone.config, geo, family, location, health)
-            body = self._render_body(query, geo, family, selection)
-            if not selection.ttl_shortened:
-                self._memo[key] = body
-                reusable = True
+        number = self._place_numbers.get(what)
+        if number is None:
+            if len(self._place_numbers) >= MEMO_LIMIT:
+                self._place_numbers.clear()
+                self._memo.clear()
+                self._forget_places()
+            number = self._place_numbers[what] = len(self._place_numbers)
+        scopes = (b"", bytes((_scope_of(1, location),)), bytes((_scope_of(2, location),)))
+        return _Place(location, number, scopes)
 
-        flags = body.flags | (query.flags & wire.FLAG_RD)
-        opt = b""
-        if edns is not None:
-            options = b"" if edns.ecs is None else edns.ecs.option(_scope(query, location))
-            opt = wire.opt_record(self.zone.max_udp_payload, edns.do_bit, body.rcode, options)
-        arcount = 1 if opt else 0
-        question = query.question
-        limit = _udp_limit(query, tcp, self.zone.max_udp_payload)
-        if 12 + len(question) + len(body.sections) + len(opt) > limit:
-            header = wire.HEADER.pack(query.id, flags | wire.FLAG_TC, 1, 0, 0, arcount)
-            return Reply(
-                header + question + opt,
-                query.qtype,
-                body.rcode,
-                True,
-                edns is not None and edns.ecs is not None,
-                True,
-                reusable=reusable,
-            )
-        header = wire.HEADER.pack(query.id, flags, 1, body.ancount, body.nscount, arcount)
-        return Reply(
-            header + question + body.sections + opt,
-            query.qtype,
-            body.rcode,
-            False,
-            edns is not None and edns.ecs is not None,
-            True,
-            body.targets,
-            reusable=reusable,
-        )
+    def _timed_body(
+        self, qname_key: bytes, family: int, entry: _Entry, health: HealthView
+    ) -> _Body:
+        """A memoized choice whose TTL a pending transition bounds: the TTL of this moment."""
+        selection = entry.selection
+        assert selection is not None
+        ordered = [(c.target, c.distance_km) for c in selection.candidates]
+        ttl, _ = ttl_of(self.zone.config, entry.geo, ordered, selection.chosen, health)
+        if ttl == selection.ttl:
+            return entry.body
+        return self._render_body(qname_key, entry.qtype, family, selection, ttl)
 
-    def _render_body(self, query: Query, geo: GeoName, family: int, selection: Selection) -> _Body:
+    def _render_body(
+        self,
+        qname_key: bytes,
+        qtype: int,
+        family: int,
+        selection: Selection,
+        ttl: int | None = None,
+    ) -> _Body:
         if selection.outcome == "servfail":
-            return _Body(wire.FLAG_QR | wire.RCODE_SERVFAIL, wire.RCODE_SERVFAIL, 0, 0, b"", ())
+            rcode = wire.RCODE_SERVFAIL
+            return _body(wire.FLAG_QR | rcode, rcode, 0, 0, b"", (), qtype)
         if selection.outcome == "refused":
-            return _Body(wire.FLAG_QR | wire.RCODE_REFUSED, wire.RCODE_REFUSED, 0, 0, b"", ())
+            rcode = wire.RCODE_REFUSED
+            return _body(wire.FLAG_QR | rcode, rcode, 0, 0, b"", (), qtype)
         flags = wire.FLAG_QR | wire.FLAG_AA
         # Offsets inside the body are absolute: the question always starts at 12.
-        start = 12 + len(query.question)
+        start = 12 + len(qname_key) + 4
         out = bytearray(start)
         addresses = list(dict.fromkeys(selection.addresses(family)))  # an RRset has no dups
         if selection.outcome == "answer" and addresses:
+            answer_ttl = selection.ttl if ttl is None else ttl
             for address in addresses:
                 packed = address.packed
                 out += (
                     b"\xc0\x0c"
-                    + _RR_FIXED.pack(query.qtype, wire.CLASS_IN, selection.ttl, len(packed))
+                    + _RR_FIXED.pack(qtype, wire.CLASS_IN, answer_ttl, len(packed))
                     + packed
                 )
-            return _Body(
+            return _body(
                 flags,
                 wire.RCODE_NOERROR,
                 len(addresses),
                 0,
                 bytes(out[start:]),
                 tuple(t.name for t in selection.chosen),
+                qtype,
             )
         compressor = wire.Compressor()
-        compressor.remember(wire.name_labels(query.qname_key), 12)
+        compressor.remember(wire.name_labels(qname_key), 12)
         self._write_soa(out, compressor)
-        return _Body(flags, wire.RCODE_NOERROR, 0, 1, bytes(out[start:]), ())
+        return _body(flags, wire.RCODE_NOERROR, 0, 1, bytes(out[start:]), (), qtype)
 
     def _write_soa(self, out: bytearray, compressor: wire.Compressor) -> None:
         soa = self.zone.soa

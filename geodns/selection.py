@@ -10,6 +10,7 @@ that ``meridian explain`` prints exactly what the server did.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -53,9 +54,11 @@ class Selection:
     reason: str
     rule: ResidencyRule | None
     candidates: tuple[Candidate, ...]
-    #: The TTL was shortened by a pending health transition: it depends on the time of asking,
-    #: so the answer must not be memoized.
+    #: The TTL was shortened by a pending health transition.
     ttl_shortened: bool = False
+    #: A pending health transition bounds the TTL (shortened now, or once it nears): the TTL
+    #: depends on the time of asking, so the answer must not be memoized as bytes.
+    timed: bool = False
 
     def addresses(self, family: int) -> tuple[IPAddress, ...]:
         return tuple(a for t in self.chosen for a in t.addresses_of(family))
@@ -116,7 +119,7 @@ def select(
                 outcome = "empty" if policy == "empty" else "servfail"
                 reason = f"every eligible target is down; all_down is {policy}"
 
-    ttl = _ttl(config, name, ordered, chosen, health)
+    ttl, timed = ttl_of(config, name, ordered, chosen, health)
     chosen_names = {t.name for t in chosen}
     candidates = tuple(
         Candidate(
@@ -129,7 +132,7 @@ def select(
         )
         for t, km in ordered
     )
-    return Selection(outcome, tuple(chosen), ttl, reason, rule, candidates, ttl < name.ttl)
+    return Selection(outcome, tuple(chosen), ttl, reason, rule, candidates, ttl < name.ttl, timed)
 
 
 def _why(
@@ -156,17 +159,21 @@ def _why(
     return "; ".join(parts)
 
 
-def _ttl(
+def ttl_of(
     config: Config,
     name: GeoName,
-    ordered: list[tuple[Target, float]],
-    chosen: list[Target],
+    ordered: Sequence[tuple[Target, float]],
+    chosen: Sequence[Target],
     health: HealthView,
-) -> int:
+) -> tuple[int, bool]:
     """The name's TTL, shortened (floor ``dns.min_ttl``) as a transition that would change the
-    answer nears: of a chosen target, or of a nearer one that could come back (gdnsd does this)."""
+    answer nears: of a chosen target, or of a nearer one that could come back (gdnsd does this).
+
+    Also whether any such transition is pending (the TTL then depends on the time of asking).
+    Health verdicts decide ``chosen``; only this TTL reads the clock, so a caller may keep a
+    selection for a health generation and recompute just this per query."""
     if not chosen:
-        return name.ttl
+        return name.ttl, False
     last = max(i for i, (t, _) in enumerate(ordered) if t in chosen)
     hints = [
         hint
@@ -175,6 +182,6 @@ def _ttl(
         if (hint := health.ttl_hint(key)) is not None
     ]
     if not hints:
-        return name.ttl
+        return name.ttl, False
     floor = int(config.dns.min_ttl)
-    return max(floor, min(name.ttl, math.ceil(min(hints))))
+    return max(floor, min(name.ttl, math.ceil(min(hints)))), True

@@ -8,6 +8,7 @@ import ipaddress
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import dns.edns
 import dns.flags
@@ -26,7 +27,7 @@ from geodns.wire import WireError, parse_query
 from geodns.zone import Zone
 from meridian.config import Config, RateLimitConfig, parse_config
 from meridian.geo import ClientLocation, GeoLocator
-from tests.dns_support import base_config, with_many_answers
+from tests.dns_support import base_config, make_query, with_many_answers
 
 LOOPBACK = ipaddress.ip_address("127.0.0.1")
 
@@ -197,6 +198,133 @@ def test_fast_and_slow_paths_are_byte_identical(
     assert again is not None and again.wire == fast.wire
 
 
+@st.composite
+def v4_ecs_queries(draw: st.DrawFn) -> bytes:
+    """Any IPv4 subnet (overrides and their neighbours included): the located-network cache
+    must place every address exactly as the locator does."""
+    near = draw(st.sampled_from([0, 0x0A010000, 0x0A020000, 0x0A030000, 0xC8A00000, 0x51024500]))
+    value = (near + draw(st.integers(0, 0x3FFFF))) if near else draw(st.integers(0, 2**32 - 1))
+    prefix = draw(st.integers(1, 32))
+    value &= (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF
+    name = draw(st.sampled_from(["api", "two", "origin", "deep.sub"])) + ".meridian.test"
+    query = dns.message.make_query(
+        name,
+        draw(st.sampled_from(["A", "AAAA"])),
+        use_edns=0,
+        options=[dns.edns.ECSOption(str(ipaddress.IPv4Address(value)), prefix)],
+    )
+    return query.to_wire()
+
+
+@settings(
+    max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=v4_ecs_queries())
+def test_fast_path_places_any_ipv4_subnet_as_the_slow_path(
+    responder: Responder, data: bytes
+) -> None:
+    fast = responder.respond(data, LOOPBACK, tcp=False, health=ALL_UP)
+    slow = responder.respond_slow(data, LOOPBACK, tcp=False, health=ALL_UP)
+    assert fast is not None and slow is not None and fast.fast
+    assert fast.wire == slow.wire
+
+
+OTHER_NAMES = [
+    "nope.meridian.test",  # NXDOMAIN
+    "x.api.meridian.test",  # below a geo name: NXDOMAIN
+    "sub.meridian.test",  # empty non-terminal (deep.sub exists): NODATA
+    "SUB.Meridian.TEST",
+    "api.meridian.test",
+    "deep.sub.meridian.test",
+    "ns1.meridian.test",  # glue owner: slow path
+    "meridian.test",  # apex: slow path
+    "meridian.test.example",  # outside: REFUSED
+    "example.com",
+    "a" * 63 + ".b" * 80 + ".meridian.test",  # 240 octets: with the SOA, over 512
+]
+
+
+@st.composite
+def other_queries(draw: st.DrawFn) -> bytes:
+    name = draw(st.sampled_from(OTHER_NAMES))
+    rdtype = draw(
+        st.sampled_from(
+            [
+                "A",
+                "AAAA",
+                "TXT",
+                "HTTPS",
+                "SVCB",
+                "MX",
+                "NS",
+                "SOA",
+                "ANY",
+                "CAA",
+                "DS",
+                "TYPE0",
+                "TYPE200",
+                "AXFR",
+            ]
+        )
+    )
+    options: list[dns.edns.Option] = []
+    if draw(st.booleans()):
+        options.append(
+            dns.edns.ECSOption(draw(st.sampled_from(V4_SUBNETS)), draw(st.integers(0, 24)))
+        )
+    if draw(st.booleans()):
+        query = dns.message.make_query(name, rdtype, use_edns=False)
+    else:
+        query = dns.message.make_query(
+            name,
+            rdtype,
+            use_edns=0,
+            payload=draw(st.integers(0, 4096)),
+            options=options,
+            want_dnssec=draw(st.booleans()),
+        )
+    query.id = draw(st.integers(0, 65535))
+    return query.to_wire()
+
+
+@settings(
+    max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=other_queries(), tcp=st.booleans())
+def test_negative_answers_fast_and_slow_are_byte_identical(
+    responder: Responder, data: bytes, tcp: bool
+) -> None:
+    fast = responder.respond(data, LOOPBACK, tcp=tcp, health=ALL_UP)
+    slow = responder.respond_slow(data, LOOPBACK, tcp=tcp, health=ALL_UP)
+    assert fast is not None and slow is not None
+    assert fast.wire == slow.wire
+    assert (fast.rcode, fast.truncated, fast.targets) == (slow.rcode, slow.truncated, slow.targets)
+    parsed = parse_query(data)
+    negative = (b"\x04nope\x08meridian\x04test\x00", b"\x03sub\x08meridian\x04test\x00")
+    if parsed.qname_key in negative and parsed.qtype not in (wire.TYPE_ANY, wire.TYPE_AXFR):
+        # NXDOMAIN / NODATA without dnspython (meta types 128-255 are the slow path's).
+        assert fast.fast == (not 128 <= parsed.qtype < 256)
+
+
+def test_quick_reply_is_shared_only_when_ecs_gave_a_subnet(responder: Responder) -> None:
+    with_subnet = make_query("api.meridian.test", ecs="1.1.1.0/24").to_wire()
+    source_zero = make_query("api.meridian.test", ecs="0.0.0.0/0").to_wire()
+    no_ecs = make_query("api.meridian.test").to_wire()
+    results = [
+        responder.quick(q, LOOPBACK, False, ALL_UP) for q in (with_subnet, source_zero, no_ecs)
+    ]
+    assert [(r.shared, r.reusable) for r in results if r is not None] == [
+        (True, True),
+        (False, True),
+        (False, True),
+    ]
+    # Not the fast shape: the general path decides.
+    assert (
+        responder.quick(make_query("meridian.test", "SOA").to_wire(), LOOPBACK, False, ALL_UP)
+        is None
+    )
+
+
 @settings(
     max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -287,7 +415,9 @@ def test_residency_refuse_and_fallback(plain: Config) -> None:
     ("policy", "outcome", "count"),
     [("fail_open", "answer", 1), ("empty", "empty", 0), ("servfail", "servfail", 0)],
 )
-def test_all_down_policy(plain: Config, policy: str, outcome: str, count: int) -> None:
+def test_all_down_policy(
+    plain: Config, policy: Literal["fail_open", "empty", "servfail"], outcome: str, count: int
+) -> None:
     every = frozenset(p.name for p in plain.pops)
     cfg = dataclasses.replace(plain, dns=dataclasses.replace(plain.dns, all_down=policy))
     result = select(cfg, _name(cfg, "api"), 4, _client(-23.5, -46.6), FakeHealth(every))
@@ -313,6 +443,42 @@ def test_shortened_ttl_is_not_memoized(plain: Config) -> None:
     assert first is not None and stable is not None
     assert dns.message.from_wire(first.wire).answer[0].ttl == 9
     assert dns.message.from_wire(stable.wire).answer[0].ttl == 30
+
+
+@dataclass
+class Ticking:
+    """A pending transition whose deadline nears as the test advances ``now``."""
+
+    deadline: float
+    now: float = 0.0
+    generation: int = 7
+
+    def pop_up(self, name: str) -> bool:
+        return True
+
+    def region_up(self, name: str) -> bool:
+        return True
+
+    def ttl_hint(self, target: str) -> float | None:
+        return self.deadline - self.now if target == "pop:iad" else None
+
+
+def test_ttl_bound_by_a_pending_transition_follows_the_clock(plain: Config) -> None:
+    locator = GeoLocator(plain.geo, plain.pops[0].location)
+    responder = Responder(Zone.build(plain), locator.locate)
+    query = dns.message.make_query("api.meridian.test", "A").to_wire()
+    health = Ticking(deadline=40.0)
+    ttls = []
+    for now in (0.0, 15.0, 28.5, 39.0):
+        health.now = now
+        fast = responder.respond(query, LOOPBACK, tcp=False, health=health)
+        slow = responder.respond_slow(query, LOOPBACK, tcp=False, health=health)
+        assert fast is not None and slow is not None
+        assert fast.fast and fast.wire == slow.wire
+        assert not fast.reusable  # never memoized as bytes
+        ttls.append(dns.message.from_wire(fast.wire).answer[0].ttl)
+    # 40 s away: not shortened yet (30), then 25, 12 (ceil 11.5), then the 5 s floor.
+    assert ttls == [30, 25, 12, 5]
 
 
 # ------------------------------------------------------------------------- rate limiting

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import shutil
 import signal
@@ -22,6 +24,9 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
+from geodns.server import DnsServer
+from meridian.config import HostPort
+from meridian.lifecycle import ConfigHolder
 from tests.dns_support import (
     CITY_TEST_DB,
     POP_ADDRESSES,
@@ -212,7 +217,7 @@ def test_tcp_pipelining_answers_in_order(server: ServerProcess) -> None:
     payload = b"".join(struct.pack("!H", len(w)) + w for w in (q.to_wire() for q in queries))
     with socket.create_connection(("127.0.0.1", server.port), timeout=3) as sock:
         sock.sendall(payload)
-        replies = []
+        replies: list[dns.message.Message] = []
         buffer = b""
         while len(replies) < 3:
             chunk = sock.recv(65535)
@@ -350,6 +355,100 @@ def test_kdig_nxdomain_and_truncation_retry(server: ServerProcess) -> None:
         check=True,
     ).stdout.split()
     assert len(many) == 120
+
+
+# ------------------------------------------------------------------------------ reply memo
+
+
+def _ask_from(source: str, port: int, wire: bytes) -> dns.message.Message:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((source, 0))
+        sock.settimeout(2.0)
+        sock.sendto(wire, ("127.0.0.1", port))
+        return dns.message.from_wire(sock.recv(65535))
+
+
+def test_reply_memo_is_per_sender_without_ecs_and_shared_with_it(tmp_path: Path) -> None:
+    config = base_config()
+    config["geo"]["overrides"].append({"network": "127.0.0.2/32", "pop": "syd"})
+    del config["dns"]["names"]["origin"]  # no backend checks: no health change empties the memo
+    path = write_config(tmp_path / "w.yaml", config)
+    with running_server(path) as proc:
+        plain = make_query(f"api.{ZONE}").to_wire()
+        subnet = make_query(f"api.{ZONE}", ecs="200.160.2.0/24").to_wire()
+        for _ in range(3):  # the first round computes, later rounds are memo hits
+            # The same bytes from two resolvers: each gets its own answer.
+            assert addresses(_ask_from("127.0.0.1", proc.port, plain)) == [POP_ADDRESSES["iad"]]
+            assert addresses(_ask_from("127.0.0.2", proc.port, plain)) == [POP_ADDRESSES["syd"]]
+            # With an ECS subnet the sender does not matter.
+            for source in ("127.0.0.1", "127.0.0.2"):
+                reply = _ask_from(source, proc.port, subnet)
+                assert addresses(reply) == [POP_ADDRESSES["gru"]] and ecs_scope(reply) == 15
+        with urllib.request.urlopen(f"http://127.0.0.1:{proc.admin_port}/metrics") as response:
+            text = response.read().decode()
+        # Computed: the plain query once per sender, the ECS one once for both: 3 of 12.
+        assert 'meridian_dns_memo_hits_total{transport="udp"} 9.0' in text
+        assert 'meridian_dns_queries_total{qtype="A",rcode="NOERROR",transport="udp"} 12.0' in text
+        assert 'meridian_dns_answers_total{target="gru"} 6.0' in text
+        assert 'meridian_dns_answer_seconds_count{transport="udp"} 12.0' in text
+
+
+def test_a_burst_of_cold_queries_is_answered_in_full(server: ServerProcess) -> None:
+    """2,000 distinct ECS subnets sent at once, before reading: every one is answered (the
+    socket buffers hold the burst while cold answers are computed)."""
+    count = 2000
+    queries = {}
+    for i in range(count):
+        query = make_query(f"api.{ZONE}", ecs=f"{11 + i // 250}.{i % 250}.{i % 7}.0/24")
+        query.id = i
+        queries[i] = query.to_wire()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
+        sock.settimeout(5.0)
+        for wire in queries.values():
+            sock.sendto(wire, ("127.0.0.1", server.port))
+        answered: set[int] = set()
+        with contextlib.suppress(TimeoutError):
+            while len(answered) < count:
+                reply = dns.message.from_wire(sock.recv(65535))
+                assert reply.rcode() == dns.rcode.NOERROR  # (TC for clients nearest "big")
+                answered.add(reply.id)
+    assert len(answered) == count
+
+
+async def test_udp_replies_wait_when_the_send_buffer_is_full(tmp_path: Path) -> None:
+    """A reply the kernel cannot take now ("would block") is held and sent once the socket is
+    writable again, not dropped."""
+    config = base_config()
+    del config["dns"]["names"]["origin"]
+    holder = ConfigHolder.from_file(str(write_config(tmp_path / "w.yaml", config)))
+    server = DnsServer(holder, "iad", listen=HostPort("127.0.0.1", 0), admin=None, tcp=False)
+    await server.start()
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        client.bind(("127.0.0.1", 0))
+        client.setblocking(False)
+        real_sendto = server._sendto
+        refused: list[bytes] = []
+
+        def full_once(data: bytes, addr: tuple[str, int]) -> None:
+            if not refused:
+                refused.append(data)
+                raise BlockingIOError
+            real_sendto(data, addr)
+
+        server._sendto = full_once
+        query = make_query(f"api.{ZONE}")
+        assert server.udp_address is not None
+        client.sendto(query.to_wire(), server.udp_address)
+        loop = asyncio.get_running_loop()
+        reply = dns.message.from_wire(await asyncio.wait_for(loop.sock_recv(client, 65535), 5))
+        assert refused and reply.id == query.id
+        assert addresses(reply) == [POP_ADDRESSES["iad"]]
+        assert not server._backlog and server.metrics.send_errors == 0
+    finally:
+        client.close()
+        await server.stop()
 
 
 # --------------------------------------------------------------------- metrics and status
