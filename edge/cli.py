@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from meridian.config import HostPort
-
-
-def _hostport(text: str) -> HostPort:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not host or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return HostPort(host.strip("[]"), int(port))
+from meridian.config import hostport_argument as _hostport
 
 
 def add_edge_arguments(parser: argparse.ArgumentParser) -> None:

@@ -88,7 +88,7 @@ from edge.upstream import (
     retry_allowed,
 )
 from meridian.config import Config
-from meridian.log import _State, format_event, get_logger
+from meridian.log import current_format, format_event, get_logger, write_lines
 
 log = get_logger("edge")
 access_logger = get_logger("edge.access")
@@ -380,7 +380,7 @@ class AccessLog:
     def record(self, **fields: object) -> None:
         if not self._enabled:
             return
-        if _State.fmt == "json":
+        if current_format() == "json":
             line = format_event("info", "edge.access", "access", fields, "json")
         else:
             parts = [f"ts={self._timestamp()} level=info logger=edge.access event=access"]
@@ -408,7 +408,7 @@ class AccessLog:
         here instead of four."""
         if not self._enabled:
             return
-        if _State.fmt == "json":
+        if current_format() == "json":
             self.record(
                 method=request.method,
                 path=request.path,
@@ -475,12 +475,7 @@ class AccessLog:
             return
         lines = [item if isinstance(item, str) else self._format_hit(item) for item in self._lines]
         self._lines.clear()
-        text = "\n".join(lines) + "\n"
-        try:
-            _State.stream.write(text)
-            _State.stream.flush()
-        except (OSError, ValueError):  # a closed stderr must never take a request down
-            pass
+        write_lines("\n".join(lines) + "\n")
 
 
 _NEEDS_QUOTES = re.compile(r'[ ="\\\n\t]')

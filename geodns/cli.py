@@ -9,16 +9,9 @@ import sys
 import urllib.request
 
 from geodns.explain import StaticHealth, explain, parse_client
-from meridian.config import ConfigError, HostPort, load_config
+from meridian.config import ConfigError, load_config
+from meridian.config import hostport_argument as _hostport
 from meridian.geo import GeoError, GeoLocator
-
-
-def _hostport(text: str) -> HostPort:
-    host, _, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return HostPort(host, int(port))
 
 
 def add_dns_arguments(parser: argparse.ArgumentParser) -> None:

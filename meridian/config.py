@@ -8,6 +8,7 @@ unknown region, a residency rule nobody can satisfy, ...) are checked after the 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import ipaddress
@@ -66,6 +67,23 @@ class HostPort:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_hostport(text: str) -> HostPort:
+    """``127.0.0.1:8080`` / ``[::1]:53`` -> HostPort; ValueError with the reason otherwise."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT with a port 0-65535, got {text!r}")
+    return HostPort(host, int(port))
+
+
+def hostport_argument(text: str) -> HostPort:
+    """``parse_hostport`` for argparse's ``type=``."""
+    try:
+        return parse_hostport(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -525,13 +543,9 @@ class _Loader:
         return value
 
     def _hostport(self, value: Any, path: str) -> Any:
-        if not isinstance(value, str) or ":" not in value:
-            return self.fail(path, f"expected HOST:PORT, got {value!r}")
-        host, _, port_text = value.rpartition(":")
-        host = host.strip("[]")
-        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535 or not host:
-            return self.fail(path, f"expected HOST:PORT with a port 0-65535, got {value!r}")
-        return HostPort(host, int(port_text))
+        if not isinstance(value, str):
+            return self.fail(path, f"expected HOST:PORT, got {_kind(value)}")
+        return self._scalar(parse_hostport, value, path)
 
     def _dataclass(self, cls: type, value: Any, path: str) -> Any:
         if not isinstance(value, Mapping):
