@@ -383,9 +383,20 @@ def test_date_in_the_future_gives_no_negative_age() -> None:
     assert f.age(NOW) == 0
 
 
-def test_invalid_age_header_counts_as_zero() -> None:
-    assert fresh([(b"date", date()), (b"age", b"-4")]).initial_age == 0
-    assert fresh([(b"date", date()), (b"age", b"soon")]).initial_age == 0
+@pytest.mark.parametrize(
+    "ages",
+    [[b"-4"], [b"soon"], [b"7200.0"], [b"0, 0"], [b"7200,0"], [b"60;x=1"], [b"0", b"0"]],
+)
+def test_an_untrustworthy_age_header_makes_the_response_stale(ages: list[bytes]) -> None:
+    headers = [(b"date", date()), (b"cache-control", b"max-age=3600")]
+    f = fresh(headers + [(b"age", value) for value in ages])
+    assert f.initial_age >= 3600
+    assert decide(f, NO_DIRECTIVES, NOW)[0] is not Use.FRESH
+
+
+def test_a_valid_age_header_is_counted() -> None:
+    f = fresh([(b"date", date()), (b"cache-control", b"max-age=3600"), (b"age", b"60")])
+    assert f.initial_age == pytest.approx(60, abs=1)
 
 
 def test_freshness_ends_when_age_reaches_lifetime() -> None:

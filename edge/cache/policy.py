@@ -328,10 +328,13 @@ def response_meta(headers: Headers) -> ResponseMeta:
         parsed = parse_http_date(expires_raw)
         expires = 0.0 if parsed is None else parsed
     age = 0.0
-    age_raw = header(headers, b"age")
-    if age_raw is not None:
-        seconds = _delta_seconds(age_raw.strip().decode("latin-1"))
-        age = float(seconds) if seconds is not None else 0.0
+    ages = [value for name, value in headers if name == b"age"]
+    if ages:
+        # Age is a single delta-seconds.  Anything else (a list, two lines, a sign, a fraction,
+        # parameters) cannot be trusted, so the response counts as stale rather than fresh: a
+        # cache downstream of a broken one must not extend its lifetime (cache-tests age-parse).
+        seconds = _delta_seconds(ages[0].strip().decode("latin-1")) if len(ages) == 1 else None
+        age = float(seconds) if seconds is not None else float(DELTA_SECONDS_MAX)
     # Surrogate-Key is space-separated, so several lines join with a space, not a comma.
     surrogate = b" ".join(value for name, value in headers if name == b"surrogate-key")
     encoding = header(headers, b"content-encoding")

@@ -3,6 +3,7 @@
 # Meridian edge on loopback, and score it beside the suite's published results for Varnish,
 # nginx, Squid, Traffic Server and others.  Needs node and npm (Debian: nodejs, npm).
 #   bash scripts/cache-conformance/run.sh          # SHOW_FAILURES=1 lists the failed required tests
+#   TEST_ID=age-parse-negative bash scripts/cache-conformance/run.sh   # one test, dumped
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -51,6 +52,11 @@ for _ in $(seq 100); do
   curl -sf -o /dev/null "http://127.0.0.1:$edge_port/" && break
   sleep 0.1
 done
+if [ -n "${TEST_ID:-}" ]; then  # one test, with the suite's request/response dump
+  (cd "$suite" && npm_package_config_base="http://127.0.0.1:$edge_port" \
+     npm_package_config_id="$TEST_ID" timeout 120 node --no-warnings cli.mjs) || true
+  exit 0
+fi
 (cd "$suite" && npm_package_config_base="http://127.0.0.1:$edge_port" npm_package_config_id= \
    timeout 900 node --no-warnings cli.mjs >"$work/meridian.json")
 cp "$work/meridian.json" "${OUT:-/tmp/meridian-cache-tests.json}"
