@@ -9,11 +9,13 @@ Two paths give byte-for-byte equal replies (hypothesis checks it):
 * fast (:meth:`Responder.quick`): "one A/AAAA question for a geo name, maybe an OPT whose only
   option is ECS".  The query is recognised in place - no parse into objects: the question is
   matched against the zone's geo names by slicing, the OPT and ECS fields are read at fixed
-  offsets - and anything else of that shape is left to the strict parser.  The client is placed
-  through a cache of the located networks (``ClientLocation.network``: the whole network gets the
-  same answer), places are numbered by what selection reads, and the answer sections are
-  memoized per (name, type, place) for a health generation.  Only the header, the echoed
-  question and the OPT (ECS scope) are assembled per query.
+  offsets - and anything else of that shape is left to the strict parser.  An IPv4 client is
+  placed by the locator's integer lookup (:meth:`~meridian.geo.GeoLocator.locate_v4`: an interned
+  placement and the prefix length of its network, no objects built), places are numbered by what
+  selection reads (distinct networks with the same database record share one), and the answer
+  sections are memoized per (name, type, place) for a health generation; the ECS scope comes
+  from the network's prefix length.  Only the header, the echoed question and the OPT (ECS
+  scope) are assembled per query.
 * slow: everything else goes through the strict parser (:func:`~geodns.wire.parse_query`) for
   FORMERR decisions, then dnspython message objects and its renderer.
 
@@ -22,7 +24,6 @@ Both paths use the pure :func:`~geodns.selection.select` for the answer.
 
 from __future__ import annotations
 
-import bisect
 import ipaddress
 import struct
 from collections.abc import Callable
@@ -46,9 +47,11 @@ from geodns import wire
 from geodns.selection import HealthView, Selection, select, ttl_of
 from geodns.wire import Query, WireError
 from geodns.zone import GeoName, IPAddress, Zone, name_key
-from meridian.geo import ClientLocation
+from meridian.geo import ClientLocation, Placement
 
 Locate = Callable[[IPAddress], ClientLocation]
+#: An IPv4 address as an int -> its placement and the prefix length of the network it holds for.
+LocateV4 = Callable[[int], tuple[Placement, int]]
 
 _RR_FIXED = struct.Struct("!HHIH")
 _SOA_NUMBERS = struct.Struct("!IIIII")
@@ -61,8 +64,8 @@ _QUESTION_TAILS = {b"\x00\x01\x00\x01": (4, wire.TYPE_A), b"\x00\x1c\x00\x01": (
 _COUNTS = b"\x00\x01\x00\x00\x00\x00"
 #: Memoized bodies kept before the table is simply emptied (a fresh start is cheap).
 MEMO_LIMIT = 200_000
-#: Located IPv4 networks kept (each covers many /24s: a few thousand cover most clients;
-#: 20,000 random /24s fall in about 9,400 networks of the shipped database).
+#: IPv4 places kept, by (placement, prefix length): a few thousand at most for the shipped
+#: database (about 160 placements); a city database may have many more.
 PLACE_LIMIT = 32_768
 
 
@@ -259,9 +262,11 @@ def _udp_limit(query: Query, tcp: bool, ours: int) -> int:
 class Responder:
     """Answers for one config snapshot; build a new one on reload (its memo goes with it)."""
 
-    def __init__(self, zone: Zone, locate: Locate) -> None:
+    def __init__(self, zone: Zone, locate: Locate, locate_v4: LocateV4 | None = None) -> None:
         self.zone = zone
         self.locate = locate
+        #: The integer IPv4 lookup; without one, IPv4 clients go through ``locate`` too.
+        self.locate_v4 = locate_v4
         self._origin_key = name_key(zone.origin)
         self._memo_generation = -1
         #: (name index, query type, place number) -> answer sections, for a health generation.
@@ -273,11 +278,9 @@ class Responder:
             key: (index, geo) for index, (key, geo) in enumerate(zone.geo_names.items())
         }
         self._name_lengths = tuple(sorted({len(key) for key in zone.geo_names}))
-        #: Located IPv4 networks: their first addresses sorted, and first -> (last, place).
-        #: Any network holding an address gives its answer (``ClientLocation.network``), so a
-        #: bisection finds it.  Override results are never put here (overrides may nest).
-        self._v4_starts: list[int] = []
-        self._v4_networks: dict[int, tuple[int, _Place]] = {}
+        #: IPv4 places by (placement, prefix length): placements are interned by the locator,
+        #: so this is keyed by identity and stays as small as the database's distinct answers.
+        self._v4_places: dict[tuple[Placement, int], _Place] = {}
         self._place_numbers: dict[tuple[object, ...], int] = {}
         #: NXDOMAIN / NODATA bodies by (name, type): they hold for the zone's lifetime.
         self._negative: dict[tuple[bytes, int], _Body] = {}
@@ -553,25 +556,38 @@ class Responder:
         variant = (data[2] & 0x01) << 1  # RD
         if edns:
             variant += 1
-            if scope is not None:  # the query's OPT RDATA is exactly its ECS option
-                opt_tail = data[offset + 9 : ecs_start + 7] + scope + data[ecs_start + 8 :]
-            else:  # no option, or ECS echoed as sent
-                opt_tail = data[offset + 9 :]
             opt_head = self._opt_heads[do_bit]
             limit = 65535 if tcp else min(payload, self._max_udp_payload)
-            if offset + len(sections) + 9 + len(opt_tail) > limit:
+            # Our OPT is as long as the query's (its RDATA is echoed): the reply is the query
+            # plus the sections.
+            if len(data) + len(sections) > limit:
+                if scope is not None:
+                    opt_tail = data[offset + 9 : ecs_start + 7] + scope + data[ecs_start + 8 :]
+                else:
+                    opt_tail = data[offset + 9 :]
                 return Quick(
                     b"".join((body.tc_heads[variant], data[12:offset], opt_head, opt_tail)),
                     body.infos[2 + (ecs_family != 0)],
                     reusable,
                     shared,
                 )
-            return Quick(
-                b"".join((body.heads[variant], data[12:offset], sections, opt_head, opt_tail)),
-                body.infos[ecs_family != 0],
-                reusable,
-                shared,
-            )
+            if scope is not None:  # the query's OPT RDATA is exactly its ECS option
+                tail = b"".join(
+                    (
+                        body.heads[variant],
+                        data[12:offset],
+                        sections,
+                        opt_head,
+                        data[offset + 9 : ecs_start + 7],
+                        scope,
+                        data[ecs_start + 8 :],
+                    )
+                )
+            else:  # no option, or ECS echoed as sent
+                tail = b"".join(
+                    (body.heads[variant], data[12:offset], sections, opt_head, data[offset + 9 :])
+                )
+            return Quick(tail, body.infos[ecs_family != 0], reusable, shared)
         if not tcp and offset + len(sections) > 512:
             return Quick(body.tc_heads[variant] + data[12:offset], body.infos[2], reusable, shared)
         return Quick(
@@ -579,28 +595,21 @@ class Responder:
         )
 
     def _place_v4(self, value: int) -> _Place:
-        """The place of an IPv4 address, from the located networks when one holds it."""
-        starts = self._v4_starts
-        index = bisect.bisect_right(starts, value) - 1
-        if index >= 0:
-            last, place = self._v4_networks[starts[index]]
-            if value <= last:
-                return place
-        location = self.locate(ipaddress.IPv4Address(value))
-        place = self._place(location)
-        network = location.network
-        if location.source != "override" and network.version == 4:
-            if len(starts) >= PLACE_LIMIT:
-                self._forget_places()
-            first = int(network.network_address)
-            if first not in self._v4_networks:
-                bisect.insort(starts, first)
-            self._v4_networks[first] = (first | ((1 << (32 - network.prefixlen)) - 1), place)
+        """The place of an IPv4 address: what the locator answers for it, by identity."""
+        locate_v4 = self.locate_v4
+        if locate_v4 is None:
+            return self._place(self.locate(ipaddress.IPv4Address(value)))
+        located = locate_v4(value)
+        place = self._v4_places.get(located)
+        if place is None:
+            placement, prefix_len = located
+            shift = 32 - prefix_len
+            network = ipaddress.IPv4Network((value >> shift << shift, prefix_len))
+            place = self._place(placement.at(network))
+            if len(self._v4_places) >= PLACE_LIMIT:
+                self._v4_places.clear()
+            self._v4_places[located] = place
         return place
-
-    def _forget_places(self) -> None:
-        self._v4_starts.clear()
-        self._v4_networks.clear()
 
     def _place(self, location: ClientLocation) -> _Place:
         # Exactly what selection reads of a location (the network only sets the ECS scope).
@@ -617,7 +626,7 @@ class Responder:
             if len(self._place_numbers) >= MEMO_LIMIT:
                 self._place_numbers.clear()
                 self._memo.clear()
-                self._forget_places()
+                self._v4_places.clear()
             number = self._place_numbers[what] = len(self._place_numbers)
         scopes = (b"", bytes((_scope_of(1, location),)), bytes((_scope_of(2, location),)))
         return _Place(location, number, scopes)

@@ -272,7 +272,7 @@ def build_serving(config: Config, generation: int, pop: str) -> Serving:
     return Serving(
         config,
         generation,
-        Responder(Zone.build(config), locator.locate),
+        Responder(Zone.build(config), locator.locate, locator.locate_v4),
         locator,
         ResponseRateLimiter(config.dns.rate_limit),
     )
@@ -310,6 +310,8 @@ class DnsServer:
         )
         self._udp: socket.socket | None = None
         self._sendto: Any = None  # the UDP socket's bound sendto
+        #: Replies computed during one read batch, sent together at its end (see _udp_readable).
+        self._outbox: list[tuple[bytes, tuple[Any, ...]]] = []
         self._backlog: collections.deque[tuple[bytes, tuple[Any, ...]]] = collections.deque()
         #: UDP reply memo: query bytes after the ID -> (reply bytes after the ID, tally slot).
         #: ``_shared`` holds replies that depend only on the query (ECS gave the subnet),
@@ -462,31 +464,51 @@ class DnsServer:
         self._memo_generation = self.monitor.snapshot.generation
 
     def _udp_readable(self) -> None:
+        """Read up to a batch of datagrams, answer each, then send the replies back to back.
+
+        Sending at the end of the batch rather than after each query lets a client that waits
+        for replies wake once per burst instead of once per reply (each wake-up of a sleeping
+        receiver costs the sender several microseconds of kernel time); a batch is only long
+        when queries queue up, so an idle server still answers each query at once."""
         udp = self._udp
         if udp is None:
             return
         recvfrom = udp.recvfrom
         handle = self.handle_datagram
-        for _ in range(UDP_BATCH):
+        try:
+            for _ in range(UDP_BATCH):
+                try:
+                    data, addr = recvfrom(65535)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:  # nothing to answer; the next wake-up tries again
+                    self.metrics.receive_errors += 1
+                    count = self.metrics.receive_errors
+                    if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th...: no log flood
+                        log.warning("dns_udp_receive_failed", error=str(exc), count=count)
+                    return
+                try:
+                    handle(data, addr)
+                except Exception as exc:  # never lose the rest of the batch to one bad datagram
+                    self.metrics.errors += 1
+                    log.error("dns_datagram_failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            if self._outbox:
+                self._send_outbox()
+
+    def _send_outbox(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        sendto = self._sendto
+        for out, addr in outbox:
             try:
-                data, addr = recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # nothing to answer; the next wake-up tries again
-                self.metrics.receive_errors += 1
-                count = self.metrics.receive_errors
-                if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th...: no log flood
-                    log.warning("dns_udp_receive_failed", error=str(exc), count=count)
-                return
-            try:
-                handle(data, addr)
-            except Exception as exc:  # never lose the rest of the batch to one bad datagram
-                self.metrics.errors += 1
-                log.error("dns_datagram_failed", error=f"{type(exc).__name__}: {exc}")
+                sendto(out, addr)
+            except OSError as exc:
+                self._send_failed(exc, out, addr)
 
     def handle_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        """One UDP query.  The hot path: a memoized reply for these query bytes (after the ID),
-        sent with the query's ID - two dict lookups, one increment, one sendto."""
+        """One UDP query, its reply queued for the end of the read batch (``_udp_readable``).
+        The hot path: a memoized reply for these query bytes (after the ID), with the query's
+        ID - two dict lookups, one increment, one append."""
         tail = data[2:]
         memo = self._shared.get(tail)
         if memo is None:
@@ -498,10 +520,7 @@ class DnsServer:
         if self._limiting:
             self._send_limited(data[:2] + memo[0], addr)
             return
-        try:
-            self._sendto(data[:2] + memo[0], addr)
-        except OSError as exc:
-            self._send_failed(exc, data[:2] + memo[0], addr)
+        self._outbox.append((data[:2] + memo[0], addr))
 
     def _compute_datagram(self, data: bytes, addr: tuple[Any, ...], tail: bytes) -> None:
         host = addr[0]
@@ -538,10 +557,7 @@ class DnsServer:
         if self._limiting:
             self._send_limited(out, addr)
             return
-        try:
-            self._sendto(out, addr)
-        except OSError as exc:
-            self._send_failed(exc, out, addr)
+        self._outbox.append((out, addr))
 
     def _send_limited(self, out: bytes, addr: tuple[Any, ...]) -> None:
         """Send under response rate limiting: dropped, slipped (TC) or sent."""
@@ -562,10 +578,7 @@ class DnsServer:
             if verdict is Verdict.DROP:
                 return
             out = truncate_for_slip(out)
-        try:
-            self._sendto(out, addr)
-        except OSError as exc:
-            self._send_failed(exc, out, addr)
+        self._outbox.append((out, addr))
 
     def _send_failed(self, exc: OSError, out: bytes, addr: tuple[Any, ...]) -> None:
         if not isinstance(exc, BlockingIOError | InterruptedError) or self._udp is None:

@@ -8,6 +8,12 @@ databases carry no coordinates: those records are placed at the country's popula
 Hot path: results are kept in an LRU keyed by network prefix (/24 for IPv4, /56 for IPv6), so a
 busy resolver costs one dict lookup.  A result is only shared across a prefix when the whole
 prefix provably gets the same answer (the database network covers it and no override cuts it).
+
+Cold IPv4 path (:meth:`GeoLocator.locate_v4`, what the DNS fast path calls with an int): the
+search tree is walked in place over our own read-only mapping of the file (prefaulted), from a
+directory of the first 16 bits built at open; the leaf's data pointer names its record, and each
+distinct record is decoded once (by ``maxminddb``) into an interned :class:`Placement`.  A miss
+therefore costs a few list and slice operations and no ``ipaddress`` object, no dict decoding.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import csv
 import ipaddress
 import math
+import mmap
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -34,6 +41,13 @@ EARTH_RADIUS_KM = 6371.0088
 #: Prefix widths of the lookup cache buckets (the same truncation ECS resolvers use).
 V4_BUCKET = 24
 V6_BUCKET = 56
+#: Bits of an IPv4 address resolved by the directory built at open (2**16 entries, ~20 ms for a
+#: 1.8 M-node database); the rest of the search tree is walked per lookup.
+V4_DIRECTORY_BITS = 16
+_V4_WALKED_BITS = 32 - V4_DIRECTORY_BITS
+#: Decoded records kept (by data pointer, and interned placements) before both are emptied: the
+#: shipped database has about 160 distinct answers, a city database may have far more.
+RECORD_CACHE_LIMIT = 65_536
 
 # Where continent-only records (and unknown countries) are put when the database has no point.
 CONTINENT_CENTRES: dict[str, tuple[float, float]] = {
@@ -68,6 +82,37 @@ class ClientLocation:
     @property
     def found(self) -> bool:
         return self.source != "default"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Placement:
+    """Everything a location says of a client but its network: one object per distinct answer
+    (database record, override, the default), shared by every network that gets that answer.
+
+    Interned by the locator that made it, so identity is equality (and hashing is cheap)."""
+
+    lat: float
+    lon: float
+    country: str | None
+    continent: str | None
+    accuracy_km: int | None
+    source: Literal["database", "override", "default"]
+    region: str | None = None
+    pop: str | None = None
+
+    def at(self, network: IPNetwork) -> ClientLocation:
+        """This answer for ``network``."""
+        return ClientLocation(
+            self.lat,
+            self.lon,
+            self.country,
+            self.continent,
+            self.accuracy_km,
+            network,
+            self.source,
+            self.region,
+            self.pop,
+        )
 
 
 def builtin_database() -> Path:
@@ -147,17 +192,34 @@ class GeoLocator:
             self._reader = maxminddb.open_database(str(path))
         except (OSError, ValueError, maxminddb.InvalidDatabaseError) as exc:
             raise GeoError(f"geo.database: cannot open {path}: {exc}") from None
-        kind = self._reader.metadata().database_type
+        metadata = self._reader.metadata()
+        kind = metadata.database_type
         if "City" not in kind and "Country" not in kind:
             self._reader.close()
             raise GeoError(f"geo.database: {path} is a {kind} database, not City or Country")
         self.database_type: str = kind
         self.path = path
         self._default = geo.default_location or fallback
+        d = self._default
+        self._default_placement = Placement(d.lat, d.lon, d.country, d.continent, None, "default")
+        #: Placements by what they say (so that equal answers are one object).
+        self._placements: dict[tuple[object, ...], Placement] = {}
         # Most specific override first.
         self._overrides: list[GeoOverride] = sorted(
             geo.overrides, key=lambda o: o.network.prefixlen, reverse=True
         )
+        self._override_placements = [self._from_override(o) for o in self._overrides]
+        #: IPv4 overrides as (first, last, prefix length, placement), most specific first.
+        self._v4_overrides: list[tuple[int, int, int, Placement]] = [
+            (
+                int(o.network.network_address),
+                int(o.network.broadcast_address),
+                o.network.prefixlen,
+                p,
+            )
+            for o, p in zip(self._overrides, self._override_placements, strict=True)
+            if o.network.version == 4
+        ]
         # Buckets cut by an override narrower than the bucket: those never share a result.
         self._cut_buckets: set[tuple[int, int]] = set()
         for override in self._overrides:
@@ -168,9 +230,23 @@ class GeoLocator:
         self._cache_size = max(16, geo.cache_size)
         self._by_bucket: OrderedDict[tuple[int, int], ClientLocation] = OrderedDict()
         self._by_address: OrderedDict[IPAddress, ClientLocation] = OrderedDict()
+        try:
+            self._tree = _V4Tree(
+                path, metadata.node_count, metadata.record_size, metadata.ip_version
+            )
+        except (OSError, ValueError, IndexError) as exc:
+            self._reader.close()
+            raise GeoError(f"geo.database: cannot open {path}: {exc}") from None
+        #: Data pointers seen (search tree leaf values) -> their placement.
+        self._by_pointer: dict[int, Placement] = {}
+        # The tree's directory, read directly by locate_v4 (most lookups end there).
+        self._directory = self._tree.directory
+        self._depths = self._tree.depths
+        self._node_count = self._tree.node_count
 
     def close(self) -> None:
         self._reader.close()
+        self._tree.close()
 
     def locate(self, address: IPAddress | str) -> ClientLocation:
         ip = ipaddress.ip_address(address) if isinstance(address, str) else address
@@ -193,6 +269,54 @@ class GeoLocator:
             self._remember(self._by_address, ip, result)
         return result
 
+    def locate_v4(self, value: int) -> tuple[Placement, int]:
+        """The placement of the IPv4 address ``value`` and the prefix length of the widest
+        network holding it over which that answer holds (what :meth:`locate` would answer,
+        network included, without building any object on the way).  Not cached: a miss is a
+        few list and slice operations."""
+        for first, last, override_len, pinned in self._v4_overrides:
+            if first <= value <= last:
+                return pinned, override_len
+        high = value >> _V4_WALKED_BITS
+        pointer = self._directory[high]
+        if pointer >= self._node_count:
+            prefix_len = self._depths[high]
+        else:
+            pointer, prefix_len = self._tree.walk(pointer, value)
+        placement = self._by_pointer.get(pointer)
+        if placement is None:
+            placement = self._record_placement(value, pointer, prefix_len)
+        if self._v4_overrides and self._narrowed(value, prefix_len):
+            bucket = (4, value >> (32 - V4_BUCKET))
+            prefix_len = V4_BUCKET if bucket not in self._cut_buckets else 32
+        return placement, prefix_len
+
+    def _narrowed(self, value: int, prefix_len: int) -> bool:
+        """Whether an override lies inside the database network of ``value``."""
+        shift = 32 - prefix_len
+        first = value >> shift << shift
+        last = first | ((1 << shift) - 1)
+        return any(
+            first <= o_first and o_last <= last for o_first, o_last, _, _ in self._v4_overrides
+        )
+
+    def _record_placement(self, value: int, pointer: int, prefix_len: int) -> Placement:
+        """Decode the record a leaf points at (once per pointer: there are few records)."""
+        if pointer == self._tree.node_count:  # an empty leaf: not in the database
+            placement = self._default_placement
+        else:
+            record, reader_prefix = self._reader.get_with_prefix_len(ipaddress.IPv4Address(value))
+            if reader_prefix != prefix_len:  # our walk and the reader's must agree
+                raise GeoError(
+                    f"geo.database: {self.path}: search tree walk disagrees with the reader "
+                    f"for {ipaddress.IPv4Address(value)} (/{prefix_len} vs /{reader_prefix})"
+                )
+            placement = self._placement(record)
+        if len(self._by_pointer) >= RECORD_CACHE_LIMIT:
+            self._by_pointer.clear()
+        self._by_pointer[pointer] = placement
+        return placement
+
     def _remember(
         self, table: OrderedDict[Any, ClientLocation], key: Any, value: ClientLocation
     ) -> None:
@@ -201,9 +325,12 @@ class GeoLocator:
             table.popitem(last=False)
 
     def _lookup(self, ip: IPAddress) -> ClientLocation:
-        for override in self._overrides:
+        if ip.version == 4:
+            placement, prefix_len = self.locate_v4(int(ip))
+            return placement.at(_network_of(ip, prefix_len))
+        for override, placement in zip(self._overrides, self._override_placements, strict=True):
             if ip in override.network:
-                return self._from_override(override)
+                return placement.at(override.network)
         record, prefix_len = self._reader.get_with_prefix_len(ip)
         network = _network_of(ip, prefix_len)
         # An override inside this database network makes only part of it uniform.
@@ -216,12 +343,12 @@ class GeoLocator:
                 if _bucket(ip) not in self._cut_buckets
                 else _network_of(ip, ip.max_prefixlen)
             )
-        if not isinstance(record, dict):
-            d = self._default
-            return ClientLocation(d.lat, d.lon, d.country, d.continent, None, network, "default")
-        return self._from_record(record, network)
+        return self._placement(record).at(network)
 
-    def _from_record(self, record: dict[str, Any], network: IPNetwork) -> ClientLocation:
+    def _placement(self, record: object) -> Placement:
+        """What a database record says, interned."""
+        if not isinstance(record, dict):
+            return self._default_placement
         country = (record.get("country") or record.get("registered_country") or {}).get("iso_code")
         continent = (record.get("continent") or {}).get("code")
         location = record.get("location") or {}
@@ -237,24 +364,139 @@ class GeoLocator:
                 lat, lon = CONTINENT_CENTRES[continent]
                 accuracy = accuracy or 3000
             else:
-                d = self._default
-                return ClientLocation(
-                    d.lat, d.lon, d.country, d.continent, None, network, "default"
-                )
-        return ClientLocation(
-            float(lat), float(lon), country, continent, accuracy, network, "database"
-        )
+                return self._default_placement
+        key = (float(lat), float(lon), country, continent, accuracy)
+        placement = self._placements.get(key)
+        if placement is None:
+            if len(self._placements) >= RECORD_CACHE_LIMIT:
+                self._placements.clear()
+            placement = self._placements[key] = Placement(*key, "database")
+        return placement
 
-    def _from_override(self, override: GeoOverride) -> ClientLocation:
+    def _from_override(self, override: GeoOverride) -> Placement:
         loc = override.location or self._default
-        return ClientLocation(
+        return Placement(
             loc.lat,
             loc.lon,
             loc.country,
             loc.continent,
             None,
-            override.network,
             "override",
             region=override.region,
             pop=override.pop,
         )
+
+
+class _V4Tree:
+    """The IPv4 part of a MaxMind DB search tree, walked in place.
+
+    Lookups resolve the first :data:`V4_DIRECTORY_BITS` bits from a directory built at open,
+    then follow the tree bit by bit to a leaf: the leaf value is ``node_count`` (not in the
+    database) or a data pointer (larger), which identifies the record.  Same walk, same prefix
+    lengths as libmaxminddb's (the locator checks each new record against the reader)."""
+
+    def __init__(self, path: Path, node_count: int, record_size: int, ip_version: int) -> None:
+        if record_size not in (24, 28, 32):
+            raise ValueError(f"unsupported record size {record_size}")
+        self.node_count = node_count
+        self._record_size = record_size
+        self._node_bytes = record_size // 4
+        with path.open("rb") as fh:
+            # Prefaulted (Linux): the first lookups do not pay a page fault each.
+            populate = getattr(mmap, "MAP_POPULATE", 0)
+            self._map = mmap.mmap(
+                fh.fileno(), 0, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ
+            )
+        if len(self._map) < node_count * self._node_bytes:
+            self._map.close()
+            raise ValueError("the search tree is larger than the file")
+        start = 0
+        if ip_version == 6:  # IPv4 lives under ::/96
+            for _ in range(96):
+                if start >= node_count:
+                    break
+                start = self._child(start, 0)
+        #: Per 16-bit prefix: a node to walk on from (depth 16), or a leaf value and its depth.
+        self.directory, self.depths = self._build_directory(start)
+
+    def _build_directory(self, start: int) -> tuple[list[int], bytearray]:
+        """Level by level (about 17 ms for the shipped database): each entry either expands
+        to the node's two children or, a leaf, is repeated with its depth."""
+        node_count = self.node_count
+        data = self._map
+        size = self._node_bytes >> 1
+        node_bytes = self._node_bytes
+        from_bytes = int.from_bytes
+        child = self._child
+        aligned = self._record_size != 28
+        nodes, depths = [start], [0]
+        for depth in range(1, V4_DIRECTORY_BITS + 1):
+            next_nodes: list[int] = []
+            next_depths: list[int] = []
+            add_node, add_depth = next_nodes.append, next_depths.append
+            for node, at in zip(nodes, depths, strict=True):
+                if node < node_count:
+                    if aligned:
+                        offset = node * node_bytes
+                        add_node(from_bytes(data[offset : offset + size], "big"))
+                        add_node(from_bytes(data[offset + size : offset + node_bytes], "big"))
+                    else:
+                        add_node(child(node, 0))
+                        add_node(child(node, 1))
+                    add_depth(depth)
+                    add_depth(depth)
+                else:
+                    add_node(node)
+                    add_node(node)
+                    add_depth(at)
+                    add_depth(at)
+            nodes, depths = next_nodes, next_depths
+        return nodes, bytearray(depths)
+
+    def close(self) -> None:
+        self._map.close()
+
+    def _child(self, node: int, bit: int) -> int:
+        data = self._map
+        if self._record_size == 28:
+            offset = node * 7
+            middle = data[offset + 3]
+            if bit:
+                return ((middle & 0x0F) << 24) | int.from_bytes(
+                    data[offset + 4 : offset + 7], "big"
+                )
+            return ((middle & 0xF0) << 20) | int.from_bytes(data[offset : offset + 3], "big")
+        size = self._node_bytes >> 1
+        offset = node * self._node_bytes + bit * size
+        return int.from_bytes(data[offset : offset + size], "big")
+
+    def find(self, value: int) -> tuple[int, int]:
+        """(leaf value, prefix length) for the IPv4 address ``value``."""
+        high = value >> _V4_WALKED_BITS
+        node = self.directory[high]
+        if node >= self.node_count:
+            return node, self.depths[high]
+        return self.walk(node, value)
+
+    def walk(self, node: int, value: int) -> tuple[int, int]:
+        """On from ``node``, the directory's entry for ``value``, to the leaf."""
+        node_count = self.node_count
+        depth = V4_DIRECTORY_BITS
+        if self._record_size == 28:
+            child = self._child
+            while depth < 32:
+                node = child(node, (value >> (31 - depth)) & 1)
+                depth += 1
+                if node >= node_count:
+                    return node, depth
+        else:
+            data = self._map
+            size = self._node_bytes >> 1
+            node_bytes = self._node_bytes
+            while depth < 32:
+                offset = node * node_bytes + ((value >> (31 - depth)) & 1) * size
+                node = int.from_bytes(data[offset : offset + size], "big")
+                depth += 1
+                if node >= node_count:
+                    return node, depth
+        raise GeoError("geo.database: corrupt search tree (no leaf after 32 bits)")

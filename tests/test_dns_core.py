@@ -66,6 +66,13 @@ def plain() -> Config:
 @pytest.fixture(scope="module")
 def responder(config: Config) -> Responder:
     locator = GeoLocator(config.geo, config.pops[0].location)
+    return Responder(Zone.build(config), locator.locate, locator.locate_v4)
+
+
+@pytest.fixture(scope="module")
+def responder_by_address(config: Config) -> Responder:
+    """Without the integer lookup: IPv4 clients are placed through ``locate`` alone."""
+    locator = GeoLocator(config.geo, config.pops[0].location)
     return Responder(Zone.build(config), locator.locate)
 
 
@@ -221,12 +228,40 @@ def v4_ecs_queries(draw: st.DrawFn) -> bytes:
 )
 @given(data=v4_ecs_queries())
 def test_fast_path_places_any_ipv4_subnet_as_the_slow_path(
-    responder: Responder, data: bytes
+    responder: Responder, responder_by_address: Responder, data: bytes
 ) -> None:
     fast = responder.respond(data, LOOPBACK, tcp=False, health=ALL_UP)
     slow = responder.respond_slow(data, LOOPBACK, tcp=False, health=ALL_UP)
+    by_address = responder_by_address.respond(data, LOOPBACK, tcp=False, health=ALL_UP)
     assert fast is not None and slow is not None and fast.fast
     assert fast.wire == slow.wire
+    assert by_address is not None and by_address.fast and by_address.wire == fast.wire
+
+
+def test_networks_with_one_record_share_a_place(responder: Responder) -> None:
+    """Distinct networks of one database record are one place (one memoized answer); the ECS
+    scope still follows each network."""
+
+    def ask(subnet: str) -> dns.message.Message:
+        network = ipaddress.ip_network(subnet)
+        query = dns.message.make_query(
+            "api.meridian.test",
+            "A",
+            use_edns=0,
+            options=[dns.edns.ECSOption(str(network.network_address), network.prefixlen)],
+        )
+        reply = responder.respond(query.to_wire(), LOOPBACK, tcp=False, health=ALL_UP)
+        assert reply is not None and reply.fast
+        return dns.message.from_wire(reply.wire)
+
+    before = len(responder._place_numbers)
+    answers = [ask(s) for s in ("8.8.8.0/24", "99.1.2.0/24")]  # US: 8.0.0.0/12, 99.0.0.0/13
+    assert answers[0].answer[0] == answers[1].answer[0]
+    assert len(responder._place_numbers) - before <= 1
+    scopes = [
+        next(o for o in m.options if isinstance(o, dns.edns.ECSOption)).scopelen for m in answers
+    ]
+    assert scopes == [12, 13]
 
 
 OTHER_NAMES = [

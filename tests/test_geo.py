@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from pathlib import Path
 
+import maxminddb
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meridian.config import GeoConfig, GeoOverride, Location
-from meridian.geo import GeoError, GeoLocator, distance_km, nearest_first
+from meridian.geo import GeoError, GeoLocator, builtin_database, distance_km, nearest_first
 
 DATA = Path(__file__).parent / "data"
 ASHBURN = Location(39.04, -77.49, "US", "NA")
@@ -122,6 +124,117 @@ def test_cache_never_changes_an_answer(n: int) -> None:
 
 
 _CACHED = GeoLocator(GeoConfig(cache_size=64), ASHBURN)
+
+
+# ------------------------------------------------------------------- integer IPv4 lookups
+
+DATABASES = [
+    builtin_database(),
+    DATA / "GeoIP2-City-Test.mmdb",
+    DATA / "GeoIP2-Country-Test.mmdb",
+    DATA / "GeoLite2-Country-Test.mmdb",
+]
+#: Addresses the test databases hold (their networks are small: random ints mostly miss).
+_NEAR = [0, 0x51024500, 0x59A01400, 0xD8A05300, 0x027DA000, 0x432B9C00, 0xAF10C700, 0x08080800]
+
+
+def _near_addresses() -> st.SearchStrategy[int]:
+    return st.builds(
+        lambda base, offset: (base + offset) % 2**32 if base else offset,
+        st.sampled_from(_NEAR),
+        st.integers(0, 2**32 - 1) | st.integers(0, 0xFFFF),
+    )
+
+
+_OPEN = {path: GeoLocator(GeoConfig(database=str(path)), ASHBURN) for path in DATABASES}
+_READERS = {path: maxminddb.open_database(str(path)) for path in DATABASES}
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.sampled_from(DATABASES), _near_addresses())
+def test_tree_walk_gives_the_readers_network_and_record(path: Path, value: int) -> None:
+    """The in-place search tree walk (directory + per-bit walk) ends where libmaxminddb's does:
+    same prefix length, and the placement of the record the reader decodes."""
+    locator = _OPEN[path]
+    placement, prefix_len = locator.locate_v4(value)
+    record, reader_prefix = _READERS[path].get_with_prefix_len(ipaddress.IPv4Address(value))
+    assert prefix_len == reader_prefix
+    expected = locator.locate(ipaddress.IPv4Address(value))
+    assert placement.at(expected.network) == expected
+    if record is None:
+        assert placement.source == "default"
+
+
+_PARIS = Location(48.86, 2.35, "FR", "EU")
+_OVERRIDDEN_CONFIG = GeoConfig(
+    overrides=(
+        GeoOverride(network=ipaddress.ip_network("8.8.8.0/28"), location=_PARIS),
+        GeoOverride(network=ipaddress.ip_network("200.160.0.0/16"), region="us-east"),
+        GeoOverride(network=ipaddress.ip_network("200.160.4.0/24"), pop="gru"),
+        GeoOverride(network=ipaddress.ip_network("81.2.69.128/25"), pop="fra"),
+        GeoOverride(network=ipaddress.ip_network("2001:db8::/32"), pop="iad"),
+    )
+)
+_OVERRIDDEN = GeoLocator(_OVERRIDDEN_CONFIG, ASHBURN)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    st.builds(
+        lambda base, offset: (base + offset) % 2**32 if base else offset,
+        st.sampled_from([0, 0x08080800, 0xC8A00000, 0x51024500, 0x08000000]),
+        st.integers(0, 0x3FFFF) | st.integers(0, 2**32 - 1),
+    )
+)
+def test_integer_lookup_answers_as_locate(value: int) -> None:
+    """``locate_v4`` is ``locate`` without objects: overrides (nested ones too) win, and a
+    database network that holds an override is narrowed exactly as ``locate`` narrows it."""
+    for locator in (_OVERRIDDEN, _OVERRIDDEN_SMALL_CACHE):
+        placement, prefix_len = locator.locate_v4(value)
+        expected = locator.locate(ipaddress.IPv4Address(value))
+        assert expected.network.prefixlen == prefix_len
+        assert ipaddress.IPv4Address(value) in expected.network
+        assert placement.at(expected.network) == expected
+
+
+_OVERRIDDEN_SMALL_CACHE = GeoLocator(
+    dataclasses.replace(_OVERRIDDEN_CONFIG, cache_size=16), ASHBURN
+)
+
+
+def test_integer_lookup_of_overrides_and_unknown_addresses() -> None:
+    pinned, prefix_len = _OVERRIDDEN.locate_v4(int(ipaddress.IPv4Address("200.160.4.9")))
+    assert (pinned.pop, pinned.source, prefix_len) == ("gru", "override", 24)
+    wider, prefix_len = _OVERRIDDEN.locate_v4(int(ipaddress.IPv4Address("200.160.9.9")))
+    assert (wider.region, prefix_len) == ("us-east", 16)
+    # Beside the /28 override, in its /24: never a scope that covers the override.
+    beside, prefix_len = _OVERRIDDEN.locate_v4(int(ipaddress.IPv4Address("8.8.8.200")))
+    assert (beside.country, beside.source, prefix_len) == ("US", "database", 32)
+    # Elsewhere in the database's 8.0.0.0/12, which holds the override: narrowed to a /24.
+    elsewhere, prefix_len = _OVERRIDDEN.locate_v4(int(ipaddress.IPv4Address("8.9.1.1")))
+    assert (elsewhere.country, prefix_len) == ("US", 24)
+    private, prefix_len = _OVERRIDDEN.locate_v4(int(ipaddress.IPv4Address("192.168.1.1")))
+    assert private.source == "default" and (private.lat, private.lon) == (39.04, -77.49)
+    assert ipaddress.IPv4Address("192.168.1.1") in ipaddress.ip_network(
+        f"192.168.1.1/{prefix_len}", strict=False
+    )
+
+
+def test_placements_are_shared_by_networks_with_the_same_record(shipped: GeoLocator) -> None:
+    """One placement per distinct answer: a cold lookup allocates nothing new, and the DNS
+    fast path can key its answers by placement identity."""
+    first, first_len = shipped.locate_v4(int(ipaddress.IPv4Address("8.8.8.8")))
+    other, other_len = shipped.locate_v4(int(ipaddress.IPv4Address("99.1.2.3")))
+    assert first.country == other.country == "US"
+    assert first is other  # two networks of the same record (US, country level)
+    assert ipaddress.ip_network(f"8.8.8.8/{first_len}", strict=False) != ipaddress.ip_network(
+        f"99.1.2.3/{other_len}", strict=False
+    )
+    seen = {
+        id(shipped.locate_v4(value)[0])
+        for value in range(0x01000000, 0xE0000000, 0x00010100)  # ~57,000 spread addresses
+    }
+    assert len(seen) < 300  # the shipped database has about 160 distinct answers
 
 
 def test_distance_and_ordering() -> None:
