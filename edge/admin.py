@@ -2,6 +2,8 @@
 
 Endpoints: ``/metrics`` (Prometheus text), ``/healthz`` (the process answers; 503 while
 draining), ``/readyz`` (at least one region up in the health snapshot), ``/status`` (JSON).
+With ``--workers N`` the listener is worker 0's, and ``/metrics`` and ``/status`` include the
+other workers too (``edge.workers``: every sample then carries a ``worker`` label).
 The cache's purge endpoint is added at integration through ``AdminServer.app`` (a route added
 before ``start()``).
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 import socket
 from bisect import bisect_left
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -19,17 +21,49 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+
+from edge.workers import WorkerPeers
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+
+
+class _Histogram:
+    """One label's latency histogram as plain numbers: counts per bucket (last: +Inf), then
+    the sum of seconds."""
+
+    __slots__ = ("_bounds", "labels", "values")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        #: Bucket label values, ``le`` of each count in ``values``.
+        self.labels = (*(repr(float(b)) for b in bounds), "+Inf")
+        self.values = [0.0] * (len(bounds) + 2)
+
+    def observe(self, seconds: float) -> None:
+        values = self.values
+        values[bisect_left(self._bounds, seconds)] += 1
+        values[-1] += seconds
+
+    def buckets(self) -> list[tuple[str, float]]:
+        cumulative = 0.0
+        out = []
+        for label, count in zip(self.labels, self.values, strict=False):
+            cumulative += count
+            out.append((label, cumulative))
+        return out
 
 
 class RequestStats(Collector):
@@ -40,10 +74,8 @@ class RequestStats(Collector):
 
     def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
         self._bounds = buckets
-        self._labels = (*(repr(float(b)) for b in buckets), "+Inf")
         self._counts: dict[tuple[str, int, str, str], int] = {}
-        #: route -> [count per bucket (last: +Inf)..., sum of seconds]
-        self._durations: dict[str, list[float]] = {}
+        self._durations: dict[str, _Histogram] = {}
         self._over: dict[str, int] = {}
 
     def observe(
@@ -54,9 +86,10 @@ class RequestStats(Collector):
         counts[key] = counts.get(key, 0) + 1
         durations = self._durations.get(route)
         if durations is None:
-            durations = self._durations[route] = [0.0] * (len(self._bounds) + 2)
-        durations[bisect_left(self._bounds, seconds)] += 1
-        durations[-1] += seconds
+            durations = self._durations[route] = _Histogram(self._bounds)
+        values = durations.values  # _Histogram.observe, inlined: this runs on every hit
+        values[bisect_left(self._bounds, seconds)] += 1
+        values[-1] += seconds
         if seconds > target:
             self._over[route] = self._over.get(route, 0) + 1
 
@@ -75,12 +108,7 @@ class RequestStats(Collector):
             labels=["route"],
         )
         for route, durations in sorted(self._durations.items()):
-            cumulative = 0.0
-            buckets = []
-            for label, count in zip(self._labels, durations, strict=False):
-                cumulative += count
-                buckets.append((label, cumulative))
-            histogram.add_metric([route], buckets, durations[-1])
+            histogram.add_metric([route], durations.buckets(), durations.values[-1])
         yield histogram
         over = CounterMetricFamily(
             "meridian_edge_requests_over_latency_target",
@@ -95,6 +123,55 @@ class RequestStats(Collector):
         return []
 
 
+class UpstreamStats(Collector):
+    """What the request path counts per upstream attempt and per request, as plain numbers
+    (prometheus_client's labelled Histogram and Gauge cost a few microseconds per call, with a
+    lock each): ``meridian_edge_upstream_duration_seconds{region}``,
+    ``meridian_edge_in_flight_requests`` and, read at scrape time,
+    ``meridian_edge_upstream_active_requests{backend}``."""
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self._bounds = buckets
+        self._durations: dict[str, _Histogram] = {}
+        #: Requests being handled off the fast path (the request queue depth).
+        self.in_flight = 0
+        #: Requests in flight per backend, read on scrape (``UpstreamPool.outstanding``).
+        self.outstanding: Callable[[], Mapping[str, int]] | None = None
+
+    def observe_upstream(self, region: str, seconds: float) -> None:
+        durations = self._durations.get(region)
+        if durations is None:
+            durations = self._durations[region] = _Histogram(self._bounds)
+        durations.observe(seconds)
+
+    def collect(self) -> Iterable[Metric]:
+        histogram = HistogramMetricFamily(
+            "meridian_edge_upstream_duration_seconds",
+            "Upstream-side latency: attempt start to response head, per region.",
+            labels=["region"],
+        )
+        for region, durations in sorted(self._durations.items()):
+            histogram.add_metric([region], durations.buckets(), durations.values[-1])
+        yield histogram
+        yield GaugeMetricFamily(
+            "meridian_edge_in_flight_requests",
+            "Requests being handled (the request queue depth autoscaling watches).",
+            value=self.in_flight,
+        )
+        active = GaugeMetricFamily(
+            "meridian_edge_upstream_active_requests",
+            "Requests in flight per backend (each holds one pooled connection).",
+            labels=["backend"],
+        )
+        if self.outstanding is not None:
+            for backend, value in sorted(self.outstanding().items()):
+                active.add_metric([backend], value)
+        yield active
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
 class EdgeMetrics:
     """Every edge metric, registered in the registry handed in (one per process)."""
 
@@ -104,18 +181,9 @@ class EdgeMetrics:
         #: on every request (a cache hit included), turned into Prometheus families on scrape.
         self.request_stats = RequestStats()
         registry.register(self.request_stats)
-        self.upstream_duration = Histogram(
-            "meridian_edge_upstream_duration_seconds",
-            "Upstream-side latency: attempt start to response head, per region.",
-            ("region",),
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.in_flight = Gauge(
-            "meridian_edge_in_flight_requests",
-            "Requests being handled (the request queue depth autoscaling watches).",
-            registry=registry,
-        )
+        #: Upstream latency, requests in flight and per-backend activity: plain numbers too.
+        self.upstream_stats = UpstreamStats()
+        registry.register(self.upstream_stats)
         self.connections = Gauge(
             "meridian_edge_client_connections", "Open client connections.", registry=registry
         )
@@ -141,12 +209,6 @@ class EdgeMetrics:
             "meridian_edge_errors",
             "Responses generated by the edge itself, by status and reason.",
             ("status", "reason"),
-            registry=registry,
-        )
-        self.upstream_active = Gauge(
-            "meridian_edge_upstream_active_requests",
-            "Requests in flight per backend (each holds one pooled connection).",
-            ("backend",),
             registry=registry,
         )
         self.upstream_pool_limit = Gauge(
@@ -182,11 +244,14 @@ class AdminServer:
         status: Callable[[], dict[str, Any]],
         ready: Callable[[], bool],
         draining: Callable[[], bool],
+        peers: WorkerPeers | None = None,
     ) -> None:
         self.registry = registry
         self._status = status
         self._ready = ready
         self._draining = draining
+        #: Worker 0 of ``--workers N``: /metrics and /status speak for every worker.
+        self._peers = peers
         self.app = web.Application()
         self.app.router.add_get("/metrics", self._metrics)
         self.app.router.add_get("/healthz", self._healthz)
@@ -212,6 +277,8 @@ class AdminServer:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.registry)
+        if self._peers is not None:
+            body = await self._peers.metrics(body)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -227,7 +294,11 @@ class AdminServer:
         return web.Response(status=503, text="no region up\n")
 
     async def _status_handler(self, request: web.Request) -> web.Response:
+        document = self._status()
+        if self._peers is not None:
+            workers = await self._peers.statuses()
+            document["workers"] = {str(slot): workers[slot] for slot in sorted(workers)}
         return web.Response(
-            text=json.dumps(self._status(), default=str, indent=1),
+            text=json.dumps(document, default=str, indent=1),
             content_type="application/json",
         )

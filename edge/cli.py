@@ -23,7 +23,11 @@ def add_edge_arguments(parser: argparse.ArgumentParser) -> None:
         help="HOST:PORT for /metrics, /healthz, /readyz, /status (default: listeners.edge_admin)",
     )
     parser.add_argument(
-        "--workers", type=int, default=1, help="worker processes sharing the listener (default 1)"
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the listener (default 1); the admin listener's "
+        "/metrics and /purge cover them all",
     )
 
 

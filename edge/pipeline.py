@@ -18,9 +18,10 @@ Everything else runs ``Pipeline.handle`` in a task, stage by stage:
      then ``_walk`` over regions/backends: retries, failover and passive health reports as for
      any request).  A response the cache will store is read whole (``_read_for_cache``); one it
      will not (``HttpCache.storable_head``) or one above ``max_object`` is handed back live
-     and streamed (``_Handover``).  Upstream failures raise ``_FetchError`` inside the fill, so
-     the cache answers from a stale entry within its stale-if-error window, else the edge
-     answers 502/503/504.
+     and streamed (``_Handover``), unless its body is whole in aiohttp's buffer already (a
+     small answer arrives with its head): then it goes out with the head in one write.
+     Upstream failures raise ``_FetchError`` inside the fill, so the cache answers from a
+     stale entry within its stale-if-error window, else the edge answers 502/503/504.
    * BYPASS (methods other than GET/HEAD, bypass rules, request bodies, preconditions) ->
      ``_forward``: the streaming proxy path (``_walk`` -> ``_from_upstream``), then
      ``HttpCache.invalidate`` for unsafe methods.
@@ -33,6 +34,14 @@ Every response carries ``X-Cache`` and ``Age``; responses from the cache carry t
 ``X-Meridian-Region`` of the region that filled the entry.  Every stage sees the same
 ``EdgeState`` snapshot, pinned when the request starts, so a reload never changes a request
 half-way.
+
+What a miss costs is mostly aiohttp's client and the system calls; the rest is kept to what
+is needed: no timer per request (the total deadline is the connection sweep's, see
+``ResponseSink.expire_after``), metrics as plain numbers turned into Prometheus families on
+scrape (``edge.admin``), access lines formatted at flush, upstream header lines built once
+per memoised request head and client address then copied (``_fill_headers``), aiohttp's own
+per-request header copies skipped (``edge.upstream.UpstreamRequest``), NamedTuples rather
+than frozen dataclasses for the objects made per request.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from ipaddress import IPv4Network, IPv6Network
 from typing import Final, NamedTuple, Protocol
 
 import aiohttp
+from multidict import CIMultiDict
 
 from edge.admin import EdgeMetrics
 from edge.cache import Fetch, HttpCache, Lookup, LookupKind, Prepared, UpstreamResponse
@@ -56,17 +66,18 @@ from edge.cache.entry import Entry
 from edge.cache.policy import upstream_request_headers
 from edge.compress import DecompressionBomb, accepts, is_compressible
 from edge.http1 import (
+    HOP_BY_HOP,
     BodyFraming,
     BodyKind,
     ForwardingContext,
     Headers,
     RequestRejected,
+    connection_tokens,
     error_response,
     head_budget,
     is_trusted,
     response_framing,
     rewrite_request_headers,
-    rewrite_response_headers,
     via_value,
 )
 from edge.router import Router, RouteTarget, normalise_host
@@ -86,6 +97,7 @@ from edge.upstream import (
     live_regions,
     next_attempt,
     retry_allowed,
+    upstream_headers,
 )
 from meridian.config import Config
 from meridian.log import current_format, format_event, get_logger, write_lines
@@ -151,6 +163,10 @@ class EdgeState:
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...]
     request_id_header: bytes
     failure_statuses: frozenset[int]
+    #: ``request_id_header`` as aiohttp takes header names.
+    request_id_name: str = ""
+    #: Upstream response headers never passed on: hop-by-hop, framing, the edge's own.
+    dropped_response_headers: frozenset[bytes] = frozenset()
     #: ``Via`` value this POP adds to responses.
     via: bytes = b""
     #: Per-request limits and client deadlines, precomputed for the protocol's callbacks:
@@ -179,6 +195,14 @@ class EdgeState:
             trusted_proxies=edge.trusted_proxies,
             request_id_header=edge.request_id_header.lower().encode(),
             failure_statuses=frozenset(config.outlier.failure_statuses),
+            request_id_name=edge.request_id_header.lower(),
+            dropped_response_headers=HOP_BY_HOP
+            | {
+                b"content-length",
+                b"x-cache",
+                b"x-meridian-region",
+                edge.request_id_header.lower().encode(),
+            },
             via=via_value("1.1", pop),
             head_budget=head_budget(edge.limits),
             deadlines=(
@@ -247,7 +271,17 @@ class RequestHead:
     the cache's ``Prepared`` lookup and the route name.  Lives in ``EdgeState.request_heads``.
     """
 
-    __slots__ = ("headers", "host", "method", "path", "prepared", "route", "supplied_id", "target")
+    __slots__ = (
+        "fill_headers",
+        "headers",
+        "host",
+        "method",
+        "path",
+        "prepared",
+        "route",
+        "supplied_id",
+        "target",
+    )
 
     def __init__(
         self,
@@ -267,6 +301,9 @@ class RequestHead:
         self.supplied_id = supplied_id
         self.prepared: Prepared | None = None
         self.route: str | None = None
+        #: A fill's upstream request headers by client address, without the request ID
+        #: (``Pipeline._fill_headers``); a few addresses at most, cleared when full.
+        self.fill_headers: dict[str, CIMultiDict[str]] | None = None
 
 
 class RequestBody(Protocol):
@@ -309,6 +346,13 @@ class ResponseSink(Protocol):
 
     async def drain(self) -> None: ...
 
+    def expire_after(self, seconds: float) -> None:
+        """Cancel the task handling the request once ``seconds`` have passed (roughly)."""
+
+    @property
+    def deadline_expired(self) -> bool:
+        """Whether that cancellation happened (it is then a deadline, not a disconnect)."""
+
 
 class HealthSource(Protocol):
     """``meridian.health.HealthMonitor`` as the request path uses it."""
@@ -319,8 +363,9 @@ class HealthSource(Protocol):
     def report(self, backend_url: str, ok: bool) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class OutgoingResponse:
+class OutgoingResponse(NamedTuple):
+    """A response on its way to the client (a NamedTuple: one or two are made per request)."""
+
     status: int
     reason: bytes
     #: Final headers (lower-case names) without Content-Length/Transfer-Encoding/Connection.
@@ -349,16 +394,24 @@ class ExchangeRecord:
     attempts: list[Attempt] = field(default_factory=list)
 
 
+_Pending = tuple[float, str, float, float, bytes, str]
+_MiddleKey = tuple[str, int, int, str, str, str, str, int]
+
+
 class AccessLog:
     """One structured line per request, batched: written once per flush (every sweep of the
     connections, or 256 lines), not once per request.  Same line format as ``meridian.log``
     (logfmt or JSON, to the stream the CLI configured), but formatted here with a cheaper path
-    for the plain values an access line holds; disabled when the level is above info."""
+    for the plain values an access line holds; disabled when the level is above info.
+
+    ``record_request`` (every request the edge answers, hits and misses alike) keeps a tuple
+    and the line is put together at ``flush``; its constant middle (method, path, status,
+    bytes, cache, region, backend, attempts) is built once per distinct value."""
 
     def __init__(self) -> None:
-        #: Formatted lines, and cache hits still to format (at flush, in order).
-        self._lines: list[str | tuple[float, str, float, bytes, str]] = []
-        self._middles: dict[tuple[str, int, int, str, str, str], str] = {}
+        #: Formatted lines, and requests still to format (at flush, in order).
+        self._lines: list[str | _Pending] = []
+        self._middles: dict[_MiddleKey, str] = {}
         self._enabled = access_logger.enabled(logging.INFO)
         self._second = -1
         self._stamp = ""
@@ -385,27 +438,24 @@ class AccessLog:
         else:
             parts = [f"ts={self._timestamp()} level=info logger=edge.access event=access"]
             for key, value in fields.items():
-                text = str(value)
-                if not text or _NEEDS_QUOTES.search(text):
-                    text = json.dumps(text)
-                parts.append(f"{key}={text}")
+                parts.append(f"{key}={_logfmt(str(value))}")
             line = " ".join(parts)
         self._add(line)
 
-    def record_hit(
+    def record_request(
         self,
         request: ProxyRequest,
         status: int,
         cache: str,
         region: str,
+        backend: str,
+        attempts: int,
+        upstream: float,
         sent: int,
         total: float,
     ) -> None:
-        """The access line of a cache hit: the same fields as ``record``, in the same order.
-
-        Its constant middle (method, path, status, bytes, cache, region) is built once per
-        distinct value and the line is put together at ``flush``: about half a microsecond
-        here instead of four."""
+        """The access line of one request: the same fields as ``record``, in the same order,
+        for about half a microsecond here (formatting waits for ``flush``)."""
         if not self._enabled:
             return
         if current_format() == "json":
@@ -416,37 +466,37 @@ class AccessLog:
                 bytes=sent,
                 cache=cache,
                 region=region,
-                backend="-",
-                attempts=0,
-                upstream_ms=0.0,
+                backend=backend,
+                attempts=attempts,
+                upstream_ms=round(upstream * 1000, 2),
                 total_ms=round(total * 1000, 2),
                 request_id=request.request_id.decode("ascii", "replace"),
                 client=request.client_ip,
             )
             return
-        key = (request.path, status, sent, cache, region, request.method)
+        key = (request.path, status, sent, cache, region, request.method, backend, attempts)
         middle = self._middles.get(key)
         if middle is None:
             middle = self._middle(key)
-        self._lines.append((time.time(), middle, total, request.request_id, request.client_ip))
-        if len(self._lines) >= 256:
+        lines = self._lines
+        lines.append((time.time(), middle, upstream, total, request.request_id, request.client_ip))
+        if len(lines) >= 256:
             self.flush()
 
-    def _middle(self, key: tuple[str, int, int, str, str, str]) -> str:
-        path, status, sent, cache, region, method = key
-        if _NEEDS_QUOTES.search(path):
-            path = json.dumps(path)
+    def _middle(self, key: _MiddleKey) -> str:
+        path, status, sent, cache, region, method, backend, attempts = key
         middle = (
-            f" method={method} path={path} status={status} bytes={sent} cache={cache}"
-            f" region={region} backend=- attempts=0 upstream_ms=0.0 total_ms="
+            f" method={_logfmt(method)} path={_logfmt(path)} status={status} bytes={sent}"
+            f" cache={_logfmt(cache)} region={_logfmt(region)} backend={_logfmt(backend)}"
+            f" attempts={attempts} upstream_ms="
         )
         if len(self._middles) >= 4096:  # bounded: paths are the client's choice
             self._middles.clear()
         self._middles[key] = middle
         return middle
 
-    def _format_hit(self, item: tuple[float, str, float, bytes, str]) -> str:
-        now, middle, total, request_id, client = item
+    def _format(self, item: _Pending) -> str:
+        now, middle, upstream, total, request_id, client = item
         millisecond = int(now * 1000)
         if millisecond != self._millisecond:  # lines of one millisecond share their prefix
             self._millisecond = millisecond
@@ -457,7 +507,10 @@ class AccessLog:
         rid = request_id.decode("ascii", "replace")
         if _NEEDS_QUOTES.search(rid):
             rid = json.dumps(rid)
-        return f"{self._prefix}{middle}{round(total * 1000, 2)} request_id={rid} client={client}"
+        return (
+            f"{self._prefix}{middle}{round(upstream * 1000, 2)}"
+            f" total_ms={round(total * 1000, 2)} request_id={rid} client={_logfmt(client)}"
+        )
 
     def _stamp_of(self, second: int) -> str:
         if second != self._second:
@@ -473,9 +526,16 @@ class AccessLog:
     def flush(self) -> None:
         if not self._lines:
             return
-        lines = [item if isinstance(item, str) else self._format_hit(item) for item in self._lines]
+        lines = [item if isinstance(item, str) else self._format(item) for item in self._lines]
         self._lines.clear()
         write_lines("\n".join(lines) + "\n")
+
+
+def _logfmt(text: str) -> str:
+    """A logfmt value: as it is, or JSON-quoted when empty or holding a separator."""
+    if not text or _NEEDS_QUOTES.search(text):
+        return json.dumps(text)
+    return text
 
 
 _NEEDS_QUOTES = re.compile(r'[ ="\\\n\t]')
@@ -644,7 +704,9 @@ class Pipeline:
             route, status, label, region, total, state.config.edge.latency_target
         )
         if self.access_log.enabled:
-            self.access_log.record_hit(request, status, label, region, len(wire), total)
+            self.access_log.record_request(
+                request, status, label, region, "-", 0, 0.0, len(wire), total
+            )
         return wire
 
     # -- the slow path ------------------------------------------------------------------------
@@ -654,7 +716,8 @@ class Pipeline:
     ) -> None:
         state = self.state
         record = ExchangeRecord()
-        self.metrics.in_flight.inc()
+        stats = self.metrics.upstream_stats
+        stats.in_flight += 1
         try:
             target = state.route(request.host, request.path)
             if target is None:
@@ -662,17 +725,22 @@ class Pipeline:
                 await self._send_error(sink, request, state, record, 404, "no_route")
                 return
             record.route = target.route.name
+            # The total deadline: the connection's sweep cancels this task when it passes (no
+            # timer per request); the cancellation is turned into a 504 here.
+            sink.expire_after(state.config.edge.timeouts.total)
             try:
-                async with asyncio.timeout(state.config.edge.timeouts.total):
-                    await self._proxy(request, body, sink, state, target, record)
-            except TimeoutError:
+                await self._proxy(request, body, sink, state, target, record)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not sink.deadline_expired or task is None or task.uncancel() > 0:
+                    raise  # the client went away (or another cancellation came too)
                 if sink.response_started:
                     sink.abort()
                     record.status = record.status or 504
                 else:
                     await self._send_error(sink, request, state, record, 504, "deadline_exceeded")
         finally:
-            self.metrics.in_flight.dec()
+            stats.in_flight -= 1
             self._account(request, state, record, sink.bytes_sent)
 
     async def _proxy(
@@ -817,18 +885,22 @@ class Pipeline:
         ``handover`` None (background refresh): nothing is streamed, and a response too big to
         buffer is dropped unstored."""
         assert lookup.key is not None
-        forwarded = self._fill_request_headers(request, state)
+        forwarded = self._fill_headers(request, state)
         target_text = lookup.key.target.decode("latin-1")
 
         async def fetch(validators: list[tuple[bytes, bytes]]) -> UpstreamResponse:
             # Each call walks the regions afresh (a fill may fetch twice: after a 304 for
             # another representation); the request's record learns where it went.
             walk = ExchangeRecord()
+            headers = forwarded
+            if validators:
+                headers = forwarded.copy()
+                headers.extend(upstream_headers(validators))
             try:
                 got = await self._walk(
                     "GET",
                     target_text,
-                    upstream_request_headers(forwarded, validators),
+                    headers,
                     None,
                     state,
                     target,
@@ -849,6 +921,31 @@ class Pipeline:
             )
 
         return fetch
+
+    def _fill_headers(self, request: ProxyRequest, state: EdgeState) -> CIMultiDict[str]:
+        """A fill's upstream request headers (``_fill_request_headers`` minus the client's
+        conditionals), ready for aiohttp.  For a memoised request head they depend on the
+        client address and the request ID alone: built once per address, then copied."""
+        head = request.head
+        if head is None:
+            return upstream_headers(
+                upstream_request_headers(self._fill_request_headers(request, state), ())
+            )
+        memo = head.fill_headers
+        if memo is None:
+            memo = head.fill_headers = {}
+        base = memo.get(request.client_ip)
+        if base is None:
+            lines = upstream_request_headers(self._fill_request_headers(request, state), ())
+            if lines[-1][0] != state.request_id_header:  # it comes last; never otherwise
+                return upstream_headers(lines)
+            base = upstream_headers(lines[:-1])
+            if len(memo) >= 16:
+                memo.clear()
+            memo[request.client_ip] = base
+        headers = base.copy()
+        headers.add(state.request_id_name, request.request_id.decode("latin-1"))
+        return headers
 
     def _fill_request_headers(self, request: ProxyRequest, state: EdgeState) -> Headers:
         host = request.host
@@ -902,6 +999,7 @@ class Pipeline:
             edge = state.config.edge
             limit = edge.cache.max_object
             length = response.content_length
+            content = response.content
             coding = content_coding(headers)
             decodable = coding is not None and coding in DECODABLE
             refused = cache.storable_head(lookup, status, headers)
@@ -914,15 +1012,24 @@ class Pipeline:
                     and not accepts(_accept_encoding(request.headers), coding.decode("latin-1"))
                 )
                 if not small_for_decoding or handover is None or handover.abandoned:
+                    if length is not None and length <= limit and content.is_eof():
+                        # Already whole in aiohttp's buffer (a small answer comes with its
+                        # head): taken in one piece and sent in one write, not streamed.
+                        return hand_over(length, [], content.read_nowait(-1))
                     return hand_over(length, [], None)
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in response.content.iter_any():
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > limit:
-                    return hand_over(length, chunks, None)  # too big to keep: stream the rest
-            body = b"".join(chunks)
+            if content.is_eof():
+                body = content.read_nowait(-1)  # whole already: no reads to wait for
+                if len(body) > limit:
+                    return hand_over(length, [body], None)
+            else:
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in content.iter_any():
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > limit:
+                        return hand_over(length, chunks, None)  # too big to keep: stream the rest
+                body = b"".join(chunks)
             if refused is not None:
                 return hand_over(len(body), [], body)
             if decodable:
@@ -1076,7 +1183,7 @@ class Pipeline:
         return await self._walk(
             request.method,
             request.target.decode("latin-1"),
-            headers,
+            upstream_headers(headers),
             body if request.body.has_body else None,
             state,
             target,
@@ -1087,7 +1194,7 @@ class Pipeline:
         self,
         method: str,
         target_text: str,
-        headers: Headers,
+        headers: CIMultiDict[str],
         body: RequestBody | None,
         state: EdgeState,
         target: RouteTarget,
@@ -1135,7 +1242,7 @@ class Pipeline:
                     region=attempt.region,
                     kind=exc.kind.value,
                     detail=exc.detail,
-                    request_id=_header_text(headers, state.request_id_header),
+                    request_id=headers.get(state.request_id_name, "-"),
                 )
                 failure = exc
                 continue
@@ -1144,7 +1251,7 @@ class Pipeline:
                 raise
             elapsed = self.clock() - started
             record.upstream_seconds = elapsed
-            self.metrics.upstream_duration.labels(attempt.region).observe(elapsed)
+            self.metrics.upstream_stats.observe_upstream(attempt.region, elapsed)
             self.health.report(attempt.backend, response.status not in state.failure_statuses)
             return response, attempt
         if failure is None:
@@ -1166,13 +1273,26 @@ class Pipeline:
         self, raw: Headers | tuple[tuple[bytes, bytes], ...], state: EdgeState, region: str
     ) -> Headers:
         """An upstream response's headers as the edge passes (and stores) them: hop-by-hop
-        and framing removed, the edge's own headers dropped, Via extended, the region added."""
-        own = (b"x-cache", b"x-meridian-region", state.request_id_header)
-        headers = [h for h in rewrite_response_headers(raw) if h[0] not in own]
-        prior_via = [v for n, v in headers if n == b"via"]
-        if prior_via:
-            headers = [h for h in headers if h[0] != b"via"]
-        headers.append((b"via", b", ".join([*prior_via, state.via])))
+        and framing removed, the edge's own headers dropped, Via extended, the region added.
+
+        ``rewrite_response_headers`` and the edge's own filter in one pass over the lines."""
+        lowered = [(name.lower(), value) for name, value in raw]
+        named = connection_tokens(lowered)
+        dropped = state.dropped_response_headers
+        headers: Headers = []
+        prior_via: list[bytes] | None = None
+        for line in lowered:
+            name = line[0]
+            if name in dropped or name.startswith(b"proxy") or (named and name in named):
+                continue
+            if name == b"via":
+                if prior_via is None:
+                    prior_via = []
+                prior_via.append(line[1])
+                continue
+            headers.append(line)
+        via = state.via if prior_via is None else b", ".join([*prior_via, state.via])
+        headers.append((b"via", via))
         headers.append((b"x-meridian-region", region.encode()))
         return headers
 
@@ -1234,7 +1354,10 @@ class Pipeline:
         sink.start_response(
             response.status, response.reason, response.headers, framing, response.head_length
         )
-        if framing.kind is not BodyKind.NONE and response.body is not None:
+        data = response.data
+        if data is not None and framing.kind is not BodyKind.NONE:
+            sink.write_body(data)  # whole in memory: one write with the head
+        elif framing.kind is not BodyKind.NONE and response.body is not None:
             try:
                 async for chunk in response.body:
                     sink.write_body(chunk)
@@ -1305,20 +1428,18 @@ class Pipeline:
             total,
             state.config.edge.latency_target,
         )
-        self.access_log.record(
-            method=request.method,
-            path=request.path,
-            status=record.status,
-            bytes=sent,
-            cache=record.cache,
-            region=record.region,
-            backend=record.backend,
-            attempts=len(record.attempts),
-            upstream_ms=round(record.upstream_seconds * 1000, 2),
-            total_ms=round(total * 1000, 2),
-            request_id=request.request_id.decode("ascii", "replace"),
-            client=request.client_ip,
-        )
+        if self.access_log.enabled:
+            self.access_log.record_request(
+                request,
+                record.status,
+                record.cache,
+                record.region,
+                record.backend,
+                len(record.attempts),
+                record.upstream_seconds,
+                sent,
+                total,
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -1343,13 +1464,6 @@ def _connection_line(request: ProxyRequest) -> bytes:
     if not request.keep_alive:
         return _CLOSE_LINE
     return _KEEP_ALIVE_LINE if request.http_version == "1.0" else b""
-
-
-def _header_text(headers: Headers, name: bytes) -> str:
-    for field_name, value in headers:
-        if field_name == name:
-            return value.decode("ascii", "replace")
-    return "-"
 
 
 def _accept_encoding(headers: Headers) -> bytes | None:

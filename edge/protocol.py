@@ -10,7 +10,8 @@ its head -- so a request whose framing breaks at the first chunk never reaches t
 With ``Expect: 100-continue`` the edge answers ``100 Continue`` and starts at the head.
 
 Timeouts without per-request timers: each connection keeps one deadline (header read, body
-read, keep-alive idle) and ``Connections`` sweeps them every ``SWEEP_INTERVAL`` (so a timeout
+read, keep-alive idle) plus the total deadline of the request it is handling
+(``expire_after``), and ``Connections`` sweeps them every ``SWEEP_INTERVAL`` (so a timeout
 fires up to that much late), the way nginx trades timer precision for cost.
 """
 
@@ -271,6 +272,9 @@ class EdgeConnection(asyncio.Protocol):
         # Timeouts.
         self._deadline = 0.0
         self._deadline_kind = _DEADLINE_NONE
+        #: The active request's total deadline (loop time; 0: none), and whether it passed.
+        self._request_deadline = 0.0
+        self._request_expired = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -536,6 +540,8 @@ class EdgeConnection(asyncio.Protocol):
         self._active = exchange
         self._keep_alive = exchange.request.keep_alive
         self.bytes_sent = 0
+        self._request_deadline = 0.0
+        self._request_expired = False
         if exchange.body is not None and expects_continue(exchange.request.headers):
             self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._task = self._loop.create_task(self._run(exchange))
@@ -573,6 +579,7 @@ class EdgeConnection(asyncio.Protocol):
             return
         self._active = None
         self._task = None
+        self._request_deadline = 0.0
         body_unread = exchange.body is not None and not exchange.body.complete
         if self._transport is None:
             return
@@ -658,6 +665,15 @@ class EdgeConnection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
+    def expire_after(self, seconds: float) -> None:
+        """Cancel the active request's task once ``seconds`` have passed (checked by the
+        sweep, so up to ``SWEEP_INTERVAL`` late: no timer per request)."""
+        self._request_deadline = self._loop.time() + seconds
+
+    @property
+    def deadline_expired(self) -> bool:
+        return self._request_expired
+
     async def drain(self) -> None:
         if not self._write_paused or self._transport is None:
             return
@@ -676,6 +692,12 @@ class EdgeConnection(asyncio.Protocol):
             self._transport.close()
 
     def check_deadline(self, now: float) -> None:
+        if self._request_deadline and now >= self._request_deadline:
+            self._request_deadline = 0.0
+            task = self._task
+            if task is not None and not task.done():
+                self._request_expired = True
+                task.cancel()
         kind = self._deadline_kind
         if kind == _DEADLINE_NONE or now < self._deadline:
             return

@@ -9,7 +9,11 @@
 answered 401 (with ``WWW-Authenticate: Bearer``), a wrong token 403, and with no token
 configured every purge is 403 (purging is off).  A purge clears this process's L1, the shared
 Redis L2, and, through the cache's pub/sub channel, the L1 of the POP's other instances.
-The answer is JSON: how many entries went locally and in Redis, and whether it was broadcast.
+With ``--workers N`` the admin worker also has every other worker purge its own L1 (through
+its private socket, ``edge.workers``), with or without Redis, before it answers.
+The answer is JSON: how many entries went locally (all workers together; per worker in
+``workers``, with ``unreached`` the workers that did not answer) and in Redis, and whether it
+was broadcast.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from edge.cache import HttpCache, PurgeResult
+from edge.workers import WorkerPeers
 from meridian.log import get_logger
 
 log = get_logger("edge")
@@ -38,10 +43,12 @@ def _json(status: int, document: dict[str, Any], **headers: str) -> web.Response
 
 
 class PurgeEndpoint:
-    """``POST /purge`` and ``PURGE /purge`` on an aiohttp application."""
+    """``POST /purge`` and ``PURGE /purge`` on an aiohttp application; with ``peers`` (worker
+    0 of ``--workers N``) every purge also reaches the other workers' L1."""
 
-    def __init__(self, cache: Callable[[], HttpCache]) -> None:
+    def __init__(self, cache: Callable[[], HttpCache], peers: WorkerPeers | None = None) -> None:
         self._cache = cache
+        self._peers = peers
 
     def install(self, app: web.Application) -> None:
         app.router.add_route("POST", "/purge", self.handle)
@@ -59,25 +66,38 @@ class PurgeEndpoint:
         local = shared = 0
         propagated = True
         done: list[dict[str, str]] = []
+        applied: list[tuple[str, bytes]] = []
+        failure: web.Response | None = None
         for kind, value in targets:
             try:
                 result = await self._purge(cache, kind, value)
             except ValueError as exc:
-                return _json(400, {"error": "bad_request", "reason": str(exc), "done": done})
+                failure = _json(400, {"error": "bad_request", "reason": str(exc), "done": done})
+                break
             local += result.local
             shared += result.shared
             propagated = propagated and result.propagated
             done.append({kind: value})
+            applied.append((result.kind, result.value))
+        document: dict[str, Any] = {
+            "purged": done,
+            "local": local,
+            "shared": shared,
+            "propagated": propagated and cache.l2 is not None,
+        }
+        if self._peers is not None and applied:
+            # What this worker purged, the others purge too (before answering, also when a
+            # later target was refused: the ones done stay done everywhere).
+            removed, unreached = await self._peers.purge(applied)
+            document["workers"] = {str(self._peers.slot): local} | {
+                str(slot): count for slot, count in sorted(removed.items())
+            }
+            document["unreached"] = unreached
+            document["local"] = local = local + sum(removed.values())
+        if failure is not None:
+            return failure
         log.info("cache_purged", targets=len(done), local=local, shared=shared)
-        return _json(
-            200,
-            {
-                "purged": done,
-                "local": local,
-                "shared": shared,
-                "propagated": propagated and cache.l2 is not None,
-            },
-        )
+        return _json(200, document)
 
     @staticmethod
     def _authorise(request: web.Request, cache: HttpCache) -> web.Response | None:

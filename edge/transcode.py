@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Final
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -213,7 +212,7 @@ class Transcoder:
                 or accepts(accept_encoding, upstream.decode("latin-1"))
             ):
                 # Passed through as the origin sent it; it differs by coding for someone.
-                return replace(response, headers=add_vary_accept_encoding(headers))
+                return response._replace(headers=add_vary_accept_encoding(headers))
             response = self._decoded(response, upstream, config)
             headers = response.headers
         length = response.length if response.data is None else len(response.data)
@@ -222,31 +221,31 @@ class Transcoder:
         coding = negotiate(accept_encoding)
         if coding != "br" and coding != "gzip":
             # Other clients get it compressed: caches downstream must key on the coding.
-            return replace(response, headers=encoded_headers(headers, "identity"))
+            return response._replace(headers=encoded_headers(headers, "identity"))
         headers = encoded_headers(headers, coding)
         level = level_for(config, coding, cached=False)
         if response.body is None:  # HEAD: the encoded length is not known without the body
-            return replace(response, headers=headers, head_length=None)
+            return response._replace(headers=headers, head_length=None)
         data = response.data
         if data is not None and len(data) <= config.offload_above:
             encoded = compress(data, coding, level)
             self.stats.operation("stream", coding)
             self.stats.count("stream", coding, len(data), len(encoded))
-            return replace(
-                response, headers=headers, length=len(encoded), body=_one(encoded), data=encoded
+            return response._replace(
+                headers=headers, length=len(encoded), body=_one(encoded), data=encoded
             )
         if data is not None:
             body = self._offloop(data, coding, level, config.offload_above)
         else:
             body = self._streamed(response.body, coding, level)
-        return replace(response, headers=headers, length=None, body=body, data=None)
+        return response._replace(headers=headers, length=None, body=body, data=None)
 
     def _decoded(
         self, response: OutgoingResponse, coding: bytes, config: CompressionConfig
     ) -> OutgoingResponse:
         headers = decoded_headers(response.headers)
         if response.body is None:
-            return replace(response, headers=headers, head_length=None)
+            return response._replace(headers=headers, head_length=None)
         limit = config.max_decoded_size
         if response.data is not None:
             try:
@@ -255,10 +254,10 @@ class Transcoder:
                 raise BodyError("decompression_bomb") from exc
             except ValueError as exc:
                 raise BodyError("bad_content_coding") from exc
-            return replace(response, headers=headers, length=len(data), body=_one(data), data=data)
+            return response._replace(headers=headers, length=len(data), body=_one(data), data=data)
         decoder = BoundedDecoder(coding.decode("ascii"), limit)
         body = self._decoding(response.body, decoder, coding.decode("ascii"))
-        return replace(response, headers=headers, length=None, body=body, data=None)
+        return response._replace(headers=headers, length=None, body=body, data=None)
 
     async def _decoding(
         self, body: AsyncIterable[bytes], decoder: BoundedDecoder, coding: str

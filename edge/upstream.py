@@ -19,12 +19,12 @@ host and port, so every backend URL gets its own bound).  It maps aiohttp's erro
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from enum import Enum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import aiohttp
+from aiohttp.typedefs import LooseHeaders
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -44,8 +44,9 @@ class HealthView(Protocol):
     def usable_backends(self, region: str) -> tuple[str, ...]: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Attempt:
+class Attempt(NamedTuple):
+    """One try of a request on one backend (a NamedTuple: one is made per request)."""
+
     region: str
     backend: str
 
@@ -86,7 +87,7 @@ def pick_backend(
     exclude: frozenset[str] = frozenset(),
 ) -> str | None:
     """Power of two choices over least outstanding requests; None when nothing is left."""
-    pool = [b for b in candidates if b not in exclude] if exclude else list(candidates)
+    pool = [b for b in candidates if b not in exclude] if exclude else candidates
     if not pool:
         return None
     if len(pool) == 1:
@@ -103,6 +104,12 @@ def next_attempt(
     rng: random.Random,
 ) -> Attempt | None:
     """The next attempt of the failover walk, or None when it is exhausted."""
+    if not tried:  # the first attempt (nearly every request): the first region with a backend
+        for region in regions:
+            backend = pick_backend(health.usable_backends(region), outstanding, rng)
+            if backend is not None:
+                return Attempt(region, backend)
+        return None
     if len(tried) >= MAX_ATTEMPTS or not regions:
         return None
     used = frozenset(a.backend for a in tried)
@@ -128,12 +135,52 @@ def retry_allowed(
 # I/O
 
 
+#: Upstream URLs parsed, by backend + target (bounded: yarl takes microseconds per parse).
+URL_MEMO_SIZE = 4096
+
+
 def _header_text(value: bytes) -> str:
     # aiohttp writes header text as UTF-8: valid UTF-8 round-trips exactly; other bytes cannot.
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError:
         return value.decode("latin-1")
+
+
+def upstream_headers(headers: Iterable[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+    """Header lines (lower-case names, raw values) in the form aiohttp sends them, in order.
+
+    A caller that sends the same lines again keeps this and sends ``copy()``s of it."""
+    return CIMultiDict([(name.decode("latin-1"), _header_text(value)) for name, value in headers])
+
+
+#: Every header aiohttp would add on its own: the edge sends what the client sent, no more.
+SKIPPED_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+_SKIPPED: CIMultiDict[None] = CIMultiDict((name, None) for name in sorted(SKIPPED_AUTO_HEADERS))
+
+
+class UpstreamRequest(aiohttp.ClientRequest):
+    """aiohttp's request without two per-request copies of the header lines (the session's
+    ``request_class``).
+
+    * ``update_auto_headers``: aiohttp builds a CIMultiDict of the skipped names and a copy of
+      the headers extended with them, per request, to find which defaults to add.  The edge
+      skips every default (``SKIPPED_AUTO_HEADERS``), so nothing is ever added: the names are
+      only recorded (aiohttp reads them again for a body's Content-Type).
+    * ``update_headers``: aiohttp copies the session's merge of the headers (itself a new
+      CIMultiDict per request) into another, Host first.  With a Host line (every HTTP/1.1
+      request) the merge is taken as it is, so the lines go out in the client's order;
+      without one aiohttp's way adds Host from the URL.
+    """
+
+    def update_headers(self, headers: LooseHeaders | None) -> None:
+        if type(headers) is CIMultiDict and "host" in headers:
+            self.headers = headers
+            return
+        super().update_headers(headers)
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        self._skip_auto_headers = _SKIPPED
 
 
 class UpstreamPool:
@@ -145,6 +192,7 @@ class UpstreamPool:
         #: Requests in flight per backend URL: the load signal for ``pick_backend``.
         self.outstanding: dict[str, int] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}
         self._timeout = aiohttp.ClientTimeout(
             total=None,
             connect=timeouts.connect,
@@ -165,8 +213,9 @@ class UpstreamPool:
             auto_decompress=False,
             timeout=self._timeout,
             cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            skip_auto_headers=SKIPPED_AUTO_HEADERS,
             raise_for_status=False,
+            request_class=UpstreamRequest,
         )
 
     async def close(self) -> None:
@@ -185,18 +234,24 @@ class UpstreamPool:
         backend: str,
         method: str,
         target: str,
-        headers: list[tuple[bytes, bytes]],
+        headers: CIMultiDict[str],
         body: AsyncIterable[bytes] | None,
     ) -> aiohttp.ClientResponse:
-        """Send one attempt and return once the response head is in; raises UpstreamFailure."""
+        """Send one attempt and return once the response head is in; raises UpstreamFailure.
+
+        ``headers``: from ``upstream_headers`` (aiohttp copies them, they stay as they are)."""
         assert self._session is not None, "UpstreamPool.start() was not awaited"
-        url = URL(backend + target, encoded=True)
-        sent = CIMultiDict((name.decode("latin-1"), _header_text(value)) for name, value in headers)
+        text = backend + target
+        url = self._urls.get(text)
+        if url is None:
+            if len(self._urls) >= URL_MEMO_SIZE:
+                self._urls.clear()  # bounded without bookkeeping: it refills with what is hot
+            url = self._urls[text] = URL(text, encoded=True)
         try:
             return await self._session.request(
                 method,
                 url,
-                headers=sent,
+                headers=headers,
                 data=body,
                 allow_redirects=False,
                 compress=None,

@@ -150,8 +150,7 @@ from .store import MemoryStore
 log = get_logger("cache")
 
 
-@dataclass(frozen=True, slots=True)
-class UpstreamResponse:
+class UpstreamResponse(NamedTuple):
     """A complete upstream response, as the edge's ``fetch`` returns it."""
 
     status: int
@@ -245,8 +244,7 @@ class Lookup(NamedTuple):
     refresh: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Filled:
+class Filled(NamedTuple):
     """The result of ``fill``: bytes to write, or an unstored response for the edge to forward."""
 
     wire: bytes | None
@@ -263,10 +261,13 @@ class PurgeResult:
     shared: int
     #: Whether the purge was broadcast to the POP's other instances.
     propagated: bool
+    #: The purge as the cache applied it, normalised (``purge_local`` takes the same pair):
+    #: primary | url_prefix | path_prefix | tag, and the key, prefix or tag.
+    kind: str = ""
+    value: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
-class _Outcome:
+class _Outcome(NamedTuple):
     """A fill's result, independent of which of the coalesced requests reads it."""
 
     entry: Entry | None
@@ -713,7 +714,7 @@ class HttpCache:
                     self.metrics.count_stale(STALE_IF_ERROR)
                     return self._deliver(outcome, request, extra)
                 self.metrics.coalesced_hits += 1
-                return self._deliver(replace(outcome, x_cache=X_CACHE_HIT), request, extra)
+                return self._deliver(outcome._replace(x_cache=X_CACHE_HIT), request, extra)
             # The leader's response is another variant (its Vary names are known now, so the
             # second round queues under the precise key), or not for a request with
             # Authorization.  After two rounds, fetch alone.
@@ -963,7 +964,7 @@ class HttpCache:
         if update_meta.date is None:  # the stored Date would make the refreshed entry look old
             merged = [(n, v) for n, v in merged if n != b"date"]
             merged.append((b"date", format_http_date(response_time)))
-        meta = replace(response_meta(merged), age=update_meta.age)
+        meta = response_meta(merged)._replace(age=update_meta.age)
         old = stale.response
         refreshed = stale.refreshed(
             replace(
@@ -1057,13 +1058,20 @@ class HttpCache:
         given = presented.encode("utf-8") if isinstance(presented, str) else presented
         return hmac.compare_digest(expected.encode("utf-8"), given)
 
+    def purge_local(self, kind: str, value: bytes) -> int:
+        """Apply a purge another worker of this instance normalised (``PurgeResult.kind`` and
+        ``value``) to this process's L1 only; returns the entries removed."""
+        if kind not in ("primary", "url_prefix", "path_prefix", "tag"):
+            raise ValueError(f"unknown purge kind {kind!r}")
+        return self._apply_purge(kind, value)
+
     async def _purge(self, kind: str, value: bytes) -> PurgeResult:
         local = self._apply_purge(kind, value)
         shared, propagated = 0, False
         if self.l2 is not None:
             shared = await self._purge_l2(kind, value)
             propagated = await self.l2.publish(kind, value)
-        return PurgeResult(local, shared, propagated)
+        return PurgeResult(local, shared, propagated, kind, value)
 
     async def _propagate(self, kind: str, value: bytes) -> None:
         assert self.l2 is not None

@@ -39,7 +39,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate, parsedate_tz
 from functools import lru_cache
-from typing import Final
+from typing import Final, NamedTuple
 from urllib.parse import urljoin, urlsplit
 
 from meridian.config import CacheRule
@@ -297,9 +297,9 @@ def format_http_date(ts: float) -> bytes:
 # Responses
 
 
-@dataclass(frozen=True, slots=True)
-class ResponseMeta:
-    """What the caching rules need from a response's headers, parsed once."""
+class ResponseMeta(NamedTuple):
+    """What the caching rules need from a response's headers, parsed once (a NamedTuple: one
+    is made per response the edge receives)."""
 
     cc: CacheControl
     date: float | None
@@ -319,16 +319,43 @@ class ResponseMeta:
         return self.etag is not None or self.last_modified is not None
 
 
+#: The response fields ``response_meta`` reads, each to its slot (one pass over the lines).
+_VARY, _EXPIRES, _AGE, _SURROGATE, _ENCODING, _CC, _DATE, _LAST_MODIFIED, _ETAG, _COOKIE = range(10)
+_META_FIELDS: Final = {
+    b"vary": _VARY,
+    b"expires": _EXPIRES,
+    b"age": _AGE,
+    b"surrogate-key": _SURROGATE,
+    b"content-encoding": _ENCODING,
+    b"cache-control": _CC,
+    b"date": _DATE,
+    b"last-modified": _LAST_MODIFIED,
+    b"etag": _ETAG,
+    b"set-cookie": _COOKIE,
+}
+
+
 def response_meta(headers: Headers) -> ResponseMeta:
     """Parse the caching-relevant response headers (first value of single-valued fields)."""
-    vary = field_names(joined(headers, b"vary"))
-    expires_raw = header(headers, b"expires")
+    found: list[list[bytes] | None] = [None] * 10
+    fields = _META_FIELDS
+    for name, value in headers:
+        slot = fields.get(name)
+        if slot is not None:
+            values = found[slot]
+            if values is None:
+                found[slot] = [value]
+            else:
+                values.append(value)
+    vary_lines = found[_VARY]
+    vary = field_names(b",".join(vary_lines)) if vary_lines else ()
     expires: float | None = None
-    if expires_raw is not None:
-        parsed = parse_http_date(expires_raw)
+    expires_lines = found[_EXPIRES]
+    if expires_lines is not None:
+        parsed = parse_http_date(expires_lines[0])
         expires = 0.0 if parsed is None else parsed
     age = 0.0
-    ages = [value for name, value in headers if name == b"age"]
+    ages = found[_AGE]
     if ages:
         # Age is a single delta-seconds.  Anything else (a list, two lines, a sign, a fraction,
         # parameters) cannot be trusted, so the response counts as stale rather than fresh: a
@@ -336,26 +363,32 @@ def response_meta(headers: Headers) -> ResponseMeta:
         seconds = _delta_seconds(ages[0].strip().decode("latin-1")) if len(ages) == 1 else None
         age = float(seconds) if seconds is not None else float(DELTA_SECONDS_MAX)
     # Surrogate-Key is space-separated, so several lines join with a space, not a comma.
-    surrogate = b" ".join(value for name, value in headers if name == b"surrogate-key")
-    encoding = header(headers, b"content-encoding")
-    if encoding is not None:
-        encoding = encoding.strip().lower()
+    surrogate_lines = found[_SURROGATE]
+    surrogate = b" ".join(surrogate_lines) if surrogate_lines else b""
+    encoding_lines = found[_ENCODING]
+    encoding = None
+    if encoding_lines is not None:
+        encoding = encoding_lines[0].strip().lower()
         if encoding in (b"", b"identity"):
             encoding = None
+    cc_lines = found[_CC]
+    date_lines = found[_DATE]
+    modified_lines = found[_LAST_MODIFIED]
+    etag_lines = found[_ETAG]
     return ResponseMeta(
-        cc=parse_cache_control(joined(headers, b"cache-control")),
-        date=parse_http_date(header(headers, b"date")),
-        expires=expires,
-        age=age,
-        last_modified=parse_http_date(header(headers, b"last-modified")),
-        etag=_strip_or_none(header(headers, b"etag")),
-        vary=tuple(name for name in vary if name != b"*"),
-        vary_star=b"*" in vary,
-        set_cookie=header(headers, b"set-cookie") is not None,
-        surrogate_keys=tuple(dict.fromkeys(surrogate.decode("latin-1").split()))
-        if surrogate
-        else (),
-        content_encoding=encoding,
+        parse_cache_control(
+            None if cc_lines is None else cc_lines[0] if len(cc_lines) == 1 else b",".join(cc_lines)
+        ),
+        None if date_lines is None else parse_http_date(date_lines[0]),
+        expires,
+        age,
+        None if modified_lines is None else parse_http_date(modified_lines[0]),
+        None if etag_lines is None else _strip_or_none(etag_lines[0]),
+        tuple(name for name in vary if name != b"*") if vary else (),
+        b"*" in vary,
+        found[_COOKIE] is not None,
+        tuple(dict.fromkeys(surrogate.decode("latin-1").split())) if surrogate else (),
+        encoding,
     )
 
 
