@@ -80,6 +80,9 @@ def _write(path: Path, redis_url: str, origins: dict[str, Origin], **kw: Any) ->
         {name: region(*LOCATIONS[name], [origin.url]) for name, origin in origins.items()},
         edge=_edge_section(redis_url, **kw),
         outlier={"enabled": False},
+        # Some tests delay every origin answer (health checks included) by 1.5 s; checks must
+        # not mark the region down meanwhile, or a coalesced fill races a region going down.
+        health={"interval": "3s", "timeout": "2500ms"},
     )
 
 
