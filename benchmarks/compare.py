@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import http.client
 import ipaddress
 import json
@@ -39,7 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,11 @@ APT_PACKAGES = {
     "pdns_server": "pdns-server",
 }
 NGINX_BROTLI_MODULE = Path("/usr/lib/nginx/modules/ngx_http_brotli_filter_module.so")
+#: The machine's benchmark lock (the same file ``flock /tmp/meridian-bench.lock CMD`` takes): one
+#: load run at a time on a machine shared with other benchmarks.  Taken around each load run.
+BENCH_LOCK = Path(os.environ.get("BENCH_LOCK", "/tmp/meridian-bench.lock"))
+#: How long to wait for another benchmark to release the lock before giving up.
+LOCK_DEADLINE = float(os.environ.get("BENCH_LOCK_WAIT", "900"))
 
 
 def say(line: str) -> None:
@@ -112,6 +118,31 @@ class Cpus:
         if not self.server:
             return "not pinned (fewer than 2 cores or no taskset)"
         return f"servers on core {_cpulist(self.server)}, load generators on {_cpulist(self.load)}"
+
+
+@contextmanager
+def bench_lock(what: str) -> Iterator[None]:
+    """Hold the machine-wide benchmark lock (flock(2), as flock(1) takes it) for one load run."""
+    with BENCH_LOCK.open("a") as handle:
+        end = time.monotonic() + LOCK_DEADLINE
+        waited = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waited:
+                    say(f"  waiting for {BENCH_LOCK} (another benchmark runs) before {what}")
+                    waited = True
+                if time.monotonic() > end:
+                    raise RuntimeError(
+                        f"{BENCH_LOCK} still held after {LOCK_DEADLINE:.0f}s"
+                    ) from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _cpulist(cores: Sequence[int]) -> str:
@@ -551,16 +582,59 @@ class HttpPeer:
     def start(self, processes: Processes, cpus: Cpus, installer: Installer) -> Proc:
         raise NotImplementedError
 
+    def cache_counts(self) -> dict[str, float] | None:
+        """Responses answered so far by cache status, from the peer's own metrics (if any)."""
+        return None
+
+
+_EDGE_REQUESTS = re.compile(r"^meridian_edge_requests_total\{([^}]*)\} ([0-9.e+]+)$", re.MULTILINE)
+_CACHE_LABEL = re.compile(r'cache="([^"]*)"')
+
+
+def edge_cache_counts(admin_port: int) -> dict[str, float]:
+    """``meridian_edge_requests_total`` summed by its ``cache`` label (HIT, MISS, STALE, ...)."""
+    status, body, _ = http_get(admin_port, "/metrics")
+    if status != 200:
+        raise OSError(f"/metrics answered {status}")
+    counts: dict[str, float] = {}
+    for labels, value in _EDGE_REQUESTS.findall(body.decode()):
+        label = _CACHE_LABEL.search(labels)
+        cache = label.group(1) if label else "?"
+        counts[cache] = counts.get(cache, 0.0) + float(value)
+    return counts
+
+
+def hit_share(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:
+    """(HIT share, HIT+STALE share) of the responses between two scrapes, in percent."""
+    shares = cache_shares(before, after)
+    return shares.get("HIT", 0.0), shares.get("HIT", 0.0) + shares.get("STALE", 0.0)
+
+
+def cache_shares(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Share of each cache status (HIT, STALE, MISS, ...) between two scrapes, in percent."""
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    total = sum(delta.values())
+    if total <= 0:
+        return {}
+    return {k: 100.0 * v / total for k, v in delta.items() if v > 0}
+
+
+def shares_text(shares: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.1f}%" for k, v in sorted(shares.items(), key=lambda kv: -kv[1]))
+
 
 class MeridianEdge(HttpPeer):
     name = "meridian"
+
+    def cache_counts(self) -> dict[str, float] | None:
+        return edge_cache_counts(self.admin_port)
 
     def start(self, processes: Processes, cpus: Cpus, installer: Installer) -> Proc:
         command = meridian_available("edge")
         data = yaml.safe_load(DEMO_CONFIG.read_text())
         for region in data["regions"].values():
             region["backends"] = [f"http://{self.origin.addr}"]
-        admin_port = free_port()
+        admin_port = self.admin_port = free_port()
         config = self.workdir / "edge.yaml"
         config.write_text(yaml.safe_dump(data, sort_keys=False))
         proc = processes.start(
@@ -694,9 +768,10 @@ def run_wrk(
         ],
         cpus.load,
     )
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=seconds + 60, check=False
-    )
+    with bench_lock("wrk"):
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=seconds + 60, check=False
+        )
     match = re.search(r"^WRKJSON (\{.*\})$", result.stdout, re.MULTILINE)
     if result.returncode != 0 or not match:
         raise RuntimeError(f"wrk failed ({result.returncode}): {result.stderr.strip()[-300:]}")
@@ -705,6 +780,7 @@ def run_wrk(
     errors = sum(raw[k] for k in raw if k.startswith("errors_"))
     return {
         "rps": raw["requests"] / duration,
+        "duration_s": duration,
         "p50_ms": raw["p50_us"] / 1000,
         "p90_ms": raw["p90_us"] / 1000,
         "p99_ms": raw["p99_us"] / 1000,
@@ -780,17 +856,35 @@ def run_http(args: argparse.Namespace, report: Report, stack: ExitStack, workdir
         for scenario in args.http_scenarios:
             for peer in peers:  # A B C for each scenario, every round: drift hits all alike
                 before = origin.requests_total()
+                counts_before = peer.cache_counts()
                 values = run_wrk(
                     wrk, peer.port, scripts[scenario.name], args.duration, args.connections, cpus
                 )
                 values["origin_requests"] = origin.requests_total() - before
+                counts_after = peer.cache_counts()
+                notes: dict[str, str] = {}
+                if counts_before is not None and counts_after is not None:
+                    # The peer's own count of what it answered from cache during the run.
+                    values["hit_pct"], values["hit_or_stale_pct"] = hit_share(
+                        counts_before, counts_after
+                    )
+                    notes["cache_shares"] = shares_text(cache_shares(counts_before, counts_after))
                 report.measurements.append(
-                    Measurement("http", scenario.name, peer.name, round_number, values)
+                    Measurement("http", scenario.name, peer.name, round_number, values, notes)
                 )
+                hits = f"  ({notes['cache_shares']})" if notes.get("cache_shares") else ""
                 say(
                     f"  round {round_number} {scenario.name:16} {peer.name:9} "
                     f"{values['rps']:>9.0f} req/s  p50 {values['p50_ms']:.2f} ms  "
-                    f"p99 {values['p99_ms']:.2f} ms  errors {values['errors']:.0f}"
+                    f"p99 {values['p99_ms']:.2f} ms  errors {values['errors']:.0f}  "
+                    f"origin {values['origin_requests']:.0f}{hits}"
+                )
+    # The same probe once more after the load: a peer that stopped caching under load shows here.
+    for scenario in args.http_scenarios:
+        for peer in peers:
+            with suppress(OSError):
+                report.probes.setdefault(f"{scenario.name}@end", {})[peer.name] = json.dumps(
+                    probe_http(peer.port, scenario)
                 )
     processes.stop_all()
 
@@ -967,13 +1061,14 @@ def run_dnsperf(
     ]
     if once:
         command += ["-n", "1"]
-    result = subprocess.run(
-        pinned(command, cpus.load),
-        capture_output=True,
-        text=True,
-        timeout=seconds + 60,
-        check=False,
-    )
+    with bench_lock("dnsperf"):
+        result = subprocess.run(
+            pinned(command, cpus.load),
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+            check=False,
+        )
     values: dict[str, float] = {}
     for key, pattern in _DNSPERF_FIELDS.items():
         match = re.search(pattern, result.stdout)
@@ -1069,17 +1164,33 @@ class DnsPeer:
         raise NotImplementedError
 
 
+def meridian_dns_config(health_backend: str) -> dict[str, Any]:
+    """demo.yaml as GeoDNS runs it in a benchmark: like the peers, every target stays up.
+
+    ``health_backend`` (HOST:PORT of a live sample origin) takes the place of every region's
+    backends: GeoDNS health-checks the regions behind ``origin.meridian.test``, and checks
+    failing against demo ports where nothing listens would mark them down part-way through a
+    run (a health change also empties GeoDNS's reply memo), which gdnsd and PowerDNS, checking
+    nothing, never see."""
+    data: dict[str, Any] = yaml.safe_load(DEMO_CONFIG.read_text())
+    data.setdefault("geo", {})["database"] = str(find_first(MMDB_CANDIDATES, MMDB_NAME))
+    # A load generator on one address is one "client": the peers have no rate limit either.
+    data["dns"]["rate_limit"] = {"enabled": False}
+    for pop in data["pops"].values():
+        pop.pop("health_url", None)  # no edge runs here; every POP counts as up, as in gdnsd
+    for region in data["regions"].values():
+        region["backends"] = [f"http://{health_backend}"]
+    return data
+
+
 class MeridianDns(DnsPeer):
     name = "meridian"
+    #: HOST:PORT of the sample origin that answers the regions' health checks (run_dns sets it).
+    health_backend = ""
 
     def start(self, processes: Processes, cpus: Cpus, installer: Installer) -> Proc:
         command = meridian_available("dns")
-        data = yaml.safe_load(DEMO_CONFIG.read_text())
-        data.setdefault("geo", {})["database"] = str(find_first(MMDB_CANDIDATES, MMDB_NAME))
-        # A load generator on one address is one "client": the peers have no rate limit either.
-        data["dns"]["rate_limit"] = {"enabled": False}
-        for pop in data["pops"].values():
-            pop.pop("health_url", None)  # no edge runs here; every POP counts as up, as in gdnsd
+        data = meridian_dns_config(self.health_backend)
         config = self.workdir / "dns.yaml"
         config.write_text(yaml.safe_dump(data, sort_keys=False))
         proc = processes.start(
@@ -1224,6 +1335,9 @@ def run_dns(args: argparse.Namespace, report: Report, stack: ExitStack, workdir:
     peers: list[DnsPeer] = []
     for name in args.peers_dns:
         peer = DNS_PEERS[name](workdir, topology)
+        if isinstance(peer, MeridianDns):
+            origin = start_origin(processes, cpus)  # answers the regions' health checks
+            peer.health_backend = origin.addr
         try:
             peer.start(processes, cpus, installer)
         except Unavailable as exc:
@@ -1235,14 +1349,15 @@ def run_dns(args: argparse.Namespace, report: Report, stack: ExitStack, workdir:
         return
 
     # Same answers from every peer for the same clients, or the comparison means nothing.
-    for address in PROBE_ADDRESSES:
-        subnet = ipaddress.IPv4Network(f"{address}/24", strict=False)
-        for peer in peers:
-            try:
-                answer = udp_answer(peer.port, "api.meridian.test", subnet)
-            except OSError as exc:
-                answer = f"error: {exc}"
-            report.probes.setdefault(address, {})[peer.name] = answer
+    for name in ("api", "origin"):
+        for address in PROBE_ADDRESSES:
+            subnet = ipaddress.IPv4Network(f"{address}/24", strict=False)
+            for peer in peers:
+                try:
+                    answer = udp_answer(peer.port, f"{name}.meridian.test", subnet)
+                except OSError as exc:
+                    answer = f"error: {exc}"
+                report.probes.setdefault(f"{name} {address}/24", {})[peer.name] = answer
 
     repeating = {
         s.name: build_query_file(workdir, s, 0, args.duration)[0]
@@ -1285,8 +1400,8 @@ def run_dns(args: argparse.Namespace, report: Report, stack: ExitStack, workdir:
 def http_table(report: Report, peers: Sequence[str], scenarios: Sequence[HttpScenario]) -> str:
     rows = [
         "| scenario | peer | encoding | cache | req/s | p50 ms | p99 ms | vs nginx | errors "
-        "| origin req |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| origin req | hits (own metrics) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for scenario in scenarios:
         base = report.medians(scenario.name, "nginx")
@@ -1299,34 +1414,42 @@ def http_table(report: Report, peers: Sequence[str], scenarios: Sequence[HttpSce
                 )
                 continue
             probe = json.loads(report.probes.get(scenario.name, {}).get(peer, "{}"))
+            end = json.loads(report.probes.get(f"{scenario.name}@end", {}).get(peer, "{}"))
+            encoding, cache = probe.get("encoding", "?"), probe.get("cache", "?")
+            if end and end.get("encoding", encoding) != encoding:
+                encoding = f"{encoding} -> {end.get('encoding')}"
+            if end and end.get("cache", cache) != cache:
+                cache = f"{cache} / {end.get('cache')}"
             ratio = f"{med['rps'] / base['rps']:.2f}x" if base and base["rps"] else "-"
+            hits = f"{med['hit_pct']:.1f}%" if "hit_pct" in med else "-"
             rows.append(
-                f"| {scenario.label} | {peer} | {probe.get('encoding', '?')} | "
-                f"{probe.get('cache', '?')} | {med['rps']:,.0f} | "
+                f"| {scenario.label} | {peer} | {encoding} | {cache} | {med['rps']:,.0f} | "
                 f"{med['p50_ms']:.2f} | {med['p99_ms']:.2f} | {ratio} | {med['errors']:.0f} | "
-                f"{med['origin_requests']:,.0f} |"
+                f"{med['origin_requests']:,.0f} | {hits} |"
             )
     return "\n".join(rows)
 
 
 def dns_table(report: Report, peers: Sequence[str], scenarios: Sequence[DnsScenario]) -> str:
     rows = [
-        "| queries | server | q/s | avg latency ms | lost | NOERROR | vs gdnsd |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| queries | server | q/s | avg latency ms | lost | NOERROR | vs gdnsd | vs pdns |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for scenario in scenarios:
         base = report.medians(scenario.name, "gdnsd")
+        pdns = report.medians(scenario.name, "pdns")
         for peer in peers:
             med = report.medians(scenario.name, peer)
             if med is None:
                 reason = report.skipped.get(peer) or report.skipped.get(f"{peer} dns") or "not run"
-                rows.append(f"| {scenario.label} | {peer} | pending | | | | ({_short(reason)}) |")
+                rows.append(f"| {scenario.label} | {peer} | pending | | | | ({_short(reason)}) | |")
                 continue
             ratio = f"{med['qps'] / base['qps']:.2f}x" if base and base["qps"] else "-"
+            vs_pdns = f"{med['qps'] / pdns['qps']:.2f}x" if pdns and pdns["qps"] else "-"
             noerror = 100.0 * med["noerror"] / med["completed"] if med["completed"] else 0.0
             rows.append(
                 f"| {scenario.label} | {peer} | {med['qps']:,.0f} | {med['latency_avg_ms']:.3f} | "
-                f"{med['lost']:,.0f} | {noerror:.1f}% | {ratio} |"
+                f"{med['lost']:,.0f} | {noerror:.1f}% | {ratio} | {vs_pdns} |"
             )
     return "\n".join(rows)
 
@@ -1335,9 +1458,12 @@ def probe_table(report: Report, peers: Sequence[str]) -> str:
     present = [p for p in peers if any(p in v for v in report.probes.values())]
     if not present:
         return ""
-    rows = ["| client subnet | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
-    for address, answers in report.probes.items():
-        rows.append(f"| {address}/24 | " + " | ".join(answers.get(p, "-") for p in present) + " |")
+    rows = [
+        "| name, client subnet | " + " | ".join(present) + " |",
+        "|---|" + "---|" * len(present),
+    ]
+    for where, answers in report.probes.items():
+        rows.append(f"| {where} | " + " | ".join(answers.get(p, "-") for p in present) + " |")
     return "\n".join(rows)
 
 
@@ -1443,7 +1569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(dns_table(report, args.peers_dns, args.dns_scenarios))
             probes = probe_table(report, args.peers_dns)
             if probes:
-                say("\nanswers for api.meridian.test by client subnet (must agree):")
+                say("\nanswers by name and client subnet (must agree):")
                 say(probes)
     if args.json:
         args.json.write_text(
