@@ -58,6 +58,8 @@ class HealthMonitor:
     ) -> None:
         self._config = config
         self._clock = clock
+        # Fixed once, so a time reported twice reads the same (not re-derived on every call).
+        self._wall_offset = time.time() - clock()
         self._pop = pop
         self._book = HealthBook(
             config, now=clock(), check_backends=check_backends, check_pops=check_pops
@@ -174,9 +176,9 @@ class HealthMonitor:
                 "state": h.state.value,
                 "usable": h.state.usable,
                 "reason": h.reason,
-                "since": _wall(now, h.since),
+                "since": _wall(self._wall_offset, h.since),
                 "check_url": check_url(info, health_config) if info.probed else None,
-                "last_check": _wall(now, h.last_check),
+                "last_check": _wall(self._wall_offset, h.last_check),
                 "last_check_ok": h.last_check_ok,
                 "last_error": h.last_error,
                 "consecutive_successes": h.successes,
@@ -384,9 +386,8 @@ class HealthMonitor:
         self._region_labels = regions
 
 
-def _wall(now: float, at: float | None) -> str | None:
+def _wall(offset: float, at: float | None) -> str | None:
     """A time on the monitor's clock as an ISO 8601 UTC wall-clock time."""
     if at is None:
         return None
-    wall = time.time() - (now - at)
-    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(at + offset, UTC).isoformat(timespec="milliseconds")
