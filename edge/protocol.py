@@ -319,6 +319,13 @@ class EdgeConnection(asyncio.Protocol):
         if at_boundary and self._active is None:
             head = self._pipeline.state.request_heads.get(data)
             if head is not None and not self._connections.draining:
+                if head.hit is not None:
+                    wire = self._pipeline.replay_hit(head, self.client_ip)
+                    if wire is not None and self._transport is not None:
+                        self._transport.write(wire)
+                        self.bytes_sent += len(wire)
+                        self._set_deadline(_DEADLINE_IDLE)
+                        return
                 self._replay(head)
                 return
         if self._reading_head:

@@ -9,7 +9,15 @@ from collections.abc import Sequence
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from edge.cache import Filled, HttpCache, Lookup, LookupKind, UpstreamResponse
+from edge.cache import (
+    Filled,
+    HitMemo,
+    HttpCache,
+    Lookup,
+    LookupKind,
+    Prepared,
+    UpstreamResponse,
+)
 from edge.cache.policy import format_http_date
 from edge.cache.testing import FakeClock
 from meridian.config import CacheConfig, CacheRule
@@ -714,3 +722,76 @@ async def test_per_request_lines_and_max_stale() -> None:
     assert (stale.kind, stale.reason) == (LookupKind.STALE, "max_stale")
     assert parse(stale.wire)[1][b"age"] == b"15"
     assert get(cache, b"/api/v1/symbols").kind is LookupKind.REVALIDATE
+
+
+# --------------------------------------------------------------------------------------------
+# Memoised hits (the edge replays the bytes of a fresh hit for a repeated request)
+
+
+def prepared_hit(
+    cache: HttpCache, target: bytes, headers: Sequence[Header] = ()
+) -> tuple[Prepared, Lookup, HitMemo | None]:
+    prepared = cache.prepare(b"GET", b"https", HOST, target, [(b"host", HOST), *headers])
+    now = cache.clock()
+    lookup = cache.lookup_prepared(prepared, now)
+    return prepared, lookup, cache.memo_hit(prepared, lookup, now)
+
+
+async def test_a_memoised_hit_holds_until_age_ticks() -> None:
+    clock = FakeClock()
+    cache, origin = make_cache(clock), Origin(clock)
+    origin.answer(200, [(b"cache-control", b"max-age=10")], b"tick")
+    await request(cache, origin, b"/api/v1/ticker/BTC")
+    clock.advance(2.25)
+    _, lookup, memo = prepared_hit(cache, b"/api/v1/ticker/BTC")
+    assert lookup.kind is LookupKind.HIT and memo is not None and memo.wire == lookup.wire
+    hits = cache.metrics.l1_hits
+    clock.advance(0.5)
+    assert cache.replay_hit(memo, clock())  # Age is still 2: the same bytes
+    assert cache.metrics.l1_hits == hits + 1  # and it counts as a hit
+    clock.advance(0.3)
+    assert not cache.replay_hit(memo, clock())  # Age 3 now: the bytes would differ
+    _, again, _ = prepared_hit(cache, b"/api/v1/ticker/BTC")
+    assert parse(again.wire)[1][b"age"] == b"3"
+
+
+async def test_a_memoised_hit_never_outlives_its_entry() -> None:
+    clock = FakeClock()
+    cache, origin = make_cache(clock), Origin(clock)
+    origin.answer(200, [(b"cache-control", b"max-age=60")], b"old")
+    await request(cache, origin, b"/api/v1/symbols")
+    clock.advance(0.1)
+    memo = prepared_hit(cache, b"/api/v1/symbols")[2]
+    assert memo is not None and cache.replay_hit(memo, clock())
+    await cache.purge_url("https://api.example/api/v1/symbols")
+    assert not cache.replay_hit(memo, clock())  # purged: never replayed
+
+    clock.advance(0.1)  # a fill that started before a purge is not stored
+    await request(cache, origin, b"/api/v1/symbols")
+    clock.advance(0.1)
+    memo = prepared_hit(cache, b"/api/v1/symbols")[2]
+    assert memo is not None
+    origin.answer(200, [(b"cache-control", b"max-age=60")], b"new")
+    # An unsafe request invalidates; the next GET stores a new entry under the same key.
+    assert cache.invalidate(b"POST", 200, b"https", HOST, b"/api/v1/symbols", []) == 1
+    clock.advance(0.1)
+    await request(cache, origin, b"/api/v1/symbols")
+    assert not cache.replay_hit(memo, clock())
+    clock.advance(0.1)
+    memo = prepared_hit(cache, b"/api/v1/symbols")[2]
+    assert memo is not None and memo.wire.endswith(b"new")
+    cache.reconfigure(cache.config)  # a reload: rules may have changed
+    assert not cache.replay_hit(memo, clock())
+
+
+async def test_no_memo_for_request_directives_or_stale_answers() -> None:
+    clock = FakeClock()
+    cache, origin = make_cache(clock), Origin(clock)
+    origin.answer(200, [(b"cache-control", b"max-age=1, stale-while-revalidate=5")], b"t")
+    await request(cache, origin, b"/api/v1/ticker/ETH")
+    clock.advance(0.2)
+    assert prepared_hit(cache, b"/api/v1/ticker/ETH", [(b"cache-control", b"max-age=5")])[2] is None
+    assert prepared_hit(cache, b"/api/v1/ticker/ETH")[2] is not None
+    clock.advance(1.5)  # stale (served while revalidating): judged every time
+    _, lookup, memo = prepared_hit(cache, b"/api/v1/ticker/ETH")
+    assert lookup.kind is LookupKind.STALE and memo is None

@@ -29,6 +29,7 @@ from edge.cache.policy import (
     parse_http_date,
     response_meta,
     split_directives,
+    stable_until,
     storable,
     stored_headers,
     uncacheable_reason,
@@ -597,3 +598,44 @@ def test_unknown_methods_count_as_unsafe() -> None:
     assert invalidation_targets(b"PURGEISH", 204, "https://a.example/x", []) == [
         "https://a.example/x"
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# The replay window of a memoised hit
+
+
+@given(
+    st.floats(0, 1e6),  # response_time
+    st.floats(0, 100),  # initial_age
+    st.floats(0, 100),  # lifetime
+    st.floats(0, 200),  # now, seconds after the response arrived
+    st.lists(st.floats(0, 1), min_size=1, max_size=8),  # points inside the window
+)
+def test_stable_until_keeps_freshness_and_age_unchanged(
+    arrived: float, initial: float, lifetime: float, elapsed: float, fractions: list[float]
+) -> None:
+    freshness = Freshness(arrived, initial, lifetime, 0.0, 0.0, False, False)
+    now = arrived + elapsed
+    until = stable_until(freshness, now)
+    assert until >= now
+    if until == now:
+        return
+    assert until - now <= 1.0 + 1e-6  # Age ticks at least once a second
+    assert decide(freshness, NO_DIRECTIVES, now)[0] is Use.FRESH
+    age_now = int(freshness.age(now))
+    for fraction in fractions:
+        moment = now + (until - now) * fraction * 0.999999
+        assert decide(freshness, NO_DIRECTIVES, moment)[0] is Use.FRESH
+        assert int(freshness.age(moment)) == age_now
+
+
+def test_stable_until_ends_at_the_age_tick_or_the_expiry() -> None:
+    fresh = Freshness(100.0, 0.0, 10.0, 0.0, 0.0, False, False)
+    assert stable_until(fresh, 103.25) == pytest.approx(104.0)  # Age 3 -> 4
+    assert stable_until(fresh, 109.5) == pytest.approx(110.0)  # expires, Age would be 10
+    short = Freshness(100.0, 0.2, 0.5, 0.0, 0.0, False, False)
+    assert stable_until(short, 100.1) == pytest.approx(100.3)  # expiry first
+    assert stable_until(fresh, 99.0) == 99.0  # before it arrived: a clock stepped back
+    assert stable_until(fresh, 111.0) <= 111.0  # stale: nothing to replay
+    always = Freshness(100.0, 0.0, 10.0, 0.0, 0.0, False, True)
+    assert stable_until(always, 101.0) == 101.0

@@ -557,3 +557,59 @@ def test_replayed_request_heads_keep_each_requests_identity(world):
         for r in echo.seen_for("/cc/long/replay?cc=no-store")
     ]
     assert forwarded.count("127.0.0.2") == 2 * 2 and forwarded.count("127.0.0.1") >= 2
+
+
+def test_replayed_hits_follow_age_purges_and_count(world):
+    """A request repeated byte for byte on a connection is answered from a memo of its last
+    fresh hit: Age still ticks, a purge takes effect on the very next request, and every hit
+    is counted and logged."""
+    edge = world["a"]
+    path = "/cc/long/hit-memo?cc=public,max-age%3D60"
+    raw = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: memo-test\r\n\r\n".encode()
+    hits_before = edge.metric("meridian_edge_requests_total", route="echo", cache="HIT")
+
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=5) as sock:
+
+        def send() -> tuple[dict[str, str], dict[str, Any]]:
+            sock.sendall(raw)
+            data = b""
+            while not data.endswith(b"}"):
+                chunk = sock.recv(65536)
+                assert chunk, "the edge closed the connection"
+                data += chunk
+            status, headers, body = parse_response(data)
+            assert status == 200
+            return headers, json.loads(body)
+
+        first, body = send()
+        assert first["x-cache"] == "MISS" and body["n"] == 1
+        ages = []
+        for _ in range(20):  # parsed, replayed, then answered from the hit memo
+            headers, again = send()
+            assert headers["x-cache"] == "HIT" and again == body
+            ages.append(int(headers["age"]))
+        time.sleep(1.1)
+        later, _ = send()
+        assert int(later["age"]) >= max(ages) + 1  # the memo does not freeze Age
+
+        status, result = edge.purge({"url": f"http://127.0.0.1{path}"}, token=TOKEN)
+        assert (status, result["local"]) == (200, 1)
+        refilled, body = send()
+        assert refilled["x-cache"] == "MISS" and body["n"] == 2  # not the purged bytes
+        after, again = send()
+        assert after["x-cache"] == "HIT" and again["n"] == 2
+
+    hits = edge.metric("meridian_edge_requests_total", route="echo", cache="HIT") - hits_before
+    assert hits == 22
+
+    def access_lines() -> list[str]:
+        return [
+            line
+            for line in edge.log_text().splitlines()
+            if "event=access" in line and "path=/cc/long/hit-memo " in line
+        ]
+
+    poll_until(lambda: len(access_lines()) >= 24 or None)
+    lines = access_lines()
+    assert len(lines) == 24 and all("status=200" in line for line in lines)
+    assert sum("cache=HIT" in line for line in lines) == 22

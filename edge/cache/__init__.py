@@ -138,6 +138,7 @@ from .policy import (
     parse_cache_control,
     response_meta,
     shareable_with_authorization,
+    stable_until,
     stored_headers,
     uncacheable_reason,
     upstream_validators,
@@ -242,6 +243,20 @@ class Lookup(NamedTuple):
     reason: str = ""
     #: STALE: a background refresh should be started.
     refresh: bool = False
+
+
+class HitMemo(NamedTuple):
+    """A fresh hit's bytes for one prepared request, reusable (``replay_hit``) while
+    ``since <= now < until`` and ``entry`` is still the one stored under its key: until then
+    the response stays fresh with the same whole-second Age, so ``lookup_prepared`` would build
+    these very bytes again.  Holds its entry: an evicted one lives on until the memo is next
+    used or dropped (the edge keeps a bounded number of memos)."""
+
+    keys: KeyBuilder
+    entry: Entry
+    wire: bytes
+    since: float
+    until: float
 
 
 class Filled(NamedTuple):
@@ -437,7 +452,7 @@ class HttpCache:
         self.config = config
         self.enabled = config.enabled
         self.metrics = CacheMetrics(self)
-        self._clock = clock
+        self.clock = clock
         self._negotiate = negotiate
         self._compressor = compressor
         self._compress_offload_above = compress_offload_above
@@ -628,7 +643,7 @@ class HttpCache:
         key, request = prepared.key, prepared.request
         assert key is not None and request is not None
         if now is None:
-            now = self._clock()
+            now = self.clock()
         entry = self.store.get(key.primary, request.headers)
         if entry is not None and request.authorized and not entry.response.auth_ok:
             entry = None
@@ -662,6 +677,33 @@ class HttpCache:
             return self._bypassed("request-no-store")
         return Lookup(_REVALIDATE, key=key, entry=entry, request=request)
 
+    def memo_hit(self, prepared: Prepared, lookup: Lookup, now: float) -> HitMemo | None:
+        """A ``HitMemo`` for a HIT of ``lookup_prepared(prepared, now)``, or None when the
+        answer may change sooner than a clock tick (no stable window, request directives)."""
+        request, entry = prepared.request, lookup.entry
+        if lookup.kind is not _HIT or entry is None or request is None:
+            return None
+        if request.cc is not NO_DIRECTIVES:  # max-age / min-fresh: judged per request
+            return None
+        until = stable_until(entry.response.freshness, now)
+        if until <= now:
+            return None
+        return HitMemo(prepared.keys, entry, lookup.wire, now, until)
+
+    def replay_hit(self, memo: HitMemo, now: float) -> bool:
+        """Whether ``memo.wire`` is still this cache's answer at ``now``; counted as an L1 hit
+        when it is.  One dict lookup and a few comparisons."""
+        entry = memo.entry
+        if (
+            memo.since <= now < memo.until
+            and memo.keys is self.keys
+            and self.store.get_key(entry.key) is entry
+        ):
+            entry.visited = True
+            self.metrics.l1_hits += 1
+            return True
+        return False
+
     @staticmethod
     def _serve(
         entry: Entry, request: RequestInfo, x_cache: bytes, now: float, extra: bytes
@@ -686,7 +728,7 @@ class HttpCache:
         reason = uncacheable_reason(b"GET", status, request.cc, request.authorized, meta, key.rule)
         if reason is not None:
             return reason
-        now = self._clock()
+        now = self.clock()
         if not worth_storing(compute_freshness(status, meta, key.rule, now, now), meta):
             return "no-freshness"
         return None
@@ -747,7 +789,7 @@ class HttpCache:
         entry = outcome.entry
         if entry is None:
             return Filled(None, outcome.response, X_CACHE_MISS)
-        wire = self._serve(entry, request, outcome.x_cache, self._clock(), extra)
+        wire = self._serve(entry, request, outcome.x_cache, self.clock(), extra)
         return Filled(wire, None, outcome.x_cache, entry)
 
     def _coalesce_key(self, key: CacheKey, request: RequestInfo) -> bytes:
@@ -777,7 +819,7 @@ class HttpCache:
         # Another fill may have landed while this one queued (lock timeout, hit-for-miss).
         current = self.store.get(key.primary, request.headers)
         if current is not None and current is not stale and self._usable_by(current, request):
-            if decide(current.response.freshness, request.cc, self._clock())[0] is Use.FRESH:
+            if decide(current.response.freshness, request.cc, self.clock())[0] is Use.FRESH:
                 return _Outcome(current, None, X_CACHE_HIT, _FROM_L1), True
             stale = stale or current
         token: bytes | None = None
@@ -804,7 +846,7 @@ class HttpCache:
                 ):
                     found = None
                 elif self._usable_by(shared, request):
-                    if decide(shared.response.freshness, request.cc, self._clock())[0] is Use.FRESH:
+                    if decide(shared.response.freshness, request.cc, self.clock())[0] is Use.FRESH:
                         self.store.put(shared)
                         return _Outcome(shared, None, X_CACHE_HIT, _FROM_L2), True
                     newer = stale is None or (
@@ -852,23 +894,23 @@ class HttpCache:
         validators = (
             upstream_validators(stale.etag, stale.last_modified_raw) if stale is not None else []
         )
-        request_time = self._clock()
+        request_time = self.clock()
         try:
             response = await fetch(validators)
             if response.status == 304 and stale is not None and validators:
-                response_time = self._clock()
+                response_time = self.clock()
                 if not_modified_applies(stale.etag, response.headers):
                     return self._revalidated(
                         key, request, stale, response, request_time, response_time
                     )
                 # The 304 is about another representation: fetch this one whole.
-                request_time = self._clock()
+                request_time = self.clock()
                 response = await fetch([])
         except Exception:
-            if stale is not None and usable_on_error(stale.response.freshness, self._clock()):
+            if stale is not None and usable_on_error(stale.response.freshness, self.clock()):
                 return _Outcome(stale, None, X_CACHE_STALE, _FROM_STALE), True, None
             raise
-        response_time = self._clock()
+        response_time = self.clock()
         if (
             response.status in ERROR_STATUSES
             and stale is not None
@@ -1090,7 +1132,7 @@ class HttpCache:
 
     def _apply_purge(self, kind: str, value: bytes) -> int:
         """Purge L1 and remember the purge so racing fills are not stored."""
-        now = self._clock()
+        now = self.clock()
         self._forget_purges_before(now - self._purge_race_window)
         if kind == "primary":
             self._purged_primaries[value] = now
@@ -1116,7 +1158,7 @@ class HttpCache:
         purged_at = self._purged_primaries.get(entry.primary)
         if purged_at is not None and purged_at >= request_time:
             return True
-        self._forget_purges_before(self._clock() - self._purge_race_window)
+        self._forget_purges_before(self.clock() - self._purge_race_window)
         for when, kind, value in self._purges:
             if when < request_time:
                 continue
@@ -1155,6 +1197,7 @@ __all__ = [
     "Entry",
     "Fetch",
     "Filled",
+    "HitMemo",
     "HttpCache",
     "Lookup",
     "LookupKind",

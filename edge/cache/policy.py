@@ -652,6 +652,22 @@ def decide(freshness: Freshness, request_cc: CacheControl, now: float) -> tuple[
     return _MUST_VALIDATE
 
 
+def stable_until(freshness: Freshness, now: float) -> float:
+    """Until when a response fresh at ``now`` stays fresh with the same whole-second Age, so
+    that a hit on it would write the very same bytes: the earlier of its expiry and the next
+    tick of its Age.  ``now`` itself (nothing stable) when it is stale, must always be
+    validated, or ``now`` is before it arrived (a clock that stepped back)."""
+    resident = now - freshness.response_time
+    if resident <= 0 or freshness.always_revalidate:
+        return now
+    age = freshness.initial_age + resident
+    expires = freshness.response_time + freshness.lifetime - freshness.initial_age
+    if expires <= now:
+        return now
+    next_age = now + (1.0 - age % 1.0)
+    return expires if expires < next_age else next_age
+
+
 def usable_on_error(freshness: Freshness, now: float) -> bool:
     """stale-if-error (RFC 5861 4): may this response stand in for a failed origin?
 
