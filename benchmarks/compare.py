@@ -186,6 +186,27 @@ class Processes:
         self.running.clear()
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def session_cpu_seconds(leader: int) -> float:
+    """User + system CPU seconds of every live process in the session ``leader`` started (a
+    server and its workers: nginx's, varnishd's child), from /proc.  A figure that holds on a
+    shared machine better than a rate does: what one request or query cost the server."""
+    ticks = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        if int(fields[3]) == leader:  # field 6, the session ID
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / _CLOCK_TICKS
+
+
 def _terminate(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -578,6 +599,7 @@ class HttpPeer:
         self.origin = origin
         self.topology = topology
         self.port = free_port()
+        self.proc: Proc | None = None
 
     def start(self, processes: Processes, cpus: Cpus, installer: Installer) -> Proc:
         raise NotImplementedError
@@ -751,6 +773,30 @@ def write_wrk_script(workdir: Path, scenario: HttpScenario, run_id: str) -> Path
     return script
 
 
+def server_cpu(proc: Proc | None) -> float:
+    return session_cpu_seconds(proc.process.pid) if proc is not None else 0.0
+
+
+def per_unit_us(cpu_seconds: float, count: float) -> float:
+    """Microseconds of server CPU per request or query (0 when nothing was counted)."""
+    return cpu_seconds * 1e6 / count if count > 0 else 0.0
+
+
+def settle(origin: Origin, quiet: float = 1.0, limit: float = 10.0) -> None:
+    """Wait until the origin has seen no new request for ``quiet`` seconds (at most
+    ``limit``): what a miss run left in flight finishes before the next run starts."""
+    deadline = time.monotonic() + limit
+    last = origin.requests_total()
+    still_since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = origin.requests_total()
+        if now != last:
+            last, still_since = now, time.monotonic()
+        elif time.monotonic() - still_since >= quiet:
+            return
+
+
 def run_wrk(
     wrk: str, port: int, script: Path, seconds: float, connections: int, cpus: Cpus
 ) -> dict[str, float]:
@@ -827,7 +873,7 @@ def run_http(args: argparse.Namespace, report: Report, stack: ExitStack, workdir
     for name in args.peers_http:
         peer = HTTP_PEERS[name](workdir, origin, topology)
         try:
-            peer.start(processes, cpus, installer)
+            peer.proc = peer.start(processes, cpus, installer)
         except Unavailable as exc:
             report.skip(f"{name} {'edge' if name == 'meridian' else ''}".strip(), str(exc))
             continue
@@ -857,9 +903,16 @@ def run_http(args: argparse.Namespace, report: Report, stack: ExitStack, workdir
             for peer in peers:  # A B C for each scenario, every round: drift hits all alike
                 before = origin.requests_total()
                 counts_before = peer.cache_counts()
+                cpu_before = server_cpu(peer.proc)
                 values = run_wrk(
                     wrk, peer.port, scripts[scenario.name], args.duration, args.connections, cpus
                 )
+                values["cpu_us"] = per_unit_us(
+                    server_cpu(peer.proc) - cpu_before, values["requests"]
+                )
+                if scenario.unique:
+                    # Misses still in flight when wrk stopped must not land in the next run.
+                    settle(origin)
                 values["origin_requests"] = origin.requests_total() - before
                 counts_after = peer.cache_counts()
                 notes: dict[str, str] = {}
@@ -875,9 +928,9 @@ def run_http(args: argparse.Namespace, report: Report, stack: ExitStack, workdir
                 hits = f"  ({notes['cache_shares']})" if notes.get("cache_shares") else ""
                 say(
                     f"  round {round_number} {scenario.name:16} {peer.name:9} "
-                    f"{values['rps']:>9.0f} req/s  p50 {values['p50_ms']:.2f} ms  "
-                    f"p99 {values['p99_ms']:.2f} ms  errors {values['errors']:.0f}  "
-                    f"origin {values['origin_requests']:.0f}{hits}"
+                    f"{values['rps']:>9.0f} req/s  cpu {values['cpu_us']:5.1f} us/req  "
+                    f"p50 {values['p50_ms']:.2f} ms  p99 {values['p99_ms']:.2f} ms  "
+                    f"errors {values['errors']:.0f}  origin {values['origin_requests']:.0f}{hits}"
                 )
     # The same probe once more after the load: a peer that stopped caching under load shows here.
     for scenario in args.http_scenarios:
@@ -1159,6 +1212,7 @@ class DnsPeer:
         self.workdir.mkdir()
         self.topology = topology
         self.port = free_port(socket.SOCK_DGRAM)
+        self.proc: Proc | None = None
 
     def start(self, processes: Processes, cpus: Cpus, installer: Installer) -> Proc:
         raise NotImplementedError
@@ -1339,7 +1393,7 @@ def run_dns(args: argparse.Namespace, report: Report, stack: ExitStack, workdir:
             origin = start_origin(processes, cpus)  # answers the regions' health checks
             peer.health_backend = origin.addr
         try:
-            peer.start(processes, cpus, installer)
+            peer.proc = peer.start(processes, cpus, installer)
         except Unavailable as exc:
             report.skip(f"{name} dns" if name == "meridian" else name, str(exc))
             continue
@@ -1377,15 +1431,20 @@ def run_dns(args: argparse.Namespace, report: Report, stack: ExitStack, workdir:
             else:
                 query_file = repeating[scenario.name]
             for peer in peers:
+                cpu_before = server_cpu(peer.proc)
                 values = run_dnsperf(
                     dnsperf, peer.port, query_file, args.duration, scenario.once, cpus
+                )
+                values["cpu_us"] = per_unit_us(
+                    server_cpu(peer.proc) - cpu_before, values.get("completed", 0.0)
                 )
                 report.measurements.append(
                     Measurement("dns", scenario.name, peer.name, round_number, values)
                 )
                 say(
                     f"  round {round_number} {scenario.name:11} {peer.name:9} "
-                    f"{values['qps']:>9.0f} q/s  avg {values['latency_avg_ms']:.3f} ms  "
+                    f"{values['qps']:>9.0f} q/s  cpu {values['cpu_us']:5.1f} us/query  "
+                    f"avg {values['latency_avg_ms']:.3f} ms  "
                     f"lost {values['lost']:.0f}"
                 )
             if scenario.once:
@@ -1399,9 +1458,9 @@ def run_dns(args: argparse.Namespace, report: Report, stack: ExitStack, workdir:
 
 def http_table(report: Report, peers: Sequence[str], scenarios: Sequence[HttpScenario]) -> str:
     rows = [
-        "| scenario | peer | encoding | cache | req/s | p50 ms | p99 ms | vs nginx | errors "
-        "| origin req | hits (own metrics) |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| scenario | peer | encoding | cache | req/s | server CPU us/req | p50 ms | p99 ms "
+        "| vs nginx | errors | origin req | hits (own metrics) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for scenario in scenarios:
         base = report.medians(scenario.name, "nginx")
@@ -1410,7 +1469,7 @@ def http_table(report: Report, peers: Sequence[str], scenarios: Sequence[HttpSce
             if med is None:
                 reason = report.skipped.get(peer) or report.skipped.get(f"{peer} edge") or "not run"
                 rows.append(
-                    f"| {scenario.label} | {peer} | | | pending | | | | | ({_short(reason)}) |"
+                    f"| {scenario.label} | {peer} | | | pending | | | | | | ({_short(reason)}) |"
                 )
                 continue
             probe = json.loads(report.probes.get(scenario.name, {}).get(peer, "{}"))
@@ -1424,7 +1483,8 @@ def http_table(report: Report, peers: Sequence[str], scenarios: Sequence[HttpSce
             hits = f"{med['hit_pct']:.1f}%" if "hit_pct" in med else "-"
             rows.append(
                 f"| {scenario.label} | {peer} | {encoding} | {cache} | {med['rps']:,.0f} | "
-                f"{med['p50_ms']:.2f} | {med['p99_ms']:.2f} | {ratio} | {med['errors']:.0f} | "
+                f"{med.get('cpu_us', 0.0):.1f} | {med['p50_ms']:.2f} | {med['p99_ms']:.2f} | "
+                f"{ratio} | {med['errors']:.0f} | "
                 f"{med['origin_requests']:,.0f} | {hits} |"
             )
     return "\n".join(rows)
@@ -1432,8 +1492,9 @@ def http_table(report: Report, peers: Sequence[str], scenarios: Sequence[HttpSce
 
 def dns_table(report: Report, peers: Sequence[str], scenarios: Sequence[DnsScenario]) -> str:
     rows = [
-        "| queries | server | q/s | avg latency ms | lost | NOERROR | vs gdnsd | vs pdns |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| queries | server | q/s | server CPU us/query | avg latency ms | lost | NOERROR "
+        "| vs gdnsd | vs pdns |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for scenario in scenarios:
         base = report.medians(scenario.name, "gdnsd")
@@ -1442,13 +1503,16 @@ def dns_table(report: Report, peers: Sequence[str], scenarios: Sequence[DnsScena
             med = report.medians(scenario.name, peer)
             if med is None:
                 reason = report.skipped.get(peer) or report.skipped.get(f"{peer} dns") or "not run"
-                rows.append(f"| {scenario.label} | {peer} | pending | | | | ({_short(reason)}) | |")
+                rows.append(
+                    f"| {scenario.label} | {peer} | pending | | | | | ({_short(reason)}) | |"
+                )
                 continue
             ratio = f"{med['qps'] / base['qps']:.2f}x" if base and base["qps"] else "-"
             vs_pdns = f"{med['qps'] / pdns['qps']:.2f}x" if pdns and pdns["qps"] else "-"
             noerror = 100.0 * med["noerror"] / med["completed"] if med["completed"] else 0.0
             rows.append(
-                f"| {scenario.label} | {peer} | {med['qps']:,.0f} | {med['latency_avg_ms']:.3f} | "
+                f"| {scenario.label} | {peer} | {med['qps']:,.0f} | {med.get('cpu_us', 0.0):.1f} | "
+                f"{med['latency_avg_ms']:.3f} | "
                 f"{med['lost']:,.0f} | {noerror:.1f}% | {ratio} | {vs_pdns} |"
             )
     return "\n".join(rows)
