@@ -13,7 +13,8 @@ Two paths give byte-for-byte equal replies (hypothesis checks it):
   placed by the locator's integer lookup (:meth:`~meridian.geo.GeoLocator.locate_v4`: an interned
   placement and the prefix length of its network, no objects built), places are numbered by what
   selection reads (distinct networks with the same database record share one), and the answer
-  sections are memoized per (name, type, place) for a health generation; the ECS scope comes
+  sections are memoized per (answer class, type, place) for a health generation - names that
+  select alike and render equal bytes share a class (see ``_answer_class``); the ECS scope comes
   from the network's prefix length.  Only the header, the echoed question and the OPT (ECS
   scope) are assembled per query.
 * slow: everything else goes through the strict parser (:func:`~geodns.wire.parse_query`) for
@@ -269,14 +270,33 @@ class Responder:
         self.locate_v4 = locate_v4
         self._origin_key = name_key(zone.origin)
         self._memo_generation = -1
-        #: (name index, query type, place number) -> answer sections, for a health generation.
+        #: (answer class, query type, place number) -> answer sections, for a health generation.
         self._memo: dict[tuple[int, int, int], _Entry] = {}
         #: (query bytes after the ID, client, transport) -> reply: a hit skips even parsing.
         self._replies: dict[tuple[bytes, IPAddress, bool], Reply] = {}
-        #: Geo names by lowercased wire name, with a small index for the memo keys.
-        self._names: dict[bytes, tuple[int, GeoName]] = {
-            key: (index, geo) for index, (key, geo) in enumerate(zone.geo_names.items())
+        self._soa_labels = {
+            "owner": wire.name_labels(name_key(zone.origin)),
+            "mname": wire.name_labels(_wire_name(zone.soa.mname)),
+            "rname": wire.name_labels(_wire_name(zone.soa.rname)),
         }
+        #: Wire suffixes of the SOA's MNAME and RNAME longer than the origin: a question name
+        #: ending in one gets a NODATA SOA compressed against its own labels.
+        origin_labels = len(self._soa_labels["owner"])
+        self._soa_suffixes = tuple(
+            {
+                b"".join(bytes((len(label),)) + label.lower() for label in labels[i:]) + b"\0"
+                for labels in (self._soa_labels["mname"], self._soa_labels["rname"])
+                if tuple(label.lower() for label in labels[-origin_labels:])
+                == self._soa_labels["owner"]
+                for i in range(len(labels) - origin_labels)
+            }
+        )
+        #: Geo names by lowercased wire name, with the number of their answer class (the memo
+        #: keys it): names that select alike and whose bodies are equal bytes share answers.
+        self._names: dict[bytes, tuple[int, GeoName]] = {}
+        classes: dict[tuple[object, ...], int] = {}
+        for key, geo in zone.geo_names.items():
+            self._names[key] = (classes.setdefault(self._answer_class(key, geo), len(classes)), geo)
         self._name_lengths = tuple(sorted({len(key) for key in zone.geo_names}))
         #: IPv4 places by (placement, prefix length): placements are interned by the locator,
         #: so this is keyed by identity and stays as small as the database's distinct answers.
@@ -291,11 +311,32 @@ class Responder:
             b"\x00\x00\x29" + payload + b"\x00\x00\x00\x00",
             b"\x00\x00\x29" + payload + b"\x00\x00\x80\x00",
         )
-        self._soa_labels = {
-            "owner": wire.name_labels(name_key(zone.origin)),
-            "mname": wire.name_labels(_wire_name(zone.soa.mname)),
-            "rname": wire.name_labels(_wire_name(zone.soa.rname)),
-        }
+
+    def _answer_class(self, qname_key: bytes, geo: GeoName) -> tuple[object, ...]:
+        """What a memoized body of ``geo`` depends on besides the place, the query type and
+        health: everything :func:`~geodns.selection.select` reads of the name (never its
+        owner), the name's wire length (an answer's records point at the question, offset 12)
+        and, for the rare name that ends in the SOA's MNAME or RNAME, the name itself (its
+        NODATA SOA is then compressed against it).  Many names configured alike (a generated
+        zone) then share one selection per place instead of one each."""
+        special = any(qname_key.endswith(suffix) for suffix in self._soa_suffixes)
+        return (
+            geo.targets,
+            geo.spec.targets,
+            geo.answers,
+            geo.ttl,
+            len(qname_key),
+            qname_key if special else None,
+        )
+
+    def _soa_section(self, qname_key: bytes) -> bytes:
+        """The authority section of a NODATA answer to ``qname_key`` (after its question)."""
+        start = 12 + len(qname_key) + 4
+        out = bytearray(start)
+        compressor = wire.Compressor()
+        compressor.remember(wire.name_labels(qname_key), 12)
+        self._write_soa(out, compressor)
+        return bytes(out[start:])
 
     # ---------------------------------------------------------------------------------- entry
 
@@ -464,8 +505,8 @@ class Responder:
             self._memo.clear()
             self._replies.clear()
             self._memo_generation = health.generation
-        index, geo = found
-        key = (index, qtype, place.number)
+        answer_class, geo = found
+        key = (answer_class, qtype, place.number)
         entry = self._memo.get(key)
         if entry is None:
             selection = select(self.zone.config, geo, family, place.location, health)
@@ -680,10 +721,7 @@ class Responder:
                 tuple(t.name for t in selection.chosen),
                 qtype,
             )
-        compressor = wire.Compressor()
-        compressor.remember(wire.name_labels(qname_key), 12)
-        self._write_soa(out, compressor)
-        return _body(flags, wire.RCODE_NOERROR, 0, 1, bytes(out[start:]), (), qtype)
+        return _body(flags, wire.RCODE_NOERROR, 0, 1, self._soa_section(qname_key), (), qtype)
 
     def _write_soa(self, out: bytearray, compressor: wire.Compressor) -> None:
         soa = self.zone.soa
