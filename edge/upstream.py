@@ -41,6 +41,8 @@ class HealthView(Protocol):
 
     def region_up(self, name: str) -> bool: ...
 
+    def ejected_only(self, name: str) -> bool: ...
+
     def usable_backends(self, region: str) -> tuple[str, ...]: ...
 
 
@@ -77,7 +79,14 @@ class UpstreamFailure(Exception):
 
 
 def live_regions(regions: Sequence[str], health: HealthView) -> tuple[str, ...]:
-    return tuple(name for name in regions if health.region_up(name))
+    """The regions to try, in order: those up; when none is, those down only because traffic
+    ejected their backends.  An ejection is a guess from a few failed requests, an active
+    check's verdict is not: when every region is ejected, sending traffic anyway (panic, as
+    Envoy does) beats answering 503 until the ejections time out."""
+    live = tuple(name for name in regions if health.region_up(name))
+    if live:
+        return live
+    return tuple(name for name in regions if health.ejected_only(name))
 
 
 def pick_backend(

@@ -182,3 +182,34 @@ async def test_killing_the_nearest_region_fails_over_with_zero_failed_gets(world
     # The edge's passive reports take the dead backends out: later requests go straight to us-east.
     status = await asyncio.to_thread(edge.status)
     assert status["health"]
+
+
+def test_when_ejection_takes_out_every_region_traffic_still_flows(tmp_path):
+    """Passive ejection of the only backend of the only region is a guess from a few failed
+    requests: once the origin answers again, requests reach it at once (panic, as Envoy's)
+    instead of getting 503 for the whole ejection time (30 s here)."""
+    with processes() as procs:
+        origin = Origin("us-east", tmp_path)
+        procs.append(origin)
+        origin.ready()
+        config = write_config(
+            tmp_path / "edge.yaml",
+            {"us-east": region(*LOCATIONS["us-east"], [origin.url])},
+            # Active checks slow: only traffic can take the backend out during the test.
+            health={"interval": "30s", "fast_interval": "30s", "timeout": "1s", "fall": 3},
+            outlier={"consecutive_failures": 3, "base_ejection": "30s"},
+        )
+        edge = Edge(config, "iad", tmp_path)
+        procs.append(edge)
+        edge.ready()
+        assert _get(edge, "/api/v1/whoami")[0] == 200
+        origin.control({"drop": True})
+        try:
+            failed = [_get(edge, "/api/v1/whoami")[0] for _ in range(5)]
+        finally:
+            origin.control({})
+        assert set(failed) == {502}
+        assert edge.metric("meridian_outlier_ejections_total", target=origin.url) == 1
+        assert edge.metric("meridian_region_up", region="us-east") == 0
+        status, _, body = _get(edge, "/api/v1/whoami")
+        assert status == 200 and json.loads(body)["region"] == "us-east"

@@ -31,6 +31,7 @@ from edge.upstream import (
     MAX_ATTEMPTS,
     Attempt,
     FailureKind,
+    live_regions,
     next_attempt,
     pick_backend,
     retry_allowed,
@@ -370,15 +371,36 @@ def test_routes_match_by_host_then_longest_prefix():
 
 
 class FakeHealth:
-    def __init__(self, regions: dict[str, tuple[str, ...]], down: set[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        regions: dict[str, tuple[str, ...]],
+        down: set[str] = frozenset(),
+        ejected: set[str] = frozenset(),
+    ) -> None:
         self.regions = regions
-        self.down = down
+        self.down = down | ejected
+        self.ejected = ejected
 
     def region_up(self, name: str) -> bool:
         return name not in self.down
 
+    def ejected_only(self, name: str) -> bool:
+        return name in self.ejected
+
     def usable_backends(self, region: str) -> tuple[str, ...]:
         return self.regions[region]
+
+
+def test_regions_down_only_through_ejection_serve_when_no_region_is_up():
+    backends = {"eu": ("e1",), "us": ("u1",), "ap": ("a1",)}
+    order = ("eu", "us", "ap")
+    assert live_regions(order, FakeHealth(backends, down={"eu"})) == ("us", "ap")
+    # An ejected region is skipped while another is up...
+    assert live_regions(order, FakeHealth(backends, down={"us"}, ejected={"eu"})) == ("ap",)
+    # ...and tried (in order) when nothing is: panic beats a 503 for the ejection's length.
+    health = FakeHealth(backends, down={"us"}, ejected={"eu", "ap"})
+    assert live_regions(order, health) == ("eu", "ap")
+    assert live_regions(order, FakeHealth(backends, down={"eu", "us", "ap"})) == ()
 
 
 def test_power_of_two_choices_prefers_the_less_loaded_backend():

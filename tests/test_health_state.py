@@ -363,6 +363,22 @@ def test_a_pool_is_never_empty_even_without_panic() -> None:
     assert not snapshot.region_up("r")
 
 
+def test_a_region_down_only_through_ejection_is_marked_as_such() -> None:
+    book = book_of({"one": [A], "two": [B, C]}, min_healthy={"two": 2})
+    eject(book, A)  # one ejection per pool is always allowed
+    snapshot = book.snapshot(1)
+    assert not snapshot.region_up("one") and snapshot.ejected_only("one")
+    eject(book, B)
+    snapshot = book.snapshot(2)
+    assert not snapshot.region_up("two") and snapshot.ejected_only("two")
+    kill(book, C)  # an active verdict: ejection is no longer the only reason
+    snapshot = book.snapshot(3)
+    assert not snapshot.ejected_only("two")
+    assert snapshot.ejected_only("one")
+    kill(book, A)
+    assert not book.snapshot(4).ejected_only("one")
+
+
 def test_pop_up_follows_its_health_url_check() -> None:
     book = book_of(
         {"r": [A]}, pops={"iad": "http://10.1.0.1/healthz", "gru": None}, check_pops=True

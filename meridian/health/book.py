@@ -202,9 +202,15 @@ class HealthBook:
         region_health: dict[str, bool] = {}
         usable: dict[str, tuple[str, ...]] = {}
         panic: set[str] = set()
+        ejected: set[str] = set()
         for region in config.regions:
             healthy = tuple(url for url in region.backends if usable_of[url])
             region_health[region.name] = len(healthy) >= region.min_healthy
+            if not region_health[region.name]:
+                states = (self.health[url].state for url in region.backends)
+                spared = sum(1 for current in states if current is Health.EJECTED)
+                if len(healthy) + spared >= region.min_healthy:
+                    ejected.add(region.name)
             if not healthy or len(healthy) * 100 < threshold * len(region.backends):
                 panic.add(region.name)
                 usable[region.name] = region.backends
@@ -221,6 +227,7 @@ class HealthBook:
             pop_health=pop_health,
             usable=usable,
             panic_regions=frozenset(panic),
+            ejected_regions=frozenset(ejected),
             deadlines=deadlines,
             clock=clock,
         )

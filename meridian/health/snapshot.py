@@ -38,6 +38,9 @@ class HealthSnapshot:
     usable: Mapping[str, tuple[str, ...]]
     #: Regions whose healthy share is below the panic threshold.
     panic_regions: frozenset[str] = frozenset()
+    #: Regions down only because traffic ejected backends (no active check failed enough):
+    #: the last resort when every region of a service is down (``fallback_regions``).
+    ejected_regions: frozenset[str] = frozenset()
     #: Target -> time (on ``clock``) when a pending transition could complete.
     deadlines: Mapping[str, float] = field(default_factory=dict)
     clock: Callable[[], float] = field(default=time.monotonic, compare=False, repr=False)
@@ -51,6 +54,11 @@ class HealthSnapshot:
 
     def pop_up(self, name: str) -> bool:
         return self.pop_health.get(name, False)
+
+    def ejected_only(self, region: str) -> bool:
+        """Down, but only through passive ejection: it would be up if its ejected backends
+        counted."""
+        return region in self.ejected_regions
 
     def usable_backends(self, region: str) -> tuple[str, ...]:
         """Backends to send to; never empty when the region has backends (panic mode)."""
