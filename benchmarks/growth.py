@@ -2,14 +2,17 @@
 zone grow.
 
     python -m benchmarks.growth keys|connections|dns|all [--duration 5s] [--rounds 2]
-                                [--keys 1000,100000,1000000] [--fill-budget 300s]
+                                [--keys 1000,100000,1000000] [--fill-budget 900s]
                                 [--conns 100,1000,10000] [--names 10,10000] [--json FILE]
 
 keys: one edge (cache rule forcing a 1 h TTL on the ticker, so nothing expires) is filled
-      through the sample origin with distinct query strings (``?k=1..N``, wrk), level after
-      level; at each level wrk hits keys picked at random among the N cached ones, and the
-      edge's RSS is read from /proc.  Memory per cached object = RSS growth / keys added.  The
-      fill of a level stops at ``--fill-budget``: the level then reports the keys it reached.
+      with distinct query strings (``?k=1..N``, wrk) through ``FixedOrigin`` (pre-built 2 KB
+      answers: the fill runs at the edge's miss rate, about 1,200-2,000 misses/s on one core),
+      level after level, until the edge's ``meridian_cache_entries`` reaches N; at each level
+      wrk hits keys picked at random among the N cached ones, and the edge's RSS is read from
+      /proc.  Memory per cached object = RSS growth / keys added (after the fill, before the
+      hits: a hit adds the entry's pre-built response, about the body's size again).  The fill
+      of a level stops at ``--fill-budget``: the level then reports the keys it reached.
 connections: identity hits of one key with wrk ``-c 100/1000/10000`` (one thread, keep-alive),
       Meridian and nginx interleaved; RLIMIT_NOFILE is raised to its hard limit first.
 dns:  Meridian GeoDNS serving a generated zone of 10 or 10,000 names (every name nearest-POP),
@@ -23,23 +26,27 @@ Loopback only; servers on the first core, load on the other; each load run holds
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import json
 import random
+import re
 import resource
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
+from email.utils import formatdate
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
 from benchmarks.compare import (
     CONFIGS,
     DEMO_CONFIG,
+    REPO,
     Cpus,
     HttpScenario,
     Installer,
@@ -55,6 +62,7 @@ from benchmarks.compare import (
     dns_ready,
     edge_cache_counts,
     free_port,
+    http_get,
     machine_description,
     meridian_available,
     meridian_dns_config,
@@ -72,6 +80,24 @@ from benchmarks.compare import (
 from meridian.units import parse_duration
 
 TICKER = "/api/v1/ticker/BTC-USD"
+_CACHE_ENTRIES = re.compile(r"^meridian_cache_entries ([0-9.e+]+)$", re.MULTILINE)
+#: The fixed origin's body: a ticker-like JSON document of about 2 KB (the sample origin's
+#: ticker is 1,962 bytes).
+FIXED_BODY = (
+    json.dumps(
+        {
+            "symbol": "BTC-USD",
+            "status": "trading",
+            "book": [{"price": f"{68000 + i}.25", "size": f"0.{i:08d}"} for i in range(47)],
+        },
+        separators=(",", ":"),
+    ).encode()
+    + b"\n"
+)
+#: wrk connections of a key fill run, and how many keys a run re-requests from the previous
+#: one's end (any hole left by the requests in flight when it stopped is below that).
+FILL_CONNECTIONS = 64
+FILL_OVERLAP = 4 * FILL_CONNECTIONS
 #: Distinct queries in each DNS growth run, whatever the zone size.
 DNS_DISTINCT = 10_000
 
@@ -129,6 +155,97 @@ def start_edge(
     return proc, port, admin
 
 
+class FixedOrigin(asyncio.Protocol):
+    """An origin that costs next to nothing: every request (GET, keep-alive, pipelined or not)
+    is answered with the same pre-built 200 (``FIXED_BODY``, ``Cache-Control: public,
+    max-age=3600``, a current Date).  The key-count fill runs through it, so the fill rate is
+    the edge's miss rate rather than the sample origin's (aiohttp, sharing a core with wrk)."""
+
+    response = b""
+    second = -1
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+
+    @classmethod
+    def current(cls) -> bytes:
+        now = int(time.time())
+        if now != cls.second:  # Date changes once a second: rebuild the bytes then
+            cls.second = now
+            date = formatdate(now, usegmt=True).encode()
+            cls.response = (
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                b'cache-control: public, max-age=3600\r\netag: "fixed-2k"\r\n'
+                b"last-modified: Sat, 21 Nov 2026 00:00:00 GMT\r\ndate: %s\r\n"
+                b"content-length: %d\r\n\r\n%s" % (date, len(FIXED_BODY), FIXED_BODY)
+            )
+        return cls.response
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer + data if self.buffer else data
+        complete = buffer.count(b"\r\n\r\n")  # requests without bodies: GET only
+        if complete and self.transport is not None:
+            self.transport.write(self.current() * complete)
+            buffer = buffer[buffer.rindex(b"\r\n\r\n") + 4 :]
+        self.buffer = buffer
+
+
+def serve_fixed_origin(port: int, seconds: float) -> int:
+    """Run ``FixedOrigin`` on 127.0.0.1:port for at most ``seconds`` (a bounded process even if
+    nobody stops it), printing one ``listening`` line once it accepts."""
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(FixedOrigin, "127.0.0.1", port, backlog=1024)
+        print(f"event=listening addr=127.0.0.1:{port}", flush=True)
+        async with server:
+            await asyncio.sleep(seconds)
+
+    try:
+        import uvloop
+
+        uvloop.run(serve())
+    except ImportError:  # pragma: no cover - uvloop is a dependency of the edge
+        asyncio.run(serve())
+    return 0
+
+
+def start_fixed_origin(processes: Processes, cpus: Cpus, lifetime: float) -> Origin:
+    """``FixedOrigin`` in its own process, on the load core (next to wrk: it costs little)."""
+    port = free_port()
+    proc = processes.start(
+        f"fixed-origin-{port}",
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.path.insert(0, sys.argv[1]); from benchmarks.growth import main; "
+            "raise SystemExit(main(sys.argv[2:]))",
+            str(REPO),
+            "origin",
+            "--port",
+            str(port),
+            "--lifetime",
+            f"{lifetime:.0f}s",
+        ],
+        cpus.load,
+    )
+    wait_until(tcp_accepts(port), proc, f"TCP {port}")
+    return Origin(proc, port)
+
+
+def edge_cache_entries(admin_port: int) -> int:
+    """The edge's L1 entry count (``meridian_cache_entries``, from its /metrics)."""
+    status, body, _ = http_get(admin_port, "/metrics")
+    match = _CACHE_ENTRIES.search(body.decode()) if status == 200 else None
+    if match is None:
+        raise OSError(f"/metrics answered {status} without meridian_cache_entries")
+    return int(float(match.group(1)))
+
+
 def wrk_keys_script(workdir: Path, name: str, first: int, last: int, *, sequential: bool) -> Path:
     """wrk script over ``?k=first..last``: in order once (fill), or uniformly at random (hits)."""
     script = workdir / f"wrk-{name}.lua"
@@ -168,7 +285,10 @@ end
 def run_keys(
     args: argparse.Namespace, processes: Processes, cpus: Cpus, workdir: Path, wrk: str
 ) -> dict[str, Any]:
-    origin = start_origin(processes, cpus)
+    # The origin lives (at most) as long as the whole run can: every level's fill budget and
+    # measured rounds, plus slack.
+    lifetime = len(args.keys) * (args.fill_budget + args.rounds * (args.duration + 60) + 120)
+    origin = start_fixed_origin(processes, cpus, lifetime)
     proc, port, admin = start_edge(processes, cpus, workdir, origin, long_ttl=True)
     pid = proc.process.pid
     time.sleep(1.0)
@@ -179,22 +299,31 @@ def run_keys(
     rate = 500.0  # misses/s, until measured
     for target in args.keys:
         counts_before = edge_cache_counts(admin)
-        # wrk runs (-c64 keep-alive) over keys filled+1..target in order, each sized from the
-        # miss rate so far (wrk's thread stops sending once its range is answered, but the run
-        # lasts its -d), until the level is full or the fill budget is spent.
+        # wrk runs (-c64 keep-alive) over the keys in order, each sized from the miss rate so
+        # far (wrk's thread stops sending once its range is answered, but the run lasts its
+        # -d), until the edge holds ``target`` entries or the fill budget is spent.  Progress is
+        # the edge's own entry count (``meridian_cache_entries``), not a count of misses.  A
+        # run cut by its -d may leave holes among its last requests in flight (at most
+        # FILL_CONNECTIONS keys), so the next run starts FILL_OVERLAP keys back (hits, cheap).
         spent = 0.0
         while filled < target and spent < args.fill_budget:
             # At most 30 s a run: the rate estimate improves, and others get the lock between.
             seconds = min(args.fill_budget - spent, 30.0, max(2.0, (target - filled) / rate * 1.1))
-            script = wrk_keys_script(workdir, "fill", filled + 1, target, sequential=True)
-            misses_before = edge_cache_counts(admin).get("MISS", 0.0)
-            values = run_wrk(wrk, port, script, seconds, 64, cpus)
-            added = int(edge_cache_counts(admin).get("MISS", 0.0) - misses_before)
+            first = max(1, filled + 1 - FILL_OVERLAP)
+            script = wrk_keys_script(workdir, "fill", first, target, sequential=True)
+            values = run_wrk(wrk, port, script, seconds, FILL_CONNECTIONS, cpus)
             spent += values["duration_s"]
-            # Every miss of a fill run is a new key: a run never repeats a key of its range.
-            filled = min(target, filled + added)
-            rate = max(50.0, added / values["duration_s"])
-            say(f"  fill: {filled:,} keys ({rate:,.0f} misses/s)")
+            entries = edge_cache_entries(admin)
+            rate = max(50.0, (entries - filled) / values["duration_s"])
+            stalled = entries <= filled
+            filled = min(target, entries)
+            say(f"  fill: {filled:,} keys ({rate:,.0f} new entries/s)")
+            if stalled:
+                # Nothing new: the keys still missing are holes below this run's range (a
+                # failed fetch, say).  The level stays at what the edge holds; the hit rounds
+                # show any such key as a MISS.
+                say(f"  fill: no new entries; the level holds {filled:,} keys")
+                break
         counts = edge_cache_counts(admin)
         misses = counts.get("MISS", 0.0) - counts_before.get("MISS", 0.0)
         fill_seconds = spent
@@ -232,7 +361,7 @@ def run_keys(
             f"{level['bytes_per_object']:,.0f} B/object, hits {rps:,.0f} req/s "
             f"p99 {level['hit_p99_ms']:.2f} ms, hit ratio {level['hit_pct']:.1f}%"
         )
-        if filled < target:
+        if filled < target and fill_seconds >= args.fill_budget:
             say(f"  fill budget ({args.fill_budget:g}s) reached at {filled:,} of {target:,} keys")
             break
     processes.stop(proc)
@@ -388,19 +517,23 @@ def _ints(text: str) -> list[int]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.growth", description=__doc__)
-    parser.add_argument("what", choices=("keys", "connections", "dns", "all"))
+    parser.add_argument("what", choices=("keys", "connections", "dns", "all", "origin"))
     parser.add_argument("--duration", default="5s", help="each measured run (default 5s)")
     parser.add_argument("--rounds", type=int, default=2, help="measured rounds (default 2)")
     parser.add_argument("--keys", default="1000,100000,1000000", help="cached-key levels")
     parser.add_argument(
-        "--fill-budget", default="300s", help="longest fill of one key level (default 300s)"
+        "--fill-budget", default="900s", help="longest fill of one key level (default 900s)"
     )
     parser.add_argument("--conns", default="100,1000,10000", help="wrk connection levels")
     parser.add_argument("--names", default="10,10000", help="zone sizes (names)")
     parser.add_argument("--json", type=Path, help="write the figures here")
+    # ``origin`` is internal: the fixed origin the keys fill runs through (``FixedOrigin``).
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--lifetime", default="1h", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.duration = parse_duration(args.duration)
     args.fill_budget = parse_duration(args.fill_budget)
+    args.lifetime = parse_duration(args.lifetime)
     args.keys, args.conns, args.names = _ints(args.keys), _ints(args.conns), _ints(args.names)
     if not 1 <= args.duration <= 120 or not 1 <= args.rounds <= 10:
         parser.error("--duration must be 1s..2m and --rounds 1..10")
@@ -417,6 +550,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.what == "origin":
+        return serve_fixed_origin(args.port, args.lifetime)
     nofile = raise_nofile()
     cpus = Cpus.detect()
     machine = machine_description()

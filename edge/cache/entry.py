@@ -48,6 +48,8 @@ _NOT_MODIFIED_FIELDS: Final = frozenset(
 )
 _NO_CONTENT_LENGTH: Final = frozenset({204, 304})
 _MAX_AGE_VALUE: Final = 2147483648
+#: ``Entry._wire`` keeps a response's Age under its slot plus this (slots are 0..8).
+_AGE_OF: Final = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +148,12 @@ class Entry:
         #: Coding -> body; None marks a coding whose compressed form did not shrink.
         self._variants: dict[str, bytes | None] = {}
         self._heads: dict[int, bytes] = {}
-        #: slot -> (age, bytes): the last full response built for that shape.
-        self._wire: dict[int, tuple[int, bytes]] = {}
+        #: slot -> the last full response built for that shape, and slot + _AGE_OF -> the Age
+        #: it carries.  Ints and bytes only, no (age, bytes) tuples: a dict holding no
+        #: containers is not tracked by the cyclic GC, so a hit allocates nothing the collector
+        #: has to walk (with a tuple per rebuilt response, every entry hit in a new second went
+        #: back into the young generation, and collections walked entries all over the heap).
+        self._wire: dict[int, int | bytes] = {}
         self.visited = False
         self.on_resize: Callable[[Entry, int], None] | None = None
         self.size = (
@@ -291,9 +297,9 @@ class Entry:
         # Slots are keyed by the requested coding, so a hit never resolves the variant.
         slot = _CODING_INDEX[coding] * 2 + head_only
         if cacheable:
-            cached = self._wire.get(slot)
-            if cached is not None and cached[0] == age:
-                return cached[1]
+            wire = self._wire
+            if wire.get(slot + _AGE_OF) == age:
+                return wire[slot]  # type: ignore[return-value]
         effective, body = self._variant(coding)
         data = b"".join(
             (
@@ -323,9 +329,9 @@ class Entry:
         cacheable = x_cache == X_CACHE_HIT and not extra
         slot = 6 + _CODING_INDEX[effective]
         if cacheable:
-            cached = self._wire.get(slot)
-            if cached is not None and cached[0] == age:
-                return cached[1]
+            wire = self._wire
+            if wire.get(slot + _AGE_OF) == age:
+                return wire[slot]  # type: ignore[return-value]
         lines = [b"HTTP/1.1 304 Not Modified\r\n"]
         lines.extend(
             line
@@ -341,9 +347,11 @@ class Entry:
         return data
 
     def _remember(self, slot: int, age: int, data: bytes) -> None:
-        old = self._wire.get(slot)
-        self._wire[slot] = (age, data)
-        self._grow(len(data) - (len(old[1]) if old is not None else 0))
+        wire = self._wire
+        old = wire.get(slot)
+        wire[slot] = data
+        wire[slot + _AGE_OF] = age
+        self._grow(len(data) - (len(old) if isinstance(old, bytes) else 0))
 
     def _grow(self, delta: int) -> None:
         self.size += delta

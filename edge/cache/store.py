@@ -31,6 +31,7 @@ class MemoryStore:
     __slots__ = (
         "_entries",
         "_negotiate",
+        "_on_resize",
         "_tags",
         "_variants",
         "_vary",
@@ -38,6 +39,7 @@ class MemoryStore:
         "evictions",
         "max_bytes",
         "max_object",
+        "stored",
     )
 
     def __init__(
@@ -47,6 +49,8 @@ class MemoryStore:
         self.max_object = max_object
         self.bytes = 0
         self.evictions = 0
+        #: Entries stored so far (only grows; the edge freezes the GC's heap by it).
+        self.stored = 0
         self._entries: OrderedDict[bytes, Entry] = OrderedDict()
         #: primary key -> the Vary names its variants are keyed by (resources with Vary only).
         self._vary: dict[bytes, tuple[bytes, ...]] = {}
@@ -54,6 +58,11 @@ class MemoryStore:
         self._variants: dict[bytes, set[bytes]] = {}
         self._tags: dict[str, set[bytes]] = {}
         self._negotiate = negotiate
+        #: One bound method shared by every stored entry (``entry.on_resize``): a bound method
+        #: per entry would be one more object per entry, and one the cyclic GC tracks.  Entry
+        #: -> this -> store -> ``_entries`` -> entry is a cycle; ``_unlink`` and ``clear`` break
+        #: it, so a removed entry is freed by reference counting alone (no GC pass needed).
+        self._on_resize: Callable[[Entry, int], None] = self._resized
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -110,7 +119,8 @@ class MemoryStore:
         for tag in entry.response.surrogate_keys:
             self._tags.setdefault(tag, set()).add(entry.key)
         self.bytes += entry.size
-        entry.on_resize = self._resized
+        self.stored += 1
+        entry.on_resize = self._on_resize
         self.evict()
         return True
 
