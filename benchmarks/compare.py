@@ -609,15 +609,28 @@ class HttpPeer:
         return None
 
 
+#: Seconds a scrape of the edge's /metrics is retried for.
+SCRAPE_PATIENCE = 10.0
 _EDGE_REQUESTS = re.compile(r"^meridian_edge_requests_total\{([^}]*)\} ([0-9.e+]+)$", re.MULTILINE)
 _CACHE_LABEL = re.compile(r'cache="([^"]*)"')
 
 
 def edge_cache_counts(admin_port: int) -> dict[str, float]:
-    """``meridian_edge_requests_total`` summed by its ``cache`` label (HIT, MISS, STALE, ...)."""
-    status, body, _ = http_get(admin_port, "/metrics")
-    if status != 200:
-        raise OSError(f"/metrics answered {status}")
+    """``meridian_edge_requests_total`` summed by its ``cache`` label (HIT, MISS, STALE, ...).
+
+    Retried for a few seconds: right after a run with 10,000 connections the edge may still
+    be closing them when the scrape arrives (seen as a reset)."""
+    deadline = time.monotonic() + SCRAPE_PATIENCE
+    while True:
+        try:
+            status, body, _ = http_get(admin_port, "/metrics")
+            if status != 200:
+                raise OSError(f"/metrics answered {status}")
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
     counts: dict[str, float] = {}
     for labels, value in _EDGE_REQUESTS.findall(body.decode()):
         label = _CACHE_LABEL.search(labels)

@@ -319,12 +319,15 @@ class RequestHead:
 
 
 class HitReplay(NamedTuple):
-    """A memoised fresh hit and what its metrics and access line need."""
+    """A memoised hit (or stale-while-revalidate answer) and what its metrics and access line
+    need."""
 
     memo: HitMemo
     route: str
     region: str
     status: int
+    #: The cache status to count and log: HIT, or STALE (served while one refresh runs).
+    label: str
 
 
 class RequestBody(Protocol):
@@ -725,10 +728,10 @@ class Pipeline:
                 head.route = route
         region = _entry_region(lookup.entry)
         status = int(wire[9:12])
-        if kind is _HIT and prepared is not None and head is not None:
+        if prepared is not None and head is not None:
             memo = cache.memo_hit(prepared, lookup, now)
             if memo is not None:
-                head.hit = HitReplay(memo, route, region, status)
+                head.hit = HitReplay(memo, route, region, status, label)
         total = self.clock() - request.received_at
         self.metrics.observe_request(
             route, status, label, region, total, state.config.edge.latency_target
@@ -751,8 +754,9 @@ class Pipeline:
         return wire
 
     def replay_hit(self, head: RequestHead, client_ip: str) -> bytes | None:
-        """The bytes of ``head.hit`` when that fresh hit still holds (same stored entry, same
-        Age second, no reload), else None (and the memo is dropped).  The cheapest answer the
+        """The bytes of ``head.hit`` when that answer still holds (same stored entry, same
+        Age second, still fresh or still within stale-while-revalidate, no reload), else None
+        (and the memo is dropped).  The cheapest answer the
         edge gives: no request object, no key, no freshness arithmetic; still counted in the
         metrics and the access log like any hit."""
         replay = head.hit
@@ -769,7 +773,7 @@ class Pipeline:
         self.metrics.observe_request(
             replay.route,
             replay.status,
-            "HIT",
+            replay.label,
             replay.region,
             total,
             self.state.config.edge.latency_target,
@@ -780,7 +784,7 @@ class Pipeline:
                 head.method,
                 head.path,
                 replay.status,
-                "HIT",
+                replay.label,
                 replay.region,
                 "-",
                 0,

@@ -784,7 +784,7 @@ async def test_a_memoised_hit_never_outlives_its_entry() -> None:
     assert not cache.replay_hit(memo, clock())
 
 
-async def test_no_memo_for_request_directives_or_stale_answers() -> None:
+async def test_stale_answers_are_memoised_until_the_window_or_the_age_moves() -> None:
     clock = FakeClock()
     cache, origin = make_cache(clock), Origin(clock)
     origin.answer(200, [(b"cache-control", b"max-age=1, stale-while-revalidate=5")], b"t")
@@ -792,6 +792,14 @@ async def test_no_memo_for_request_directives_or_stale_answers() -> None:
     clock.advance(0.2)
     assert prepared_hit(cache, b"/api/v1/ticker/ETH", [(b"cache-control", b"max-age=5")])[2] is None
     assert prepared_hit(cache, b"/api/v1/ticker/ETH")[2] is not None
-    clock.advance(1.5)  # stale (served while revalidating): judged every time
+    clock.advance(1.5)  # stale, served while revalidating
     _, lookup, memo = prepared_hit(cache, b"/api/v1/ticker/ETH")
-    assert lookup.kind is LookupKind.STALE and memo is None
+    assert lookup.kind is LookupKind.STALE and memo is not None and memo.stale
+    assert parse(memo.wire)[1][b"x-cache"] == b"STALE"
+    stale_before = dict(cache.metrics.stale)
+    assert cache.replay_hit(memo, clock() + 0.1)
+    assert sum(cache.metrics.stale.values()) == sum(stale_before.values()) + 1
+    assert not cache.replay_hit(memo, clock() + 0.4)  # the Age moves on
+    clock.advance(5.0)  # past the stale-while-revalidate window: must revalidate
+    _, lookup, memo = prepared_hit(cache, b"/api/v1/ticker/ETH")
+    assert lookup.kind is LookupKind.REVALIDATE and memo is None

@@ -608,24 +608,33 @@ def test_unknown_methods_count_as_unsafe() -> None:
     st.floats(0, 1e6),  # response_time
     st.floats(0, 100),  # initial_age
     st.floats(0, 100),  # lifetime
+    st.sampled_from([0.0, 0.5, 2.0, 30.0]),  # stale_while_revalidate
+    st.booleans(),  # no_stale
     st.floats(0, 200),  # now, seconds after the response arrived
     st.lists(st.floats(0, 1), min_size=1, max_size=8),  # points inside the window
 )
-def test_stable_until_keeps_freshness_and_age_unchanged(
-    arrived: float, initial: float, lifetime: float, elapsed: float, fractions: list[float]
+def test_stable_until_keeps_the_use_and_the_age_unchanged(
+    arrived: float,
+    initial: float,
+    lifetime: float,
+    swr: float,
+    no_stale: bool,
+    elapsed: float,
+    fractions: list[float],
 ) -> None:
-    freshness = Freshness(arrived, initial, lifetime, 0.0, 0.0, False, False)
+    freshness = Freshness(arrived, initial, lifetime, swr, 0.0, no_stale, False)
     now = arrived + elapsed
     until = stable_until(freshness, now)
     assert until >= now
+    use = decide(freshness, NO_DIRECTIVES, now)
     if until == now:
         return
     assert until - now <= 1.0 + 1e-6  # Age ticks at least once a second
-    assert decide(freshness, NO_DIRECTIVES, now)[0] is Use.FRESH
+    assert use in ((Use.FRESH, ""), (Use.STALE, STALE_WHILE_REVALIDATE))
     age_now = int(freshness.age(now))
     for fraction in fractions:
         moment = now + (until - now) * fraction * 0.999999
-        assert decide(freshness, NO_DIRECTIVES, moment)[0] is Use.FRESH
+        assert decide(freshness, NO_DIRECTIVES, moment) == use
         assert int(freshness.age(moment)) == age_now
 
 
@@ -636,6 +645,10 @@ def test_stable_until_ends_at_the_age_tick_or_the_expiry() -> None:
     short = Freshness(100.0, 0.2, 0.5, 0.0, 0.0, False, False)
     assert stable_until(short, 100.1) == pytest.approx(100.3)  # expiry first
     assert stable_until(fresh, 99.0) == 99.0  # before it arrived: a clock stepped back
-    assert stable_until(fresh, 111.0) <= 111.0  # stale: nothing to replay
+    assert stable_until(fresh, 111.0) == 111.0  # stale, no stale-while-revalidate
+    swr = Freshness(100.0, 0.0, 10.0, 2.0, 0.0, False, False)
+    assert stable_until(swr, 110.5) == pytest.approx(111.0)  # stale, Age 10 -> 11
+    assert stable_until(swr, 111.5) == pytest.approx(112.0)  # the window's end
+    assert stable_until(swr, 112.5) == 112.5  # beyond it: must revalidate
     always = Freshness(100.0, 0.0, 10.0, 0.0, 0.0, False, True)
     assert stable_until(always, 101.0) == 101.0

@@ -124,6 +124,7 @@ from .policy import (
     ERROR_STATUSES,
     NO_DIRECTIVES,
     STALE_IF_ERROR,
+    STALE_WHILE_REVALIDATE,
     CacheControl,
     Header,
     Headers,
@@ -246,17 +247,22 @@ class Lookup(NamedTuple):
 
 
 class HitMemo(NamedTuple):
-    """A fresh hit's bytes for one prepared request, reusable (``replay_hit``) while
-    ``since <= now < until`` and ``entry`` is still the one stored under its key: until then
-    the response stays fresh with the same whole-second Age, so ``lookup_prepared`` would build
-    these very bytes again.  Holds its entry: an evicted one lives on until the memo is next
-    used or dropped (the edge keeps a bounded number of memos)."""
+    """The bytes of a HIT (or a STALE answer served while one refresh runs) for one prepared
+    request, reusable (``replay_hit``) while ``since <= now < until`` and ``entry`` is still
+    the one stored under its key: until then the response stays fresh (or within its
+    stale-while-revalidate window) with the same whole-second Age, so ``lookup_prepared``
+    would build these very bytes again.  A STALE memo also stands for the refresh its first
+    answer started: at most one refresh is asked for per key and Age second.  Holds its entry:
+    an evicted one lives on until the memo is next used or dropped (the edge keeps a bounded
+    number of memos)."""
 
     keys: KeyBuilder
     entry: Entry
     wire: bytes
     since: float
     until: float
+    #: The stale reason for a STALE answer (a metric label), "" for a HIT.
+    stale: str = ""
 
 
 class Filled(NamedTuple):
@@ -678,21 +684,28 @@ class HttpCache:
         return Lookup(_REVALIDATE, key=key, entry=entry, request=request)
 
     def memo_hit(self, prepared: Prepared, lookup: Lookup, now: float) -> HitMemo | None:
-        """A ``HitMemo`` for a HIT of ``lookup_prepared(prepared, now)``, or None when the
-        answer may change sooner than a clock tick (no stable window, request directives)."""
+        """A ``HitMemo`` for a HIT or a stale-while-revalidate answer of
+        ``lookup_prepared(prepared, now)``, or None when the answer may change sooner than
+        the next Age tick (no stable window, request directives)."""
         request, entry = prepared.request, lookup.entry
-        if lookup.kind is not _HIT or entry is None or request is None:
+        if entry is None or request is None:
             return None
-        if request.cc is not NO_DIRECTIVES:  # max-age / min-fresh: judged per request
+        if lookup.kind is _STALE:
+            if lookup.reason != STALE_WHILE_REVALIDATE:
+                return None
+        elif lookup.kind is not _HIT:
+            return None
+        if request.cc is not NO_DIRECTIVES:  # max-age, min-fresh, max-stale: per request
             return None
         until = stable_until(entry.response.freshness, now)
         if until <= now:
             return None
-        return HitMemo(prepared.keys, entry, lookup.wire, now, until)
+        stale = lookup.reason if lookup.kind is _STALE else ""
+        return HitMemo(prepared.keys, entry, lookup.wire, now, until, stale)
 
     def replay_hit(self, memo: HitMemo, now: float) -> bool:
-        """Whether ``memo.wire`` is still this cache's answer at ``now``; counted as an L1 hit
-        when it is.  One dict lookup and a few comparisons."""
+        """Whether ``memo.wire`` is still this cache's answer at ``now``; counted (as an L1 hit
+        or a stale answer) when it is.  One dict lookup and a few comparisons."""
         entry = memo.entry
         if (
             memo.since <= now < memo.until
@@ -700,7 +713,10 @@ class HttpCache:
             and self.store.get_key(entry.key) is entry
         ):
             entry.visited = True
-            self.metrics.l1_hits += 1
+            if memo.stale:
+                self.metrics.count_stale(memo.stale)
+            else:
+                self.metrics.l1_hits += 1
             return True
         return False
 

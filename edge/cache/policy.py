@@ -653,19 +653,28 @@ def decide(freshness: Freshness, request_cc: CacheControl, now: float) -> tuple[
 
 
 def stable_until(freshness: Freshness, now: float) -> float:
-    """Until when a response fresh at ``now`` stays fresh with the same whole-second Age, so
-    that a hit on it would write the very same bytes: the earlier of its expiry and the next
-    tick of its Age.  ``now`` itself (nothing stable) when it is stale, must always be
-    validated, or ``now`` is before it arrived (a clock that stepped back)."""
+    """Until when a response that may be used at ``now`` without a request stays usable the
+    same way (fresh, or stale within its stale-while-revalidate window) with the same
+    whole-second Age, so that serving it again would write the very same bytes: the earlier of
+    the end of that window and the next tick of its Age.  ``now`` itself (nothing stable) when
+    it must be validated first, or ``now`` is before it arrived (a clock that stepped back)."""
     resident = now - freshness.response_time
     if resident <= 0 or freshness.always_revalidate:
         return now
-    age = freshness.initial_age + resident
     expires = freshness.response_time + freshness.lifetime - freshness.initial_age
-    if expires <= now:
+    if now < expires:
+        end = expires
+    elif (
+        not freshness.no_stale
+        and freshness.stale_while_revalidate > 0
+        and now - expires < freshness.stale_while_revalidate
+    ):
+        end = expires + freshness.stale_while_revalidate
+    else:
         return now
+    age = freshness.initial_age + resident
     next_age = now + (1.0 - age % 1.0)
-    return expires if expires < next_age else next_age
+    return end if end < next_age else next_age
 
 
 def usable_on_error(freshness: Freshness, now: float) -> bool:
