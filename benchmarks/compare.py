@@ -769,6 +769,16 @@ HTTP_PEERS: dict[str, type[HttpPeer]] = {
 }
 
 
+def fresh_script(
+    workdir: Path, scenario: HttpScenario, run_id: str, scripts: dict[str, Path]
+) -> Path:
+    """The wrk script for one run: for a unique-query scenario a new one per run, so that no
+    run repeats a query an earlier run (or warm-up) already cached; the shared one otherwise."""
+    if scenario.unique:
+        return write_wrk_script(workdir, scenario, run_id)
+    return scripts[scenario.name]
+
+
 def write_wrk_script(workdir: Path, scenario: HttpScenario, run_id: str) -> Path:
     headers = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in scenario.headers.items())
     script = workdir / f"wrk-{scenario.name}.lua"
@@ -909,7 +919,8 @@ def run_http(args: argparse.Namespace, report: Report, stack: ExitStack, workdir
                 report.probes.setdefault(scenario.name, {})[peer.name] = json.dumps(
                     {"status": f"error: {exc}"}
                 )
-            run_wrk(wrk, peer.port, scripts[scenario.name], WARMUP_SECONDS, args.connections, cpus)
+            script = fresh_script(workdir, scenario, f"{run_id}-w-{peer.name}", scripts)
+            run_wrk(wrk, peer.port, script, WARMUP_SECONDS, args.connections, cpus)
 
     for round_number in range(1, args.rounds + 1):
         for scenario in args.http_scenarios:
@@ -917,9 +928,10 @@ def run_http(args: argparse.Namespace, report: Report, stack: ExitStack, workdir
                 before = origin.requests_total()
                 counts_before = peer.cache_counts()
                 cpu_before = server_cpu(peer.proc)
-                values = run_wrk(
-                    wrk, peer.port, scripts[scenario.name], args.duration, args.connections, cpus
+                script = fresh_script(
+                    workdir, scenario, f"{run_id}-{round_number}-{peer.name}", scripts
                 )
+                values = run_wrk(wrk, peer.port, script, args.duration, args.connections, cpus)
                 values["cpu_us"] = per_unit_us(
                     server_cpu(peer.proc) - cpu_before, values["requests"]
                 )
