@@ -665,8 +665,9 @@ class Pipeline:
         self.rng = rng or random.Random()
         self.cache = cache
         self.transcoder = transcoder
-        #: The fast path's lookup of a request it did not answer, for ``handle`` to reuse
-        #: (a second lookup would count a bypass twice and cost a second key build).
+        #: The fast path's lookup of a request it did not answer, for the protocol to take at
+        #: once (``take_pending``) and hand to ``handle`` (a second lookup would count a
+        #: bypass twice and cost a second key build).
         self._pending: tuple[ProxyRequest, Lookup] | None = None
 
     # -- stage 0: the fast path ---------------------------------------------------------------
@@ -799,8 +800,14 @@ class Pipeline:
     # -- the slow path ------------------------------------------------------------------------
 
     async def handle(
-        self, request: ProxyRequest, body: RequestBody | None, sink: ResponseSink
+        self,
+        request: ProxyRequest,
+        body: RequestBody | None,
+        sink: ResponseSink,
+        lookup: Lookup | None = None,
     ) -> None:
+        """The slow path of one request.  ``lookup``: what ``fast_response`` found for it
+        (``take_pending``), so that the cache is not asked twice."""
         state = self.state
         record = ExchangeRecord()
         stats = self.metrics.upstream_stats
@@ -808,7 +815,6 @@ class Pipeline:
         try:
             target = state.route(request.host, request.path)
             if target is None:
-                self._take_pending(request)
                 await self._send_error(sink, request, state, record, 404, "no_route")
                 return
             record.route = target.route.name
@@ -816,7 +822,7 @@ class Pipeline:
             # timer per request); the cancellation is turned into a 504 here.
             sink.expire_after(state.config.edge.timeouts.total)
             try:
-                await self._proxy(request, body, sink, state, target, record)
+                await self._proxy(request, body, sink, state, target, record, lookup)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if not sink.deadline_expired or task is None or task.uncancel() > 0:
@@ -838,8 +844,9 @@ class Pipeline:
         state: EdgeState,
         target: RouteTarget,
         record: ExchangeRecord,
+        pending: Lookup | None,
     ) -> None:
-        lookup = self._lookup(request, state)
+        lookup = pending if pending is not None else self._lookup(request, state)
         kind = _BYPASS if lookup is None else lookup.kind
         if lookup is not None and kind in (_HIT, _STALE, _ONLY_IF_CACHED):
             record.cache = "MISS" if kind is _ONLY_IF_CACHED else kind.name
@@ -863,9 +870,6 @@ class Pipeline:
         cache = self.cache
         if cache is None:
             return None
-        pending = self._take_pending(request)
-        if pending is not None:
-            return pending
         method = _METHOD_BYTES.get(request.method, request.method.encode("ascii", "replace"))
         return cache.lookup(
             method,
@@ -877,7 +881,10 @@ class Pipeline:
             self._cached_extra(request, state),
         )
 
-    def _take_pending(self, request: ProxyRequest) -> Lookup | None:
+    def take_pending(self, request: ProxyRequest) -> Lookup | None:
+        """The lookup ``fast_response`` just made for ``request`` and could not answer from,
+        for the protocol to hand to ``handle`` (the task runs later, after other connections'
+        requests have gone through ``fast_response``)."""
         pending = self._pending
         if pending is None:
             return None

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from edge.cache import Lookup
 from edge.http1 import (
     NO_BODY,
     BodyFraming,
@@ -162,7 +163,7 @@ class StreamedBody:
 class Exchange:
     """One request on a connection, from its head to the end of its response."""
 
-    __slots__ = ("body", "request", "response_started", "scheduled", "websocket")
+    __slots__ = ("body", "lookup", "request", "response_started", "scheduled", "websocket")
 
     def __init__(self, request: ProxyRequest, body: StreamedBody | None, websocket: bool) -> None:
         self.request = request
@@ -170,6 +171,9 @@ class Exchange:
         self.websocket = websocket
         self.scheduled = False
         self.response_started = False
+        #: The cache lookup the fast path made and could not answer from (reused by the
+        #: slow path).
+        self.lookup: Lookup | None = None
 
 
 class Connections:
@@ -502,6 +506,7 @@ class EdgeConnection(asyncio.Protocol):
                     self.bytes_sent += len(prebuilt)
                     self._set_deadline(_DEADLINE_IDLE)
                     return
+                exchange.lookup = self._pipeline.take_pending(request)
         self._schedule(exchange)
 
     def _replay(self, head: RequestHead) -> None:
@@ -530,7 +535,9 @@ class EdgeConnection(asyncio.Protocol):
             self._set_deadline(_DEADLINE_IDLE)
             return
         self._set_deadline(_DEADLINE_NONE)
-        self._schedule(Exchange(request, None, False))
+        exchange = Exchange(request, None, False)
+        exchange.lookup = self._pipeline.take_pending(request)
+        self._schedule(exchange)
 
     # -- scheduling ---------------------------------------------------------------------------
 
@@ -555,7 +562,7 @@ class EdgeConnection(asyncio.Protocol):
 
     async def _run(self, exchange: Exchange) -> None:
         try:
-            await self._pipeline.handle(exchange.request, exchange.body, self)
+            await self._pipeline.handle(exchange.request, exchange.body, self, exchange.lookup)
         except asyncio.CancelledError:
             pass  # the client went away
         except Exception as exc:  # a bug: answer 500 if we still can, never hang the client

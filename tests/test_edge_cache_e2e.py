@@ -613,3 +613,40 @@ def test_replayed_hits_follow_age_purges_and_count(world):
     lines = access_lines()
     assert len(lines) == 24 and all("status=200" in line for line in lines)
     assert sum("cache=HIT" in line for line in lines) == 22
+
+
+def _read_one(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One keep-alive response (Content-Length framed) from ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "the edge closed the connection"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(parse_response(head + b"\r\n\r\n")[1]["content-length"])
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the edge closed the connection"
+        body += chunk
+    return parse_response(head + b"\r\n\r\n" + body)
+
+
+def test_concurrent_misses_ask_the_cache_once_each(world):
+    """The fast path's lookup of a request it cannot answer travels with that request to the
+    slow path: requests arriving on many connections at once are each counted once."""
+    edge = world["a"]
+    before = edge.metric("meridian_cache_bypass_total", reason="request-no-store")
+    sockets = [socket.create_connection(("127.0.0.1", edge.port), timeout=5) for _ in range(24)]
+    try:
+        for i, sock in enumerate(sockets):
+            sock.sendall(
+                f"GET /cc/long/once/{i} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                "Cache-Control: no-store\r\n\r\n".encode()
+            )
+        answers = [_read_one(sock) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert [status for status, _, _ in answers] == [200] * len(sockets)
+    after = edge.metric("meridian_cache_bypass_total", reason="request-no-store")
+    assert after - before == len(sockets)
