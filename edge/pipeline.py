@@ -446,6 +446,13 @@ class AccessLog:
     def enabled(self) -> bool:
         return self._enabled
 
+    def configure(self, enabled: bool) -> None:
+        """Switch the access log on or off (``edge.access_log``, at start and on reload);
+        it stays off while the ``edge.access`` logger's level is above info."""
+        if not enabled:
+            self.flush()
+        self._enabled = enabled and access_logger.enabled(logging.INFO)
+
     def _timestamp(self) -> str:
         now = time.time()
         second = int(now)

@@ -130,12 +130,14 @@ class EdgeWorker:
             instance_id=f"{pop}:{os.uname().nodename}:{os.getpid()}",
         )
         await cache.start()
+        access_log = AccessLog()
+        access_log.configure(config.edge.access_log)
         pipeline = Pipeline(
             state,
             upstream=upstream,
             health=health,
             metrics=metrics,
-            access_log=AccessLog(),
+            access_log=access_log,
             clock=time.perf_counter,
             cache=cache,
             transcoder=transcoder,
@@ -224,6 +226,7 @@ class EdgeWorker:
         def on_reload(new: Config, generation: int) -> None:
             # In-flight requests hold the old EdgeState; new ones read this one.
             pipeline.state = EdgeState.build(new, pop, generation)
+            access_log.configure(new.edge.access_log)
             health.update_config(new)
             cache.reconfigure(new.edge.cache)
             metrics.config_generation.set(generation)

@@ -368,6 +368,9 @@ class EdgeConfig:
     pool_size: int = 64
     #: Latency objective exported for autoscaling.
     latency_target: Duration = 0.05
+    #: One line per answered request on the ``edge.access`` logger (false: nginx's
+    #: ``access_log off``); takes effect on reload.
+    access_log: bool = True
     cache: CacheConfig = CacheConfig()
     compression: CompressionConfig = CompressionConfig()
 

@@ -154,3 +154,29 @@ def test_an_unknown_pop_fails_at_start(tmp_path, bad):
         procs.append(edge)
         assert edge.wait(within=15) == 2
         assert "config_invalid" in edge.log_text()
+
+
+def test_the_access_log_switches_off_and_on_with_a_reload(tmp_path):
+    with processes() as procs:
+        origin = Origin("eu-central", tmp_path, echo=True)
+        procs.append(origin)
+        origin.ready()
+        config = write_config(tmp_path / "edge.yaml", _regions(origin), edge={"access_log": False})
+        edge = Edge(config, "fra", tmp_path)
+        procs.append(edge)
+        edge.ready()
+
+        def access_lines(path: str) -> int:
+            return sum(
+                "event=access" in line and f"path={path} " in line
+                for line in edge.log_text().splitlines()
+            )
+
+        assert http_request(edge.port, "GET", "/echo/quiet")[0] == 200
+        write_config(config, _regions(origin), edge={"access_log": True})
+        edge.signal(signal.SIGHUP)
+        edge.wait_for_log(r"event=config_reloaded .*generation=2")
+        assert http_request(edge.port, "GET", "/echo/logged")[0] == 200
+        poll_until(lambda: access_lines("/echo/logged") == 1 or None)
+        assert access_lines("/echo/quiet") == 0
+        assert edge.metric("meridian_edge_requests_total", route="api", status="200") >= 2
