@@ -803,3 +803,32 @@ async def test_stale_answers_are_memoised_until_the_window_or_the_age_moves() ->
     clock.advance(5.0)  # past the stale-while-revalidate window: must revalidate
     _, lookup, memo = prepared_hit(cache, b"/api/v1/ticker/ETH")
     assert lookup.kind is LookupKind.REVALIDATE and memo is None
+
+
+def fresh(value: bytes) -> bytes:
+    return bytes(bytearray(value))
+
+
+async def test_stored_entries_share_the_header_fields_they_have_in_common() -> None:
+    clock = FakeClock()
+    cache, origin = make_cache(clock), Origin(clock)
+    entries = []
+    for symbol in (b"BTC", b"ETH"):
+        origin.answer(
+            200,
+            [  # new objects for every response, as a parser makes them
+                (fresh(b"content-type"), fresh(b"application/json")),
+                (fresh(b"cache-control"), fresh(b"max-age=60")),
+                (fresh(b"etag"), b'"' + symbol + b'"'),
+            ],
+            symbol,
+        )
+        await request(cache, origin, b"/api/v1/ticker/" + symbol)
+        entry = get(cache, b"/api/v1/ticker/" + symbol).entry
+        assert entry is not None
+        entries.append({name: field for field in entry.response.headers for name in field[:1]})
+    first, second = entries
+    assert first[b"content-type"] is second[b"content-type"]  # one copy for both entries
+    assert first[b"cache-control"] is second[b"cache-control"]
+    assert first[b"etag"] != second[b"etag"]
+    assert parse(get(cache, b"/api/v1/ticker/ETH").wire)[1][b"etag"] == b'"ETH"'
