@@ -214,25 +214,26 @@ def serve_fixed_origin(port: int, seconds: float) -> int:
     return 0
 
 
+def fixed_origin_command(port: int, lifetime: float) -> list[str]:
+    """The command line of a ``FixedOrigin`` process on ``port`` that exits after ``lifetime``."""
+    return [
+        sys.executable,
+        "-c",
+        "import sys; sys.path.insert(0, sys.argv[1]); from benchmarks.growth import main; "
+        "raise SystemExit(main(sys.argv[2:]))",
+        str(REPO),
+        "origin",
+        "--port",
+        str(port),
+        "--lifetime",
+        f"{lifetime:.0f}s",
+    ]
+
+
 def start_fixed_origin(processes: Processes, cpus: Cpus, lifetime: float) -> Origin:
     """``FixedOrigin`` in its own process, on the load core (next to wrk: it costs little)."""
     port = free_port()
-    proc = processes.start(
-        f"fixed-origin-{port}",
-        [
-            sys.executable,
-            "-c",
-            "import sys; sys.path.insert(0, sys.argv[1]); from benchmarks.growth import main; "
-            "raise SystemExit(main(sys.argv[2:]))",
-            str(REPO),
-            "origin",
-            "--port",
-            str(port),
-            "--lifetime",
-            f"{lifetime:.0f}s",
-        ],
-        cpus.load,
-    )
+    proc = processes.start(f"fixed-origin-{port}", fixed_origin_command(port, lifetime), cpus.load)
     wait_until(tcp_accepts(port), proc, f"TCP {port}")
     return Origin(proc, port)
 

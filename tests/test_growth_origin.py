@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from benchmarks.growth import FIXED_BODY, parse_args
+from benchmarks.growth import FIXED_BODY, fixed_origin_command, parse_args
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,18 +26,7 @@ def _free_port() -> int:
 def origin_port() -> Iterator[int]:
     port = _free_port()
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; sys.path.insert(0, sys.argv[1]); from benchmarks.growth import main; "
-            "raise SystemExit(main(sys.argv[2:]))",
-            str(REPO),
-            "origin",
-            "--port",
-            str(port),
-            "--lifetime",
-            "20s",
-        ],
+        fixed_origin_command(port, 20),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
