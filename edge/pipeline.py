@@ -764,9 +764,9 @@ class Pipeline:
     def replay_hit(self, head: RequestHead, client_ip: str) -> bytes | None:
         """The bytes of ``head.hit`` when that answer still holds (same stored entry, same
         Age second, still fresh or still within stale-while-revalidate, no reload), else None
-        (and the memo is dropped).  The cheapest answer the
-        edge gives: no request object, no key, no freshness arithmetic; still counted in the
-        metrics and the access log like any hit."""
+        (and the memo is dropped).  The cheapest answer the edge gives: no request object, no
+        key, no freshness arithmetic; still counted in the metrics and the access log like any
+        hit."""
         replay = head.hit
         cache = self.cache
         if replay is None or cache is None:
