@@ -658,6 +658,22 @@ def shares_text(shares: dict[str, float]) -> str:
     return " ".join(f"{k} {v:.1f}%" for k, v in sorted(shares.items(), key=lambda kv: -kv[1]))
 
 
+def server_argv(command: Sequence[str], config: Path, port: int, admin: int) -> list[str]:
+    """``command`` (``meridian edge``, ``meridian dns``, or a profiler around ``-m edge``)
+    serving ``config`` as POP iad on loopback ``port``, its admin listener on ``admin``."""
+    return [
+        *command,
+        "--config",
+        str(config),
+        "--pop",
+        "iad",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--admin",
+        f"127.0.0.1:{admin}",
+    ]
+
+
 class MeridianEdge(HttpPeer):
     name = "meridian"
 
@@ -673,19 +689,7 @@ class MeridianEdge(HttpPeer):
         config = self.workdir / "edge.yaml"
         config.write_text(yaml.safe_dump(data, sort_keys=False))
         proc = processes.start(
-            "meridian-edge",
-            [
-                *command,
-                "--config",
-                str(config),
-                "--pop",
-                "iad",
-                "--listen",
-                f"127.0.0.1:{self.port}",
-                "--admin",
-                f"127.0.0.1:{admin_port}",
-            ],
-            cpus.server,
+            "meridian-edge", server_argv(command, config, self.port, admin_port), cpus.server
         )
         wait_until(tcp_accepts(self.port), proc, f"TCP {self.port}")
         return proc
@@ -1273,19 +1277,7 @@ class MeridianDns(DnsPeer):
         config = self.workdir / "dns.yaml"
         config.write_text(yaml.safe_dump(data, sort_keys=False))
         proc = processes.start(
-            "meridian-dns",
-            [
-                *command,
-                "--config",
-                str(config),
-                "--pop",
-                "iad",
-                "--listen",
-                f"127.0.0.1:{self.port}",
-                "--admin",
-                f"127.0.0.1:{free_port()}",
-            ],
-            cpus.server,
+            "meridian-dns", server_argv(command, config, self.port, free_port()), cpus.server
         )
         wait_until(dns_ready(self.port), proc, f"UDP {self.port}")
         return proc

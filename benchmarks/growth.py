@@ -70,6 +70,7 @@ from benchmarks.compare import (
     run_dnsperf,
     run_wrk,
     say,
+    server_argv,
     shares_text,
     start_origin,
     tcp_accepts,
@@ -137,19 +138,7 @@ def start_edge(
     config = workdir / f"edge-{port}.yaml"
     config.write_text(yaml.safe_dump(data, sort_keys=False))
     proc = processes.start(
-        f"meridian-edge-{port}",
-        [
-            *command,
-            "--config",
-            str(config),
-            "--pop",
-            "iad",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--admin",
-            f"127.0.0.1:{admin}",
-        ],
-        cpus.server,
+        f"meridian-edge-{port}", server_argv(command, config, port, admin), cpus.server
     )
     wait_until(tcp_accepts(port), proc, f"TCP {port}")
     return proc, port, admin

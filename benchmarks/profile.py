@@ -46,6 +46,7 @@ from benchmarks.compare import (
     run_dnsperf,
     run_wrk,
     say,
+    server_argv,
     start_origin,
     tcp_accepts,
     wait_until,
@@ -139,27 +140,8 @@ def profile_edge(
     port, admin = free_port(), free_port()
     out = args.out / "edge.prof"
     out.unlink(missing_ok=True)
-    proc = processes.start(
-        "edge-profiled",
-        [
-            sys.executable,
-            "-m",
-            "cProfile",
-            "-o",
-            str(out),
-            "-m",
-            "edge",
-            "--config",
-            str(config),
-            "--pop",
-            "iad",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--admin",
-            f"127.0.0.1:{admin}",
-        ],
-        cpus.server,
-    )
+    profiled = [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "edge"]
+    proc = processes.start("edge-profiled", server_argv(profiled, config, port, admin), cpus.server)
     wait_until(tcp_accepts(port), proc, f"TCP {port}")
     runs: dict[str, Any] = {}
     scenarios = [s for s in HTTP_SCENARIOS if s.name in HIT_SCENARIOS]
@@ -192,26 +174,9 @@ def profile_dns(
     port = free_port()
     out = args.out / "dns.prof"
     out.unlink(missing_ok=True)
+    profiled = [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "geodns"]
     proc = processes.start(
-        "dns-profiled",
-        [
-            sys.executable,
-            "-m",
-            "cProfile",
-            "-o",
-            str(out),
-            "-m",
-            "geodns",
-            "--config",
-            str(config),
-            "--pop",
-            "iad",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--admin",
-            f"127.0.0.1:{free_port()}",
-        ],
-        cpus.server,
+        "dns-profiled", server_argv(profiled, config, port, free_port()), cpus.server
     )
     wait_until(dns_ready(port), proc, f"UDP {port}")
     varied = DnsScenario("ecs-varied", "ECS varied", once=False)
