@@ -583,7 +583,7 @@ class RedisL2:
                 lost = True
             finally:
                 with contextlib.suppress(Exception):  # the connection may already be gone
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), backoff)
             backoff = min(backoff * 2, 5.0)

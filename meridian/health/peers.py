@@ -170,7 +170,7 @@ class PeerLink:
                 group.create_task(self._read(pubsub))
                 group.create_task(self._write(client))
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()
             await client.aclose()
 
     async def _read(self, pubsub: PubSub) -> None:

@@ -1,0 +1,1 @@
+"""Chaos runners: the heaviest reliability tests, at full scale, printing figures."""
