@@ -520,7 +520,18 @@ class HttpScenario:
     path: str
     headers: dict[str, str]
     unique: bool = False
+    #: Each request carries header values never sent before (User-Agent, Cookie, X-Request-Id),
+    #: as browsers and SDKs do: no memo of request bytes can answer it.
+    varied: bool = False
+    #: Requests spread at random over this many distinct cached keys (0: one key); the keys
+    #: are filled once, before the first measured run.
+    keys: int = 0
 
+
+#: Distinct keys of scenario (f): far more than any memo of request heads holds.
+SPREAD_KEYS = 100_000
+#: Cache sizes every peer gets, so that (f)'s keys all fit (~4 KB each at most).
+PEER_CACHE_MIB = 1024
 
 HTTP_SCENARIOS = (
     HttpScenario("ticker-identity", "(a) 2 KB ticker hit, identity", "/api/v1/ticker/BTC-USD", {}),
@@ -539,6 +550,23 @@ HTTP_SCENARIOS = (
     ),
     HttpScenario(
         "miss", "(d) miss to origin (unique query)", "/api/v1/ticker/BTC-USD", {}, unique=True
+    ),
+    HttpScenario(
+        "ticker-varied",
+        "(e) 2 KB ticker hit, new header values per request",
+        "/api/v1/ticker/BTC-USD",
+        {"Accept": "application/json", "Accept-Language": "en-US,en;q=0.9"},
+        varied=True,
+    ),
+    HttpScenario(
+        "spread-100k",
+        f"(f) hits spread over {SPREAD_KEYS:,} cached keys",
+        # The symbols list: public, max-age=300 at the origin (a 5m rule at the edge), so the
+        # spread keys stay fresh for a whole run; the query string makes each key distinct.
+        "/api/v1/symbols",
+        {},
+        varied=True,
+        keys=SPREAD_KEYS,
     ),
 )
 
@@ -685,6 +713,7 @@ class MeridianEdge(HttpPeer):
         data = yaml.safe_load(DEMO_CONFIG.read_text())
         for region in data["regions"].values():
             region["backends"] = [f"http://{self.origin.addr}"]
+        data["edge"]["cache"]["memory"] = f"{PEER_CACHE_MIB}MiB"
         admin_port = self.admin_port = free_port()
         config = self.workdir / "edge.yaml"
         config.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -756,7 +785,7 @@ class Varnish(HttpPeer):
                 "-f",
                 str(vcl),
                 "-s",
-                "malloc,256m",
+                f"malloc,{PEER_CACHE_MIB}m",
                 "-T",
                 "none",
             ],
@@ -793,11 +822,34 @@ def write_wrk_script(workdir: Path, scenario: HttpScenario, run_id: str) -> Path
                 "PATH": scenario.path,
                 "HEADERS": headers,
                 "UNIQUE": "true" if scenario.unique else "false",
+                "VARIED": "true" if scenario.varied else "false",
+                "KEYS": str(scenario.keys),
+                "FILL": "false",
                 "RUN_ID": run_id,
             },
         )
     )
     return script
+
+
+def fill_keys(
+    wrk: str, peer: HttpPeer, scenario: HttpScenario, workdir: Path, cpus: Cpus, connections: int
+) -> float:
+    """Request each of ``scenario``'s keys once, in order (wrk runs until every key was sent);
+    returns the seconds it took.  Keys already cached answer as hits, so a repeat is cheap."""
+    script = workdir / f"wrk-{scenario.name}-fill.lua"
+    script.write_text(
+        write_wrk_script(workdir, scenario, "fill")
+        .read_text()
+        .replace("local fill = false", "local fill = true")
+    )
+    started = time.monotonic()
+    deadline = started + 600.0
+    sent = 0
+    while sent < scenario.keys and time.monotonic() < deadline:
+        # Every run starts again at key 1: the keys an earlier run filled are hits by now.
+        sent = int(run_wrk(wrk, peer.port, script, 10.0, connections, cpus)["requests"])
+    return time.monotonic() - started
 
 
 def server_cpu(proc: Proc | None) -> float:
@@ -922,6 +974,12 @@ def run_http(args: argparse.Namespace, report: Report, stack: ExitStack, workdir
             except OSError as exc:
                 report.probes.setdefault(scenario.name, {})[peer.name] = json.dumps(
                     {"status": f"error: {exc}"}
+                )
+            if scenario.keys:
+                seconds = fill_keys(wrk, peer, scenario, workdir, cpus, args.connections)
+                say(
+                    f"filled: {scenario.keys:,} keys of {scenario.name} in {peer.name} "
+                    f"in {seconds:.0f} s"
                 )
             script = fresh_script(workdir, scenario, f"{run_id}-w-{peer.name}", scripts)
             run_wrk(wrk, peer.port, script, WARMUP_SECONDS, args.connections, cpus)

@@ -18,6 +18,11 @@ sub vcl_recv {
     if (req.url ~ "^/api/v1/(whoami|orders)" || req.url ~ "^/(ws|_control|healthz)") {
         return (pass);
     }
+    # Public market data is the same for every user: what a Varnish operator writes so that
+    # browsers' cookies do not turn every request into a pass (the builtin VCL passes them).
+    if (req.url ~ "^/api/v1/(ticker|depth|trades|symbols)") {
+        unset req.http.Cookie;
+    }
 }
 
 sub vcl_backend_response {
