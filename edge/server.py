@@ -1,14 +1,17 @@
 """Process lifecycle of the edge: workers, reload, drain.
 
-* One worker (the default) runs in the process itself.  With ``--workers N`` a supervising
-  parent binds the listening sockets once, forks N workers that inherit them (a restarted
-  worker accepts on the same socket, so nothing is refused while it starts), forwards SIGHUP
-  and SIGTERM to them and restarts any worker that dies.  Only worker 0 serves the admin
-  listener; every worker also serves a private admin socket (in a 0700 directory the
-  supervisor makes), through which worker 0's ``/metrics`` and ``/status`` cover all the
-  workers and a purge reaches every worker's L1 (``edge.workers``).
+* One worker (the default) runs in the process itself.  With ``--workers N`` the supervisor
+  (``meridian.supervise``, shared with ``dns --workers`` and ``meridian serve``) binds the
+  listening sockets once and forks N workers that inherit them (a restarted worker accepts
+  on the same socket, so nothing is refused while it starts); it reloads the config on
+  SIGHUP and hands each worker the accepted generation, drains them on SIGTERM, and replaces
+  a worker that dies or hangs.  Only worker 0 serves the admin listener; every worker also
+  serves a private admin socket (in the supervisor's 0700 directory), through which worker
+  0's ``/metrics`` and ``/status`` cover all the workers and a purge reaches every worker's
+  L1 (``edge.workers``).
 * SIGHUP (``meridian.lifecycle``): the file is validated in full, then one immutable
   ``EdgeState`` is swapped in; requests in flight keep the snapshot they started with.
+  Under the supervisor the parent validates and each worker adopts its snapshot.
 * SIGTERM: stop accepting, close idle keep-alive connections, let requests in flight finish
   (their responses carry ``Connection: close``) for up to ``edge.drain_timeout``, close the
   rest, let the cache's background work (refreshes, Redis writes) finish, exit 0.
@@ -20,13 +23,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import os
-import shutil
-import signal
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -48,12 +47,11 @@ from meridian.config import Config, ConfigError, HostPort
 from meridian.health import HealthMonitor
 from meridian.lifecycle import ConfigHolder, Lifecycle
 from meridian.log import get_logger
+from meridian.supervise import Group, ParentLink, Supervisor, WorkerContext
 
 log = get_logger("edge")
 
 LISTEN_BACKLOG = 2048
-#: A worker that dies sooner than this after its start is restarted after a pause.
-RESTART_BACKOFF = 1.0
 #: The cyclic collector's thresholds once a worker serves (``_settle_garbage_collector``).
 GC_THRESHOLDS = (20_000, 5, 20)
 #: Entries stored between two freezes of the heap (``FreezeCacheGrowth``): a full collection
@@ -86,10 +84,19 @@ def _bind(address: HostPort) -> socket.socket:
 class EdgeWorker:
     """One event loop serving clients: the data plane, the health monitor, the admin listener."""
 
-    def __init__(self, options: EdgeOptions, holder: ConfigHolder, *, worker: int = 0) -> None:
+    def __init__(
+        self,
+        options: EdgeOptions,
+        holder: ConfigHolder,
+        *,
+        worker: int = 0,
+        link: ParentLink | None = None,
+    ) -> None:
         self.options = options
         self.holder = holder
         self.worker = worker
+        #: Under the supervisor: heartbeats out, config generations in.
+        self.link = link
         self.started = time.time()
 
     def _check_pop(self, config: Config, generation: int) -> None:
@@ -142,6 +149,8 @@ class EdgeWorker:
             cache=cache,
             transcoder=transcoder,
         )
+        # Requests waiting on a backend that leaves rotation are retried elsewhere at once.
+        health.subscribe(pipeline.on_health)
         connections = Connections(pipeline, loop)
 
         def short_status() -> dict[str, Any]:
@@ -150,6 +159,7 @@ class EdgeWorker:
                 "pid": os.getpid(),
                 "connections": len(connections.open),
                 "in_flight": connections.busy,
+                "generation": pipeline.state.generation,
                 "cache": {"entries": len(cache.store), "bytes": cache.store.bytes},
             }
 
@@ -233,8 +243,21 @@ class EdgeWorker:
             metrics.latency_target.set(new.edge.latency_target)
 
         lifecycle = Lifecycle(loop)
-        lifecycle.install()
-        reloads = loop.create_task(lifecycle.run_reloads(self.holder, on_reload))
+        lifecycle.install(reload=self.link is None)
+        reloads: asyncio.Task[None] | None = None
+        if self.link is None:
+            reloads = loop.create_task(lifecycle.run_reloads(self.holder, on_reload))
+        else:
+
+            def adopt(new: Config, generation: int) -> None:
+                if self.holder.adopt(new, generation):
+                    on_reload(new, generation)
+
+            self.link.attach(
+                generation=lambda: self.holder.generation,
+                adopt=adopt,
+                parent_gone=lifecycle.stopping.set,
+            )
         bound = server.sockets[0].getsockname()
         log.info(
             "edge_listening",
@@ -266,7 +289,10 @@ class EdgeWorker:
                 "edge_stopped", pop=pop, clean=clean, abandoned=connections.busy, worker=self.worker
             )
             connections.close_all()
-            reloads.cancel()
+            if reloads is not None:
+                reloads.cancel()
+            if self.link is not None:
+                self.link.detach()
             lifecycle.uninstall()
             if admin is not None:
                 await admin.stop()
@@ -347,9 +373,11 @@ def run_worker(
     listen_sock: socket.socket | None = None,
     admin_sock: socket.socket | None = None,
     worker: int = 0,
+    link: ParentLink | None = None,
 ) -> int:
+    edge = EdgeWorker(options, holder, worker=worker, link=link)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(EdgeWorker(options, holder, worker=worker).serve(listen_sock, admin_sock))
+        return runner.run(edge.serve(listen_sock, admin_sock))
 
 
 def load(options: EdgeOptions) -> ConfigHolder | None:
@@ -372,78 +400,46 @@ def run(options: EdgeOptions) -> int:
         return 2
     if options.workers <= 1:
         return run_worker(options, holder)
-    return Supervisor(options, holder).run()
+    supervisor = Supervisor(holder)
+    try:
+        supervisor.add_group(edge_group(options, holder.current, supervisor.run_dir))
+    except OSError as exc:
+        log.error("edge_listen_failed", error=str(exc))
+        supervisor.stop()
+        return 1
+    return supervisor.run()
 
 
-class Supervisor:
-    """Parent of ``--workers N``: owns the sockets, restarts workers, forwards signals."""
+def edge_group(options: EdgeOptions, config: Config, run_dir: str) -> Group:
+    """The edge's workers for the supervisor: the listening sockets bound here, once."""
+    listen = _bind(options.listen or config.listeners.edge)
+    try:
+        admin = _bind(options.admin or config.listeners.edge_admin)
+    except OSError:
+        listen.close()
+        raise
+    if options.workers > 1:
+        # The workers' private admin sockets, in the supervisor's 0700 directory.
+        worker_dir = os.path.join(run_dir, "edge")
+        os.mkdir(worker_dir, 0o700)
+        options = replace(options, worker_dir=worker_dir)
 
-    def __init__(self, options: EdgeOptions, holder: ConfigHolder) -> None:
-        self.options = options
-        self.holder = holder
-        self.children: dict[int, tuple[int, float]] = {}
-        self.stopping = False
+    def run_one(context: WorkerContext) -> int:
+        holder = ConfigHolder(options.config_path, context.config, context.generation)
+        admin_sock = admin if context.slot == 0 else None
+        return run_worker(options, holder, listen, admin_sock, context.slot, context.link)
 
-    def run(self) -> int:
-        config = self.holder.current
-        listen = _bind(self.options.listen or config.listeners.edge)
-        admin = _bind(self.options.admin or config.listeners.edge_admin)
-        # The workers' private admin sockets: a directory only this user can enter (0700).
-        worker_dir = tempfile.mkdtemp(prefix="meridian-edge-")
-        self.options = replace(self.options, worker_dir=worker_dir)
+    def check(new: Config) -> None:
         try:
-            return self._supervise(listen, admin)
-        finally:
-            shutil.rmtree(worker_dir, ignore_errors=True)
+            new.pop(options.pop)
+        except KeyError:
+            raise ConfigError([f"{new.source}: pops: POP {options.pop!r} is gone"]) from None
 
-    def _supervise(self, listen: socket.socket, admin: socket.socket) -> int:
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_hup)
-        for slot in range(self.options.workers):
-            self._spawn(slot, listen, admin)
-        log.info("edge_supervising", workers=self.options.workers, pid=os.getpid())
-        while self.children:
-            try:
-                pid, status = os.waitpid(-1, 0)
-            except ChildProcessError:
-                break
-            slot, started = self.children.pop(pid, (-1, 0.0))
-            if slot < 0 or self.stopping:
-                continue
-            log.error(
-                "edge_worker_died", worker=slot, pid=pid, status=os.waitstatus_to_exitcode(status)
-            )
-            if time.monotonic() - started < RESTART_BACKOFF:
-                time.sleep(RESTART_BACKOFF)
-            if not self.stopping:
-                self._spawn(slot, listen, admin)
-        return 0
-
-    def _spawn(self, slot: int, listen: socket.socket, admin: socket.socket) -> None:
-        pid = os.fork()
-        if pid == 0:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_DFL)
-            code = 1
-            try:
-                # Re-read the file: the parent's copy may predate reloads the workers took.
-                holder = load(self.options) or self.holder
-                code = run_worker(self.options, holder, listen, admin if slot == 0 else None, slot)
-            finally:
-                os._exit(code)
-        self.children[pid] = (slot, time.monotonic())
-
-    def _on_stop(self, signum: int, frame: object) -> None:
-        self.stopping = True
-        for pid in list(self.children):
-            _signal(pid, signal.SIGTERM)
-
-    def _on_hup(self, signum: int, frame: object) -> None:
-        for pid in list(self.children):
-            _signal(pid, signal.SIGHUP)
-
-
-def _signal(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
+    return Group(
+        "edge",
+        options.workers,
+        run_one,
+        check=check,
+        drain=lambda new: new.edge.drain_timeout,
+        sockets=(listen, admin),
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import urllib.request
@@ -35,32 +34,15 @@ def add_dns_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="processes sharing the UDP port (default: dns.workers)",
     )
-    parser.add_argument("--worker-child", action="store_true", help=argparse.SUPPRESS)
 
 
 def run_dns(args: argparse.Namespace) -> int:
-    from geodns.server import serve  # the server pulls in aiohttp and the health engine
+    from geodns.server import run  # the server pulls in aiohttp and the health engine
 
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        runner = asyncio.run
-    else:
-        runner = uvloop.run
     if args.workers is not None and args.workers < 1:
         print("meridian dns: --workers must be at least 1", file=sys.stderr)
         return 2
-    result: int = runner(
-        serve(
-            args.config,
-            args.pop,
-            listen=args.listen,
-            admin=args.admin,
-            workers=args.workers,
-            worker_child=getattr(args, "worker_child", False),
-        )
-    )
-    return result
+    return run(args.config, args.pop, listen=args.listen, admin=args.admin, workers=args.workers)
 
 
 def add_explain_arguments(parser: argparse.ArgumentParser) -> None:

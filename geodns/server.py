@@ -11,17 +11,16 @@ import contextlib
 import gc
 import ipaddress
 import os
-import signal
 import socket
-import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import dns.rcode
 import dns.rdatatype
+import uvloop
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -34,20 +33,34 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from geodns.ratelimit import ResponseRateLimiter, Verdict
-from geodns.responder import MEMO_LIMIT, Reply, ReplyInfo, Responder, truncate_for_slip
+from geodns.ratelimit import ComputeBudget, ResponseRateLimiter, Verdict
+from geodns.responder import (
+    MEMO_LIMIT,
+    Reply,
+    ReplyInfo,
+    Responder,
+    slip_for_query,
+    truncate_for_slip,
+)
+from geodns.tcpframe import MessageFramer
 from geodns.zone import IPAddress, Zone
 from meridian.config import Config, ConfigError, HostPort
 from meridian.geo import GeoError, GeoLocator
 from meridian.health import HealthMonitor
 from meridian.lifecycle import ConfigHolder, Lifecycle
 from meridian.log import get_logger
+from meridian.supervise import Group, ParentLink, Supervisor, WorkerContext
 
 log = get_logger("geodns")
 
-#: A TCP connection with no complete query for this long is closed (RFC 7766 suggests seconds).
+#: Each whole TCP message (length and query) must arrive within this of the previous one (or of
+#: the connection opening), else the connection is closed; a byte does not re-arm it (RFC 7766
+#: suggests seconds; see geodns.tcpframe).
 TCP_IDLE_TIMEOUT = 10.0
-TCP_MAX_BUFFER = 65535 + 2
+#: TCP connections one client address may hold at once (dnsdist's max TCP connections per client).
+TCP_MAX_PER_CLIENT = 16
+#: TCP connections the server holds at once (also bounded by half the descriptor limit).
+TCP_MAX_CONNECTIONS = 4096
 #: Socket buffers asked for on the UDP socket (a burst of queries waits there while a cold
 #: answer is computed; the kernel caps a plain request at net.core.rmem_max / wmem_max).
 UDP_SOCKET_BUFFER = 8 * 1024 * 1024
@@ -107,6 +120,11 @@ class DnsMetrics:
         self.latency_sum: dict[str, float] = {}
         self.errors = 0
         self.rate_limited = {"drop": 0, "slip": 0}
+        #: Queries not computed because their network had spent its compute budget (UDP:
+        #: dropped or slipped; TCP: reading paused until the budget refills).
+        self.cost_limited = {"drop": 0, "slip": 0, "tcp_wait": 0}
+        #: TCP connections closed by us: over a connection limit, or a message overdue.
+        self.tcp_closed = {"limit": 0, "timeout": 0}
         self.unanswered = {"udp": 0, "tcp": 0}
         #: UDP replies the kernel refused (not "would block"), and those dropped with the send
         #: backlog full.
@@ -224,6 +242,22 @@ class _TallyCollector(Collector):
         for action, count in m.rate_limited.items():
             family.add_metric([action], count)
         yield family
+        family = CounterMetricFamily(
+            "meridian_dns_cost_limited",
+            "Queries not computed: their network had spent its compute budget",
+            labels=["action"],
+        )
+        for action, count in m.cost_limited.items():
+            family.add_metric([action], count)
+        yield family
+        family = CounterMetricFamily(
+            "meridian_dns_tcp_closed",
+            "TCP connections closed by the server (over a limit, or a message overdue)",
+            labels=["reason"],
+        )
+        for reason, count in m.tcp_closed.items():
+            family.add_metric([reason], count)
+        yield family
         yield CounterMetricFamily(
             "meridian_dns_errors", "Queries that raised (answered SERVFAIL)", value=m.errors
         )
@@ -257,6 +291,7 @@ class Serving:
     responder: Responder
     locator: GeoLocator
     limiter: ResponseRateLimiter
+    budget: ComputeBudget
 
 
 def build_serving(config: Config, generation: int, pop: str) -> Serving:
@@ -275,7 +310,66 @@ def build_serving(config: Config, generation: int, pop: str) -> Serving:
         Responder(Zone.build(config), locator.locate, locator.locate_v4),
         locator,
         ResponseRateLimiter(config.dns.rate_limit),
+        ComputeBudget(config.dns.rate_limit),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class DnsSockets:
+    """The sockets ``dns --workers N`` binds once in the supervisor; every worker inherits
+    them (one UDP socket and one TCP listener shared by all; the admin one for worker 0)."""
+
+    udp: socket.socket
+    tcp: socket.socket
+    admin: socket.socket | None
+    #: What the kernel granted for the UDP receive and send buffers.
+    buffers: tuple[int, int]
+
+    @classmethod
+    def bind(cls, listen: HostPort, admin: HostPort | None) -> DnsSockets:
+        udp, receive, send = bind_udp(listen)
+        bound: list[socket.socket] = [udp]
+        try:
+            # The same port as UDP, even when the caller asked for port 0.
+            tcp = bind_tcp(HostPort(listen.host, udp.getsockname()[1]))
+            bound.append(tcp)
+            admin_socket = bind_tcp(admin) if admin is not None else None
+        except OSError:
+            for sock in bound:
+                sock.close()
+            raise
+        return cls(udp, tcp, admin_socket, (receive, send))
+
+    def all(self) -> tuple[socket.socket, ...]:
+        return (self.udp, self.tcp) + ((self.admin,) if self.admin is not None else ())
+
+
+def bind_udp(listen: HostPort) -> tuple[socket.socket, int, int]:
+    """The UDP socket, its buffers grown first: (socket, receive buffer, send buffer)."""
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    udp_socket = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        receive_buffer = _grow_buffer(udp_socket, socket.SO_RCVBUF, _SO_RCVBUFFORCE)
+        send_buffer = _grow_buffer(udp_socket, socket.SO_SNDBUF, _SO_SNDBUFFORCE)
+        udp_socket.bind((listen.host, listen.port))
+    except OSError:
+        udp_socket.close()
+        raise
+    return udp_socket, receive_buffer, send_buffer
+
+
+def bind_tcp(address: HostPort, backlog: int = 1024) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 class DnsServer:
@@ -287,16 +381,17 @@ class DnsServer:
         listen: HostPort,
         admin: HostPort | None,
         registry: CollectorRegistry | None = None,
-        reuse_port: bool = False,
         tcp: bool = True,
+        sockets: DnsSockets | None = None,
     ) -> None:
         self.holder = holder
         self.pop = pop
         self.listen = listen
         self.admin = admin
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.reuse_port = reuse_port
         self.serve_tcp = tcp
+        #: Under the supervisor: the sockets it bound (``admin`` only for worker 0).
+        self.sockets = sockets
         self.metrics = DnsMetrics(self.registry)
         self.serving = build_serving(holder.current, holder.generation, pop)
         self._pending: Serving | None = None
@@ -323,6 +418,10 @@ class DnsServer:
         self._limiting = self.serving.limiter.config.enabled
         #: Sender address -> its rate-limiting prefix (depends on the config: reset on reload).
         self._prefixes: dict[str, tuple[int, int]] = {}
+        #: Open TCP connections, by client address and in all.
+        self._tcp_clients: dict[IPAddress, int] = {}
+        self._tcp_open = 0
+        self._tcp_max = _tcp_capacity()
         self.monitor.subscribe(lambda snapshot: self._forget_replies())
         self._tcp: asyncio.Server | None = None
         self._admin_runner: web.AppRunner | None = None
@@ -337,13 +436,11 @@ class DnsServer:
         loop = asyncio.get_running_loop()
         await self.monitor.start()
         self.metrics.config_generation.set(self.holder.generation)
-        family = socket.AF_INET6 if ":" in self.listen.host else socket.AF_INET
-        udp_socket = socket.socket(family, socket.SOCK_DGRAM)
-        if self.reuse_port:
-            udp_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        receive_buffer = _grow_buffer(udp_socket, socket.SO_RCVBUF, _SO_RCVBUFFORCE)
-        send_buffer = _grow_buffer(udp_socket, socket.SO_SNDBUF, _SO_SNDBUFFORCE)
-        udp_socket.bind((self.listen.host, self.listen.port))
+        if self.sockets is not None:
+            udp_socket = self.sockets.udp
+            receive_buffer, send_buffer = self.sockets.buffers
+        else:
+            udp_socket, receive_buffer, send_buffer = bind_udp(self.listen)
         udp_socket.setblocking(False)
         # Our own read loop rather than a DatagramProtocol: it reads a batch of datagrams per
         # wake-up and sends with plain sendto (no transport bookkeeping per datagram).
@@ -351,27 +448,30 @@ class DnsServer:
         self._sendto = udp_socket.sendto
         loop.add_reader(udp_socket.fileno(), self._udp_readable)
         self.udp_address = udp_socket.getsockname()[:2]
-        if self.serve_tcp:
+        if self.serve_tcp and self.sockets is not None:
+            self._tcp = await loop.create_server(lambda: _TcpProtocol(self), sock=self.sockets.tcp)
+            self.tcp_address = self._tcp.sockets[0].getsockname()[:2]
+        elif self.serve_tcp:
             # The same port as UDP, even when the caller asked for port 0.
             self._tcp = await loop.create_server(
                 lambda: _TcpProtocol(self),
                 self.listen.host,
                 self.udp_address[1],
                 reuse_address=True,
-                reuse_port=self.reuse_port or None,
             )
             self.tcp_address = self._tcp.sockets[0].getsockname()[:2]
-        if self.admin is not None:
+        admin_socket: socket.socket | None = None
+        if self.sockets is not None:
+            admin_socket = self.sockets.admin
+        elif self.admin is not None:
+            # Our own socket, so that the bound address is known even for port 0.
+            admin_socket = bind_tcp(self.admin)
+        if admin_socket is not None:
             app = web.Application()
             app.router.add_get("/metrics", self._metrics_page)
             app.router.add_get("/status", self._status_page)
             self._admin_runner = web.AppRunner(app, access_log=None)
             await self._admin_runner.setup()
-            # Our own socket, so that the bound address is known even for port 0.
-            admin_family = socket.AF_INET6 if ":" in self.admin.host else socket.AF_INET
-            admin_socket = socket.socket(admin_family, socket.SOCK_STREAM)
-            admin_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            admin_socket.bind((self.admin.host, self.admin.port))
             self.admin_address = admin_socket.getsockname()[:2]
             await web.SockSite(self._admin_runner, admin_socket).start()
         log.info(
@@ -528,16 +628,41 @@ class DnsServer:
             source = self.client_address(host)
         except ValueError:
             return
+        serving = self.serving
+        prefix: tuple[int, int] | None = None
+        if self._limiting:
+            # Decided before anything is computed (dnsdist's order, not BIND's): on the
+            # sender's network, by its response rate and by what its answers have cost.
+            if len(data) < 12 or data[2] & 0x80:
+                self.metrics.unanswered["udp"] += 1
+                return  # never answered (too short, or a response): spends no token
+            prefix = self._prefix(host)
+            if prefix is None:
+                return
+            now = time.monotonic()
+            verdict = serving.limiter.check_prefix(prefix, now)
+            tally = self.metrics.rate_limited
+            if verdict is Verdict.SEND:
+                verdict = serving.budget.check_prefix(prefix, now)
+                tally = self.metrics.cost_limited
+            if verdict is not Verdict.SEND:
+                tally[verdict.value] += 1
+                slip = slip_for_query(data) if verdict is Verdict.SLIP else None
+                if slip is not None:
+                    self._outbox.append((slip, addr))
+                return
         started = time.perf_counter()
         health = self.monitor.snapshot
         if health.generation != self._memo_generation:
             self._forget_replies()
         try:
-            quick = self.serving.responder.quick(data, source, False, health)
+            quick = serving.responder.quick(data, source, False, health)
         except Exception:  # the general path answers SERVFAIL and logs
             quick = None
         if quick is None:
             reply = self.answer(data, source, tcp=False)
+            if prefix is not None:
+                serving.budget.charge(prefix, time.perf_counter() - started, time.monotonic())
             if reply is None:
                 return
             out = reply.wire
@@ -546,7 +671,10 @@ class DnsServer:
             metrics = self.metrics
             slot = metrics.slot("udp", quick.info)
             metrics.computed[slot] += 1
-            metrics.timed("udp", time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            metrics.timed("udp", elapsed)
+            if prefix is not None:
+                serving.budget.charge(prefix, elapsed, time.monotonic())
             if quick.reusable:
                 if len(self._shared) + len(self._by_client) >= MEMO_LIMIT:
                     self._forget_replies()
@@ -554,31 +682,72 @@ class DnsServer:
                     self._shared[tail] = (quick.tail, slot)
                 else:
                     self._by_client[(tail, host)] = (quick.tail, slot)
-        if self._limiting:
-            self._send_limited(out, addr)
-            return
         self._outbox.append((out, addr))
 
-    def _send_limited(self, out: bytes, addr: tuple[Any, ...]) -> None:
-        """Send under response rate limiting: dropped, slipped (TC) or sent."""
-        host = addr[0]
-        limiter = self.serving.limiter
+    def _prefix(self, host: str) -> tuple[int, int] | None:
+        """The rate-limiting prefix of a sender (cached per address string)."""
         prefix = self._prefixes.get(host)
         if prefix is None:
             try:
-                prefix = limiter.prefix_of(self.client_address(host))
+                prefix = self.serving.limiter.prefix_of(self.client_address(host))
             except ValueError:
-                return
+                return None
             if len(self._prefixes) > 65536:
                 self._prefixes.clear()
             self._prefixes[host] = prefix
-        verdict = limiter.check_prefix(prefix, time.monotonic())
+        return prefix
+
+    def _send_limited(self, out: bytes, addr: tuple[Any, ...]) -> None:
+        """Send a memoized reply under response rate limiting: dropped, slipped (TC) or sent."""
+        prefix = self._prefix(addr[0])
+        if prefix is None:
+            return
+        verdict = self.serving.limiter.check_prefix(prefix, time.monotonic())
         if verdict is not Verdict.SEND:
             self.metrics.rate_limited[verdict.value] += 1
             if verdict is Verdict.DROP:
                 return
             out = truncate_for_slip(out)
         self._outbox.append((out, addr))
+
+    # --------------------------------------------------------------------------------- TCP
+
+    def tcp_opened(self, source: IPAddress) -> bool:
+        """Count a new TCP connection; False (counted as refused) when it is one too many for
+        its client address or for the server."""
+        held = self._tcp_clients.get(source, 0)
+        if held >= TCP_MAX_PER_CLIENT or self._tcp_open >= self._tcp_max:
+            self.metrics.tcp_closed["limit"] += 1
+            return False
+        self._tcp_clients[source] = held + 1
+        self._tcp_open += 1
+        return True
+
+    def tcp_gone(self, source: IPAddress) -> None:
+        held = self._tcp_clients.get(source, 0) - 1
+        if held > 0:
+            self._tcp_clients[source] = held
+        else:
+            self._tcp_clients.pop(source, None)
+        self._tcp_open -= 1
+
+    def tcp_wait(self, source: IPAddress) -> float:
+        """Seconds before a query of ``source`` may be computed (its network's budget)."""
+        if not self._limiting:
+            return 0.0
+        serving = self.serving
+        return serving.budget.wait(serving.limiter.prefix_of(source), time.monotonic())
+
+    def answer_tcp(self, data: bytes, source: IPAddress) -> Reply | None:
+        """A TCP query answered and its cost charged to its network."""
+        if not self._limiting:
+            return self.answer(data, source, tcp=True)
+        serving = self.serving
+        started = time.perf_counter()
+        reply = self.answer(data, source, tcp=True)
+        prefix = serving.limiter.prefix_of(source)
+        serving.budget.charge(prefix, time.perf_counter() - started, time.monotonic())
+        return reply
 
     def _send_failed(self, exc: OSError, out: bytes, addr: tuple[Any, ...]) -> None:
         if not isinstance(exc, BlockingIOError | InterruptedError) or self._udp is None:
@@ -655,125 +824,236 @@ def _fmt(address: tuple[str, int] | None) -> str:
     return str(HostPort(address[0], address[1]))
 
 
+def _tcp_capacity() -> int:
+    """TCP_MAX_CONNECTIONS, or half the descriptor limit if that is lower (the rest is for UDP,
+    health checks, the admin listener and the geo database)."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return TCP_MAX_CONNECTIONS
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return TCP_MAX_CONNECTIONS
+    return max(16, min(TCP_MAX_CONNECTIONS, soft // 2))
+
+
 class _TcpProtocol(asyncio.Protocol):
-    """RFC 7766: length-prefixed messages, pipelined (answered in order), idle timeout."""
+    """RFC 7766: length-prefixed messages, pipelined (answered in order).
+
+    Each whole message is due within TCP_IDLE_TIMEOUT of the previous one (a trickle of bytes
+    does not re-arm it: :class:`~geodns.tcpframe.MessageFramer`); a client address holds at
+    most TCP_MAX_PER_CLIENT connections; reading pauses while the client does not read its
+    replies (so they cannot pile up here) or while its network is over its compute budget."""
 
     def __init__(self, server: DnsServer) -> None:
         self.server = server
-        self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
         self.source: IPAddress | None = None
-        self.idle: asyncio.TimerHandle | None = None
+        self.framer: MessageFramer | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.budget_wait: asyncio.TimerHandle | None = None
+        self.writing_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = self.transport.get_extra_info("peername")
         try:
-            self.source = self.server.client_address(peer[0])
+            source = self.server.client_address(peer[0])
         except (ValueError, TypeError):
-            self.transport.close()
+            self.transport.abort()
             return
-        self._arm()
+        if not self.server.tcp_opened(source):
+            self.transport.abort()
+            return
+        self.source = source
+        self.loop = loop = asyncio.get_running_loop()
+        self.framer = MessageFramer(TCP_IDLE_TIMEOUT, loop.time())
+        self.timer = loop.call_at(self.framer.deadline, self._check_deadline)
 
-    def _arm(self) -> None:
-        if self.idle is not None:
-            self.idle.cancel()
-        self.idle = asyncio.get_running_loop().call_later(TCP_IDLE_TIMEOUT, self._timeout)
-
-    def _timeout(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+    def _check_deadline(self) -> None:
+        # One timer per connection, moved lazily: it fires at the deadline it was set for and
+        # looks whether a whole message has moved the deadline on since.
+        self.timer = None
+        framer, transport, loop = self.framer, self.transport, self.loop
+        if framer is None or transport is None or loop is None:
+            return
+        now = loop.time()
+        if framer.expired(now):
+            self.server.metrics.tcp_closed["timeout"] += 1
+            transport.abort()  # not close(): a client that reads nothing would keep it open
+            return
+        # A whole message waits for our budget: look again once the wait is over.
+        when = framer.deadline if framer.deadline > now else now + TCP_IDLE_TIMEOUT
+        self.timer = loop.call_at(when, self._check_deadline)
 
     def data_received(self, data: bytes) -> None:
-        if self.transport is None or self.source is None:
+        if self.framer is None:
             return
-        self.buffer += data
-        self._arm()
-        while len(self.buffer) >= 2:
-            length = (self.buffer[0] << 8) | self.buffer[1]
-            if len(self.buffer) < 2 + length:
-                break
-            message = bytes(self.buffer[2 : 2 + length])
-            del self.buffer[: 2 + length]
-            reply = self.server.answer(message, self.source, tcp=True)
-            if reply is None:
-                continue
-            self.transport.write(len(reply.wire).to_bytes(2, "big") + reply.wire)
+        self.framer.feed(data)
+        self._answer_ready()
+
+    def _answer_ready(self) -> None:
+        framer, server, source, loop = self.framer, self.server, self.source, self.loop
+        if framer is None or source is None or loop is None:
+            return
+        while framer.ready():
+            transport = self.transport
+            if transport is None or self.writing_paused or self.budget_wait is not None:
+                return
+            wait = server.tcp_wait(source)
+            if wait > 0.0:
+                server.metrics.cost_limited["tcp_wait"] += 1
+                transport.pause_reading()
+                self.budget_wait = loop.call_later(wait, self._budget_refilled)
+                return
+            reply = server.answer_tcp(framer.pop(loop.time()), source)
+            if reply is not None:
+                transport.write(len(reply.wire).to_bytes(2, "big") + reply.wire)
+
+    def _budget_refilled(self) -> None:
+        self.budget_wait = None
+        self._resume()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._resume()
+
+    def _resume(self) -> None:
+        if self.transport is None or self.writing_paused or self.budget_wait is not None:
+            return
+        self.transport.resume_reading()
+        self._answer_ready()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.idle is not None:
-            self.idle.cancel()
+        for handle in (self.timer, self.budget_wait):
+            if handle is not None:
+                handle.cancel()
+        self.timer = self.budget_wait = None
+        if self.source is not None and self.framer is not None:
+            self.server.tcp_gone(self.source)
         self.transport = None
+        self.framer = None
 
 
 # ------------------------------------------------------------------------------------ running
 
 
-async def serve(
+def run(
     config_path: str,
     pop: str,
     *,
     listen: HostPort | None,
     admin: HostPort | None,
     workers: int | None,
-    worker_child: bool = False,
 ) -> int:
-    """Run until SIGTERM/SIGINT.  With ``workers`` > 1, extra processes share the UDP port
-    (SO_REUSEPORT); this process keeps TCP and the admin listener and forwards signals."""
+    """Run until SIGTERM/SIGINT: in this process, or with ``workers`` > 1 (default
+    ``dns.workers``) as that many workers forked by the supervisor, sharing its sockets."""
     try:
         holder = ConfigHolder.from_file(config_path)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("config_invalid", problem=problem)
         return 2
+    count = workers if workers is not None else holder.current.dns.workers
+    if count <= 1:
+        return uvloop.run(serve(holder, pop, listen=listen, admin=admin))
+    try:
+        build_serving(holder.current, holder.generation, pop).locator.close()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("config_invalid", problem=problem)
+        return 2
+    supervisor = Supervisor(holder)
+    try:
+        group = dns_group(holder.current, pop, listen=listen, admin=admin, workers=count)
+        supervisor.add_group(group)
+    except OSError as exc:
+        log.error("dns_listen_failed", address=str(listen), error=str(exc))
+        supervisor.stop()
+        return 1
+    return supervisor.run()
+
+
+def dns_group(
+    config: Config, pop: str, *, listen: HostPort | None, admin: HostPort | None, workers: int
+) -> Group:
+    """GeoDNS workers for the supervisor: the sockets bound here, once."""
+    listen = listen or config.listeners.dns
+    sockets = DnsSockets.bind(listen, admin or config.listeners.dns_admin)
+
+    def run_one(context: WorkerContext) -> int:
+        holder = ConfigHolder(config.source, context.config, context.generation)
+        mine = sockets if context.slot == 0 else replace(sockets, admin=None)
+        served: int = uvloop.run(
+            serve(holder, pop, listen=listen, admin=None, sockets=mine, link=context.link)
+        )
+        return served
+
+    def check(new: Config) -> None:
+        build_serving(new, 0, pop).locator.close()
+
+    return Group("dns", workers, run_one, check=check, drain=lambda new: 5.0, sockets=sockets.all())
+
+
+async def serve(
+    holder: ConfigHolder,
+    pop: str,
+    *,
+    listen: HostPort | None,
+    admin: HostPort | None,
+    sockets: DnsSockets | None = None,
+    link: ParentLink | None = None,
+) -> int:
+    """One GeoDNS process, until SIGTERM/SIGINT (or, under the supervisor, until it goes)."""
     config = holder.current
     listen = listen or config.listeners.dns
-    count = workers if workers is not None else config.dns.workers
-    if worker_child:
-        admin = None
-    elif admin is None:
+    if admin is None and sockets is None:
         admin = config.listeners.dns_admin
     try:
-        server = DnsServer(
-            holder,
-            pop,
-            listen=listen,
-            admin=admin,
-            reuse_port=count > 1 or worker_child,
-            tcp=not worker_child,
-        )
+        server = DnsServer(holder, pop, listen=listen, admin=admin, sockets=sockets)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("config_invalid", problem=problem)
         return 2
     loop = asyncio.get_running_loop()
     lifecycle = Lifecycle(loop)
-    lifecycle.install()
-    children: list[subprocess.Popen[bytes]] = []
+    lifecycle.install(reload=link is None)
     try:
         await server.start()
         _tune_collector()
-        if not worker_child and count > 1:
-            assert server.udp_address is not None
-            bound = HostPort(listen.host, server.udp_address[1])
-            children = _spawn_workers(config_path, pop, bound, count - 1)
-        reloads = asyncio.create_task(_reload_loop(lifecycle, server, children))
+        if link is None:
+            reloads = asyncio.create_task(_reload_loop(lifecycle, server))
+        else:
+
+            def adopt(new: Config, generation: int) -> None:
+                if holder.adopt(new, generation):
+                    server.on_reload(new, generation)
+                else:
+                    server.metrics.reloads.labels("rejected").inc()
+
+            link.attach(
+                generation=lambda: holder.generation,
+                adopt=adopt,
+                parent_gone=lifecycle.stopping.set,
+            )
         await lifecycle.stopping.wait()
-        reloads.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reloads
+        if link is None:
+            reloads.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reloads
     except OSError as exc:
         log.error("dns_listen_failed", address=str(listen), error=str(exc))
         return 1
     finally:
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                child.send_signal(signal.SIGTERM)
-        for child in children:
-            try:
-                await asyncio.to_thread(child.wait, 5.0)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        if link is not None:
+            link.detach()
         await server.stop()
         lifecycle.uninstall()
     return 0
@@ -790,33 +1070,10 @@ def _tune_collector() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-async def _reload_loop(
-    lifecycle: Lifecycle, server: DnsServer, children: Sequence[subprocess.Popen[bytes]]
-) -> None:
+async def _reload_loop(lifecycle: Lifecycle, server: DnsServer) -> None:
     while not lifecycle.stopping.is_set():
         await lifecycle.reload_requested.wait()
         lifecycle.reload_requested.clear()
         if lifecycle.stopping.is_set():
             return
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                child.send_signal(signal.SIGHUP)
         server.reload()
-
-
-def _spawn_workers(
-    config_path: str, pop: str, listen: HostPort, count: int
-) -> list[subprocess.Popen[bytes]]:
-    command = [
-        sys.executable,
-        "-m",
-        "geodns",
-        "--config",
-        config_path,
-        "--pop",
-        pop,
-        "--listen",
-        str(listen),
-        "--worker-child",
-    ]
-    return [subprocess.Popen(command) for _ in range(count)]

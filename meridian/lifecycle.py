@@ -8,6 +8,7 @@ so a bad file leaves the running snapshot untouched and logs one line.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,24 +37,34 @@ class ConfigHolder:
         try:
             new = load_config(self.path)
         except ConfigError as exc:
-            # One line: the first problem and how many more; the old config keeps serving.
-            more = f" (+{len(exc.problems) - 1} more)" if len(exc.problems) > 1 else ""
-            log.error(
-                "config_reload_rejected", reason=exc.problems[0] + more, generation=self.generation
-            )
+            self._reject(exc)
             return False
+        return self._offer(new, self.generation + 1, "config_reloaded")
+
+    def adopt(self, new: Config, generation: int) -> bool:
+        """Take a snapshot someone else validated (a worker, from its supervisor), under the
+        supervisor's generation number.  The listeners may still refuse it."""
+        return self._offer(new, generation, "config_adopted")
+
+    def _offer(self, new: Config, generation: int, event: str) -> bool:
         for check in self.listeners:
             try:
-                check(new, self.generation + 1)
+                check(new, generation)
             except ConfigError as exc:
-                log.error(
-                    "config_reload_rejected", reason=exc.problems[0], generation=self.generation
-                )
+                self._reject(exc)
                 return False
         self.current = new
-        self.generation += 1
-        log.info("config_reloaded", source=self.path, generation=self.generation)
+        self.generation = generation
+        log.info(event, source=self.path, generation=self.generation, pid=os.getpid())
         return True
+
+    def _reject(self, exc: ConfigError) -> None:
+        # One line: the first problem (it names the file and the field) and how many more;
+        # the old config keeps serving.
+        more = f" (+{len(exc.problems) - 1} more)" if len(exc.problems) > 1 else ""
+        log.error(
+            "config_reload_rejected", reason=exc.problems[0] + more, generation=self.generation
+        )
 
 
 class Lifecycle:
@@ -63,14 +74,19 @@ class Lifecycle:
         self.loop = loop
         self.stopping = asyncio.Event()
         self.reload_requested = asyncio.Event()
+        self._signals: list[signal.Signals] = []
 
-    def install(self) -> None:
-        self.loop.add_signal_handler(signal.SIGHUP, self.reload_requested.set)
+    def install(self, *, reload: bool = True) -> None:
+        """``reload=False`` for a supervised worker: its configs come from the supervisor, and
+        SIGHUP is the supervisor's (the worker ignores it)."""
+        self._signals = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if reload else [])
+        if reload:
+            self.loop.add_signal_handler(signal.SIGHUP, self.reload_requested.set)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stopping.set)
 
     def uninstall(self) -> None:
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        for sig in self._signals:
             self.loop.remove_signal_handler(sig)
 
     async def run_reloads(

@@ -134,7 +134,7 @@ def test_workers_share_the_port_and_a_dead_worker_is_restarted(tmp_path):
         import os
 
         os.kill(victim, signal.SIGKILL)
-        edge.wait_for_log(rf"event=edge_worker_died .*pid={victim}")
+        edge.wait_for_log(rf"event=worker_exited child=edge/\d .*pid={victim}")
         poll_until(lambda: len(re.findall(r"event=edge_listening", edge.log_text())) >= 3)
         for _ in range(20):
             assert http_request(edge.port, "GET", "/echo")[0] == 200

@@ -182,3 +182,46 @@ def test_purge_targets_round_trip_any_bytes():
         with pytest.raises(ValueError):
             decode_targets(bad)
     assert json.loads(encode_targets([]))["targets"] == []
+
+
+def test_a_worker_respawned_while_the_file_is_broken_serves_the_accepted_config(tmp_path):
+    """Issue 21 defect 9: the respawned worker re-read the (now invalid) file and came back
+    with the start-up config beside a sibling on the current generation."""
+
+    def routes(prefix: str) -> dict[str, object]:
+        return {"routes": [{"name": prefix, "service": "market", "path_prefix": f"/{prefix}/"}]}
+
+    with processes() as procs:
+        origin = Origin("eu-central", tmp_path, echo=True)
+        procs.append(origin)
+        origin.ready()
+        regions = {"eu-central": region(*LOCATIONS["eu-central"], [origin.url], "eu")}
+        config = write_config(tmp_path / "edge.yaml", regions, edge=routes("g1"))
+        edge = Edge(config, "fra", tmp_path, workers=2)
+        procs.append(edge)
+        pids = poll_until(lambda: _worker_pids(edge))
+
+        def served(slot: int, workers: dict[int, int]) -> tuple[int, int]:
+            with only(workers, slot):
+                return (
+                    http_request(edge.port, "GET", "/g1/x")[0],
+                    http_request(edge.port, "GET", "/g2/x")[0],
+                )
+
+        assert served(0, pids) == served(1, pids) == (200, 404)
+        write_config(config, regions, edge=routes("g2"))  # generation 2
+        edge.signal(signal.SIGHUP)
+        poll_until(lambda: served(0, pids) == served(1, pids) == (404, 200))
+        config.write_text("edge: {routes: [oops\n")  # broken on disk from now on
+        edge.signal(signal.SIGHUP)
+        edge.wait_for_log(r"event=config_reload_rejected")
+        os.kill(pids[1], signal.SIGKILL)
+        respawned = poll_until(
+            lambda: (p := _worker_pids(edge)) is not None and p[1] != pids[1] and p, within=15
+        )
+        # Both workers serve generation 2: the respawned one was handed the accepted config.
+        assert served(1, respawned) == (404, 200)
+        assert served(0, respawned) == (404, 200)
+        workers = edge.status()["workers"]
+        assert workers["1"]["generation"] == 2
+        assert edge.status()["config"]["generation"] == 2
