@@ -11,6 +11,7 @@ from geodns.explain import StaticHealth, explain, parse_client
 from meridian.config import ConfigError, load_config
 from meridian.config import hostport_argument as _hostport
 from meridian.geo import GeoError, GeoLocator
+from meridian.lifecycle import add_watch_argument, configure_watch
 
 
 def add_dns_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +35,7 @@ def add_dns_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="processes sharing the UDP port (default: dns.workers)",
     )
+    add_watch_argument(parser)
 
 
 def run_dns(args: argparse.Namespace) -> int:
@@ -42,6 +44,7 @@ def run_dns(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         print("meridian dns: --workers must be at least 1", file=sys.stderr)
         return 2
+    configure_watch(args.config, args.watch_config)
     return run(args.config, args.pop, listen=args.listen, admin=args.admin, workers=args.workers)
 
 

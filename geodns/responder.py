@@ -16,9 +16,15 @@ Two paths give byte-for-byte equal replies (hypothesis checks it):
   sections are memoized per (answer class, type, place) for a health generation - names that
   select alike and render equal bytes share a class (see ``_answer_class``); the ECS scope comes
   from the network's prefix length.  Only the header, the echoed question and the OPT (ECS
-  scope) are assembled per query.
-* slow: everything else goes through the strict parser (:func:`~geodns.wire.parse_query`) for
-  FORMERR decisions, then dnspython message objects and its renderer.
+  scope) are assembled per query.  ANY for a geo name is the same answer (RFC 8482: one
+  RRset).  Every other question of that shape has an answer that does not depend on the client
+  (REFUSED, NXDOMAIN, NODATA, the apex SOA / NS with glue / ANY, glue addresses, RFC 8482
+  HINFO): its body is rendered once per zone (``_quick_static``), so the questions an attacker
+  picks because they used to be expensive cost what a memoized answer costs.
+* slow: everything else (EDNS options other than ECS, BADVERS, records in other sections, a
+  compressed question) goes through the strict parser (:func:`~geodns.wire.parse_query`) for
+  FORMERR decisions, then dnspython message objects and its renderer; the server charges what
+  it costs to the client's network (:class:`~geodns.ratelimit.ComputeBudget`).
 
 Both paths use the pure :func:`~geodns.selection.select` for the answer.
 """
@@ -60,7 +66,12 @@ _SOA_NUMBERS = struct.Struct("!IIIII")
 _HEADER_TAIL = struct.Struct("!HHHHH")
 FAMILY_OF_QTYPE = {wire.TYPE_A: 4, wire.TYPE_AAAA: 6}
 #: The last four bytes of a question the fast path answers (type, class IN) -> (family, type).
-_QUESTION_TAILS = {b"\x00\x01\x00\x01": (4, wire.TYPE_A), b"\x00\x1c\x00\x01": (6, wire.TYPE_AAAA)}
+#: ANY (family 0) answers the one address family of the name (RFC 8482), decided per name.
+_QUESTION_TAILS = {
+    b"\x00\x01\x00\x01": (4, wire.TYPE_A),
+    b"\x00\x1c\x00\x01": (6, wire.TYPE_AAAA),
+    b"\x00\xff\x00\x01": (0, wire.TYPE_ANY),
+}
 #: qdcount 1, ancount 0, nscount 0.
 _COUNTS = b"\x00\x01\x00\x00\x00\x00"
 #: Memoized bodies kept before the table is simply emptied (a fresh start is cheap).
@@ -70,13 +81,14 @@ MEMO_LIMIT = 200_000
 PLACE_LIMIT = 32_768
 
 
-#: Types the fast path leaves to the slow one even for a name under the apex: OPT (FORMERR),
-#: zone transfers and meta types (REFUSED or odd), ANY (RFC 8482 answer).
-_SLOW_TYPES = frozenset({wire.TYPE_OPT, wire.TYPE_IXFR, wire.TYPE_AXFR, wire.TYPE_ANY}) | frozenset(
-    range(128, 256)
-)
-#: Negative bodies kept (by name and type) before that table is emptied.
+#: Zone transfers are refused (REFUSED, like a question outside the zone).
+_TRANSFER_TYPES = frozenset({wire.TYPE_IXFR, wire.TYPE_AXFR})
+#: Static bodies kept (NXDOMAIN, NODATA, apex, glue, by name and type; REFUSED by type) before
+#: that table is emptied (a flood of random names must not grow it).
 NEGATIVE_LIMIT = 10_000
+#: RFC 8482 section 4.2: the synthesized HINFO's RDATA (CPU "RFC8482", OS empty) and TTL.
+_HINFO_RDATA = b"\x07RFC8482\x00"
+_HINFO_TTL = 3600
 
 #: What the fast path reads of an OPT: present, DO bit, payload (at least 512), ECS family
 #: (0: no ECS), ECS source prefix, and where the ECS option starts.
@@ -184,12 +196,13 @@ def _body(
     sections: bytes,
     targets: tuple[str, ...],
     qtype: int,
+    arcount: int = 0,
 ) -> _Body:
     rd_edns = [(rd, edns) for rd in (0, wire.FLAG_RD) for edns in (0, 1)]
     return _Body(
         rcode,
         sections,
-        tuple(_HEADER_TAIL.pack(flags | rd, 1, ancount, nscount, e) for rd, e in rd_edns),
+        tuple(_HEADER_TAIL.pack(flags | rd, 1, ancount, nscount, arcount + e) for rd, e in rd_edns),
         tuple(_HEADER_TAIL.pack(flags | rd | wire.FLAG_TC, 1, 0, 0, e) for rd, e in rd_edns),
         tuple(
             ReplyInfo(qtype, rcode, truncated, ecs, True, () if truncated else targets)
@@ -295,15 +308,27 @@ class Responder:
         #: keys it): names that select alike and whose bodies are equal bytes share answers.
         self._names: dict[bytes, tuple[int, GeoName]] = {}
         classes: dict[tuple[object, ...], int] = {}
+        #: The family an ANY question is answered with, by answer class (RFC 8482: one RRset;
+        #: A when any candidate has IPv4, as the slow path decides).
+        self._any_family: dict[int, int] = {}
         for key, geo in zone.geo_names.items():
-            self._names[key] = (classes.setdefault(self._answer_class(key, geo), len(classes)), geo)
+            number = classes.setdefault(self._answer_class(key, geo), len(classes))
+            self._names[key] = (number, geo)
+            self._any_family[number] = 4 if any(t.addresses_of(4) for t in geo.targets) else 6
         self._name_lengths = tuple(sorted({len(key) for key in zone.geo_names}))
         #: IPv4 places by (placement, prefix length): placements are interned by the locator,
         #: so this is keyed by identity and stays as small as the database's distinct answers.
         self._v4_places: dict[tuple[Placement, int], _Place] = {}
         self._place_numbers: dict[tuple[object, ...], int] = {}
-        #: NXDOMAIN / NODATA bodies by (name, type): they hold for the zone's lifetime.
-        self._negative: dict[tuple[bytes, int], _Body] = {}
+        #: Bodies that depend on the question only - NXDOMAIN, NODATA, the apex SOA / NS / ANY,
+        #: glue addresses, RFC 8482 HINFO - by (name, type): they hold for the zone's lifetime,
+        #: so an "expensive" question costs what a memoized answer costs.
+        self._static_bodies: dict[tuple[bytes, int], _Body] = {}
+        #: NXDOMAIN bodies by (name length, type), for names that do not end in the SOA's
+        #: MNAME or RNAME (those are compressed against themselves: kept by name above).
+        self._nxdomain: dict[tuple[int, int], _Body] = {}
+        #: REFUSED bodies (outside the zone, another class, zone transfers) by query type.
+        self._refused: dict[int, _Body] = {}
         self._max_udp_payload = zone.max_udp_payload
         payload = struct.pack("!H", zone.max_udp_payload)
         #: The OPT record up to its RDLENGTH, without and with the DO bit (our rcodes are < 16).
@@ -335,7 +360,7 @@ class Responder:
         out = bytearray(start)
         compressor = wire.Compressor()
         compressor.remember(wire.name_labels(qname_key), 12)
-        self._write_soa(out, compressor)
+        self._write_soa(out, compressor, self.zone.negative_ttl)
         return bytes(out[start:])
 
     # ---------------------------------------------------------------------------------- entry
@@ -473,8 +498,10 @@ class Responder:
                 break
         shape = _QUESTION_TAILS.get(data[end : end + 4]) if found is not None else None
         if found is None or shape is None:
-            return self._quick_negative(data, size, tcp)
+            return self._quick_static(data, size, tcp)
         family, qtype = shape
+        if not family:  # ANY
+            family = self._any_family[found[0]]
         offset = end + 4
         if data[11]:
             fields = _opt_fields(data, offset, size)
@@ -521,11 +548,12 @@ class Responder:
         scope = place.scopes[ecs_family] if shared else None
         return self._assemble(data, body, offset, fields, scope, tcp, reusable, shared)
 
-    def _quick_negative(self, data: bytes, size: int, tcp: bool) -> Quick | None:
-        """NXDOMAIN for a name under the apex that does not exist, NODATA (SOA) for a type an
-        existing name has no data of (HTTPS/SVCB for a geo name, any type at an empty
-        non-terminal): neither depends on the client.  The apex, glue owners, ANY and zone
-        transfers are the slow path's."""
+    def _quick_static(self, data: bytes, size: int, tcp: bool) -> Quick | None:
+        """Every fast-shaped answer that does not depend on the client, from bodies rendered
+        once per zone: REFUSED (outside the zone, a class other than IN, a zone transfer),
+        NXDOMAIN, NODATA, the apex SOA / NS (with glue) / ANY, glue addresses, RFC 8482 HINFO
+        for ANY.  These are what an attacker asks for when answers are expensive; here they
+        cost what a memoized geo answer costs.  The header has been checked by :meth:`quick`."""
         offset = 12
         starts = []
         while True:  # an uncompressed name: anything else is the strict parser's to judge
@@ -542,19 +570,6 @@ class Responder:
         if name_end - 12 > wire.MAX_NAME_WIRE or name_end + 4 > size:
             return None
         qtype = (data[name_end] << 8) | data[name_end + 1]
-        if data[name_end + 2] or data[name_end + 3] != wire.CLASS_IN or qtype in _SLOW_TYPES:
-            return None
-        origin = self._origin_key
-        apex = name_end - len(origin)
-        if apex == 12 or apex not in starts or data[apex:name_end].lower() != origin:
-            return None  # the apex itself, or outside the zone (REFUSED)
-        key = data[12:name_end].lower()
-        if key in self.zone.existing:
-            if key in self.zone.glue or (key in self._names and qtype in FAMILY_OF_QTYPE):
-                return None
-            rcode = wire.RCODE_NOERROR
-        else:
-            rcode = wire.RCODE_NXDOMAIN
         offset = name_end + 4
         if data[11]:
             fields = _opt_fields(data, offset, size)
@@ -564,20 +579,122 @@ class Responder:
             return None
         else:
             fields = _NO_OPT
-        body = self._negative.get((key, qtype))
-        if body is None:
-            if len(self._negative) >= NEGATIVE_LIMIT:
-                self._negative.clear()
-            out = bytearray(name_end + 4)
-            compressor = wire.Compressor()
-            compressor.remember(wire.name_labels(key), 12)
-            self._write_soa(out, compressor)
-            flags = wire.FLAG_QR | wire.FLAG_AA | rcode
-            body = _body(flags, rcode, 0, 1, bytes(out[name_end + 4 :]), (), qtype)
-            self._negative[(key, qtype)] = body
-        # NODATA is reusable; NXDOMAIN is not (a flood of random names would only churn the
-        # reply memo), though its body is kept a while.
-        return self._assemble(data, body, offset, fields, None, tcp, not rcode, True)
+        if qtype == wire.TYPE_OPT:  # a question for OPT: FORMERR (the slow path's verdict)
+            info = ReplyInfo(qtype, wire.RCODE_FORMERR, False, fields[3] != 0, True, ())
+            tail = wire.header_only(0, data[2] << 8, wire.RCODE_FORMERR)[2:]
+            return Quick(tail, info, False, True)
+        origin = self._origin_key
+        apex = name_end - len(origin)
+        in_zone = apex in starts and data[apex:name_end].lower() == origin
+        if (
+            not in_zone
+            or data[name_end + 2]
+            or data[name_end + 3] != wire.CLASS_IN
+            or qtype in _TRANSFER_TYPES
+        ):
+            body = self._refused.get(qtype)
+            if body is None:
+                if len(self._refused) >= NEGATIVE_LIMIT:
+                    self._refused.clear()
+                rcode = wire.RCODE_REFUSED
+                body = self._refused[qtype] = _body(
+                    wire.FLAG_QR | rcode, rcode, 0, 0, b"", (), qtype
+                )
+            # Not memoized as a reply: random names would only churn the reply memo.
+            return self._assemble(data, body, offset, fields, None, tcp, False, True)
+        key = data[12:name_end].lower()
+        if key in self._names and qtype in (wire.TYPE_A, wire.TYPE_AAAA, wire.TYPE_ANY):
+            return None  # a geo answer (quick matches those first; never here)
+        if key not in self.zone.existing and not key.endswith(self._soa_suffixes):
+            # NXDOMAIN: its SOA points at the origin's labels in the question, so names of
+            # one length share a body (a flood of random names builds none).
+            body = self._nxdomain.get((len(key), qtype))
+            if body is None:
+                if len(self._nxdomain) >= NEGATIVE_LIMIT:
+                    self._nxdomain.clear()
+                body = self._nxdomain[(len(key), qtype)] = self._static_body(key, qtype)
+        else:
+            body = self._static_bodies.get((key, qtype))
+            if body is None:
+                if len(self._static_bodies) >= NEGATIVE_LIMIT:
+                    self._static_bodies.clear()
+                body = self._static_bodies[(key, qtype)] = self._static_body(key, qtype)
+        # NODATA and positive answers are reusable; NXDOMAIN is not (a flood of random names
+        # would only churn the reply memo), though its body is kept a while.
+        reusable = body.rcode == wire.RCODE_NOERROR
+        return self._assemble(data, body, offset, fields, None, tcp, reusable, True)
+
+    def _static_body(self, key: bytes, qtype: int) -> _Body:
+        """The body of an answer to (``key``, ``qtype``) for a name in the zone that is not a
+        geo answer: what the slow path's ``_static`` and negative answers render, byte for
+        byte (names compressed as dnspython does, against the question at offset 12)."""
+        start = 12 + len(key) + 4
+        out = bytearray(start)
+        compressor = wire.Compressor()
+        question = wire.name_labels(key)
+        compressor.remember(question, 12)
+        zone = self.zone
+        flags = wire.FLAG_QR | wire.FLAG_AA
+        if key not in zone.existing:
+            self._write_soa(out, compressor, zone.negative_ttl)
+            rcode = wire.RCODE_NXDOMAIN
+            return _body(flags | rcode, rcode, 0, 1, bytes(out[start:]), (), qtype)
+        apex = key == self._origin_key
+        glue = zone.glue.get(key)
+        ancount = arcount = 0
+        if apex and qtype in (wire.TYPE_SOA, wire.TYPE_ANY):
+            self._write_soa(out, compressor, zone.static_ttl, question)
+            ancount = 1
+        elif apex and qtype == wire.TYPE_NS:
+            servers = list(dict.fromkeys(zone.ns))  # an RRset has no duplicates
+            for server in servers:
+                compressor.write(out, question)
+                out += _RR_FIXED.pack(wire.TYPE_NS, wire.CLASS_IN, zone.static_ttl, 0)
+                rdata_start = len(out)
+                compressor.write(out, wire.name_labels(_wire_name(server)))
+                struct.pack_into("!H", out, rdata_start - 2, len(out) - rdata_start)
+            ancount = len(servers)
+            for server in zone.ns:  # glue in the order of the NS records, A then AAAA
+                ns_glue = zone.glue.get(name_key(server))
+                if ns_glue is None:
+                    continue
+                labels = wire.name_labels(_wire_name(server))
+                for rrtype, addresses in (
+                    (wire.TYPE_A, ns_glue.ipv4),
+                    (wire.TYPE_AAAA, ns_glue.ipv6),
+                ):
+                    arcount += self._write_addresses(out, compressor, labels, rrtype, addresses)
+        elif glue is not None and qtype in (wire.TYPE_A, wire.TYPE_AAAA, wire.TYPE_ANY):
+            if qtype == wire.TYPE_ANY:
+                rrtype = wire.TYPE_A if glue.ipv4 else wire.TYPE_AAAA
+            else:
+                rrtype = qtype
+            addresses = glue.ipv4 if rrtype == wire.TYPE_A else glue.ipv6
+            ancount = self._write_addresses(out, compressor, question, rrtype, addresses)
+        elif qtype == wire.TYPE_ANY:
+            out += _hinfo_record()
+            ancount = 1
+        if not ancount:  # NODATA: the SOA in the authority section
+            self._write_soa(out, compressor, zone.negative_ttl)
+            return _body(flags, wire.RCODE_NOERROR, 0, 1, bytes(out[start:]), (), qtype)
+        return _body(flags, wire.RCODE_NOERROR, ancount, 0, bytes(out[start:]), (), qtype, arcount)
+
+    def _write_addresses(
+        self,
+        out: bytearray,
+        compressor: wire.Compressor,
+        owner: tuple[bytes, ...],
+        rrtype: int,
+        addresses: tuple[IPAddress, ...],
+    ) -> int:
+        """An A or AAAA RRset (static TTL); returns how many records were written."""
+        unique = list(dict.fromkeys(addresses))
+        ttl = self.zone.static_ttl
+        for address in unique:
+            packed = address.packed
+            compressor.write(out, owner)
+            out += _RR_FIXED.pack(rrtype, wire.CLASS_IN, ttl, len(packed)) + packed
+        return len(unique)
 
     def _assemble(
         self,
@@ -705,11 +822,12 @@ class Responder:
         addresses = list(dict.fromkeys(selection.addresses(family)))  # an RRset has no dups
         if selection.outcome == "answer" and addresses:
             answer_ttl = selection.ttl if ttl is None else ttl
+            rrtype = wire.TYPE_A if family == 4 else wire.TYPE_AAAA  # ANY: the family's type
             for address in addresses:
                 packed = address.packed
                 out += (
                     b"\xc0\x0c"
-                    + _RR_FIXED.pack(qtype, wire.CLASS_IN, answer_ttl, len(packed))
+                    + _RR_FIXED.pack(rrtype, wire.CLASS_IN, answer_ttl, len(packed))
                     + packed
                 )
             return _body(
@@ -721,12 +839,22 @@ class Responder:
                 tuple(t.name for t in selection.chosen),
                 qtype,
             )
+        if qtype == wire.TYPE_ANY:  # nothing to answer with: RFC 8482 HINFO, not NODATA
+            return _body(flags, wire.RCODE_NOERROR, 1, 0, _hinfo_record(), (), qtype)
         return _body(flags, wire.RCODE_NOERROR, 0, 1, self._soa_section(qname_key), (), qtype)
 
-    def _write_soa(self, out: bytearray, compressor: wire.Compressor) -> None:
+    def _write_soa(
+        self,
+        out: bytearray,
+        compressor: wire.Compressor,
+        ttl: int,
+        owner: tuple[bytes, ...] | None = None,
+    ) -> None:
+        """The zone's SOA record: owned by the origin (a negative answer's authority) or by
+        ``owner`` (the apex as asked: it compresses to the question either way)."""
         soa = self.zone.soa
-        compressor.write(out, self._soa_labels["owner"])
-        out += _RR_FIXED.pack(wire.TYPE_SOA, wire.CLASS_IN, self.zone.negative_ttl, 0)
+        compressor.write(out, self._soa_labels["owner"] if owner is None else owner)
+        out += _RR_FIXED.pack(wire.TYPE_SOA, wire.CLASS_IN, ttl, 0)
         rdata_start = len(out)
         compressor.write(out, self._soa_labels["mname"])
         compressor.write(out, self._soa_labels["rname"])
@@ -908,7 +1036,16 @@ class Responder:
         hinfo = dns.rdtypes.ANY.HINFO.HINFO(  # type: ignore[no-untyped-call]
             dns.rdataclass.IN, dns.rdatatype.HINFO, b"RFC8482", b""
         )
-        return dns.rrset.from_rdata_list(owner, 3600, [hinfo])
+        return dns.rrset.from_rdata_list(owner, _HINFO_TTL, [hinfo])
+
+
+def _hinfo_record() -> bytes:
+    """The RFC 8482 HINFO record, owned by the question (a pointer to offset 12)."""
+    return (
+        b"\xc0\x0c"
+        + _RR_FIXED.pack(wire.TYPE_HINFO, wire.CLASS_IN, _HINFO_TTL, len(_HINFO_RDATA))
+        + _HINFO_RDATA
+    )
 
 
 def truncate_for_slip(reply: bytes) -> bytes:
@@ -922,3 +1059,29 @@ def truncate_for_slip(reply: bytes) -> bytes:
             end += 1 + reply[end]
         end += 5
     return wire.HEADER.pack(ident, flags | wire.FLAG_TC, min(qdcount, 1), 0, 0, 0) + reply[12:end]
+
+
+def slip_for_query(query: bytes) -> bytes | None:
+    """A "slip" answer built from the query alone, for a query limited before anything was
+    computed: the header (QR and TC set, opcode and RD as asked, no records) and the question
+    as sent - never longer than the query.  None when there is no plain question to echo
+    (then nothing is sent: a malformed query earns no reply from a limited network)."""
+    size = len(query)
+    if size < 17 or query[4:6] != b"\x00\x01" or query[2] & 0x80:
+        return None
+    offset = 12
+    while True:
+        if offset >= size:
+            return None
+        length = query[offset]
+        if not length:
+            break
+        if length > 63:
+            return None
+        offset += 1 + length
+    end = offset + 5
+    if end - 16 > wire.MAX_NAME_WIRE or end > size:
+        return None
+    ident, flags = struct.unpack_from("!HH", query)
+    flags = wire.FLAG_QR | wire.FLAG_TC | (flags & (0x7800 | wire.FLAG_RD))
+    return wire.HEADER.pack(ident, flags, 1, 0, 0, 0) + query[12:end]

@@ -15,6 +15,7 @@ import dns.flags
 import dns.message
 import dns.name
 import dns.rcode
+import dns.rdatatype
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -150,7 +151,7 @@ def fast_queries(draw: st.DrawFn) -> bytes:
     name = draw(st.sampled_from(NAMES)) + draw(
         st.sampled_from([".meridian.test", ".MERIDIAN.test"])
     )
-    rdtype = draw(st.sampled_from(["A", "AAAA"]))
+    rdtype = draw(st.sampled_from(["A", "AAAA", "ANY"]))
     edns = draw(st.booleans())
     if not edns:
         query = dns.message.make_query(name, rdtype, use_edns=False)
@@ -271,74 +272,94 @@ OTHER_NAMES = [
     "SUB.Meridian.TEST",
     "api.meridian.test",
     "deep.sub.meridian.test",
-    "ns1.meridian.test",  # glue owner: slow path
-    "meridian.test",  # apex: slow path
+    "ns1.meridian.test",  # glue owner
+    "NS1.meridian.TEST",
+    "ns2.meridian.test",  # glue owner (odd zone: duplicate addresses)
+    "ns3.deep.sub.meridian.test",  # glue owner with IPv6 only (odd zone)
+    "meridian.test",  # apex
+    "MeRiDiAn.TeSt",
     "meridian.test.example",  # outside: REFUSED
     "example.com",
+    "test",
+    ".",
     "a" * 63 + ".b" * 80 + ".meridian.test",  # 240 octets: with the SOA, over 512
 ]
+#: Types an attacker or a fuzzer asks for: apex and meta types, zone transfers, unknown ones.
+OTHER_TYPES = [1, 2, 6, 13, 15, 16, 28, 41, 43, 64, 65, 99, 128, 200, 249, 250, 251, 252, 255]
 
 
 @st.composite
 def other_queries(draw: st.DrawFn) -> bytes:
+    """Fast-shaped questions that are not geo answers: every one has a pre-rendered body."""
     name = draw(st.sampled_from(OTHER_NAMES))
-    rdtype = draw(
-        st.sampled_from(
-            [
-                "A",
-                "AAAA",
-                "TXT",
-                "HTTPS",
-                "SVCB",
-                "MX",
-                "NS",
-                "SOA",
-                "ANY",
-                "CAA",
-                "DS",
-                "TYPE0",
-                "TYPE200",
-                "AXFR",
-            ]
-        )
-    )
+    rdtype = draw(st.one_of(st.sampled_from(OTHER_TYPES), st.integers(0, 65535)))
+    rdclass = draw(st.sampled_from([1, 1, 1, 3, 4, 254, 255, 0, 2, 65535]))
     options: list[dns.edns.Option] = []
     if draw(st.booleans()):
-        options.append(
-            dns.edns.ECSOption(draw(st.sampled_from(V4_SUBNETS)), draw(st.integers(0, 24)))
-        )
+        if draw(st.booleans()):
+            address, bits = draw(st.sampled_from(V4_SUBNETS)), 32
+        else:
+            address, bits = draw(st.sampled_from(["2001:4860:4860::", "::"])), 128
+        options.append(dns.edns.ECSOption(address, draw(st.integers(0, bits))))
     if draw(st.booleans()):
-        query = dns.message.make_query(name, rdtype, use_edns=False)
+        query = dns.message.make_query(name, rdtype, rdclass, use_edns=False)
     else:
         query = dns.message.make_query(
             name,
             rdtype,
+            rdclass,
             use_edns=0,
             payload=draw(st.integers(0, 4096)),
             options=options,
             want_dnssec=draw(st.booleans()),
         )
     query.id = draw(st.integers(0, 65535))
+    if not draw(st.booleans()):
+        query.flags &= ~dns.flags.RD
     return query.to_wire()
 
 
+def _odd_config() -> Config:
+    """A zone with the corner cases of static answers: a geo name at the apex and one that is
+    also a glue owner, glue with duplicate addresses, glue with IPv6 only, a long NS list."""
+    data = with_many_answers(base_config())
+    data["dns"]["names"]["@"] = {"targets": "regions", "answers": 1}
+    data["dns"]["names"]["ns1"] = {"targets": "pops", "answers": 2}
+    data["dns"]["ns"] += [
+        {"name": "ns2", "addresses": ["127.0.0.54", "127.0.0.54", "2001:db8::54"]},
+        {"name": "ns3.deep.sub", "addresses": ["2001:db8::55"]},
+        *({"name": f"ns{i}.elsewhere-{i}.example"} for i in range(4, 24)),
+    ]
+    return parse_config(data)
+
+
+@pytest.fixture(scope="module", params=["plain", "odd"])
+def static_responder(request: pytest.FixtureRequest, config: Config) -> Responder:
+    chosen = config if request.param == "plain" else _odd_config()
+    locator = GeoLocator(chosen.geo, chosen.pops[0].location)
+    return Responder(Zone.build(chosen), locator.locate, locator.locate_v4)
+
+
 @settings(
-    max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(data=other_queries(), tcp=st.booleans())
-def test_negative_answers_fast_and_slow_are_byte_identical(
-    responder: Responder, data: bytes, tcp: bool
+def test_static_answers_fast_and_slow_are_byte_identical(
+    static_responder: Responder, data: bytes, tcp: bool
 ) -> None:
-    fast = responder.respond(data, LOOPBACK, tcp=tcp, health=ALL_UP)
-    slow = responder.respond_slow(data, LOOPBACK, tcp=tcp, health=ALL_UP)
+    """REFUSED, NXDOMAIN, NODATA, apex SOA / NS / ANY, glue, HINFO: every fast-shaped question
+    is answered from a pre-rendered body (never dnspython), byte for byte as the strict path
+    renders it, for any type and class."""
+    fast = static_responder.respond(data, LOOPBACK, tcp=tcp, health=ALL_UP)
+    slow = static_responder.respond_slow(data, LOOPBACK, tcp=tcp, health=ALL_UP)
     assert fast is not None and slow is not None
+    assert slow.error is None
     assert fast.wire == slow.wire
-    assert (fast.rcode, fast.truncated, fast.targets) == (slow.rcode, slow.truncated, slow.targets)
-    parsed = parse_query(data)
-    negative = (b"\x04nope\x08meridian\x04test\x00", b"\x03sub\x08meridian\x04test\x00")
-    if parsed.qname_key in negative and parsed.qtype not in (wire.TYPE_ANY, wire.TYPE_AXFR):
-        # NXDOMAIN / NODATA without dnspython (meta types 128-255 are the slow path's).
-        assert fast.fast == (not 128 <= parsed.qtype < 256)
+    info = (fast.qtype, fast.rcode, fast.truncated, fast.ecs, fast.targets)
+    assert info == (slow.qtype, slow.rcode, slow.truncated, slow.ecs, slow.targets)
+    assert fast.fast and not slow.fast
+    again = static_responder.respond(data, LOOPBACK, tcp=tcp, health=ALL_UP)
+    assert again is not None and again.wire == fast.wire
 
 
 def test_quick_reply_is_shared_only_when_ecs_gave_a_subnet(responder: Responder) -> None:
@@ -353,11 +374,14 @@ def test_quick_reply_is_shared_only_when_ecs_gave_a_subnet(responder: Responder)
         (False, True),
         (False, True),
     ]
-    # Not the fast shape: the general path decides.
-    assert (
-        responder.quick(make_query("meridian.test", "SOA").to_wire(), LOOPBACK, False, ALL_UP)
-        is None
+    # The apex SOA does not depend on the client: shared.
+    soa = responder.quick(make_query("meridian.test", "SOA").to_wire(), LOOPBACK, False, ALL_UP)
+    assert soa is not None and (soa.shared, soa.reusable) == (True, True)
+    # Not the fast shape (an EDNS option other than ECS): the general path decides.
+    cookie = dns.message.make_query(
+        "api.meridian.test", "A", use_edns=0, options=[dns.edns.CookieOption(b"12345678", b"")]
     )
+    assert responder.quick(cookie.to_wire(), LOOPBACK, False, ALL_UP) is None
 
 
 @settings(
@@ -535,3 +559,50 @@ def test_rate_limiter_bucket_slip_and_prefixes() -> None:
     assert [v6.check(a, 0.0), v6.check(b, 0.0)] == [Verdict.SEND, Verdict.DROP]  # same /56
     disabled = ResponseRateLimiter(RateLimitConfig(enabled=False, responses_per_second=1))
     assert all(disabled.check(client, 0.0) is Verdict.SEND for _ in range(10))
+
+
+@pytest.mark.parametrize("policy", ["empty", "servfail", "fail_open"])
+@pytest.mark.parametrize("rdtype", ["ANY", "A", "AAAA"])
+def test_geo_answers_with_every_target_down_fast_and_slow_agree(
+    plain: Config, policy: Literal["fail_open", "empty", "servfail"], rdtype: str
+) -> None:
+    """With nothing to answer, ANY gets the RFC 8482 HINFO (A and AAAA a NODATA SOA); SERVFAIL
+    and REFUSED outcomes carry no AA, whichever path renders them."""
+    cfg = dataclasses.replace(plain, dns=dataclasses.replace(plain.dns, all_down=policy))
+    locator = GeoLocator(cfg.geo, cfg.pops[0].location)
+    responder = Responder(Zone.build(cfg), locator.locate, locator.locate_v4)
+    every = FakeHealth(frozenset(p.name for p in cfg.pops) | {r.name for r in cfg.regions})
+    for name in ("api", "origin", "two"):
+        data = make_query(f"{name}.meridian.test", rdtype, ecs="200.160.2.0/24").to_wire()
+        fast = responder.respond(data, LOOPBACK, tcp=False, health=every)
+        slow = responder.respond_slow(data, LOOPBACK, tcp=False, health=every)
+        assert fast is not None and slow is not None and fast.fast
+        assert fast.wire == slow.wire, (name, rdtype, policy)
+        parsed = dns.message.from_wire(fast.wire)
+        if policy == "empty" and rdtype == "ANY":
+            assert parsed.answer[0].rdtype == dns.rdatatype.HINFO
+
+
+@settings(
+    max_examples=800, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    labels=st.lists(
+        st.sampled_from(["x", "ns1", "NS1", "hostmaster", "abc", "api", "sub", "y" * 9]),
+        min_size=1,
+        max_size=4,
+    ),
+    rdtype=st.sampled_from(["A", "AAAA", "MX", "ANY", "TXT"]),
+)
+def test_nxdomain_bodies_shared_by_length_match_the_slow_path(
+    responder: Responder, labels: list[str], rdtype: str
+) -> None:
+    """NXDOMAIN bodies are shared by names of one length (their SOA points at the origin in
+    the question) except for names ending in the SOA's MNAME or RNAME, which compress against
+    themselves: whichever name of a length comes first, every reply equals the slow path's."""
+    name = ".".join(labels) + ".meridian.test"
+    data = make_query(name, rdtype).to_wire()
+    fast = responder.respond(data, LOOPBACK, tcp=False, health=ALL_UP)
+    slow = responder.respond_slow(data, LOOPBACK, tcp=False, health=ALL_UP)
+    assert fast is not None and slow is not None and fast.fast
+    assert fast.wire == slow.wire, name
