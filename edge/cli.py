@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from meridian.config import hostport_argument as _hostport
+from meridian.lifecycle import add_watch_argument, configure_watch
 
 
 def add_edge_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +30,7 @@ def add_edge_arguments(parser: argparse.ArgumentParser) -> None:
         help="worker processes sharing the listener (default 1); the admin listener's "
         "/metrics and /purge cover them all",
     )
+    add_watch_argument(parser)
 
 
 def run_edge(args: argparse.Namespace) -> int:
@@ -36,6 +38,7 @@ def run_edge(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise SystemExit("--workers must be at least 1")
+    configure_watch(args.config, args.watch_config)
     return run(
         EdgeOptions(
             config_path=args.config,

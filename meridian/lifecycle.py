@@ -3,10 +3,17 @@
 Signal handlers only set state and wake the loop (as uvicorn does); the work happens in the
 service's own coroutine.  A reload validates the new file completely before anything is swapped,
 so a bad file leaves the running snapshot untouched and logs one line.
+
+``--watch-config INTERVAL`` (``configure_watch``) also reloads when the file changes, for
+configs that are replaced under a running process with nobody to send SIGHUP: a Kubernetes
+ConfigMap volume swaps its ``..data`` symlink to a new directory.  The path is stat'ed through
+its symlinks every INTERVAL (``FileWatch`` decides), by the process's own loop or by the
+supervisor's, and a change is handled exactly as a SIGHUP.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -15,8 +22,90 @@ from dataclasses import dataclass, field
 
 from meridian.config import Config, ConfigError, load_config
 from meridian.log import get_logger
+from meridian.units import parse_duration
 
 log = get_logger("lifecycle")
+
+#: What identifies the file behind a path: device, inode, size, modification time (ns).
+FileIdentity = tuple[int, int, int, int]
+
+
+def file_identity(path: str) -> FileIdentity | None:
+    """The identity of the file ``path`` resolves to (symlinks followed); None if unreadable."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(slots=True)
+class FileWatch:
+    """When to look at a config file again, and whether what was seen calls for a reload.
+
+    Pure: the caller stats the file (``file_identity``) when ``due`` and reports it.  A file
+    replaced by a symlink swap has a new inode; one rewritten in place a new size or mtime.  A
+    file that cannot be read is remembered but not reloaded (a reload could only fail); when it
+    is back, it reloads.  One reload per change: a file that fails validation is not retried
+    until it changes again."""
+
+    path: str
+    interval: float
+    seen: FileIdentity | None
+    #: Monotonic time of the next look (0: at once).
+    due: float = 0.0
+
+    def observe(self, identity: FileIdentity | None, now: float) -> bool:
+        self.due = now + self.interval
+        if identity == self.seen:
+            return False
+        self.seen = identity
+        return identity is not None
+
+
+@dataclass(frozen=True, slots=True)
+class WatchSpec:
+    path: str
+    interval: float
+    #: The file as it was before the process first loaded it.
+    identity: FileIdentity | None
+
+    def watch(self) -> FileWatch:
+        return FileWatch(self.path, self.interval, self.identity)
+
+
+_watch_spec: WatchSpec | None = None
+
+
+def configure_watch(path: str, interval: float) -> None:
+    """``--watch-config``: the config file this process loads (next) is watched every
+    ``interval`` seconds (0: not watched) by its ``Lifecycle`` or its ``Supervisor``.  Called
+    before the file is loaded, so a change in between is seen at the first look."""
+    global _watch_spec
+    _watch_spec = WatchSpec(path, interval, file_identity(path)) if interval > 0 else None
+
+
+def configured_watch() -> WatchSpec | None:
+    return _watch_spec
+
+
+def _interval_argument(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_watch_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--watch-config",
+        type=_interval_argument,
+        default=0.0,
+        metavar="INTERVAL",
+        help="look at the config file every INTERVAL (e.g. 5s) and reload it when it changed, "
+        "as on SIGHUP; symlinks are followed, so a Kubernetes ConfigMap volume's update is "
+        "seen (default: 0, off)",
+    )
 
 
 @dataclass(slots=True)
@@ -75,19 +164,35 @@ class Lifecycle:
         self.stopping = asyncio.Event()
         self.reload_requested = asyncio.Event()
         self._signals: list[signal.Signals] = []
+        self._watcher: asyncio.Task[None] | None = None
 
-    def install(self, *, reload: bool = True) -> None:
+    def install(self, *, reload: bool = True, watch: WatchSpec | None = None) -> None:
         """``reload=False`` for a supervised worker: its configs come from the supervisor, and
-        SIGHUP is the supervisor's (the worker ignores it)."""
+        SIGHUP is the supervisor's (the worker ignores it).  With ``reload``, the config file
+        is also watched as ``watch`` (default: ``configure_watch``'s) says."""
         self._signals = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if reload else [])
         if reload:
             self.loop.add_signal_handler(signal.SIGHUP, self.reload_requested.set)
+            spec = watch or configured_watch()
+            if spec is not None:
+                self._watcher = self.loop.create_task(self._watch(spec.watch()))
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stopping.set)
 
     def uninstall(self) -> None:
         for sig in self._signals:
             self.loop.remove_signal_handler(sig)
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+
+    async def _watch(self, watch: FileWatch) -> None:
+        """A changed file is a SIGHUP.  (A stat of the local file: no thread needed.)"""
+        while not self.stopping.is_set():
+            await asyncio.sleep(max(0.0, watch.due - self.loop.time()))
+            if watch.observe(file_identity(watch.path), self.loop.time()):
+                log.info("config_file_changed", path=watch.path, pid=os.getpid())
+                self.reload_requested.set()
 
     async def run_reloads(
         self, holder: ConfigHolder, on_reload: Callable[[Config, int], None]

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from meridian.config import ConfigError
-from meridian.lifecycle import ConfigHolder
+from meridian.lifecycle import ConfigHolder, add_watch_argument, configure_watch
 from meridian.log import get_logger
 from meridian.supervise import Supervisor
 
@@ -23,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="topology YAML file")
     parser.add_argument("--pop", required=True, help="which POP this host serves")
     parser.add_argument("--workers", type=int, default=None, help="edge worker processes")
+    add_watch_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from edge.server import EdgeOptions, edge_group
     from geodns.server import build_serving, dns_group
 
+    configure_watch(args.config, args.watch_config)
     try:
         holder = ConfigHolder.from_file(args.config)
         holder.current.pop(args.pop)

@@ -9,7 +9,8 @@ module does the I/O around them:
 * Each forked worker has a socket pair to the parent.  The worker beats on it from its event
   loop (``ParentLink``): a loop that is stuck stops beating and is killed and replaced.  The
   parent tells the worker on it to adopt a new config generation.
-* Config: the parent is the only reader of the file.  On SIGHUP it validates the file in full
+* Config: the parent is the only reader of the file.  On SIGHUP (or, with ``--watch-config``,
+  when the file changes: ``meridian.lifecycle.FileWatch``) it validates the file in full
   (with every group's own checks); a bad file is rejected in one log line and nothing
   changes anywhere.  A good one becomes the accepted snapshot: written (pickled) to the
   parent's private directory for the running workers, and inherited by every worker forked
@@ -44,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meridian.config import Config
-from meridian.lifecycle import ConfigHolder
+from meridian.lifecycle import ConfigHolder, FileWatch, WatchSpec, configured_watch, file_identity
 from meridian.log import get_logger
 from meridian.supervise_policy import Action, Finish, Kill, Notify, Phase, Policy, Spawn, Timing
 
@@ -183,8 +184,14 @@ class Supervisor:
         timing: Timing | None = None,
         drain_margin: float = DRAIN_MARGIN,
         clock: Callable[[], float] = time.monotonic,
+        watch: WatchSpec | None = None,
     ) -> None:
         self.holder = holder
+        #: The config file, looked at when due (``--watch-config``; the holder's file only).
+        spec = watch or configured_watch()
+        self.watch: FileWatch | None = (
+            spec.watch() if spec is not None and holder is not None else None
+        )
         self.clock = clock
         self.drain_margin = drain_margin
         self.policy = Policy(timing or Timing(), holder.generation if holder else 0)
@@ -296,11 +303,14 @@ class Supervisor:
             wake = self.policy.wakeup()
             if until is not None and not self.policy.stopping:
                 wake = min(wake, until)
+            if self.watch is not None and not self.policy.stopping:
+                wake = min(wake, self.watch.due)
             # At most a second: a safety net should a SIGCHLD ever go unseen.
             timeout = 1.0 if math.isinf(wake) else min(max(0.0, wake - now), 1.0)
             for key, _ in self._selector.select(timeout):
                 key.data()
             self._handle_signals()
+            self._look_at_config()
             self._reap()
             self._perform(self.policy.tick(self.clock()))
 
@@ -320,6 +330,15 @@ class Supervisor:
                 self._perform(self.policy.stop(now, 0, signal.Signals(signum).name))
             elif signum == signal.SIGHUP and not self.policy.stopping:
                 self._reload(now)
+
+    def _look_at_config(self) -> None:
+        watch = self.watch
+        now = self.clock()
+        if watch is None or self.policy.stopping or now < watch.due:
+            return
+        if watch.observe(file_identity(watch.path), now):
+            log.info("config_file_changed", path=watch.path, pid=os.getpid())
+            self._reload(now)
 
     def _reload(self, now: float) -> None:
         if self.holder is None:
