@@ -15,6 +15,7 @@ import asyncio
 import gzip
 import re
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Final, Literal
@@ -26,6 +27,7 @@ from meridian.config import CompressionConfig
 Coding = Literal["br", "gzip", "identity"]
 
 __all__ = [
+    "DECODE_STEP",
     "BoundedDecoder",
     "Coding",
     "DecompressionBomb",
@@ -34,6 +36,7 @@ __all__ = [
     "add_vary_accept_encoding",
     "compress",
     "compress_offloop",
+    "decoded_size",
     "encoded_headers",
     "is_compressible",
     "negotiate",
@@ -326,24 +329,38 @@ class DecompressionBomb(Exception):
     """An upstream body decodes to more than the allowed size (the edge answers 502)."""
 
 
-# Brotli may return up to about twice ``output_buffer_limit`` per call, so ask in steps this
-# size to keep the overshoot past the limit small.
-_BROTLI_STEP: Final = 256 * 1024
+#: Most output one decoding step produces: bodies are decoded in pieces this size, so a bomb
+#: (or a large legitimate body) never sits in memory whole, only one piece of it at a time.
+#: Brotli may return up to about twice ``output_buffer_limit`` per call; still bounded.
+DECODE_STEP: Final = 256 * 1024
 
 
 class BoundedDecoder:
-    """Decodes a gzip, Brotli or deflate body incrementally, never producing more than ``limit``.
+    """Decodes a gzip, Brotli or deflate body incrementally, never producing more than ``limit``
+    bytes in all, nor more than ``step`` bytes per piece.
 
     Output is requested with an explicit maximum (zlib's ``max_length``, Brotli's
-    ``output_buffer_limit``) of one byte past what is left, so a bomb is detected after at most
-    ``limit`` bytes have been produced instead of after it has been expanded in memory.
-    ``decode`` raises ``DecompressionBomb`` past the limit and ``ValueError`` on corrupt data;
-    ``finish`` raises ``ValueError`` when the body was cut short.
+    ``output_buffer_limit``) of at most ``step`` and at most one byte past what is left, so a
+    bomb is detected after at most ``limit`` bytes have been produced, and ``pieces`` hands
+    them out one bounded piece at a time (the caller writes or counts each and drops it):
+    memory stays O(step) whatever the body expands to.  ``decode`` joins the pieces of one
+    chunk (for callers that keep the output anyway).  Both raise ``DecompressionBomb`` past
+    the limit and ``ValueError`` on corrupt data; ``finish`` raises ``ValueError`` when the
+    body was cut short.
     """
 
-    __slots__ = ("_brotli", "_coding", "_finished", "_limit", "_pending", "_produced", "_zlib")
+    __slots__ = (
+        "_brotli",
+        "_coding",
+        "_finished",
+        "_limit",
+        "_pending",
+        "_produced",
+        "_step",
+        "_zlib",
+    )
 
-    def __init__(self, coding: str, limit: int) -> None:
+    def __init__(self, coding: str, limit: int, *, step: int = DECODE_STEP) -> None:
         name = coding.strip().lower()
         if name == "x-gzip":
             name = "gzip"
@@ -351,8 +368,11 @@ class BoundedDecoder:
             raise ValueError(f"cannot decode content coding {coding!r}")
         if limit < 0:
             raise ValueError("limit must not be negative")
+        if step < 1:
+            raise ValueError("step must be positive")
         self._coding = name
         self._limit = limit
+        self._step = step
         self._produced = 0
         self._finished = False
         self._brotli = brotli.Decompressor() if name == "br" else None
@@ -360,21 +380,34 @@ class BoundedDecoder:
         self._zlib = zlib.decompressobj(31) if name == "gzip" else None
         self._pending = b""
 
+    @property
+    def produced(self) -> int:
+        """Decoded bytes so far."""
+        return self._produced
+
     def decode(self, chunk: bytes) -> bytes:
-        """The decoded bytes for ``chunk`` (possibly b"")."""
+        """The decoded bytes for ``chunk`` (possibly b""), joined."""
+        pieces = list(self.pieces(chunk))
+        if not pieces:
+            return b""
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def pieces(self, chunk: bytes) -> Iterator[bytes]:
+        """The decoded bytes for ``chunk``, as non-empty pieces of at most ``step`` bytes each
+        (Brotli: about twice that at most), produced as they are taken."""
         if self._finished:
             raise RuntimeError("BoundedDecoder.decode called after finish")
         if not chunk:
-            return b""
+            return iter(())
         if self._brotli is not None:
-            return self._decode_brotli(self._brotli, chunk)
+            return self._pieces_brotli(self._brotli, chunk)
         if self._zlib is None:
             self._pending += chunk
             if len(self._pending) < 2:
-                return b""
+                return iter(())
             chunk, self._pending = self._pending, b""
             self._zlib = zlib.decompressobj(15 if _has_zlib_header(chunk) else -15)
-        return self._decode_zlib(self._zlib, chunk)
+        return self._pieces_zlib(chunk)
 
     def finish(self) -> bytes:
         """Checks the body was complete; returns any last decoded bytes."""
@@ -387,44 +420,53 @@ class BoundedDecoder:
             return b""
         if self._zlib is None:  # deflate that never got two bytes
             raise ValueError("truncated deflate body")
-        # All input was consumed within max_length, so flush has nothing unbounded to release.
+        # ``pieces`` drained every byte its input could give, so flush has nothing unbounded
+        # to release.
         tail = self._zlib.flush()
         self._account(len(tail))
         if not self._zlib.eof:
             raise ValueError(f"truncated {self._coding} body")
         return tail
 
-    def _decode_zlib(self, decoder: zlib._Decompress, chunk: bytes) -> bytes:
-        pieces: list[bytes] = []
-        data = chunk
-        while data:
+    def _pieces_zlib(self, data: bytes) -> Iterator[bytes]:
+        decoder = self._zlib
+        assert decoder is not None
+        while True:
             if decoder.eof:
+                if not data:
+                    return
                 if self._coding != "gzip":
                     raise ValueError(f"data after the end of the {self._coding} body")
                 # gzip allows several members back to back (RFC 1952 section 2.2).
                 decoder = self._zlib = zlib.decompressobj(31)
+            # At most one step, and at most one byte past what is left: either the input
+            # fits within the limit, or the extra byte proves the body is too big.
+            want = min(self._step, self._limit - self._produced + 1)
             try:
-                # One byte past what is left: either all input is consumed within the limit,
-                # or the extra byte proves the body is too big.
-                piece = decoder.decompress(data, self._limit - self._produced + 1)
+                piece = decoder.decompress(data, want)
             except zlib.error as exc:
                 raise ValueError(f"corrupt {self._coding} body: {exc}") from None
             self._account(len(piece))
-            pieces.append(piece)
-            data = decoder.unused_data  # only non-empty at the end of a gzip member
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            if piece:
+                yield piece
+            if decoder.eof:
+                data = decoder.unused_data  # only non-empty at the end of a gzip member
+            else:
+                data = decoder.unconsumed_tail
+                if len(piece) < want and not data:
+                    return  # input used up and nothing held back: wait for the next chunk
 
-    def _decode_brotli(self, decoder: brotli.Decompressor, chunk: bytes) -> bytes:
+    def _pieces_brotli(self, decoder: brotli.Decompressor, chunk: bytes) -> Iterator[bytes]:
         if decoder.is_finished():
             raise ValueError("data after the end of the br body")
-        pieces: list[bytes] = []
         data = chunk
         try:
             while True:
-                step = min(self._limit - self._produced + 1, _BROTLI_STEP)
+                step = min(self._limit - self._produced + 1, self._step)
                 piece = bytes(decoder.process(data, output_buffer_limit=step))
                 self._account(len(piece))
-                pieces.append(piece)
+                if piece:
+                    yield piece
                 data = b""
                 # Output is held back while the decoder's buffer is full; drain it with
                 # empty input, as the Brotli API requires.  An empty piece means no progress.
@@ -432,12 +474,22 @@ class BoundedDecoder:
                     break
         except brotli.error as exc:
             raise ValueError(f"corrupt br body: {exc}") from None
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def _account(self, produced: int) -> None:
         self._produced += produced
         if self._produced > self._limit:
             raise DecompressionBomb(f"{self._coding} body decodes to more than {self._limit} bytes")
+
+
+def decoded_size(data: bytes, coding: str, limit: int, *, step: int = DECODE_STEP) -> int:
+    """How many bytes ``data`` decodes to, counted a piece at a time and nothing kept:
+    ``DecompressionBomb`` past ``limit``, ``ValueError`` when corrupt or cut short."""
+    decoder = BoundedDecoder(coding, limit, step=step)
+    for start in range(0, len(data), step):
+        for _piece in decoder.pieces(data[start : start + step]):
+            pass
+    decoder.finish()
+    return decoder.produced
 
 
 def _has_zlib_header(data: bytes) -> bool:

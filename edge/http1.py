@@ -7,6 +7,9 @@ obs-fold continuation lines, invalid or overflowing chunk sizes, bare LF line en
 not tolerated) and unknown transfer codings.  ``check_request_framing`` repeats the checks that
 matter for smuggling so they hold even if the parser's leniency changes, and adds the ones
 llhttp lets through (``Transfer-Encoding: gzip, chunked``, Transfer-Encoding on HTTP/1.0).
+``ChunkedScanner`` judges what llhttp accepts but cannot report in time (a 2^64-1 chunk
+size, trailer fields) on the raw bytes, before the parser passes body bytes on.  What the
+request-target, Host and forwarded headers become is decided in ``edge.request_target``.
 
 Headers travel as ``list[tuple[bytes, bytes]]`` with lower-cased names, values untouched.
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from http import HTTPStatus
@@ -133,6 +136,136 @@ def check_request_framing(headers: Headers, http_version: str, limits: EdgeLimit
     return BodyFraming(BodyKind.LENGTH, length) if length else NO_BODY
 
 
+#: Chunk sizes at or above this are refused as invalid (400), as nginx refuses sizes that
+#: overflow its off_t; sizes below it but above the body limit are 413.
+MAX_CHUNK_SIZE = 1 << 63
+#: Longest chunk-size line (size and extensions) and trailer section accepted.
+MAX_CHUNK_LINE = 4096
+MAX_TRAILER_BYTES = 8192
+
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_SCAN_SIZE, _SCAN_DATA, _SCAN_DATA_END, _SCAN_TRAILER, _SCAN_DONE = range(5)
+
+
+class ChunkedScanner:
+    """Follows a chunked request body on the raw bytes, ahead of the parser.
+
+    llhttp checks the chunked syntax but reports neither chunk sizes nor trailer fields
+    before it has passed on body bytes (and the head has gone upstream): a chunk size of
+    2^64-1 is valid to it, and a body that breaks later has already started a request at the
+    origin.  The protocol feeds each raw chunk here *before* the parser, so the sizes and
+    trailers are judged first: a size of 2^63 or more is a 400, a body declared larger than
+    ``max_body`` a 413 (before its bytes arrive), and every trailer field name goes to
+    ``check_trailer`` (which raises to refuse it).  Syntax errors are left to llhttp (it
+    rejects what this scanner would misread).  ``feed`` returns the offset just past the
+    body's last byte when the body ends inside ``data``, else None; bytes after it belong to
+    the next request and are not looked at.
+    """
+
+    __slots__ = ("_check_trailer", "_line", "_max_body", "_remaining", "_state", "_total")
+
+    def __init__(self, max_body: int, check_trailer: Callable[[bytes], None]) -> None:
+        self._max_body = max_body
+        self._check_trailer = check_trailer
+        self._state = _SCAN_SIZE
+        self._line = b""
+        self._remaining = 0
+        self._total = 0
+
+    @property
+    def done(self) -> bool:
+        return self._state == _SCAN_DONE
+
+    def feed(self, data: bytes, start: int = 0) -> int | None:
+        pos = start
+        end = len(data)
+        while pos < end:
+            state = self._state
+            if state == _SCAN_DATA:
+                step = min(self._remaining, end - pos)
+                self._remaining -= step
+                pos += step
+                if not self._remaining:
+                    self._state = _SCAN_DATA_END
+                    self._remaining = 2  # the CRLF after the data (llhttp checks it)
+                continue
+            if state == _SCAN_DATA_END:
+                step = min(self._remaining, end - pos)
+                self._remaining -= step
+                pos += step
+                if not self._remaining:
+                    self._state = _SCAN_SIZE
+                continue
+            if state == _SCAN_DONE:
+                return None
+            newline = data.find(b"\n", pos)
+            if newline < 0:
+                self._line += data[pos:]
+                self._check_line_length()
+                return None
+            line = self._line + data[pos:newline]
+            self._line = b""
+            pos = newline + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if state == _SCAN_SIZE:
+                self._size_line(line)
+            elif self._trailer_line(line):
+                return pos
+        return None
+
+    def _check_line_length(self) -> None:
+        limit = MAX_CHUNK_LINE if self._state == _SCAN_SIZE else MAX_TRAILER_BYTES
+        if len(self._line) > limit:
+            raise RequestRejected(400, "chunk_line_too_long")
+
+    def _size_line(self, line: bytes) -> None:
+        if len(line) > MAX_CHUNK_LINE:
+            raise RequestRejected(400, "chunk_line_too_long")
+        digits = line.split(b";", 1)[0]
+        if not digits or len(digits) > 16 or not _HEX.issuperset(digits):
+            raise RequestRejected(400, "invalid_chunk_size")
+        size = int(digits, 16)
+        if size >= MAX_CHUNK_SIZE:
+            raise RequestRejected(400, "invalid_chunk_size")
+        self._total += size
+        if self._total > self._max_body:
+            raise RequestRejected(413, "body_too_large")
+        if size:
+            self._state = _SCAN_DATA
+            self._remaining = size
+        else:
+            self._state = _SCAN_TRAILER
+            self._remaining = 0  # trailer bytes so far
+
+    def _trailer_line(self, line: bytes) -> bool:
+        """True at the empty line that ends the body."""
+        if not line:
+            self._state = _SCAN_DONE
+            return True
+        self._remaining += len(line) + 2
+        if self._remaining > MAX_TRAILER_BYTES:
+            raise RequestRejected(400, "trailers_too_large")
+        self._check_trailer(line.split(b":", 1)[0].strip().lower())
+        return False
+
+
+def head_end(data: bytes, start: int, carry: bytes) -> int:
+    """Offset in ``data`` just past the CRLFCRLF that ends a request head.
+
+    ``start`` >= 0: the head begins in ``data`` at ``start`` (after any empty lines);
+    ``start`` < 0: it began in earlier data, whose last bytes of it are ``carry`` (up to 3).
+    -1 when the head does not end in ``data``.
+    """
+    if start >= 0:
+        while start < len(data) and data[start] in b"\r\n":
+            start += 1
+        found = data.find(b"\r\n\r\n", start)
+        return -1 if found < 0 else found + 4
+    found = (carry + data).find(b"\r\n\r\n")
+    return -1 if found < 0 else found + 4 - len(carry)
+
+
 def header_value(headers: Headers, name: bytes) -> bytes | None:
     for key, value in headers:
         if key == name:
@@ -198,59 +331,11 @@ def _is_hop_by_hop(name: bytes, named: frozenset[bytes]) -> bool:
 def rewrite_request_headers(
     headers: Headers, ctx: ForwardingContext, *, keep_upgrade: bool = False
 ) -> Headers:
-    """The headers sent upstream: hop-by-hop removed, forwarding headers and Via added.
+    """The headers sent upstream (``edge.request_target.forward_headers``, the one place that
+    builds them; kept here for the callers that import it from this module)."""
+    from edge.request_target import forward_headers  # request_target imports this module
 
-    X-Forwarded-* from an untrusted client are replaced, from a trusted proxy extended
-    (For) or kept (Proto, Host).  ``keep_upgrade`` keeps ``Connection: upgrade`` and
-    ``Upgrade`` for a WebSocket handshake.  Expect is answered by the edge, never forwarded.
-    """
-    named = connection_tokens(headers)
-    if keep_upgrade:
-        named = named - {b"upgrade"}
-    out: Headers = []
-    prior_for: list[bytes] = []
-    prior_proto: bytes | None = None
-    prior_host: bytes | None = None
-    host: bytes | None = None
-    prior_via: list[bytes] = []
-    for name, value in headers:
-        if name == b"upgrade" and keep_upgrade:
-            out.append((name, value))
-            continue
-        if _is_hop_by_hop(name, named) or name == b"expect":
-            continue
-        if name == b"x-forwarded-for":
-            prior_for.append(value)
-            continue
-        if name == b"x-forwarded-proto":
-            prior_proto = value
-            continue
-        if name == b"x-forwarded-host":
-            prior_host = value
-            continue
-        if name == b"via":
-            prior_via.append(value)
-            continue
-        if name == ctx.request_id_header:
-            continue
-        if name == b"host":
-            host = value
-        out.append((name, value))
-    client = ctx.client_ip.encode()
-    if ctx.trusted and prior_for:
-        out.append((b"x-forwarded-for", b", ".join([*prior_for, client])))
-    else:
-        out.append((b"x-forwarded-for", client))
-    proto = prior_proto if ctx.trusted and prior_proto is not None else ctx.scheme
-    out.append((b"x-forwarded-proto", proto))
-    forwarded_host = prior_host if ctx.trusted and prior_host is not None else host
-    if forwarded_host is not None:
-        out.append((b"x-forwarded-host", forwarded_host))
-    out.append((b"via", b", ".join([*prior_via, via_value(ctx.http_version, ctx.pop)])))
-    out.append((ctx.request_id_header, ctx.request_id))
-    if keep_upgrade:
-        out.append((b"connection", b"upgrade"))
-    return out
+    return forward_headers(headers, ctx, keep_upgrade=keep_upgrade)
 
 
 def via_value(http_version: str, pop: str) -> bytes:

@@ -24,7 +24,9 @@ Everything else runs ``Pipeline.handle`` in a task, stage by stage:
      stale entry within its stale-if-error window, else the edge answers 502/503/504.
    * BYPASS (methods other than GET/HEAD, bypass rules, request bodies, preconditions) ->
      ``_forward``: the streaming proxy path (``_walk`` -> ``_from_upstream``), then
-     ``HttpCache.invalidate`` for unsafe methods.
+     ``HttpCache.invalidate`` for unsafe methods.  A request body up to
+     ``REQUEST_BUFFER_LIMIT`` is read whole before a backend is picked (a trickling client
+     holds no upstream connection); a larger one is streamed, within its share of the pool.
 
 4. ``Pipeline.encode_response``      uncached responses: decode an origin coding the client
    does not accept, compress chunk by chunk at the stream levels (``edge.transcode``)
@@ -73,6 +75,7 @@ from edge.cache import (
 from edge.cache.entry import Entry
 from edge.cache.policy import upstream_request_headers
 from edge.compress import DecompressionBomb, accepts, is_compressible
+from edge.fdlimit import Throttle
 from edge.http1 import (
     HOP_BY_HOP,
     BodyFraming,
@@ -86,9 +89,9 @@ from edge.http1 import (
     is_trusted,
     new_request_id,
     response_framing,
-    rewrite_request_headers,
     via_value,
 )
+from edge.request_target import UNKEYED_DROPPED_ON_FILL, forward_headers
 from edge.router import Router, RouteTarget, normalise_host
 from edge.transcode import (
     DECODABLE,
@@ -100,7 +103,9 @@ from edge.transcode import (
 )
 from edge.upstream import (
     Attempt,
+    FailureKind,
     HealthView,
+    SnapshotView,
     UpstreamFailure,
     UpstreamPool,
     live_regions,
@@ -119,28 +124,9 @@ CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
 RETRY_AFTER_SECONDS = 5
 #: Routes remembered per config snapshot by (host, path); cleared when full.
 ROUTE_MEMO_SIZE = 4096
-
-#: Request headers never sent on a cache fill: they are not part of the cache key, and origins
-#: (or frameworks in front of them) are known to change the response for them (URL rewrites,
-#: method overrides, host and scheme overrides).  The edge sets its own X-Forwarded-*.
-UNKEYED_DROPPED_ON_FILL: Final = frozenset(
-    {
-        b"x-original-url",
-        b"x-rewrite-url",
-        b"x-original-host",
-        b"x-host",
-        b"x-http-method-override",
-        b"x-http-method",
-        b"x-method-override",
-        b"x-forwarded-scheme",
-        b"x-forwarded-server",
-        b"x-forwarded-port",
-        b"x-forwarded-prefix",
-        b"x-forwarded-ssl",
-        b"front-end-https",
-        b"forwarded",
-    }
-)
+#: Request bodies up to this size are read whole before an upstream connection is taken
+#: (``buffer_request_body``); larger ones are streamed.
+REQUEST_BUFFER_LIMIT = 64 * 1024
 
 _HIT: Final = LookupKind.HIT
 _STALE: Final = LookupKind.STALE
@@ -227,6 +213,7 @@ class EdgeState:
                     b"host",
                     b"content-length",
                     b"transfer-encoding",
+                    b"connection",
                     edge.request_id_header.lower().encode(),
                 }
             ),
@@ -254,7 +241,8 @@ class ProxyRequest(NamedTuple):
     #: The request-target in origin form, bytes as received (absolute form is reduced).
     target: bytes
     path: str
-    #: The effective host: the Host header, or an absolute-form target's authority.
+    #: The decided host (``edge.request_target``): validated and normalised, an absolute-form
+    #: target's authority over Host; the Host line of ``headers`` carries the same value.
     host: bytes | None
     http_version: str
     headers: Headers
@@ -416,6 +404,9 @@ class ExchangeRecord:
     status: int = 0
     upstream_seconds: float = 0.0
     attempts: list[Attempt] = field(default_factory=list)
+    #: The request body is streamed (too large to buffer): its pool slot is of the share
+    #: streamed bodies may hold (``UpstreamPool``).
+    streamed_body: bool = False
 
 
 _Pending = tuple[float, str, float, float, bytes, str]
@@ -575,6 +566,40 @@ def _logfmt(text: str) -> str:
 _NEEDS_QUOTES = re.compile(r'[ ="\\\n\t]')
 
 
+#: A request waiting for a response head: its regions and its attempts so far.
+_Waiting = tuple[tuple[str, ...], list[Attempt]]
+
+
+async def buffer_request_body(
+    body: RequestBody, framing: BodyFraming, limit: int
+) -> bytes | AsyncIterator[bytes]:
+    """The request body whole when it fits in ``limit`` bytes, else a stream of it (what was
+    read so far, then the rest as it arrives).  Raises the body's ``RequestRejected`` (client
+    too slow, body too large, client gone) while reading."""
+    iterator = body.__aiter__()
+    if framing.kind is BodyKind.LENGTH and framing.length > limit:
+        return iterator  # known to be large: streamed from its first byte
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            chunk = await anext(iterator)
+        except StopAsyncIteration:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return _chain(chunks, iterator)
+
+
+async def _chain(prefix: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in prefix:
+        yield chunk
+    prefix.clear()
+    async for chunk in rest:
+        yield chunk
+
+
 class _FetchError(Exception):
     """A fill's fetch got no usable response (raised inside ``HttpCache.fill``, so a stale
     entry within its stale-if-error window is served instead; otherwise the edge answers)."""
@@ -672,6 +697,11 @@ class Pipeline:
         self.rng = rng or random.Random()
         self.cache = cache
         self.transcoder = transcoder
+        #: Tasks waiting for a response head, by backend, with where else they could go
+        #: (``on_health``), and the ones it cancelled to retry elsewhere.
+        self._waiting: dict[str, dict[asyncio.Task[object], _Waiting]] = {}
+        self._abandoning: set[asyncio.Task[object]] = set()
+        self._own_failures = {FailureKind.POOL: Throttle(), FailureKind.LOCAL: Throttle()}
         #: The fast path's lookup of a request it did not answer, for the protocol to take at
         #: once (``take_pending``) and hand to ``handle`` (a second lookup would count a
         #: bypass twice and cost a second key build).
@@ -1049,17 +1079,9 @@ class Pipeline:
         return headers
 
     def _fill_request_headers(self, request: ProxyRequest, state: EdgeState) -> Headers:
-        host = request.host
-        out: Headers = []
-        for name, value in rewrite_request_headers(
-            request.headers, self._forwarding(request, state)
-        ):
-            if name in UNKEYED_DROPPED_ON_FILL:
-                continue
-            if name == b"host" and host is not None:
-                value = host  # the key's host (an absolute-form target's authority wins)
-            out.append((name, value))
-        return out
+        """A fill's upstream headers: built from the screened request (its Host line is the
+        key's host, ``edge.request_target``), never from anything the key does not hold."""
+        return forward_headers(request.headers, self._forwarding(request, state), fill=True)
 
     async def _read_for_cache(
         self,
@@ -1139,7 +1161,9 @@ class Pipeline:
                     decoded = decode_whole(
                         body,
                         coding,
-                        edge.compression.max_decoded_size,
+                        # Decoded past max_object it could not be stored anyway: the encoder
+                        # decodes it for the client in bounded pieces instead.
+                        min(edge.compression.max_decoded_size, limit),
                         self.transcoder.stats,
                         count_bomb=False,
                     )
@@ -1267,7 +1291,7 @@ class Pipeline:
             await self.send(sink, request, outgoing, record)
         finally:
             response.release()
-            self.upstream.release(attempt.backend)
+            self.upstream.release(attempt.backend, streamed=record.streamed_body)
 
     # -- upstream -----------------------------------------------------------------------------
 
@@ -1279,8 +1303,19 @@ class Pipeline:
         target: RouteTarget,
         record: ExchangeRecord,
     ) -> tuple[aiohttp.ClientResponse, Attempt] | _EdgeError | RequestRejected:
-        """The client's request as it is, through the failover walk (the BYPASS path)."""
-        headers = rewrite_request_headers(request.headers, self._forwarding(request, state))
+        """The client's request as it is, through the failover walk (the BYPASS path).
+
+        A small body is read whole before a backend is picked (nginx's
+        ``proxy_request_buffering``, bounded by ``REQUEST_BUFFER_LIMIT``): a client trickling
+        its upload then holds no upstream connection, and the body can be sent again on a
+        retry.  A larger one is streamed as it arrives."""
+        headers = forward_headers(request.headers, self._forwarding(request, state))
+        payload: bytes | AsyncIterable[bytes] | None = None
+        if body is not None and request.body.has_body:
+            try:
+                payload = await buffer_request_body(body, request.body, REQUEST_BUFFER_LIMIT)
+            except RequestRejected as exc:
+                return exc  # the client's fault (too slow, too big, gone): nothing was sent
         return await self._walk(
             request.method,
             request.target.decode("latin-1"),
@@ -1289,6 +1324,7 @@ class Pipeline:
             state,
             target,
             record,
+            payload,
         )
 
     async def _walk(
@@ -1300,24 +1336,45 @@ class Pipeline:
         state: EdgeState,
         target: RouteTarget,
         record: ExchangeRecord,
+        payload: bytes | AsyncIterable[bytes] | None = None,
     ) -> tuple[aiohttp.ClientResponse, Attempt] | _EdgeError | RequestRejected:
-        """The failover walk; returns the first response head, or why there is none."""
+        """The failover walk; returns the first response head, or why there is none.
+
+        ``body``: the client's body (its ``error`` tells a client fault from a backend's);
+        ``payload``: what is sent, the body whole in memory (replayable) or streamed.
+
+        Only failures that are the backend's feed passive health: a wait for a pool slot, a
+        local resource error, a client's body error and an attempt abandoned because its
+        backend left rotation (``on_health``) are not evidence against it."""
         health = self.health.snapshot
         regions = live_regions(target.regions, health)
         if not regions:
             return _EdgeError(503, "no_healthy_region", RETRY_AFTER_SECONDS)
-        has_body = body is not None
+        if payload is None and body is not None:
+            payload = body
+        # A body in memory can be sent again; a streamed one cannot.
+        streamed = payload is not None and not isinstance(payload, bytes)
+        upstream = self.upstream
+        abandonable = method in target.retry_methods and not streamed
         failure: UpstreamFailure | None = None
         while True:
-            attempt = next_attempt(
-                regions, health, record.attempts, self.upstream.outstanding, self.rng
-            )
+            attempt = next_attempt(regions, health, record.attempts, upstream.outstanding, self.rng)
             if attempt is None:
                 break
             if record.attempts:
                 assert failure is not None
-                if not retry_allowed(method, target.retry_methods, has_body, failure.kind):
+                if not retry_allowed(method, target.retry_methods, streamed, failure.kind):
                     break
+                if self.health.snapshot is not health:
+                    # Health changed while we waited (maybe because of this very failure):
+                    # the retry goes by what is known now, not by what was at the start.
+                    health = self.health.snapshot
+                    regions = live_regions(target.regions, health) or regions
+                    attempt = next_attempt(
+                        regions, health, record.attempts, upstream.outstanding, self.rng
+                    )
+                    if attempt is None:
+                        break
                 self.metrics.retries.labels(target.service.name).inc()
                 if attempt.region != record.attempts[0].region:
                     self.metrics.failovers.labels(
@@ -1325,39 +1382,148 @@ class Pipeline:
                     ).inc()
             record.attempts.append(attempt)
             record.region, record.backend = attempt.region, attempt.backend
+            backend = attempt.backend
             started = self.clock()
-            self.upstream.acquire(attempt.backend)
+            task: asyncio.Task[object] | None = None
+            record.streamed_body = streamed
             try:
-                response = await self.upstream.send(
-                    attempt.backend, method, target_text, headers, body
-                )
-            except UpstreamFailure as exc:
-                self.upstream.release(attempt.backend)
-                if body is not None and body.error is not None:
-                    return body.error  # the client's fault: no retry, no health report
-                self.health.report(attempt.backend, False)
-                self.metrics.upstream_failures.labels(attempt.region, exc.kind.value).inc()
-                log.warning(
-                    "upstream_failed",
-                    backend=attempt.backend,
-                    region=attempt.region,
-                    kind=exc.kind.value,
-                    detail=exc.detail,
-                    request_id=headers.get(state.request_id_name, "-"),
-                )
+                if not upstream.try_acquire(backend, streamed=streamed):
+                    await upstream.wait_for_slot(
+                        backend, state.config.edge.timeouts.connect, streamed=streamed
+                    )
+            except UpstreamFailure as exc:  # the edge's own limit: not the backend's doing
+                self._failed(attempt, exc, state, headers)
                 failure = exc
                 continue
+            try:
+                if abandonable:
+                    task = asyncio.current_task()
+                    if task is not None:
+                        self._watch(backend, task, regions, record.attempts)
+                try:
+                    response = await upstream.send(backend, method, target_text, headers, payload)
+                finally:
+                    # Unwatched before anything else: the health report below may publish
+                    # a snapshot, and this task must not be given up on for its own report.
+                    if task is not None:
+                        self._unwatch(backend, task)
+            except UpstreamFailure as exc:
+                upstream.release(backend, streamed=streamed)
+                if task is not None:
+                    self._settle(task)
+                if body is not None and body.error is not None:
+                    return body.error  # the client's fault: no retry, no health report
+                if exc.kind.blames_backend:
+                    self.health.report(backend, False)
+                self._failed(attempt, exc, state, headers)
+                failure = exc
+                continue
+            except asyncio.CancelledError:
+                upstream.release(backend, streamed=streamed)
+                if task is None or not self._abandoned(task):
+                    raise
+                # on_health gave up on this attempt: the backend left rotation while we
+                # waited for its first byte.  Nothing to report; go on with the walk.
+                failure = UpstreamFailure(FailureKind.ABANDONED, "backend left rotation")
+                self._failed(attempt, failure, state, headers)
+                continue
             except BaseException:
-                self.upstream.release(attempt.backend)
+                upstream.release(backend, streamed=streamed)
                 raise
+            if task is not None:
+                self._settle(task)
             elapsed = self.clock() - started
             record.upstream_seconds = elapsed
             self.metrics.upstream_stats.observe_upstream(attempt.region, elapsed)
-            self.health.report(attempt.backend, response.status not in state.failure_statuses)
+            self.health.report(backend, response.status not in state.failure_statuses)
             return response, attempt
         if failure is None:
             return _EdgeError(503, "no_backend", RETRY_AFTER_SECONDS)
-        return _EdgeError(failure.kind.status, f"upstream_{failure.kind.value}")
+        status = failure.kind.status
+        return _EdgeError(
+            status,
+            f"upstream_{failure.kind.value}",
+            RETRY_AFTER_SECONDS if status == 503 else None,
+        )
+
+    def _failed(
+        self, attempt: Attempt, exc: UpstreamFailure, state: EdgeState, headers: CIMultiDict[str]
+    ) -> None:
+        self.metrics.upstream_failures.labels(attempt.region, exc.kind.value).inc()
+        count = 1
+        throttle = self._own_failures.get(exc.kind)
+        if throttle is not None:
+            # The edge's own shortage (pool full, out of descriptors) hits every request at
+            # once: one line per kind per interval, with how many it stands for.
+            count = throttle.note(self.clock())
+            if not count:
+                return
+        log.warning(
+            "upstream_failed",
+            backend=attempt.backend,
+            region=attempt.region,
+            kind=exc.kind.value,
+            detail=exc.detail,
+            backend_fault=exc.kind.blames_backend,
+            count=count,
+            request_id=headers.get(state.request_id_name, "-"),
+        )
+
+    # -- giving up on attempts to a backend that left rotation --------------------------------
+
+    def _watch(
+        self,
+        backend: str,
+        task: asyncio.Task[object],
+        regions: tuple[str, ...],
+        tried: list[Attempt],
+    ) -> None:
+        waiting = self._waiting.get(backend)
+        if waiting is None:
+            waiting = self._waiting[backend] = {}
+        waiting[task] = (regions, tried)
+
+    def _unwatch(self, backend: str, task: asyncio.Task[object]) -> None:
+        waiting = self._waiting.get(backend)
+        if waiting is not None:
+            waiting.pop(task, None)
+            if not waiting:
+                del self._waiting[backend]
+
+    def _abandoned(self, task: asyncio.Task[object]) -> bool:
+        """Whether a CancelledError in ``task`` was ``on_health``'s (and only its)."""
+        if task not in self._abandoning:
+            return False
+        self._abandoning.discard(task)
+        return task.uncancel() == 0
+
+    def _settle(self, task: asyncio.Task[object]) -> None:
+        """The attempt ended on its own although ``on_health`` had just given up on it: take
+        that cancellation back (it was never delivered)."""
+        if task in self._abandoning:
+            self._abandoning.discard(task)
+            if task.cancelling():
+                task.uncancel()
+
+    def on_health(self, snapshot: SnapshotView) -> None:
+        """A new health snapshot (``HealthMonitor.subscribe``): requests waiting for the first
+        byte of a backend that has left rotation (ejected by traffic, down by its checks) are
+        retried elsewhere now, instead of each waiting out the first-byte timeout (10 s by
+        default).  Only requests that may be retried (idempotent, body replayable) and that
+        have somewhere else to go; the abandoned attempt is not reported again."""
+        if not self._waiting:
+            return
+        for backend, waiting in list(self._waiting.items()):
+            if snapshot.backend_up(backend):
+                continue
+            for task, (regions, tried) in list(waiting.items()):
+                if task.done() or task in self._abandoning:
+                    continue
+                later = next_attempt(regions, snapshot, tried, self.upstream.outstanding, self.rng)
+                if later is None:
+                    continue  # nowhere else to go: this backend may still answer
+                self._abandoning.add(task)
+                task.cancel()
 
     def _forwarding(self, request: ProxyRequest, state: EdgeState) -> ForwardingContext:
         return ForwardingContext(

@@ -7,17 +7,30 @@ write, no task, no timer).  Everything else runs ``Pipeline.handle`` in a task.
 
 When a request with a body starts upstream: at its first body byte (or at its end), not at
 its head -- so a request whose framing breaks at the first chunk never reaches the origin.
-With ``Expect: 100-continue`` the edge answers ``100 Continue`` and starts at the head.
+With ``Expect: 100-continue`` the edge answers ``100 Continue`` and starts at the head.  (The
+pipeline then reads a small body whole before it takes an upstream connection:
+``pipeline.buffer_request_body``.)
+A chunked body is followed on the raw bytes by ``http1.ChunkedScanner`` ahead of the parser
+(chunk sizes and trailers judged before any body byte is passed on; trailers are dropped,
+never merged), and every head goes through ``edge.request_target`` (the one decision about
+target, Host and headers) before a request exists.
 
 Timeouts without per-request timers: each connection keeps one deadline (header read, body
 read, keep-alive idle) plus the total deadline of the request it is handling
 (``expire_after``), and ``Connections`` sweeps them every ``SWEEP_INTERVAL`` (so a timeout
 fires up to that much late), the way nginx trades timer precision for cost.
+
+Accounting that cannot leak: every exchange ends in ``_finished`` (its task's ``finally``),
+which closes the connection unless the request was read to its end, so a request still being
+read when its response went out (a 504 during a chunked upload) never leaves a connection
+open and "busy" with nothing to end it.  Client connections stop at the descriptor budget
+(``edge.fdlimit``): the last descriptors stay for upstream connections and health checks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, cast
@@ -25,10 +38,12 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from edge.cache import Lookup
+from edge.fdlimit import FdBudget, ResourceStats, Throttle, fd_exhausted
 from edge.http1 import (
     NO_BODY,
     BodyFraming,
     BodyKind,
+    ChunkedScanner,
     Headers,
     RequestRejected,
     check_header_section,
@@ -37,12 +52,14 @@ from edge.http1 import (
     encode_chunk,
     error_response,
     expects_continue,
+    head_end,
     is_websocket_upgrade,
     new_request_id,
     serialize_head,
     valid_request_id,
 )
 from edge.pipeline import Pipeline, ProxyRequest, RequestHead
+from edge.request_target import check_trailer, decide_target, screen_headers
 from meridian.log import get_logger
 
 if TYPE_CHECKING:
@@ -51,6 +68,8 @@ if TYPE_CHECKING:
 log = get_logger("edge")
 
 SWEEP_INTERVAL = 0.25
+#: Sweeps between two probes for descriptor exhaustion (once a second).
+FD_PROBE_EVERY = 4
 #: Request body bytes buffered before the connection stops reading.
 BODY_HIGH_WATER = 256 * 1024
 #: Pipelined requests queued before the connection stops reading.
@@ -63,6 +82,14 @@ _DEADLINE_NONE = 0
 _DEADLINE_HEADER = 1
 _DEADLINE_BODY = 2
 _DEADLINE_IDLE = 3
+#: ``EdgeConnection._cursor`` when the raw offset of the parser's position is not known.
+_UNKNOWN = -2
+#: Connection header values that nominate no header (no screening pass needed).
+_PLAIN_CONNECTION = frozenset(
+    {b"close", b"keep-alive", b"upgrade", b"Close", b"Keep-Alive", b"Upgrade"}
+)
+#: The HTTP versions served (llhttp also accepts 0.9 and 2.0 request lines).
+_VERSIONS = frozenset({"1.1", "1.0"})
 
 
 #: Raw request chunks remembered per config snapshot, and the largest one remembered.
@@ -179,13 +206,28 @@ class Exchange:
 class Connections:
     """The open connections of one listener: deadline sweeps and draining."""
 
-    def __init__(self, pipeline: Pipeline, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        loop: asyncio.AbstractEventLoop,
+        budget: FdBudget | None = None,
+    ) -> None:
         self.pipeline = pipeline
         self.loop = loop
         self.open: set[EdgeConnection] = set()
         self.tunnels: set[Tunnel] = set()
         self.draining = False
         self._sweeper: asyncio.Task[None] | None = None
+        self.budget = budget if budget is not None else FdBudget.current()
+        #: Client connections allowed at once (0: unbounded), read on every accept.
+        self.max_open = self.budget.max_connections
+        self.resources = ResourceStats(self.budget)
+        pipeline.metrics.registry.register(self.resources)
+        self._refused_log = Throttle()
+        self._exhausted_log = Throttle()
+        self._sweeps = 0
+        # A descriptor to dup: the cheapest question "is there one left?" (fdlimit).
+        self._probe_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
     def factory(self) -> EdgeConnection:
         return EdgeConnection(self)
@@ -202,6 +244,45 @@ class Connections:
             for tunnel in list(self.tunnels):
                 tunnel.check_idle(now)
             self.pipeline.access_log.flush()
+            self._sweeps += 1
+            if self._sweeps % FD_PROBE_EVERY == 0:
+                self.probe_descriptors()
+
+    def admit(self) -> bool:
+        """Whether one more client connection fits the descriptor budget; logs (at most once
+        per ``LOG_INTERVAL``) and counts the refusals."""
+        cap = self.max_open
+        if cap == 0 or len(self.open) < cap:
+            return True
+        self.resources.refuse("fd_reserve")
+        count = self._refused_log.note(self.loop.time())
+        if count:
+            log.warning(
+                "connections_refused",
+                reason="fd_reserve",
+                refused=count,
+                open=len(self.open),
+                max_connections=cap,
+                fd_limit=self.budget.limit,
+            )
+        return False
+
+    def probe_descriptors(self) -> bool:
+        """Whether the process is out of descriptors (then the event loop closes every new
+        connection unseen): counted and logged, at most once per ``LOG_INTERVAL``."""
+        if not fd_exhausted(self._probe_fd):
+            return False
+        self.resources.exhausted += 1
+        count = self._exhausted_log.note(self.loop.time())
+        if count:
+            log.error(
+                "accept_failing",
+                reason="fd_exhausted",
+                probes=count,
+                open=len(self.open),
+                fd_limit=self.budget.limit,
+            )
+        return True
 
     @property
     def busy(self) -> int:
@@ -228,6 +309,9 @@ class Connections:
         if self._sweeper is not None:
             self._sweeper.cancel()
         self.pipeline.access_log.flush()
+        if self._probe_fd >= 0:
+            os.close(self._probe_fd)
+            self._probe_fd = -1
 
 
 class EdgeConnection(asyncio.Protocol):
@@ -238,6 +322,8 @@ class EdgeConnection(asyncio.Protocol):
         self._pipeline = connections.pipeline
         self._loop = connections.loop
         self._transport: asyncio.Transport | None = None
+        #: In ``Connections.open`` and the connections gauge (until connection_lost).
+        self._counted = False
         self._parser = httptools.HttpRequestParser(self)
         self.client_ip = "-"
         # Head being parsed.
@@ -250,7 +336,18 @@ class EdgeConnection(asyncio.Protocol):
         self._host: bytes | None = None
         self._supplied_id: bytes | None = None
         self._framing_headers = False
+        #: The head needs ``screen_headers`` (an underscore name, a Connection nomination).
+        self._screen = False
         self._reading_head = False
+        # Raw-offset tracking for ``ChunkedScanner`` (llhttp reports no offsets): the chunk
+        # being fed, the offset up to which it is accounted to messages, where the current
+        # message began in it (-1: in earlier data, whose last head bytes are ``_carry``).
+        self._raw = b""
+        self._cursor = 0
+        self._msg_start = _UNKNOWN
+        self._carry = b""
+        self._chunks: ChunkedScanner | None = None
+        self._chunk_end: int | None = None
         #: Messages begun in the chunk being fed, and the head of the last bodiless
         #: keep-alive GET/HEAD parsed from it (see ``RequestHead``).
         self._chunk_messages = 0
@@ -283,15 +380,24 @@ class EdgeConnection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._connections.admit():
+            # Over the descriptor budget: closed at once, never counted as open.
+            self._counted = False
+            cast(asyncio.Transport, transport).abort()
+            return
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else "-"
+        self._counted = True
         self._connections.open.add(self)
         self._connections.pipeline.metrics.connections.inc()
         # The first request head must arrive within the header timeout (slowloris).
         self._set_deadline(_DEADLINE_HEADER)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self._counted:
+            return  # refused in connection_made
+        self._counted = False
         self._connections.open.discard(self)
         self._connections.pipeline.metrics.connections.dec()
         self._transport = None
@@ -339,7 +445,17 @@ class EdgeConnection(asyncio.Protocol):
         try:
             if self._head_bytes > self._pipeline.state.head_budget:
                 raise RequestRejected(431 if self._url_parts else 414, "head_too_large")
+            self._raw = data
+            self._cursor = 0
+            if self._reading_head and self._msg_start != _UNKNOWN:
+                self._msg_start = -1  # the head began in earlier data
+            scanner = self._chunks
+            if scanner is not None:
+                # Chunk sizes and trailers are judged before the parser passes body bytes on.
+                self._chunk_end = scanner.feed(data)
             self._parser.feed_data(data)
+            if self._reading_head:
+                self._keep_carry(data)
             head = self._head_seen
             if head is not None:
                 self._head_seen = None
@@ -363,6 +479,7 @@ class EdgeConnection(asyncio.Protocol):
     # -- httptools callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._msg_start = self._cursor
         self._chunk_messages += 1
         self._head_seen = None
         self._url_parts = []
@@ -374,6 +491,7 @@ class EdgeConnection(asyncio.Protocol):
         self._host = None
         self._supplied_id = None
         self._framing_headers = False
+        self._screen = False
         self._reading_head = True
         self._set_deadline(_DEADLINE_HEADER)
 
@@ -383,6 +501,11 @@ class EdgeConnection(asyncio.Protocol):
         self._guard(check_url_length, self._url_length)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._reading_head:
+            # A chunked trailer field: never merged into the headers (the scanner has
+            # already refused the ones that could only be an attack).
+            self._guard(_check_trailer, name.lower())
+            return
         self._header_bytes += len(name) + len(value) + 4
         name = name.lower()
         headers = self._headers
@@ -401,17 +524,27 @@ class EdgeConnection(asyncio.Protocol):
             elif name == state.request_id_header:
                 if self._supplied_id is None:
                     self._supplied_id = value
+            elif name == b"connection":
+                if value not in _PLAIN_CONNECTION:
+                    self._screen = True
             else:
                 self._framing_headers = True
+        elif b"_" in name:
+            self._screen = True
 
     def on_headers_complete(self) -> None:
         self._reading_head = False
+        start = self._msg_start
+        end = head_end(self._raw, start, self._carry) if start != _UNKNOWN else -1
+        self._cursor = end if end >= 0 else _UNKNOWN
         state = self._pipeline.state
         parser = self._parser
         method = parser.get_method().decode("ascii", "replace")
         version = parser.get_http_version()
         headers = self._headers
         try:
+            if version not in _VERSIONS:
+                raise RequestRejected(400, "unsupported_http_version")
             if method == "CONNECT":
                 raise RequestRejected(405, "connect_not_supported")
             framing = (
@@ -419,15 +552,28 @@ class EdgeConnection(asyncio.Protocol):
                 if self._framing_headers
                 else NO_BODY
             )
+            if framing.kind is not BodyKind.NONE and (method == "GET" or method == "HEAD"):
+                # Never forwarded (a cache fill would drop it; a body the origin reads and
+                # the edge ignored is a desync): refused, as for any ambiguous framing.
+                raise RequestRejected(400, "body_not_allowed")
             if self._hosts > 1:
                 raise RequestRejected(400, "duplicate_host")
-            if not self._hosts and version == "1.1":
-                raise RequestRejected(400, "missing_host")
+            # The one decision: target, routing path and host (key, Host, X-Forwarded-Host).
+            decided = decide_target(b"".join(self._url_parts), self._host, version)
+            host = decided.host
+            if self._screen or host != self._host:
+                headers = screen_headers(headers, host)
+            if framing.kind is BodyKind.CHUNKED:
+                if self._cursor < 0:
+                    raise RequestRejected(400, "unscannable_request")
+                scanner = self._chunks = ChunkedScanner(
+                    state.config.edge.limits.max_body, check_trailer
+                )
+                self._chunk_end = scanner.feed(self._raw, self._cursor)
         except RequestRejected as exc:
             self._rejected = exc
             raise
-        url = b"".join(self._url_parts)
-        target, path, host = _origin_form(url, self._host)
+        target, path = decided.target, decided.path
         supplied = self._supplied_id
         request_supplied = supplied is not None and valid_request_id(supplied)
         request_id = supplied if request_supplied and supplied is not None else new_request_id()
@@ -461,6 +607,8 @@ class EdgeConnection(asyncio.Protocol):
             self._set_deadline(_DEADLINE_NONE)
 
     def on_body(self, data: bytes) -> None:
+        if self._chunks is None and self._cursor >= 0:
+            self._cursor += len(data)
         exchange = self._current
         if exchange is None or exchange.body is None:
             return
@@ -477,6 +625,10 @@ class EdgeConnection(asyncio.Protocol):
             self._schedule(exchange)
 
     def on_message_complete(self) -> None:
+        if self._chunks is not None:
+            end = self._chunk_end
+            self._cursor = end if end is not None and self._chunks.done else _UNKNOWN
+            self._chunks = None
         exchange = self._current
         self._current = None
         if exchange is None:
@@ -594,7 +746,13 @@ class EdgeConnection(asyncio.Protocol):
         self._active = None
         self._task = None
         self._request_deadline = 0.0
-        body_unread = exchange.body is not None and not exchange.body.complete
+        body = exchange.body
+        # The request must have been read to its end for the connection to be reused: a
+        # body that failed (timed out, too large) or is still arriving leaves the parser
+        # mid-message, and nothing else would ever end this connection.
+        body_unread = self._current is exchange or (
+            body is not None and (not body.complete or body.error is not None)
+        )
         if self._transport is None:
             return
         if self._must_close or not self._keep_alive or body_unread:
@@ -713,7 +871,13 @@ class EdgeConnection(asyncio.Protocol):
                 self._request_expired = True
                 task.cancel()
         kind = self._deadline_kind
-        if kind == _DEADLINE_NONE or now < self._deadline:
+        if kind == _DEADLINE_NONE:
+            if self._active is None and self._current is not None and not self._queue:
+                # A request being read with no deadline and nothing handling it: nothing
+                # would ever end this connection (the accounting must not leak).
+                self.close_now()
+            return
+        if now < self._deadline:
             return
         self._deadline_kind = _DEADLINE_NONE
         if kind == _DEADLINE_IDLE:
@@ -730,6 +894,9 @@ class EdgeConnection(asyncio.Protocol):
                 exchange.body.fail(rejected)
                 if not exchange.scheduled:
                     self._reject(rejected)
+                else:
+                    # The message will never end: close once its response is out.
+                    self._must_close = True
 
     def _set_deadline(self, kind: int) -> None:
         self._deadline_kind = kind
@@ -748,6 +915,19 @@ class EdgeConnection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
         self._drain_waiter = None
+
+    def _keep_carry(self, data: bytes) -> None:
+        """A head continues in the next chunk: keep its last bytes (for ``head_end``)."""
+        start = self._msg_start
+        if start == _UNKNOWN:
+            return
+        if start >= 0:
+            while start < len(data) and data[start] in b"\r\n":
+                start += 1
+            tail = data[start:]
+        else:
+            tail = self._carry + data
+        self._carry = tail[-3:]
 
     def _guard(self, check: Callable[..., None], *args: object) -> None:
         try:
@@ -826,6 +1006,10 @@ class EdgeConnection(asyncio.Protocol):
         self._tunnel.start()
 
 
+def _check_trailer(name: bytes, _limits: object) -> None:
+    check_trailer(name)
+
+
 def _parser_reason(exc: Exception) -> str:
     text = str(exc).lower()
     for needle, reason in (
@@ -838,15 +1022,3 @@ def _parser_reason(exc: Exception) -> str:
         if needle in text:
             return reason
     return "malformed_request"
-
-
-def _origin_form(url: bytes, host: bytes | None) -> tuple[bytes, str, bytes | None]:
-    """(origin-form target, path for routing, effective host) from the request-target."""
-    if url[:1] != b"/" and b"://" in url[:8]:
-        # Absolute form: the authority in the target wins over Host (RFC 9112 3.2.2).
-        rest = url.split(b"://", 1)[1]
-        slash = rest.find(b"/")
-        authority, url = (rest, b"/") if slash < 0 else (rest[:slash], rest[slash:])
-        host = authority or host
-    path = url.split(b"?", 1)[0].decode("latin-1")
-    return url, path, host

@@ -12,8 +12,10 @@ Redis L2, and, through the cache's pub/sub channel, the L1 of the POP's other in
 With ``--workers N`` the admin worker also has every other worker purge its own L1 (through
 its private socket, ``edge.workers``), with or without Redis, before it answers.
 The answer is JSON: how many entries went locally (all workers together; per worker in
-``workers``, with ``unreached`` the workers that did not answer) and in Redis, and whether it
-was broadcast.
+``workers``, with ``unreached`` the workers that did not answer) and in Redis, whether it
+was broadcast, and ``queued``: true when Redis did not take it now (stalled or down).  A
+queued purge is not lost: the cache retries its Redis half (delete from L2, broadcast) with
+backoff until Redis takes it, and meanwhile never reads back from L2 what it covers.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class PurgeEndpoint:
             return _json(400, {"error": "bad_request", "reason": str(exc)})
         local = shared = 0
         propagated = True
+        queued = False
         done: list[dict[str, str]] = []
         applied: list[tuple[str, bytes]] = []
         failure: web.Response | None = None
@@ -77,6 +80,7 @@ class PurgeEndpoint:
             local += result.local
             shared += result.shared
             propagated = propagated and result.propagated
+            queued = queued or result.queued
             done.append({kind: value})
             applied.append((result.kind, result.value))
         document: dict[str, Any] = {
@@ -84,6 +88,7 @@ class PurgeEndpoint:
             "local": local,
             "shared": shared,
             "propagated": propagated and cache.l2 is not None,
+            "queued": queued,
         }
         if self._peers is not None and applied:
             # What this worker purged, the others purge too (before answering, also when a
@@ -96,7 +101,7 @@ class PurgeEndpoint:
             document["local"] = local = local + sum(removed.values())
         if failure is not None:
             return failure
-        log.info("cache_purged", targets=len(done), local=local, shared=shared)
+        log.info("cache_purged", targets=len(done), local=local, shared=shared, queued=queued)
         return _json(200, document)
 
     @staticmethod

@@ -1,8 +1,11 @@
 """Routing: (host, path) -> route, service and the service's regions ordered for this POP.
 
 Pure and built once per config snapshot.  A route matches when its host matches (``*``, an
-exact name, or ``*.suffix``) and the path starts with its prefix; the most specific host wins,
-then the longest prefix, then config order (nginx's longest-prefix rule for locations).
+exact name, or ``*.suffix``) and its prefix matches the path on a segment boundary
+(``prefix_matches``: ``/api/v1/orders`` covers ``/api/v1/orders`` and ``/api/v1/orders/7``,
+never ``/api/v1/ordersXYZ``); the most specific host wins, then the longest prefix, then
+config order (nginx's longest-prefix rule for locations).  The host is the one
+``edge.request_target`` decided, already validated and normalised.
 
 Region order for a POP: the POP's explicit ``regions`` list first (when given), then the rest
 nearest first.  A service restricted to a residency zone only ever gets regions of that zone,
@@ -39,6 +42,15 @@ def order_regions(pop: Pop, regions: Sequence[Region], service: Service) -> tupl
     rest = [r for r in members if r.name not in explicit]
     nearest = nearest_first(pop.location.lat, pop.location.lon, rest, lambda r: r.location)
     return (*explicit, *(r.name for r, _ in nearest))
+
+
+def prefix_matches(path: str, prefix: str) -> bool:
+    """A path prefix matches on a segment boundary: the path is the prefix, or continues it
+    with ``/`` (a prefix ending in ``/`` matches everything under it).  The same rule as
+    ``edge.cache.key.prefix_matches`` for cache rules."""
+    if not path.startswith(prefix):
+        return False
+    return len(path) == len(prefix) or prefix.endswith("/") or path[len(prefix)] == "/"
 
 
 def normalise_host(host: bytes | None) -> str:
@@ -91,7 +103,7 @@ class Router:
         best_rank = (-1, -1)
         for target in self._targets:
             route = target.route
-            if not path.startswith(route.path_prefix):
+            if not prefix_matches(path, route.path_prefix):
                 continue
             specificity = _host_specificity(route.host.lower(), host)
             if specificity < 0:

@@ -10,7 +10,10 @@
   compressed in a thread.
 * An origin's own coding passes through when the client accepts it; otherwise the body is
   decoded with a ``BoundedDecoder`` (``max_decoded_size``; past it ``DecompressionBomb``, which
-  the edge answers with 502 before the head, or by closing the connection after it).
+  the edge answers with 502 before the head, or by closing the connection after it).  Decoded
+  bodies are never held whole unless small: a body in memory is first measured (decoded a
+  piece at a time, nothing kept: a bomb costs O(``DECODE_STEP``) of memory, not
+  ``max_decoded_size``), then sent decoded piece by piece with its exact Content-Length.
 * ``CompressionStats``: bytes in and out and operations by encoding and kind (cached, stream,
   decode), plain integers turned into Prometheus families on scrape.
 """
@@ -25,6 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from edge.compress import (
+    DECODE_STEP,
     BoundedDecoder,
     Coding,
     DecompressionBomb,
@@ -33,6 +37,7 @@ from edge.compress import (
     add_vary_accept_encoding,
     compress,
     compress_offloop,
+    decoded_size,
     encoded_headers,
     is_compressible,
     negotiate,
@@ -46,6 +51,9 @@ Headers = list[tuple[bytes, bytes]]
 
 #: Codings the edge can decode for a client that does not accept them.
 DECODABLE: Final = frozenset({b"gzip", b"x-gzip", b"br", b"deflate"})
+#: A body in memory that decodes to at most this is decoded whole (one write, exact length);
+#: a larger one is decoded again piece by piece as it is sent.
+DECODE_WHOLE_MAX: Final = 1024 * 1024
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
 
 
@@ -158,15 +166,28 @@ def decode_whole(
     *,
     count_bomb: bool = True,
 ) -> bytes:
-    """``data`` decoded; ``DecompressionBomb`` past ``limit``, ``ValueError`` when corrupt."""
-    decoder = BoundedDecoder(coding.decode("ascii"), limit)
+    """``data`` decoded; ``DecompressionBomb`` past ``limit``, ``ValueError`` when corrupt.
+
+    The result is held whole, so the memory it takes is what it decodes to: with a large
+    ``limit`` the body is measured first (nothing kept), so a bomb never costs more than a
+    decoding step; within ``DECODE_WHOLE_MAX`` one pass does both (a bomb stops there)."""
+    name = coding.decode("ascii")
     try:
-        body = decoder.decode(data)
-        body += decoder.finish()
+        if limit > DECODE_WHOLE_MAX:
+            limit = decoded_size(data, name, limit)  # raises on a bomb; exact size otherwise
+        decoder = BoundedDecoder(name, limit)
+        pieces = [
+            piece
+            for start in range(0, len(data), DECODE_STEP)
+            for piece in decoder.pieces(data[start : start + DECODE_STEP])
+        ]
+        pieces.append(decoder.finish())
     except DecompressionBomb:
         if count_bomb:
             stats.bombs += 1
         raise
+    body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+    del pieces
     stats.operation("decode", coding.decode("ascii"))
     stats.count("decode", coding.decode("ascii"), len(data), len(body))
     return body
@@ -247,16 +268,27 @@ class Transcoder:
         if response.body is None:
             return response._replace(headers=headers, head_length=None)
         limit = config.max_decoded_size
+        name = coding.decode("ascii")
         if response.data is not None:
+            # Whole in memory: measure it first (a bomb or a corrupt body is a 502 before the
+            # head, and costs one decoding step of memory), then decode it whole when small,
+            # else piece by piece as it is sent, with the exact length.
             try:
-                data = decode_whole(response.data, coding, limit, self.stats)
+                size = decoded_size(response.data, name, limit)
             except DecompressionBomb as exc:
+                self.stats.bombs += 1
                 raise BodyError("decompression_bomb") from exc
             except ValueError as exc:
                 raise BodyError("bad_content_coding") from exc
-            return response._replace(headers=headers, length=len(data), body=_one(data), data=data)
-        decoder = BoundedDecoder(coding.decode("ascii"), limit)
-        body = self._decoding(response.body, decoder, coding.decode("ascii"))
+            if size <= DECODE_WHOLE_MAX:
+                data = decode_whole(response.data, coding, size, self.stats)
+                return response._replace(
+                    headers=headers, length=len(data), body=_one(data), data=data
+                )
+            body = self._decoding(_pieces(response.data), BoundedDecoder(name, size), name)
+            return response._replace(headers=headers, length=size, body=body, data=None)
+        decoder = BoundedDecoder(name, limit)
+        body = self._decoding(response.body, decoder, name)
         return response._replace(headers=headers, length=None, body=body, data=None)
 
     async def _decoding(
@@ -266,10 +298,11 @@ class Transcoder:
         stats.operation("decode", coding)
         try:
             async for chunk in body:
-                out = decoder.decode(chunk)
-                stats.count("decode", coding, len(chunk), len(out))
-                if out:
-                    yield out
+                stats.count("decode", coding, len(chunk), 0)
+                # One bounded piece at a time: the next is decoded once this one is taken.
+                for piece in decoder.pieces(chunk):
+                    stats.count("decode", coding, 0, len(piece))
+                    yield piece
             tail = decoder.finish()
         except DecompressionBomb as exc:
             stats.bombs += 1
@@ -312,6 +345,12 @@ async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
 
 def _one(data: bytes) -> AsyncIterable[bytes]:
     return _one_chunk(data)
+
+
+async def _pieces(data: bytes) -> AsyncIterator[bytes]:
+    """``data`` in ``DECODE_STEP`` slices (input for a decoder producing bounded pieces)."""
+    for start in range(0, len(data), DECODE_STEP):
+        yield data[start : start + DECODE_STEP]
 
 
 __all__ = [

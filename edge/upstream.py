@@ -7,18 +7,29 @@ The policy half is pure and synchronous (tested without sockets):
 * ``next_attempt`` -- the failover walk: each region in order gets one attempt and one retry on
   another backend, at most ``MAX_ATTEMPTS`` in all; the caller also stops at its deadline.
 * ``retry_allowed`` -- only methods the service lists (GET and HEAD by default), only
-  requests without a body (bodies are streamed, not kept, so they cannot be replayed), and
-  only failures before any response byte: connect errors, resets, first-byte timeouts.
+  requests whose body can be sent again (none, or one the edge buffered whole; a streamed
+  body is not kept), and only failures before any response byte: connect errors, resets,
+  first-byte timeouts.  A request that never got a connection (the backend's pool was full)
+  may always move on: nothing of it was sent.
+* ``FailureKind.blames_backend`` -- which failures are evidence against the backend (fed to
+  passive health) and which are the edge's own: a wait for a pool slot, a local resource
+  error (EMFILE, ENFILE, ENOBUFS: the edge is out of descriptors or buffers, not the
+  backend), an attempt the edge abandoned because the backend left rotation.
 
 The I/O half, ``UpstreamPool``, is one aiohttp ``ClientSession`` per process with automatic
-decompression off and a keep-alive pool bounded per backend (``limit_per_host``: the key is
-host and port, so every backend URL gets its own bound).  It maps aiohttp's errors onto
-``UpstreamFailure`` at the boundary.
+decompression off, and a bound of ``pool_size`` requests in flight per backend kept here
+(``try_acquire``/``wait_for_slot``/``release``), not in aiohttp's connector: aiohttp counts
+the wait for a slot inside its connect timeout, so a full pool looked like a backend that
+does not accept connections, and slow uploads holding the slots got healthy backends ejected.
+It maps aiohttp's errors onto ``UpstreamFailure`` at the boundary.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
+from collections import deque
 from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from enum import Enum
 from typing import NamedTuple, Protocol
@@ -29,6 +40,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from meridian.config import EdgeTimeouts
+from meridian.health.checks import is_local_error
 
 #: Attempts per request, all regions together.
 MAX_ATTEMPTS = 4
@@ -46,6 +58,12 @@ class HealthView(Protocol):
     def usable_backends(self, region: str) -> tuple[str, ...]: ...
 
 
+class SnapshotView(HealthView, Protocol):
+    """A whole health snapshot, as ``Pipeline.on_health`` receives it."""
+
+    def backend_up(self, url: str) -> bool: ...
+
+
 class Attempt(NamedTuple):
     """One try of a request on one backend (a NamedTuple: one is made per request)."""
 
@@ -59,10 +77,35 @@ class FailureKind(Enum):
     TIMEOUT = "timeout"
     #: The upstream answered something that is not HTTP.
     PROTOCOL = "protocol"
+    #: No slot in the backend's pool within the connect timeout: the edge's own limit.
+    POOL = "pool"
+    #: The edge ran out of a local resource (descriptors, buffers, ports) connecting.
+    LOCAL = "local"
+    #: The edge gave up waiting because the backend left rotation meanwhile.
+    ABANDONED = "abandoned"
 
     @property
     def status(self) -> int:
-        return 504 if self is FailureKind.TIMEOUT else 502
+        if self is FailureKind.TIMEOUT:
+            return 504
+        if self is FailureKind.POOL or self is FailureKind.LOCAL:
+            return 503
+        return 502
+
+    @property
+    def blames_backend(self) -> bool:
+        """Whether this failure is evidence against the backend (a passive health report)."""
+        return self in _BACKEND_FAULTS
+
+    @property
+    def sent(self) -> bool:
+        """Whether any of the request may have reached the backend."""
+        return self is not FailureKind.POOL
+
+
+_BACKEND_FAULTS = frozenset(
+    {FailureKind.CONNECT, FailureKind.RESET, FailureKind.TIMEOUT, FailureKind.PROTOCOL}
+)
 
 
 class UpstreamFailure(Exception):
@@ -136,7 +179,11 @@ def next_attempt(
 def retry_allowed(
     method: str, retry_methods: frozenset[str], has_body: bool, failure: FailureKind
 ) -> bool:
-    del failure  # every UpstreamFailure happened before a response head arrived
+    """Whether the walk may go on after ``failure``.  ``has_body``: the request has a body
+    that cannot be sent again (streamed).  Every ``UpstreamFailure`` happened before a response
+    head arrived; one that sent nothing (a full pool) may move on whatever the method."""
+    if not failure.sent:
+        return True
     return method in retry_methods and not has_body
 
 
@@ -192,14 +239,69 @@ class UpstreamRequest(aiohttp.ClientRequest):
         self._skip_auto_headers = _SKIPPED
 
 
+class Gate:
+    """A counting gate with FIFO waiters (what ``asyncio.Semaphore`` is, plus a bounded wait
+    that tells a timeout apart, and a hand-over that keeps the count when a waiter is woken).
+    Synchronous on the fast path: ``try_take`` costs a comparison when a slot is free."""
+
+    __slots__ = ("busy", "limit", "waiters")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.busy = 0
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    def try_take(self) -> bool:
+        if self.busy < self.limit and not self.waiters:
+            self.busy += 1
+            return True
+        return False
+
+    async def wait(self, within: float) -> bool:
+        """Wait up to ``within`` seconds for a place; False when none came in time."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            async with asyncio.timeout(within):
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self.give_back()  # granted as we gave up: pass the place on
+            else:
+                waiter.cancel()
+                with contextlib.suppress(ValueError):  # give_back skips it anyway
+                    self.waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                return False
+            raise
+        return True
+
+    def give_back(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the place changes hands: ``busy`` stays
+                return
+        self.busy = max(0, self.busy - 1)
+
+
 class UpstreamPool:
-    """One aiohttp session for the process; counts requests in flight per backend."""
+    """One aiohttp session for the process; bounds and counts requests in flight per backend.
+
+    A request takes a slot (``try_acquire``, else ``wait_for_slot``) before it is sent and
+    gives it back with ``release`` once its response is done with; a freed slot goes to the
+    longest waiter.  A request whose body is streamed (too large to buffer) holds its slot for
+    as long as its client takes to send it, so those take at most half of a backend's slots
+    (``streamed=True``): uploads trickling from slow clients cannot starve everyone else."""
 
     def __init__(self, *, pool_size: int, timeouts: EdgeTimeouts) -> None:
         self.pool_size = pool_size
         self.timeouts = timeouts
-        #: Requests in flight per backend URL: the load signal for ``pick_backend``.
+        #: Requests in flight per backend URL, waiters for a slot included: the load signal
+        #: for ``pick_backend``.
         self.outstanding: dict[str, int] = {}
+        self._slots: dict[str, Gate] = {}
+        self._streams: dict[str, Gate] = {}
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}
         self._timeout = aiohttp.ClientTimeout(
@@ -212,8 +314,10 @@ class UpstreamPool:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
+            # The bound per backend is ours (``Gate``): aiohttp's would count the wait for a
+            # slot as connect time.  Idle connections stay bounded by the peak in flight.
             limit=0,
-            limit_per_host=self.pool_size,
+            limit_per_host=0,
             keepalive_timeout=self.timeouts.upstream_idle,
             ttl_dns_cache=60,
         )
@@ -232,11 +336,66 @@ class UpstreamPool:
             await self._session.close()
             self._session = None
 
-    def acquire(self, backend: str) -> None:
-        self.outstanding[backend] = self.outstanding.get(backend, 0) + 1
+    def _gate(self, backend: str) -> Gate:
+        gate = self._slots.get(backend)
+        if gate is None:
+            gate = self._slots[backend] = Gate(self.pool_size)
+        return gate
 
-    def release(self, backend: str) -> None:
+    def _stream_gate(self, backend: str) -> Gate:
+        gate = self._streams.get(backend)
+        if gate is None:
+            gate = self._streams[backend] = Gate(max(1, self.pool_size // 2))
+        return gate
+
+    def try_acquire(self, backend: str, *, streamed: bool = False) -> bool:
+        """Count a request for ``backend`` and take a slot if one is free (the usual case).
+        False: the request is counted but must ``wait_for_slot``."""
+        self.outstanding[backend] = self.outstanding.get(backend, 0) + 1
+        if streamed:
+            return False  # rare: always through wait_for_slot (two gates)
+        return self._gate(backend).try_take()
+
+    async def wait_for_slot(self, backend: str, within: float, *, streamed: bool = False) -> None:
+        """After ``try_acquire`` said False: wait up to ``within`` seconds for a slot (and,
+        for a streamed body, a place in the streamed share).  Raises ``UpstreamFailure(POOL)``
+        (the request is then no longer counted) when none came."""
+        try:
+            if streamed:
+                stream = self._stream_gate(backend)
+                if not stream.try_take() and not await stream.wait(within):
+                    raise UpstreamFailure(
+                        FailureKind.POOL, f"no place for a streamed body within {within:g}s"
+                    )
+                try:
+                    slots = self._gate(backend)
+                    if not slots.try_take() and not await slots.wait(within):
+                        raise UpstreamFailure(
+                            FailureKind.POOL, f"no free connection within {within:g}s"
+                        )
+                except BaseException:
+                    stream.give_back()
+                    raise
+            elif not await self._gate(backend).wait(within):
+                raise UpstreamFailure(FailureKind.POOL, f"no free connection within {within:g}s")
+        except BaseException:
+            self.outstanding[backend] = self.outstanding.get(backend, 1) - 1
+            raise
+
+    def release(self, backend: str, *, streamed: bool = False) -> None:
+        """The request that took a slot for ``backend`` is done with it."""
         self.outstanding[backend] = self.outstanding.get(backend, 1) - 1
+        gate = self._slots.get(backend)
+        if gate is not None:
+            gate.give_back()
+        if streamed:
+            stream = self._streams.get(backend)
+            if stream is not None:
+                stream.give_back()
+
+    def slots_in_use(self, backend: str) -> int:
+        gate = self._slots.get(backend)
+        return 0 if gate is None else gate.busy
 
     async def send(
         self,
@@ -244,7 +403,7 @@ class UpstreamPool:
         method: str,
         target: str,
         headers: CIMultiDict[str],
-        body: AsyncIterable[bytes] | None,
+        body: bytes | AsyncIterable[bytes] | None,
     ) -> aiohttp.ClientResponse:
         """Send one attempt and return once the response head is in; raises UpstreamFailure.
 
@@ -271,10 +430,12 @@ class UpstreamPool:
         except aiohttp.ServerTimeoutError as exc:
             raise UpstreamFailure(FailureKind.TIMEOUT, f"first byte timeout: {exc}") from None
         except aiohttp.ClientConnectorError as exc:
-            raise UpstreamFailure(FailureKind.CONNECT, str(exc.os_error or exc)) from None
+            kind = FailureKind.LOCAL if is_local_error(exc) else FailureKind.CONNECT
+            raise UpstreamFailure(kind, str(exc.os_error or exc)) from None
         except aiohttp.ClientResponseError as exc:
             raise UpstreamFailure(FailureKind.PROTOCOL, exc.message) from None
         except (aiohttp.ClientError, ConnectionError, OSError) as exc:
-            raise UpstreamFailure(FailureKind.RESET, type(exc).__name__ + ": " + str(exc)) from None
+            kind = FailureKind.LOCAL if is_local_error(exc) else FailureKind.RESET
+            raise UpstreamFailure(kind, type(exc).__name__ + ": " + str(exc)) from None
         except TimeoutError:
             raise UpstreamFailure(FailureKind.TIMEOUT, "first byte timeout") from None

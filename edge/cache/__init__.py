@@ -81,9 +81,11 @@ Metrics (a collector on the registry, plain integer counters on the hot path):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hmac
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -146,6 +148,7 @@ from .policy import (
     usable_on_error,
     worth_storing,
 )
+from .purge_queue import PurgeBacklog
 from .redis_l2 import NO_LOCK, PurgeMessage, RedisL2
 from .store import MemoryStore
 
@@ -212,6 +215,8 @@ class RequestInfo(NamedTuple):
     authorized: bool
     if_none_match: bytes | None
     if_modified_since: bytes | None
+    #: The request carries a Cookie: stored only with the origin's own freshness (policy).
+    cookie: bool = False
 
 
 class Prepared(NamedTuple):
@@ -246,23 +251,50 @@ class Lookup(NamedTuple):
     refresh: bool = False
 
 
-class HitMemo(NamedTuple):
+class HitMemo:
     """The bytes of a HIT (or a STALE answer served while one refresh runs) for one prepared
     request, reusable (``replay_hit``) while ``since <= now < until`` and ``entry`` is still
     the one stored under its key: until then the response stays fresh (or within its
     stale-while-revalidate window) with the same whole-second Age, so ``lookup_prepared``
     would build these very bytes again.  A STALE memo also stands for the refresh its first
-    answer started: at most one refresh is asked for per key and Age second.  Holds its entry:
-    an evicted one lives on until the memo is next used or dropped (the edge keeps a bounded
-    number of memos)."""
+    answer started: at most one refresh is asked for per key and Age second.
 
-    keys: KeyBuilder
-    entry: Entry
-    wire: bytes
-    since: float
-    until: float
-    #: The stale reason for a STALE answer (a metric label), "" for a HIT.
-    stale: str = ""
+    Holds nothing the cache does not count: the entry weakly and the bytes as the entry's own
+    cached response (``Entry.cached_wire``), so an evicted entry is freed at once.  (It held
+    both strongly before: the edge's 4,096 memoised request heads could keep that many evicted
+    responses alive beyond the cache's byte bound.)  ``wire`` is valid after ``replay_hit``
+    returned True."""
+
+    __slots__ = ("_entry", "keys", "since", "slot", "stale", "until")
+
+    def __init__(
+        self,
+        keys: KeyBuilder,
+        entry: Entry,
+        slot: int,
+        since: float,
+        until: float,
+        stale: str = "",
+    ) -> None:
+        self.keys = keys
+        self._entry = weakref.ref(entry)
+        self.slot = slot
+        self.since = since
+        self.until = until
+        #: The stale reason for a STALE answer (a metric label), "" for a HIT.
+        self.stale = stale
+
+    @property
+    def entry(self) -> Entry | None:
+        return self._entry()
+
+    @property
+    def wire(self) -> bytes:
+        entry = self._entry()
+        wire = entry.cached_wire(self.slot) if entry is not None else None
+        if wire is None:
+            raise LookupError("the memoised response is gone (replay_hit said so)")
+        return wire
 
 
 class Filled(NamedTuple):
@@ -286,6 +318,9 @@ class PurgeResult:
     #: primary | url_prefix | path_prefix | tag, and the key, prefix or tag.
     kind: str = ""
     value: bytes = b""
+    #: Redis did not take it now (stalled, down): kept and retried with backoff until it does
+    #: (``meridian_cache_purges_pending``); the L2 copies it covers are not used meanwhile.
+    queued: bool = False
 
 
 class _Outcome(NamedTuple):
@@ -329,6 +364,7 @@ class CacheMetrics(Collector):
         self.bypass: dict[str, int] = {}
         self.coalesced_waiters = 0
         self.redis_errors: dict[str, int] = {}
+        self.purge_retries = 0
 
     @property
     def hits(self) -> dict[str, int]:
@@ -384,6 +420,16 @@ class CacheMetrics(Collector):
             self.redis_errors,
         )
         yield GaugeMetricFamily("meridian_cache_bytes", "Bytes held by L1.", value=store.bytes)
+        yield GaugeMetricFamily(
+            "meridian_cache_purges_pending",
+            "Purges Redis has not taken yet (stalled or down), retried with backoff.",
+            value=len(self._cache.purge_backlog),
+        )
+        yield CounterMetricFamily(
+            "meridian_cache_purge_retries",
+            "Attempts to apply pending purges to Redis.",
+            value=self.purge_retries,
+        )
         yield GaugeMetricFamily("meridian_cache_entries", "Entries held by L1.", value=len(store))
         hits = sum(self.hits.values())
         lookups = hits + self.misses
@@ -420,7 +466,7 @@ def _truncated(response: UpstreamResponse) -> bool:
 # The facade
 
 _REQ_CACHE_CONTROL, _REQ_AUTHORIZATION, _REQ_IF_NONE_MATCH, _REQ_IF_MODIFIED_SINCE = 0, 1, 2, 3
-_REQ_ACCEPT_ENCODING, _REQ_PRECONDITION, _REQ_BODY = 4, 5, 6
+_REQ_ACCEPT_ENCODING, _REQ_PRECONDITION, _REQ_BODY, _REQ_COOKIE = 4, 5, 6, 7
 _REQUEST_FIELDS: Final = {
     b"cache-control": _REQ_CACHE_CONTROL,
     b"authorization": _REQ_AUTHORIZATION,
@@ -433,8 +479,16 @@ _REQUEST_FIELDS: Final = {
     b"if-range": _REQ_PRECONDITION,
     b"content-length": _REQ_BODY,
     b"transfer-encoding": _REQ_BODY,
+    b"cookie": _REQ_COOKIE,
 }
 _AUTH_COALESCE_SUFFIX: Final = b"\x00auth"
+_COOKIE_COALESCE_SUFFIX: Final = b"\x00cookie"
+#: The key memo lives outside the cache's bound: 1/16 of it, at most 4 MiB.
+_KEY_MEMO_MAX: Final = 4 << 20
+
+
+def _key_memo_bytes(config: CacheConfig) -> int:
+    return max(64 * 1024, min(_KEY_MEMO_MAX, config.memory // 16))
 
 
 class HttpCache:
@@ -455,6 +509,7 @@ class HttpCache:
         cross_instance_wait: float = 1.0,
         purge_race_window: float = 30.0,
         instance_id: str | None = None,
+        purge_backlog: PurgeBacklog | None = None,
     ) -> None:
         """``clock`` is wall time (freshness is compared with origin Dates).  ``l2`` is built
         from ``config.redis_url`` when not given.  ``cross_instance_wait`` bounds how long a
@@ -477,7 +532,7 @@ class HttpCache:
             + self._extra_head
             + b"x-cache: MISS\r\n\r\n"
         )
-        self.keys = KeyBuilder(config.rules)
+        self.keys = KeyBuilder(config.rules, memo_bytes=_key_memo_bytes(config))
         self.store = MemoryStore(config.memory, config.max_object, negotiate=negotiate)
         self._coalescer: Coalescer[_Outcome] = Coalescer(
             lock_timeout=config.lock_timeout,
@@ -504,6 +559,9 @@ class HttpCache:
         #: every unsafe request) and the rest (admin prefix/tag purges, rare), in time order.
         self._purged_primaries: dict[bytes, float] = {}
         self._purges: deque[tuple[float, str, bytes]] = deque()
+        #: Purges whose Redis half failed, retried by ``_retry_purges`` until Redis takes them.
+        self.purge_backlog = purge_backlog or PurgeBacklog()
+        self._purge_retrier: asyncio.Task[None] | None = None
         self._bypass: dict[str, Lookup] = {}
         #: The last header list ``storable_head`` parsed, and its meta (see ``_admit``).
         self._head_meta: tuple[Sequence[Header], ResponseMeta] | None = None
@@ -531,6 +589,14 @@ class HttpCache:
 
     async def aclose(self) -> None:
         await self.drain()
+        retrier, self._purge_retrier = self._purge_retrier, None
+        if retrier is not None:
+            retrier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retrier
+        if self.purge_backlog:
+            # Not persisted: a purge Redis never took is lost with this process.
+            log.warning("cache_purges_not_propagated", pending=len(self.purge_backlog))
         if self.l2 is not None:
             await self.l2.aclose()
 
@@ -545,7 +611,7 @@ class HttpCache:
             log.warning("cache_redis_url_change_ignored", reason="restart to change redis_url")
         self.config = config
         self.enabled = config.enabled
-        self.keys = KeyBuilder(config.rules)
+        self.keys = KeyBuilder(config.rules, memo_bytes=_key_memo_bytes(config))
         self.store.max_bytes = config.memory
         self.store.max_object = config.max_object
         self.store.evict()
@@ -607,7 +673,7 @@ class HttpCache:
         key = keys.build(scheme, host, target)
         if key.rule.bypass:
             return Prepared(keys, method, scheme, host, target, headers, key, None, "rule")
-        found: list[bytes | None] = [None, None, None, None, None, None, None]
+        found: list[bytes | None] = [None, None, None, None, None, None, None, None]
         for name, value in headers:
             slot = _REQUEST_FIELDS.get(name)
             if slot is None:
@@ -644,6 +710,7 @@ class HttpCache:
             authorized=found[_REQ_AUTHORIZATION] is not None,
             if_none_match=found[_REQ_IF_NONE_MATCH],
             if_modified_since=found[_REQ_IF_MODIFIED_SINCE],
+            cookie=found[_REQ_COOKIE] is not None,
         )
         return Prepared(keys, method, scheme, host, target, headers, key, request, "")
 
@@ -709,17 +776,22 @@ class HttpCache:
         until = stable_until(entry.response.freshness, now)
         if until <= now:
             return None
+        slot = entry.slot_of(lookup.wire)
+        if slot is None:  # built per request (extra header lines): nothing to replay
+            return None
         stale = lookup.reason if lookup.kind is _STALE else ""
-        return HitMemo(prepared.keys, entry, lookup.wire, now, until, stale)
+        return HitMemo(prepared.keys, entry, slot, now, until, stale)
 
     def replay_hit(self, memo: HitMemo, now: float) -> bool:
         """Whether ``memo.wire`` is still this cache's answer at ``now``; counted (as an L1 hit
         or a stale answer) when it is.  One dict lookup and a few comparisons."""
         entry = memo.entry
         if (
-            memo.since <= now < memo.until
+            entry is not None
+            and memo.since <= now < memo.until
             and memo.keys is self.keys
             and self.store.get_key(entry.key) is entry
+            and entry.cached_wire(memo.slot) is not None
         ):
             entry.visited = True
             if memo.stale:
@@ -750,7 +822,9 @@ class HttpCache:
             return "lookup"
         meta = response_meta(headers)
         self._head_meta = (headers, meta)  # _admit reuses it for the same header list
-        reason = uncacheable_reason(b"GET", status, request.cc, request.authorized, meta, key.rule)
+        reason = uncacheable_reason(
+            b"GET", status, request.cc, request.authorized, meta, key.rule, request.cookie
+        )
         if reason is not None:
             return reason
         now = self.clock()
@@ -824,8 +898,10 @@ class HttpCache:
             if not names
             else variant_key(key.primary, names, vary_key(names, request.headers, self._negotiate))
         )
-        # Requests with Authorization never wait on (or lead) anonymous ones.
-        return coalesce_key + _AUTH_COALESCE_SUFFIX if request.authorized else coalesce_key
+        # Requests with Authorization (or a Cookie) never wait on (or lead) anonymous ones.
+        if request.authorized:
+            return coalesce_key + _AUTH_COALESCE_SUFFIX
+        return coalesce_key + _COOKIE_COALESCE_SUFFIX if request.cookie else coalesce_key
 
     def _usable_by(self, entry: Entry, request: RequestInfo) -> bool:
         response = entry.response
@@ -866,8 +942,19 @@ class HttpCache:
                 # A purge or an invalidation deletes in Redis in the background: a copy
                 # received before it must not come back from L2 in the meantime.
                 received = shared.response.freshness.response_time
-                if (self._purges or self._purged_primaries) and self._purged_since(
-                    shared, received
+                if (
+                    (self._purges or self._purged_primaries)
+                    and self._purged_since(shared, received)
+                ) or (
+                    # Still in Redis because a purge could not reach it yet: however long
+                    # Redis was away, what that purge covers must not come back from it.
+                    self.purge_backlog
+                    and self.purge_backlog.covers(
+                        shared.primary,
+                        shared.url,
+                        shared.response.surrogate_keys,
+                        received,
+                    )
                 ):
                     found = None
                 elif self._usable_by(shared, request):
@@ -985,7 +1072,7 @@ class HttpCache:
         self._head_meta = None
         rule = key.rule
         reason = uncacheable_reason(
-            b"GET", response.status, request.cc, request.authorized, meta, rule
+            b"GET", response.status, request.cc, request.authorized, meta, rule, request.cookie
         )
         if reason is not None:
             return None, reason
@@ -1061,7 +1148,9 @@ class HttpCache:
             )
         )
         outcome = _Outcome(refreshed, None, X_CACHE_REVALIDATED, _FROM_ORIGIN)
-        reason = uncacheable_reason(b"GET", old.status, request.cc, request.authorized, meta, rule)
+        reason = uncacheable_reason(
+            b"GET", old.status, request.cc, request.authorized, meta, rule, request.cookie
+        )
         if reason is not None:
             if reason in _SUPERSEDING:
                 self.store.remove_entry(stale)  # the origin now forbids storing it
@@ -1112,7 +1201,7 @@ class HttpCache:
             primary = self.keys.from_url(url).primary
             removed += self._apply_purge("primary", primary)
             if self.l2 is not None:
-                self._spawn(self._propagate("primary", primary))
+                self._spawn(self._propagate("primary", primary, self.clock()))
         return removed
 
     async def purge_url(self, url: str) -> PurgeResult:
@@ -1151,27 +1240,49 @@ class HttpCache:
         return self._apply_purge(kind, value)
 
     async def _purge(self, kind: str, value: bytes) -> PurgeResult:
+        at = self.clock()
         local = self._apply_purge(kind, value)
-        shared, propagated = 0, False
-        if self.l2 is not None:
-            shared = await self._purge_l2(kind, value)
-            propagated = await self.l2.publish(kind, value)
-        return PurgeResult(local, shared, propagated, kind, value)
+        if self.l2 is None:
+            return PurgeResult(local, 0, False, kind, value)
+        shared = await self.l2.apply_purge(kind, value)
+        if shared is None:
+            self._queue_purge(kind, value, at)
+            return PurgeResult(local, 0, False, kind, value, queued=True)
+        return PurgeResult(local, shared, True, kind, value)
 
-    async def _propagate(self, kind: str, value: bytes) -> None:
+    async def _propagate(self, kind: str, value: bytes, at: float) -> None:
         assert self.l2 is not None
-        await self._purge_l2(kind, value)
-        await self.l2.publish(kind, value)
+        if await self.l2.apply_purge(kind, value) is None:
+            self._queue_purge(kind, value, at)
 
-    async def _purge_l2(self, kind: str, value: bytes) -> int:
-        assert self.l2 is not None
-        if kind == "primary":
-            return await self.l2.purge_primary(value)
-        if kind == "tag":
-            return await self.l2.purge_tag(value.decode("utf-8"))
-        if kind == "url_prefix":
-            return await self.l2.purge_url_prefix(value)
-        return await self.l2.purge_path_prefix(value)
+    def _queue_purge(self, kind: str, value: bytes, at: float) -> None:
+        """Keep a purge Redis did not take, and make sure something retries it."""
+        self.purge_backlog.add(kind, value, at)
+        log.warning(
+            "cache_purge_queued", kind=kind, pending=len(self.purge_backlog), reason="redis"
+        )
+        if self._purge_retrier is None or self._purge_retrier.done():
+            self._purge_retrier = asyncio.ensure_future(self._retry_purges())
+
+    async def _retry_purges(self) -> None:
+        """Apply pending purges to Redis until there are none: delete and broadcast each, with
+        backoff between failed rounds (each attempt also probes Redis past an open breaker)."""
+        backlog, l2 = self.purge_backlog, self.l2
+        assert l2 is not None
+        while backlog:
+            await asyncio.sleep(backlog.delay())
+            for item in backlog.batch():
+                self.metrics.purge_retries += 1
+                if await l2.apply_purge(item.kind, item.value, force=True) is None:
+                    backlog.failed()
+                    break
+                backlog.done(item)
+                log.info(
+                    "cache_purge_propagated",
+                    kind=item.kind,
+                    late_by=round(self.clock() - item.at, 3),
+                    pending=len(backlog),
+                )
 
     def _apply_purge(self, kind: str, value: bytes) -> int:
         """Purge L1 and remember the purge so racing fills are not stored."""

@@ -77,6 +77,15 @@ def normalise_host(host: bytes, scheme: bytes) -> bytes:
     return name + b":" + port
 
 
+def prefix_matches(path: str, prefix: str) -> bool:
+    """A rule's path prefix matches on a segment boundary: ``/api/v1/symbols`` covers
+    ``/api/v1/symbols`` and ``/api/v1/symbols/x``, never ``/api/v1/symbolsX`` (a prefix
+    ending in ``/`` covers everything under it).  The router uses the same rule."""
+    if not path.startswith(prefix):
+        return False
+    return len(path) == len(prefix) or prefix.endswith("/") or path[len(prefix)] == "/"
+
+
 def _param_name(param: bytes) -> bytes:
     return param.partition(b"=")[0]
 
@@ -128,26 +137,38 @@ def split_target(target: bytes) -> tuple[bytes, bytes | None, bytes | None]:
     return target, None, None
 
 
+#: Bytes of Python objects per memoised key beyond its strings' lengths (the dict slot, the
+#: (scheme, host, target) tuple, the CacheKey and five bytes objects' headers), measured on
+#: CPython 3.11 (about 480) and rounded up.
+MEMO_KEY_OVERHEAD: Final = 560
+
+
 class KeyBuilder:
     """Builds primary keys, memoised per (scheme, host, raw target).
 
     The hot path sees the same few thousand URLs over and over, so a hit is one dict lookup.
     The memo is bounded: when full it is simply cleared (no per-hit LRU bookkeeping; it refills
-    with whatever is hot within a few requests).
+    with whatever is hot within a few requests).  Full means ``memo_size`` keys or about
+    ``memo_bytes`` bytes of them (``MEMO_KEY_OVERHEAD`` plus the strings each memoised key
+    holds): it lives outside the cache's byte bound, so it must stay small in RSS too.
     """
 
-    __slots__ = ("_memo", "_memo_size", "_rules")
+    __slots__ = ("_memo", "_memo_bytes", "_memo_limit", "_memo_size", "_rules")
 
-    def __init__(self, rules: Sequence[CacheRule], *, memo_size: int = 65536) -> None:
+    def __init__(
+        self, rules: Sequence[CacheRule], *, memo_size: int = 65536, memo_bytes: int = 4 << 20
+    ) -> None:
         # Longest prefix first, so the most specific rule wins whatever the config order.
         self._rules = tuple(sorted(rules, key=lambda r: len(r.path_prefix), reverse=True))
         self._memo: dict[tuple[bytes, bytes, bytes], CacheKey] = {}
         self._memo_size = memo_size
+        self._memo_limit = memo_bytes
+        self._memo_bytes = 0
 
     def rule_for(self, path: bytes) -> CacheRule:
         text = path.decode("latin-1")
         for rule in self._rules:
-            if text.startswith(rule.path_prefix):
+            if prefix_matches(text, rule.path_prefix):
                 return rule
         return DEFAULT_RULE
 
@@ -157,9 +178,12 @@ class KeyBuilder:
         if key is not None:
             return key
         key = self._build(scheme, host, target)
-        if len(self._memo) >= self._memo_size:
+        cost = MEMO_KEY_OVERHEAD + len(host) + len(target) + 4 * len(key.url)
+        if len(self._memo) >= self._memo_size or self._memo_bytes + cost > self._memo_limit:
             self._memo.clear()
+            self._memo_bytes = 0
         self._memo[memo_key] = key
+        self._memo_bytes += cost
         return key
 
     def _build(self, scheme: bytes, host: bytes, target: bytes) -> CacheKey:
@@ -281,6 +305,7 @@ __all__ = [
     "normalise_host",
     "normalise_query",
     "normalise_value",
+    "prefix_matches",
     "split_target",
     "variant_key",
     "vary_key",

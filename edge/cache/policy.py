@@ -411,11 +411,17 @@ def uncacheable_reason(
     authorized: bool,
     meta: ResponseMeta,
     rule: CacheRule,
+    cookie: bool = False,
 ) -> str | None:
     """Why a response may not be stored (RFC 9111 3), or None when it may.
 
     Only responses to GET are stored (a HEAD response has no body to serve a GET with; the edge
     fills HEAD misses with a GET).  The reason doubles as a metric/log label.
+
+    ``cookie``: the request carried a Cookie.  Its response is stored only when the origin
+    itself gave it a shared lifetime (``public``, ``s-maxage``, ``max-age`` or ``Expires``):
+    a rule's ttl (forced or not) or a heuristic never stores it, since an origin silent about
+    caching may well have personalised it (Varnish's builtin VCL passes such requests).
     """
     if method != b"GET":
         return "method"
@@ -439,6 +445,8 @@ def uncacheable_reason(
     explicit = (
         cc.s_maxage is not None or cc.max_age is not None or meta.expires is not None or cc.public
     )
+    if cookie and not explicit:
+        return "cookie"
     if status not in CACHEABLE_BY_DEFAULT and not explicit:
         return "status"
     return None
@@ -456,6 +464,7 @@ def storable(
             header(request_headers, b"authorization") is not None,
             response_meta(response_headers),
             rule,
+            header(request_headers, b"cookie") is not None,
         )
         is None
     )

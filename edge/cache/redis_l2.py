@@ -333,11 +333,17 @@ class RedisL2:
     # Guarded calls
 
     async def _call(
-        self, op: str, make: Callable[[], Awaitable[T]], deadline: float | None = None
+        self,
+        op: str,
+        make: Callable[[], Awaitable[T]],
+        deadline: float | None = None,
+        *,
+        force: bool = False,
     ) -> T | _Skipped:
         """Run one Redis operation within ``deadline`` seconds (default: the per-call timeout),
-        unless the breaker is open; any failure is counted and becomes ``_SKIPPED``."""
-        if not self.breaker.allow(self._monotonic()):
+        unless the breaker is open (``force``: even then, as a probe: a retried purge must
+        not wait out every cool-down); any failure is counted and becomes ``_SKIPPED``."""
+        if not self.breaker.allow(self._monotonic()) and not force:
             return _SKIPPED
         try:
             async with asyncio.timeout(deadline if deadline is not None else self.timeout):
@@ -475,9 +481,35 @@ class RedisL2:
     # ----------------------------------------------------------------------------------------
     # Purges
 
+    async def apply_purge(self, kind: str, value: bytes, *, force: bool = False) -> int | None:
+        """A purge's whole Redis half: delete what it covers from L2, then broadcast it to the
+        POP's other instances (in that order: an instance that drops its L1 on the message
+        cannot refill from L2 what the purge covers).  Returns the keys deleted, or None when
+        either step failed (the caller keeps the purge and retries: both are idempotent).
+        The broadcast is attempted even when the delete failed (a slow SCAN): the other
+        instances then at least drop their L1."""
+        deleted = await self._purge(kind, value, force)
+        published = await self._publish(kind, value, force)
+        if isinstance(deleted, _Skipped) or not published:
+            return None
+        return deleted
+
+    async def _purge(self, kind: str, value: bytes, force: bool) -> int | _Skipped:
+        if kind == "primary":
+            return await self._purge_primary(value, force)
+        if kind == "tag":
+            return await self._purge_tag(value.decode("utf-8"), force)
+        if kind == "url_prefix":
+            return await self._purge_url_prefix(value, force)
+        if kind == "path_prefix":
+            return await self._purge_path_prefix(value, force)
+        raise ValueError(f"unknown purge kind {kind!r}")
+
     async def purge_primary(self, primary: bytes) -> int:
         """Delete every stored variant of a resource; returns keys deleted (0 if skipped)."""
+        return _count(await self._purge_primary(primary, False))
 
+    async def _purge_primary(self, primary: bytes, force: bool) -> int | _Skipped:
         async def purge() -> int:
             variants = cast("set[bytes]", await self._redis.smembers(self._key(b"s:", primary)))
             keys = [self._key(b"e:", primary), self._key(b"v:", primary)]
@@ -485,34 +517,43 @@ class RedisL2:
             keys.extend(self._key(b"e:", k) for k in variants)
             return int(await self._redis.delete(*keys))
 
-        result = await self._call("purge", purge, self.admin_timeout)
-        return 0 if isinstance(result, _Skipped) else result
+        return await self._call("purge", purge, self.admin_timeout, force=force)
 
     async def purge_tag(self, tag: str) -> int:
+        return _count(await self._purge_tag(tag, False))
+
+    async def _purge_tag(self, tag: str, force: bool) -> int | _Skipped:
         async def purge() -> int:
             tag_key = self._key(b"t:", tag.encode())
             members = cast("set[bytes]", await self._redis.smembers(tag_key))
             return await self._delete_batched([self._key(b"e:", k) for k in members] + [tag_key])
 
-        result = await self._call("purge", purge, self.admin_timeout)
-        return 0 if isinstance(result, _Skipped) else result
+        return await self._call("purge", purge, self.admin_timeout, force=force)
 
     async def purge_url_prefix(self, prefix: bytes) -> int:
         """Delete responses whose URL starts with ``prefix`` (``https://host/path``)."""
+        return _count(await self._purge_url_prefix(prefix, False))
+
+    async def _purge_url_prefix(self, prefix: bytes, force: bool) -> int | _Skipped:
         pattern = self._key(b"e:G|", glob_escape(prefix)) + b"*"
-        return await self._scan_delete(pattern, lambda url: url.startswith(prefix))
+        return await self._scan_delete(pattern, lambda url: url.startswith(prefix), force)
 
     async def purge_path_prefix(self, prefix: bytes) -> int:
         """Delete responses whose path, on any host, starts with ``prefix``."""
+        return _count(await self._purge_path_prefix(prefix, False))
+
+    async def _purge_path_prefix(self, prefix: bytes, force: bool) -> int | _Skipped:
         pattern = self._key(b"e:G|", b"*://*") + glob_escape(prefix) + b"*"
 
         def matches(url: bytes) -> bool:
             start = url.find(b"/", url.find(b"://") + 3)
             return start != -1 and url.startswith(prefix, start)
 
-        return await self._scan_delete(pattern, matches)
+        return await self._scan_delete(pattern, matches, force)
 
-    async def _scan_delete(self, pattern: bytes, matches: Callable[[bytes], bool]) -> int:
+    async def _scan_delete(
+        self, pattern: bytes, matches: Callable[[bytes], bool], force: bool
+    ) -> int | _Skipped:
         skip = len(self._ns) + len(b"e:G|")
 
         async def purge() -> int:
@@ -523,8 +564,7 @@ class RedisL2:
                     doomed.append(key)
             return await self._delete_batched(doomed)
 
-        result = await self._call("purge", purge, self.admin_timeout)
-        return 0 if isinstance(result, _Skipped) else result
+        return await self._call("purge", purge, self.admin_timeout, force=force)
 
     async def _delete_batched(self, keys: Sequence[bytes]) -> int:
         deleted = 0
@@ -533,8 +573,13 @@ class RedisL2:
         return deleted
 
     async def publish(self, kind: str, value: bytes) -> bool:
+        return await self._publish(kind, value, False)
+
+    async def _publish(self, kind: str, value: bytes, force: bool) -> bool:
         message = PurgeMessage(kind, value, self.instance_id).encode()
-        result = await self._call("publish", lambda: self._redis.publish(self.channel, message))
+        result = await self._call(
+            "publish", lambda: self._redis.publish(self.channel, message), force=force
+        )
         return not isinstance(result, _Skipped)
 
     # ----------------------------------------------------------------------------------------
@@ -597,6 +642,10 @@ class RedisL2:
             self._subscriber = None
         with contextlib.suppress(Exception):  # closing a pool whose server died: nothing to say
             await self._redis.aclose()
+
+
+def _count(result: int | _Skipped) -> int:
+    return 0 if isinstance(result, _Skipped) else result
 
 
 def _error_reason(exc: BaseException) -> str:

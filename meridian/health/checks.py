@@ -2,12 +2,18 @@
 
 Every check opens a fresh connection (as HAProxy does): a pooled keep-alive connection would
 keep answering from a process that no longer accepts new ones.
+
+A check that fails because of this machine (out of file descriptors, socket buffers, memory or
+local ports: ``is_local_error``) says nothing about the target: its outcome is ``local`` and
+the monitor leaves the target's state alone (and counts it), instead of marking every backend
+down at once when the edge runs out of descriptors.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import time
 from dataclasses import dataclass
@@ -23,12 +29,36 @@ MAX_BODY_BYTES = 64 * 1024
 USER_AGENT = "meridian-health-check"
 
 
+#: errno values that describe this machine, not the peer: out of descriptors (process,
+#: system), of socket buffers or memory, of local ports.
+LOCAL_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
+)
+
+
+def is_local_error(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an error it wraps, is a local resource error (``LOCAL_ERRNOS``)."""
+    for _ in range(5):  # a wrapped error's chain, not an endless one
+        if exc is None:
+            return False
+        if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS:
+            return True
+        exc = getattr(exc, "os_error", None) or exc.__cause__ or exc.__context__
+    return False
+
+
+class LocalResourceError(Exception):
+    """A check could not run for want of a local resource (see ``is_local_error``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class CheckOutcome:
     ok: bool
     #: What the check saw: ``status 200``, ``timeout after 2s``, ``connect failed: ...``.
     reason: str
     seconds: float
+    #: The check failed for a reason of this machine (``is_local_error``): no evidence.
+    local: bool = False
 
 
 def check_url(target: TargetInfo, config: HealthConfig) -> str:
@@ -61,11 +91,14 @@ class Prober:
     async def check(self, target: TargetInfo, config: HealthConfig) -> CheckOutcome:
         started = time.perf_counter()
         url = check_url(target, config)
-        if config.kind == "tcp":
-            ok, reason = await tcp_check(url, config.timeout)
-        else:
-            assert self._session is not None, "Prober.start() was not awaited"
-            ok, reason = await http_check(self._session, url, config)
+        try:
+            if config.kind == "tcp":
+                ok, reason = await tcp_check(url, config.timeout)
+            else:
+                assert self._session is not None, "Prober.start() was not awaited"
+                ok, reason = await http_check(self._session, url, config)
+        except LocalResourceError as exc:
+            return CheckOutcome(False, str(exc), time.perf_counter() - started, local=True)
         return CheckOutcome(ok, reason, time.perf_counter() - started)
 
 
@@ -87,10 +120,12 @@ async def http_check(
     except TimeoutError:  # aiohttp's connect and read timeouts are TimeoutErrors too
         return False, f"timeout after {config.timeout:g}s"
     except aiohttp.ClientConnectorError as exc:
+        _raise_if_local(exc)
         return False, f"connect failed: {_os_reason(exc.os_error)}"
     except aiohttp.ServerDisconnectedError:
         return False, "closed without answering"
     except (aiohttp.ClientError, OSError) as exc:
+        _raise_if_local(exc)
         return False, f"{type(exc).__name__}: {exc}"
 
 
@@ -107,8 +142,21 @@ async def tcp_check(url: str, seconds: float) -> tuple[bool, str]:
     except TimeoutError:
         return False, f"timeout after {seconds:g}s"
     except OSError as exc:
+        _raise_if_local(exc)
         return False, f"connect failed: {_os_reason(exc)}"
     return True, "connected"
+
+
+def _raise_if_local(exc: BaseException) -> None:
+    if is_local_error(exc):
+        raise LocalResourceError(f"local error: {_os_reason(_os_error(exc))}") from exc
+
+
+def _os_error(exc: BaseException) -> OSError:
+    found = getattr(exc, "os_error", None)
+    if isinstance(found, OSError):
+        return found
+    return exc if isinstance(exc, OSError) else OSError(str(exc))
 
 
 async def _read_prefix(response: aiohttp.ClientResponse, limit: int) -> bytes:

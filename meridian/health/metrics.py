@@ -19,6 +19,7 @@ class HealthMetrics:
     check_seconds: Histogram
     ejections: Counter
     redis_connected: Gauge
+    check_local_errors: Counter
 
 
 # Registering a name twice in one registry raises; two monitors sharing a registry (GeoDNS and
@@ -73,6 +74,13 @@ def metrics_for(registry: CollectorRegistry) -> HealthMetrics:
                 "meridian_health_redis_connected",
                 "1 while health sharing through Redis is connected",
                 ["channel"],
+                registry=registry,
+            ),
+            check_local_errors=Counter(
+                "meridian_health_check_local_errors",
+                "Active checks that could not run for want of a local resource (EMFILE, "
+                "ENFILE, ENOBUFS, ...): no evidence about the target, its state is kept",
+                ["target"],
                 registry=registry,
             ),
         )

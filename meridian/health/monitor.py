@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 
 log = get_logger("health")
 
+#: Seconds between two log lines about checks failing for a local reason.
+LOCAL_ERROR_LOG_INTERVAL = 10.0
+
 
 class HealthMonitor:
     """Knows which backends, regions and POPs can serve; see the module docstring.
@@ -85,6 +88,9 @@ class HealthMonitor:
                 on_connected=self._on_redis_connected,
             )
             self._metrics.redis_connected.labels(self._peers.channel).set(0)
+        #: Local check errors since the last line about them, and when the next may be logged.
+        self._local_errors = 0
+        self._local_log_after = float("-inf")
         self._gauge_labels: set[tuple[str, str, str]] = set()
         self._region_labels: set[str] = set()
         self._update_gauges()
@@ -263,6 +269,23 @@ class HealthMonitor:
 
     def _on_check(self, name: str, outcome: CheckOutcome) -> None:
         self._metrics.check_seconds.labels(name).observe(outcome.seconds)
+        if outcome.local:
+            # This machine is out of something (descriptors, buffers): the check says
+            # nothing about the target.  Counted and logged (throttled), state kept.
+            self._metrics.check_local_errors.labels(name).inc()
+            self._local_errors += 1
+            now = self._clock()
+            if now >= self._local_log_after:
+                self._local_log_after = now + LOCAL_ERROR_LOG_INTERVAL
+                log.warning(
+                    "health_check_local_error",
+                    target=name,
+                    reason=outcome.reason,
+                    count=self._local_errors,
+                    pop=self._pop or "",
+                )
+                self._local_errors = 0
+            return
         before = self._book.deadline(name)
         transitions = self._book.check(name, outcome.ok, outcome.reason, self._clock())
         # A new deadline changes ttl_hint even without a transition, so it is published too.
