@@ -31,9 +31,10 @@ Both paths use the pure :func:`~geodns.selection.select` for the answer.
 
 from __future__ import annotations
 
-import ipaddress
 import struct
-from collections.abc import Callable
+import time
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -51,36 +52,39 @@ import dns.rdtypes.ANY.HINFO
 import dns.rrset
 
 from geodns import wire
+from geodns.compiled import (
+    AddressMap,
+    AnswerTable,
+    build_address_map,
+    compile_table,
+    group_key,
+    widest_scope_plain,
+)
 from geodns.selection import HealthView, Selection, select, ttl_of
 from geodns.wire import Query, WireError
 from geodns.zone import GeoName, IPAddress, Zone, name_key
-from meridian.geo import ClientLocation, Placement
-
-Locate = Callable[[IPAddress], ClientLocation]
-#: An IPv4 address as an int -> its placement and the prefix length of the network it holds for.
-LocateV4 = Callable[[int], tuple[Placement, int]]
+from meridian.geo import GeoLocator
 
 _RR_FIXED = struct.Struct("!HHIH")
 _SOA_NUMBERS = struct.Struct("!IIIII")
 #: A header after its ID: flags, qdcount, ancount, nscount, arcount.
 _HEADER_TAIL = struct.Struct("!HHHHH")
 FAMILY_OF_QTYPE = {wire.TYPE_A: 4, wire.TYPE_AAAA: 6}
-#: The last four bytes of a question the fast path answers (type, class IN) -> (family, type).
-#: ANY (family 0) answers the one address family of the name (RFC 8482), decided per name.
-_QUESTION_TAILS = {
-    b"\x00\x01\x00\x01": (4, wire.TYPE_A),
-    b"\x00\x1c\x00\x01": (6, wire.TYPE_AAAA),
-    b"\x00\xff\x00\x01": (0, wire.TYPE_ANY),
-}
+#: The last four bytes of a question the fast path answers (type, class IN) -> (slot, type):
+#: the slot of the compiled answers (ANY answers the one address family of the name, RFC 8482).
+_QUESTION_TAILS = {b"\x00\x01\x00\x01": 0, b"\x00\x1c\x00\x01": 1, b"\x00\xff\x00\x01": 2}
+_SLOT_QTYPES = (wire.TYPE_A, wire.TYPE_AAAA, wire.TYPE_ANY)
 #: qdcount 1, ancount 0, nscount 0.
 _COUNTS = b"\x00\x01\x00\x00\x00\x00"
-#: Memoized bodies kept before the table is simply emptied (a fresh start is cheap).
+#: Memoized replies kept before the table is simply emptied (a fresh start is cheap).
 MEMO_LIMIT = 200_000
-#: IPv4 places kept, by (placement, prefix length): a few thousand at most for the shipped
-#: database (about 160 placements); a city database may have many more.
-PLACE_LIMIT = 32_768
+#: Address maps kept (by database file, overrides and what selection reads): tests and reloads
+#: of an unchanged world reuse one.
+_MAP_CACHE: dict[tuple[object, ...], AddressMap] = {}
 
 
+#: ECS scope prefix lengths as the byte the reply carries.
+_SCOPE_BYTES = tuple(bytes((n,)) for n in range(129))
 #: Zone transfers are refused (REFUSED, like a question outside the zone).
 _TRANSFER_TYPES = frozenset({wire.TYPE_IXFR, wire.TYPE_AXFR})
 #: Static bodies kept (NXDOMAIN, NODATA, apex, glue, by name and type; REFUSED by type) before
@@ -213,23 +217,35 @@ def _body(
 
 
 class _Entry(NamedTuple):
-    """A memoized answer: the body, and for a TTL bound by a pending transition what is needed
-    to recompute that TTL per query (the choice itself holds for the health generation)."""
+    """A compiled answer whose TTL a pending transition bounds: what is needed to recompute
+    that TTL per query (the choice itself holds for the health generation)."""
 
     body: _Body
-    selection: Selection | None
+    selection: Selection
     geo: GeoName
     qtype: int
+    family: int
 
 
-class _Place(NamedTuple):
-    """A client location and the number of what selection reads of it (equal numbers: equal
-    answers)."""
+class _Slot(NamedTuple):
+    """The compiled answers of one answer class to one query type: the table, and per answer
+    number its body and (for a TTL bound by a pending transition) its entry."""
 
-    location: ClientLocation
-    number: int
-    #: The ECS scope byte to answer with, by ECS family (1: IPv4, 2: IPv6).
-    scopes: tuple[bytes, bytes, bytes]
+    table: AnswerTable
+    bodies: tuple[_Body, ...]
+    timed: tuple[_Entry | None, ...]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Compiled:
+    """The geo answers for one health snapshot (swapped whole; filled in before the swap,
+    or on first use when compiled lazily)."""
+
+    health: HealthView
+    #: By answer class, then slot (A, AAAA, ANY).
+    slots: list[list[_Slot | None]]
+    #: By answer class and family (4, 6).
+    tables: list[dict[int, AnswerTable]]
 
 
 def _rdtype(value: int) -> dns.rdatatype.RdataType:
@@ -242,27 +258,12 @@ def _wire_name(name: dns.name.Name) -> bytes:
     return data
 
 
-def _scope(query: Query, location: ClientLocation) -> int:
-    """RFC 7871 SCOPE PREFIX-LENGTH: the prefix over which the answer holds (the located
-    network, never wider); 0 when the client asked us not to use its subnet (source 0)."""
+def _ecs_of(query: Query) -> wire.ClientSubnet | None:
+    """The query's ECS option when it gives a subnet (source 0 asks us not to use one)."""
     ecs = query.edns.ecs if query.edns is not None else None
     if ecs is None or ecs.source_prefix == 0:
-        return 0
-    return _scope_of(ecs.family, location)
-
-
-def _scope_of(family: int, location: ClientLocation) -> int:
-    network = location.network
-    if family == 2 and network.version == 4:  # an IPv4-mapped IPv6 subnet
-        return min(128, 96 + network.prefixlen)
-    return min(wire.FAMILY_BITS[family], network.prefixlen)
-
-
-def _client_address(query: Query, source: IPAddress) -> IPAddress:
-    ecs = query.edns.ecs if query.edns is not None else None
-    if ecs is None or ecs.source_prefix == 0:
-        return source
-    return ecs.ip()
+        return None
+    return ecs
 
 
 def _udp_limit(query: Query, tcp: bool, ours: int) -> int:
@@ -274,17 +275,21 @@ def _udp_limit(query: Query, tcp: bool, ours: int) -> int:
 
 
 class Responder:
-    """Answers for one config snapshot; build a new one on reload (its memo goes with it)."""
+    """Answers for one config snapshot; build a new one on reload (its memo goes with it).
 
-    def __init__(self, zone: Zone, locate: Locate, locate_v4: LocateV4 | None = None) -> None:
+    The geo answers are compiled (:mod:`geodns.compiled`) for a health generation: by
+    default on the first query that brings a new generation (``compile_inline``); a server
+    sets ``compile_inline`` to False, compiles off the hot path (:meth:`compile`) and swaps
+    the result in (:meth:`install`), answering from the previous compilation meanwhile (those
+    replies are not memoized)."""
+
+    def __init__(self, zone: Zone, locator: GeoLocator, *, compile_inline: bool = True) -> None:
         self.zone = zone
-        self.locate = locate
-        #: The integer IPv4 lookup; without one, IPv4 clients go through ``locate`` too.
-        self.locate_v4 = locate_v4
+        self.locator = locator
+        self.locate = locator.locate
+        self.compile_inline = compile_inline
         self._origin_key = name_key(zone.origin)
         self._memo_generation = -1
-        #: (answer class, query type, place number) -> answer sections, for a health generation.
-        self._memo: dict[tuple[int, int, int], _Entry] = {}
         #: (query bytes after the ID, client, transport) -> reply: a hit skips even parsing.
         self._replies: dict[tuple[bytes, IPAddress, bool], Reply] = {}
         self._soa_labels = {
@@ -311,15 +316,21 @@ class Responder:
         #: The family an ANY question is answered with, by answer class (RFC 8482: one RRset;
         #: A when any candidate has IPv4, as the slow path decides).
         self._any_family: dict[int, int] = {}
+        #: One name (its lowercased wire form) and its geo name per answer class: what the
+        #: class's bodies are rendered for.
+        self._class_names: list[tuple[bytes, GeoName]] = []
         for key, geo in zone.geo_names.items():
             number = classes.setdefault(self._answer_class(key, geo), len(classes))
             self._names[key] = (number, geo)
             self._any_family[number] = 4 if any(t.addresses_of(4) for t in geo.targets) else 6
+            if number == len(self._class_names):
+                self._class_names.append((key, geo))
         self._name_lengths = tuple(sorted({len(key) for key in zone.geo_names}))
-        #: IPv4 places by (placement, prefix length): placements are interned by the locator,
-        #: so this is keyed by identity and stays as small as the database's distinct answers.
-        self._v4_places: dict[tuple[Placement, int], _Place] = {}
-        self._place_numbers: dict[tuple[object, ...], int] = {}
+        self.address_map = _address_map(locator, zone)
+        self._compiled: Compiled | None = None
+        self._reuse: dict[tuple[object, ...], AnswerTable] = {}
+        #: How long the last compilation took.
+        self.compile_seconds = 0.0
         #: Bodies that depend on the question only - NXDOMAIN, NODATA, the apex SOA / NS / ANY,
         #: glue addresses, RFC 8482 HINFO - by (name, type): they hold for the zone's lifetime,
         #: so an "expensive" question costs what a memoized answer costs.
@@ -369,10 +380,80 @@ class Responder:
     def memo_generation(self) -> int:
         return self._memo_generation
 
+    @property
+    def compiled(self) -> Compiled | None:
+        return self._compiled
+
+    def compile(self, health: HealthView, *, eager: bool = True) -> Compiled:
+        """The geo answers under ``health``: every table now (``eager``: what a server does
+        off the hot path, in another thread) or each on first use.  Tables whose answers are
+        those of an earlier generation are reused."""
+        started = time.perf_counter()
+        compiled = Compiled(
+            health,
+            [[None, None, None] for _ in self._class_names],
+            [{} for _ in self._class_names],
+        )
+        if eager:
+            for number in range(len(self._class_names)):
+                for slot in range(3):
+                    self._fill(compiled, number, slot)
+        self.compile_seconds = time.perf_counter() - started
+        return compiled
+
+    def _table(self, compiled: Compiled, number: int, family: int) -> AnswerTable:
+        tables = compiled.tables[number]
+        table = tables.get(family)
+        if table is None:
+            geo = self._class_names[number][1]
+            group = self.address_map.groups[group_key(geo.targets)]
+            table = compile_table(
+                group, self.zone.config, geo, family, compiled.health, self._reuse
+            )
+            tables[family] = table
+        return table
+
+    def _fill(self, compiled: Compiled, number: int, slot: int) -> _Slot:
+        key, geo = self._class_names[number]
+        family = (4, 6, self._any_family[number])[slot]
+        table = self._table(compiled, number, family)
+        qtype = _SLOT_QTYPES[slot]
+        bodies = []
+        timed: list[_Entry | None] = []
+        for selection in table.selections:
+            body = self._render_body(key, qtype, family, selection)
+            bodies.append(body)
+            entry = _Entry(body, selection, geo, qtype, family)
+            timed.append(entry if selection.timed else None)
+        filled = _Slot(table, tuple(bodies), tuple(timed))
+        compiled.slots[number][slot] = filled
+        return filled
+
+    def answer_range(
+        self, qname_key: bytes, family: int, ecs_family: int, address: int, health: HealthView
+    ) -> tuple[int, int, int]:
+        """For the geo name ``qname_key`` asked for ``family`` (4: A, 6: AAAA) by a client at
+        ``address`` (ECS family 1: IPv4, 2: IPv6): the answer number and the first and last
+        address of the widest range around the address that gets the same answer."""
+        table = self._table(self._answers(health), self._names[qname_key][0], family)
+        answer, first, following = table.find(ecs_family, address)
+        return answer, first, following - 1
+
+    def install(self, compiled: Compiled) -> None:
+        """Answer from ``compiled`` from now on (an atomic swap: one attribute)."""
+        self._compiled = compiled
+
+    def _answers(self, health: HealthView) -> Compiled:
+        compiled = self._compiled
+        if compiled is None or (
+            compiled.health.generation != health.generation and self.compile_inline
+        ):
+            compiled = self._compiled = self.compile(health, eager=False)
+        return compiled
+
     def _check_generation(self, health: HealthView) -> None:
         generation = health.generation
-        if generation != self._memo_generation or len(self._memo) > MEMO_LIMIT:
-            self._memo.clear()
+        if generation != self._memo_generation:
             self._replies.clear()
             self._memo_generation = generation
 
@@ -499,9 +580,7 @@ class Responder:
         shape = _QUESTION_TAILS.get(data[end : end + 4]) if found is not None else None
         if found is None or shape is None:
             return self._quick_static(data, size, tcp)
-        family, qtype = shape
-        if not family:  # ANY
-            family = self._any_family[found[0]]
+        slot = shape
         offset = end + 4
         if data[11]:
             fields = _opt_fields(data, offset, size)
@@ -511,41 +590,60 @@ class Responder:
             return None
         else:
             fields = _NO_OPT
-        ecs_family, ecs_source, ecs_start = fields[3], fields[4], fields[5]
+        ecs_family = fields[3]
 
-        # Where the client is: the ECS subnet, else the sender.
-        shared = ecs_source > 0
+        compiled = self._compiled
+        if compiled is None or compiled.health.generation != health.generation:
+            compiled = self._answers(health)
+            current = compiled.health.generation == health.generation
+        else:
+            current = True
+        filled = compiled.slots[found[0]][slot]
+        if filled is None:
+            filled = self._fill(compiled, found[0], slot)
+        table, bodies, timed = filled
+        # Where the client is: the ECS subnet, else the sender; one range lookup.
+        shared = fields[4] > 0
         if shared:
-            address = data[ecs_start + 8 : size]
+            address = data[fields[5] + 8 : size]
             if ecs_family == 1:
-                place = self._place_v4(int.from_bytes(address, "big") << (32 - 8 * len(address)))
+                value = int.from_bytes(address, "big") << (32 - 8 * len(address))
+                starts: Sequence[int] = table.v4_starts
+                answers = table.v4_answers
+                bits = 32
             else:
-                place = self._place(self.locate(ipaddress.IPv6Address(address.ljust(16, b"\0"))))
+                value = int.from_bytes(address, "big") << (128 - 8 * len(address))
+                starts, answers = table.v6_starts, table.v6_answers
+                bits = 128
+            i = bisect_right(starts, value) - 1
+            answer = answers[i]
+            # The ECS scope: the widest network around the address inside its range.
+            host_bits = bits
+            first = starts[i]
+            if first:
+                host_bits = (value ^ (first - 1)).bit_length() - 1
+            if i + 1 < len(starts):
+                following = (value ^ starts[i + 1]).bit_length() - 1
+                if following < host_bits:
+                    host_bits = following
+            scope: bytes | None = _SCOPE_BYTES[bits - host_bits]
         else:
             client = source if not callable(source) else source()
+            value = int(client)
             if client.version == 4:
-                place = self._place_v4(int(client))
+                i = bisect_right(table.v4_starts, value) - 1
+                answer = table.v4_answers[i]
             else:
-                place = self._place(self.locate(client))
-
-        if health.generation != self._memo_generation or len(self._memo) > MEMO_LIMIT:
-            self._memo.clear()
-            self._replies.clear()
-            self._memo_generation = health.generation
-        answer_class, geo = found
-        key = (answer_class, qtype, place.number)
-        entry = self._memo.get(key)
+                i = bisect_right(table.v6_starts, value) - 1
+                answer = table.v6_answers[i]
+            scope = None
+        entry = timed[answer]
         if entry is None:
-            selection = select(self.zone.config, geo, family, place.location, health)
-            body = self._render_body(data[12:end].lower(), qtype, family, selection)
-            entry = _Entry(body, selection if selection.timed else None, geo, qtype)
-            self._memo[key] = entry
-        reusable = entry.selection is None
-        if reusable:
-            body = entry.body
+            body = bodies[answer]
+            reusable = current
         else:
-            body = self._timed_body(data[12:end].lower(), family, entry, health)
-        scope = place.scopes[ecs_family] if shared else None
+            body = self._timed_body(self._class_names[found[0]][0], entry, health)
+            reusable = False
         return self._assemble(data, body, offset, fields, scope, tcp, reusable, shared)
 
     def _quick_static(self, data: bytes, size: int, tcp: bool) -> Quick | None:
@@ -752,54 +850,14 @@ class Responder:
             body.heads[variant] + data[12:offset] + sections, body.infos[0], reusable, shared
         )
 
-    def _place_v4(self, value: int) -> _Place:
-        """The place of an IPv4 address: what the locator answers for it, by identity."""
-        locate_v4 = self.locate_v4
-        if locate_v4 is None:
-            return self._place(self.locate(ipaddress.IPv4Address(value)))
-        located = locate_v4(value)
-        place = self._v4_places.get(located)
-        if place is None:
-            placement, prefix_len = located
-            shift = 32 - prefix_len
-            network = ipaddress.IPv4Network((value >> shift << shift, prefix_len))
-            place = self._place(placement.at(network))
-            if len(self._v4_places) >= PLACE_LIMIT:
-                self._v4_places.clear()
-            self._v4_places[located] = place
-        return place
-
-    def _place(self, location: ClientLocation) -> _Place:
-        # Exactly what selection reads of a location (the network only sets the ECS scope).
-        what = (
-            location.lat,
-            location.lon,
-            location.country,
-            location.continent,
-            location.pop,
-            location.region,
-        )
-        number = self._place_numbers.get(what)
-        if number is None:
-            if len(self._place_numbers) >= MEMO_LIMIT:
-                self._place_numbers.clear()
-                self._memo.clear()
-                self._v4_places.clear()
-            number = self._place_numbers[what] = len(self._place_numbers)
-        scopes = (b"", bytes((_scope_of(1, location),)), bytes((_scope_of(2, location),)))
-        return _Place(location, number, scopes)
-
-    def _timed_body(
-        self, qname_key: bytes, family: int, entry: _Entry, health: HealthView
-    ) -> _Body:
-        """A memoized choice whose TTL a pending transition bounds: the TTL of this moment."""
+    def _timed_body(self, qname_key: bytes, entry: _Entry, health: HealthView) -> _Body:
+        """A compiled choice whose TTL a pending transition bounds: the TTL of this moment."""
         selection = entry.selection
-        assert selection is not None
         ordered = [(c.target, c.distance_km) for c in selection.candidates]
         ttl, _ = ttl_of(self.zone.config, entry.geo, ordered, selection.chosen, health)
         if ttl == selection.ttl:
             return entry.body
-        return self._render_body(qname_key, entry.qtype, family, selection, ttl)
+        return self._render_body(qname_key, entry.qtype, entry.family, selection, ttl)
 
     def _render_body(
         self,
@@ -916,10 +974,14 @@ class Responder:
             response.flags |= dns.flags.AA
             family = FAMILY_OF_QTYPE.get(qtype)
             if geo is not None and (family is not None or qtype == wire.TYPE_ANY):
-                location = self.locate(_client_address(query, source))
-                scope = _scope(query, location)
+                ecs = _ecs_of(query)
+                location = self.locate(ecs.ip() if ecs is not None else source)
                 if family is None:  # ANY: one RRset (RFC 8482), A if any candidate has IPv4
                     family = 4 if any(t.addresses_of(4) for t in geo.targets) else 6
+                if ecs is not None:
+                    address = int(ecs.ip())
+                    _, first, last = self.answer_range(key, family, ecs.family, address, health)
+                    scope = widest_scope_plain(address, first, last, wire.FAMILY_BITS[ecs.family])
                 selection = select(self.zone.config, geo, family, location, health)
                 if selection.outcome == "servfail":
                     response.flags &= ~dns.flags.AA
@@ -1085,3 +1147,32 @@ def slip_for_query(query: bytes) -> bytes | None:
     ident, flags = struct.unpack_from("!HH", query)
     flags = wire.FLAG_QR | wire.FLAG_TC | (flags & (0x7800 | wire.FLAG_RD))
     return wire.HEADER.pack(ident, flags, 1, 0, 0, 0) + query[12:end]
+
+
+def _address_map(locator: GeoLocator, zone: Zone) -> AddressMap:
+    """The zone's address map over the locator's database (cached: built once per database,
+    overrides and targets)."""
+    config = zone.config
+    stat = locator.path.stat()
+    key = (
+        str(locator.path),
+        stat.st_mtime_ns,
+        stat.st_size,
+        config.geo,
+        locator.default_placement.lat,
+        locator.default_placement.lon,
+        locator.default_placement.country,
+        locator.default_placement.continent,
+        config.residency,
+        # What signatures read of the targets (not their addresses: those are compiled).
+        tuple(dict.fromkeys(group_key(geo.targets) for geo in zone.geo_names.values())),
+    )
+    cached = _MAP_CACHE.get(key)
+    if cached is None:
+        cached = build_address_map(
+            locator, locator.tree_ranges(), config, list(zone.geo_names.values())
+        )
+        if len(_MAP_CACHE) >= 4:
+            _MAP_CACHE.clear()
+        _MAP_CACHE[key] = cached
+    return cached

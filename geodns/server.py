@@ -307,7 +307,7 @@ def build_serving(config: Config, generation: int, pop: str) -> Serving:
     return Serving(
         config,
         generation,
-        Responder(Zone.build(config), locator.locate, locator.locate_v4),
+        Responder(Zone.build(config), locator, compile_inline=False),
         locator,
         ResponseRateLimiter(config.dns.rate_limit),
         ComputeBudget(config.dns.rate_limit),
@@ -423,6 +423,12 @@ class DnsServer:
         self._tcp_open = 0
         self._tcp_max = _tcp_capacity()
         self.monitor.subscribe(lambda snapshot: self._forget_replies())
+        self.monitor.subscribe(lambda snapshot: self._compile_soon())
+        #: A compilation of the geo answers is running in a thread (one at a time), and
+        #: another is due when it ends.
+        self._compiling = False
+        self._compile_again = False
+        self.serving.responder.install(self.serving.responder.compile(self.monitor.snapshot))
         self._tcp: asyncio.Server | None = None
         self._admin_runner: web.AppRunner | None = None
         self._addresses: dict[str, IPAddress] = {}
@@ -509,7 +515,57 @@ class DnsServer:
 
     def _prepare(self, config: Config, generation: int) -> None:
         """Build the new serving state before the holder swaps; a failure rejects the reload."""
-        self._pending = build_serving(config, generation, self.pop)
+        pending = build_serving(config, generation, self.pop)
+        pending.responder.install(pending.responder.compile(self.monitor.snapshot))
+        self._pending = pending
+
+    def _compile_soon(self) -> None:
+        """Compile the geo answers for the current health in a thread, off the hot path; the
+        responder answers from its previous compilation meanwhile (not memoized), and the new
+        one is swapped in whole when ready."""
+        if self._compiling:
+            self._compile_again = True
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a test driving the server by hand): compile now
+            responder = self.serving.responder
+            responder.install(responder.compile(self.monitor.snapshot))
+            return
+        serving, snapshot = self.serving, self.monitor.snapshot
+        self._compiling = True
+        future = loop.run_in_executor(None, serving.responder.compile, snapshot)
+        future.add_done_callback(lambda done: self._compiled(serving, done))
+
+    def _compiled(self, serving: Serving, done: asyncio.Future[Any]) -> None:
+        self._compiling = False
+        try:
+            compiled = done.result()
+        except Exception as exc:  # keep answering from the previous compilation
+            log.error("dns_compile_failed", error=f"{type(exc).__name__}: {exc}")
+            if self._compile_again:
+                self._compile_again = False
+                self._compile_soon()
+            return
+        else:
+            if serving is self.serving:
+                serving.responder.install(compiled)
+                self._forget_replies()
+                log.info(
+                    "dns_answers_compiled",
+                    health_generation=compiled.health.generation,
+                    seconds=round(serving.responder.compile_seconds, 3),
+                )
+        if (
+            self._compile_again
+            or self.serving.responder.compiled is None
+            or (
+                self.serving.responder.compiled.health.generation
+                != self.monitor.snapshot.generation
+            )
+        ):
+            self._compile_again = False
+            self._compile_soon()
 
     def on_reload(self, config: Config, generation: int) -> None:
         pending, self._pending = self._pending, None
@@ -527,7 +583,15 @@ class DnsServer:
 
     def reload(self) -> bool:
         """What SIGHUP does (also for tests): reload config and geo database, or keep both."""
-        ok = self.holder.reload()
+        return self._reloaded(self.holder.reload())
+
+    async def reload_off_loop(self) -> bool:
+        """:meth:`reload` with the loading and compiling (a new database is walked and its
+        answers compiled: seconds for a city database) in a thread: queries keep flowing."""
+        ok = await asyncio.get_running_loop().run_in_executor(None, self.holder.reload)
+        return self._reloaded(ok)
+
+    def _reloaded(self, ok: bool) -> bool:
         if ok:
             self.on_reload(self.holder.current, self.holder.generation)
         else:
@@ -1076,4 +1140,4 @@ async def _reload_loop(lifecycle: Lifecycle, server: DnsServer) -> None:
         lifecycle.reload_requested.clear()
         if lifecycle.stopping.is_set():
             return
-        server.reload()
+        await server.reload_off_loop()

@@ -32,6 +32,7 @@ from typing import Any, Literal, TypeVar
 import maxminddb
 
 from meridian.config import GeoConfig, GeoOverride, Location
+from meridian.geo_tree import TreeRanges, database_ranges
 
 T = TypeVar("T")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -48,6 +49,8 @@ _V4_WALKED_BITS = 32 - V4_DIRECTORY_BITS
 #: Decoded records kept (by data pointer, and interned placements) before both are emptied: the
 #: shipped database has about 160 distinct answers, a city database may have far more.
 RECORD_CACHE_LIMIT = 65_536
+#: Search trees walked (see :meth:`GeoLocator.tree_ranges`), by file identity.
+_TREE_CACHE: dict[tuple[str, int, int, int], TreeRanges] = {}
 
 # Where continent-only records (and unknown countries) are put when the database has no point.
 CONTINENT_CENTRES: dict[str, tuple[float, float]] = {
@@ -248,6 +251,40 @@ class GeoLocator:
         self._reader.close()
         self._tree.close()
 
+    @property
+    def default_placement(self) -> Placement:
+        """Where clients the database cannot place are put."""
+        return self._default_placement
+
+    def override_placements(self) -> list[tuple[IPNetwork, Placement]]:
+        """The network overrides, most specific first (the first that holds an address wins)."""
+        return [
+            (o.network, p) for o, p in zip(self._overrides, self._override_placements, strict=True)
+        ]
+
+    def record_placement(self, address: IPAddress) -> Placement:
+        """The placement of the database record holding ``address`` (overrides ignored)."""
+        try:
+            record = self._reader.get(address)
+        except ValueError:  # an IPv6 address in an IPv4-only database: not in it
+            return self._default_placement
+        return self._placement(record)
+
+    def tree_ranges(self) -> TreeRanges:
+        """Every network of the database, in address order (walked once per file)."""
+        metadata = self._reader.metadata()
+        stat = self.path.stat()
+        key = (str(self.path), stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        cached = _TREE_CACHE.get(key)
+        if cached is None:
+            cached = database_ranges(
+                self.path, metadata.node_count, metadata.record_size, metadata.ip_version
+            )
+            if len(_TREE_CACHE) >= 2:
+                _TREE_CACHE.clear()
+            _TREE_CACHE[key] = cached
+        return cached
+
     def locate(self, address: IPAddress | str) -> ClientLocation:
         ip = ipaddress.ip_address(address) if isinstance(address, str) else address
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -331,7 +368,10 @@ class GeoLocator:
         for override, placement in zip(self._overrides, self._override_placements, strict=True):
             if ip in override.network:
                 return placement.at(override.network)
-        record, prefix_len = self._reader.get_with_prefix_len(ip)
+        try:
+            record, prefix_len = self._reader.get_with_prefix_len(ip)
+        except ValueError:  # an IPv6 address in an IPv4-only database: not in it
+            record, prefix_len = None, 0
         network = _network_of(ip, prefix_len)
         # An override inside this database network makes only part of it uniform.
         if any(

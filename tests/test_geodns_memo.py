@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+import geodns.compiled
 import geodns.responder
 from geodns.responder import Responder
 from geodns.selection import Selection
@@ -27,7 +28,7 @@ def _responder(names: dict[str, Any]) -> Responder:
     data["dns"]["names"] = {**data["dns"]["names"], **names}
     config = parse_config(data)
     locator = GeoLocator(config.geo, config.pops[0].location)
-    return Responder(Zone.build(config), locator.locate, locator.locate_v4)
+    return Responder(Zone.build(config), locator)
 
 
 def _wire(name: str, rdtype: str, subnet: str, ident: int) -> bytes:
@@ -37,6 +38,7 @@ def _wire(name: str, rdtype: str, subnet: str, ident: int) -> bytes:
 
 
 def _count_selects(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Selections made by the slow path (per query) and by compilation (per signature)."""
     calls: list[int] = []
     real = geodns.responder.select
 
@@ -45,21 +47,24 @@ def _count_selects(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(geodns.responder, "select", counting)
+    monkeypatch.setattr(geodns.compiled, "select", counting)
     return calls
 
 
 def test_names_configured_alike_share_one_selection_per_place(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A generated zone (many names, one spec): the first name costs a selection per place,
-    every other name of the same length answers from the memo - and identically."""
+    """A generated zone (many names, one spec): the first name costs one compiled table (a
+    selection per signature), every other name of the same length answers from it - and
+    identically."""
     names = [f"n{i:04d}" for i in range(200)]
     responder = _responder({name: {"targets": "pops", "answers": 1} for name in names})
     selects = _count_selects(monkeypatch)
     for subnet in SUBNETS:
         responder.respond(_wire(names[0], "A", subnet, 1), LOOPBACK, tcp=False, health=ALL_UP)
     first = len(selects)
-    assert 1 <= first <= len(SUBNETS)
+    signatures = len(next(iter(responder.address_map.groups.values())).representatives)
+    assert 1 <= first <= signatures
     ident = 2
     for name in names:
         for subnet in SUBNETS:
@@ -70,11 +75,12 @@ def test_names_configured_alike_share_one_selection_per_place(
                 slow = responder.respond_slow(data, LOOPBACK, tcp=False, health=ALL_UP)
                 assert fast is not None and slow is not None
                 assert fast.fast and fast.wire == slow.wire, (name, rdtype, subnet)
-    # The slow path selects on its own (once per query above); the fast path added one
-    # selection per place for AAAA, none for the 199 other names.
+    # The slow path selects on its own (once per query above); the fast path compiled one
+    # more table (AAAA: a selection per signature), none for the 199 other names.
     fast_selects = len(selects) - first - len(names) * len(SUBNETS) * 2
-    assert fast_selects <= len(SUBNETS)
-    assert len(responder._memo) <= 2 * len(SUBNETS)
+    assert fast_selects <= signatures
+    compiled = responder.compiled
+    assert compiled is not None and sum(1 for tables in compiled.tables if tables) == 1
 
 
 @pytest.mark.parametrize(
