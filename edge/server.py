@@ -47,6 +47,7 @@ from meridian.config import Config, ConfigError, HostPort
 from meridian.health import HealthMonitor
 from meridian.lifecycle import ConfigHolder, Lifecycle
 from meridian.log import get_logger
+from meridian.redis_conn import RedisTarget
 from meridian.supervise import Group, ParentLink, Supervisor, WorkerContext
 
 log = get_logger("edge")
@@ -118,7 +119,10 @@ class EdgeWorker:
         metrics = EdgeMetrics(registry, pop=pop, latency_target=config.edge.latency_target)
         metrics.upstream_pool_limit.set(config.edge.pool_size)
         metrics.config_generation.set(self.holder.generation)
-        health = HealthMonitor(config, registry=registry, check_backends=True, pop=pop)
+        shared = RedisTarget.from_config(config.edge.cache)  # the POP's instances share health
+        health = HealthMonitor(
+            config, registry=registry, check_backends=True, pop=pop, redis=shared
+        )
         upstream = UpstreamPool(pool_size=config.edge.pool_size, timeouts=config.edge.timeouts)
         metrics.upstream_stats.outstanding = lambda: upstream.outstanding
         await upstream.start()

@@ -62,7 +62,11 @@ def _summary(config: Config) -> str:
     lines.append(
         f"edge: {len(edge.routes)} route(s), {len(edge.services)} service(s), cache "
         f"{format_size(edge.cache.memory)} in memory"
-        + (", redis" if edge.cache.redis_url else "")
+        + (
+            f", redis ({edge.cache.redis_mode})"
+            if edge.cache.redis_url or edge.cache.redis_nodes
+            else ""
+        )
         + f", {len(edge.cache.rules)} cache rule(s), compression "
         + ("on" if edge.compression.enabled else "off")
     )

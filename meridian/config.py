@@ -280,7 +280,20 @@ class CacheConfig:
     enabled: bool = True
     memory: Size = 256 * 1024 * 1024
     max_object: Size = 8 * 1024 * 1024
+    #: ``redis_mode: standalone`` (the default): the one server, ``redis://host:6379/0``.
     redis_url: str | None = None
+    #: How the POP runs Redis: one server (``redis_url``), Sentinel (``redis_nodes`` are the
+    #: Sentinels watching ``redis_master``) or Cluster (``redis_nodes`` are seed nodes).
+    redis_mode: Literal["standalone", "sentinel", "cluster"] = "standalone"
+    redis_nodes: tuple[Annotated[HostPort, HOSTPORT], ...] = ()
+    redis_master: str | None = None
+    #: Sentinel and Cluster only (standalone puts these in ``redis_url``); Cluster has db 0.
+    redis_db: int = 0
+    redis_username: str | None = None
+    redis_password: str | None = field(default=None, repr=False)
+    #: Sentinel only: the Sentinels' own ``requirepass``, when they have one.
+    redis_sentinel_password: str | None = field(default=None, repr=False)
+    redis_tls: bool = False
     redis_timeout: Duration = 0.05
     redis_max_value: Size = 1024 * 1024
     #: A coalesced waiter never waits longer than this for the one upstream fetch.
@@ -779,10 +792,70 @@ def _semantic_problems(config: Config) -> list[str]:
         problems.append("edge.compression: Brotli quality must be 0..11")
     if not 1 <= c.cached_gzip_level <= 9 or not 1 <= c.stream_gzip_level <= 9:
         problems.append("edge.compression: gzip level must be 1..9")
-    if edge.cache.redis_url is not None and not edge.cache.redis_url.startswith(
-        ("redis://", "rediss://", "unix://")
-    ):
-        problems.append("edge.cache.redis_url: must start with redis://, rediss:// or unix://")
+    problems.extend(_redis_problems(edge.cache))
+    return problems
+
+
+def _redis_problems(cache: CacheConfig) -> list[str]:
+    """The ``edge.cache.redis_*`` fields: each mode's own fields given, the others' absent."""
+    problems: list[str] = []
+    mode = cache.redis_mode
+
+    def problem(name: str, reason: str) -> None:
+        problems.append(f"edge.cache.{name}: {reason}")
+
+    if cache.redis_url is not None:
+        if mode != "standalone":
+            problem(
+                "redis_url",
+                f"not used with redis_mode {mode}: list the "
+                + ("Sentinels" if mode == "sentinel" else "seed nodes")
+                + " in redis_nodes",
+            )
+        elif not cache.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            problem("redis_url", "must start with redis://, rediss:// or unix://")
+    if mode == "standalone":
+        given = [
+            name
+            for name, value in (
+                ("redis_nodes", cache.redis_nodes),
+                ("redis_master", cache.redis_master),
+                ("redis_db", cache.redis_db),
+                ("redis_username", cache.redis_username),
+                ("redis_password", cache.redis_password),
+                ("redis_sentinel_password", cache.redis_sentinel_password),
+                ("redis_tls", cache.redis_tls),
+            )
+            if value
+        ]
+        for name in given:
+            problem(
+                name,
+                "only used with redis_mode sentinel or cluster (standalone: put it in redis_url)",
+            )
+        return problems
+    what = "the Sentinels" if mode == "sentinel" else "seed nodes of the cluster"
+    if not cache.redis_nodes:
+        problem("redis_nodes", f"redis_mode {mode} needs HOST:PORT of {what} (at least one)")
+    seen: set[tuple[str, int]] = set()
+    for i, node in enumerate(cache.redis_nodes):
+        if node.port == 0:
+            problem(f"redis_nodes[{i}]", f"port 0 is not a port {node.host!r} listens on")
+        if (node.host, node.port) in seen:
+            problem(f"redis_nodes[{i}]", f"{node.host}:{node.port} is listed twice")
+        seen.add((node.host, node.port))
+    if cache.redis_db < 0:
+        problem("redis_db", "must not be negative")
+    if mode == "sentinel":
+        if cache.redis_master is None:
+            problem("redis_master", "redis_mode sentinel needs the name the Sentinels monitor")
+    else:
+        if cache.redis_master is not None:
+            problem("redis_master", "only used with redis_mode sentinel")
+        if cache.redis_db != 0:
+            problem("redis_db", "Redis Cluster has only database 0")
+        if cache.redis_sentinel_password is not None:
+            problem("redis_sentinel_password", "only used with redis_mode sentinel")
     return problems
 
 

@@ -22,6 +22,7 @@ from edge.cache.redis_l2 import (
     decode,
     encode,
     glob_escape,
+    redis_key,
 )
 from edge.cache.testing import FakeClock, RedisServer
 from meridian.config import CacheConfig, CacheRule
@@ -262,7 +263,9 @@ async def test_redis_ttl_is_freshness_plus_stale_window(pop: Pop, server: RedisS
     pop.origin.headers = []  # the ticker rule: ttl 1 s, swr 2 s, sie 30 s
     await pop.request(a, b"/api/v1/ticker/BTC")
     await a.drain()
-    ttl = raw(server).pttl(b"meridian:cache:e:G|https://api.example/api/v1/ticker/BTC")
+    ttl = raw(server).pttl(
+        redis_key(b"meridian:cache:", b"e:", b"G|https://api.example/api/v1/ticker/BTC")
+    )
     assert 30_000 < ttl <= 31_000
 
 
@@ -281,7 +284,8 @@ async def test_values_over_the_limit_stay_out_of_redis(server: RedisServer) -> N
 
 
 async def test_corrupt_values_are_misses(pop: Pop, server: RedisServer) -> None:
-    raw(server).set(b"meridian:cache:e:G|https://api.example/api/v1/symbols", b"\x00garbage")
+    symbols = b"G|https://api.example/api/v1/symbols"
+    raw(server).set(redis_key(b"meridian:cache:", b"e:", symbols), b"\x00garbage")
     assert await pop.request(pop.caches[0], b"/api/v1/symbols") == ("MISS", b"payload")
     assert pop.origin.calls == 1
 

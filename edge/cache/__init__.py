@@ -149,7 +149,7 @@ from .policy import (
     worth_storing,
 )
 from .purge_queue import PurgeBacklog
-from .redis_l2 import NO_LOCK, PurgeMessage, RedisL2
+from .redis_l2 import NO_LOCK, PurgeMessage, RedisL2, RedisTarget
 from .store import MemoryStore
 
 log = get_logger("cache")
@@ -541,9 +541,9 @@ class HttpCache:
             on_wait=self.metrics.count_waiter,
             on_background_error=self._background_failed,
         )
-        if l2 is None and config.redis_url and config.enabled:
+        if l2 is None and config.enabled and (target := RedisTarget.from_config(config)):
             l2 = RedisL2(
-                config.redis_url,
+                target,
                 timeout=config.redis_timeout,
                 max_value=config.redis_max_value,
                 clock=clock,
@@ -607,7 +607,7 @@ class HttpCache:
         freshness they were stored with; a smaller memory bound evicts now).  A changed
         ``redis_url`` needs a restart: it is logged and ignored.
         """
-        if config.redis_url != self.config.redis_url:
+        if RedisTarget.from_config(config) != RedisTarget.from_config(self.config):
             log.warning("cache_redis_url_change_ignored", reason="restart to change redis_url")
         self.config = config
         self.enabled = config.enabled

@@ -9,18 +9,36 @@ written after a fill in the background.  Redis is an optimisation, never a depen
   every failure increments ``meridian_cache_redis_errors_total{reason}``;
 * nothing here raises to the caller: a failed lookup is a miss, a failed write is dropped.
 
-Keys, under a namespace (``meridian:cache:`` by default):
+Redis is one server, a Sentinel-watched master or a Cluster (``meridian.redis_conn``); the
+same commands work on all three.  Keys, under a namespace (``meridian:cache:`` by default),
+each with a hash tag ``{h}`` (``h``: 16 hex digits of a BLAKE2b of the resource's primary key)
+so that every key of one resource lives in one cluster slot (the lookup's MGET of ``e:`` and
+``v:``, a purge's DEL of a resource and its variants) while resources spread over the slots:
 
-* ``e:<key>``: one stored response (``encode``), PX = freshness left + the larger stale window;
-* ``v:<primary>``: the Vary names of a resource with variants;
-* ``s:<primary>``: a set of its variant keys, so an exact purge reaches all of them;
-* ``t:<surrogate key>``: a set of keys tagged with it (tag purge: SMEMBERS + DEL, O(tagged));
-* ``l:<key>``: the cross-instance fill lock (SET NX PX, released by token);
-* channel ``purge``: purge and invalidation messages, applied to L1 by every instance.
+* ``e:{h}<key>``: one stored response (``encode``), PX = freshness left + the larger stale
+  window;
+* ``v:{h}<primary>``: the Vary names of a resource with variants;
+* ``s:{h}<primary>``: a set of its variant keys, so an exact purge reaches all of them;
+* ``t:{h}<surrogate key>``: a set of keys tagged with it (tag purge: SMEMBERS + DEL,
+  O(tagged); on a cluster the DEL is split per slot);
+* ``l:{h}<key>``: the cross-instance fill lock (SET NX PX, released by token);
+* channel ``purge``: purge and invalidation messages, applied to L1 by every instance;
+* ``p:{h}log``: the same messages as a stream (XADD, ~100,000 kept), and ``p:{h}log\0epoch``,
+  a random token naming this incarnation of the log (one slot for both).
 
-Prefix purges SCAN the whole keyspace (``SCAN MATCH e:G|<prefix>*``): O(keys in Redis), a few
-hundred ms per million keys, in batches that do not block Redis; they run with
-``admin_timeout`` rather than the per-request deadline.
+An instance whose subscription drops (a failover, a restart) missed the messages sent
+meanwhile.  While subscribed it notes every few seconds how far the log had got (its last
+ID, less a 10-s margin for a sender between XADD and PUBLISH); once subscribed again it
+replays the log from there, so its L1 survives the failover.  Only when the log cannot prove
+it holds every message since (another epoch: Redis lost its data; trimmed past the mark; more
+than 10,000 to replay; still unreadable after 30 s) does it drop its whole L1, as before.
+
+Prefix purges SCAN the whole keyspace (``SCAN MATCH e:{????????????????}G|<prefix>*``, on
+every master of a cluster): O(keys in Redis), a few hundred ms per million keys, in batches
+that do not block Redis; they run with ``admin_timeout`` rather than the per-request deadline.
+
+While a master fails over (Sentinel or Cluster) its calls fail fast or time out like any
+other Redis trouble: the breaker below, misses instead of hits, purges queued and retried.
 
 Values are a compact, versioned binary record (no pickle): magic ``MC``, version byte, fixed
 fields, then length-prefixed reason, coding, Vary names, surrogate keys, headers and body.
@@ -30,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import struct
@@ -39,10 +58,9 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar, cast
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from meridian.log import get_logger
+from meridian.redis_conn import RedisConnection, RedisTarget
 
 from .entry import Entry, StoredResponse
 from .key import VARIANT_SEPARATOR, Negotiator, negotiate_coding, vary_key
@@ -222,6 +240,22 @@ def decode(data: bytes) -> StoredResponse:
     )
 
 
+def slot_tag(raw: bytes) -> bytes:
+    """The cluster hash tag of a key's resource: ``{`` 16 hex digits ``}``.  Hex, so that no
+    ``{`` or ``}`` in a URL can end the tag early; the same for every variant of a resource."""
+    primary = raw.split(VARIANT_SEPARATOR, 1)[0]
+    return b"{" + hashlib.blake2b(primary, digest_size=8).hexdigest().encode() + b"}"
+
+
+#: What ``slot_tag`` looks like in a SCAN pattern.
+_TAG_GLOB: Final = b"{" + b"?" * 16 + b"}"
+
+
+def redis_key(namespace: bytes, kind: bytes, raw: bytes) -> bytes:
+    """The Redis key of ``raw`` (a store key, a primary, a surrogate key) under ``kind``."""
+    return namespace + kind + slot_tag(raw) + raw
+
+
 def glob_escape(raw: bytes) -> bytes:
     """Escape Redis glob metacharacters so ``raw`` matches literally in SCAN MATCH."""
     out = bytearray()
@@ -275,6 +309,23 @@ if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) 
 return 0
 """
 _DELETE_BATCH: Final = 500
+#: The purge log: entries kept (approximately), the margin a mark leaves for a sender
+#: between its XADD and its PUBLISH, how often a mark is taken, the most a resync replays,
+#: and how long an unreadable log is retried before the L1 is dropped instead.
+_LOG_KEEP: Final = 100_000
+_LOG_MARGIN_MS: Final = 10_000
+_LOG_MARK_EVERY: Final = 5.0
+_LOG_REPLAY_MAX: Final = 10_000
+_LOG_PATIENCE: Final = 30.0
+_KINDS: Final = frozenset({"primary", "tag", "url_prefix", "path_prefix"})
+
+
+def _id_ms(entry_id: bytes | str | None) -> int:
+    """The millisecond part of a stream ID (``b"1700000000000-3"`` -> 1700000000000)."""
+    if entry_id is None:
+        return 0
+    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return int(text.split("-", 1)[0])
 
 
 class RedisL2:
@@ -282,7 +333,7 @@ class RedisL2:
 
     def __init__(
         self,
-        url: str,
+        target: RedisTarget | str,
         *,
         timeout: float,
         max_value: int,
@@ -305,29 +356,36 @@ class RedisL2:
         self._monotonic = monotonic  # breaker cool-downs
         self.on_error = on_error
         self._negotiate = negotiate
+        if "{" in namespace or "}" in namespace:
+            raise ValueError("the namespace must not contain { or } (Redis Cluster hash tags)")
         self._ns = namespace.encode()
         self.channel = self._ns + b"purge"
+        self._log = self._key(b"p:", b"log")
+        self._log_epoch = self._key(b"p:", b"log" + VARIANT_SEPARATOR + b"epoch")
+        if isinstance(target, str):
+            target = RedisTarget.standalone(target)
         # No client-side retries: a second attempt would only double the time a request waits.
-        self._redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            max_connections=pool_size,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
+        self._connection = RedisConnection(
+            target, timeout=timeout, connect_timeout=timeout, pool_size=pool_size
         )
+        self._redis = self._connection.client
         self._release = self._redis.register_script(_RELEASE_LUA)
         self._subscriber: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
-        #: Set while the purge subscription is live (tests and readiness wait on it).
+        #: Set while the purge subscription is live and caught up (tests and readiness wait
+        #: on it).
         self.subscribed = asyncio.Event()
 
     @property
     def available(self) -> bool:
         return not self.breaker.is_open
 
+    @property
+    def target(self) -> RedisTarget:
+        return self._connection.target
+
     def _key(self, kind: bytes, raw: bytes) -> bytes:
-        return self._ns + kind + raw
+        return redis_key(self._ns, kind, raw)
 
     # ----------------------------------------------------------------------------------------
     # Guarded calls
@@ -375,10 +433,13 @@ class RedisL2:
         """The stored response (and its key) for a request, or None (miss, error, skipped)."""
 
         async def fetch() -> tuple[bytes, bytes | None]:
-            plain, names = cast(
-                "list[bytes | None]",
-                await self._redis.mget([self._key(b"e:", primary), self._key(b"v:", primary)]),
-            )
+            # Two GETs in one round trip rather than an MGET: while a cluster slot migrates,
+            # a multi-key command whose keys are not all on one side (v: rarely exists) is
+            # refused with TRYAGAIN, and single-key commands just follow ASK.
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.get(self._key(b"e:", primary))
+            pipe.get(self._key(b"v:", primary))
+            plain, names = cast("list[bytes | None]", await pipe.execute())
             if plain is not None:
                 return primary, plain
             if not names:
@@ -515,7 +576,7 @@ class RedisL2:
             keys = [self._key(b"e:", primary), self._key(b"v:", primary)]
             keys.append(self._key(b"s:", primary))
             keys.extend(self._key(b"e:", k) for k in variants)
-            return int(await self._redis.delete(*keys))
+            return await self._delete_batched(keys)
 
         return await self._call("purge", purge, self.admin_timeout, force=force)
 
@@ -535,7 +596,7 @@ class RedisL2:
         return _count(await self._purge_url_prefix(prefix, False))
 
     async def _purge_url_prefix(self, prefix: bytes, force: bool) -> int | _Skipped:
-        pattern = self._key(b"e:G|", glob_escape(prefix)) + b"*"
+        pattern = self._ns + b"e:" + _TAG_GLOB + b"G|" + glob_escape(prefix) + b"*"
         return await self._scan_delete(pattern, lambda url: url.startswith(prefix), force)
 
     async def purge_path_prefix(self, prefix: bytes) -> int:
@@ -543,7 +604,7 @@ class RedisL2:
         return _count(await self._purge_path_prefix(prefix, False))
 
     async def _purge_path_prefix(self, prefix: bytes, force: bool) -> int | _Skipped:
-        pattern = self._key(b"e:G|", b"*://*") + glob_escape(prefix) + b"*"
+        pattern = self._ns + b"e:" + _TAG_GLOB + b"G|*://*" + glob_escape(prefix) + b"*"
 
         def matches(url: bytes) -> bool:
             start = url.find(b"/", url.find(b"://") + 3)
@@ -554,7 +615,7 @@ class RedisL2:
     async def _scan_delete(
         self, pattern: bytes, matches: Callable[[bytes], bool], force: bool
     ) -> int | _Skipped:
-        skip = len(self._ns) + len(b"e:G|")
+        skip = len(self._ns) + len(b"e:") + len(_TAG_GLOB) + len(b"G|")
 
         async def purge() -> int:
             doomed: list[bytes] = []
@@ -567,9 +628,14 @@ class RedisL2:
         return await self._call("purge", purge, self.admin_timeout, force=force)
 
     async def _delete_batched(self, keys: Sequence[bytes]) -> int:
+        """DEL per key, pipelined: a cluster splits a multi-key DEL per slot, and refuses it
+        with TRYAGAIN while the slot migrates; single-key DELs follow ASK instead."""
         deleted = 0
         for start in range(0, len(keys), _DELETE_BATCH):
-            deleted += int(await self._redis.delete(*keys[start : start + _DELETE_BATCH]))
+            pipe = self._redis.pipeline(transaction=False)
+            for key in keys[start : start + _DELETE_BATCH]:
+                pipe.delete(key)
+            deleted += sum(int(n) for n in await pipe.execute())
         return deleted
 
     async def publish(self, kind: str, value: bytes) -> bool:
@@ -577,10 +643,60 @@ class RedisL2:
 
     async def _publish(self, kind: str, value: bytes, force: bool) -> bool:
         message = PurgeMessage(kind, value, self.instance_id).encode()
-        result = await self._call(
-            "publish", lambda: self._redis.publish(self.channel, message), force=force
-        )
+
+        async def send() -> None:
+            # Logged first: a subscriber that misses the PUBLISH finds it in the log.
+            await self._redis.xadd(self._log, {b"m": message}, maxlen=_LOG_KEEP, approximate=True)
+            await self._redis.publish(self.channel, message)
+
+        result = await self._call("publish", send, force=force)
         return not isinstance(result, _Skipped)
+
+    async def _log_position(self) -> tuple[bytes, int, int]:
+        """The purge log's (epoch, last ID's ms, largest trimmed ID's ms); starts an epoch
+        when there is none (a new or emptied Redis)."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.set(self._log_epoch, os.urandom(8).hex().encode(), nx=True)
+        pipe.get(self._log_epoch)
+        _, epoch = await pipe.execute()
+        try:
+            info = cast("dict[Any, Any]", await self._redis.xinfo_stream(self._log))
+        except aioredis.ResponseError:  # no such key: nothing logged in this epoch yet
+            return bytes(epoch), 0, 0
+
+        def field(name: str) -> Any:
+            return info.get(name, info.get(name.encode()))
+
+        return (
+            bytes(epoch),
+            _id_ms(field("last-generated-id")),
+            _id_ms(field("max-deleted-entry-id")),
+        )
+
+    async def _replay(
+        self, mark: tuple[bytes, int], on_purge: Callable[[PurgeMessage], None]
+    ) -> int | None:
+        """Apply every logged purge from ``mark`` on; None when the log cannot prove it
+        holds all of them (then the caller drops its L1)."""
+        epoch, since_ms = mark
+        now_epoch, _last, trimmed_ms = await self._log_position()
+        if now_epoch != epoch or (trimmed_ms and trimmed_ms >= since_ms):
+            return None
+        entries = cast(
+            "list[tuple[bytes, dict[bytes, bytes]]]",
+            await self._redis.xrange(
+                self._log, min=f"{max(0, since_ms)}-0", max="+", count=_LOG_REPLAY_MAX + 1
+            ),
+        )
+        if len(entries) > _LOG_REPLAY_MAX:
+            return None
+        replayed = 0
+        for _id, fields in entries:
+            purge = PurgeMessage.decode(fields.get(b"m", b""))
+            if purge is not None and purge.sender != self.instance_id and purge.kind in _KINDS:
+                on_purge(purge)  # idempotent: one also received by PUBLISH does no harm
+                replayed += 1
+        return replayed
 
     # ----------------------------------------------------------------------------------------
     # Subscription
@@ -600,20 +716,44 @@ class RedisL2:
         self, on_purge: Callable[[PurgeMessage], None], on_resync: Callable[[], None]
     ) -> None:
         lost = False
+        lost_at = 0.0
         backoff = 0.1
+        #: (epoch, ms): every purge logged before ms has reached this instance.
+        mark: tuple[bytes, int] | None = None
+        resync_due = False
+        await self._call("connect", self._connection.prepare, max(self.timeout, 2.0))
         while not self._closing.is_set():
-            pubsub = self._redis.pubsub()
+            pubsub = self._connection.pubsub()
             try:
                 async with asyncio.timeout(max(self.timeout, 1.0)):
                     await pubsub.subscribe(self.channel)
-                self.subscribed.set()
                 backoff = 0.1
                 if lost:
                     lost = False
+                    resync_due = True
                     log.info("redis_purge_subscription_restored")
-                    on_resync()
+                next_mark = 0.0
                 while not self._closing.is_set():
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    now = self._monotonic()
+                    if resync_due:
+                        replayed = await self._resync(mark, on_purge)
+                        if isinstance(replayed, int):
+                            resync_due = False
+                            log.info("redis_purges_replayed", replayed=replayed)
+                        elif replayed is None or now - lost_at >= _LOG_PATIENCE:
+                            resync_due = False
+                            on_resync()  # purges may have been missed: L1 starts afresh
+                        # else Redis did not answer: the next round tries again
+                    if not resync_due and not self.subscribed.is_set():
+                        self.subscribed.set()  # subscribed, and caught up
+                    if not resync_due and now >= next_mark:
+                        position = await self._call("purge_log", self._log_position)
+                        if isinstance(position, _Skipped):
+                            next_mark = now + 1.0
+                        else:
+                            mark = (position[0], position[1] - _LOG_MARGIN_MS)
+                            next_mark = now + _LOG_MARK_EVERY
+                    message = await pubsub.get_message(wait=1.0)
                     if message is None or message.get("type") != "message":
                         continue
                     purge = PurgeMessage.decode(message["data"])
@@ -625,13 +765,25 @@ class RedisL2:
                 self.subscribed.clear()
                 if not lost:
                     log.warning("redis_purge_subscription_lost", error=str(exc) or repr(exc))
+                    lost_at = self._monotonic()
                 lost = True
             finally:
-                with contextlib.suppress(Exception):  # the connection may already be gone
-                    await pubsub.aclose()
+                await pubsub.aclose()  # never raises: the connection may already be gone
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), backoff)
             backoff = min(backoff * 2, 5.0)
+
+    async def _resync(
+        self, mark: tuple[bytes, int] | None, on_purge: Callable[[PurgeMessage], None]
+    ) -> int | _Skipped | None:
+        """Replay the purges missed since ``mark``: the count, None when that cannot be
+        done (drop L1), ``_SKIPPED`` when Redis did not answer (try again)."""
+        if mark is None:
+            return None
+        result = await self._call(
+            "purge_log", lambda: self._replay(mark, on_purge), self.admin_timeout, force=True
+        )
+        return result
 
     async def aclose(self) -> None:
         self._closing.set()
@@ -640,8 +792,7 @@ class RedisL2:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._subscriber
             self._subscriber = None
-        with contextlib.suppress(Exception):  # closing a pool whose server died: nothing to say
-            await self._redis.aclose()
+        await self._connection.aclose()
 
 
 def _count(result: int | _Skipped) -> int:
@@ -664,7 +815,10 @@ __all__ = [
     "DecodeError",
     "PurgeMessage",
     "RedisL2",
+    "RedisTarget",
     "decode",
     "encode",
     "glob_escape",
+    "redis_key",
+    "slot_tag",
 ]

@@ -34,6 +34,7 @@ from meridian.log import get_logger
 
 if TYPE_CHECKING:
     from meridian.health.peers import PeerLink, PeerTransition
+    from meridian.redis_conn import RedisTarget
 
 log = get_logger("health")
 
@@ -58,7 +59,10 @@ class HealthMonitor:
         pop: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         redis_url: str | None = None,
+        redis: RedisTarget | None = None,
     ) -> None:
+        """``redis`` (or ``redis_url``, a standalone server) shares transitions with the POP's
+        other instances."""
         self._config = config
         self._clock = clock
         # Fixed once, so a time reported twice reads the same (not re-derived on every call).
@@ -78,11 +82,12 @@ class HealthMonitor:
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._peers: PeerLink | None = None
         self._peer_task: asyncio.Task[None] | None = None
-        if redis_url is not None:
+        shared = redis or redis_url
+        if shared is not None:
             from meridian.health.peers import PeerLink, channel_for  # redis only when used
 
             self._peers = PeerLink(
-                redis_url,
+                shared,
                 channel_for(pop),
                 on_transition=self._on_peer_transition,
                 on_connected=self._on_redis_connected,

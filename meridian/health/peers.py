@@ -6,6 +6,10 @@ never a dependency: when it is down, each instance runs on its own view, says so
 and in ``meridian_health_redis_connected``, and keeps trying in the background.  Transitions are
 not queued while disconnected (a stale verdict replayed later would be wrong); peers converge
 through their own checks meanwhile.
+
+Redis may be one server, a Sentinel-watched master or a Cluster (``meridian.redis_conn``):
+a failover looks like any other outage here (the link drops, reconnects to the promoted
+replica, or on a cluster to the next live node, and says so once each way).
 """
 
 from __future__ import annotations
@@ -19,15 +23,10 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
-
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from meridian.health.state import Health, Transition
 from meridian.log import get_logger
+from meridian.redis_conn import RedisClient, RedisConnection, RedisTarget, Subscription, redact
 
 log = get_logger("health")
 
@@ -44,14 +43,6 @@ PROTOCOL_VERSION = 1
 
 def channel_for(pop: str | None) -> str:
     return f"meridian:health:{pop or 'all'}"
-
-
-def redact(url: str) -> str:
-    """The URL without credentials, for logs and /status."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,14 +92,14 @@ class PeerLink:
 
     def __init__(
         self,
-        url: str,
+        url: str | RedisTarget,
         channel: str,
         *,
         on_transition: Callable[[PeerTransition], None],
         on_connected: Callable[[bool], None],
     ) -> None:
-        self.url = url
-        self.display_url = redact(url)
+        self.target = RedisTarget.standalone(url) if isinstance(url, str) else url
+        self.display_url = self.target.display
         self.channel = channel
         #: Who we are on the channel, so that our own messages are ignored.
         self.origin = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -128,10 +119,21 @@ class PeerLink:
 
     async def run(self) -> None:
         """Connect, relay, and reconnect after any failure, until cancelled."""
+        # One client for the link's life: on a cluster it knows the topology as it changes
+        # and each new subscription tries the next node, past a dead one.
+        connection = RedisConnection(
+            self.target, timeout=None, connect_timeout=CONNECT_TIMEOUT, pool_size=4
+        )
+        try:
+            await self._run(connection)
+        finally:
+            await connection.aclose()
+
+    async def _run(self, connection: RedisConnection) -> None:
         backoff = RETRY_BACKOFF[0]
         while True:
             try:
-                await self._session()
+                await self._session(connection)
             except Exception as exc:  # any failure means "run on the local view", never a crash
                 reason = _describe(exc)
             else:  # pragma: no cover - _session only returns by raising
@@ -152,11 +154,8 @@ class PeerLink:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RETRY_BACKOFF[1])
 
-    async def _session(self) -> None:
-        client = Redis.from_url(
-            self.url, socket_connect_timeout=CONNECT_TIMEOUT, retry=Retry(NoBackoff(), 0)
-        )
-        pubsub = client.pubsub(ignore_subscribe_messages=True)
+    async def _session(self, connection: RedisConnection) -> None:
+        pubsub = connection.pubsub()
         try:
             async with asyncio.timeout(COMMAND_TIMEOUT):  # a hung Redis is a down Redis
                 await pubsub.subscribe(self.channel)
@@ -168,21 +167,20 @@ class PeerLink:
             self._outage_logged = False
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._read(pubsub))
-                group.create_task(self._write(client))
+                group.create_task(self._write(connection.client))
         finally:
             await pubsub.aclose()
-            await client.aclose()
 
-    async def _read(self, pubsub: PubSub) -> None:
+    async def _read(self, pubsub: Subscription) -> None:
         while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=READ_POLL)
+            message = await pubsub.get_message(wait=READ_POLL)
             if message is None or message.get("type") != "message":
                 continue
             peer = decode(message["data"])
             if peer is not None and peer.origin != self.origin:
                 self._on_transition(peer)
 
-    async def _write(self, client: Redis) -> None:
+    async def _write(self, client: RedisClient) -> None:
         while True:
             payload = await self._queue.get()
             async with asyncio.timeout(COMMAND_TIMEOUT):
@@ -192,6 +190,9 @@ class PeerLink:
         if connected != self.connected:
             self.connected = connected
             self._on_connected(connected)
+
+
+__all__ = ["PeerLink", "PeerTransition", "channel_for", "decode", "encode", "redact"]
 
 
 def _describe(exc: BaseException) -> str:
