@@ -78,6 +78,8 @@ _SLOT_QTYPES = (wire.TYPE_A, wire.TYPE_AAAA, wire.TYPE_ANY)
 _COUNTS = b"\x00\x01\x00\x00\x00\x00"
 #: Memoized replies kept before the table is simply emptied (a fresh start is cheap).
 MEMO_LIMIT = 200_000
+#: ECS query shapes remembered (see :meth:`Responder.shaped`) before the table is emptied.
+SHAPE_LIMIT = 4096
 #: Address maps kept (by database file, overrides and what selection reads): tests and reloads
 #: of an unchanged world reuse one.
 _MAP_CACHE: dict[tuple[object, ...], AddressMap] = {}
@@ -227,6 +229,22 @@ class _Entry(NamedTuple):
     family: int
 
 
+#: What :meth:`Responder.shaped` needs of a query shape: the compilation it holds for, the
+#: range table (starts, answers), the shift from address bytes to an address, the mask of
+#: bits past the source prefix in the last byte, the family's bits, and per answer the reply
+#: up to the scope byte (or None) and what the shell counts.
+_Shape = tuple[
+    "Compiled",
+    Sequence[int],
+    Sequence[int],
+    int,
+    int,
+    int,
+    tuple[bytes | None, ...],
+    tuple["ReplyInfo", ...],
+]
+
+
 class _Slot(NamedTuple):
     """The compiled answers of one answer class to one query type: the table, and per answer
     number its body and (for a TTL bound by a pending transition) its entry."""
@@ -329,6 +347,10 @@ class Responder:
         self.address_map = _address_map(locator, zone)
         self._compiled: Compiled | None = None
         self._reuse: dict[tuple[object, ...], AnswerTable] = {}
+        #: ECS query shapes (the query after its ID, up to the address) -> what
+        #: :meth:`shaped` needs; and the address lengths seen (the key is the query minus one).
+        self._shapes: dict[bytes, _Shape] = {}
+        self._shape_lengths: tuple[int, ...] = ()
         #: How long the last compilation took.
         self.compile_seconds = 0.0
         #: Bodies that depend on the question only - NXDOMAIN, NODATA, the apex SOA / NS / ANY,
@@ -442,13 +464,15 @@ class Responder:
     def install(self, compiled: Compiled) -> None:
         """Answer from ``compiled`` from now on (an atomic swap: one attribute)."""
         self._compiled = compiled
+        self._shapes = {}
 
     def _answers(self, health: HealthView) -> Compiled:
         compiled = self._compiled
         if compiled is None or (
             compiled.health.generation != health.generation and self.compile_inline
         ):
-            compiled = self._compiled = self.compile(health, eager=False)
+            compiled = self.compile(health, eager=False)
+            self.install(compiled)
         return compiled
 
     def _check_generation(self, health: HealthView) -> None:
@@ -644,7 +668,101 @@ class Responder:
         else:
             body = self._timed_body(self._class_names[found[0]][0], entry, health)
             reusable = False
+        if shared and reusable and not tcp and len(self._shapes) < SHAPE_LIMIT:
+            self._learn_shape(data, offset, fields, compiled, found[0], slot)
         return self._assemble(data, body, offset, fields, scope, tcp, reusable, shared)
+
+    def shaped(self, data: bytes, generation: int) -> tuple[bytes, ReplyInfo] | None:
+        """The UDP reply (after the ID) to an ECS query whose shape - every byte but the ID
+        and the address - was answered by :meth:`quick` before under the compilation in force
+        for ``generation``: one slice, one dict lookup, one range lookup and one join.  None
+        when the shape is new (then :meth:`quick` decides, and learns it)."""
+        for length in self._shape_lengths:
+            shape = self._shapes.get(data[2:-length])
+            if shape is not None:
+                break
+        else:
+            return None
+        compiled, starts, answers, shift, mask, bits, heads, infos = shape
+        if compiled is not self._compiled or compiled.health.generation != generation:
+            return None
+        address = data[-length:]
+        if mask and data[-1] & mask:
+            return None  # bits set past the source prefix: the strict parser's FORMERR
+        value = int.from_bytes(address, "big") << shift
+        i = bisect_right(starts, value) - 1
+        answer = answers[i]
+        head = heads[answer]
+        if head is None:
+            return None
+        host_bits = bits
+        first = starts[i]
+        if first:
+            host_bits = (value ^ (first - 1)).bit_length() - 1
+        if i + 1 < len(starts):
+            following = (value ^ starts[i + 1]).bit_length() - 1
+            if following < host_bits:
+                host_bits = following
+        return head + _SCOPE_BYTES[bits - host_bits] + address, infos[answer]
+
+    def _learn_shape(
+        self,
+        data: bytes,
+        offset: int,
+        fields: _OptFields,
+        compiled: Compiled,
+        number: int,
+        slot: int,
+    ) -> None:
+        """Remember an ECS query's shape for :meth:`shaped`: per answer of its table, the
+        reply up to the scope byte (None for an answer :meth:`quick` must build: a TTL bound
+        by a pending transition, or a reply that must be truncated)."""
+        _, do_bit, payload, ecs_family, source, ecs_start = fields
+        key = data[2 : ecs_start + 8]
+        if key in self._shapes:
+            return
+        filled = compiled.slots[number][slot]
+        assert filled is not None
+        table, bodies, timed = filled
+        length = len(data) - ecs_start - 8
+        variant = ((data[2] & 0x01) << 1) + 1
+        limit = min(payload, self._max_udp_payload)
+        heads: list[bytes | None] = []
+        for body, entry in zip(bodies, timed, strict=True):
+            if entry is not None or len(data) + len(body.sections) > limit:
+                heads.append(None)
+                continue
+            heads.append(
+                b"".join(
+                    (
+                        body.heads[variant],
+                        data[12:offset],
+                        body.sections,
+                        self._opt_heads[do_bit],
+                        data[offset + 9 : ecs_start + 7],
+                    )
+                )
+            )
+        if ecs_family == 1:
+            starts: Sequence[int] = table.v4_starts
+            answers: Sequence[int] = table.v4_answers
+            bits = 32
+        else:
+            starts, answers, bits = table.v6_starts, table.v6_answers, 128
+        mask = 0xFF >> (source & 7) if source & 7 else 0
+        infos = tuple(body.infos[1] for body in bodies)
+        self._shapes[key] = (
+            compiled,
+            starts,
+            answers,
+            bits - 8 * length,
+            mask,
+            bits,
+            tuple(heads),
+            infos,
+        )
+        if length not in self._shape_lengths:
+            self._shape_lengths = (*self._shape_lengths, length)
 
     def _quick_static(self, data: bytes, size: int, tcp: bool) -> Quick | None:
         """Every fast-shaped answer that does not depend on the client, from bodies rendered

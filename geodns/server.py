@@ -119,6 +119,9 @@ class DnsMetrics:
         self.latency: dict[str, list[int]] = {}
         self.latency_sum: dict[str, float] = {}
         self.errors = 0
+        #: UDP replies built from a known query shape (not timed: counted in the lowest
+        #: latency bucket, as memo hits are).
+        self.shaped = 0
         self.rate_limited = {"drop": 0, "slip": 0}
         #: Queries not computed because their network had spent its compute budget (UDP:
         #: dropped or slipped; TCP: reading paused until the budget refills).
@@ -271,9 +274,11 @@ class _TallyCollector(Collector):
             "Time to compute a reply (memo hits are counted in the lowest bucket)",
             labels=["transport"],
         )
-        for transport in sorted(set(m.latency) | {t for t, n in hits.items() if n}):
+        untimed = dict(hits)
+        untimed["udp"] = untimed.get("udp", 0) + m.shaped
+        for transport in sorted(set(m.latency) | {t for t, n in untimed.items() if n}):
             counts = list(m.latency.get(transport, [0] * (len(LATENCY_BUCKETS) + 1)))
-            counts[0] += hits.get(transport, 0)
+            counts[0] += untimed.get(transport, 0)
             cumulative, running = [], 0
             for bound, count in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
                 running += count
@@ -415,6 +420,10 @@ class DnsServer:
         self._by_client: dict[tuple[bytes, str], tuple[bytes, int]] = {}
         self._hits = self.metrics.hits
         self._memo_generation = -1
+        #: Tally slots of the replies :meth:`Responder.shaped` gives, by the identity of their
+        #: ReplyInfo (held here, so the identity stays theirs).
+        self._info_slots: dict[int, tuple[ReplyInfo, int]] = {}
+        self._shaped = self.serving.responder.shaped
         self._limiting = self.serving.limiter.config.enabled
         #: Sender address -> its rate-limiting prefix (depends on the config: reset on reload).
         self._prefixes: dict[str, tuple[int, int]] = {}
@@ -572,6 +581,7 @@ class DnsServer:
         if pending is None or pending.config is not config:
             return
         old, self.serving = self.serving, pending  # atomic: replies are computed synchronously
+        self._shaped = pending.responder.shaped
         self._limiting = pending.limiter.config.enabled
         self._prefixes.clear()
         self._forget_replies()
@@ -676,6 +686,24 @@ class DnsServer:
         tail = data[2:]
         memo = self._shared.get(tail)
         if memo is None:
+            if not self._limiting and data[11]:
+                # An ECS query of a known shape (a never-seen subnet, typically): a range
+                # lookup and one join, memoized like any reply that depends on the query only.
+                shaped = self._shaped(data, self.monitor.snapshot.generation)
+                if shaped is not None:
+                    reply, info = shaped
+                    known = self._info_slots.get(id(info))
+                    if known is None or known[0] is not info:
+                        slot = self.metrics.slot("udp", info)
+                        known = self._info_slots[id(info)] = (info, slot)
+                    self.metrics.computed[known[1]] += 1
+                    self.metrics.shaped += 1
+                    shared = self._shared
+                    if len(shared) >= MEMO_LIMIT:
+                        self._forget_replies()
+                    shared[tail] = (reply, known[1])
+                    self._outbox.append((data[:2] + reply, addr))
+                    return
             memo = self._by_client.get((tail, addr[0]))
             if memo is None:
                 self._compute_datagram(data, addr, tail)

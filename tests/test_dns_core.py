@@ -28,7 +28,7 @@ from geodns.wire import WireError, parse_query
 from geodns.zone import Zone
 from meridian.config import Config, RateLimitConfig, parse_config
 from meridian.geo import ClientLocation, GeoLocator
-from tests.dns_support import base_config, make_query, with_many_answers
+from tests.dns_support import CITY_TEST_DB, base_config, make_query, with_many_answers
 
 LOOPBACK = ipaddress.ip_address("127.0.0.1")
 
@@ -237,6 +237,70 @@ def test_fast_path_places_any_ipv4_subnet_as_the_slow_path(
     assert fast is not None and slow is not None and fast.fast
     assert fast.wire == slow.wire
     assert by_address is not None and by_address.fast and by_address.wire == fast.wire
+
+
+@st.composite
+def v6_ecs_queries(draw: st.DrawFn) -> bytes:
+    """Any IPv6 subnet: IPv4-mapped (the IPv4 map, overrides included), the IPv4-compatible
+    and 6to4 aliases of the database's IPv4 tree (no IPv4 overrides), an IPv6 override, the
+    database's IPv6 networks and what lies between them."""
+    near = draw(
+        st.sampled_from(
+            [
+                0,
+                0xFFFF << 32,  # ::ffff:0:0/96
+                (0xFFFF << 32) | 0x0A010000,  # ::ffff:10.1.0.0 (an IPv4 override)
+                0x0A010000,  # ::10.1.0.0 (the database, not the override)
+                0x2002 << 112,
+                int(ipaddress.IPv6Address("2001:4860:4860::")),
+                int(ipaddress.IPv6Address("2a02:d180::")),
+                int(ipaddress.IPv6Address("2001:db8:77::")),
+            ]
+        )
+    )
+    spread = draw(st.integers(0, 96))
+    value = near ^ (draw(st.integers(0, 2**20 - 1)) << spread) if near else 0
+    if not near:
+        value = draw(st.integers(0, 2**128 - 1))
+    prefix = draw(st.integers(1, 128))
+    value &= ((1 << 128) - 1) ^ ((1 << (128 - prefix)) - 1)
+    name = draw(st.sampled_from(["api", "two", "origin", "deep.sub"])) + ".meridian.test"
+    query = dns.message.make_query(
+        name,
+        draw(st.sampled_from(["A", "AAAA", "ANY"])),
+        use_edns=0,
+        options=[dns.edns.ECSOption(str(ipaddress.IPv6Address(value)), prefix)],
+    )
+    return query.to_wire()
+
+
+@settings(
+    max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=v6_ecs_queries())
+def test_fast_path_places_any_ipv6_subnet_as_the_slow_path(
+    responder_v6: Responder, data: bytes
+) -> None:
+    """The compiled IPv6 map (aliases, mapped block, overrides) answers as the locator does,
+    with the same scope, byte for byte; a repeat of the shape does too."""
+    fast = responder_v6.respond(data, LOOPBACK, tcp=False, health=ALL_UP)
+    slow = responder_v6.respond_slow(data, LOOPBACK, tcp=False, health=ALL_UP)
+    assert fast is not None and slow is not None and fast.fast
+    assert fast.wire == slow.wire
+    shaped = responder_v6.shaped(data, ALL_UP.generation)
+    assert shaped is None or data[:2] + shaped[0] == fast.wire
+
+
+@pytest.fixture(scope="module")
+def responder_v6() -> Responder:
+    """The demo world plus an IPv6 override, over MaxMind's City test database (its tree
+    aliases ``::/96``, ``::ffff:0:0/96``, ``2001::/32`` and ``2002::/16`` to IPv4)."""
+    data = base_config()
+    data["geo"]["database"] = str(CITY_TEST_DB)
+    data["geo"]["overrides"].append({"network": "2001:db8:77::/48", "pop": "gru"})
+    config = parse_config(data)
+    locator = GeoLocator(config.geo, config.pops[0].location)
+    return Responder(Zone.build(config), locator)
 
 
 def test_scopes_are_the_widest_range_with_one_answer(responder: Responder) -> None:
