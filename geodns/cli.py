@@ -7,7 +7,11 @@ import json
 import sys
 import urllib.request
 
-from geodns.explain import StaticHealth, explain, parse_client
+import dns.name
+
+from geodns.explain import StaticHealth, describe_range, explain, parse_client
+from geodns.responder import Responder
+from geodns.zone import GeoName, Zone, name_key
 from meridian.config import ConfigError, load_config
 from meridian.config import hostport_argument as _hostport
 from meridian.geo import GeoError, GeoLocator
@@ -127,14 +131,35 @@ def run_explain(args: argparse.Namespace) -> int:
     except GeoError as exc:
         print(f"meridian explain: {exc}", file=sys.stderr)
         return 1
+    health = StaticHealth(pops, regions)
+    responder = Responder(Zone.build(config), locator)
+
+    def ranges(geo: GeoName, family: int) -> str:
+        key = name_key(dns.name.from_text(geo.fqdn))
+        address, version = int(client), client.version
+        ecs_family = 1 if version == 4 else 2
+        table = responder.answer_table(key, family, health)
+        _, first, following = table.find(ecs_family, address)
+        top = 1 << (32 if version == 4 else 128)
+
+        def said(number: int) -> str:
+            selection = table.selections[number]
+            found = ", ".join(str(a) for a in selection.addresses(family))
+            return found or selection.outcome
+
+        before = said(table.find(ecs_family, first - 1)[0]) if first else None
+        after = said(table.find(ecs_family, following)[0]) if following < top else None
+        return describe_range(address, version, first, following - 1, before, after)
+
     try:
         text = explain(
             config,
             args.client,
             locator.locate(client),
-            StaticHealth(pops, regions),
+            health,
             args.name,
             source,
+            ranges,
         )
     except KeyError as exc:
         print(

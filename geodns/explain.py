@@ -4,7 +4,7 @@ server runs.  The text is built by :func:`explain` (pure); the CLI only gathers 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from geodns.selection import HealthView, select
@@ -57,7 +57,10 @@ def explain(
     health: HealthView,
     names: Sequence[str] = (),
     health_source: str = "assumed up",
+    ranges: Callable[[GeoName, int], str] | None = None,
 ) -> str:
+    """``ranges(geo, family)``, when given, describes the compiled range of addresses around
+    the client that gets the same answer (and so the ECS scope)."""
     zone = Zone.build(config)
     lines = [_location_line(client, location)]
     rule = config.residency_zone_for(location.country, location.continent)
@@ -90,6 +93,8 @@ def explain(
             else:
                 result = selection.outcome.upper()
             lines.append(f"  => {result}: {selection.reason}")
+            if ranges is not None:
+                lines.append(f"  {ranges(geo, family)}")
     return "\n".join(lines)
 
 
@@ -114,3 +119,27 @@ def parse_client(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     if "/" in text:
         return ipaddress.ip_network(text, strict=False).network_address
     return ipaddress.ip_address(text)
+
+
+def describe_range(
+    address: int, version: int, first: int, last: int, before: str | None, after: str | None
+) -> str:
+    """The compiled range around a client, its ECS scope, and why it ends where it does."""
+    from geodns.compiled import widest_scope_plain
+
+    bits = 32 if version == 4 else 128
+    make = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+    scope = widest_scope_plain(address, first, last, bits)
+    network = (
+        ipaddress.ip_network((address >> (bits - scope) << (bits - scope), scope))
+        if (version == 4)
+        else ipaddress.IPv6Network((address >> (bits - scope) << (bits - scope), scope))
+    )
+    ends = []
+    ends.append(f"before it: {before}" if before is not None else "it starts the address space")
+    ends.append(f"after it: {after}" if after is not None else "it ends the address space")
+    return (
+        f"range {make(first)} - {make(last)} ({last - first + 1:,} addresses) gets this "
+        f"answer; ECS scope /{scope} = {network}, the widest network around the client inside "
+        f"it ({'; '.join(ends)})"
+    )

@@ -451,6 +451,10 @@ class Responder:
         compiled.slots[number][slot] = filled
         return filled
 
+    def answer_table(self, qname_key: bytes, family: int, health: HealthView) -> AnswerTable:
+        """The compiled table of the geo name ``qname_key`` asked for ``family`` (4, 6)."""
+        return self._table(self._answers(health), self._names[qname_key][0], family)
+
     def answer_range(
         self, qname_key: bytes, family: int, ecs_family: int, address: int, health: HealthView
     ) -> tuple[int, int, int]:

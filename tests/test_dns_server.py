@@ -712,3 +712,5 @@ def test_explain_prints_candidates_and_the_answer(tmp_path: Path) -> None:
     assert "residency: rule eu-data (zone eu, on_failure fallback)" in out
     assert "pop fra" in out and "DOWN" in out and "in zone" in out
     assert "answer 127.0.1.1" in out and "fell back" in out
+    # The compiled range around the client, its ECS scope and what lies either side.
+    assert "gets this answer; ECS scope /" in out and "before it: " in out
