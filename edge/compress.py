@@ -22,6 +22,8 @@ from typing import Final, Literal
 
 import brotli
 
+from edge.errors import EdgeError
+from edge.memos import MEDIA_TYPE_PATTERNS, NEGOTIATIONS, BoundedMemo
 from meridian.config import CompressionConfig
 
 Coding = Literal["br", "gzip", "identity"]
@@ -47,7 +49,7 @@ __all__ = [
 
 #: Distinct Accept-Encoding values remembered.  Real clients send a handful; the bound keeps a
 #: client that sends a new value on every request from growing the memo without limit.
-NEGOTIATION_MEMO_SIZE: Final = 1024
+NEGOTIATION_MEMO_SIZE: Final = NEGOTIATIONS.bound
 #: Longer values are parsed every time rather than remembered, so the memo stays small in bytes.
 NEGOTIATION_MEMO_MAX_KEY: Final = 256
 
@@ -72,7 +74,8 @@ class _Acceptance:
 
 
 _ABSENT: Final = _Acceptance("identity", frozenset(), frozenset(), None)
-_memo: dict[bytes, _Acceptance] = {}
+#: ``edge.memos.NEGOTIATIONS``.
+_memo: BoundedMemo[bytes, _Acceptance] = BoundedMemo(NEGOTIATIONS)
 
 
 def negotiate(accept_encoding: bytes | None) -> Coding | None:
@@ -239,7 +242,7 @@ def _type_matches(media_type: bytes, types: tuple[str, ...]) -> bool:
     return media_type in exact or media_type.startswith(prefixes)
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=MEDIA_TYPE_PATTERNS.bound)
 def _type_patterns(types: tuple[str, ...]) -> tuple[frozenset[bytes], tuple[bytes, ...]]:
     """``types`` split into exact media types and ``text/``-style prefixes (from ``text/*``)."""
     lowered = [t.strip().lower().encode("ascii") for t in types]
@@ -325,7 +328,7 @@ class StreamCompressor:
 # Decoding an origin's body for a client that does not accept its coding
 
 
-class DecompressionBomb(Exception):
+class DecompressionBomb(EdgeError):
     """An upstream body decodes to more than the allowed size (the edge answers 502)."""
 
 

@@ -26,6 +26,7 @@ from http import HTTPStatus
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import NamedTuple
 
+from edge.errors import EdgeError
 from meridian.config import EdgeLimits
 
 Headers = list[tuple[bytes, bytes]]
@@ -72,7 +73,7 @@ NO_BODY = BodyFraming(BodyKind.NONE)
 CHUNKED = BodyFraming(BodyKind.CHUNKED)
 
 
-class RequestRejected(Exception):
+class RequestRejected(EdgeError):
     """A request answered by the edge itself and never forwarded; the connection is closed."""
 
     def __init__(self, status: int, reason: str) -> None:
@@ -324,36 +325,49 @@ class ForwardingContext:
     request_id: bytes
 
 
-def _is_hop_by_hop(name: bytes, named: frozenset[bytes]) -> bool:
-    return name in HOP_BY_HOP or name in named or name.startswith(b"proxy")
-
-
-def rewrite_request_headers(
-    headers: Headers, ctx: ForwardingContext, *, keep_upgrade: bool = False
-) -> Headers:
-    """The headers sent upstream (``edge.request_target.forward_headers``, the one place that
-    builds them; kept here for the callers that import it from this module)."""
-    from edge.request_target import forward_headers  # request_target imports this module
-
-    return forward_headers(headers, ctx, keep_upgrade=keep_upgrade)
-
-
 def via_value(http_version: str, pop: str) -> bytes:
     return f"{http_version} meridian-{pop}".encode()
 
 
-def rewrite_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
-    """Upstream response headers with hop-by-hop removed and names lower-cased.
+def rewrite_response_headers(
+    headers: Iterable[tuple[bytes, bytes]],
+    *,
+    dropped: frozenset[bytes] = frozenset(),
+    via: bytes | None = None,
+    region: str | None = None,
+) -> Headers:
+    """Upstream response headers as the edge passes (and stores) them, in one pass: names
+    lower-cased, hop-by-hop (fixed, ``Proxy-*`` and those the Connection header names) and
+    Content-Length removed (the edge sets its own framing), and ``dropped`` (the edge's own
+    headers) removed.
 
-    Content-Length is dropped too: the edge sets its own framing header when it sends the head.
-    """
+    With ``via``: earlier Via values and this hop's are joined into one Via line at the end.
+    With ``region``: an ``x-meridian-region`` line follows it."""
     lowered = [(name.lower(), value) for name, value in headers]
     named = connection_tokens(lowered)
-    return [
-        (name, value)
-        for name, value in lowered
-        if not _is_hop_by_hop(name, named) and name != b"content-length"
-    ]
+    out: Headers = []
+    prior_via: list[bytes] | None = None
+    for line in lowered:
+        name = line[0]
+        if (
+            name in HOP_BY_HOP
+            or name == b"content-length"
+            or name in dropped
+            or name.startswith(b"proxy")
+            or (named and name in named)
+        ):
+            continue
+        if via is not None and name == b"via":
+            if prior_via is None:
+                prior_via = []
+            prior_via.append(line[1])
+            continue
+        out.append(line)
+    if via is not None:
+        out.append((b"via", via if prior_via is None else b", ".join([*prior_via, via])))
+    if region is not None:
+        out.append((b"x-meridian-region", region.encode()))
+    return out
 
 
 class _RequestIds:

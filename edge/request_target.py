@@ -43,6 +43,7 @@ from edge.http1 import (
     connection_tokens,
     via_value,
 )
+from edge.memos import HOSTS, BoundedMemo
 
 #: The only URI schemes an HTTP proxy's absolute-form target may carry.
 SCHEMES: Final = {b"http": b"80", b"https": b"443"}
@@ -151,10 +152,9 @@ class Target(NamedTuple):
 # Host
 
 
-#: Host values seen -> their verdict (a request head is parsed per connection chunk, and a
-#: handful of Host spellings cover nearly all of them); cleared when full.
-_HOST_MEMO: dict[tuple[bytes, bytes], bytes | None] = {}
-_HOST_MEMO_SIZE: Final = 1024
+#: ``edge.memos.HOSTS``: Host values seen -> their verdict (a request head is parsed per
+#: connection chunk, and a handful of Host spellings cover nearly all of them).
+_HOST_MEMO: BoundedMemo[tuple[bytes, bytes], bytes | None] = BoundedMemo(HOSTS)
 
 
 def parse_host(value: bytes, scheme: bytes = b"http") -> bytes | None:
@@ -165,7 +165,7 @@ def parse_host(value: bytes, scheme: bytes = b"http") -> bytes | None:
     except KeyError:
         pass
     host = _parse_host(value, scheme)
-    if len(_HOST_MEMO) >= _HOST_MEMO_SIZE:
+    if len(_HOST_MEMO) >= _HOST_MEMO.bound:
         _HOST_MEMO.clear()
     _HOST_MEMO[memo_key] = host
     return host

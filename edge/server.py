@@ -34,12 +34,14 @@ from typing import Any
 import uvloop
 from prometheus_client import CollectorRegistry, generate_latest
 
+from edge.accesslog import AccessLog
 from edge.admin import AdminServer, EdgeMetrics
 from edge.cache import HttpCache
 from edge.compress import negotiate
-from edge.pipeline import AccessLog, EdgeState, Pipeline
+from edge.pipeline import Pipeline
 from edge.protocol import Connections
 from edge.purge import PurgeEndpoint
+from edge.state import EdgeState
 from edge.transcode import CompressionStats, Transcoder
 from edge.upstream import UpstreamPool
 from edge.workers import WorkerApi, WorkerPeers, WorkerSockets

@@ -42,10 +42,11 @@ from edge.compress import (
     is_compressible,
     negotiate,
 )
+from edge.errors import EdgeError
 from meridian.config import CompressionConfig
 
 if TYPE_CHECKING:
-    from edge.pipeline import OutgoingResponse
+    from edge.exchange import OutgoingResponse
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -57,7 +58,7 @@ DECODE_WHOLE_MAX: Final = 1024 * 1024
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
 
 
-class BodyError(Exception):
+class BodyError(EdgeError):
     """A response body that cannot be delivered whole (bad or oversized upstream coding)."""
 
     def __init__(self, reason: str) -> None:

@@ -39,6 +39,8 @@ from aiohttp.typedefs import LooseHeaders
 from multidict import CIMultiDict
 from yarl import URL
 
+from edge.errors import EdgeError
+from edge.memos import UPSTREAM_URLS, BoundedMemo
 from meridian.config import EdgeTimeouts
 from meridian.health.checks import is_local_error
 
@@ -108,7 +110,17 @@ _BACKEND_FAULTS = frozenset(
 )
 
 
-class UpstreamFailure(Exception):
+#: What reading an upstream response's body may raise (aiohttp's and the system's errors): the
+#: foreign errors the stages catch at this boundary and turn into an edge answer.
+UPSTREAM_BODY_ERRORS: tuple[type[Exception], ...] = (
+    aiohttp.ClientError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+
+class UpstreamFailure(EdgeError):
     """An attempt that produced no response head."""
 
     def __init__(self, kind: FailureKind, detail: str) -> None:
@@ -192,7 +204,7 @@ def retry_allowed(
 
 
 #: Upstream URLs parsed, by backend + target (bounded: yarl takes microseconds per parse).
-URL_MEMO_SIZE = 4096
+URL_MEMO_SIZE = UPSTREAM_URLS.bound
 
 
 def _header_text(value: bytes) -> str:
@@ -303,7 +315,8 @@ class UpstreamPool:
         self._slots: dict[str, Gate] = {}
         self._streams: dict[str, Gate] = {}
         self._session: aiohttp.ClientSession | None = None
-        self._urls: dict[str, URL] = {}
+        #: ``edge.memos.UPSTREAM_URLS``.
+        self._urls: BoundedMemo[str, URL] = BoundedMemo(UPSTREAM_URLS)
         self._timeout = aiohttp.ClientTimeout(
             total=None,
             connect=timeouts.connect,
@@ -412,7 +425,7 @@ class UpstreamPool:
         text = backend + target
         url = self._urls.get(text)
         if url is None:
-            if len(self._urls) >= URL_MEMO_SIZE:
+            if len(self._urls) >= self._urls.bound:
                 self._urls.clear()  # bounded without bookkeeping: it refills with what is hot
             url = self._urls[text] = URL(text, encoded=True)
         try:

@@ -14,32 +14,57 @@ originate its own.  A non-101 answer to the handshake is reported as a 502.
 from __future__ import annotations
 
 import asyncio
+import random
 import struct
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 import httptools
 
-from edge.http1 import (
-    NO_BODY,
-    Headers,
-    error_response,
-    rewrite_request_headers,
-    serialize_head,
-)
+from edge.admin import EdgeMetrics
+from edge.exchange import HealthSource, ProxyRequest, forwarding_context
+from edge.http1 import NO_BODY, Headers, error_response, serialize_head
+from edge.request_target import forward_headers
 from edge.router import normalise_host
+from edge.state import EdgeState
 from edge.upstream import Attempt, live_regions, next_attempt
 from meridian.log import get_logger
-
-if TYPE_CHECKING:
-    from edge.pipeline import ProxyRequest
-    from edge.protocol import Connections, EdgeConnection
 
 log = get_logger("edge.websocket")
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_INTERNAL_ERROR = 1011
 _OPCODE_CLOSE = 0x8
+
+
+class TunnelServices(Protocol):
+    """What a tunnel reads from the worker's pipeline (``edge.pipeline.Pipeline``)."""
+
+    @property
+    def state(self) -> EdgeState: ...
+
+    @property
+    def metrics(self) -> EdgeMetrics: ...
+
+    @property
+    def health(self) -> HealthSource: ...
+
+    @property
+    def rng(self) -> random.Random: ...
+
+
+class TunnelHost(Protocol):
+    """The front end's listener as a tunnel uses it (``edge.protocol.Connections``): the
+    loop, the set of open tunnels it drains and sweeps, and the pipeline."""
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+
+    @property
+    def tunnels(self) -> set[Tunnel]: ...
+
+    @property
+    def pipeline(self) -> TunnelServices: ...
 
 
 def close_frame(code: int, reason: bytes = b"") -> bytes:
@@ -147,8 +172,8 @@ class Tunnel:
 
     def __init__(
         self,
-        connections: Connections,
-        client: EdgeConnection,
+        connections: TunnelHost,
+        client: asyncio.Protocol,
         client_transport: asyncio.Transport,
         request: ProxyRequest,
         early_data: bytes,
@@ -185,8 +210,8 @@ class Tunnel:
         if not regions:
             self._fail(503, "no_healthy_region")
             return
-        headers = rewrite_request_headers(
-            request.headers, pipeline._forwarding(request, state), keep_upgrade=True
+        headers = forward_headers(
+            request.headers, forwarding_context(request, state), keep_upgrade=True
         )
         head = (
             b"GET %s HTTP/1.1\r\n" % request.target

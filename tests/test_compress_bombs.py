@@ -17,7 +17,7 @@ import brotli
 import pytest
 
 from edge.compress import DECODE_STEP, BoundedDecoder, DecompressionBomb, decoded_size
-from edge.pipeline import OutgoingResponse
+from edge.exchange import OutgoingResponse
 from edge.transcode import DECODE_WHOLE_MAX, BodyError, CompressionStats, Transcoder, decode_whole
 from meridian.config import CompressionConfig
 

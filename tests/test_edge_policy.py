@@ -21,11 +21,11 @@ from edge.http1 import (
     error_response,
     is_trusted,
     response_framing,
-    rewrite_request_headers,
     rewrite_response_headers,
     serialize_head,
     valid_request_id,
 )
+from edge.request_target import forward_headers
 from edge.router import Router, normalise_host, order_regions
 from edge.upstream import (
     MAX_ATTEMPTS,
@@ -139,7 +139,7 @@ def test_hop_by_hop_and_connection_named_headers_are_stripped():
         (b"accept", b"*/*"),
         (b"expect", b"100-continue"),
     ]
-    out = rewrite_request_headers(headers, CTX)
+    out = forward_headers(headers, CTX)
     names = [n for n, _ in out]
     for gone in (
         b"connection",
@@ -167,7 +167,7 @@ def test_forwarded_headers_from_untrusted_clients_are_replaced():
         (b"x-forwarded-host", b"evil"),
         (b"x-request-id", b"client-id"),
     ]
-    out = dict(rewrite_request_headers(headers, CTX))
+    out = dict(forward_headers(headers, CTX))
     assert out[b"x-forwarded-for"] == b"203.0.113.9"
     assert out[b"x-forwarded-proto"] == b"http"
     assert out[b"x-forwarded-host"] == b"a"
@@ -183,7 +183,7 @@ def test_forwarded_headers_from_trusted_proxies_are_extended():
         (b"x-forwarded-host", b"api.example"),
         (b"via", b"1.1 lb"),
     ]
-    out = dict(rewrite_request_headers(headers, trusted))
+    out = dict(forward_headers(headers, trusted))
     assert out[b"x-forwarded-for"] == b"1.2.3.4, 203.0.113.9"
     assert out[b"x-forwarded-proto"] == b"https"
     assert out[b"x-forwarded-host"] == b"api.example"
@@ -200,7 +200,7 @@ def test_websocket_handshake_keeps_upgrade():
         (b"upgrade", b"websocket"),
         (b"sec-websocket-key", b"k"),
     ]
-    out = rewrite_request_headers(headers, CTX, keep_upgrade=True)
+    out = forward_headers(headers, CTX, keep_upgrade=True)
     assert (b"upgrade", b"websocket") in out
     assert (b"connection", b"upgrade") in out
     assert (b"sec-websocket-key", b"k") in out
@@ -214,7 +214,7 @@ _token = st.binary(min_size=1, max_size=12).map(lambda b: bytes(97 + c % 26 for 
 )
 def test_rewriting_never_forwards_hop_by_hop(headers, named):
     headers = [*headers, (b"connection", b", ".join(named))]
-    out = rewrite_request_headers(headers, CTX)
+    out = forward_headers(headers, CTX)
     names = {n for n, _ in out}
     assert not names & {b"connection", b"keep-alive", b"te", b"transfer-encoding", b"upgrade"}
     assert not names & set(named) - {

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from edge.fdlimit import FdBudget, Throttle, fd_exhausted
 from edge.http1 import BodyFraming, BodyKind, RequestRejected
-from edge.pipeline import REQUEST_BUFFER_LIMIT, buffer_request_body
+from edge.stages.forward import REQUEST_BUFFER_LIMIT, buffer_request_body
 from edge.upstream import FailureKind, Gate, UpstreamFailure, UpstreamPool, retry_allowed
 from meridian.config import EdgeTimeouts
 from meridian.health import HealthMonitor

@@ -95,6 +95,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from edge.memos import BYPASS_LOOKUPS, SERVED_CODINGS, SHARED_FIELDS, BoundedMemo
 from meridian.config import CacheConfig
 from meridian.log import get_logger
 
@@ -339,7 +340,7 @@ _UNIQUE_PER_RESPONSE: Final = frozenset(
     {b"date", b"etag", b"last-modified", b"expires", b"content-md5", b"set-cookie", b"x-request-id"}
 )
 #: Distinct shared header fields kept (``HttpCache._pooled_headers``).
-SHARED_FIELDS_SIZE: Final = 4096
+SHARED_FIELDS_SIZE: Final = SHARED_FIELDS.bound
 #: Reasons a new response is not stored that also make the stored one obsolete (the resource
 #: itself changed); per-request reasons (request no-store, Authorization) leave it alone.
 _SUPERSEDING: Final = frozenset(
@@ -562,13 +563,14 @@ class HttpCache:
         #: Purges whose Redis half failed, retried by ``_retry_purges`` until Redis takes them.
         self.purge_backlog = purge_backlog or PurgeBacklog()
         self._purge_retrier: asyncio.Task[None] | None = None
-        self._bypass: dict[str, Lookup] = {}
+        #: ``edge.memos.BYPASS_LOOKUPS``, ``SERVED_CODINGS`` and ``SHARED_FIELDS``.
+        self._bypass: BoundedMemo[str, Lookup] = BoundedMemo(BYPASS_LOOKUPS)
         #: The last header list ``storable_head`` parsed, and its meta (see ``_admit``).
         self._head_meta: tuple[Sequence[Header], ResponseMeta] | None = None
-        self._codings: dict[bytes | None, Coding] = {}
+        self._codings: BoundedMemo[bytes | None, Coding] = BoundedMemo(SERVED_CODINGS)
         #: One copy of each stored header field that many responses repeat
         #: (``_pooled_headers``).
-        self._shared_fields: dict[Header, Header] = {}
+        self._shared_fields: BoundedMemo[Header, Header] = BoundedMemo(SHARED_FIELDS)
         if registry is not None:
             registry.register(self.metrics)
 
@@ -633,7 +635,7 @@ class HttpCache:
         self.metrics.count_bypass(reason)
         lookup = self._bypass.get(reason)
         if lookup is None:
-            lookup = self._bypass[reason] = Lookup(LookupKind.BYPASS, reason=reason)
+            lookup = self._bypass.remember(reason, Lookup(LookupKind.BYPASS, reason=reason))
         return lookup
 
     def lookup(
@@ -699,7 +701,7 @@ class HttpCache:
         coding = self._codings.get(accept_encoding)
         if coding is None:
             coding = coding_class(self._negotiate, accept_encoding)
-            if len(self._codings) >= 1024:  # bounded: a client can send any value
+            if len(self._codings) >= self._codings.bound:  # a client can send any value
                 self._codings.clear()
             self._codings[accept_encoding] = coding
         request = RequestInfo(

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Final, Literal
 
+from edge.memos import CACHE_CODINGS, CACHE_KEYS, DROP_MATCHERS, BoundedMemo
 from meridian.config import CacheRule
 
 from .policy import Headers, joined
@@ -102,7 +103,7 @@ class _DropMatcher:
         return name in self.exact or (bool(self.prefixes) and name.startswith(self.prefixes))
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=DROP_MATCHERS.bound)
 def _drop_matcher(patterns: tuple[str, ...]) -> _DropMatcher:
     return _DropMatcher(patterns)
 
@@ -160,7 +161,10 @@ class KeyBuilder:
     ) -> None:
         # Longest prefix first, so the most specific rule wins whatever the config order.
         self._rules = tuple(sorted(rules, key=lambda r: len(r.path_prefix), reverse=True))
-        self._memo: dict[tuple[bytes, bytes, bytes], CacheKey] = {}
+        #: ``edge.memos.CACHE_KEYS``.
+        self._memo: BoundedMemo[tuple[bytes, bytes, bytes], CacheKey] = BoundedMemo(
+            CACHE_KEYS, bound=memo_size
+        )
         self._memo_size = memo_size
         self._memo_limit = memo_bytes
         self._memo_bytes = 0
@@ -218,7 +222,7 @@ class KeyBuilder:
 # Content coding and Vary
 
 
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=CACHE_CODINGS.bound)
 def negotiate_coding(accept_encoding: bytes | None) -> Coding:
     """The best coding the cache can serve: br, then gzip, then identity (RFC 9110 12.5.3).
 

@@ -42,6 +42,7 @@ from functools import lru_cache
 from typing import Final, NamedTuple
 from urllib.parse import urljoin, urlsplit
 
+from edge.memos import CACHE_CONTROL_PARSES, HTTP_DATES
 from meridian.config import CacheRule
 
 Header = tuple[bytes, bytes]
@@ -203,7 +204,7 @@ def _delta_seconds(value: str | None) -> int | None:
     return min(int(value), DELTA_SECONDS_MAX)
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=CACHE_CONTROL_PARSES.bound)
 def parse_cache_control(value: bytes | None) -> CacheControl:
     """Parse a (joined) Cache-Control field value; robust to any input, never raises."""
     if not value:
@@ -270,7 +271,7 @@ def parse_http_date(value: bytes | None) -> float | None:
     return _parse_http_date(value)
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=HTTP_DATES.bound)
 def _parse_http_date(value: bytes) -> float | None:
     # Memoised: responses of one second share their Date, and Last-Modified values repeat
     # (email.utils takes about 3.5 us per value, three per response).

@@ -1,0 +1,244 @@
+"""Every memo of the edge request path, named, documented and bounded in one place.
+
+A memo remembers what a pure function of its key returned, so that the next request with the
+same key skips the work.  Each one here says what it caches, under which key, where it lives,
+what clears it and how big it may grow; its owner makes it with ``BoundedMemo(SPEC)``.
+
+``BoundedMemo`` is a plain ``dict`` (a hit stays one dict lookup, no Python call) that knows
+its bound.  When full it is cleared (``policy="clear"``): no bookkeeping per hit, and what is
+hot refills within a few requests, which is cheaper than an LRU's reordering on every hit.
+The Accept-Encoding negotiation memo evicts its oldest entry instead (``policy="oldest"``),
+because a few values cover nearly every client and a flood of odd ones should not flush them.
+Pure parsing functions off the hottest path are memoised with ``functools.lru_cache``
+(``policy="lru"``), sized here.
+Owners on hot paths check ``len(memo) >= memo.bound`` inline rather than calling ``remember``.
+
+Memos that are not dicts (one slot per object) are listed too, with what bounds them.
+A leaf module: the cache package and every edge module may import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Literal, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+@dataclass(frozen=True, slots=True)
+class MemoSpec:
+    """What one memo is: written once, read by its owner and by the tests."""
+
+    name: str
+    #: Where the memo lives (the attribute or module global holding it).
+    owner: str
+    #: What it is keyed by, and what it remembers.
+    key: str
+    value: str
+    #: What empties it besides its bound.
+    cleared_by: str
+    #: Entries at most; when full it is cleared (or its oldest entry evicted).
+    bound: int
+    policy: Literal["clear", "oldest", "lru", "slot"] = "clear"
+
+
+class BoundedMemo(dict[K, V]):
+    """A dict that never holds more than ``spec.bound`` entries when filled with ``remember``
+    (or by an owner that checks ``len(memo) >= memo.bound`` first)."""
+
+    __slots__ = ("bound", "spec")
+
+    def __init__(self, spec: MemoSpec, *, bound: int | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        #: ``spec.bound`` (or the owner's configured bound), one attribute away for the
+        #: owners' inline checks.
+        self.bound = spec.bound if bound is None else bound
+
+    def remember(self, key: K, value: V) -> V:
+        """Store ``value`` under ``key`` within the bound; returns ``value``."""
+        if key not in self and len(self) >= self.bound:
+            if self.spec.policy == "oldest":
+                del self[next(iter(self))]
+            else:
+                self.clear()
+        self[key] = value
+        return value
+
+
+# -- request heads and routes (edge.state) ------------------------------------------------------
+
+REQUEST_HEADS: Final = MemoSpec(
+    name="request heads",
+    owner="edge.state.EdgeState.request_heads (filled by edge.protocol.remember_head)",
+    key="the raw bytes of a bodiless keep-alive GET/HEAD chunk, at most 2048 bytes",
+    value="its validated RequestHead (with the cache's Prepared lookup and the route name)",
+    cleared_by="a config reload (a new EdgeState); the chunk's bytes are the whole key",
+    bound=4096,
+)
+ROUTES: Final = MemoSpec(
+    name="routes",
+    owner="edge.state.EdgeState.route_memo (EdgeState.route)",
+    key="(Host header as decided, path)",
+    value="the RouteTarget, or None for no route",
+    cleared_by="a config reload (a new EdgeState)",
+    bound=4096,
+)
+FILL_HEADERS: Final = MemoSpec(
+    name="fill headers",
+    owner="edge.state.RequestHead.fill_headers (edge.stages.fill.fill_headers)",
+    key="client address",
+    value="the upstream request headers of a fill for that head, without the request ID",
+    cleared_by="its RequestHead leaving REQUEST_HEADS; so at most 16 x REQUEST_HEADS in all",
+    bound=16,
+)
+HIT_REPLAYS: Final = MemoSpec(
+    name="hit replays",
+    owner="edge.state.RequestHead.hit (Pipeline.replay_hit)",
+    key="the RequestHead it hangs on (one slot per head)",
+    value="the last hit's bytes and what its metrics and access line need (HitReplay)",
+    cleared_by="a replay that no longer holds (new entry, next Age second, stale, reload)",
+    bound=1,
+    policy="slot",
+)
+
+# -- the cache (edge.cache) ---------------------------------------------------------------------
+
+SERVED_CODINGS: Final = MemoSpec(
+    name="served codings",
+    owner="edge.cache.HttpCache._codings",
+    key="Accept-Encoding value (None: absent)",
+    value="the coding a stored entry is served in",
+    cleared_by="its bound only (the answer depends on the value alone)",
+    bound=1024,
+)
+BYPASS_LOOKUPS: Final = MemoSpec(
+    name="bypass lookups",
+    owner="edge.cache.HttpCache._bypass",
+    key="bypass reason (a fixed set of names in edge.cache and the config's rules)",
+    value="the one Lookup(BYPASS, reason) shared by every bypassed request",
+    cleared_by="its bound only",
+    bound=256,
+)
+SHARED_FIELDS: Final = MemoSpec(
+    name="shared header fields",
+    owner="edge.cache.HttpCache._shared_fields (_pooled_headers)",
+    key="a stored header field (name, value) that responses repeat",
+    value="the one copy every stored entry shares",
+    cleared_by="its bound only (entries keep the copies they hold)",
+    bound=4096,
+)
+CACHE_KEYS: Final = MemoSpec(
+    name="cache keys",
+    owner="edge.cache.key.KeyBuilder._memo",
+    key="(scheme, host, raw target)",
+    value="the primary CacheKey",
+    cleared_by="its bound, or its byte budget (1/16 of the cache's memory, at most 4 MiB)",
+    bound=65536,  # the default; KeyBuilder(memo_size=...) sets its own
+)
+
+CACHE_CONTROL_PARSES: Final = MemoSpec(
+    name="Cache-Control parses",
+    owner="edge.cache.policy.parse_cache_control (lru_cache)",
+    key="a joined Cache-Control value",
+    value="the parsed CacheControl",
+    cleared_by="its bound only (least recently used first)",
+    bound=4096,
+    policy="lru",
+)
+HTTP_DATES: Final = MemoSpec(
+    name="HTTP dates",
+    owner="edge.cache.policy._parse_http_date (lru_cache)",
+    key="a Date / Last-Modified / Expires value",
+    value="its timestamp, or None when invalid",
+    cleared_by="its bound only (least recently used first)",
+    bound=4096,
+    policy="lru",
+)
+CACHE_CODINGS: Final = MemoSpec(
+    name="cache codings",
+    owner="edge.cache.key.negotiate_coding (lru_cache)",
+    key="Accept-Encoding value (None: absent)",
+    value="the coding the cache serves: br, gzip or identity",
+    cleared_by="its bound only (least recently used first)",
+    bound=1024,
+    policy="lru",
+)
+DROP_MATCHERS: Final = MemoSpec(
+    name="query drop matchers",
+    owner="edge.cache.key._drop_matcher (lru_cache)",
+    key="a cache rule's query parameter patterns",
+    value="the compiled matcher",
+    cleared_by="its bound only (the config's rules: a handful)",
+    bound=256,
+    policy="lru",
+)
+
+# -- edge modules -------------------------------------------------------------------------------
+
+HOSTS: Final = MemoSpec(
+    name="hosts",
+    owner="edge.request_target._HOST_MEMO (parse_host)",
+    key="(Host value as sent, scheme)",
+    value="the validated, normalised host, or None when invalid",
+    cleared_by="its bound only (a pure function of the key)",
+    bound=1024,
+)
+NEGOTIATIONS: Final = MemoSpec(
+    name="Accept-Encoding negotiations",
+    owner="edge.compress._memo (negotiate, accepts)",
+    key="Accept-Encoding value, at most 256 bytes",
+    value="the parsed acceptance (choice, allowed, refused, wildcard)",
+    cleared_by="its bound only; the oldest entry goes first",
+    bound=1024,
+    policy="oldest",
+)
+UPSTREAM_URLS: Final = MemoSpec(
+    name="upstream URLs",
+    owner="edge.upstream.UpstreamPool._urls",
+    key="backend URL + request target",
+    value="the yarl URL aiohttp is given",
+    cleared_by="its bound only",
+    bound=4096,
+)
+MEDIA_TYPE_PATTERNS: Final = MemoSpec(
+    name="compressible media type patterns",
+    owner="edge.compress._type_patterns (lru_cache)",
+    key="the configured compressible types",
+    value="exact types and prefixes",
+    cleared_by="its bound only (one value per config)",
+    bound=16,
+    policy="lru",
+)
+ACCESS_LOG_MIDDLES: Final = MemoSpec(
+    name="access log middles",
+    owner="edge.accesslog.AccessLog._middles",
+    key="(path, status, bytes, cache, region, method, backend, attempts)",
+    value="the constant middle of a logfmt access line",
+    cleared_by="its bound only",
+    bound=4096,
+)
+
+#: Every memo above, for the tests and for readers.
+MEMOS: Final = (
+    REQUEST_HEADS,
+    ROUTES,
+    FILL_HEADERS,
+    HIT_REPLAYS,
+    SERVED_CODINGS,
+    BYPASS_LOOKUPS,
+    SHARED_FIELDS,
+    CACHE_KEYS,
+    CACHE_CONTROL_PARSES,
+    HTTP_DATES,
+    CACHE_CODINGS,
+    DROP_MATCHERS,
+    HOSTS,
+    NEGOTIATIONS,
+    UPSTREAM_URLS,
+    MEDIA_TYPE_PATTERNS,
+    ACCESS_LOG_MIDDLES,
+)
+
+__all__ = ["MEMOS", "BoundedMemo", "MemoSpec"]

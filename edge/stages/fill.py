@@ -1,0 +1,204 @@
+"""The fill stage: MISS and REVALIDATE through ``HttpCache.fill``, and background refreshes.
+
+The cache decides (coalescing, L2, what to store, stale-if-error); this stage gives it the
+fetch (``fill_read.FillFetch``) and sends what it returns: cached bytes, or a response it did
+not store (``unstored``), live from the ``Handover`` or whole.  Upstream request headers for a
+memoised request head are built once per client address then copied (``fill_headers``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator
+
+from multidict import CIMultiDict
+
+from edge.cache import Lookup, UpstreamResponse
+from edge.cache.policy import upstream_request_headers
+from edge.exchange import (
+    Exchange,
+    ExchangeRecord,
+    FetchError,
+    OutgoingResponse,
+    ProxyRequest,
+    connection_line,
+    entry_region,
+    forwarding_context,
+    request_id_line,
+)
+from edge.request_target import forward_headers
+from edge.router import RouteTarget
+from edge.stages.fill_read import FillFetch, Handover
+from edge.stages.respond import Responder
+from edge.stages.services import EdgeServices
+from edge.stages.walk import UpstreamWalk
+from edge.state import EdgeState
+from edge.upstream import upstream_headers
+
+_X_CACHE_LABELS = {
+    b"HIT": "HIT",
+    b"MISS": "MISS",
+    b"STALE": "STALE",
+    b"REVALIDATED": "REVALIDATED",
+    b"BYPASS": "BYPASS",
+}
+
+
+class Filler:
+    __slots__ = ("respond", "services", "walker")
+
+    def __init__(self, services: EdgeServices, walker: UpstreamWalk, respond: Responder) -> None:
+        self.services = services
+        self.walker = walker
+        self.respond = respond
+
+    async def fill(self, exchange: Exchange) -> None:
+        services = self.services
+        cache = services.cache
+        lookup = exchange.lookup
+        assert cache is not None and lookup is not None
+        request, record, respond = exchange.request, exchange.record, self.respond
+        handover = Handover()
+        fetch = self.fetch_for(request, exchange.state, exchange.routed, lookup, record, handover)
+        extra = request_id_line(request, exchange.state) + connection_line(request)
+        try:
+            try:
+                filled = await cache.fill(lookup, fetch, extra)
+            except FetchError as exc:
+                await respond.send_error(
+                    exchange, exc.status, exc.reason, exc.retry_after, close=exc.close
+                )
+                return
+            if filled.wire is not None:
+                record.cache = _X_CACHE_LABELS.get(filled.x_cache, "MISS")
+                if filled.entry is not None:
+                    record.region = entry_region(filled.entry)
+                respond.write_wire(exchange, filled.wire)
+                return
+            record.cache = "MISS"
+            response = filled.response
+            assert response is not None
+            outgoing = unstored(request, exchange.state, response, handover)
+            if outgoing is None:
+                await respond.send_error(exchange, 502, "upstream_incomplete")
+                return
+            await respond.encode_and_send(exchange, outgoing)
+        finally:
+            handover.close(services.upstream)
+
+    def fetch_for(
+        self,
+        request: ProxyRequest,
+        state: EdgeState,
+        target: RouteTarget,
+        lookup: Lookup,
+        record: ExchangeRecord,
+        handover: Handover | None,
+    ) -> FillFetch:
+        """The fetch a fill calls: a GET of the normalised target with the client's headers
+        minus its conditionals and minus unkeyed headers that could change the response."""
+        return FillFetch(
+            self.services,
+            self.walker,
+            request,
+            state,
+            target,
+            lookup,
+            fill_headers(request, state),
+            record,
+            handover,
+        )
+
+    def refresh(self, request: ProxyRequest, lookup: Lookup) -> None:
+        """Stale-while-revalidate: one background fetch per key (the cache dedupes)."""
+        cache = self.services.cache
+        state = self.services.state
+        target = state.route(request.host, request.path)
+        if cache is None or target is None:
+            return
+        fetch = self.fetch_for(request, state, target, lookup, ExchangeRecord(), None)
+        deadline = state.config.edge.timeouts.total
+
+        async def bounded(validators: list[tuple[bytes, bytes]]) -> UpstreamResponse:
+            async with asyncio.timeout(deadline):
+                return await fetch(validators)
+
+        cache.refresh(lookup, bounded)
+
+
+def fill_headers(request: ProxyRequest, state: EdgeState) -> CIMultiDict[str]:
+    """A fill's upstream request headers (``forward_headers`` with ``fill``, minus the
+    client's conditionals), ready for aiohttp; built from the screened request (its Host line
+    is the key's host), never from anything the key does not hold.  For a memoised request
+    head they depend on the client address and the request ID alone: built once per address
+    (``edge.memos.FILL_HEADERS``), then copied."""
+    head = request.head
+    if head is None:
+        return upstream_headers(upstream_request_headers(_fill_request_headers(request, state), ()))
+    memo = head.fill_headers
+    if memo is None:
+        memo = head.new_fill_headers()
+    base = memo.get(request.client_ip)
+    if base is None:
+        lines = upstream_request_headers(_fill_request_headers(request, state), ())
+        if lines[-1][0] != state.request_id_header:  # it comes last; never otherwise
+            return upstream_headers(lines)
+        base = upstream_headers(lines[:-1])
+        memo.remember(request.client_ip, base)
+    headers = base.copy()
+    headers.add(state.request_id_name, request.request_id.decode("latin-1"))
+    return headers
+
+
+def _fill_request_headers(request: ProxyRequest, state: EdgeState) -> list[tuple[bytes, bytes]]:
+    return forward_headers(request.headers, forwarding_context(request, state), fill=True)
+
+
+def unstored(
+    request: ProxyRequest, state: EdgeState, response: UpstreamResponse, handover: Handover
+) -> OutgoingResponse | None:
+    """The response to send for a fill the cache did not store (X-Cache: MISS)."""
+    headers = list(response.headers)
+    headers.append((b"x-cache", b"MISS"))
+    if not any(name == b"age" for name, _ in headers):
+        headers.append((b"age", b"0"))
+    headers.append((state.request_id_header, request.request_id))
+    status = response.status
+    no_body = request.method == "HEAD" or status < 200 or status in (204, 304)
+    data: bytes | None
+    length: int | None
+    if response is handover.marker and handover.data is not None:
+        data = handover.data
+        length = len(data)
+        body: AsyncIterable[bytes] | None = None if no_body else _one(data)
+    elif response is handover.marker:
+        length = handover.length
+        body = None if no_body else handover.body()
+        data = None
+    elif response.complete:
+        data = response.body
+        length = len(data)
+        body = None if no_body else _one(data)
+    else:
+        return None  # another request's live stream: cannot happen, never half-send
+    return OutgoingResponse(
+        status=status,
+        reason=response.reason,
+        headers=headers,
+        length=None if no_body else length,
+        body=body,
+        head_length=length if no_body else None,
+        data=None if no_body else data,
+    )
+
+
+async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    if data:
+        yield data
+
+
+def _one(data: bytes) -> AsyncIterable[bytes]:
+    return _one_chunk(data)
+
+
+__all__ = ["Filler", "fill_headers", "unstored"]

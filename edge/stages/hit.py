@@ -1,0 +1,252 @@
+"""The hit stage: the cache lookup, and answers from cached bytes.
+
+A cache hit never leaves the protocol callback: ``fast_response`` (called from
+``on_message_complete`` for a bodiless HTTP/1.1 GET/HEAD on an idle keep-alive connection)
+does one ``HttpCache.lookup`` and returns the entry's prebuilt bytes (HIT, or STALE after
+starting the one background refresh), which the protocol writes in one ``transport.write``.
+The compressed variants live in the entry, built once, so a Brotli hit costs what an identity
+hit costs.  ``replay_hit`` is cheaper still: the last hit for the same request bytes, replayed
+while it holds.  Both account their hits here, inline (the hot path makes no further call).
+
+On the slow path ``lookup`` asks the cache (unless the fast path already did:
+``take_pending``) and ``answer`` writes HIT / STALE / ONLY_IF_CACHED bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from edge.cache import HttpCache, Lookup, LookupKind
+from edge.exchange import (
+    Exchange,
+    ProxyRequest,
+    connection_line,
+    entry_region,
+    request_id_line,
+)
+from edge.http1 import new_request_id
+from edge.stages.fill import Filler
+from edge.stages.respond import Responder
+from edge.stages.services import EdgeServices
+from edge.state import HitReplay, RequestHead
+
+_HIT: Final = LookupKind.HIT
+_STALE: Final = LookupKind.STALE
+_MISS: Final = LookupKind.MISS
+_REVALIDATE: Final = LookupKind.REVALIDATE
+_ONLY_IF_CACHED: Final = LookupKind.ONLY_IF_CACHED
+_BYPASS: Final = LookupKind.BYPASS
+_METHOD_BYTES: Final = {"GET": b"GET", "HEAD": b"HEAD"}
+_SCHEME: Final = b"http"
+
+
+class HitStage:
+    """Cache lookups and hits.  Holds the cache, metrics, access log and clock directly
+    (they are never swapped); reads ``services.state`` (swapped on reload)."""
+
+    __slots__ = (
+        "_pending",
+        "access_log",
+        "cache",
+        "clock",
+        "filler",
+        "metrics",
+        "respond",
+        "services",
+    )
+
+    def __init__(self, services: EdgeServices, filler: Filler, respond: Responder) -> None:
+        self.services = services
+        self.cache: HttpCache | None = services.cache
+        self.metrics = services.metrics
+        self.access_log = services.access_log
+        self.clock = services.clock
+        self.filler = filler
+        self.respond = respond
+        #: The fast path's lookup of a request it did not answer, for the protocol to take at
+        #: once (``take_pending``) and hand to ``handle`` (a second lookup would count a
+        #: bypass twice and cost a second key build).
+        self._pending: tuple[ProxyRequest, Lookup] | None = None
+
+    # -- the fast path ------------------------------------------------------------------------
+
+    def fast_response(self, request: ProxyRequest) -> bytes | None:
+        """Complete response bytes for a cache hit (fresh, or stale while one background
+        refresh runs), else None.
+
+        Called synchronously from ``on_message_complete`` (or a replayed ``RequestHead``) for
+        a bodiless HTTP/1.1 GET/HEAD on a keep-alive connection with nothing in flight; the
+        protocol writes the bytes in one ``transport.write``.  Metrics and the access line
+        are accounted here.
+        """
+        cache = self.cache
+        if cache is None or request.http_version != "1.1":
+            return None
+        state = self.services.state
+        extra = request_id_line(request, state) if request.request_id_supplied else b""
+        head = request.head
+        prepared = None
+        if head is not None:
+            prepared = head.prepared
+            if prepared is None:
+                prepared = head.prepared = cache.prepare(
+                    _METHOD_BYTES[request.method],
+                    _SCHEME,
+                    request.host or b"",
+                    request.target,
+                    request.headers,
+                )
+            now = cache.clock()
+            lookup = cache.lookup_prepared(prepared, now, extra)
+        else:
+            lookup = cache.lookup(
+                _METHOD_BYTES[request.method],
+                _SCHEME,
+                request.host or b"",
+                request.target,
+                request.headers,
+                None,
+                extra,
+            )
+        kind = lookup.kind
+        if kind is _HIT:
+            label = "HIT"
+        elif kind is _STALE:
+            label = "STALE"
+            if lookup.refresh:
+                self.filler.refresh(request, lookup)
+        else:
+            self._pending = (request, lookup)
+            return None
+        wire = lookup.wire
+        route = head.route if head is not None else None
+        if route is None:
+            target = state.route(request.host, request.path)
+            route = target.route.name if target is not None else "-"
+            if head is not None:
+                head.route = route
+        region = entry_region(lookup.entry)
+        status = int(wire[9:12])
+        if prepared is not None and head is not None:
+            memo = cache.memo_hit(prepared, lookup, now)
+            if memo is not None:
+                head.hit = HitReplay(memo, route, region, status, label)
+        total = self.clock() - request.received_at
+        self.metrics.observe_request(
+            route, status, label, region, total, state.config.edge.latency_target
+        )
+        if self.access_log.enabled:
+            self.access_log.record_request(
+                request.method,
+                request.path,
+                status,
+                label,
+                region,
+                "-",
+                0,
+                0.0,
+                len(wire),
+                total,
+                request.request_id,
+                request.client_ip,
+            )
+        return wire
+
+    def replay_hit(self, head: RequestHead, client_ip: str) -> bytes | None:
+        """The bytes of ``head.hit`` when that answer still holds (same stored entry, same
+        Age second, still fresh or still within stale-while-revalidate, no reload), else None
+        (and the memo is dropped).  The cheapest answer the edge gives: no request object, no
+        key, no freshness arithmetic; still counted in the metrics and the access log like any
+        hit."""
+        replay = head.hit
+        cache = self.cache
+        if replay is None or cache is None:
+            return None
+        started = self.clock()
+        memo = replay.memo
+        if not cache.replay_hit(memo, cache.clock()):
+            head.hit = None
+            return None
+        wire = memo.wire
+        total = self.clock() - started
+        self.metrics.observe_request(
+            replay.route,
+            replay.status,
+            replay.label,
+            replay.region,
+            total,
+            self.services.state.config.edge.latency_target,
+        )
+        if self.access_log.enabled:
+            supplied = head.supplied_id
+            self.access_log.record_request(
+                head.method,
+                head.path,
+                replay.status,
+                replay.label,
+                replay.region,
+                "-",
+                0,
+                0.0,
+                len(wire),
+                total,
+                supplied if supplied is not None else new_request_id(),
+                client_ip,
+            )
+        return wire
+
+    def take_pending(self, request: ProxyRequest) -> Lookup | None:
+        """The lookup ``fast_response`` just made for ``request`` and could not answer from,
+        for the protocol to hand to ``handle`` (the task runs later, after other connections'
+        requests have gone through ``fast_response``)."""
+        pending = self._pending
+        if pending is None:
+            return None
+        self._pending = None
+        if pending[0] is not request:
+            return None
+        lookup = pending[1]
+        if lookup.kind is _MISS or lookup.kind is _REVALIDATE or lookup.kind is _BYPASS:
+            return lookup  # carries no bytes: nothing about the connection is baked in
+        return None
+
+    # -- the slow path ------------------------------------------------------------------------
+
+    def lookup(self, exchange: Exchange) -> Lookup | None:
+        """The cache's verdict for the exchange (None: no cache)."""
+        cache = self.cache
+        if cache is None:
+            return None
+        request = exchange.request
+        method = _METHOD_BYTES.get(request.method, request.method.encode("ascii", "replace"))
+        extra = request_id_line(request, exchange.state) if request.request_id_supplied else b""
+        return cache.lookup(
+            method,
+            _SCHEME,
+            request.host or b"",
+            request.target,
+            request.headers,
+            None,
+            extra + connection_line(request),
+        )
+
+    def answer(self, exchange: Exchange, lookup: Lookup) -> bool:
+        """Write the cached bytes for HIT / STALE / ONLY_IF_CACHED; False for other verdicts."""
+        kind = lookup.kind
+        if kind is not _HIT and kind is not _STALE and kind is not _ONLY_IF_CACHED:
+            return False
+        record = exchange.record
+        record.cache = "MISS" if kind is _ONLY_IF_CACHED else kind.name
+        record.region = entry_region(lookup.entry)
+        if kind is _STALE and lookup.refresh:
+            self.filler.refresh(exchange.request, lookup)
+        self.respond.write_wire(exchange, lookup.wire)
+        return True
+
+
+def needs_fill(lookup: Lookup) -> bool:
+    """MISS and REVALIDATE go to the fill stage."""
+    return lookup.kind is _MISS or lookup.kind is _REVALIDATE
+
+
+__all__ = ["HitStage", "needs_fill"]

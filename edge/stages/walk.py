@@ -1,0 +1,264 @@
+"""The upstream walk: one request's attempts over regions and backends.
+
+Retries and failover follow ``edge.upstream``'s pure policy (``next_attempt``,
+``retry_allowed``); this stage does the I/O and reports what it saw to passive health.  A
+request waiting for the first byte of a backend that leaves rotation is given up on
+(``on_health``) and retried elsewhere, when it may be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable
+from typing import NamedTuple
+
+import aiohttp
+from multidict import CIMultiDict
+
+from edge.exchange import RETRY_AFTER_SECONDS, ErrorAnswer, ExchangeRecord, RequestBody
+from edge.fdlimit import Throttle
+from edge.http1 import RequestRejected
+from edge.router import RouteTarget
+from edge.stages.services import EdgeServices
+from edge.state import EdgeState
+from edge.upstream import (
+    Attempt,
+    FailureKind,
+    SnapshotView,
+    UpstreamFailure,
+    live_regions,
+    next_attempt,
+    retry_allowed,
+)
+from meridian.log import get_logger
+
+log = get_logger("edge")
+
+#: A request waiting for a response head: its regions and its attempts so far.
+_Waiting = tuple[tuple[str, ...], list[Attempt]]
+
+
+class UpstreamCall(NamedTuple):
+    """What one walk sends to every backend it tries."""
+
+    method: str
+    target: str
+    headers: CIMultiDict[str]
+    #: The client's body (its ``error`` tells a client fault from a backend's), if any.
+    body: RequestBody | None = None
+    #: What is sent: the body whole in memory (replayable) or streamed; defaults to ``body``.
+    payload: bytes | AsyncIterable[bytes] | None = None
+
+
+Walked = tuple[aiohttp.ClientResponse, Attempt] | ErrorAnswer | RequestRejected
+
+
+class UpstreamWalk:
+    """The failover walk of one worker, and the tasks it may give up on."""
+
+    def __init__(self, services: EdgeServices) -> None:
+        self.services = services
+        #: Tasks waiting for a response head, by backend, with where else they could go
+        #: (``on_health``), and the ones it cancelled to retry elsewhere.
+        self._waiting: dict[str, dict[asyncio.Task[object], _Waiting]] = {}
+        self._abandoning: set[asyncio.Task[object]] = set()
+        self._own_failures = {FailureKind.POOL: Throttle(), FailureKind.LOCAL: Throttle()}
+
+    async def walk(
+        self, state: EdgeState, target: RouteTarget, record: ExchangeRecord, call: UpstreamCall
+    ) -> Walked:
+        """The first response head, or why there is none; ``record`` learns the attempts.
+
+        Only failures that are the backend's feed passive health: a wait for a pool slot, a
+        local resource error, a client's body error and an attempt abandoned because its
+        backend left rotation (``on_health``) are not evidence against it."""
+        services = self.services
+        health_source = services.health
+        health = health_source.snapshot
+        regions = live_regions(target.regions, health)
+        if not regions:
+            return ErrorAnswer(503, "no_healthy_region", RETRY_AFTER_SECONDS)
+        method, headers, body = call.method, call.headers, call.body
+        payload = call.payload
+        if payload is None and body is not None:
+            payload = body
+        # A body in memory can be sent again; a streamed one cannot.
+        streamed = payload is not None and not isinstance(payload, bytes)
+        upstream = services.upstream
+        metrics = services.metrics
+        abandonable = method in target.retry_methods and not streamed
+        failure: UpstreamFailure | None = None
+        while True:
+            attempt = next_attempt(
+                regions, health, record.attempts, upstream.outstanding, services.rng
+            )
+            if attempt is None:
+                break
+            if record.attempts:
+                assert failure is not None
+                if not retry_allowed(method, target.retry_methods, streamed, failure.kind):
+                    break
+                if health_source.snapshot is not health:
+                    # Health changed while we waited (maybe because of this very failure):
+                    # the retry goes by what is known now, not by what was at the start.
+                    health = health_source.snapshot
+                    regions = live_regions(target.regions, health) or regions
+                    attempt = next_attempt(
+                        regions, health, record.attempts, upstream.outstanding, services.rng
+                    )
+                    if attempt is None:
+                        break
+                metrics.retries.labels(target.service.name).inc()
+                if attempt.region != record.attempts[0].region:
+                    metrics.failovers.labels(
+                        target.service.name, record.attempts[0].region, attempt.region
+                    ).inc()
+            record.attempts.append(attempt)
+            record.region, record.backend = attempt.region, attempt.backend
+            backend = attempt.backend
+            started = services.clock()
+            task: asyncio.Task[object] | None = None
+            record.streamed_body = streamed
+            try:
+                if not upstream.try_acquire(backend, streamed=streamed):
+                    await upstream.wait_for_slot(
+                        backend, state.config.edge.timeouts.connect, streamed=streamed
+                    )
+            except UpstreamFailure as exc:  # the edge's own limit: not the backend's doing
+                self._failed(attempt, exc, state, headers)
+                failure = exc
+                continue
+            try:
+                if abandonable:
+                    task = asyncio.current_task()
+                    if task is not None:
+                        self._watch(backend, task, regions, record.attempts)
+                try:
+                    response = await upstream.send(backend, method, call.target, headers, payload)
+                finally:
+                    # Unwatched before anything else: the health report below may publish
+                    # a snapshot, and this task must not be given up on for its own report.
+                    if task is not None:
+                        self._unwatch(backend, task)
+            except UpstreamFailure as exc:
+                upstream.release(backend, streamed=streamed)
+                if task is not None:
+                    self._settle(task)
+                if body is not None and body.error is not None:
+                    return body.error  # the client's fault: no retry, no health report
+                if exc.kind.blames_backend:
+                    health_source.report(backend, False)
+                self._failed(attempt, exc, state, headers)
+                failure = exc
+                continue
+            except asyncio.CancelledError:
+                upstream.release(backend, streamed=streamed)
+                if task is None or not self._abandoned(task):
+                    raise
+                # on_health gave up on this attempt: the backend left rotation while we
+                # waited for its first byte.  Nothing to report; go on with the walk.
+                failure = UpstreamFailure(FailureKind.ABANDONED, "backend left rotation")
+                self._failed(attempt, failure, state, headers)
+                continue
+            except BaseException:
+                upstream.release(backend, streamed=streamed)
+                raise
+            if task is not None:
+                self._settle(task)
+            elapsed = services.clock() - started
+            record.upstream_seconds = elapsed
+            metrics.upstream_stats.observe_upstream(attempt.region, elapsed)
+            health_source.report(backend, response.status not in state.failure_statuses)
+            return response, attempt
+        if failure is None:
+            return ErrorAnswer(503, "no_backend", RETRY_AFTER_SECONDS)
+        status = failure.kind.status
+        return ErrorAnswer(
+            status,
+            f"upstream_{failure.kind.value}",
+            RETRY_AFTER_SECONDS if status == 503 else None,
+        )
+
+    def _failed(
+        self, attempt: Attempt, exc: UpstreamFailure, state: EdgeState, headers: CIMultiDict[str]
+    ) -> None:
+        services = self.services
+        services.metrics.upstream_failures.labels(attempt.region, exc.kind.value).inc()
+        count = 1
+        throttle = self._own_failures.get(exc.kind)
+        if throttle is not None:
+            # The edge's own shortage (pool full, out of descriptors) hits every request at
+            # once: one line per kind per interval, with how many it stands for.
+            count = throttle.note(services.clock())
+            if not count:
+                return
+        log.warning(
+            "upstream_failed",
+            backend=attempt.backend,
+            region=attempt.region,
+            kind=exc.kind.value,
+            detail=exc.detail,
+            backend_fault=exc.kind.blames_backend,
+            count=count,
+            request_id=headers.get(state.request_id_name, "-"),
+        )
+
+    # -- giving up on attempts to a backend that left rotation --------------------------------
+
+    def _watch(
+        self,
+        backend: str,
+        task: asyncio.Task[object],
+        regions: tuple[str, ...],
+        tried: list[Attempt],
+    ) -> None:
+        waiting = self._waiting.get(backend)
+        if waiting is None:
+            waiting = self._waiting[backend] = {}
+        waiting[task] = (regions, tried)
+
+    def _unwatch(self, backend: str, task: asyncio.Task[object]) -> None:
+        waiting = self._waiting.get(backend)
+        if waiting is not None:
+            waiting.pop(task, None)
+            if not waiting:
+                del self._waiting[backend]
+
+    def _abandoned(self, task: asyncio.Task[object]) -> bool:
+        """Whether a CancelledError in ``task`` was ``on_health``'s (and only its)."""
+        if task not in self._abandoning:
+            return False
+        self._abandoning.discard(task)
+        return task.uncancel() == 0
+
+    def _settle(self, task: asyncio.Task[object]) -> None:
+        """The attempt ended on its own although ``on_health`` had just given up on it: take
+        that cancellation back (it was never delivered)."""
+        if task in self._abandoning:
+            self._abandoning.discard(task)
+            if task.cancelling():
+                task.uncancel()
+
+    def on_health(self, snapshot: SnapshotView) -> None:
+        """A new health snapshot (``HealthMonitor.subscribe``): requests waiting for the first
+        byte of a backend that has left rotation (ejected by traffic, down by its checks) are
+        retried elsewhere now, instead of each waiting out the first-byte timeout (10 s by
+        default).  Only requests that may be retried (idempotent, body replayable) and that
+        have somewhere else to go; the abandoned attempt is not reported again."""
+        if not self._waiting:
+            return
+        outstanding = self.services.upstream.outstanding
+        for backend, waiting in list(self._waiting.items()):
+            if snapshot.backend_up(backend):
+                continue
+            for task, (regions, tried) in list(waiting.items()):
+                if task.done() or task in self._abandoning:
+                    continue
+                later = next_attempt(regions, snapshot, tried, outstanding, self.services.rng)
+                if later is None:
+                    continue  # nowhere else to go: this backend may still answer
+                self._abandoning.add(task)
+                task.cancel()
+
+
+__all__ = ["UpstreamCall", "UpstreamWalk", "Walked"]
