@@ -1,0 +1,181 @@
+"""The HTTP/1.1 front end (``edge.protocol.EdgeConnection``) in memory: bytes in through
+``data_received``, bytes out captured from a fake transport, the pipeline behind it scripted
+(``tests.stage_support``).  Modelled on uvicorn's MockTransport tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edge.protocol import Connections, EdgeConnection
+from tests.stage_support import Reply, World, world
+
+TICKER = b'{"symbol":"BTC-USD","price":"97000.12"}'
+CACHEABLE = [(b"Content-Type", b"application/json"), (b"Cache-Control", b"max-age=60")]
+GET = b"GET /api/ticker HTTP/1.1\r\nHost: example.test\r\n\r\n"
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+        self.reading = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("192.0.2.7", 50000) if name == "peername" else default
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert not self.closed, "write after close"
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def responses(data: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+    """Complete HTTP/1.1 responses in ``data`` (Content-Length or chunked bodies)."""
+    out = []
+    while data:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        if not sep:
+            break
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        if b"content-length" in headers:
+            size = int(headers[b"content-length"])
+            body, data = rest[:size], rest[size:]
+        elif headers.get(b"transfer-encoding") == b"chunked":
+            body = b""
+            while True:
+                size_line, _, rest = rest.partition(b"\r\n")
+                size = int(size_line, 16)
+                body, rest = body + rest[:size], rest[size + 2 :]
+                if size == 0:
+                    break
+            data = rest
+        else:
+            body, data = rest, b""
+        out.append((status, headers, body))
+    return out
+
+
+class Client:
+    def __init__(self, w: World) -> None:
+        self.world = w
+        self.connections = Connections(w.pipeline, asyncio.get_running_loop())
+        self.transport = FakeTransport()
+        self.connection: EdgeConnection = self.connections.factory()
+        self.connection.connection_made(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.connection.data_received(data)
+
+    async def until(self, check: Callable[[], bool], turns: int = 200) -> None:
+        for _ in range(turns):
+            if check():
+                return
+            await asyncio.sleep(0)
+        raise AssertionError(f"not reached; written: {bytes(self.transport.written)!r}")
+
+    async def responses(self, count: int) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+        await self.until(lambda: len(responses(bytes(self.transport.written))) >= count)
+        return responses(bytes(self.transport.written))
+
+    def close(self) -> None:
+        self.connection.connection_lost(None)
+
+
+@pytest.fixture
+async def client() -> Any:
+    w = world({"http://u1": [Reply(headers=CACHEABLE, chunks=(TICKER,))]})
+    c = Client(w)
+    yield c
+    c.close()
+
+
+async def test_a_miss_then_a_hit_answered_inside_data_received(client: Client) -> None:
+    client.send(GET)
+    ((status, headers, body),) = await client.responses(1)
+    assert status == 200 and body == TICKER and headers[b"x-cache"] == b"MISS"
+    before = len(client.transport.written)
+    client.send(GET)  # a hit: written before data_received returns, no task
+    assert len(client.transport.written) > before
+    status, headers, body = responses(bytes(client.transport.written))[1]
+    assert headers[b"x-cache"] == b"HIT" and body == TICKER
+    assert not client.transport.closed  # keep-alive
+    assert len(client.world.upstream.sent) == 1
+
+
+async def test_pipelined_requests_are_answered_in_order(client: Client) -> None:
+    client.send(GET + b"GET /api/other HTTP/1.1\r\nHost: example.test\r\n\r\n" + GET)
+    answers = await client.responses(3)
+    assert [a[0] for a in answers] == [200, 200, 200]
+    assert [a[2] for a in answers] == [TICKER, TICKER, TICKER]
+    assert [s.target for s in client.world.upstream.sent] == ["/api/ticker", "/api/other"]
+
+
+async def test_connection_close_is_honoured(client: Client) -> None:
+    client.send(b"GET /api/ticker HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n")
+    ((status, headers, _),) = await client.responses(1)
+    assert status == 200 and headers[b"connection"] == b"close"
+    await client.until(lambda: client.transport.closed)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /api/ticker HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET /api/ticker HTTP/1.1\r\nHost: example.test\r\nContent-Length: 1\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n",
+        b"GET /api/ticker HTTP/1.1\r\nBad Header: x\r\n\r\n",
+        b"\x00\x01garbage\r\n\r\n",
+    ],
+    ids=["two-hosts", "cl-and-te", "space-in-name", "garbage"],
+)
+async def test_a_malformed_request_is_a_400_and_the_connection_closes(
+    client: Client, raw: bytes
+) -> None:
+    client.send(raw)
+    ((status, headers, _),) = await client.responses(1)
+    assert status == 400 and headers[b"connection"] == b"close"
+    await client.until(lambda: client.transport.closed)
+    assert client.world.upstream.sent == []
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(min_value=1, max_value=len(GET) - 1))
+async def test_a_head_split_anywhere_is_the_same_request(client: Client, cut: int) -> None:
+    # Warm the cache once, then every split of the same head is the same hit.
+    if not client.world.upstream.sent:
+        client.send(GET)
+        await client.responses(1)
+    before = len(responses(bytes(client.transport.written)))
+    client.send(GET[:cut])
+    client.send(GET[cut:])
+    answers = await client.responses(before + 1)
+    assert answers[-1][0] == 200 and answers[-1][2] == TICKER
