@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import struct
 import time
+from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -242,6 +243,7 @@ _Shape = tuple[
     int,
     tuple[bytes | None, ...],
     tuple["ReplyInfo", ...],
+    "array[int] | None",
 ]
 
 
@@ -351,6 +353,9 @@ class Responder:
         #: :meth:`shaped` needs; and the address lengths seen (the key is the query minus one).
         self._shapes: dict[bytes, _Shape] = {}
         self._shape_lengths: tuple[int, ...] = ()
+        #: Per IPv4 table (by the identity of its starts, which the shapes hold): the range
+        #: holding the first address of each /16, so a lookup bisects a few ranges only.
+        self._indexes: dict[int, array[int]] = {}
         #: How long the last compilation took.
         self.compile_seconds = 0.0
         #: Bodies that depend on the question only - NXDOMAIN, NODATA, the apex SOA / NS / ANY,
@@ -469,6 +474,7 @@ class Responder:
         """Answer from ``compiled`` from now on (an atomic swap: one attribute)."""
         self._compiled = compiled
         self._shapes = {}
+        self._indexes = {}
 
     def _answers(self, health: HealthView) -> Compiled:
         compiled = self._compiled
@@ -687,14 +693,18 @@ class Responder:
                 break
         else:
             return None
-        compiled, starts, answers, shift, mask, bits, heads, infos = shape
+        compiled, starts, answers, shift, mask, bits, heads, infos, index = shape
         if compiled is not self._compiled or compiled.health.generation != generation:
             return None
         address = data[-length:]
         if mask and data[-1] & mask:
             return None  # bits set past the source prefix: the strict parser's FORMERR
         value = int.from_bytes(address, "big") << shift
-        i = bisect_right(starts, value) - 1
+        if index is not None:  # IPv4: the ranges of the address's /16 first
+            block = value >> 16
+            i = bisect_right(starts, value, index[block], index[block + 1] + 1) - 1
+        else:
+            i = bisect_right(starts, value) - 1
         answer = answers[i]
         head = heads[answer]
         if head is None:
@@ -747,10 +757,14 @@ class Responder:
                     )
                 )
             )
+        index: array[int] | None = None
         if ecs_family == 1:
             starts: Sequence[int] = table.v4_starts
             answers: Sequence[int] = table.v4_answers
             bits = 32
+            index = self._indexes.get(id(table.v4_starts))
+            if index is None:
+                index = self._indexes[id(table.v4_starts)] = _block_index(table.v4_starts)
         else:
             starts, answers, bits = table.v6_starts, table.v6_answers, 128
         mask = 0xFF >> (source & 7) if source & 7 else 0
@@ -764,6 +778,7 @@ class Responder:
             bits,
             tuple(heads),
             infos,
+            index,
         )
         if length not in self._shape_lengths:
             self._shape_lengths = (*self._shape_lengths, length)
@@ -1298,3 +1313,17 @@ def _address_map(locator: GeoLocator, zone: Zone) -> AddressMap:
             _MAP_CACHE.clear()
         _MAP_CACHE[key] = cached
     return cached
+
+
+def _block_index(starts: Sequence[int]) -> array[int]:
+    """For each /16 of the IPv4 space (and one past the end): the number of the range that
+    holds its first address."""
+    index = array("I", bytes(4 * 65537))
+    i = 0
+    last = len(starts) - 1
+    for block in range(65537):
+        boundary = block << 16
+        while i < last and starts[i + 1] <= boundary:
+            i += 1
+        index[block] = i
+    return index
