@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import gc
 import ipaddress
 import json
 import random
@@ -58,6 +59,14 @@ def _control(kind: int, size: int) -> bytes:
     return bytes((head | 31,)) + extended + (size - 65821).to_bytes(3, "big")
 
 
+class U32(int):
+    """An unsigned integer the format wants as uint32 whatever its value."""
+
+
+class U64(int):
+    """An unsigned integer the format wants as uint64 (the metadata's ``build_epoch``)."""
+
+
 def encode(value: Any) -> bytes:
     """One value in the MaxMind DB data format (maps, UTF-8 strings, doubles, unsigned ints,
     arrays, booleans)."""
@@ -72,6 +81,10 @@ def encode(value: Any) -> bytes:
         if value < 0:
             raise ValueError("only unsigned integers")
         data = value.to_bytes((value.bit_length() + 7) // 8, "big")
+        if isinstance(value, U64):
+            return _control(9, len(data)) + data
+        if isinstance(value, U32):
+            return _control(6, len(data)) + data
         if value < 1 << 16:
             return _control(5, len(data)) + data
         if value < 1 << 32:
@@ -109,12 +122,12 @@ def write_database(
     metadata = {
         "binary_format_major_version": 2,
         "binary_format_minor_version": 0,
-        "build_epoch": int(time.time()),
+        "build_epoch": U64(int(time.time())),
         "database_type": database_type,
         "description": {"en": description},
         "ip_version": 6,
         "languages": ["en"],
-        "node_count": node_count,
+        "node_count": U32(node_count),
         "record_size": 32,
     }
     with path.open("wb") as out:
@@ -300,26 +313,30 @@ def measure(database: Path) -> dict[str, Any]:
     locator = GeoLocator(config.geo, config.pops[0].location)
     tree = locator.tree_ranges()
     walked = time.perf_counter()
-    responder = Responder(Zone.build(config), locator)
+    networks = {"ipv4": len(tree.v4_starts), "ipv6": len(tree.v6_starts)}
+    del tree
+    responder = Responder(Zone.build(config), locator)  # walks the tree again, then drops it
     mapped = time.perf_counter()
-    health = HealthSnapshot(1, {}, {r.name: True for r in config.regions}, {}, {})
+    pops = {p.name: True for p in config.pops}
+    health = HealthSnapshot(1, {}, {r.name: True for r in config.regions}, pops, {})
     responder.install(responder.compile(health))
     compiled = time.perf_counter()
+    # One POP down (the nearest to most of the address space: every POP table changes).
     down = HealthSnapshot(
-        2, {}, {r.name: r.name != config.regions[0].name for r in config.regions}, {}, {}
+        2, {}, {r.name: True for r in config.regions}, {**pops, config.pops[0].name: False}, {}
     )
     responder.install(responder.compile(down))
     recompiled = time.perf_counter()
     address_map = responder.address_map
     result = {
         "database": str(database),
-        "networks": {"ipv4": len(tree.v4_starts), "ipv6": len(tree.v6)},
+        "networks": networks,
         "placements": address_map.placements,
         "signature_ranges": address_map.ranges,
         "walk_s": round(walked - started, 2),
-        "address_map_s": round(mapped - walked, 2),
+        "walk_and_address_map_s": round(mapped - walked, 2),
         "compile_s": round(compiled - mapped, 2),
-        "recompile_one_region_down_s": round(recompiled - compiled, 2),
+        "recompile_one_pop_down_s": round(recompiled - compiled, 2),
         "answer_ranges": {
             geo.fqdn: len(table.v4_starts) + len(table.v6_starts)
             for geo, table in (
@@ -328,9 +345,18 @@ def measure(database: Path) -> dict[str, Any]:
             )
         },
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_after_mib": _current_rss_mib(),
         "rss_before_mib": round(rss_before / 1024, 1),
     }
     return result
+
+
+def _current_rss_mib() -> float:
+    gc.collect()
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,7 @@ from geodns.selection import HealthView, Selection, select
 from geodns.zone import GeoName, Target
 from meridian.config import Config, Location
 from meridian.geo import GeoLocator, Placement, nearest_first
-from meridian.geo_tree import Alias, TreeRanges
+from meridian.geo_tree import TreeRanges
 
 V4_TOP = 1 << 32
 V6_TOP = 1 << 128
@@ -218,13 +218,13 @@ def build_address_map(
     v6_starts: list[int] = []
     v6_values: list[int] = []
     if tree.ip_version == 6:
-        for entry in tree.v6:
-            if isinstance(entry, Alias):
-                shift = 96 - entry.depth
-                v6_starts.extend(entry.first | (s << shift) for s in v4_db_starts)
+        for first, value in zip(tree.v6_starts, tree.v6_values, strict=True):
+            if value < 0:
+                alias = tree.v6_aliases[-value - 1]
+                shift = 96 - alias.depth
+                v6_starts.extend(alias.first | (s << shift) for s in v4_db_starts)
                 v6_values.extend(v4_db)
                 continue
-            first, value = entry
             number = by_value.get(value)
             if number is None:
                 placement = locator.record_placement(ipaddress.IPv6Address(first))
@@ -276,7 +276,7 @@ def build_address_map(
         )
     return AddressMap(
         groups,
-        (len(tree.v4_starts), len(tree.v6)),
+        (len(tree.v4_starts), len(tree.v6_starts)),
         len(placements),
         time.perf_counter() - started,
     )

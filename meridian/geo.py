@@ -49,8 +49,6 @@ _V4_WALKED_BITS = 32 - V4_DIRECTORY_BITS
 #: Decoded records kept (by data pointer, and interned placements) before both are emptied: the
 #: shipped database has about 160 distinct answers, a city database may have far more.
 RECORD_CACHE_LIMIT = 65_536
-#: Search trees walked (see :meth:`GeoLocator.tree_ranges`), by file identity.
-_TREE_CACHE: dict[tuple[str, int, int, int], TreeRanges] = {}
 
 # Where continent-only records (and unknown countries) are put when the database has no point.
 CONTINENT_CENTRES: dict[str, tuple[float, float]] = {
@@ -271,19 +269,12 @@ class GeoLocator:
         return self._placement(record)
 
     def tree_ranges(self) -> TreeRanges:
-        """Every network of the database, in address order (walked once per file)."""
+        """Every network of the database, in address order (a walk of the whole tree: about
+        a second for the shipped database; what it is compiled into is kept, not this)."""
         metadata = self._reader.metadata()
-        stat = self.path.stat()
-        key = (str(self.path), stat.st_mtime_ns, stat.st_size, stat.st_ino)
-        cached = _TREE_CACHE.get(key)
-        if cached is None:
-            cached = database_ranges(
-                self.path, metadata.node_count, metadata.record_size, metadata.ip_version
-            )
-            if len(_TREE_CACHE) >= 2:
-                _TREE_CACHE.clear()
-            _TREE_CACHE[key] = cached
-        return cached
+        return database_ranges(
+            self.path, metadata.node_count, metadata.record_size, metadata.ip_version
+        )
 
     def locate(self, address: IPAddress | str) -> ClientLocation:
         ip = ipaddress.ip_address(address) if isinstance(address, str) else address

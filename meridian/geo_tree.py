@@ -39,8 +39,11 @@ class TreeRanges:
     #: IPv4 leaves in address order: first addresses and leaf values (parallel arrays).
     v4_starts: array[int]
     v4_values: array[int]
-    #: IPv6 leaves and aliases in address order (empty for an IPv4-only database).
-    v6: list[tuple[int, int] | Alias]
+    #: IPv6 leaves in address order (empty for an IPv4-only database): first addresses and
+    #: leaf values, where ``-(n + 1)`` stands for ``v6_aliases[n]``.
+    v6_starts: list[int]
+    v6_values: array[int]
+    v6_aliases: list[Alias]
 
 
 def child_arrays(data: bytes, node_count: int, record_size: int) -> tuple[array[int], array[int]]:
@@ -141,13 +144,21 @@ def database_ranges(path: Path, node_count: int, record_size: int, ip_version: i
         v4_firsts, v4_values = [0], [v4_root]
     else:
         v4_firsts, v4_values, _ = _walk(lefts, rights, node_count, v4_root, 32, -1)
-    v6: list[tuple[int, int] | Alias] = []
+    v6_starts: list[int] = []
+    v6_values = array("q")
+    v6_aliases: list[Alias] = []
     if ip_version == 6:
         alias_node = v4_root if v4_root < node_count else -1
-        firsts, values, aliases = _walk(lefts, rights, node_count, 0, 128, alias_node)
-        for first, value in zip(firsts, values, strict=True):
-            if value < 0:
-                v6.append(Alias(*aliases[-value - 1]))
-            else:
-                v6.append((first, value))
-    return TreeRanges(node_count, ip_version, array("I", v4_firsts), array("I", v4_values), v6)
+        v6_starts, values, aliases = _walk(lefts, rights, node_count, 0, 128, alias_node)
+        v6_values = array("q", values)
+        del values
+        v6_aliases = [Alias(first, depth) for first, depth in aliases]
+    return TreeRanges(
+        node_count,
+        ip_version,
+        array("I", v4_firsts),
+        array("I", v4_values),
+        v6_starts,
+        v6_values,
+        v6_aliases,
+    )
