@@ -1291,6 +1291,27 @@ PROBE_ADDRESSES = (
 )
 
 
+#: ``--geo-db``: the database every DNS peer locates clients with (default: the shipped one).
+_DNS_DATABASE: list[Path] = []
+
+
+def dns_database() -> Path:
+    if _DNS_DATABASE:
+        return _DNS_DATABASE[0]
+    return find_first(MMDB_CANDIDATES, MMDB_NAME)
+
+
+def process_rss_mib(pid: int) -> float:
+    """A process's resident set (VmRSS), MiB; 0 when it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
 class DnsPeer:
     name = "?"
 
@@ -1314,7 +1335,7 @@ def meridian_dns_config(health_backend: str) -> dict[str, Any]:
     run (a health change also empties GeoDNS's reply memo), which gdnsd and PowerDNS, checking
     nothing, never see."""
     data: dict[str, Any] = yaml.safe_load(DEMO_CONFIG.read_text())
-    data.setdefault("geo", {})["database"] = str(find_first(MMDB_CANDIDATES, MMDB_NAME))
+    data.setdefault("geo", {})["database"] = str(dns_database())
     # A load generator on one address is one "client": the peers have no rate limit either.
     data["dns"]["rate_limit"] = {"enabled": False}
     for pop in data["pops"].values():
@@ -1346,7 +1367,7 @@ class Gdnsd(DnsPeer):
 
     def start(self, processes: Processes, cpus: Cpus, installer: Installer) -> Proc:
         gdnsd = installer.require("gdnsd")
-        mmdb = find_first(MMDB_CANDIDATES, MMDB_NAME)
+        mmdb = dns_database()
         topo = self.topology
         pops = _default_first(topo.pops, topo.default_pop)
         regions = _default_first(topo.regions, topo.default_region)
@@ -1384,7 +1405,7 @@ class PowerDns(DnsPeer):
             installer.install("pdns-backend-geoip")
             if not _pdns_geoip_backend_present():
                 raise Unavailable("pdns-backend-geoip installed but libgeoipbackend.so not found")
-        mmdb = find_first(MMDB_CANDIDATES, MMDB_NAME)
+        mmdb = dns_database()
         (self.workdir / "geo-zones.yaml").write_text(
             fill(
                 (CONFIGS / "pdns" / "geo-zones.yaml").read_text(),
@@ -1460,7 +1481,9 @@ def run_dns(args: argparse.Namespace, report: Report, stack: ExitStack, workdir:
         report.skip("dns benchmark", f"dnsperf: {exc}")
         return
     topology = Topology.from_demo()
-    say(f"dns: {cpus.describe()}")
+    if args.geo_db is not None:
+        _DNS_DATABASE[:] = [args.geo_db]
+    say(f"dns: {cpus.describe()}; geo database {dns_database()}")
     peers: list[DnsPeer] = []
     for name in args.peers_dns:
         peer = DNS_PEERS[name](workdir, topology)
@@ -1513,6 +1536,8 @@ def run_dns(args: argparse.Namespace, report: Report, stack: ExitStack, workdir:
                 values["cpu_us"] = per_unit_us(
                     server_cpu(peer.proc) - cpu_before, values.get("completed", 0.0)
                 )
+                if peer.proc is not None:
+                    values["rss_mib"] = process_rss_mib(peer.proc.process.pid)
                 report.measurements.append(
                     Measurement("dns", scenario.name, peer.name, round_number, values)
                 )
@@ -1520,7 +1545,7 @@ def run_dns(args: argparse.Namespace, report: Report, stack: ExitStack, workdir:
                     f"  round {round_number} {scenario.name:11} {peer.name:9} "
                     f"{values['qps']:>9.0f} q/s  cpu {values['cpu_us']:5.1f} us/query  "
                     f"avg {values['latency_avg_ms']:.3f} ms  "
-                    f"lost {values['lost']:.0f}"
+                    f"lost {values['lost']:.0f}  rss {values.get('rss_mib', 0.0):.0f} MiB"
                 )
             if scenario.once:
                 query_file.unlink()
@@ -1632,6 +1657,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--scenarios", default="", help="comma-separated subset of scenario names (default: all)"
+    )
+    parser.add_argument(
+        "--geo-db",
+        type=Path,
+        default=None,
+        help="dns: the MaxMind database every peer uses (default: the shipped one); e.g. "
+        "one written by python -m benchmarks.geodb_synth (PowerDNS's country records then "
+        "no longer match: compare with --peers meridian,gdnsd)",
     )
     args = parser.parse_args(argv)
     args.duration = parse_duration(args.duration)
