@@ -232,8 +232,9 @@ class _Entry(NamedTuple):
 
 #: What :meth:`Responder.shaped` needs of a query shape: the compilation it holds for, the
 #: range table (starts, answers), the shift from address bytes to an address, the mask of
-#: bits past the source prefix in the last byte, the family's bits, and per answer the reply
-#: up to the scope byte (or None) and what the shell counts.
+#: bits past the source prefix in the last byte, the family's bits, per answer the reply up
+#: to the scope byte (or None) and what the shell counts, the /16 index (IPv4), the health
+#: generation, and per answer the shell's tag.
 _Shape = tuple[
     "Compiled",
     Sequence[int],
@@ -244,6 +245,8 @@ _Shape = tuple[
     tuple[bytes | None, ...],
     tuple["ReplyInfo", ...],
     "array[int] | None",
+    int,
+    tuple[int, ...],
 ]
 
 
@@ -353,6 +356,10 @@ class Responder:
         #: :meth:`shaped` needs; and the address lengths seen (the key is the query minus one).
         self._shapes: dict[bytes, _Shape] = {}
         self._shape_lengths: tuple[int, ...] = ()
+        #: The address length tried first (the first seen: /24 from most resolvers).
+        self._shape_length = 3
+        #: What :meth:`shaped` returns with each reply (set by the shell: its tally slot).
+        self.tag_of: Callable[[ReplyInfo], int] | None = None
         #: Per IPv4 table (by the identity of its starts, which the shapes hold): the range
         #: holding the first address of each /16, so a lookup bisects a few ranges only.
         self._indexes: dict[int, array[int]] = {}
@@ -682,19 +689,23 @@ class Responder:
             self._learn_shape(data, offset, fields, compiled, found[0], slot)
         return self._assemble(data, body, offset, fields, scope, tcp, reusable, shared)
 
-    def shaped(self, data: bytes, generation: int) -> tuple[bytes, ReplyInfo] | None:
+    def shaped(self, data: bytes, generation: int) -> tuple[bytes, ReplyInfo, int] | None:
         """The UDP reply (after the ID) to an ECS query whose shape - every byte but the ID
         and the address - was answered by :meth:`quick` before under the compilation in force
         for ``generation``: one slice, one dict lookup, one range lookup and one join.  None
-        when the shape is new (then :meth:`quick` decides, and learns it)."""
-        for length in self._shape_lengths:
-            shape = self._shapes.get(data[2:-length])
-            if shape is not None:
-                break
-        else:
-            return None
-        compiled, starts, answers, shift, mask, bits, heads, infos, index = shape
-        if compiled is not self._compiled or compiled.health.generation != generation:
+        when the shape is new (then :meth:`quick` decides, and learns it).  The last item is
+        what :attr:`tag_of` said of the reply's :class:`ReplyInfo` (the shell's tally slot)."""
+        length = self._shape_length
+        shape = self._shapes.get(data[2:-length])
+        if shape is None:
+            for length in self._shape_lengths:
+                shape = self._shapes.get(data[2:-length])
+                if shape is not None:
+                    break
+            else:
+                return None
+        compiled, starts, answers, shift, mask, bits, heads, infos, index, made_for, tags = shape
+        if made_for != generation or compiled is not self._compiled:
             return None
         address = data[-length:]
         if mask and data[-1] & mask:
@@ -717,7 +728,7 @@ class Responder:
             following = (value ^ starts[i + 1]).bit_length() - 1
             if following < host_bits:
                 host_bits = following
-        return head + _SCOPE_BYTES[bits - host_bits] + address, infos[answer]
+        return head + _SCOPE_BYTES[bits - host_bits] + address, infos[answer], tags[answer]
 
     def _learn_shape(
         self,
@@ -769,6 +780,8 @@ class Responder:
             starts, answers, bits = table.v6_starts, table.v6_answers, 128
         mask = 0xFF >> (source & 7) if source & 7 else 0
         infos = tuple(body.infos[1] for body in bodies)
+        tag_of = self.tag_of
+        tags = tuple(tag_of(info) if tag_of is not None else -1 for info in infos)
         self._shapes[key] = (
             compiled,
             starts,
@@ -779,9 +792,13 @@ class Responder:
             tuple(heads),
             infos,
             index,
+            compiled.health.generation,
+            tags,
         )
         if length not in self._shape_lengths:
             self._shape_lengths = (*self._shape_lengths, length)
+            if len(self._shape_lengths) == 1:
+                self._shape_length = length
 
     def _quick_static(self, data: bytes, size: int, tcp: bool) -> Quick | None:
         """Every fast-shaped answer that does not depend on the client, from bodies rendered

@@ -420,9 +420,9 @@ class DnsServer:
         self._by_client: dict[tuple[bytes, str], tuple[bytes, int]] = {}
         self._hits = self.metrics.hits
         self._memo_generation = -1
-        #: Tally slots of the replies :meth:`Responder.shaped` gives, by the identity of their
-        #: ReplyInfo (held here, so the identity stays theirs).
-        self._info_slots: dict[int, tuple[ReplyInfo, int]] = {}
+        #: Replies of known ECS shapes (:meth:`Responder.shaped`) carry their tally slot.
+        self._computed = self.metrics.computed
+        self.serving.responder.tag_of = self._udp_slot
         self._shaped = self.serving.responder.shaped
         self._limiting = self.serving.limiter.config.enabled
         #: Sender address -> its rate-limiting prefix (depends on the config: reset on reload).
@@ -525,8 +525,12 @@ class DnsServer:
     def _prepare(self, config: Config, generation: int) -> None:
         """Build the new serving state before the holder swaps; a failure rejects the reload."""
         pending = build_serving(config, generation, self.pop)
+        pending.responder.tag_of = self._udp_slot
         pending.responder.install(pending.responder.compile(self.monitor.snapshot))
         self._pending = pending
+
+    def _udp_slot(self, info: ReplyInfo) -> int:
+        return self.metrics.slot("udp", info)
 
     def _compile_soon(self) -> None:
         """Compile the geo answers for the current health in a thread, off the hot path; the
@@ -691,17 +695,13 @@ class DnsServer:
                 # lookup and one join, memoized like any reply that depends on the query only.
                 shaped = self._shaped(data, self.monitor.snapshot.generation)
                 if shaped is not None:
-                    reply, info = shaped
-                    known = self._info_slots.get(id(info))
-                    if known is None or known[0] is not info:
-                        slot = self.metrics.slot("udp", info)
-                        known = self._info_slots[id(info)] = (info, slot)
-                    self.metrics.computed[known[1]] += 1
+                    reply, _, slot = shaped
+                    self._computed[slot] += 1
                     self.metrics.shaped += 1
                     shared = self._shared
                     if len(shared) >= MEMO_LIMIT:
                         self._forget_replies()
-                    shared[tail] = (reply, known[1])
+                    shared[tail] = (reply, slot)
                     self._outbox.append((data[:2] + reply, addr))
                     return
             memo = self._by_client.get((tail, addr[0]))
