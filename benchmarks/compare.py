@@ -833,7 +833,7 @@ def write_wrk_script(workdir: Path, scenario: HttpScenario, run_id: str) -> Path
 
 
 def fill_keys(
-    wrk: str, peer: HttpPeer, scenario: HttpScenario, workdir: Path, cpus: Cpus, connections: int
+    wrk: str, port: int, scenario: HttpScenario, workdir: Path, cpus: Cpus, connections: int
 ) -> float:
     """Request each of ``scenario``'s keys once, in order (wrk runs until every key was sent);
     returns the seconds it took.  Keys already cached answer as hits, so a repeat is cheap."""
@@ -848,7 +848,7 @@ def fill_keys(
     sent = 0
     while sent < scenario.keys and time.monotonic() < deadline:
         # Every run starts again at key 1: the keys an earlier run filled are hits by now.
-        sent = int(run_wrk(wrk, peer.port, script, 10.0, connections, cpus)["requests"])
+        sent = int(run_wrk(wrk, port, script, 10.0, connections, cpus)["requests"])
     return time.monotonic() - started
 
 
@@ -976,7 +976,7 @@ def run_http(args: argparse.Namespace, report: Report, stack: ExitStack, workdir
                     {"status": f"error: {exc}"}
                 )
             if scenario.keys:
-                seconds = fill_keys(wrk, peer, scenario, workdir, cpus, args.connections)
+                seconds = fill_keys(wrk, peer.port, scenario, workdir, cpus, args.connections)
                 say(
                     f"filled: {scenario.keys:,} keys of {scenario.name} in {peer.name} "
                     f"in {seconds:.0f} s"

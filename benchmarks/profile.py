@@ -33,6 +33,7 @@ import yaml
 from benchmarks.compare import (
     DEMO_CONFIG,
     HTTP_SCENARIOS,
+    PEER_CACHE_MIB,
     Cpus,
     DnsScenario,
     Installer,
@@ -40,6 +41,7 @@ from benchmarks.compare import (
     build_query_file,
     dns_ready,
     edge_cache_counts,
+    fill_keys,
     free_port,
     meridian_dns_config,
     probe_http,
@@ -135,6 +137,7 @@ def profile_edge(
     data = yaml.safe_load(DEMO_CONFIG.read_text())
     for region in data["regions"].values():
         region["backends"] = [f"http://{origin.addr}"]
+    data["edge"]["cache"]["memory"] = f"{PEER_CACHE_MIB}MiB"  # (f)'s keys all fit
     config = workdir / "edge.yaml"
     config.write_text(yaml.safe_dump(data, sort_keys=False))
     port, admin = free_port(), free_port()
@@ -144,9 +147,12 @@ def profile_edge(
     proc = processes.start("edge-profiled", server_argv(profiled, config, port, admin), cpus.server)
     wait_until(tcp_accepts(port), proc, f"TCP {port}")
     runs: dict[str, Any] = {}
-    scenarios = [s for s in HTTP_SCENARIOS if s.name in HIT_SCENARIOS]
+    scenarios = [s for s in HTTP_SCENARIOS if s.name in args.scenarios]
     for scenario in scenarios:
         script = write_wrk_script(workdir, scenario, "profile")
+        if scenario.keys:
+            filled = fill_keys(wrk, port, scenario, workdir, cpus, 64)
+            say(f"  {scenario.name:16} {scenario.keys:,} keys filled in {filled:.0f} s")
         probe = probe_http(port, scenario)
         before = edge_cache_counts(admin)
         values = run_wrk(wrk, port, script, args.duration, 64, cpus)
@@ -193,9 +199,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("what", choices=("edge", "dns", "all"))
     parser.add_argument("--duration", default="10s", help="each load run (default 10s)")
     parser.add_argument("--top", type=int, default=25, help="functions listed (default 25)")
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(HIT_SCENARIOS),
+        help=f"edge: comma-separated hit scenarios (default {','.join(HIT_SCENARIOS)})",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/profile"))
     args = parser.parse_args(argv)
     args.duration = parse_duration(args.duration)
+    args.scenarios = tuple(name for name in args.scenarios.split(",") if name)
+    known = {s.name for s in HTTP_SCENARIOS}
+    if unknown := [name for name in args.scenarios if name not in known]:
+        parser.error(f"unknown scenario(s): {', '.join(unknown)}")
     if not 1 <= args.duration <= 120:
         parser.error("--duration must be 1s..2m")
     args.out = args.out.resolve()

@@ -761,13 +761,25 @@ class HttpCache:
             return self._bypassed("request-no-store")
         return Lookup(_REVALIDATE, key=key, entry=entry, request=request)
 
-    def memo_hit(self, prepared: Prepared, lookup: Lookup, now: float) -> HitMemo | None:
+    def memo_hit(
+        self,
+        prepared: Prepared,
+        lookup: Lookup,
+        now: float,
+        unshared: frozenset[bytes] = frozenset(),
+    ) -> HitMemo | None:
         """A ``HitMemo`` for a HIT or a stale-while-revalidate answer of
         ``lookup_prepared(prepared, now)``, or None when the answer may change sooner than
-        the next Age tick (no stable window, request directives)."""
+        the next Age tick (no stable window, request directives).
+
+        ``unshared``: request fields the memo's key ignores (``edge.fasthead.MeaningKey``); an
+        entry that varies on one of them is never memoised (each request must be matched)."""
         request, entry = prepared.request, lookup.entry
         if entry is None or request is None:
             return None
+        for name in entry.response.vary:
+            if name in unshared:
+                return None
         if lookup.kind is _STALE:
             if lookup.reason != STALE_WHILE_REVALIDATE:
                 return None

@@ -101,6 +101,14 @@ def _with_accept_encoding(vary: bytes) -> bytes:
     return existing + b", accept-encoding" if existing else b"accept-encoding"
 
 
+def with_lines(wire: bytes, lines: bytes) -> bytes:
+    """``wire`` (a response ``Entry.wire`` built without per-request lines) with ``lines``
+    where ``Entry.wire``'s ``extra`` goes: just before X-Cache, which every such response
+    carries and no stored header can be (the edge drops an origin's)."""
+    at = wire.find(b"\r\nx-cache: ") + 2
+    return wire[:at] + lines + wire[at:]
+
+
 class Entry:
     """A stored response plus its pre-built wire forms.  Mutated only by its own caches."""
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Final
 
 from edge.cache import HttpCache, Lookup, LookupKind
+from edge.cache.entry import with_lines
 from edge.exchange import (
     Exchange,
     ProxyRequest,
@@ -24,6 +25,7 @@ from edge.exchange import (
     entry_region,
     request_id_line,
 )
+from edge.fasthead import stripped_fields
 from edge.http1 import new_request_id
 from edge.stages.fill import Filler
 from edge.stages.respond import Responder
@@ -97,7 +99,9 @@ class HitStage:
                     request.headers,
                 )
             now = cache.clock()
-            lookup = cache.lookup_prepared(prepared, now, extra)
+            # Without the request ID line: those bytes are the entry's own (memoisable); the
+            # line goes in below, for this request only.
+            lookup = cache.lookup_prepared(prepared, now)
         else:
             lookup = cache.lookup(
                 _METHOD_BYTES[request.method],
@@ -128,9 +132,11 @@ class HitStage:
         region = entry_region(lookup.entry)
         status = int(wire[9:12])
         if prepared is not None and head is not None:
-            memo = cache.memo_hit(prepared, lookup, now)
+            memo = cache.memo_hit(prepared, lookup, now, stripped_fields(state.request_id_header))
             if memo is not None:
                 head.hit = HitReplay(memo, route, region, status, label)
+            if extra:
+                wire = with_lines(wire, extra)
         total = self.clock() - request.received_at
         self.metrics.observe_request(
             route, status, label, region, total, state.config.edge.latency_target
@@ -152,12 +158,14 @@ class HitStage:
             )
         return wire
 
-    def replay_hit(self, head: RequestHead, client_ip: str) -> bytes | None:
+    def replay_hit(
+        self, head: RequestHead, client_ip: str, supplied_id: bytes | None
+    ) -> bytes | None:
         """The bytes of ``head.hit`` when that answer still holds (same stored entry, same
         Age second, still fresh or still within stale-while-revalidate, no reload), else None
         (and the memo is dropped).  The cheapest answer the edge gives: no request object, no
         key, no freshness arithmetic; still counted in the metrics and the access log like any
-        hit."""
+        hit.  ``supplied_id``: this request's valid request ID (echoed), else None."""
         replay = head.hit
         cache = self.cache
         if replay is None or cache is None:
@@ -168,6 +176,9 @@ class HitStage:
             head.hit = None
             return None
         wire = memo.wire
+        state = self.services.state
+        if supplied_id is not None:
+            wire = with_lines(wire, state.request_id_header + b": " + supplied_id + b"\r\n")
         total = self.clock() - started
         self.metrics.observe_request(
             replay.route,
@@ -175,10 +186,9 @@ class HitStage:
             replay.label,
             replay.region,
             total,
-            self.services.state.config.edge.latency_target,
+            state.config.edge.latency_target,
         )
         if self.access_log.enabled:
-            supplied = head.supplied_id
             self.access_log.record_request(
                 head.method,
                 head.path,
@@ -190,7 +200,7 @@ class HitStage:
                 0.0,
                 len(wire),
                 total,
-                supplied if supplied is not None else new_request_id(),
+                supplied_id if supplied_id is not None else new_request_id(),
                 client_ip,
             )
         return wire
