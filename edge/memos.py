@@ -90,7 +90,7 @@ FILL_HEADERS: Final = MemoSpec(
     owner="edge.state.RequestHead.fill_headers (edge.stages.fill.fill_headers)",
     key="client address",
     value="the upstream request headers of a fill for that head, without the request ID",
-    cleared_by="its RequestHead leaving REQUEST_HEADS; so at most 16 x REQUEST_HEADS in all",
+    cleared_by="its RequestHead leaving REQUEST_HEADS; made on a head's second fill only",
     bound=16,
 )
 HIT_REPLAYS: Final = MemoSpec(

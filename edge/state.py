@@ -126,6 +126,7 @@ class RequestHead:
 
     __slots__ = (
         "fill_headers",
+        "filled",
         "headers",
         "hit",
         "host",
@@ -158,6 +159,8 @@ class RequestHead:
         #: ``edge.memos.FILL_HEADERS``: a fill's upstream request headers by client address,
         #: without the request ID (``stages.fill.fill_headers``); made on the first fill.
         self.fill_headers: BoundedMemo[str, CIMultiDict[str]] | None = None
+        #: Whether a fill was made for this head already (the memo is made on the second).
+        self.filled = False
         #: The last fresh hit for these bytes, replayed while it holds (``Pipeline.replay_hit``).
         self.hit: HitReplay | None = None
 

@@ -252,11 +252,13 @@ _Shape = tuple[
 
 class _Slot(NamedTuple):
     """The compiled answers of one answer class to one query type: the table, and per answer
-    number its body and (for a TTL bound by a pending transition) its entry."""
+    number its body, (for a TTL bound by a pending transition) its entry, and its entry in any
+    case (what re-times an answer while the compilation lags the health it is served under)."""
 
     table: AnswerTable
     bodies: tuple[_Body, ...]
     timed: tuple[_Entry | None, ...]
+    entries: tuple[_Entry, ...]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -454,12 +456,14 @@ class Responder:
         qtype = _SLOT_QTYPES[slot]
         bodies = []
         timed: list[_Entry | None] = []
+        entries: list[_Entry] = []
         for selection in table.selections:
             body = self._render_body(key, qtype, family, selection)
             bodies.append(body)
             entry = _Entry(body, selection, geo, qtype, family)
+            entries.append(entry)
             timed.append(entry if selection.timed else None)
-        filled = _Slot(table, tuple(bodies), tuple(timed))
+        filled = _Slot(table, tuple(bodies), tuple(timed), tuple(entries))
         compiled.slots[number][slot] = filled
         return filled
 
@@ -642,7 +646,7 @@ class Responder:
         filled = compiled.slots[found[0]][slot]
         if filled is None:
             filled = self._fill(compiled, found[0], slot)
-        table, bodies, timed = filled
+        table, bodies, timed, entries = filled
         # Where the client is: the ECS subnet, else the sender; one range lookup.
         shared = fields[4] > 0
         if shared:
@@ -679,9 +683,15 @@ class Responder:
                 answer = table.v6_answers[i]
             scope = None
         entry = timed[answer]
-        if entry is None:
+        if not current:
+            # The compilation lags the health (a recompile is in flight): the choice may be
+            # the one about to change, so it goes out with the floor TTL (a resolver asks
+            # again soon), never with the full TTL of a region that just went down.
+            body = self._lagging_body(self._class_names[found[0]][0], entries[answer])
+            reusable = False
+        elif entry is None:
             body = bodies[answer]
-            reusable = current
+            reusable = True
         else:
             body = self._timed_body(self._class_names[found[0]][0], entry, health)
             reusable = False
@@ -748,7 +758,7 @@ class Responder:
             return
         filled = compiled.slots[number][slot]
         assert filled is not None
-        table, bodies, timed = filled
+        table, bodies, timed, _ = filled
         length = len(data) - ecs_start - 8
         variant = ((data[2] & 0x01) << 1) + 1
         limit = min(payload, self._max_udp_payload)
@@ -1009,6 +1019,15 @@ class Responder:
         selection = entry.selection
         ordered = [(c.target, c.distance_km) for c in selection.candidates]
         ttl, _ = ttl_of(self.zone.config, entry.geo, ordered, selection.chosen, health)
+        if ttl == selection.ttl:
+            return entry.body
+        return self._render_body(qname_key, entry.qtype, entry.family, selection, ttl)
+
+    def _lagging_body(self, qname_key: bytes, entry: _Entry) -> _Body:
+        """A compiled choice served under a newer health than it was compiled for: the TTL
+        floor (``dns.min_ttl``, or the name's TTL when lower)."""
+        selection = entry.selection
+        ttl = min(entry.geo.ttl, int(self.zone.config.dns.min_ttl), selection.ttl)
         if ttl == selection.ttl:
             return entry.body
         return self._render_body(qname_key, entry.qtype, entry.family, selection, ttl)

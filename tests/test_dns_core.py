@@ -602,6 +602,36 @@ def test_ttl_bound_by_a_pending_transition_follows_the_clock(plain: Config) -> N
     assert ttls == [30, 25, 12, 5]
 
 
+def test_a_compilation_lagging_the_health_answers_with_the_floor_ttl(plain: Config) -> None:
+    """A server compiles off the hot path and answers from the previous compilation meanwhile.
+    The choice may lag by one compile; its TTL may not be the full one: the answer may be about
+    to change, so it goes out with the floor.  (Before: the full 30 s went out until the
+    recompile landed - when a region had just gone down, its answer with 30 s, which resolvers
+    then held past the failover bound.)  Once the recompile is in, the TTL is the strict one."""
+    locator = GeoLocator(plain.geo, plain.pops[0].location)
+    responder = Responder(Zone.build(plain), locator, compile_inline=False)
+    stable = FakeHealth(generation=1)
+    responder.install(responder.compile(stable))
+    failing = FakeHealth(hints={"pop:iad": 9.0}, generation=2)  # first failed check
+    down = FakeHealth(frozenset({"iad"}), generation=3)  # down now: no hint left
+    for ecs in (None, "198.51.100.0/24"):
+        query = make_query("api.meridian.test", "A", ecs=ecs).to_wire()
+
+        def ttl(health: FakeHealth, query: bytes = query) -> int:
+            reply = responder.respond(query, LOOPBACK, tcp=False, health=health)
+            assert reply is not None and not (reply.reusable and health is not stable)
+            return int(dns.message.from_wire(reply.wire).answer[0].ttl)
+
+        assert ttl(stable) == 30
+        assert ttl(failing) == 5 and ttl(down) == 5  # no recompile yet
+        responder.install(responder.compile(failing))
+        assert ttl(failing) == 9
+        fast = responder.respond(query, LOOPBACK, tcp=False, health=failing)
+        slow = responder.respond_slow(query, LOOPBACK, tcp=False, health=failing)
+        assert fast is not None and slow is not None and fast.wire == slow.wire
+        responder.install(responder.compile(stable))
+
+
 # ------------------------------------------------------------------------- rate limiting
 
 

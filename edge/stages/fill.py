@@ -133,7 +133,12 @@ def fill_headers(request: ProxyRequest, state: EdgeState) -> CIMultiDict[str]:
     head they depend on the client address and the request ID alone: built once per address
     (``edge.memos.FILL_HEADERS``), then copied."""
     head = request.head
-    if head is None:
+    if head is None or not head.filled:
+        # The memo pays off only for a head that fills again (a refresh after expiry, an
+        # uncacheable answer): made on its second fill, not carried by every head seen once
+        # (4,096 memoised heads x ~1 KB of headers was 4 MiB of RSS outside the cache bound).
+        if head is not None:
+            head.filled = True
         return upstream_headers(upstream_request_headers(_fill_request_headers(request, state), ()))
     memo = head.fill_headers
     if memo is None:
