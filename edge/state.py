@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from typing import NamedTuple
 
-from multidict import CIMultiDict
-
 from edge.cache import HitMemo, Prepared
 from edge.http1 import HOP_BY_HOP, Headers, head_budget, via_value
 from edge.memos import FILL_HEADERS, REQUEST_HEADS, ROUTES, BoundedMemo
@@ -158,14 +156,14 @@ class RequestHead:
         self.route: str | None = None
         #: ``edge.memos.FILL_HEADERS``: a fill's upstream request headers by client address,
         #: without the request ID (``stages.fill.fill_headers``); made on the first fill.
-        self.fill_headers: BoundedMemo[str, CIMultiDict[str]] | None = None
+        self.fill_headers: BoundedMemo[str, bytes] | None = None
         #: Whether a fill was made for this head already (the memo is made on the second).
         self.filled = False
         #: The last fresh hit for these bytes, replayed while it holds (``Pipeline.replay_hit``).
         self.hit: HitReplay | None = None
 
-    def new_fill_headers(self) -> BoundedMemo[str, CIMultiDict[str]]:
-        memo: BoundedMemo[str, CIMultiDict[str]] = BoundedMemo(FILL_HEADERS)
+    def new_fill_headers(self) -> BoundedMemo[str, bytes]:
+        memo: BoundedMemo[str, bytes] = BoundedMemo(FILL_HEADERS)
         self.fill_headers = memo
         return memo
 

@@ -16,12 +16,12 @@ The policy half is pure and synchronous (tested without sockets):
   error (EMFILE, ENFILE, ENOBUFS: the edge is out of descriptors or buffers, not the
   backend), an attempt the edge abandoned because the backend left rotation.
 
-The I/O half, ``UpstreamPool``, is one aiohttp ``ClientSession`` per process with automatic
-decompression off, and a bound of ``pool_size`` requests in flight per backend kept here
-(``try_acquire``/``wait_for_slot``/``release``), not in aiohttp's connector: aiohttp counts
-the wait for a slot inside its connect timeout, so a full pool looked like a backend that
-does not accept connections, and slow uploads holding the slots got healthy backends ejected.
-It maps aiohttp's errors onto ``UpstreamFailure`` at the boundary.
+The I/O half, ``UpstreamPool``, is the edge's own HTTP/1.1 client (``edge.upstream_client``
+over ``edge.upstream_wire``: keep-alive pools, timeouts, backpressure) and a bound of
+``pool_size`` requests in flight per backend kept here (``try_acquire``/``wait_for_slot``/
+``release``), outside the connect timeout: a wait for a slot counted as connect time made a
+full pool look like a backend that does not accept connections, and slow uploads holding the
+slots got healthy backends ejected.  It maps the client's errors onto ``UpstreamFailure``.
 """
 
 from __future__ import annotations
@@ -34,13 +34,11 @@ from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from enum import Enum
 from typing import NamedTuple, Protocol
 
-import aiohttp
-from aiohttp.typedefs import LooseHeaders
-from multidict import CIMultiDict
-from yarl import URL
-
 from edge.errors import EdgeError
 from edge.memos import UPSTREAM_URLS, BoundedMemo
+from edge.upstream_client import ClientLimits, OriginClient, UpstreamError
+from edge.upstream_client import OriginResponse as OriginResponse
+from edge.upstream_wire import UpstreamBodyError, header_block
 from meridian.config import EdgeTimeouts
 from meridian.health.checks import is_local_error
 
@@ -101,19 +99,21 @@ class FailureKind(Enum):
 
     @property
     def sent(self) -> bool:
-        """Whether any of the request may have reached the backend."""
-        return self is not FailureKind.POOL
+        """Whether any of the request may have reached the backend: not when no connection
+        was had (a full pool, a failed connect): the client sends nothing before it has one."""
+        return self not in _NOTHING_SENT
 
 
+_NOTHING_SENT = frozenset({FailureKind.POOL, FailureKind.CONNECT, FailureKind.LOCAL})
 _BACKEND_FAULTS = frozenset(
     {FailureKind.CONNECT, FailureKind.RESET, FailureKind.TIMEOUT, FailureKind.PROTOCOL}
 )
 
 
-#: What reading an upstream response's body may raise (aiohttp's and the system's errors): the
-#: foreign errors the stages catch at this boundary and turn into an edge answer.
+#: What reading an upstream response's body may raise: the errors the stages catch at this
+#: boundary and turn into an edge answer.
 UPSTREAM_BODY_ERRORS: tuple[type[Exception], ...] = (
-    aiohttp.ClientError,
+    UpstreamBodyError,
     ConnectionError,
     OSError,
     TimeoutError,
@@ -203,52 +203,11 @@ def retry_allowed(
 # I/O
 
 
-#: Upstream URLs parsed, by backend + target (bounded: yarl takes microseconds per parse).
-URL_MEMO_SIZE = UPSTREAM_URLS.bound
-
-
-def _header_text(value: bytes) -> str:
-    # aiohttp writes header text as UTF-8: valid UTF-8 round-trips exactly; other bytes cannot.
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return value.decode("latin-1")
-
-
-def upstream_headers(headers: Iterable[tuple[bytes, bytes]]) -> CIMultiDict[str]:
-    """Header lines (lower-case names, raw values) in the form aiohttp sends them, in order.
-
-    A caller that sends the same lines again keeps this and sends ``copy()``s of it."""
-    return CIMultiDict([(name.decode("latin-1"), _header_text(value)) for name, value in headers])
-
-
-#: Every header aiohttp would add on its own: the edge sends what the client sent, no more.
-SKIPPED_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-_SKIPPED: CIMultiDict[None] = CIMultiDict((name, None) for name in sorted(SKIPPED_AUTO_HEADERS))
-
-
-class UpstreamRequest(aiohttp.ClientRequest):
-    """aiohttp's request without two per-request copies of the header lines (the session's
-    ``request_class``).
-
-    * ``update_auto_headers``: aiohttp builds a CIMultiDict of the skipped names and a copy of
-      the headers extended with them, per request, to find which defaults to add.  The edge
-      skips every default (``SKIPPED_AUTO_HEADERS``), so nothing is ever added: the names are
-      only recorded (aiohttp reads them again for a body's Content-Type).
-    * ``update_headers``: aiohttp copies the session's merge of the headers (itself a new
-      CIMultiDict per request) into another, Host first.  With a Host line (every HTTP/1.1
-      request) the merge is taken as it is, so the lines go out in the client's order;
-      without one aiohttp's way adds Host from the URL.
-    """
-
-    def update_headers(self, headers: LooseHeaders | None) -> None:
-        if type(headers) is CIMultiDict and "host" in headers:
-            self.headers = headers
-            return
-        super().update_headers(headers)
-
-    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
-        self._skip_auto_headers = _SKIPPED
+def upstream_headers(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """Header lines (lower-case names, raw values) as they go upstream, in order: bytes as the
+    client sent them, never decoded (``upstream_wire.header_block``).  Content-Length is left
+    out: the client writes the framing of the body it actually sends."""
+    return header_block([line for line in headers if line[0] != b"content-length"])
 
 
 class Gate:
@@ -298,56 +257,53 @@ class Gate:
 
 
 class UpstreamPool:
-    """One aiohttp session for the process; bounds and counts requests in flight per backend.
+    """The process's upstream client (``edge.upstream_client``); bounds and counts requests in
+    flight per backend.
 
     A request takes a slot (``try_acquire``, else ``wait_for_slot``) before it is sent and
     gives it back with ``release`` once its response is done with; a freed slot goes to the
-    longest waiter.  A request whose body is streamed (too large to buffer) holds its slot for
+    longest waiter.  A slot is a connection: connections open per backend never exceed
+    ``pool_size``.  A request whose body is streamed (too large to buffer) holds its slot for
     as long as its client takes to send it, so those take at most half of a backend's slots
     (``streamed=True``): uploads trickling from slow clients cannot starve everyone else."""
 
-    def __init__(self, *, pool_size: int, timeouts: EdgeTimeouts) -> None:
+    def __init__(
+        self,
+        *,
+        pool_size: int,
+        timeouts: EdgeTimeouts,
+        max_idle: int = 32,
+        max_requests: int = 1000,
+    ) -> None:
         self.pool_size = pool_size
         self.timeouts = timeouts
         #: Requests in flight per backend URL, waiters for a slot included: the load signal
         #: for ``pick_backend``.
         self.outstanding: dict[str, int] = {}
+        #: Requests that had to wait for a slot, per backend.
+        self.pool_waits: dict[str, int] = {}
         self._slots: dict[str, Gate] = {}
         self._streams: dict[str, Gate] = {}
-        self._session: aiohttp.ClientSession | None = None
-        #: ``edge.memos.UPSTREAM_URLS``.
-        self._urls: BoundedMemo[str, URL] = BoundedMemo(UPSTREAM_URLS)
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=timeouts.connect,
-            sock_connect=timeouts.connect,
-            # Per read: bounds the wait for the first byte and every later stall.
-            sock_read=timeouts.first_byte,
+        #: ``edge.memos.UPSTREAM_URLS``: request targets as sent (under the backend URL's
+        #: path), by backend + target.
+        self._urls: BoundedMemo[str, bytes] = BoundedMemo(UPSTREAM_URLS)
+        self.client = OriginClient(
+            ClientLimits(
+                connect=timeouts.connect,
+                first_byte=timeouts.first_byte,
+                # Per read, as before: a body stalled this long is broken.
+                read_idle=timeouts.first_byte,
+                idle_timeout=timeouts.upstream_idle,
+                max_idle=max_idle,
+                max_requests=max_requests,
+            )
         )
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            # The bound per backend is ours (``Gate``): aiohttp's would count the wait for a
-            # slot as connect time.  Idle connections stay bounded by the peak in flight.
-            limit=0,
-            limit_per_host=0,
-            keepalive_timeout=self.timeouts.upstream_idle,
-            ttl_dns_cache=60,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            timeout=self._timeout,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=SKIPPED_AUTO_HEADERS,
-            raise_for_status=False,
-            request_class=UpstreamRequest,
-        )
+        self.client.start()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.client.close()
 
     def _gate(self, backend: str) -> Gate:
         gate = self._slots.get(backend)
@@ -373,6 +329,7 @@ class UpstreamPool:
         """After ``try_acquire`` said False: wait up to ``within`` seconds for a slot (and,
         for a streamed body, a place in the streamed share).  Raises ``UpstreamFailure(POOL)``
         (the request is then no longer counted) when none came."""
+        self.pool_waits[backend] = self.pool_waits.get(backend, 0) + 1
         try:
             if streamed:
                 stream = self._stream_gate(backend)
@@ -415,40 +372,26 @@ class UpstreamPool:
         backend: str,
         method: str,
         target: str,
-        headers: CIMultiDict[str],
+        headers: bytes,
         body: bytes | AsyncIterable[bytes] | None,
-    ) -> aiohttp.ClientResponse:
+        length: int | None = None,
+    ) -> OriginResponse:
         """Send one attempt and return once the response head is in; raises UpstreamFailure.
 
-        ``headers``: from ``upstream_headers`` (aiohttp copies them, they stay as they are)."""
-        assert self._session is not None, "UpstreamPool.start() was not awaited"
+        ``headers``: from ``upstream_headers``; ``length``: a streamed body's declared length
+        (None: chunked)."""
         text = backend + target
-        url = self._urls.get(text)
-        if url is None:
+        sent = self._urls.get(text)
+        if sent is None:
             if len(self._urls) >= self._urls.bound:
                 self._urls.clear()  # bounded without bookkeeping: it refills with what is hot
-            url = self._urls[text] = URL(text, encoded=True)
+            prefix = self.client.pool(backend).backend.prefix
+            sent = self._urls[text] = prefix + target.encode("latin-1")
         try:
-            return await self._session.request(
-                method,
-                url,
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                compress=None,
-                auto_decompress=False,
-            )
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise UpstreamFailure(FailureKind.CONNECT, f"connect timeout: {exc}") from None
-        except aiohttp.ServerTimeoutError as exc:
-            raise UpstreamFailure(FailureKind.TIMEOUT, f"first byte timeout: {exc}") from None
-        except aiohttp.ClientConnectorError as exc:
-            kind = FailureKind.LOCAL if is_local_error(exc) else FailureKind.CONNECT
-            raise UpstreamFailure(kind, str(exc.os_error or exc)) from None
-        except aiohttp.ClientResponseError as exc:
-            raise UpstreamFailure(FailureKind.PROTOCOL, exc.message) from None
-        except (aiohttp.ClientError, ConnectionError, OSError) as exc:
-            kind = FailureKind.LOCAL if is_local_error(exc) else FailureKind.RESET
-            raise UpstreamFailure(kind, type(exc).__name__ + ": " + str(exc)) from None
-        except TimeoutError:
-            raise UpstreamFailure(FailureKind.TIMEOUT, "first byte timeout") from None
+            return await self.client.send(backend, method, sent, headers, body, length)
+        except UpstreamError as exc:
+            kind = exc.kind
+            if kind == "connect_os":
+                cause = exc.__cause__
+                kind = "local" if is_local_error(cause) else "connect"
+            raise UpstreamFailure(FailureKind(kind), exc.detail) from None

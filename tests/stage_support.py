@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
@@ -25,6 +24,7 @@ from edge.pipeline import Pipeline
 from edge.state import EdgeState
 from edge.transcode import CompressionStats, Transcoder
 from edge.upstream import FailureKind, UpstreamFailure, UpstreamPool
+from edge.upstream_wire import UpstreamBodyError
 from meridian.config import Config, EdgeTimeouts, parse_config
 
 #: Backends by region, nearest the ``iad`` POP first.
@@ -215,7 +215,7 @@ class FakeContent:
     async def _iter(self) -> AsyncIterator[bytes]:
         for index, chunk in enumerate(self.reply.chunks):
             if self.reply.broken_after is not None and index >= self.reply.broken_after:
-                raise aiohttp.ClientPayloadError("connection lost mid-body")
+                raise UpstreamBodyError("connection closed mid-body")
             await asyncio.sleep(0)  # a turn of the loop, as a socket read would take
             yield chunk
 
@@ -224,7 +224,7 @@ class FakeContent:
 
 
 class FakeResponse:
-    """What the stages read from an ``aiohttp.ClientResponse``."""
+    """What the stages read from an ``edge.upstream_client.OriginResponse``."""
 
     def __init__(self, reply: Reply) -> None:
         self.status = reply.status
@@ -264,14 +264,15 @@ class ScriptedUpstream(UpstreamPool):
         backend: str,
         method: str,
         target: str,
-        headers: CIMultiDict[str],
+        headers: bytes,
         body: object,
+        length: int | None = None,
     ) -> FakeResponse:
         if isinstance(body, bytes | None):
             payload = body
         else:
             payload = b"".join([chunk async for chunk in body])  # type: ignore[union-attr]
-        self.sent.append(Sent(backend, method, target, headers, payload))
+        self.sent.append(Sent(backend, method, target, _lines(headers), payload))
         queue = self.script.get(backend)
         if not queue:
             raise UpstreamFailure(FailureKind.CONNECT, f"nothing scripted for {backend}")
@@ -283,6 +284,16 @@ class ScriptedUpstream(UpstreamPool):
         response = FakeResponse(item)
         self.responses.append(response)
         return response
+
+
+def _lines(block: bytes) -> CIMultiDict[str]:
+    """Header lines as sent upstream, for assertions by name."""
+    lines: CIMultiDict[str] = CIMultiDict()
+    for line in block.split(b"\r\n"):
+        if line:
+            name, _, value = line.partition(b": ")
+            lines.add(name.decode("latin-1"), value.decode("latin-1"))
+    return lines
 
 
 class FakeSnapshot:

@@ -443,6 +443,7 @@ def test_only_idempotent_bodiless_requests_are_retried():
     methods = frozenset({"GET", "HEAD"})
     assert retry_allowed("GET", methods, False, FailureKind.CONNECT)
     assert retry_allowed("HEAD", methods, False, FailureKind.TIMEOUT)
-    assert not retry_allowed("POST", methods, False, FailureKind.CONNECT)
+    assert not retry_allowed("POST", methods, False, FailureKind.RESET)
+    assert not retry_allowed("POST", methods, False, FailureKind.TIMEOUT)
     assert not retry_allowed("GET", methods, True, FailureKind.RESET)
     assert retry_allowed("PUT", frozenset({"PUT"}), False, FailureKind.RESET)

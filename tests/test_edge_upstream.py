@@ -135,8 +135,14 @@ def test_only_the_backends_own_failures_are_evidence_against_it():
 def test_a_request_that_never_got_a_connection_may_move_on_whatever_its_method():
     methods = frozenset({"GET", "HEAD"})
     assert retry_allowed("POST", methods, True, FailureKind.POOL)
+    # No connection was had (connect refused, timed out, the edge out of descriptors): the
+    # client sends nothing before it has one, so the body never left.
+    assert retry_allowed("POST", methods, True, FailureKind.CONNECT)
+    assert retry_allowed("POST", methods, False, FailureKind.LOCAL)
     # Anything that may have reached the backend keeps the old rules: POST never replayed.
-    assert not retry_allowed("POST", methods, False, FailureKind.LOCAL)
+    assert not retry_allowed("POST", methods, False, FailureKind.RESET)
+    assert not retry_allowed("POST", methods, False, FailureKind.TIMEOUT)
+    assert not retry_allowed("POST", methods, False, FailureKind.PROTOCOL)
     assert not retry_allowed("POST", methods, False, FailureKind.ABANDONED)
     assert retry_allowed("GET", methods, False, FailureKind.ABANDONED)
     assert not retry_allowed("GET", methods, True, FailureKind.TIMEOUT)

@@ -2,16 +2,14 @@
 
 The cache decides (coalescing, L2, what to store, stale-if-error); this stage gives it the
 fetch (``fill_read.FillFetch``) and sends what it returns: cached bytes, or a response it did
-not store (``unstored``), live from the ``Handover`` or whole.  Upstream request headers for a
-memoised request head are built once per client address then copied (``fill_headers``).
+not store (``unstored``), live from the ``Handover`` or whole.  Upstream request header lines for a
+memoised request head are built once per client address (``fill_headers``).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
-
-from multidict import CIMultiDict
 
 from edge.cache import Lookup, UpstreamResponse
 from edge.cache.policy import upstream_request_headers
@@ -126,12 +124,12 @@ class Filler:
         cache.refresh(lookup, bounded)
 
 
-def fill_headers(request: ProxyRequest, state: EdgeState) -> CIMultiDict[str]:
-    """A fill's upstream request headers (``forward_headers`` with ``fill``, minus the
-    client's conditionals), ready for aiohttp; built from the screened request (its Host line
+def fill_headers(request: ProxyRequest, state: EdgeState) -> bytes:
+    """A fill's upstream request header lines (``forward_headers`` with ``fill``, minus the
+    client's conditionals), as sent; built from the screened request (its Host line
     is the key's host), never from anything the key does not hold.  For a memoised request
     head they depend on the client address and the request ID alone: built once per address
-    (``edge.memos.FILL_HEADERS``), then copied."""
+    (``edge.memos.FILL_HEADERS``), then the request ID line appended."""
     head = request.head
     if head is None or not head.filled:
         # The memo pays off only for a head that fills again (a refresh after expiry, an
@@ -150,9 +148,7 @@ def fill_headers(request: ProxyRequest, state: EdgeState) -> CIMultiDict[str]:
             return upstream_headers(lines)
         base = upstream_headers(lines[:-1])
         memo.remember(request.client_ip, base)
-    headers = base.copy()
-    headers.add(state.request_id_name, request.request_id.decode("latin-1"))
-    return headers
+    return base + request_id_line(request, state)
 
 
 def _fill_request_headers(request: ProxyRequest, state: EdgeState) -> list[tuple[bytes, bytes]]:

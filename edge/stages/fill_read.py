@@ -4,7 +4,7 @@
 target through the upstream walk, whose response it turns into what the cache stores: the whole
 body, decoded to identity.  What the cache will not keep (``HttpCache.storable_head``, or above
 ``max_object``) goes back to the request live in its ``Handover``, to stream (never buffered
-whole), unless its body is whole in aiohttp's buffer already (a small answer arrives with its
+whole), unless its body is whole in the client's buffer already (a small answer arrives with its
 head): then it goes out with the head in one write.  Upstream failures raise ``FetchError``
 inside the fill, so the cache can answer from a stale entry within stale-if-error.
 """
@@ -12,9 +12,6 @@ inside the fill, so the cache can answer from a stale entry within stale-if-erro
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-
-import aiohttp
-from multidict import CIMultiDict
 
 from edge.cache import Lookup, UpstreamResponse
 from edge.compress import DecompressionBomb, accepts, is_compressible
@@ -25,7 +22,13 @@ from edge.stages.services import EdgeServices
 from edge.stages.walk import UpstreamCall, UpstreamWalk
 from edge.state import EdgeState
 from edge.transcode import DECODABLE, content_coding, decode_whole, decoded_headers
-from edge.upstream import UPSTREAM_BODY_ERRORS, Attempt, UpstreamPool, upstream_headers
+from edge.upstream import (
+    UPSTREAM_BODY_ERRORS,
+    Attempt,
+    OriginResponse,
+    UpstreamPool,
+    upstream_headers,
+)
 from meridian.log import get_logger
 
 log = get_logger("edge")
@@ -45,7 +48,7 @@ class Handover:
     def __init__(self) -> None:
         self.abandoned = False
         self.marker: UpstreamResponse | None = None
-        self.response: aiohttp.ClientResponse | None = None
+        self.response: OriginResponse | None = None
         self.attempt: Attempt | None = None
         self.length: int | None = None
         self.prefix: list[bytes] = []
@@ -55,7 +58,7 @@ class Handover:
     def attach(
         self,
         marker: UpstreamResponse,
-        response: aiohttp.ClientResponse,
+        response: OriginResponse,
         attempt: Attempt,
         length: int | None,
         prefix: list[bytes],
@@ -115,7 +118,7 @@ class FillFetch:
         state: EdgeState,
         target: RouteTarget,
         lookup: Lookup,
-        forwarded: CIMultiDict[str],
+        forwarded: bytes,
         record: ExchangeRecord,
         handover: Handover | None,
     ) -> None:
@@ -137,13 +140,16 @@ class FillFetch:
         walk = ExchangeRecord()
         headers = self.forwarded
         if validators:
-            headers = headers.copy()
-            headers.extend(upstream_headers(validators))
+            headers += upstream_headers(validators)
         record = self.record
+        call = UpstreamCall(
+            "GET",
+            self.target_text,
+            headers,
+            request_id=self.request.request_id.decode("latin-1"),
+        )
         try:
-            got = await self.walker.walk(
-                self.state, self.target, walk, UpstreamCall("GET", self.target_text, headers)
-            )
+            got = await self.walker.walk(self.state, self.target, walk, call)
         finally:
             record.attempts.extend(walk.attempts)
             if walk.region != "-":
@@ -156,9 +162,7 @@ class FillFetch:
         response, attempt = got
         return await self.read_for_cache(response, attempt)
 
-    async def read_for_cache(
-        self, response: aiohttp.ClientResponse, attempt: Attempt
-    ) -> UpstreamResponse:
+    async def read_for_cache(self, response: OriginResponse, attempt: Attempt) -> UpstreamResponse:
         """The upstream response as ``fill`` stores it: whole, decoded to identity.  What the
         cache will not keep goes back in ``handover``: live, or, when the edge must decode a
         small body for this client, read whole first (so a decompression bomb is a 502, not
@@ -183,7 +187,7 @@ class FillFetch:
 
         try:
             status = response.status
-            reason = (response.reason or "").encode("latin-1", "replace")
+            reason = response.reason.encode("latin-1", "replace")
             headers = rewrite_response_headers(
                 response.raw_headers,
                 dropped=state.dropped_response_headers,
@@ -209,7 +213,7 @@ class FillFetch:
                 )
                 if not small_for_decoding or handover is None or handover.abandoned:
                     if length is not None and length <= limit and content.is_eof():
-                        # Already whole in aiohttp's buffer (a small answer comes with its
+                        # Already whole in the client's buffer (a small answer comes with its
                         # head): taken in one piece and sent in one write, not streamed.
                         return hand_over(length, [], content.read_nowait(-1))
                     return hand_over(length, [], None)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator
 
-import aiohttp
-
 from edge.exchange import (
     CACHEABLE_METHODS,
     ErrorAnswer,
@@ -26,7 +24,7 @@ from edge.request_target import forward_headers
 from edge.stages.respond import Responder
 from edge.stages.services import EdgeServices
 from edge.stages.walk import UpstreamCall, UpstreamWalk, Walked
-from edge.upstream import Attempt, upstream_headers
+from edge.upstream import Attempt, OriginResponse, upstream_headers
 
 #: Request bodies up to this size are read whole before an upstream connection is taken
 #: (``buffer_request_body``); larger ones are streamed.
@@ -80,18 +78,23 @@ class Forwarder:
                 payload = await buffer_request_body(body, request.body, REQUEST_BUFFER_LIMIT)
             except RequestRejected as exc:
                 return exc  # the client's fault (too slow, too big, gone): nothing was sent
+        framing = request.body
         call = UpstreamCall(
             request.method,
             request.target.decode("latin-1"),
             upstream_headers(headers),
-            body if request.body.has_body else None,
+            body if framing.has_body else None,
             payload,
+            # A streamed body keeps the client's declared length (origins that refuse chunked
+            # uploads still get it); a chunked one goes chunked.
+            framing.length if framing.kind is BodyKind.LENGTH else None,
+            request.request_id.decode("latin-1"),
         )
         return await self.walker.walk(exchange.state, exchange.routed, exchange.record, call)
 
 
 def from_upstream(
-    exchange: Exchange, response: aiohttp.ClientResponse, attempt: Attempt
+    exchange: Exchange, response: OriginResponse, attempt: Attempt
 ) -> OutgoingResponse:
     """The upstream response as it goes to the client (streamed, X-Cache as recorded)."""
     request, state = exchange.request, exchange.state
@@ -109,7 +112,7 @@ def from_upstream(
     no_body = request.method == "HEAD" or response.status in (204, 304)
     return OutgoingResponse(
         status=response.status,
-        reason=(response.reason or "").encode("latin-1", "replace"),
+        reason=response.reason.encode("latin-1", "replace"),
         headers=headers,
         length=None if no_body else length,
         body=None if no_body else response.content.iter_any(),

@@ -12,9 +12,6 @@ import asyncio
 from collections.abc import AsyncIterable
 from typing import NamedTuple
 
-import aiohttp
-from multidict import CIMultiDict
-
 from edge.exchange import RETRY_AFTER_SECONDS, ErrorAnswer, ExchangeRecord, RequestBody
 from edge.fdlimit import Throttle
 from edge.http1 import RequestRejected
@@ -24,6 +21,7 @@ from edge.state import EdgeState
 from edge.upstream import (
     Attempt,
     FailureKind,
+    OriginResponse,
     SnapshotView,
     UpstreamFailure,
     live_regions,
@@ -43,14 +41,19 @@ class UpstreamCall(NamedTuple):
 
     method: str
     target: str
-    headers: CIMultiDict[str]
+    #: The header lines as sent (``edge.upstream.upstream_headers``), without framing.
+    headers: bytes
     #: The client's body (its ``error`` tells a client fault from a backend's), if any.
     body: RequestBody | None = None
     #: What is sent: the body whole in memory (replayable) or streamed; defaults to ``body``.
     payload: bytes | AsyncIterable[bytes] | None = None
+    #: A streamed body's declared length (None: it goes chunked).
+    length: int | None = None
+    #: For log lines.
+    request_id: str = "-"
 
 
-Walked = tuple[aiohttp.ClientResponse, Attempt] | ErrorAnswer | RequestRejected
+Walked = tuple[OriginResponse, Attempt] | ErrorAnswer | RequestRejected
 
 
 class UpstreamWalk:
@@ -125,7 +128,7 @@ class UpstreamWalk:
                         backend, state.config.edge.timeouts.connect, streamed=streamed
                     )
             except UpstreamFailure as exc:  # the edge's own limit: not the backend's doing
-                self._failed(attempt, exc, state, headers)
+                self._failed(attempt, exc, call)
                 failure = exc
                 continue
             try:
@@ -134,7 +137,9 @@ class UpstreamWalk:
                     if task is not None:
                         self._watch(backend, task, regions, record.attempts)
                 try:
-                    response = await upstream.send(backend, method, call.target, headers, payload)
+                    response = await upstream.send(
+                        backend, method, call.target, headers, payload, call.length
+                    )
                 finally:
                     # Unwatched before anything else: the health report below may publish
                     # a snapshot, and this task must not be given up on for its own report.
@@ -148,7 +153,7 @@ class UpstreamWalk:
                     return body.error  # the client's fault: no retry, no health report
                 if exc.kind.blames_backend:
                     health_source.report(backend, False)
-                self._failed(attempt, exc, state, headers)
+                self._failed(attempt, exc, call)
                 failure = exc
                 continue
             except asyncio.CancelledError:
@@ -158,7 +163,7 @@ class UpstreamWalk:
                 # on_health gave up on this attempt: the backend left rotation while we
                 # waited for its first byte.  Nothing to report; go on with the walk.
                 failure = UpstreamFailure(FailureKind.ABANDONED, "backend left rotation")
-                self._failed(attempt, failure, state, headers)
+                self._failed(attempt, failure, call)
                 continue
             except BaseException:
                 upstream.release(backend, streamed=streamed)
@@ -179,9 +184,7 @@ class UpstreamWalk:
             RETRY_AFTER_SECONDS if status == 503 else None,
         )
 
-    def _failed(
-        self, attempt: Attempt, exc: UpstreamFailure, state: EdgeState, headers: CIMultiDict[str]
-    ) -> None:
+    def _failed(self, attempt: Attempt, exc: UpstreamFailure, call: UpstreamCall) -> None:
         services = self.services
         services.metrics.upstream_failures.labels(attempt.region, exc.kind.value).inc()
         count = 1
@@ -200,7 +203,7 @@ class UpstreamWalk:
             detail=exc.detail,
             backend_fault=exc.kind.blames_backend,
             count=count,
-            request_id=headers.get(state.request_id_name, "-"),
+            request_id=call.request_id,
         )
 
     # -- giving up on attempts to a backend that left rotation --------------------------------

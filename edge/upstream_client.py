@@ -1,0 +1,618 @@
+"""The edge's HTTP/1.1 client to origins: asyncio protocols around ``upstream_wire``.
+
+``OriginClient.send`` sends one request on a pooled connection and returns an
+``OriginResponse`` once its head is in; its body is read with ``content.iter_any()`` (or taken
+whole when it came with the head) and ``release()`` gives the connection back.
+
+* **Pool**: per backend, idle connections most recent first (warm ones are reused, cold ones
+  age out): at most ``max_idle`` kept, each closed after ``idle_timeout`` unused or
+  ``max_requests`` requests.  How many are open per backend is bounded by the requests in
+  flight (``UpstreamPool``'s slots).  An idle connection that hears anything (the origin
+  closing it, stray bytes) leaves the pool at once.
+* **Timeouts**: connect; first byte (from the end of the request); idle (between body reads,
+  not counted while the edge itself holds reading because its client is slow).  The request's
+  total deadline is the pipeline's (it cancels the request's task; a cancelled exchange closes
+  its connection).
+* **Backpressure**: a response body is buffered up to ``HIGH_WATER`` bytes, then the upstream
+  transport stops reading until the client side has taken it; a streamed request body waits
+  for the upstream transport's writes to drain before it reads more from the client.
+* **Failures**: before the head, ``UpstreamFailure`` (CONNECT when no connection could be made:
+  nothing was sent, so even a POST may go elsewhere); after it, ``UpstreamBodyError`` from the
+  body iterator.  A connection that saw anything wrong is closed, never pooled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass
+from typing import Final, cast
+
+from edge.upstream_wire import (
+    LAST_CHUNK,
+    ResponseHead,
+    ResponseReader,
+    UpstreamBodyError,
+    UpstreamProtocolError,
+    chunk,
+    encode_head,
+    has_host,
+)
+from meridian.log import get_logger
+
+log = get_logger("edge")
+
+#: Response body bytes buffered per exchange before the upstream is told to wait.
+HIGH_WATER: Final = 256 * 1024
+#: How often idle connections past their idle timeout are looked for.
+SWEEP_EVERY: Final = 1.0
+
+
+class UpstreamError(Exception):
+    """A failure before any response head; ``kind`` is an ``edge.upstream.FailureKind`` value."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLimits:
+    connect: float
+    first_byte: float
+    #: Longest stall between two reads of a response body.
+    read_idle: float
+    idle_timeout: float
+    max_idle: int
+    max_requests: int
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """A backend URL split once: where to connect and what to put before request targets."""
+
+    url: str
+    host: str
+    port: int
+    #: ``host[:port]`` as a Host header value, for requests that carry none.
+    authority: bytes
+    #: A path the backend URL names (``http://o/prefix``): targets are sent under it.
+    prefix: bytes
+
+    @classmethod
+    def parse(cls, url: str) -> Backend:
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme.lower() != "http":
+            raise ValueError(f"{url!r}: only http:// backends are supported by this client")
+        authority, slash, path = rest.partition("/")
+        host, port = authority, 80
+        if authority.startswith("["):
+            end = authority.index("]")
+            host = authority[1:end]
+            if authority[end + 1 :].startswith(":"):
+                port = int(authority[end + 2 :])
+        elif ":" in authority:
+            host, _, text = authority.rpartition(":")
+            port = int(text)
+        prefix = ("/" + path).rstrip("/") if slash else ""
+        return cls(url, host, port, authority.encode("ascii"), prefix.encode("ascii"))
+
+
+class ClientStats:
+    """Counters per backend, read on scrape (plain numbers: no lock per request)."""
+
+    __slots__ = ("connect_seconds", "created", "first_byte_seconds", "open", "reused")
+
+    def __init__(self) -> None:
+        self.created: dict[str, int] = {}
+        self.reused: dict[str, int] = {}
+        self.open: dict[str, int] = {}
+        #: Sum and count of connect and first-byte latencies, per backend.
+        self.connect_seconds: dict[str, list[float]] = {}
+        self.first_byte_seconds: dict[str, list[float]] = {}
+
+    @staticmethod
+    def add(table: dict[str, list[float]], backend: str, seconds: float) -> None:
+        pair = table.get(backend)
+        if pair is None:
+            table[backend] = [seconds, 1.0]
+        else:
+            pair[0] += seconds
+            pair[1] += 1.0
+
+
+class Connection(asyncio.Protocol):
+    """One upstream TCP connection; carries one exchange at a time."""
+
+    __slots__ = (
+        "_drain",
+        "_timer",
+        "_waiter",
+        "backend",
+        "closed",
+        "deadline_kind",
+        "error",
+        "last_read",
+        "limits",
+        "paused",
+        "pool",
+        "reader",
+        "requests",
+        "transport",
+        "used_at",
+        "write_paused",
+    )
+
+    def __init__(self, pool: BackendPool) -> None:
+        self.pool = pool
+        self.backend = pool.backend.url
+        self.limits = pool.limits
+        self.transport: asyncio.Transport | None = None
+        self.reader: ResponseReader | None = None
+        self.error: BaseException | None = None
+        self.closed = False
+        self.paused = False
+        self.write_paused = False
+        self.requests = 0
+        self.used_at = 0.0
+        self.last_read = 0.0
+        self.deadline_kind = ""
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio callbacks ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they have its methods.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        if reader is None:
+            # Nothing was asked: an idle connection hearing bytes is spoiled.
+            self.close()
+            return
+        self.last_read = self.pool.loop.time()
+        try:
+            reader.feed(data)
+        except (UpstreamProtocolError, UpstreamBodyError) as exc:
+            self._fail(exc)
+            return
+        if reader.buffered > HIGH_WATER and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        if reader.head is not None or reader.complete:
+            self._wake()
+
+    def eof_received(self) -> bool | None:
+        reader = self.reader
+        if reader is None:
+            self.close()
+            return None
+        try:
+            reader.feed_eof()
+        except (UpstreamProtocolError, UpstreamBodyError) as exc:
+            self._fail(exc)
+            return None
+        self._wake()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_timer()
+        self.pool.forget(self)
+        reader = self.reader
+        if reader is not None and not reader.complete and self.error is None:
+            try:
+                reader.feed_eof()
+            except (UpstreamProtocolError, UpstreamBodyError) as error:
+                self.error = error
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    # -- the exchange --------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self.close()
+        self._wake()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._cancel_timer()
+            self.pool.forget(self)
+            if self.transport is not None:
+                self.transport.abort()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _arm(self, kind: str, delay: float) -> None:
+        self.deadline_kind = kind
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.pool.loop.call_later(delay, self._expired)
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self.closed or self.reader is None:
+            return
+        if self.deadline_kind == "read":
+            now = self.pool.loop.time()
+            due = self.last_read + self.limits.read_idle
+            if self.paused or now < due:
+                # Data came since (or the edge holds reading for a slow client: not the
+                # origin's stall); look again later.
+                later = self.limits.read_idle if self.paused else max(due - now, 0.01)
+                self._arm("read", later)
+                return
+        self._fail(TimeoutError(f"{self.deadline_kind} timeout"))
+
+    async def _wait(self) -> None:
+        waiter = self.pool.loop.create_future()
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    async def _drained(self) -> None:
+        if not self.write_paused or self.closed:
+            return
+        drain = self.pool.loop.create_future()
+        self._drain = drain
+        try:
+            await drain
+        finally:
+            self._drain = None
+
+    async def exchange(
+        self,
+        head: bytes,
+        body: bytes | AsyncIterable[bytes] | None,
+        chunked: bool,
+        head_request: bool,
+    ) -> ResponseHead:
+        """Write the request, wait for the response head.  Raises ``UpstreamError``."""
+        transport = self.transport
+        assert transport is not None
+        reader = self.reader = ResponseReader(head_request=head_request)
+        self.requests += 1
+        if body is None or isinstance(body, bytes):
+            transport.write(head + body if body else head)  # one write, one segment
+        else:
+            transport.write(head)
+            await self._send_stream(body, chunked)
+        self.last_read = self.pool.loop.time()
+        if reader.head is None and self.error is None and not self.closed:
+            self._arm("first byte", self.limits.first_byte)
+            while reader.head is None and self.error is None and not self.closed:
+                await self._wait()
+        error = self.error
+        if reader.head is None:
+            self.close()
+            if isinstance(error, TimeoutError):
+                raise UpstreamError("timeout", str(error))
+            if isinstance(error, UpstreamProtocolError | UpstreamBodyError):
+                raise UpstreamError("protocol", str(error))
+            raise UpstreamError("reset", "connection closed before a response head")
+        if error is not None and not reader.complete:
+            self._arm("read", 0)  # re-raised by the body iterator
+        elif not reader.complete:
+            self._arm("read", self.limits.read_idle)
+        else:
+            self._cancel_timer()
+        return reader.head
+
+    async def _send_stream(self, body: AsyncIterable[bytes], chunked: bool) -> None:
+        transport = self.transport
+        assert transport is not None
+        reader = self.reader
+        assert reader is not None
+        try:
+            async for data in body:
+                if self.closed or reader.head is not None:
+                    # The origin answered (or went away) before the body was all sent: stop
+                    # sending; the connection cannot carry another request.
+                    self.close_after_exchange()
+                    return
+                if data:
+                    transport.write(chunk(data) if chunked else data)
+                if self.write_paused:
+                    await self._drained()
+        except Exception as exc:  # the client's body broke (its ``error`` tells the walk)
+            self.close()
+            raise UpstreamError("reset", f"request body: {type(exc).__name__}") from None
+        if chunked and not self.closed:
+            transport.write(LAST_CHUNK)
+
+    def close_after_exchange(self) -> None:
+        if self.reader is not None:
+            self.reader.reusable = False
+
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        """The response body as it arrives; raises ``UpstreamBodyError`` or ``TimeoutError``."""
+        reader = self.reader
+        assert reader is not None
+        while True:
+            data = reader.take()
+            if data:
+                if self.paused and not self.closed and self.transport is not None:
+                    self.paused = False
+                    self.transport.resume_reading()
+                yield data
+                continue
+            if reader.complete:
+                return
+            error = self.error
+            if error is not None or self.closed:
+                if isinstance(error, TimeoutError):
+                    raise error
+                raise UpstreamBodyError(str(error or "connection closed mid-body"))
+            await self._wait()
+
+    def finish(self) -> None:
+        """The exchange is over: back to the pool when whole and reusable, else closed."""
+        reader = self.reader
+        self.reader = None
+        self._cancel_timer()
+        if (
+            reader is None
+            or not reader.complete
+            or not reader.reusable
+            or self.closed
+            or self.paused
+            or self.error is not None
+            or self.requests >= self.limits.max_requests
+        ):
+            self.close()
+            return
+        self.pool.put_idle(self)
+
+
+class ResponseContent:
+    """The body side of an ``OriginResponse`` (named as the stages have read bodies since
+    aiohttp: ``is_eof``, ``read_nowait``, ``iter_any``)."""
+
+    __slots__ = ("_connection",)
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    def is_eof(self) -> bool:
+        """The whole body is here already (it came with the head)."""
+        reader = self._connection.reader
+        return reader is not None and reader.complete
+
+    def read_nowait(self, n: int = -1) -> bytes:
+        reader = self._connection.reader
+        return b"" if reader is None else reader.take()
+
+    def iter_any(self) -> AsyncIterator[bytes]:
+        return self._connection.iter_body()
+
+
+class OriginResponse:
+    """A response whose head is in; ``release()`` once done with it (always)."""
+
+    __slots__ = ("_connection", "content", "content_length", "raw_headers", "reason", "status")
+
+    def __init__(self, connection: Connection, head: ResponseHead) -> None:
+        self._connection: Connection | None = connection
+        self.status = head.status
+        self.reason = head.reason.decode("latin-1")
+        self.raw_headers = head.headers
+        self.content_length = head.content_length
+        self.content = ResponseContent(connection)
+
+    def release(self) -> None:
+        connection = self._connection
+        if connection is not None:
+            self._connection = None
+            connection.finish()
+
+
+class BackendPool:
+    """The connections to one backend."""
+
+    __slots__ = ("backend", "idle", "limits", "loop", "open", "stats")
+
+    def __init__(
+        self,
+        backend: Backend,
+        limits: ClientLimits,
+        loop: asyncio.AbstractEventLoop,
+        stats: ClientStats,
+    ) -> None:
+        self.backend = backend
+        self.limits = limits
+        self.loop = loop
+        self.stats = stats
+        #: Idle connections, most recently used last.
+        self.idle: deque[Connection] = deque()
+        self.open: set[Connection] = set()
+
+    async def connection(self) -> Connection:
+        idle = self.idle
+        now = self.loop.time()
+        while idle:
+            connection = idle.pop()
+            transport = connection.transport
+            if connection.closed or transport is None or transport.is_closing():
+                continue
+            if now - connection.used_at > self.limits.idle_timeout:
+                connection.close()
+                continue
+            stats = self.stats
+            stats.reused[self.backend.url] = stats.reused.get(self.backend.url, 0) + 1
+            return connection
+        return await self._connect()
+
+    async def _connect(self) -> Connection:
+        backend = self.backend
+        connection = Connection(self)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.limits.connect):
+                await self.loop.create_connection(lambda: connection, backend.host, backend.port)
+        except TimeoutError:
+            connection.close()
+            raise UpstreamError("connect", f"connect timeout ({self.limits.connect:g}s)") from None
+        except OSError as exc:
+            raise UpstreamError("connect_os", f"{type(exc).__name__}: {exc}") from exc
+        stats = self.stats
+        url = backend.url
+        stats.created[url] = stats.created.get(url, 0) + 1
+        ClientStats.add(stats.connect_seconds, url, time.monotonic() - started)
+        self.open.add(connection)
+        stats.open[url] = len(self.open)
+        return connection
+
+    def put_idle(self, connection: Connection) -> None:
+        connection.used_at = self.loop.time()
+        idle = self.idle
+        idle.append(connection)
+        if len(idle) > self.limits.max_idle:
+            idle.popleft().close()  # the coldest goes
+
+    def forget(self, connection: Connection) -> None:
+        if connection in self.open:
+            self.open.discard(connection)
+            self.stats.open[self.backend.url] = len(self.open)
+        with contextlib.suppress(ValueError):
+            self.idle.remove(connection)
+
+    def sweep(self, now: float) -> None:
+        idle = self.idle
+        while idle and now - idle[0].used_at > self.limits.idle_timeout:
+            idle.popleft().close()
+
+    def close(self) -> None:
+        for connection in list(self.open):
+            connection.close()
+        self.idle.clear()
+
+
+class OriginClient:
+    """The pools of one process, by backend URL."""
+
+    def __init__(self, limits: ClientLimits) -> None:
+        self.limits = limits
+        self.stats = ClientStats()
+        self._pools: dict[str, BackendPool] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SWEEP_EVERY)
+            now = loop.time()
+            for pool in self._pools.values():
+                pool.sweep(now)
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+
+    def pool(self, url: str) -> BackendPool:
+        pool = self._pools.get(url)
+        if pool is None:
+            pool = self._pools[url] = BackendPool(
+                Backend.parse(url), self.limits, asyncio.get_running_loop(), self.stats
+            )
+        return pool
+
+    def idle_count(self, url: str) -> int:
+        pool = self._pools.get(url)
+        return 0 if pool is None else len(pool.idle)
+
+    async def send(
+        self,
+        url: str,
+        method: str,
+        target: bytes,
+        headers: bytes,
+        body: bytes | AsyncIterable[bytes] | None,
+        length: int | None = None,
+    ) -> OriginResponse:
+        """One request; the response once its head is in.  ``target``: as sent (the backend
+        URL's path included, ``Backend.prefix``); ``headers``: the lines as sent
+        (``upstream_wire.header_block``), without framing; ``length``: a streamed body's
+        declared length (None: sent chunked).  Raises ``UpstreamError``."""
+        pool = self.pool(url)
+        backend = pool.backend
+        connection = await pool.connection()
+        chunked = False
+        if body is None:
+            framing = b"content-length: 0\r\n" if method in _BODY_EXPECTED else b""
+        elif isinstance(body, bytes):
+            framing = b"content-length: %d\r\n" % len(body)
+        elif length is not None:
+            framing = b"content-length: %d\r\n" % length
+        else:
+            framing = b"transfer-encoding: chunked\r\n"
+            chunked = True
+        head = encode_head(
+            method.encode("ascii"),
+            target,
+            headers,
+            None if has_host(headers) else backend.authority,
+            framing,
+        )
+        started = time.monotonic()
+        try:
+            response_head = await connection.exchange(head, body, chunked, method == "HEAD")
+        except BaseException:
+            connection.close()  # cancelled, or failed: never pooled half-way
+            raise
+        ClientStats.add(self.stats.first_byte_seconds, url, time.monotonic() - started)
+        return OriginResponse(connection, response_head)
+
+
+_BODY_EXPECTED = frozenset({"POST", "PUT", "PATCH"})
+
+
+__all__ = [
+    "HIGH_WATER",
+    "Backend",
+    "BackendPool",
+    "ClientLimits",
+    "ClientStats",
+    "Connection",
+    "OriginClient",
+    "OriginResponse",
+    "ResponseContent",
+    "UpstreamError",
+]

@@ -1,0 +1,290 @@
+"""The upstream HTTP/1.1 exchange as bytes, without I/O: request heads out, responses in.
+
+``encode_head`` writes a request head from header lines the edge already holds as bytes (no
+text round trip); ``chunk`` frames a streamed request body.  ``ResponseReader`` is the response
+side: bytes are fed in as they arrive (``feed``, then ``feed_eof`` when the connection ends),
+and it says what it has learnt: the head (``head``), body pieces (``take``), whether the
+message is whole (``complete``) and whether the connection may carry another request
+(``reusable``).  It is the only judge of an origin's framing, and every byte an origin sends
+may be an attack:
+
+* the head is bounded (``MAX_HEAD_BYTES``, ``MAX_HEADERS``); llhttp (httptools, the client
+  side's parser family) rejects what is not HTTP, a Content-Length beside Transfer-Encoding,
+  duplicate or malformed lengths, bad chunk sizes;
+* interim ``1xx`` heads are skipped; ``101`` is refused (the edge never asked to upgrade here);
+* a response to HEAD, and every 204/304, ends with its head whatever length it declares;
+* trailers of a chunked body are parsed (llhttp checks them) and dropped;
+* a body with neither length nor chunking ends at the connection's end (close-delimited, never
+  reused); a declared length or chunked body cut short by the end is ``UpstreamBodyError``;
+* any byte after the end of the message (a lying Content-Length, a second answer nobody asked
+  for) makes the connection unusable: it is never handed to another request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import httptools
+
+from edge.errors import EdgeError
+
+#: A response head larger than this (status line and header lines) is refused.
+MAX_HEAD_BYTES = 64 * 1024
+#: Header lines in one response head, at most.
+MAX_HEADERS = 200
+
+_CRLF = b"\r\n"
+_HTTP11 = b" HTTP/1.1\r\n"
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class UpstreamBodyError(EdgeError):
+    """An upstream response that broke after its head: cut short, or malformed mid-body."""
+
+
+class UpstreamProtocolError(EdgeError):
+    """An upstream answer that is not an acceptable HTTP/1.1 response head."""
+
+
+def encode_head(
+    method: bytes, target: bytes, headers: bytes, host: bytes | None, framing: bytes
+) -> bytes:
+    """A request head: ``headers`` are the lines as sent (each ending CRLF), ``host`` a Host
+    line's value to add when they carry none, ``framing`` the body's framing line(s)."""
+    parts = [method, b" ", target, _HTTP11]
+    if host is not None:
+        parts += [b"host: ", host, _CRLF]
+    parts += [headers, framing, _CRLF]
+    return b"".join(parts)
+
+
+def header_block(lines: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """Header lines as they go on the wire (names and values as given, each line ending CRLF)."""
+    return b"".join([name + b": " + value + _CRLF for name, value in lines])
+
+
+def has_host(block: bytes) -> bool:
+    """Whether a header block (lower-case names) carries a Host line."""
+    return block.startswith(b"host:") or b"\r\nhost:" in block
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (never empty: that would end the body)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+class ResponseHead:
+    """A response head as received: raw header lines, names as the origin wrote them."""
+
+    __slots__ = ("content_length", "headers", "keep_alive", "reason", "status")
+
+    def __init__(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        content_length: int | None,
+        keep_alive: bool,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        #: The body's length when the origin declared one and the message has a body.
+        self.content_length = content_length
+        #: The origin did not ask to close (HTTP/1.1 without ``Connection: close``).
+        self.keep_alive = keep_alive
+
+
+class _Stop(Exception):
+    """Raised inside a parser callback to stop reading bytes that belong to no message."""
+
+
+class ResponseReader:
+    """The parse of one response (interim 1xx heads included); see the module docstring.
+
+    One reader per response: a parser costs 0.3 us, and a fresh one cannot carry state from
+    a previous message into this one."""
+
+    __slots__ = (
+        "_chunked",
+        "_error",
+        "_head_bytes",
+        "_headers",
+        "_in_head",
+        "_no_body",
+        "_parser",
+        "_reason",
+        "body",
+        "buffered",
+        "complete",
+        "head",
+        "head_request",
+        "reusable",
+    )
+
+    def __init__(self, *, head_request: bool = False) -> None:
+        self.head_request = head_request
+        self._parser = httptools.HttpResponseParser(self)
+        self.head: ResponseHead | None = None
+        #: Body pieces parsed and not yet taken, and their size.
+        self.body: list[bytes] = []
+        self.buffered = 0
+        self.complete = False
+        self.reusable = False
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._reason = b""
+        self._in_head = True
+        self._head_bytes = 0
+        self._no_body = False
+        self._chunked = False
+        #: Why a callback stopped the parse (httptools does not chain the callback's error).
+        self._error = ""
+
+    # -- input ---------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Bytes from the origin.  Raises ``UpstreamProtocolError`` (no usable head) or
+        ``UpstreamBodyError`` (broken after the head)."""
+        if self.complete:
+            self.reusable = False  # bytes after the message: the connection is spoiled
+            return
+        if self._in_head:
+            self._head_bytes += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if self.complete:
+                self.reusable = False  # stopped (``_Stop``) at bytes after the message
+            else:
+                self._fail(self._error or str(exc))
+        except httptools.HttpParserUpgrade:
+            self._fail("101 Switching Protocols, no upgrade was asked for")
+        except httptools.HttpParserError as exc:
+            if self.complete:
+                self.reusable = False  # garbage after a whole message
+            else:
+                self._fail(str(exc))
+        if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
+            raise UpstreamProtocolError(f"response head over {MAX_HEAD_BYTES} bytes")
+
+    def feed_eof(self) -> None:
+        """The connection ended.  Raises when that cut the response short."""
+        self.reusable = False
+        if self.complete:
+            return
+        if self.head is None:
+            if not self._head_bytes:
+                return  # closed without a word: the shell reports a reset
+            raise UpstreamProtocolError("connection closed inside the response head")
+        if self._close_delimited():
+            self.complete = True
+            return
+        raise UpstreamBodyError("connection closed mid-body")
+
+    def take(self) -> bytes:
+        """The body bytes parsed so far and not yet taken (``b""`` when none)."""
+        body = self.body
+        if not body:
+            return b""
+        data = body[0] if len(body) == 1 else b"".join(body)
+        body.clear()
+        self.buffered = 0
+        return data
+
+    def _fail(self, detail: str) -> None:
+        self.reusable = False
+        if self.head is None:
+            raise UpstreamProtocolError(detail)
+        raise UpstreamBodyError(detail)
+
+    def _close_delimited(self) -> bool:
+        head = self.head
+        return (
+            head is not None
+            and head.content_length is None
+            and not self._chunked
+            and not self._no_body
+        )
+
+    # -- httptools callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            raise _Stop  # a second message nobody asked for
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a trailer: checked by llhttp, dropped here
+        headers = self._headers
+        if len(headers) >= MAX_HEADERS:
+            self._error = f"over {MAX_HEADERS} header lines"
+            raise _Stop
+        headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        if 100 <= status < 200:
+            if status == 101:
+                self._error = "101 Switching Protocols, no upgrade was asked for"
+                raise _Stop
+            # Interim (100 Continue, 103 Early Hints): not passed on; the final head follows.
+            self._headers = []
+            self._reason = b""
+            return
+        length: int | None = None
+        keep_alive = parser.should_keep_alive() or parser.get_http_version() == "1.1"
+        for name, value in self._headers:
+            lowered = name.lower()
+            if lowered == b"content-length":
+                length = int(value)  # llhttp checked it: digits only, one value
+            elif lowered == b"transfer-encoding":
+                self._chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+            elif lowered == b"connection" and b"close" in value.lower():
+                keep_alive = False
+        self._no_body = self.head_request or status in _NO_BODY_STATUSES
+        if self._no_body or self._chunked:
+            length = None
+        self.head = ResponseHead(status, self._reason, self._headers, length, keep_alive)
+        self._in_head = False
+        if self._no_body:
+            # Whatever length it declared, this response ends here (RFC 9112 6.3).  llhttp
+            # does not know the request was HEAD: a body it then reads is stopped (on_body).
+            self._finish()
+
+    def on_body(self, data: bytes) -> None:
+        if self.complete:
+            raise _Stop  # bytes after a bodiless answer
+        self.body.append(data)
+        self.buffered += len(data)
+
+    def on_message_complete(self) -> None:
+        if self.head is None:
+            return  # the end of an interim 1xx message
+        self._finish()
+
+    def _finish(self) -> None:
+        self.complete = True
+        head = self.head
+        self.reusable = head is not None and head.keep_alive and not self._close_delimited()
+
+
+__all__ = [
+    "LAST_CHUNK",
+    "MAX_HEADERS",
+    "MAX_HEAD_BYTES",
+    "ResponseHead",
+    "ResponseReader",
+    "UpstreamBodyError",
+    "UpstreamProtocolError",
+    "chunk",
+    "encode_head",
+    "has_host",
+    "header_block",
+]
