@@ -38,10 +38,12 @@ from edge.accesslog import AccessLog
 from edge.admin import AdminServer, EdgeMetrics
 from edge.cache import HttpCache
 from edge.compress import negotiate
+from edge.front import FrontDoors
 from edge.pipeline import Pipeline
 from edge.protocol import Connections
 from edge.purge import PurgeEndpoint
 from edge.state import EdgeState
+from edge.tls import TlsContexts, TlsStats
 from edge.transcode import CompressionStats, Transcoder
 from edge.upstream import UpstreamPool
 from edge.workers import WorkerApi, WorkerPeers, WorkerSockets
@@ -111,7 +113,10 @@ class EdgeWorker:
             ) from None
 
     async def serve(
-        self, listen_sock: socket.socket | None, admin_sock: socket.socket | None
+        self,
+        listen_sock: socket.socket | None,
+        admin_sock: socket.socket | None,
+        tls_sock: socket.socket | None = None,
     ) -> int:
         loop = asyncio.get_running_loop()
         config = self.holder.current
@@ -158,6 +163,15 @@ class EdgeWorker:
         # Requests waiting on a backend that leaves rotation are retried elsewhere at once.
         health.subscribe(pipeline.on_health)
         connections = Connections(pipeline, loop)
+        tls_config = config.edge.tls
+        tls = (
+            TlsContexts(
+                tls_config, config.source, http2=config.edge.http2.enabled, stats=TlsStats()
+            )
+            if tls_config is not None
+            else None
+        )
+        doors = FrontDoors(connections, registry, tls=tls)
 
         def short_status() -> dict[str, Any]:
             return {
@@ -185,16 +199,29 @@ class EdgeWorker:
                 peers = WorkerPeers(sockets, self.worker)
         listen = self.options.listen or config.listeners.edge
         if listen_sock is not None:
-            server = await loop.create_server(connections.factory, sock=listen_sock)
+            server = await loop.create_server(doors.plain_factory, sock=listen_sock)
         else:
             server = await loop.create_server(
-                connections.factory,
+                doors.plain_factory,
                 listen.host,
                 listen.port,
                 backlog=LISTEN_BACKLOG,
                 reuse_address=True,
             )
+        tls_server: asyncio.Server | None = None
+        if tls is not None and tls_config is not None:
+            tls_server = await loop.create_server(
+                doors.tls_factory,
+                sock=tls_sock if tls_sock is not None else _bind(tls_config.listen),
+                ssl=tls.listening,
+                ssl_handshake_timeout=config.edge.timeouts.client_header,
+            )
+            tls_bound = tls_server.sockets[0].getsockname()
+            log.info(
+                "edge_tls_listening", addr=f"{tls_bound[0]}:{tls_bound[1]}", worker=self.worker
+            )
         connections.start()
+        doors.start()
 
         def region_ready() -> bool:
             snapshot = health.snapshot
@@ -245,6 +272,8 @@ class EdgeWorker:
             access_log.configure(new.edge.access_log)
             health.update_config(new)
             cache.reconfigure(new.edge.cache)
+            if tls is not None and new.edge.tls is not None:
+                tls.reload(new.edge.tls, new.source)
             metrics.config_generation.set(generation)
             metrics.latency_target.set(new.edge.latency_target)
 
@@ -289,12 +318,17 @@ class EdgeWorker:
                 worker=self.worker,
             )
             server.close()
+            if tls_server is not None:
+                tls_server.close()
             connections.begin_drain()
+            doors.begin_drain()
             clean = await connections.wait_idle(drain_timeout)
+            clean = await doors.wait_idle(max(0.0, drain_timeout)) and clean
             log.info(
                 "edge_stopped", pop=pop, clean=clean, abandoned=connections.busy, worker=self.worker
             )
             connections.close_all()
+            doors.close_all()
             if reloads is not None:
                 reloads.cancel()
             if self.link is not None:
@@ -380,10 +414,11 @@ def run_worker(
     admin_sock: socket.socket | None = None,
     worker: int = 0,
     link: ParentLink | None = None,
+    tls_sock: socket.socket | None = None,
 ) -> int:
     edge = EdgeWorker(options, holder, worker=worker, link=link)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(edge.serve(listen_sock, admin_sock))
+        return runner.run(edge.serve(listen_sock, admin_sock, tls_sock))
 
 
 def load(options: EdgeOptions) -> ConfigHolder | None:
@@ -424,6 +459,14 @@ def edge_group(options: EdgeOptions, config: Config, run_dir: str) -> Group:
     except OSError:
         listen.close()
         raise
+    tls_sock: socket.socket | None = None
+    if config.edge.tls is not None:
+        try:
+            tls_sock = _bind(config.edge.tls.listen)
+        except OSError:
+            listen.close()
+            admin.close()
+            raise
     if options.workers > 1:
         # The workers' private admin sockets, in the supervisor's 0700 directory.
         worker_dir = os.path.join(run_dir, "edge")
@@ -433,7 +476,7 @@ def edge_group(options: EdgeOptions, config: Config, run_dir: str) -> Group:
     def run_one(context: WorkerContext) -> int:
         holder = ConfigHolder(options.config_path, context.config, context.generation)
         admin_sock = admin if context.slot == 0 else None
-        return run_worker(options, holder, listen, admin_sock, context.slot, context.link)
+        return run_worker(options, holder, listen, admin_sock, context.slot, context.link, tls_sock)
 
     def check(new: Config) -> None:
         try:
@@ -447,5 +490,5 @@ def edge_group(options: EdgeOptions, config: Config, run_dir: str) -> Group:
         run_one,
         check=check,
         drain=lambda new: new.edge.drain_timeout,
-        sockets=(listen, admin),
+        sockets=(listen, admin) if tls_sock is None else (listen, admin, tls_sock),
     )

@@ -369,6 +369,45 @@ class EdgeLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsCertificate:
+    """One certificate and its key (PEM files; relative paths are from the config file)."""
+
+    cert: str
+    key: str
+    #: The server names it serves (each must be covered by its subjectAltName); empty: every
+    #: DNS name in its subjectAltName.
+    names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeTls:
+    """The TLS listener: certificates chosen by SNI, ALPN h2 and http/1.1."""
+
+    listen: Annotated[HostPort, HOSTPORT]
+    certificates: tuple[TlsCertificate, ...]
+    #: The name whose certificate answers clients without SNI or with an unknown name (default:
+    #: the first certificate's).
+    default: str | None = None
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeHttp2:
+    """HTTP/2 on the edge: ALPN h2 on the TLS listener, prior-knowledge h2c on the plain one."""
+
+    enabled: bool = True
+    cleartext: bool = True
+    max_concurrent_streams: int = 128
+    max_frame_size: Size = 16384
+    #: Stream resets (either side) per connection per second before GOAWAY ENHANCE_YOUR_CALM.
+    max_resets_per_second: int = 100
+    #: SETTINGS, PING, PRIORITY, WINDOW_UPDATE and empty DATA/HEADERS frames per second.
+    max_control_frames_per_second: int = 200
+    #: A stream whose response waits on a zero flow-control window this long is reset.
+    stall_timeout: Duration = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class EdgeConfig:
     services: Annotated[tuple[Service, ...], NAMED]
     routes: tuple[Route, ...]
@@ -386,6 +425,8 @@ class EdgeConfig:
     access_log: bool = True
     cache: CacheConfig = CacheConfig()
     compression: CompressionConfig = CompressionConfig()
+    tls: EdgeTls | None = None
+    http2: EdgeHttp2 = EdgeHttp2()
 
 
 @dataclass(frozen=True, slots=True)
@@ -793,7 +834,35 @@ def _semantic_problems(config: Config) -> list[str]:
     if not 1 <= c.cached_gzip_level <= 9 or not 1 <= c.stream_gzip_level <= 9:
         problems.append("edge.compression: gzip level must be 1..9")
     problems.extend(_redis_problems(edge.cache))
+    problems.extend(_http2_problems(edge.http2))
     return problems
+
+
+def _http2_problems(h2: EdgeHttp2) -> list[str]:
+    problems: list[str] = []
+    if not 1 <= h2.max_concurrent_streams <= 1000:
+        problems.append("edge.http2.max_concurrent_streams: must be 1..1000")
+    if not 16384 <= h2.max_frame_size <= 16777215:
+        problems.append("edge.http2.max_frame_size: must be 16 KiB..16 MiB - 1 (RFC 9113)")
+    if h2.max_resets_per_second < 1 or h2.max_control_frames_per_second < 1:
+        problems.append("edge.http2: per-second frame limits must be at least 1")
+    if h2.stall_timeout <= 0:
+        problems.append("edge.http2.stall_timeout: must be positive")
+    return problems
+
+
+def _tls_problems(config: Config, source: str) -> list[str]:
+    """The certificate files of ``edge.tls`` (read now: expiry, key match, names)."""
+    tls = config.edge.tls
+    if tls is None:
+        return []
+    if not tls.certificates:
+        return ["edge.tls.certificates: at least one certificate is required"]
+    if tls.listen == config.listeners.edge:
+        return ["edge.tls.listen: must differ from listeners.edge"]
+    from meridian.certs import read_certificates
+
+    return read_certificates(tls, source)[1]
 
 
 def _redis_problems(cache: CacheConfig) -> list[str]:
@@ -891,7 +960,7 @@ def parse_config(data: object, source: str = "<memory>") -> Config:
     if config is _MISSING or loader.problems:
         raise ConfigError([f"{source}: {p}" for p in loader.problems])
     assert isinstance(config, Config)
-    problems = _semantic_problems(config)
+    problems = _semantic_problems(config) or _tls_problems(config, source)
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
     return dataclasses.replace(config, source=source)
@@ -924,8 +993,10 @@ __all__ = [
     "DnsConfig",
     "DnsName",
     "EdgeConfig",
+    "EdgeHttp2",
     "EdgeLimits",
     "EdgeTimeouts",
+    "EdgeTls",
     "GeoConfig",
     "GeoOverride",
     "HealthConfig",
@@ -941,6 +1012,7 @@ __all__ = [
     "Route",
     "Service",
     "Soa",
+    "TlsCertificate",
     "load_config",
     "parse_config",
 ]
