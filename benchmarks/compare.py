@@ -526,6 +526,18 @@ class HttpScenario:
     #: Requests spread at random over this many distinct cached keys (0: one key); the keys
     #: are filled once, before the first measured run.
     keys: int = 0
+    method: str = "GET"
+    #: The request body (sent with every request), if any.
+    body: str = ""
+
+
+#: Scenario (g)'s order: a limit order as exchange SDKs send it (about 300 bytes of JSON).
+ORDER_BODY = (
+    '{"symbol":"BTC-USD","side":"buy","type":"limit","price":"64250.50","quantity":"0.0125",'
+    '"time_in_force":"GTC","client_order_id":"c-7f3e9a2b-4d1c-4e8f-9b6a-2c5d8e1f0a3b",'
+    '"post_only":true,"reduce_only":false,"self_trade_prevention":"cancel_newest",'
+    '"account":"acct-000123","tags":["bench","wrk"],"meta":{"source":"api","version":"v1"}}'
+)
 
 
 #: Distinct keys of scenario (f): far more than any memo of request heads holds.
@@ -568,6 +580,15 @@ HTTP_SCENARIOS = (
         varied=True,
         keys=SPREAD_KEYS,
     ),
+    HttpScenario(
+        "orders-post",
+        "(g) forwarded POST /api/v1/orders, 300 B JSON",
+        # Answered by the origin every time (201, never cached): the pass-through cost.
+        "/api/v1/orders",
+        {"Content-Type": "application/json"},
+        method="POST",
+        body=ORDER_BODY,
+    ),
 )
 
 
@@ -588,11 +609,15 @@ class Origin:
 
 
 def http_get(
-    port: int, path: str, headers: dict[str, str] | None = None
+    port: int,
+    path: str,
+    headers: dict[str, str] | None = None,
+    method: str = "GET",
+    body: bytes | None = None,
 ) -> tuple[int, bytes, dict[str, str]]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        connection.request("GET", path, headers=headers or {})
+        connection.request(method, path, body=body, headers=headers or {})
         response = connection.getresponse()
         body = response.read()
         return response.status, body, {k.lower(): v for k, v in response.getheaders()}
@@ -820,6 +845,9 @@ def write_wrk_script(workdir: Path, scenario: HttpScenario, run_id: str) -> Path
             (CONFIGS / "wrk.lua").read_text(),
             {
                 "PATH": scenario.path,
+                "METHOD": scenario.method,
+                # A Lua long string: the JSON's quotes need no escaping.
+                "BODY": f"[[{scenario.body}]]" if scenario.body else "nil",
                 "HEADERS": headers,
                 "UNIQUE": "true" if scenario.unique else "false",
                 "VARIED": "true" if scenario.varied else "false",
@@ -923,7 +951,9 @@ def probe_http(port: int, scenario: HttpScenario) -> dict[str, str]:
         path = scenario.path + (
             f"?miss=probe-{time.time_ns()}-{attempt}" if scenario.unique else ""
         )
-        status, body, headers = http_get(port, path, scenario.headers)
+        status, body, headers = http_get(
+            port, path, scenario.headers, scenario.method, scenario.body.encode() or None
+        )
         cache = headers.get("x-cache") or headers.get("x-cache-status") or "-"
         notes = {
             "status": str(status),

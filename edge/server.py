@@ -130,7 +130,11 @@ class EdgeWorker:
         health = HealthMonitor(
             config, registry=registry, check_backends=True, pop=pop, redis=shared
         )
-        upstream = UpstreamPool(pool_size=config.edge.pool_size, timeouts=config.edge.timeouts)
+        upstream = UpstreamPool(
+            pool_size=config.edge.pool_size,
+            timeouts=config.edge.timeouts,
+            settings=config.edge.upstream,
+        )
         metrics.upstream_stats.outstanding = lambda: upstream.outstanding
         await upstream.start()
         await health.start()

@@ -39,7 +39,7 @@ from edge.memos import UPSTREAM_URLS, BoundedMemo
 from edge.upstream_client import ClientLimits, OriginClient, UpstreamError
 from edge.upstream_client import OriginResponse as OriginResponse
 from edge.upstream_wire import UpstreamBodyError, header_block
-from meridian.config import EdgeTimeouts
+from meridian.config import EdgeTimeouts, EdgeUpstream
 from meridian.health.checks import is_local_error
 
 #: Attempts per request, all regions together.
@@ -272,9 +272,9 @@ class UpstreamPool:
         *,
         pool_size: int,
         timeouts: EdgeTimeouts,
-        max_idle: int = 32,
-        max_requests: int = 1000,
+        settings: EdgeUpstream | None = None,
     ) -> None:
+        settings = settings or EdgeUpstream()
         self.pool_size = pool_size
         self.timeouts = timeouts
         #: Requests in flight per backend URL, waiters for a slot included: the load signal
@@ -291,11 +291,12 @@ class UpstreamPool:
             ClientLimits(
                 connect=timeouts.connect,
                 first_byte=timeouts.first_byte,
-                # Per read, as before: a body stalled this long is broken.
-                read_idle=timeouts.first_byte,
+                read_idle=settings.read_timeout,
                 idle_timeout=timeouts.upstream_idle,
-                max_idle=max_idle,
-                max_requests=max_requests,
+                # Idle connections up to the peak in flight: fewer, and a burst that ends
+                # closes connections the next burst must open again.
+                max_idle=pool_size if settings.max_idle is None else settings.max_idle,
+                max_requests=settings.max_requests,
             )
         )
 

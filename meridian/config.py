@@ -361,6 +361,20 @@ class EdgeTimeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class EdgeUpstream:
+    """The edge's connections to origins (``edge.upstream_client``); the bound on connections
+    open per backend is ``edge.pool_size``."""
+
+    #: Idle keep-alive connections kept per backend (None: ``pool_size``, as nginx's
+    #: ``keepalive`` is usually sized to the peak in flight).
+    max_idle: int | None = None
+    #: A connection is closed after this many requests (nginx's ``keepalive_requests``).
+    max_requests: int = 1000
+    #: Longest stall between two reads of a response body (the origin's, not a slow client's).
+    read_timeout: Duration = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class EdgeLimits:
     max_header_bytes: Size = 16 * 1024
     max_headers: int = 100
@@ -418,6 +432,7 @@ class EdgeConfig:
     request_id_header: str = "x-request-id"
     drain_timeout: Duration = 10.0
     pool_size: int = 64
+    upstream: EdgeUpstream = EdgeUpstream()
     #: Latency objective exported for autoscaling.
     latency_target: Duration = 0.05
     #: One line per answered request on the ``edge.access`` logger (false: nginx's
@@ -835,6 +850,15 @@ def _semantic_problems(config: Config) -> list[str]:
         problems.append("edge.compression: gzip level must be 1..9")
     problems.extend(_redis_problems(edge.cache))
     problems.extend(_http2_problems(edge.http2))
+    up = edge.upstream
+    if edge.pool_size < 1:
+        problems.append("edge.pool_size: must be at least 1")
+    if up.max_idle is not None and not 0 <= up.max_idle <= edge.pool_size:
+        problems.append("edge.upstream.max_idle: must be 0..edge.pool_size")
+    if up.max_requests < 1:
+        problems.append("edge.upstream.max_requests: must be at least 1")
+    if up.read_timeout <= 0:
+        problems.append("edge.upstream.read_timeout: must be positive")
     return problems
 
 

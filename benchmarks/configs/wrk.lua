@@ -1,8 +1,9 @@
 -- wrk script for benchmarks/compare.py: placeholders between double at-signs are filled in per scenario.
 -- It prints one machine-readable line at the end (exact percentiles in microseconds), so the
 -- runner never parses wrk's human summary.
-wrk.method = "GET"
+wrk.method = "@@METHOD@@"
 wrk.path = "@@PATH@@"
+wrk.body = @@BODY@@
 @@HEADERS@@
 local unique = @@UNIQUE@@
 local varied = @@VARIED@@
