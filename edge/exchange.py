@@ -55,6 +55,8 @@ class ProxyRequest(NamedTuple):
     request_id_supplied: bool = False
     #: The memoised head this request was replayed from (``edge.protocol``), if any.
     head: RequestHead | None = None
+    #: How the client reached the edge: b"https" over TLS (X-Forwarded-Proto).
+    scheme: bytes = b"http"
 
 
 class RequestBody(Protocol):
@@ -208,7 +210,7 @@ def forwarding_context(request: ProxyRequest, state: EdgeState) -> ForwardingCon
     """How the request's headers are rewritten for upstream (``request_target``)."""
     return ForwardingContext(
         client_ip=request.client_ip,
-        scheme=b"http",
+        scheme=request.scheme,
         pop=state.pop,
         http_version=request.http_version,
         trusted=is_trusted(request.client_ip, state.trusted_proxies),

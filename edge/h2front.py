@@ -50,6 +50,7 @@ from hyperframe.frame import GoAwayFrame
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from edge.cache import Lookup
 from edge.http1 import (
     NO_BODY,
     BodyFraming,
@@ -76,6 +77,8 @@ log = get_logger("edge")
 STREAM_HIGH_WATER: Final = 64 * 1024
 #: Parsed heads of prebuilt HTTP/1.1 responses remembered (cleared when full).
 WIRE_MEMO_SIZE: Final = 1024
+#: Seconds a connection ended by GOAWAY is still read (and its bytes dropped) before closing.
+LINGER: Final = 1.0
 #: The HPACK decoder refuses decoded header lists beyond this many times the advertised limit.
 HPACK_REFUSE_FACTOR: Final = 2
 _HOP_BY_HOP: Final = frozenset(
@@ -498,6 +501,8 @@ class H2Connection(asyncio.Protocol):
         self._idle_since = self.loop.time()
         self._had_request = False
         self._counted = False
+        #: After an offender's GOAWAY: when the lingering connection is closed (0: not).
+        self._linger_until = 0.0
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -537,7 +542,7 @@ class H2Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
-            return
+            return  # lingering after GOAWAY: dropped unread
         verdict = self.meter.feed(data, self.loop.time())
         if verdict is not None:
             self.goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, verdict)
@@ -547,7 +552,7 @@ class H2Connection(asyncio.Protocol):
         except h2.exceptions.ProtocolError as exc:
             code = exc.error_code if isinstance(exc.error_code, int) else 1
             reason = type(exc).__name__
-            self.goaway(h2.errors.ErrorCodes(code), _snake(reason))
+            self.goaway(h2.errors.ErrorCodes(code), _snake(reason), str(exc)[:200])
             return
         for event in events:
             if isinstance(event, h2.events.RequestReceived):
@@ -603,9 +608,20 @@ class H2Connection(asyncio.Protocol):
             self._reject(stream, rejected)
             return
         stream.request = request
-        if request.body.kind is not BodyKind.NONE:
+        lookup = None
+        if ended and (request.method == "GET" or request.method == "HEAD"):
+            # A cache hit never leaves this callback, as on HTTP/1.1: the hit stage's bytes
+            # (it accounts the hit), read back into frames.  Asked as the HTTP/1.1 request it
+            # is equivalent to; whatever it looked up goes on to the slow path.
+            as_http11 = request._replace(http_version="1.1")
+            wire = self.pipeline.fast_response(as_http11)
+            if wire is not None:
+                stream.write_complete(wire, close=False)
+                return
+            lookup = self.pipeline.take_pending(as_http11)
+        elif request.body.kind is not BodyKind.NONE:
             stream.body = H2Body(self, stream_id)
-        stream.task = self.loop.create_task(self._run(stream))
+        stream.task = self.loop.create_task(self._run(stream, lookup))
 
     def _build_request(self, fields: list[tuple[bytes, bytes]], ended: bool) -> ProxyRequest:
         limits = self.limits
@@ -675,6 +691,7 @@ class H2Connection(asyncio.Protocol):
             request_id=supplied if request_supplied and supplied is not None else new_request_id(),
             received_at=self.pipeline.clock(),
             request_id_supplied=request_supplied,
+            scheme=self.scheme,
         )
 
     def _reject(self, stream: H2Stream, rejected: RequestRejected) -> None:
@@ -701,11 +718,11 @@ class H2Connection(asyncio.Protocol):
         )
         self._maybe_release(stream)
 
-    async def _run(self, stream: H2Stream) -> None:
+    async def _run(self, stream: H2Stream, lookup: Lookup | None) -> None:
         request = stream.request
         assert request is not None
         try:
-            await self.pipeline.handle(request, stream.body, stream, None)
+            await self.pipeline.handle(request, stream.body, stream, lookup)
         except asyncio.CancelledError:
             pass  # reset by the client, or the connection went away
         except Exception as exc:  # a bug: answer 500 if we still can, never hang the stream
@@ -871,20 +888,28 @@ class H2Connection(asyncio.Protocol):
     def busy(self) -> bool:
         return bool(self.streams)
 
-    def goaway(self, code: h2.errors.ErrorCodes, reason: str) -> None:
+    def goaway(self, code: h2.errors.ErrorCodes, reason: str, detail: str = "") -> None:
         """End the connection now with GOAWAY ``code`` (an offender, a protocol error)."""
         if self._closing:
             return
         self._closing = True
         self.doors.h2_stats.bump(self.doors.h2_stats.goaways, reason)
-        log.warning("h2_goaway", reason=reason, code=code.name, client=self.client_ip)
+        log.warning(
+            "h2_goaway", reason=reason, code=code.name, client=self.client_ip, detail=detail
+        )
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self.h2.close_connection(error_code=code)
         self.write_out()
         for stream in list(self.streams.values()):
             self._end_stream(stream, cancel=True)
-        if self._transport is not None:
-            self._transport.close()
+        transport = self._transport
+        if transport is not None:
+            # Lingering close (nginx's): closing with the offender's bytes unread would send
+            # a TCP reset that can destroy the GOAWAY before the client reads it.  What it
+            # sends now is read and dropped; the sweep closes the connection after LINGER.
+            if transport.can_write_eof():
+                transport.write_eof()
+            self._linger_until = self.loop.time() + LINGER
 
     def begin_drain(self) -> None:
         """Graceful GOAWAY: streams so far finish, later ones are refused, then close."""
@@ -921,6 +946,10 @@ class H2Connection(asyncio.Protocol):
 
     def check_deadline(self, now: float) -> None:
         """The sweep: stream deadlines and stalls, the connection's idle/first-request time."""
+        if self._linger_until:
+            if now >= self._linger_until and self._transport is not None:
+                self._transport.close()
+            return
         timeouts = self.pipeline.state.config.edge.timeouts
         stall = self.settings.stall_timeout
         for stream in list(self.streams.values()):
