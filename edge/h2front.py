@@ -428,6 +428,11 @@ class H2Stream:
         return chunk, end
 
     @property
+    def finished(self) -> bool:
+        """The stage ended its response (its last bytes may still wait for a window)."""
+        return self.ended or self._end_pending
+
+    @property
     def waiting(self) -> bool:
         return bool(self._outbound) or (self._end_pending and not self.ended)
 
@@ -749,7 +754,7 @@ class H2Connection(asyncio.Protocol):
                 stream.abort()
         finally:
             stream.task = None
-            if not stream.closed and not stream.ended:
+            if not stream.closed and not stream.finished:
                 # The stage returned without ending its response: never leave it hanging.
                 self.reset_stream(stream, h2.errors.ErrorCodes.INTERNAL_ERROR, "unfinished")
             self._maybe_release(stream)

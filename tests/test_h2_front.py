@@ -1,0 +1,364 @@
+"""The HTTP/2 front end without sockets: the frame meter on raw bytes, prebuilt responses read
+back, and ``H2Connection`` driven by an h2 client through an in-memory transport over the
+in-memory pipeline of ``tests.stage_support`` (no processes, no sleeps)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.settings
+import pytest
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    HeadersFrame,
+    PingFrame,
+    RstStreamFrame,
+    SettingsFrame,
+)
+from prometheus_client import CollectorRegistry
+
+from edge.front import FrontDoors
+from edge.h2front import H2Connection, parse_wire
+from edge.h2meter import PREFACE, FrameMeter
+from edge.http1 import error_response
+from edge.protocol import Connections
+from tests.stage_support import Reply, World, world
+
+# -- FrameMeter ------------------------------------------------------------------------------
+
+
+def _meter(**limits: int) -> FrameMeter:
+    values = {"max_resets": 3, "max_control": 3, "max_header_block": 100, **limits}
+    return FrameMeter(**values)
+
+
+def test_meter_skips_the_preface_and_payloads_even_split_across_reads():
+    meter = _meter()
+    data = PREFACE + b"".join(
+        DataFrame(1, data=b"\x03" * 50).serialize() for _ in range(10)
+    )  # payload bytes that would read as RST_STREAM frame types if misparsed
+    for i in range(len(data)):  # one byte at a time
+        assert meter.feed(data[i : i + 1], 0.0) is None
+
+
+def test_meter_rapid_reset_within_one_second_only():
+    meter = _meter()
+    frame = RstStreamFrame(1, error_code=8).serialize()
+    assert meter.feed(PREFACE + frame * 3, 0.0) is None
+    assert meter.feed(frame, 0.5) == "rapid_reset"
+    meter = _meter()
+    assert meter.feed(PREFACE + frame * 3, 0.0) is None
+    assert meter.feed(frame * 3, 1.0) is None  # a new second
+
+
+def test_meter_control_floods_count_requests_not_acks():
+    meter = _meter()
+    ack = SettingsFrame(0, flags=["ACK"]).serialize()
+    pong = PingFrame(0, flags=["ACK"]).serialize()
+    assert meter.feed(PREFACE + (ack + pong) * 10, 0.0) is None
+    ping = PingFrame(0).serialize()
+    assert meter.feed(ping * 3, 0.0) is None
+    assert meter.feed(SettingsFrame(0).serialize(), 0.0) == "control_flood"
+    empty = _meter()
+    assert (
+        empty.feed(PREFACE + DataFrame(1, data=b"", flags=["END_STREAM"]).serialize() * 9, 0.0)
+        is None
+    )
+    assert empty.feed(DataFrame(1, data=b"").serialize() * 4, 0.0) == "control_flood"
+
+
+def test_meter_header_block_across_continuation_frames():
+    meter = _meter(max_header_block=100)
+    assert meter.feed(PREFACE + HeadersFrame(1, data=b"a" * 60).serialize(), 0.0) is None
+    assert meter.feed(ContinuationFrame(1, data=b"b" * 30).serialize(), 0.0) is None
+    assert meter.feed(ContinuationFrame(1, data=b"c" * 30).serialize(), 0.0) == (
+        "header_block_too_large"
+    )
+    ended = _meter(max_header_block=100)
+    block = HeadersFrame(1, data=b"a" * 60).serialize()
+    end = ContinuationFrame(1, data=b"b" * 30, flags=["END_HEADERS"]).serialize()
+    assert ended.feed(PREFACE + block + end + block + end, 0.0) is None  # each block counted alone
+
+
+# -- parse_wire ------------------------------------------------------------------------------
+
+
+def test_parse_wire_drops_hop_by_hop_fields_and_memoises_the_head():
+    memo: dict[bytes, Any] = {}
+    wire = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: keep-alive\r\n"
+        b"Keep-Alive: timeout=5\r\nX-Cache: HIT\r\nContent-Length: 5\r\n\r\nhello"
+    )
+    status, fields, body = parse_wire(wire, memo)
+    assert status == 200 and body == b"hello"
+    assert fields == [
+        (b":status", b"200"),
+        (b"content-type", b"text/plain"),
+        (b"x-cache", b"HIT"),
+        (b"content-length", b"5"),
+    ]
+    assert parse_wire(wire, memo)[1] is fields  # the head is parsed once
+    chunked = b"HTTP/1.1 502 Bad Gateway\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    status, fields, body = parse_wire(chunked, memo)
+    assert status == 502 and body == b"abc" and fields == [(b":status", b"502")]
+    error = error_response(
+        431, "iad", "headers_too_large", b"rid", request_id_header=b"x-request-id"
+    )
+    status, fields, body = parse_wire(error, memo)
+    assert status == 431 and (b"x-request-id", b"rid") in fields and body
+
+
+# -- H2Connection over an in-memory transport --------------------------------------------------
+
+
+class MemoryTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = bytearray()
+        self.closed = False
+        self.eof = False
+        self.paused = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.out += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 50000) if name == "peername" else default
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        pass
+
+    def take(self) -> bytes:
+        data = bytes(self.out)
+        self.out.clear()
+        return data
+
+
+class Peer:
+    """An h2 client on the other side of a ``MemoryTransport``."""
+
+    def __init__(self, w: World, **settings: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.connections = Connections(w.pipeline, loop)
+        self.doors = FrontDoors(self.connections, CollectorRegistry())
+        self.server = H2Connection(self.doors)
+        self.transport = MemoryTransport()
+        self.server.connection_made(self.transport)
+        self.client = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        self.client.initiate_connection()
+        if settings:
+            self.client.update_settings(
+                {getattr(h2.settings.SettingCodes, k.upper()): v for k, v in settings.items()}
+            )
+        self.events: list[h2.events.Event] = []
+        self.pump()
+
+    def pump(self) -> None:
+        """Move bytes both ways until neither side has anything to say."""
+        for _ in range(100):
+            to_server = self.client.data_to_send()
+            if to_server:
+                self.server.data_received(to_server)
+            to_client = self.transport.take()
+            if to_client:
+                self.events += self.client.receive_data(to_client)
+            if not to_server and not to_client:
+                return
+
+    def get(self, path: str, *, method: str = "GET", end_stream: bool = True) -> int:
+        stream_id: int = self.client.get_next_available_stream_id()
+        self.client.send_headers(
+            stream_id,
+            [
+                (b":method", method.encode()),
+                (b":path", path.encode()),
+                (b":scheme", b"http"),
+                (b":authority", b"api.m.test"),
+                (b"accept-encoding", b"identity"),
+            ],
+            end_stream=end_stream,
+        )
+        self.pump()
+        return stream_id
+
+    async def settle(self) -> None:
+        for _ in range(20):
+            await asyncio.sleep(0)
+            self.pump()
+
+    def response(self, stream_id: int) -> tuple[dict[bytes, bytes], bytes, bool]:
+        headers: dict[bytes, bytes] = {}
+        body = b""
+        ended = False
+        for event in self.events:
+            if getattr(event, "stream_id", None) != stream_id:
+                continue
+            if isinstance(event, h2.events.ResponseReceived):
+                headers = dict(event.headers or [])
+            elif isinstance(event, h2.events.DataReceived):
+                body += event.data or b""
+            elif isinstance(event, h2.events.StreamEnded):
+                ended = True
+        return headers, body, ended
+
+    def close(self) -> None:
+        self.server.connection_lost(None)
+        self.doors.close_all()
+        self.connections.close_all()
+
+
+CACHEABLE = [(b"cache-control", b"public, max-age=60"), (b"content-type", b"text/plain")]
+
+
+async def test_a_miss_then_a_hit_over_h2_carry_the_http11_headers():
+    w = world({"http://u1": [Reply(headers=CACHEABLE, chunks=(b"tick",))]})
+    peer = Peer(w)
+    first = peer.get("/api/ticker")
+    await peer.settle()
+    headers, body, ended = peer.response(first)
+    assert ended and body == b"tick"
+    assert headers[b":status"] == b"200" and headers[b"x-cache"] == b"MISS"
+    second = peer.get("/api/ticker")  # answered in the callback: no task, no settle
+    headers, body, ended = peer.response(second)
+    assert ended and body == b"tick"
+    assert headers[b"x-cache"] == b"HIT" and headers[b"content-length"] == b"4"
+    assert b"connection" not in headers and b"keep-alive" not in headers
+    assert len(w.upstream.sent) == 1
+    # What went upstream is an ordinary HTTP/1.1 request of the same meaning.
+    sent = w.upstream.sent[0]
+    assert sent.method == "GET" and sent.target == "/api/ticker"
+    assert sent.headers["host"] == "api.m.test"
+    peer.close()
+
+
+async def test_response_bytes_wait_for_the_peer_window():
+    body = b"x" * 100_000
+    w = world({"http://u1": [Reply(chunks=(body,), headers=[(b"cache-control", b"no-store")])]})
+    peer = Peer(w, initial_window_size=1000)
+    stream = peer.get("/api/big")
+    await peer.settle()
+    _, got, ended = peer.response(stream)
+    assert len(got) == 1000 and not ended  # no more than the window
+    held = peer.server.streams[stream]
+    assert held.stalled_since > 0  # waiting on the window: the sweep's stall clock runs
+    peer.client.increment_flow_control_window(200_000, stream_id=stream)
+    peer.client.increment_flow_control_window(200_000)
+    peer.pump()
+    await peer.settle()
+    _, got, ended = peer.response(stream)
+    assert ended and got == body
+    assert stream not in peer.server.streams  # released
+    peer.close()
+
+
+async def test_a_stalled_stream_is_reset_by_the_sweep():
+    w = world(
+        {"http://u1": [Reply(chunks=(b"y" * 10_000,), headers=[(b"cache-control", b"no-store")])]}
+    )
+    peer = Peer(w, initial_window_size=0)
+    stream = peer.get("/api/stall")
+    await peer.settle()
+    held = peer.server.streams[stream]
+    assert held.stalled_since
+    stall = w.pipeline.state.config.edge.http2.stall_timeout
+    peer.server.check_deadline(held.stalled_since + stall - 0.01)
+    assert stream in peer.server.streams
+    peer.server.check_deadline(held.stalled_since + stall)
+    peer.pump()
+    resets = [e for e in peer.events if isinstance(e, h2.events.StreamReset)]
+    assert [r.stream_id for r in resets] == [stream]
+    assert resets[0].error_code == h2.errors.ErrorCodes.CANCEL
+    assert not peer.server.streams
+    peer.close()
+
+
+async def test_a_request_body_is_streamed_and_acknowledged_as_consumed():
+    w = world({"http://u1": [Reply(headers=[(b"cache-control", b"no-store")], chunks=(b"ok",))]})
+    peer = Peer(w)
+    stream = peer.get("/api/orders", method="POST", end_stream=False)
+    payload = b"p" * 50_000
+    peer.client.send_data(stream, payload[:16_000])
+    peer.client.send_data(stream, payload[16_000:32_000])
+    peer.client.send_data(stream, payload[32_000:48_000])
+    peer.client.send_data(stream, payload[48_000:], end_stream=True)
+    peer.pump()
+    await peer.settle()
+    headers, body, ended = peer.response(stream)
+    assert ended and headers[b":status"] == b"200" and body == b"ok"
+    assert w.upstream.sent[0].body == payload
+    # Every byte consumed was given back: the client's windows are whole again.
+    # (h2 batches its WINDOW_UPDATEs: the last few KB may still be owed).
+    assert peer.client.outbound_flow_control_window > 65535 - 16384
+    peer.close()
+
+
+async def test_a_protocol_error_ends_the_connection_with_goaway():
+    w = world()
+    peer = Peer(w)
+    peer.server.data_received(HeadersFrame(2, data=b"", flags=["END_HEADERS"]).serialize())
+    peer.events += peer.client.receive_data(peer.transport.take())
+    goaway = [e for e in peer.events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert goaway and goaway[0].error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    assert peer.transport.eof and not peer.transport.closed  # lingering
+    peer.server.check_deadline(asyncio.get_running_loop().time() + 2)
+    assert peer.transport.closed
+    peer.close()
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [
+        ((b"/api/x", b"x-big", b"v" * 17_000), b"431"),
+        ((b"/api/../admin", b"x-small", b"v"), b"400"),
+        ((b"/api/" + b"u" * 9000, b"x-small", b"v"), b"414"),
+    ],
+)
+async def test_requests_refused_on_their_stream(extra, status):
+    w = world()
+    peer = Peer(w)
+    stream_id = peer.client.get_next_available_stream_id()
+    peer.client.send_headers(
+        stream_id,
+        [
+            (b":method", b"GET"),
+            (b":path", extra[0]),
+            (b":scheme", b"http"),
+            (b":authority", b"api.m.test"),
+            (extra[1], extra[2]),
+        ],
+        end_stream=True,
+    )
+    peer.pump()
+    headers, _, ended = peer.response(stream_id)
+    assert ended and headers[b":status"] == status
+    assert not w.upstream.sent
+    peer.close()
