@@ -19,12 +19,13 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from http import HTTPStatus
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from edge.errors import EdgeError
 from meridian.config import EdgeLimits
@@ -391,9 +392,14 @@ def new_request_id() -> bytes:
     return b"%s%016x" % (_RequestIds.prefix, next(_RequestIds.counter))
 
 
+#: A request ID worth echoing: 1 to 128 visible ASCII characters (no spaces, no controls).
+_REQUEST_ID: Final = re.compile(rb"[\x21-\x7e]{1,128}")
+
+
 def valid_request_id(value: bytes) -> bool:
-    """A client's request ID is kept only if it is short and printable (it goes into logs)."""
-    return 0 < len(value) <= 128 and all(0x21 <= c <= 0x7E for c in value)
+    """A client's request ID is kept only if it is short and printable (it goes into logs).
+    (One C-level match: it runs on every request that carries one.)"""
+    return _REQUEST_ID.fullmatch(value) is not None
 
 
 # --------------------------------------------------------------------------------------------

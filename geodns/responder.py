@@ -61,7 +61,7 @@ from geodns.compiled import (
     group_key,
     widest_scope_plain,
 )
-from geodns.selection import HealthView, Selection, select, ttl_of
+from geodns.selection import HealthView, Selection, is_up, select, ttl_of
 from geodns.wire import Query, WireError
 from geodns.zone import GeoName, IPAddress, Zone, name_key
 from meridian.geo import GeoLocator
@@ -684,10 +684,8 @@ class Responder:
             scope = None
         entry = timed[answer]
         if not current:
-            # The compilation lags the health (a recompile is in flight): the choice may be
-            # the one about to change, so it goes out with the floor TTL (a resolver asks
-            # again soon), never with the full TTL of a region that just went down.
-            body = self._lagging_body(self._class_names[found[0]][0], entries[answer])
+            # The compilation lags the health (a recompile is in flight).
+            body = self._lagging_body(self._class_names[found[0]][0], entries[answer], health)
             reusable = False
         elif entry is None:
             body = bodies[answer]
@@ -1023,10 +1021,15 @@ class Responder:
             return entry.body
         return self._render_body(qname_key, entry.qtype, entry.family, selection, ttl)
 
-    def _lagging_body(self, qname_key: bytes, entry: _Entry) -> _Body:
-        """A compiled choice served under a newer health than it was compiled for: the TTL
-        floor (``dns.min_ttl``, or the name's TTL when lower)."""
+    def _lagging_body(self, qname_key: bytes, entry: _Entry, health: HealthView) -> _Body:
+        """A compiled choice served under a newer health than it was compiled for.  When no
+        candidate's verdict changed, the choice is the one the new health makes: the strict
+        answer, with this moment's TTL.  Otherwise the choice may be about to change: the TTL
+        floor (``dns.min_ttl``, or the name's TTL when lower), so that resolvers ask again
+        soon - never the full TTL of a region that just went down."""
         selection = entry.selection
+        if all(is_up(c.target, health) == c.up for c in selection.candidates):
+            return self._timed_body(qname_key, entry, health)
         ttl = min(entry.geo.ttl, int(self.zone.config.dns.min_ttl), selection.ttl)
         if ttl == selection.ttl:
             return entry.body

@@ -602,33 +602,42 @@ def test_ttl_bound_by_a_pending_transition_follows_the_clock(plain: Config) -> N
     assert ttls == [30, 25, 12, 5]
 
 
-def test_a_compilation_lagging_the_health_answers_with_the_floor_ttl(plain: Config) -> None:
+def test_a_compilation_lagging_the_health_answers_strictly_or_with_the_floor_ttl(
+    plain: Config,
+) -> None:
     """A server compiles off the hot path and answers from the previous compilation meanwhile.
-    The choice may lag by one compile; its TTL may not be the full one: the answer may be about
-    to change, so it goes out with the floor.  (Before: the full 30 s went out until the
-    recompile landed - when a region had just gone down, its answer with 30 s, which resolvers
-    then held past the failover bound.)  Once the recompile is in, the TTL is the strict one."""
+    While no candidate's up/down verdict changed, the compiled choice is the strict one: the
+    strict answer, TTL included (a first failed check shortens it at once).  When one changed,
+    the choice may be about to change: the floor TTL.  (Before: the full 30 s went out until
+    the recompile landed - for a region just gone down, its answer with 30 s, which resolvers
+    then held past the failover bound.)"""
     locator = GeoLocator(plain.geo, plain.pops[0].location)
     responder = Responder(Zone.build(plain), locator, compile_inline=False)
     stable = FakeHealth(generation=1)
     responder.install(responder.compile(stable))
-    failing = FakeHealth(hints={"pop:iad": 9.0}, generation=2)  # first failed check
-    down = FakeHealth(frozenset({"iad"}), generation=3)  # down now: no hint left
+    failing = FakeHealth(hints={"pop:iad": 9.0}, generation=2)  # first failed check of iad
+    down = FakeHealth(frozenset({"iad"}), generation=3)  # iad down: no hint left
     for ecs in (None, "198.51.100.0/24"):
         query = make_query("api.meridian.test", "A", ecs=ecs).to_wire()
 
-        def ttl(health: FakeHealth, query: bytes = query) -> int:
+        def answer(health: FakeHealth, query: bytes = query) -> tuple[int, str]:
             reply = responder.respond(query, LOOPBACK, tcp=False, health=health)
-            assert reply is not None and not (reply.reusable and health is not stable)
-            return int(dns.message.from_wire(reply.wire).answer[0].ttl)
+            assert reply is not None and responder.compiled is not None
+            lagging = responder.compiled.health is not health
+            assert not (reply.reusable and lagging)  # never memoised while lagging
+            rrset = dns.message.from_wire(reply.wire).answer[0]
+            return int(rrset.ttl), str(rrset[0])
 
-        assert ttl(stable) == 30
-        assert ttl(failing) == 5 and ttl(down) == 5  # no recompile yet
-        responder.install(responder.compile(failing))
-        assert ttl(failing) == 9
+        ttl, iad = answer(stable)
+        assert ttl == 30
+        assert answer(failing) == (9, iad)  # no recompile yet: still the strict answer
         fast = responder.respond(query, LOOPBACK, tcp=False, health=failing)
         slow = responder.respond_slow(query, LOOPBACK, tcp=False, health=failing)
         assert fast is not None and slow is not None and fast.wire == slow.wire
+        assert answer(down) == (5, iad)  # the old choice, told to be asked again soon
+        responder.install(responder.compile(down))
+        ttl, elsewhere = answer(down)
+        assert ttl == 30 and elsewhere != iad
         responder.install(responder.compile(stable))
 
 

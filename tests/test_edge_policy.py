@@ -269,6 +269,13 @@ def test_request_ids_from_clients_are_validated():
     assert not valid_request_id(b"x" * 200)
 
 
+@given(st.binary(max_size=140))
+def test_request_id_validation_is_the_printable_ascii_rule(value: bytes) -> None:
+    """Kept: 1-128 bytes, each visible ASCII (0x21-0x7e); the compiled pattern says exactly
+    that (no trailing-newline or Unicode leniency)."""
+    assert valid_request_id(value) == (0 < len(value) <= 128 and all(33 <= c <= 126 for c in value))
+
+
 # -- routing -----------------------------------------------------------------------------------
 
 
