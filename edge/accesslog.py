@@ -12,7 +12,9 @@ from meridian.log import current_format, format_event, get_logger, write_lines
 
 access_logger = get_logger("edge.access")
 
-_Pending = tuple[float, str, float, float, bytes, str]
+_Pending = tuple[float, str, float, float, bytes, str, str]
+#: The protocol fields of a line: "h1" or "h2", and the TLS version when the front end knows it.
+H1_FIELDS = " proto=h1"
 _MiddleKey = tuple[str, int, int, str, str, str, str, int]
 
 
@@ -35,6 +37,9 @@ class AccessLog:
         self._stamp = ""
         self._millisecond = -1
         self._prefix = ""
+        #: The protocol fields of the lines recorded without explicit ones (``protocol_fields``;
+        #: a front end sets them around its synchronous calls into the hit stage).
+        self.protocol = H1_FIELDS
 
     @property
     def enabled(self) -> bool:
@@ -81,12 +86,16 @@ class AccessLog:
         total: float,
         request_id: bytes,
         client_ip: str,
+        protocol: str | None = None,
     ) -> None:
         """The access line of one request: the same fields as ``record``, in the same order,
-        for about half a microsecond here (logfmt formatting waits for ``flush``)."""
+        for about half a microsecond here (logfmt formatting waits for ``flush``).
+        ``protocol``: ``protocol_fields(...)``; None: ``self.protocol``."""
         if not self._enabled:
             return
+        tail = self.protocol if protocol is None else protocol
         if current_format() == "json":
+            extra = dict(part.split("=", 1) for part in tail.split())
             self.record(
                 method=method,
                 path=path,
@@ -98,6 +107,7 @@ class AccessLog:
                 attempts=attempts,
                 upstream_ms=round(upstream * 1000, 2),
                 total_ms=round(total * 1000, 2),
+                **extra,
                 request_id=request_id.decode("ascii", "replace"),
                 client=client_ip,
             )
@@ -107,7 +117,7 @@ class AccessLog:
         if middle is None:
             middle = self._middle(key)
         lines = self._lines
-        lines.append((time.time(), middle, upstream, total, request_id, client_ip))
+        lines.append((time.time(), middle, upstream, total, request_id, client_ip, tail))
         if len(lines) >= 256:
             self.flush()
 
@@ -124,7 +134,7 @@ class AccessLog:
         return middle
 
     def _format(self, item: _Pending) -> str:
-        now, middle, upstream, total, request_id, client = item
+        now, middle, upstream, total, request_id, client, tail = item
         millisecond = int(now * 1000)
         if millisecond != self._millisecond:  # lines of one millisecond share their prefix
             self._millisecond = millisecond
@@ -137,7 +147,7 @@ class AccessLog:
             rid = json.dumps(rid)
         return (
             f"{self._prefix}{middle}{round(upstream * 1000, 2)}"
-            f" total_ms={round(total * 1000, 2)} request_id={rid} client={_logfmt(client)}"
+            f" total_ms={round(total * 1000, 2)}{tail} request_id={rid} client={_logfmt(client)}"
         )
 
     def _stamp_of(self, second: int) -> str:
@@ -159,6 +169,14 @@ class AccessLog:
         write_lines("\n".join(lines) + "\n")
 
 
+def protocol_fields(protocol: str, tls_version: str | None) -> str:
+    """The protocol fields of an access line (`` proto=h2 tls=TLSv1.3``), made once per
+    connection or request kind, never per line."""
+    if tls_version:
+        return f" proto={protocol} tls={tls_version}"
+    return f" proto={protocol}"
+
+
 def _logfmt(text: str) -> str:
     """A logfmt value: as it is, or JSON-quoted when empty or holding a separator."""
     if not text or _NEEDS_QUOTES.search(text):
@@ -169,4 +187,4 @@ def _logfmt(text: str) -> str:
 _NEEDS_QUOTES = re.compile(r'[ ="\\\n\t]')
 
 
-__all__ = ["AccessLog"]
+__all__ = ["H1_FIELDS", "AccessLog", "protocol_fields"]

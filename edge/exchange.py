@@ -57,6 +57,8 @@ class ProxyRequest(NamedTuple):
     head: RequestHead | None = None
     #: How the client reached the edge: b"https" over TLS (X-Forwarded-Proto).
     scheme: bytes = b"http"
+    #: The access line's protocol fields (``edge.accesslog.protocol_fields``); None: HTTP/1.1.
+    protocol: str | None = None
 
 
 class RequestBody(Protocol):

@@ -50,6 +50,7 @@ from hyperframe.frame import GoAwayFrame
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from edge.accesslog import H1_FIELDS, protocol_fields
 from edge.cache import Lookup
 from edge.http1 import (
     NO_BODY,
@@ -461,6 +462,8 @@ class H2Connection(asyncio.Protocol):
         self.loop = doors.loop
         self.tls_version = tls_version
         self.scheme = b"https" if tls_version != "none" else b"http"
+        #: This connection's fields in the access lines of its requests.
+        self.protocol = protocol_fields("h2", tls_version if tls_version != "none" else None)
         self.client_ip = "-"
         state = self.pipeline.state
         edge = state.config.edge
@@ -619,7 +622,12 @@ class H2Connection(asyncio.Protocol):
             # (it accounts the hit), read back into frames.  Asked as the HTTP/1.1 request it
             # is equivalent to; whatever it looked up goes on to the slow path.
             as_http11 = request._replace(http_version="1.1")
-            wire = self.pipeline.fast_response(as_http11)
+            access_log = self.pipeline.access_log
+            access_log.protocol = self.protocol
+            try:
+                wire = self.pipeline.fast_response(as_http11)
+            finally:
+                access_log.protocol = H1_FIELDS
             if wire is not None:
                 stream.write_complete(wire, close=False)
                 return
@@ -697,6 +705,7 @@ class H2Connection(asyncio.Protocol):
             received_at=self.pipeline.clock(),
             request_id_supplied=request_supplied,
             scheme=self.scheme,
+            protocol=self.protocol,
         )
 
     def _reject(self, stream: H2Stream, rejected: RequestRejected) -> None:

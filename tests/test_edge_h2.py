@@ -495,6 +495,30 @@ def test_streams_beyond_the_advertised_limit_end_the_connection(stack):
     _served(edge)
 
 
+async def test_access_lines_name_the_protocol_and_tls_version(stack):
+    edge: Edge = stack["edge"]
+    async with _client(stack) as client:
+        miss = await client.get("/echo?access=1", headers={"x-request-id": "h2-access-miss"})
+        assert miss.status_code == 200
+        for rid in ("h2-access-m", "h2-access-h"):
+            hit = await client.get("/cc/access-log", headers={"x-request-id": rid})
+            assert hit.status_code == 200
+        assert hit.headers["x-cache"] == "HIT"
+    h1 = Client(edge.port, host=NAME)
+    h1.get("/echo?access=2", X_Request_ID="h1-access")
+    h1.close()
+
+    def line(rid: str) -> str | None:
+        return next((ln for ln in edge.log_text().splitlines() if f"request_id={rid} " in ln), None)
+
+    for rid in ("h2-access-miss", "h2-access-m", "h2-access-h"):
+        found = poll_until(lambda rid=rid: line(rid))
+        assert " proto=h2 tls=TLSv1.3 request_id=" in found, found
+    assert " cache=HIT " in poll_until(lambda: line("h2-access-h"))
+    found = poll_until(lambda: line("h1-access"))
+    assert " proto=h1 request_id=" in found
+
+
 def test_metrics_report_h2_requests_and_streams_per_connection(stack):
     edge: Edge = stack["edge"]
     _served(edge)

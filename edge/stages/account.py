@@ -41,6 +41,7 @@ class Accountant:
                 total,
                 request.request_id,
                 request.client_ip,
+                request.protocol,
             )
 
 
