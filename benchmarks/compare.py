@@ -47,6 +47,7 @@ from typing import Any
 
 import yaml
 
+from meridian.ports import free_port as free_port
 from meridian.units import parse_duration
 
 REPO = Path(__file__).resolve().parent.parent
@@ -261,22 +262,6 @@ def tcp_accepts(port: int) -> Callable[[], bool]:
             return False
 
     return check
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port free for both TCP and UDP (DNS servers bind both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, kind) as first:
-            first.bind(("127.0.0.1", 0))
-            port: int = first.getsockname()[1]
-            other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
-            with socket.socket(socket.AF_INET, other) as second:
-                try:
-                    second.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
 
 
 # --------------------------------------------------------------------------------------------
@@ -1349,7 +1334,7 @@ class DnsPeer:
         self.workdir = workdir / self.name
         self.workdir.mkdir()
         self.topology = topology
-        self.port = free_port(socket.SOCK_DGRAM)
+        self.port = free_port()
         self.proc: Proc | None = None
 
     def start(self, processes: Processes, cpus: Cpus, installer: Installer) -> Proc:

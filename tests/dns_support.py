@@ -25,6 +25,8 @@ import dns.query
 import dns.rdatatype
 import yaml
 
+from meridian.ports import free_port as free_port
+
 REPO = Path(__file__).resolve().parent.parent
 CITY_TEST_DB = REPO / "tests" / "data" / "GeoIP2-City-Test.mmdb"
 
@@ -35,21 +37,6 @@ POP_ADDRESSES = {
     "sin": "127.0.1.4",
     "syd": "127.0.1.5",
 }
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port: int = udp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
 
 
 def base_config(health_base: str | None = None) -> dict[str, Any]:

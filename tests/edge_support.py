@@ -29,15 +29,10 @@ from typing import Any, TypeVar
 
 import yaml
 
+from meridian.ports import free_port as free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def poll_until(check: Callable[[], T], *, within: float = 10.0, every: float = 0.02) -> T:

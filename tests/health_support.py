@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from meridian import log
 from meridian.config import Config, parse_config
 from meridian.health import HealthMonitor
+from meridian.ports import free_port as free_port
 
 LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
@@ -73,12 +74,6 @@ def make_config(
         "outlier": outlier or {},
     }
     return parse_config(data)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 def _port_open(port: int) -> bool:

@@ -63,6 +63,8 @@ import dns.rdataclass
 import dns.rdatatype
 import yaml
 
+from meridian.ports import free_port as free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 ZONE = "meridian.test"
 START_TIMEOUT = 20.0
@@ -101,21 +103,6 @@ def percentile(values: list[float], share: float) -> float:
 
 # --------------------------------------------------------------------------------------------
 # Processes
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port: int = udp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
 
 
 def wait_until(check: Callable[[], Any], within: float, what: str, every: float = 0.05) -> Any:

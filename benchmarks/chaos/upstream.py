@@ -51,6 +51,8 @@ from typing import Any
 import aiohttp
 import yaml
 
+from meridian.ports import free_port as free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT = 20.0
@@ -154,12 +156,6 @@ class Figures:
 
 # --------------------------------------------------------------------------------------------
 # Processes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 def port_open(port: int) -> bool:

@@ -14,6 +14,8 @@ import subprocess
 import time
 from types import TracebackType
 
+from meridian.ports import free_port as free_port
+
 
 class FakeClock:
     """A wall clock the test moves by hand: ``HttpCache(..., clock=clock)``."""
@@ -26,12 +28,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisServer:
