@@ -45,7 +45,7 @@ from edge.purge import PurgeEndpoint
 from edge.state import EdgeState
 from edge.tls import TlsContexts, TlsStats
 from edge.transcode import CompressionStats, Transcoder
-from edge.upstream import UpstreamPool
+from edge.upstream import UpstreamMetrics, UpstreamPool
 from edge.workers import WorkerApi, WorkerPeers, WorkerSockets
 from meridian.config import Config, ConfigError, HostPort
 from meridian.health import HealthMonitor
@@ -136,6 +136,7 @@ class EdgeWorker:
             settings=config.edge.upstream,
         )
         metrics.upstream_stats.outstanding = lambda: upstream.outstanding
+        registry.register(UpstreamMetrics(upstream))
         await upstream.start()
         await health.start()
         stats = CompressionStats()

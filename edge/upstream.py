@@ -34,6 +34,14 @@ from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from enum import Enum
 from typing import NamedTuple, Protocol
 
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.registry import Collector
+
 from edge.errors import EdgeError
 from edge.memos import UPSTREAM_URLS, BoundedMemo
 from edge.upstream_client import ClientLimits, OriginClient, UpstreamError
@@ -254,6 +262,58 @@ class Gate:
                 waiter.set_result(None)  # the place changes hands: ``busy`` stays
                 return
         self.busy = max(0, self.busy - 1)
+
+
+class UpstreamMetrics(Collector):
+    """The upstream client's numbers, read at scrape time (plain counters on the request path):
+    connections open, created and reused per backend, connect and first-byte latency per
+    backend (sum and count), and requests that waited for a pool slot."""
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self.pool.client.stats
+        families: list[Metric] = []
+        for name, text, table in (
+            ("open", "Upstream connections open, per backend.", stats.open),
+            ("created", "Upstream connections made, per backend.", stats.created),
+            ("reused", "Requests sent on a kept-alive connection, per backend.", stats.reused),
+        ):
+            family: Metric
+            if name == "open":
+                family = GaugeMetricFamily(
+                    "meridian_edge_upstream_connections_open", text, labels=["backend"]
+                )
+            else:
+                family = CounterMetricFamily(
+                    f"meridian_edge_upstream_connections_{name}", text, labels=["backend"]
+                )
+            for backend, value in sorted(table.items()):
+                family.add_metric([backend], value)
+            families.append(family)
+        for name, text, pairs in (
+            ("connect", "Time to connect to a backend.", stats.connect_seconds),
+            ("first_byte", "Request sent to response head, per backend.", stats.first_byte_seconds),
+        ):
+            summary = SummaryMetricFamily(
+                f"meridian_edge_upstream_{name}_seconds", text, labels=["backend"]
+            )
+            for backend, (total, count) in sorted(pairs.items()):
+                summary.add_metric([backend], count_value=int(count), sum_value=total)
+            families.append(summary)
+        waits = CounterMetricFamily(
+            "meridian_edge_upstream_pool_waits",
+            "Requests that found every connection of a backend busy and waited for one.",
+            labels=["backend"],
+        )
+        for backend, value in sorted(self.pool.pool_waits.items()):
+            waits.add_metric([backend], value)
+        families.append(waits)
+        return families
+
+    def describe(self) -> Iterable[Metric]:
+        return []
 
 
 class UpstreamPool:
