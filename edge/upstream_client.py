@@ -47,8 +47,10 @@ log = get_logger("edge")
 
 #: Response body bytes buffered per exchange before the upstream is told to wait.
 HIGH_WATER: Final = 256 * 1024
-#: How often idle connections past their idle timeout are looked for.
-SWEEP_EVERY: Final = 1.0
+#: How often deadlines are checked (and idle connections past their idle timeout closed): one
+#: sweep over the open connections instead of a timer armed and cancelled per request; a
+#: timeout fires up to this late.
+SWEEP_EVERY: Final = 0.1
 
 
 class UpstreamError(Exception):
@@ -130,11 +132,11 @@ class Connection(asyncio.Protocol):
 
     __slots__ = (
         "_drain",
-        "_timer",
         "_waiter",
         "backend",
         "closed",
         "deadline_kind",
+        "due",
         "error",
         "last_read",
         "limits",
@@ -163,7 +165,8 @@ class Connection(asyncio.Protocol):
         self.deadline_kind = ""
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        #: When the current deadline passes (``loop.time()``; 0: none), checked by the sweep.
+        self.due = 0.0
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -248,29 +251,25 @@ class Connection(asyncio.Protocol):
                 self.transport.abort()
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.due = 0.0
 
     def _arm(self, kind: str, delay: float) -> None:
         self.deadline_kind = kind
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.pool.loop.call_later(delay, self._expired)
+        self.due = self.pool.loop.time() + delay
 
-    def _expired(self) -> None:
-        self._timer = None
-        if self.closed or self.reader is None:
+    def check(self, now: float) -> None:
+        """The sweep's look at this connection's deadline."""
+        due = self.due
+        if not due or self.closed or self.reader is None:
             return
         if self.deadline_kind == "read":
-            now = self.pool.loop.time()
-            due = self.last_read + self.limits.read_idle
-            if self.paused or now < due:
-                # Data came since (or the edge holds reading for a slow client: not the
-                # origin's stall); look again later.
-                later = self.limits.read_idle if self.paused else max(due - now, 0.01)
-                self._arm("read", later)
+            # The stall counts from the last byte read; not while the edge itself holds
+            # reading for a slow client (the origin is not stalling then).
+            if self.paused or now < max(due, self.last_read + self.limits.read_idle):
                 return
+        elif now < due:
+            return
+        self.due = 0.0
         self._fail(TimeoutError(f"{self.deadline_kind} timeout"))
 
     async def _wait(self) -> None:
@@ -321,12 +320,10 @@ class Connection(asyncio.Protocol):
             if isinstance(error, UpstreamProtocolError | UpstreamBodyError):
                 raise UpstreamError("protocol", str(error))
             raise UpstreamError("reset", "connection closed before a response head")
-        if error is not None and not reader.complete:
-            self._arm("read", 0)  # re-raised by the body iterator
-        elif not reader.complete:
-            self._arm("read", self.limits.read_idle)
+        if reader.complete or error is not None:
+            self._cancel_timer()  # an error is raised by the body iterator
         else:
-            self._cancel_timer()
+            self._arm("read", self.limits.read_idle)
         return reader.head
 
     async def _send_stream(self, body: AsyncIterable[bytes], chunked: bool) -> None:
@@ -511,6 +508,9 @@ class BackendPool:
         idle = self.idle
         while idle and now - idle[0].used_at > self.limits.idle_timeout:
             idle.popleft().close()
+        for connection in list(self.open):
+            if connection.due:
+                connection.check(now)
 
     def close(self) -> None:
         for connection in list(self.open):
@@ -535,7 +535,7 @@ class OriginClient:
         while True:
             await asyncio.sleep(SWEEP_EVERY)
             now = loop.time()
-            for pool in self._pools.values():
+            for pool in list(self._pools.values()):
                 pool.sweep(now)
 
     async def close(self) -> None:

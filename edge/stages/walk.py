@@ -66,6 +66,11 @@ class UpstreamWalk:
         self._waiting: dict[str, dict[asyncio.Task[object], _Waiting]] = {}
         self._abandoning: set[asyncio.Task[object]] = set()
         self._own_failures = {FailureKind.POOL: Throttle(), FailureKind.LOCAL: Throttle()}
+        #: ``live_regions`` per service's region list, for the snapshot in ``_live_for``: a
+        #: snapshot is replaced, never changed, so the answers hold until the next one (one
+        #: entry per distinct region list in the config: bounded by it).
+        self._live: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self._live_for: object = None
 
     async def walk(
         self, state: EdgeState, target: RouteTarget, record: ExchangeRecord, call: UpstreamCall
@@ -78,7 +83,12 @@ class UpstreamWalk:
         services = self.services
         health_source = services.health
         health = health_source.snapshot
-        regions = live_regions(target.regions, health)
+        if health is not self._live_for:
+            self._live_for = health
+            self._live.clear()
+        regions = self._live.get(target.regions)
+        if regions is None:
+            regions = self._live[target.regions] = live_regions(target.regions, health)
         if not regions:
             return ErrorAnswer(503, "no_healthy_region", RETRY_AFTER_SECONDS)
         method, headers, body = call.method, call.headers, call.body
