@@ -591,8 +591,14 @@ class H2Connection(asyncio.Protocol):
                 if stream is not None and stream.body is not None:
                     stream.body.finish()
             elif isinstance(event, h2.events.ConnectionTerminated):
-                self._close()
-                return
+                if event.error_code != h2.errors.ErrorCodes.NO_ERROR or not self.streams:
+                    self._close()
+                    return
+                # The client's graceful GOAWAY: it opens no more streams, the ones in flight
+                # still get their responses (RFC 9113 6.8), then the connection closes.  h2
+                # closes its state machine on any GOAWAY received; it is reopened for sending.
+                self.h2.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
+                self._goaway_last = max(self._goaway_last, self.h2.highest_inbound_stream_id)
         self.write_out()
 
     # -- requests -----------------------------------------------------------------------------

@@ -134,6 +134,7 @@ class EdgeWorker:
             pool_size=config.edge.pool_size,
             timeouts=config.edge.timeouts,
             settings=config.edge.upstream,
+            source=config.source,
         )
         metrics.upstream_stats.outstanding = lambda: upstream.outstanding
         registry.register(UpstreamMetrics(upstream))

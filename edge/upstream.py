@@ -49,6 +49,7 @@ from edge.upstream_client import OriginResponse as OriginResponse
 from edge.upstream_wire import UpstreamBodyError, header_block
 from meridian.config import EdgeTimeouts, EdgeUpstream
 from meridian.health.checks import is_local_error
+from meridian.origin_tls import client_context
 
 #: Attempts per request, all regions together.
 MAX_ATTEMPTS = 4
@@ -333,8 +334,11 @@ class UpstreamPool:
         pool_size: int,
         timeouts: EdgeTimeouts,
         settings: EdgeUpstream | None = None,
+        source: str = "<memory>",
     ) -> None:
+        """``source``: the config file (``edge.upstream.tls``'s relative paths start there)."""
         settings = settings or EdgeUpstream()
+        tls = settings.tls
         self.pool_size = pool_size
         self.timeouts = timeouts
         #: Requests in flight per backend URL, waiters for a slot included: the load signal
@@ -357,7 +361,8 @@ class UpstreamPool:
                 # closes connections the next burst must open again.
                 max_idle=pool_size if settings.max_idle is None else settings.max_idle,
                 max_requests=settings.max_requests,
-            )
+            ),
+            tls=lambda: client_context(tls, source),
         )
 
     async def start(self) -> None:

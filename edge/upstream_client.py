@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Final, cast
 
@@ -42,6 +43,7 @@ from edge.upstream_wire import (
     has_host,
 )
 from meridian.log import get_logger
+from meridian.origin_tls import verify_reason
 
 log = get_logger("edge")
 
@@ -84,14 +86,17 @@ class Backend:
     authority: bytes
     #: A path the backend URL names (``http://o/prefix``): targets are sent under it.
     prefix: bytes
+    #: ``https://``: TLS, verified against ``host`` (``meridian.origin_tls``).
+    tls: bool = False
 
     @classmethod
     def parse(cls, url: str) -> Backend:
         scheme, sep, rest = url.partition("://")
-        if not sep or scheme.lower() != "http":
-            raise ValueError(f"{url!r}: only http:// backends are supported by this client")
+        scheme = scheme.lower()
+        if not sep or scheme not in ("http", "https"):
+            raise ValueError(f"{url!r}: only http:// and https:// backends are supported")
         authority, slash, path = rest.partition("/")
-        host, port = authority, 80
+        host, port = authority, 443 if scheme == "https" else 80
         if authority.startswith("["):
             end = authority.index("]")
             host = authority[1:end]
@@ -101,7 +106,9 @@ class Backend:
             host, _, text = authority.rpartition(":")
             port = int(text)
         prefix = ("/" + path).rstrip("/") if slash else ""
-        return cls(url, host, port, authority.encode("ascii"), prefix.encode("ascii"))
+        return cls(
+            url, host, port, authority.encode("ascii"), prefix.encode("ascii"), scheme == "https"
+        )
 
 
 class ClientStats:
@@ -437,7 +444,7 @@ class OriginResponse:
 class BackendPool:
     """The connections to one backend."""
 
-    __slots__ = ("backend", "idle", "limits", "loop", "open", "stats")
+    __slots__ = ("backend", "idle", "limits", "loop", "open", "stats", "tls")
 
     def __init__(
         self,
@@ -445,8 +452,10 @@ class BackendPool:
         limits: ClientLimits,
         loop: asyncio.AbstractEventLoop,
         stats: ClientStats,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.backend = backend
+        self.tls = tls
         self.limits = limits
         self.loop = loop
         self.stats = stats
@@ -474,12 +483,31 @@ class BackendPool:
         backend = self.backend
         connection = Connection(self)
         started = time.monotonic()
+        tls = self.tls
         try:
+            # The handshake is part of connecting: one bound for both.
             async with asyncio.timeout(self.limits.connect):
-                await self.loop.create_connection(lambda: connection, backend.host, backend.port)
+                if tls is None:
+                    await self.loop.create_connection(
+                        lambda: connection, backend.host, backend.port
+                    )
+                else:
+                    await self.loop.create_connection(
+                        lambda: connection,
+                        backend.host,
+                        backend.port,
+                        ssl=tls,
+                        server_hostname=backend.host,
+                        ssl_handshake_timeout=self.limits.connect,
+                    )
         except TimeoutError:
             connection.close()
             raise UpstreamError("connect", f"connect timeout ({self.limits.connect:g}s)") from None
+        except ssl.SSLError as exc:
+            # A certificate that does not verify (wrong name, expired, unknown CA): the
+            # backend's fault, and nothing was sent.
+            connection.close()
+            raise UpstreamError("connect", verify_reason(exc)) from None
         except OSError as exc:
             raise UpstreamError("connect_os", f"{type(exc).__name__}: {exc}") from exc
         stats = self.stats
@@ -521,9 +549,15 @@ class BackendPool:
 class OriginClient:
     """The pools of one process, by backend URL."""
 
-    def __init__(self, limits: ClientLimits) -> None:
+    def __init__(
+        self, limits: ClientLimits, tls: Callable[[], ssl.SSLContext] | None = None
+    ) -> None:
+        """``tls``: makes the context for ``https://`` backends (called once, when the first
+        is met: loading the system's CA store takes milliseconds)."""
         self.limits = limits
         self.stats = ClientStats()
+        self._tls_factory = tls
+        self._tls: ssl.SSLContext | None = None
         self._pools: dict[str, BackendPool] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -549,8 +583,15 @@ class OriginClient:
     def pool(self, url: str) -> BackendPool:
         pool = self._pools.get(url)
         if pool is None:
+            backend = Backend.parse(url)
+            tls = None
+            if backend.tls:
+                if self._tls is None:
+                    factory = self._tls_factory or ssl.create_default_context
+                    self._tls = factory()
+                tls = self._tls
             pool = self._pools[url] = BackendPool(
-                Backend.parse(url), self.limits, asyncio.get_running_loop(), self.stats
+                backend, self.limits, asyncio.get_running_loop(), self.stats, tls
             )
         return pool
 

@@ -361,6 +361,17 @@ class EdgeTimeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """TLS to ``https://`` backends (``meridian.origin_tls``); verification is always on."""
+
+    #: PEM bundle of the CAs origins' certificates must chain to (default: the system's).
+    ca_file: str | None = None
+    #: A client certificate (and its key, unless in the same file): mutual TLS to origins.
+    client_cert: str | None = None
+    client_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class EdgeUpstream:
     """The edge's connections to origins (``edge.upstream_client``); the bound on connections
     open per backend is ``edge.pool_size``."""
@@ -372,6 +383,7 @@ class EdgeUpstream:
     max_requests: int = 1000
     #: Longest stall between two reads of a response body (the origin's, not a slow client's).
     read_timeout: Duration = 10.0
+    tls: UpstreamTls = UpstreamTls()
 
 
 @dataclass(frozen=True, slots=True)
@@ -875,6 +887,15 @@ def _http2_problems(h2: EdgeHttp2) -> list[str]:
     return problems
 
 
+def _upstream_tls_problems(config: Config, source: str) -> list[str]:
+    """The files of ``edge.upstream.tls``, loaded now."""
+    if config.edge.upstream.tls == UpstreamTls():
+        return []
+    from meridian.origin_tls import context_problems
+
+    return context_problems(config.edge.upstream.tls, source)
+
+
 def _tls_problems(config: Config, source: str) -> list[str]:
     """The certificate files of ``edge.tls`` (read now: expiry, key match, names)."""
     tls = config.edge.tls
@@ -984,7 +1005,11 @@ def parse_config(data: object, source: str = "<memory>") -> Config:
     if config is _MISSING or loader.problems:
         raise ConfigError([f"{source}: {p}" for p in loader.problems])
     assert isinstance(config, Config)
-    problems = _semantic_problems(config) or _tls_problems(config, source)
+    problems = (
+        _semantic_problems(config)
+        or _tls_problems(config, source)
+        or _upstream_tls_problems(config, source)
+    )
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
     return dataclasses.replace(config, source=source)

@@ -49,12 +49,12 @@ LIMITS = ClientLimits(
 
 
 class RawOrigin(Proc):
-    def __init__(self, tmp: Path, name: str = "raw") -> None:
-        argv = [sys.executable, "-m", "tests.upstream_support", "--port", "0"]
+    def __init__(self, tmp: Path, name: str = "raw", *, tls: list[str] | None = None) -> None:
+        argv = [sys.executable, "-m", "tests.upstream_support", "--port", "0", *(tls or [])]
         super().__init__(argv, tmp / f"origin-{name}.log", f"origin {name}")
         match = self.wait_for_log(r"listening port=(\d+)")
         self.port = int(match.group(1))
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self._asked = 0
 
     def stats(self) -> dict[str, Any]:

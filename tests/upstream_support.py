@@ -21,7 +21,8 @@ it accepted and the requests per path, and misbehaves on purpose by path:
 
 ``/ok`` answers HEAD with its head alone; ``Connection: close`` is honoured after any answer.
 
-It prints ``listening port=N`` once bound (port 0: the system picks).
+It prints ``listening port=N`` once bound (port 0: the system picks).  With ``--cert`` it
+serves TLS (and with ``--client-ca`` asks for a client certificate).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import ssl
 import sys
 from urllib.parse import parse_qs, urlsplit
 
@@ -169,8 +171,8 @@ async def _answer(
     return True
 
 
-async def _main(port: int) -> None:
-    server = await asyncio.start_server(_serve, "127.0.0.1", port)
+async def _main(port: int, tls: ssl.SSLContext | None) -> None:
+    server = await asyncio.start_server(_serve, "127.0.0.1", port, ssl=tls)
     bound = server.sockets[0].getsockname()[1]
     print(f"listening port={bound}", flush=True)
     async with server:
@@ -180,9 +182,18 @@ async def _main(port: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--cert", help="PEM certificate chain and key: serve TLS")
+    parser.add_argument("--client-ca", help="require a client certificate from this CA")
     args = parser.parse_args(argv)
+    tls = None
+    if args.cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.cert)
+        if args.client_ca:
+            tls.load_verify_locations(args.client_ca)
+            tls.verify_mode = ssl.CERT_REQUIRED
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_main(args.port))
+        asyncio.run(_main(args.port, tls))
     return 0
 
 

@@ -15,7 +15,9 @@ import asyncio
 import contextlib
 import errno
 import os
+import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -23,6 +25,7 @@ import aiohttp
 
 from meridian.config import HealthConfig
 from meridian.health.book import TargetInfo
+from meridian.origin_tls import verify_reason
 
 #: A body match looks at no more than this much of the body.
 MAX_BODY_BYTES = 64 * 1024
@@ -71,8 +74,19 @@ def check_url(target: TargetInfo, config: HealthConfig) -> str:
 class Prober:
     """Runs checks over one shared aiohttp session; create inside the event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: Callable[[], ssl.SSLContext] | None = None) -> None:
+        """``tls``: the context for ``https://`` targets (``meridian.origin_tls``, the one
+        the edge's upstream client uses), made when the first is checked."""
         self._session: aiohttp.ClientSession | None = None
+        self._tls_factory = tls
+        self._tls: ssl.SSLContext | None = None
+
+    def _context(self, url: str) -> ssl.SSLContext | bool:
+        if not url.startswith("https:"):
+            return True  # aiohttp's default; unused for http://
+        if self._tls is None:
+            self._tls = (self._tls_factory or ssl.create_default_context)()
+        return self._tls
 
     async def start(self) -> None:
         if self._session is None:
@@ -96,18 +110,24 @@ class Prober:
                 ok, reason = await tcp_check(url, config.timeout)
             else:
                 assert self._session is not None, "Prober.start() was not awaited"
-                ok, reason = await http_check(self._session, url, config)
+                ok, reason = await http_check(self._session, url, config, self._context(url))
         except LocalResourceError as exc:
             return CheckOutcome(False, str(exc), time.perf_counter() - started, local=True)
         return CheckOutcome(ok, reason, time.perf_counter() - started)
 
 
 async def http_check(
-    session: aiohttp.ClientSession, url: str, config: HealthConfig
+    session: aiohttp.ClientSession,
+    url: str,
+    config: HealthConfig,
+    tls: ssl.SSLContext | bool = True,
 ) -> tuple[bool, str]:
     try:
         async with session.get(
-            url, timeout=aiohttp.ClientTimeout(total=config.timeout), allow_redirects=False
+            url,
+            timeout=aiohttp.ClientTimeout(total=config.timeout),
+            allow_redirects=False,
+            ssl=tls,
         ) as response:
             status = response.status
             if not config.status_min <= status <= config.status_max:
@@ -119,6 +139,10 @@ async def http_check(
             return True, f"status {status}"
     except TimeoutError:  # aiohttp's connect and read timeouts are TimeoutErrors too
         return False, f"timeout after {config.timeout:g}s"
+    except aiohttp.ClientConnectorCertificateError as exc:
+        return False, verify_reason(exc.certificate_error)
+    except aiohttp.ClientConnectorSSLError as exc:
+        return False, verify_reason(exc.os_error)
     except aiohttp.ClientConnectorError as exc:
         _raise_if_local(exc)
         return False, f"connect failed: {_os_reason(exc.os_error)}"

@@ -31,6 +31,7 @@ from meridian.health.metrics import metrics_for
 from meridian.health.snapshot import HealthSnapshot, pop_target
 from meridian.health.state import Health, Transition
 from meridian.log import get_logger
+from meridian.origin_tls import client_context
 
 if TYPE_CHECKING:
     from meridian.health.peers import PeerLink, PeerTransition
@@ -75,7 +76,8 @@ class HealthMonitor:
         self._generation = 1
         self.snapshot: HealthSnapshot = self._book.snapshot(self._generation, clock)
         self._subscribers: list[Callable[[HealthSnapshot], None]] = []
-        self._prober = Prober()
+        tls = config.edge.upstream.tls
+        self._prober = Prober(tls=lambda: client_context(tls, config.source))
         self._probes: dict[str, asyncio.Task[None]] = {}
         self._rng = random.Random()
         self._running = False
