@@ -362,3 +362,33 @@ async def test_requests_refused_on_their_stream(extra, status):
     assert ended and headers[b":status"] == status
     assert not w.upstream.sent
     peer.close()
+
+
+def _frames(data: bytes) -> list[tuple[int, int, int]]:
+    """(type, flags, stream) of each frame in ``data``."""
+    out = []
+    while len(data) >= 9:
+        length = int.from_bytes(data[:3], "big")
+        out.append((data[3], data[4], int.from_bytes(data[5:9], "big") & 0x7FFFFFFF))
+        data = data[9 + length :]
+    return out
+
+
+async def test_a_clients_graceful_goaway_lets_its_streams_finish():
+    gate = asyncio.Event()
+    w = world({"http://u1": [Reply(headers=[(b"cache-control", b"no-store")], gate=gate)]})
+    peer = Peer(w)
+    stream = peer.get("/api/slow")
+    await peer.settle()
+    peer.client.close_connection()  # GOAWAY NO_ERROR: no new streams from the client
+    peer.server.data_received(peer.client.data_to_send())
+    assert not peer.transport.closed and stream in peer.server.streams
+    gate.set()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    frames = _frames(peer.transport.take())
+    assert (0x1, 0x4, stream) in frames  # HEADERS, END_HEADERS
+    assert any(kind == 0x0 and flags & 0x1 and sid == stream for kind, flags, sid in frames)
+    assert frames[-1][0] == 0x7  # then the edge's GOAWAY
+    assert peer.transport.closed
+    peer.close()
