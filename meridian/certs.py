@@ -170,4 +170,73 @@ def _dns_names(cert: x509.Certificate) -> tuple[str, ...]:
     return tuple(n.lower().rstrip(".") for n in san.value.get_values_for_type(x509.DNSName))
 
 
-__all__ = ["LoadedCertificate", "name_matches", "read_certificates", "resolve"]
+@dataclass(frozen=True, slots=True)
+class DemoCertificate:
+    cert: Path
+    key: Path
+    #: The throwaway CA that signed it (for ``curl --cacert``).
+    ca: Path
+
+
+def issue_demo_certificate(
+    directory: Path, names: list[str], addresses: list[str], *, days: int = 7
+) -> DemoCertificate:
+    """A throwaway CA and an ECDSA P-256 certificate it signs for ``names`` and
+    ``addresses`` (the demo's HTTPS listener; never for production)."""
+    import ipaddress
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Meridian demo CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    alt_names: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+    alt_names += [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    paths = DemoCertificate(directory / "demo.crt", directory / "demo.key", directory / "ca.pem")
+    paths.cert.write_bytes(cert.public_bytes(pem))
+    paths.key.write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    paths.key.chmod(0o600)
+    paths.ca.write_bytes(ca_cert.public_bytes(pem))
+    return paths
+
+
+__all__ = [
+    "DemoCertificate",
+    "LoadedCertificate",
+    "issue_demo_certificate",
+    "name_matches",
+    "read_certificates",
+    "resolve",
+]

@@ -70,6 +70,13 @@ def _summary(config: Config) -> str:
         + f", {len(edge.cache.rules)} cache rule(s), compression "
         + ("on" if edge.compression.enabled else "off")
     )
+    if edge.tls is not None:
+        names = ", ".join(n for c in edge.tls.certificates for n in c.names) or "from the SANs"
+        lines.append(
+            f"edge tls: {edge.tls.listen}, {len(edge.tls.certificates)} certificate(s)"
+            f" ({names}), {edge.tls.min_version}+, ALPN "
+            + ("h2, http/1.1" if edge.http2.enabled else "http/1.1")
+        )
     ls = config.listeners
     lines.append(
         f"listeners: edge {ls.edge}, edge admin {ls.edge_admin}, dns {ls.dns},"

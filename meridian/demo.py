@@ -78,10 +78,35 @@ def _available(module: str) -> bool:
         return False
 
 
+#: The demo's HTTPS listener is the edge's port plus this (8080 -> 8443).
+HTTPS_PORT_OFFSET = 363
+
+
+def _with_https(data: dict[str, Any], workdir: Path) -> Path | None:
+    """An ``edge.tls`` listener with a certificate made now for the demo's API name (and
+    localhost, 127.0.0.1), unless the config has one; returns the CA to trust, if made."""
+    edge = data.get("edge")
+    if not isinstance(edge, dict) or edge.get("tls"):
+        return None
+    from meridian.certs import issue_demo_certificate
+
+    listen = str((data.get("listeners") or {}).get("edge", "127.0.0.1:8080"))
+    host, _, port = listen.rpartition(":")
+    zone = str((data.get("dns") or {}).get("zone", "meridian.test")).rstrip(".")
+    made = issue_demo_certificate(workdir, [f"api.{zone}", "localhost"], ["127.0.0.1"])
+    edge["tls"] = {
+        "listen": f"{host}:{int(port) + HTTPS_PORT_OFFSET}",
+        "certificates": [{"cert": str(made.cert), "key": str(made.key)}],
+    }
+    return made.ca
+
+
 def run(args: argparse.Namespace) -> int:
     source = Path(args.config) if args.config else packaged_demo_config()
     data = yaml.safe_load(source.read_text(encoding="utf-8"))
     data = shift_ports(data, args.port_offset)
+    workdir = Path(tempfile.mkdtemp(prefix="meridian-demo-"))
+    demo_ca = _with_https(data, workdir)
     try:
         config = parse_config(data, str(source))
         config.pop(args.pop)
@@ -93,7 +118,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{source}: --pop {args.pop!r} is not a POP of this config", file=sys.stderr)
         return 2
 
-    workdir = Path(tempfile.mkdtemp(prefix="meridian-demo-"))
     config_path = workdir / "demo.yaml"
     config_path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     base = [sys.executable, "-m", "meridian.cli"]
@@ -138,6 +162,12 @@ def run(args: argparse.Namespace) -> int:
                 log.error("demo_start_failed", addr=f"{host}:{port}")
                 return 1
         first = config.regions[0].backends[0]
+        tls = config.edge.tls
+        https_name = f"api.{config.dns.zone.rstrip('.')}"
+        if "edge" in started and tls is not None:
+            if not wait_for_port(tls.listen.host, tls.listen.port, deadline):
+                log.error("demo_start_failed", addr=str(tls.listen))
+                return 1
         dig = f"dig @{ls.dns.host} -p {ls.dns.port}"
         print(
             f"\nMeridian demo is up (POP {args.pop}; {', '.join(started)}).  Try:\n"
@@ -148,6 +178,15 @@ def run(args: argparse.Namespace) -> int:
                 f" http://{ls.edge}/api/v1/depth/BTC-USD\n"
                 f"  curl -s http://{ls.edge_admin}/metrics | grep meridian_\n"
                 if "edge" in started
+                else ""
+            )
+            + (
+                f"  curl -si --http2 --cacert {demo_ca} --resolve {https_name}:"
+                f"{tls.listen.port}:{tls.listen.host}"
+                f" https://{https_name}:{tls.listen.port}/api/v1/ticker/BTC-USD   # HTTPS, h2\n"
+                f"  curl -s --http2-prior-knowledge http://{ls.edge}/api/v1/ticker/BTC-USD"
+                "   # h2c\n"
+                if "edge" in started and tls is not None and demo_ca is not None
                 else ""
             )
             + (

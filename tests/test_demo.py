@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -104,11 +105,29 @@ def test_demo_serves_market_data_through_the_edge_and_answers_dns(
         addresses = [r.address for rrset in reply.answer for r in rrset]
         assert addresses == [expected], (subnet, addresses)
 
+    # HTTPS (ALPN h2 or http/1.1) with the certificate the demo made at start.
+    assert proc.stdout is not None
+    ca = ""
+    for line in proc.stdout:
+        if "--cacert " in line:
+            ca = line.split("--cacert ", 1)[1].split()[0]
+            break
+    context = ssl.create_default_context(cafile=ca)
+    with (
+        socket.create_connection(("127.0.0.1", 8443 + offset), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="api.meridian.test") as tls,
+    ):
+        tls.sendall(
+            b"GET /api/v1/ticker/BTC-USD HTTP/1.1\r\nHost: api.meridian.test\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        assert tls.recv(12) == b"HTTP/1.1 200"
+
     # Ctrl-C stops everything, cleanly.
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 0
     deadline = time.monotonic() + 10
-    ports = [p + offset for p in (8080, 9100, 9153, 9001, 9002, 9003)]
+    ports = [p + offset for p in (8080, 8443, 9100, 9153, 9001, 9002, 9003)]
     while any(_listening(p) for p in ports):
         assert time.monotonic() < deadline, "a demo process outlived the demo"
         time.sleep(0.1)
