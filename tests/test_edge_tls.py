@@ -297,3 +297,28 @@ def test_a_reload_with_a_bad_certificate_keeps_the_old_one(tmp_path):
         edge.wait_for_log(r"event=config_reload_rejected reason=.*is not the key of")
         status, _ = https_get(port, good.ca, "api.meridian.test", "/echo")
         assert status == 200
+
+
+def test_workers_share_the_tls_listener(tmp_path):
+    ca = trustme.CA()
+    files = issue(ca, tmp_path, "api", "api.meridian.test")
+    with processes() as procs:
+        origin = Origin("us-east", tmp_path, echo=True)
+        config, port = tls_config(
+            tmp_path / "edge.yaml",
+            origin.url,
+            [{"cert": str(files.cert), "key": str(files.key)}],
+        )
+        edge = Edge(config, "iad", tmp_path, workers=2)
+        procs += [origin, edge]
+        origin.ready()
+        edge.wait_for_log(r"event=edge_tls_listening.*worker=1")
+        edge.wait_for_log(r"event=edge_tls_listening.*worker=0")
+        for _ in range(10):
+            status, _ = https_get(port, files.ca, "api.meridian.test", "/echo")
+            assert status == 200
+        # The listening socket is the supervisor's: a SIGHUP reload reaches every worker.
+        edge.signal(signal.SIGHUP)
+        edge.wait_for_log(r"event=tls_reloaded")
+        status, _ = https_get(port, files.ca, "api.meridian.test", "/echo")
+        assert status == 200
