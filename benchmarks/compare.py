@@ -724,6 +724,7 @@ class MeridianEdge(HttpPeer):
         for region in data["regions"].values():
             region["backends"] = [f"http://{self.origin.addr}"]
         data["edge"]["cache"]["memory"] = f"{PEER_CACHE_MIB}MiB"
+        data["edge"]["access_log"] = False  # as nginx here (access_log off)
         admin_port = self.admin_port = free_port()
         config = self.workdir / "edge.yaml"
         config.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -77,6 +77,15 @@ REQUEST_HEADS: Final = MemoSpec(
     cleared_by="a config reload (a new EdgeState); the chunk's bytes are the whole key",
     bound=4096,
 )
+FIRST_SIGHTS: Final = MemoSpec(
+    name="first sights",
+    owner="edge.state.EdgeState.first_sights (edge.protocol.EdgeConnection._fast_path)",
+    key="the hash of a request head's bytes (or of its MeaningKey) seen once",
+    value="None: a head is memoised in REQUEST_HEADS on its second sight, so traffic spread "
+    "over more keys than the memo holds does not churn it (a collision only memoises early)",
+    cleared_by="a config reload (a new EdgeState)",
+    bound=16384,
+)
 ROUTES: Final = MemoSpec(
     name="routes",
     owner="edge.state.EdgeState.route_memo (EdgeState.route)",
@@ -223,6 +232,7 @@ ACCESS_LOG_MIDDLES: Final = MemoSpec(
 #: Every memo above, for the tests and for readers.
 MEMOS: Final = (
     REQUEST_HEADS,
+    FIRST_SIGHTS,
     ROUTES,
     FILL_HEADERS,
     HIT_REPLAYS,

@@ -59,6 +59,7 @@ from edge.http1 import (
     serialize_head,
     valid_request_id,
 )
+from edge.memos import BoundedMemo
 from edge.pipeline import EdgeState, Pipeline, ProxyRequest, RequestHead
 from edge.request_target import check_trailer, decide_target, screen_headers
 from meridian.log import get_logger
@@ -93,17 +94,29 @@ _PLAIN_CONNECTION = frozenset(
 _VERSIONS = frozenset({"1.1", "1.0"})
 
 
-#: Raw request chunks remembered per config snapshot, and the largest one remembered.
-REQUEST_HEADS_SIZE = 4096
+#: The largest request chunk remembered (``edge.memos.REQUEST_HEADS`` bounds how many).
 REQUEST_HEAD_MAX_BYTES = 2048
 
 
-def remember_head(heads: dict[bytes, RequestHead], data: bytes, head: RequestHead) -> None:
+def remember_head(heads: BoundedMemo[bytes, RequestHead], data: bytes, head: RequestHead) -> None:
     if len(data) > REQUEST_HEAD_MAX_BYTES:
         return
-    if len(heads) >= REQUEST_HEADS_SIZE:
+    if len(heads) >= heads.bound:
         heads.clear()  # bounded without bookkeeping: it refills with what is hot
     heads[data] = head
+
+
+def seen_before(first_sights: BoundedMemo[int, None], data: bytes) -> bool:
+    """Whether ``data`` (a head, or its meaning key) was seen since the memo was last cleared;
+    notes it if not.  A head is memoised on its second sight: traffic spread over more keys
+    than ``REQUEST_HEADS`` holds would only churn it (and the collector) otherwise."""
+    digest = hash(data)  # cached in the bytes object: the memo lookups computed it already
+    if digest in first_sights:
+        return True
+    if len(first_sights) >= first_sights.bound:
+        first_sights.clear()
+    first_sights[digest] = None
+    return False
 
 
 class StreamedBody:
@@ -466,8 +479,13 @@ class EdgeConnection(asyncio.Protocol):
             head = self._head_seen
             if head is not None:
                 self._head_seen = None
-                if at_boundary and self._chunk_messages == 1 and not self._reading_head:
-                    # The chunk was exactly one request: remember its parsed head.
+                if (
+                    at_boundary
+                    and self._chunk_messages == 1
+                    and not self._reading_head
+                    and seen_before(self._pipeline.state.first_sights, data)
+                ):
+                    # The chunk was exactly one request, seen before: remember its parsed head.
                     remember_head(self._pipeline.state.request_heads, data, head)
         except httptools.HttpParserUpgrade as upgrade:
             self._upgraded(data[int(upgrade.args[0]) :])
@@ -719,8 +737,11 @@ class EdgeConnection(asyncio.Protocol):
         if simple is None:
             return False
         head = RequestHead(*simple)
-        remember_head(heads, key, head)
-        self._replay(head)
+        if seen_before(state.first_sights, key):
+            remember_head(heads, key, head)
+            self._replay(head)
+        else:
+            self._replay(head, memoised=False)
         return True
 
     def _write_prebuilt(self, wire: bytes) -> None:
@@ -729,9 +750,11 @@ class EdgeConnection(asyncio.Protocol):
             self.bytes_sent += len(wire)
         self._set_deadline(_DEADLINE_IDLE)
 
-    def _replay(self, head: RequestHead) -> None:
+    def _replay(self, head: RequestHead, *, memoised: bool = True) -> None:
         """A request whose exact bytes were parsed and validated before: no parser, no
-        callbacks (the parser stays at the message boundary it was at)."""
+        callbacks (the parser stays at the message boundary it was at).  ``memoised``: the
+        head lives in ``request_heads``, so what the hit path derives from it is kept on it;
+        a head seen once goes through as if llhttp had parsed it."""
         supplied = head.supplied_id
         request = ProxyRequest(
             head.method,
@@ -746,7 +769,7 @@ class EdgeConnection(asyncio.Protocol):
             supplied if supplied is not None else new_request_id(),
             self._pipeline.clock(),
             supplied is not None,
-            head,
+            head if memoised else None,
         )
         prebuilt = self._pipeline.fast_response(request)
         if prebuilt is not None and self._transport is not None:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from edge.cache import HitMemo, Prepared
 from edge.http1 import HOP_BY_HOP, Headers, head_budget, via_value
-from edge.memos import FILL_HEADERS, REQUEST_HEADS, ROUTES, BoundedMemo
+from edge.memos import FILL_HEADERS, FIRST_SIGHTS, REQUEST_HEADS, ROUTES, BoundedMemo
 from edge.router import Router, RouteTarget, normalise_host
 from meridian.config import Config
 
@@ -51,6 +51,8 @@ class EdgeState:
     request_heads: BoundedMemo[bytes, RequestHead] = field(
         default_factory=lambda: BoundedMemo(REQUEST_HEADS)
     )
+    #: ``edge.memos.FIRST_SIGHTS``: hashes of heads seen once (memoised on a second sight).
+    first_sights: BoundedMemo[int, None] = field(default_factory=lambda: BoundedMemo(FIRST_SIGHTS))
     #: ``edge.memos.ROUTES``: (Host header, path) -> route; dropped with the snapshot.
     route_memo: BoundedMemo[tuple[bytes | None, str], RouteTarget | None] = field(
         default_factory=lambda: BoundedMemo(ROUTES)

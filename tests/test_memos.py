@@ -62,13 +62,20 @@ def _fill_route(state: EdgeState, n: int) -> BoundedMemo[Any, Any]:
 
 
 def _fill_request_heads(state: EdgeState, n: int) -> BoundedMemo[Any, Any]:
-    from edge.protocol import REQUEST_HEADS_SIZE, remember_head
+    from edge.protocol import remember_head
 
-    assert memos.REQUEST_HEADS.bound == REQUEST_HEADS_SIZE  # the protocol's own constant agrees
     head = RequestHead("GET", b"/", "/", b"h", [], None)
     for i in range(n):
         remember_head(state.request_heads, b"GET /%d HTTP/1.1\r\n\r\n" % i, head)
     return state.request_heads
+
+
+def _fill_first_sights(state: EdgeState, n: int) -> BoundedMemo[Any, Any]:
+    from edge.protocol import seen_before
+
+    for i in range(n):
+        assert not seen_before(state.first_sights, b"GET /%d HTTP/1.1\r\n\r\n" % i)
+    return state.first_sights
 
 
 def _fill_fill_headers(n: int) -> BoundedMemo[Any, Any]:
@@ -144,6 +151,7 @@ def _upstream_urls(n: int) -> BoundedMemo[Any, Any]:
 DICT_MEMOS: dict[MemoSpec, Callable[[int], BoundedMemo[Any, Any]]] = {
     memos.ROUTES: lambda n: _fill_route(_state(), n),
     memos.REQUEST_HEADS: lambda n: _fill_request_heads(_state(), n),
+    memos.FIRST_SIGHTS: lambda n: _fill_first_sights(_state(), n),
     memos.FILL_HEADERS: _fill_fill_headers,
     memos.SERVED_CODINGS: _fill_codings,
     memos.BYPASS_LOOKUPS: _fill_bypass,

@@ -1,0 +1,184 @@
+"""The edge's HTTP/1.1 cache-hit path in one process: CPU per request, without sockets.
+
+    python -m benchmarks.hitpath [--requests 200000] [--keys 100000] [--rounds 3]
+
+The real front end (``edge.protocol.EdgeConnection``) and pipeline, fed request bytes through
+``data_received`` on a fake transport (``tests.stage_support``: a scripted upstream fills the
+cache).  The cache's clock advances 100 µs per request (10,000 requests a second), so Age
+ticks and cached response forms are rebuilt as they are under real load.  Scenarios, as in
+``benchmarks.compare``:
+
+* identity - the same request bytes every time (the edge replays its memo of request heads);
+* varied   - one ticker, with User-Agent, Cookie and X-Request-Id new on every request;
+* spread   - ``--keys`` distinct keys picked at random, headers varied as above.
+
+Prints CPU µs per request (``time.process_time``: this process only, so other work on the
+machine moves it little) per round and the best round.  What it leaves out: the kernel's socket
+work and the event loop's dispatch, which ``benchmarks.compare`` measures end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from edge.protocol import Connections, EdgeConnection
+from edge.server import _settle_garbage_collector as settle_garbage_collector
+from tests.stage_support import Reply, world
+
+#: About 2 KB of ticker JSON, cacheable for longer than any run.
+BODY = (
+    b'{"symbol":"BTC-USD","bids":['
+    + b",".join(b'["%d.%02d","%d.%04d"]' % (97000 - i, i, i, i * 7) for i in range(60))
+    + b"]}"
+)
+HEADERS = [(b"Content-Type", b"application/json"), (b"Cache-Control", b"public, max-age=3600")]
+BROWSER = (
+    b"Accept: application/json\r\nAccept-Language: en-US,en;q=0.9\r\nAccept-Encoding: identity\r\n"
+)
+
+
+class CountingTransport(asyncio.Transport):
+    """Counts what the edge writes and keeps nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+        self.bytes = 0
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("192.0.2.7", 50000) if name == "peername" else default
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes += 1
+        self.bytes += len(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def identity() -> Iterator[bytes]:
+    head = b"GET /api/v1/ticker/K0 HTTP/1.1\r\nHost: example.test\r\n" + BROWSER + b"\r\n"
+    while True:
+        yield head
+
+
+def varied(keys: int, seed: int = 7) -> Iterator[bytes]:
+    rng = random.Random(seed)
+    n = 0
+    while True:
+        n += 1
+        key = rng.randrange(keys) if keys else 0
+        yield (
+            b"GET /api/v1/ticker/K%d HTTP/1.1\r\nHost: example.test\r\n" % key
+            + BROWSER
+            + b"User-Agent: Mozilla/5.0 (X11; Linux x86_64) sdk/%d\r\n" % (n % 977)
+            + b"Cookie: session=%016x\r\n" % rng.getrandbits(64)
+            + b"X-Request-Id: req-%d\r\n\r\n" % n
+        )
+
+
+async def measure(
+    requests: int,
+    keys: int,
+    rounds: int,
+    access_log: bool = False,
+    only: tuple[str, ...] = (),
+    profile: Callable[[bool], None] | None = None,
+) -> dict[str, list[float]]:
+    w = world({"http://u1": [Reply(headers=HEADERS, chunks=(BODY,))]})
+    w.pipeline.access_log.configure(access_log)
+    clock = w.cache_clock
+    connections = Connections(w.pipeline, asyncio.get_running_loop())
+    transport = CountingTransport()
+    connection: EdgeConnection = connections.factory()
+    connection.connection_made(transport)
+
+    async def fill(count: int) -> None:
+        for key in range(count):
+            before = transport.writes
+            connection.data_received(
+                b"GET /api/v1/ticker/K%d HTTP/1.1\r\nHost: example.test\r\n" % key
+                + BROWSER
+                + b"\r\n"
+            )
+            for _ in range(1000):
+                if transport.writes > before:
+                    break
+                await asyncio.sleep(0)
+            else:
+                raise RuntimeError(f"key {key} was not answered")
+
+    await fill(max(keys, 1))
+    # The collector as an edge worker sets it (``edge.server``): heap frozen once set up,
+    # young generation every GC_THRESHOLDS[0] net allocations.
+    settle_garbage_collector()
+    figures: dict[str, list[float]] = {}
+    scenarios: dict[str, Callable[[], Iterator[bytes]]] = {
+        "identity": identity,
+        "varied": lambda: varied(1),
+        "spread": lambda: varied(keys),
+    }
+    for name, make in scenarios.items():
+        if only and name not in only:
+            continue
+        for _ in range(rounds):
+            heads = make()
+            batch = [next(heads) for _ in range(requests)]
+            before = transport.writes
+            if profile is not None:
+                profile(True)
+            started = time.process_time()
+            for data in batch:
+                clock.advance(0.0001)
+                connection.data_received(data)
+            spent = time.process_time() - started
+            if profile is not None:
+                profile(False)
+            answered = transport.writes - before
+            if answered != requests:
+                raise RuntimeError(f"{name}: {requests - answered} requests not hits")
+            figures.setdefault(name, []).append(spent / requests * 1e6)
+    connection.connection_lost(None)
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=200_000)
+    parser.add_argument("--keys", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--access-log", action="store_true", help="one access line per request (off: as nginx)"
+    )
+    args = parser.parse_args(argv)
+    figures = asyncio.run(measure(args.requests, args.keys, args.rounds, args.access_log))
+    print(f"edge hit path in one process: {args.requests:,} requests a round, {args.keys:,} keys")
+    for name, values in figures.items():
+        rounds = "  ".join(f"{v:6.2f}" for v in values)
+        print(f"  {name:9s} CPU µs/request  best {min(values):6.2f}   rounds {rounds}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
