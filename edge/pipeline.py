@@ -27,12 +27,12 @@ half-way.
 
 What a miss costs is kept to what is needed: the edge's own upstream client
 (``edge.upstream_client``: pooled keep-alive connections, header lines sent as the bytes they
-arrived as, one deadline sweep instead of a timer per request), no timer per client request either (the total
-deadline is the connection sweep's, see ``ResponseSink.expire_after``), metrics as plain numbers
-turned into Prometheus families on scrape (``edge.admin``), access lines formatted at flush,
-upstream header lines built once per memoised request head and client address
-(``stages.fill.fill_headers``), NamedTuples rather than frozen dataclasses for the objects made
-per request.
+arrived as, one deadline sweep instead of a timer per request), no timer per client request
+either (the total deadline is the connection sweep's, see ``ResponseSink.expire_after``),
+metrics as plain numbers turned into Prometheus families on scrape (``edge.admin``), access
+lines formatted at flush, upstream header lines built once per memoised request head and
+client address (``stages.fill.fill_headers``), NamedTuples rather than frozen dataclasses for
+the objects made per request.
 """
 
 from __future__ import annotations
