@@ -39,6 +39,7 @@ from tests.edge_support import (
     http_request,
     parse_response,
     raw_exchange,
+    read_until_close,
     region,
     write_config,
 )
@@ -349,7 +350,11 @@ def edged(
         {"eu-central": region(50.11, 8.68, [first.url, second.url, dead])},
         health={"interval": "30s", "fast_interval": "30s"},
         outlier={"enabled": False},
-        edge={"timeouts": {"first_byte": "1s"}, "upstream": {"read_timeout": "1s"}},
+        edge={
+            "timeouts": {"first_byte": "1s", "client_body": "60s"},
+            "upstream": {"read_timeout": "1s"},
+            "limits": {"max_body": "64MiB"},
+        },
     )
     edge = Edge(config, "fra", tmp)
     try:
@@ -458,6 +463,33 @@ def test_a_slow_client_of_a_100_mib_body_keeps_the_edge_rss_flat(
                 peak = max(peak, _rss(edge.pid))
                 time.sleep(0.002)  # a slow reader
     assert received > size  # the head and every byte of the body
+    assert peak - baseline < 32 * 2**20, f"edge RSS grew {(peak - baseline) / 2**20:.1f} MiB"
+
+
+def test_a_fast_upload_to_a_slow_origin_keeps_the_edge_rss_flat(
+    edged: tuple[Edge, RawOrigin, RawOrigin, str],
+) -> None:
+    """The reverse direction: the upstream's writes wait to drain before more of the client's
+    body is read, so the client is held back, not buffered."""
+    edge, first, second, _ = edged
+    before = _both((first, second), "/slow-read")
+    http_request(edge.port, "GET", "/ok?size=11")
+    baseline = peak = _rss(edge.pid)
+    size = 48 * 2**20
+    piece = b"u" * 2**16
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=30) as sock:
+        sock.sendall(
+            b"PUT /slow-read HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n" % size
+        )
+        for index in range(size // len(piece)):
+            sock.sendall(piece)  # as fast as the edge takes it
+            if index % 32 == 0:
+                peak = max(peak, _rss(edge.pid))
+        raw = read_until_close(sock, 30)
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
+    assert raw.endswith(b"read")
+    assert _both((first, second), "/slow-read") - before == 1
     assert peak - baseline < 32 * 2**20, f"edge RSS grew {(peak - baseline) / 2**20:.1f} MiB"
 
 

@@ -16,6 +16,7 @@ it accepted and the requests per path, and misbehaves on purpose by path:
 ``/close-delimited``      no length: the body ends with the connection
 ``/big?mb=N``             N MiB of body, written as the reader takes it
 ``/echo-body``            the request body's length and SHA-256 (chunked or with length)
+``/slow-read``            reads a Content-Length body 64 KiB every 5 ms, then 200 "read"
 ``/stats``                {"connections": accepted, "paths": {path: requests}} (not counted)
 ``/healthz``              200 (not counted)
 
@@ -78,8 +79,21 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 if line:
                     name, _, value = line.partition(":")
                     head[name.strip().lower()] = value.strip()
-            body = await _read_body(reader, head)
             url = urlsplit(target)
+            if url.path == "/slow-read":
+                # Reads the body slowly (64 KiB every 5 ms), counting it, then answers.
+                PATHS["/slow-read"] = PATHS.get("/slow-read", 0) + 1
+                left = int(head.get("content-length", "0"))
+                while left:
+                    piece = await reader.read(min(left, 65536))
+                    if not piece:
+                        return
+                    left -= len(piece)
+                    await asyncio.sleep(0.005)
+                writer.write(_response(200, b"read", "cache-control: no-store\r\n"))
+                await writer.drain()
+                continue
+            body = await _read_body(reader, head)
             query = {k: v[0] for k, v in parse_qs(url.query).items()}
             path = url.path
             if path in ("/stats", "/healthz"):
