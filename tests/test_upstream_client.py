@@ -16,6 +16,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -508,3 +509,35 @@ def test_the_edge_reports_upstream_connections(
 
 
 __all__ = ["RawOrigin", "parse_response"]
+
+
+def test_requests_over_pool_size_wait_for_a_connection_and_never_open_more(
+    tmp_path: Path,
+) -> None:
+    origin = RawOrigin(tmp_path, "limited")
+    config = write_config(
+        tmp_path / "config.yaml",
+        {"eu-central": region(50.11, 8.68, [origin.url])},
+        health={"interval": "30s", "fast_interval": "30s"},
+        edge={"pool_size": 2},
+    )
+    edge = Edge(config, "fra", tmp_path)
+    try:
+        edge.ready()
+        before = origin.connections()
+
+        def one(index: int) -> int:
+            status, _, _ = http_request(edge.port, "GET", f"/slow-head?ms=300&i={index}")
+            return status
+
+        with ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(one, range(6)))
+        assert statuses == [200] * 6
+        assert origin.count("/slow-head") == 6
+        # Two at a time, on two connections (plus at most the start's health check).
+        assert origin.connections() - before <= 2
+        assert edge.metric("meridian_edge_upstream_connections_created_total") == 2
+        assert edge.metric("meridian_edge_upstream_pool_waits_total") >= 4
+    finally:
+        edge.stop()
+        origin.stop()
