@@ -28,7 +28,7 @@ from typing import Any
 
 from edge.protocol import Connections, EdgeConnection
 from edge.server import _settle_garbage_collector as settle_garbage_collector
-from tests.stage_support import Reply, world
+from tests.stage_support import Reply, make_config, world
 
 #: About 2 KB of ticker JSON, cacheable for longer than any run.
 BODY = (
@@ -106,7 +106,9 @@ async def measure(
     only: tuple[str, ...] = (),
     profile: Callable[[bool], None] | None = None,
 ) -> dict[str, list[float]]:
-    w = world({"http://u1": [Reply(headers=HEADERS, chunks=(BODY,))]})
+    # Room for every key, as benchmarks.compare gives each peer (PEER_CACHE_MIB).
+    config = make_config(cache={"memory": "1GiB"})
+    w = world({"http://u1": [Reply(headers=HEADERS, chunks=(BODY,))]}, config=config)
     w.pipeline.access_log.configure(access_log)
     clock = w.cache_clock
     connections = Connections(w.pipeline, asyncio.get_running_loop())
