@@ -151,6 +151,7 @@ class Connection(asyncio.Protocol):
         "pool",
         "reader",
         "requests",
+        "spare",
         "transport",
         "used_at",
         "write_paused",
@@ -162,6 +163,8 @@ class Connection(asyncio.Protocol):
         self.limits = pool.limits
         self.transport: asyncio.Transport | None = None
         self.reader: ResponseReader | None = None
+        #: The last exchange's reader, whose parser the next may reuse (``ResponseReader.next``).
+        self.spare: ResponseReader | None = None
         self.error: BaseException | None = None
         self.closed = False
         self.paused = False
@@ -307,7 +310,12 @@ class Connection(asyncio.Protocol):
         """Write the request, wait for the response head.  Raises ``UpstreamError``."""
         transport = self.transport
         assert transport is not None
-        reader = self.reader = ResponseReader(head_request=head_request)
+        spare = self.spare
+        reader = self.reader = (
+            ResponseReader(head_request=head_request)
+            if spare is None
+            else spare.next(head_request=head_request)
+        )
         self.requests += 1
         if body is None or isinstance(body, bytes):
             transport.write(head + body if body else head)  # one write, one segment
@@ -384,6 +392,7 @@ class Connection(asyncio.Protocol):
         """The exchange is over: back to the pool when whole and reusable, else closed."""
         reader = self.reader
         self.reader = None
+        self.spare = reader
         self._cancel_timer()
         if (
             reader is None

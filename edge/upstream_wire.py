@@ -105,8 +105,9 @@ class _Stop(Exception):
 class ResponseReader:
     """The parse of one response (interim 1xx heads included); see the module docstring.
 
-    One reader per response: a parser costs 0.3 us, and a fresh one cannot carry state from
-    a previous message into this one."""
+    A connection's next response reuses the reader (``next``) only when llhttp ended the last
+    message itself and the connection stayed reusable; anything else gets a fresh parser, so
+    no state of a doubtful message carries into the next."""
 
     __slots__ = (
         "_chunked",
@@ -122,12 +123,28 @@ class ResponseReader:
         "complete",
         "head",
         "head_request",
+        "parser_clean",
         "reusable",
     )
 
     def __init__(self, *, head_request: bool = False) -> None:
-        self.head_request = head_request
         self._parser = httptools.HttpResponseParser(self)
+        #: llhttp itself ended the message (not this reader's HEAD/204/304 cut): its parser
+        #: is back at a message boundary and may read the connection's next response.
+        self.parser_clean = False
+        self._start(head_request)
+
+    def next(self, *, head_request: bool = False) -> ResponseReader:
+        """A reader for the connection's next response: this one reset, keeping its parser,
+        when that parser ended the last message cleanly; a new one otherwise."""
+        if not (self.parser_clean and self.reusable):
+            return ResponseReader(head_request=head_request)
+        self._start(head_request)
+        return self
+
+    def _start(self, head_request: bool) -> None:
+        self.head_request = head_request
+        self.parser_clean = False
         self.head: ResponseHead | None = None
         #: Body pieces parsed and not yet taken, and their size.
         self.body: list[bytes] = []
@@ -267,6 +284,7 @@ class ResponseReader:
     def on_message_complete(self) -> None:
         if self.head is None:
             return  # the end of an interim 1xx message
+        self.parser_clean = not self.head_request
         self._finish()
 
     def _finish(self) -> None:

@@ -252,3 +252,24 @@ def test_request_heads_carry_the_lines_as_given_and_a_host_only_when_missing() -
     bare = encode_head(b"GET", b"/", b"", b"10.0.0.1:8080", b"")
     assert bare == b"GET / HTTP/1.1\r\nhost: 10.0.0.1:8080\r\n\r\n"
     assert chunk(b"abc") == b"3\r\nabc\r\n"
+
+
+@given(first=bodies, second=bodies, chunked=st.booleans())
+def test_a_reader_is_reused_only_after_a_message_its_parser_ended(
+    first: bytes, second: bytes, chunked: bool
+) -> None:
+    def answer(body: bytes) -> bytes:
+        if chunked:
+            framed = (chunk(body) if body else b"") + b"0\r\n\r\n"
+            return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + framed
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
+    reader, got = _read(answer(first))
+    assert got == first and reader.reusable and reader.parser_clean
+    again = reader.next()
+    assert again is reader and again.head is None and not again.complete
+    again.feed(answer(second))
+    assert again.take() == second and again.complete and again.reusable
+    # After a HEAD the parser still expects the declared body: never reused.
+    head, _ = _read(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", head_request=True)
+    assert head.reusable and not head.parser_clean and head.next() is not head

@@ -18,7 +18,7 @@ it accepted and the requests per path, and misbehaves on purpose by path:
 ``/echo-body``            the request body's length and SHA-256 (chunked or with length)
 ``/slow-read``            reads a Content-Length body 64 KiB every 5 ms, then 200 "read"
 ``/stats``                {"connections": accepted, "paths": {path: requests}} (not counted)
-``/healthz``              200 (not counted)
+``/healthz``              200 (counted: each health check comes on a connection of its own)
 
 ``/ok`` answers HEAD with its head alone; ``Connection: close`` is honoured after any answer.
 
@@ -96,6 +96,8 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             body = await _read_body(reader, head)
             query = {k: v[0] for k, v in parse_qs(url.query).items()}
             path = url.path
+            if path == "/healthz":
+                PATHS[path] = PATHS.get(path, 0) + 1
             if path in ("/stats", "/healthz"):
                 data = json.dumps({"connections": CONNECTIONS, "paths": PATHS}).encode()
                 writer.write(_response(200, data, "cache-control: no-store\r\n"))
