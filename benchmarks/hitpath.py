@@ -33,7 +33,7 @@ from tests.stage_support import Reply, make_config, world
 #: About 2 KB of ticker JSON, cacheable for longer than any run.
 BODY = (
     b'{"symbol":"BTC-USD","bids":['
-    + b",".join(b'["%d.%02d","%d.%04d"]' % (97000 - i, i, i, i * 7) for i in range(60))
+    + b",".join(b'["%d.%02d","%d.%04d"]' % (97000 - i, i, i, i * 7) for i in range(88))
     + b"]}"
 )
 HEADERS = [(b"Content-Type", b"application/json"), (b"Cache-Control", b"public, max-age=3600")]
