@@ -280,6 +280,7 @@ class UpstreamMetrics(Collector):
             ("open", "Upstream connections open, per backend.", stats.open),
             ("created", "Upstream connections made, per backend.", stats.created),
             ("reused", "Requests sent on a kept-alive connection, per backend.", stats.reused),
+            ("resumed", "TLS connections that resumed a session, per backend.", stats.resumed),
         ):
             family: Metric
             if name == "open":

@@ -43,7 +43,7 @@ from edge.upstream_wire import (
     has_host,
 )
 from meridian.log import get_logger
-from meridian.origin_tls import verify_reason
+from meridian.origin_tls import ResumingContext, verify_reason
 
 log = get_logger("edge")
 
@@ -114,10 +114,12 @@ class Backend:
 class ClientStats:
     """Counters per backend, read on scrape (plain numbers: no lock per request)."""
 
-    __slots__ = ("connect_seconds", "created", "first_byte_seconds", "open", "reused")
+    __slots__ = ("connect_seconds", "created", "first_byte_seconds", "open", "resumed", "reused")
 
     def __init__(self) -> None:
         self.created: dict[str, int] = {}
+        #: TLS connections whose handshake resumed an earlier session.
+        self.resumed: dict[str, int] = {}
         self.reused: dict[str, int] = {}
         self.open: dict[str, int] = {}
         #: Sum and count of connect and first-byte latencies, per backend.
@@ -151,6 +153,7 @@ class Connection(asyncio.Protocol):
         "pool",
         "reader",
         "requests",
+        "session_kept",
         "spare",
         "transport",
         "used_at",
@@ -170,6 +173,8 @@ class Connection(asyncio.Protocol):
         self.paused = False
         self.write_paused = False
         self.requests = 0
+        #: Its TLS session was looked at (once per connection, ``BackendPool.put_idle``).
+        self.session_kept = False
         self.used_at = 0.0
         self.last_read = 0.0
         self.deadline_kind = ""
@@ -395,6 +400,14 @@ class Connection(asyncio.Protocol):
         self.spare = reader
         self._cancel_timer()
         if (
+            reader is not None
+            and reader.complete
+            and not self.session_kept
+            and self.pool.tls is not None
+            and not self.closed
+        ):
+            self.pool.keep_session(self)
+        if (
             reader is None
             or not reader.complete
             or not reader.reusable
@@ -529,10 +542,27 @@ class BackendPool:
 
     def put_idle(self, connection: Connection) -> None:
         connection.used_at = self.loop.time()
+
         idle = self.idle
         idle.append(connection)
         if len(idle) > self.limits.max_idle:
             idle.popleft().close()  # the coldest goes
+
+    def keep_session(self, connection: Connection) -> None:
+        """After a whole response on a TLS connection (a TLS 1.3 ticket has come by then): its
+        session is offered by the backend's next handshake (``ResumingContext``)."""
+        tls = self.tls
+        connection.session_kept = True
+        transport = connection.transport
+        ssl_object = None if transport is None else transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return
+        if ssl_object.session_reused:
+            stats = self.stats
+            stats.resumed[self.backend.url] = stats.resumed.get(self.backend.url, 0) + 1
+        session = ssl_object.session
+        if session is not None and isinstance(tls, ResumingContext):
+            tls.session = session
 
     def forget(self, connection: Connection) -> None:
         if connection in self.open:
@@ -561,12 +591,11 @@ class OriginClient:
     def __init__(
         self, limits: ClientLimits, tls: Callable[[], ssl.SSLContext] | None = None
     ) -> None:
-        """``tls``: makes the context for ``https://`` backends (called once, when the first
-        is met: loading the system's CA store takes milliseconds)."""
+        """``tls``: makes the context of an ``https://`` backend (called once per backend, when
+        it is first used)."""
         self.limits = limits
         self.stats = ClientStats()
         self._tls_factory = tls
-        self._tls: ssl.SSLContext | None = None
         self._pools: dict[str, BackendPool] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -595,10 +624,8 @@ class OriginClient:
             backend = Backend.parse(url)
             tls = None
             if backend.tls:
-                if self._tls is None:
-                    factory = self._tls_factory or ssl.create_default_context
-                    self._tls = factory()
-                tls = self._tls
+                # One context per backend: it offers that backend's last session only.
+                tls = (self._tls_factory or ssl.create_default_context)()
             pool = self._pools[url] = BackendPool(
                 backend, self.limits, asyncio.get_running_loop(), self.stats, tls
             )

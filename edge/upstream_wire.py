@@ -17,7 +17,8 @@ may be an attack:
 * a body with neither length nor chunking ends at the connection's end (close-delimited, never
   reused); a declared length or chunked body cut short by the end is ``UpstreamBodyError``;
 * any byte after the end of the message (a lying Content-Length, a second answer nobody asked
-  for) makes the connection unusable: it is never handed to another request.
+  for) makes the connection unusable: it is never handed to another request (bare CR/LF
+  excepted: llhttp skips those between messages, and no answer can be made of them).
 """
 
 from __future__ import annotations

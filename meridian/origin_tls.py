@@ -21,11 +21,45 @@ if TYPE_CHECKING:
     from meridian.config import UpstreamTls
 
 
-def client_context(tls: UpstreamTls, source: str) -> ssl.SSLContext:
-    """The context for every ``https://`` backend; raises ``ssl.SSLError`` / ``OSError``."""
+class ResumingContext(ssl.SSLContext):
+    """A client context that offers its last session on each new connection (TLS session
+    resumption across one backend's pooled connections: an abbreviated handshake).
+
+    asyncio's ``create_connection`` takes no session; it calls ``wrap_bio`` to start the
+    handshake, so the session is given there.  One context per backend: a session is only ever
+    offered to the server that issued it (the context does not know host and port apart)."""
+
+    #: The session to offer (``remember`` keeps the latest); None: a full handshake.
+    session: ssl.SSLSession | None
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        offered = session or getattr(self, "session", None)
+        return super().wrap_bio(
+            incoming,
+            outgoing,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            session=offered,
+        )
+
+
+def client_context(tls: UpstreamTls, source: str) -> ResumingContext:
+    """A context for ``https://`` backends (one per backend: it resumes that backend's
+    sessions); raises ``ssl.SSLError`` / ``OSError``."""
     ca_file = None if tls.ca_file is None else resolve(tls.ca_file, source)
-    # create_default_context: CERT_REQUIRED and check_hostname on; only TLS 1.2 and up.
-    context = ssl.create_default_context(cafile=ca_file)
+    context = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname on
+    context.session = None
+    if ca_file is None:
+        context.load_default_certs()
+    else:
+        context.load_verify_locations(cafile=ca_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if tls.client_cert is not None:
         key = None if tls.client_key is None else resolve(tls.client_key, source)
@@ -75,4 +109,4 @@ def verify_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-__all__ = ["client_context", "context_problems", "verify_reason"]
+__all__ = ["ResumingContext", "client_context", "context_problems", "verify_reason"]

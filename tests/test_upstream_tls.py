@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -84,8 +85,8 @@ def origins(pki: Pki) -> Iterator[dict[str, RawOrigin]]:
 
 
 @contextlib.asynccontextmanager
-async def _client(tls: UpstreamTls) -> AsyncIterator[OriginClient]:
-    client = OriginClient(LIMITS, tls=lambda: client_context(tls, "<memory>"))
+async def _client(tls: UpstreamTls, limits: ClientLimits = LIMITS) -> AsyncIterator[OriginClient]:
+    client = OriginClient(limits, tls=lambda: client_context(tls, "<memory>"))
     client.start()
     try:
         yield client
@@ -110,6 +111,24 @@ async def test_a_verified_origin_is_reached_over_pooled_tls_connections(
             assert await _body(response) == b"x" * 9
         # One handshake for five requests: the connection is kept alive.
         assert client.stats.created[url] == 1 and client.stats.reused[url] == 4
+
+
+async def test_new_connections_resume_the_backends_tls_session(
+    pki: Pki, origins: dict[str, RawOrigin]
+) -> None:
+    url = origins["good"].url
+    one_each = replace(LIMITS, max_requests=1)  # every request on a new connection
+    async with _client(UpstreamTls(ca_file=str(pki.ca_file)), one_each) as client:
+        for _ in range(4):
+            response = await client.send(url, "GET", b"/ok?size=3", _HEADERS, None)
+            connection = response._connection
+            assert connection is not None and connection.transport is not None
+            ssl_object = connection.transport.get_extra_info("ssl_object")
+            assert ssl_object is not None and ssl_object.version() in ("TLSv1.2", "TLSv1.3")
+            assert await _body(response) == b"xxx"
+        # The first handshake is full; each later one resumes the session it left.
+        assert client.stats.created[url] == 4
+        assert client.stats.resumed.get(url, 0) == 3
 
 
 @pytest.mark.parametrize(

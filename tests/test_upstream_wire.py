@@ -141,10 +141,15 @@ def test_204_and_304_have_no_body_and_bytes_after_them_spoil_the_connection(stat
     assert lying.complete and not lying.reusable and got == b""
 
 
-@given(body=st.binary(min_size=1, max_size=500), extra=st.binary(min_size=1, max_size=50))
+@given(
+    body=st.binary(min_size=1, max_size=500),
+    extra=st.binary(min_size=1, max_size=50).filter(lambda b: b.strip(b"\r\n")),
+)
 def test_bytes_past_the_declared_length_spoil_the_connection_not_the_answer(
     body: bytes, extra: bytes
 ) -> None:
+    # Bare CR/LF between messages llhttp skips without a callback (harmless: no answer can be
+    # made of them); anything else spoils the connection.
     raw = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body + extra
     reader, got = _read(raw)
     assert reader.complete and got == body and not reader.reusable
