@@ -543,3 +543,22 @@ def test_requests_over_pool_size_wait_for_a_connection_and_never_open_more(
     finally:
         edge.stop()
         origin.stop()
+
+
+def test_expect_100_continue_is_answered_by_the_edge_and_the_body_then_forwarded(
+    edged: tuple[Edge, RawOrigin, RawOrigin, str],
+) -> None:
+    edge = edged[0]
+    body = b'{"symbol":"ETH-USD","qty":2}'
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /echo-body HTTP/1.1\r\nHost: a.test\r\nExpect: 100-continue\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        )
+        interim = sock.recv(1024)
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n"), interim
+        sock.sendall(body)
+        status, _, answer = parse_response(read_until_close(sock, 10))
+    assert status == 200
+    echoed = json.loads(answer)
+    assert echoed["length"] == len(body) and echoed["method"] == "POST"
