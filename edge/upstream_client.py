@@ -16,9 +16,16 @@ whole when it came with the head) and ``release()`` gives the connection back.
 * **Backpressure**: a response body is buffered up to ``HIGH_WATER`` bytes, then the upstream
   transport stops reading until the client side has taken it; a streamed request body waits
   for the upstream transport's writes to drain before it reads more from the client.
-* **Failures**: before the head, ``UpstreamFailure`` (CONNECT when no connection could be made:
-  nothing was sent, so even a POST may go elsewhere); after it, ``UpstreamBodyError`` from the
-  body iterator.  A connection that saw anything wrong is closed, never pooled.
+* **Failures**: before the head, ``UpstreamError`` (``UpstreamFailure`` once mapped by
+  ``UpstreamPool``; "connect" when no connection could be made, a certificate that does not
+  verify included: nothing was sent, so even a POST may go elsewhere); after it,
+  ``UpstreamBodyError`` from the body iterator.  A connection that saw anything wrong is
+  closed, never pooled.
+* **TLS** (``https://`` backends): a context per backend from ``meridian.origin_tls`` (verified,
+  SNI and host name from the URL), the handshake inside the connect timeout, and the session
+  of the last whole response offered to the next connection (resumption).
+* **Deadlines** are checked by one sweep every ``SWEEP_EVERY`` over the open connections, not
+  by a timer armed and cancelled per request: a timeout fires up to that much late.
 """
 
 from __future__ import annotations
@@ -173,7 +180,7 @@ class Connection(asyncio.Protocol):
         self.paused = False
         self.write_paused = False
         self.requests = 0
-        #: Its TLS session was looked at (once per connection, ``BackendPool.put_idle``).
+        #: Its TLS session was looked at (once per connection, ``BackendPool.keep_session``).
         self.session_kept = False
         self.used_at = 0.0
         self.last_read = 0.0
