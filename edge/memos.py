@@ -9,6 +9,8 @@ its bound.  When full it is cleared (``policy="clear"``): no bookkeeping per hit
 hot refills within a few requests, which is cheaper than an LRU's reordering on every hit.
 The Accept-Encoding negotiation memo evicts its oldest entry instead (``policy="oldest"``),
 because a few values cover nearly every client and a flood of odd ones should not flush them.
+The rate limits' tables of keys forget idle keys first (``policy="idle"``: a key whose bucket is
+full again needs no memory), then the busy keys nearest to full.
 Pure parsing functions off the hottest path are memoised with ``functools.lru_cache``
 (``policy="lru"``), sized here.
 Owners on hot paths check ``len(memo) >= memo.bound`` inline rather than calling ``remember``.
@@ -40,7 +42,7 @@ class MemoSpec:
     cleared_by: str
     #: Entries at most; when full it is cleared (or its oldest entry evicted).
     bound: int
-    policy: Literal["clear", "oldest", "lru", "slot"] = "clear"
+    policy: Literal["clear", "oldest", "lru", "slot", "idle"] = "clear"
 
 
 class BoundedMemo(dict[K, V]):
@@ -229,6 +231,26 @@ ACCESS_LOG_MIDDLES: Final = MemoSpec(
     bound=4096,
 )
 
+# -- rate limits (edge.ratelimit) -----------------------------------------------------------------
+
+RATE_LIMIT_KEYS: Final = MemoSpec(
+    name="rate limit keys",
+    owner="edge.ratelimit.Gcra.buckets (one table per configured limit)",
+    key="client network (an int), (b'h', header value) or (network, header value)",
+    value="its GCRA bucket (theoretical arrival time, refusals held for the log)",
+    cleared_by="never by a reload that keeps the limit's config; a changed limit starts afresh",
+    bound=10_000_000,  # the most edge.rate_limits.*.max_keys allows (default 100,000)
+    policy="idle",
+)
+RATE_LIMIT_CLIENTS: Final = MemoSpec(
+    name="rate limit clients",
+    owner="edge.ratelimit.RateLimits._clients (RateLimits.client)",
+    key="peer address (with the X-Forwarded-For value when the peer is a trusted proxy)",
+    value="the client address as decided and its network key under each limit",
+    cleared_by="a config reload (new RateLimits)",
+    bound=8192,
+)
+
 #: Every memo above, for the tests and for readers.
 MEMOS: Final = (
     REQUEST_HEADS,
@@ -249,6 +271,8 @@ MEMOS: Final = (
     UPSTREAM_URLS,
     MEDIA_TYPE_PATTERNS,
     ACCESS_LOG_MIDDLES,
+    RATE_LIMIT_KEYS,
+    RATE_LIMIT_CLIENTS,
 )
 
 __all__ = ["MEMOS", "BoundedMemo", "MemoSpec"]

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from meridian.units import parse_duration, parse_size
+from meridian.units import parse_duration, parse_rate, parse_size
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -47,6 +47,7 @@ class _Marker:
 DURATION = _Marker("duration")
 SIZE = _Marker("size")
 URL = _Marker("url")
+RATE = _Marker("rate")
 HOSTPORT = _Marker("hostport")
 COUNTRY = _Marker("country")
 CONTINENT = _Marker("continent")
@@ -56,6 +57,8 @@ NAMED = _Marker("named")
 Duration = Annotated[float, DURATION]
 Size = Annotated[int, SIZE]
 Url = Annotated[str, URL]
+#: Events per second, written ``10/s``, ``600/m`` or as a bare number (per second).
+Rate = Annotated[float, RATE]
 
 CONTINENTS = frozenset({"AF", "AN", "AS", "EU", "NA", "OC", "SA"})
 
@@ -434,6 +437,34 @@ class EdgeHttp2:
 
 
 @dataclass(frozen=True, slots=True)
+class EdgeRateLimit:
+    """A request rate limit at the edge (``edge.ratelimit``): GCRA, ``rate`` on average with up
+    to ``burst`` requests at once, per client network, per request header value, or per both.
+    Over it: 429 with Retry-After and the IETF RateLimit / RateLimit-Policy fields."""
+
+    name: str
+    rate: Rate
+    #: Requests admitted at once after a pause (None: one second's worth, at least 1).
+    burst: int | None = None
+    #: client: the client network (after ``trusted_proxies``); header: the value of
+    #: ``header`` (requests without it are keyed by client network); both: the pair.
+    key: Literal["client", "header", "both"] = "client"
+    header: str | None = None
+    #: The routes it applies to, by name, and every route of these services; both empty: all.
+    routes: tuple[str, ...] = ()
+    services: tuple[str, ...] = ()
+    #: A client network is this wide: every address of a /64 is one IPv6 client by default.
+    ipv4_prefix: int = 32
+    ipv6_prefix: int = 64
+    #: Clients in these networks are never limited.
+    allow: tuple[IPNetwork, ...] = ()
+    #: Count what would be refused, refuse nothing.
+    dry_run: bool = False
+    #: Keys tracked at once (idle ones are forgotten first: a full bucket needs no memory).
+    max_keys: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
 class EdgeConfig:
     services: Annotated[tuple[Service, ...], NAMED]
     routes: tuple[Route, ...]
@@ -454,6 +485,8 @@ class EdgeConfig:
     compression: CompressionConfig = CompressionConfig()
     tls: EdgeTls | None = None
     http2: EdgeHttp2 = EdgeHttp2()
+    #: Request rate limits, by name (``EdgeRateLimit``).
+    rate_limits: Annotated[tuple[EdgeRateLimit, ...], NAMED] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -558,6 +591,8 @@ class _Loader:
             return self._scalar(parse_size, value, path)
         if marker is URL:
             return self._url(value, path)
+        if marker is RATE:
+            return self._scalar(parse_rate, value, path)
         if marker is COUNTRY:
             if not (
                 isinstance(value, str) and len(value) == 2 and value.isalpha() and value.isupper()
@@ -862,6 +897,7 @@ def _semantic_problems(config: Config) -> list[str]:
         problems.append("edge.compression: gzip level must be 1..9")
     problems.extend(_redis_problems(edge.cache))
     problems.extend(_http2_problems(edge.http2))
+    problems.extend(_rate_limit_problems(edge, seen_routes, service_names))
     up = edge.upstream
     if edge.pool_size < 1:
         problems.append("edge.pool_size: must be at least 1")
@@ -885,6 +921,49 @@ def _http2_problems(h2: EdgeHttp2) -> list[str]:
     if h2.stall_timeout <= 0:
         problems.append("edge.http2.stall_timeout: must be positive")
     return problems
+
+
+def _rate_limit_problems(
+    edge: EdgeConfig, route_names: set[str], service_names: set[str]
+) -> list[str]:
+    problems: list[str] = []
+    for limit in edge.rate_limits:
+        where = f"edge.rate_limits.{limit.name}"
+        if limit.burst is not None and not 1 <= limit.burst <= 1_000_000:
+            problems.append(f"{where}.burst: must be 1..1000000")
+        if limit.key == "client":
+            if limit.header is not None:
+                problems.append(f"{where}.header: only used with key header or both")
+        elif limit.header is None:
+            problems.append(f"{where}.header: key {limit.key} needs the request header's name")
+        elif not _is_token(limit.header):
+            problems.append(f"{where}.header: {limit.header!r} is not a header field name")
+        elif "_" in limit.header:
+            problems.append(
+                f"{where}.header: names with an underscore never reach the edge's routing"
+                " (dropped from requests: header smuggling)"
+            )
+        if not 0 <= limit.ipv4_prefix <= 32:
+            problems.append(f"{where}.ipv4_prefix: must be 0..32")
+        if not 0 <= limit.ipv6_prefix <= 128:
+            problems.append(f"{where}.ipv6_prefix: must be 0..128")
+        if not 1 <= limit.max_keys <= 10_000_000:
+            problems.append(f"{where}.max_keys: must be 1..10000000")
+        for i, route_name in enumerate(limit.routes):
+            if route_name not in route_names:
+                problems.append(f"{where}.routes[{i}]: unknown route {route_name!r}")
+        for i, service_name in enumerate(limit.services):
+            if service_name not in service_names:
+                problems.append(f"{where}.services[{i}]: unknown service {service_name!r}")
+    return problems
+
+
+#: RFC 9110 tchar.
+_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _is_token(text: str) -> bool:
+    return bool(text) and all(c in _TCHAR for c in text)
 
 
 def _upstream_tls_problems(config: Config, source: str) -> list[str]:
@@ -1044,6 +1123,7 @@ __all__ = [
     "EdgeConfig",
     "EdgeHttp2",
     "EdgeLimits",
+    "EdgeRateLimit",
     "EdgeTimeouts",
     "EdgeTls",
     "GeoConfig",

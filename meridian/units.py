@@ -1,4 +1,5 @@
-"""Durations and sizes as people write them: ``10s``, ``250ms``, ``1.5m``, ``256MiB``, ``64k``."""
+"""Durations, sizes and rates as people write them: ``10s``, ``250ms``, ``1.5m``, ``256MiB``,
+``64k``, ``10/s``, ``600/m``."""
 
 from __future__ import annotations
 
@@ -61,6 +62,29 @@ def parse_size(value: object) -> int:
         raise ValueError(f"{value!r} is not a size (examples: 512, 64KiB, 256MiB)")
     unit = (match.group(2) or "").lower()
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h|d)\s*$")
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_rate(value: object) -> float:
+    """Events per second from ``10/s``/``600/m``/``1000/h``/``5000/d``; a bare number means
+    per second.  Zero is refused (a limit that admits nothing is a deny rule, not a rate)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a rate such as 10/s or 600/m")
+    if isinstance(value, int | float):
+        rate = float(value)
+    elif isinstance(value, str):
+        match = _RATE_RE.match(value)
+        if match is None:
+            raise ValueError(f"{value!r} is not a rate (examples: 10/s, 600/m, 1000/h)")
+        rate = float(match.group(1)) / _RATE_UNITS[match.group(2)]
+    else:
+        raise ValueError("expected a rate such as 10/s or 600/m")
+    if not rate > 0.0 or rate > 1e9:  # also refuses NaN
+        raise ValueError(f"a rate must be above 0 and at most 1e9/s, got {value!r}")
+    return rate
 
 
 def format_duration(seconds: float) -> str:

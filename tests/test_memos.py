@@ -147,6 +147,26 @@ def _upstream_urls(n: int) -> BoundedMemo[Any, Any]:
     return memo
 
 
+def _fill_rate_limit_keys(n: int) -> BoundedMemo[Any, Any]:
+    from edge.ratelimit import Gcra
+
+    gcra = Gcra(1.0, 1, max_keys=64)
+    for i in range(n):
+        gcra.check(i, 0.0)  # every key busy: the flood case
+    return gcra.buckets
+
+
+def _fill_rate_limit_clients(n: int) -> BoundedMemo[Any, Any]:
+    from edge.ratelimit import RateLimits
+    from meridian.config import EdgeRateLimit
+
+    limits = RateLimits.build((EdgeRateLimit("l", 1.0),), {"r": "s"}, ())
+    assert limits is not None
+    for i in range(n):
+        limits.client(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", [])
+    return limits._clients
+
+
 #: Each dict memo, filled past its bound through its owner's own code path.
 DICT_MEMOS: dict[MemoSpec, Callable[[int], BoundedMemo[Any, Any]]] = {
     memos.ROUTES: lambda n: _fill_route(_state(), n),
@@ -161,6 +181,8 @@ DICT_MEMOS: dict[MemoSpec, Callable[[int], BoundedMemo[Any, Any]]] = {
     memos.NEGOTIATIONS: _fill_negotiations,
     memos.UPSTREAM_URLS: _upstream_urls,
     memos.ACCESS_LOG_MIDDLES: _fill_middles,
+    memos.RATE_LIMIT_KEYS: _fill_rate_limit_keys,
+    memos.RATE_LIMIT_CLIENTS: _fill_rate_limit_clients,
 }
 LRU_MEMOS: dict[MemoSpec, _lru_cache_wrapper[Any]] = {
     memos.CACHE_CONTROL_PARSES: cache_policy.parse_cache_control,
