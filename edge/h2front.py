@@ -86,6 +86,7 @@ _HOP_BY_HOP: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"}
 )
 _NOT_CACHED: Headers = [(b"x-cache", b"BYPASS"), (b"age", b"0")]
+_CLOSED: Final = h2.connection.ConnectionState.CLOSED
 _STREAMS_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 1000.0, 10000.0)
 
 
@@ -353,6 +354,8 @@ class H2Stream:
         if not data or self.closed:
             return
         self._send_headers(end_stream=False)
+        if self.closed:
+            return  # the HEADERS could not be sent: the stream is gone
         self._outbound.append(data)
         self.out_size += len(data)
         self._conn.flush_stream(self)
@@ -509,6 +512,8 @@ class H2Connection(asyncio.Protocol):
         self._idle_since = self.loop.time()
         self._had_request = False
         self._counted = False
+        #: The client sent GOAWAY.
+        self._peer_went_away = False
         #: After an offender's GOAWAY: when the lingering connection is closed (0: not).
         self._linger_until = 0.0
 
@@ -562,6 +567,17 @@ class H2Connection(asyncio.Protocol):
             reason = type(exc).__name__
             self.goaway(h2.errors.ErrorCodes(code), _snake(reason), str(exc)[:200])
             return
+        if self.h2.state_machine.state is _CLOSED and not self._closing:
+            terminated = next(
+                (e for e in events if isinstance(e, h2.events.ConnectionTerminated)), None
+            )
+            if terminated is not None and terminated.error_code == h2.errors.ErrorCodes.NO_ERROR:
+                # The client's graceful GOAWAY: it opens no more streams, the ones it opened
+                # (in this very read too) still get their responses (RFC 9113 6.8), then the
+                # connection closes.  h2 closes its state machine on any GOAWAY received; it
+                # is reopened for sending before the requests of this read are answered.
+                self.h2.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
+                self._peer_went_away = True
         for event in events:
             if isinstance(event, h2.events.RequestReceived):
                 self._request(event)
@@ -591,13 +607,9 @@ class H2Connection(asyncio.Protocol):
                 if stream is not None and stream.body is not None:
                     stream.body.finish()
             elif isinstance(event, h2.events.ConnectionTerminated):
-                if event.error_code != h2.errors.ErrorCodes.NO_ERROR or not self.streams:
+                if not self._peer_went_away or not self.streams:
                     self._close()
                     return
-                # The client's graceful GOAWAY: it opens no more streams, the ones in flight
-                # still get their responses (RFC 9113 6.8), then the connection closes.  h2
-                # closes its state machine on any GOAWAY received; it is reopened for sending.
-                self.h2.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
                 self._goaway_last = max(self._goaway_last, self.h2.highest_inbound_stream_id)
         self.write_out()
 
@@ -810,7 +822,9 @@ class H2Connection(asyncio.Protocol):
         try:
             self.h2.send_headers(stream.stream_id, fields, end_stream=end_stream)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            stream.close()
+            # Never left behind: a stream that cannot be answered is forgotten (its task,
+            # if any, is cancelled), or the connection would wait for it forever.
+            self._end_stream(stream, cancel=True)
             return
         if end_stream:
             self._maybe_release(stream)
@@ -823,7 +837,7 @@ class H2Connection(asyncio.Protocol):
             try:
                 window = min(h2conn.local_flow_control_window(sid), h2conn.max_outbound_frame_size)
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                stream.close()
+                self._end_stream(stream, cancel=True)
                 break
             if window <= 0 and stream.waiting and stream.out_size:
                 if not stream.stalled_since:
@@ -836,7 +850,7 @@ class H2Connection(asyncio.Protocol):
             try:
                 h2conn.send_data(sid, chunk, end_stream=end)
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                stream.close()
+                self._end_stream(stream, cancel=True)
                 break
             stream.stalled_since = 0.0
             if end:

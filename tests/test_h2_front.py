@@ -392,3 +392,33 @@ async def test_a_clients_graceful_goaway_lets_its_streams_finish():
     assert frames[-1][0] == 0x7  # then the edge's GOAWAY
     assert peer.transport.closed
     peer.close()
+
+
+async def test_requests_in_the_same_read_as_the_clients_goaway_are_answered():
+    """h2 closes its state machine as soon as it parses a GOAWAY: requests that came in the
+    same read (answered from the cache at once) must still be answered, and nothing left
+    behind, or the connection never closes (found by h2load -D over TLS)."""
+    w = world({"http://u1": [Reply(headers=CACHEABLE, chunks=(b"tick",))]})
+    peer = Peer(w)
+    peer.get("/api/ticker")  # fills the cache
+    await peer.settle()
+    stream = peer.client.get_next_available_stream_id()
+    peer.client.send_headers(
+        stream,
+        [
+            (b":method", b"GET"),
+            (b":path", b"/api/ticker"),
+            (b":scheme", b"http"),
+            (b":authority", b"api.m.test"),
+            (b"accept-encoding", b"identity"),
+        ],
+        end_stream=True,
+    )
+    peer.client.close_connection()
+    peer.server.data_received(peer.client.data_to_send())  # HEADERS + GOAWAY in one read
+    frames = _frames(peer.transport.take())
+    assert (0x1, 0x4, stream) in frames  # the hit's HEADERS
+    assert any(kind == 0x0 and flags & 0x1 and sid == stream for kind, flags, sid in frames)
+    assert not peer.server.streams
+    assert peer.transport.closed
+    peer.close()
