@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import socket
 import ssl
 import time
 from collections import deque
@@ -56,6 +58,8 @@ log = get_logger("edge")
 
 #: Response body bytes buffered per exchange before the upstream is told to wait.
 HIGH_WATER: Final = 256 * 1024
+#: How long a backend host name's addresses are used before it is resolved again.
+DNS_TTL: Final = 60.0
 #: How often deadlines are checked (and idle connections past their idle timeout closed): one
 #: sweep over the open connections instead of a timer armed and cancelled per request; a
 #: timeout fires up to this late.
@@ -95,6 +99,8 @@ class Backend:
     prefix: bytes
     #: ``https://``: TLS, verified against ``host`` (``meridian.origin_tls``).
     tls: bool = False
+    #: ``host`` is an IP address (no lookup).
+    literal: bool = False
 
     @classmethod
     def parse(cls, url: str) -> Backend:
@@ -113,8 +119,19 @@ class Backend:
             host, _, text = authority.rpartition(":")
             port = int(text)
         prefix = ("/" + path).rstrip("/") if slash else ""
+        try:
+            ipaddress.ip_address(host)
+            literal = True
+        except ValueError:
+            literal = False
         return cls(
-            url, host, port, authority.encode("ascii"), prefix.encode("ascii"), scheme == "https"
+            url,
+            host,
+            port,
+            authority.encode("ascii"),
+            prefix.encode("ascii"),
+            scheme == "https",
+            literal,
         )
 
 
@@ -473,7 +490,17 @@ class OriginResponse:
 class BackendPool:
     """The connections to one backend."""
 
-    __slots__ = ("backend", "idle", "limits", "loop", "open", "stats", "tls")
+    __slots__ = (
+        "backend",
+        "idle",
+        "limits",
+        "loop",
+        "open",
+        "resolved",
+        "resolved_until",
+        "stats",
+        "tls",
+    )
 
     def __init__(
         self,
@@ -491,6 +518,9 @@ class BackendPool:
         #: Idle connections, most recently used last.
         self.idle: deque[Connection] = deque()
         self.open: set[Connection] = set()
+        #: The host name's addresses while ``resolved_until`` (``loop.time()``) has not passed.
+        self.resolved: list[str] = []
+        self.resolved_until = 0.0
 
     async def connection(self) -> Connection:
         idle = self.idle
@@ -508,34 +538,54 @@ class BackendPool:
             return connection
         return await self._connect()
 
+    async def _addresses(self) -> list[str]:
+        """The backend host's addresses: an IP literal as it is; a name resolved at most once
+        per ``DNS_TTL`` (a new connection must not cost a lookup in the resolver's thread)."""
+        backend = self.backend
+        if backend.literal:
+            return [backend.host]
+        now = self.loop.time()
+        if self.resolved and now < self.resolved_until:
+            return self.resolved
+        infos = await self.loop.getaddrinfo(
+            backend.host, backend.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        if not addresses:
+            raise OSError(f"{backend.host}: no address")
+        self.resolved, self.resolved_until = addresses, now + DNS_TTL
+        return addresses
+
     async def _connect(self) -> Connection:
         backend = self.backend
-        connection = Connection(self)
         started = time.monotonic()
         tls = self.tls
         try:
-            # The handshake is part of connecting: one bound for both.
+            # Resolving, connecting and the handshake: one bound for all.
             async with asyncio.timeout(self.limits.connect):
-                if tls is None:
-                    await self.loop.create_connection(
-                        lambda: connection, backend.host, backend.port
-                    )
-                else:
-                    await self.loop.create_connection(
-                        lambda: connection,
-                        backend.host,
-                        backend.port,
-                        ssl=tls,
-                        server_hostname=backend.host,
-                        ssl_handshake_timeout=self.limits.connect,
-                    )
+                addresses = await self._addresses()
+                for index, address in enumerate(addresses):
+                    connection = Connection(self)
+                    try:
+                        await self.loop.create_connection(
+                            lambda made=connection: made,
+                            address,
+                            backend.port,
+                            ssl=tls,
+                            server_hostname=backend.host if tls is not None else None,
+                            ssl_handshake_timeout=self.limits.connect if tls is not None else None,
+                        )
+                        break
+                    except ssl.SSLError:
+                        raise  # the certificate is the server's: another address would not help
+                    except OSError:
+                        if index == len(addresses) - 1:
+                            raise
         except TimeoutError:
-            connection.close()
             raise UpstreamError("connect", f"connect timeout ({self.limits.connect:g}s)") from None
         except ssl.SSLError as exc:
             # A certificate that does not verify (wrong name, expired, unknown CA): the
             # backend's fault, and nothing was sent.
-            connection.close()
             raise UpstreamError("connect", verify_reason(exc)) from None
         except OSError as exc:
             raise UpstreamError("connect_os", f"{type(exc).__name__}: {exc}") from exc

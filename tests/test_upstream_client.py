@@ -562,3 +562,27 @@ def test_expect_100_continue_is_answered_by_the_edge_and_the_body_then_forwarded
     assert status == 200
     echoed = json.loads(answer)
     assert echoed["length"] == len(body) and echoed["method"] == "POST"
+
+
+async def test_a_backend_name_is_resolved_once_for_many_connections(origin: RawOrigin) -> None:
+    """``localhost`` may come first as ::1, where nothing listens: the next address is tried.
+    Its addresses are kept (``DNS_TTL``): new connections cost no lookup."""
+    loop = asyncio.get_running_loop()
+    lookups: list[str] = []
+    original = loop.getaddrinfo
+
+    async def counting(host: Any, *args: Any, **kwargs: Any) -> Any:
+        lookups.append(str(host))
+        return await original(host, *args, **kwargs)
+
+    url = f"http://localhost:{origin.port}"
+    loop.getaddrinfo = counting  # type: ignore[method-assign]
+    try:
+        async with _client(max_requests=1) as client:
+            for _ in range(3):
+                response = await client.send(url, "GET", b"/ok?size=5", _HEADERS, None)
+                assert await _body(response) == b"xxxxx"
+            assert client.stats.created[url] == 3
+    finally:
+        loop.getaddrinfo = original  # type: ignore[method-assign]
+    assert lookups == ["localhost"]
