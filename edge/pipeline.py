@@ -5,7 +5,9 @@ A cache hit never leaves the protocol callback: ``Pipeline.fast_response`` and
 Everything else runs ``Pipeline.handle`` in a task, one stage after the other on one
 ``edge.exchange.Exchange``:
 
-1. route    ``EdgeState.route``: route, service, regions ordered for this POP (memoised)
+1. route    ``EdgeState.route``: route, service, regions ordered for this POP (memoised);
+   then ``Limiter.refused``: a client over a rate limit is answered 429 (``stages.limit``;
+   the fast path's hits ask the same limits first)
 2. lookup   ``HitStage.lookup``: the cache's verdict (reused from the fast path when it ran)
 3. by verdict:
 
@@ -56,6 +58,7 @@ from edge.stages.account import Accountant
 from edge.stages.fill import Filler
 from edge.stages.forward import Forwarder
 from edge.stages.hit import HitStage, needs_fill
+from edge.stages.limit import Limiter
 from edge.stages.respond import Responder
 from edge.stages.walk import UpstreamWalk
 from edge.state import EdgeState, RequestHead
@@ -102,7 +105,8 @@ class Pipeline:
         self.walker = UpstreamWalk(self)
         self.filler = Filler(self, self.walker, self.respond)
         self.forwarder = Forwarder(self, self.walker, self.respond)
-        self.hits = HitStage(self, self.filler, self.respond)
+        self.limiter = Limiter(self)
+        self.hits = HitStage(self, self.filler, self.respond, self.limiter)
         self.accountant = Accountant(self)
         self.fast_response = self.hits.fast_response
         self.replay_hit = self.hits.replay_hit
@@ -128,6 +132,8 @@ class Pipeline:
                 return
             exchange.target = target
             exchange.record.route = target.route.name
+            if self.limiter.refused(exchange):
+                return
             # The total deadline: the connection's sweep cancels this task when it passes (no
             # timer per request); the cancellation is turned into a 504 here.
             sink.expire_after(exchange.state.config.edge.timeouts.total)

@@ -6,7 +6,9 @@ does one ``HttpCache.lookup`` and returns the entry's prebuilt bytes (HIT, or ST
 starting the one background refresh), which the protocol writes in one ``transport.write``.
 The compressed variants live in the entry, built once, so a Brotli hit costs what an identity
 hit costs.  ``replay_hit`` is cheaper still: the last hit for the same request bytes, replayed
-while it holds.  Both account their hits here, inline (the hot path makes no further call).
+while it holds.  Both account their hits here, inline (the hot path makes no further call),
+and both ask the rate limits first (``stages.limit``): a client over its rate is answered 429,
+never from the cache.
 
 On the slow path ``lookup`` asks the cache (unless the fast path already did:
 ``take_pending``) and ``answer`` writes HIT / STALE / ONLY_IF_CACHED bytes.
@@ -28,6 +30,7 @@ from edge.exchange import (
 from edge.fasthead import stripped_fields
 from edge.http1 import new_request_id
 from edge.stages.fill import Filler
+from edge.stages.limit import Limiter
 from edge.stages.respond import Responder
 from edge.stages.services import EdgeServices
 from edge.state import HitReplay, RequestHead
@@ -52,13 +55,17 @@ class HitStage:
         "cache",
         "clock",
         "filler",
+        "limiter",
         "metrics",
         "respond",
         "services",
     )
 
-    def __init__(self, services: EdgeServices, filler: Filler, respond: Responder) -> None:
+    def __init__(
+        self, services: EdgeServices, filler: Filler, respond: Responder, limiter: Limiter
+    ) -> None:
         self.services = services
+        self.limiter = limiter
         self.cache: HttpCache | None = services.cache
         self.metrics = services.metrics
         self.access_log = services.access_log
@@ -113,22 +120,39 @@ class HitStage:
                 extra,
             )
         kind = lookup.kind
-        if kind is _HIT:
-            label = "HIT"
-        elif kind is _STALE:
-            label = "STALE"
-            if lookup.refresh:
-                self.filler.refresh(request, lookup)
-        else:
+        if kind is not _HIT and kind is not _STALE:
             self._pending = (request, lookup)
             return None
-        wire = lookup.wire
         route = head.route if head is not None else None
         if route is None:
             target = state.route(request.host, request.path)
             route = target.route.name if target is not None else "-"
             if head is not None:
                 head.route = route
+        limiter = self.limiter
+        limits = limiter.limits if limiter.state is state else limiter.current(state)
+        if limits is not None:
+            refusal = limits.check(route, request.client_ip, request.headers, request.received_at)
+            if refusal is not None:
+                refused = limiter.refuse_hit(
+                    refusal,
+                    state,
+                    route,
+                    request.method,
+                    request.path,
+                    request.request_id,
+                    request.client_ip,
+                    request.received_at,
+                )
+                if refused is not None:
+                    return refused
+        if kind is _HIT:
+            label = "HIT"
+        else:
+            label = "STALE"
+            if lookup.refresh:
+                self.filler.refresh(request, lookup)
+        wire = lookup.wire
         region = entry_region(lookup.entry)
         status = int(wire[9:12])
         if prepared is not None and head is not None:
@@ -177,6 +201,23 @@ class HitStage:
             return None
         wire = memo.wire
         state = self.services.state
+        limiter = self.limiter
+        limits = limiter.limits if limiter.state is state else limiter.current(state)
+        if limits is not None:
+            refusal = limits.check(replay.route, client_ip, head.headers, started)
+            if refusal is not None:
+                refused = limiter.refuse_hit(
+                    refusal,
+                    state,
+                    replay.route,
+                    head.method,
+                    head.path,
+                    supplied_id if supplied_id is not None else new_request_id(),
+                    client_ip,
+                    started,
+                )
+                if refused is not None:
+                    return refused
         if supplied_id is not None:
             wire = with_lines(wire, state.request_id_header + b": " + supplied_id + b"\r\n")
         total = self.clock() - started

@@ -1,0 +1,235 @@
+"""The limit stage: ``edge.rate_limits`` enforced on every routed request, cache hits included.
+
+The hit stage asks ``RateLimits.check`` before it answers from the cache (``fast_response``,
+``replay_hit``), the pipeline before anything else on the slow path (``refused``), so a
+client over its rate is answered ``429`` at the edge: never forwarded, never served from the
+cache.  The answer is the edge's usual small JSON error with ``Retry-After`` and the IETF
+httpapi ``RateLimit-Policy`` / ``RateLimit`` fields (draft-ietf-httpapi-ratelimit-headers:
+the policy's quota ``q`` is its burst, its window ``w`` the seconds a burst takes to come
+back; ``r`` what remains, ``t`` the seconds until the next request would be admitted).  They
+are sent on refusals only: adding them to every hit would rebuild the cache's prebuilt bytes.
+
+The limits' state is the stage's, not the config snapshot's: on reload a limit whose config
+is unchanged keeps its table of keys (``RateLimits.build``), so a reload never hands every
+client a fresh burst.  A refusal is logged at most once per key per ``LOG_INTERVAL``, with
+the count it stands for; outcomes are counted per limit and route
+(``meridian_edge_rate_limit_requests_total``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Final
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from edge.exchange import Exchange
+from edge.fdlimit import LOG_INTERVAL
+from edge.http1 import Headers, error_response
+from edge.ratelimit import RateLimits, Refusal
+from edge.stages.services import EdgeServices
+from edge.state import EdgeState
+from meridian.log import get_logger
+
+log = get_logger("edge")
+
+REASON: Final = "rate_limited"
+_OUTCOMES: Final = ("allowed", "limited", "would_limit", "exempt")
+
+
+class Limiter:
+    """The rate limits of the worker, rebuilt when the config snapshot changes."""
+
+    __slots__ = ("limits", "services", "state")
+
+    def __init__(self, services: EdgeServices) -> None:
+        self.services = services
+        #: The snapshot ``limits`` was built for, and the limits (None: none configured).
+        self.state: EdgeState | None = None
+        self.limits: RateLimits | None = None
+        services.metrics.registry.register(RateLimitStats(self))
+
+    def current(self, state: EdgeState) -> RateLimits | None:
+        """The limits of snapshot ``state`` (built on its first request; a reload keeps the
+        tables of unchanged limits)."""
+        if state is not self.state:
+            edge = state.config.edge
+            self.limits = RateLimits.build(
+                edge.rate_limits,
+                {route.name: route.service for route in edge.routes},
+                state.trusted_proxies,
+                previous=self.limits,
+            )
+            self.state = state
+        return self.limits
+
+    def refused(self, exchange: Exchange) -> bool:
+        """The slow path's check, once the route is known: True when the request was answered
+        429 (through the sink; the pipeline accounts it as usual)."""
+        limits = self.current(exchange.state)
+        if limits is None:
+            return False
+        request = exchange.request
+        refusal = limits.check(
+            exchange.routed.route.name, request.client_ip, request.headers, request.received_at
+        )
+        if refusal is None:
+            return False
+        self.note(refusal, exchange.record.route, request.received_at)
+        if refusal.rule.dry_run:
+            return False
+        record = exchange.record
+        record.status = 429
+        record.cache = "BYPASS"
+        self.services.metrics.errors.labels("429", REASON).inc()
+        exchange.sink.write_complete(
+            self.response(
+                exchange.state,
+                refusal,
+                request.request_id,
+                request.received_at,
+                keep_alive=request.keep_alive,
+                head_only=request.method == "HEAD",
+            ),
+            close=not request.keep_alive,
+        )
+        return True
+
+    def refuse_hit(
+        self,
+        refusal: Refusal,
+        state: EdgeState,
+        route: str,
+        method: str,
+        path: str,
+        request_id: bytes,
+        client_ip: str,
+        started: float,
+    ) -> bytes | None:
+        """A cache hit's refusal (the hit stage's fast path, HTTP/1.1 keep-alive): the 429's
+        bytes, accounted like the hit would have been; None in dry run (serve the hit)."""
+        self.note(refusal, route, started)
+        if refusal.rule.dry_run:
+            return None
+        services = self.services
+        wire = self.response(
+            state, refusal, request_id, started, keep_alive=True, head_only=method == "HEAD"
+        )
+        metrics = services.metrics
+        metrics.errors.labels("429", REASON).inc()
+        total = services.clock() - started
+        metrics.observe_request(route, 429, "BYPASS", "-", total, state.config.edge.latency_target)
+        access_log = services.access_log
+        if access_log.enabled:
+            access_log.record_request(
+                method,
+                path,
+                429,
+                "BYPASS",
+                "-",
+                "-",
+                0,
+                0.0,
+                len(wire),
+                total,
+                request_id,
+                client_ip,
+            )
+        return wire
+
+    @staticmethod
+    def response(
+        state: EdgeState,
+        refusal: Refusal,
+        request_id: bytes,
+        now: float,
+        *,
+        keep_alive: bool,
+        head_only: bool,
+    ) -> bytes:
+        """The 429: small JSON, Retry-After, RateLimit-Policy and RateLimit, never stored."""
+        rule = refusal.rule
+        seconds = max(1, math.ceil(refusal.wait))
+        remaining = rule.gcra.remaining(refusal.bucket, now)
+        extra: Headers = [
+            (b"x-cache", b"BYPASS"),
+            (b"age", b"0"),
+            (b"ratelimit-policy", rule.policy),
+            (b"ratelimit", b'"%s";r=%d;t=%d' % (rule.name.encode(), remaining, seconds)),
+        ]
+        return error_response(
+            429,
+            state.pop,
+            REASON,
+            request_id,
+            request_id_header=state.request_id_header,
+            keep_alive=keep_alive,
+            retry_after=seconds,
+            extra=extra,
+            head_only=head_only,
+        )
+
+    @staticmethod
+    def note(refusal: Refusal, route: str, now: float) -> None:
+        """Log a refusal (or a dry run's would-be refusal) at most once per key per
+        ``LOG_INTERVAL``, with how many it stands for."""
+        bucket = refusal.bucket
+        bucket.held += 1
+        if now < bucket.log_after:
+            return
+        rule = refusal.rule
+        log.warning(
+            "rate_limit_would_refuse" if rule.dry_run else "rate_limited",
+            limit=rule.name,
+            route=route,
+            client=refusal.client,
+            refused=bucket.held,
+            retry_after=round(refusal.wait, 3),
+        )
+        bucket.held = 0
+        bucket.log_after = now + LOG_INTERVAL
+
+
+class RateLimitStats(Collector):
+    """``meridian_edge_rate_limit_requests_total{limit,route,outcome}`` (allowed, limited,
+    would_limit: a dry run's, exempt: allow-listed), ``meridian_edge_rate_limit_keys{limit}``
+    and ``meridian_edge_rate_limit_forgotten_busy_total{limit}`` (keys forgotten before their
+    burst was back, when more keys were busy than the table holds)."""
+
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+
+    def collect(self) -> Iterable[Metric]:
+        limits = self.limiter.limits
+        rules = limits.rules if limits is not None else ()
+        requests = CounterMetricFamily(
+            "meridian_edge_rate_limit_requests",
+            "Requests checked by a rate limit, by limit, route and outcome (would_limit: a "
+            "dry run's refusals; exempt: allow-listed clients).",
+            labels=["limit", "route", "outcome"],
+        )
+        keys = GaugeMetricFamily(
+            "meridian_edge_rate_limit_keys", "Keys a rate limit tracks.", labels=["limit"]
+        )
+        forgotten = CounterMetricFamily(
+            "meridian_edge_rate_limit_forgotten_busy",
+            "Keys forgotten before their burst was back (more busy keys than max_keys).",
+            labels=["limit"],
+        )
+        for rule in rules:
+            for route, counts in sorted(rule.counts.items()):
+                for outcome in _OUTCOMES:
+                    requests.add_metric([rule.name, route, outcome], getattr(counts, outcome))
+            keys.add_metric([rule.name], len(rule.gcra.buckets))
+            forgotten.add_metric([rule.name], rule.gcra.forgotten_busy)
+        yield requests
+        yield keys
+        yield forgotten
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+__all__ = ["REASON", "Limiter", "RateLimitStats"]
