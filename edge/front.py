@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from edge.h2front import H2Connection, H2Stats
 from edge.h2meter import PREFACE
+from edge.hpack_literal import LiteralEncoder
 from edge.http1 import Headers
 from edge.protocol import SWEEP_INTERVAL, Connections
 from edge.tls import TlsContexts, TlsStats
@@ -53,6 +54,8 @@ class FrontDoors:
         self.waiting: dict[FrontDoor, float] = {}
         #: ``edge.h2front.parse_wire``'s memo: heads of prebuilt responses, parsed.
         self.wire_memo: dict[bytes, tuple[int, Headers]] = {}
+        #: The HPACK encoder of every HTTP/2 connection (stateless: ``edge.hpack_literal``).
+        self.hpack_encoder = LiteralEncoder()
         self.draining = False
         self._sweeper: asyncio.Task[None] | None = None
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 from hyperframe.frame import GoAwayFrame
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
@@ -73,6 +75,9 @@ if TYPE_CHECKING:
     from edge.front import FrontDoors
 
 log = get_logger("edge")
+# hpack logs every field it codes at debug level: a call per field even when nobody listens.
+for _name in ("hpack.hpack", "hpack.table"):
+    logging.getLogger(_name).disabled = True
 
 #: Response bytes a stream buffers (waiting for the peer's window) before its writer waits.
 STREAM_HIGH_WATER: Final = 64 * 1024
@@ -381,9 +386,19 @@ class H2Stream:
         if request is not None and (request.method == "HEAD" or status in (204, 304)):
             body = b""
         self._pending_headers = fields
-        if body:
-            self.write_body(body)
-        self.end_response()
+        if not body:
+            self.end_response()
+            return
+        # The whole response is here: its last DATA frame carries END_STREAM (no empty
+        # frame after it).
+        self._send_headers(end_stream=False)
+        if self.closed:
+            return
+        self._outbound.append(body)
+        self.out_size += len(body)
+        self._end_pending = True
+        self._conn.flush_stream(self)
+        self._conn.write_out()
 
     def abort(self) -> None:
         self._conn.reset_stream(self, h2.errors.ErrorCodes.INTERNAL_ERROR, "aborted")
@@ -492,6 +507,9 @@ class H2Connection(asyncio.Protocol):
             },
         )
         self.h2.max_inbound_frame_size = self.settings.max_frame_size
+        # Responses are encoded without indexing, blocks memoised for the worker
+        # (``edge.hpack_literal``): a hit's HEADERS cost a lookup, not an HPACK encoding.
+        self.h2.encoder = cast(hpack.Encoder, doors.hpack_encoder)  # duck-typed, see there
         # Refused at once, not when the client acknowledges our SETTINGS.
         refuse = max(self.limits.max_header_bytes * HPACK_REFUSE_FACTOR, 8192)
         self.h2.decoder.max_header_list_size = refuse

@@ -422,3 +422,32 @@ async def test_requests_in_the_same_read_as_the_clients_goaway_are_answered():
     assert not peer.server.streams
     assert peer.transport.closed
     peer.close()
+
+
+# -- LiteralEncoder ----------------------------------------------------------------------------
+
+
+def test_literal_hpack_blocks_decode_and_leave_the_dynamic_table_empty():
+    import hpack
+
+    from edge.hpack_literal import LiteralEncoder, encode_integer
+
+    encoder = LiteralEncoder()
+    fields = [
+        (b":status", b"200"),  # a static entry: one byte
+        (b":status", b"418"),  # a static name
+        (b"content-type", b"application/json"),
+        (b"x-meridian-region", b"us-east"),  # a new name
+        (b"x-long", b"v" * 300),  # lengths past the 7-bit prefix
+        (b"set-cookie", b"a=b"),
+    ]
+    block = encoder.encode(fields)
+    assert block[0] == 0x88
+    decoder = hpack.Decoder()
+    assert decoder.decode(block, raw=True) == fields
+    assert len(decoder.header_table.dynamic_entries) == 0
+    # The same block on every connection: a second decoder, and again, reads the same.
+    assert hpack.Decoder().decode(encoder.encode(list(fields)), raw=True) == fields
+    assert encoder.encode(fields) is block  # memoised
+    assert encode_integer(10, 5, 0) == b"\x0a"
+    assert encode_integer(1337, 5, 0) == b"\x1f\x9a\x0a"  # RFC 7541 C.1.2
