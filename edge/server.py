@@ -278,6 +278,10 @@ class EdgeWorker:
             access_log.configure(new.edge.access_log)
             health.update_config(new)
             cache.reconfigure(new.edge.cache)
+            upstream.reconfigure(
+                new.edge.pool_size, new.edge.timeouts, new.edge.upstream, new.source
+            )
+            metrics.upstream_pool_limit.set(new.edge.pool_size)
             if tls is not None and new.edge.tls is not None:
                 tls.reload(new.edge.tls, new.source)
             metrics.config_generation.set(generation)

@@ -29,8 +29,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import ssl
 from collections import deque
-from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
 from enum import Enum
 from typing import NamedTuple, Protocol
 
@@ -256,6 +257,15 @@ class Gate:
             raise
         return True
 
+    def resize(self, limit: int) -> None:
+        """A new limit (a reload); a raised one lets waiters in at once."""
+        self.limit = limit
+        while self.waiters and self.busy < limit:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                self.busy += 1
+                waiter.set_result(None)
+
     def give_back(self) -> None:
         while self.waiters:
             waiter = self.waiters.popleft()
@@ -263,6 +273,24 @@ class Gate:
                 waiter.set_result(None)  # the place changes hands: ``busy`` stays
                 return
         self.busy = max(0, self.busy - 1)
+
+
+def _limits(pool_size: int, timeouts: EdgeTimeouts, settings: EdgeUpstream) -> ClientLimits:
+    return ClientLimits(
+        connect=timeouts.connect,
+        first_byte=timeouts.first_byte,
+        read_idle=settings.read_timeout,
+        idle_timeout=timeouts.upstream_idle,
+        # Idle connections up to the peak in flight: fewer, and a burst that ends closes
+        # connections the next burst must open again.
+        max_idle=pool_size if settings.max_idle is None else settings.max_idle,
+        max_requests=settings.max_requests,
+    )
+
+
+def _tls_factory(settings: EdgeUpstream, source: str) -> Callable[[], ssl.SSLContext]:
+    tls = settings.tls
+    return lambda: client_context(tls, source)
 
 
 class UpstreamMetrics(Collector):
@@ -339,9 +367,9 @@ class UpstreamPool:
     ) -> None:
         """``source``: the config file (``edge.upstream.tls``'s relative paths start there)."""
         settings = settings or EdgeUpstream()
-        tls = settings.tls
         self.pool_size = pool_size
         self.timeouts = timeouts
+        self.settings = settings
         #: Requests in flight per backend URL, waiters for a slot included: the load signal
         #: for ``pick_backend``.
         self.outstanding: dict[str, int] = {}
@@ -353,18 +381,27 @@ class UpstreamPool:
         #: path), by backend + target.
         self._urls: BoundedMemo[str, bytes] = BoundedMemo(UPSTREAM_URLS)
         self.client = OriginClient(
-            ClientLimits(
-                connect=timeouts.connect,
-                first_byte=timeouts.first_byte,
-                read_idle=settings.read_timeout,
-                idle_timeout=timeouts.upstream_idle,
-                # Idle connections up to the peak in flight: fewer, and a burst that ends
-                # closes connections the next burst must open again.
-                max_idle=pool_size if settings.max_idle is None else settings.max_idle,
-                max_requests=settings.max_requests,
-            ),
-            tls=lambda: client_context(tls, source),
+            _limits(pool_size, timeouts, settings), tls=_tls_factory(settings, source)
         )
+
+    def reconfigure(
+        self, pool_size: int, timeouts: EdgeTimeouts, settings: EdgeUpstream, source: str
+    ) -> None:
+        """A reloaded config: limits and timeouts at once; changed TLS settings for the next
+        connections (``OriginClient.reconfigure``); a new ``pool_size`` for every backend's
+        slots (a raised one lets waiters in)."""
+        tls_changed = settings.tls != self.settings.tls
+        self.timeouts, self.settings = timeouts, settings
+        self.client.reconfigure(
+            _limits(pool_size, timeouts, settings),
+            _tls_factory(settings, source) if tls_changed else None,
+        )
+        if pool_size != self.pool_size:
+            self.pool_size = pool_size
+            for gate in self._slots.values():
+                gate.resize(pool_size)
+            for gate in self._streams.values():
+                gate.resize(max(1, pool_size // 2))
 
     async def start(self) -> None:
         self.client.start()

@@ -172,7 +172,6 @@ class Connection(asyncio.Protocol):
         "due",
         "error",
         "last_read",
-        "limits",
         "paused",
         "pool",
         "reader",
@@ -187,7 +186,6 @@ class Connection(asyncio.Protocol):
     def __init__(self, pool: BackendPool) -> None:
         self.pool = pool
         self.backend = pool.backend.url
-        self.limits = pool.limits
         self.transport: asyncio.Transport | None = None
         self.reader: ResponseReader | None = None
         #: The last exchange's reader, whose parser the next may reuse (``ResponseReader.next``).
@@ -304,7 +302,7 @@ class Connection(asyncio.Protocol):
         if self.deadline_kind == "read":
             # The stall counts from the last byte read; not while the edge itself holds
             # reading for a slow client (the origin is not stalling then).
-            if self.paused or now < max(due, self.last_read + self.limits.read_idle):
+            if self.paused or now < max(due, self.last_read + self.pool.limits.read_idle):
                 return
         elif now < due:
             return
@@ -353,7 +351,7 @@ class Connection(asyncio.Protocol):
             await self._send_stream(body, chunked)
         self.last_read = self.pool.loop.time()
         if reader.head is None and self.error is None and not self.closed:
-            self._arm("first byte", self.limits.first_byte)
+            self._arm("first byte", self.pool.limits.first_byte)
             while reader.head is None and self.error is None and not self.closed:
                 await self._wait()
         error = self.error
@@ -367,7 +365,7 @@ class Connection(asyncio.Protocol):
         if reader.complete or error is not None:
             self._cancel_timer()  # an error is raised by the body iterator
         else:
-            self._arm("read", self.limits.read_idle)
+            self._arm("read", self.pool.limits.read_idle)
         return reader.head
 
     async def _send_stream(self, body: AsyncIterable[bytes], chunked: bool) -> None:
@@ -438,7 +436,7 @@ class Connection(asyncio.Protocol):
             or self.closed
             or self.paused
             or self.error is not None
-            or self.requests >= self.limits.max_requests
+            or self.requests >= self.pool.limits.max_requests
         ):
             self.close()
             return
@@ -687,6 +685,22 @@ class OriginClient:
                 backend, self.limits, asyncio.get_running_loop(), self.stats, tls
             )
         return pool
+
+    def reconfigure(
+        self, limits: ClientLimits, tls: Callable[[], ssl.SSLContext] | None = None
+    ) -> None:
+        """A reloaded config: new limits at once; with ``tls`` (its TLS settings changed),
+        every ``https://`` backend gets a new context and its idle connections are closed, so
+        the next request verifies against the new settings (busy ones finish as they are)."""
+        self.limits = limits
+        if tls is not None:
+            self._tls_factory = tls
+        for pool in self._pools.values():
+            pool.limits = limits
+            if tls is not None and pool.backend.tls:
+                pool.tls = tls()
+                while pool.idle:
+                    pool.idle.pop().close()
 
     def idle_count(self, url: str) -> int:
         pool = self._pools.get(url)

@@ -21,7 +21,7 @@ from edge.fdlimit import FdBudget, Throttle, fd_exhausted
 from edge.http1 import BodyFraming, BodyKind, RequestRejected
 from edge.stages.forward import REQUEST_BUFFER_LIMIT, buffer_request_body
 from edge.upstream import FailureKind, Gate, UpstreamFailure, UpstreamPool, retry_allowed
-from meridian.config import EdgeTimeouts
+from meridian.config import EdgeTimeouts, EdgeUpstream
 from meridian.health import HealthMonitor
 from meridian.health.book import TargetInfo
 from meridian.health.checks import CheckOutcome, Prober, is_local_error
@@ -55,6 +55,29 @@ async def test_a_full_pool_makes_requests_wait_and_a_slot_goes_to_the_longest_wa
     assert pool.slots_in_use("b") == 0 and pool.outstanding["b"] == 0
     # Another backend has its own bound.
     assert pool.try_acquire("other")
+
+
+async def test_a_reload_raising_pool_size_lets_waiters_in_and_new_limits_apply():
+    pool = _pool(1)
+    assert pool.try_acquire("b")
+    assert not pool.try_acquire("b")
+    waiter = asyncio.create_task(pool.wait_for_slot("b", 30))
+    await asyncio.sleep(0)
+    assert pool.pool_waits["b"] == 1 and not waiter.done()
+    settings = EdgeUpstream(max_idle=1, max_requests=7, read_timeout=3.0)
+    pool.reconfigure(2, EdgeTimeouts(connect=0.5), settings, "<memory>")
+    await waiter  # let in by the raised limit, not by a release
+    assert pool.slots_in_use("b") == 2
+    limits = pool.client.limits
+    assert (limits.connect, limits.max_idle, limits.max_requests, limits.read_idle) == (
+        0.5,
+        1,
+        7,
+        3.0,
+    )
+    pool.release("b")
+    pool.release("b")
+    assert pool.slots_in_use("b") == 0
 
 
 async def test_no_slot_in_time_is_a_pool_failure_that_blames_nobody():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import signal
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -225,3 +226,30 @@ def test_bad_certificates_take_backends_down_with_the_reason_in_status(
         reason = targets()[url]["reason"]
         assert "certificate rejected: " in reason and why in reason, reason
     assert targets()[origins["good"].url]["state"] == "up"
+
+
+def test_a_reload_with_the_origins_ca_brings_its_backend_up(
+    pki: Pki, origins: dict[str, RawOrigin], tmp_path: Path
+) -> None:
+    """Without the CA (the system store only) the origin is down for its certificate; a reload
+    naming the CA bundle is used by the next check and the next connection, no restart."""
+    url = origins["good"].url
+    regions = {"eu-central": region(50.11, 8.68, [url])}
+    config = write_config(tmp_path / "config.yaml", regions)
+    edge = Edge(config, "fra", tmp_path)
+    try:
+        edge.ready()
+
+        def target() -> dict[str, str]:
+            found: dict[str, str] = edge.status()["health"]["targets"][url]
+            return found
+
+        poll_until(lambda: target()["state"] == "down", within=15)
+        assert "certificate rejected: " in target()["reason"]
+        write_config(config, regions, edge={"upstream": {"tls": {"ca_file": str(pki.ca_file)}}})
+        edge.signal(signal.SIGHUP)
+        poll_until(lambda: target()["state"] == "up", within=15)
+        status, _, body = http_request(edge.port, "GET", "/ok?size=6")
+        assert status == 200 and body == b"xxxxxx"
+    finally:
+        edge.stop()

@@ -81,6 +81,11 @@ class Prober:
         self._tls_factory = tls
         self._tls: ssl.SSLContext | None = None
 
+    def retarget(self, tls: Callable[[], ssl.SSLContext]) -> None:
+        """New TLS settings (a reload): the next ``https://`` check makes its context anew."""
+        self._tls_factory = tls
+        self._tls = None
+
     def _context(self, url: str) -> ssl.SSLContext | bool:
         if not url.startswith("https:"):
             return True  # aiohttp's default; unused for http://

@@ -155,6 +155,9 @@ class HealthMonitor:
     def update_config(self, config: Config) -> None:
         """Switch to a reloaded config: targets still present keep their state."""
         added, removed = self._book.reconfigure(config, self._clock())
+        if config.edge.upstream.tls != self._config.edge.upstream.tls:
+            tls = config.edge.upstream.tls
+            self._prober.retarget(lambda: client_context(tls, config.source))
         self._config = config
         for name in removed:
             task = self._probes.pop(name, None)
