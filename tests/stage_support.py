@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -265,13 +265,14 @@ class ScriptedUpstream(UpstreamPool):
         method: str,
         target: str,
         headers: bytes,
-        body: object,
+        body: bytes | AsyncIterable[bytes] | None,
         length: int | None = None,
     ) -> FakeResponse:
-        if isinstance(body, bytes | None):
+        payload: bytes | None
+        if body is None or isinstance(body, bytes):
             payload = body
         else:
-            payload = b"".join([chunk async for chunk in body])  # type: ignore[union-attr]
+            payload = b"".join([chunk async for chunk in body])
         self.sent.append(Sent(backend, method, target, _lines(headers), payload))
         queue = self.script.get(backend)
         if not queue:
