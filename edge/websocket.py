@@ -17,7 +17,6 @@ import asyncio
 import random
 import struct
 from typing import Protocol, cast
-from urllib.parse import urlsplit
 
 import httptools
 
@@ -27,7 +26,7 @@ from edge.http1 import NO_BODY, Headers, error_response, serialize_head
 from edge.request_target import forward_headers
 from edge.router import normalise_host
 from edge.state import EdgeState
-from edge.upstream import Attempt, live_regions, next_attempt
+from edge.upstream import Attempt, UpstreamPool, live_regions, next_attempt
 from meridian.log import get_logger
 
 log = get_logger("edge.websocket")
@@ -51,6 +50,9 @@ class TunnelServices(Protocol):
 
     @property
     def rng(self) -> random.Random: ...
+
+    @property
+    def upstream(self) -> UpstreamPool: ...
 
 
 class TunnelHost(Protocol):
@@ -213,21 +215,24 @@ class Tunnel:
         headers = forward_headers(
             request.headers, forwarding_context(request, state), keep_upgrade=True
         )
-        head = (
-            b"GET %s HTTP/1.1\r\n" % request.target
-            + b"".join(name + b": " + value + b"\r\n" for name, value in headers)
-            + b"\r\n"
-        )
+        lines = b"".join(name + b": " + value + b"\r\n" for name, value in headers) + b"\r\n"
         timeouts = state.config.edge.timeouts
         tried: list[Attempt] = []
         loop = self.connections.loop
         while (attempt := next_attempt(regions, health, tried, {}, pipeline.rng)) is not None:
             tried.append(attempt)
-            parts = urlsplit(attempt.backend)
+            # The upstream client's view of the backend: host, port, and for https:// its
+            # verified TLS context (the tunnel's connection is its own, never pooled).
+            pool = pipeline.upstream.client.pool(attempt.backend)
+            backend, tls = pool.backend, pool.tls
             try:
                 async with asyncio.timeout(timeouts.connect):
                     _, side = await loop.create_connection(
-                        lambda: _UpstreamSide(self), parts.hostname or "127.0.0.1", parts.port or 80
+                        lambda: _UpstreamSide(self),
+                        backend.host,
+                        backend.port,
+                        ssl=tls,
+                        server_hostname=backend.host if tls is not None else None,
                     )
             except (OSError, TimeoutError) as exc:
                 pipeline.health.report(attempt.backend, False)
@@ -240,7 +245,7 @@ class Tunnel:
             self.upstream = side
             self.attempt = attempt
             assert side.transport is not None
-            side.transport.write(head)
+            side.transport.write(b"GET %s HTTP/1.1\r\n" % (backend.prefix + request.target) + lines)
             try:
                 async with asyncio.timeout(timeouts.first_byte):
                     status, answer_headers, rest = await side.head

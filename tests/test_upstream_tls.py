@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import signal
+import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -253,3 +254,20 @@ def test_a_reload_with_the_origins_ca_brings_its_backend_up(
         assert status == 200 and body == b"xxxxxx"
     finally:
         edge.stop()
+
+
+def test_a_websocket_reaches_an_https_origin_over_verified_tls(tls_edge: Edge) -> None:
+    """The tunnel's own connection to an https:// backend: TLS with the same context."""
+    with socket.create_connection(("127.0.0.1", tls_edge.port), timeout=10) as sock:
+        sock.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        data = b""
+        while b"hello" not in data:
+            piece = sock.recv(4096)
+            assert piece, data
+            data += piece
+    assert data.startswith(b"HTTP/1.1 101 ")
+    assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in data  # RFC 6455's example key's answer
+    assert data.endswith(b"\x81\x05hello")

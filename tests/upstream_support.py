@@ -16,6 +16,7 @@ it accepted and the requests per path, and misbehaves on purpose by path:
 ``/close-delimited``      no length: the body ends with the connection
 ``/big?mb=N``             N MiB of body, written as the reader takes it
 ``/echo-body``            the request body's length and SHA-256 (chunked or with length)
+``/ws``                   a WebSocket handshake, then one text frame "hello"
 ``/slow-read``            reads a Content-Length body 64 KiB every 5 ms, then 200 "read"
 ``/stats``                {"connections": accepted, "paths": {path: requests}} (not counted)
 ``/healthz``              200 (counted: each health check comes on a connection of its own)
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -93,6 +95,24 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 writer.write(_response(200, b"read", "cache-control: no-store\r\n"))
                 await writer.drain()
                 continue
+            if url.path == "/ws" and head.get("upgrade", "").lower() == "websocket":
+                # A WebSocket handshake, then one text frame "hello" (unmasked, as a server
+                # sends it), then whatever comes is dropped.
+                PATHS["/ws"] = PATHS.get("/ws", 0) + 1
+                accept = base64.b64encode(
+                    hashlib.sha1(
+                        head["sec-websocket-key"].encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+                    ).digest()
+                )
+                writer.write(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+                    b"\x81\x05hello"
+                )
+                await writer.drain()
+                while await reader.read(65536):
+                    pass
+                return
             body = await _read_body(reader, head)
             query = {k: v[0] for k, v in parse_qs(url.query).items()}
             path = url.path
