@@ -451,3 +451,17 @@ def test_literal_hpack_blocks_decode_and_leave_the_dynamic_table_empty():
     assert encoder.encode(fields) is block  # memoised
     assert encode_integer(10, 5, 0) == b"\x0a"
     assert encode_integer(1337, 5, 0) == b"\x1f\x9a\x0a"  # RFC 7541 C.1.2
+
+
+async def test_connections_over_the_descriptor_budget_are_refused():
+    w = world()
+    peer = Peer(w)  # one HTTP/2 connection open
+    peer.connections.max_open = 1
+    refused = H2Connection(peer.doors)
+    transport = MemoryTransport()
+    refused.connection_made(transport)
+    assert transport.closed and not transport.out  # not even SETTINGS
+    assert refused not in peer.doors.h2_open
+    assert peer.connections.resources.refused == {"fd_reserve": 1}
+    refused.connection_lost(None)  # nothing to undo
+    peer.close()
