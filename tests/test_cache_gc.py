@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from edge import server
+from edge.cache.entry import GROWN_OBJECT_OVERHEAD
 from edge.cache.store import MemoryStore
 from tests.test_cache_store import NOW, make_entry
 
@@ -28,10 +29,13 @@ def collector_off() -> Iterator[None]:
 
 def test_a_hit_allocates_nothing_the_collector_tracks() -> None:
     entry = make_entry(body=b"x" * 2000)
-    first = entry.wire("identity", NOW + 1)
+    entry.wire("identity", NOW + 1)  # asked once: noted, not kept
+    assert not gc.is_tracked(entry._wire)
+    first = entry.wire("identity", NOW + 1.2)
     assert entry.wire("identity", NOW + 1.5) is first  # same Age: the same bytes
     assert not gc.is_tracked(entry._wire)  # ints and bytes only
-    later = entry.wire("identity", NOW + 2)
+    entry.wire("identity", NOW + 2)
+    later = entry.wire("identity", NOW + 2.1)
     assert later is not first and b"\r\nage: 2\r\n" in later
     assert entry.wire("identity", NOW + 2) is later
     assert not gc.is_tracked(entry._wire)
@@ -41,9 +45,12 @@ def test_wire_cache_accounts_bytes_of_the_replaced_response() -> None:
     store = MemoryStore(10**6, 10**6)
     entry = make_entry(body=b"x" * 100)
     store.put(entry)
-    one = entry.wire("identity", NOW + 1)
+    entry.wire("identity", NOW + 1)
+    one = entry.wire("identity", NOW + 1)  # asked twice: kept
     after_one = store.bytes
     assert after_one == entry.size
+    entry.wire("identity", NOW + 12)  # a new Age second, asked once: the old bytes go
+    assert store.bytes == entry.size == after_one - len(one) - GROWN_OBJECT_OVERHEAD
     two = entry.wire("identity", NOW + 12)  # "age: 12" is one byte longer than "age: 1"
     assert store.bytes == entry.size == after_one + len(two) - len(one)
 

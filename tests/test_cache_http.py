@@ -731,8 +731,11 @@ async def test_per_request_lines_and_max_stale() -> None:
 def prepared_hit(
     cache: HttpCache, target: bytes, headers: Sequence[Header] = ()
 ) -> tuple[Prepared, Lookup, HitMemo | None]:
+    """A request asked twice within one Age second (a memo needs the entry's kept bytes,
+    which it keeps from the second ask on), then memoised."""
     prepared = cache.prepare(b"GET", b"https", HOST, target, [(b"host", HOST), *headers])
     now = cache.clock()
+    cache.lookup_prepared(prepared, now)
     lookup = cache.lookup_prepared(prepared, now)
     return prepared, lookup, cache.memo_hit(prepared, lookup, now)
 

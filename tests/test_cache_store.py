@@ -85,11 +85,31 @@ def test_wire_is_a_complete_response() -> None:
 
 def test_wire_is_rebuilt_only_when_age_changes() -> None:
     entry = make_entry()
-    first = entry.wire("identity", NOW + 1.1)
+    once = entry.wire("identity", NOW + 1.0)  # asked once in this Age second: not kept
+    first = entry.wire("identity", NOW + 1.1)  # asked again: kept
+    assert first == once and first is not once
     assert entry.wire("identity", NOW + 1.9) is first
     later = entry.wire("identity", NOW + 2.0)
     assert later is not first
     assert parse(later)[1][b"age"] == b"2"
+    assert entry.cached_wire(0) is None  # the Age-1 bytes went with the new second
+
+
+def test_a_response_asked_once_per_age_is_not_kept() -> None:
+    """A key hit less often than once a second (most of a large cache) holds one copy of its
+    body, not two: the response bytes built for a hit are kept only when asked for again
+    within the same Age second, and counted only while kept."""
+    entry = make_entry(body=b"x" * 10_000)
+    base = entry.size
+    for second in range(5):
+        entry.wire("identity", NOW + 10 * second)
+        assert entry.cached_wire(0) is None
+        assert base < entry.size < base + 1_000  # the Age marker only
+    entry.wire("identity", NOW + 50)
+    entry.wire("identity", NOW + 50.5)  # twice within one Age second: kept
+    assert entry.cached_wire(0) is not None and entry.size > base + 10_000
+    entry.wire("identity", NOW + 60)  # a new second, asked once: the kept copy goes
+    assert entry.cached_wire(0) is None and entry.size < base + 1_000
 
 
 def test_age_includes_the_initial_age() -> None:
@@ -184,6 +204,7 @@ def test_size_counts_body_headers_and_built_forms() -> None:
     base = entry.size
     assert base > 10_000
     entry.wire("identity", NOW)
+    entry.wire("identity", NOW)  # asked twice in one Age second: kept
     assert entry.size > base + 10_000  # the cached response holds a copy of the body
     grown = entry.size
     entry.wire("gzip", NOW)
@@ -250,7 +271,8 @@ def test_entry_growth_after_insert_is_accounted_and_evicts() -> None:
     store.put(a)
     store.put(b)
     assert store.evictions == 0
-    b.wire("identity", NOW)  # +1000 bytes for the cached response
+    b.wire("identity", NOW)
+    b.wire("identity", NOW)  # asked twice: +1000 bytes for the cached response
     assert store.bytes <= store.max_bytes
     assert store.evictions == 1 and store.get_key(a.key) is None
 
