@@ -465,3 +465,49 @@ async def test_connections_over_the_descriptor_budget_are_refused():
     assert peer.connections.resources.refused == {"fd_reserve": 1}
     refused.connection_lost(None)  # nothing to undo
     peer.close()
+
+
+# -- FrontDoor --------------------------------------------------------------------------------
+
+
+class SwitchingTransport(MemoryTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.protocol: asyncio.BaseProtocol | None = None
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+
+@pytest.mark.parametrize(
+    ("chunks", "expected"),
+    [
+        ([PREFACE], "H2Connection"),
+        ([PREFACE[:3], PREFACE[3:10], PREFACE[10:] + SettingsFrame(0).serialize()], "H2Connection"),
+        ([b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"], "EdgeConnection"),
+        ([b"PR", b"IX"], "EdgeConnection"),  # a prefix of the preface, then not
+        ([b"P"], None),  # still undecided
+    ],
+)
+async def test_the_front_door_picks_the_protocol_by_the_first_bytes(chunks, expected):
+    from edge.front import FrontDoor
+
+    w = world()
+    loop = asyncio.get_running_loop()
+    connections = Connections(w.pipeline, loop)
+    doors = FrontDoors(connections, CollectorRegistry())
+    door = FrontDoor(doors, tls=False)
+    transport = SwitchingTransport()
+    door.connection_made(transport)
+    assert door in doors.waiting  # closed by the sweep if nothing comes
+    for chunk in chunks:
+        door.data_received(chunk)
+    if expected is None:
+        assert transport.protocol is None and door in doors.waiting
+    else:
+        assert type(transport.protocol).__name__ == expected
+        assert door not in doors.waiting
+    if isinstance(transport.protocol, H2Connection):
+        transport.protocol.connection_lost(None)
+    doors.close_all()
+    connections.close_all()
