@@ -71,10 +71,15 @@ def _summary(config: Config) -> str:
         + ("on" if edge.compression.enabled else "off")
     )
     if edge.tls is not None:
-        names = ", ".join(n for c in edge.tls.certificates for n in c.names) or "from the SANs"
+        from meridian.certs import read_certificates
+
+        loaded, _ = read_certificates(edge.tls, config.source)  # valid: the load checked them
+        names = ", ".join(n for c in loaded for n in c.names)
+        expiry = min((c.not_after for c in loaded), default=None)
         lines.append(
-            f"edge tls: {edge.tls.listen}, {len(edge.tls.certificates)} certificate(s)"
-            f" ({names}), {edge.tls.min_version}+, ALPN "
+            f"edge tls: {edge.tls.listen}, {len(loaded)} certificate(s) ({names})"
+            + (f", first expiry {expiry:%Y-%m-%d}" if expiry else "")
+            + f", {edge.tls.min_version}+, ALPN "
             + ("h2, http/1.1" if edge.http2.enabled else "http/1.1")
         )
     ls = config.listeners

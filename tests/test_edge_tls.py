@@ -322,3 +322,25 @@ def test_workers_share_the_tls_listener(tmp_path):
         edge.wait_for_log(r"event=tls_reloaded")
         status, _ = https_get(port, files.ca, "api.meridian.test", "/echo")
         assert status == 200
+
+
+def test_meridian_check_summarises_the_tls_listener(tmp_path):
+    ca = trustme.CA()
+    until = datetime.datetime(2031, 5, 4, tzinfo=datetime.UTC)
+    files = issue(ca, tmp_path, "api", "api.meridian.test", "*.m.test", not_after=until)
+    config, port = tls_config(
+        tmp_path / "edge.yaml", "http://127.0.0.1:9", [{"cert": "api.crt", "key": "api.key"}]
+    )
+    del files
+    check = subprocess.run(
+        [sys.executable, "-m", "meridian.cli", "check", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert check.returncode == 0, check.stderr
+    assert (
+        f"edge tls: 127.0.0.1:{port}, 1 certificate(s) (api.meridian.test, *.m.test),"
+        " first expiry 2031-05-04, TLSv1.2+, ALPN h2, http/1.1"
+    ) in check.stdout
