@@ -164,10 +164,13 @@ def run(args: argparse.Namespace) -> int:
         first = config.regions[0].backends[0]
         tls = config.edge.tls
         https_name = f"api.{config.dns.zone.rstrip('.')}"
-        if "edge" in started and tls is not None:
-            if not wait_for_port(tls.listen.host, tls.listen.port, deadline):
-                log.error("demo_start_failed", addr=str(tls.listen))
-                return 1
+        if (
+            "edge" in started
+            and tls is not None
+            and not wait_for_port(tls.listen.host, tls.listen.port, deadline)
+        ):
+            log.error("demo_start_failed", addr=str(tls.listen))
+            return 1
         dig = f"dig @{ls.dns.host} -p {ls.dns.port}"
         print(
             f"\nMeridian demo is up (POP {args.pop}; {', '.join(started)}).  Try:\n"
