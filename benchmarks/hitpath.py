@@ -1,11 +1,14 @@
 """The edge's HTTP/1.1 cache-hit path in one process: CPU per request, without sockets.
 
-    python -m benchmarks.hitpath [--requests 200000] [--keys 100000] [--rounds 3]
+    python -m benchmarks.hitpath [--requests 200000] [--keys 100000] [--rounds 3] [--rate-limit]
 
 The real front end (``edge.protocol.EdgeConnection``) and pipeline, fed request bytes through
 ``data_received`` on a fake transport (``tests.stage_support``: a scripted upstream fills the
 cache).  The cache's clock advances 100 µs per request (10,000 requests a second), so Age
-ticks and cached response forms are rebuilt as they are under real load.  Scenarios, as in
+ticks and cached response forms are rebuilt as they are under real load; the pipeline's clock
+moves with it.  ``--rate-limit`` configures a request rate limit on every route, per client,
+high enough never to bite (20,000/s, burst 100: the check's cost, not a refusal's).
+Scenarios, as in
 ``benchmarks.compare``:
 
 * identity - the same request bytes every time (the edge replays its memo of request heads);
@@ -105,12 +108,15 @@ async def measure(
     access_log: bool = False,
     only: tuple[str, ...] = (),
     profile: Callable[[bool], None] | None = None,
+    rate_limit: bool = False,
 ) -> dict[str, list[float]]:
     # Room for every key, as benchmarks.compare gives each peer (PEER_CACHE_MIB).
-    config = make_config(cache={"memory": "1GiB"})
+    limit = {"rate_limits": {"bench": {"rate": "20000/s", "burst": 100}}} if rate_limit else {}
+    config = make_config(cache={"memory": "1GiB"}, **limit)
     w = world({"http://u1": [Reply(headers=HEADERS, chunks=(BODY,))]}, config=config)
     w.pipeline.access_log.configure(access_log)
     clock = w.cache_clock
+    pipeline_clock = w.clock
     connections = Connections(w.pipeline, asyncio.get_running_loop())
     transport = CountingTransport()
     connection: EdgeConnection = connections.factory()
@@ -118,6 +124,7 @@ async def measure(
 
     async def fill(count: int) -> None:
         for key in range(count):
+            pipeline_clock.advance(0.0001)
             before = transport.writes
             connection.data_received(
                 b"GET /api/v1/ticker/K%d HTTP/1.1\r\nHost: example.test\r\n" % key
@@ -153,6 +160,7 @@ async def measure(
             started = time.process_time()
             for data in batch:
                 clock.advance(0.0001)
+                pipeline_clock.advance(0.0001)
                 connection.data_received(data)
             spent = time.process_time() - started
             if profile is not None:
@@ -160,6 +168,9 @@ async def measure(
             answered = transport.writes - before
             if answered != requests:
                 raise RuntimeError(f"{name}: {requests - answered} requests not hits")
+            limits = w.pipeline.limiter.limits
+            if rate_limit and (limits is None or limits.rules[0].counts["market"].limited):
+                raise RuntimeError(f"{name}: the rate limit was not checked, or it bit")
             figures.setdefault(name, []).append(spent / requests * 1e6)
     connection.connection_lost(None)
     return figures
@@ -173,9 +184,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--access-log", action="store_true", help="one access line per request (off: as nginx)"
     )
+    parser.add_argument(
+        "--rate-limit",
+        action="store_true",
+        help="a rate limit on every route, per client, never reached (the check's cost)",
+    )
     args = parser.parse_args(argv)
-    figures = asyncio.run(measure(args.requests, args.keys, args.rounds, args.access_log))
-    print(f"edge hit path in one process: {args.requests:,} requests a round, {args.keys:,} keys")
+    figures = asyncio.run(
+        measure(args.requests, args.keys, args.rounds, args.access_log, rate_limit=args.rate_limit)
+    )
+    limited = ", a rate limit never reached" if args.rate_limit else ""
+    print(
+        f"edge hit path in one process: {args.requests:,} requests a round, "
+        f"{args.keys:,} keys{limited}"
+    )
     for name, values in figures.items():
         rounds = "  ".join(f"{v:6.2f}" for v in values)
         print(f"  {name:9s} CPU µs/request  best {min(values):6.2f}   rounds {rounds}")

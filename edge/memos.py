@@ -251,6 +251,15 @@ RATE_LIMIT_CLIENTS: Final = MemoSpec(
     bound=8192,
 )
 
+RATE_LIMIT_LANES: Final = MemoSpec(
+    name="rate limit lanes",
+    owner="edge.ratelimit.Plan.lanes (RateLimits.check; one per route with one client limit)",
+    key="peer address (never a trusted proxy's)",
+    value="the Lane: the limit's bucket for that peer, valid while its table forgets nothing",
+    cleared_by="a config reload (new RateLimits); the table forgetting keys voids every lane",
+    bound=8192,
+)
+
 #: Every memo above, for the tests and for readers.
 MEMOS: Final = (
     REQUEST_HEADS,
@@ -273,6 +282,7 @@ MEMOS: Final = (
     ACCESS_LOG_MIDDLES,
     RATE_LIMIT_KEYS,
     RATE_LIMIT_CLIENTS,
+    RATE_LIMIT_LANES,
 )
 
 __all__ = ["MEMOS", "BoundedMemo", "MemoSpec"]

@@ -29,7 +29,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_add
 from typing import Final, NamedTuple
 
 from edge.http1 import Headers
-from edge.memos import RATE_LIMIT_CLIENTS, RATE_LIMIT_KEYS, BoundedMemo
+from edge.memos import RATE_LIMIT_CLIENTS, RATE_LIMIT_KEYS, RATE_LIMIT_LANES, BoundedMemo
 from meridian.config import EdgeRateLimit
 
 Address = IPv4Address | IPv6Address
@@ -43,6 +43,9 @@ _V6_TAG: Final = 1 << 129
 #: The longest header value used as a key as it is (longer ones are keyed by their prefix:
 #: a client may share a bucket with itself, never escape one).
 MAX_HEADER_KEY: Final = 256
+#: The ``tat`` of a bucket the table forgot: it admits nothing, so whoever still holds it (a
+#: ``Lane``) looks the key up again.
+FORGOTTEN: Final = math.inf
 #: When the table is full and too few keys are idle, this share of it is forgotten at once
 #: (amortised: one scan per ``max_keys / FORGET_SHARE`` new keys, never one per request).
 FORGET_SHARE: Final = 8
@@ -115,14 +118,14 @@ class Gcra:
         buckets = self.buckets
         idle = [key for key, bucket in buckets.items() if bucket.tat <= now]
         for key in idle:
-            del buckets[key]
+            buckets.pop(key).tat = FORGOTTEN
         share = max(1, buckets.bound // FORGET_SHARE)
         if len(idle) >= share:
             return
         # A flood of busy keys: forget those nearest to full (the least to lose).
         nearest = heapq.nsmallest(share - len(idle), buckets.items(), key=lambda kv: kv[1].tat)
         for key, _ in nearest:
-            del buckets[key]
+            buckets.pop(key).tat = FORGOTTEN
         self.forgotten_busy += len(nearest)
 
 
@@ -244,13 +247,48 @@ class ClientKeys(NamedTuple):
 
     address: str
     keys: tuple[int | None, ...]
+    #: The peer is a trusted proxy (the address came from X-Forwarded-For).
+    proxied: bool
+
+
+class Lane:
+    """One client's way through a route's one limit, resolved once: the bucket it is counted
+    in, so that the next request from that peer costs two dict lookups and the GCRA step.
+    Only for a limit keyed by client network alone, from a peer that is not a trusted proxy
+    (anything else depends on the request's headers).  A bucket the table forgot admits
+    nothing (``FORGOTTEN``), so the lane falls back to the general path, which replaces it."""
+
+    __slots__ = ("bucket", "counts", "interval", "span")
+
+    def __init__(self, gcra: Gcra, bucket: Bucket, counts: RouteCounts) -> None:
+        self.bucket = bucket
+        self.counts = counts
+        # The rule's constants, one attribute away.
+        self.interval = gcra.interval
+        self.span = gcra.span + EPSILON
+
+
+class Plan:
+    """The limits on one route: (index, rule, counters for the route) each, and the lanes of
+    the peers seen (``edge.memos.RATE_LIMIT_LANES``) when there is one client-keyed limit."""
+
+    __slots__ = ("entries", "lanes")
+
+    def __init__(self, entries: tuple[tuple[int, LimitRule, RouteCounts], ...]) -> None:
+        self.entries = entries
+        laneable = len(entries) == 1 and entries[0][1].config.key == "client"
+        self.lanes: BoundedMemo[str, Lane] | None = (
+            BoundedMemo(RATE_LIMIT_LANES) if laneable else None
+        )
 
 
 class RateLimits:
     """The limits of one config generation, by route: the check every request goes through.
 
     ``check`` is called once per request that has a route, before anything is served (hits
-    included).  Client addresses are resolved once and memoised (``RATE_LIMIT_CLIENTS``)."""
+    included).  Client addresses are resolved once and memoised (``RATE_LIMIT_CLIENTS``); a
+    peer admitted by a route's single client-keyed limit gets a ``Lane``, the hit path's
+    case: one check costs about what a dict lookup and a few float operations cost."""
 
     __slots__ = ("_clients", "_plans", "rules", "trusted")
 
@@ -262,16 +300,15 @@ class RateLimits:
     ) -> None:
         self.rules = rules
         self.trusted = trusted
-        #: Route name -> the rules that apply to it, each with its counters for the route.
-        self._plans: dict[str, tuple[tuple[int, LimitRule, RouteCounts], ...]] = {}
+        self._plans: dict[str, Plan] = {}
         for route, indexes in routes.items():
-            plan = []
+            entries = []
             for index in indexes:
                 rule = rules[index]
                 counts = rule.counts.setdefault(route, RouteCounts())
-                plan.append((index, rule, counts))
-            if plan:
-                self._plans[route] = tuple(plan)
+                entries.append((index, rule, counts))
+            if entries:
+                self._plans[route] = Plan(tuple(entries))
         self._clients: BoundedMemo[str, ClientKeys | None] = BoundedMemo(RATE_LIMIT_CLIENTS)
 
     @classmethod
@@ -305,6 +342,7 @@ class RateLimits:
     def client(self, peer: str, headers: Headers) -> ClientKeys | None:
         """The client as the limits see it (None: no IP address to key by: not limited)."""
         memo_key = peer
+        forwarded: bytes | None = None
         if self.trusted:
             forwarded = header_values(headers, b"x-forwarded-for")
             if forwarded is not None:
@@ -314,13 +352,12 @@ class RateLimits:
             return clients[memo_key]
         except KeyError:
             pass
-        xff = () if memo_key is peer else (header_values(headers, b"x-forwarded-for") or b"",)
-        address = client_address(peer, xff, self.trusted)
-        found = (
-            None
-            if address is None
-            else ClientKeys(str(address), tuple(rule.network_key(address) for rule in self.rules))
-        )
+        address = client_address(peer, (forwarded,) if forwarded else (), self.trusted)
+        found = None
+        if address is not None:
+            keys = tuple(rule.network_key(address) for rule in self.rules)
+            proxied = parse_address(peer) != address or any(address in net for net in self.trusted)
+            found = ClientKeys(str(address), keys, proxied)
         if len(clients) >= clients.bound:
             clients.clear()
         clients[memo_key] = found
@@ -334,12 +371,30 @@ class RateLimits:
         plan = self._plans.get(route)
         if plan is None:
             return None
+        lanes = plan.lanes
+        if lanes is not None:
+            lane = lanes.get(peer)
+            if lane is not None:
+                # Gcra.take, inline: every hit on a limited route pays this and no more.
+                bucket = lane.bucket
+                tat = bucket.tat
+                if tat < now:
+                    tat = now
+                tat += lane.interval
+                if tat - now <= lane.span:
+                    bucket.tat = tat
+                    lane.counts.allowed += 1
+                    return None
+        return self._check(plan, peer, headers, now)
+
+    def _check(self, plan: Plan, peer: str, headers: Headers, now: float) -> Refusal | None:
         client = self.client(peer, headers)
         if client is None:
             return None
+        entries = plan.entries
         taken: list[tuple[Gcra, Bucket]] | None = None
         dry: Refusal | None = None
-        for index, rule, counts in plan:
+        for index, rule, counts in entries:
             network = client.keys[index]
             if network is None:
                 counts.exempt += 1
@@ -349,10 +404,15 @@ class RateLimits:
             wait = gcra.take(bucket, now)
             if wait == 0.0:
                 counts.allowed += 1
-                if len(plan) > 1:
+                if len(entries) > 1:
                     if taken is None:
                         taken = []
                     taken.append((gcra, bucket))
+                elif plan.lanes is not None and not client.proxied:
+                    lanes = plan.lanes
+                    if len(lanes) >= lanes.bound:
+                        lanes.clear()
+                    lanes[peer] = Lane(gcra, bucket, counts)
                 continue
             if rule.dry_run:
                 counts.would_limit += 1
@@ -369,7 +429,9 @@ __all__ = [
     "Bucket",
     "ClientKeys",
     "Gcra",
+    "Lane",
     "LimitRule",
+    "Plan",
     "RateLimits",
     "Refusal",
     "RouteCounts",

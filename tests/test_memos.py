@@ -167,6 +167,19 @@ def _fill_rate_limit_clients(n: int) -> BoundedMemo[Any, Any]:
     return limits._clients
 
 
+def _fill_rate_limit_lanes(n: int) -> BoundedMemo[Any, Any]:
+    from edge.ratelimit import RateLimits
+    from meridian.config import EdgeRateLimit
+
+    limits = RateLimits.build((EdgeRateLimit("l", 1.0, max_keys=1_000_000),), {"r": "s"}, ())
+    assert limits is not None
+    for i in range(n):
+        limits.check("r", f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", [], 0.0)
+    lanes = limits._plans["r"].lanes
+    assert lanes is not None
+    return lanes
+
+
 #: Each dict memo, filled past its bound through its owner's own code path.
 DICT_MEMOS: dict[MemoSpec, Callable[[int], BoundedMemo[Any, Any]]] = {
     memos.ROUTES: lambda n: _fill_route(_state(), n),
@@ -183,6 +196,7 @@ DICT_MEMOS: dict[MemoSpec, Callable[[int], BoundedMemo[Any, Any]]] = {
     memos.ACCESS_LOG_MIDDLES: _fill_middles,
     memos.RATE_LIMIT_KEYS: _fill_rate_limit_keys,
     memos.RATE_LIMIT_CLIENTS: _fill_rate_limit_clients,
+    memos.RATE_LIMIT_LANES: _fill_rate_limit_lanes,
 }
 LRU_MEMOS: dict[MemoSpec, _lru_cache_wrapper[Any]] = {
     memos.CACHE_CONTROL_PARSES: cache_policy.parse_cache_control,

@@ -303,3 +303,36 @@ def test_policy_field() -> None:
     assert LimitRule(rule(rate=10.0, burst=20)).policy == b'"api";q=20;w=2'
     assert LimitRule(rule(rate=10.0, burst=None)).policy == b'"api";q=10;w=1'
     assert LimitRule(rule(rate=1 / 60, burst=5)).policy == b'"api";q=5;w=300'
+
+
+def test_lanes_count_like_the_general_path_and_die_with_forgotten_keys() -> None:
+    rl = limits(rule(burst=3, max_keys=4))
+    plan = rl._plans["r"]
+    assert plan.lanes is not None
+    assert rl.check("r", "192.0.2.1", [], 0.0) is None  # makes the lane
+    assert "192.0.2.1" in plan.lanes
+    assert rl.check("r", "192.0.2.1", [], 0.0) is None  # through the lane
+    assert rl.check("r", "192.0.2.1", [], 0.0) is None
+    assert rl.check("r", "192.0.2.1", [], 0.0) is not None  # the lane's bucket is the table's
+    counts = rl.rules[0].counts["r"]
+    assert (counts.allowed, counts.limited) == (3, 1)
+    # The table forgets keys (a flood of new ones): the old lane's bucket admits nothing, and
+    # the next request goes the general way, counted in the table's (new) bucket.
+    lane = plan.lanes["192.0.2.1"]
+    for i in range(10):
+        rl.check("r", f"198.51.100.{i}", [], 10.0)
+    assert network_key_of("192.0.2.1") not in rl.rules[0].gcra.buckets
+    assert lane.bucket.tat == float("inf")
+    assert rl.check("r", "192.0.2.1", [], 10.0) is None
+    assert plan.lanes["192.0.2.1"] is not lane
+    bucket = rl.rules[0].gcra.buckets[network_key_of("192.0.2.1")]
+    assert plan.lanes["192.0.2.1"].bucket is bucket and bucket.tat > 10.0
+
+
+def test_no_lane_for_a_trusted_proxy_or_a_header_key() -> None:
+    rl = limits(rule())
+    rl.check("r", "10.0.0.1", [], 0.0)  # a trusted proxy: its next request may carry XFF
+    plan = rl._plans["r"]
+    assert plan.lanes is not None and "10.0.0.1" not in plan.lanes
+    assert limits(rule(key="header", header="x-k"))._plans["r"].lanes is None
+    assert limits(rule(name="a"), rule(name="b"))._plans["r"].lanes is None
