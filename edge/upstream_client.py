@@ -309,14 +309,6 @@ class Connection(asyncio.Protocol):
         self.due = 0.0
         self._fail(TimeoutError(f"{self.deadline_kind} timeout"))
 
-    async def _wait(self) -> None:
-        waiter = self.pool.loop.create_future()
-        self._waiter = waiter
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-
     async def _drained(self) -> None:
         if not self.write_paused or self.closed:
             return
@@ -352,8 +344,12 @@ class Connection(asyncio.Protocol):
         self.last_read = self.pool.loop.time()
         if reader.head is None and self.error is None and not self.closed:
             self._arm("first byte", self.pool.limits.first_byte)
+            loop = self.pool.loop
             while reader.head is None and self.error is None and not self.closed:
-                await self._wait()
+                # A future woken by ``_wake`` (inline: no coroutine per wait); one left
+                # behind by a cancellation is done or never woken: harmless.
+                waiter = self._waiter = loop.create_future()
+                await waiter
         error = self.error
         if reader.head is None:
             self.close()
@@ -413,7 +409,8 @@ class Connection(asyncio.Protocol):
                 if isinstance(error, TimeoutError):
                     raise error
                 raise UpstreamBodyError(str(error or "connection closed mid-body"))
-            await self._wait()
+            waiter = self._waiter = self.pool.loop.create_future()
+            await waiter
 
     def finish(self) -> None:
         """The exchange is over: back to the pool when whole and reusable, else closed."""
@@ -520,7 +517,9 @@ class BackendPool:
         self.resolved: list[str] = []
         self.resolved_until = 0.0
 
-    async def connection(self) -> Connection:
+    def idle_connection(self) -> Connection | None:
+        """The most recently used idle connection still fit for a request (synchronous: the
+        usual case costs no coroutine), or None: ``connect``."""
         idle = self.idle
         now = self.loop.time()
         while idle:
@@ -534,7 +533,7 @@ class BackendPool:
             stats = self.stats
             stats.reused[self.backend.url] = stats.reused.get(self.backend.url, 0) + 1
             return connection
-        return await self._connect()
+        return None
 
     async def _addresses(self) -> list[str]:
         """The backend host's addresses: an IP literal as it is; a name resolved at most once
@@ -554,7 +553,7 @@ class BackendPool:
         self.resolved, self.resolved_until = addresses, now + DNS_TTL
         return addresses
 
-    async def _connect(self) -> Connection:
+    async def connect(self) -> Connection:
         backend = self.backend
         started = time.monotonic()
         tls = self.tls
@@ -721,7 +720,7 @@ class OriginClient:
         declared length (None: sent chunked).  Raises ``UpstreamError``."""
         pool = self.pool(url)
         backend = pool.backend
-        connection = await pool.connection()
+        connection = pool.idle_connection() or await pool.connect()
         chunked = False
         if body is None:
             framing = b"content-length: 0\r\n" if method in _BODY_EXPECTED else b""
