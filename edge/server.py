@@ -39,9 +39,11 @@ from edge.admin import AdminServer, EdgeMetrics
 from edge.cache import HttpCache
 from edge.compress import negotiate
 from edge.front import FrontDoors
+from edge.http1 import head_budget
 from edge.pipeline import Pipeline
 from edge.protocol import Connections
 from edge.purge import PurgeEndpoint
+from edge.redirect import RedirectProtocol
 from edge.state import EdgeState
 from edge.tls import TlsContexts, TlsStats
 from edge.transcode import CompressionStats, Transcoder
@@ -215,6 +217,7 @@ class EdgeWorker:
                 reuse_address=True,
             )
         tls_server: asyncio.Server | None = None
+        extra_servers: list[asyncio.Server] = []
         if tls is not None and tls_config is not None:
             tls_server = await loop.create_server(
                 doors.tls_factory,
@@ -223,6 +226,17 @@ class EdgeWorker:
                 ssl_handshake_timeout=config.edge.timeouts.client_header,
             )
             tls_bound = tls_server.sockets[0].getsockname()
+            if tls_config.redirect is not None:
+                https_port, timeouts = tls_bound[1], config.edge.timeouts
+                redirects = await loop.create_server(
+                    lambda: RedirectProtocol(
+                        https_port, head_budget(config.edge.limits), timeouts.client_header
+                    ),
+                    tls_config.redirect.host,
+                    tls_config.redirect.port,
+                    reuse_port=True,  # every worker binds it; the kernel spreads connections
+                )
+                extra_servers.append(redirects)
             log.info(
                 "edge_tls_listening", addr=f"{tls_bound[0]}:{tls_bound[1]}", worker=self.worker
             )
@@ -330,6 +344,8 @@ class EdgeWorker:
             server.close()
             if tls_server is not None:
                 tls_server.close()
+            for extra in extra_servers:
+                extra.close()
             connections.begin_drain()
             doors.begin_drain()
             clean = await connections.wait_idle(drain_timeout)

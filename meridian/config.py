@@ -418,6 +418,9 @@ class EdgeTls:
     #: the first certificate's).
     default: str | None = None
     min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+    #: A plaintext listener that answers every request with a 308 to the same URL over
+    #: https (``edge.redirect``), e.g. 0.0.0.0:80.
+    redirect: Annotated[HostPort | None, HOSTPORT] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -984,6 +987,8 @@ def _tls_problems(config: Config, source: str) -> list[str]:
         return ["edge.tls.certificates: at least one certificate is required"]
     if tls.listen == config.listeners.edge:
         return ["edge.tls.listen: must differ from listeners.edge"]
+    if tls.redirect is not None and tls.redirect in (tls.listen, config.listeners.edge):
+        return ["edge.tls.redirect: must differ from edge.tls.listen and listeners.edge"]
     from meridian.certs import read_certificates
 
     return read_certificates(tls, source)[1]
