@@ -511,3 +511,38 @@ async def test_the_front_door_picks_the_protocol_by_the_first_bytes(chunks, expe
         transport.protocol.connection_lost(None)
     doors.close_all()
     connections.close_all()
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        (b"x-smuggle", b"a\r\nx-injected: 1"),
+        (b"x-nul", b"a\x00b"),
+        (b"Upper-Case", b"v"),
+        (b"connection", b"close"),
+        (b"transfer-encoding", b"chunked"),
+        (b"te", b"gzip"),
+    ],
+)
+async def test_fields_that_could_smuggle_into_http11_never_reach_upstream(field):
+    import hpack
+
+    w = world({"http://u1": [Reply(headers=[(b"cache-control", b"no-store")])]})
+    peer = Peer(w)
+    block = hpack.Encoder().encode(
+        [
+            (b":method", b"GET"),
+            (b":path", b"/api/x"),
+            (b":scheme", b"http"),
+            (b":authority", b"api.m.test"),
+            field,
+        ]
+    )
+    peer.server.data_received(
+        HeadersFrame(1, data=block, flags=["END_HEADERS", "END_STREAM"]).serialize()
+    )
+    await peer.settle()
+    assert not w.upstream.sent
+    goaway = [e for e in peer.events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert goaway and goaway[0].error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    peer.close()
