@@ -5,7 +5,8 @@
   once (``h2`` -> HTTP/2, anything else -> HTTP/1.1) and the transport is handed to that
   protocol (``transport.set_protocol``): nothing of this module stays on the data path.  The
   handshake is counted here (full or resumed, by version and ALPN); a handshake that never
-  completes is counted failed when its protocol object is dropped unused.
+  completes is counted failed when its protocol object is dropped unused ("timeout" when the
+  handshake timeout ended it, else "error": the loop's SSL layer does not tell the cause).
 * Plain: with ``edge.http2.cleartext`` (h2c with prior knowledge), the first bytes decide:
   the HTTP/2 connection preface -> HTTP/2, anything else -> HTTP/1.1, after which the
   connection is the HTTP/1.1 protocol's alone (one ``set_protocol`` per connection, no cost
@@ -111,7 +112,7 @@ class FrontDoors:
 class FrontDoor(asyncio.Protocol):
     """A connection until it is known which protocol it speaks."""
 
-    __slots__ = ("_buffer", "_doors", "_handed", "_tls", "_transport")
+    __slots__ = ("_accepted", "_buffer", "_doors", "_handed", "_tls", "_transport")
 
     def __init__(self, doors: FrontDoors, *, tls: bool) -> None:
         self._doors = doors
@@ -119,6 +120,8 @@ class FrontDoor(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = b""
         self._handed = False
+        #: Loop time of the accept (a TLS connection's object is made before its handshake).
+        self._accepted = doors.loop.time() if tls else 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -172,8 +175,13 @@ class FrontDoor(asyncio.Protocol):
 
     def __del__(self) -> None:
         # A TLS connection whose handshake never completed: its protocol is dropped unused.
+        # The event loop's SSL layer keeps the cause to itself (it logs it at debug level
+        # only), so what is known is whether the handshake timeout ended it.
         if self._tls and self._transport is None and not self._handed:
-            self._doors.tls_stats.fail("handshake")
+            doors = self._doors
+            timeout = doors.pipeline.state.config.edge.timeouts.client_header
+            timed_out = doors.loop.time() - self._accepted >= timeout - SWEEP_INTERVAL
+            doors.tls_stats.fail("timeout" if timed_out else "error")
 
 
 __all__ = ["FrontDoor", "FrontDoors"]

@@ -100,7 +100,11 @@ def test_old_protocol_versions_are_refused_and_counted_as_failed_handshakes(tmp_
     ca = trustme.CA()
     files = issue(ca, tmp_path, "api", "api.meridian.test")
     with processes() as procs:
-        origin, edge, port = _start(tmp_path, [{"cert": str(files.cert), "key": str(files.key)}])
+        origin, edge, port = _start(
+            tmp_path,
+            [{"cert": str(files.cert), "key": str(files.key)}],
+            edge={"timeouts": {"client_header": "1s"}},
+        )
         procs += [origin, edge]
         origin.ready()
         edge.ready()
@@ -116,7 +120,11 @@ def test_old_protocol_versions_are_refused_and_counted_as_failed_handshakes(tmp_
             raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             raw.recv(100)
         failed = "meridian_edge_tls_handshakes_total"
-        poll_until(lambda: edge.metric(failed, result="failed") >= 2, within=10)
+        poll_until(lambda: edge.metric(failed, result="failed", reason="error") >= 2, within=10)
+        # A client that never says hello is cut at the header timeout (1 s here).
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            assert raw.recv(100) == b""  # closed by the edge
+        poll_until(lambda: edge.metric(failed, result="failed", reason="timeout") == 1)
         assert edge.metric("meridian_edge_tls_handshakes_total", result="full") == 0
 
 
