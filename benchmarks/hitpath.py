@@ -27,11 +27,10 @@ import asyncio
 import random
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from edge.protocol import Connections, EdgeConnection
 from edge.server import _settle_garbage_collector as settle_garbage_collector
-from tests.stage_support import Reply, make_config, world
+from tests.stage_support import FakeTransport, Reply, make_config, world
 
 #: About 2 KB of ticker JSON, cacheable for longer than any run.
 BODY = (
@@ -43,41 +42,6 @@ HEADERS = [(b"Content-Type", b"application/json"), (b"Cache-Control", b"public, 
 BROWSER = (
     b"Accept: application/json\r\nAccept-Language: en-US,en;q=0.9\r\nAccept-Encoding: identity\r\n"
 )
-
-
-class CountingTransport(asyncio.Transport):
-    """Counts what the edge writes and keeps nothing."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes = 0
-        self.bytes = 0
-        self.closed = False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("192.0.2.7", 50000) if name == "peername" else default
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.writes += 1
-        self.bytes += len(data)
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
 
 
 def identity() -> Iterator[bytes]:
@@ -118,7 +82,7 @@ async def measure(
     clock = w.cache_clock
     pipeline_clock = w.clock
     connections = Connections(w.pipeline, asyncio.get_running_loop())
-    transport = CountingTransport()
+    transport = FakeTransport(keep=False)
     connection: EdgeConnection = connections.factory()
     connection.connection_made(transport)
 

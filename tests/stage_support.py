@@ -60,6 +60,46 @@ def make_config(**edge: Any) -> Config:
 # -- the client side ---------------------------------------------------------------------------
 
 
+class FakeTransport(asyncio.Transport):
+    """What a front end writes to, in memory: the bytes (``written``; not kept with
+    ``keep=False``, for benchmarks), how many writes, and whether it was closed or paused."""
+
+    def __init__(self, *, keep: bool = True) -> None:
+        super().__init__()
+        self.keep = keep
+        self.written = bytearray()
+        self.writes = 0
+        self.closed = False
+        self.reading = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("192.0.2.7", 50000) if name == "peername" else default
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert not self.closed, "write after close"
+        self.writes += 1
+        if self.keep:
+            self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
 class FakeSink:
     """A ``ResponseSink`` that keeps what it is given."""
 
@@ -267,6 +307,8 @@ class ScriptedUpstream(UpstreamPool):
         headers: bytes,
         body: bytes | AsyncIterable[bytes] | None,
         length: int | None = None,
+        *,
+        replayable: bool = False,
     ) -> FakeResponse:
         payload: bytes | None
         if body is None or isinstance(body, bytes):

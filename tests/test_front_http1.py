@@ -13,44 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge.protocol import Connections, EdgeConnection
-from tests.stage_support import Reply, World, world
+from tests.stage_support import FakeTransport, Reply, World, world
 
 TICKER = b'{"symbol":"BTC-USD","price":"97000.12"}'
 CACHEABLE = [(b"Content-Type", b"application/json"), (b"Cache-Control", b"max-age=60")]
 GET = b"GET /api/ticker HTTP/1.1\r\nHost: example.test\r\n\r\n"
-
-
-class FakeTransport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.written = bytearray()
-        self.closed = False
-        self.reading = True
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("192.0.2.7", 50000) if name == "peername" else default
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        assert not self.closed, "write after close"
-        self.written += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-
-    def get_write_buffer_size(self) -> int:
-        return 0
 
 
 def responses(data: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
