@@ -309,6 +309,11 @@ class UpstreamMetrics(Collector):
             ("created", "Upstream connections made, per backend.", stats.created),
             ("reused", "Requests sent on a kept-alive connection, per backend.", stats.reused),
             ("resumed", "TLS connections that resumed a session, per backend.", stats.resumed),
+            (
+                "stale",
+                "Kept-alive connections found closed as a request went out, per backend.",
+                stats.stale,
+            ),
         ):
             family: Metric
             if name == "open":
@@ -479,11 +484,14 @@ class UpstreamPool:
         headers: bytes,
         body: bytes | AsyncIterable[bytes] | None,
         length: int | None = None,
+        *,
+        replayable: bool = False,
     ) -> OriginResponse:
         """Send one attempt and return once the response head is in; raises UpstreamFailure.
 
         ``headers``: from ``upstream_headers``; ``length``: a streamed body's declared length
-        (None: chunked)."""
+        (None: chunked); ``replayable``: may be sent again on a new connection when a
+        kept-alive one turns out closed (``OriginClient.send``)."""
         text = backend + target
         sent = self._urls.get(text)
         if sent is None:
@@ -492,7 +500,9 @@ class UpstreamPool:
             prefix = self.client.pool(backend).backend.prefix
             sent = self._urls[text] = prefix + target.encode("latin-1")
         try:
-            return await self.client.send(backend, method, sent, headers, body, length)
+            return await self.client.send(
+                backend, method, sent, headers, body, length, replayable=replayable
+            )
         except UpstreamError as exc:
             kind = exc.kind
             if kind == "connect_os":

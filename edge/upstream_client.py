@@ -138,12 +138,22 @@ class Backend:
 class ClientStats:
     """Counters per backend, read on scrape (plain numbers: no lock per request)."""
 
-    __slots__ = ("connect_seconds", "created", "first_byte_seconds", "open", "resumed", "reused")
+    __slots__ = (
+        "connect_seconds",
+        "created",
+        "first_byte_seconds",
+        "open",
+        "resumed",
+        "reused",
+        "stale",
+    )
 
     def __init__(self) -> None:
         self.created: dict[str, int] = {}
         #: TLS connections whose handshake resumed an earlier session.
         self.resumed: dict[str, int] = {}
+        #: Kept-alive connections found closed by the origin as a request went out.
+        self.stale: dict[str, int] = {}
         self.reused: dict[str, int] = {}
         self.open: dict[str, int] = {}
         #: Sum and count of connect and first-byte latencies, per backend.
@@ -713,14 +723,20 @@ class OriginClient:
         headers: bytes,
         body: bytes | AsyncIterable[bytes] | None,
         length: int | None = None,
+        *,
+        replayable: bool = False,
     ) -> OriginResponse:
         """One request; the response once its head is in.  ``target``: as sent (the backend
         URL's path included, ``Backend.prefix``); ``headers``: the lines as sent
         (``upstream_wire.header_block``), without framing; ``length``: a streamed body's
-        declared length (None: sent chunked).  Raises ``UpstreamError``."""
+        declared length (None: sent chunked); ``replayable``: the request may be sent twice
+        (an idempotent method, the body in memory).  Raises ``UpstreamError``."""
         pool = self.pool(url)
         backend = pool.backend
-        connection = pool.idle_connection() or await pool.connect()
+        connection = pool.idle_connection()
+        reused = connection is not None
+        if connection is None:
+            connection = await pool.connect()
         chunked = False
         if body is None:
             framing = b"content-length: 0\r\n" if method in _BODY_EXPECTED else b""
@@ -739,8 +755,24 @@ class OriginClient:
             framing,
         )
         started = time.monotonic()
+        head_request = method == "HEAD"
         try:
-            response_head = await connection.exchange(head, body, chunked, method == "HEAD")
+            response_head = await connection.exchange(head, body, chunked, head_request)
+        except UpstreamError as exc:
+            connection.close()
+            if not (reused and replayable and exc.kind == "reset"):
+                raise
+            # A kept-alive connection closed under the request with not a byte back: the
+            # origin's idle timeout racing ours.  A request that may go twice goes again,
+            # once, on a new connection (as Go's client does); any other is the walk's call.
+            stats = self.stats
+            stats.stale[url] = stats.stale.get(url, 0) + 1
+            connection = await pool.connect()
+            try:
+                response_head = await connection.exchange(head, body, chunked, head_request)
+            except BaseException:
+                connection.close()
+                raise
         except BaseException:
             connection.close()  # cancelled, or failed: never pooled half-way
             raise

@@ -586,3 +586,27 @@ async def test_a_backend_name_is_resolved_once_for_many_connections(origin: RawO
     finally:
         loop.getaddrinfo = original  # type: ignore[method-assign]
     assert lookups == ["localhost"]
+
+
+async def test_a_kept_alive_connection_closed_under_a_request_replays_only_what_may_go_twice(
+    origin: RawOrigin,
+) -> None:
+    """/drop closes without a byte, as an origin whose idle timeout races ours does: on a
+    kept-alive connection a GET is sent once more on a new one; a POST never."""
+    async with _client() as client:
+        for method, replayable, sent in (("GET", True, 2), ("POST", False, 1)):
+            await _body(await _get(client, origin, b"/ok"))  # a connection to keep alive
+            assert client.idle_count(origin.url) == 1
+            before = origin.count("/drop")
+            with pytest.raises(UpstreamError) as caught:
+                await client.send(
+                    origin.url, method, b"/drop", _HEADERS, b"", replayable=replayable
+                )
+            assert caught.value.kind == "reset"
+            assert origin.count("/drop") - before == sent
+        assert client.stats.stale[origin.url] == 1
+        # On a new connection there is no race to blame: never sent again.
+        before = origin.count("/drop")
+        with pytest.raises(UpstreamError):
+            await client.send(origin.url, "GET", b"/drop", _HEADERS, None, replayable=True)
+        assert origin.count("/drop") - before == 1

@@ -148,7 +148,13 @@ class UpstreamWalk:
                         self._watch(backend, task, regions, record.attempts)
                 try:
                     response = await upstream.send(
-                        backend, method, call.target, headers, payload, call.length
+                        backend,
+                        method,
+                        call.target,
+                        headers,
+                        payload,
+                        call.length,
+                        replayable=abandonable,
                     )
                 finally:
                     # Unwatched before anything else: the health report below may publish
