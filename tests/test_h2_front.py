@@ -24,8 +24,9 @@ from hyperframe.frame import (
 from prometheus_client import CollectorRegistry
 
 from edge.front import FrontDoors
-from edge.h2front import H2Connection, parse_wire
+from edge.h2front import H2Connection
 from edge.h2meter import PREFACE, FrameMeter
+from edge.h2streams import parse_wire
 from edge.http1 import error_response
 from edge.protocol import Connections
 from tests.stage_support import Reply, World, world
@@ -268,7 +269,7 @@ async def test_response_bytes_wait_for_the_peer_window():
     await peer.settle()
     _, got, ended = peer.response(stream)
     assert len(got) == 1000 and not ended  # no more than the window
-    held = peer.server.streams[stream]
+    held = peer.server.table.streams[stream]
     assert held.stalled_since > 0  # waiting on the window: the sweep's stall clock runs
     peer.client.increment_flow_control_window(200_000, stream_id=stream)
     peer.client.increment_flow_control_window(200_000)
@@ -276,7 +277,7 @@ async def test_response_bytes_wait_for_the_peer_window():
     await peer.settle()
     _, got, ended = peer.response(stream)
     assert ended and got == body
-    assert stream not in peer.server.streams  # released
+    assert stream not in peer.server.table.streams  # released
     peer.close()
 
 
@@ -287,17 +288,17 @@ async def test_a_stalled_stream_is_reset_by_the_sweep():
     peer = Peer(w, initial_window_size=0)
     stream = peer.get("/api/stall")
     await peer.settle()
-    held = peer.server.streams[stream]
+    held = peer.server.table.streams[stream]
     assert held.stalled_since
     stall = w.pipeline.state.config.edge.http2.stall_timeout
     peer.server.check_deadline(held.stalled_since + stall - 0.01)
-    assert stream in peer.server.streams
+    assert stream in peer.server.table.streams
     peer.server.check_deadline(held.stalled_since + stall)
     peer.pump()
     resets = [e for e in peer.events if isinstance(e, h2.events.StreamReset)]
     assert [r.stream_id for r in resets] == [stream]
     assert resets[0].error_code == h2.errors.ErrorCodes.CANCEL
-    assert not peer.server.streams
+    assert not peer.server.table.streams
     peer.close()
 
 
@@ -382,7 +383,7 @@ async def test_a_clients_graceful_goaway_lets_its_streams_finish():
     await peer.settle()
     peer.client.close_connection()  # GOAWAY NO_ERROR: no new streams from the client
     peer.server.data_received(peer.client.data_to_send())
-    assert not peer.transport.closed and stream in peer.server.streams
+    assert not peer.transport.closed and stream in peer.server.table.streams
     gate.set()
     for _ in range(20):
         await asyncio.sleep(0)
@@ -419,7 +420,7 @@ async def test_requests_in_the_same_read_as_the_clients_goaway_are_answered():
     frames = _frames(peer.transport.take())
     assert (0x1, 0x4, stream) in frames  # the hit's HEADERS
     assert any(kind == 0x0 and flags & 0x1 and sid == stream for kind, flags, sid in frames)
-    assert not peer.server.streams
+    assert not peer.server.table.streams
     assert peer.transport.closed
     peer.close()
 
