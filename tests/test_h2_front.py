@@ -27,7 +27,7 @@ from edge.front import FrontDoors
 from edge.h2front import H2Connection
 from edge.h2meter import PREFACE, FrameMeter
 from edge.h2streams import parse_wire
-from edge.http1 import error_response
+from edge.http1 import RequestRejected, error_response
 from edge.protocol import Connections
 from tests.stage_support import Reply, World, world
 
@@ -547,3 +547,70 @@ async def test_fields_that_could_smuggle_into_http11_never_reach_upstream(field)
     goaway = [e for e in peer.events if isinstance(e, h2.events.ConnectionTerminated)]
     assert goaway and goaway[0].error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
     peer.close()
+
+
+# -- build_request ---------------------------------------------------------------------------
+
+
+def _build(fields: list[tuple[bytes, bytes]], ended: bool = True) -> Any:
+    from edge.h2request import build_request
+    from meridian.config import EdgeLimits
+
+    return build_request(
+        fields,
+        ended,
+        limits=EdgeLimits(),
+        request_id_header=b"x-request-id",
+        client_ip="192.0.2.1",
+        received_at=1.0,
+        scheme=b"https",
+        protocol=" proto=h2 tls=TLSv1.3",
+    )
+
+
+PSEUDO = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/api/a?b=1")]
+
+
+def test_build_request_reads_an_http2_head_as_the_http11_request_it_means():
+    request = _build(
+        [
+            *PSEUDO,
+            (b":authority", b"API.m.test:443"),
+            (b"cookie", b"a=1"),
+            (b"cookie", b"b=2"),
+            (b"x-request-id", b"abc123"),
+        ]
+    )
+    assert request.method == "GET" and request.target == b"/api/a?b=1"
+    assert request.path == "/api/a" and request.http_version == "2"
+    assert (b"cookie", b"a=1; b=2") in request.headers  # crumbs joined (RFC 9113 8.2.3)
+    assert request.host is not None and (b"host", request.host) in request.headers
+    assert request.request_id == b"abc123" and request.request_id_supplied
+    assert request.scheme == b"https" and request.client_ip == "192.0.2.1"
+    # A Host field without :authority is the host; a body without a length is chunked upstream.
+    post = _build(
+        [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/o"), (b"host", b"h.test")],
+        ended=False,
+    )
+    assert post.host == b"h.test" and post.body.kind.name == "CHUNKED"
+    sized = _build(
+        [*PSEUDO[1:], (b":method", b"PUT"), (b"host", b"h"), (b"content-length", b"5")], False
+    )
+    assert sized.body.kind.name == "LENGTH" and sized.body.length == 5
+
+
+@pytest.mark.parametrize(
+    ("fields", "ended", "status"),
+    [
+        ([*PSEUDO], True, 400),  # no :authority, no Host
+        ([*PSEUDO, (b"host", b"a"), (b"host", b"b")], True, 400),
+        ([*PSEUDO, (b":authority", b"a")], False, 400),  # GET with a body
+        ([(b":method", b"CONNECT"), (b":authority", b"a:443")], True, 405),
+        ([*PSEUDO, (b":authority", b"a"), *[(b"x-%d" % i, b"v") for i in range(101)]], True, 431),
+        ([*PSEUDO, (b":authority", b"a"), (b"content-length", b"99999999999")], False, 413),
+    ],
+)
+def test_build_request_refusals(fields, ended, status):
+    with pytest.raises(RequestRejected) as caught:
+        _build(fields, ended)
+    assert caught.value.status == status
