@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import random
 import struct
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
@@ -28,6 +28,9 @@ from edge.router import normalise_host
 from edge.state import EdgeState
 from edge.upstream import Attempt, UpstreamPool, live_regions, next_attempt
 from meridian.log import get_logger
+
+if TYPE_CHECKING:
+    from edge.stages.limit import Limiter
 
 log = get_logger("edge.websocket")
 
@@ -53,6 +56,9 @@ class TunnelServices(Protocol):
 
     @property
     def upstream(self) -> UpstreamPool: ...
+
+    @property
+    def limiter(self) -> Limiter: ...
 
 
 class TunnelHost(Protocol):
@@ -206,6 +212,12 @@ class Tunnel:
         target = state.router.match(normalise_host(request.host), request.path)
         if target is None:
             self._fail(404, "no_route")
+            return
+        refused = pipeline.limiter.answer(state, target.route.name, request, close=True)
+        if refused is not None:  # over a rate limit (edge.stages.limit)
+            if not self.closed:
+                self.client_transport.write(refused)
+            self._close()
             return
         health = pipeline.health.snapshot
         regions = live_regions(target.regions, health)

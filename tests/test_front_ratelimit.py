@@ -201,3 +201,24 @@ async def test_a_reload_keeps_the_state_of_an_unchanged_limit() -> None:
     w.pipeline.state = EdgeState.build(make_config(), "iad", 4)
     assert [(await peer.get())[0] for _ in range(10)] == [200] * 10  # and none at all
     peer.close()
+
+
+async def test_a_websocket_handshake_over_the_rate_is_refused_before_any_upstream() -> None:
+    w = limited_world({"rate": "1/m", "burst": 1})
+    peer = Peer(w, "192.0.2.1")
+    assert (await peer.get())[0] == 200
+    peer.connection.data_received(
+        b"GET /api/ws HTTP/1.1\r\nHost: example.test\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    for _ in range(50):
+        if peer.transport.closed:
+            break
+        await asyncio.sleep(0)
+    status, headers, _ = responses(bytes(peer.transport.written))[-1]
+    assert status == 429 and headers[b"connection"] == b"close"
+    assert headers[b"ratelimit"].startswith(b'"api";r=0;t=')
+    assert peer.transport.closed
+    assert len(w.upstream.sent) == 1  # the first GET's fill only
+    peer.close()

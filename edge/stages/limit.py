@@ -1,13 +1,14 @@
 """The limit stage: ``edge.rate_limits`` enforced on every routed request, cache hits included.
 
 The hit stage asks ``RateLimits.check`` before it answers from the cache (``fast_response``,
-``replay_hit``), the pipeline before anything else on the slow path (``refused``), so a
-client over its rate is answered ``429`` at the edge: never forwarded, never served from the
-cache.  The answer is the edge's usual small JSON error with ``Retry-After`` and the IETF
-httpapi ``RateLimit-Policy`` / ``RateLimit`` fields (draft-ietf-httpapi-ratelimit-headers:
-the policy's quota ``q`` is its burst, its window ``w`` the seconds a burst takes to come
-back; ``r`` what remains, ``t`` the seconds until the next request would be admitted).  They
-are sent on refusals only: adding them to every hit would rebuild the cache's prebuilt bytes.
+``replay_hit``), the pipeline before anything else on the slow path (``refused``), a WebSocket
+handshake before it connects upstream (``answer``), so a client over its rate is answered
+``429`` at the edge: never forwarded, never served from the cache.  The answer is the edge's
+usual small JSON error with ``Retry-After`` and the IETF httpapi ``RateLimit-Policy`` /
+``RateLimit`` fields (draft-ietf-httpapi-ratelimit-headers: the policy's quota ``q`` is its
+burst, its window ``w`` the seconds a burst takes to come back; ``r`` what remains, ``t`` the
+seconds until the next request would be admitted).  They are sent on refusals only: adding
+them to every hit would rebuild the cache's prebuilt bytes.
 
 The limits' state is the stage's, not the config snapshot's: on reload a limit whose config
 is unchanged keeps its table of keys (``RateLimits.build``), so a reload never hands every
@@ -25,7 +26,7 @@ from typing import Final
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from edge.exchange import Exchange
+from edge.exchange import Exchange, ProxyRequest
 from edge.fdlimit import LOG_INTERVAL
 from edge.http1 import Headers, error_response
 from edge.ratelimit import RateLimits, Refusal
@@ -68,34 +69,41 @@ class Limiter:
     def refused(self, exchange: Exchange) -> bool:
         """The slow path's check, once the route is known: True when the request was answered
         429 (through the sink; the pipeline accounts it as usual)."""
-        limits = self.current(exchange.state)
-        if limits is None:
-            return False
         request = exchange.request
-        refusal = limits.check(
-            exchange.routed.route.name, request.client_ip, request.headers, request.received_at
-        )
-        if refusal is None:
-            return False
-        self.note(refusal, exchange.record.route, request.received_at)
-        if refusal.rule.dry_run:
+        wire = self.answer(exchange.state, exchange.record.route, request)
+        if wire is None:
             return False
         record = exchange.record
         record.status = 429
         record.cache = "BYPASS"
-        self.services.metrics.errors.labels("429", REASON).inc()
-        exchange.sink.write_complete(
-            self.response(
-                exchange.state,
-                refusal,
-                request.request_id,
-                request.received_at,
-                keep_alive=request.keep_alive,
-                head_only=request.method == "HEAD",
-            ),
-            close=not request.keep_alive,
-        )
+        exchange.sink.write_complete(wire, close=not request.keep_alive)
         return True
+
+    def answer(
+        self, state: EdgeState, route: str, request: ProxyRequest, *, close: bool = False
+    ) -> bytes | None:
+        """Check ``request`` on ``route``: the 429's bytes when a limit refuses it, else None
+        (admitted; a dry run's would-be refusal is logged).  ``close``: the connection ends
+        after the answer (a WebSocket handshake's)."""
+        limits = self.current(state)
+        if limits is None:
+            return None
+        now = request.received_at
+        refusal = limits.check(route, request.client_ip, request.headers, now)
+        if refusal is None:
+            return None
+        self.note(refusal, route, now)
+        if refusal.rule.dry_run:
+            return None
+        self.services.metrics.errors.labels("429", REASON).inc()
+        return self.response(
+            state,
+            refusal,
+            request.request_id,
+            now,
+            keep_alive=request.keep_alive and not close,
+            head_only=request.method == "HEAD",
+        )
 
     def refuse_hit(
         self,
