@@ -7,7 +7,7 @@ Everything else runs ``Pipeline.handle`` in a task, one stage after the other on
 
 1. route    ``EdgeState.route``: route, service, regions ordered for this POP (memoised);
    then ``Limiter.refused``: a client over a rate limit is answered 429 (``stages.limit``;
-   the fast path's hits ask the same limits first)
+   the fast path's hits ask the same limits first); a shared limit asks Redis here
 2. lookup   ``HitStage.lookup``: the cache's verdict (reused from the fast path when it ran)
 3. by verdict:
 
@@ -132,7 +132,10 @@ class Pipeline:
                 return
             exchange.target = target
             exchange.record.route = target.route.name
-            if self.limiter.refused(exchange):
+            limiter = self.limiter
+            if limiter.refused(exchange) or (
+                limiter.shares(exchange) and await limiter.refused_shared(exchange)
+            ):
                 return
             # The total deadline: the connection's sweep cancels this task when it passes (no
             # timer per request); the cancellation is turned into a 504 here.

@@ -190,6 +190,9 @@ class Refusal(NamedTuple):
     bucket: Bucket
     #: The client address as decided (for the log).
     client: str
+    #: Requests the key may still make at once, when the decision was not ``bucket``'s (a
+    #: shared limit's, made in Redis).
+    remaining: int | None = None
 
 
 class RouteCounts:
@@ -269,14 +272,17 @@ class Lane:
 
 
 class Plan:
-    """The limits on one route: (index, rule, counters for the route) each, and the lanes of
-    the peers seen (``edge.memos.RATE_LIMIT_LANES``) when there is one client-keyed limit."""
+    """The limits on one route: (index, rule, counters for the route) each, the local ones and
+    the shared ones (``edge.ratelimit_redis``) apart, and the lanes of the peers seen
+    (``edge.memos.RATE_LIMIT_LANES``) when the route has exactly one limit, a local one keyed
+    by client."""
 
-    __slots__ = ("entries", "lanes")
+    __slots__ = ("entries", "lanes", "shared")
 
     def __init__(self, entries: tuple[tuple[int, LimitRule, RouteCounts], ...]) -> None:
-        self.entries = entries
-        laneable = len(entries) == 1 and entries[0][1].config.key == "client"
+        self.entries = tuple(entry for entry in entries if not entry[1].config.shared)
+        self.shared = tuple(entry for entry in entries if entry[1].config.shared)
+        laneable = len(entries) == 1 and entries[0][1].config.key == "client" and not self.shared
         self.lanes: BoundedMemo[str, Lane] | None = (
             BoundedMemo(RATE_LIMIT_LANES) if laneable else None
         )
@@ -290,7 +296,7 @@ class RateLimits:
     peer admitted by a route's single client-keyed limit gets a ``Lane``, the hit path's
     case: one check costs about what a dict lookup and a few float operations cost."""
 
-    __slots__ = ("_clients", "_plans", "rules", "trusted")
+    __slots__ = ("_clients", "_plans", "rules", "shared_routes", "trusted")
 
     def __init__(
         self,
@@ -309,6 +315,9 @@ class RateLimits:
                 entries.append((index, rule, counts))
             if entries:
                 self._plans[route] = Plan(tuple(entries))
+        #: Routes with a shared limit: decided on the slow path (a Redis round trip), so
+        #: their hits never take the fast path.
+        self.shared_routes = frozenset(route for route, plan in self._plans.items() if plan.shared)
         self._clients: BoundedMemo[str, ClientKeys | None] = BoundedMemo(RATE_LIMIT_CLIENTS)
 
     @classmethod
@@ -339,6 +348,11 @@ class RateLimits:
     def applies_to(self, route: str) -> bool:
         return route in self._plans
 
+    def shared_entries(self, route: str) -> tuple[tuple[int, LimitRule, RouteCounts], ...]:
+        """The shared limits on ``route`` (``edge.ratelimit_redis`` decides them)."""
+        plan = self._plans.get(route)
+        return plan.shared if plan is not None else ()
+
     def client(self, peer: str, headers: Headers) -> ClientKeys | None:
         """The client as the limits see it (None: no IP address to key by: not limited)."""
         memo_key = peer
@@ -364,7 +378,8 @@ class RateLimits:
         return found
 
     def check(self, route: str, peer: str, headers: Headers, now: float) -> Refusal | None:
-        """Count one request on ``route`` from ``peer``.  None: admitted.  A refusal whose
+        """Count one request on ``route`` from ``peer`` against the local limits (the shared
+        ones are ``edge.ratelimit_redis``'s).  None: admitted.  A refusal whose
         ``rule.dry_run`` is set: admitted, but that limit would have refused (the caller logs
         it).  Any other refusal: refused, and what other limits admitted is refunded (a
         refused request costs no budget)."""

@@ -463,6 +463,10 @@ class EdgeRateLimit:
     allow: tuple[IPNetwork, ...] = ()
     #: Count what would be refused, refuse nothing.
     dry_run: bool = False
+    #: Counted in the POP's Redis (``edge.cache``'s ``redis_*``): the POP's instances and
+    #: workers draw on one budget, at the cost of a Redis round trip per request (hits go
+    #: the slow path).  Redis slow or gone: each instance limits on its own meanwhile.
+    shared: bool = False
     #: Keys tracked at once (idle ones are forgotten first: a full bucket needs no memory).
     max_keys: int = 100_000
 
@@ -952,6 +956,10 @@ def _rate_limit_problems(
             problems.append(f"{where}.ipv6_prefix: must be 0..128")
         if not 1 <= limit.max_keys <= 10_000_000:
             problems.append(f"{where}.max_keys: must be 1..10000000")
+        if limit.shared and not (edge.cache.redis_url or edge.cache.redis_nodes):
+            problems.append(
+                f"{where}.shared: needs the POP's Redis (edge.cache.redis_url or redis_nodes)"
+            )
         for i, route_name in enumerate(limit.routes):
             if route_name not in route_names:
                 problems.append(f"{where}.routes[{i}]: unknown route {route_name!r}")

@@ -97,6 +97,7 @@ def test_a_full_limit_loads() -> None:
         ),
         ({"rate": 1, "dryrun": True}, "edge.rate_limits.l.dryrun: unknown key (did you mean"),
         ({"rate": 1, "dry_run": "yes"}, "edge.rate_limits.l.dry_run: expected true or false"),
+        ({"rate": 1, "shared": True}, "edge.rate_limits.l.shared: needs the POP's Redis"),
     ],
 )
 def test_each_bad_field_is_one_line_naming_it(limit: dict[str, Any], expected: str) -> None:

@@ -132,6 +132,8 @@ class HitStage:
         limiter = self.limiter
         limits = limiter.limits if limiter.state is state else limiter.current(state)
         if limits is not None:
+            if limits.shared_routes and route in limits.shared_routes:
+                return None  # decided on the slow path, through Redis
             refusal = limits.check(route, request.client_ip, request.headers, request.received_at)
             if refusal is not None:
                 refused = limiter.refuse_hit(
@@ -204,6 +206,8 @@ class HitStage:
         limiter = self.limiter
         limits = limiter.limits if limiter.state is state else limiter.current(state)
         if limits is not None:
+            if limits.shared_routes and replay.route in limits.shared_routes:
+                return None  # decided on the slow path, through Redis
             refusal = limits.check(replay.route, client_ip, head.headers, started)
             if refusal is not None:
                 refused = limiter.refuse_hit(

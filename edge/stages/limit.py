@@ -19,6 +19,7 @@ the count it stands for; outcomes are counted per limit and route
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Iterable
 from typing import Final
@@ -30,9 +31,11 @@ from edge.exchange import Exchange, ProxyRequest
 from edge.fdlimit import LOG_INTERVAL
 from edge.http1 import Headers, error_response
 from edge.ratelimit import RateLimits, Refusal
+from edge.ratelimit_redis import SharedLimits
 from edge.stages.services import EdgeServices
 from edge.state import EdgeState
 from meridian.log import get_logger
+from meridian.redis_conn import RedisTarget
 
 log = get_logger("edge")
 
@@ -43,14 +46,23 @@ _OUTCOMES: Final = ("allowed", "limited", "would_limit", "exempt")
 class Limiter:
     """The rate limits of the worker, rebuilt when the config snapshot changes."""
 
-    __slots__ = ("limits", "services", "state")
+    __slots__ = ("_closing", "limits", "services", "shared", "state")
 
     def __init__(self, services: EdgeServices) -> None:
         self.services = services
         #: The snapshot ``limits`` was built for, and the limits (None: none configured).
         self.state: EdgeState | None = None
         self.limits: RateLimits | None = None
+        #: The shared limits' Redis side (None: no limit is shared).
+        self.shared: SharedLimits | None = None
+        self._closing: asyncio.Task[None] | None = None
         services.metrics.registry.register(RateLimitStats(self))
+
+    async def aclose(self) -> None:
+        """Release the shared limits' Redis connections."""
+        if self.shared is not None:
+            await self.shared.aclose()
+            self.shared = None
 
     def current(self, state: EdgeState) -> RateLimits | None:
         """The limits of snapshot ``state`` (built on its first request; a reload keeps the
@@ -64,7 +76,46 @@ class Limiter:
                 previous=self.limits,
             )
             self.state = state
+            self._share(state)
         return self.limits
+
+    def _share(self, state: EdgeState) -> None:
+        """The Redis side for the shared limits of ``state`` (kept while its target holds)."""
+        cache = state.config.edge.cache
+        target = RedisTarget.from_config(cache)
+        wanted = target is not None and any(limit.shared for limit in state.config.edge.rate_limits)
+        shared = self.shared
+        if shared is not None and (not wanted or shared.target != target):
+            # Closed in the background: a reload is not a request to wait on.
+            self._closing = asyncio.get_running_loop().create_task(shared.aclose())
+            self.shared = shared = None
+        if wanted and shared is None and target is not None:
+            self.shared = SharedLimits(
+                target, timeout=cache.redis_timeout, clock=self.services.clock
+            )
+
+    def shares(self, exchange: Exchange) -> bool:
+        """Whether the exchange's route has a shared limit (``refused_shared`` decides it)."""
+        limits = self.current(exchange.state)
+        return limits is not None and exchange.record.route in limits.shared_routes
+
+    async def refused_shared(self, exchange: Exchange) -> bool:
+        """``refused`` for the shared limits (a Redis round trip; local while Redis cannot)."""
+        limits, shared = self.current(exchange.state), self.shared
+        if limits is None or shared is None:
+            return False
+        request = exchange.request
+        now = request.received_at
+        route = exchange.record.route
+        refusal = await shared.check(limits, route, request.client_ip, request.headers, now)
+        wire = self._refusal(exchange.state, route, request, refusal, close=False)
+        if wire is None:
+            return False
+        record = exchange.record
+        record.status = 429
+        record.cache = "BYPASS"
+        exchange.sink.write_complete(wire, close=not request.keep_alive)
+        return True
 
     def refused(self, exchange: Exchange) -> bool:
         """The slow path's check, once the route is known: True when the request was answered
@@ -88,10 +139,21 @@ class Limiter:
         limits = self.current(state)
         if limits is None:
             return None
-        now = request.received_at
-        refusal = limits.check(route, request.client_ip, request.headers, now)
+        refusal = limits.check(route, request.client_ip, request.headers, request.received_at)
+        return self._refusal(state, route, request, refusal, close=close)
+
+    def _refusal(
+        self,
+        state: EdgeState,
+        route: str,
+        request: ProxyRequest,
+        refusal: Refusal | None,
+        *,
+        close: bool,
+    ) -> bytes | None:
         if refusal is None:
             return None
+        now = request.received_at
         self.note(refusal, route, now)
         if refusal.rule.dry_run:
             return None
@@ -160,7 +222,9 @@ class Limiter:
         """The 429: small JSON, Retry-After, RateLimit-Policy and RateLimit, never stored."""
         rule = refusal.rule
         seconds = max(1, math.ceil(refusal.wait))
-        remaining = rule.gcra.remaining(refusal.bucket, now)
+        remaining = refusal.remaining
+        if remaining is None:
+            remaining = rule.gcra.remaining(refusal.bucket, now)
         extra: Headers = [
             (b"x-cache", b"BYPASS"),
             (b"age", b"0"),
@@ -203,8 +267,10 @@ class Limiter:
 class RateLimitStats(Collector):
     """``meridian_edge_rate_limit_requests_total{limit,route,outcome}`` (allowed, limited,
     would_limit: a dry run's, exempt: allow-listed), ``meridian_edge_rate_limit_keys{limit}``
-    and ``meridian_edge_rate_limit_forgotten_busy_total{limit}`` (keys forgotten before their
-    burst was back, when more keys were busy than the table holds)."""
+    ``meridian_edge_rate_limit_forgotten_busy_total{limit}`` (keys forgotten before their
+    burst was back, when more keys were busy than the table holds) and
+    ``meridian_edge_rate_limit_fallbacks_total{limit,reason}`` (shared limits decided
+    locally while Redis could not)."""
 
     def __init__(self, limiter: Limiter) -> None:
         self.limiter = limiter
@@ -232,9 +298,19 @@ class RateLimitStats(Collector):
                     requests.add_metric([rule.name, route, outcome], getattr(counts, outcome))
             keys.add_metric([rule.name], len(rule.gcra.buckets))
             forgotten.add_metric([rule.name], rule.gcra.forgotten_busy)
+        fallbacks = CounterMetricFamily(
+            "meridian_edge_rate_limit_fallbacks",
+            "Shared limits' decisions made by this instance alone because Redis could not "
+            "(timeout, error, breaker_open).",
+            labels=["limit", "reason"],
+        )
+        shared = self.limiter.shared
+        for (name, reason), value in sorted(shared.fallbacks.items() if shared else ()):
+            fallbacks.add_metric([name, reason], value)
         yield requests
         yield keys
         yield forgotten
+        yield fallbacks
 
     def describe(self) -> Iterable[Metric]:
         return []
