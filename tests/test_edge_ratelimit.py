@@ -103,3 +103,40 @@ def test_a_client_over_its_rate_gets_429_while_another_is_served(tmp_path: Path)
         edge.wait_for_log(r"event=rate_limited limit=per-client route=api client=127\.0\.0\.5")
         greedy.close()
         polite.close()
+
+
+def test_two_edge_instances_sharing_redis_enforce_one_budget(tmp_path: Path) -> None:
+    from edge.cache.testing import RedisServer
+
+    with RedisServer() as redis_server, processes() as procs:
+        origin = Origin("eu-central", tmp_path, echo=True)
+        procs.append(origin)
+        origin.ready()
+        config = write_config(
+            tmp_path / "edge.yaml",
+            {"eu-central": region(*LOCATIONS["eu-central"], [origin.url])},
+            edge={
+                "cache": {"redis_url": redis_server.url},
+                "rate_limits": {"pop": {"rate": "1/m", "burst": 4, "shared": True}},
+            },
+        )
+        edges = [Edge(config, "fra", tmp_path), Edge(config, "fra", tmp_path)]
+        for edge in edges:
+            procs.append(edge)
+        for edge in edges:
+            edge.ready()
+        first, second = (Connection(edge, "127.0.0.7") for edge in edges)
+        cached = "/cc/shared?cc=public,max-age=60"
+        statuses = [conn.get(cached)[0] for conn in (first, second, first, second, first)]
+        assert statuses == [200, 200, 200, 200, 429]  # four in all, not four each
+        assert second.get("/echo")[0] == 429
+        assert Connection(edges[1], "127.0.0.8").get(cached)[0] == 200  # another client
+        assert sum(e.metric("meridian_edge_rate_limit_fallbacks_total") for e in edges) == 0
+        # Redis gone: each instance goes on limiting on its own, and says so.
+        redis_server.kill()
+        local = [first.get(cached)[0] for _ in range(5)]
+        assert local == [200, 200, 200, 200, 429]
+        assert edges[0].metric("meridian_edge_rate_limit_fallbacks_total", limit="pop") == 5
+        edges[0].wait_for_log(r"event=rate_limit_local_fallback limit=pop")
+        first.close()
+        second.close()
