@@ -46,6 +46,10 @@ MAX_HEADER_KEY: Final = 256
 #: The ``tat`` of a bucket the table forgot: it admits nothing, so whoever still holds it (a
 #: ``Lane``) looks the key up again.
 FORGOTTEN: Final = math.inf
+#: X-Forwarded-For hops walked at most (each costs an address parse).
+MAX_HOPS: Final = 16
+#: Longer X-Forwarded-For values are not memoised (``RATE_LIMIT_CLIENTS`` stays small).
+MAX_MEMO_FORWARDED: Final = 256
 #: When the table is full and too few keys are idle, this share of it is forgotten at once
 #: (amortised: one scan per ``max_keys / FORGET_SHARE`` new keys, never one per request).
 FORGET_SHARE: Final = 8
@@ -150,12 +154,13 @@ def client_address(
     """The client a request is from: the peer, or when the peer is a trusted proxy, the
     rightmost X-Forwarded-For address that is not one (all trusted: the leftmost).  An entry
     that is not an address ends the walk at the hop after it: whoever wrote it is not to be
-    believed further.  None: the peer is not an IP address (a Unix socket)."""
+    believed further; so does the ``MAX_HOPS``-th hop (a chain of proxies that long is a
+    client's invention).  None: the peer is not an IP address (a Unix socket)."""
     address = parse_address(peer)
     if address is None or not trusted or not any(address in net for net in trusted):
         return address
     hops = [hop.strip() for value in forwarded_for for hop in value.split(b",")]
-    for hop in reversed(hops):
+    for hop in reversed(hops[-MAX_HOPS:]):
         previous = parse_address(hop)
         if previous is None:
             return address
@@ -372,6 +377,8 @@ class RateLimits:
             keys = tuple(rule.network_key(address) for rule in self.rules)
             proxied = parse_address(peer) != address or any(address in net for net in self.trusted)
             found = ClientKeys(str(address), keys, proxied)
+        if forwarded is not None and len(forwarded) > MAX_MEMO_FORWARDED:
+            return found
         if len(clients) >= clients.bound:
             clients.clear()
         clients[memo_key] = found

@@ -336,3 +336,15 @@ def test_no_lane_for_a_trusted_proxy_or_a_header_key() -> None:
     assert plan.lanes is not None and "10.0.0.1" not in plan.lanes
     assert limits(rule(key="header", header="x-k"))._plans["r"].lanes is None
     assert limits(rule(name="a"), rule(name="b"))._plans["r"].lanes is None
+
+
+def test_hostile_forwarded_for_costs_bounded_work_and_memory() -> None:
+    rl = limits(rule())
+    # A thousand trusted hops: the walk stops after MAX_HOPS, at a trusted proxy.
+    chain = b", ".join(b"10.0.%d.%d" % (i >> 8, i & 255) for i in range(1000))
+    found = rl.client("10.0.0.1", [(b"x-forwarded-for", b"203.0.113.1, " + chain)])
+    assert found is not None and found.address == "10.0.3.216"  # the 16th hop from the right
+    assert found.proxied
+    assert not rl._clients  # a long value is not memoised
+    short = rl.client("10.0.0.1", [(b"x-forwarded-for", b"203.0.113.1")])
+    assert short is not None and short.address == "203.0.113.1" and len(rl._clients) == 1
