@@ -51,6 +51,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from edge.accesslog import protocol_fields
+from edge.connlimit import UNCOUNTED
 from edge.h2meter import FrameMeter
 from edge.h2request import H2Requests
 from edge.h2streams import StreamTable
@@ -217,6 +218,7 @@ class H2Connection(asyncio.Protocol):
         self._idle_since = self.loop.time()
         self._had_request = False
         self._counted = False
+        self._client_key = UNCOUNTED  # its network in Connections.clients
         #: The client sent GOAWAY.
         self._peer_went_away = False
         #: After an offender's GOAWAY: when the lingering connection is closed (0: not).
@@ -232,9 +234,14 @@ class H2Connection(asyncio.Protocol):
             connections.resources.refuse("fd_reserve")
             cast(asyncio.Transport, transport).abort()
             return
-        self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else "-"
+        client_key = connections.admit_client(self.client_ip, len(self.doors.h2_open))
+        if client_key is None:  # over edge.connection_limits (edge.connlimit)
+            cast(asyncio.Transport, transport).abort()
+            return
+        self._client_key = client_key
+        self._transport = cast(asyncio.Transport, transport)
         self._counted = True
         self.doors.h2_open.add(self)
         self.pipeline.metrics.connections.inc()
@@ -253,6 +260,7 @@ class H2Connection(asyncio.Protocol):
         self._transport = None
         if self._counted:
             self._counted = False
+            self.doors.connections.clients.release(self._client_key)
             self.doors.h2_open.discard(self)
             self.pipeline.metrics.connections.dec()
             self.doors.h2_stats.connection_closed(self.streams_seen)

@@ -24,7 +24,8 @@ Accounting that cannot leak: every exchange ends in ``_finished`` (its task's ``
 which closes the connection unless the request was read to its end, so a request still being
 read when its response went out (a 504 during a chunked upload) never leaves a connection
 open and "busy" with nothing to end it.  Client connections stop at the descriptor budget
-(``edge.fdlimit``): the last descriptors stay for upstream connections and health checks.
+(``edge.fdlimit``): the last descriptors stay for upstream connections and health checks;
+and at ``edge.connection_limits`` (``edge.connlimit``: per client network, in total).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from edge.cache import Lookup
+from edge.connlimit import UNCOUNTED, ClientConnections
 from edge.fasthead import MeaningKey, parse_simple_head
 from edge.fdlimit import FdBudget, ResourceStats, Throttle, fd_exhausted
 from edge.http1 import (
@@ -239,6 +241,10 @@ class Connections:
         pipeline.metrics.registry.register(self.resources)
         self._refused_log = Throttle()
         self._exhausted_log = Throttle()
+        #: Open connections per client network (``edge.connection_limits``), and the log
+        #: throttle of each refusal reason.
+        self.clients = ClientConnections()
+        self._limit_logs = {"total": Throttle(), "per_client": Throttle()}
         self._sweeps = 0
         # A descriptor to dup: the cheapest question "is there one left?" (fdlimit).
         self._probe_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -291,6 +297,33 @@ class Connections:
                 fd_limit=self.budget.limit,
             )
         return False
+
+    def admit_client(self, peer: str, also_open: int = 0) -> int | None:
+        """``edge.connection_limits`` for a new connection from ``peer`` (``also_open``:
+        connections of another front end): its key for ``clients.release``, or None when
+        refused (counted, and logged at most once per ``LOG_INTERVAL`` per reason)."""
+        state = self.pipeline.state
+        limits = state.config.edge.connection_limits
+        open_now = len(self.open) + also_open
+        if limits.total and open_now >= limits.total:
+            reason, cap = "total", limits.total
+        else:
+            key = self.clients.admit(peer, limits, state.trusted_proxies)
+            if key is not None:
+                return key
+            reason, cap = "per_client", limits.per_client
+        self.resources.refuse(reason)
+        count = self._limit_logs[reason].note(self.loop.time())
+        if count:
+            log.warning(
+                "connections_refused",
+                reason=reason,
+                client=peer,
+                refused=count,
+                open=open_now,
+                limit=cap,
+            )
+        return None
 
     def probe_descriptors(self) -> bool:
         """Whether the process is out of descriptors (then the event loop closes every new
@@ -349,6 +382,8 @@ class EdgeConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         #: In ``Connections.open`` and the connections gauge (until connection_lost).
         self._counted = False
+        #: Its client network in ``Connections.clients`` (``edge.connection_limits``).
+        self._client_key = UNCOUNTED
         self._parser = httptools.HttpRequestParser(self)
         self.client_ip = "-"
         # Head being parsed.
@@ -410,9 +445,17 @@ class EdgeConnection(asyncio.Protocol):
             self._counted = False
             cast(asyncio.Transport, transport).abort()
             return
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
-        self.client_ip = peer[0] if peer else "-"
+        client_ip = peer[0] if peer else "-"
+        client_key = self._connections.admit_client(client_ip)
+        if client_key is None:
+            # Over edge.connection_limits: closed before a byte is read.
+            self._counted = False
+            cast(asyncio.Transport, transport).abort()
+            return
+        self._client_key = client_key
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.client_ip = client_ip
         self._counted = True
         self._connections.open.add(self)
         self._connections.pipeline.metrics.connections.inc()
@@ -424,6 +467,7 @@ class EdgeConnection(asyncio.Protocol):
             return  # refused in connection_made
         self._counted = False
         self._connections.open.discard(self)
+        self._connections.clients.release(self._client_key)
         self._connections.pipeline.metrics.connections.dec()
         self._transport = None
         for exchange in (self._current, self._active, *self._queue):

@@ -472,6 +472,21 @@ class EdgeRateLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class EdgeConnectionLimits:
+    """Client connections allowed at once (``edge.connlimit``), checked at accept: a refused
+    connection is closed before a byte is read, logged and counted."""
+
+    #: Per client network (the peer's address: no header is read yet; 0: no limit).
+    per_client: int = 0
+    ipv4_prefix: int = 32
+    ipv6_prefix: int = 64
+    #: For the whole process (0: the descriptor budget alone, ``edge.fdlimit``).
+    total: int = 0
+    #: Networks never limited per client (``edge.trusted_proxies`` never are either).
+    allow: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class EdgeConfig:
     services: Annotated[tuple[Service, ...], NAMED]
     routes: tuple[Route, ...]
@@ -494,6 +509,7 @@ class EdgeConfig:
     http2: EdgeHttp2 = EdgeHttp2()
     #: Request rate limits, by name (``EdgeRateLimit``).
     rate_limits: Annotated[tuple[EdgeRateLimit, ...], NAMED] = ()
+    connection_limits: EdgeConnectionLimits = EdgeConnectionLimits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -905,6 +921,13 @@ def _semantic_problems(config: Config) -> list[str]:
     problems.extend(_redis_problems(edge.cache))
     problems.extend(_http2_problems(edge.http2))
     problems.extend(_rate_limit_problems(edge, seen_routes, service_names))
+    conns = edge.connection_limits
+    if conns.per_client < 0 or conns.total < 0:
+        problems.append("edge.connection_limits: per_client and total must not be negative")
+    if not 0 <= conns.ipv4_prefix <= 32:
+        problems.append("edge.connection_limits.ipv4_prefix: must be 0..32")
+    if not 0 <= conns.ipv6_prefix <= 128:
+        problems.append("edge.connection_limits.ipv6_prefix: must be 0..128")
     up = edge.upstream
     if edge.pool_size < 1:
         problems.append("edge.pool_size: must be at least 1")
@@ -1134,6 +1157,7 @@ __all__ = [
     "DnsConfig",
     "DnsName",
     "EdgeConfig",
+    "EdgeConnectionLimits",
     "EdgeHttp2",
     "EdgeLimits",
     "EdgeRateLimit",

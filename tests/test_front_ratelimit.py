@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry
 from edge.protocol import Connections, EdgeConnection
 from edge.state import EdgeState
 from tests.health_support import captured_logs
-from tests.stage_support import Reply, World, make_config, world
-from tests.test_front_http1 import CACHEABLE, TICKER, FakeTransport, responses
+from tests.stage_support import FakeTransport, Reply, World, make_config, world
+from tests.test_front_http1 import CACHEABLE, TICKER, responses
 
 GET = b"GET /api/ticker HTTP/1.1\r\nHost: example.test\r\n\r\n"
 UNCACHEABLE = [(b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store")]
