@@ -13,6 +13,7 @@ from tests.edge_support import (
     Edge,
     Origin,
     parse_response,
+    poll_until,
     processes,
     region,
     write_config,
@@ -140,3 +141,58 @@ def test_two_edge_instances_sharing_redis_enforce_one_budget(tmp_path: Path) -> 
         edges[0].wait_for_log(r"event=rate_limit_local_fallback limit=pop")
         first.close()
         second.close()
+
+
+def _answers(sock: socket.socket) -> bool:
+    """Whether the edge answers a request on ``sock`` (a refused connection was reset)."""
+    try:
+        sock.sendall(b"GET /echo HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        return sock.recv(12).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+def test_connection_caps_hold_over_a_thousand_connections(tmp_path: Path) -> None:
+    with processes() as procs:
+        origin = Origin("eu-central", tmp_path, echo=True)
+        procs.append(origin)
+        origin.ready()
+        config = write_config(
+            tmp_path / "edge.yaml",
+            {"eu-central": region(*LOCATIONS["eu-central"], [origin.url])},
+            edge={"connection_limits": {"per_client": 40, "total": 600}},
+        )
+        edge = Edge(config, "fra", tmp_path)
+        procs.append(edge)
+        edge.ready()
+        socks: list[socket.socket] = []
+        try:
+            # 1,000 connections from one address, then 700 from 70 others.
+            for source in ["127.0.0.9"] * 1000 + [f"127.0.1.{i % 70 + 1}" for i in range(700)]:
+                socks.append(_connect(edge, source))
+            served = [_answers(sock) for sock in socks]
+            assert sum(served[:1000]) == 40  # one client: its 40
+            assert sum(served[1000:]) == 560  # the rest up to the total of 600
+            assert (
+                edge.metric("meridian_edge_connections_refused_total", reason="per_client") >= 960
+            )
+            assert edge.metric("meridian_edge_connections_refused_total", reason="total") >= 140
+            edge.wait_for_log(r"event=connections_refused reason=per_client client=127\.0\.0\.9")
+        finally:
+            for sock in socks:
+                sock.close()
+        # Once the edge has seen them close, the client connects again.
+        poll_until(lambda: _answers_anew(edge, "127.0.0.9"), within=10.0)
+
+
+def _answers_anew(edge: Edge, source: str) -> bool:
+    with _connect(edge, source) as sock:
+        return _answers(sock)
+
+
+def _connect(edge: Edge, source: str) -> socket.socket:
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.settimeout(5.0)
+    sock.connect(("127.0.0.1", edge.port))
+    return sock
