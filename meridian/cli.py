@@ -7,6 +7,7 @@ imported only when their subcommand runs, so ``meridian check`` stays fast and w
 from __future__ import annotations
 
 import argparse
+import math
 import importlib
 import sys
 from collections.abc import Callable, Sequence
@@ -81,6 +82,23 @@ def _summary(config: Config) -> str:
             + (f", first expiry {expiry:%Y-%m-%d}" if expiry else "")
             + f", {edge.tls.min_version}+, ALPN "
             + ("h2, http/1.1" if edge.http2.enabled else "http/1.1")
+        )
+    for limit in edge.rate_limits:
+        scope = ", ".join([*limit.routes, *(f"service {s}" for s in limit.services)])
+        lines.append(
+            f"edge rate limit {limit.name}: {limit.rate:g}/s, burst "
+            + str(limit.burst if limit.burst is not None else max(1, math.ceil(limit.rate)))
+            + f", per {limit.key}"
+            + (f" ({limit.header})" if limit.header else "")
+            + f", {scope or 'every route'}"
+            + (", shared in Redis" if limit.shared else "")
+            + (", dry run" if limit.dry_run else "")
+        )
+    conns = edge.connection_limits
+    if conns.per_client or conns.total:
+        lines.append(
+            f"edge connection limits: {conns.per_client or 'unlimited'} per client network, "
+            f"{conns.total or 'descriptor budget'} in total"
         )
     ls = config.listeners
     lines.append(
