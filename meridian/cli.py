@@ -7,8 +7,8 @@ imported only when their subcommand runs, so ``meridian check`` stays fast and w
 from __future__ import annotations
 
 import argparse
-import math
 import importlib
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
