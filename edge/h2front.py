@@ -59,6 +59,7 @@ from edge.hpack_literal import LiteralEncoder
 from edge.http1 import Headers
 from edge.pipeline import Pipeline
 from edge.protocol import Connections
+from meridian.config import EdgeHttp2, EdgeLimits
 from meridian.log import get_logger
 
 log = get_logger("edge")
@@ -157,6 +158,40 @@ class H2Host(Protocol):
 # The connection
 
 
+def server_state(
+    settings: EdgeHttp2, limits: EdgeLimits, encoder: LiteralEncoder, refuse: int
+) -> h2.connection.H2Connection:
+    """The h2 library's state for one server connection under the edge's settings and limits;
+    header lists decoding past ``refuse`` bytes are refused at once (not only once the client
+    has acknowledged our SETTINGS)."""
+    config = h2.config.H2Configuration(
+        client_side=False,
+        header_encoding=None,
+        validate_inbound_headers=True,
+        normalize_inbound_headers=True,
+        validate_outbound_headers=False,
+        normalize_outbound_headers=False,
+    )
+    state = h2.connection.H2Connection(config=config)
+    codes = h2.settings.SettingCodes
+    state.local_settings = h2.settings.Settings(
+        client=False,
+        initial_values={
+            codes.MAX_CONCURRENT_STREAMS: settings.max_concurrent_streams,
+            codes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
+            codes.MAX_FRAME_SIZE: settings.max_frame_size,
+            codes.ENABLE_PUSH: 0,
+        },
+    )
+    state.max_inbound_frame_size = settings.max_frame_size
+    # Responses are encoded without indexing, blocks memoised for the worker
+    # (``edge.hpack_literal``): a hit's HEADERS cost a lookup, not an HPACK encoding.
+    state.encoder = cast(hpack.Encoder, encoder)  # duck-typed, see there
+    state.decoder.max_header_list_size = refuse
+    state.decoder.max_allowed_table_size = 4096
+    return state
+
+
 class H2Connection(asyncio.Protocol):
     """The server side of one HTTP/2 connection (h2c or ALPN h2)."""
 
@@ -173,33 +208,8 @@ class H2Connection(asyncio.Protocol):
         edge = state.config.edge
         self.settings = edge.http2
         self.limits = edge.limits
-        config = h2.config.H2Configuration(
-            client_side=False,
-            header_encoding=None,
-            validate_inbound_headers=True,
-            normalize_inbound_headers=True,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-        )
-        self.h2 = h2.connection.H2Connection(config=config)
-        codes = h2.settings.SettingCodes
-        self.h2.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                codes.MAX_CONCURRENT_STREAMS: self.settings.max_concurrent_streams,
-                codes.MAX_HEADER_LIST_SIZE: self.limits.max_header_bytes,
-                codes.MAX_FRAME_SIZE: self.settings.max_frame_size,
-                codes.ENABLE_PUSH: 0,
-            },
-        )
-        self.h2.max_inbound_frame_size = self.settings.max_frame_size
-        # Responses are encoded without indexing, blocks memoised for the worker
-        # (``edge.hpack_literal``): a hit's HEADERS cost a lookup, not an HPACK encoding.
-        self.h2.encoder = cast(hpack.Encoder, doors.hpack_encoder)  # duck-typed, see there
-        # Refused at once, not when the client acknowledges our SETTINGS.
         refuse = max(self.limits.max_header_bytes * HPACK_REFUSE_FACTOR, 8192)
-        self.h2.decoder.max_header_list_size = refuse
-        self.h2.decoder.max_allowed_table_size = 4096
+        self.h2 = server_state(self.settings, self.limits, doors.hpack_encoder, refuse)
         self.meter = FrameMeter(
             max_resets=self.settings.max_resets_per_second,
             max_control=self.settings.max_control_frames_per_second,
