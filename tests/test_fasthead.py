@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from edge.connlimit import UNCOUNTED, ClientConnections
 from edge.fasthead import MeaningKey, parse_simple_head
 from edge.http1 import NO_BODY
 from edge.pipeline import EdgeState, ProxyRequest
@@ -95,9 +96,13 @@ class _Connections:
         self.loop = _Loop()
         self.open: set[object] = set()
         self.draining = False
+        self.clients = ClientConnections()
 
     def admit(self) -> bool:
         return True
+
+    def admit_client(self, peer: str) -> int:
+        return UNCOUNTED
 
 
 def strict(data: bytes) -> ProxyRequest | None:
