@@ -222,3 +222,25 @@ async def test_a_websocket_handshake_over_the_rate_is_refused_before_any_upstrea
     assert peer.transport.closed
     assert len(w.upstream.sent) == 1  # the first GET's fill only
     peer.close()
+
+
+async def test_http2_streams_are_limited_like_http1_requests() -> None:
+    from tests.test_h2_front import Peer as H2Peer
+
+    w = limited_world({"rate": "1/m", "burst": 2})
+    peer = H2Peer(w)
+    try:
+        statuses = []
+        for _ in range(3):
+            stream = peer.get("/api/ticker")
+            await peer.settle()
+            headers, _, ended = peer.response(stream)
+            assert ended
+            statuses.append(headers[b":status"])
+            if headers[b":status"] == b"429":
+                assert headers[b"ratelimit-policy"] == b'"api";q=2;w=120'
+                assert int(headers[b"retry-after"]) > 0
+        assert statuses == [b"200", b"200", b"429"]  # a fill, a hit, then refused
+        assert len(w.upstream.sent) == 1
+    finally:
+        peer.close()
