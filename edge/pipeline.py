@@ -127,15 +127,17 @@ class Pipeline:
         stats.in_flight += 1
         try:
             target = exchange.state.route(request.host, request.path)
-            if target is None:
-                await self.respond.send_error(exchange, 404, "no_route")
-                return
-            exchange.target = target
-            exchange.record.route = target.route.name
+            if target is not None:
+                exchange.target = target
+                exchange.record.route = target.route.name
+            # Before the 404 too: limits on every route also count requests for none ("-").
             limiter = self.limiter
             if limiter.refused(exchange) or (
                 limiter.shares(exchange) and await limiter.refused_shared(exchange)
             ):
+                return
+            if target is None:
+                await self.respond.send_error(exchange, 404, "no_route")
                 return
             # The total deadline: the connection's sweep cancels this task when it passes (no
             # timer per request); the cancellation is turned into a 504 here.

@@ -244,3 +244,18 @@ async def test_http2_streams_are_limited_like_http1_requests() -> None:
         assert len(w.upstream.sent) == 1
     finally:
         peer.close()
+
+
+async def test_requests_no_route_matches_count_against_limits_on_every_route() -> None:
+    w = limited_world({"rate": "1/m", "burst": 2})
+    peer = Peer(w, "192.0.2.1")
+    nowhere = b"GET /elsewhere HTTP/1.1\r\nHost: example.test\r\n\r\n"
+    assert [(await peer.get(nowhere))[0] for _ in range(3)] == [404, 404, 429]
+    assert (await peer.get())[0] == 429  # one budget for the client, routed or not
+    assert scrape(w)[("api", "-", "limited")] == 1
+    # A limit scoped to routes leaves them alone.
+    scoped = limited_world({"rate": "1/m", "burst": 1, "routes": ["market"]})
+    other = Peer(scoped, "192.0.2.1")
+    assert [(await other.get(nowhere))[0] for _ in range(3)] == [404] * 3
+    peer.close()
+    other.close()

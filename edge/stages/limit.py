@@ -40,6 +40,8 @@ from meridian.redis_conn import RedisTarget
 log = get_logger("edge")
 
 REASON: Final = "rate_limited"
+#: The route name of a request no route matched (``ExchangeRecord.route``'s default).
+NO_ROUTE: Final = "-"
 _OUTCOMES: Final = ("allowed", "limited", "would_limit", "exempt")
 
 
@@ -71,7 +73,8 @@ class Limiter:
             edge = state.config.edge
             self.limits = RateLimits.build(
                 edge.rate_limits,
-                {route.name: route.service for route in edge.routes},
+                # "-": requests no route matched (a limit on every route counts them too).
+                {**{route.name: route.service for route in edge.routes}, NO_ROUTE: ""},
                 state.trusted_proxies,
                 previous=self.limits,
             )
