@@ -72,6 +72,8 @@ LINGER: Final = 1.0
 #: The HPACK decoder refuses decoded header lists beyond this many times the advertised limit.
 HPACK_REFUSE_FACTOR: Final = 2
 _CLOSED: Final = h2.connection.ConnectionState.CLOSED
+_FRAME_SIZE: Final = h2.errors.ErrorCodes.FRAME_SIZE_ERROR
+_CALM: Final = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 _STREAMS_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 1000.0, 10000.0)
 
 
@@ -214,6 +216,7 @@ class H2Connection(asyncio.Protocol):
             max_resets=self.settings.max_resets_per_second,
             max_control=self.settings.max_control_frames_per_second,
             max_header_block=refuse,
+            max_frame_size=self.settings.max_frame_size,
         )
         self._transport: asyncio.Transport | None = None
         self.table = StreamTable(self.h2, self.loop, self, doors.wire_memo)
@@ -294,7 +297,8 @@ class H2Connection(asyncio.Protocol):
             return  # lingering after GOAWAY: dropped unread
         verdict = self.meter.feed(data, self.loop.time())
         if verdict is not None:
-            self.goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, verdict)
+            code = _FRAME_SIZE if verdict == "frame_too_large" else _CALM
+            self.goaway(code, verdict)
             return
         try:
             events = self.h2.receive_data(data)

@@ -10,7 +10,11 @@ library parses them, payloads skipped unread) and names the first limit they bre
   reply or a wake-up, the client nothing);
 * ``header_block_too_large``: a header block (HEADERS or PUSH_PROMISE plus CONTINUATION frames)
   larger than ``max_header_block`` bytes before END_HEADERS (the 2024 CONTINUATION flood: a
-  block that never ends, buffered by the server until memory runs out).
+  block that never ends, buffered by the server until memory runs out);
+* ``frame_too_large``: a frame header announcing more than ``max_frame_size`` bytes (RFC 9113
+  4.2: FRAME_SIZE_ERROR).  Judged on the header: the ``h2`` library checks only once the
+  whole frame is buffered, so a client announcing 16 MiB made the edge hold up to that much
+  per connection (and the HTTP/1.1 bytes after an h2c preface were waited on, not refused).
 
 Sans-I/O: bytes and a clock reading in, a reason (or None) out; the protocol decides what to
 do (``GOAWAY ENHANCE_YOUR_CALM`` and close).
@@ -46,13 +50,21 @@ class FrameMeter:
         "_skip",
         "_window_start",
         "max_control",
+        "max_frame_size",
         "max_header_block",
         "max_resets",
     )
 
     def __init__(
-        self, *, max_resets: int, max_control: int, max_header_block: int, preface: bool = True
+        self,
+        *,
+        max_resets: int,
+        max_control: int,
+        max_header_block: int,
+        max_frame_size: int = 16384,
+        preface: bool = True,
     ) -> None:
+        self.max_frame_size = max_frame_size
         self.max_resets = max_resets
         self.max_control = max_control
         self.max_header_block = max_header_block
@@ -84,6 +96,8 @@ class FrameMeter:
                 return None
             self._header = b""
             length = int.from_bytes(header[0:3], "big")
+            if length > self.max_frame_size:
+                return "frame_too_large"
             kind = header[3]
             flags = header[4]
             self._skip = length

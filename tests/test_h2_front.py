@@ -87,6 +87,19 @@ def test_meter_header_block_across_continuation_frames():
     assert ended.feed(PREFACE + block + end + block + end, 0.0) is None  # each block counted alone
 
 
+def test_meter_refuses_a_frame_larger_than_allowed_on_its_header():
+    """Judged on the 9-byte header, before any payload is buffered: the HTTP/1.1 request
+    line after an h2c preface reads as a 4.6 MB frame ("GET" as its length), and h2 alone
+    would wait for all of it."""
+    meter = _meter(max_frame_size=16384)
+    assert meter.feed(PREFACE + DataFrame(1, data=b"x" * 16384).serialize(), 0.0) is None
+    assert meter.feed(b"GET /smuggle HTTP/1.1\r\nHost: a\r\n\r\n", 0.0) == "frame_too_large"
+    split = _meter(max_frame_size=16384)
+    header = b"\x00\x40\x01\x00\x00\x00\x00\x00\x01"  # 16,385 bytes of DATA
+    assert split.feed(PREFACE + header[:4], 0.0) is None
+    assert split.feed(header[4:], 0.0) == "frame_too_large"
+
+
 # -- parse_wire ------------------------------------------------------------------------------
 
 
