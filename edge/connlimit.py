@@ -10,8 +10,11 @@ caller refuses the connection and logs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Final
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from edge.ratelimit import Network, network_key, parse_address
 from meridian.config import EdgeConnectionLimits
@@ -65,4 +68,29 @@ class ClientConnections:
         return max(self.open.values(), default=0)
 
 
-__all__ = ["UNCOUNTED", "ClientConnections"]
+class ClientConnectionStats(Collector):
+    """``meridian_edge_client_networks`` (networks with a connection open: what
+    ``per_client`` is counted over) and ``meridian_edge_client_connections_busiest`` (the
+    most one network has open: how close the busiest client is to ``per_client``)."""
+
+    def __init__(self, clients: ClientConnections) -> None:
+        self.clients = clients
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "meridian_edge_client_networks",
+            "Client networks with a connection open (counted when edge.connection_limits "
+            "sets per_client).",
+            value=len(self.clients.open),
+        )
+        yield GaugeMetricFamily(
+            "meridian_edge_client_connections_busiest",
+            "Connections open from the busiest client network.",
+            value=self.clients.busiest,
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+__all__ = ["UNCOUNTED", "ClientConnectionStats", "ClientConnections"]

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from edge.cache import Lookup
-from edge.connlimit import UNCOUNTED, ClientConnections
+from edge.connlimit import UNCOUNTED, ClientConnections, ClientConnectionStats
 from edge.fasthead import MeaningKey, parse_simple_head
 from edge.fdlimit import FdBudget, ResourceStats, Throttle, fd_exhausted
 from edge.http1 import (
@@ -244,6 +244,7 @@ class Connections:
         #: Open connections per client network (``edge.connection_limits``), and the log
         #: throttle of each refusal reason.
         self.clients = ClientConnections()
+        pipeline.metrics.registry.register(ClientConnectionStats(self.clients))
         self._limit_logs = {"total": Throttle(), "per_client": Throttle()}
         self._sweeps = 0
         # A descriptor to dup: the cheapest question "is there one left?" (fdlimit).

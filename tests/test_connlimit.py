@@ -100,6 +100,9 @@ async def test_caps_hold_over_thousands_of_connections() -> None:
     assert sum(not t.closed for t in many) == 1000
     assert len(connections.open) == 1500
     assert connections.resources.refused == {"per_client": 1500, "total": 200}
+    registry = w.pipeline.metrics.registry
+    assert registry.get_sample_value("meridian_edge_client_networks") == 50 + 1000
+    assert registry.get_sample_value("meridian_edge_client_connections_busiest") == 10
     for conn in list(connections.open):
         conn.connection_lost(None)
     assert connections.clients.open == {} and not connections.open
