@@ -8,7 +8,7 @@ later; a request is refused while admitting it would put ``tat`` more than
 ``burst + rate * t`` in any window of ``t`` seconds, and a key idle for ``span`` has its whole
 burst back.  The same arithmetic as a token bucket, with one float per key and no refill step.
 
-What a request is keyed by (``LimitRule.keys``): the client's network (``/32`` and ``/64`` by
+What a request is keyed by (``LimitRule.key``): the client's network (``/32`` and ``/64`` by
 default) after ``trusted_proxies`` (the rightmost X-Forwarded-For address that is not a
 trusted proxy, when the peer is one: nginx's ``real_ip_recursive``), the value of a request
 header (an API key; a request without it is keyed by its client network, so leaving the

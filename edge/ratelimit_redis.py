@@ -17,7 +17,7 @@ rate, so the POP's budget is multiplied by its instances, never unlimited), coun
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Hashable
 from typing import Final
 
 from redis.exceptions import NoScriptError, RedisError
@@ -69,16 +69,9 @@ def redis_key(limit: str, key: Hashable) -> str:
 class SharedLimits:
     """Decides the shared limits of one worker through Redis, locally when it cannot."""
 
-    def __init__(
-        self,
-        target: RedisTarget,
-        *,
-        timeout: float,
-        clock: Callable[[], float],
-    ) -> None:
+    def __init__(self, target: RedisTarget, *, timeout: float) -> None:
         self.target = target
         self.timeout = timeout
-        self.clock = clock
         self.breaker = CircuitBreaker()
         #: (limit, reason) -> decisions made locally instead of in Redis.
         self.fallbacks: dict[tuple[str, str], int] = {}

@@ -93,9 +93,7 @@ class Limiter:
             self._closing = asyncio.get_running_loop().create_task(shared.aclose())
             self.shared = shared = None
         if wanted and shared is None and target is not None:
-            self.shared = SharedLimits(
-                target, timeout=cache.redis_timeout, clock=self.services.clock
-            )
+            self.shared = SharedLimits(target, timeout=cache.redis_timeout)
 
     def shares(self, exchange: Exchange) -> bool:
         """Whether the exchange's route has a shared limit (``refused_shared`` decides it)."""
@@ -111,26 +109,23 @@ class Limiter:
         now = request.received_at
         route = exchange.record.route
         refusal = await shared.check(limits, route, request.client_ip, request.headers, now)
-        wire = self._refusal(exchange.state, route, request, refusal, close=False)
-        if wire is None:
-            return False
-        record = exchange.record
-        record.status = 429
-        record.cache = "BYPASS"
-        exchange.sink.write_complete(wire, close=not request.keep_alive)
-        return True
+        return self._send(exchange, self._refusal(exchange.state, route, request, refusal))
 
     def refused(self, exchange: Exchange) -> bool:
         """The slow path's check, once the route is known: True when the request was answered
         429 (through the sink; the pipeline accounts it as usual)."""
-        request = exchange.request
-        wire = self.answer(exchange.state, exchange.record.route, request)
+        return self._send(
+            exchange, self.answer(exchange.state, exchange.record.route, exchange.request)
+        )
+
+    @staticmethod
+    def _send(exchange: Exchange, wire: bytes | None) -> bool:
         if wire is None:
             return False
         record = exchange.record
         record.status = 429
         record.cache = "BYPASS"
-        exchange.sink.write_complete(wire, close=not request.keep_alive)
+        exchange.sink.write_complete(wire, close=not exchange.request.keep_alive)
         return True
 
     def answer(
@@ -152,7 +147,7 @@ class Limiter:
         request: ProxyRequest,
         refusal: Refusal | None,
         *,
-        close: bool,
+        close: bool = False,
     ) -> bytes | None:
         if refusal is None:
             return None
