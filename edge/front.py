@@ -59,6 +59,14 @@ class FrontDoors:
         self.hpack_encoder = LiteralEncoder()
         self.draining = False
         self._sweeper: asyncio.Task[None] | None = None
+        # Connections waiting for their first bytes hold descriptors too: without this, idle
+        # plain connections were never counted, and at the descriptor limit the admin
+        # listener and the health checks found none left.
+        connections.other_fronts = self.open_connections
+
+    def open_connections(self) -> int:
+        """Client connections held here: undecided plain ones and HTTP/2 ones."""
+        return len(self.waiting) + len(self.h2_open)
 
     def plain_factory(self) -> asyncio.Protocol:
         http2 = self.pipeline.state.config.edge.http2
@@ -127,6 +135,10 @@ class FrontDoor(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         doors = self._doors
         if not self._tls:
+            if not doors.connections.admit():  # over the descriptor budget: closed at once
+                self._handed = True
+                self._transport.abort()
+                return
             doors.waiting[self] = doors.loop.time()
             return
         ssl_object = transport.get_extra_info("ssl_object")

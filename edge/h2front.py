@@ -241,10 +241,8 @@ class H2Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         connections = self.doors.connections
-        cap = connections.max_open
-        if cap and len(connections.open) + len(self.doors.h2_open) >= cap:
+        if not connections.admit():
             # Over the descriptor budget (``edge.fdlimit``), as for HTTP/1.1: closed at once.
-            connections.resources.refuse("fd_reserve")
             cast(asyncio.Transport, transport).abort()
             return
         peer = transport.get_extra_info("peername")

@@ -96,6 +96,10 @@ _PLAIN_CONNECTION = frozenset(
 _VERSIONS = frozenset({"1.1", "1.0"})
 
 
+def _no_other_fronts() -> int:
+    return 0
+
+
 #: The largest request chunk remembered (``edge.memos.REQUEST_HEADS`` bounds how many).
 REQUEST_HEAD_MAX_BYTES = 2048
 
@@ -237,6 +241,9 @@ class Connections:
         self.budget = budget if budget is not None else FdBudget.current()
         #: Client connections allowed at once (0: unbounded), read on every accept.
         self.max_open = self.budget.max_connections
+        #: Client connections held by the other front ends (``edge.front``: connections whose
+        #: protocol is not known yet, HTTP/2 ones), counted against the same budget.
+        self.other_fronts: Callable[[], int] = _no_other_fronts
         self.resources = ResourceStats(self.budget)
         pipeline.metrics.registry.register(self.resources)
         self._refused_log = Throttle()
@@ -284,7 +291,10 @@ class Connections:
         """Whether one more client connection fits the descriptor budget; logs (at most once
         per ``LOG_INTERVAL``) and counts the refusals."""
         cap = self.max_open
-        if cap == 0 or len(self.open) < cap:
+        if cap == 0:
+            return True
+        open_now = len(self.open) + self.other_fronts()
+        if open_now < cap:
             return True
         self.resources.refuse("fd_reserve")
         count = self._refused_log.note(self.loop.time())
@@ -293,7 +303,7 @@ class Connections:
                 "connections_refused",
                 reason="fd_reserve",
                 refused=count,
-                open=len(self.open),
+                open=open_now,
                 max_connections=cap,
                 fd_limit=self.budget.limit,
             )

@@ -185,7 +185,7 @@ class EdgeWorker:
             return {
                 "worker": self.worker,
                 "pid": os.getpid(),
-                "connections": len(connections.open),
+                "connections": len(connections.open) + doors.open_connections(),
                 "in_flight": connections.busy,
                 "generation": pipeline.state.generation,
                 "cache": {"entries": len(cache.store), "bytes": cache.store.bytes},
@@ -254,7 +254,7 @@ class EdgeWorker:
                 "pid": os.getpid(),
                 "started": self.started,
                 "config": {"source": self.holder.path, "generation": pipeline.state.generation},
-                "connections": len(connections.open),
+                "connections": len(connections.open) + doors.open_connections(),
                 "in_flight": connections.busy,
                 "websockets": len(connections.tunnels),
                 "draining": connections.draining,
