@@ -259,3 +259,11 @@ async def test_requests_no_route_matches_count_against_limits_on_every_route() -
     assert [(await other.get(nowhere))[0] for _ in range(3)] == [404] * 3
     peer.close()
     other.close()
+
+
+async def test_the_hit_path_benchmark_checks_a_limit_that_never_bites() -> None:
+    from benchmarks.hitpath import measure
+
+    # ``measure`` raises when a request was not a hit, or the limit was not checked or bit.
+    figures = await measure(300, 10, 1, rate_limit=True)
+    assert set(figures) == {"identity", "varied", "spread"}
