@@ -149,7 +149,7 @@ class FrontDoor(asyncio.Protocol):
         if alpn == "h2" and not doors.draining:
             self._hand_over(H2Connection(doors, tls_version=version), b"")
         else:
-            self._hand_over(doors.connections.factory(), b"")
+            self._hand_over(doors.connections.factory(tls_version=version), b"")
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer + data

@@ -74,7 +74,7 @@ class Pipeline:
     swaps ``state`` on reload and subscribes ``on_health`` to the health monitor."""
 
     fast_response: Callable[[ProxyRequest], bytes | None]
-    replay_hit: Callable[[RequestHead, str, bytes | None], bytes | None]
+    replay_hit: Callable[[RequestHead, str, bytes | None, str | None], bytes | None]
     take_pending: Callable[[ProxyRequest], Lookup | None]
     on_health: Callable[[SnapshotView], None]
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from edge.accesslog import protocol_fields
 from edge.cache import Lookup
 from edge.connlimit import UNCOUNTED, ClientConnections, ClientConnectionStats
 from edge.fasthead import MeaningKey, parse_simple_head
@@ -268,8 +269,10 @@ class Connections:
             self._meaning = meaning = (state, key)
         return meaning[1]
 
-    def factory(self) -> EdgeConnection:
-        return EdgeConnection(self)
+    def factory(self, tls_version: str | None = None) -> EdgeConnection:
+        """A connection's protocol; ``tls_version`` for one that came over TLS (its requests
+        then say ``https`` upstream, in X-Forwarded-Proto, and its access lines the version)."""
+        return EdgeConnection(self, tls_version)
 
     def start(self) -> None:
         self._sweeper = self.loop.create_task(self._sweep())
@@ -386,8 +389,11 @@ class Connections:
 class EdgeConnection(asyncio.Protocol):
     """HTTP/1.1 server side of one client connection (also the pipeline's ``ResponseSink``)."""
 
-    def __init__(self, connections: Connections) -> None:
+    def __init__(self, connections: Connections, tls_version: str | None = None) -> None:
         self._connections = connections
+        #: How the client reached the edge (X-Forwarded-Proto) and the access lines' fields.
+        self.scheme = b"https" if tls_version else b"http"
+        self.protocol = protocol_fields("h1", tls_version) if tls_version else None
         self._pipeline = connections.pipeline
         self._loop = connections.loop
         self._transport: asyncio.Transport | None = None
@@ -673,6 +679,8 @@ class EdgeConnection(asyncio.Protocol):
             request_id=request_id,
             received_at=self._pipeline.clock(),
             request_id_supplied=request_supplied,
+            scheme=self.scheme,
+            protocol=self.protocol,
         )
         body = (
             StreamedBody(self._pause_for_body, self._resume_for_body) if framing.has_body else None
@@ -756,7 +764,7 @@ class EdgeConnection(asyncio.Protocol):
         if head is not None:
             if head.hit is not None:
                 supplied = head.supplied_id
-                wire = self._pipeline.replay_hit(head, self.client_ip, supplied)
+                wire = self._pipeline.replay_hit(head, self.client_ip, supplied, self.protocol)
                 if wire is not None:
                     self._write_prebuilt(wire)
                     return True
@@ -777,7 +785,7 @@ class EdgeConnection(asyncio.Protocol):
             ):
                 rid = volatile.request_id
                 supplied = rid if rid is not None and valid_request_id(rid) else None
-                wire = self._pipeline.replay_hit(head, self.client_ip, supplied)
+                wire = self._pipeline.replay_hit(head, self.client_ip, supplied, self.protocol)
                 if wire is not None:
                     self._write_prebuilt(wire)
                     return True
@@ -825,6 +833,8 @@ class EdgeConnection(asyncio.Protocol):
             self._pipeline.clock(),
             supplied is not None,
             head if memoised else None,
+            self.scheme,
+            self.protocol,
         )
         prebuilt = self._pipeline.fast_response(request)
         if prebuilt is not None and self._transport is not None:

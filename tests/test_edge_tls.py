@@ -56,9 +56,20 @@ def test_curl_http11_and_http2_over_tls_and_the_handshakes_are_counted(tmp_path)
         assert edge.metric("meridian_edge_tls_handshakes_total", result="full") == 2
         assert edge.metric("meridian_edge_tls_connections_total", protocol="h2") == 1
         assert edge.metric("meridian_edge_tls_connections_total", protocol="http/1.1") == 1
-        # The origin is told the client came over https.
+        # The origin is told the client came over https, whichever protocol it spoke.
         seen = origin.seen_for("/echo")
         assert len(seen) == 2
+        for record in seen:
+            proto = [v for k, v in record["headers"] if k.lower() == "x-forwarded-proto"]
+            assert proto == ["https"], record["headers"]
+
+        # And the access lines name the protocol and the TLS version, HTTP/1.1 included.
+        def logged(fields: str) -> bool:  # access lines are written in batches
+            return any(
+                "event=access" in line and fields in line for line in edge.log_text().splitlines()
+            )
+
+        poll_until(lambda: logged(" proto=h1 tls=TLSv1.") and logged(" proto=h2 tls=TLSv1."))
 
 
 def test_sni_picks_the_certificate_for_each_name_and_the_default_without_sni(tmp_path):

@@ -181,17 +181,23 @@ class HitStage:
                 total,
                 request.request_id,
                 request.client_ip,
+                request.protocol,
             )
         return wire
 
     def replay_hit(
-        self, head: RequestHead, client_ip: str, supplied_id: bytes | None
+        self,
+        head: RequestHead,
+        client_ip: str,
+        supplied_id: bytes | None,
+        protocol: str | None = None,
     ) -> bytes | None:
         """The bytes of ``head.hit`` when that answer still holds (same stored entry, same
         Age second, still fresh or still within stale-while-revalidate, no reload), else None
         (and the memo is dropped).  The cheapest answer the edge gives: no request object, no
         key, no freshness arithmetic; still counted in the metrics and the access log like any
-        hit.  ``supplied_id``: this request's valid request ID (echoed), else None."""
+        hit.  ``supplied_id``: this request's valid request ID (echoed), else None; ``protocol``:
+        the connection's access-line fields (``ProxyRequest.protocol``)."""
         replay = head.hit
         cache = self.cache
         if replay is None or cache is None:
@@ -247,6 +253,7 @@ class HitStage:
                 total,
                 supplied_id if supplied_id is not None else new_request_id(),
                 client_ip,
+                protocol,
             )
         return wire
 
