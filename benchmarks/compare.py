@@ -718,6 +718,9 @@ class MeridianEdge(HttpPeer):
     def cache_counts(self) -> dict[str, float] | None:
         return edge_cache_counts(self.admin_port)
 
+    def configure(self, data: dict[str, Any]) -> None:
+        """Changes to the demo config this peer runs with."""
+
     def start(self, processes: Processes, cpus: Cpus, installer: Installer) -> Proc:
         command = meridian_available("edge")
         data = yaml.safe_load(DEMO_CONFIG.read_text())
@@ -725,6 +728,7 @@ class MeridianEdge(HttpPeer):
             region["backends"] = [f"http://{self.origin.addr}"]
         data["edge"]["cache"]["memory"] = f"{PEER_CACHE_MIB}MiB"
         data["edge"]["access_log"] = False  # as nginx here (access_log off)
+        self.configure(data)
         admin_port = self.admin_port = free_port()
         config = self.workdir / "edge.yaml"
         config.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -806,8 +810,21 @@ class Varnish(HttpPeer):
         return proc
 
 
+class MeridianLimited(MeridianEdge):
+    """The edge with a request rate limit on every route, per client, that the load never
+    reaches (wrk is one client): what checking a limit costs (issue 22: within 5%)."""
+
+    name = "meridian-limited"
+
+    def configure(self, data: dict[str, Any]) -> None:
+        data["edge"]["rate_limits"] = {"bench": {"rate": "10000000/s", "burst": 100000}}
+
+
+#: Peers run only when named (``--peers``): variants of another peer.
+OPT_IN_PEERS: frozenset[str] = frozenset({"meridian-limited"})
 HTTP_PEERS: dict[str, type[HttpPeer]] = {
     "meridian": MeridianEdge,
+    "meridian-limited": MeridianLimited,
     "nginx": Nginx,
     "varnish": Varnish,
 }
@@ -1692,7 +1709,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = wanted - set(HTTP_PEERS) - set(DNS_PEERS)
     if unknown:
         parser.error(f"unknown peers: {', '.join(sorted(unknown))}")
-    args.peers_http = [p for p in HTTP_PEERS if not wanted or p in wanted]
+    args.peers_http = [p for p in HTTP_PEERS if (p in wanted if wanted else p not in OPT_IN_PEERS)]
     args.peers_dns = [p for p in DNS_PEERS if not wanted or p in wanted]
     names = {s for s in args.scenarios.split(",") if s}
     args.http_scenarios = [s for s in HTTP_SCENARIOS if not names or s.name in names]
