@@ -209,6 +209,32 @@ async def test_stale_entry_is_revalidated_with_validators_and_updated_by_304() -
     assert parse(found.wire)[1][b"cache-control"] == b"max-age=100"
 
 
+async def test_a_304_sets_its_cookie_where_the_rule_stores_cookies_and_keeps_the_digest() -> None:
+    clock = FakeClock()
+    cache, origin = make_cache(clock), Origin(clock)
+    first = [(b"cache-control", b"max-age=5"), (b"etag", b'"v1"'), (b"set-cookie", b"a=b")]
+    origin.answer(200, [*first, (b"content-md5", b"rL0Y20zC+Fzt72VPzMSk2A==")], b"c")
+    await request(cache, origin, b"/api/v1/cookies")
+    clock.advance(6)
+    update = [(b"cache-control", b"max-age=5"), (b"etag", b'"v1"'), (b"set-cookie", b"a=c")]
+    origin.answer(304, [*update, (b"content-md5", b"N7UdGUp1E+RbVvZSTy1R8g==")])
+    how, wire = await request(cache, origin, b"/api/v1/cookies")
+    headers = parse(wire)[1]
+    assert how == "REVALIDATED"
+    assert headers[b"set-cookie"] == b"a=c"  # the client that triggered it gets its cookie
+    assert headers[b"content-md5"] == b"rL0Y20zC+Fzt72VPzMSk2A=="  # a digest of the kept body
+
+
+async def test_a_must_understand_response_of_an_unknown_status_is_not_stored() -> None:
+    clock = FakeClock()
+    cache, origin = make_cache(clock), Origin(clock)
+    origin.answer(599, [(b"cache-control", b"max-age=3600, must-understand")], b"x")
+    assert (await request(cache, origin, b"/api/v1/symbols"))[0] == "pass"
+    origin.answer(200, [(b"cache-control", b"max-age=3600, must-understand, no-store")], b"y")
+    assert (await request(cache, origin, b"/api/v1/symbols"))[0] == "MISS"
+    assert get(cache, b"/api/v1/symbols").kind is LookupKind.HIT
+
+
 async def test_304_for_another_etag_leads_to_a_full_fetch() -> None:
     clock = FakeClock()
     cache, origin = make_cache(clock), Origin(clock)

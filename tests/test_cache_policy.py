@@ -239,6 +239,22 @@ def test_partial_and_not_modified_are_never_stored(status: int) -> None:
     assert reason([(b"cache-control", b"max-age=60")], status=status) == "status"
 
 
+@pytest.mark.parametrize("status", [599, 201, 418, 500])
+def test_must_understand_stores_only_understood_statuses(status: int) -> None:
+    assert reason([(b"cache-control", b"max-age=3600")], status=status) is None
+    cc = b"max-age=3600, must-understand"
+    assert reason([(b"cache-control", cc)], status=status) == "must-understand"
+    assert reason([(b"cache-control", cc + b", no-store")], status=status) == "must-understand"
+
+
+@pytest.mark.parametrize("status", [200, 301, 404, 307])
+def test_must_understand_overrides_no_store_for_understood_statuses(status: int) -> None:
+    # RFC 9111 5.2.2.3: no-store is there for caches that do not know must-understand.
+    cc = b"max-age=60, must-understand, no-store"
+    assert reason([(b"cache-control", cc)], status=status) is None
+    assert reason([(b"cache-control", b"max-age=60, must-understand, private")]) == "private"
+
+
 def test_no_store_private_and_vary_star() -> None:
     assert reason([(b"cache-control", b"no-store, max-age=60")]) == "no-store"
     assert reason([(b"cache-control", b"private, max-age=60")]) == "private"
@@ -386,13 +402,22 @@ def test_date_in_the_future_gives_no_negative_age() -> None:
 
 @pytest.mark.parametrize(
     "ages",
-    [[b"-4"], [b"soon"], [b"7200.0"], [b"0, 0"], [b"7200,0"], [b"60;x=1"], [b"0", b"0"]],
+    [[b"-4"], [b"soon"], [b"7200.0"], [b"7200,0"], [b"60;x=1"], [b"7200", b"0"], [b"-1, 0"]],
 )
 def test_an_untrustworthy_age_header_makes_the_response_stale(ages: list[bytes]) -> None:
     headers = [(b"date", date()), (b"cache-control", b"max-age=3600")]
     f = fresh(headers + [(b"age", value) for value in ages])
     assert f.initial_age >= 3600
     assert decide(f, NO_DIRECTIVES, NOW)[0] is not Use.FRESH
+
+
+@pytest.mark.parametrize("ages", [[b"0, 7200"], [b"0,7200"], [b"0", b"7200"], [b" 0 , 0"]])
+def test_an_age_list_counts_its_first_member(ages: list[bytes]) -> None:
+    # RFC 9111 5.1: a list where one value is expected is read as its first member.
+    headers = [(b"date", date()), (b"cache-control", b"max-age=3600")]
+    f = fresh(headers + [(b"age", value) for value in ages])
+    assert f.initial_age == pytest.approx(0, abs=1)
+    assert decide(f, NO_DIRECTIVES, NOW)[0] is Use.FRESH
 
 
 def test_a_valid_age_header_is_counted() -> None:
@@ -554,6 +579,31 @@ def test_merge_304_replaces_fields_but_not_body_metadata() -> None:
     assert (b"content-encoding", b"gzip") in merged
     assert all(n not in (b"content-length", b"connection", b"set-cookie") for n, _ in merged)
     assert (b"etag", b'"v1"') in merged
+
+
+def test_merge_304_keeps_the_stored_digest_and_content_range() -> None:
+    stored = [(b"content-md5", b"rL0Y20zC+Fzt72VPzMSk2A=="), (b"content-type", b"text/plain")]
+    update = [
+        (b"content-md5", b"N7UdGUp1E+RbVvZSTy1R8g=="),
+        (b"content-range", b"bytes 0-1/2"),
+        (b"content-type", b"text/plain;charset=utf-8"),
+    ]
+    merged = merge_not_modified(stored, update)
+    assert merged == [
+        (b"content-md5", b"rL0Y20zC+Fzt72VPzMSk2A=="),
+        (b"content-type", b"text/plain;charset=utf-8"),
+    ]
+
+
+def test_merge_304_set_cookie_only_where_the_rule_stores_it() -> None:
+    stored = [(b"set-cookie", b"a=b"), (b"x", b"1")]
+    update = [(b"set-cookie", b"a=c"), (b"set-cookie", b"d=e")]
+    assert merge_not_modified(stored, update) == stored
+    assert merge_not_modified(stored, update, keep_set_cookie=True) == [
+        (b"x", b"1"),
+        (b"set-cookie", b"a=c"),
+        (b"set-cookie", b"d=e"),
+    ]
 
 
 def test_304_for_another_etag_does_not_apply() -> None:

@@ -344,7 +344,7 @@ SHARED_FIELDS_SIZE: Final = SHARED_FIELDS.bound
 #: Reasons a new response is not stored that also make the stored one obsolete (the resource
 #: itself changed); per-request reasons (request no-store, Authorization) leave it alone.
 _SUPERSEDING: Final = frozenset(
-    {"status", "no-store", "private", "vary-star", "set-cookie", "no-freshness"}
+    {"status", "must-understand", "no-store", "private", "vary-star", "set-cookie", "no-freshness"}
 )
 
 

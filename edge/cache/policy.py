@@ -58,6 +58,9 @@ HEURISTIC_FRACTION: Final = 0.1
 #: RFC 9110 15.1 "heuristically cacheable" statuses.  206 is left out: partial content is
 #: never stored here.
 CACHEABLE_BY_DEFAULT: Final = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
+#: Statuses whose caching requirements this cache implements, for ``must-understand`` (RFC 9111
+#: 5.2.2.3): the heuristically cacheable ones plus the redirects and 304/206 it knows not to store.
+UNDERSTOOD_STATUSES: Final = CACHEABLE_BY_DEFAULT | {206, 302, 303, 304, 307}
 #: Upstream statuses that count as "the origin failed" for stale-if-error.
 ERROR_STATUSES: Final = frozenset({500, 502, 503, 504})
 SAFE_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
@@ -79,7 +82,9 @@ HOP_BY_HOP: Final = frozenset(
 )
 _NOT_STORED: Final = HOP_BY_HOP | {b"age", b"content-length", b"x-cache", b"surrogate-key"}
 #: RFC 9111 3.2: a 304 never changes these; content-encoding/-range describe the body we kept.
-_NOT_UPDATED_BY_304: Final = _NOT_STORED | {b"content-encoding", b"content-range", b"set-cookie"}
+#: Content-MD5 is a digest of the stored body (cache-tests 304-etag-update-response-Content-MD5).
+#: Set-Cookie is merged only where the rule stores it (``merge_not_modified``).
+_NOT_UPDATED_BY_304: Final = _NOT_STORED | {b"content-encoding", b"content-range", b"content-md5"}
 #: Client conditionals the cache answers itself (RFC 9111 4.3.2) and so never forwards on a fill.
 CONDITIONAL_REQUEST_HEADERS: Final = frozenset(
     {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range"}
@@ -108,6 +113,8 @@ class CacheControl:
     max_stale: int | None = None
     min_fresh: int | None = None
     only_if_cached: bool = False
+    #: Response only (RFC 9111 5.2.2.3): store only statuses the cache understands.
+    must_understand: bool = False
 
 
 NO_DIRECTIVES: Final = CacheControl()
@@ -125,6 +132,7 @@ _BOOLEAN: Final = {
     "must-revalidate": "must_revalidate",
     "proxy-revalidate": "proxy_revalidate",
     "only-if-cached": "only_if_cached",
+    "must-understand": "must_understand",
 }
 _NUMERIC_FIELD: Final = {
     "max-age": "max_age",
@@ -358,11 +366,7 @@ def response_meta(headers: Headers) -> ResponseMeta:
     age = 0.0
     ages = found[_AGE]
     if ages:
-        # Age is a single delta-seconds.  Anything else (a list, two lines, a sign, a fraction,
-        # parameters) cannot be trusted, so the response counts as stale rather than fresh: a
-        # cache downstream of a broken one must not extend its lifetime (cache-tests age-parse).
-        seconds = _delta_seconds(ages[0].strip().decode("latin-1")) if len(ages) == 1 else None
-        age = float(seconds) if seconds is not None else float(DELTA_SECONDS_MAX)
+        age = _age_value(ages)
     # Surrogate-Key is space-separated, so several lines join with a space, not a comma.
     surrogate_lines = found[_SURROGATE]
     surrogate = b" ".join(surrogate_lines) if surrogate_lines else b""
@@ -391,6 +395,17 @@ def response_meta(headers: Headers) -> ResponseMeta:
         tuple(dict.fromkeys(surrogate.decode("latin-1").split())) if surrogate else (),
         encoding,
     )
+
+
+def _age_value(lines: list[bytes]) -> float:
+    """Age from its field lines: the first member of the (joined) list, as RFC 9111 5.1 says
+    for a list received where a single value is expected ("0, 7200" is 0).  A first member that
+    is not a delta-seconds (a sign, a fraction, parameters) cannot be trusted, so the response
+    counts as stale rather than fresh: a cache downstream of a broken one must not extend its
+    lifetime (cache-tests age-parse)."""
+    first = lines[0].split(b",", 1)[0].strip(b" \t")
+    seconds = _delta_seconds(first.decode("latin-1"))
+    return float(seconds) if seconds is not None else float(DELTA_SECONDS_MAX)
 
 
 def _strip_or_none(value: bytes | None) -> bytes | None:
@@ -433,7 +448,12 @@ def uncacheable_reason(
     if request_cc.no_store:
         return "request-no-store"
     cc = meta.cc
-    if cc.no_store:
+    if cc.must_understand:
+        # RFC 9111 5.2.2.3: only statuses whose rules we implement; for those, must-understand
+        # overrides the no-store sent beside it for caches that do not know the directive.
+        if status not in UNDERSTOOD_STATUSES:
+            return "must-understand"
+    elif cc.no_store:
         return "no-store"
     if cc.private:
         return "private"
@@ -813,7 +833,9 @@ def merge_not_modified(
     """RFC 9111 3.2: stored headers updated with those of a 304.
 
     Each field the 304 carries replaces every stored line of that field, except fields the
-    cache recomputes or that describe the body it kept (Content-Length, Content-Encoding, ...).
+    cache recomputes or that describe the body it kept (Content-Length, Content-Encoding,
+    Content-Range, Content-MD5).  ``keep_set_cookie`` (the rule stores Set-Cookie): a 304's
+    Set-Cookie replaces the stored one, so the client that triggered the revalidation gets it.
     """
     named = frozenset(field_names(joined(update, b"connection")))
     replacing = [
@@ -882,6 +904,7 @@ __all__ = [
     "STALE_IF_ERROR",
     "STALE_MAX_STALE",
     "STALE_WHILE_REVALIDATE",
+    "UNDERSTOOD_STATUSES",
     "CacheControl",
     "Freshness",
     "Header",
