@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import difflib
 import ipaddress
+import re
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -261,6 +262,10 @@ class DnsConfig:
     workers: int = 1
 
 
+#: An RFC 9213 target: the lower-case prefix of a ``<target>-Cache-Control`` field name.
+_CACHE_TARGET = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?")
+
+
 @dataclass(frozen=True, slots=True)
 class CacheRule:
     """Per-path caching policy, supplementing (or with ``force_ttl``, overriding) the origin."""
@@ -305,6 +310,11 @@ class CacheConfig:
     hit_for_miss: Duration = 10.0
     purge_token: str | None = None
     rules: tuple[CacheRule, ...] = ()
+    #: RFC 9213 target list, in precedence order: target ``t`` reads ``t-Cache-Control``
+    #: (``cdn``: CDN-Cache-Control) and ``surrogate`` reads Surrogate-Control.  The first one
+    #: present and valid replaces Cache-Control and Expires for this cache; all are removed
+    #: from what the edge sends on.  ``[]`` turns targeting off.
+    targets: tuple[str, ...] = ("cdn", "surrogate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -907,6 +917,13 @@ def _semantic_problems(config: Config) -> list[str]:
             problems.append(f"{where}.service: unknown service {route.service!r}")
         if not route.path_prefix.startswith("/"):
             problems.append(f"{where}.path_prefix: must start with /")
+    for i, target in enumerate(edge.cache.targets):
+        if not _CACHE_TARGET.fullmatch(target):
+            problems.append(
+                f"edge.cache.targets[{i}]: {target!r} is not a lower-case token (a-z, 0-9, -)"
+            )
+    if len(set(edge.cache.targets)) != len(edge.cache.targets):
+        problems.append("edge.cache.targets: a target is listed twice")
     for i, cache_rule in enumerate(edge.cache.rules):
         if not cache_rule.path_prefix.startswith("/"):
             problems.append(f"edge.cache.rules[{i}].path_prefix: must start with /")

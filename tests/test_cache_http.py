@@ -235,6 +235,38 @@ async def test_a_must_understand_response_of_an_unknown_status_is_not_stored() -
     assert get(cache, b"/api/v1/symbols").kind is LookupKind.HIT
 
 
+async def test_targeted_fields_steer_the_edge_and_never_leave_it() -> None:
+    clock = FakeClock()
+    cache, origin = make_cache(clock), Origin(clock)  # default targets: cdn, surrogate
+    origin.answer(
+        200,
+        [
+            (b"cache-control", b"no-store"),
+            (b"cdn-cache-control", b"max-age=5"),
+            (b"surrogate-control", b"max-age=1"),
+            (b"etag", b'"v1"'),
+        ],
+        b"body",
+    )
+    how, wire = await request(cache, origin, b"/api/v1/symbols")
+    headers = parse(wire)[1]
+    assert how == "MISS" and headers[b"cache-control"] == b"no-store"
+    assert b"cdn-cache-control" not in headers and b"surrogate-control" not in headers
+    clock.advance(4)
+    found = get(cache, b"/api/v1/symbols")
+    assert found.kind is LookupKind.HIT and b"cdn-cache-control" not in found.wire
+    clock.advance(2)
+    origin.answer(304, [(b"etag", b'"v1"')])  # says nothing new: the stored policy holds
+    assert (await request(cache, origin, b"/api/v1/symbols"))[0] == "REVALIDATED"
+    clock.advance(4)
+    assert get(cache, b"/api/v1/symbols").kind is LookupKind.HIT
+    assert len(origin.calls) == 2
+    # Not stored (the edge's field says so): still stripped on the way out.
+    origin.answer(200, [(b"cache-control", b"max-age=60"), (b"cdn-cache-control", b"private")])
+    how, _ = await request(cache, origin, b"/api/v1/ticker/ETH")
+    assert how == "pass"
+
+
 async def test_304_for_another_etag_leads_to_a_full_fetch() -> None:
     clock = FakeClock()
     cache, origin = make_cache(clock), Origin(clock)

@@ -32,10 +32,13 @@ from edge.cache.policy import (
     stable_until,
     storable,
     stored_headers,
+    targeted_cache_control,
+    targeted_fields,
     uncacheable_reason,
     upstream_request_headers,
     upstream_validators,
     usable_on_error,
+    without_fields,
     worth_storing,
 )
 from meridian.config import CacheRule
@@ -702,3 +705,67 @@ def test_stable_until_ends_at_the_age_tick_or_the_expiry() -> None:
     assert stable_until(swr, 112.5) == 112.5  # beyond it: must revalidate
     always = Freshness(100.0, 0.0, 10.0, 0.0, 0.0, False, True)
     assert stable_until(always, 101.0) == 101.0
+
+
+# --------------------------------------------------------------------------------------------
+# Targeted cache control (RFC 9213; Surrogate-Control)
+
+TARGETED = targeted_fields(["meridian", "cdn", "surrogate"])
+
+
+def test_target_list_names_its_fields_in_order() -> None:
+    assert TARGETED == (b"meridian-cache-control", b"cdn-cache-control", b"surrogate-control")
+
+
+def test_the_first_present_targeted_field_wins_over_cache_control_and_expires() -> None:
+    headers = [
+        (b"date", date()),
+        (b"cache-control", b"no-store"),
+        (b"expires", date(-10)),
+        (b"cdn-cache-control", b"max-age=600"),
+        (b"meridian-cache-control", b"max-age=60, stale-while-revalidate=5"),
+    ]
+    meta = response_meta(headers, TARGETED)
+    assert meta.cc == CacheControl(max_age=60, stale_while_revalidate=5)
+    assert meta.expires is None
+    assert uncacheable_reason(b"GET", 200, NO_DIRECTIVES, False, meta, RULE) is None
+    assert compute_freshness(200, meta, RULE, NOW, NOW).lifetime == 60
+    # Without the target list the same response is not stored.
+    assert reason(headers) == "no-store"
+
+
+def test_a_targeted_no_store_keeps_a_browser_cacheable_response_out_of_the_edge() -> None:
+    headers = [(b"cache-control", b"public, max-age=3600"), (b"cdn-cache-control", b"no-store")]
+    meta = response_meta(headers, TARGETED)
+    assert uncacheable_reason(b"GET", 200, NO_DIRECTIVES, False, meta, RULE) == "no-store"
+
+
+@pytest.mark.parametrize("value", [b"", b" , ", b"max-age =60", b'max-age="6', b"max-age=60, ?"])
+def test_an_invalid_or_empty_targeted_field_falls_back(value: bytes) -> None:
+    headers = [(b"cache-control", b"max-age=30"), (b"cdn-cache-control", value)]
+    assert response_meta(headers, TARGETED).cc.max_age == 30
+
+
+def test_a_later_valid_target_is_used_when_the_first_is_invalid() -> None:
+    headers = [(b"meridian-cache-control", b"max-age =1"), (b"surrogate-control", b"max-age=9")]
+    assert response_meta(headers, TARGETED).cc.max_age == 9
+
+
+def test_surrogate_control_directives_for_another_surrogate_are_skipped() -> None:
+    headers = [(b"cache-control", b"max-age=30"), (b"surrogate-control", b"max-age=60;box1")]
+    assert response_meta(headers, TARGETED).cc.max_age == 30
+    headers = [(b"surrogate-control", b"no-store;box1, max-age=60")]
+    assert response_meta(headers, TARGETED).cc == CacheControl(max_age=60)
+    # RFC 9213 fields ignore parameters instead.
+    assert response_meta([(b"cdn-cache-control", b"max-age=60;x")], TARGETED).cc.max_age == 60
+
+
+@given(st.binary(max_size=80))
+def test_targeted_parsing_never_raises(value: bytes) -> None:
+    cc = targeted_cache_control([(b"cdn-cache-control", value)], TARGETED)
+    assert cc is None or isinstance(cc, CacheControl)
+
+
+def test_without_fields_drops_only_the_named_ones() -> None:
+    headers = [(b"cdn-cache-control", b"max-age=1"), (b"cache-control", b"max-age=2")]
+    assert without_fields(headers, frozenset(TARGETED)) == [(b"cache-control", b"max-age=2")]

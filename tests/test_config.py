@@ -140,6 +140,17 @@ def test_each_class_of_bad_input_is_named(mutate: Any, expected: str) -> None:
     assert any(p.startswith(expected) for p in problems), problems
 
 
+def test_cache_targets_are_lower_case_tokens_listed_once() -> None:
+    data = demo_data()
+    data["edge"]["cache"]["targets"] = ["meridian", "CDN", "cdn", "cdn"]
+    assert problems_of(data) == [
+        "t.yaml: edge.cache.targets[1]: 'CDN' is not a lower-case token (a-z, 0-9, -)",
+        "t.yaml: edge.cache.targets: a target is listed twice",
+    ]
+    data["edge"]["cache"]["targets"] = ["meridian", "cdn"]
+    assert parse_config(data, "t.yaml").edge.cache.targets == ("meridian", "cdn")
+
+
 def test_all_problems_are_reported_not_just_the_first() -> None:
     data = demo_data()
     data["health"]["fall"] = "x"

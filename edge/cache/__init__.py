@@ -144,6 +144,7 @@ from .policy import (
     shareable_with_authorization,
     stable_until,
     stored_headers,
+    targeted_fields,
     uncacheable_reason,
     upstream_validators,
     usable_on_error,
@@ -528,6 +529,7 @@ class HttpCache:
         self._cross_instance_wait = cross_instance_wait
         self._purge_race_window = purge_race_window
         self._extra_head = b"".join(n + b": " + v + b"\r\n" for n, v in extra_headers)
+        self._set_targets(config)
         self._only_if_cached_wire = (
             b"HTTP/1.1 504 Gateway Timeout\r\ncontent-length: 0\r\n"
             + self._extra_head
@@ -619,6 +621,12 @@ class HttpCache:
         self.store.evict()
         self._coalescer.lock_timeout = config.lock_timeout
         self._coalescer.hit_for_miss.ttl = config.hit_for_miss
+        self._set_targets(config)  # entries already stored keep hiding the fields they hid
+
+    def _set_targets(self, config: CacheConfig) -> None:
+        self._targeted = targeted_fields(config.targets)
+        #: RFC 9213 fields this cache consumes: never sent on, stored or not.
+        self.targeted_fields: frozenset[bytes] = frozenset(self._targeted)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -834,7 +842,7 @@ class HttpCache:
         key, request = lookup.key, lookup.request
         if key is None or request is None:
             return "lookup"
-        meta = response_meta(headers)
+        meta = response_meta(headers, self._targeted)
         self._head_meta = (headers, meta)  # _admit reuses it for the same header list
         reason = uncacheable_reason(
             b"GET", status, request.cc, request.authorized, meta, key.rule, request.cookie
@@ -1007,6 +1015,7 @@ class HttpCache:
             url=key.url,
             compressor=self._compressor,
             extra_head=self._extra_head,
+            hidden=self.targeted_fields,
         )
 
     async def _fetch(
@@ -1082,7 +1091,7 @@ class HttpCache:
         if known is not None and known[0] is response.headers:
             meta = known[1]
         else:
-            meta = response_meta(response.headers)
+            meta = response_meta(response.headers, self._targeted)
         self._head_meta = None
         rule = key.rule
         reason = uncacheable_reason(
@@ -1129,6 +1138,7 @@ class HttpCache:
             url=key.url,
             compressor=self._compressor,
             extra_head=self._extra_head,
+            hidden=self.targeted_fields,
         )
         return entry, ""
 
@@ -1146,11 +1156,11 @@ class HttpCache:
         merged = merge_not_modified(
             stale.response.headers, update.headers, keep_set_cookie=rule.store_set_cookie
         )
-        update_meta = response_meta(update.headers)
+        update_meta = response_meta(update.headers, self._targeted)
         if update_meta.date is None:  # the stored Date would make the refreshed entry look old
             merged = [(n, v) for n, v in merged if n != b"date"]
             merged.append((b"date", format_http_date(response_time)))
-        meta = response_meta(merged)._replace(age=update_meta.age)
+        meta = response_meta(merged, self._targeted)._replace(age=update_meta.age)
         old = stale.response
         refreshed = stale.refreshed(
             replace(

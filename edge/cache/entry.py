@@ -117,6 +117,7 @@ class Entry:
         "_compressor",
         "_extra_head",
         "_heads",
+        "_hidden",
         "_variants",
         "_wire",
         "date",
@@ -141,7 +142,10 @@ class Entry:
         url: bytes,
         compressor: Compressor | None = None,
         extra_head: bytes = b"",
+        hidden: frozenset[bytes] = frozenset(),
     ) -> None:
+        """``hidden``: stored fields never sent on (the RFC 9213 fields the cache consumed;
+        kept in ``response.headers`` so that a 304 without them leaves their policy in force)."""
         self.response = response
         self.key = key
         self.primary = primary
@@ -155,6 +159,7 @@ class Entry:
             else None
         )
         self._extra_head = extra_head
+        self._hidden = hidden
         etag = lm_raw = date_raw = None
         for name, value in response.headers:
             if name == b"etag" and etag is None:
@@ -274,7 +279,10 @@ class Entry:
         compressed = coding != "identity"
         lines: list[bytes] = []
         vary_seen = False
+        hidden = self._hidden
         for name, value in self.response.headers:
+            if hidden and name in hidden:
+                continue
             if compressed:
                 if name == b"accept-ranges":
                     continue
@@ -436,6 +444,7 @@ class Entry:
             url=self.url,
             compressor=self._compressor,
             extra_head=self._extra_head,
+            hidden=self._hidden,
         )
         if entry._compressor is not None:
             for coding, data in self._variants.items():

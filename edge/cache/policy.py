@@ -344,8 +344,12 @@ _META_FIELDS: Final = {
 }
 
 
-def response_meta(headers: Headers) -> ResponseMeta:
-    """Parse the caching-relevant response headers (first value of single-valued fields)."""
+def response_meta(headers: Headers, targeted: Sequence[bytes] = ()) -> ResponseMeta:
+    """Parse the caching-relevant response headers (first value of single-valued fields).
+
+    ``targeted``: the cache's RFC 9213 field names in precedence order (``targeted_fields``).
+    The first of them present with a valid, non-empty value replaces Cache-Control and Expires.
+    """
     found: list[list[bytes] | None] = [None] * 10
     fields = _META_FIELDS
     for name, value in headers:
@@ -356,6 +360,9 @@ def response_meta(headers: Headers) -> ResponseMeta:
                 found[slot] = [value]
             else:
                 values.append(value)
+    targeted_cc = targeted_cache_control(headers, targeted) if targeted else None
+    if targeted_cc is not None:
+        found[_CC] = found[_EXPIRES] = None
     vary_lines = found[_VARY]
     vary = field_names(b",".join(vary_lines)) if vary_lines else ()
     expires: float | None = None
@@ -381,7 +388,8 @@ def response_meta(headers: Headers) -> ResponseMeta:
     modified_lines = found[_LAST_MODIFIED]
     etag_lines = found[_ETAG]
     return ResponseMeta(
-        parse_cache_control(
+        targeted_cc
+        or parse_cache_control(
             None if cc_lines is None else cc_lines[0] if len(cc_lines) == 1 else b",".join(cc_lines)
         ),
         None if date_lines is None else parse_http_date(date_lines[0]),
@@ -395,6 +403,58 @@ def response_meta(headers: Headers) -> ResponseMeta:
         tuple(dict.fromkeys(surrogate.decode("latin-1").split())) if surrogate else (),
         encoding,
     )
+
+
+#: The target whose field is the W3C Edge Architecture's Surrogate-Control, not RFC 9213's.
+SURROGATE_TARGET: Final = "surrogate"
+
+
+def targeted_fields(targets: Iterable[str]) -> tuple[bytes, ...]:
+    """The response field names of a target list, in its order (RFC 9213 2): target ``t`` is
+    ``t-cache-control`` (``cdn``: CDN-Cache-Control), ``surrogate`` is Surrogate-Control."""
+    return tuple(
+        b"surrogate-control" if t == SURROGATE_TARGET else t.encode("ascii") + b"-cache-control"
+        for t in targets
+    )
+
+
+def targeted_cache_control(headers: Headers, fields: Sequence[bytes]) -> CacheControl | None:
+    """RFC 9213 2.2: the directives of the first field in ``fields`` that is present with a
+    valid, non-empty value, or None (Cache-Control and Expires then apply as usual).
+
+    A field with any malformed member is invalid as a whole (a Structured Fields dictionary
+    that fails to parse is ignored), so the cache falls back to Cache-Control rather than
+    guessing.  Parameters on a member are ignored, except in Surrogate-Control, where
+    ``max-age=60;box1`` is for the surrogate named ``box1``, not for this one.
+    """
+    for field in fields:
+        value = joined(headers, field)
+        if value is None:
+            continue
+        cc = _targeted_value(value, field == b"surrogate-control")
+        if cc is not None:
+            return cc
+    return None
+
+
+@lru_cache(maxsize=256)
+def _targeted_value(value: bytes, surrogate: bool) -> CacheControl | None:
+    kept: list[str] = []
+    for member in value.decode("latin-1").split(","):
+        member = member.strip(" \t")
+        if not member:
+            continue
+        directive, semicolon, _params = member.partition(";")
+        if semicolon and surrogate:
+            continue  # targeted at another surrogate by name
+        kept.append(directive.rstrip(" \t"))
+    if not kept:
+        return None
+    text = ", ".join(kept)
+    members = split_directives(text)
+    if len(members) != len(kept) or not all(well_formed for _, _, well_formed in members):
+        return None
+    return parse_cache_control(text.encode("latin-1"))
 
 
 def _age_value(lines: list[bytes]) -> float:
@@ -612,6 +672,11 @@ def worth_storing(freshness: Freshness, meta: ResponseMeta) -> bool:
         or freshness.stale_while_revalidate > 0
         or freshness.stale_if_error > 0
     )
+
+
+def without_fields(headers: Headers, names: frozenset[bytes]) -> list[Header]:
+    """``headers`` less the fields in ``names`` (the targeted fields the edge consumed)."""
+    return [(name, value) for name, value in headers if name not in names]
 
 
 def stored_headers(headers: Headers, *, keep_set_cookie: bool) -> list[Header]:
@@ -904,6 +969,7 @@ __all__ = [
     "STALE_IF_ERROR",
     "STALE_MAX_STALE",
     "STALE_WHILE_REVALIDATE",
+    "SURROGATE_TARGET",
     "UNDERSTOOD_STATUSES",
     "CacheControl",
     "Freshness",
@@ -931,9 +997,12 @@ __all__ = [
     "split_directives",
     "storable",
     "stored_headers",
+    "targeted_cache_control",
+    "targeted_fields",
     "uncacheable_reason",
     "upstream_request_headers",
     "upstream_validators",
     "usable_on_error",
     "weak_match",
+    "without_fields",
 ]

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
 
 from edge.cache import Lookup, UpstreamResponse
-from edge.cache.policy import upstream_request_headers
+from edge.cache.policy import upstream_request_headers, without_fields
 from edge.exchange import (
     Exchange,
     ExchangeRecord,
@@ -76,7 +76,9 @@ class Filler:
             record.cache = "MISS"
             response = filled.response
             assert response is not None
-            outgoing = unstored(request, exchange.state, response, handover)
+            outgoing = unstored(
+                request, exchange.state, response, handover, hidden=cache.targeted_fields
+            )
             if outgoing is None:
                 await respond.send_error(exchange, 502, "upstream_incomplete")
                 return
@@ -156,10 +158,16 @@ def _fill_request_headers(request: ProxyRequest, state: EdgeState) -> list[tuple
 
 
 def unstored(
-    request: ProxyRequest, state: EdgeState, response: UpstreamResponse, handover: Handover
+    request: ProxyRequest,
+    state: EdgeState,
+    response: UpstreamResponse,
+    handover: Handover,
+    *,
+    hidden: frozenset[bytes] = frozenset(),
 ) -> OutgoingResponse | None:
-    """The response to send for a fill the cache did not store (X-Cache: MISS)."""
-    headers = list(response.headers)
+    """The response to send for a fill the cache did not store (X-Cache: MISS), less the
+    ``hidden`` fields (the RFC 9213 fields addressed to this cache)."""
+    headers = without_fields(response.headers, hidden) if hidden else list(response.headers)
     headers.append((b"x-cache", b"MISS"))
     if not any(name == b"age" for name, _ in headers):
         headers.append((b"age", b"0"))
