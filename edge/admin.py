@@ -1,7 +1,10 @@
 """Observability: the edge's Prometheus metrics and the aiohttp admin listener.
 
 Endpoints: ``/metrics`` (Prometheus text), ``/healthz`` (the process answers; 503 while
-draining), ``/readyz`` (at least one region up in the health snapshot), ``/status`` (JSON).
+draining), ``/readyz`` (at least one region up in the health snapshot), ``/status`` (JSON),
+``/`` (the live status page: ``/status/events`` pushes the JSON every ``SAMPLE_EVERY`` seconds and
+at once on a health change) and ``/status/public`` (per service state, uptime and latency: HTML
+for browsers, JSON otherwise).  The pages are files of this package, inline CSS and JS only.
 With ``--workers N`` the listener is worker 0's, and ``/metrics`` and ``/status`` include the
 other workers too (``edge.workers``: every sample then carries a ``worker`` label).
 The cache's purge endpoint is added at integration through ``AdminServer.app`` (a route added
@@ -10,10 +13,13 @@ before ``start()``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import socket
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
+from importlib import resources
 from typing import Any
 
 from aiohttp import web
@@ -33,7 +39,11 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from edge.statusboard import CACHE_FOUND, SAMPLE_EVERY, StatusBoard, TrafficSample
 from edge.workers import WorkerPeers
+
+#: Event streams open at once on the admin listener; more are refused (the page then polls).
+MAX_EVENT_STREAMS = 32
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -92,6 +102,32 @@ class RequestStats(Collector):
         values[-1] += seconds
         if seconds > target:
             self._over[route] = self._over.get(route, 0) + 1
+
+    def traffic(self, at: float, errors: Mapping[str, float]) -> TrafficSample:
+        """The cumulative counters as one sample for the status page's window."""
+        requests = found = missed = 0
+        routes: dict[str, int] = {}
+        for (route, _status, cache, _region), count in self._counts.items():
+            requests += count
+            routes[route] = routes.get(route, 0) + count
+            if cache in CACHE_FOUND:
+                found += count
+            elif cache == "MISS":
+                missed += count
+        buckets = [0] * (len(self._bounds) + 1)
+        for durations in self._durations.values():
+            for index, observed in enumerate(durations.values[:-1]):
+                buckets[index] += int(observed)
+        return TrafficSample(
+            at, requests, found, missed, tuple(buckets), self._bounds, dict(errors), routes
+        )
+
+    def route_latency(self) -> dict[str, tuple[float, int]]:
+        """Per route: cumulative seconds and requests."""
+        return {
+            route: (durations.values[-1], int(sum(durations.values[:-1])))
+            for route, durations in self._durations.items()
+        }
 
     def collect(self) -> Iterable[Metric]:
         requests = CounterMetricFamily(
@@ -233,6 +269,16 @@ class EdgeMetrics:
         self.pop = pop
         self.observe_request = self.request_stats.observe
 
+    def error_counts(self) -> dict[str, float]:
+        """Edge-generated responses so far, by "status reason"."""
+        out: dict[str, float] = {}
+        for family in self.errors.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    key = f"{sample.labels['status']} {sample.labels['reason']}"
+                    out[key] = sample.value
+        return out
+
 
 class AdminServer:
     """The admin listener; ``status`` and ``ready`` are read at request time."""
@@ -245,9 +291,15 @@ class AdminServer:
         ready: Callable[[], bool],
         draining: Callable[[], bool],
         peers: WorkerPeers | None = None,
+        board: StatusBoard | None = None,
     ) -> None:
         self.registry = registry
         self._status = status
+        #: The public page's data; None serves it without uptime (a bare listener in tests).
+        self._board = board
+        #: One event per open ``/status/events`` stream, set to push the status at once.
+        self._streams: set[asyncio.Event] = set()
+        self._closing = False
         self._ready = ready
         self._draining = draining
         #: Worker 0 of ``--workers N``: /metrics and /status speak for every worker.
@@ -257,6 +309,9 @@ class AdminServer:
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/status", self._status_handler)
+        self.app.router.add_get("/", self._page)
+        self.app.router.add_get("/status/events", self._events)
+        self.app.router.add_get("/status/public", self._public)
         self._runner: web.AppRunner | None = None
 
     async def start(self, host: str, port: int, *, sock: socket.socket | None = None) -> None:
@@ -270,7 +325,15 @@ class AdminServer:
             site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await site.start()
 
+    def notify(self) -> None:
+        """Something changed (a health transition): every event stream sends the status now."""
+        for event in self._streams:
+            event.set()
+
     async def stop(self) -> None:
+        # Open event streams would otherwise hold the runner's cleanup for its whole timeout.
+        self._closing = True
+        self.notify()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -293,12 +356,66 @@ class AdminServer:
             return web.Response(text="ready\n")
         return web.Response(status=503, text="no region up\n")
 
-    async def _status_handler(self, request: web.Request) -> web.Response:
+    async def _document(self) -> dict[str, Any]:
         document = self._status()
         if self._peers is not None:
             workers = await self._peers.statuses()
             document["workers"] = {str(slot): workers[slot] for slot in sorted(workers)}
+        return document
+
+    async def _status_handler(self, request: web.Request) -> web.Response:
         return web.Response(
-            text=json.dumps(document, default=str, indent=1),
+            text=json.dumps(await self._document(), default=str, indent=1),
             content_type="application/json",
         )
+
+    async def _page(self, request: web.Request) -> web.Response:
+        return _html("status.html")
+
+    async def _public(self, request: web.Request) -> web.Response:
+        if "text/html" in request.headers.get("Accept", ""):
+            return _html("public.html")
+        document = self._board.public() if self._board is not None else {"services": {}}
+        return web.Response(
+            text=json.dumps(document, indent=1),
+            content_type="application/json",
+            headers={"Cache-Control": "no-store", "Access-Control-Allow-Origin": "*"},
+        )
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        if len(self._streams) >= MAX_EVENT_STREAMS or self._closing:
+            return web.Response(status=503, text="too many status streams\n")
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
+        )
+        await response.prepare(request)
+        changed = asyncio.Event()
+        self._streams.add(changed)
+        try:
+            while not self._closing:
+                changed.clear()
+                data = json.dumps(await self._document(), default=str)
+                await response.write(f"data: {data}\n\n".encode())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), SAMPLE_EVERY)
+        except ConnectionResetError:
+            pass  # the page went away
+        finally:
+            self._streams.discard(changed)
+        return response
+
+
+def _html(name: str) -> web.Response:
+    # Read per request: a few kilobytes, and an edited page shows without a restart in dev.
+    body = resources.files("edge").joinpath("pages", name).read_text(encoding="utf-8")
+    return web.Response(
+        text=body,
+        content_type="text/html",
+        headers={
+            "Cache-Control": "no-store",
+            # Inline script and style only: nothing may be fetched from outside the listener.
+            "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+            "style-src 'unsafe-inline'; img-src data:",
+            "X-Content-Type-Options": "nosniff",
+        },
+    )

@@ -45,6 +45,7 @@ from edge.protocol import Connections
 from edge.purge import PurgeEndpoint
 from edge.redirect import RedirectProtocol
 from edge.state import EdgeState
+from edge.statusboard import SAMPLE_EVERY, StatusBoard
 from edge.tls import TlsContexts, TlsStats
 from edge.transcode import CompressionStats, Transcoder
 from edge.upstream import UpstreamMetrics, UpstreamPool
@@ -247,6 +248,24 @@ class EdgeWorker:
             snapshot = health.snapshot
             return any(snapshot.region_up(r.name) for r in pipeline.state.config.regions)
 
+        def services() -> dict[str, list[str]]:
+            out: dict[str, list[str]] = {}
+            for target in pipeline.state.router.targets:
+                regions = out.setdefault(target.service.name, [])
+                regions.extend(r for r in target.regions if r not in regions)
+            return out
+
+        board = StatusBoard(
+            time.time,
+            traffic=lambda: metrics.request_stats.traffic(time.time(), metrics.error_counts()),
+            services=services,
+            region_up=lambda name: health.snapshot.region_up(name),
+            route_latency=metrics.request_stats.route_latency,
+            route_service=lambda: {
+                t.route.name: t.service.name for t in pipeline.state.router.targets
+            },
+        )
+
         def status() -> dict[str, Any]:
             return {
                 "pop": pop,
@@ -271,6 +290,7 @@ class EdgeWorker:
                     for t in pipeline.state.router.targets
                 ],
                 "health": health.status(),
+                "traffic": board.window.summary(),
             }
 
         admin: AdminServer | None = None
@@ -281,7 +301,10 @@ class EdgeWorker:
                 ready=region_ready,
                 draining=lambda: connections.draining,
                 peers=peers,
+                board=board,
             )
+            # A region going down reaches the open status pages at once, not on the next tick.
+            health.subscribe(lambda _snapshot: admin.notify() if admin is not None else None)
             admin_address = self.options.admin or config.listeners.edge_admin
             PurgeEndpoint(lambda: cache, peers).install(admin.app)
             await admin.start(admin_address.host, admin_address.port, sock=admin_sock)
@@ -326,6 +349,14 @@ class EdgeWorker:
             pid=os.getpid(),
             admin=str(self.options.admin or config.listeners.edge_admin) if admin else "",
         )
+        board_timer: asyncio.TimerHandle | None = None
+
+        def sample_board() -> None:
+            nonlocal board_timer
+            board.sample()
+            board_timer = loop.call_later(SAMPLE_EVERY, sample_board)
+
+        sample_board()
         _settle_garbage_collector()
         freezer = FreezeCacheGrowth(lambda: cache.store.stored)
         gc.callbacks.append(freezer)
@@ -333,6 +364,8 @@ class EdgeWorker:
             await lifecycle.stopping.wait()
         finally:
             gc.callbacks.remove(freezer)
+            if board_timer is not None:
+                board_timer.cancel()
             drain_timeout = pipeline.state.config.edge.drain_timeout
             log.info(
                 "edge_draining",

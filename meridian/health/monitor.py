@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,9 @@ from meridian.origin_tls import client_context
 if TYPE_CHECKING:
     from meridian.health.peers import PeerLink, PeerTransition
     from meridian.redis_conn import RedisTarget
+
+#: Transitions kept for the status page's timeline: enough for a flapping hour, bounded.
+TIMELINE_LENGTH = 200
 
 log = get_logger("health")
 
@@ -76,6 +80,8 @@ class HealthMonitor:
         self._generation = 1
         self.snapshot: HealthSnapshot = self._book.snapshot(self._generation, clock)
         self._subscribers: list[Callable[[HealthSnapshot], None]] = []
+        #: The latest target and region transitions, newest last (``status()["timeline"]``).
+        self._timeline: deque[dict[str, Any]] = deque(maxlen=TIMELINE_LENGTH)
         tls = config.edge.upstream.tls
         self._prober = Prober(tls=lambda: client_context(tls, config.source))
         self._probes: dict[str, asyncio.Task[None]] = {}
@@ -237,6 +243,7 @@ class HealthMonitor:
             "targets": targets,
             "regions": regions,
             "pops": pops,
+            "timeline": list(self._timeline),
         }
 
     # ----------------------------------------------------------------------------------------
@@ -342,6 +349,18 @@ class HealthMonitor:
     def _publish(self, transitions: tuple[Transition, ...], *, source: str) -> None:
         for transition in transitions:
             self._log_transition(transition, source)
+            info = self._book.targets.get(transition.target)
+            self._timeline.append(
+                {
+                    "at": _wall(self._wall_offset, transition.at),
+                    "target": transition.target,
+                    "regions": list(info.regions) if info is not None else [],
+                    "old": transition.old.value,
+                    "new": transition.new.value,
+                    "reason": transition.reason,
+                    "source": source,
+                }
+            )
             self._metrics.transitions.labels(transition.target, transition.new.value).inc()
             if transition.new is Health.EJECTED and source == "traffic":
                 self._metrics.ejections.labels(transition.target).inc()
@@ -385,6 +404,17 @@ class HealthMonitor:
             name = region.name
             if old.region_up(name) != new.region_up(name):
                 event = "region_up" if new.region_up(name) else "region_down"
+                self._timeline.append(
+                    {
+                        "at": _wall(self._wall_offset, self._clock()),
+                        "target": f"region:{name}",
+                        "regions": [name],
+                        "old": "up" if old.region_up(name) else "down",
+                        "new": "up" if new.region_up(name) else "down",
+                        "reason": event,
+                        "source": "rollup",
+                    }
+                )
                 log.warning(event, region=name, usable=len(new.usable_backends(name)))
             if (name in old.panic_regions) != (name in new.panic_regions):
                 event = "region_panic" if name in new.panic_regions else "region_panic_over"

@@ -1,0 +1,308 @@
+"""The status pages of issue 18: the pure parts (window, quantiles, availability, timeline) on an
+injected clock, and a running edge's page rendered by headless Chromium, which must show every
+region, show one down within a check interval of its origin dying, and log no error."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from edge.admin import RequestStats
+from edge.statusboard import (
+    Availability,
+    StatusBoard,
+    TrafficSample,
+    TrafficWindow,
+    quantile,
+    service_state,
+)
+from meridian.health import HealthMonitor
+from meridian.health.checks import CheckOutcome
+from meridian.health.monitor import TIMELINE_LENGTH
+from tests.browser_support import CHROMIUM, browser_page
+from tests.edge_support import (
+    LOCATIONS,
+    Edge,
+    Origin,
+    http_request,
+    poll_until,
+    processes,
+    region,
+    write_config,
+)
+from tests.health_support import make_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "s3cret-purge-token-for-the-status-test"
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# --------------------------------------------------------------------------------------------
+# Pure parts
+
+
+def test_quantile_interpolates_inside_the_bucket_like_prometheus() -> None:
+    bounds = (0.1, 0.2, 0.4)
+    # 10 requests under 0.1 s, 10 between 0.1 and 0.2 s, none slower.
+    assert quantile(0.5, [10, 10, 0, 0], bounds) == pytest.approx(0.1)
+    assert quantile(0.75, [10, 10, 0, 0], bounds) == pytest.approx(0.15)
+    assert quantile(0.99, [0, 0, 0, 5], bounds) == 0.4  # +Inf reads as the last bound
+    assert quantile(0.5, [0, 0, 0, 0], bounds) is None
+
+
+def _sample(at: float, requests: int, found: int, missed: int, **errors: float) -> TrafficSample:
+    return TrafficSample(
+        at, requests, found, missed, (requests, 0), (0.01,), errors, {"api": requests}
+    )
+
+
+def test_traffic_window_rates_span_the_window_and_stay_bounded() -> None:
+    window = TrafficWindow(window=60.0, keep=8)
+    assert window.summary()["requests_per_second"] == 0.0
+    window.add(_sample(0.0, 0, 0, 0))
+    window.add(_sample(10.0, 100, 45, 5, **{"502 upstream": 3.0}))
+    summary = window.summary()
+    assert summary["requests_per_second"] == 10.0
+    assert summary["hit_ratio"] == 0.9
+    assert summary["errors"] == {"502 upstream": 3.0}
+    assert summary["top_routes"] == [{"route": "api", "per_second": 10.0}]
+    assert summary["p50"] == pytest.approx(0.005)
+    # Older samples leave once a newer one covers the window start; never more than ``keep``.
+    for second in range(20, 400, 10):
+        window.add(_sample(float(second), second * 10, 0, 0))
+    assert len(window) <= 8
+    assert window.summary()["window"] >= 60.0
+    assert window.summary()["requests_per_second"] == 10.0
+
+
+def test_availability_counts_uptime_and_latency_per_hour_and_day_in_bounded_minutes() -> None:
+    clock = Clock()
+    availability = Availability(clock, minutes=24 * 60)
+    # A day and a bit: down for the first 30 minutes, up since; 100 ms mean latency.
+    for minute in range(25 * 60):
+        availability.record("market", "down" if minute < 30 else "up")
+        availability.latency("market", 10.0, 100)
+        clock.now += 60.0
+    hour = availability.over("market", 3600)
+    day = availability.over("market", 86400)
+    assert hour == {"uptime": 1.0, "latency": pytest.approx(0.1)}
+    assert day["uptime"] == 1.0  # the down half hour is more than a day old
+    assert len(availability._series["market"]) == 24 * 60
+    clock.now += 60.0
+    for _ in range(3):
+        availability.record("market", "down")
+    availability.record("market", "degraded")  # degraded users are served: counts as up
+    assert availability.over("market", 60)["uptime"] == 0.25
+    availability.forget([])
+    assert availability.over("market", 3600) == {"uptime": None, "latency": None}
+
+
+def test_service_state() -> None:
+    up = {"a": True, "b": False}
+    assert service_state(["a"], up.__getitem__) == "up"
+    assert service_state(["a", "b"], up.__getitem__) == "degraded"
+    assert service_state(["b"], up.__getitem__) == "down"
+    assert service_state([], up.__getitem__) == "down"
+
+
+def test_board_reads_request_stats_and_serves_the_public_document() -> None:
+    clock = Clock()
+    stats = RequestStats()
+    regions = {"eu": True, "us": True}
+    board = StatusBoard(
+        clock,
+        traffic=lambda: stats.traffic(clock(), {}),
+        services=lambda: {"market": ["eu", "us"]},
+        region_up=regions.__getitem__,
+        route_latency=stats.route_latency,
+        route_service=lambda: {"api": "market"},
+    )
+    board.sample()
+    for _ in range(8):
+        stats.observe("api", 200, "HIT", "eu", 0.002, 0.05)
+    stats.observe("api", 200, "MISS", "eu", 0.3, 0.05)
+    stats.observe("api", 200, "BYPASS", "eu", 0.3, 0.05)
+    clock.now += 2.0
+    regions["us"] = False
+    board.sample()
+    summary = board.window.summary()
+    assert summary["requests_per_second"] == 5.0
+    assert summary["hit_ratio"] == pytest.approx(8 / 9, abs=1e-4)
+    assert summary["p50"] is not None and summary["p50"] <= 0.0025
+    assert summary["p99"] is not None and 0.25 <= summary["p99"] <= 0.5
+    public = board.public()["services"]["market"]
+    assert public["state"] == "degraded"
+    assert public["hour"]["uptime"] == 1.0
+    assert public["hour"]["latency"] == pytest.approx((8 * 0.002 + 0.6) / 10)
+
+
+def test_health_timeline_records_transitions_and_region_rollups_bounded() -> None:
+    clock = Clock(100.0)
+    url = "http://127.0.0.1:9"
+    config = make_config({"r": [url]}, health={"fall": 1, "rise": 1})
+    monitor = HealthMonitor(config, registry=CollectorRegistry(), clock=clock)
+    for _ in range(5):
+        monitor.report(url, False)
+    timeline = monitor.status()["timeline"]
+    assert [(e["target"], e["new"]) for e in timeline] == [(url, "ejected"), ("region:r", "down")]
+    assert timeline[0]["regions"] == ["r"] and timeline[0]["source"] == "traffic"
+    # A flapping backend (checks alternate): only the latest TIMELINE_LENGTH are kept.
+    for index in range(TIMELINE_LENGTH * 2):
+        clock.now += 1.0
+        ok = index % 2 == 0
+        monitor._on_check(url, CheckOutcome(ok, "status 200" if ok else "status 503", 0.001))
+    timeline = monitor.status()["timeline"]
+    assert len(timeline) == TIMELINE_LENGTH
+    assert timeline[-2]["reason"].endswith("status 503") and timeline[-2]["source"] == "check"
+    assert timeline[-1]["target"] == "region:r" and timeline[-1]["new"] == "down"
+
+
+# --------------------------------------------------------------------------------------------
+# A running edge in headless Chromium
+
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+INTERVAL = 1.0
+REGIONS = ("eu-central", "us-east", "ap-southeast")
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Any:
+    with processes() as procs:
+        origins = {name: Origin(name, tmp_path) for name in REGIONS}
+        procs.extend(origins.values())
+        for origin in origins.values():
+            origin.ready()
+        config = write_config(
+            tmp_path / "edge.yaml",
+            {name: region(*LOCATIONS[name], [origins[name].url]) for name in REGIONS},
+            edge={"cache": {"purge_token": TOKEN}},
+            # fall 1: the first failed check takes the region down, so the page must follow
+            # within one interval of the kill.
+            health={"interval": f"{INTERVAL}s", "fast_interval": "500ms", "fall": 1},
+        )
+        edge = Edge(config, "fra", tmp_path)
+        procs.append(edge)
+        edge.ready()
+        poll_until(lambda: all(r["up"] for r in edge.status()["health"]["regions"].values()))
+        yield edge, origins
+
+
+async def _region_states(page: Any) -> dict[str, str]:
+    states: dict[str, str] = await page.evaluate(
+        "Object.fromEntries([...document.querySelectorAll('[data-region]')]"
+        ".map((r) => [r.dataset.region, r.dataset.state]))"
+    )
+    return states
+
+
+@needs_chromium
+async def test_status_page_shows_regions_and_a_region_going_down(
+    world: Any, tmp_path: Path
+) -> None:
+    edge, origins = world
+    for _ in range(20):
+        assert http_request(edge.port, "GET", "/api/v1/ticker/BTC-USD")[0] == 200
+    code, page_html = edge.admin("/")
+    assert code == 200 and b"<script>" in page_html
+    assert b"src=" not in page_html and b'href="http' not in page_html  # nothing fetched outside
+    assert TOKEN.encode() not in page_html and TOKEN.encode() not in edge.admin("/status")[1]
+
+    async with browser_page(tmp_path) as page:
+        await page.navigate(f"http://127.0.0.1:{edge.admin_port}/")
+        deadline = time.monotonic() + 10
+        while await _region_states(page) != dict.fromkeys(REGIONS, "up"):
+            assert time.monotonic() < deadline, await _region_states(page)
+            await _pause()
+        assert await page.evaluate("document.getElementById('pop').textContent") == "fra"
+        assert await page.evaluate("document.getElementById('feed').textContent") == "live"
+        rps = await page.evaluate("document.getElementById('rps').textContent")
+        assert rps != "\u2013"  # the placeholder before data
+
+        killed = time.monotonic()
+        origins["us-east"].signal(signal.SIGKILL)
+        while (await _region_states(page)).get("us-east") != "down":
+            assert time.monotonic() - killed < 10, await _region_states(page)
+            await _pause()
+        took = time.monotonic() - killed
+        print(f"\nregion down on the rendered page {took * 1000:.0f} ms after its origin died")
+        # One check interval (plus its 10% jitter), the check's connect and the page update.
+        assert took <= INTERVAL * 1.1 + 0.3
+        states = await _region_states(page)
+        assert states == {"eu-central": "up", "us-east": "down", "ap-southeast": "up"}
+        banner = await page.evaluate("document.getElementById('banner').textContent")
+        assert banner == "Down: us-east"
+        timeline = await page.evaluate("document.getElementById('timeline').textContent")
+        assert "region:us-east" in timeline
+        shot = await page.screenshot(tmp_path / "status-page.png")
+        assert shot.stat().st_size > 10_000
+        # For the README: MERIDIAN_STATUS_SCREENSHOT=docs/status-page.png pytest -k status_page
+        if target := os.environ.get("MERIDIAN_STATUS_SCREENSHOT"):
+            shutil.copyfile(shot, ROOT / target)
+
+        # A phone: nothing wider than the screen.
+        await page.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=390,
+            height=844,
+            deviceScaleFactor=2,
+            mobile=True,
+        )
+        await page.navigate(f"http://127.0.0.1:{edge.admin_port}/")
+        deadline = time.monotonic() + 10
+        while (await _region_states(page)).get("us-east") != "down":
+            assert time.monotonic() < deadline
+            await _pause()
+        overflow = await page.evaluate("document.documentElement.scrollWidth - innerWidth")
+        assert overflow <= 0
+        await page.screenshot(tmp_path / "status-page-phone.png")
+
+        await page.navigate(f"http://127.0.0.1:{edge.admin_port}/status/public")
+        deadline = time.monotonic() + 10
+        while not await page.evaluate("document.querySelectorAll('[data-service]').length"):
+            assert time.monotonic() < deadline
+            await _pause()
+        market = await page.evaluate(
+            "document.querySelector('[data-service=market]').dataset.state"
+        )
+        assert market == "degraded"
+        text = await page.evaluate("document.body.textContent")
+        assert "uptime: hour" in text and TOKEN not in text
+        assert page.errors == []
+
+    code, body = edge.admin("/status/public")
+    document = json.loads(body)
+    assert code == 200 and document["services"]["market"]["state"] == "degraded"
+    assert set(document["services"]["market"]) == {"state", "hour", "day"}
+
+    # An open event stream does not hold the edge's shutdown (aiohttp would wait for it).
+    with socket.create_connection(("127.0.0.1", edge.admin_port), timeout=5) as stream:
+        stream.sendall(b"GET /status/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while b"\n\n" not in first.partition(b"data: ")[2]:
+            first += stream.recv(65536)
+        assert b"text/event-stream" in first and b'"us-east"' in first
+        stopping = time.monotonic()
+        edge.signal(signal.SIGTERM)
+        assert edge.wait(within=10) == 0
+        assert time.monotonic() - stopping < 5
+
+
+async def _pause() -> None:
+    await asyncio.sleep(0.05)  # between two reads of the rendered page
