@@ -145,6 +145,7 @@ class HitStage:
                     request.request_id,
                     request.client_ip,
                     request.received_at,
+                    request.protocol,
                 )
                 if refused is not None:
                     return refused
@@ -225,6 +226,7 @@ class HitStage:
                     supplied_id if supplied_id is not None else new_request_id(),
                     client_ip,
                     started,
+                    protocol,
                 )
                 if refused is not None:
                     return refused

@@ -175,9 +175,11 @@ class Limiter:
         request_id: bytes,
         client_ip: str,
         started: float,
+        protocol: str | None = None,
     ) -> bytes | None:
         """A cache hit's refusal (the hit stage's fast path, HTTP/1.1 keep-alive): the 429's
-        bytes, accounted like the hit would have been; None in dry run (serve the hit)."""
+        bytes, accounted like the hit would have been; None in dry run (serve the hit).
+        ``protocol``: the connection's access-line fields (``ProxyRequest.protocol``)."""
         self.note(refusal, route, started)
         if refusal.rule.dry_run:
             return None
@@ -204,6 +206,7 @@ class Limiter:
                 total,
                 request_id,
                 client_ip,
+                protocol,
             )
         return wire
 
