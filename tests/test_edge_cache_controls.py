@@ -163,3 +163,87 @@ def test_an_invalid_targeted_field_falls_back_to_cache_control(world):
     for _ in range(2):
         assert client.get("/t/invalid")[1]["x-cache"] == "MISS"
     assert len(script.seen) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Ranges from cache
+
+BODY = bytes(range(256)) * 40  # 10,240 bytes
+
+
+def _ranged(origin: ScriptedOrigin, path: str) -> Script:
+    return origin.script(
+        path,
+        [("Cache-Control", "max-age=600"), ("ETag", '"r1"'), ("Content-Type", "video/mp4")],
+        BODY,
+    )
+
+
+def test_a_range_miss_fills_the_whole_object_and_answers_206(world):
+    edge, origin = world
+    script = _ranged(origin, "/r/miss")
+    client = Client(edge.port)
+    status, headers, body = client.get("/r/miss", Range="bytes=100-199")
+    assert (status, headers["x-cache"]) == (206, "MISS")
+    assert headers["content-range"] == "bytes 100-199/10240"
+    assert body == BODY[100:200] and headers["content-length"] == "100"
+    assert "range" not in script.seen[0]  # fetched whole, never a partial object
+    status, headers, body = client.get("/r/miss", Range="bytes=-10")
+    assert (status, headers["x-cache"], body) == (206, "HIT", BODY[-10:])
+    status, headers, body = client.get("/r/miss")
+    assert (status, headers["x-cache"], body) == (200, "HIT", BODY)
+    assert len(script.seen) == 1
+
+
+def test_several_ranges_come_as_multipart_byteranges(world):
+    edge, origin = world
+    _ranged(origin, "/r/multi")
+    client = Client(edge.port)
+    client.get("/r/multi")
+    status, headers, body = client.get("/r/multi", Range="bytes=0-9, 5000-5009")
+    assert status == 206 and headers["x-cache"] == "HIT"
+    kind, _, boundary = headers["content-type"].partition("; boundary=")
+    assert kind == "multipart/byteranges"
+    parts = body.split(b"--" + boundary.encode())
+    assert [p.rsplit(b"\r\n\r\n", 1)[-1] for p in parts[1:3]] == [
+        BODY[0:10] + b"\r\n",
+        BODY[5000:5010] + b"\r\n",
+    ]
+    assert b"content-range: bytes 5000-5009/10240" in parts[2]
+    assert parts[-1] == b"--\r\n"
+
+
+def test_unsatisfiable_ranges_are_416_and_hostile_ones_get_the_whole_body(world):
+    edge, origin = world
+    script = _ranged(origin, "/r/hostile")
+    client = Client(edge.port)
+    status, headers, body = client.get("/r/hostile", Range="bytes=20000-")
+    assert (status, headers["content-range"], body) == (416, "bytes */10240", b"")
+    many = "bytes=" + ",".join(f"{i}-{i}" for i in range(0, 170, 10))  # 17 ranges
+    assert client.get("/r/hostile", Range=many)[:3:2] == (200, BODY)
+    flood = "bytes=" + ",".join(["0-"] * 5)
+    assert client.get("/r/hostile", Range=flood)[:3:2] == (200, BODY)
+    assert client.get("/r/hostile", Range="bytes=9-1")[:3:2] == (200, BODY)
+    assert len(script.seen) == 1
+
+
+def test_if_range_needs_the_current_strong_etag(world):
+    edge, origin = world
+    _ranged(origin, "/r/if-range")
+    client = Client(edge.port)
+    client.get("/r/if-range")
+    status, _, body = client.get("/r/if-range", Range="bytes=0-3", If_Range='"r1"')
+    assert (status, body) == (206, BODY[:4])
+    status, _, body = client.get("/r/if-range", Range="bytes=0-3", If_Range='"r0"')
+    assert (status, body) == (200, BODY)
+    # A conditional GET that matches is a 304 before any Range is looked at.
+    status, _, body = client.get("/r/if-range", Range="bytes=0-3", If_None_Match='"r1"')
+    assert (status, body) == (304, b"")
+
+
+def test_a_range_on_an_uncacheable_response_gets_the_whole_body(world):
+    edge, origin = world
+    script = origin.script("/r/private", [("Cache-Control", "private")], BODY[:100])
+    status, headers, body = Client(edge.port).get("/r/private", Range="bytes=0-9")
+    assert (status, headers["x-cache"], body) == (200, "MISS", BODY[:100])
+    assert "range" not in script.seen[0]

@@ -219,6 +219,9 @@ class RequestInfo(NamedTuple):
     if_modified_since: bytes | None
     #: The request carries a Cookie: stored only with the origin's own freshness (policy).
     cookie: bool = False
+    #: GET only (a HEAD's Range is ignored, RFC 9110 14.2): answered from the whole response.
+    range: bytes | None = None
+    if_range: bytes | None = None
 
 
 class Prepared(NamedTuple):
@@ -469,6 +472,7 @@ def _truncated(response: UpstreamResponse) -> bool:
 
 _REQ_CACHE_CONTROL, _REQ_AUTHORIZATION, _REQ_IF_NONE_MATCH, _REQ_IF_MODIFIED_SINCE = 0, 1, 2, 3
 _REQ_ACCEPT_ENCODING, _REQ_PRECONDITION, _REQ_BODY, _REQ_COOKIE = 4, 5, 6, 7
+_REQ_RANGE, _REQ_IF_RANGE = 8, 9
 _REQUEST_FIELDS: Final = {
     b"cache-control": _REQ_CACHE_CONTROL,
     b"authorization": _REQ_AUTHORIZATION,
@@ -478,7 +482,9 @@ _REQUEST_FIELDS: Final = {
     # Preconditions only an origin can evaluate (RFC 9111 4.3.2): such requests bypass.
     b"if-match": _REQ_PRECONDITION,
     b"if-unmodified-since": _REQ_PRECONDITION,
-    b"if-range": _REQ_PRECONDITION,
+    # Range and If-Range are answered from the stored complete response (ranges.py).
+    b"range": _REQ_RANGE,
+    b"if-range": _REQ_IF_RANGE,
     b"content-length": _REQ_BODY,
     b"transfer-encoding": _REQ_BODY,
     b"cookie": _REQ_COOKIE,
@@ -683,7 +689,7 @@ class HttpCache:
         key = keys.build(scheme, host, target)
         if key.rule.bypass:
             return Prepared(keys, method, scheme, host, target, headers, key, None, "rule")
-        found: list[bytes | None] = [None, None, None, None, None, None, None, None]
+        found: list[bytes | None] = [None, None, None, None, None, None, None, None, None, None]
         for name, value in headers:
             slot = _REQUEST_FIELDS.get(name)
             if slot is None:
@@ -721,6 +727,8 @@ class HttpCache:
             if_none_match=found[_REQ_IF_NONE_MATCH],
             if_modified_since=found[_REQ_IF_MODIFIED_SINCE],
             cookie=found[_REQ_COOKIE] is not None,
+            range=None if head else found[_REQ_RANGE],
+            if_range=found[_REQ_IF_RANGE],
         )
         return Prepared(keys, method, scheme, host, target, headers, key, request, "")
 
@@ -750,6 +758,8 @@ class HttpCache:
                     if_none_match is not None or if_modified_since is not None
                 ) and entry.not_modified_for(if_none_match, if_modified_since):
                     wire = entry.wire_not_modified(request.coding, now, X_CACHE_HIT, extra)
+                elif request.range is not None:
+                    wire = self._serve(entry, request, X_CACHE_HIT, now, extra)
                 else:
                     wire = entry.wire(request.coding, now, request.head, X_CACHE_HIT, extra)
                 return Lookup(_HIT, wire, key, entry)
@@ -831,6 +841,10 @@ class HttpCache:
             request.if_none_match is not None or request.if_modified_since is not None
         ) and entry.not_modified_for(request.if_none_match, request.if_modified_since):
             return entry.wire_not_modified(request.coding, now, x_cache, extra)
+        if request.range is not None:  # evaluated after the conditionals (RFC 9110 13.2.2)
+            ranged = entry.wire_range(request.range, request.if_range, now, x_cache, extra)
+            if ranged is not None:
+                return ranged
         return entry.wire(request.coding, now, request.head, x_cache, extra)
 
     def storable_head(self, lookup: Lookup, status: int, headers: Headers) -> str | None:

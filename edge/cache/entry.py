@@ -21,6 +21,7 @@ about growth through ``on_resize``.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -28,6 +29,7 @@ from typing import Final
 
 from .key import Coding
 from .policy import Freshness, Header, not_modified, parse_http_date
+from .ranges import UNSATISFIABLE, content_range, if_range_holds, parse_range, worth_multipart
 
 Compressor = Callable[[bytes, str], bytes]
 
@@ -389,6 +391,81 @@ class Entry:
         if cacheable:
             self._remember(slot, age, data if keep else None)
         return data
+
+    def wire_range(
+        self,
+        range_value: bytes,
+        if_range: bytes | None,
+        now: float,
+        x_cache: bytes = X_CACHE_HIT,
+        extra: bytes = b"",
+    ) -> bytes | None:
+        """The 206 (or 416) answering a GET with ``Range`` from this complete response, or
+        None when the whole response is the answer (see ``ranges.parse_range``; a failed
+        If-Range; a multipart answer no smaller than the body; a status other than 200).
+
+        Ranges are over the stored body (identity, or the coding the origin sent that we keep
+        as is), so a client asking for gzip gets identity parts: every client accepts those,
+        and the byte positions of a compressed variant would not be stable across rebuilds.
+        Built per request, never cached: ranges are rare and their shapes unbounded.
+        """
+        response = self.response
+        if response.status != 200:
+            return None
+        if if_range is not None and not if_range_holds(
+            if_range, self.etag, self.last_modified, self.date
+        ):
+            return None
+        body = response.body
+        length = len(body)
+        spans = parse_range(range_value, length)
+        if spans is None:
+            return None
+        age = self.age(now)
+        tail = b"x-cache: " + x_cache + b"\r\nage: %d\r\n\r\n" % age
+        if spans == UNSATISFIABLE:
+            return b"".join(
+                (
+                    b"HTTP/1.1 416 Range Not Satisfiable\r\ncontent-range: bytes */%d\r\n"
+                    b"content-length: 0\r\n" % length,
+                    self._extra_head,
+                    extra,
+                    tail,
+                )
+            )
+        lines = [b"HTTP/1.1 206 Partial Content\r\n"]
+        header_lines = self._header_lines("identity")
+        if len(spans) == 1:
+            first, last = spans[0]
+            lines.extend(header_lines)
+            lines.append(b"content-range: " + content_range(spans[0], length) + b"\r\n")
+            lines.append(b"content-length: %d\r\n" % (last - first + 1))
+            payload = body[first : last + 1]
+        else:
+            content_type: bytes | None = None
+            for name, value in response.headers:
+                if name == b"content-type":
+                    content_type = value
+                    break
+            if not worth_multipart(spans, length, content_type):
+                return None
+            boundary = secrets.token_hex(12).encode("ascii")  # 24 characters, as budgeted
+            type_line = b"content-type: " + content_type + b"\r\n" if content_type else b""
+            parts: list[bytes] = []
+            for span in spans:
+                parts.append(b"\r\n--" + boundary + b"\r\n" + type_line)
+                parts.append(b"content-range: " + content_range(span, length) + b"\r\n\r\n")
+                parts.append(body[span[0] : span[1] + 1])
+            parts.append(b"\r\n--" + boundary + b"--\r\n")
+            payload = b"".join(parts)
+            lines.extend(line for line in header_lines if not line.startswith(b"content-type:"))
+            lines.append(b"content-type: multipart/byteranges; boundary=" + boundary + b"\r\n")
+            lines.append(b"content-length: %d\r\n" % len(payload))
+        lines.append(self._extra_head)
+        lines.append(extra)
+        lines.append(tail)
+        lines.append(payload)
+        return b"".join(lines)
 
     def slot_of(self, data: bytes) -> int | None:
         """The cache slot holding exactly ``data`` (this object), or None when it was built
