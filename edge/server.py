@@ -44,6 +44,7 @@ from edge.pipeline import Pipeline
 from edge.protocol import Connections
 from edge.purge import PurgeEndpoint
 from edge.redirect import RedirectProtocol
+from edge.scaling import ScalingSignals, read_limits
 from edge.state import EdgeState
 from edge.statusboard import SAMPLE_EVERY, StatusBoard
 from edge.tls import TlsContexts, TlsStats
@@ -266,6 +267,16 @@ class EdgeWorker:
             },
         )
 
+        scaling = ScalingSignals(
+            clock=time.monotonic,
+            limits=read_limits(),
+            # Requests accepted and not answered yet (a WebSocket tunnel is no request).
+            queue_depth=lambda: connections.busy - len(connections.tunnels),
+            p99=lambda: board.window.summary()["p99"],
+            latency_target=lambda: pipeline.state.config.edge.latency_target,
+        )
+        registry.register(scaling)
+
         def status() -> dict[str, Any]:
             return {
                 "pop": pop,
@@ -291,6 +302,7 @@ class EdgeWorker:
                 ],
                 "health": health.status(),
                 "traffic": board.window.summary(),
+                "scaling": scaling.status(),
             }
 
         admin: AdminServer | None = None
@@ -354,6 +366,7 @@ class EdgeWorker:
         def sample_board() -> None:
             nonlocal board_timer
             board.sample()
+            scaling.sample()
             board_timer = loop.call_later(SAMPLE_EVERY, sample_board)
 
         sample_board()

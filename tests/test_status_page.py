@@ -232,8 +232,12 @@ async def test_status_page_shows_regions_and_a_region_going_down(
             await _pause()
         assert await page.evaluate("document.getElementById('pop').textContent") == "fra"
         assert await page.evaluate("document.getElementById('feed').textContent") == "live"
-        rps = await page.evaluate("document.getElementById('rps').textContent")
-        assert rps != "\u2013"  # the placeholder before data
+        # The requests above show once the board has two samples (one tick, 2 s).
+        while await page.evaluate("document.getElementById('rps').textContent") == "0.0":
+            assert time.monotonic() < deadline + 5
+            await _pause()
+        hit_ratio = await page.evaluate("document.getElementById('hit').textContent")
+        assert hit_ratio.endswith("%")
 
         killed = time.monotonic()
         origins["us-east"].signal(signal.SIGKILL)
@@ -286,6 +290,13 @@ async def test_status_page_shows_regions_and_a_region_going_down(
         assert "uptime: hour" in text and TOKEN not in text
         assert page.errors == []
 
+    scaling = edge.status()["scaling"]
+    assert scaling["memory_bytes"] > 0 and scaling["limits_from"] in (
+        "cgroup v2",
+        "cgroup v1",
+        "host",
+    )
+    assert edge.metric("meridian_edge_scale_hint") == pytest.approx(scaling["scale_hint"], abs=0.5)
     code, body = edge.admin("/status/public")
     document = json.loads(body)
     assert code == 200 and document["services"]["market"]["state"] == "degraded"
