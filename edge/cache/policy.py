@@ -929,7 +929,7 @@ def invalidation_targets(method: bytes, status: int, url: str, headers: Headers)
     if method in SAFE_METHODS or not 200 <= status < 400:
         return []
     targets = [url]
-    origin = _origin(url)
+    origin: tuple[str, str, int] | None = None  # parsed only when a location names a URL
     for name in (b"location", b"content-location"):
         value = header(headers, name)
         if not value:
@@ -938,6 +938,8 @@ def invalidation_targets(method: bytes, status: int, url: str, headers: Headers)
             resolved = urljoin(url, value.decode("latin-1").strip())
         except ValueError:
             continue
+        if origin is None:
+            origin = _origin(url)
         if _origin(resolved) == origin and resolved not in targets:
             targets.append(resolved)
     return targets
