@@ -4,6 +4,7 @@
                              {"prefix": "http://host/api/"} | {"tag": "ticker"}
                        (each key may also be a list; several keys may be combined)
     PURGE /purge?url=...&prefix=...&tag=...      the same from the query string
+    {"soft": true} (or ?soft=1) with any of them   soft purge: mark stale, do not remove
 
 ``Authorization: Bearer <edge.cache.purge_token>`` is required: none or another scheme is
 answered 401 (with ``WWW-Authenticate: Bearer``), a wrong token 403, and with no token
@@ -16,6 +17,12 @@ The answer is JSON: how many entries went locally (all workers together; per wor
 was broadcast, and ``queued``: true when Redis did not take it now (stalled or down).  A
 queued purge is not lost: the cache retries its Redis half (delete from L2, broadcast) with
 backoff until Redis takes it, and meanwhile never reads back from L2 what it covers.
+
+A soft purge (Fastly's, Varnish Enterprise's) marks what it covers stale instead: it is served
+within its stale-while-revalidate window while one refresh runs (or revalidated first, one
+coalesced request), so purging a hot key does not stampede the origin.  ``local`` then counts
+entries marked stale; Redis keeps its copies (``shared`` is 0) but every instance is told, and
+none takes a copy from before the purge for fresh.
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ class PurgeEndpoint:
         if denied is not None:
             return denied
         try:
-            targets = await self._targets(request)
+            targets, soft = await self._targets(request)
         except ValueError as exc:
             return _json(400, {"error": "bad_request", "reason": str(exc)})
         local = shared = 0
@@ -73,7 +80,7 @@ class PurgeEndpoint:
         failure: web.Response | None = None
         for kind, value in targets:
             try:
-                result = await self._purge(cache, kind, value)
+                result = await self._purge(cache, kind, value, soft)
             except ValueError as exc:
                 failure = _json(400, {"error": "bad_request", "reason": str(exc), "done": done})
                 break
@@ -89,6 +96,7 @@ class PurgeEndpoint:
             "shared": shared,
             "propagated": propagated and cache.l2 is not None,
             "queued": queued,
+            "soft": soft,
         }
         if self._peers is not None and applied:
             # What this worker purged, the others purge too (before answering, also when a
@@ -101,7 +109,9 @@ class PurgeEndpoint:
             document["local"] = local = local + sum(removed.values())
         if failure is not None:
             return failure
-        log.info("cache_purged", targets=len(done), local=local, shared=shared, queued=queued)
+        log.info(
+            "cache_purged", targets=len(done), local=local, shared=shared, queued=queued, soft=soft
+        )
         return _json(200, document)
 
     @staticmethod
@@ -120,10 +130,14 @@ class PurgeEndpoint:
         return None
 
     @staticmethod
-    async def _targets(request: web.Request) -> list[tuple[str, str]]:
+    async def _targets(request: web.Request) -> tuple[list[tuple[str, str]], bool]:
         found: list[tuple[str, str]] = []
         for kind in _KINDS:
             found.extend((kind, value) for value in request.query.getall(kind, []))
+        soft_query = request.query.get("soft", "0").lower()
+        if soft_query not in ("0", "1", "true", "false"):
+            raise ValueError("soft must be 0, 1, true or false")
+        soft = soft_query in ("1", "true")
         if request.method == "POST" and request.can_read_body:
             try:
                 document = json.loads(await request.read() or b"{}")
@@ -131,9 +145,12 @@ class PurgeEndpoint:
                 raise ValueError("body must be JSON") from None
             if not isinstance(document, dict):
                 raise ValueError("body must be a JSON object")
-            unknown = set(document) - set(_KINDS)
+            unknown = set(document) - set(_KINDS) - {"soft"}
             if unknown:
                 raise ValueError(f"unknown keys: {', '.join(sorted(unknown))}")
+            if not isinstance(document.get("soft", False), bool):
+                raise ValueError("soft must be true or false")
+            soft = soft or document.get("soft", False) is True
             for kind in _KINDS:
                 values = document.get(kind, [])
                 values = [values] if isinstance(values, str) else values
@@ -147,15 +164,15 @@ class PurgeEndpoint:
                 raise ValueError(f"empty {kind}")
             if kind == "url" and "://" not in value:
                 raise ValueError(f"url must be absolute (http://host/path): {value!r}")
-        return found
+        return found, soft
 
     @staticmethod
-    async def _purge(cache: HttpCache, kind: str, value: str) -> PurgeResult:
+    async def _purge(cache: HttpCache, kind: str, value: str, soft: bool) -> PurgeResult:
         if kind == "url":
-            return await cache.purge_url(value)
+            return await cache.purge_url(value, soft=soft)
         if kind == "prefix":
-            return await cache.purge_prefix(value)
-        return await cache.purge_tag(value)
+            return await cache.purge_prefix(value, soft=soft)
+        return await cache.purge_tag(value, soft=soft)
 
 
 __all__ = ["PurgeEndpoint"]

@@ -678,6 +678,51 @@ async def test_purges_by_url_prefix_and_tag() -> None:
         await cache.purge_prefix("api/v1")
 
 
+async def test_a_soft_purge_of_a_hot_key_serves_stale_while_one_refresh_runs() -> None:
+    clock = FakeClock()
+    cache, origin = make_cache(clock), Origin(clock)
+    origin.answer(200, [(b"cache-control", b"max-age=600, stale-while-revalidate=30")], b"v1")
+    await request(cache, origin, b"/api/v1/symbols")
+    clock.advance(1)
+    result = await cache.purge_url("https://api.example/api/v1/symbols", soft=True)
+    assert (result.local, result.kind) == (1, "soft_primary")
+    clock.advance(0.01)
+    origin.gate = asyncio.Event()
+    origin.answer(200, [(b"cache-control", b"max-age=600, stale-while-revalidate=30")], b"v2")
+    answers = [await request(cache, origin, b"/api/v1/symbols") for _ in range(200)]
+    assert {how for how, _ in answers} == {"stale"}  # not one MISS
+    assert {parse(wire)[2] for _, wire in answers} == {b"v1"}
+    origin.gate.set()
+    await cache.drain()
+    assert len(origin.calls) == 2  # the first fill and exactly one refresh
+    found = get(cache, b"/api/v1/symbols")
+    assert found.kind is LookupKind.HIT and parse(found.wire)[2] == b"v2"
+
+
+async def test_soft_purges_by_tag_and_prefix_mark_stale_and_hard_ones_remove() -> None:
+    clock = FakeClock()
+    cache, origin = make_cache(clock), Origin(clock)
+    for path, tags in ((b"/static/btc", b"btc"), (b"/api/v1/symbols", b"meta")):
+        origin.answer(
+            200, [(b"cache-control", b"max-age=60"), (b"etag", b'"e"'), (b"surrogate-key", tags)]
+        )
+        await request(cache, origin, path)
+    assert (await cache.purge_tag("btc", soft=True)).local == 1
+    assert (await cache.purge_tag("btc", soft=True)).local == 0  # stale already
+    assert get(cache, b"/api/v1/symbols").kind is LookupKind.HIT
+    # No stale window: the next request revalidates (coalesced), it does not miss.
+    assert get(cache, b"/static/btc").kind is LookupKind.REVALIDATE
+    assert (await cache.purge_prefix("/api/v1/sym", soft=True)).local == 1
+    assert get(cache, b"/api/v1/symbols").kind is LookupKind.REVALIDATE
+    clock.advance(0.01)
+    origin.answer(304, [(b"cache-control", b"max-age=60"), (b"etag", b'"e"')])
+    assert (await request(cache, origin, b"/api/v1/symbols"))[0] == "REVALIDATED"
+    assert get(cache, b"/api/v1/symbols").kind is LookupKind.HIT
+    assert len(cache.store) == 2
+    assert (await cache.purge_prefix("https://api.example/")).local == 2
+    assert len(cache.store) == 0
+
+
 async def test_a_fill_racing_a_purge_is_not_stored() -> None:
     clock = FakeClock()
     cache, origin = make_cache(clock), Origin(clock)

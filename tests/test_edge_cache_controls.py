@@ -9,7 +9,9 @@ the origin counts requests and records their headers per path.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,6 +29,8 @@ class Script:
     headers: list[tuple[str, str]]
     body: bytes
     seen: list[dict[str, str]] = field(default_factory=list)
+    #: Seconds the origin takes to answer (keeps a refresh in flight).
+    delay: float = 0.0
 
 
 class ScriptedOrigin:
@@ -46,6 +50,7 @@ class ScriptedOrigin:
                     self._send(200 if self.path == "/healthz" else 404, [], b"ok")
                     return
                 script.seen.append({k.lower(): v for k, v in self.headers.items()})
+                time.sleep(script.delay)
                 self._send(script.status, script.headers, script.body)
 
             def _send(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
@@ -79,6 +84,9 @@ class ScriptedOrigin:
         self.thread.join(timeout=5)
 
 
+TOKEN = "soft-purge-token"
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Edge, ScriptedOrigin]]:
     tmp: Path = tmp_path_factory.mktemp("edge-cache-controls")
@@ -87,7 +95,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Edge, Scri
             tmp / "edge.yaml",
             {"us-east": region(*LOCATIONS["us-east"], [f"http://127.0.0.1:{origin.port}"])},
             edge={
-                "cache": {"memory": 1 << 22, "targets": ["meridian", "cdn", "surrogate"]},
+                "cache": {
+                    "memory": 1 << 22,
+                    "targets": ["meridian", "cdn", "surrogate"],
+                    "purge_token": TOKEN,
+                },
                 "compression": {"enabled": False},
             },
         )
@@ -247,3 +259,43 @@ def test_a_range_on_an_uncacheable_response_gets_the_whole_body(world):
     status, headers, body = Client(edge.port).get("/r/private", Range="bytes=0-9")
     assert (status, headers["x-cache"], body) == (200, "MISS", BODY[:100])
     assert "range" not in script.seen[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Soft purge
+
+
+def test_a_soft_purge_under_load_costs_one_origin_request_and_no_miss(world):
+    edge, origin = world
+    cc = [("Cache-Control", "max-age=600, stale-while-revalidate=60")]
+    script = origin.script("/p/soft/hot", cc, b"v1")
+    assert Client(edge.port).get("/p/soft/hot")[1]["x-cache"] == "MISS"
+    script.headers, script.body, script.delay = cc, b"v2", 1.0
+    status, document = edge.purge({"prefix": "/p/soft/", "soft": True}, token=TOKEN)
+    assert (status, document["local"], document["soft"]) == (200, 1, True)
+
+    def fetch(_: int) -> tuple[int, str, bytes]:
+        status, headers, body = http_request(edge.port, "GET", "/p/soft/hot")
+        return status, headers["x-cache"], body
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(fetch, range(200)))
+    assert {(status, how) for status, how, _ in answers} <= {(200, "STALE"), (200, "HIT")}
+    assert sum(how == "STALE" for _, how, _ in answers) > 0
+    time.sleep(script.delay + 0.2)  # the one refresh lands
+    status, headers, body = Client(edge.port).get("/p/soft/hot")
+    assert (status, headers["x-cache"], body) == (200, "HIT", b"v2")
+    assert len(script.seen) == 2  # the fill, then exactly one refresh
+
+
+def test_a_hard_purge_still_removes(world):
+    edge, origin = world
+    script = origin.script("/p/hard/x", [("Cache-Control", "max-age=600")], b"h")
+    client = Client(edge.port)
+    client.get("/p/hard/x")
+    status, document = edge.purge({"prefix": "/p/hard/"}, token=TOKEN)
+    assert (status, document["local"], document["soft"]) == (200, 1, False)
+    assert client.get("/p/hard/x")[1]["x-cache"] == "MISS"
+    assert len(script.seen) == 2
+    status, document = edge.purge({"prefix": "/p/hard/", "soft": "yes"}, token=TOKEN)
+    assert status == 400 and "soft" in document["reason"]

@@ -499,6 +499,19 @@ def _key_memo_bytes(config: CacheConfig) -> int:
     return max(64 * 1024, min(_KEY_MEMO_MAX, config.memory // 16))
 
 
+#: A purge kind with this prefix marks stale instead of removing (``purge_url(soft=True)``).
+SOFT_PURGE: Final = "soft_"
+
+
+def _soft(kind: str, soft: bool) -> str:
+    return SOFT_PURGE + kind if soft else kind
+
+
+def _path_starts_with(url: bytes, prefix: bytes) -> bool:
+    start = url.find(b"/", url.find(b"://") + 3)
+    return start != -1 and url.startswith(prefix, start)
+
+
 class HttpCache:
     """The edge cache; see the module docstring for the call sequence."""
 
@@ -1242,25 +1255,30 @@ class HttpCache:
                 self._spawn(self._propagate("primary", primary, self.clock()))
         return removed
 
-    async def purge_url(self, url: str) -> PurgeResult:
-        """Purge one resource (all its variants) by absolute URL, normalised like requests."""
-        return await self._purge("primary", self.keys.from_url(url).primary)
+    async def purge_url(self, url: str, *, soft: bool = False) -> PurgeResult:
+        """Purge one resource (all its variants) by absolute URL, normalised like requests.
 
-    async def purge_prefix(self, prefix: str) -> PurgeResult:
+        ``soft``: mark what the purge covers stale instead of removing it (every purge takes
+        it): served within its stale-while-revalidate window while one refresh runs, or
+        revalidated (coalesced) first, so a hot key costs the origin one request, not a
+        stampede.  The count is of entries marked stale."""
+        return await self._purge(_soft("primary", soft), self.keys.from_url(url).primary)
+
+    async def purge_prefix(self, prefix: str, *, soft: bool = False) -> PurgeResult:
         """Purge by URL prefix (``https://host/api/``) or, starting with ``/``, by path prefix
         on every host.  Cost: a scan of L1 and a SCAN of Redis (see ``redis_l2``)."""
         raw = prefix.encode("latin-1")
         if raw.startswith(b"/"):
-            return await self._purge("path_prefix", raw)
+            return await self._purge(_soft("path_prefix", soft), raw)
         path, scheme, authority = split_target(raw)
         if scheme is None or authority is None:
             raise ValueError(f"not a URL or path prefix: {prefix!r}")
         url_prefix = scheme + b"://" + normalise_host(authority, scheme) + path
-        return await self._purge("url_prefix", url_prefix)
+        return await self._purge(_soft("url_prefix", soft), url_prefix)
 
-    async def purge_tag(self, tag: str) -> PurgeResult:
+    async def purge_tag(self, tag: str, *, soft: bool = False) -> PurgeResult:
         """Purge every response tagged with ``tag`` in its Surrogate-Key header."""
-        return await self._purge("tag", tag.encode("utf-8"))
+        return await self._purge(_soft("tag", soft), tag.encode("utf-8"))
 
     def check_purge_token(self, presented: bytes | str) -> bool:
         """Constant-time check of a purge request's token; always False when none is set."""
@@ -1273,7 +1291,7 @@ class HttpCache:
     def purge_local(self, kind: str, value: bytes) -> int:
         """Apply a purge another worker of this instance normalised (``PurgeResult.kind`` and
         ``value``) to this process's L1 only; returns the entries removed."""
-        if kind not in ("primary", "url_prefix", "path_prefix", "tag"):
+        if kind.removeprefix(SOFT_PURGE) not in ("primary", "url_prefix", "path_prefix", "tag"):
             raise ValueError(f"unknown purge kind {kind!r}")
         return self._apply_purge(kind, value)
 
@@ -1323,9 +1341,14 @@ class HttpCache:
                 )
 
     def _apply_purge(self, kind: str, value: bytes) -> int:
-        """Purge L1 and remember the purge so racing fills are not stored."""
+        """Purge L1 and remember the purge so racing fills are not stored.
+
+        A soft purge is remembered the same way: a fill or an L2 copy from before it must not
+        make fresh again what it made stale."""
         now = self.clock()
         self._forget_purges_before(now - self._purge_race_window)
+        if kind.startswith(SOFT_PURGE):
+            return self._soft_purge(kind.removeprefix(SOFT_PURGE), value, now)
         if kind == "primary":
             self._purged_primaries[value] = now
             return self.store.remove_primary(value)
@@ -1337,6 +1360,32 @@ class HttpCache:
         if kind == "path_prefix":
             return self.store.purge_path_prefix(value)
         return 0
+
+    def _soft_purge(self, kind: str, value: bytes, now: float) -> int:
+        store = self.store
+        if kind == "primary":
+            self._purged_primaries[value] = now
+            entries = store.variants_of(value)
+        else:
+            self._purges.append((now, kind, value))
+            if kind == "tag":
+                entries = store.tagged(value.decode("utf-8"))
+            elif kind == "url_prefix":
+                entries = store.matching(lambda entry: entry.url.startswith(value))
+            elif kind == "path_prefix":
+                entries = store.matching(lambda entry: _path_starts_with(entry.url, value))
+            else:
+                return 0
+        marked = 0
+        for entry in entries:
+            freshness = entry.response.freshness
+            if freshness.ttl(now) <= 0:
+                continue  # stale already
+            # Lifetime cut to the age it has now: stale from this instant, its windows intact.
+            expired = replace(freshness, lifetime=freshness.age(now))
+            if store.put(entry.refreshed(replace(entry.response, freshness=expired))):
+                marked += 1
+        return marked
 
     def _forget_purges_before(self, horizon: float) -> None:
         while self._purges and self._purges[0][0] < horizon:
@@ -1358,11 +1407,8 @@ class HttpCache:
                 return True
             if kind == "url_prefix" and entry.url.startswith(value):
                 return True
-            if kind == "path_prefix":
-                url = entry.url
-                start = url.find(b"/", url.find(b"://") + 3)
-                if start != -1 and url.startswith(value, start):
-                    return True
+            if kind == "path_prefix" and _path_starts_with(entry.url, value):
+                return True
         return False
 
     def _on_purge_message(self, message: PurgeMessage) -> None:
@@ -1377,6 +1423,7 @@ class HttpCache:
 
 __all__ = [
     "DEFAULT_RULE",
+    "SOFT_PURGE",
     "X_CACHE_BYPASS",
     "X_CACHE_HIT",
     "X_CACHE_MISS",

@@ -184,6 +184,18 @@ class MemoryStore:
         self._variants.pop(primary, None)
         return removed
 
+    def variants_of(self, primary: bytes) -> list[Entry]:
+        """Every stored variant of a resource (a soft purge marks them stale)."""
+        found = [self._entries[key] for key in self._variants.get(primary, ())]
+        entry = self._entries.get(primary)
+        return found if entry is None else [entry, *found]
+
+    def tagged(self, tag: str) -> list[Entry]:
+        return [self._entries[key] for key in self._tags.get(tag, ())]
+
+    def matching(self, matches: Callable[[Entry], bool]) -> list[Entry]:
+        return [entry for entry in self._entries.values() if matches(entry)]
+
     def purge_tag(self, tag: str) -> int:
         return sum(self.remove(key) for key in tuple(self._tags.get(tag, ())))
 
