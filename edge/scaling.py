@@ -205,7 +205,7 @@ class ScalingSignals(Collector):
                 float(self.queue_depth),
             ),
             (
-                "meridian_edge_latency_over_target_ratio",
+                "meridian_edge_latency_p99_over_target",
                 "p99 latency of the last minute over edge.latency_target (above 1: missed).",
                 self.latency_ratio if self.latency_ratio is not None else 0.0,
             ),
