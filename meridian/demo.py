@@ -180,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
                 f"  curl -s --compressed -H 'Accept-Encoding: br'"
                 f" http://{ls.edge}/api/v1/depth/BTC-USD\n"
                 f"  curl -s http://{ls.edge_admin}/metrics | grep meridian_\n"
+                f"  open http://{ls.edge_admin}/                     # the live status page\n"
                 if "edge" in started
                 else ""
             )

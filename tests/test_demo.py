@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -13,12 +14,17 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import dns.edns
 import dns.message
 import dns.query
 import dns.rdatatype
 import pytest
+import yaml
+
+from meridian.demo import packaged_demo_config
+from tests.browser_support import CHROMIUM, browser_page
 
 
 def _port_free(port: int) -> bool:
@@ -131,3 +137,26 @@ def test_demo_serves_market_data_through_the_edge_and_answers_dns(
     while any(_listening(p) for p in ports):
         assert time.monotonic() < deadline, "a demo process outlived the demo"
         time.sleep(0.1)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+async def test_the_demo_status_page_shows_every_region(
+    demo: tuple[subprocess.Popen[str], int], tmp_path: Path
+) -> None:
+    _, offset = demo
+    regions = set(yaml.safe_load(packaged_demo_config().read_text())["regions"])
+    async with browser_page(tmp_path) as page:
+        await page.navigate(f"http://127.0.0.1:{9100 + offset}/")
+        shown: set[str] = set()
+        deadline = time.monotonic() + 15
+        while shown != regions:
+            assert time.monotonic() < deadline, shown
+            await asyncio.sleep(0.1)  # until the first status event has rendered
+            shown = set(
+                await page.evaluate(
+                    "[...document.querySelectorAll('[data-region]')].map((r) => r.dataset.region)"
+                )
+            )
+        assert await page.evaluate("document.getElementById('pop').textContent") == "iad"
+        await page.screenshot(tmp_path / "demo-status-page.png")
+        assert page.errors == []
