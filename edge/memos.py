@@ -149,6 +149,16 @@ CACHE_KEYS: Final = MemoSpec(
     bound=65536,  # the default; KeyBuilder(memo_size=...) sets its own
 )
 
+TARGETED_CACHE_CONTROL_PARSES: Final = MemoSpec(
+    name="targeted Cache-Control parses",
+    owner="edge.cache.policy._targeted_value (lru_cache)",
+    key="a joined CDN-Cache-Control / Surrogate-Control (RFC 9213) value, and which of the two",
+    value="the parsed CacheControl, or None when the value is invalid",
+    cleared_by="its bound only (least recently used first)",
+    bound=1024,
+    policy="lru",
+)
+
 CACHE_CONTROL_PARSES: Final = MemoSpec(
     name="Cache-Control parses",
     owner="edge.cache.policy.parse_cache_control (lru_cache)",
@@ -272,6 +282,7 @@ MEMOS: Final = (
     SHARED_FIELDS,
     CACHE_KEYS,
     CACHE_CONTROL_PARSES,
+    TARGETED_CACHE_CONTROL_PARSES,
     HTTP_DATES,
     CACHE_CODINGS,
     DROP_MATCHERS,

@@ -200,6 +200,7 @@ DICT_MEMOS: dict[MemoSpec, Callable[[int], BoundedMemo[Any, Any]]] = {
 }
 LRU_MEMOS: dict[MemoSpec, _lru_cache_wrapper[Any]] = {
     memos.CACHE_CONTROL_PARSES: cache_policy.parse_cache_control,
+    memos.TARGETED_CACHE_CONTROL_PARSES: cache_policy._targeted_value,
     memos.HTTP_DATES: cache_policy._parse_http_date,
     memos.CACHE_CODINGS: cache_key.negotiate_coding,
     memos.DROP_MATCHERS: cache_key._drop_matcher,

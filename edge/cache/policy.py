@@ -42,7 +42,7 @@ from functools import lru_cache
 from typing import Final, NamedTuple
 from urllib.parse import urljoin, urlsplit
 
-from edge.memos import CACHE_CONTROL_PARSES, HTTP_DATES
+from edge.memos import CACHE_CONTROL_PARSES, HTTP_DATES, TARGETED_CACHE_CONTROL_PARSES
 from meridian.config import CacheRule
 
 Header = tuple[bytes, bytes]
@@ -437,7 +437,7 @@ def targeted_cache_control(headers: Headers, fields: Sequence[bytes]) -> CacheCo
     return None
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=TARGETED_CACHE_CONTROL_PARSES.bound)
 def _targeted_value(value: bytes, surrogate: bool) -> CacheControl | None:
     kept: list[str] = []
     for member in value.decode("latin-1").split(","):
