@@ -6,11 +6,13 @@ import gzip
 
 import brotli
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from edge.cache.entry import X_CACHE_STALE, Entry, StoredResponse
 from edge.cache.key import VARIANT_SEPARATOR, vary_key
 from edge.cache.policy import Freshness, format_http_date
-from edge.cache.store import MemoryStore
+from edge.cache.store import MemoryStore, PathIndex
 
 NOW = 1_700_000_000.0
 FRESH = Freshness(
@@ -353,3 +355,47 @@ def test_bytes_stay_exact_through_replacement_and_removal(replace: bool) -> None
     else:
         assert store.remove_entry(first)
     assert store.bytes == 0 and len(store) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# The path index behind prefix purges
+
+_SEGMENTS = st.sampled_from([b"", b"a", b"ab", b"b", b"a?x=1", b"%2F"])
+_PATHS = st.lists(_SEGMENTS, min_size=1, max_size=4).map(lambda parts: b"/" + b"/".join(parts))
+
+
+@given(st.lists(st.tuples(_PATHS, st.booleans()), max_size=40), _PATHS)
+def test_the_path_index_finds_exactly_what_a_scan_finds(
+    operations: list[tuple[bytes, bool]], prefix: bytes
+) -> None:
+    index = PathIndex()
+    stored: dict[bytes, bytes] = {}
+    for i, (path, variant) in enumerate(operations):
+        key = path + (b"\x00v%d" % i if variant else b"")
+        if key in stored and i % 3 == 0:
+            index.discard(path, key)
+            del stored[key]
+        else:
+            index.add(path, key)
+            stored[key] = path
+    found = index.under(prefix)
+    assert len(found) == len(set(found))
+    assert set(found) == {key for key, path in stored.items() if path.startswith(prefix)}
+    for key, path in stored.items():
+        index.discard(path, key)
+    assert index.under(b"/") == [] and index._root.children in (None, {})
+
+
+def test_prefix_purges_go_through_the_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = MemoryStore(10**7, 10**5)
+    for url in (b"https://a.test/api/v1/x", b"https://a.test/api/v2/y", b"https://b.test/api/v1/z"):
+        store.put(make_entry(url))
+
+    def no_scan(*_: object) -> None:
+        raise AssertionError("a prefix purge scanned every entry")
+
+    monkeypatch.setattr(MemoryStore, "matching", no_scan)
+    monkeypatch.setattr(MemoryStore, "purge_where", no_scan)
+    assert store.purge_path_prefix(b"/api/v1/") == 2
+    assert store.purge_url_prefix(b"https://a.test/api/") == 1
+    assert len(store) == 0

@@ -1266,7 +1266,8 @@ class HttpCache:
 
     async def purge_prefix(self, prefix: str, *, soft: bool = False) -> PurgeResult:
         """Purge by URL prefix (``https://host/api/``) or, starting with ``/``, by path prefix
-        on every host.  Cost: a scan of L1 and a SCAN of Redis (see ``redis_l2``)."""
+        on every host.  Cost: L1's path index (the entries under the prefix; a URL prefix
+        ending inside the host scans) and a SCAN of Redis (see ``redis_l2``)."""
         raw = prefix.encode("latin-1")
         if raw.startswith(b"/"):
             return await self._purge(_soft("path_prefix", soft), raw)
@@ -1371,9 +1372,9 @@ class HttpCache:
             if kind == "tag":
                 entries = store.tagged(value.decode("utf-8"))
             elif kind == "url_prefix":
-                entries = store.matching(lambda entry: entry.url.startswith(value))
+                entries = store.with_url_prefix(value)
             elif kind == "path_prefix":
-                entries = store.matching(lambda entry: _path_starts_with(entry.url, value))
+                entries = store.with_path_prefix(value)
             else:
                 return 0
         marked = 0

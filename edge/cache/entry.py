@@ -44,6 +44,9 @@ X_CACHE_BYPASS: Final = b"BYPASS"
 #: object headers, the store's OrderedDict slot and node.  Measured on CPython 3.11 (RSS per
 #: entry of 20,000 entries, ``tests/test_cache_store.py``) at 540-560; errs on the high side.
 ENTRY_OVERHEAD: Final = 600
+#: Bytes the store's path index holds per entry (its trie leaf, the leaf's segment and its slot
+#: in the parent's dict; ``store.PathIndex``), counted with the entry.
+INDEX_OVERHEAD: Final = 200
 #: Bytes per stored header beyond its name and value (two bytes objects, a tuple, its slot).
 HEADER_OVERHEAD: Final = 120
 #: Bytes per object an entry grows by (a compressed variant, a head, a cached response) beyond
@@ -187,6 +190,8 @@ class Entry:
         self.on_resize: Callable[[Entry, int], None] | None = None
         self.size = (
             ENTRY_OVERHEAD
+            + INDEX_OVERHEAD
+            + len(url)  # the index's copy of the path segment, at most the URL
             + len(key) * 2
             + len(url)
             + len(response.body)
@@ -534,6 +539,7 @@ __all__ = [
     "ENTRY_OVERHEAD",
     "GROWN_OBJECT_OVERHEAD",
     "HEADER_OVERHEAD",
+    "INDEX_OVERHEAD",
     "X_CACHE_BYPASS",
     "X_CACHE_HIT",
     "X_CACHE_MISS",

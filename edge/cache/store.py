@@ -10,9 +10,10 @@ Keys: an entry without Vary is stored under its primary key; a resource with Var
 variant under ``primary + NUL + secondary`` and remembers the Vary names per primary key.  A
 resource whose Vary changes drops its old variants (RFC 9111 4.1 prefers the newest response).
 
-Purges: by primary key (every variant), by URL prefix or path prefix (a scan over all entries:
-O(entries), about 0.1 s per million on one core, acceptable for an admin action), and by
-surrogate key (a tag index, O(tagged entries)).
+Purges: by primary key (every variant), by surrogate key (a tag index, O(tagged entries)) and by
+URL or path prefix through a path index (``PathIndex``: a trie of path segments, so a prefix
+purge visits the entries under the prefix, not all of them).  A URL prefix that ends inside the
+host (``https://api.exa``) has no path to go by and scans.
 """
 
 from __future__ import annotations
@@ -25,6 +26,105 @@ from .key import VARIANT_SEPARATOR, Negotiator, negotiate_coding, vary_key
 from .policy import Headers
 
 
+def url_path(url: bytes) -> bytes | None:
+    """The path (and query) of a stored URL ``scheme://host/path?q``; None without one."""
+    start = url.find(b"/", url.find(b"://") + 3)
+    return None if start == -1 else url[start:]
+
+
+class _Node:
+    __slots__ = ("children", "keys")
+
+    def __init__(self) -> None:
+        self.children: dict[bytes, _Node] | None = None
+        #: Store keys of entries whose path ends here: one key as is (most paths have one
+        #: entry; a set per entry would cost 200 B), a set for variants.
+        self.keys: bytes | set[bytes] | None = None
+
+
+class PathIndex:
+    """Store keys by URL path: a trie of ``/``-separated segments (the query stays in the last
+    segment).  ``under(prefix)`` walks the prefix's whole segments, then takes every subtree
+    whose segment starts with its last, partial one: O(depth + entries under the prefix)."""
+
+    __slots__ = ("_root",)
+
+    def __init__(self) -> None:
+        self._root = _Node()
+
+    def add(self, path: bytes, key: bytes) -> None:
+        node = self._root
+        for segment in path[1:].split(b"/"):
+            children = node.children
+            if children is None:
+                children = node.children = {}
+            child = children.get(segment)
+            if child is None:
+                child = children[segment] = _Node()
+            node = child
+        keys = node.keys
+        if keys is None:
+            node.keys = key
+        elif isinstance(keys, bytes):
+            if keys != key:
+                node.keys = {keys, key}
+        else:
+            keys.add(key)
+
+    def discard(self, path: bytes, key: bytes) -> None:
+        trail: list[tuple[_Node, bytes]] = []
+        node = self._root
+        for segment in path[1:].split(b"/"):
+            child = node.children.get(segment) if node.children is not None else None
+            if child is None:
+                return
+            trail.append((node, segment))
+            node = child
+        keys = node.keys
+        if isinstance(keys, bytes):
+            if keys == key:
+                node.keys = None
+        elif keys is not None:
+            keys.discard(key)
+            if len(keys) == 1:
+                node.keys = next(iter(keys))
+            elif not keys:
+                node.keys = None
+        # Prune the branch that no longer leads to anything.
+        while trail and node.keys is None and not node.children:
+            parent, segment = trail.pop()
+            assert parent.children is not None
+            del parent.children[segment]
+            node = parent
+
+    def under(self, prefix: bytes) -> list[bytes]:
+        """Keys of entries whose path starts with ``prefix`` (which starts with ``/``)."""
+        *whole, partial = prefix[1:].split(b"/")
+        node = self._root
+        for segment in whole:
+            child = node.children.get(segment) if node.children is not None else None
+            if child is None:
+                return []
+            node = child
+        if node.children is None:
+            return []
+        stack = [child for name, child in node.children.items() if name.startswith(partial)]
+        found: list[bytes] = []
+        while stack:
+            node = stack.pop()
+            keys = node.keys
+            if isinstance(keys, bytes):
+                found.append(keys)
+            elif keys is not None:
+                found.extend(keys)
+            if node.children:
+                stack.extend(node.children.values())
+        return found
+
+    def clear(self) -> None:
+        self._root = _Node()
+
+
 class MemoryStore:
     """Entries by key, at most ``max_bytes`` in total, no body above ``max_object`` bytes."""
 
@@ -32,6 +132,7 @@ class MemoryStore:
         "_entries",
         "_negotiate",
         "_on_resize",
+        "_paths",
         "_tags",
         "_variants",
         "_vary",
@@ -57,6 +158,7 @@ class MemoryStore:
         #: primary key -> keys of its stored variants (resources with Vary only).
         self._variants: dict[bytes, set[bytes]] = {}
         self._tags: dict[str, set[bytes]] = {}
+        self._paths = PathIndex()
         self._negotiate = negotiate
         #: One bound method shared by every stored entry (``entry.on_resize``): a bound method
         #: per entry would be one more object per entry, and one the cyclic GC tracks.  Entry
@@ -118,6 +220,9 @@ class MemoryStore:
         self._entries[entry.key] = entry
         for tag in entry.response.surrogate_keys:
             self._tags.setdefault(tag, set()).add(entry.key)
+        path = url_path(entry.url)
+        if path is not None:
+            self._paths.add(path, entry.key)
         self.bytes += entry.size
         self.stored += 1
         entry.on_resize = self._on_resize
@@ -145,6 +250,9 @@ class MemoryStore:
         """Forget an entry already popped from ``_entries``."""
         entry.on_resize = None
         self.bytes -= entry.size
+        path = url_path(entry.url)
+        if path is not None:
+            self._paths.discard(path, entry.key)
         for tag in entry.response.surrogate_keys:
             keys = self._tags.get(tag)
             if keys is not None:
@@ -196,6 +304,21 @@ class MemoryStore:
     def matching(self, matches: Callable[[Entry], bool]) -> list[Entry]:
         return [entry for entry in self._entries.values() if matches(entry)]
 
+    def with_url_prefix(self, prefix: bytes) -> list[Entry]:
+        """Entries whose URL (``scheme://host/path?query``) starts with ``prefix``: through
+        the path index when the prefix reaches the path, else a scan."""
+        path = url_path(prefix)
+        if path is None:
+            return self.matching(lambda entry: entry.url.startswith(prefix))
+        return [entry for entry in self.with_path_prefix(path) if entry.url.startswith(prefix)]
+
+    def with_path_prefix(self, prefix: bytes) -> list[Entry]:
+        """Entries whose path (on any host) starts with ``prefix`` (``/api/v1/ti``)."""
+        entries = self._entries
+        found = [entries[key] for key in self._paths.under(prefix) if key in entries]
+        # The trie is exact; the check keeps a purge exact whatever the URL's shape.
+        return [entry for entry in found if (url_path(entry.url) or b"").startswith(prefix)]
+
     def purge_tag(self, tag: str) -> int:
         return sum(self.remove(key) for key in tuple(self._tags.get(tag, ())))
 
@@ -205,17 +328,11 @@ class MemoryStore:
 
     def purge_url_prefix(self, prefix: bytes) -> int:
         """Entries whose URL (``scheme://host/path?query``) starts with ``prefix``."""
-        return self.purge_where(lambda entry: entry.url.startswith(prefix))
+        return sum(self.remove(entry.key) for entry in self.with_url_prefix(prefix))
 
     def purge_path_prefix(self, prefix: bytes) -> int:
         """Entries whose path (on any host) starts with ``prefix``."""
-
-        def matches(entry: Entry) -> bool:
-            url = entry.url
-            path_start = url.find(b"/", url.find(b"://") + 3)
-            return path_start != -1 and url.startswith(prefix, path_start)
-
-        return self.purge_where(matches)
+        return sum(self.remove(entry.key) for entry in self.with_path_prefix(prefix))
 
     def clear(self) -> int:
         count = len(self._entries)
@@ -225,8 +342,9 @@ class MemoryStore:
         self._vary.clear()
         self._variants.clear()
         self._tags.clear()
+        self._paths.clear()
         self.bytes = 0
         return count
 
 
-__all__ = ["MemoryStore"]
+__all__ = ["MemoryStore", "PathIndex", "url_path"]
