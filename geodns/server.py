@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from importlib import resources
 from typing import Any, cast
 
 import dns.rcode
@@ -485,6 +486,7 @@ class DnsServer:
             app = web.Application()
             app.router.add_get("/metrics", self._metrics_page)
             app.router.add_get("/status", self._status_page)
+            app.router.add_get("/", self._html_page)
             self._admin_runner = web.AppRunner(app, access_log=None)
             await self._admin_runner.setup()
             self.admin_address = admin_socket.getsockname()[:2]
@@ -873,6 +875,19 @@ class DnsServer:
     async def _metrics_page(self, request: web.Request) -> web.Response:
         return web.Response(
             body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def _html_page(self, request: web.Request) -> web.Response:
+        """The live status page: polls /status and /metrics (inline CSS and JS only)."""
+        body = resources.files("geodns").joinpath("pages", "status.html").read_text("utf-8")
+        return web.Response(
+            text=body,
+            content_type="text/html",
+            headers={
+                "Cache-Control": "no-store",
+                "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                "style-src 'unsafe-inline'; img-src data:",
+            },
         )
 
     async def _status_page(self, request: web.Request) -> web.Response:

@@ -29,6 +29,7 @@ from edge.statusboard import (
 from meridian.health import HealthMonitor
 from meridian.health.checks import CheckOutcome
 from meridian.health.monitor import TIMELINE_LENGTH
+from tests import dns_support
 from tests.browser_support import CHROMIUM, browser_page
 from tests.edge_support import (
     LOCATIONS,
@@ -317,3 +318,49 @@ async def test_status_page_shows_regions_and_a_region_going_down(
 
 async def _pause() -> None:
     await asyncio.sleep(0.05)  # between two reads of the rendered page
+
+
+@needs_chromium
+async def test_geodns_status_page_shows_pops_answers_and_a_pop_going_down(tmp_path: Path) -> None:
+    endpoint = dns_support.HealthEndpoint()
+    try:
+        config = dns_support.write_config(
+            tmp_path / "dns.yaml", dns_support.base_config(endpoint.base)
+        )
+        with dns_support.running_server(config) as server:
+            server.wait_health_stable()
+            code, _, page_html = http_request(server.admin_port, "GET", "/")
+            assert code == 200 and b"src=" not in page_html
+            async with browser_page(tmp_path) as page:
+                await page.navigate(f"http://127.0.0.1:{server.admin_port}/")
+                pops = ("iad", "gru", "fra", "sin", "syd")
+                deadline = time.monotonic() + 10
+                while await _states(page, "pop") != dict.fromkeys(pops, "up"):
+                    assert time.monotonic() < deadline, await _states(page, "pop")
+                    await _pause()
+                # Answers by POP: rates between two polls of /metrics.
+                deadline = time.monotonic() + 10
+                answers = ""
+                while "iad" not in answers:
+                    assert time.monotonic() < deadline, answers
+                    dns_support.ask(server.port, "api.meridian.test")
+                    answers = await page.evaluate("document.getElementById('answers').textContent")
+                    await _pause()
+                endpoint.status["gru"] = 503
+                failed = time.monotonic()
+                while (await _states(page, "pop")).get("gru") != "down":
+                    assert time.monotonic() - failed < 10
+                    await _pause()
+                print(f"\nPOP down on the GeoDNS page {(time.monotonic() - failed) * 1000:.0f} ms")
+                await page.screenshot(tmp_path / "geodns-status-page.png")
+                assert page.errors == []
+    finally:
+        endpoint.close()
+
+
+async def _states(page: Any, kind: str) -> dict[str, str]:
+    states: dict[str, str] = await page.evaluate(
+        f"Object.fromEntries([...document.querySelectorAll('[data-{kind}]')]"
+        f".map((r) => [r.dataset.{kind}, r.dataset.state]))"
+    )
+    return states
