@@ -228,7 +228,10 @@ class StatusBoard:
             self.availability.record(service, service_state(regions, self._region_up))
         self.availability.forget(services)
         owners = self._route_service()
-        for route, (seconds, count) in self._route_latency().items():
+        latencies = self._route_latency()
+        for gone in [route for route in self._last_latency if route not in latencies]:
+            del self._last_latency[gone]  # bounded by the routes that exist
+        for route, (seconds, count) in latencies.items():
             before = self._last_latency.get(route, (0.0, 0))
             self._last_latency[route] = (seconds, count)
             owner = owners.get(route)

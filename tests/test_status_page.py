@@ -152,6 +152,10 @@ def test_board_reads_request_stats_and_serves_the_public_document() -> None:
     assert public["state"] == "degraded"
     assert public["hour"]["uptime"] == 1.0
     assert public["hour"]["latency"] == pytest.approx((8 * 0.002 + 0.6) / 10)
+    # A route removed by a reload leaves no state behind.
+    stats._durations.clear()
+    board.sample()
+    assert board._last_latency == {}
 
 
 def test_health_timeline_records_transitions_and_region_rollups_bounded() -> None:
