@@ -14,6 +14,7 @@ from ipaddress import IPv4Network, IPv6Network
 from typing import NamedTuple
 
 from edge.cache import HitMemo, Prepared
+from edge.cache.policy import targeted_fields
 from edge.http1 import HOP_BY_HOP, Headers, head_budget, via_value
 from edge.memos import FILL_HEADERS, FIRST_SIGHTS, REQUEST_HEADS, ROUTES, BoundedMemo
 from edge.router import Router, RouteTarget, normalise_host
@@ -35,6 +36,9 @@ class EdgeState:
     request_id_name: str = ""
     #: Upstream response headers never passed on: hop-by-hop, framing, the edge's own.
     dropped_response_headers: frozenset[bytes] = frozenset()
+    #: The same plus the RFC 9213 fields addressed to this cache (``edge.cache.targets``), for
+    #: responses passed through uncached: those fields are the edge's, stored or not.
+    dropped_forwarded_headers: frozenset[bytes] = frozenset()
     #: ``Via`` value this POP adds to responses.
     via: bytes = b""
     #: Per-request limits and client deadlines, precomputed for the protocol's callbacks:
@@ -61,6 +65,13 @@ class EdgeState:
     @classmethod
     def build(cls, config: Config, pop: str, generation: int) -> EdgeState:
         edge = config.edge
+        dropped = HOP_BY_HOP | {
+            b"content-length",
+            b"x-cache",
+            b"x-meridian-region",
+            edge.request_id_header.lower().encode(),
+        }
+        targeted = targeted_fields(edge.cache.targets) if edge.cache.enabled else ()
         return cls(
             config=config,
             generation=generation,
@@ -70,13 +81,8 @@ class EdgeState:
             request_id_header=edge.request_id_header.lower().encode(),
             failure_statuses=frozenset(config.outlier.failure_statuses),
             request_id_name=edge.request_id_header.lower(),
-            dropped_response_headers=HOP_BY_HOP
-            | {
-                b"content-length",
-                b"x-cache",
-                b"x-meridian-region",
-                edge.request_id_header.lower().encode(),
-            },
+            dropped_response_headers=dropped,
+            dropped_forwarded_headers=dropped | frozenset(targeted),
             via=via_value("1.1", pop),
             head_budget=head_budget(edge.limits),
             deadlines=(

@@ -53,6 +53,11 @@ class ScriptedOrigin:
                 time.sleep(script.delay)
                 self._send(script.status, script.headers, script.body)
 
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                self.do_GET()
+
             def _send(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
                 self.send_response(status)
                 for name, value in headers:
@@ -163,6 +168,24 @@ def test_surrogate_control_alone_makes_a_response_cacheable(world):
     assert client.get("/t/surrogate")[1]["x-cache"] == "MISS"
     _, headers, _ = client.get("/t/surrogate")
     assert headers["x-cache"] == "HIT" and "surrogate-control" not in headers
+    assert len(script.seen) == 1
+
+
+def test_targeted_fields_are_removed_from_responses_passed_through(world):
+    edge, origin = world
+    script = origin.script(
+        "/t/pass",
+        [("Cache-Control", "max-age=60"), ("CDN-Cache-Control", "no-store"), ("X-Kept", "1")],
+        b"p",
+    )
+    status, headers, body = http_request(edge.port, "POST", "/t/pass", body=b"{}")
+    assert (status, body, headers["x-kept"], headers["cache-control"]) == (
+        200,
+        b"p",
+        "1",
+        "max-age=60",
+    )
+    assert "cdn-cache-control" not in headers
     assert len(script.seen) == 1
 
 

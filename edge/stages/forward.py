@@ -100,7 +100,7 @@ def from_upstream(
     request, state = exchange.request, exchange.state
     headers = rewrite_response_headers(
         response.raw_headers,
-        dropped=state.dropped_response_headers,
+        dropped=state.dropped_forwarded_headers,
         via=state.via,
         region=attempt.region,
     )
