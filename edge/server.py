@@ -183,6 +183,34 @@ class EdgeWorker:
         )
         doors = FrontDoors(connections, registry, tls=tls)
 
+        def services() -> dict[str, list[str]]:
+            out: dict[str, list[str]] = {}
+            for target in pipeline.state.router.targets:
+                regions = out.setdefault(target.service.name, [])
+                regions.extend(r for r in target.regions if r not in regions)
+            return out
+
+        board = StatusBoard(
+            time.time,
+            traffic=lambda: metrics.request_stats.traffic(time.time(), metrics.error_counts()),
+            services=services,
+            region_up=lambda name: health.snapshot.region_up(name),
+            route_latency=metrics.request_stats.route_latency,
+            route_service=lambda: {
+                t.route.name: t.service.name for t in pipeline.state.router.targets
+            },
+        )
+
+        scaling = ScalingSignals(
+            clock=time.monotonic,
+            limits=read_limits(),
+            # Requests accepted and not answered yet (a WebSocket tunnel is no request).
+            queue_depth=lambda: connections.busy - len(connections.tunnels),
+            p99=lambda: board.window.summary()["p99"],
+            latency_target=lambda: pipeline.state.config.edge.latency_target,
+        )
+        registry.register(scaling)
+
         def short_status() -> dict[str, Any]:
             return {
                 "worker": self.worker,
@@ -191,6 +219,8 @@ class EdgeWorker:
                 "in_flight": connections.busy,
                 "generation": pipeline.state.generation,
                 "cache": {"entries": len(cache.store), "bytes": cache.store.bytes},
+                "traffic": board.window.summary(),
+                "scaling": scaling.status(),
             }
 
         # --workers N: this worker's private admin socket, bound before it serves a client
@@ -248,34 +278,6 @@ class EdgeWorker:
         def region_ready() -> bool:
             snapshot = health.snapshot
             return any(snapshot.region_up(r.name) for r in pipeline.state.config.regions)
-
-        def services() -> dict[str, list[str]]:
-            out: dict[str, list[str]] = {}
-            for target in pipeline.state.router.targets:
-                regions = out.setdefault(target.service.name, [])
-                regions.extend(r for r in target.regions if r not in regions)
-            return out
-
-        board = StatusBoard(
-            time.time,
-            traffic=lambda: metrics.request_stats.traffic(time.time(), metrics.error_counts()),
-            services=services,
-            region_up=lambda name: health.snapshot.region_up(name),
-            route_latency=metrics.request_stats.route_latency,
-            route_service=lambda: {
-                t.route.name: t.service.name for t in pipeline.state.router.targets
-            },
-        )
-
-        scaling = ScalingSignals(
-            clock=time.monotonic,
-            limits=read_limits(),
-            # Requests accepted and not answered yet (a WebSocket tunnel is no request).
-            queue_depth=lambda: connections.busy - len(connections.tunnels),
-            p99=lambda: board.window.summary()["p99"],
-            latency_target=lambda: pipeline.state.config.edge.latency_target,
-        )
-        registry.register(scaling)
 
         def status() -> dict[str, Any]:
             return {

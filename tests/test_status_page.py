@@ -368,3 +368,37 @@ async def _states(page: Any, kind: str) -> dict[str, str]:
         f".map((r) => [r.dataset.{kind}, r.dataset.state]))"
     )
     return states
+
+
+@needs_chromium
+async def test_with_workers_the_page_adds_up_requests_and_lists_each_worker(
+    tmp_path: Path,
+) -> None:
+    with processes() as procs:
+        origin = Origin("eu-central", tmp_path)
+        procs.append(origin)
+        origin.ready()
+        config = write_config(
+            tmp_path / "edge.yaml", {"eu-central": region(*LOCATIONS["eu-central"], [origin.url])}
+        )
+        edge = Edge(config, "fra", tmp_path, workers=2)
+        procs.append(edge)
+        edge.ready()
+        poll_until(lambda: edge.status().get("workers", {}).get("1", {}).get("up"))
+        async with browser_page(tmp_path) as page:
+            await page.navigate(f"http://127.0.0.1:{edge.admin_port}/")
+            deadline = time.monotonic() + 15
+            rows = 0
+            rps = 0.0
+            while rows != 2 or rps <= 0:
+                assert time.monotonic() < deadline, (rows, rps)
+                # Fresh connections: the kernel spreads them over both workers.
+                for _ in range(10):
+                    http_request(edge.port, "GET", "/api/v1/ticker/BTC-USD")
+                await _pause()
+                rows = await page.evaluate("document.querySelectorAll('#workers tr').length - 1")
+                rps = float(await page.evaluate("document.getElementById('rps').textContent"))
+            sibling = edge.status()["workers"]["1"]
+            assert "requests_per_second" in sibling["traffic"]
+            assert "scale_hint" in sibling["scaling"]
+            assert page.errors == []
