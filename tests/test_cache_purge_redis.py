@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from edge.cache import HttpCache
+from edge.cache import HttpCache, LookupKind
 from edge.cache.purge_queue import PurgeBacklog
 from edge.cache.redis_l2 import CircuitBreaker, RedisL2
 from edge.cache.testing import FakeClock, RedisServer
@@ -138,3 +138,26 @@ async def test_a_pending_purge_keeps_the_l2_copy_out_after_the_race_window(
     finally:
         server.resume()
         await pop.close()
+
+
+async def test_a_soft_purge_marks_the_other_instance_stale_and_leaves_l2_unread(
+    pop: Pop, server: RedisServer
+) -> None:
+    a, b = pop.caches
+    pop.origin.body = b"old"
+    await _spread(pop, SYMBOLS)
+    pop.origin.body = b"new"
+    calls = pop.origin.calls
+    result = await a.purge_url(SYMBOLS_URL, soft=True)
+    assert (result.local, result.shared, result.propagated) == (1, 0, True)
+
+    def stale_in_b() -> bool:
+        found = b.lookup(b"GET", b"https", b"api.example", SYMBOLS, [(b"host", b"api.example")])
+        return found.kind is LookupKind.REVALIDATE
+
+    await until(stale_in_b, within=5.0)
+    assert len(b.store) == 1  # marked stale, not removed
+    assert raw(server).keys(b"meridian:cache:e:*") != []  # L2 keeps its copy...
+    pop.clock.advance(0.01)
+    assert (await pop.request(b, SYMBOLS))[1] == b"new"  # ...but b does not take it for fresh
+    assert pop.origin.calls == calls + 1

@@ -177,6 +177,7 @@ def test_merged_exposition_keeps_each_family_once():
 
 def test_purge_targets_round_trip_any_bytes():
     targets = [("primary", bytes(range(256))), ("tag", "btc€".encode()), ("path_prefix", b"/a")]
+    targets.append(("soft_tag", b"btc"))  # a soft purge reaches the siblings too
     assert decode_targets(encode_targets(targets)) == targets
     for bad in (b"[]", b'{"targets": [["nope", "x"]]}', b'{"targets": [["tag"]]}', b"{"):
         with pytest.raises(ValueError):

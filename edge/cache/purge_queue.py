@@ -44,7 +44,9 @@ def path_of(url: bytes) -> bytes | None:
 
 
 def matches(kind: str, value: bytes, primary: bytes, url: bytes, tags: tuple[str, ...]) -> bool:
-    """Whether a purge (``kind``, ``value``) covers an entry with this key, URL and tags."""
+    """Whether a purge (``kind``, ``value``) covers an entry with this key, URL and tags.  A soft
+    purge covers the same entries (an L2 copy from before it must not be taken for fresh)."""
+    kind = kind.removeprefix("soft_")
     if kind == "primary":
         return primary == value
     if kind == "url_prefix":

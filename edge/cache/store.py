@@ -24,12 +24,10 @@ from collections.abc import Callable, Iterable
 from .entry import Entry
 from .key import VARIANT_SEPARATOR, Negotiator, negotiate_coding, vary_key
 from .policy import Headers
+from .purge_queue import path_of
 
-
-def url_path(url: bytes) -> bytes | None:
-    """The path (and query) of a stored URL ``scheme://host/path?q``; None without one."""
-    start = url.find(b"/", url.find(b"://") + 3)
-    return None if start == -1 else url[start:]
+#: The path (and query) of a stored URL ``scheme://host/path?q``; None without one.
+url_path = path_of
 
 
 class _Node:
