@@ -225,6 +225,26 @@ async def test_a_304_sets_its_cookie_where_the_rule_stores_cookies_and_keeps_the
     assert headers[b"content-md5"] == b"rL0Y20zC+Fzt72VPzMSk2A=="  # a digest of the kept body
 
 
+async def test_a_304_cookie_reaches_only_the_client_that_triggered_it_elsewhere() -> None:
+    clock = FakeClock()
+    cache, origin = make_cache(clock), Origin(clock)  # /api/v1/symbols: cookies not stored
+    origin.answer(200, [(b"cache-control", b"max-age=5"), (b"etag", b'"v1"')], b"s")
+    await request(cache, origin, b"/api/v1/symbols")
+    clock.advance(6)
+    origin.answer(304, [(b"etag", b'"v1"'), (b"set-cookie", b"sid=1"), (b"set-cookie", b"t=2")])
+    origin.gate = asyncio.Event()
+    leader = asyncio.ensure_future(request(cache, origin, b"/api/v1/symbols"))
+    waiter = asyncio.ensure_future(request(cache, origin, b"/api/v1/symbols"))
+    await asyncio.sleep(0)
+    origin.gate.set()
+    (how, wire), (_, waited) = await leader, await waiter
+    assert how == "REVALIDATED" and len(origin.calls) == 2
+    assert wire.count(b"set-cookie: ") == 2 and b"set-cookie: sid=1\r\n" in wire
+    assert b"set-cookie" not in waited  # a coalesced request never gets another's cookie
+    found = get(cache, b"/api/v1/symbols")
+    assert found.kind is LookupKind.HIT and b"set-cookie" not in found.wire
+
+
 async def test_a_must_understand_response_of_an_unknown_status_is_not_stored() -> None:
     clock = FakeClock()
     cache, origin = make_cache(clock), Origin(clock)

@@ -336,6 +336,9 @@ class _Outcome(NamedTuple):
     x_cache: bytes
     #: Where the answer came from, for the metrics: l1, l2, origin or stale.
     source: str
+    #: Header lines for the request that led the fill only: a 304's Set-Cookie where the rule
+    #: does not store cookies (the client that triggered the revalidation still gets its own).
+    leader_lines: bytes = b""
 
 
 _FROM_L1, _FROM_L2, _FROM_ORIGIN, _FROM_STALE = "l1", "l2", "origin", "stale"
@@ -898,7 +901,7 @@ class HttpCache:
             entry = outcome.entry
             if role is not Role.WAITER or entry is None:
                 self._count(outcome)
-                return self._deliver(outcome, request, extra)
+                return self._deliver(outcome, request, extra + outcome.leader_lines)
             if self._usable_by(entry, request):
                 if outcome.source == _FROM_STALE:
                     self.metrics.count_stale(STALE_IF_ERROR)
@@ -910,7 +913,7 @@ class HttpCache:
             # Authorization.  After two rounds, fetch alone.
         outcome, _ = await self._fill_once(lookup, fetch)
         self._count(outcome)
-        return self._deliver(outcome, request, extra)
+        return self._deliver(outcome, request, extra + outcome.leader_lines)
 
     def _count(self, outcome: _Outcome) -> None:
         """Metrics for a request answered by a fill (background refreshes are not counted)."""
@@ -1198,7 +1201,14 @@ class HttpCache:
                 auth_ok=shareable_with_authorization(meta.cc),
             )
         )
-        outcome = _Outcome(refreshed, None, X_CACHE_REVALIDATED, _FROM_ORIGIN)
+        cookies = b""
+        if not rule.store_set_cookie:
+            cookies = b"".join(
+                b"set-cookie: " + value + b"\r\n"
+                for name, value in update.headers
+                if name == b"set-cookie"
+            )
+        outcome = _Outcome(refreshed, None, X_CACHE_REVALIDATED, _FROM_ORIGIN, cookies)
         reason = uncacheable_reason(
             b"GET", old.status, request.cc, request.authorized, meta, rule, request.cookie
         )
