@@ -1,7 +1,9 @@
 """What the status pages show beyond ``/status``: traffic over a sliding window and per-service
 availability over the last hour and day.  Pure numbers on an injected clock; the edge samples
-them every ``SAMPLE_EVERY`` seconds (and on each ``/status``), so memory is bounded by
-``TrafficWindow.keep`` samples and ``Availability``'s one bucket per minute for a day.
+them on a timer every ``SAMPLE_EVERY`` seconds (never on a request: many open pages must not
+shorten the window), so memory is bounded by ``TrafficWindow.keep`` samples and
+``Availability``'s one bucket per minute for a day, per service.  Both live in memory: a restart
+starts the uptime history again.
 """
 
 from __future__ import annotations
