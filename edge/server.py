@@ -51,7 +51,7 @@ from edge.tls import TlsContexts, TlsStats
 from edge.transcode import CompressionStats, Transcoder
 from edge.upstream import UpstreamMetrics, UpstreamPool
 from edge.workers import WorkerApi, WorkerPeers, WorkerSockets
-from meridian.config import Config, ConfigError, HostPort
+from meridian.config import Config, ConfigError, EdgeTls, HostPort
 from meridian.health import HealthMonitor
 from meridian.lifecycle import ConfigHolder, Lifecycle
 from meridian.log import get_logger
@@ -88,6 +88,61 @@ def _bind(address: HostPort) -> socket.socket:
     sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
+
+
+async def _tls_listeners(
+    doors: FrontDoors,
+    tls: TlsContexts,
+    tls_config: EdgeTls,
+    tls_sock: socket.socket | None,
+    config: Config,
+    worker: int,
+) -> tuple[asyncio.Server, list[asyncio.Server]]:
+    """The TLS listener (on the socket the supervisor bound, else its own), and the plaintext
+    one that redirects to it when ``edge.tls.redirect`` is set."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        doors.tls_factory,
+        sock=tls_sock if tls_sock is not None else _bind(tls_config.listen),
+        ssl=tls.listening,
+        ssl_handshake_timeout=config.edge.timeouts.client_header,
+    )
+    bound = server.sockets[0].getsockname()
+    extra: list[asyncio.Server] = []
+    if tls_config.redirect is not None:
+        https_port, timeouts = bound[1], config.edge.timeouts
+        extra.append(
+            await loop.create_server(
+                lambda: RedirectProtocol(
+                    https_port, head_budget(config.edge.limits), timeouts.client_header
+                ),
+                tls_config.redirect.host,
+                tls_config.redirect.port,
+                reuse_port=True,  # every worker binds it; the kernel spreads connections
+            )
+        )
+    log.info("edge_tls_listening", addr=f"{bound[0]}:{bound[1]}", worker=worker)
+    return server, extra
+
+
+def _status_board(pipeline: Pipeline, metrics: EdgeMetrics, health: HealthMonitor) -> StatusBoard:
+    """The status page's board over this worker's traffic, services and health."""
+
+    def services() -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for target in pipeline.state.router.targets:
+            regions = out.setdefault(target.service.name, [])
+            regions.extend(r for r in target.regions if r not in regions)
+        return out
+
+    return StatusBoard(
+        time.time,
+        traffic=lambda: metrics.request_stats.traffic(time.time(), metrics.error_counts()),
+        services=services,
+        region_up=lambda name: health.snapshot.region_up(name),
+        route_latency=metrics.request_stats.route_latency,
+        route_service=lambda: {t.route.name: t.service.name for t in pipeline.state.router.targets},
+    )
 
 
 class EdgeWorker:
@@ -183,23 +238,7 @@ class EdgeWorker:
         )
         doors = FrontDoors(connections, registry, tls=tls)
 
-        def services() -> dict[str, list[str]]:
-            out: dict[str, list[str]] = {}
-            for target in pipeline.state.router.targets:
-                regions = out.setdefault(target.service.name, [])
-                regions.extend(r for r in target.regions if r not in regions)
-            return out
-
-        board = StatusBoard(
-            time.time,
-            traffic=lambda: metrics.request_stats.traffic(time.time(), metrics.error_counts()),
-            services=services,
-            region_up=lambda name: health.snapshot.region_up(name),
-            route_latency=metrics.request_stats.route_latency,
-            route_service=lambda: {
-                t.route.name: t.service.name for t in pipeline.state.router.targets
-            },
-        )
+        board = _status_board(pipeline, metrics, health)
 
         scaling = ScalingSignals(
             clock=time.monotonic,
@@ -251,26 +290,8 @@ class EdgeWorker:
         tls_server: asyncio.Server | None = None
         extra_servers: list[asyncio.Server] = []
         if tls is not None and tls_config is not None:
-            tls_server = await loop.create_server(
-                doors.tls_factory,
-                sock=tls_sock if tls_sock is not None else _bind(tls_config.listen),
-                ssl=tls.listening,
-                ssl_handshake_timeout=config.edge.timeouts.client_header,
-            )
-            tls_bound = tls_server.sockets[0].getsockname()
-            if tls_config.redirect is not None:
-                https_port, timeouts = tls_bound[1], config.edge.timeouts
-                redirects = await loop.create_server(
-                    lambda: RedirectProtocol(
-                        https_port, head_budget(config.edge.limits), timeouts.client_header
-                    ),
-                    tls_config.redirect.host,
-                    tls_config.redirect.port,
-                    reuse_port=True,  # every worker binds it; the kernel spreads connections
-                )
-                extra_servers.append(redirects)
-            log.info(
-                "edge_tls_listening", addr=f"{tls_bound[0]}:{tls_bound[1]}", worker=self.worker
+            tls_server, extra_servers = await _tls_listeners(
+                doors, tls, tls_config, tls_sock, config, self.worker
             )
         connections.start()
         doors.start()
