@@ -15,13 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator
 from typing import Final, Protocol
 
 import h2.connection
 import h2.errors
 import h2.exceptions
 
+from edge.bodyqueue import BodyQueue
 from edge.http1 import BodyFraming, BodyKind, Headers, RequestRejected
 from edge.pipeline import ProxyRequest
 
@@ -105,44 +105,19 @@ def _dechunk(data: bytes) -> bytes:
 # Request body
 
 
-class H2Body:
+class H2Body(BodyQueue):
     """A request body from DATA frames, handed to the forward stage as it arrives; its bytes
     are acknowledged to the peer (window reopened) only once consumed."""
 
-    __slots__ = ("_chunks", "_conn", "_done", "_error", "_waiter", "received", "stream_id")
+    __slots__ = ("_conn", "stream_id")
 
     def __init__(self, table: StreamTable, stream_id: int) -> None:
+        super().__init__()
         self._conn = table
         self.stream_id = stream_id
-        self._chunks: deque[tuple[bytes, int]] = deque()
-        self._done = False
-        self._error: RequestRejected | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self.received = 0
-
-    @property
-    def complete(self) -> bool:
-        return self._done
-
-    @property
-    def error(self) -> RequestRejected | None:
-        return self._error
 
     def feed(self, data: bytes, flow_length: int) -> None:
-        self.received += len(data)
-        self._chunks.append((data, flow_length))
-        self._wake()
-
-    def finish(self) -> None:
-        self._done = True
-        self._wake()
-
-    def fail(self, error: RequestRejected) -> None:
-        if self._done:
-            return
-        self._error = error
-        self._done = True
-        self._wake()
+        self._put(data, flow_length)
 
     def unconsumed(self) -> int:
         """Flow-controlled bytes received and never consumed (released when the stream ends)."""
@@ -150,29 +125,8 @@ class H2Body:
         self._chunks.clear()
         return total
 
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[bytes]:
-        while True:
-            if self._chunks:
-                chunk, length = self._chunks.popleft()
-                self._conn.consumed(self.stream_id, length)
-                if chunk:
-                    yield chunk
-                continue
-            if self._error is not None:
-                raise self._error
-            if self._done:
-                return
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
-            self._waiter = None
+    def _taken(self, credit: int) -> None:
+        self._conn.consumed(self.stream_id, credit)
 
 
 # --------------------------------------------------------------------------------------------

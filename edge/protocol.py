@@ -33,12 +33,13 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
 from edge.accesslog import protocol_fields
+from edge.bodyqueue import BodyQueue
 from edge.cache import Lookup
 from edge.connlimit import UNCOUNTED, ClientConnections, ClientConnectionStats
 from edge.fasthead import MeaningKey, parse_simple_head
@@ -126,86 +127,32 @@ def seen_before(first_sights: BoundedMemo[int, None], data: bytes) -> bool:
     return False
 
 
-class StreamedBody:
-    """A request body passed from the parser to the upstream request, never buffered whole."""
+class StreamedBody(BodyQueue):
+    """A request body passed from the parser to the upstream request, never buffered whole:
+    the connection stops reading above ``BODY_HIGH_WATER`` bytes queued, and reads again once
+    half of that is taken."""
 
-    __slots__ = (
-        "_chunks",
-        "_done",
-        "_error",
-        "_on_pause",
-        "_on_resume",
-        "_paused",
-        "_size",
-        "_waiter",
-        "received",
-    )
+    __slots__ = ("_on_pause", "_on_resume", "_paused", "_size")
 
     def __init__(self, on_pause: Callable[[], None], on_resume: Callable[[], None]) -> None:
-        self._chunks: deque[bytes] = deque()
+        super().__init__()
         self._size = 0
-        self._done = False
-        self._error: RequestRejected | None = None
-        self._waiter: asyncio.Future[None] | None = None
         self._on_pause = on_pause
         self._on_resume = on_resume
         self._paused = False
-        #: Bytes received so far (for the body size limit).
-        self.received = 0
-
-    @property
-    def complete(self) -> bool:
-        return self._done
-
-    @property
-    def error(self) -> RequestRejected | None:
-        return self._error
 
     def feed(self, data: bytes) -> None:
-        self.received += len(data)
-        self._chunks.append(data)
         self._size += len(data)
         if self._size > BODY_HIGH_WATER and not self._paused:
             self._paused = True
             self._on_pause()
-        self._wake()
+        self._put(data, len(data))
 
-    def finish(self) -> None:
-        self._done = True
-        self._wake()
-
-    def fail(self, error: RequestRejected) -> None:
-        if self._done:
-            return
-        self._error = error
-        self._done = True
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[bytes]:
-        while True:
-            if self._chunks:
-                chunk = self._chunks.popleft()
-                self._size -= len(chunk)
-                if self._paused and self._size <= BODY_HIGH_WATER // 2:
-                    self._paused = False
-                    self._on_resume()
-                yield chunk
-                continue
-            if self._error is not None:
-                raise self._error
-            if self._done:
-                return
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
-            self._waiter = None
+    def _taken(self, credit: int) -> None:
+        self._size -= credit
+        if self._paused and self._size <= BODY_HIGH_WATER // 2:
+            self._paused = False
+            self._on_resume()
 
 
 class Exchange:
