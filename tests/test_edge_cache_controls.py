@@ -31,6 +31,8 @@ class Script:
     seen: list[dict[str, str]] = field(default_factory=list)
     #: Seconds the origin takes to answer (keeps a refresh in flight).
     delay: float = 0.0
+    #: Headers of the 304 answering a conditional request (None: conditionals get the 200).
+    not_modified: list[tuple[str, str]] | None = None
 
 
 class ScriptedOrigin:
@@ -51,6 +53,9 @@ class ScriptedOrigin:
                     return
                 script.seen.append({k.lower(): v for k, v in self.headers.items()})
                 time.sleep(script.delay)
+                if script.not_modified is not None and "If-None-Match" in self.headers:
+                    self._send(304, script.not_modified, b"")
+                    return
                 self._send(script.status, script.headers, script.body)
 
             def do_POST(self) -> None:
@@ -62,7 +67,8 @@ class ScriptedOrigin:
                 self.send_response(status)
                 for name, value in headers:
                     self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
+                if status != 304:
+                    self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -104,6 +110,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Edge, Scri
                     "memory": 1 << 22,
                     "targets": ["meridian", "cdn", "surrogate"],
                     "purge_token": TOKEN,
+                    "rules": [{"path_prefix": "/rfc/keep-cookie/", "store_set_cookie": True}],
                 },
                 "compression": {"enabled": False},
             },
@@ -198,6 +205,85 @@ def test_an_invalid_targeted_field_falls_back_to_cache_control(world):
     for _ in range(2):
         assert client.get("/t/invalid")[1]["x-cache"] == "MISS"
     assert len(script.seen) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# RFC 9111 details (item 4)
+
+
+def test_must_understand_stores_understood_statuses_despite_no_store(world):
+    edge, origin = world
+    cc = [("Cache-Control", "must-understand, no-store, max-age=60")]
+    understood = origin.script("/rfc/mu/200", cc, b"ok")
+    unknown = origin.script("/rfc/mu/299", cc, b"odd", status=299)
+    client = Client(edge.port)
+    assert [client.get("/rfc/mu/200")[1]["x-cache"] for _ in range(2)] == ["MISS", "HIT"]
+    assert [client.get("/rfc/mu/299")[1]["x-cache"] for _ in range(2)] == ["MISS", "MISS"]
+    assert (len(understood.seen), len(unknown.seen)) == (1, 2)
+
+
+def test_an_age_list_counts_its_first_member(world):
+    edge, origin = world
+    origin.script("/rfc/age", [("Cache-Control", "max-age=600"), ("Age", "10, 500")], b"a")
+    client = Client(edge.port)
+    client.get("/rfc/age")
+    _, headers, _ = client.get("/rfc/age")
+    assert headers["x-cache"] == "HIT"
+    assert 10 <= int(headers["age"]) < 20  # 10 plus the time resident, not 500
+
+
+def _validated(origin: ScriptedOrigin, path: str, not_modified: list[tuple[str, str]]) -> Script:
+    """Stored stale at once (max-age=0, with a validator): the next request revalidates."""
+    script = origin.script(
+        path,
+        [
+            ("Cache-Control", "max-age=0"),
+            ("ETag", '"v1"'),
+            ("Content-MD5", "rL0Y20zC+Fzt72VPzMSk2A=="),
+            ("X-Version", "1"),
+        ],
+        b"body",
+    )
+    script.not_modified = not_modified
+    return script
+
+
+def test_a_304_updates_the_stored_fields_but_not_content_md5(world):
+    edge, origin = world
+    script = _validated(
+        origin,
+        "/rfc/304",
+        [
+            ("Cache-Control", "max-age=60"),
+            ("ETag", '"v1"'),
+            ("Content-MD5", "N7UdGUp1E+RbVvZSTy1R8g=="),
+            ("X-Version", "2"),
+        ],
+    )
+    client = Client(edge.port)
+    assert client.get("/rfc/304")[1]["x-cache"] == "MISS"
+    for expected in ("REVALIDATED", "HIT"):
+        status, headers, body = client.get("/rfc/304")
+        assert (status, headers["x-cache"], body) == (200, expected, b"body")
+        assert headers["x-version"] == "2"  # updated by the 304
+        assert headers["content-md5"] == "rL0Y20zC+Fzt72VPzMSk2A=="  # a digest of the kept body
+    assert len(script.seen) == 2 and script.seen[1]["if-none-match"] == '"v1"'
+
+
+@pytest.mark.parametrize(
+    ("path", "stored"), [("/rfc/drop-cookie/x", False), ("/rfc/keep-cookie/x", True)]
+)
+def test_a_set_cookie_from_a_304_reaches_the_client_that_revalidated(world, path, stored):
+    edge, origin = world
+    _validated(origin, path, [("Cache-Control", "max-age=60"), ("Set-Cookie", "session=abc")])
+    client = Client(edge.port)
+    assert client.get(path)[1]["x-cache"] == "MISS"
+    _, headers, _ = client.get(path)
+    assert (headers["x-cache"], headers.get("set-cookie")) == ("REVALIDATED", "session=abc")
+    # Later hits carry it only where the rule stores Set-Cookie with the response.
+    _, headers, _ = client.get(path)
+    assert headers["x-cache"] == "HIT"
+    assert headers.get("set-cookie") == ("session=abc" if stored else None)
 
 
 # --------------------------------------------------------------------------------------------
