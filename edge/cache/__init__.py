@@ -1256,10 +1256,12 @@ class HttpCache:
         if not self.enabled:
             return 0
         key = self.keys.build(scheme, host, target)
-        targets = invalidation_targets(method, status, key.url.decode("latin-1"), response_headers)
+        own_url = key.url.decode("latin-1")
+        targets = invalidation_targets(method, status, own_url, response_headers)
         removed = 0
         for url in targets:
-            primary = self.keys.from_url(url).primary
+            # The request's own URL is keyed already: only Location targets are parsed again.
+            primary = key.primary if url == own_url else self.keys.from_url(url).primary
             removed += self._apply_purge("primary", primary)
             if self.l2 is not None:
                 self._spawn(self._propagate("primary", primary, self.clock()))
