@@ -1,6 +1,7 @@
 """The edge's HTTP/1.1 cache-hit path in one process: CPU per request, without sockets.
 
     python -m benchmarks.hitpath [--requests 200000] [--keys 100000] [--rounds 3] [--rate-limit]
+    python -m benchmarks.hitpath --memory [--keys 100000]
 
 The real front end (``edge.protocol.EdgeConnection``) and pipeline, fed request bytes through
 ``data_received`` on a fake transport (``tests.stage_support``: a scripted upstream fills the
@@ -15,6 +16,10 @@ Scenarios, as in
 * varied   - one ticker, with User-Agent, Cookie and X-Request-Id new on every request;
 * spread   - ``--keys`` distinct keys picked at random, headers varied as above.
 
+``--memory``: memory per cached 2 KB ticker instead of CPU.  RSS (from /proc) before the fill,
+after filling ``--keys`` keys (``gc.collect`` first), and after one hit on each key; growth per
+key beside the cache's own count of the bytes it holds.
+
 Prints CPU µs per request (``time.process_time``: this process only, so other work on the
 machine moves it little) per round and the best round.  What it leaves out: the kernel's socket
 work and the event loop's dispatch, which ``benchmarks.compare`` measures end to end.
@@ -24,10 +29,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import random
+import resource
 import time
 from collections.abc import Callable, Iterator
 
+from edge.cache.testing import FakeClock
 from edge.protocol import Connections, EdgeConnection
 from edge.server import _settle_garbage_collector as settle_garbage_collector
 from tests.stage_support import FakeTransport, Reply, make_config, world
@@ -86,23 +94,7 @@ async def measure(
     connection: EdgeConnection = connections.factory()
     connection.connection_made(transport)
 
-    async def fill(count: int) -> None:
-        for key in range(count):
-            pipeline_clock.advance(0.0001)
-            before = transport.writes
-            connection.data_received(
-                b"GET /api/v1/ticker/K%d HTTP/1.1\r\nHost: example.test\r\n" % key
-                + BROWSER
-                + b"\r\n"
-            )
-            for _ in range(1000):
-                if transport.writes > before:
-                    break
-                await asyncio.sleep(0)
-            else:
-                raise RuntimeError(f"key {key} was not answered")
-
-    await fill(max(keys, 1))
+    await fill_keys(connection, transport, pipeline_clock, max(keys, 1))
     # The collector as an edge worker sets it (``edge.server``): heap frozen once set up,
     # young generation every GC_THRESHOLDS[0] net allocations.
     settle_garbage_collector()
@@ -140,6 +132,78 @@ async def measure(
     return figures
 
 
+async def fill_keys(
+    connection: EdgeConnection, transport: FakeTransport, clock: FakeClock, count: int
+) -> None:
+    """One miss (a fill from the scripted upstream) for each of ``count`` ticker keys."""
+    for key in range(count):
+        clock.advance(0.0001)
+        before = transport.writes
+        connection.data_received(
+            b"GET /api/v1/ticker/K%d HTTP/1.1\r\nHost: example.test\r\n" % key + BROWSER + b"\r\n"
+        )
+        for _ in range(1000):
+            if transport.writes > before:
+                break
+            await asyncio.sleep(0)
+        else:
+            raise RuntimeError(f"key {key} was not answered")
+
+
+class _Forgetful(list):  # type: ignore[type-arg]
+    """A list that keeps nothing appended to it."""
+
+    def append(self, item: object) -> None:
+        pass
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+async def memory_per_key(keys: int) -> dict[str, float]:
+    """KB of RSS per cached ticker once filled and once each key was hit (module docstring)."""
+    config = make_config(cache={"memory": "4GiB"})
+    # Two chunks, so that each fill joins a body of its own, as a real origin's would be.
+    half = len(BODY) // 2
+    w = world(
+        {"http://u1": [Reply(headers=HEADERS, chunks=(BODY[:half], BODY[half:]))]}, config=config
+    )
+    w.pipeline.access_log.configure(False)
+    # The scripted upstream and health record every call for tests' assertions: not here.
+    w.upstream.sent = w.upstream.responses = w.health.reports = _Forgetful()
+    connections = Connections(w.pipeline, asyncio.get_running_loop())
+    transport = FakeTransport(keep=False)
+    connection: EdgeConnection = connections.factory()
+    connection.connection_made(transport)
+    await fill_keys(connection, transport, w.clock, 1)  # the one-off allocations of a first fill
+    gc.collect()
+    start = rss_bytes()
+    await fill_keys(connection, transport, w.clock, keys)
+    gc.collect()
+    filled = rss_bytes()
+    cache = w.pipeline.cache
+    counted = cache.store.bytes / max(len(cache.store), 1) if cache is not None else 0.0
+    before = transport.writes
+    for key in range(keys):
+        w.cache_clock.advance(0.0001)
+        w.clock.advance(0.0001)
+        connection.data_received(
+            b"GET /api/v1/ticker/K%d HTTP/1.1\r\nHost: example.test\r\n" % key + BROWSER + b"\r\n"
+        )
+    if transport.writes - before != keys:
+        raise RuntimeError("not every key was a hit")
+    gc.collect()
+    hit = rss_bytes()
+    connection.connection_lost(None)
+    return {
+        "filled_kb": (filled - start) / keys / 1024,
+        "hit_kb": (hit - start) / keys / 1024,
+        "counted_kb": counted / 1024,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200_000)
@@ -153,7 +217,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="a rate limit on every route, per client, never reached (the check's cost)",
     )
+    parser.add_argument(
+        "--memory", action="store_true", help="memory per cached ticker instead of CPU"
+    )
     args = parser.parse_args(argv)
+    if args.memory:
+        kb = asyncio.run(memory_per_key(args.keys))
+        print(
+            f"memory per cached 2 KB ticker at {args.keys:,} keys (RSS growth / keys): "
+            f"{kb['filled_kb']:.2f} KB filled, {kb['hit_kb']:.2f} KB once each key was hit; "
+            f"the cache's own count {kb['counted_kb']:.2f} KB"
+        )
+        return 0
     figures = asyncio.run(
         measure(args.requests, args.keys, args.rounds, args.access_log, rate_limit=args.rate_limit)
     )

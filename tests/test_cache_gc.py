@@ -3,13 +3,14 @@ edge's freezing of the heap as the cache grows (``edge.server.FreezeCacheGrowth`
 
 from __future__ import annotations
 
+import functools
 import gc
 from collections.abc import Iterator
 
 import pytest
 
 from edge import server
-from edge.cache.entry import GROWN_OBJECT_OVERHEAD
+from edge.cache.entry import BYTES_OVERHEAD, Entry
 from edge.cache.store import MemoryStore
 from tests.test_cache_store import NOW, make_entry
 
@@ -27,18 +28,25 @@ def collector_off() -> Iterator[None]:
             gc.enable()
 
 
-def test_a_hit_allocates_nothing_the_collector_tracks() -> None:
+def _untracked(entry: Entry) -> bool:
+    """The entry's cached response forms hold nothing the collector walks."""
+    return entry._wire is None or not gc.is_tracked(entry._wire)
+
+
+@pytest.mark.parametrize("head_only", [False, True])  # slot 0 has attributes, others a dict
+def test_a_hit_allocates_nothing_the_collector_tracks(head_only: bool) -> None:
     entry = make_entry(body=b"x" * 2000)
-    entry.wire("identity", NOW + 1)  # asked once: noted, not kept
-    assert not gc.is_tracked(entry._wire)
-    first = entry.wire("identity", NOW + 1.2)
-    assert entry.wire("identity", NOW + 1.5) is first  # same Age: the same bytes
-    assert not gc.is_tracked(entry._wire)  # ints and bytes only
-    entry.wire("identity", NOW + 2)
-    later = entry.wire("identity", NOW + 2.1)
+    wire = functools.partial(entry.wire, head_only=head_only)
+    wire("identity", NOW + 1)  # asked once: noted, not kept
+    assert _untracked(entry)
+    first = wire("identity", NOW + 1.2)
+    assert wire("identity", NOW + 1.5) is first  # same Age: the same bytes
+    assert _untracked(entry)  # ints and bytes only
+    wire("identity", NOW + 2)
+    later = wire("identity", NOW + 2.1)
     assert later is not first and b"\r\nage: 2\r\n" in later
-    assert entry.wire("identity", NOW + 2) is later
-    assert not gc.is_tracked(entry._wire)
+    assert wire("identity", NOW + 2) is later
+    assert _untracked(entry)
 
 
 def test_wire_cache_accounts_bytes_of_the_replaced_response() -> None:
@@ -50,7 +58,7 @@ def test_wire_cache_accounts_bytes_of_the_replaced_response() -> None:
     after_one = store.bytes
     assert after_one == entry.size
     entry.wire("identity", NOW + 12)  # a new Age second, asked once: the old bytes go
-    assert store.bytes == entry.size == after_one - len(one) - GROWN_OBJECT_OVERHEAD
+    assert store.bytes == entry.size == after_one - len(one) - BYTES_OVERHEAD
     two = entry.wire("identity", NOW + 12)  # "age: 12" is one byte longer than "age: 1"
     assert store.bytes == entry.size == after_one + len(two) - len(one)
 

@@ -595,6 +595,8 @@ class HttpCache:
         #: One copy of each stored header field that many responses repeat
         #: (``_pooled_headers``).
         self._shared_fields: BoundedMemo[Header, Header] = BoundedMemo(SHARED_FIELDS)
+        self._last_date: Header = (b"date", b"")
+        self._last_fields: tuple[Header, ...] = ()
         if registry is not None:
             registry.register(self.metrics)
 
@@ -1098,7 +1100,13 @@ class HttpCache:
         pool = self._shared_fields
         shared: list[Header] = []
         for field in headers:
-            if field[0] not in _UNIQUE_PER_RESPONSE:
+            if field[0] == b"date":
+                # Unique per second, not per response: fills within a second share the last.
+                if field == self._last_date:
+                    field = self._last_date
+                else:
+                    self._last_date = field
+            elif field[0] not in _UNIQUE_PER_RESPONSE:
                 kept = pool.get(field)
                 if kept is None:
                     if len(pool) >= SHARED_FIELDS_SIZE:
@@ -1106,7 +1114,12 @@ class HttpCache:
                     pool[field] = kept = field
                 field = kept
             shared.append(field)
-        return tuple(shared)
+        fields = tuple(shared)
+        # Consecutive fills of one kind of object (tickers) often carry the very same fields.
+        if fields == self._last_fields:
+            return self._last_fields
+        self._last_fields = fields
+        return fields
 
     def _admit(
         self,

@@ -24,10 +24,11 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from http import HTTPStatus
 from typing import Final
 
-from .key import Coding
+from .key import METHOD_CLASS_GET, Coding
 from .policy import Freshness, Header, not_modified, parse_http_date
 from .ranges import UNSATISFIABLE, content_range, if_range_holds, parse_range, worth_multipart
 
@@ -39,15 +40,18 @@ X_CACHE_STALE: Final = b"STALE"
 X_CACHE_REVALIDATED: Final = b"REVALIDATED"
 X_CACHE_BYPASS: Final = b"BYPASS"
 
-#: Bytes of Python objects per entry beyond the payload: the entry and its three dicts, the
-#: StoredResponse and Freshness with their floats, the headers tuple, the body's and keys'
-#: object headers, the store's OrderedDict slot and node.  Measured on CPython 3.11 (RSS per
-#: entry of 20,000 entries, ``tests/test_cache_store.py``) at 540-560; errs on the high side.
-ENTRY_OVERHEAD: Final = 600
-#: Bytes the store's path index holds per entry (its trie leaf, the leaf's segment and its slot
-#: in the parent's dict; ``store.PathIndex``), counted with the entry.
-INDEX_OVERHEAD: Final = 200
+#: Bytes of Python objects per entry beyond the payload: the entry (its dicts are made only
+#: when needed), the StoredResponse and Freshness with their numbers, the headers tuple, the
+#: body's and key's object headers, the store's dict slot.  Measured on CPython 3.11 at about
+#: 450 (``python -m benchmarks.hitpath --memory``: 2.99 KB of RSS per cached 2,043-byte
+#: ticker at 100,000 keys, head included); errs on the high side.
+ENTRY_OVERHEAD: Final = 480
+#: Bytes the store's path index holds per entry (the key in its parent's dict, the segment's
+#: object header; ``store.PathIndex``), counted with the entry.
+INDEX_OVERHEAD: Final = 100
 #: Bytes per stored header beyond its name and value (two bytes objects, a tuple, its slot).
+#: Fields the cache pools (``HttpCache._pooled_headers``) cost an entry 8 B, not this: the
+#: count errs high for them.
 HEADER_OVERHEAD: Final = 120
 #: Bytes per object an entry grows by (a compressed variant, a head, a cached response) beyond
 #: its length: the bytes object's header, allocator rounding, the dict slot that holds it and
@@ -55,7 +59,14 @@ HEADER_OVERHEAD: Final = 120
 #: full of hit entries exceed its bound by 10-15% in RSS.
 GROWN_OBJECT_OVERHEAD: Final = 136
 
+#: Bytes an entry grows by for a bytes object kept in a slot of its own (no dict around it):
+#: the object's header and the allocator's rounding.
+BYTES_OVERHEAD: Final = 40
+#: ``len(METHOD_CLASS_GET)``: what a primary key puts before the URL.
+_CLASS_LENGTH: Final = len(METHOD_CLASS_GET)
 _CODING_INDEX: Final[dict[str, int]] = {"identity": 0, "gzip": 1, "br": 2}
+#: ``Entry._wire`` keeps the heads of compressed codings under this plus their index.
+_HEAD_SLOT: Final = 100
 #: RFC 9110 15.4.5: what a 304 carries from the 200 it stands for (plus Last-Modified).
 _NOT_MODIFIED_FIELDS: Final = frozenset(
     {b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary", b"last-modified"}
@@ -91,6 +102,12 @@ class StoredResponse:
     auth_ok: bool = False
 
 
+@lru_cache(maxsize=16)
+def _house(extra_head: bytes, hidden: frozenset[bytes]) -> tuple[bytes, frozenset[bytes]]:
+    """The one tuple of these that every entry of a cache holds (a cache has one pair)."""
+    return extra_head, hidden
+
+
 def reason_phrase(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode("latin-1")
@@ -119,22 +136,20 @@ class Entry:
 
     __slots__ = (
         "__weakref__",  # HitMemo refers to its entry weakly: a memo must not keep one alive
+        "_age0",
+        "_aliases",
         "_compressor",
-        "_extra_head",
-        "_heads",
-        "_hidden",
+        "_head0",
+        "_house",
         "_variants",
         "_wire",
-        "date",
+        "_wire0",
         "etag",
-        "key",
-        "last_modified",
         "last_modified_raw",
         "on_resize",
         "primary",
         "response",
         "size",
-        "url",
         "visited",
     )
 
@@ -152,9 +167,13 @@ class Entry:
         """``hidden``: stored fields never sent on (the RFC 9213 fields the cache consumed;
         kept in ``response.headers`` so that a 304 without them leaves their policy in force)."""
         self.response = response
-        self.key = key
         self.primary = primary
-        self.url = url
+        # The store key is the primary key itself unless the response varies (Vary), and the
+        # URL is the primary key after its method class (``key.METHOD_CLASS_GET``): each kept
+        # only when it is not (the URL's copy alone was 70 B of every entry).
+        own_key = key != primary
+        own_url = primary[_CLASS_LENGTH:] != url
+        self._aliases: tuple[bytes, bytes] | None = (key, url) if own_key or own_url else None
         self._compressor = (
             compressor
             if response.compressible
@@ -163,43 +182,70 @@ class Entry:
             and response.body
             else None
         )
-        self._extra_head = extra_head
-        self._hidden = hidden
-        etag = lm_raw = date_raw = None
+        #: What every entry of one cache shares (one tuple for all: a slot, not two).
+        self._house = _house(extra_head, hidden)
+        etag = lm_raw = None
         for name, value in response.headers:
             if name == b"etag" and etag is None:
                 etag = value.strip() or None
             elif name == b"last-modified" and lm_raw is None:
                 lm_raw = value
-            elif name == b"date" and date_raw is None:
-                date_raw = value
         self.etag: bytes | None = etag
         self.last_modified_raw: bytes | None = lm_raw
-        self.last_modified: float | None = parse_http_date(lm_raw)
-        self.date: float | None = parse_http_date(date_raw)
+        # What a hit builds is kept lean: a dict costs 64 B empty and 224 B with one item, and
+        # most of a large cache is entries served in one coding and one shape.  So the
+        # identity head and the plain identity HIT response have slots of their own, and the
+        # dicts for the other codings and shapes are made when first needed.
         #: Coding -> body; None marks a coding whose compressed form did not shrink.
-        self._variants: dict[str, bytes | None] = {}
-        self._heads: dict[int, bytes] = {}
-        #: slot -> the last full response built for that shape, and slot + _AGE_OF -> the Age
-        #: it carries.  Ints and bytes only, no (age, bytes) tuples: a dict holding no
+        self._variants: dict[str, bytes | None] | None = None
+        #: The identity head (the others are in ``_wire``, under ``_HEAD_SLOT + index``).
+        self._head0: bytes | None = None
+        #: Slot 0 (identity, GET, HIT): the Age its response was last built for (-1: never)
+        #: and those bytes when kept (``_remember``).
+        self._age0 = -1
+        self._wire0: bytes | None = None
+        #: Other slots -> the last full response built for that shape, and slot + _AGE_OF ->
+        #: the Age it carries.  Ints and bytes only, no (age, bytes) tuples: a dict holding no
         #: containers is not tracked by the cyclic GC, so a hit allocates nothing the collector
         #: has to walk (with a tuple per rebuilt response, every entry hit in a new second went
         #: back into the young generation, and collections walked entries all over the heap).
-        self._wire: dict[int, int | bytes] = {}
+        self._wire: dict[int, int | bytes] | None = None
         self.visited = False
         self.on_resize: Callable[[Entry, int], None] | None = None
         self.size = (
             ENTRY_OVERHEAD
             + INDEX_OVERHEAD
             + len(url)  # the index's copy of the path segment, at most the URL
-            + len(key) * 2
-            + len(url)
+            + len(primary)
+            + (len(key) + len(url) if self._aliases is not None else 0)
             + len(response.body)
             + sum(len(n) + len(v) + HEADER_OVERHEAD for n, v in response.headers)
         )
 
     # ----------------------------------------------------------------------------------------
     # Accessors
+
+    @property
+    def key(self) -> bytes:
+        aliases = self._aliases
+        return self.primary if aliases is None else aliases[0]
+
+    @property
+    def date(self) -> float | None:
+        """The stored Date (conditional requests and If-Range only: not kept per entry)."""
+        for name, value in self.response.headers:
+            if name == b"date":
+                return parse_http_date(value)  # memoised
+        return None
+
+    @property
+    def last_modified(self) -> float | None:
+        return parse_http_date(self.last_modified_raw)  # memoised
+
+    @property
+    def url(self) -> bytes:
+        aliases = self._aliases
+        return self.primary[_CLASS_LENGTH:] if aliases is None else aliases[1]
 
     @property
     def freshness(self) -> Freshness:
@@ -241,33 +287,45 @@ class Entry:
     def needs_variant(self, coding: str) -> bool:
         """True when serving ``coding`` would compress first (the edge may do it off-loop)."""
         return (
-            self._compressor is not None and coding != "identity" and coding not in self._variants
+            self._compressor is not None
+            and coding != "identity"
+            and (self._variants is None or coding not in self._variants)
         )
 
     def set_variant(self, coding: str, data: bytes) -> None:
         """Install a variant compressed elsewhere (e.g. in a thread) with the same compressor."""
-        if coding == "identity" or self._compressor is None or coding in self._variants:
+        variants = self._variants
+        if variants is None:
+            variants = self._variants = {}
+        if coding == "identity" or self._compressor is None or coding in variants:
             return
         if len(data) >= len(self.response.body):
-            self._variants[coding] = None
+            variants[coding] = None
             self._grow(GROWN_OBJECT_OVERHEAD)  # the dict slot and its growth
             return
-        self._variants[coding] = data
+        variants[coding] = data
         self._grow(len(data) + GROWN_OBJECT_OVERHEAD)
 
     def _variant(self, coding: str) -> tuple[str, bytes]:
         body = self.response.body
         if self._compressor is None or coding == "identity":
             return "identity", body
-        if coding not in self._variants:
+        variants = self._variants
+        if variants is None or coding not in variants:
             self.set_variant(coding, self._compressor(body, coding))
-        data = self._variants[coding]
+            variants = self._variants
+            assert variants is not None
+        data = variants[coding]
         return ("identity", body) if data is None else (coding, data)
 
     def _head(self, coding: str, length: int) -> bytes:
         """Status line and headers (without X-Cache/Age and the blank line) for a coding."""
         index = _CODING_INDEX[coding]
-        head = self._heads.get(index)
+        if index == 0:
+            head = self._head0
+        else:
+            kept = self._wire.get(_HEAD_SLOT + index) if self._wire is not None else None
+            head = kept if isinstance(kept, bytes) else None
         if head is not None:
             return head
         response = self.response
@@ -276,9 +334,15 @@ class Entry:
         lines.extend(self._header_lines(coding))
         if response.status not in _NO_CONTENT_LENGTH:
             lines.append(b"content-length: %d\r\n" % length)
-        lines.append(self._extra_head)
+        lines.append(self._house[0])
         head = b"".join(lines)
-        self._heads[index] = head
+        if index == 0:
+            self._head0 = head
+            self._grow(len(head) + BYTES_OVERHEAD)
+            return head
+        if self._wire is None:
+            self._wire = {}
+        self._wire[_HEAD_SLOT + index] = head
         self._grow(len(head) + GROWN_OBJECT_OVERHEAD)
         return head
 
@@ -286,7 +350,7 @@ class Entry:
         compressed = coding != "identity"
         lines: list[bytes] = []
         vary_seen = False
-        hidden = self._hidden
+        hidden = self._house[1]
         for name, value in self.response.headers:
             if hidden and name in hidden:
                 continue
@@ -339,12 +403,18 @@ class Entry:
             slot += _STALE_SLOTS
         keep = False
         if cacheable:
-            wire = self._wire
-            if wire.get(slot + _AGE_OF) == age:
-                cached = wire.get(slot)
-                if cached is not None:
-                    return cached  # type: ignore[return-value]
-                keep = True  # asked again within this Age second: worth keeping
+            if slot == 0:
+                if self._age0 == age:
+                    if self._wire0 is not None:
+                        return self._wire0
+                    keep = True  # asked again within this Age second: worth keeping
+            else:
+                wire = self._wire
+                if wire is not None and wire.get(slot + _AGE_OF) == age:
+                    cached = wire.get(slot)
+                    if cached is not None:
+                        return cached  # type: ignore[return-value]
+                    keep = True
         effective, body = self._variant(coding)
         data = b"".join(
             (
@@ -378,7 +448,7 @@ class Entry:
         keep = False
         if cacheable:
             wire = self._wire
-            if wire.get(slot + _AGE_OF) == age:
+            if wire is not None and wire.get(slot + _AGE_OF) == age:
                 cached = wire.get(slot)
                 if cached is not None:
                     return cached  # type: ignore[return-value]
@@ -389,7 +459,7 @@ class Entry:
             for line in self._header_lines(effective)
             if line[: line.index(b":")] in _NOT_MODIFIED_FIELDS
         )
-        lines.append(self._extra_head)
+        lines.append(self._house[0])
         lines.append(extra)
         lines.append(b"x-cache: " + x_cache + b"\r\nage: %d\r\n\r\n" % age)
         data = b"".join(lines)
@@ -433,7 +503,7 @@ class Entry:
                 (
                     b"HTTP/1.1 416 Range Not Satisfiable\r\ncontent-range: bytes */%d\r\n"
                     b"content-length: 0\r\n" % length,
-                    self._extra_head,
+                    self._house[0],
                     extra,
                     tail,
                 )
@@ -466,7 +536,7 @@ class Entry:
             lines.extend(line for line in header_lines if not line.startswith(b"content-type:"))
             lines.append(b"content-type: multipart/byteranges; boundary=" + boundary + b"\r\n")
             lines.append(b"content-length: %d\r\n" % len(payload))
-        lines.append(self._extra_head)
+        lines.append(self._house[0])
         lines.append(extra)
         lines.append(tail)
         lines.append(payload)
@@ -475,7 +545,9 @@ class Entry:
     def slot_of(self, data: bytes) -> int | None:
         """The cache slot holding exactly ``data`` (this object), or None when it was built
         for one request only (HitMemo replays cached forms, never keeps its own copy)."""
-        for slot, value in self._wire.items():
+        if data is self._wire0:
+            return 0
+        for slot, value in (self._wire or {}).items():
             if value is data:
                 return slot
         return None
@@ -483,7 +555,9 @@ class Entry:
     def cached_wire(self, slot: int) -> bytes | None:
         """The response cached in ``slot`` (``slot_of``), None when it was rebuilt since (a new
         Age second): a memo of the old bytes no longer applies."""
-        wire = self._wire.get(slot)
+        if slot == 0:
+            return self._wire0
+        wire = self._wire.get(slot) if self._wire is not None else None
         return wire if isinstance(wire, bytes) else None
 
     def _remember(self, slot: int, age: int, data: bytes | None) -> None:
@@ -492,7 +566,18 @@ class Entry:
         key hit less than once a second, most of a large cache - is not kept: it would be a
         second copy of the body for nothing (6.4 -> 3.9 KB per cached 2 KB ticker at 100,000
         keys).  Counted: the Age marker's dict slot once, the bytes while kept."""
+        if slot == 0:
+            self._age0 = age
+            old0, self._wire0 = self._wire0, data
+            delta = (len(data) + BYTES_OVERHEAD if data is not None else 0) - (
+                len(old0) + BYTES_OVERHEAD if old0 is not None else 0
+            )
+            if delta:
+                self._grow(delta)
+            return
         wire = self._wire
+        if wire is None:
+            wire = self._wire = {}
         old = wire.get(slot)
         delta = 0 if slot + _AGE_OF in wire else GROWN_OBJECT_OVERHEAD
         wire[slot + _AGE_OF] = age
@@ -525,12 +610,12 @@ class Entry:
             primary=self.primary,
             url=self.url,
             compressor=self._compressor,
-            extra_head=self._extra_head,
-            hidden=self._hidden,
+            extra_head=self._house[0],
+            hidden=self._house[1],
         )
-        if entry._compressor is not None:
-            for coding, data in self._variants.items():
-                entry._variants[coding] = data
+        if entry._compressor is not None and self._variants:
+            entry._variants = dict(self._variants)
+            for data in self._variants.values():
                 entry.size += GROWN_OBJECT_OVERHEAD + (len(data) if data is not None else 0)
         return entry
 

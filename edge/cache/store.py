@@ -34,7 +34,9 @@ class _Node:
     __slots__ = ("children", "keys")
 
     def __init__(self) -> None:
-        self.children: dict[bytes, _Node] | None = None
+        #: Segment -> subtree, or the one store key of a path that ends there with nothing
+        #: under it (most paths: a node per entry would cost 48 B of every entry).
+        self.children: dict[bytes, _Node | bytes] | None = None
         #: Store keys of entries whose path ends here: one key as is (most paths have one
         #: entry; a set per entry would cost 200 B), a set for variants.
         self.keys: bytes | set[bytes] | None = None
@@ -51,43 +53,66 @@ class PathIndex:
         self._root = _Node()
 
     def add(self, path: bytes, key: bytes) -> None:
+        *inner, last = path[1:].split(b"/")
         node = self._root
-        for segment in path[1:].split(b"/"):
-            children = node.children
-            if children is None:
-                children = node.children = {}
-            child = children.get(segment)
-            if child is None:
-                child = children[segment] = _Node()
-            node = child
-        keys = node.keys
+        for segment in inner:
+            node = _inner(node, segment)
+        children = node.children
+        if children is None:
+            children = node.children = {}
+        child = children.get(last)
+        if child is None:
+            children[last] = key  # a leaf: the key itself
+            return
+        if isinstance(child, bytes):
+            if child == key:
+                return
+            variants = children[last] = _Node()  # a second key for this path (Vary)
+            variants.keys = {child, key}
+            return
+        keys = child.keys
         if keys is None:
-            node.keys = key
+            child.keys = key
         elif isinstance(keys, bytes):
             if keys != key:
-                node.keys = {keys, key}
+                child.keys = {keys, key}
         else:
             keys.add(key)
 
     def discard(self, path: bytes, key: bytes) -> None:
         trail: list[tuple[_Node, bytes]] = []
         node = self._root
-        for segment in path[1:].split(b"/"):
+        *inner, last = path[1:].split(b"/")
+        for segment in inner:
             child = node.children.get(segment) if node.children is not None else None
-            if child is None:
+            if child is None or isinstance(child, bytes):
                 return
             trail.append((node, segment))
             node = child
-        keys = node.keys
-        if isinstance(keys, bytes):
-            if keys == key:
-                node.keys = None
-        elif keys is not None:
-            keys.discard(key)
-            if len(keys) == 1:
-                node.keys = next(iter(keys))
-            elif not keys:
-                node.keys = None
+        children = node.children
+        found = children.get(last) if children is not None else None
+        if found is None:
+            return
+        assert children is not None
+        if isinstance(found, bytes):
+            if found == key:
+                del children[last]
+        else:
+            keys = found.keys
+            if isinstance(keys, bytes):
+                if keys == key:
+                    found.keys = None
+            elif keys is not None:
+                keys.discard(key)
+                if len(keys) == 1:
+                    found.keys = next(iter(keys))
+                elif not keys:
+                    found.keys = None
+            if not found.children:
+                if found.keys is None:
+                    del children[last]
+                elif isinstance(found.keys, bytes):
+                    children[last] = found.keys  # back to a leaf
         # Prune the branch that no longer leads to anything.
         while trail and node.keys is None and not node.children:
             parent, segment = trail.pop()
@@ -101,7 +126,7 @@ class PathIndex:
         node = self._root
         for segment in whole:
             child = node.children.get(segment) if node.children is not None else None
-            if child is None:
+            if child is None or isinstance(child, bytes):
                 return []
             node = child
         if node.children is None:
@@ -109,18 +134,35 @@ class PathIndex:
         stack = [child for name, child in node.children.items() if name.startswith(partial)]
         found: list[bytes] = []
         while stack:
-            node = stack.pop()
-            keys = node.keys
+            item = stack.pop()
+            if isinstance(item, bytes):
+                found.append(item)
+                continue
+            keys = item.keys
             if isinstance(keys, bytes):
                 found.append(keys)
             elif keys is not None:
                 found.extend(keys)
-            if node.children:
-                stack.extend(node.children.values())
+            if item.children:
+                stack.extend(item.children.values())
         return found
 
     def clear(self) -> None:
         self._root = _Node()
+
+
+def _inner(node: _Node, segment: bytes) -> _Node:
+    """The child node for ``segment``, made (or a leaf there made a node) when needed."""
+    children = node.children
+    if children is None:
+        children = node.children = {}
+    child = children.get(segment)
+    if isinstance(child, _Node):
+        return child
+    made = children[segment] = _Node()
+    if child is not None:
+        made.keys = child  # the leaf's key stays: its path now has more under it
+    return made
 
 
 class MemoryStore:

@@ -12,6 +12,7 @@ inside the fill, so the cache can answer from a stale entry within stale-if-erro
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 
 from edge.cache import Lookup, UpstreamResponse
 from edge.compress import DecompressionBomb, accepts, is_compressible
@@ -32,6 +33,11 @@ from edge.upstream import (
 from meridian.log import get_logger
 
 log = get_logger("edge")
+
+#: The standard reason phrases as stored: one bytes object each, not one per stored response.
+_REASONS: dict[str, bytes] = {
+    status.phrase: status.phrase.encode("latin-1") for status in HTTPStatus
+}
 
 
 class Handover:
@@ -187,7 +193,7 @@ class FillFetch:
 
         try:
             status = response.status
-            reason = response.reason.encode("latin-1", "replace")
+            reason = _REASONS.get(response.reason) or response.reason.encode("latin-1", "replace")
             headers = rewrite_response_headers(
                 response.raw_headers,
                 dropped=state.dropped_response_headers,
