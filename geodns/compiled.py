@@ -277,8 +277,11 @@ def build_address_map(
             tuple(representatives),
             tuple(by_signature),
         )
+    embedded = [(V4_MAPPED, 96)]
+    if tree.ip_version == 6:
+        embedded += [(alias.first, alias.depth) for alias in tree.v6_aliases]
     countries = build_country_map(
-        [p.country for p in placements], v4_starts, v4_values, v6_starts, v6_values
+        [p.country for p in placements], v4_starts, v4_values, v6_starts, v6_values, embedded
     )
     return AddressMap(
         groups,

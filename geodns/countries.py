@@ -9,6 +9,14 @@ database with more distinct codes folds the rest, by address space, into ``other
 that is not two ASCII letters reads as ``other``, a placement without a country as ``unknown``.
 The names are what become Prometheus label values, so nothing from the database reaches a
 label unchecked.
+
+Memory: the IPv6 blocks that embed the IPv4 space (``::ffff:0:0/96``, and the database's
+aliases of its IPv4 subtree, ``::/96`` and ``2002::/16``) are not copied: an address in one is
+looked up in the IPv4 map (for the aliases that map includes the IPv4 overrides, which their
+answers do not read: a deprecated corner where the count may name the override's country).
+That keeps the IPv6 ranges to the database's native ones, in a tuple the garbage collector
+stops tracking: a list of a million integers made every full collection - which a busy reply
+memo triggers - walk it.
 """
 
 from __future__ import annotations
@@ -25,6 +33,10 @@ OTHER = "other"
 UNKNOWN = "unknown"
 #: In :attr:`CountryMap.v4_blocks`: the /16 holds more than one country.
 MIXED = 255
+#: In :attr:`CountryMap.v6_numbers`: a block of IPv6 that embeds the IPv4 space (see
+#: :attr:`CountryMap.v6_embedded`): the IPv4 map answers.
+EMBEDDED = 254
+_V4_MASK = 0xFFFFFFFF
 
 
 def country_label(code: str | None) -> str:
@@ -44,8 +56,11 @@ class CountryMap:
     names: tuple[str, ...]
     v4_starts: array[int]
     v4_numbers: bytes
-    v6_starts: list[int]
+    v6_starts: tuple[int, ...]
     v6_numbers: bytes
+    #: The IPv6 blocks that embed the IPv4 space: (first, after the last, shift to the IPv4
+    #: address), by first address.
+    v6_embedded: tuple[tuple[int, int, int], ...]
     #: Per IPv4 /16: its country number when the whole /16 is one country, else ``MIXED``
     #: (the hot path reads this byte and bisects only for a mixed /16).
     v4_blocks: bytes
@@ -63,7 +78,13 @@ class CountryMap:
         return self.v4_numbers[i]
 
     def of_v6(self, address: int) -> int:
-        return self.v6_numbers[bisect_right(self.v6_starts, address) - 1]
+        number = self.v6_numbers[bisect_right(self.v6_starts, address) - 1]
+        if number != EMBEDDED:
+            return number
+        for first, end, shift in self.v6_embedded:
+            if first <= address < end:
+                return self.of_v4((address >> shift) & _V4_MASK)
+        raise AssertionError("an embedded range outside every embedded block")
 
     def of(self, address: IPv4Address | IPv6Address) -> int:
         """The country number of a client address (IPv4-mapped IPv6 reads as IPv4)."""
@@ -93,9 +114,12 @@ def build_country_map(
     v4_values: Sequence[int],
     v6_starts: Sequence[int],
     v6_values: Sequence[int],
+    embedded: Sequence[tuple[int, int]] = (),
 ) -> CountryMap:
     """``countries`` by placement number; the ranges label addresses with placement numbers
-    (both families cover their whole space: ``v4_starts[0] == v6_starts[0] == 0``)."""
+    (both families cover their whole space: ``v4_starts[0] == v6_starts[0] == 0``).
+    ``embedded``: (first, prefix length) of each IPv6 block whose next 32 bits are an IPv4
+    address looked up in the IPv4 map (blocks must not overlap)."""
     labels = [country_label(code) for code in countries]
     named = sorted({label for label in labels if label not in (OTHER, UNKNOWN)})
     if len(named) > COUNTRY_LIMIT:
@@ -110,8 +134,40 @@ def build_country_map(
     by_placement = [number_of.get(label, number_of[OTHER]) for label in labels]
     s4, n4 = _merged(v4_starts, [by_placement[v] for v in v4_values])
     s6, n6 = _merged(v6_starts, [by_placement[v] for v in v6_values])
+    blocks6: list[tuple[int, int, int]] = []
+    for first, depth in sorted(set(embedded)):
+        if not blocks6 or first >= blocks6[-1][1]:  # a block inside another is left out
+            blocks6.append((first, first + (1 << (128 - depth)), 96 - depth))
+    s6, n6 = _without_embedded(s6, n6, blocks6)
     blocks, index = _blocks(s4, n4)
-    return CountryMap(names, array("I", s4), n4, s6, n6, blocks, index)
+    return CountryMap(names, array("I", s4), n4, tuple(s6), n6, tuple(blocks6), blocks, index)
+
+
+def _without_embedded(
+    starts: list[int], numbers: bytes, embedded: Sequence[tuple[int, int, int]]
+) -> tuple[list[int], bytes]:
+    """The ranges with each embedded block replaced by one range labelled ``EMBEDDED``."""
+    if not embedded:
+        return starts, numbers
+    out_starts: list[int] = []
+    out: list[int] = []
+    i = 0
+    for first, end, _ in embedded:
+        while i < len(starts) and starts[i] < first:
+            out_starts.append(starts[i])
+            out.append(numbers[i])
+            i += 1
+        out_starts.append(first)
+        out.append(EMBEDDED)
+        while i < len(starts) and starts[i] < end:
+            i += 1
+        if end < 1 << 128 and (i >= len(starts) or starts[i] != end):
+            # The range running on past the block's end starts again there.
+            out_starts.append(end)
+            out.append(numbers[bisect_right(starts, end) - 1])
+    out_starts.extend(starts[i:])
+    out.extend(numbers[i:])
+    return _merged(out_starts, out)
 
 
 def _blocks(starts: Sequence[int], numbers: bytes) -> tuple[bytes, array[int]]:

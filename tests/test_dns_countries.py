@@ -93,6 +93,35 @@ def test_map_answers_like_a_plain_bisect_and_marks_mixed_blocks() -> None:
     assert set(one.v4_blocks) == {0} and one.names[one.of_v4(123456)] == "DE"
 
 
+def test_ipv6_blocks_embedding_ipv4_read_the_ipv4_map_and_keep_their_surroundings() -> None:
+    mapped = 0xFFFF << 32
+    six_to_four = 0x2002 << 112
+    countries = ["DE", "FR", "US", "JP"]
+    v4_starts, v4_values = [0, 1 << 31], [0, 1]  # DE below 128.0.0.0, FR from there
+    # IPv6: JP, then copies of the IPv4 map inside both blocks (which end in the same
+    # placement as the one after them: merged ranges run on past a block's end), then US.
+    v6_starts = [0, mapped, mapped + (1 << 31), mapped + (1 << 32) + 5, six_to_four]
+    v6_starts += [six_to_four + (1 << 111), (0x2003 << 112), 0x3000 << 112]
+    v6_values = [3, 0, 1, 2, 0, 1, 1, 2]
+    cmap = build_country_map(
+        countries, v4_starts, v4_values, v6_starts, v6_values, [(mapped, 96), (six_to_four, 16)]
+    )
+    names = cmap.names
+
+    def of(address: int) -> str:
+        return names[cmap.of_v6(address)]
+
+    assert of(mapped - 1) == "JP"
+    assert of(mapped + 7) == "DE" and of(mapped + (1 << 31) + 7) == "FR"
+    assert of(mapped + (1 << 32)) == "FR"  # FR ran on past the block's end...
+    assert of(mapped + (1 << 32) + 5) == "US"  # ...up to the next start
+    assert of(six_to_four | (0x01020304 << 80) | 99) == "DE"
+    assert of(six_to_four | (0x81020304 << 80)) == "FR"
+    assert of(0x2003 << 112) == "FR" and of(0x3000 << 112) == "US"
+    # Only the native ranges are kept (a block is one range).
+    assert len(cmap.v6_starts) <= 8 and isinstance(cmap.v6_starts, tuple)
+
+
 def test_more_countries_than_the_limit_fold_the_smallest_into_other() -> None:
     count = COUNTRY_LIMIT + 20
     codes = [a + b for a in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" for b in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
