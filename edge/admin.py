@@ -39,7 +39,13 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from edge.statusboard import CACHE_FOUND, SAMPLE_EVERY, StatusBoard, TrafficSample
+from edge.statusboard import (
+    CACHE_FOUND,
+    SAMPLE_EVERY,
+    StatusBoard,
+    TrafficSample,
+    combine_traffic,
+)
 from edge.workers import WorkerPeers
 
 #: Event streams open at once on the admin listener; more are refused (the page then polls).
@@ -361,6 +367,15 @@ class AdminServer:
         if self._peers is not None:
             workers = await self._peers.statuses()
             document["workers"] = {str(slot): workers[slot] for slot in sorted(workers)}
+            # The page's traffic is the process group's: this worker's window plus each
+            # sibling's that answered (``worker_traffic`` keeps this worker's own).
+            own = document.get("traffic")
+            if isinstance(own, dict):
+                siblings = [w.get("traffic") for w in workers.values()]
+                document["worker_traffic"] = own
+                document["traffic"] = combine_traffic(
+                    [own, *(t for t in siblings if isinstance(t, dict))]
+                )
         return document
 
     async def _status_handler(self, request: web.Request) -> web.Response:

@@ -17,6 +17,12 @@ from typing import Any
 SAMPLE_EVERY = 2.0
 #: Cache labels that found the response stored (hit ratio = these / these + MISS).
 CACHE_FOUND = frozenset({"HIT", "STALE", "REVALIDATED"})
+#: Busiest routes a summary lists, and those whose counts it carries for adding up workers.
+TOP_ROUTES = 5
+COUNTED_ROUTES = 32
+#: Error causes and latency buckets read from a sibling worker's summary (bounded input).
+_MAX_CAUSES = 64
+_MAX_BUCKETS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +91,7 @@ class TrafficWindow:
                 "p99": None,
                 "errors": {},
                 "top_routes": [],
+                "counts": _counts(0.0, 0, 0, 0, [], (), {}),
             }
         first, last = self._samples[0], self._samples[-1]
         span = max(last.at - first.at, 1e-9)
@@ -104,7 +111,8 @@ class TrafficWindow:
             for route, count in last.routes.items()
             if count - first.routes.get(route, 0) > 0
         }
-        top = sorted(routes.items(), key=lambda item: (-item[1], item[0]))[:5]
+        ranked = sorted(routes.items(), key=lambda item: (-item[1], item[0]))
+        top = ranked[:TOP_ROUTES]
         return {
             "window": round(span, 3),
             "requests_per_second": round((last.requests - first.requests) / span, 3),
@@ -113,7 +121,111 @@ class TrafficWindow:
             "p99": quantile(0.99, delta, last.bounds),
             "errors": errors,
             "top_routes": [{"route": r, "per_second": round(n / span, 3)} for r, n in top],
+            "counts": _counts(
+                span,
+                last.requests - first.requests,
+                found,
+                looked_up,
+                delta,
+                last.bounds,
+                {r: n / span for r, n in ranked[:COUNTED_ROUTES]},
+            ),
         }
+
+
+def _counts(
+    span: float,
+    requests: int,
+    found: int,
+    looked_up: int,
+    buckets: Sequence[int],
+    bounds: Sequence[float],
+    route_rates: Mapping[str, float],
+) -> dict[str, Any]:
+    """A summary's raw numbers over its window: what :func:`combine_traffic` adds up."""
+    return {
+        "seconds": round(span, 3),
+        "requests": requests,
+        "found": found,
+        "looked_up": looked_up,
+        "buckets": list(buckets),
+        "bounds": list(bounds),
+        "route_rates": dict(route_rates),
+    }
+
+
+def _number(value: object) -> float:
+    """A finite, non-negative number from a sibling's JSON, else 0 (bool is no number)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    return float(value) if 0.0 <= value < float("inf") else 0.0
+
+
+def combine_traffic(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The summary of several workers' windows (``--workers N``): requests/s, route rates and
+    errors add up; the hit ratio is all hits over all lookups; p50/p99 come from the sum of
+    the latency histograms (workers share the bucket bounds; a summary with other bounds is
+    left out of the quantiles).  Each worker samples on its own timer, so the windows end up
+    to ``SAMPLE_EVERY`` seconds apart: rates are each worker's over its own window, added.
+
+    The summaries are siblings' JSON: anything malformed counts as zero, and what is read is
+    bounded (``_MAX_CAUSES`` causes, ``_MAX_BUCKETS`` buckets, ``COUNTED_ROUTES`` routes)."""
+    rps = 0.0
+    found = looked_up = requests = 0
+    seconds = 0.0
+    buckets: list[int] = []
+    bounds: list[float] | None = None
+    errors: dict[str, float] = {}
+    route_rates: dict[str, float] = {}
+    for summary in summaries:
+        counts = summary.get("counts")
+        if not isinstance(counts, Mapping):
+            continue
+        rps += _number(summary.get("requests_per_second"))
+        seconds = max(seconds, _number(counts.get("seconds")))
+        requests += int(_number(counts.get("requests")))
+        found += int(_number(counts.get("found")))
+        looked_up += int(_number(counts.get("looked_up")))
+        these = counts.get("buckets")
+        edges = counts.get("bounds")
+        if isinstance(these, list) and isinstance(edges, list) and len(these) <= _MAX_BUCKETS:
+            edges = [_number(b) for b in edges[:_MAX_BUCKETS]]
+            if bounds is None and any(these):
+                bounds = edges
+                buckets = [0] * len(these)
+            if bounds == edges and len(these) == len(buckets):
+                buckets = [a + int(_number(b)) for a, b in zip(buckets, these, strict=True)]
+        causes = summary.get("errors")
+        if isinstance(causes, Mapping):
+            for cause, value in list(causes.items())[:_MAX_CAUSES]:
+                if isinstance(cause, str) and (cause in errors or len(errors) < _MAX_CAUSES):
+                    errors[cause] = errors.get(cause, 0.0) + _number(value)
+        rates = counts.get("route_rates")
+        if isinstance(rates, Mapping):
+            for route, rate in list(rates.items())[:COUNTED_ROUTES]:
+                if isinstance(route, str):
+                    route_rates[route] = route_rates.get(route, 0.0) + _number(rate)
+    edges_used = tuple(bounds or ())
+    ranked = sorted(route_rates.items(), key=lambda item: (-item[1], item[0]))
+    return {
+        "window": round(seconds, 3),
+        "requests_per_second": round(rps, 3),
+        "hit_ratio": round(found / looked_up, 4) if looked_up > 0 else None,
+        "p50": quantile(0.5, buckets, edges_used),
+        "p99": quantile(0.99, buckets, edges_used),
+        "errors": errors,
+        "top_routes": [{"route": r, "per_second": round(n, 3)} for r, n in ranked[:TOP_ROUTES]],
+        "counts": _counts(
+            seconds,
+            requests,
+            found,
+            looked_up,
+            buckets,
+            edges_used,
+            dict(ranked[:COUNTED_ROUTES]),
+        ),
+        "workers": sum(1 for s in summaries if isinstance(s.get("counts"), Mapping)),
+    }
 
 
 @dataclass(slots=True)

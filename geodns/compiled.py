@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from itertools import compress, islice
 from operator import ne
 
+from geodns.countries import CountryMap, build_country_map
 from geodns.selection import HealthView, Selection, select
 from geodns.zone import GeoName, Target
 from meridian.config import Config, Location
@@ -150,6 +151,8 @@ class AddressMap:
     leaves: tuple[int, int]
     placements: int
     seconds: float
+    #: Client countries by address (what the answer counters are labelled with).
+    countries: CountryMap
 
     @property
     def ranges(self) -> int:
@@ -274,11 +277,18 @@ def build_address_map(
             tuple(representatives),
             tuple(by_signature),
         )
+    embedded = [(V4_MAPPED, 96)]
+    if tree.ip_version == 6:
+        embedded += [(alias.first, alias.depth) for alias in tree.v6_aliases]
+    countries = build_country_map(
+        [p.country for p in placements], v4_starts, v4_values, v6_starts, v6_values, embedded
+    )
     return AddressMap(
         groups,
         (len(tree.v4_starts), len(tree.v6_starts)),
         len(placements),
         time.perf_counter() - started,
+        countries,
     )
 
 

@@ -61,6 +61,7 @@ from geodns.compiled import (
     group_key,
     widest_scope_plain,
 )
+from geodns.countries import MIXED
 from geodns.selection import HealthView, Selection, is_up, select, ttl_of
 from geodns.wire import Query, WireError
 from geodns.zone import GeoName, IPAddress, Zone, name_key
@@ -157,6 +158,8 @@ class Reply:
     error: str | None = None
     #: The same query bytes from the same client get the same reply until health changes.
     reusable: bool = False
+    #: The client's country (a label of :mod:`geodns.countries`) for a geo name's answer.
+    country: str | None = None
 
 
 class ReplyInfo(NamedTuple):
@@ -180,6 +183,8 @@ class Quick(NamedTuple):
     reusable: bool
     #: The reply does not depend on the sender's address (an ECS subnet was used instead).
     shared: bool
+    #: The client's country (a label of :mod:`geodns.countries`) for a geo name's answer.
+    country: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +239,8 @@ class _Entry(NamedTuple):
 #: range table (starts, answers), the shift from address bytes to an address, the mask of
 #: bits past the source prefix in the last byte, the family's bits, per answer the reply up
 #: to the scope byte (or None) and what the shell counts, the /16 index (IPv4), the health
-#: generation, and per answer the shell's tag.
+#: generation, and per answer the shell's tags by client country number (shared rows, filled
+#: on first use: see :meth:`Responder._country_row`).
 _Shape = tuple[
     "Compiled",
     Sequence[int],
@@ -246,7 +252,7 @@ _Shape = tuple[
     tuple["ReplyInfo", ...],
     "array[int] | None",
     int,
-    tuple[int, ...],
+    tuple[list[int], ...],
 ]
 
 
@@ -352,6 +358,12 @@ class Responder:
                 self._class_names.append((key, geo))
         self._name_lengths = tuple(sorted({len(key) for key in zone.geo_names}))
         self.address_map = _address_map(locator, zone)
+        #: Client countries: what the shell's answer tallies are labelled with.
+        self.countries = self.address_map.countries
+        self._country_blocks = self.countries.v4_blocks
+        #: Per kind of reply, the shell's tag by country number (-1: not asked yet); one row
+        #: per kind of reply, shared by every shape (bounded by kinds x countries).
+        self._country_rows: dict[ReplyInfo, list[int]] = {}
         self._compiled: Compiled | None = None
         self._reuse: dict[tuple[object, ...], AnswerTable] = {}
         #: ECS query shapes (the query after its ID, up to the address) -> what
@@ -360,8 +372,9 @@ class Responder:
         self._shape_lengths: tuple[int, ...] = ()
         #: The address length tried first (the first seen: /24 from most resolvers).
         self._shape_length = 3
-        #: What :meth:`shaped` returns with each reply (set by the shell: its tally slot).
-        self.tag_of: Callable[[ReplyInfo], int] | None = None
+        #: What :meth:`shaped` returns with each reply (set by the shell: its tally slot for a
+        #: kind of reply and the client's country).
+        self.tag_of: Callable[[ReplyInfo, str | None], int] | None = None
         #: Per IPv4 table (by the identity of its starts, which the shapes hold): the range
         #: holding the first address of each /16, so a lookup bisects a few ranges only.
         self._indexes: dict[int, array[int]] = {}
@@ -520,6 +533,7 @@ class Responder:
                 seen.targets,
                 None,
                 True,
+                seen.country,
             )
         try:
             quick = self.quick(data, source, tcp, health)
@@ -537,6 +551,7 @@ class Responder:
                 info.targets,
                 None,
                 quick.reusable,
+                quick.country,
             )
         else:
             reply = self._respond(data, source, tcp, health)
@@ -662,6 +677,7 @@ class Responder:
                 bits = 128
             i = bisect_right(starts, value) - 1
             answer = answers[i]
+            country = self.countries.names[self.countries.of_ecs(ecs_family, value)]
             # The ECS scope: the widest network around the address inside its range.
             host_bits = bits
             first = starts[i]
@@ -678,9 +694,15 @@ class Responder:
             if client.version == 4:
                 i = bisect_right(table.v4_starts, value) - 1
                 answer = table.v4_answers[i]
+                countries = self.countries
+                number = countries.v4_blocks[value >> 16]
+                if number == MIXED:  # a /16 of several countries
+                    number = countries.of_v4(value)
+                country = countries.names[number]
             else:
                 i = bisect_right(table.v6_starts, value) - 1
                 answer = table.v6_answers[i]
+                country = self.countries.names[self.countries.of_v6(value)]
             scope = None
         entry = timed[answer]
         if not current:
@@ -695,7 +717,7 @@ class Responder:
             reusable = False
         if shared and reusable and not tcp and len(self._shapes) < SHAPE_LIMIT:
             self._learn_shape(data, offset, fields, compiled, found[0], slot)
-        return self._assemble(data, body, offset, fields, scope, tcp, reusable, shared)
+        return self._assemble(data, body, offset, fields, scope, tcp, reusable, shared, country)
 
     def shaped(self, data: bytes, generation: int) -> tuple[bytes, ReplyInfo, int] | None:
         """The UDP reply (after the ID) to an ECS query whose shape - every byte but the ID
@@ -712,7 +734,7 @@ class Responder:
                     break
             else:
                 return None
-        compiled, starts, answers, shift, mask, bits, heads, infos, index, made_for, tags = shape
+        compiled, starts, answers, shift, mask, bits, heads, infos, index, made_for, rows = shape
         if made_for != generation or compiled is not self._compiled:
             return None
         address = data[-length:]
@@ -722,12 +744,20 @@ class Responder:
         if index is not None:  # IPv4: the ranges of the address's /16 first
             block = value >> 16
             i = bisect_right(starts, value, index[block], index[block + 1] + 1) - 1
+            country = self._country_blocks[block]
+            if country == MIXED:
+                country = self.countries.of_v4(value)  # a /16 of several countries
         else:
             i = bisect_right(starts, value) - 1
+            country = self.countries.of_v6(value)
         answer = answers[i]
         head = heads[answer]
         if head is None:
             return None
+        row = rows[answer]
+        tag = row[country]
+        if tag < 0:
+            tag = row[country] = self._country_tag(infos[answer], country)
         host_bits = bits
         first = starts[i]
         if first:
@@ -736,7 +766,18 @@ class Responder:
             following = (value ^ starts[i + 1]).bit_length() - 1
             if following < host_bits:
                 host_bits = following
-        return head + _SCOPE_BYTES[bits - host_bits] + address, infos[answer], tags[answer]
+        return head + _SCOPE_BYTES[bits - host_bits] + address, infos[answer], tag
+
+    def _country_row(self, info: ReplyInfo) -> list[int]:
+        row = self._country_rows.get(info)
+        if row is None:
+            row = self._country_rows[info] = [-1] * len(self.countries.names)
+        return row
+
+    def _country_tag(self, info: ReplyInfo, country: int) -> int:
+        """The shell's tag for ``info`` from a client in country number ``country``."""
+        tag_of = self.tag_of
+        return tag_of(info, self.countries.names[country]) if tag_of is not None else -1
 
     def _learn_shape(
         self,
@@ -788,8 +829,7 @@ class Responder:
             starts, answers, bits = table.v6_starts, table.v6_answers, 128
         mask = 0xFF >> (source & 7) if source & 7 else 0
         infos = tuple(body.infos[1] for body in bodies)
-        tag_of = self.tag_of
-        tags = tuple(tag_of(info) if tag_of is not None else -1 for info in infos)
+        tags = tuple(self._country_row(info) for info in infos)
         self._shapes[key] = (
             compiled,
             starts,
@@ -966,6 +1006,7 @@ class Responder:
         tcp: bool,
         reusable: bool,
         shared: bool,
+        country: str | None = None,
     ) -> Quick:
         """The reply: header, the question as asked, the sections, the OPT echoing ECS (with
         ``scope``, else as sent: scope 0).  ``offset`` is where the question ends."""
@@ -988,6 +1029,7 @@ class Responder:
                     body.infos[2 + (ecs_family != 0)],
                     reusable,
                     shared,
+                    country,
                 )
             if scope is not None:  # the query's OPT RDATA is exactly its ECS option
                 tail = b"".join(
@@ -1005,11 +1047,17 @@ class Responder:
                 tail = b"".join(
                     (body.heads[variant], data[12:offset], sections, opt_head, data[offset + 9 :])
                 )
-            return Quick(tail, body.infos[ecs_family != 0], reusable, shared)
+            return Quick(tail, body.infos[ecs_family != 0], reusable, shared, country)
         if not tcp and offset + len(sections) > 512:
-            return Quick(body.tc_heads[variant] + data[12:offset], body.infos[2], reusable, shared)
+            return Quick(
+                body.tc_heads[variant] + data[12:offset], body.infos[2], reusable, shared, country
+            )
         return Quick(
-            body.heads[variant] + data[12:offset] + sections, body.infos[0], reusable, shared
+            body.heads[variant] + data[12:offset] + sections,
+            body.infos[0],
+            reusable,
+            shared,
+            country,
         )
 
     def _timed_body(self, qname_key: bytes, entry: _Entry, health: HealthView) -> _Body:
@@ -1123,6 +1171,7 @@ class Responder:
 
         scope = 0
         targets: tuple[str, ...] = ()
+        country: str | None = None
         qname = message.question[0].name
         qtype = query.qtype
         key = name_key(qname)
@@ -1151,7 +1200,9 @@ class Responder:
             family = FAMILY_OF_QTYPE.get(qtype)
             if geo is not None and (family is not None or qtype == wire.TYPE_ANY):
                 ecs = _ecs_of(query)
-                location = self.locate(ecs.ip() if ecs is not None else source)
+                client = ecs.ip() if ecs is not None else source
+                location = self.locate(client)
+                country = self.countries.names[self.countries.of(client)]
                 if family is None:  # ANY: one RRset (RFC 8482), A if any candidate has IPv4
                     family = 4 if any(t.addresses_of(4) for t in geo.targets) else 6
                 if ecs is not None:
@@ -1189,7 +1240,7 @@ class Responder:
             response.use_edns(
                 0, dns.flags.DO if edns.do_bit else 0, self.zone.max_udp_payload, options=options
             )
-        return self._finish(response, query, tcp, ecs_present, targets)
+        return self._finish(response, query, tcp, ecs_present, targets, country)
 
     def _finish(
         self,
@@ -1198,6 +1249,7 @@ class Responder:
         tcp: bool,
         ecs_present: bool,
         targets: tuple[str, ...],
+        country: str | None = None,
     ) -> Reply:
         limit = _udp_limit(query, tcp, self.zone.max_udp_payload)
         truncated = False
@@ -1210,7 +1262,16 @@ class Responder:
             truncated = True
             targets = ()
             data = response.to_wire(max_size=limit, want_shuffle=False)
-        return Reply(data, query.qtype, response.rcode(), truncated, ecs_present, False, targets)
+        return Reply(
+            data,
+            query.qtype,
+            response.rcode(),
+            truncated,
+            ecs_present,
+            False,
+            targets,
+            country=country,
+        )
 
     def _static(
         self, response: dns.message.Message, qname: dns.name.Name, key: bytes, qtype: int

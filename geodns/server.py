@@ -113,8 +113,10 @@ class DnsMetrics:
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        #: (transport, what the reply was) -> slot in ``computed`` and ``hits``.
-        self.slots: dict[tuple[str, ReplyInfo], int] = {}
+        #: (transport, what the reply was, the client's country for a geo name's answer) ->
+        #: slot in ``computed`` and ``hits``.  The country is one of a bounded set of labels
+        #: (:mod:`geodns.countries`), so a memo hit still costs one increment.
+        self.slots: dict[tuple[str, ReplyInfo, str | None], int] = {}
         self.computed: list[int] = []
         self.hits: list[int] = []
         self.latency: dict[str, list[int]] = {}
@@ -143,11 +145,12 @@ class DnsMetrics:
         )
         registry.register(_TallyCollector(self))
 
-    def slot(self, transport: str, info: ReplyInfo) -> int:
+    def slot(self, transport: str, info: ReplyInfo, country: str | None = None) -> int:
         """The slot of this kind of reply (created on first use)."""
-        slot = self.slots.get((transport, info))
+        key = (transport, info, country)
+        slot = self.slots.get(key)
         if slot is None:
-            slot = self.slots[(transport, info)] = len(self.computed)
+            slot = self.slots[key] = len(self.computed)
             self.computed.append(0)
             self.hits.append(0)
         return slot
@@ -165,12 +168,25 @@ class DnsMetrics:
         info = ReplyInfo(
             reply.qtype, reply.rcode, reply.truncated, reply.ecs, reply.fast, reply.targets
         )
-        slot = self.slot(transport, info)
+        slot = self.slot(transport, info, reply.country)
         self.computed[slot] += 1
         self.timed(transport, seconds)
         if reply.error is not None:
             self.errors += 1
         return slot
+
+    def answer_counts(self) -> dict[str, dict[str, int]]:
+        """Geo names' answers so far: by client country and by target chosen (the POP or
+        region), both transports, memo hits included (what the status page shows)."""
+        by_country: dict[str, int] = {}
+        by_target: dict[str, int] = {}
+        for (_, info, country), slot in list(self.slots.items()):
+            count = self.computed[slot] + self.hits[slot]
+            if country is not None:
+                by_country[country] = by_country.get(country, 0) + count
+            for target in info.targets:
+                by_target[target] = by_target.get(target, 0) + count
+        return {"by_country": by_country, "by_target": by_target}
 
 
 def _qtype_label(qtype: int | None) -> str:
@@ -192,7 +208,8 @@ class _TallyCollector(Collector):
         answers: dict[str, int] = {}
         path = {True: 0, False: 0}
         hits: dict[str, int] = {}
-        for (transport, info), slot in list(m.slots.items()):
+        by_country: dict[str, int] = {}
+        for (transport, info, country), slot in list(m.slots.items()):
             qtype, rcode, was_truncated, had_ecs, fast, targets = info
             computed, memo_hits = m.computed[slot], m.hits[slot]
             count = computed + memo_hits
@@ -204,6 +221,8 @@ class _TallyCollector(Collector):
                 truncated[transport] = truncated.get(transport, 0) + count
             for target in targets:
                 answers[target] = answers.get(target, 0) + count
+            if country is not None:
+                by_country[country] = by_country.get(country, 0) + count
             path[fast] += count
             hits[transport] = hits.get(transport, 0) + memo_hits
         family = CounterMetricFamily(
@@ -231,6 +250,14 @@ class _TallyCollector(Collector):
         )
         for target, count in answers.items():
             family.add_metric([target], count)
+        yield family
+        family = CounterMetricFamily(
+            "meridian_dns_answers_by_country",
+            "Geo names' answers by client country (ECS subnet, else sender; bounded labels)",
+            labels=["country"],
+        )
+        for country, count in by_country.items():
+            family.add_metric([country], count)
         yield family
         family = CounterMetricFamily(
             "meridian_dns_path", "Queries by responder path (fast: memoized wire)", labels=["path"]
@@ -531,8 +558,8 @@ class DnsServer:
         pending.responder.install(pending.responder.compile(self.monitor.snapshot))
         self._pending = pending
 
-    def _udp_slot(self, info: ReplyInfo) -> int:
-        return self.metrics.slot("udp", info)
+    def _udp_slot(self, info: ReplyInfo, country: str | None) -> int:
+        return self.metrics.slot("udp", info, country)
 
     def _compile_soon(self) -> None:
         """Compile the geo answers for the current health in a thread, off the hot path; the
@@ -763,7 +790,7 @@ class DnsServer:
         else:
             out = data[:2] + quick.tail
             metrics = self.metrics
-            slot = metrics.slot("udp", quick.info)
+            slot = metrics.slot("udp", quick.info, quick.country)
             metrics.computed[slot] += 1
             elapsed = time.perf_counter() - started
             metrics.timed("udp", elapsed)
@@ -901,6 +928,7 @@ class DnsServer:
                 "health_generation": self.monitor.snapshot.generation,
                 "health": self.monitor.status(),
                 "listening": {"udp": _fmt(self.udp_address), "tcp": _fmt(self.tcp_address)},
+                "answers": self.metrics.answer_counts(),
             }
         )
 

@@ -23,6 +23,7 @@ from edge.statusboard import (
     StatusBoard,
     TrafficSample,
     TrafficWindow,
+    combine_traffic,
     quantile,
     service_state,
 )
@@ -91,6 +92,66 @@ def test_traffic_window_rates_span_the_window_and_stay_bounded() -> None:
     assert len(window) <= 8
     assert window.summary()["window"] >= 60.0
     assert window.summary()["requests_per_second"] == 10.0
+
+
+def _window(*samples: TrafficSample) -> TrafficWindow:
+    window = TrafficWindow(window=60.0, keep=8)
+    for sample in samples:
+        window.add(sample)
+    return window
+
+
+def _histogram(at: float, requests: int, found: int, missed: int, slow: int) -> TrafficSample:
+    """``requests`` of which ``slow`` took 0.1-0.2 s, the rest under 10 ms."""
+    return TrafficSample(
+        at,
+        requests,
+        found,
+        missed,
+        (requests - slow, slow, 0),
+        (0.01, 0.2),
+        {"502 upstream": float(slow)},
+        {"api": requests - slow, "slow": slow},
+    )
+
+
+def test_workers_add_up_to_what_one_window_of_all_their_traffic_says() -> None:
+    # Two workers over the same 10 s: the first fast and hitting, the second slow and missing.
+    a = _window(_histogram(0.0, 0, 0, 0, 0), _histogram(10.0, 100, 99, 1, 0))
+    b = _window(_histogram(0.0, 0, 0, 0, 0), _histogram(10.0, 20, 0, 20, 20))
+    together = _window(_histogram(0.0, 0, 0, 0, 0), _histogram(10.0, 120, 99, 21, 20))
+    combined = combine_traffic([a.summary(), b.summary()])
+    expected = together.summary()
+    for key in ("requests_per_second", "hit_ratio", "errors", "top_routes", "counts"):
+        assert combined[key] == expected[key], key
+    assert combined["p50"] == pytest.approx(expected["p50"])
+    assert combined["p99"] == pytest.approx(expected["p99"])
+    # Not any one worker's figures: p99 is the slow worker's range, the hit ratio neither's.
+    assert combined["hit_ratio"] == round(99 / 120, 4)
+    assert a.summary()["p99"] is not None and combined["p99"] > a.summary()["p99"]
+    assert combined["workers"] == 2
+    assert combine_traffic([a.summary()])["p50"] == a.summary()["p50"]
+    # Before a worker has two samples it adds nothing.
+    assert combine_traffic([a.summary(), _window().summary()])["counts"] == a.summary()["counts"]
+
+
+def test_combining_reads_a_sibling_summary_as_hostile_input() -> None:
+    good = _window(_histogram(0.0, 0, 0, 0, 0), _histogram(10.0, 100, 90, 10, 0)).summary()
+    hostile: list[dict[str, Any]] = [
+        {"counts": "nope"},
+        {"requests_per_second": float("nan"), "counts": {"requests": -5, "found": "x"}},
+        {"requests_per_second": True, "counts": {"buckets": list(range(10_000))}},
+        {"errors": {str(n): 1 for n in range(10_000)}, "counts": {"route_rates": [1, 2]}},
+        {"counts": {"route_rates": {f"r{n}": 1e300 for n in range(10_000)}}},
+        {"counts": {"buckets": ["a", None], "bounds": [{}, []]}},
+    ]
+    combined = combine_traffic([good, *hostile])
+    assert combined["requests_per_second"] == good["requests_per_second"]
+    assert combined["hit_ratio"] == good["hit_ratio"]
+    assert combined["p50"] == good["p50"]
+    assert len(combined["errors"]) <= 64
+    assert len(combined["counts"]["route_rates"]) <= 32
+    json.dumps(combined, allow_nan=False)
 
 
 def test_availability_counts_uptime_and_latency_per_hour_and_day_in_bounded_minutes() -> None:
@@ -401,4 +462,58 @@ async def test_with_workers_the_page_adds_up_requests_and_lists_each_worker(
             sibling = edge.status()["workers"]["1"]
             assert "requests_per_second" in sibling["traffic"]
             assert "scale_hint" in sibling["scaling"]
+            # One render: the headline requests/s is the sum of the workers' rows.
+            shown = await page.evaluate(
+                "[document.getElementById('rps').textContent,"
+                " [...document.querySelectorAll('#workers tr')].slice(1)"
+                ".map((r) => parseFloat(r.cells[2].textContent))]"
+            )
+            assert float(shown[0]) == pytest.approx(sum(shown[1]), abs=0.11), shown
             assert page.errors == []
+
+
+def test_with_workers_the_status_adds_up_every_worker_traffic(tmp_path: Path) -> None:
+    """A real two-worker edge: requests spread over both workers; /status's traffic (what the
+    page shows) is the sum of the workers' windows, not worker 0's."""
+    with processes() as procs:
+        origin = Origin("eu-central", tmp_path)
+        procs.append(origin)
+        origin.ready()
+        config = write_config(
+            tmp_path / "edge.yaml", {"eu-central": region(*LOCATIONS["eu-central"], [origin.url])}
+        )
+        edge = Edge(config, "fra", tmp_path, workers=2)
+        procs.append(edge)
+        edge.ready()
+        poll_until(lambda: edge.status().get("workers", {}).get("1", {}).get("up"))
+        sent = 60
+        for _ in range(sent):  # fresh connections: the kernel spreads them over both workers
+            code, _, _ = http_request(edge.port, "GET", "/api/v1/ticker/BTC-USD")
+            assert code == 200
+
+        def counted() -> dict[str, Any] | None:
+            document = edge.status()
+            return document if document["traffic"]["counts"]["requests"] == sent else None
+
+        # Each worker samples its window every SAMPLE_EVERY seconds, on its own timer.
+        document = poll_until(counted, within=15, every=0.2)
+        own = document["worker_traffic"]["counts"]
+        sibling = document["workers"]["1"]["traffic"]["counts"]
+        total = document["traffic"]
+        assert own["requests"] > 0 and sibling["requests"] > 0, (own, sibling)
+        assert total["counts"]["requests"] == own["requests"] + sibling["requests"] == sent
+        # Each worker's L1 missed once: the hit ratio is all hits over all lookups.
+        found = own["found"] + sibling["found"]
+        looked_up = own["looked_up"] + sibling["looked_up"]
+        assert looked_up == sent and found == sent - 2
+        assert total["hit_ratio"] == round(found / looked_up, 4)
+        assert total["counts"]["buckets"] == [
+            a + b for a, b in zip(own["buckets"], sibling["buckets"], strict=True)
+        ]
+        assert total["p99"] == quantile(0.99, total["counts"]["buckets"], own["bounds"])
+        rates = (
+            document["worker_traffic"]["requests_per_second"]
+            + document["workers"]["1"]["traffic"]["requests_per_second"]
+        )
+        assert total["requests_per_second"] == pytest.approx(rates, abs=0.002)
+        assert total["workers"] == 2

@@ -335,6 +335,17 @@ def geodns() -> dict[str, Any]:
         unit="qps",
     )
     b.panel(
+        "Answers by client country (top 10)",
+        [
+            (
+                "topk(10, sum by (country) "
+                f"(rate(meridian_dns_answers_by_country_total{{{NS}}}[{RATE}])))",
+                "{{country}}",
+            )
+        ],
+        unit="qps",
+    )
+    b.panel(
         "Answer time p99",
         [
             (
