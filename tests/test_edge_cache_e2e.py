@@ -269,13 +269,18 @@ async def test_stale_while_revalidate_refreshes_exactly_once(world):
             async with session.get(edge.base + path) as response:
                 return response.headers["X-Cache"], await response.read()
 
+        started = time.monotonic()
         answers = await asyncio.gather(*(one() for _ in range(50)))
+        elapsed = time.monotonic() - started
     assert {body for _, body in answers} == {body}
     assert "STALE" in {cache for cache, _ in answers}
     assert {cache for cache, _ in answers} <= {"STALE", "HIT"}
-    await asyncio.to_thread(poll_until, lambda: market.count(path) == before + 2)
+    await asyncio.to_thread(poll_until, lambda: market.count(path) >= before + 2)
     await asyncio.sleep(0.05)
-    assert await asyncio.to_thread(market.count, path) == before + 2  # one fill, one refresh
+    refreshes = await asyncio.to_thread(market.count, path) - before - 1  # less the fill
+    # One refresh for the 50 stale requests; on a machine so loaded that answering them took
+    # longer than the TTL, the refreshed copy went stale in turn: one more per TTL passed.
+    assert 1 <= refreshes <= 1 + int(elapsed / 0.3), (refreshes, elapsed)
     assert edge.metric("meridian_cache_stale_served_total", reason="while_revalidate") >= 1
 
 
