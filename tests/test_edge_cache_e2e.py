@@ -272,7 +272,9 @@ async def test_stale_while_revalidate_refreshes_exactly_once(world):
         started = time.monotonic()
         answers = await asyncio.gather(*(one() for _ in range(50)))
         elapsed = time.monotonic() - started
-    assert {body for _, body in answers} == {body}
+    # Stale answers are the stored body; a HIT after the refresh may carry the origin's next
+    # second's ticker.
+    assert {answer for cache, answer in answers if cache == "STALE"} == {body}
     assert "STALE" in {cache for cache, _ in answers}
     assert {cache for cache, _ in answers} <= {"STALE", "HIT"}
     await asyncio.to_thread(poll_until, lambda: market.count(path) >= before + 2)
