@@ -17,7 +17,6 @@ MAX_CLASS_LINES = 300
 #: Sentinel/Cluster topologies).
 OVERSIZED = {
     "edge/cache/__init__.py:HttpCache",
-    "edge/cache/entry.py:Entry",
     "edge/cache/redis_l2.py:RedisL2",
     "edge/protocol.py:EdgeConnection",
 }

@@ -21,7 +21,6 @@ about growth through ``on_resize``.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,7 +29,7 @@ from typing import Final
 
 from .key import METHOD_CLASS_GET, Coding
 from .policy import Freshness, Header, not_modified, parse_http_date
-from .ranges import UNSATISFIABLE, content_range, if_range_holds, parse_range, worth_multipart
+from .ranges import UNSATISFIABLE, if_range_holds, parse_range, partial_content
 
 Compressor = Callable[[bytes, str], bytes]
 
@@ -131,71 +130,41 @@ def with_lines(wire: bytes, lines: bytes) -> bytes:
     return wire[:at] + lines + wire[at:]
 
 
-class Entry:
-    """A stored response plus its pre-built wire forms.  Mutated only by its own caches."""
+class ResponseForms:
+    """What an entry builds from its stored response, and keeps while it is worth keeping: the
+    compressed variants, the head of each coding, and the last full response of each shape per
+    Age second (``Entry.wire``).  Every byte kept is counted in ``size`` and reported through
+    ``on_resize`` (the store's bound holds in RSS)."""
 
     __slots__ = (
-        "__weakref__",  # HitMemo refers to its entry weakly: a memo must not keep one alive
         "_age0",
-        "_aliases",
         "_compressor",
         "_head0",
         "_house",
         "_variants",
         "_wire",
         "_wire0",
-        "etag",
-        "last_modified_raw",
         "on_resize",
-        "primary",
         "response",
         "size",
-        "visited",
     )
 
     def __init__(
         self,
         response: StoredResponse,
-        *,
-        key: bytes,
-        primary: bytes,
-        url: bytes,
-        compressor: Compressor | None = None,
-        extra_head: bytes = b"",
-        hidden: frozenset[bytes] = frozenset(),
+        compressor: Compressor | None,
+        extra_head: bytes,
+        hidden: frozenset[bytes],
     ) -> None:
-        """``hidden``: stored fields never sent on (the RFC 9213 fields the cache consumed;
-        kept in ``response.headers`` so that a 304 without them leaves their policy in force)."""
         self.response = response
-        self.primary = primary
-        # The store key is the primary key itself unless the response varies (Vary), and the
-        # URL is the primary key after its method class (``key.METHOD_CLASS_GET``): each kept
-        # only when it is not (the URL's copy alone was 70 B of every entry).
-        own_key = key != primary
-        own_url = primary[_CLASS_LENGTH:] != url
-        self._aliases: tuple[bytes, bytes] | None = (key, url) if own_key or own_url else None
-        self._compressor = (
-            compressor
-            if response.compressible
-            and response.content_coding is None
-            and response.status not in _NO_CONTENT_LENGTH
-            and response.body
-            else None
-        )
+        #: Set for responses worth compressing only (``Entry.__init__``).
+        self._compressor = compressor
         #: What every entry of one cache shares (one tuple for all: a slot, not two).
         self._house = _house(extra_head, hidden)
-        etag = lm_raw = None
-        for name, value in response.headers:
-            if name == b"etag" and etag is None:
-                etag = value.strip() or None
-            elif name == b"last-modified" and lm_raw is None:
-                lm_raw = value
-        self.etag: bytes | None = etag
-        self.last_modified_raw: bytes | None = lm_raw
-        # What a hit builds is kept lean: a dict costs 64 B empty and 224 B with one item, and
-        # most of a large cache is entries served in one coding and one shape.  So the
-        # identity head and the plain identity HIT response have slots of their own, and the
-        # dicts for the other codings and shapes are made when first needed.
+        # Kept lean: a dict costs 64 B empty and 224 B with one item, and most of a large
+        # cache is entries served in one coding and one shape.  So the identity head and the
+        # plain identity HIT response have slots of their own, and the dicts for the other
+        # codings and shapes are made when first needed.
         #: Coding -> body; None marks a coding whose compressed form did not shrink.
         self._variants: dict[str, bytes | None] | None = None
         #: The identity head (the others are in ``_wire``, under ``_HEAD_SLOT + index``).
@@ -210,79 +179,14 @@ class Entry:
         #: has to walk (with a tuple per rebuilt response, every entry hit in a new second went
         #: back into the young generation, and collections walked entries all over the heap).
         self._wire: dict[int, int | bytes] | None = None
-        self.visited = False
-        self.on_resize: Callable[[Entry, int], None] | None = None
-        self.size = (
-            ENTRY_OVERHEAD
-            + INDEX_OVERHEAD
-            + len(url)  # the index's copy of the path segment, at most the URL
-            + len(primary)
-            + (len(key) + len(url) if self._aliases is not None else 0)
-            + len(response.body)
-            + sum(len(n) + len(v) + HEADER_OVERHEAD for n, v in response.headers)
-        )
-
-    # ----------------------------------------------------------------------------------------
-    # Accessors
-
-    @property
-    def key(self) -> bytes:
-        aliases = self._aliases
-        return self.primary if aliases is None else aliases[0]
-
-    @property
-    def date(self) -> float | None:
-        """The stored Date (conditional requests and If-Range only: not kept per entry)."""
-        for name, value in self.response.headers:
-            if name == b"date":
-                return parse_http_date(value)  # memoised
-        return None
-
-    @property
-    def last_modified(self) -> float | None:
-        return parse_http_date(self.last_modified_raw)  # memoised
-
-    @property
-    def url(self) -> bytes:
-        aliases = self._aliases
-        return self.primary[_CLASS_LENGTH:] if aliases is None else aliases[1]
-
-    @property
-    def freshness(self) -> Freshness:
-        return self.response.freshness
-
-    @property
-    def status(self) -> int:
-        return self.response.status
-
-    @property
-    def body(self) -> bytes:
-        return self.response.body
+        self.on_resize: Callable[[ResponseForms, int], None] | None = None
+        self.size = 0
 
     @property
     def compressible(self) -> bool:
         return self._compressor is not None
 
-    def age(self, now: float) -> int:
-        """The Age header value at ``now`` (integer seconds, RFC 9111 5.1)."""
-        age = int(self.response.freshness.age(now))
-        return age if age < _MAX_AGE_VALUE else _MAX_AGE_VALUE
-
-    def not_modified_for(
-        self, if_none_match: bytes | None, if_modified_since: bytes | None
-    ) -> bool:
-        """Whether a client's conditional request is answered 304 from this entry."""
-        return not_modified(
-            self.response.status,
-            self.etag,
-            self.last_modified,
-            self.date,
-            if_none_match,
-            if_modified_since,
-        )
-
-    # ----------------------------------------------------------------------------------------
-    # Variants
+    # Variants and heads
 
     def needs_variant(self, coding: str) -> bool:
         """True when serving ``coding`` would compress first (the edge may do it off-loop)."""
@@ -369,6 +273,176 @@ class Entry:
         if compressed:
             lines.append(b"content-encoding: " + coding.encode("ascii") + b"\r\n")
         return lines
+
+    # Cached response forms
+
+    def slot_of(self, data: bytes) -> int | None:
+        """The cache slot holding exactly ``data`` (this object), or None when it was built
+        for one request only (HitMemo replays cached forms, never keeps its own copy)."""
+        if data is self._wire0:
+            return 0
+        for slot, value in (self._wire or {}).items():
+            if value is data:
+                return slot
+        return None
+
+    def cached_wire(self, slot: int) -> bytes | None:
+        """The response cached in ``slot`` (``slot_of``), None when it was rebuilt since (a new
+        Age second): a memo of the old bytes no longer applies."""
+        if slot == 0:
+            return self._wire0
+        wire = self._wire.get(slot) if self._wire is not None else None
+        return wire if isinstance(wire, bytes) else None
+
+    def _remember(self, slot: int, age: int, data: bytes | None) -> None:
+        """Note that ``slot`` was built for ``age``, keeping the bytes (``data``) only when
+        they were asked for twice within that Age second.  A response built once per Age - a
+        key hit less than once a second, most of a large cache - is not kept: it would be a
+        second copy of the body for nothing (6.4 -> 3.9 KB per cached 2 KB ticker at 100,000
+        keys).  Counted: the Age marker's dict slot once, the bytes while kept."""
+        if slot == 0:
+            self._age0 = age
+            old0, self._wire0 = self._wire0, data
+            delta = (len(data) + BYTES_OVERHEAD if data is not None else 0) - (
+                len(old0) + BYTES_OVERHEAD if old0 is not None else 0
+            )
+            if delta:
+                self._grow(delta)
+            return
+        wire = self._wire
+        if wire is None:
+            wire = self._wire = {}
+        old = wire.get(slot)
+        delta = 0 if slot + _AGE_OF in wire else GROWN_OBJECT_OVERHEAD
+        wire[slot + _AGE_OF] = age
+        if isinstance(old, bytes):
+            delta -= len(old) + GROWN_OBJECT_OVERHEAD
+            if data is None:
+                del wire[slot]
+        if data is not None:
+            wire[slot] = data
+            delta += len(data) + GROWN_OBJECT_OVERHEAD
+        if delta:
+            self._grow(delta)
+
+    def _grow(self, delta: int) -> None:
+        self.size += delta
+        if self.on_resize is not None:
+            self.on_resize(self, delta)
+
+
+class Entry(ResponseForms):
+    """A stored response plus its pre-built wire forms.  Mutated only by its own caches."""
+
+    __slots__ = (
+        "__weakref__",  # HitMemo refers to its entry weakly: a memo must not keep one alive
+        "_aliases",
+        "etag",
+        "last_modified_raw",
+        "primary",
+        "visited",
+    )
+
+    def __init__(
+        self,
+        response: StoredResponse,
+        *,
+        key: bytes,
+        primary: bytes,
+        url: bytes,
+        compressor: Compressor | None = None,
+        extra_head: bytes = b"",
+        hidden: frozenset[bytes] = frozenset(),
+    ) -> None:
+        """``hidden``: stored fields never sent on (the RFC 9213 fields the cache consumed;
+        kept in ``response.headers`` so that a 304 without them leaves their policy in force)."""
+        compressible = (
+            response.compressible
+            and response.content_coding is None
+            and response.status not in _NO_CONTENT_LENGTH
+            and response.body
+        )
+        super().__init__(response, compressor if compressible else None, extra_head, hidden)
+        self.primary = primary
+        # The store key is the primary key itself unless the response varies (Vary), and the
+        # URL is the primary key after its method class (``key.METHOD_CLASS_GET``): each kept
+        # only when it is not (the URL's copy alone was 70 B of every entry).
+        own_key = key != primary
+        own_url = primary[_CLASS_LENGTH:] != url
+        self._aliases: tuple[bytes, bytes] | None = (key, url) if own_key or own_url else None
+        etag = lm_raw = None
+        for name, value in response.headers:
+            if name == b"etag" and etag is None:
+                etag = value.strip() or None
+            elif name == b"last-modified" and lm_raw is None:
+                lm_raw = value
+        self.etag: bytes | None = etag
+        self.last_modified_raw: bytes | None = lm_raw
+        self.visited = False
+        self.size = (
+            ENTRY_OVERHEAD
+            + INDEX_OVERHEAD
+            + len(url)  # the index's copy of the path segment, at most the URL
+            + len(primary)
+            + (len(key) + len(url) if self._aliases is not None else 0)
+            + len(response.body)
+            + sum(len(n) + len(v) + HEADER_OVERHEAD for n, v in response.headers)
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Accessors
+
+    @property
+    def key(self) -> bytes:
+        aliases = self._aliases
+        return self.primary if aliases is None else aliases[0]
+
+    @property
+    def date(self) -> float | None:
+        """The stored Date (conditional requests and If-Range only: not kept per entry)."""
+        for name, value in self.response.headers:
+            if name == b"date":
+                return parse_http_date(value)  # memoised
+        return None
+
+    @property
+    def last_modified(self) -> float | None:
+        return parse_http_date(self.last_modified_raw)  # memoised
+
+    @property
+    def url(self) -> bytes:
+        aliases = self._aliases
+        return self.primary[_CLASS_LENGTH:] if aliases is None else aliases[1]
+
+    @property
+    def freshness(self) -> Freshness:
+        return self.response.freshness
+
+    @property
+    def status(self) -> int:
+        return self.response.status
+
+    @property
+    def body(self) -> bytes:
+        return self.response.body
+
+    def age(self, now: float) -> int:
+        """The Age header value at ``now`` (integer seconds, RFC 9111 5.1)."""
+        age = int(self.response.freshness.age(now))
+        return age if age < _MAX_AGE_VALUE else _MAX_AGE_VALUE
+
+    def not_modified_for(
+        self, if_none_match: bytes | None, if_modified_since: bytes | None
+    ) -> bool:
+        """Whether a client's conditional request is answered 304 from this entry."""
+        return not_modified(
+            self.response.status,
+            self.etag,
+            self.last_modified,
+            self.date,
+            if_none_match,
+            if_modified_since,
+        )
 
     # ----------------------------------------------------------------------------------------
     # Wire forms
@@ -508,93 +582,16 @@ class Entry:
                     tail,
                 )
             )
-        lines = [b"HTTP/1.1 206 Partial Content\r\n"]
-        header_lines = self._header_lines("identity")
-        if len(spans) == 1:
-            first, last = spans[0]
-            lines.extend(header_lines)
-            lines.append(b"content-range: " + content_range(spans[0], length) + b"\r\n")
-            lines.append(b"content-length: %d\r\n" % (last - first + 1))
-            payload = body[first : last + 1]
-        else:
-            content_type: bytes | None = None
-            for name, value in response.headers:
-                if name == b"content-type":
-                    content_type = value
-                    break
-            if not worth_multipart(spans, length, content_type):
-                return None
-            boundary = secrets.token_hex(12).encode("ascii")  # 24 characters, as budgeted
-            type_line = b"content-type: " + content_type + b"\r\n" if content_type else b""
-            parts: list[bytes] = []
-            for span in spans:
-                parts.append(b"\r\n--" + boundary + b"\r\n" + type_line)
-                parts.append(b"content-range: " + content_range(span, length) + b"\r\n\r\n")
-                parts.append(body[span[0] : span[1] + 1])
-            parts.append(b"\r\n--" + boundary + b"--\r\n")
-            payload = b"".join(parts)
-            lines.extend(line for line in header_lines if not line.startswith(b"content-type:"))
-            lines.append(b"content-type: multipart/byteranges; boundary=" + boundary + b"\r\n")
-            lines.append(b"content-length: %d\r\n" % len(payload))
+        content_type = next((v for n, v in response.headers if n == b"content-type"), None)
+        partial = partial_content(body, spans, content_type, self._header_lines("identity"))
+        if partial is None:
+            return None
+        lines, payload = partial
         lines.append(self._house[0])
         lines.append(extra)
         lines.append(tail)
         lines.append(payload)
         return b"".join(lines)
-
-    def slot_of(self, data: bytes) -> int | None:
-        """The cache slot holding exactly ``data`` (this object), or None when it was built
-        for one request only (HitMemo replays cached forms, never keeps its own copy)."""
-        if data is self._wire0:
-            return 0
-        for slot, value in (self._wire or {}).items():
-            if value is data:
-                return slot
-        return None
-
-    def cached_wire(self, slot: int) -> bytes | None:
-        """The response cached in ``slot`` (``slot_of``), None when it was rebuilt since (a new
-        Age second): a memo of the old bytes no longer applies."""
-        if slot == 0:
-            return self._wire0
-        wire = self._wire.get(slot) if self._wire is not None else None
-        return wire if isinstance(wire, bytes) else None
-
-    def _remember(self, slot: int, age: int, data: bytes | None) -> None:
-        """Note that ``slot`` was built for ``age``, keeping the bytes (``data``) only when
-        they were asked for twice within that Age second.  A response built once per Age - a
-        key hit less than once a second, most of a large cache - is not kept: it would be a
-        second copy of the body for nothing (6.4 -> 3.9 KB per cached 2 KB ticker at 100,000
-        keys).  Counted: the Age marker's dict slot once, the bytes while kept."""
-        if slot == 0:
-            self._age0 = age
-            old0, self._wire0 = self._wire0, data
-            delta = (len(data) + BYTES_OVERHEAD if data is not None else 0) - (
-                len(old0) + BYTES_OVERHEAD if old0 is not None else 0
-            )
-            if delta:
-                self._grow(delta)
-            return
-        wire = self._wire
-        if wire is None:
-            wire = self._wire = {}
-        old = wire.get(slot)
-        delta = 0 if slot + _AGE_OF in wire else GROWN_OBJECT_OVERHEAD
-        wire[slot + _AGE_OF] = age
-        if isinstance(old, bytes):
-            delta -= len(old) + GROWN_OBJECT_OVERHEAD
-            if data is None:
-                del wire[slot]
-        if data is not None:
-            wire[slot] = data
-            delta += len(data) + GROWN_OBJECT_OVERHEAD
-        if delta:
-            self._grow(delta)
-
-    def _grow(self, delta: int) -> None:
-        self.size += delta
-        if self.on_resize is not None:
-            self.on_resize(self, delta)
 
     # ----------------------------------------------------------------------------------------
     # Derivation

@@ -11,6 +11,7 @@ for more than ``MAX_RANGES`` ranges, or for ranges that add up to more than the 
 
 from __future__ import annotations
 
+import secrets
 from typing import Final
 
 from .policy import opaque_tag, parse_http_date
@@ -113,6 +114,37 @@ def content_range(span: Span, length: int) -> bytes:
     return b"bytes %d-%d/%d" % (span[0], span[1], length)
 
 
+def partial_content(
+    body: bytes, spans: tuple[Span, ...], content_type: bytes | None, header_lines: list[bytes]
+) -> tuple[list[bytes], bytes] | None:
+    """The 206's status line and header lines (``header_lines``: the stored response's, one
+    ``name: value\r\n`` each; Content-Range and Content-Length added) and its payload, or None
+    when a multipart answer is not worth it (``worth_multipart``): the whole body is then."""
+    length = len(body)
+    lines = [b"HTTP/1.1 206 Partial Content\r\n"]
+    if len(spans) == 1:
+        first, last = spans[0]
+        lines.extend(header_lines)
+        lines.append(b"content-range: " + content_range(spans[0], length) + b"\r\n")
+        lines.append(b"content-length: %d\r\n" % (last - first + 1))
+        return lines, body[first : last + 1]
+    if not worth_multipart(spans, length, content_type):
+        return None
+    boundary = secrets.token_hex(12).encode("ascii")  # 24 characters, as budgeted
+    type_line = b"content-type: " + content_type + b"\r\n" if content_type else b""
+    parts: list[bytes] = []
+    for span in spans:
+        parts.append(b"\r\n--" + boundary + b"\r\n" + type_line)
+        parts.append(b"content-range: " + content_range(span, length) + b"\r\n\r\n")
+        parts.append(body[span[0] : span[1] + 1])
+    parts.append(b"\r\n--" + boundary + b"--\r\n")
+    payload = b"".join(parts)
+    lines.extend(line for line in header_lines if not line.startswith(b"content-type:"))
+    lines.append(b"content-type: multipart/byteranges; boundary=" + boundary + b"\r\n")
+    lines.append(b"content-length: %d\r\n" % len(payload))
+    return lines, payload
+
+
 __all__ = [
     "MAX_RANGES",
     "MAX_RANGE_VALUE",
@@ -122,5 +154,6 @@ __all__ = [
     "content_range",
     "if_range_holds",
     "parse_range",
+    "partial_content",
     "worth_multipart",
 ]

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
-from .entry import Entry
+from .entry import Entry, ResponseForms
 from .key import VARIANT_SEPARATOR, Negotiator, negotiate_coding, vary_key
 from .policy import Headers
 from .purge_queue import path_of
@@ -204,7 +204,7 @@ class MemoryStore:
         #: per entry would be one more object per entry, and one the cyclic GC tracks.  Entry
         #: -> this -> store -> ``_entries`` -> entry is a cycle; ``_unlink`` and ``clear`` break
         #: it, so a removed entry is freed by reference counting alone (no GC pass needed).
-        self._on_resize: Callable[[Entry, int], None] = self._resized
+        self._on_resize: Callable[[ResponseForms, int], None] = self._resized
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -269,7 +269,7 @@ class MemoryStore:
         self.evict()
         return True
 
-    def _resized(self, entry: Entry, delta: int) -> None:
+    def _resized(self, entry: ResponseForms, delta: int) -> None:
         self.bytes += delta
         if delta > 0 and self.bytes > self.max_bytes:
             self.evict()
