@@ -81,14 +81,12 @@ Metrics (a collector on the registry, plain integer counters on the hot path):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import hmac
 import time
 import weakref
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Final, NamedTuple
 
 from prometheus_client import CollectorRegistry
@@ -151,7 +149,9 @@ from .policy import (
     worth_storing,
 )
 from .purge_queue import PurgeBacklog
-from .redis_l2 import NO_LOCK, PurgeMessage, RedisL2, RedisTarget
+from .purging import KINDS, SOFT_PURGE, PurgeResult, Purges
+from .purging import soft as soft_kind
+from .redis_l2 import NO_LOCK, RedisL2, RedisTarget
 from .store import MemoryStore
 
 log = get_logger("cache")
@@ -311,23 +311,6 @@ class Filled(NamedTuple):
     entry: Entry | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class PurgeResult:
-    #: Entries removed from this instance's L1.
-    local: int
-    #: Keys deleted in Redis.
-    shared: int
-    #: Whether the purge was broadcast to the POP's other instances.
-    propagated: bool
-    #: The purge as the cache applied it, normalised (``purge_local`` takes the same pair):
-    #: primary | url_prefix | path_prefix | tag, and the key, prefix or tag.
-    kind: str = ""
-    value: bytes = b""
-    #: Redis did not take it now (stalled, down): kept and retried with backoff until it does
-    #: (``meridian_cache_purges_pending``); the L2 copies it covers are not used meanwhile.
-    queued: bool = False
-
-
 class _Outcome(NamedTuple):
     """A fill's result, independent of which of the coalesced requests reads it."""
 
@@ -389,6 +372,9 @@ class CacheMetrics(Collector):
 
     def count_waiter(self) -> None:
         self.coalesced_waiters += 1
+
+    def count_purge_retry(self) -> None:
+        self.purge_retries += 1
 
     def collect(self) -> Iterable[Metric]:
         store = self._cache.store
@@ -503,18 +489,6 @@ def _key_memo_bytes(config: CacheConfig) -> int:
 
 
 #: A purge kind with this prefix marks stale instead of removing (``purge_url(soft=True)``).
-SOFT_PURGE: Final = "soft_"
-
-
-def _soft(kind: str, soft: bool) -> str:
-    return SOFT_PURGE + kind if soft else kind
-
-
-def _path_starts_with(url: bytes, prefix: bytes) -> bool:
-    start = url.find(b"/", url.find(b"://") + 3)
-    return start != -1 and url.startswith(prefix, start)
-
-
 class HttpCache:
     """The edge cache; see the module docstring for the call sequence."""
 
@@ -549,7 +523,6 @@ class HttpCache:
         self._compress_offload_above = compress_offload_above
         self._honour_request_no_cache = honour_request_no_cache
         self._cross_instance_wait = cross_instance_wait
-        self._purge_race_window = purge_race_window
         self._extra_head = b"".join(n + b": " + v + b"\r\n" for n, v in extra_headers)
         self._set_targets(config)
         self._only_if_cached_wire = (
@@ -580,13 +553,14 @@ class HttpCache:
             l2.on_error = self.metrics.count_redis_error
         self.l2 = l2
         self._tasks: set[asyncio.Task[Any]] = set()
-        #: Recent purges, so a fill that raced one is not stored: by primary key (frequent:
-        #: every unsafe request) and the rest (admin prefix/tag purges, rare), in time order.
-        self._purged_primaries: dict[bytes, float] = {}
-        self._purges: deque[tuple[float, str, bytes]] = deque()
-        #: Purges whose Redis half failed, retried by ``_retry_purges`` until Redis takes them.
-        self.purge_backlog = purge_backlog or PurgeBacklog()
-        self._purge_retrier: asyncio.Task[None] | None = None
+        self.purges = Purges(
+            self.store,
+            l2,
+            clock,
+            race_window=purge_race_window,
+            backlog=purge_backlog,
+            on_retry=self.metrics.count_purge_retry,
+        )
         #: ``edge.memos.BYPASS_LOOKUPS``, ``SERVED_CODINGS`` and ``SHARED_FIELDS``.
         self._bypass: BoundedMemo[str, Lookup] = BoundedMemo(BYPASS_LOOKUPS)
         #: The last header list ``storable_head`` parsed, and its meta (see ``_admit``).
@@ -606,7 +580,7 @@ class HttpCache:
     async def start(self) -> None:
         """Start listening for purges from the POP's other instances (no-op without Redis)."""
         if self.l2 is not None:
-            self.l2.start(self._on_purge_message, self._on_resync)
+            self.l2.start(self.purges.on_message, self._on_resync)
 
     async def drain(self) -> None:
         """Wait for fills, refreshes and Redis writes in flight (tests, graceful shutdown)."""
@@ -617,14 +591,7 @@ class HttpCache:
 
     async def aclose(self) -> None:
         await self.drain()
-        retrier, self._purge_retrier = self._purge_retrier, None
-        if retrier is not None:
-            retrier.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await retrier
-        if self.purge_backlog:
-            # Not persisted: a purge Redis never took is lost with this process.
-            log.warning("cache_purges_not_propagated", pending=len(self.purge_backlog))
+        await self.purges.aclose()
         if self.l2 is not None:
             await self.l2.aclose()
 
@@ -996,20 +963,7 @@ class HttpCache:
                 # A purge or an invalidation deletes in Redis in the background: a copy
                 # received before it must not come back from L2 in the meantime.
                 received = shared.response.freshness.response_time
-                if (
-                    (self._purges or self._purged_primaries)
-                    and self._purged_since(shared, received)
-                ) or (
-                    # Still in Redis because a purge could not reach it yet: however long
-                    # Redis was away, what that purge covers must not come back from it.
-                    self.purge_backlog
-                    and self.purge_backlog.covers(
-                        shared.primary,
-                        shared.url,
-                        shared.response.surrogate_keys,
-                        received,
-                    )
-                ):
+                if self.purges.covers(shared, received):
                     found = None
                 elif self._usable_by(shared, request):
                     if decide(shared.response.freshness, request.cc, self.clock())[0] is Use.FRESH:
@@ -1234,7 +1188,7 @@ class HttpCache:
 
     def _store(self, entry: Entry, request_time: float) -> bool:
         """Put a freshly fetched entry in L1 unless a purge raced with its fetch."""
-        if (self._purges or self._purged_primaries) and self._purged_since(entry, request_time):
+        if self.purges.raced(entry, request_time):
             return False
         if not self.store.put(entry):
             return False
@@ -1275,9 +1229,9 @@ class HttpCache:
         for url in targets:
             # The request's own URL is keyed already: only Location targets are parsed again.
             primary = key.primary if url == own_url else self.keys.from_url(url).primary
-            removed += self._apply_purge("primary", primary)
+            removed += self.purges.apply("primary", primary)
             if self.l2 is not None:
-                self._spawn(self._propagate("primary", primary, self.clock()))
+                self._spawn(self.purges.propagate("primary", primary, self.clock()))
         return removed
 
     async def purge_url(self, url: str, *, soft: bool = False) -> PurgeResult:
@@ -1287,7 +1241,7 @@ class HttpCache:
         it): served within its stale-while-revalidate window while one refresh runs, or
         revalidated (coalesced) first, so a hot key costs the origin one request, not a
         stampede.  The count is of entries marked stale."""
-        return await self._purge(_soft("primary", soft), self.keys.from_url(url).primary)
+        return await self.purges.purge(soft_kind("primary", soft), self.keys.from_url(url).primary)
 
     async def purge_prefix(self, prefix: str, *, soft: bool = False) -> PurgeResult:
         """Purge by URL prefix (``https://host/api/``) or, starting with ``/``, by path prefix
@@ -1295,16 +1249,21 @@ class HttpCache:
         ending inside the host scans) and a SCAN of Redis (see ``redis_l2``)."""
         raw = prefix.encode("latin-1")
         if raw.startswith(b"/"):
-            return await self._purge(_soft("path_prefix", soft), raw)
+            return await self.purges.purge(soft_kind("path_prefix", soft), raw)
         path, scheme, authority = split_target(raw)
         if scheme is None or authority is None:
             raise ValueError(f"not a URL or path prefix: {prefix!r}")
         url_prefix = scheme + b"://" + normalise_host(authority, scheme) + path
-        return await self._purge(_soft("url_prefix", soft), url_prefix)
+        return await self.purges.purge(soft_kind("url_prefix", soft), url_prefix)
 
     async def purge_tag(self, tag: str, *, soft: bool = False) -> PurgeResult:
         """Purge every response tagged with ``tag`` in its Surrogate-Key header."""
-        return await self._purge(_soft("tag", soft), tag.encode("utf-8"))
+        return await self.purges.purge(soft_kind("tag", soft), tag.encode("utf-8"))
+
+    @property
+    def purge_backlog(self) -> PurgeBacklog:
+        """Purges Redis has not taken yet (``Purges``)."""
+        return self.purges.backlog
 
     def check_purge_token(self, presented: bytes | str) -> bool:
         """Constant-time check of a purge request's token; always False when none is set."""
@@ -1317,129 +1276,9 @@ class HttpCache:
     def purge_local(self, kind: str, value: bytes) -> int:
         """Apply a purge another worker of this instance normalised (``PurgeResult.kind`` and
         ``value``) to this process's L1 only; returns the entries removed."""
-        if kind.removeprefix(SOFT_PURGE) not in ("primary", "url_prefix", "path_prefix", "tag"):
+        if kind.removeprefix(SOFT_PURGE) not in KINDS:
             raise ValueError(f"unknown purge kind {kind!r}")
-        return self._apply_purge(kind, value)
-
-    async def _purge(self, kind: str, value: bytes) -> PurgeResult:
-        at = self.clock()
-        local = self._apply_purge(kind, value)
-        if self.l2 is None:
-            return PurgeResult(local, 0, False, kind, value)
-        shared = await self.l2.apply_purge(kind, value)
-        if shared is None:
-            self._queue_purge(kind, value, at)
-            return PurgeResult(local, 0, False, kind, value, queued=True)
-        return PurgeResult(local, shared, True, kind, value)
-
-    async def _propagate(self, kind: str, value: bytes, at: float) -> None:
-        assert self.l2 is not None
-        if await self.l2.apply_purge(kind, value) is None:
-            self._queue_purge(kind, value, at)
-
-    def _queue_purge(self, kind: str, value: bytes, at: float) -> None:
-        """Keep a purge Redis did not take, and make sure something retries it."""
-        self.purge_backlog.add(kind, value, at)
-        log.warning(
-            "cache_purge_queued", kind=kind, pending=len(self.purge_backlog), reason="redis"
-        )
-        if self._purge_retrier is None or self._purge_retrier.done():
-            self._purge_retrier = asyncio.ensure_future(self._retry_purges())
-
-    async def _retry_purges(self) -> None:
-        """Apply pending purges to Redis until there are none: delete and broadcast each, with
-        backoff between failed rounds (each attempt also probes Redis past an open breaker)."""
-        backlog, l2 = self.purge_backlog, self.l2
-        assert l2 is not None
-        while backlog:
-            await asyncio.sleep(backlog.delay())
-            for item in backlog.batch():
-                self.metrics.purge_retries += 1
-                if await l2.apply_purge(item.kind, item.value, force=True) is None:
-                    backlog.failed()
-                    break
-                backlog.done(item)
-                log.info(
-                    "cache_purge_propagated",
-                    kind=item.kind,
-                    late_by=round(self.clock() - item.at, 3),
-                    pending=len(backlog),
-                )
-
-    def _apply_purge(self, kind: str, value: bytes) -> int:
-        """Purge L1 and remember the purge so racing fills are not stored.
-
-        A soft purge is remembered the same way: a fill or an L2 copy from before it must not
-        make fresh again what it made stale."""
-        now = self.clock()
-        self._forget_purges_before(now - self._purge_race_window)
-        if kind.startswith(SOFT_PURGE):
-            return self._soft_purge(kind.removeprefix(SOFT_PURGE), value, now)
-        if kind == "primary":
-            self._purged_primaries[value] = now
-            return self.store.remove_primary(value)
-        self._purges.append((now, kind, value))
-        if kind == "tag":
-            return self.store.purge_tag(value.decode("utf-8"))
-        if kind == "url_prefix":
-            return self.store.purge_url_prefix(value)
-        if kind == "path_prefix":
-            return self.store.purge_path_prefix(value)
-        return 0
-
-    def _soft_purge(self, kind: str, value: bytes, now: float) -> int:
-        store = self.store
-        if kind == "primary":
-            self._purged_primaries[value] = now
-            entries = store.variants_of(value)
-        else:
-            self._purges.append((now, kind, value))
-            if kind == "tag":
-                entries = store.tagged(value.decode("utf-8"))
-            elif kind == "url_prefix":
-                entries = store.with_url_prefix(value)
-            elif kind == "path_prefix":
-                entries = store.with_path_prefix(value)
-            else:
-                return 0
-        marked = 0
-        for entry in entries:
-            freshness = entry.response.freshness
-            if freshness.ttl(now) <= 0:
-                continue  # stale already
-            # Lifetime cut to the age it has now: stale from this instant, its windows intact.
-            expired = replace(freshness, lifetime=freshness.age(now))
-            if store.put(entry.refreshed(replace(entry.response, freshness=expired))):
-                marked += 1
-        return marked
-
-    def _forget_purges_before(self, horizon: float) -> None:
-        while self._purges and self._purges[0][0] < horizon:
-            self._purges.popleft()
-        if len(self._purged_primaries) > 4096:  # amortised: prune only when it has grown
-            self._purged_primaries = {
-                k: t for k, t in self._purged_primaries.items() if t >= horizon
-            }
-
-    def _purged_since(self, entry: Entry, request_time: float) -> bool:
-        purged_at = self._purged_primaries.get(entry.primary)
-        if purged_at is not None and purged_at >= request_time:
-            return True
-        self._forget_purges_before(self.clock() - self._purge_race_window)
-        for when, kind, value in self._purges:
-            if when < request_time:
-                continue
-            if kind == "tag" and value.decode("utf-8") in entry.response.surrogate_keys:
-                return True
-            if kind == "url_prefix" and entry.url.startswith(value):
-                return True
-            if kind == "path_prefix" and _path_starts_with(entry.url, value):
-                return True
-        return False
-
-    def _on_purge_message(self, message: PurgeMessage) -> None:
-        removed = self._apply_purge(message.kind, message.value)
-        log.debug("cache_purge_received", kind=message.kind, removed=removed, sender=message.sender)
+        return self.purges.apply(kind, value)
 
     def _on_resync(self) -> None:
         # Purges broadcast while we were not subscribed are lost: start L1 afresh.

@@ -558,7 +558,7 @@ class RedisL2:
     async def _purge(self, kind: str, value: bytes, force: bool) -> int | _Skipped:
         if kind.startswith("soft_"):
             # A soft purge leaves L2 alone: instances ignore copies received before it
-            # (``HttpCache._purged_since``) and the one refresh it causes overwrites them.
+            # (``Purges.covers``) and the one refresh it causes overwrites them.
             return 0
         if kind == "primary":
             return await self._purge_primary(value, force)
