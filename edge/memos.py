@@ -134,7 +134,7 @@ BYPASS_LOOKUPS: Final = MemoSpec(
 )
 SHARED_FIELDS: Final = MemoSpec(
     name="shared header fields",
-    owner="edge.cache.HttpCache._shared_fields (_pooled_headers)",
+    owner="edge.cache.admission.Admission._shared_fields (pooled)",
     key="a stored header field (name, value) that responses repeat",
     value="the one copy every stored entry shares",
     cleared_by="its bound only (entries keep the copies they hold)",

@@ -105,10 +105,10 @@ def _fill_bypass(n: int) -> BoundedMemo[Any, Any]:
 
 
 def _fill_shared_fields(n: int) -> BoundedMemo[Any, Any]:
-    cache = _cache()
+    admission = _cache().admission
     for i in range(n):
-        cache._pooled_headers([(b"x-field", b"%d" % i)])
-    return cache._shared_fields
+        admission.pooled([(b"x-field", b"%d" % i)])
+    return admission._shared_fields
 
 
 def _fill_hosts(n: int) -> BoundedMemo[Any, Any]:

@@ -85,7 +85,7 @@ import enum
 import hmac
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import replace
 from typing import Any, Final, NamedTuple
 
@@ -93,10 +93,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from edge.memos import BYPASS_LOOKUPS, SERVED_CODINGS, SHARED_FIELDS, BoundedMemo
+from edge.memos import BYPASS_LOOKUPS, SERVED_CODINGS, BoundedMemo
 from meridian.config import CacheConfig
 from meridian.log import get_logger
 
+from .admission import Admission
 from .coalesce import Coalescer, Role
 from .entry import (
     X_CACHE_BYPASS,
@@ -106,7 +107,6 @@ from .entry import (
     X_CACHE_STALE,
     Compressor,
     Entry,
-    StoredResponse,
 )
 from .key import (
     DEFAULT_RULE,
@@ -121,32 +121,23 @@ from .key import (
     variant_key,
     vary_key,
 )
+from .messages import Fetch, RequestInfo, UpstreamResponse
 from .policy import (
     ERROR_STATUSES,
     NO_DIRECTIVES,
     STALE_IF_ERROR,
     STALE_WHILE_REVALIDATE,
-    CacheControl,
     Header,
     Headers,
-    ResponseMeta,
     Use,
-    compute_freshness,
     decide,
-    format_http_date,
     invalidation_targets,
-    merge_not_modified,
     not_modified_applies,
     parse_cache_control,
-    response_meta,
-    shareable_with_authorization,
     stable_until,
-    stored_headers,
-    targeted_fields,
     uncacheable_reason,
     upstream_validators,
     usable_on_error,
-    worth_storing,
 )
 from .purge_queue import PurgeBacklog
 from .purging import KINDS, SOFT_PURGE, PurgeResult, Purges
@@ -155,26 +146,6 @@ from .redis_l2 import NO_LOCK, RedisL2, RedisTarget
 from .store import MemoryStore
 
 log = get_logger("cache")
-
-
-class UpstreamResponse(NamedTuple):
-    """A complete upstream response, as the edge's ``fetch`` returns it."""
-
-    status: int
-    headers: Sequence[Header]
-    body: bytes
-    reason: bytes = b""
-    #: The edge's verdict: worth compressing (type, size, no Set-Cookie, route allows it).
-    compressible: bool = False
-    #: False when ``body`` is not the whole body: the edge streams the rest to its client
-    #: itself (a response ``storable_head`` refused, or one too large to buffer).  Such a
-    #: response is never stored; it still counts as the origin's answer (304/5xx handling,
-    #: superseding a stored response).
-    complete: bool = True
-
-
-#: ``async fetch(validators) -> UpstreamResponse``; see the module docstring.
-Fetch = Callable[[list[Header]], Awaitable[UpstreamResponse]]
 
 
 class LookupKind(enum.Enum):
@@ -205,23 +176,6 @@ _USE_STALE: Final = Use.STALE
 
 # Lookup and RequestInfo are made per request: NamedTuples, because a frozen dataclass's
 # __init__ costs about five times as much, which would dominate a cache hit.
-
-
-class RequestInfo(NamedTuple):
-    """What the cache parsed from a request's headers, reused by ``fill``/``refresh``."""
-
-    headers: Headers
-    cc: CacheControl
-    coding: Coding
-    head: bool
-    authorized: bool
-    if_none_match: bytes | None
-    if_modified_since: bytes | None
-    #: The request carries a Cookie: stored only with the origin's own freshness (policy).
-    cookie: bool = False
-    #: GET only (a HEAD's Range is ignored, RFC 9110 14.2): answered from the whole response.
-    range: bytes | None = None
-    if_range: bytes | None = None
 
 
 class Prepared(NamedTuple):
@@ -325,12 +279,6 @@ class _Outcome(NamedTuple):
 
 
 _FROM_L1, _FROM_L2, _FROM_ORIGIN, _FROM_STALE = "l1", "l2", "origin", "stale"
-#: Stored header fields nearly always unique to one response: never pooled.
-_UNIQUE_PER_RESPONSE: Final = frozenset(
-    {b"date", b"etag", b"last-modified", b"expires", b"content-md5", b"set-cookie", b"x-request-id"}
-)
-#: Distinct shared header fields kept (``HttpCache._pooled_headers``).
-SHARED_FIELDS_SIZE: Final = SHARED_FIELDS.bound
 #: Reasons a new response is not stored that also make the stored one obsolete (the resource
 #: itself changed); per-request reasons (request no-store, Authorization) leave it alone.
 _SUPERSEDING: Final = frozenset(
@@ -449,13 +397,6 @@ def _labelled(family: CounterMetricFamily, values: dict[str, int]) -> CounterMet
     return family
 
 
-def _truncated(response: UpstreamResponse) -> bool:
-    for name, value in response.headers:
-        if name == b"content-length":
-            return value.strip() != str(len(response.body)).encode()
-    return False
-
-
 # --------------------------------------------------------------------------------------------
 # The facade
 
@@ -524,7 +465,12 @@ class HttpCache:
         self._honour_request_no_cache = honour_request_no_cache
         self._cross_instance_wait = cross_instance_wait
         self._extra_head = b"".join(n + b": " + v + b"\r\n" for n, v in extra_headers)
-        self._set_targets(config)
+        self.admission = Admission(
+            config.targets,
+            compressor=compressor,
+            extra_head=self._extra_head,
+            negotiate=negotiate,
+        )
         self._only_if_cached_wire = (
             b"HTTP/1.1 504 Gateway Timeout\r\ncontent-length: 0\r\n"
             + self._extra_head
@@ -563,14 +509,7 @@ class HttpCache:
         )
         #: ``edge.memos.BYPASS_LOOKUPS``, ``SERVED_CODINGS`` and ``SHARED_FIELDS``.
         self._bypass: BoundedMemo[str, Lookup] = BoundedMemo(BYPASS_LOOKUPS)
-        #: The last header list ``storable_head`` parsed, and its meta (see ``_admit``).
-        self._head_meta: tuple[Sequence[Header], ResponseMeta] | None = None
         self._codings: BoundedMemo[bytes | None, Coding] = BoundedMemo(SERVED_CODINGS)
-        #: One copy of each stored header field that many responses repeat
-        #: (``_pooled_headers``).
-        self._shared_fields: BoundedMemo[Header, Header] = BoundedMemo(SHARED_FIELDS)
-        self._last_date: Header = (b"date", b"")
-        self._last_fields: tuple[Header, ...] = ()
         if registry is not None:
             registry.register(self.metrics)
 
@@ -612,12 +551,12 @@ class HttpCache:
         self.store.evict()
         self._coalescer.lock_timeout = config.lock_timeout
         self._coalescer.hit_for_miss.ttl = config.hit_for_miss
-        self._set_targets(config)  # entries already stored keep hiding the fields they hid
+        self.admission.set_targets(config.targets)
 
-    def _set_targets(self, config: CacheConfig) -> None:
-        self._targeted = targeted_fields(config.targets)
-        #: RFC 9213 fields this cache consumes: never sent on, stored or not.
-        self.targeted_fields: frozenset[bytes] = frozenset(self._targeted)
+    @property
+    def targeted_fields(self) -> frozenset[bytes]:
+        """RFC 9213 fields this cache consumes: never sent on, stored or not."""
+        return self.admission.targeted_fields
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -841,17 +780,7 @@ class HttpCache:
         key, request = lookup.key, lookup.request
         if key is None or request is None:
             return "lookup"
-        meta = response_meta(headers, self._targeted)
-        self._head_meta = (headers, meta)  # _admit reuses it for the same header list
-        reason = uncacheable_reason(
-            b"GET", status, request.cc, request.authorized, meta, key.rule, request.cookie
-        )
-        if reason is not None:
-            return reason
-        now = self.clock()
-        if not worth_storing(compute_freshness(status, meta, key.rule, now, now), meta):
-            return "no-freshness"
-        return None
+        return self.admission.storable_head(key, request, status, headers, self.clock())
 
     # ----------------------------------------------------------------------------------------
     # Fill (asynchronous: coalescing, L2, origin)
@@ -959,7 +888,7 @@ class HttpCache:
                         min(self._cross_instance_wait, self.config.lock_timeout),
                     )
             if found is not None:
-                shared = self._entry_from_l2(key, *found)
+                shared = self.admission.entry(key, *found)
                 # A purge or an invalidation deletes in Redis in the background: a copy
                 # received before it must not come back from L2 in the meantime.
                 received = shared.response.freshness.response_time
@@ -992,17 +921,6 @@ class HttpCache:
             await self.l2.put(entry)
         if token:
             await self.l2.release(self._coalesce_key(key, request), token)
-
-    def _entry_from_l2(self, key: CacheKey, store_key: bytes, response: StoredResponse) -> Entry:
-        return Entry(
-            response,
-            key=store_key,
-            primary=key.primary,
-            url=key.url,
-            compressor=self._compressor,
-            extra_head=self._extra_head,
-            hidden=self.targeted_fields,
-        )
 
     async def _fetch(
         self, key: CacheKey, request: RequestInfo, fetch: Fetch, stale: Entry | None
@@ -1038,106 +956,13 @@ class HttpCache:
             and usable_on_error(stale.response.freshness, response_time)
         ):
             return _Outcome(stale, None, X_CACHE_STALE, _FROM_STALE), True, None
-        entry, reason = self._admit(key, request, response, request_time, response_time)
+        entry, reason = self.admission.admit(key, request, response, request_time, response_time)
         if entry is None:
             if stale is not None and reason in _SUPERSEDING and response.status < 500:
                 self.store.remove_entry(stale)  # a 5xx says nothing about the resource
             return _Outcome(None, response, X_CACHE_MISS, _FROM_ORIGIN), False, None
         stored = self._store(entry, request_time)
         return _Outcome(entry, None, X_CACHE_MISS, _FROM_ORIGIN), True, entry if stored else None
-
-    def _pooled_headers(self, headers: list[Header]) -> tuple[Header, ...]:
-        """The stored headers, each field that is not unique to its response replaced by the
-        one copy every entry shares: a million cached tickers would otherwise each hold their
-        own ``content-type: application/json`` (about 0.7 KB of a 4.5 KB entry).  Bounded: the
-        pool is cleared when full and refills with what is common."""
-        pool = self._shared_fields
-        shared: list[Header] = []
-        for field in headers:
-            if field[0] == b"date":
-                # Unique per second, not per response: fills within a second share the last.
-                if field == self._last_date:
-                    field = self._last_date
-                else:
-                    self._last_date = field
-            elif field[0] not in _UNIQUE_PER_RESPONSE:
-                kept = pool.get(field)
-                if kept is None:
-                    if len(pool) >= SHARED_FIELDS_SIZE:
-                        pool.clear()
-                    pool[field] = kept = field
-                field = kept
-            shared.append(field)
-        fields = tuple(shared)
-        # Consecutive fills of one kind of object (tickers) often carry the very same fields.
-        if fields == self._last_fields:
-            return self._last_fields
-        self._last_fields = fields
-        return fields
-
-    def _admit(
-        self,
-        key: CacheKey,
-        request: RequestInfo,
-        response: UpstreamResponse,
-        request_time: float,
-        response_time: float,
-    ) -> tuple[Entry | None, str]:
-        """An entry for a complete upstream response, or None and why it may not be stored."""
-        known = self._head_meta
-        if known is not None and known[0] is response.headers:
-            meta = known[1]
-        else:
-            meta = response_meta(response.headers, self._targeted)
-        self._head_meta = None
-        rule = key.rule
-        reason = uncacheable_reason(
-            b"GET", response.status, request.cc, request.authorized, meta, rule, request.cookie
-        )
-        if reason is not None:
-            return None, reason
-        if not response.complete:
-            return None, "streamed"
-        if meta.content_encoding is None and _truncated(response):
-            # Shorter than announced: the upstream died mid-body, or this is a HEAD response.
-            return None, "incomplete"
-        freshness = compute_freshness(response.status, meta, rule, request_time, response_time)
-        if not worth_storing(freshness, meta):
-            return None, "no-freshness"
-        headers = stored_headers(response.headers, keep_set_cookie=rule.store_set_cookie)
-        if meta.date is None:
-            headers.append((b"date", format_http_date(response_time)))
-        names = meta.vary
-        if meta.content_encoding is None:
-            # The entry serves every coding itself: Accept-Encoding does not split variants.
-            names = tuple(name for name in names if name != b"accept-encoding")
-        elif b"accept-encoding" not in names:
-            # An encoded body we cannot decode is only for clients of the same coding class,
-            # even when the origin forgot to say Vary: Accept-Encoding.
-            names = (*names, b"accept-encoding")
-        secondary = vary_key(names, request.headers, self._negotiate) if names else b""
-        stored = StoredResponse(
-            status=response.status,
-            reason=response.reason,
-            headers=self._pooled_headers(headers),
-            body=response.body,
-            freshness=freshness,
-            vary=names,
-            surrogate_keys=meta.surrogate_keys,
-            content_coding=meta.content_encoding,
-            compressible=response.compressible,
-            auth_ok=shareable_with_authorization(meta.cc),
-        )
-        entry = Entry(
-            stored,
-            key=variant_key(key.primary, names, secondary),
-            primary=key.primary,
-            url=key.url,
-            compressor=self._compressor,
-            extra_head=self._extra_head,
-            hidden=self.targeted_fields,
-        )
-        return entry, ""
 
     def _revalidated(
         self,
@@ -1150,24 +975,7 @@ class HttpCache:
     ) -> tuple[_Outcome, bool, Entry | None]:
         """RFC 9111 4.3.4: freshen a stored response with a 304's headers."""
         rule = key.rule
-        merged = merge_not_modified(
-            stale.response.headers, update.headers, keep_set_cookie=rule.store_set_cookie
-        )
-        update_meta = response_meta(update.headers, self._targeted)
-        if update_meta.date is None:  # the stored Date would make the refreshed entry look old
-            merged = [(n, v) for n, v in merged if n != b"date"]
-            merged.append((b"date", format_http_date(response_time)))
-        meta = response_meta(merged, self._targeted)._replace(age=update_meta.age)
-        old = stale.response
-        refreshed = stale.refreshed(
-            replace(
-                old,
-                headers=tuple(merged),
-                freshness=compute_freshness(old.status, meta, rule, request_time, response_time),
-                surrogate_keys=update_meta.surrogate_keys or old.surrogate_keys,
-                auth_ok=shareable_with_authorization(meta.cc),
-            )
-        )
+        refreshed, meta = self.admission.refreshed(key, stale, update, request_time, response_time)
         cookies = b""
         if not rule.store_set_cookie:
             cookies = b"".join(
@@ -1177,7 +985,7 @@ class HttpCache:
             )
         outcome = _Outcome(refreshed, None, X_CACHE_REVALIDATED, _FROM_ORIGIN, cookies)
         reason = uncacheable_reason(
-            b"GET", old.status, request.cc, request.authorized, meta, rule, request.cookie
+            b"GET", stale.status, request.cc, request.authorized, meta, rule, request.cookie
         )
         if reason is not None:
             if reason in _SUPERSEDING:
