@@ -108,6 +108,7 @@ from .entry import (
     Compressor,
     Entry,
 )
+from .filling import FROM_L1, FROM_L2, FROM_ORIGIN, FROM_STALE, Filling, Outcome
 from .key import (
     DEFAULT_RULE,
     CacheKey,
@@ -118,12 +119,9 @@ from .key import (
     negotiate_coding,
     normalise_host,
     split_target,
-    variant_key,
-    vary_key,
 )
 from .messages import Fetch, RequestInfo, UpstreamResponse
 from .policy import (
-    ERROR_STATUSES,
     NO_DIRECTIVES,
     STALE_IF_ERROR,
     STALE_WHILE_REVALIDATE,
@@ -132,17 +130,13 @@ from .policy import (
     Use,
     decide,
     invalidation_targets,
-    not_modified_applies,
     parse_cache_control,
     stable_until,
-    uncacheable_reason,
-    upstream_validators,
-    usable_on_error,
 )
 from .purge_queue import PurgeBacklog
 from .purging import KINDS, SOFT_PURGE, PurgeResult, Purges
 from .purging import soft as soft_kind
-from .redis_l2 import NO_LOCK, RedisL2, RedisTarget
+from .redis_l2 import RedisL2, RedisTarget
 from .store import MemoryStore
 
 log = get_logger("cache")
@@ -263,27 +257,6 @@ class Filled(NamedTuple):
     response: UpstreamResponse | None
     x_cache: bytes
     entry: Entry | None = None
-
-
-class _Outcome(NamedTuple):
-    """A fill's result, independent of which of the coalesced requests reads it."""
-
-    entry: Entry | None
-    response: UpstreamResponse | None
-    x_cache: bytes
-    #: Where the answer came from, for the metrics: l1, l2, origin or stale.
-    source: str
-    #: Header lines for the request that led the fill only: a 304's Set-Cookie where the rule
-    #: does not store cookies (the client that triggered the revalidation still gets its own).
-    leader_lines: bytes = b""
-
-
-_FROM_L1, _FROM_L2, _FROM_ORIGIN, _FROM_STALE = "l1", "l2", "origin", "stale"
-#: Reasons a new response is not stored that also make the stored one obsolete (the resource
-#: itself changed); per-request reasons (request no-store, Authorization) leave it alone.
-_SUPERSEDING: Final = frozenset(
-    {"status", "must-understand", "no-store", "private", "vary-star", "set-cookie", "no-freshness"}
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,8 +392,6 @@ _REQUEST_FIELDS: Final = {
     b"transfer-encoding": _REQ_BODY,
     b"cookie": _REQ_COOKIE,
 }
-_AUTH_COALESCE_SUFFIX: Final = b"\x00auth"
-_COOKIE_COALESCE_SUFFIX: Final = b"\x00cookie"
 #: The key memo lives outside the cache's bound: 1/16 of it, at most 4 MiB.
 _KEY_MEMO_MAX: Final = 4 << 20
 
@@ -478,7 +449,7 @@ class HttpCache:
         )
         self.keys = KeyBuilder(config.rules, memo_bytes=_key_memo_bytes(config))
         self.store = MemoryStore(config.memory, config.max_object, negotiate=negotiate)
-        self._coalescer: Coalescer[_Outcome] = Coalescer(
+        self._coalescer: Coalescer[Outcome] = Coalescer(
             lock_timeout=config.lock_timeout,
             hit_for_miss=config.hit_for_miss,
             clock=clock,
@@ -506,6 +477,19 @@ class HttpCache:
             race_window=purge_race_window,
             backlog=purge_backlog,
             on_retry=self.metrics.count_purge_retry,
+        )
+        self.filling = Filling(
+            self.store,
+            l2,
+            self.admission,
+            self.purges,
+            clock,
+            self._spawn,
+            negotiate=negotiate,
+            lock_timeout=config.lock_timeout,
+            cross_instance_wait=cross_instance_wait,
+            compressor=compressor,
+            compress_offload_above=compress_offload_above,
         )
         #: ``edge.memos.BYPASS_LOOKUPS``, ``SERVED_CODINGS`` and ``SHARED_FIELDS``.
         self._bypass: BoundedMemo[str, Lookup] = BoundedMemo(BYPASS_LOOKUPS)
@@ -550,6 +534,7 @@ class HttpCache:
         self.store.max_object = config.max_object
         self.store.evict()
         self._coalescer.lock_timeout = config.lock_timeout
+        self.filling.lock_timeout = config.lock_timeout
         self._coalescer.hit_for_miss.ttl = config.hit_for_miss
         self.admission.set_targets(config.targets)
 
@@ -792,16 +777,16 @@ class HttpCache:
         if key is None or request is None or not fillable:
             raise ValueError(f"fill() needs a MISS or REVALIDATE lookup, got {lookup.kind}")
         for _round in range(2):
-            coalesce_key = self._coalesce_key(key, request)
+            coalesce_key = self.filling.coalesce_key(key, request)
             outcome, role = await self._coalescer.run(
-                coalesce_key, lambda: self._fill_once(lookup, fetch)
+                coalesce_key, lambda: self.filling.fill_once(key, request, lookup.entry, fetch)
             )
             entry = outcome.entry
             if role is not Role.WAITER or entry is None:
                 self._count(outcome)
                 return self._deliver(outcome, request, extra + outcome.leader_lines)
-            if self._usable_by(entry, request):
-                if outcome.source == _FROM_STALE:
+            if self.filling.usable_by(entry, request):
+                if outcome.source == FROM_STALE:
                     self.metrics.count_stale(STALE_IF_ERROR)
                     return self._deliver(outcome, request, extra)
                 self.metrics.coalesced_hits += 1
@@ -809,18 +794,18 @@ class HttpCache:
             # The leader's response is another variant (its Vary names are known now, so the
             # second round queues under the precise key), or not for a request with
             # Authorization.  After two rounds, fetch alone.
-        outcome, _ = await self._fill_once(lookup, fetch)
+        outcome, _ = await self.filling.fill_once(key, request, lookup.entry, fetch)
         self._count(outcome)
         return self._deliver(outcome, request, extra + outcome.leader_lines)
 
-    def _count(self, outcome: _Outcome) -> None:
+    def _count(self, outcome: Outcome) -> None:
         """Metrics for a request answered by a fill (background refreshes are not counted)."""
         source = outcome.source
-        if source == _FROM_ORIGIN:
+        if source == FROM_ORIGIN:
             self.metrics.misses += 1
-        elif source == _FROM_L2:
+        elif source == FROM_L2:
             self.metrics.l2_hits += 1
-        elif source == _FROM_L1:
+        elif source == FROM_L1:
             self.metrics.l1_hits += 1
         else:
             self.metrics.count_stale(STALE_IF_ERROR)
@@ -831,187 +816,16 @@ class HttpCache:
         if key is None or request is None or lookup.entry is None:
             return False
         return self._coalescer.refresh(
-            self._coalesce_key(key, request), lambda: self._fill_once(lookup, fetch)
+            self.filling.coalesce_key(key, request),
+            lambda: self.filling.fill_once(key, request, lookup.entry, fetch),
         )
 
-    def _deliver(self, outcome: _Outcome, request: RequestInfo, extra: bytes) -> Filled:
+    def _deliver(self, outcome: Outcome, request: RequestInfo, extra: bytes) -> Filled:
         entry = outcome.entry
         if entry is None:
             return Filled(None, outcome.response, X_CACHE_MISS)
         wire = self._serve(entry, request, outcome.x_cache, self.clock(), extra)
         return Filled(wire, None, outcome.x_cache, entry)
-
-    def _coalesce_key(self, key: CacheKey, request: RequestInfo) -> bytes:
-        names = self.store.vary_names(key.primary)
-        coalesce_key = (
-            key.primary
-            if not names
-            else variant_key(key.primary, names, vary_key(names, request.headers, self._negotiate))
-        )
-        # Requests with Authorization (or a Cookie) never wait on (or lead) anonymous ones.
-        if request.authorized:
-            return coalesce_key + _AUTH_COALESCE_SUFFIX
-        return coalesce_key + _COOKIE_COALESCE_SUFFIX if request.cookie else coalesce_key
-
-    def _usable_by(self, entry: Entry, request: RequestInfo) -> bool:
-        response = entry.response
-        if request.authorized and not response.auth_ok:
-            return False
-        if not response.vary:
-            return True
-        secondary = vary_key(response.vary, request.headers, self._negotiate)
-        return entry.key == variant_key(entry.primary, response.vary, secondary)
-
-    async def _fill_once(self, lookup: Lookup, fetch: Fetch) -> tuple[_Outcome, bool]:
-        """One fill, run by the coalescing leader (or alone): L1 again, L2, origin."""
-        key, request = lookup.key, lookup.request
-        assert key is not None and request is not None
-        stale = lookup.entry
-        # Another fill may have landed while this one queued (lock timeout, hit-for-miss).
-        current = self.store.get(key.primary, request.headers)
-        if current is not None and current is not stale and self._usable_by(current, request):
-            if decide(current.response.freshness, request.cc, self.clock())[0] is Use.FRESH:
-                return _Outcome(current, None, X_CACHE_HIT, _FROM_L1), True
-            stale = stale or current
-        token: bytes | None = None
-        if self.l2 is not None:
-            found = await self.l2.get(key.primary, request.headers)
-            if found is None:
-                token = await self.l2.acquire(
-                    self._coalesce_key(key, request), self.config.lock_timeout
-                )
-                if token is None:  # another instance is filling: give it a moment
-                    found = await self.l2.wait_for_fill(
-                        key.primary,
-                        request.headers,
-                        self._coalesce_key(key, request),
-                        min(self._cross_instance_wait, self.config.lock_timeout),
-                    )
-            if found is not None:
-                shared = self.admission.entry(key, *found)
-                # A purge or an invalidation deletes in Redis in the background: a copy
-                # received before it must not come back from L2 in the meantime.
-                received = shared.response.freshness.response_time
-                if self.purges.covers(shared, received):
-                    found = None
-                elif self._usable_by(shared, request):
-                    if decide(shared.response.freshness, request.cc, self.clock())[0] is Use.FRESH:
-                        self.store.put(shared)
-                        return _Outcome(shared, None, X_CACHE_HIT, _FROM_L2), True
-                    newer = stale is None or (
-                        shared.response.freshness.response_time
-                        > stale.response.freshness.response_time
-                    )
-                    if newer:
-                        stale = shared
-        to_share: Entry | None = None
-        try:
-            outcome, shareable, to_share = await self._fetch(key, request, fetch, stale)
-        finally:
-            if self.l2 is not None and (to_share is not None or token):
-                self._spawn(self._share(to_share, key, request, token or NO_LOCK))
-        return outcome, shareable
-
-    async def _share(
-        self, entry: Entry | None, key: CacheKey, request: RequestInfo, token: bytes
-    ) -> None:
-        """Write a fill to L2, then release the POP-wide fill lock (pollers then find it)."""
-        assert self.l2 is not None
-        if entry is not None:
-            await self.l2.put(entry)
-        if token:
-            await self.l2.release(self._coalesce_key(key, request), token)
-
-    async def _fetch(
-        self, key: CacheKey, request: RequestInfo, fetch: Fetch, stale: Entry | None
-    ) -> tuple[_Outcome, bool, Entry | None]:
-        """Fetch from the origin (conditionally when something is stored) and store.
-
-        Returns the outcome, whether coalesced waiters may share it, and the entry to write
-        to L2 (None when nothing new was stored).
-        """
-        validators = (
-            upstream_validators(stale.etag, stale.last_modified_raw) if stale is not None else []
-        )
-        request_time = self.clock()
-        try:
-            response = await fetch(validators)
-            if response.status == 304 and stale is not None and validators:
-                response_time = self.clock()
-                if not_modified_applies(stale.etag, response.headers):
-                    return self._revalidated(
-                        key, request, stale, response, request_time, response_time
-                    )
-                # The 304 is about another representation: fetch this one whole.
-                request_time = self.clock()
-                response = await fetch([])
-        except Exception:
-            if stale is not None and usable_on_error(stale.response.freshness, self.clock()):
-                return _Outcome(stale, None, X_CACHE_STALE, _FROM_STALE), True, None
-            raise
-        response_time = self.clock()
-        if (
-            response.status in ERROR_STATUSES
-            and stale is not None
-            and usable_on_error(stale.response.freshness, response_time)
-        ):
-            return _Outcome(stale, None, X_CACHE_STALE, _FROM_STALE), True, None
-        entry, reason = self.admission.admit(key, request, response, request_time, response_time)
-        if entry is None:
-            if stale is not None and reason in _SUPERSEDING and response.status < 500:
-                self.store.remove_entry(stale)  # a 5xx says nothing about the resource
-            return _Outcome(None, response, X_CACHE_MISS, _FROM_ORIGIN), False, None
-        stored = self._store(entry, request_time)
-        return _Outcome(entry, None, X_CACHE_MISS, _FROM_ORIGIN), True, entry if stored else None
-
-    def _revalidated(
-        self,
-        key: CacheKey,
-        request: RequestInfo,
-        stale: Entry,
-        update: UpstreamResponse,
-        request_time: float,
-        response_time: float,
-    ) -> tuple[_Outcome, bool, Entry | None]:
-        """RFC 9111 4.3.4: freshen a stored response with a 304's headers."""
-        rule = key.rule
-        refreshed, meta = self.admission.refreshed(key, stale, update, request_time, response_time)
-        cookies = b""
-        if not rule.store_set_cookie:
-            cookies = b"".join(
-                b"set-cookie: " + value + b"\r\n"
-                for name, value in update.headers
-                if name == b"set-cookie"
-            )
-        outcome = _Outcome(refreshed, None, X_CACHE_REVALIDATED, _FROM_ORIGIN, cookies)
-        reason = uncacheable_reason(
-            b"GET", stale.status, request.cc, request.authorized, meta, rule, request.cookie
-        )
-        if reason is not None:
-            if reason in _SUPERSEDING:
-                self.store.remove_entry(stale)  # the origin now forbids storing it
-            return outcome, False, None
-        stored = self._store(refreshed, request_time)
-        return outcome, True, refreshed if stored else None
-
-    def _store(self, entry: Entry, request_time: float) -> bool:
-        """Put a freshly fetched entry in L1 unless a purge raced with its fetch."""
-        if self.purges.raced(entry, request_time):
-            return False
-        if not self.store.put(entry):
-            return False
-        if entry.compressible and len(entry.body) > self._compress_offload_above:
-            # Big bodies: build the compressed variants in a thread, not on the first hit.
-            self._spawn(self._prepare_variants(entry))
-        return True
-
-    async def _prepare_variants(self, entry: Entry) -> None:
-        compressor = self._compressor
-        assert compressor is not None
-        for coding in ("br", "gzip"):
-            if entry.needs_variant(coding):
-                data = await asyncio.to_thread(compressor, entry.body, coding)
-                entry.set_variant(coding, data)
 
     # ----------------------------------------------------------------------------------------
     # Invalidation and purges
