@@ -1,0 +1,274 @@
+"""The stream hub: channels, their subscribers, bounded history and sequence tracking (no I/O).
+
+A channel holds the last ``history`` messages of its upstream subscription, each as the frame
+bytes written to clients (framed once, ``edge.streams.frames``).  Sequences are the origin's:
+
+* an upstream message at or below the channel's last sequence is a duplicate (a
+  resubscription's overlap) and is dropped;
+* one past the last sequence is published: appended to the history, written to every live
+  subscriber (``Subscriber``: direct write, else queue and policy);
+* further ahead is a gap the upstream could not bridge: every subscriber is told with one
+  ``resync`` frame (the sequence after which the stream continues; their state must be
+  refetched), and the history restarts there, so history never spans a hole.
+
+A client joins a channel live, ``since`` a sequence, or after a snapshot that reflects a
+sequence (``start``): what it missed comes from the history when the history reaches back far
+enough, else it gets a ``resync``; a client asking for what the channel has not published yet
+waits for it.  Either way it sees each sequence at most once and never a silent hole.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Callable
+
+from edge.streams.frames import text_frame
+from edge.streams.queue import Subscriber
+from edge.streams.stats import StreamStats
+from meridian.config import CHANNEL_NAME, EdgeStreams, StreamChannel
+
+
+def channel_policy(streams: EdgeStreams, name: str) -> StreamChannel | None:
+    """The first channel pattern that matches ``name`` (exact, or a prefix ending in ``*``)."""
+    if not CHANNEL_NAME.fullmatch(name):
+        return None
+    for channel in streams.channels:
+        pattern = channel.pattern
+        if (pattern.endswith("*") and name.startswith(pattern[:-1])) or pattern == name:
+            return channel
+    return None
+
+
+def control(kind: str, channel: str, **fields: object) -> bytes:
+    """A frame of the edge's own (``subscribed``, ``resync``, ``error``, ...)."""
+    return text_frame(json.dumps({"type": kind, "channel": channel, **fields}).encode())
+
+
+class Channel:
+    """One channel at this edge: its history and its subscribers."""
+
+    __slots__ = (
+        "conflate",
+        "history",
+        "idle_since",
+        "last_seq",
+        "members",
+        "name",
+        "subscribers",
+        "waiting",
+    )
+
+    def __init__(self, name: str, policy: StreamChannel, now: float) -> None:
+        self.name = name
+        self.conflate = policy.slow_consumer == "conflate"
+        #: (sequence, origin timestamp, frame), oldest first, consecutive sequences.
+        self.history: deque[tuple[int, float, bytes]] = deque(maxlen=policy.history)
+        self.last_seq: int | None = None
+        #: Live subscribers (a dict: ordered, O(1) removal).
+        self.subscribers: dict[Subscriber, None] = {}
+        #: Subscribers waiting for a sequence the channel has not published: (who, after).
+        self.waiting: dict[Subscriber, int] = {}
+        #: Subscriptions, started or not (a snapshot being fetched).
+        self.members = 0
+        #: When the last subscriber left (the upstream subscription lingers), or None.
+        self.idle_since: float | None = now
+
+    @property
+    def oldest_seq(self) -> int | None:
+        return self.history[0][0] if self.history else None
+
+    def reconfigure(self, policy: StreamChannel) -> None:
+        self.conflate = policy.slow_consumer == "conflate"
+        if self.history.maxlen != policy.history:
+            self.history = deque(self.history, maxlen=policy.history)
+
+    def replay(self, sub: Subscriber, after: int) -> bool:
+        """Send ``sub`` every message after ``after`` from the history; False when the history
+        does not reach back to ``after + 1`` (nothing is sent)."""
+        oldest = self.oldest_seq
+        if oldest is None or oldest > after + 1:
+            return False
+        for seq, ts, frame in self.history:
+            if seq > after:
+                sub.send(frame, ts)
+        return True
+
+
+class Hub:
+    """Every channel of one worker.  ``on_open(name)``/``on_close(name)`` start and stop the
+    channel's upstream subscription (``edge.streams.upstream``)."""
+
+    def __init__(
+        self,
+        streams: EdgeStreams,
+        *,
+        clock: Callable[[], float],
+        stats: StreamStats,
+        on_open: Callable[[str], None],
+        on_close: Callable[[str], None],
+    ) -> None:
+        self.streams = streams
+        self.clock = clock
+        self.stats = stats
+        self.on_open = on_open
+        self.on_close = on_close
+        self.channels: dict[str, Channel] = {}
+        #: Subscriptions per client address (``max_subscriptions_per_ip``).
+        self.per_ip: dict[str, int] = {}
+
+    def configure(self, streams: EdgeStreams) -> None:
+        """A reload: new policies and limits for open channels; nothing is closed."""
+        self.streams = streams
+        for name, channel in self.channels.items():
+            policy = channel_policy(streams, name)
+            if policy is not None:
+                channel.reconfigure(policy)
+
+    # -- subscriptions ------------------------------------------------------------------------
+
+    def join(self, sub: Subscriber, name: str) -> str | None:
+        """Adds a (not yet started) subscription; the reason when it is refused."""
+        streams = self.streams
+        if name in sub.channels:
+            return "already_subscribed"
+        policy = channel_policy(streams, name)
+        if policy is None:
+            return "unknown_channel"
+        if len(sub.channels) >= streams.max_subscriptions_per_connection:
+            return "too_many_subscriptions"
+        held = self.per_ip.get(sub.ip, 0)
+        if streams.max_subscriptions_per_ip and held >= streams.max_subscriptions_per_ip:
+            return "too_many_subscriptions_from_address"
+        channel = self.channels.get(name)
+        if channel is None:
+            if len(self.channels) >= streams.max_channels:
+                return "too_many_channels"
+            channel = self.channels[name] = Channel(name, policy, self.clock())
+            self.on_open(name)
+        channel.idle_since = None
+        channel.members += 1
+        sub.channels[name] = channel
+        self.per_ip[sub.ip] = held + 1
+        return None
+
+    def start(self, sub: Subscriber, name: str, after: int | None) -> None:
+        """Starts a joined subscription: live (``after`` None), or with every message after
+        ``after`` (a ``since``, or the sequence a snapshot reflects)."""
+        channel = sub.channels.get(name)
+        if channel is None or sub.closed:
+            return
+        if self.channels.get(name) is not channel:  # failed while a snapshot was fetched
+            sub.send(control("error", name, reason="upstream_refused"))
+            self.leave(sub, name)
+            return
+        last = channel.last_seq
+        sub.send(control("subscribed", name, seq=last))
+        if after is None or (last is not None and after == last):
+            channel.subscribers[sub] = None
+        elif last is None or after > last:
+            channel.waiting[sub] = after
+        elif channel.replay(sub, after):
+            channel.subscribers[sub] = None
+        else:
+            self._resync_one(sub, channel, last, "history")
+            channel.subscribers[sub] = None
+
+    def leave(self, sub: Subscriber, name: str) -> bool:
+        channel = sub.channels.pop(name, None)
+        if channel is None:
+            return False
+        channel.subscribers.pop(sub, None)
+        channel.waiting.pop(sub, None)
+        sub.slots.pop(channel, None)  # a conflated frame still queued stays in the queue
+        held = self.per_ip.get(sub.ip, 1) - 1
+        if held > 0:
+            self.per_ip[sub.ip] = held
+        else:
+            self.per_ip.pop(sub.ip, None)
+        channel.members -= 1
+        if channel.members <= 0:
+            channel.idle_since = self.clock()
+        return True
+
+    def remove(self, sub: Subscriber) -> None:
+        """The client is gone: every subscription ends, nothing more is written to it."""
+        for name in list(sub.channels):
+            self.leave(sub, name)
+        sub.mark_closed()
+
+    # -- upstream -----------------------------------------------------------------------------
+
+    def publish(self, name: str, payload: bytes, seq: int, ts: float) -> bool:
+        """An upstream message (already validated); False when it was not published (a
+        duplicate, or no such channel)."""
+        channel = self.channels.get(name)
+        if channel is None:
+            return False
+        stats = self.stats
+        stats.messages_in += 1
+        last = channel.last_seq
+        if last is not None and seq <= last:
+            stats.duplicates += 1
+            return False
+        if last is not None and seq > last + 1:
+            self._gap(channel, seq)
+        frame = text_frame(payload)
+        channel.history.append((seq, ts, frame))
+        channel.last_seq = seq
+        written = 0
+        for sub in tuple(channel.subscribers):
+            if sub.paused or sub.queue:
+                sub.enqueue(frame, ts, channel)
+            else:
+                sub.write(frame)
+                written += 1
+        if written:
+            stats.delivered(len(frame), ts, written)
+        if channel.waiting:
+            self._promote(channel, seq)
+        return True
+
+    def _gap(self, channel: Channel, seq: int) -> None:
+        """The upstream continues past a hole: one resync frame for every subscriber."""
+        self.stats.resyncs["upstream_gap"] += len(channel.subscribers)
+        frame = control("resync", channel.name, seq=seq - 1, reason="upstream_gap")
+        for sub in tuple(channel.subscribers):
+            sub.send(frame)
+        channel.history.clear()
+        # Waiting subscribers asked for something now lost: they learn it when promoted.
+
+    def _promote(self, channel: Channel, seq: int) -> None:
+        for sub, after in tuple(channel.waiting.items()):
+            if after >= seq:
+                continue
+            del channel.waiting[sub]
+            if not channel.replay(sub, after):
+                self._resync_one(sub, channel, seq - 1, "history")
+                channel.replay(sub, seq - 1)
+            channel.subscribers[sub] = None
+
+    def _resync_one(self, sub: Subscriber, channel: Channel, seq: int, reason: str) -> None:
+        self.stats.resyncs[reason] += 1
+        sub.send(control("resync", channel.name, seq=seq, reason=reason))
+
+    def fail(self, name: str, reason: str) -> None:
+        """The upstream refused the channel: its subscribers are told and it is closed."""
+        channel = self.channels.get(name)
+        if channel is None:
+            return
+        frame = control("error", name, reason=reason)
+        for sub in (*channel.subscribers, *channel.waiting):
+            sub.send(frame)
+            self.leave(sub, name)
+        # Subscribers still fetching a snapshot find the channel gone when they start.
+        self.channels.pop(name, None)
+        self.on_close(name)
+
+    def sweep(self) -> None:
+        """Closes channels nobody has subscribed to for ``linger`` seconds."""
+        now, linger = self.clock(), self.streams.linger
+        for name, channel in list(self.channels.items()):
+            if channel.idle_since is not None and now - channel.idle_since >= linger:
+                del self.channels[name]
+                self.on_close(name)
