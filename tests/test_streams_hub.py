@@ -85,10 +85,13 @@ def publish(hub: Hub, channel: str, seq: int) -> bool:
     return hub.publish(channel, payload(channel, seq), seq, 999.0)
 
 
-def check(messages: list[dict[str, Any]], channel: str, *, conflate: bool) -> list[int]:
+def check(
+    messages: list[dict[str, Any]], channel: str, *, conflate: bool, since: int | None = None
+) -> list[int]:
     """The client-side checker: the data sequences seen; fails on a duplicate, a step back,
-    or (without conflation) a hole that no resync announced."""
-    expected: int | None = None
+    or (without conflation) a hole that no resync announced; ``since``: what the client
+    subscribed after (the first message must be the next one)."""
+    expected: int | None = None if since is None else since + 1
     seen: list[int] = []
     for message in messages:
         if message.get("channel") != channel:
@@ -292,11 +295,13 @@ def test_any_interleaving_is_gap_free_and_duplicate_free(channel, upstream, clie
     hub.join(keeper.sub, channel)
     hub.start(keeper.sub, channel, None)
     last = 0
+    starts: dict[FakeClient, int | None] = {keeper: None}
     for step, (kind, size) in enumerate(upstream):
         for fake, (join_at, since, pause_at, resume_at) in zip(fakes, clients, strict=True):
             if step == join_at:
                 hub.join(fake.sub, channel)
-                hub.start(fake.sub, channel, None if since is None else max(0, last + since))
+                starts[fake] = after = None if since is None else max(0, last + since)
+                hub.start(fake.sub, channel, after)
             if step == pause_at:
                 fake.sub.paused = True
             if step == resume_at and fake.sub.paused and not fake.sub.closed:
@@ -313,7 +318,7 @@ def test_any_interleaving_is_gap_free_and_duplicate_free(channel, upstream, clie
     for fake in [*fakes, keeper]:
         if fake.sub.paused and not fake.sub.closed:
             fake.sub.resume()
-        seen = check(fake.messages(), channel, conflate=conflate)
+        seen = check(fake.messages(), channel, conflate=conflate, since=starts.get(fake))
         if fake.closed is None and seen and fake.sub.channels:
             assert seen[-1] == last  # a live client ends on the latest message
         if not conflate and fake.closed is None:
