@@ -69,7 +69,8 @@ from edge.request_target import check_trailer, decide_target, screen_headers
 from meridian.log import get_logger
 
 if TYPE_CHECKING:
-    from edge.websocket import Tunnel
+    from edge.streams.service import StreamService
+    from edge.websocket import Upgraded
 
 log = get_logger("edge")
 
@@ -183,7 +184,10 @@ class Connections:
         self.pipeline = pipeline
         self.loop = loop
         self.open: set[EdgeConnection] = set()
-        self.tunnels: set[Tunnel] = set()
+        #: Upgraded connections: 1:1 WebSocket tunnels and edge-terminated stream sessions.
+        self.tunnels: set[Upgraded] = set()
+        #: Edge-terminated streams (``edge.streams``), set by the worker.
+        self.streams: StreamService | None = None
         self.draining = False
         self._sweeper: asyncio.Task[None] | None = None
         self.budget = budget if budget is not None else FdBudget.current()
@@ -382,7 +386,7 @@ class EdgeConnection(asyncio.Protocol):
         self._active: Exchange | None = None
         self._queue: deque[Exchange] = deque()
         self._task: asyncio.Task[None] | None = None
-        self._tunnel: Tunnel | None = None
+        self._tunnel: Upgraded | None = None
         self._pending_upgrade: Exchange | None = None
         # Response being written.
         self._framing = BodyFraming(BodyKind.NONE)
@@ -1105,8 +1109,14 @@ class EdgeConnection(asyncio.Protocol):
 
         assert self._transport is not None
         self._deadline_kind = _DEADLINE_NONE
-        self._tunnel = Tunnel(self._connections, self, self._transport, exchange.request, rest)
-        self._tunnel.start()
+        streams = self._connections.streams
+        if streams is not None and streams.handles(exchange.request.path):
+            # The stream path: terminated here (edge.streams), not tunnelled.
+            self._tunnel = streams.open(self._connections, self._transport, exchange.request, rest)
+            return
+        tunnel = Tunnel(self._connections, self, self._transport, exchange.request, rest)
+        self._tunnel = tunnel
+        tunnel.start()
 
 
 def _check_trailer(name: bytes, _limits: object) -> None:

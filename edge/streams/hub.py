@@ -66,9 +66,9 @@ class Channel:
         self.history: deque[tuple[int, float, bytes]] = deque(maxlen=policy.history)
         self.last_seq: int | None = None
         #: Live subscribers (a dict: ordered, O(1) removal).
-        self.subscribers: dict[Subscriber, None] = {}
+        self.subscribers: dict[Subscriber[Channel], None] = {}
         #: Subscribers waiting for a sequence the channel has not published: (who, after).
-        self.waiting: dict[Subscriber, int] = {}
+        self.waiting: dict[Subscriber[Channel], int] = {}
         #: Subscriptions, started or not (a snapshot being fetched).
         self.members = 0
         #: When the last subscriber left (the upstream subscription lingers), or None.
@@ -83,7 +83,7 @@ class Channel:
         if self.history.maxlen != policy.history:
             self.history = deque(self.history, maxlen=policy.history)
 
-    def replay(self, sub: Subscriber, after: int) -> bool:
+    def replay(self, sub: Subscriber[Channel], after: int) -> bool:
         """Send ``sub`` every message after ``after`` from the history; False when the history
         does not reach back to ``after + 1`` (nothing is sent)."""
         oldest = self.oldest_seq
@@ -127,7 +127,7 @@ class Hub:
 
     # -- subscriptions ------------------------------------------------------------------------
 
-    def join(self, sub: Subscriber, name: str) -> str | None:
+    def join(self, sub: Subscriber[Channel], name: str) -> str | None:
         """Adds a (not yet started) subscription; the reason when it is refused."""
         streams = self.streams
         if name in sub.channels:
@@ -152,7 +152,7 @@ class Hub:
         self.per_ip[sub.ip] = held + 1
         return None
 
-    def start(self, sub: Subscriber, name: str, after: int | None) -> None:
+    def start(self, sub: Subscriber[Channel], name: str, after: int | None) -> None:
         """Starts a joined subscription: live (``after`` None), or with every message after
         ``after`` (a ``since``, or the sequence a snapshot reflects)."""
         channel = sub.channels.get(name)
@@ -174,7 +174,7 @@ class Hub:
             self._resync_one(sub, channel, last, "history")
             channel.subscribers[sub] = None
 
-    def leave(self, sub: Subscriber, name: str) -> bool:
+    def leave(self, sub: Subscriber[Channel], name: str) -> bool:
         channel = sub.channels.pop(name, None)
         if channel is None:
             return False
@@ -191,7 +191,7 @@ class Hub:
             channel.idle_since = self.clock()
         return True
 
-    def remove(self, sub: Subscriber) -> None:
+    def remove(self, sub: Subscriber[Channel]) -> None:
         """The client is gone: every subscription ends, nothing more is written to it."""
         for name in list(sub.channels):
             self.leave(sub, name)
@@ -248,7 +248,9 @@ class Hub:
                 channel.replay(sub, seq - 1)
             channel.subscribers[sub] = None
 
-    def _resync_one(self, sub: Subscriber, channel: Channel, seq: int, reason: str) -> None:
+    def _resync_one(
+        self, sub: Subscriber[Channel], channel: Channel, seq: int, reason: str
+    ) -> None:
         self.stats.resyncs[reason] += 1
         sub.send(control("resync", channel.name, seq=seq, reason=reason))
 

@@ -16,26 +16,36 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Generic, Protocol, TypeVar
 
 from edge.streams.stats import StreamStats
 
-if TYPE_CHECKING:
-    from edge.streams.hub import Channel
+
+class Channel(Protocol):
+    """A channel as a queue sees it (``edge.streams.hub.Channel``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def conflate(self) -> bool: ...
 
 
-class Pending:
+C = TypeVar("C", bound=Channel)
+
+
+class Pending(Generic[C]):
     """A frame waiting in a client's queue (``channel`` set when it may be conflated)."""
 
     __slots__ = ("channel", "frame", "ts")
 
-    def __init__(self, frame: bytes, ts: float, channel: Channel | None) -> None:
+    def __init__(self, frame: bytes, ts: float, channel: C | None) -> None:
         self.frame = frame
         self.ts = ts
         self.channel = channel
 
 
-class Subscriber:
+class Subscriber(Generic[C]):
     """One client connection's subscriptions and send queue."""
 
     __slots__ = (
@@ -69,12 +79,12 @@ class Subscriber:
         self.stats = stats
         self.paused = False
         self.closed = False
-        self.queue: deque[Pending] = deque()
+        self.queue: deque[Pending[C]] = deque()
         self.queued = 0
         #: Conflatable frames waiting, by channel.
-        self.slots: dict[Channel, Pending] = {}
+        self.slots: dict[C, Pending[C]] = {}
         #: Channel name -> the channel, for every subscription (live, waiting or pending).
-        self.channels: dict[str, Channel] = {}
+        self.channels: dict[str, C] = {}
 
     def send(self, frame: bytes, ts: float = 0.0) -> None:
         """A frame for this client alone (acknowledgements, replay, resync); never conflated."""
@@ -84,7 +94,7 @@ class Subscriber:
         else:
             self.enqueue(frame, ts, None)
 
-    def enqueue(self, frame: bytes, ts: float, channel: Channel | None) -> None:
+    def enqueue(self, frame: bytes, ts: float, channel: C | None) -> None:
         """Queue a frame the socket cannot take now; past the bound, the client is closed."""
         if self.closed:
             return
