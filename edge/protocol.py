@@ -314,10 +314,12 @@ class Connections:
     def begin_drain(self) -> None:
         """Stop keep-alive: idle connections close now, busy ones after their response."""
         self.draining = True
-        for conn in list(self.open):
-            conn.stop_keep_alive()
+        # Upgraded connections first: their close frame goes out before the connection,
+        # idle as HTTP, is closed below.
         for tunnel in list(self.tunnels):
             tunnel.close_going_away()
+        for conn in list(self.open):
+            conn.stop_keep_alive()
 
     async def wait_idle(self, within: float) -> bool:
         deadline = self.loop.time() + within

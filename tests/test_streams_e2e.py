@@ -1,0 +1,401 @@
+"""Market streams at the edge, over real sockets: the sample origin(s) and the edge are real
+processes started here; clients are ``benchmarks.streams.StreamClient`` (raw WebSocket).
+
+Every client's sequence is checked by ``tests.test_streams_hub.check``: no duplicate, no step
+back, and no hole on a channel that does not conflate unless a ``resync`` announced it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from benchmarks.streams import StreamClient, client_frame, connect
+from tests.edge_support import (
+    LOCATIONS,
+    Edge,
+    Origin,
+    Proc,
+    free_port,
+    http_request,
+    poll_until,
+    processes,
+    region,
+    write_config,
+)
+from tests.test_streams_hub import check
+
+STREAMS: dict[str, Any] = {
+    "channels": [
+        {"pattern": "ticker:*", "slow_consumer": "conflate"},
+        {"pattern": "trades:*", "slow_consumer": "disconnect"},
+        {"pattern": "depth:*", "slow_consumer": "conflate"},
+    ],
+    "max_connections_per_ip": 0,
+    "max_subscriptions_per_ip": 0,
+}
+
+
+class StreamOrigin(Origin):
+    """The sample origin with its stream options (``--stream-rate``, ``--stream-history``)."""
+
+    def __init__(self, name: str, tmp: Path, *, rate: float = 10.0, history: int = 10_000):
+        self.region = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        argv = [
+            sys.executable,
+            "-m",
+            "meridian.origin",
+            "--region",
+            name,
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            "--stream-rate",
+            str(rate),
+            "--stream-history",
+            str(history),
+        ]
+        Proc.__init__(self, argv, tmp / f"origin-{name}-{self.port}.log", f"origin {name}")
+
+    def streams(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.control()["streams"]
+        return result
+
+
+def start(
+    procs: list[Proc],
+    tmp: Path,
+    origins: dict[str, dict[str, Any]],
+    streams: dict[str, Any] | None = None,
+) -> tuple[Edge, dict[str, StreamOrigin]]:
+    started: dict[str, StreamOrigin] = {}
+    for name, options in origins.items():
+        origin = StreamOrigin(name, tmp, **options)
+        procs.append(origin)
+        started[name] = origin
+    for origin in started.values():
+        origin.ready()
+    config = write_config(
+        tmp / "edge.yaml",
+        {
+            name: region(*LOCATIONS[name], [origin.url], "eu" if name.startswith("eu") else "us")
+            for name, origin in started.items()
+        },
+        edge={"streams": {**STREAMS, **(streams or {})}},
+    )
+    edge = Edge(config, "fra", tmp)
+    procs.append(edge)
+    edge.ready()
+    poll_until(lambda: all(t["state"] == "up" for t in _targets(edge)), within=10)
+    return edge, started
+
+
+def _targets(edge: Edge) -> list[dict[str, Any]]:
+    targets: dict[str, dict[str, Any]] = edge.status()["health"]["targets"]
+    return list(targets.values())
+
+
+def data_seqs(client: StreamClient, channel: str) -> list[int]:
+    return [d["seq"] for d in client.documents() if d.get("channel") == channel and "type" not in d]
+
+
+async def subscribe(port: int, channel: str, **options: Any) -> StreamClient:
+    client = await connect(port)
+    client.send_json({"op": "subscribe", "channel": channel, **options})
+    return client
+
+
+async def test_a_thousand_clients_share_one_upstream_subscription(tmp_path):
+    with processes() as procs:
+        edge, origins = start(procs, tmp_path, {"eu-central": {}}, streams={"linger": "1s"})
+        clients = []
+        for _ in range(10):
+            clients += await asyncio.gather(
+                *(subscribe(edge.port, "trades:BTC-USD") for _ in range(100))
+            )
+        for client in clients:
+            await client.wait_for(5, within=20)
+        assert origins["eu-central"].streams()["subscriptions"] == {"trades:BTC-USD": 1}
+        assert origins["eu-central"].streams()["opened"] == {"trades:BTC-USD": 1}
+        metrics = await asyncio.to_thread(edge.metric, "meridian_edge_stream_clients")
+        assert metrics == 1000
+        assert (
+            await asyncio.to_thread(
+                edge.metric, "meridian_edge_stream_upstream_subscriptions", region="eu-central"
+            )
+            == 1
+        )
+        for client in clients:
+            seqs = check(client.documents(), "trades:BTC-USD", conflate=False)
+            assert len(seqs) >= 4
+        # The same frame to everyone: the 1,000 clients saw the same bytes for a sequence.
+        common = set(data_seqs(clients[0], "trades:BTC-USD"))
+        for client in clients[1:]:
+            common &= set(data_seqs(client, "trades:BTC-USD"))
+        assert common
+        seq = min(common)
+        payloads = {
+            m
+            for c in clients
+            for m in c.messages
+            if json.loads(m).get("seq") == seq and b'"type"' not in m
+        }
+        assert len(payloads) == 1
+        for client in clients:
+            assert client.transport is not None
+            client.transport.close()
+        # Nobody left: the upstream subscription lingers, then goes.
+        origin = origins["eu-central"]
+        await asyncio.to_thread(poll_until, lambda: origin.streams()["subscriptions"] == {})
+
+
+async def test_since_and_snapshot_plus_deltas_leave_no_gap_and_no_repeat(tmp_path):
+    with processes() as procs:
+        edge, _ = start(procs, tmp_path, {"eu-central": {"rate": 50.0}})
+        live = await subscribe(edge.port, "trades:ETH-USD")
+        await live.wait_for(20)
+        seqs = check(live.documents(), "trades:ETH-USD", conflate=False)
+        since = seqs[5]
+        late = await subscribe(edge.port, "trades:ETH-USD", since=since)
+        snap = await subscribe(edge.port, "trades:ETH-USD", snapshot=True)
+        ticker = await subscribe(edge.port, "ticker:ETH-USD", snapshot=True)
+        await asyncio.sleep(1.0)
+        late_seqs = check(late.documents(), "trades:ETH-USD", conflate=False, since=since)
+        assert late_seqs[0] == since + 1 and len(late_seqs) > 50
+        documents = snap.documents()
+        snapshot = next(d for d in documents if d.get("type") == "snapshot")
+        assert snapshot["data"]["seq"] == snapshot["seq"]
+        assert [t["id"] for t in snapshot["data"]["data"]][-1] == snapshot["seq"]
+        snap_seqs = check(documents, "trades:ETH-USD", conflate=False)
+        assert snap_seqs[0] == snapshot["seq"] + 1
+        assert snap_seqs[-1] >= late_seqs[-1] - 5
+        ticker_docs = ticker.documents()
+        assert ticker_docs[0]["type"] == "snapshot"
+        assert check(ticker_docs, "ticker:ETH-USD", conflate=True)
+        # The snapshot came through the cache: a REST client gets the same object and its
+        # sequence in X-Sequence.
+        status, headers, body = http_request(edge.port, "GET", "/api/v1/snapshot/ticker:ETH-USD")
+        assert status == 200 and int(headers["x-sequence"]) == json.loads(body)["seq"]
+
+
+async def test_origin_killed_mid_stream_continues_from_another_region_without_a_gap(tmp_path):
+    with processes() as procs:
+        edge, origins = start(
+            procs, tmp_path, {"eu-central": {"rate": 50.0}, "us-east": {"rate": 50.0}}
+        )
+        clients = [await subscribe(edge.port, "trades:SOL-USD") for _ in range(20)]
+        await clients[0].wait_for(20)
+        assert origins["eu-central"].streams()["subscriptions"] == {"trades:SOL-USD": 1}
+        # Frozen first (messages published meanwhile never leave it), then killed: the
+        # edge resubscribes to us-east since its last sequence.
+        origins["eu-central"].signal(signal.SIGSTOP)
+        await asyncio.sleep(0.5)
+        origins["eu-central"].signal(signal.SIGKILL)
+        before = clients[0].received
+        await clients[0].wait_for(before + 60, within=10)
+        assert origins["us-east"].streams()["subscriptions"] == {"trades:SOL-USD": 1}
+        for client in clients:
+            documents = client.documents()
+            assert not [d for d in documents if d.get("type") == "resync"]
+            seqs = check(documents, "trades:SOL-USD", conflate=False)
+            assert len(seqs) >= 60
+        assert (
+            await asyncio.to_thread(
+                edge.metric, "meridian_edge_stream_upstream_subscribes_total", region="us-east"
+            )
+            == 1
+        )
+
+
+async def test_a_region_that_cannot_replay_makes_an_explicit_resync(tmp_path):
+    with processes() as procs:
+        edge, origins = start(
+            procs,
+            tmp_path,
+            {"eu-central": {"rate": 50.0}, "us-east": {"rate": 50.0, "history": 1}},
+        )
+        client = await subscribe(edge.port, "trades:SOL-USD")
+        await client.wait_for(10)
+        origins["eu-central"].signal(signal.SIGSTOP)
+        await asyncio.sleep(0.5)
+        origins["eu-central"].signal(signal.SIGKILL)
+        await client.wait_for(client.received + 30, within=10)
+        documents = client.documents()
+        resyncs = [d for d in documents if d.get("type") == "resync"]
+        assert len(resyncs) == 1 and resyncs[0]["reason"] == "upstream_gap"
+        seqs = check(documents, "trades:SOL-USD", conflate=False)  # hole only where announced
+        after = [s for s in seqs if s > resyncs[0]["seq"]]
+        assert after[0] == resyncs[0]["seq"] + 1
+        assert await asyncio.to_thread(
+            edge.metric, "meridian_edge_stream_resyncs_total", reason="upstream_gap"
+        ) == pytest.approx(1)
+
+
+async def test_a_stalled_client_is_cut_or_conflated_while_others_keep_up(tmp_path):
+    with processes() as procs:
+        edge, _ = start(
+            procs, tmp_path, {"eu-central": {"rate": 200.0}}, streams={"send_queue": "16KiB"}
+        )
+        symbols = ["BTC-USD", "ETH-USD", "SOL-USD", "XRP-USD", "ADA-USD", "DOGE-USD"]
+        # Stalled clients: a tiny receive buffer, and they never read after subscribing.
+        stalled: dict[str, socket.socket] = {}
+        for kind in ("trades", "depth"):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", edge.port))
+            sock.sendall(
+                b"GET /stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            for symbol in symbols:
+                command = {"op": "subscribe", "channel": f"{kind}:{symbol}"}
+                sock.sendall(client_frame(json.dumps(command).encode()))
+            stalled[kind] = sock
+        healthy = await subscribe(edge.port, "trades:BTC-USD")
+        lags: list[float] = []
+        healthy.on_message = lambda m: lags.append(
+            time.time() - json.loads(m).get("ts", time.time())
+        )
+
+        def cut() -> float:
+            return edge.metric("meridian_edge_stream_disconnected_total", reason="slow_consumer")
+
+        await asyncio.to_thread(poll_until, lambda: cut() == 1, within=30)
+        await asyncio.sleep(1.0)
+        assert await asyncio.to_thread(cut) == 1  # the depth client is conflated, not cut
+        assert await asyncio.to_thread(edge.metric, "meridian_edge_stream_conflated_total") > 0
+        # The healthy client kept up throughout, with no hole.
+        check(healthy.documents(), "trades:BTC-USD", conflate=False)
+        lags.sort()
+        assert len(lags) > 200
+        assert lags[int(len(lags) * 0.99)] < 0.25
+        # The trades client was closed by the edge: its socket ends after what was sent (the
+        # close frame itself may be lost: a socket that does not read is aborted).
+        trades = stalled["trades"]
+        trades.settimeout(10)
+        with contextlib.suppress(ConnectionResetError):
+            while trades.recv(65536):
+                pass
+        # The conflating client reads now: it is still connected.
+        depth = stalled["depth"]
+        depth.settimeout(5)
+        assert depth.recv(65536)
+        assert await asyncio.to_thread(edge.metric, "meridian_edge_stream_clients") == 2
+        for sock in stalled.values():
+            sock.close()
+
+
+async def test_sighup_under_a_thousand_streams_drops_none(tmp_path):
+    with processes() as procs:
+        edge, _ = start(procs, tmp_path, {"eu-central": {"rate": 20.0}})
+        symbols = ["BTC-USD", "ETH-USD", "SOL-USD", "XRP-USD"]
+        clients: list[StreamClient] = []
+        for batch in range(10):
+            clients += await asyncio.gather(
+                *(
+                    subscribe(edge.port, f"trades:{symbols[(batch * 100 + i) % 4]}")
+                    for i in range(100)
+                )
+            )
+        for client in clients:
+            await client.wait_for(3, within=20)
+        config_path = tmp_path / "edge.yaml"
+        document = yaml.safe_load(config_path.read_text())
+        document["edge"]["streams"]["channels"][1]["history"] = 2048
+        config_path.write_text(yaml.safe_dump(document, sort_keys=False))
+        edge.signal(signal.SIGHUP)
+        await asyncio.to_thread(edge.wait_for_log, r"event=config_reloaded .*generation=2")
+        marks = [client.received for client in clients]
+        await asyncio.sleep(1.5)
+        for client, mark in zip(clients, marks, strict=True):
+            assert not client.lost.done() and client.close_code is None
+            assert client.received >= mark + 10
+        for client in clients:
+            check(client.documents(), client.documents()[-1]["channel"], conflate=False)
+        assert await asyncio.to_thread(edge.metric, "meridian_edge_stream_clients") == 1000
+
+
+async def test_sigterm_closes_streams_with_1012_service_restart(tmp_path):
+    with processes() as procs:
+        edge, _ = start(procs, tmp_path, {"eu-central": {}})
+        client = await subscribe(edge.port, "ticker:BTC-USD")
+        await client.wait_for(3)
+        edge.signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            await client.lost
+        assert client.close_code == 1012
+        assert client.close_reason == "service restart"
+        assert await asyncio.to_thread(edge.wait, 10) == 0
+
+
+async def test_hostile_and_refused_clients(tmp_path):
+    with processes() as procs:
+        edge, _ = start(
+            procs,
+            tmp_path,
+            {"eu-central": {}},
+            streams={"max_connections_per_ip": 2, "max_subscriptions_per_connection": 2},
+        )
+        # Wrong version: 426 naming the one spoken.
+        status, headers, _ = http_request(
+            edge.port,
+            "GET",
+            "/stream",
+            headers={
+                "Upgrade": "websocket",
+                "Connection": "Upgrade",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                "Sec-WebSocket-Version": "8",
+            },
+        )
+        assert status == 426 and headers["sec-websocket-version"] == "13"
+        one = await connect(edge.port)
+        two = await connect(edge.port)
+        with pytest.raises(ConnectionError, match="429"):
+            await connect(edge.port)
+        for command in (
+            b"not json",
+            b'{"op": "subscribe", "channel": "orders:BTC-USD"}',
+            b'{"op": "subscribe", "channel": "ticker:BTC-USD", "since": -1}',
+            b'{"op": "subscribe", "channel": "ticker:A"}',
+            b'{"op": "subscribe", "channel": "ticker:B"}',
+            b'{"op": "subscribe", "channel": "ticker:C"}',
+            b'{"op": "unsubscribe", "channel": "ticker:Z"}',
+        ):
+            assert one.transport is not None
+            one.transport.write(client_frame(command))
+        await one.wait_for(8)
+        answers = [(d.get("type"), d.get("reason")) for d in one.documents()[:9]]
+        for expected in (
+            ("error", "bad_json"),
+            ("error", "unknown_channel"),
+            ("error", "bad_since"),
+            ("error", "too_many_subscriptions"),
+            ("error", "not_subscribed"),
+        ):
+            assert expected in answers
+        await asyncio.sleep(2)  # ticker:A is not an origin channel: refused upstream
+        assert ("error", "unknown_channel") in [
+            (d.get("type"), d.get("reason"))
+            for d in one.documents()
+            if d.get("channel") == "ticker:A"
+        ]
+        # An unmasked frame is a protocol error: 1002.
+        assert two.transport is not None
+        two.transport.write(b"\x81\x02hi")
+        async with asyncio.timeout(5):
+            await two.lost
+        assert two.close_code == 1002
