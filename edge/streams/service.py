@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 from edge.admin import EdgeMetrics
 from edge.exchange import HealthSource, ProxyRequest, RequestBody, ResponseSink
@@ -83,6 +83,8 @@ class StreamService:
         self.keep_alive = (20.0, 20.0)
         self._config: EdgeStreams | None = None
         self._timer: asyncio.TimerHandle | None = None
+        #: Snapshot fetches in flight (held here: the loop keeps only weak references).
+        self._tasks: set[asyncio.Task[None]] = set()
         services.metrics.registry.register(
             StreamMetrics(
                 self.stats,
@@ -197,6 +199,11 @@ class StreamService:
         )
         transport.close()
 
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def opened(self, session: StreamSession) -> None:
         self.sessions.add(session)
         ip = session.request.client_ip
@@ -231,4 +238,6 @@ class StreamService:
     async def aclose(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
         await self.links.aclose()

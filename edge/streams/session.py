@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edge.exchange import ProxyRequest
 from edge.streams.frames import (
@@ -69,6 +70,9 @@ class Owner(Protocol):
         """(ping interval, ping timeout)."""
 
     def opened(self, session: StreamSession) -> None: ...
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Runs ``work`` in a task the service holds (and cancels when it closes)."""
 
     def closed(self, session: StreamSession) -> None: ...
 
@@ -199,7 +203,7 @@ class StreamSession:
         if refused is not None:
             self._error(channel, refused)
         elif snapshot:
-            self.host.loop.create_task(self._snapshot(channel))
+            self.service.spawn(self._snapshot(channel))
         else:
             hub.start(self.sub, channel, since)
 
