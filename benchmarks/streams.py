@@ -23,9 +23,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from meridian.origin import SYMBOLS
@@ -275,3 +284,301 @@ async def loadgen_nginx(args: argparse.Namespace) -> None:
         max_ms=lags[-1] * 1000 if lags else float("nan"),
         closed=sum(1 for c in clients if c.lost.done()),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The run: origin, edge (or nginx), load generator; /proc readings of the server process
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _pinned(cpu: int, argv: list[str]) -> list[str]:
+    if (os.cpu_count() or 1) >= 2 and shutil.which("taskset"):
+        return ["taskset", "-c", str(cpu), *argv]
+    return argv
+
+
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of ``pid``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _wait_port(port: int, within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def _edge_config(path: Path, origin_port: int) -> None:
+    config = {
+        "regions": {
+            "eu-central": {
+                "location": {"lat": 50.11, "lon": 8.68},
+                "backends": [f"http://127.0.0.1:{origin_port}"],
+            }
+        },
+        "pops": {"fra": {"location": {"lat": 50.11, "lon": 8.68}, "addresses": ["127.0.1.3"]}},
+        "dns": {
+            "zone": "meridian.test",
+            "soa": {"mname": "ns1.meridian.test", "rname": "h.meridian.test"},
+            "ns": [{"name": "ns1.meridian.test", "addresses": ["127.0.0.1"]}],
+            "names": {"api": {"targets": "pops"}},
+        },
+        "edge": {
+            "services": {"market": {}},
+            "routes": [{"name": "api", "service": "market", "path_prefix": "/"}],
+            "access_log": False,
+            "streams": {
+                "channels": [
+                    {"pattern": "ticker:*", "slow_consumer": "conflate"},
+                    {"pattern": "trades:*"},
+                    {"pattern": "depth:*", "slow_consumer": "conflate"},
+                ],
+                "max_connections_per_ip": 0,
+                "max_subscriptions_per_ip": 0,
+            },
+        },
+    }
+    path.write_text(json.dumps(config))  # JSON is YAML
+
+
+def _nginx_config(path: Path, port: int, origin_port: int) -> None:
+    tmp = path.parent
+    path.write_text(
+        f"""
+worker_processes 1;
+worker_rlimit_nofile 40000;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 30000; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fcgi; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location /stream {{
+            proxy_pass http://127.0.0.1:{origin_port};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_read_timeout 3600s;
+        }}
+    }}
+}}
+"""
+    )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="streams-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    origin_port, port = _free_port(), _free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    try:
+        origin_argv = [
+            sys.executable,
+            "-m",
+            "meridian.origin",
+            "--region",
+            "eu-central",
+            "--port",
+            str(origin_port),
+            "--log-level",
+            "warning",
+            "--stream-rate",
+            str(args.rate),
+        ]
+        log = (tmp / "origin.log").open("wb")
+        procs.append(subprocess.Popen(_pinned(1, origin_argv), stdout=log, stderr=log, env=env))
+        _wait_port(origin_port)
+        if args.nginx:
+            if not shutil.which("nginx"):
+                raise SystemExit("nginx is not installed")
+            conf = tmp / "nginx.conf"
+            _nginx_config(conf, port, origin_port)
+            server_argv = ["nginx", "-c", str(conf), "-p", str(tmp), "-g", "daemon off;"]
+        else:
+            conf = tmp / "edge.yaml"
+            _edge_config(conf, origin_port)
+            server_argv = [
+                sys.executable,
+                "-m",
+                "edge",
+                "--config",
+                str(conf),
+                "--pop",
+                "fra",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--admin",
+                f"127.0.0.1:{_free_port()}",
+            ]
+        log = (tmp / "server.log").open("wb")
+        server = subprocess.Popen(_pinned(0, server_argv), stdout=log, stderr=log, env=env)
+        procs.append(server)
+        _wait_port(port)
+        # nginx: the worker is the master's child (the one that serves).
+        pid = server.pid
+        if args.nginx:
+            time.sleep(0.5)
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            pid = int(children[0]) if children else pid
+        time.sleep(1.0)
+        rss_start = _rss_kib(pid)
+        loadgen_argv = [
+            sys.executable,
+            "-m",
+            "benchmarks.streams",
+            "--loadgen",
+            "--port",
+            str(port),
+            "--clients",
+            str(args.clients),
+            "--channels",
+            str(args.channels),
+            "--duration",
+            str(args.duration),
+            "--warmup",
+            str(args.warmup),
+        ]
+        if args.nginx:
+            loadgen_argv.append("--nginx")
+        generator = subprocess.Popen(
+            _pinned(1, loadgen_argv), stdout=subprocess.PIPE, env=env, text=True
+        )
+        procs.append(generator)  # type: ignore[arg-type]
+        figures: dict[str, Any] = {
+            "server": "nginx 1:1 proxy" if args.nginx else "meridian edge",
+            "clients": args.clients,
+            "channels": args.channels,
+            "rate_per_channel": args.rate,
+            "cpus": os.cpu_count(),
+        }
+        cpu_start = (0.0, 0.0)
+        assert generator.stdout is not None
+        for line in generator.stdout:
+            event = json.loads(line)
+            phase = event.pop("phase")
+            if phase == "connected":
+                time.sleep(1.5)
+                rss_idle = _rss_kib(pid)
+                figures["idle_kib_per_client"] = (rss_idle - rss_start) / args.clients
+            elif phase == "measure_start":
+                cpu_start = _cpu_seconds(pid)
+            elif phase == "measure_end":
+                user, system = (b - a for a, b in zip(cpu_start, _cpu_seconds(pid), strict=True))
+                cpu = user + system
+                figures["server_cpu_share"] = cpu / args.duration
+                figures["server_cpu_s"] = cpu
+                figures["server_cpu_system_share"] = system / cpu if cpu else 0.0
+                figures["rss_mib"] = _rss_kib(pid) / 1024
+                figures["rss_kib_per_1000_clients"] = _rss_kib(pid) / args.clients * 1000
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    with socket.create_connection(("127.0.0.1", origin_port), timeout=5) as sock:
+                        sock.sendall(
+                            b"GET /_control HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                        )
+                        raw = b""
+                        while chunk := sock.recv(65536):
+                            raw += chunk
+                    control = json.loads(raw.split(b"\r\n\r\n", 1)[1])
+                    figures["origin_connections"] = sum(
+                        control["streams"]["subscriptions"].values()
+                    )
+            elif phase == "result":
+                figures.update(event)
+        generator.wait(timeout=60)
+        delivered, cpu = figures.get("delivered", 0), figures.get("server_cpu_s", 0.0)
+        if delivered and cpu:
+            figures["server_cpu_us_per_message"] = cpu / delivered * 1e6
+            figures["messages_per_server_core_second"] = delivered / cpu
+        return figures
+    finally:
+        for proc in reversed(procs):
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def report(figures: dict[str, Any]) -> None:
+    rows = [
+        ("server", "server"),
+        ("clients", "clients"),
+        ("channels x rate", None),
+        ("messages delivered/s", "rate"),
+        ("lag p50 (ms)", "p50_ms"),
+        ("lag p99 (ms)", "p99_ms"),
+        ("lag max (ms)", "max_ms"),
+        ("server CPU share of a core", "server_cpu_share"),
+        ("server CPU us per message", "server_cpu_us_per_message"),
+        ("  of which in the kernel", "server_cpu_system_share"),
+        ("messages per server core-second", "messages_per_server_core_second"),
+        ("server RSS (MiB)", "rss_mib"),
+        ("server RSS per 1,000 clients (KiB)", "rss_kib_per_1000_clients"),
+        ("idle memory per client (KiB)", "idle_kib_per_client"),
+        ("origin connections", "origin_connections"),
+        ("clients closed during the run", "closed"),
+        ("load generator CPU (s)", "loadgen_cpu"),
+    ]
+    for label, key in rows:
+        if key is None:
+            value: Any = f"{figures['channels']} x {figures['rate_per_channel']}/s"
+        else:
+            value = figures.get(key, "-")
+        if isinstance(value, float):
+            value = f"{value:,.2f}"
+        elif isinstance(value, int):
+            value = f"{value:,}"
+        print(f"{label:38s} {value}")
+    print(json.dumps(figures))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.streams", description=__doc__)
+    parser.add_argument("--clients", type=int, default=10_000)
+    parser.add_argument("--channels", type=int, default=20)
+    parser.add_argument("--rate", type=float, default=10.0, help="messages/s per channel")
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--nginx", action="store_true", help="clients through nginx, 1:1")
+    parser.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not 1 <= args.channels <= len(SYMBOLS):
+        parser.error(f"--channels must be 1..{len(SYMBOLS)}")
+    if args.loadgen:
+        import uvloop
+
+        work = loadgen_nginx(args) if args.nginx else loadgen(args)
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(work)
+        return 0
+    report(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
