@@ -172,7 +172,12 @@ def test_since_replays_from_history_or_resyncs_when_it_cannot_bridge():
         publish(hub, "trades:X", seq)
     assert check(near.messages(), "trades:X", conflate=False) == list(range(15, 25))
     far_messages = far.messages()
-    assert far_messages[1] == {"type": "resync", "channel": "trades:X", "seq": 20, "reason": "history"}
+    assert far_messages[1] == {
+        "type": "resync",
+        "channel": "trades:X",
+        "seq": 20,
+        "reason": "history",
+    }
     assert check(far_messages, "trades:X", conflate=False) == list(range(21, 25))
     assert check(ahead.messages(), "trades:X", conflate=False) == [23, 24]
 
@@ -251,7 +256,7 @@ def test_limits_per_connection_address_and_channel_count():
 
 
 def test_a_refused_channel_tells_its_subscribers():
-    hub, stats, _, events = make_hub()
+    hub, stats, clock, events = make_hub()
     client = FakeClient(hub, stats)
     hub.join(client.sub, "ticker:NOPE")
     hub.start(client.sub, "ticker:NOPE", None)
@@ -263,6 +268,11 @@ def test_a_refused_channel_tells_its_subscribers():
     }
     assert events == ["open ticker:NOPE", "close ticker:NOPE"]
     assert not client.sub.channels and hub.per_ip == {}
+    # Asked again at once: refused here, with no new upstream attempt; later, tried again.
+    assert hub.join(client.sub, "ticker:NOPE") == "unknown_channel"
+    clock.now += 30.0
+    assert hub.join(client.sub, "ticker:NOPE") is None
+    assert events[-1] == "open ticker:NOPE"
 
 
 # Upstream: ("next" | "dup" | "gap", size); clients: (join at step, since offset or None,

@@ -28,6 +28,11 @@ from edge.streams.queue import Subscriber
 from edge.streams.stats import StreamStats
 from meridian.config import CHANNEL_NAME, EdgeStreams, StreamChannel
 
+#: Seconds a channel the upstream refused is refused at once (no new upstream attempt), and
+#: how many such names are remembered (the oldest are forgotten first).
+REFUSED_FOR = 30.0
+REFUSED_MAX = 10_000
+
 
 def channel_policy(streams: EdgeStreams, name: str) -> StreamChannel | None:
     """The first channel pattern that matches ``name`` (exact, or a prefix ending in ``*``)."""
@@ -116,6 +121,9 @@ class Hub:
         self.channels: dict[str, Channel] = {}
         #: Subscriptions per client address (``max_subscriptions_per_ip``).
         self.per_ip: dict[str, int] = {}
+        #: Channels the upstream refused, until when (a client cannot make the edge ask the
+        #: origin for an unknown channel again and again).
+        self.refused: dict[str, float] = {}
 
     def configure(self, streams: EdgeStreams) -> None:
         """A reload: new policies and limits for open channels; nothing is closed."""
@@ -135,6 +143,11 @@ class Hub:
         policy = channel_policy(streams, name)
         if policy is None:
             return "unknown_channel"
+        until = self.refused.get(name)
+        if until is not None:
+            if self.clock() < until:
+                return "unknown_channel"
+            del self.refused[name]
         if len(sub.channels) >= streams.max_subscriptions_per_connection:
             return "too_many_subscriptions"
         held = self.per_ip.get(sub.ip, 0)
@@ -265,6 +278,9 @@ class Hub:
             self.leave(sub, name)
         # Subscribers still fetching a snapshot find the channel gone when they start.
         self.channels.pop(name, None)
+        if len(self.refused) >= REFUSED_MAX:
+            del self.refused[next(iter(self.refused))]
+        self.refused[name] = self.clock() + REFUSED_FOR
         self.on_close(name)
 
     def sweep(self) -> None:

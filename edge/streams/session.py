@@ -32,6 +32,7 @@ from edge.exchange import ProxyRequest
 from edge.streams.frames import (
     CLOSE_GOING_AWAY,
     CLOSE_INVALID_DATA,
+    CLOSE_PROTOCOL_ERROR,
     CLOSE_SERVICE_RESTART,
     CLOSE_UNSUPPORTED,
     OP_CLOSE,
@@ -157,7 +158,11 @@ class StreamSession:
                 self.sub.send(frame(OP_PONG, payload))
             elif opcode == OP_CLOSE:
                 code, _ = parse_close(payload)
-                self.close(1000 if code in (1005, 1006) else code, "")
+                if code == 1005:
+                    code = 1000
+                elif not (1000 <= code <= 1003 or 1007 <= code <= 1011 or 3000 <= code <= 4999):
+                    code = CLOSE_PROTOCOL_ERROR  # a code no endpoint may send (RFC 6455 7.4)
+                self.close(code, "")
             elif opcode != OP_PONG:
                 self.close(CLOSE_UNSUPPORTED, "text frames only")
             if self.closing:
