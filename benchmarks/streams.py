@@ -126,7 +126,7 @@ class StreamClient(asyncio.Protocol):
             opcode = first & 0x0F
             payload = bytes(buffer[offset : offset + size])
             start = offset + size
-            if opcode == 0x1:
+            if opcode in (0x1, 0x2):  # the origin itself (``--nginx``) sends binary frames
                 self.received += 1
                 if self.on_message is not None:
                     self.on_message(payload)
@@ -484,14 +484,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 figures["idle_kib_per_client"] = (rss_idle - rss_start) / args.clients
             elif phase == "measure_start":
                 cpu_start = _cpu_seconds(pid)
-            elif phase == "measure_end":
-                user, system = (b - a for a, b in zip(cpu_start, _cpu_seconds(pid), strict=True))
-                cpu = user + system
-                figures["server_cpu_share"] = cpu / args.duration
-                figures["server_cpu_s"] = cpu
-                figures["server_cpu_system_share"] = system / cpu if cpu else 0.0
-                figures["rss_mib"] = _rss_kib(pid) / 1024
-                figures["rss_kib_per_1000_clients"] = _rss_kib(pid) / args.clients * 1000
+                # While every client is connected (they close at the end of the run).
                 with contextlib.suppress(OSError, ValueError, KeyError):
                     with socket.create_connection(("127.0.0.1", origin_port), timeout=5) as sock:
                         sock.sendall(
@@ -504,6 +497,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     figures["origin_connections"] = sum(
                         control["streams"]["subscriptions"].values()
                     )
+            elif phase == "measure_end":
+                user, system = (b - a for a, b in zip(cpu_start, _cpu_seconds(pid), strict=True))
+                cpu = user + system
+                figures["server_cpu_share"] = cpu / args.duration
+                figures["server_cpu_s"] = cpu
+                figures["server_cpu_system_share"] = system / cpu if cpu else 0.0
+                figures["rss_mib"] = _rss_kib(pid) / 1024
+                figures["rss_kib_per_1000_clients"] = _rss_kib(pid) / args.clients * 1000
             elif phase == "result":
                 figures.update(event)
         generator.wait(timeout=60)
