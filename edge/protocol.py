@@ -803,6 +803,12 @@ class EdgeConnection(asyncio.Protocol):
     # -- scheduling ---------------------------------------------------------------------------
 
     def _schedule(self, exchange: Exchange) -> None:
+        streams = self._connections.streams
+        if streams is not None and (
+            self._tunnel is not None or streams.takes_events(exchange.request)
+        ):
+            self._to_event_stream(exchange, streams)
+            return
         exchange.scheduled = True
         if self._active is None:
             self._start(exchange)
@@ -810,6 +816,18 @@ class EdgeConnection(asyncio.Protocol):
         self._queue.append(exchange)
         if len(self._queue) == PIPELINE_DEPTH:
             self._pause_reading()
+
+    def _to_event_stream(self, exchange: Exchange, streams: StreamService) -> None:
+        """A GET on the stream path: the connection becomes a Server-Sent Events stream
+        (``edge.streams.sse``); what a client pipelines after it is dropped."""
+        exchange.scheduled = True
+        if self._tunnel is not None or self._transport is None:
+            return
+        if self._active is not None or self._queue or exchange.body is not None:
+            self._reject(RequestRejected(400, "event_stream_while_busy"))
+            return
+        self._deadline_kind = _DEADLINE_NONE
+        self._tunnel = streams.open_events(self._connections, self._transport, exchange.request)
 
     def _start(self, exchange: Exchange) -> None:
         self._active = exchange

@@ -332,12 +332,20 @@ async def test_sigterm_closes_streams_with_1012_service_restart(tmp_path):
     with processes() as procs:
         edge, _ = start(procs, tmp_path, {"eu-central": {}})
         client = await subscribe(edge.port, "ticker:BTC-USD")
+        events = asyncio.create_task(read_events(edge.port, "/stream?channel=ticker:BTC-USD", 999))
         await client.wait_for(3)
+        await asyncio.sleep(0.5)
         edge.signal(signal.SIGTERM)
         async with asyncio.timeout(10):
             await client.lost
         assert client.close_code == 1012
         assert client.close_reason == "service restart"
+        # The event stream ends with a close event and the last chunk.
+        last = (await events)[-1]
+        assert last == {
+            "event": "close",
+            "data": {"type": "close", "code": 1012, "reason": "service restart"},
+        }
         assert await asyncio.to_thread(edge.wait, 10) == 0
 
 
@@ -399,3 +407,67 @@ async def test_hostile_and_refused_clients(tmp_path):
         async with asyncio.timeout(5):
             await two.lost
         assert two.close_code == 1002
+
+
+async def read_events(port: int, target: str, count: int, **headers: str) -> list[dict[str, Any]]:
+    """A plain HTTP client of the stream path: the first ``count`` events (``id``, ``event``,
+    ``data`` decoded), read from the chunked body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    lines = [f"GET {target} HTTP/1.1", "Host: x", "Accept: text/event-stream"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert b"content-type: text/event-stream" in head.lower()
+    events: list[dict[str, Any]] = []
+    text = b""
+    async with asyncio.timeout(15):
+        while len(events) < count:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            if size == 0:
+                break
+            text += (await reader.readexactly(size + 2))[:-2]
+            while b"\n\n" in text:
+                block, text = text.split(b"\n\n", 1)
+                event: dict[str, Any] = {}
+                for line in block.decode().split("\n"):
+                    name, _, value = line.partition(": ")
+                    if name in ("id", "event"):
+                        event[name] = value
+                    elif name == "data":
+                        event["data"] = json.loads(value)
+                if event:
+                    events.append(event)
+    writer.close()
+    return events
+
+
+async def test_server_sent_events_share_the_channel_and_resume_with_last_event_id(tmp_path):
+    with processes() as procs:
+        edge, origins = start(procs, tmp_path, {"eu-central": {"rate": 50.0}})
+        socket_client = await subscribe(edge.port, "trades:ETH-USD")
+        events = await read_events(edge.port, "/stream?channel=trades:ETH-USD", 20)
+        assert events[0]["event"] == "subscribed"
+        data = [e for e in events if "event" not in e]
+        assert [int(e["id"]) for e in data] == [e["data"]["seq"] for e in data]
+        seqs = [e["data"]["seq"] for e in data]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+        # A reconnecting EventSource sends the last id it saw: the stream resumes after it.
+        resumed = await read_events(
+            edge.port, "/stream?channel=trades:ETH-USD", 10, **{"Last-Event-ID": str(seqs[5])}
+        )
+        resumed_seqs = [e["data"]["seq"] for e in resumed if "event" not in e]
+        assert resumed_seqs[0] == seqs[5] + 1
+        assert resumed_seqs == list(range(seqs[5] + 1, seqs[5] + 1 + len(resumed_seqs)))
+        snapshot = await read_events(edge.port, "/stream?channel=ticker:ETH-USD&snapshot=1", 5)
+        assert snapshot[0]["event"] == "snapshot"
+        assert int(snapshot[0]["id"]) == snapshot[0]["data"]["seq"]
+        following = [e["data"]["seq"] for e in snapshot if "event" not in e]
+        assert following[0] > snapshot[0]["data"]["seq"]
+        assert origins["eu-central"].streams()["subscriptions"] == {
+            "ticker:ETH-USD": 1,
+            "trades:ETH-USD": 1,
+        }
+        assert socket_client.received > 0
+        status, _, body = http_request(edge.port, "GET", "/stream?channel=a&channel=b")
+        assert status == 400 and b"one_channel_per_event_stream" in body

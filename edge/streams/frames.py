@@ -161,6 +161,21 @@ class ClientFrames:
         return out
 
 
+def sse_event(data: bytes, *, event: str | None = None, event_id: int | None = None) -> bytes:
+    """One Server-Sent Event as an HTTP/1.1 chunk (``edge.streams.sse``): a line break in
+    ``data`` (whitespace between JSON tokens) starts another ``data:`` line, as the format
+    requires, so no payload can forge an event."""
+    if b"\n" in data or b"\r" in data:
+        data = b"\ndata: ".join(data.splitlines())
+    head = b""
+    if event is not None:
+        head += b"event: " + event.encode() + b"\n"
+    if event_id is not None:
+        head += b"id: %d\n" % event_id
+    body = head + b"data: " + data + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(body), body)
+
+
 def parse_close(payload: bytes) -> tuple[int, str]:
     """The code and reason of a close frame's payload (1005: none given)."""
     if len(payload) < 2:

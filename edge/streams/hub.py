@@ -23,7 +23,7 @@ import json
 from collections import deque
 from collections.abc import Callable
 
-from edge.streams.frames import text_frame
+from edge.streams.frames import sse_event, text_frame
 from edge.streams.queue import Subscriber
 from edge.streams.stats import StreamStats
 from meridian.config import CHANNEL_NAME, EdgeStreams, StreamChannel
@@ -46,8 +46,17 @@ def channel_policy(streams: EdgeStreams, name: str) -> StreamChannel | None:
 
 
 def control(kind: str, channel: str, **fields: object) -> bytes:
-    """A frame of the edge's own (``subscribed``, ``resync``, ``error``, ...)."""
-    return text_frame(json.dumps({"type": kind, "channel": channel, **fields}).encode())
+    """A message of the edge's own (``subscribed``, ``resync``, ``error``, ...), unframed."""
+    return json.dumps({"type": kind, "channel": channel, **fields}).encode()
+
+
+def framed(sse: bool, kind: str, payload: bytes) -> bytes:
+    """A message of the edge's own as a WebSocket frame, or as an event named ``kind``."""
+    return sse_event(payload, event=kind) if sse else text_frame(payload)
+
+
+def notify(sub: Subscriber[Channel], kind: str, channel: str, **fields: object) -> None:
+    sub.send(framed(sub.sse, kind, control(kind, channel, **fields)))
 
 
 class Channel:
@@ -60,6 +69,7 @@ class Channel:
         "last_seq",
         "members",
         "name",
+        "sse_subscribers",
         "subscribers",
         "waiting",
     )
@@ -67,11 +77,14 @@ class Channel:
     def __init__(self, name: str, policy: StreamChannel, now: float) -> None:
         self.name = name
         self.conflate = policy.slow_consumer == "conflate"
-        #: (sequence, origin timestamp, frame), oldest first, consecutive sequences.
-        self.history: deque[tuple[int, float, bytes]] = deque(maxlen=policy.history)
+        #: (sequence, origin timestamp, WebSocket frame, payload), oldest first, consecutive
+        #: sequences (an event for Server-Sent Events clients is made from the payload).
+        self.history: deque[tuple[int, float, bytes, bytes]] = deque(maxlen=policy.history)
         self.last_seq: int | None = None
-        #: Live subscribers (a dict: ordered, O(1) removal).
+        #: Live subscribers (a dict: ordered, O(1) removal), WebSocket and SSE apart: each
+        #: group gets its own bytes, made once per message.
         self.subscribers: dict[Subscriber[Channel], None] = {}
+        self.sse_subscribers: dict[Subscriber[Channel], None] = {}
         #: Subscribers waiting for a sequence the channel has not published: (who, after).
         self.waiting: dict[Subscriber[Channel], int] = {}
         #: Subscriptions, started or not (a snapshot being fetched).
@@ -94,10 +107,13 @@ class Channel:
         oldest = self.oldest_seq
         if oldest is None or oldest > after + 1:
             return False
-        for seq, ts, frame in self.history:
+        for seq, ts, frame, payload in self.history:
             if seq > after:
-                sub.send(frame, ts)
+                sub.send(sse_event(payload, event_id=seq) if sub.sse else frame, ts)
         return True
+
+    def live(self, sub: Subscriber[Channel]) -> None:
+        (self.sse_subscribers if sub.sse else self.subscribers)[sub] = None
 
 
 class Hub:
@@ -172,26 +188,27 @@ class Hub:
         if channel is None or sub.closed:
             return
         if self.channels.get(name) is not channel:  # failed while a snapshot was fetched
-            sub.send(control("error", name, reason="upstream_refused"))
+            notify(sub, "error", name, reason="upstream_refused")
             self.leave(sub, name)
             return
         last = channel.last_seq
-        sub.send(control("subscribed", name, seq=last))
+        notify(sub, "subscribed", name, seq=last)
         if after is None or (last is not None and after == last):
-            channel.subscribers[sub] = None
+            channel.live(sub)
         elif last is None or after > last:
             channel.waiting[sub] = after
         elif channel.replay(sub, after):
-            channel.subscribers[sub] = None
+            channel.live(sub)
         else:
             self._resync_one(sub, channel, last, "history")
-            channel.subscribers[sub] = None
+            channel.live(sub)
 
     def leave(self, sub: Subscriber[Channel], name: str) -> bool:
         channel = sub.channels.pop(name, None)
         if channel is None:
             return False
         channel.subscribers.pop(sub, None)
+        channel.sse_subscribers.pop(sub, None)
         channel.waiting.pop(sub, None)
         sub.slots.pop(channel, None)  # a conflated frame still queued stays in the queue
         held = self.per_ip.get(sub.ip, 1) - 1
@@ -227,27 +244,43 @@ class Hub:
         if last is not None and seq > last + 1:
             self._gap(channel, seq)
         frame = text_frame(payload)
-        channel.history.append((seq, ts, frame))
+        channel.history.append((seq, ts, frame, payload))
         channel.last_seq = seq
+        self._fan_out(channel.subscribers, frame, ts, channel)
+        if channel.sse_subscribers:
+            self._fan_out(channel.sse_subscribers, sse_event(payload, event_id=seq), ts, channel)
+        if channel.waiting:
+            self._promote(channel, seq)
+        return True
+
+    def _fan_out(
+        self,
+        subscribers: dict[Subscriber[Channel], None],
+        frame: bytes,
+        ts: float,
+        channel: Channel,
+    ) -> None:
+        """The same bytes to every subscriber: written at once, or queued (``Subscriber``)."""
         written = 0
-        for sub in tuple(channel.subscribers):
+        for sub in tuple(subscribers):
             if sub.paused or sub.queue:
                 sub.enqueue(frame, ts, channel)
             else:
                 sub.write(frame)
                 written += 1
         if written:
-            stats.delivered(len(frame), ts, written)
-        if channel.waiting:
-            self._promote(channel, seq)
-        return True
+            self.stats.delivered(len(frame), ts, written)
 
     def _gap(self, channel: Channel, seq: int) -> None:
         """The upstream continues past a hole: one resync frame for every subscriber."""
-        self.stats.resyncs["upstream_gap"] += len(channel.subscribers)
-        frame = control("resync", channel.name, seq=seq - 1, reason="upstream_gap")
-        for sub in tuple(channel.subscribers):
-            sub.send(frame)
+        self.stats.resyncs["upstream_gap"] += len(channel.subscribers) + len(
+            channel.sse_subscribers
+        )
+        payload = control("resync", channel.name, seq=seq - 1, reason="upstream_gap")
+        for group, sse in ((channel.subscribers, False), (channel.sse_subscribers, True)):
+            frame = framed(sse, "resync", payload)
+            for sub in tuple(group):
+                sub.send(frame)
         channel.history.clear()
         # Waiting subscribers asked for something now lost: they learn it when promoted.
 
@@ -259,22 +292,21 @@ class Hub:
             if not channel.replay(sub, after):
                 self._resync_one(sub, channel, seq - 1, "history")
                 channel.replay(sub, seq - 1)
-            channel.subscribers[sub] = None
+            channel.live(sub)
 
     def _resync_one(
         self, sub: Subscriber[Channel], channel: Channel, seq: int, reason: str
     ) -> None:
         self.stats.resyncs[reason] += 1
-        sub.send(control("resync", channel.name, seq=seq, reason=reason))
+        notify(sub, "resync", channel.name, seq=seq, reason=reason)
 
     def fail(self, name: str, reason: str) -> None:
         """The upstream refused the channel: its subscribers are told and it is closed."""
         channel = self.channels.get(name)
         if channel is None:
             return
-        frame = control("error", name, reason=reason)
-        for sub in (*channel.subscribers, *channel.waiting):
-            sub.send(frame)
+        for sub in (*channel.subscribers, *channel.sse_subscribers, *channel.waiting):
+            notify(sub, "error", name, reason=reason)
             self.leave(sub, name)
         # Subscribers still fetching a snapshot find the channel gone when they start.
         self.channels.pop(name, None)

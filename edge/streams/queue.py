@@ -58,6 +58,7 @@ class Subscriber(Generic[C]):
         "queue",
         "queued",
         "slots",
+        "sse",
         "stats",
         "write",
     )
@@ -69,8 +70,12 @@ class Subscriber(Generic[C]):
         ip: str,
         limit: int,
         stats: StreamStats,
+        *,
+        sse: bool = False,
     ) -> None:
         self.write = write
+        #: Server-Sent Events (``edge.streams.sse``) rather than WebSocket frames.
+        self.sse = sse
         #: Called once when the policy closes the client (code, reason): the session writes
         #: the close frame and ends the connection.
         self.on_close = on_close

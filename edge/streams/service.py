@@ -26,8 +26,9 @@ from edge.state import EdgeState
 from edge.streams.frames import accept_key
 from edge.streams.hub import Hub
 from edge.streams.metrics import StreamMetrics
-from edge.streams.session import StreamSession
+from edge.streams.session import Client, StreamSession
 from edge.streams.snapshot import fetch_snapshot
+from edge.streams.sse import EventSession, event_params
 from edge.streams.stats import StreamStats
 from edge.streams.upstream import UpstreamLinks
 from edge.upstream import UpstreamPool
@@ -76,7 +77,7 @@ class StreamService:
         self.stats = StreamStats(clock)
         self.hub: Hub | None = None
         self.links = UpstreamLinks(services, lambda: self, self.stats, loop)
-        self.sessions: set[StreamSession] = set()
+        self.sessions: set[Client] = set()
         #: Open sessions per client address (``max_connections_per_ip``).
         self.per_ip: dict[str, int] = {}
         #: (ping interval, ping timeout), read by every session's idle check.
@@ -145,6 +146,35 @@ class StreamService:
         streams = self.services.state.config.edge.streams
         return streams is not None and path == streams.path
 
+    def takes_events(self, request: ProxyRequest) -> bool:
+        """A plain GET on the stream path: a Server-Sent Events client (``edge.streams.sse``)."""
+        return request.method == "GET" and self.handles(request.path)
+
+    def open_events(
+        self, host: TunnelHost, transport: asyncio.Transport, request: ProxyRequest
+    ) -> EventSession | None:
+        """Takes over a connection whose GET asked for the stream path's events; None when it
+        was refused (answered with an HTTP error and closed)."""
+        self._follow_config()
+        streams = self._config
+        if self._timer is None:
+            self._timer = self.loop.call_later(SWEEP_EVERY, self._sweep)
+        assert streams is not None
+        params = event_params(request)
+        if isinstance(params, str):
+            self._refuse(transport, request, 400, params)
+            return None
+        if request.http_version != "1.1":
+            self._refuse(transport, request, 505, "event_stream_needs_http_1_1")
+            return None
+        held = self.per_ip.get(request.client_ip, 0)
+        if streams.max_connections_per_ip and held >= streams.max_connections_per_ip:
+            self._refuse(transport, request, 429, "stream_connections_per_ip")
+            return None
+        session = EventSession(self, host, transport, request, streams.send_queue)
+        session.start(params)
+        return session
+
     def open(
         self, host: TunnelHost, transport: asyncio.Transport, request: ProxyRequest, rest: bytes
     ) -> StreamSession | None:
@@ -204,13 +234,13 @@ class StreamService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def opened(self, session: StreamSession) -> None:
+    def opened(self, session: Client) -> None:
         self.sessions.add(session)
         ip = session.request.client_ip
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         self.stats.clients = len(self.sessions)
 
-    def closed(self, session: StreamSession) -> None:
+    def closed(self, session: Client) -> None:
         if session not in self.sessions:
             return
         self.sessions.discard(session)

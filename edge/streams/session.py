@@ -44,14 +44,23 @@ from edge.streams.frames import (
     close_frame,
     frame,
     parse_close,
+    sse_event,
+    text_frame,
 )
-from edge.streams.hub import Channel, Hub, control
+from edge.streams.hub import Channel, Hub, notify
 from edge.streams.queue import Subscriber
 from edge.streams.stats import StreamStats
 from meridian.log import get_logger
 
 if TYPE_CHECKING:
     from edge.websocket import TunnelHost
+
+
+class Client(Protocol):
+    """A stream client's session, WebSocket or Server-Sent Events."""
+
+    @property
+    def request(self) -> ProxyRequest: ...
 
 
 class Owner(Protocol):
@@ -70,12 +79,12 @@ class Owner(Protocol):
     def keep_alive(self) -> tuple[float, float]:
         """(ping interval, ping timeout)."""
 
-    def opened(self, session: StreamSession) -> None: ...
+    def opened(self, session: Client) -> None: ...
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Runs ``work`` in a task the service holds (and cancels when it closes)."""
 
-    def closed(self, session: StreamSession) -> None: ...
+    def closed(self, session: Client) -> None: ...
 
     async def snapshot(self, request: ProxyRequest, channel: str) -> tuple[int, bytes] | str: ...
 
@@ -87,6 +96,27 @@ CLOSE_GRACE = 2.0
 _PING = frame(OP_PING, b"")
 #: The transport's write buffer (bytes) above which frames wait in the session's own queue.
 WRITE_HIGH_WATER = 64 * 1024
+
+
+async def snapshot_then_stream(
+    owner: Owner, sub: Subscriber[Channel], request: ProxyRequest, channel: str
+) -> None:
+    """Sends the channel's snapshot, then starts the subscription after the sequence it
+    reflects (the client has joined the channel already)."""
+    result = await owner.snapshot(request, channel)
+    hub = owner.hub
+    if sub.closed or hub is None or channel not in sub.channels:
+        return
+    if isinstance(result, str):
+        notify(sub, "error", channel, reason=result)
+        hub.leave(sub, channel)
+        return
+    seq, body = result
+    owner.stats.snapshots += 1
+    head = json.dumps({"type": "snapshot", "channel": channel, "seq": seq})
+    payload = head[:-1].encode() + b',"data":' + body + b"}"
+    sub.send(sse_event(payload, event="snapshot", event_id=seq) if sub.sse else text_frame(payload))
+    hub.start(sub, channel, seq)
 
 
 class StreamSession:
@@ -190,7 +220,7 @@ class StreamSession:
             return
         if op == "unsubscribe":
             if hub.leave(self.sub, channel):
-                self.sub.send(control("unsubscribed", channel))
+                notify(self.sub, "unsubscribed", channel)
             else:
                 self._error(channel, "not_subscribed")
             return
@@ -213,22 +243,10 @@ class StreamSession:
             hub.start(self.sub, channel, since)
 
     async def _snapshot(self, channel: str) -> None:
-        result = await self.service.snapshot(self.request, channel)
-        hub = self.service.hub
-        if self.closing or hub is None or channel not in self.sub.channels:
-            return
-        if isinstance(result, str):
-            self._error(channel, result)
-            hub.leave(self.sub, channel)
-            return
-        seq, body = result
-        self.service.stats.snapshots += 1
-        head = json.dumps({"type": "snapshot", "channel": channel, "seq": seq})
-        self.sub.send(frame(OP_TEXT, head[:-1].encode() + b',"data":' + body + b"}"))
-        hub.start(self.sub, channel, seq)
+        await snapshot_then_stream(self.service, self.sub, self.request, channel)
 
     def _error(self, channel: str, reason: str) -> None:
-        self.sub.send(control("error", channel, reason=reason))
+        notify(self.sub, "error", channel, reason=reason)
 
     # -- flow control and endings -------------------------------------------------------------
 
