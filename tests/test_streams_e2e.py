@@ -471,3 +471,38 @@ async def test_server_sent_events_share_the_channel_and_resume_with_last_event_i
         assert socket_client.received > 0
         status, _, body = http_request(edge.port, "GET", "/stream?channel=a&channel=b")
         assert status == 400 and b"one_channel_per_event_stream" in body
+
+
+async def test_permessage_deflate_clients_share_one_compressed_frame(tmp_path):
+    import aiohttp
+
+    with processes() as procs:
+        edge, _ = start(procs, tmp_path, {"eu-central": {"rate": 20.0}})
+        plain = await subscribe(edge.port, "depth:BTC-USD")
+        received: list[list[dict[str, Any]]] = [[], []]
+        async with aiohttp.ClientSession() as session:
+            sockets = [
+                await session.ws_connect(f"ws://127.0.0.1:{edge.port}/stream", compress=15)
+                for _ in range(2)
+            ]
+            for ws in sockets:
+                assert (
+                    "server_no_context_takeover" in ws._response.headers["Sec-WebSocket-Extensions"]
+                )
+                # aiohttp compresses what it sends too: the edge inflates it.
+                await ws.send_str(json.dumps({"op": "subscribe", "channel": "depth:BTC-USD"}))
+            for ws, documents in zip(sockets, received, strict=True):
+                while len(documents) < 12:
+                    message = await asyncio.wait_for(ws.receive(), 5)
+                    assert message.type == aiohttp.WSMsgType.TEXT
+                    documents.append(json.loads(message.data))
+            for ws in sockets:
+                await ws.close()
+        for documents in received:
+            seqs = check(documents, "depth:BTC-USD", conflate=True)
+            assert len(seqs) >= 10 and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+        assert plain.received > 0
+        # Compressed once per message for both clients, not once per client.
+        compressed = await asyncio.to_thread(edge.metric, "meridian_edge_stream_compressed_total")
+        delivered = len(check(received[0], "depth:BTC-USD", conflate=True))
+        assert delivered - 1 <= compressed <= delivered + 5  # per client, it would be twice

@@ -21,8 +21,11 @@ from edge.streams.frames import (
     FrameError,
     accept_key,
     close_frame,
+    deflate_frame,
     frame,
+    negotiate_deflate,
     parse_close,
+    text_frame,
 )
 from edge.streams.upstream import parse_message
 from meridian.config import EdgeStreams
@@ -170,3 +173,61 @@ def test_feed_is_deterministic_and_sequenced_by_time() -> None:
 )
 def test_upstream_messages_are_checked(data: bytes, parsed: tuple[int, float] | None) -> None:
     assert parse_message("t:X", data) == parsed
+
+
+@pytest.mark.parametrize(
+    ("offer", "answer"),
+    [
+        (None, None),
+        (b"x-webkit-deflate-frame", None),
+        (
+            b"permessage-deflate; client_max_window_bits",
+            b"permessage-deflate; server_no_context_takeover",
+        ),
+        (
+            b"permessage-deflate; client_no_context_takeover; server_no_context_takeover",
+            b"permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+        ),
+        (b"permessage-deflate; server_max_window_bits=10", None),  # we compress with 15
+        (
+            b"permessage-deflate; server_max_window_bits=10, permessage-deflate",
+            b"permessage-deflate; server_no_context_takeover",
+        ),
+        (b"permessage-deflate; mystery=1", None),
+    ],
+)
+def test_permessage_deflate_negotiation(offer: bytes | None, answer: bytes | None) -> None:
+    assert negotiate_deflate(offer) == answer
+
+
+def test_deflate_frames_are_compressed_alone_and_small_ones_stay_plain() -> None:
+    import zlib
+
+    payload = json.dumps({"bids": [[1.5, 2.5]] * 40}).encode()
+    compressed = deflate_frame(payload)
+    assert compressed[0] == 0xC1  # FIN, RSV1, text
+    assert len(compressed) < len(payload) / 2
+    body = compressed[4:] if compressed[1] == 126 else compressed[2:]
+    assert zlib.decompressobj(-15).decompress(body + b"\x00\x00\xff\xff") == payload
+    assert deflate_frame(b'{"a":1}') == text_frame(b'{"a":1}')
+
+
+def test_compressed_client_messages_are_inflated_within_the_bound() -> None:
+    import zlib
+
+    def compressed(text: bytes) -> bytes:
+        compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+        data = compressor.compress(text) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        framed = masked(data[:-4])
+        return bytes((framed[0] | 0x40,)) + framed[1:]
+
+    reader = ClientFrames(1000, deflate=True)
+    assert reader.feed(compressed(b'{"op":"subscribe"}') + masked(b"plain")) == [
+        (OP_TEXT, b'{"op":"subscribe"}'),
+        (OP_TEXT, b"plain"),
+    ]
+    with pytest.raises(FrameError) as info:
+        ClientFrames(1000, deflate=True).feed(compressed(b"x" * 100_000))  # 100 KB from ~100 B
+    assert info.value.code == CLOSE_TOO_BIG
+    with pytest.raises(FrameError):
+        ClientFrames(1000, deflate=False).feed(compressed(b"x"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import struct
+import zlib
 from typing import Final, NamedTuple
 
 OP_CONTINUATION: Final = 0x0
@@ -32,6 +33,18 @@ CLOSE_SERVICE_RESTART: Final = 1012
 CLOSE_TRY_AGAIN_LATER: Final = 1013
 
 _GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+#: What a subscriber is sent: WebSocket frames, the same with permessage-deflate, or
+#: Server-Sent Events.  Each kind of subscriber shares one copy of a message's bytes.
+PLAIN: Final = 0
+DEFLATE: Final = 1
+EVENTS: Final = 2
+KINDS: Final = 3
+#: Payloads below this are sent uncompressed to permessage-deflate clients too (the same
+#: bytes as the plain frame: a compressed message may be a plain one, RFC 7692 section 6).
+DEFLATE_MIN: Final = 200
+DEFLATE_LEVEL: Final = 6
+_SYNC_TAIL: Final = b"\x00\x00\xff\xff"
 
 
 def accept_key(key: bytes) -> bytes | None:
@@ -57,6 +70,58 @@ def frame(opcode: int, payload: bytes) -> bytes:
 
 def text_frame(payload: bytes) -> bytes:
     return frame(OP_TEXT, payload)
+
+
+def deflate_frame(payload: bytes) -> bytes:
+    """A text message compressed with permessage-deflate and no context takeover (RFC 7692):
+    the same bytes suit every client that negotiated it, so it is compressed once."""
+    if len(payload) < DEFLATE_MIN:
+        return text_frame(payload)
+    compressor = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -15)
+    data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    data = data.removesuffix(_SYNC_TAIL)
+    framed = frame(OP_TEXT, data)
+    return bytes((framed[0] | 0x40,)) + framed[1:]  # RSV1: compressed
+
+
+def data_frame(kind: int, payload: bytes, seq: int) -> bytes:
+    """An upstream message for subscribers of ``kind``."""
+    if kind == PLAIN:
+        return text_frame(payload)
+    if kind == DEFLATE:
+        return deflate_frame(payload)
+    return sse_event(payload, event_id=seq)
+
+
+def negotiate_deflate(offers: bytes | None) -> bytes | None:
+    """The ``Sec-WebSocket-Extensions`` answer to a client's offers: permessage-deflate with
+    ``server_no_context_takeover`` (every message compressed alone, so once for everyone),
+    or None.  An offer that limits the server's window below 15 bits, or has a parameter
+    not known here, is declined (the next offer is considered)."""
+    if not offers or len(offers) > 1024:
+        return None
+    for offer in offers.split(b","):
+        params = [p.strip() for p in offer.split(b";")]
+        if params[0].lower() != b"permessage-deflate":
+            continue
+        acceptable, client_reset = True, False
+        for param in params[1:]:
+            name, _, value = param.partition(b"=")
+            name, value = name.strip().lower(), value.strip().strip(b'"')
+            if name == b"server_no_context_takeover" and not value:
+                continue
+            if name == b"client_no_context_takeover" and not value:
+                client_reset = True
+            elif name == b"server_max_window_bits" and value == b"15":
+                continue
+            elif name == b"client_max_window_bits" and (not value or value.isdigit()):
+                continue  # the client may use any window: inflating with 15 bits reads it
+            else:
+                acceptable = False
+        if acceptable:
+            answer = b"permessage-deflate; server_no_context_takeover"
+            return answer + (b"; client_no_context_takeover" if client_reset else b"")
+    return None
 
 
 def close_frame(code: int, reason: str = "") -> bytes:
@@ -93,14 +158,28 @@ class ClientFrames:
     At most ``max_message`` payload bytes are buffered (plus one frame header); a fragmented
     message is reassembled up to the same bound."""
 
-    __slots__ = ("_buffer", "_fragments", "_fragments_size", "_opcode", "max_message")
+    __slots__ = (
+        "_buffer",
+        "_compressed",
+        "_fragments",
+        "_fragments_size",
+        "_inflate",
+        "_opcode",
+        "deflate",
+        "max_message",
+    )
 
-    def __init__(self, max_message: int) -> None:
+    def __init__(self, max_message: int, *, deflate: bool = False) -> None:
         self.max_message = max_message
+        #: permessage-deflate was negotiated: RSV1 marks a compressed message.
+        self.deflate = deflate
         self._buffer = bytearray()
         self._fragments: list[bytes] = []
         self._fragments_size = 0
         self._opcode = -1
+        self._compressed = False
+        #: Made at the first compressed message (the client may keep its context).
+        self._inflate: zlib._Decompress | None = None
 
     def feed(self, data: bytes) -> list[ClientFrame]:
         """The complete messages and control frames in ``data``; raises ``FrameError``."""
@@ -111,7 +190,8 @@ class ClientFrames:
             if len(buffer) < 2:
                 break
             first, second = buffer[0], buffer[1]
-            if first & 0x70:
+            rsv1 = first & 0x40
+            if first & 0x30 or (rsv1 and not self.deflate):
                 raise FrameError(CLOSE_PROTOCOL_ERROR, "reserved bits set")
             if not second & 0x80:
                 raise FrameError(CLOSE_PROTOCOL_ERROR, "client frames must be masked")
@@ -138,27 +218,44 @@ class ClientFrames:
             payload = _unmask(mask, bytes(buffer[offset + 4 : offset + 4 + size]))
             del buffer[: offset + 4 + size]
             if opcode >= 0x8:
-                if opcode not in (OP_CLOSE, OP_PING, OP_PONG):
-                    raise FrameError(CLOSE_PROTOCOL_ERROR, "unknown opcode")
+                if opcode not in (OP_CLOSE, OP_PING, OP_PONG) or rsv1:
+                    raise FrameError(CLOSE_PROTOCOL_ERROR, "bad control frame")
                 out.append(ClientFrame(opcode, payload))
                 continue
             if opcode == OP_CONTINUATION:
-                if self._opcode < 0:
-                    raise FrameError(CLOSE_PROTOCOL_ERROR, "continuation without a message")
+                if self._opcode < 0 or rsv1:
+                    raise FrameError(CLOSE_PROTOCOL_ERROR, "bad continuation")
             elif opcode in (OP_TEXT, OP_BINARY):
                 if self._opcode >= 0:
                     raise FrameError(CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one")
                 self._opcode = opcode
+                self._compressed = bool(rsv1)
             else:
                 raise FrameError(CLOSE_PROTOCOL_ERROR, "unknown opcode")
             self._fragments.append(payload)
             self._fragments_size += size
             if fin:
-                out.append(ClientFrame(self._opcode, b"".join(self._fragments)))
+                message = b"".join(self._fragments)
+                if self._compressed:
+                    message = self._inflated(message)
+                out.append(ClientFrame(self._opcode, message))
                 self._fragments.clear()
                 self._fragments_size = 0
                 self._opcode = -1
         return out
+
+    def _inflated(self, data: bytes) -> bytes:
+        """A compressed message's text, at most ``max_message`` bytes of it (a bomb stops
+        there: the output is bounded, not the input's promise)."""
+        if self._inflate is None:
+            self._inflate = zlib.decompressobj(-15)
+        try:
+            text = self._inflate.decompress(data + _SYNC_TAIL, self.max_message + 1)
+        except zlib.error:
+            raise FrameError(CLOSE_INVALID_DATA, "bad deflate data") from None
+        if len(text) > self.max_message or self._inflate.unconsumed_tail:
+            raise FrameError(CLOSE_TOO_BIG, "message too big")
+        return text
 
 
 def sse_event(data: bytes, *, event: str | None = None, event_id: int | None = None) -> bytes:

@@ -23,7 +23,7 @@ import json
 from collections import deque
 from collections.abc import Callable
 
-from edge.streams.frames import sse_event, text_frame
+from edge.streams.frames import DEFLATE, EVENTS, KINDS, data_frame, sse_event, text_frame
 from edge.streams.queue import Subscriber
 from edge.streams.stats import StreamStats
 from meridian.config import CHANNEL_NAME, EdgeStreams, StreamChannel
@@ -64,27 +64,27 @@ class Channel:
 
     __slots__ = (
         "conflate",
+        "groups",
         "history",
         "idle_since",
         "last_seq",
         "members",
         "name",
-        "sse_subscribers",
-        "subscribers",
         "waiting",
     )
 
     def __init__(self, name: str, policy: StreamChannel, now: float) -> None:
         self.name = name
         self.conflate = policy.slow_consumer == "conflate"
-        #: (sequence, origin timestamp, WebSocket frame, payload), oldest first, consecutive
-        #: sequences (an event for Server-Sent Events clients is made from the payload).
-        self.history: deque[tuple[int, float, bytes, bytes]] = deque(maxlen=policy.history)
+        #: (sequence, origin timestamp, payload, its bytes per kind of subscriber: made when
+        #: first needed), oldest first, consecutive sequences.
+        self.history: deque[tuple[int, float, bytes, list[bytes | None]]] = deque(
+            maxlen=policy.history
+        )
         self.last_seq: int | None = None
-        #: Live subscribers (a dict: ordered, O(1) removal), WebSocket and SSE apart: each
-        #: group gets its own bytes, made once per message.
-        self.subscribers: dict[Subscriber[Channel], None] = {}
-        self.sse_subscribers: dict[Subscriber[Channel], None] = {}
+        #: Live subscribers by kind (``edge.streams.frames``: PLAIN, DEFLATE, EVENTS), in dicts
+        #: (ordered, O(1) removal): each kind gets its own bytes, made once per message.
+        self.groups: tuple[dict[Subscriber[Channel], None], ...] = tuple({} for _ in range(KINDS))
         #: Subscribers waiting for a sequence the channel has not published: (who, after).
         self.waiting: dict[Subscriber[Channel], int] = {}
         #: Subscriptions, started or not (a snapshot being fetched).
@@ -107,13 +107,21 @@ class Channel:
         oldest = self.oldest_seq
         if oldest is None or oldest > after + 1:
             return False
-        for seq, ts, frame, payload in self.history:
+        kind = sub.kind
+        for seq, ts, payload, frames in self.history:
             if seq > after:
-                sub.send(sse_event(payload, event_id=seq) if sub.sse else frame, ts)
+                frame = frames[kind]
+                if frame is None:
+                    frame = frames[kind] = data_frame(kind, payload, seq)
+                sub.send(frame, ts)
         return True
 
     def live(self, sub: Subscriber[Channel]) -> None:
-        (self.sse_subscribers if sub.sse else self.subscribers)[sub] = None
+        self.groups[sub.kind][sub] = None
+
+    def everyone(self) -> list[Subscriber[Channel]]:
+        """Live and waiting subscribers."""
+        return [sub for group in self.groups for sub in group] + list(self.waiting)
 
 
 class Hub:
@@ -207,8 +215,7 @@ class Hub:
         channel = sub.channels.pop(name, None)
         if channel is None:
             return False
-        channel.subscribers.pop(sub, None)
-        channel.sse_subscribers.pop(sub, None)
+        channel.groups[sub.kind].pop(sub, None)
         channel.waiting.pop(sub, None)
         sub.slots.pop(channel, None)  # a conflated frame still queued stays in the queue
         held = self.per_ip.get(sub.ip, 1) - 1
@@ -243,12 +250,15 @@ class Hub:
             return False
         if last is not None and seq > last + 1:
             self._gap(channel, seq)
-        frame = text_frame(payload)
-        channel.history.append((seq, ts, frame, payload))
+        frames: list[bytes | None] = [None] * KINDS
+        channel.history.append((seq, ts, payload, frames))
         channel.last_seq = seq
-        self._fan_out(channel.subscribers, frame, ts, channel)
-        if channel.sse_subscribers:
-            self._fan_out(channel.sse_subscribers, sse_event(payload, event_id=seq), ts, channel)
+        for kind, group in enumerate(channel.groups):
+            if group:
+                frame = frames[kind] = data_frame(kind, payload, seq)
+                if kind == DEFLATE:
+                    stats.compressed += 1
+                self._fan_out(group, frame, ts, channel)
         if channel.waiting:
             self._promote(channel, seq)
         return True
@@ -273,12 +283,10 @@ class Hub:
 
     def _gap(self, channel: Channel, seq: int) -> None:
         """The upstream continues past a hole: one resync frame for every subscriber."""
-        self.stats.resyncs["upstream_gap"] += len(channel.subscribers) + len(
-            channel.sse_subscribers
-        )
+        self.stats.resyncs["upstream_gap"] += sum(len(group) for group in channel.groups)
         payload = control("resync", channel.name, seq=seq - 1, reason="upstream_gap")
-        for group, sse in ((channel.subscribers, False), (channel.sse_subscribers, True)):
-            frame = framed(sse, "resync", payload)
+        for kind, group in enumerate(channel.groups):
+            frame = framed(kind == EVENTS, "resync", payload)
             for sub in tuple(group):
                 sub.send(frame)
         channel.history.clear()
@@ -305,7 +313,7 @@ class Hub:
         channel = self.channels.get(name)
         if channel is None:
             return
-        for sub in (*channel.subscribers, *channel.sse_subscribers, *channel.waiting):
+        for sub in channel.everyone():
             notify(sub, "error", name, reason=reason)
             self.leave(sub, name)
         # Subscribers still fetching a snapshot find the channel gone when they start.

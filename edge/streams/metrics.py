@@ -69,6 +69,11 @@ class StreamMetrics(Collector):
             ("duplicates", "Upstream messages at or below the last sequence.", stats.duplicates),
             ("invalid", "Upstream messages that broke the protocol.", stats.invalid),
             ("snapshots", "Snapshots sent to clients.", stats.snapshots),
+            (
+                "compressed",
+                "Messages compressed for permessage-deflate clients (once for all of them).",
+                stats.compressed,
+            ),
         ):
             yield CounterMetricFamily(_PREFIX + name, doc, value=value)
         for name, doc, table in (

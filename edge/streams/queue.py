@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
+from edge.streams.frames import EVENTS, PLAIN
 from edge.streams.stats import StreamStats
 
 
@@ -52,13 +53,13 @@ class Subscriber(Generic[C]):
         "channels",
         "closed",
         "ip",
+        "kind",
         "limit",
         "on_close",
         "paused",
         "queue",
         "queued",
         "slots",
-        "sse",
         "stats",
         "write",
     )
@@ -71,11 +72,11 @@ class Subscriber(Generic[C]):
         limit: int,
         stats: StreamStats,
         *,
-        sse: bool = False,
+        kind: int = PLAIN,
     ) -> None:
         self.write = write
-        #: Server-Sent Events (``edge.streams.sse``) rather than WebSocket frames.
-        self.sse = sse
+        #: What it is sent (``edge.streams.frames``: PLAIN, DEFLATE or EVENTS).
+        self.kind = kind
         #: Called once when the policy closes the client (code, reason): the session writes
         #: the close frame and ends the connection.
         self.on_close = on_close
@@ -90,6 +91,10 @@ class Subscriber(Generic[C]):
         self.slots: dict[C, Pending[C]] = {}
         #: Channel name -> the channel, for every subscription (live, waiting or pending).
         self.channels: dict[str, C] = {}
+
+    @property
+    def sse(self) -> bool:
+        return self.kind == EVENTS
 
     def send(self, frame: bytes, ts: float = 0.0) -> None:
         """A frame for this client alone (acknowledgements, replay, resync); never conflated."""

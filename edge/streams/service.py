@@ -23,7 +23,7 @@ from edge.admin import EdgeMetrics
 from edge.exchange import HealthSource, ProxyRequest, RequestBody, ResponseSink
 from edge.http1 import error_response, header_value
 from edge.state import EdgeState
-from edge.streams.frames import accept_key
+from edge.streams.frames import accept_key, negotiate_deflate
 from edge.streams.hub import Hub
 from edge.streams.metrics import StreamMetrics
 from edge.streams.session import Client, StreamSession
@@ -199,8 +199,9 @@ class StreamService:
         if streams.max_connections_per_ip and held >= streams.max_connections_per_ip:
             self._refuse(transport, request, 429, "stream_connections_per_ip")
             return None
+        extensions = negotiate_deflate(header_value(request.headers, b"sec-websocket-extensions"))
         session = StreamSession(
-            self, host, transport, request, streams.send_queue, streams.max_message
+            self, host, transport, request, streams.send_queue, streams.max_message, extensions
         )
         session.start(accept, rest)
         return session

@@ -35,10 +35,12 @@ from edge.streams.frames import (
     CLOSE_PROTOCOL_ERROR,
     CLOSE_SERVICE_RESTART,
     CLOSE_UNSUPPORTED,
+    DEFLATE,
     OP_CLOSE,
     OP_PING,
     OP_PONG,
     OP_TEXT,
+    PLAIN,
     ClientFrames,
     FrameError,
     close_frame,
@@ -125,6 +127,7 @@ class StreamSession:
     __slots__ = (
         "abort_at",
         "closing",
+        "extensions",
         "frames",
         "host",
         "last_seen",
@@ -143,14 +146,22 @@ class StreamSession:
         request: ProxyRequest,
         queue_limit: int,
         max_message: int,
+        extensions: bytes | None = None,
     ) -> None:
         self.service = service
         self.host = host
         self.transport = transport
         self.request = request
-        self.frames = ClientFrames(max_message)
+        #: The negotiated ``Sec-WebSocket-Extensions`` (permessage-deflate), if any.
+        self.extensions = extensions
+        self.frames = ClientFrames(max_message, deflate=extensions is not None)
         self.sub: Subscriber[Channel] = Subscriber(
-            transport.write, self.close, request.client_ip, queue_limit, service.stats
+            transport.write,
+            self.close,
+            request.client_ip,
+            queue_limit,
+            service.stats,
+            kind=PLAIN if extensions is None else DEFLATE,
         )
         self.closing = False
         self.abort_at = 0.0
@@ -161,8 +172,13 @@ class StreamSession:
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.transport.write(
             b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
-            b"sec-websocket-accept: %s\r\n%s: %s\r\n\r\n"
-            % (accept, self.service.request_id_header, self.request.request_id)
+            b"sec-websocket-accept: %s\r\n%s%s: %s\r\n\r\n"
+            % (
+                accept,
+                b"sec-websocket-extensions: %s\r\n" % self.extensions if self.extensions else b"",
+                self.service.request_id_header,
+                self.request.request_id,
+            )
         )
         self.host.tunnels.add(self)
         self.service.opened(self)

@@ -22,7 +22,7 @@ from urllib.parse import parse_qs
 
 from edge.exchange import ProxyRequest
 from edge.http1 import header_value
-from edge.streams.frames import CLOSE_SERVICE_RESTART, sse_event
+from edge.streams.frames import CLOSE_SERVICE_RESTART, EVENTS, sse_event
 from edge.streams.hub import Channel, notify
 from edge.streams.queue import Subscriber
 from edge.streams.session import CLOSE_GRACE, WRITE_HIGH_WATER, Owner, snapshot_then_stream
@@ -103,7 +103,7 @@ class EventSession:
         self.transport = transport
         self.request = request
         self.sub: Subscriber[Channel] = Subscriber(
-            transport.write, self.close, request.client_ip, queue_limit, service.stats, sse=True
+            transport.write, self.close, request.client_ip, queue_limit, service.stats, kind=EVENTS
         )
         self.closing = False
         self.abort_at = 0.0

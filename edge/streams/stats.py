@@ -15,6 +15,7 @@ class StreamStats:
     __slots__ = (
         "bytes_out",
         "clients",
+        "compressed",
         "conflated",
         "disconnected",
         "dropped",
@@ -44,6 +45,8 @@ class StreamStats:
         self.duplicates = 0
         self.invalid = 0
         self.snapshots = 0
+        #: Messages compressed for permessage-deflate clients (once each, for all of them).
+        self.compressed = 0
         self.disconnected: Counter[str] = Counter()
         self.resyncs: Counter[str] = Counter()
         self.lag_counts = [0] * (len(LAG_BUCKETS) + 1)
