@@ -331,6 +331,38 @@ def _wait_port(port: int, within: float = 20.0) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
+def _http_get(port: int, path: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    return raw.split(b"\r\n\r\n", 1)[1]
+
+
+def _lag_buckets(admin_port: int, name: str = "delivery") -> dict[float, float]:
+    """One of the edge's lag histograms: upper bound -> cumulative count."""
+    out: dict[float, float] = {}
+    prefix = f"meridian_edge_stream_{name}_lag_seconds_bucket{{"
+    for line in _http_get(admin_port, "/metrics").decode().splitlines():
+        if line.startswith(prefix):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float(bound)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """The upper bound (ms) of the bucket holding quantile ``q`` of the window's deliveries."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return float("nan")
+    for bound, count in zip(bounds, counts, strict=True):
+        if count >= q * counts[-1]:
+            return bound * 1000
+    return float("inf")
+
+
 def _edge_config(path: Path, origin_port: int) -> None:
     config = {
         "regions": {
@@ -423,6 +455,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             conf = tmp / "edge.yaml"
             _edge_config(conf, origin_port)
+            admin_port = _free_port()
             server_argv = [
                 sys.executable,
                 "-m",
@@ -434,7 +467,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "--listen",
                 f"127.0.0.1:{port}",
                 "--admin",
-                f"127.0.0.1:{_free_port()}",
+                f"127.0.0.1:{admin_port}",
             ]
         log = (tmp / "server.log").open("wb")
         server = subprocess.Popen(_pinned(0, server_argv), stdout=log, stderr=log, env=env)
@@ -478,6 +511,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cpus": os.cpu_count(),
         }
         cpu_start = (0.0, 0.0)
+        lag_start: dict[float, float] = {}
+        arrival_start: dict[float, float] = {}
         assert generator.stdout is not None
         for line in generator.stdout:
             event = json.loads(line)
@@ -488,16 +523,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 figures["idle_kib_per_client"] = (rss_idle - rss_start) / args.clients
             elif phase == "measure_start":
                 cpu_start = _cpu_seconds(pid)
+                if not args.nginx:
+                    lag_start = _lag_buckets(admin_port)
+                    arrival_start = _lag_buckets(admin_port, "arrival")
                 # While every client is connected (they close at the end of the run).
                 with contextlib.suppress(OSError, ValueError, KeyError):
-                    with socket.create_connection(("127.0.0.1", origin_port), timeout=5) as sock:
-                        sock.sendall(
-                            b"GET /_control HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-                        )
-                        raw = b""
-                        while chunk := sock.recv(65536):
-                            raw += chunk
-                    control = json.loads(raw.split(b"\r\n\r\n", 1)[1])
+                    control = json.loads(_http_get(origin_port, "/_control"))
                     figures["origin_connections"] = sum(
                         control["streams"]["subscriptions"].values()
                     )
@@ -509,6 +540,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 figures["server_cpu_system_share"] = system / cpu if cpu else 0.0
                 figures["rss_mib"] = _rss_kib(pid) / 1024
                 figures["rss_kib_per_1000_clients"] = _rss_kib(pid) / args.clients * 1000
+                if not args.nginx:
+                    lag_end = _lag_buckets(admin_port)
+                    figures["edge_lag_p50_ms_le"] = _bucket_quantile(lag_start, lag_end, 0.5)
+                    figures["edge_lag_p99_ms_le"] = _bucket_quantile(lag_start, lag_end, 0.99)
+                    arrival_end = _lag_buckets(admin_port, "arrival")
+                    figures["arrival_lag_p50_ms_le"] = _bucket_quantile(
+                        arrival_start, arrival_end, 0.5
+                    )
+                    figures["arrival_lag_p99_ms_le"] = _bucket_quantile(
+                        arrival_start, arrival_end, 0.99
+                    )
             elif phase == "result":
                 figures.update(event)
         generator.wait(timeout=60)
@@ -537,6 +579,10 @@ def report(figures: dict[str, Any]) -> None:
         ("lag p50 (ms)", "p50_ms"),
         ("lag p99 (ms)", "p99_ms"),
         ("lag max (ms)", "max_ms"),
+        ("origin ts -> edge write p50 (ms, bound)", "edge_lag_p50_ms_le"),
+        ("origin ts -> edge write p99 (ms, bound)", "edge_lag_p99_ms_le"),
+        ("  of which upstream p50 (ms, bound)", "arrival_lag_p50_ms_le"),
+        ("  of which upstream p99 (ms, bound)", "arrival_lag_p99_ms_le"),
         ("server CPU share of a core", "server_cpu_share"),
         ("server CPU us per message", "server_cpu_us_per_message"),
         ("  of which in the kernel", "server_cpu_system_share"),
@@ -557,7 +603,7 @@ def report(figures: dict[str, Any]) -> None:
             value = f"{value:,.2f}"
         elif isinstance(value, int):
             value = f"{value:,}"
-        print(f"{label:38s} {value}")
+        print(f"{label:40s} {value}")
     print(json.dumps(figures))
 
 

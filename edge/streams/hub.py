@@ -244,6 +244,7 @@ class Hub:
             return False
         stats = self.stats
         stats.messages_in += 1
+        stats.arrived(ts)
         last = channel.last_seq
         if last is not None and seq <= last:
             stats.duplicates += 1

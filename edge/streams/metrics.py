@@ -84,15 +84,24 @@ class StreamMetrics(Collector):
             for reason, count in sorted(table.items()):
                 family.add_metric((reason,), count)
             yield family
-        cumulative = list(accumulate(stats.lag_counts))
-        buckets = [(str(b), c) for b, c in zip(LAG_BUCKETS, cumulative, strict=False)]
-        buckets.append(("+Inf", cumulative[-1]))
-        yield HistogramMetricFamily(
-            _PREFIX + "delivery_lag_seconds",
-            "Origin timestamp to the write of the frame to the client's socket.",
-            buckets=buckets,
-            sum_value=stats.lag_sum,
-        )
+        for name, doc, counts, total in (
+            (
+                "delivery_lag_seconds",
+                "Origin timestamp to the write of the frame to the client's socket.",
+                stats.lag_counts,
+                stats.lag_sum,
+            ),
+            (
+                "arrival_lag_seconds",
+                "Origin timestamp to the message's arrival at the edge (the upstream's share).",
+                stats.arrival_counts,
+                stats.arrival_sum,
+            ),
+        ):
+            cumulative = list(accumulate(counts))
+            buckets = [(str(b), c) for b, c in zip(LAG_BUCKETS, cumulative, strict=False)]
+            buckets.append(("+Inf", cumulative[-1]))
+            yield HistogramMetricFamily(_PREFIX + name, doc, buckets=buckets, sum_value=total)
 
     def describe(self) -> Iterable[Metric]:
         return []

@@ -13,6 +13,8 @@ LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 
 class StreamStats:
     __slots__ = (
+        "arrival_counts",
+        "arrival_sum",
         "bytes_out",
         "clients",
         "compressed",
@@ -51,6 +53,14 @@ class StreamStats:
         self.resyncs: Counter[str] = Counter()
         self.lag_counts = [0] * (len(LAG_BUCKETS) + 1)
         self.lag_sum = 0.0
+        #: Origin timestamp -> the message's arrival at the edge (the upstream's share).
+        self.arrival_counts = [0] * (len(LAG_BUCKETS) + 1)
+        self.arrival_sum = 0.0
+
+    def arrived(self, ts: float) -> None:
+        lag = max(0.0, self.now() - ts)
+        self.arrival_counts[bisect.bisect_left(LAG_BUCKETS, lag)] += 1
+        self.arrival_sum += lag
 
     def delivered(self, size: int, ts: float, count: int = 1) -> None:
         """``count`` writes of a ``size``-byte frame whose origin timestamp is ``ts`` (0: a
