@@ -506,3 +506,26 @@ async def test_permessage_deflate_clients_share_one_compressed_frame(tmp_path):
         compressed = await asyncio.to_thread(edge.metric, "meridian_edge_stream_compressed_total")
         delivered = len(check(received[0], "depth:BTC-USD", conflate=True))
         assert delivered - 1 <= compressed <= delivered + 5  # per client, it would be twice
+
+
+async def test_with_workers_each_worker_holds_its_own_upstream_subscription(tmp_path):
+    with processes() as procs:
+        origin = StreamOrigin("eu-central", tmp_path)
+        procs.append(origin)
+        origin.ready()
+        config = write_config(
+            tmp_path / "edge.yaml",
+            {"eu-central": region(*LOCATIONS["eu-central"], [origin.url], "eu")},
+            edge={"streams": STREAMS},
+        )
+        edge = Edge(config, "fra", tmp_path, workers=2)
+        procs.append(edge)
+        await asyncio.to_thread(edge.wait_for_log, r"event=edge_listening.* worker=1")
+        await asyncio.to_thread(edge.wait_for_log, r"event=edge_listening.* worker=0")
+        clients = await asyncio.gather(*(subscribe(edge.port, "trades:BTC-USD") for _ in range(60)))
+        for client in clients:
+            await client.wait_for(4, within=20)
+            check(client.documents(), "trades:BTC-USD", conflate=False)
+        # One per worker that has subscribers (the kernel spreads the 60 connections).
+        assert origin.streams()["subscriptions"] in ({"trades:BTC-USD": 1}, {"trades:BTC-USD": 2})
+        assert origin.streams()["opened"]["trades:BTC-USD"] <= 2

@@ -146,6 +146,15 @@ class StreamService:
         streams = self.services.state.config.edge.streams
         return streams is not None and path == streams.path
 
+    def _ready(self) -> EdgeStreams:
+        """The config in force, the hub following it, its sweep running."""
+        self._follow_config()
+        if self._timer is None:
+            self._timer = self.loop.call_later(SWEEP_EVERY, self._sweep)
+        streams = self._config
+        assert streams is not None  # handles() said so under the same snapshot
+        return streams
+
     def takes_events(self, request: ProxyRequest) -> bool:
         """A plain GET on the stream path: a Server-Sent Events client (``edge.streams.sse``)."""
         return request.method == "GET" and self.handles(request.path)
@@ -155,11 +164,7 @@ class StreamService:
     ) -> EventSession | None:
         """Takes over a connection whose GET asked for the stream path's events; None when it
         was refused (answered with an HTTP error and closed)."""
-        self._follow_config()
-        streams = self._config
-        if self._timer is None:
-            self._timer = self.loop.call_later(SWEEP_EVERY, self._sweep)
-        assert streams is not None
+        streams = self._ready()
         params = event_params(request)
         if isinstance(params, str):
             self._refuse(transport, request, 400, params)
@@ -180,11 +185,7 @@ class StreamService:
     ) -> StreamSession | None:
         """Takes over an upgraded connection on the stream path; None when it was refused
         (answered with an HTTP error and closed)."""
-        self._follow_config()
-        streams = self._config
-        if self._timer is None:
-            self._timer = self.loop.call_later(SWEEP_EVERY, self._sweep)
-        assert streams is not None  # handles() said so under the same snapshot
+        streams = self._ready()
         version = header_value(request.headers, b"sec-websocket-version")
         key = header_value(request.headers, b"sec-websocket-key")
         accept = accept_key(key) if key is not None else None

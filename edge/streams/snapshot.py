@@ -28,6 +28,19 @@ class Handler(Protocol):
     ) -> None: ...
 
 
+class _Parsed:
+    """httptools callbacks filling a ``CaptureSink`` from prebuilt response bytes."""
+
+    def __init__(self, sink: CaptureSink) -> None:
+        self.sink = sink
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.sink.headers.append((name.lower(), value))
+
+    def on_body(self, body: bytes) -> None:
+        self.sink.write_body(body)
+
+
 class CaptureSink:
     """A ``ResponseSink`` that keeps the status, headers and body (bounded)."""
 
@@ -78,16 +91,7 @@ class CaptureSink:
     def write_complete(self, data: bytes, *, close: bool) -> None:
         """Prebuilt bytes (a cache hit, an error): head and body, parsed here."""
         self._started = True
-        sink = self
-
-        class _Parsed:
-            def on_header(self, name: bytes, value: bytes) -> None:
-                sink.headers.append((name.lower(), value))
-
-            def on_body(self, body: bytes) -> None:
-                sink.write_body(body)
-
-        parser = httptools.HttpResponseParser(_Parsed())
+        parser = httptools.HttpResponseParser(_Parsed(self))
         try:
             parser.feed_data(data)
         except httptools.HttpParserError:
