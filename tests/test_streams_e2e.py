@@ -529,3 +529,28 @@ async def test_with_workers_each_worker_holds_its_own_upstream_subscription(tmp_
         # One per worker that has subscribers (the kernel spreads the 60 connections).
         assert origin.streams()["subscriptions"] in ({"trades:BTC-USD": 1}, {"trades:BTC-USD": 2})
         assert origin.streams()["opened"]["trades:BTC-USD"] <= 2
+
+
+async def test_a_region_taken_out_by_health_checks_hands_its_streams_over_without_a_gap(
+    tmp_path,
+):
+    with processes() as procs:
+        edge, origins = start(
+            procs, tmp_path, {"eu-central": {"rate": 50.0}, "us-east": {"rate": 50.0}}
+        )
+        client = await subscribe(edge.port, "trades:LTC-USD")
+        await client.wait_for(10)
+        # Still serving its stream, but failing its health checks: the edge moves away.
+        origins["eu-central"].control({"healthy": False})
+        await asyncio.to_thread(
+            poll_until,
+            lambda: origins["us-east"].streams()["subscriptions"] == {"trades:LTC-USD": 1},
+            within=15,
+        )
+        await asyncio.to_thread(
+            poll_until, lambda: origins["eu-central"].streams()["subscriptions"] == {}
+        )
+        await client.wait_for(client.received + 25)
+        documents = client.documents()
+        assert not [d for d in documents if d.get("type") == "resync"]
+        assert len(check(documents, "trades:LTC-USD", conflate=False)) >= 30

@@ -139,6 +139,7 @@ class StreamService:
         self._follow_config()
         if self.hub is not None:
             self.hub.sweep()
+        self.links.move_off_unhealthy()
 
     # -- sessions -----------------------------------------------------------------------------
 

@@ -95,6 +95,8 @@ class UpstreamLinks:
         self.connected: dict[str, str] = {}
         #: Subscriptions made since start, by region.
         self.made: dict[str, int] = {}
+        #: Channel -> the attempt (region, backend) its subscription is connected to now.
+        self.attempts: dict[str, Attempt] = {}
         self._session: aiohttp.ClientSession | None = None
 
     def open(self, name: str) -> None:
@@ -106,6 +108,29 @@ class UpstreamLinks:
         if task is not None:
             task.cancel()
         self.connected.pop(name, None)
+        self.attempts.pop(name, None)
+
+    def move_off_unhealthy(self) -> None:
+        """Subscriptions on a backend the health monitor took out of rotation, or in a region
+        it holds down, move to the next one, as requests would, resubscribing since their
+        last sequence (no gap).  One that has nowhere else to go stays where it is."""
+        health = self.services.health.snapshot
+        for name, attempt in list(self.attempts.items()):
+            if health.region_up(attempt.region) and attempt.backend in health.usable_backends(
+                attempt.region
+            ):
+                continue  # (a region in panic lists every backend as usable: not "up")
+            if self._next([attempt]) is None:
+                continue
+            log.info(
+                "stream_upstream_moving",
+                channel=name,
+                region=attempt.region,
+                backend=attempt.backend,
+                reason="backend_down",
+            )
+            self.close(name)
+            self.open(name)
 
     async def aclose(self) -> None:
         tasks = list(self.tasks.values())
@@ -192,6 +217,7 @@ class UpstreamLinks:
             ) as ws:
                 services.health.report(attempt.backend, True)
                 self.connected[name] = attempt.region
+                self.attempts[name] = attempt
                 self.made[attempt.region] = self.made.get(attempt.region, 0) + 1
                 log.info("stream_upstream_open", channel=name, region=attempt.region, since=since)
                 await self._pump(name, ws)
@@ -208,8 +234,10 @@ class UpstreamLinks:
             log.warning(
                 "stream_upstream_failed", channel=name, region=attempt.region, error=repr(exc)
             )
+            self.attempts.pop(name, None)
             return "failed" if self.connected.pop(name, None) is None else "served"
         region = self.connected.pop(name, None)
+        self.attempts.pop(name, None)
         log.warning("stream_upstream_lost", channel=name, region=region)
         return "served"
 
