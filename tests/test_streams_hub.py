@@ -333,3 +333,33 @@ def test_any_interleaving_is_gap_free_and_duplicate_free(channel, upstream, clie
             assert seen[-1] == last  # a live client ends on the latest message
         if not conflate and fake.closed is None:
             assert stats.conflated == 0
+
+
+def test_each_kind_of_subscriber_gets_its_own_bytes_made_once() -> None:
+    from edge.streams.frames import DEFLATE, EVENTS, PLAIN
+
+    hub, stats, _, _ = make_hub()
+    clients = {
+        kind: [FakeClient(hub, stats) for _ in range(2)] for kind in (PLAIN, DEFLATE, EVENTS)
+    }
+    for kind, group in clients.items():
+        for client in group:
+            client.sub.kind = kind
+            hub.join(client.sub, "trades:X")
+            hub.start(client.sub, "trades:X", None)
+    big = json.dumps({"channel": "trades:X", "seq": 1, "ts": 999.0, "data": "x" * 400}).encode()
+    hub.publish("trades:X", big, 1, 999.0)
+    last = {kind: [c.frames[-1] for c in group] for kind, group in clients.items()}
+    for frames in last.values():
+        assert frames[0] is frames[1]  # one object for the whole group
+    assert last[PLAIN][0][0] == 0x81
+    assert last[DEFLATE][0][0] == 0xC1 and len(last[DEFLATE][0]) < len(big) / 4
+    assert last[EVENTS][0].split(b"\r\n", 1)[1].startswith(b"id: 1\ndata: {")
+    assert stats.compressed == 1
+    # Control messages: plain frames for both WebSocket kinds, a named event for SSE.
+    assert clients[EVENTS][0].frames[0].split(b"\r\n", 1)[1].startswith(b"event: subscribed\n")
+    late = FakeClient(hub, stats)
+    late.sub.kind = EVENTS
+    hub.join(late.sub, "trades:X")
+    hub.start(late.sub, "trades:X", 0)  # replayed from history as an event
+    assert late.frames[-1] == last[EVENTS][0]
