@@ -220,7 +220,7 @@ class UpstreamLinks:
                 self.attempts[name] = attempt
                 self.made[attempt.region] = self.made.get(attempt.region, 0) + 1
                 log.info("stream_upstream_open", channel=name, region=attempt.region, since=since)
-                await self._pump(name, ws)
+                delivered = await self._pump(name, ws)
         except aiohttp.WSServerHandshakeError as exc:
             if 400 <= exc.status < 500:
                 log.warning("stream_upstream_refused", channel=name, status=exc.status)
@@ -238,12 +238,17 @@ class UpstreamLinks:
             return "failed" if self.connected.pop(name, None) is None else "served"
         region = self.connected.pop(name, None)
         self.attempts.pop(name, None)
-        log.warning("stream_upstream_lost", channel=name, region=region)
-        return "served"
+        log.warning("stream_upstream_lost", channel=name, region=region, messages=delivered)
+        # One that ended before delivering anything counts as a failure (backoff applies):
+        # an origin that accepts and closes at once is not hammered.
+        return "served" if delivered else "failed"
 
-    async def _pump(self, name: str, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def _pump(self, name: str, ws: aiohttp.ClientWebSocketResponse) -> int:
+        """Publishes what the upstream sends until it ends; how many messages it sent."""
         stats = self.stats
+        count = 0
         async for message in ws:
+            count += 1
             if message.type == aiohttp.WSMsgType.BINARY:
                 data: bytes = message.data
             elif message.type == aiohttp.WSMsgType.TEXT:
@@ -256,3 +261,4 @@ class UpstreamLinks:
                 stats.invalid += 1
                 continue
             publisher.publish(name, data, parsed[0], parsed[1])
+        return count
