@@ -54,7 +54,7 @@ class FakeClient:
 
     def messages(self) -> list[dict[str, Any]]:
         out = []
-        for frame in self.frames:
+        for frame in [f for write in self.frames for f in split_frames(write)]:
             assert frame[0] == 0x81  # final text frame, unmasked (no mask bit below)
             size = frame[1]
             assert not size & 0x80
@@ -294,14 +294,26 @@ _clients = st.lists(
 )
 
 
+@pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("channel", ["trades:X", "ticker:X"])
 @settings(max_examples=150, deadline=None)
 @given(upstream=_upstream, clients=_clients)
-def test_any_interleaving_is_gap_free_and_duplicate_free(channel, upstream, clients):
+def test_any_interleaving_is_gap_free_and_duplicate_free(channel, batched, upstream, clients):
+    from edge.streams.queue import WriteBatch
+
     hub, stats, _, _ = make_hub(replace(STREAMS, send_queue=1500))
     conflate = channel.startswith("ticker")
     fakes = [FakeClient(hub, stats, limit=1500) for _ in clients]
     keeper = FakeClient(hub, stats, limit=1 << 20)  # holds the channel open throughout
+    deferred: list[Any] = []
+    batch = WriteBatch(deferred.append) if batched else None
+
+    def end_of_iteration() -> None:
+        while deferred:
+            deferred.pop()()
+
+    for fake in [*fakes, keeper]:
+        fake.sub.batch = batch
     hub.join(keeper.sub, channel)
     hub.start(keeper.sub, channel, None)
     last = 0
@@ -313,6 +325,7 @@ def test_any_interleaving_is_gap_free_and_duplicate_free(channel, upstream, clie
                 starts[fake] = after = None if since is None else max(0, last + since)
                 hub.start(fake.sub, channel, after)
             if step == pause_at:
+                end_of_iteration()  # a socket fills only when written to: at a flush
                 fake.sub.paused = True
             if step == resume_at and fake.sub.paused and not fake.sub.closed:
                 fake.sub.resume()
@@ -325,6 +338,7 @@ def test_any_interleaving_is_gap_free_and_duplicate_free(channel, upstream, clie
         else:
             last += size
             publish(hub, channel, last)
+        end_of_iteration()
     for fake in [*fakes, keeper]:
         if fake.sub.paused and not fake.sub.closed:
             fake.sub.resume()
@@ -363,3 +377,48 @@ def test_each_kind_of_subscriber_gets_its_own_bytes_made_once() -> None:
     hub.join(late.sub, "trades:X")
     hub.start(late.sub, "trades:X", 0)  # replayed from history as an event
     assert late.frames[-1] == last[EVENTS][0]
+
+
+def test_frames_of_one_loop_iteration_go_out_in_one_write_per_client() -> None:
+    from edge.streams.queue import WriteBatch
+
+    hub, stats, _, _ = make_hub()
+    deferred: list[Any] = []
+    batch = WriteBatch(deferred.append)
+    clients = [FakeClient(hub, stats) for _ in range(2)]
+    for client in clients:
+        client.sub.batch = batch
+        for channel in ("trades:A", "trades:B", "ticker:C"):
+            hub.join(client.sub, channel)
+            hub.start(client.sub, channel, None)
+    for channel in ("trades:A", "trades:B", "ticker:C"):
+        publish(hub, channel, 1)
+    assert all(not client.frames for client in clients) and len(deferred) == 1
+    deferred.pop()()  # the end of the iteration
+    for client in clients:
+        assert len(client.frames) == 1  # three acknowledgements and three messages, one write
+        reader = FakeClient(hub, stats)
+        reader.frames[:] = split_frames(client.frames[0])
+        assert [(m.get("type"), m["channel"]) for m in reader.messages()] == [
+            ("subscribed", "trades:A"),
+            ("subscribed", "trades:B"),
+            ("subscribed", "ticker:C"),
+            (None, "trades:A"),
+            (None, "trades:B"),
+            (None, "ticker:C"),
+        ]
+    publish(hub, "trades:A", 2)
+    clients[0].sub.mark_closed()  # closed before the flush: nothing more reaches it
+    deferred.pop()()
+    assert len(clients[0].frames) == 1 and len(clients[1].frames) == 2
+
+
+def split_frames(data: bytes) -> list[bytes]:
+    frames = []
+    while data:
+        size, offset = data[1] & 0x7F, 2
+        if size == 126:
+            size, offset = int.from_bytes(data[2:4], "big"), 4
+        frames.append(data[: offset + size])
+        data = data[offset + size :]
+    return frames

@@ -68,6 +68,7 @@ class FakeHost:
 
 class FakeOwner:
     request_id_header = b"x-request-id"
+    batch = None
 
     def __init__(self) -> None:
         self.stats = StreamStats(lambda: 1000.0)

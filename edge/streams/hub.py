@@ -277,7 +277,7 @@ class Hub:
             if sub.paused or sub.queue:
                 sub.enqueue(frame, ts, channel)
             else:
-                sub.write(frame)
+                sub.push(frame)
                 written += 1
         if written:
             self.stats.delivered(len(frame), ts, written)

@@ -3,8 +3,10 @@ of frames when it does not, and the channel's slow-consumer policy when that fil
 
 No I/O: ``write`` is the transport's ``write`` (or a test's list append), ``paused`` follows
 the transport's ``pause_writing``/``resume_writing``.  While the socket keeps up a message costs
-one ``write`` of the shared frame bytes.  Once the transport's buffer passes its high-water mark
-frames wait here, at most ``limit`` bytes of them:
+one ``write`` of the shared frame bytes; with a ``WriteBatch`` the frames a client is sent
+during one event-loop iteration (a burst across its channels: markets tick together) go out
+in one write, one system call instead of one per frame.  Once the transport's buffer passes
+its high-water mark frames wait here, at most ``limit`` bytes of them:
 
 * ``conflate``: a channel has at most one frame waiting; a newer message replaces it in place
   (the latest value is what a ticker or book subscriber needs) and the skipped one is counted;
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from edge.streams.frames import EVENTS, PLAIN
 from edge.streams.stats import StreamStats
@@ -35,6 +37,29 @@ class Channel(Protocol):
 C = TypeVar("C", bound=Channel)
 
 
+class WriteBatch:
+    """Frames pushed to clients during one event-loop iteration, written at its end as one
+    write per client.  ``defer`` schedules the flush (``loop.call_soon``: it runs before the
+    next iteration's I/O callbacks)."""
+
+    __slots__ = ("defer", "dirty", "scheduled")
+
+    def __init__(self, defer: Callable[[Callable[[], None]], object]) -> None:
+        self.defer = defer
+        self.dirty: list[Subscriber[Any]] = []
+        self.scheduled = False
+
+    def flush(self) -> None:
+        self.scheduled = False
+        dirty, self.dirty = self.dirty, []
+        for sub in dirty:
+            out = sub.out
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            if not sub.closed:
+                sub.write(data)
+
+
 class Pending(Generic[C]):
     """A frame waiting in a client's queue (``channel`` set when it may be conflated)."""
 
@@ -50,12 +75,14 @@ class Subscriber(Generic[C]):
     """One client connection's subscriptions and send queue."""
 
     __slots__ = (
+        "batch",
         "channels",
         "closed",
         "ip",
         "kind",
         "limit",
         "on_close",
+        "out",
         "paused",
         "queue",
         "queued",
@@ -73,8 +100,13 @@ class Subscriber(Generic[C]):
         stats: StreamStats,
         *,
         kind: int = PLAIN,
+        batch: WriteBatch | None = None,
     ) -> None:
         self.write = write
+        #: Where frames wait for the end of the loop iteration (None: written at once).
+        self.batch = batch
+        #: Frames pushed this iteration (in ``batch.dirty`` while not empty).
+        self.out: list[bytes] = []
         #: What it is sent (``edge.streams.frames``: PLAIN, DEFLATE or EVENTS).
         self.kind = kind
         #: Called once when the policy closes the client (code, reason): the session writes
@@ -96,10 +128,24 @@ class Subscriber(Generic[C]):
     def sse(self) -> bool:
         return self.kind == EVENTS
 
+    def push(self, frame: bytes) -> None:
+        """A frame the socket can take now: written, or batched for the iteration's end."""
+        batch = self.batch
+        if batch is None:
+            self.write(frame)
+            return
+        out = self.out
+        if not out:
+            batch.dirty.append(self)
+            if not batch.scheduled:
+                batch.scheduled = True
+                batch.defer(batch.flush)
+        out.append(frame)
+
     def send(self, frame: bytes, ts: float = 0.0) -> None:
         """A frame for this client alone (acknowledgements, replay, resync); never conflated."""
         if not self.paused and not self.queue:
-            self.write(frame)
+            self.push(frame)
             self.stats.delivered(len(frame), ts)
         else:
             self.enqueue(frame, ts, None)
@@ -148,6 +194,7 @@ class Subscriber(Generic[C]):
         self.closed = True
         self.paused = True
         self.drop_queue()
+        self.out.clear()
 
     def drop_queue(self) -> None:
         self.queue.clear()

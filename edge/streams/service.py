@@ -26,6 +26,7 @@ from edge.state import EdgeState
 from edge.streams.frames import accept_key, negotiate_deflate
 from edge.streams.hub import Hub
 from edge.streams.metrics import StreamMetrics
+from edge.streams.queue import WriteBatch
 from edge.streams.session import Client, StreamSession
 from edge.streams.snapshot import fetch_snapshot
 from edge.streams.sse import EventSession, event_params
@@ -75,6 +76,8 @@ class StreamService:
         self.services = services
         self.loop = loop
         self.stats = StreamStats(clock)
+        #: One write per client per loop iteration, whatever it was sent in it.
+        self.batch = WriteBatch(loop.call_soon)
         self.hub: Hub | None = None
         self.links = UpstreamLinks(services, lambda: self, self.stats, loop)
         self.sessions: set[Client] = set()

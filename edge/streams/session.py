@@ -50,7 +50,7 @@ from edge.streams.frames import (
     text_frame,
 )
 from edge.streams.hub import Channel, Hub, notify
-from edge.streams.queue import Subscriber
+from edge.streams.queue import Subscriber, WriteBatch
 from edge.streams.stats import StreamStats
 from meridian.log import get_logger
 
@@ -73,6 +73,9 @@ class Owner(Protocol):
 
     @property
     def stats(self) -> StreamStats: ...
+
+    @property
+    def batch(self) -> WriteBatch | None: ...
 
     @property
     def hub(self) -> Hub | None: ...
@@ -162,6 +165,7 @@ class StreamSession:
             queue_limit,
             service.stats,
             kind=PLAIN if extensions is None else DEFLATE,
+            batch=service.batch,
         )
         self.closing = False
         self.abort_at = 0.0

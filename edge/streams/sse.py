@@ -103,7 +103,13 @@ class EventSession:
         self.transport = transport
         self.request = request
         self.sub: Subscriber[Channel] = Subscriber(
-            transport.write, self.close, request.client_ip, queue_limit, service.stats, kind=EVENTS
+            transport.write,
+            self.close,
+            request.client_ip,
+            queue_limit,
+            service.stats,
+            kind=EVENTS,
+            batch=service.batch,
         )
         self.closing = False
         self.abort_at = 0.0
