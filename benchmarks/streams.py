@@ -7,7 +7,8 @@ Starts a sample origin and an edge (one worker) with ``edge.streams``, then a lo
 in another process (``--loadgen``), pinned to the other core where there are two (the edge on
 CPU 0, the load generator and the origin on CPU 1).  The load generator connects the clients
 (idle: the edge's RSS is read, for the memory per idle client), subscribes client ``i`` to
-channel ``i % C`` (``trades:SYMBOL``: no conflation, every message counts), lets it settle,
+channel ``i % C`` (``--subscriptions K``: channels ``i .. i+K-1``; ``trades:SYMBOL``: no
+conflation, every message counts), lets it settle,
 then counts for ``--duration`` seconds: messages delivered per second, the delivery lag
 (origin timestamp -> received, a sample of every ``LAG_SAMPLE``th message, so it includes the
 load generator's own queueing) and the edge's CPU seconds over the window (from
@@ -202,7 +203,8 @@ async def loadgen(args: argparse.Namespace) -> None:
     say(phase="connected", clients=len(clients))
     await asyncio.sleep(2.0)
     for i, client in enumerate(clients):
-        client.send_json({"op": "subscribe", "channel": channels[i % len(channels)]})
+        for k in range(args.subscriptions):
+            client.send_json({"op": "subscribe", "channel": channels[(i + k) % len(channels)]})
     await asyncio.sleep(args.warmup)
     counting = True
     before = sum(c.received for c in clients)
@@ -496,6 +498,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             str(args.duration),
             "--warmup",
             str(args.warmup),
+            "--subscriptions",
+            str(args.subscriptions),
         ]
         if args.nginx:
             loadgen_argv.append("--nginx")
@@ -507,6 +511,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "server": "nginx 1:1 proxy" if args.nginx else "meridian edge",
             "clients": args.clients,
             "channels": args.channels,
+            "subscriptions_per_client": args.subscriptions,
             "rate_per_channel": args.rate,
             "cpus": os.cpu_count(),
         }
@@ -575,6 +580,7 @@ def report(figures: dict[str, Any]) -> None:
         ("server", "server"),
         ("clients", "clients"),
         ("channels x rate", None),
+        ("subscriptions per client", "subscriptions_per_client"),
         ("messages delivered/s", "rate"),
         ("lag p50 (ms)", "p50_ms"),
         ("lag p99 (ms)", "p99_ms"),
@@ -612,6 +618,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=10_000)
     parser.add_argument("--channels", type=int, default=20)
     parser.add_argument("--rate", type=float, default=10.0, help="messages/s per channel")
+    parser.add_argument(
+        "--subscriptions", type=int, default=1, help="channels per client (edge only)"
+    )
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--nginx", action="store_true", help="clients through nginx, 1:1")
@@ -620,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.channels <= len(SYMBOLS):
         parser.error(f"--channels must be 1..{len(SYMBOLS)}")
+    if not 1 <= args.subscriptions <= args.channels or (args.nginx and args.subscriptions > 1):
+        parser.error("--subscriptions must be 1..--channels (1 with --nginx)")
     if args.loadgen:
         import uvloop
 
