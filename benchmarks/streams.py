@@ -446,7 +446,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             str(args.rate),
         ]
         log = (tmp / "origin.log").open("wb")
-        procs.append(subprocess.Popen(_pinned(1, origin_argv), stdout=log, stderr=log, env=env))
+        procs.append(
+            subprocess.Popen(_pinned(args.origin_cpu, origin_argv), stdout=log, stderr=log, env=env)
+        )
         _wait_port(origin_port)
         if args.nginx:
             if not shutil.which("nginx"):
@@ -513,6 +515,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "channels": args.channels,
             "subscriptions_per_client": args.subscriptions,
             "rate_per_channel": args.rate,
+            "origin_cpu": args.origin_cpu,
             "cpus": os.cpu_count(),
         }
         cpu_start = (0.0, 0.0)
@@ -624,6 +627,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--nginx", action="store_true", help="clients through nginx, 1:1")
+    parser.add_argument(
+        "--origin-cpu", type=int, default=1, help="the CPU the origin is pinned to (default 1)"
+    )
     parser.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
