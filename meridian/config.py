@@ -506,8 +506,10 @@ class StreamChannel:
     #: whole value); ``disconnect``: close the client with 1008 and a reason (trades: never
     #: dropped silently).
     slow_consumer: Literal["conflate", "disconnect"] = "disconnect"
-    #: Messages kept per channel for ``since`` and snapshot replay.
+    #: Messages kept per channel for ``since`` and snapshot replay, at most ``history_bytes``
+    #: of payload (the frames kept beside the payloads about double it).
     history: int = 1024
+    history_bytes: Size = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -1083,6 +1085,8 @@ def _stream_problems(streams: EdgeStreams) -> list[str]:
         seen.add(channel.pattern)
         if not 1 <= channel.history <= 1_000_000:
             problems.append(f"{where}.channels[{i}].history: must be 1..1000000")
+        if not 1024 <= channel.history_bytes <= 1024**3:
+            problems.append(f"{where}.channels[{i}].history_bytes: must be 1 KiB..1 GiB")
     for name in ("path", "upstream_path", "snapshot_path"):
         value = getattr(streams, name)
         if not value.startswith("/") or any(c in value for c in "?# "):

@@ -422,3 +422,25 @@ def split_frames(data: bytes) -> list[bytes]:
         frames.append(data[: offset + size])
         data = data[offset + size :]
     return frames
+
+
+def test_history_is_bounded_in_messages_and_bytes_and_follows_a_reload() -> None:
+    streams = replace(
+        STREAMS,
+        channels=(StreamChannel("trades:*", history=8, history_bytes=2048),),
+    )
+    hub, stats, _, _ = make_hub(streams)
+    client = FakeClient(hub, stats)
+    hub.join(client.sub, "trades:X")
+    hub.start(client.sub, "trades:X", None)
+    for seq in range(1, 21):
+        publish(hub, "trades:X", seq)
+    channel = hub.channels["trades:X"]
+    assert [entry[0] for entry in channel.history] == list(range(13, 21))
+    big = b'{"pad":"' + b"x" * 900 + b'"}'
+    for seq in (21, 22, 23):
+        hub.publish("trades:X", big, seq, 999.0)
+    assert [entry[0] for entry in channel.history] == [22, 23]  # 2 x 910 bytes fit in 2 KiB
+    assert channel.history_bytes == 2 * len(big)
+    hub.configure(replace(streams, channels=(StreamChannel("trades:*", history=1),)))
+    assert [entry[0] for entry in channel.history] == [23]

@@ -73,6 +73,10 @@ def test_streams_section_loads_frozen_with_defaults() -> None:
             {"channels": [{"pattern": "a:*", "history": 0}]},
             "edge.streams.channels[0].history: must be 1..1000000",
         ),
+        (
+            {"channels": [{"pattern": "a:*", "history_bytes": "10"}]},
+            "edge.streams.channels[0].history_bytes: must be 1 KiB..1 GiB",
+        ),
         ({**STREAMS, "path": "stream"}, "edge.streams.path: must be a path starting with /"),
         ({**STREAMS, "snapshot_path": "/snap"}, "edge.streams.snapshot_path: must contain"),
         ({**STREAMS, "send_queue": "1KiB"}, "edge.streams.send_queue: must be 4 KiB..64 MiB"),

@@ -66,6 +66,8 @@ class Channel:
         "conflate",
         "groups",
         "history",
+        "history_bytes",
+        "history_limit",
         "idle_since",
         "last_seq",
         "members",
@@ -78,9 +80,10 @@ class Channel:
         self.conflate = policy.slow_consumer == "conflate"
         #: (sequence, origin timestamp, payload, its bytes per kind of subscriber: made when
         #: first needed), oldest first, consecutive sequences.
-        self.history: deque[tuple[int, float, bytes, list[bytes | None]]] = deque(
-            maxlen=policy.history
-        )
+        self.history: deque[tuple[int, float, bytes, list[bytes | None]]] = deque()
+        #: Payload bytes in the history, and the bounds (messages, bytes).
+        self.history_bytes = 0
+        self.history_limit = (policy.history, policy.history_bytes)
         self.last_seq: int | None = None
         #: Live subscribers by kind (``edge.streams.frames``: PLAIN, DEFLATE, EVENTS), in dicts
         #: (ordered, O(1) removal): each kind gets its own bytes, made once per message.
@@ -98,8 +101,26 @@ class Channel:
 
     def reconfigure(self, policy: StreamChannel) -> None:
         self.conflate = policy.slow_consumer == "conflate"
-        if self.history.maxlen != policy.history:
-            self.history = deque(self.history, maxlen=policy.history)
+        self.history_limit = (policy.history, policy.history_bytes)
+        self._trim()
+
+    def remember(self, seq: int, ts: float, payload: bytes) -> list[bytes | None]:
+        """Appends a message to the history (the oldest go past either bound); its frames
+        per kind of subscriber, to be filled in."""
+        frames: list[bytes | None] = [None] * KINDS
+        self.history.append((seq, ts, payload, frames))
+        self.history_bytes += len(payload)
+        self._trim()
+        return frames
+
+    def forget(self) -> None:
+        self.history.clear()
+        self.history_bytes = 0
+
+    def _trim(self) -> None:
+        history, (count, size) = self.history, self.history_limit
+        while len(history) > 1 and (len(history) > count or self.history_bytes > size):
+            self.history_bytes -= len(history.popleft()[2])
 
     def replay(self, sub: Subscriber[Channel], after: int) -> bool:
         """Send ``sub`` every message after ``after`` from the history; False when the history
@@ -251,8 +272,7 @@ class Hub:
             return False
         if last is not None and seq > last + 1:
             self._gap(channel, seq)
-        frames: list[bytes | None] = [None] * KINDS
-        channel.history.append((seq, ts, payload, frames))
+        frames = channel.remember(seq, ts, payload)
         channel.last_seq = seq
         for kind, group in enumerate(channel.groups):
             if group:
@@ -290,7 +310,7 @@ class Hub:
             frame = framed(kind == EVENTS, "resync", payload)
             for sub in tuple(group):
                 sub.send(frame)
-        channel.history.clear()
+        channel.forget()
         # Waiting subscribers asked for something now lost: they learn it when promoted.
 
     def _promote(self, channel: Channel, seq: int) -> None:
