@@ -444,3 +444,22 @@ def test_history_is_bounded_in_messages_and_bytes_and_follows_a_reload() -> None
     assert channel.history_bytes == 2 * len(big)
     hub.configure(replace(streams, channels=(StreamChannel("trades:*", history=1),)))
     assert [entry[0] for entry in channel.history] == [23]
+
+
+def test_a_burst_is_written_as_it_comes_not_gathered_without_bound() -> None:
+    from edge.streams.queue import BATCH_BYTES, WriteBatch
+
+    hub, stats, _, _ = make_hub()
+    deferred: list[Any] = []
+    client = FakeClient(hub, stats, limit=1 << 20)
+    client.sub.batch = WriteBatch(deferred.append)
+    hub.join(client.sub, "trades:X")
+    hub.start(client.sub, "trades:X", None)
+    big = b'{"pad":"' + b"x" * 1000 + b'"}'
+    for seq in range(1, 101):  # a replay of 100 KB in one iteration
+        hub.publish("trades:X", big, seq, 999.0)
+    assert client.frames  # written during the burst
+    assert client.sub.out_bytes < BATCH_BYTES
+    while deferred:
+        deferred.pop()()
+    assert sum(len(split_frames(w)) for w in client.frames) == 101  # the ack and 100 messages

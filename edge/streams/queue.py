@@ -37,6 +37,12 @@ class Channel(Protocol):
 C = TypeVar("C", bound=Channel)
 
 
+#: Bytes a client's batch may gather before it is written at once (a burst, such as a replay
+#: after failover, is then written as it comes: the socket's flow control and the send queue
+#: bound it, not the batch).
+BATCH_BYTES = 16 * 1024
+
+
 class WriteBatch:
     """Frames pushed to clients during one event-loop iteration, written at its end as one
     write per client.  ``defer`` schedules the flush (``loop.call_soon``: it runs before the
@@ -53,11 +59,7 @@ class WriteBatch:
         self.scheduled = False
         dirty, self.dirty = self.dirty, []
         for sub in dirty:
-            out = sub.out
-            data = out[0] if len(out) == 1 else b"".join(out)
-            out.clear()
-            if not sub.closed:
-                sub.write(data)
+            sub.flush()
 
 
 class Pending(Generic[C]):
@@ -83,6 +85,7 @@ class Subscriber(Generic[C]):
         "limit",
         "on_close",
         "out",
+        "out_bytes",
         "paused",
         "queue",
         "queued",
@@ -105,8 +108,9 @@ class Subscriber(Generic[C]):
         self.write = write
         #: Where frames wait for the end of the loop iteration (None: written at once).
         self.batch = batch
-        #: Frames pushed this iteration (in ``batch.dirty`` while not empty).
+        #: Frames pushed this iteration (in ``batch.dirty`` while not empty), and their bytes.
         self.out: list[bytes] = []
+        self.out_bytes = 0
         #: What it is sent (``edge.streams.frames``: PLAIN, DEFLATE or EVENTS).
         self.kind = kind
         #: Called once when the policy closes the client (code, reason): the session writes
@@ -141,6 +145,20 @@ class Subscriber(Generic[C]):
                 batch.scheduled = True
                 batch.defer(batch.flush)
         out.append(frame)
+        self.out_bytes += len(frame)
+        if self.out_bytes >= BATCH_BYTES:
+            self.flush()  # stays in ``dirty``: the iteration's flush finds nothing
+
+    def flush(self) -> None:
+        """Writes what this iteration gathered, in one write."""
+        out = self.out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self.out_bytes = 0
+        if not self.closed:
+            self.write(data)
 
     def send(self, frame: bytes, ts: float = 0.0) -> None:
         """A frame for this client alone (acknowledgements, replay, resync); never conflated."""
@@ -195,6 +213,7 @@ class Subscriber(Generic[C]):
         self.paused = True
         self.drop_queue()
         self.out.clear()
+        self.out_bytes = 0
 
     def drop_queue(self) -> None:
         self.queue.clear()
