@@ -232,6 +232,9 @@ class StreamServer:
             next_at = feed.timestamp(sent + 1)
             await asyncio.sleep(max(0.0, next_at - time.time()))
             now_seq = feed.current(time.time())
+            # Woken very late (a suspended process): what no subscriber could replay any
+            # more is skipped (subscribers see the gap and resync), not sent in a burst.
+            sent = max(sent, now_seq - max(1, feed.history))
             for seq in range(sent + 1, now_seq + 1):
                 # Published as of now: a subscriber joining later replays it instead.
                 self.sent = seq

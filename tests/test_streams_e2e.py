@@ -281,7 +281,10 @@ async def test_a_stalled_client_is_cut_or_conflated_while_others_keep_up(tmp_pat
         check(healthy.documents(), "trades:BTC-USD", conflate=False)
         lags.sort()
         assert len(lags) > 200
-        assert lags[int(len(lags) * 0.99)] < 0.25
+        # Bounds loose enough for a shared 2-core machine; a client held up behind the stalled
+        # ones would stop receiving altogether (or fall seconds behind).
+        assert lags[len(lags) // 2] < 0.2
+        assert lags[int(len(lags) * 0.99)] < 1.0
         # The trades client was closed by the edge: its socket ends after what was sent (the
         # close frame itself may be lost: a socket that does not read is aborted).
         trades = stalled["trades"]
