@@ -69,7 +69,8 @@ from edge.request_target import check_trailer, decide_target, screen_headers
 from meridian.log import get_logger
 
 if TYPE_CHECKING:
-    from edge.websocket import Tunnel
+    from edge.streams.service import StreamService
+    from edge.websocket import Upgraded
 
 log = get_logger("edge")
 
@@ -183,7 +184,10 @@ class Connections:
         self.pipeline = pipeline
         self.loop = loop
         self.open: set[EdgeConnection] = set()
-        self.tunnels: set[Tunnel] = set()
+        #: Upgraded connections: 1:1 WebSocket tunnels and edge-terminated stream sessions.
+        self.tunnels: set[Upgraded] = set()
+        #: Edge-terminated streams (``edge.streams``), set by the worker.
+        self.streams: StreamService | None = None
         self.draining = False
         self._sweeper: asyncio.Task[None] | None = None
         self.budget = budget if budget is not None else FdBudget.current()
@@ -310,10 +314,12 @@ class Connections:
     def begin_drain(self) -> None:
         """Stop keep-alive: idle connections close now, busy ones after their response."""
         self.draining = True
-        for conn in list(self.open):
-            conn.stop_keep_alive()
+        # Upgraded connections first: their close frame goes out before the connection,
+        # idle as HTTP, is closed below.
         for tunnel in list(self.tunnels):
             tunnel.close_going_away()
+        for conn in list(self.open):
+            conn.stop_keep_alive()
 
     async def wait_idle(self, within: float) -> bool:
         deadline = self.loop.time() + within
@@ -382,7 +388,7 @@ class EdgeConnection(asyncio.Protocol):
         self._active: Exchange | None = None
         self._queue: deque[Exchange] = deque()
         self._task: asyncio.Task[None] | None = None
-        self._tunnel: Tunnel | None = None
+        self._tunnel: Upgraded | None = None
         self._pending_upgrade: Exchange | None = None
         # Response being written.
         self._framing = BodyFraming(BodyKind.NONE)
@@ -797,6 +803,12 @@ class EdgeConnection(asyncio.Protocol):
     # -- scheduling ---------------------------------------------------------------------------
 
     def _schedule(self, exchange: Exchange) -> None:
+        streams = self._connections.streams
+        if streams is not None and (
+            self._tunnel is not None or streams.takes_events(exchange.request)
+        ):
+            self._to_event_stream(exchange, streams)
+            return
         exchange.scheduled = True
         if self._active is None:
             self._start(exchange)
@@ -804,6 +816,18 @@ class EdgeConnection(asyncio.Protocol):
         self._queue.append(exchange)
         if len(self._queue) == PIPELINE_DEPTH:
             self._pause_reading()
+
+    def _to_event_stream(self, exchange: Exchange, streams: StreamService) -> None:
+        """A GET on the stream path: the connection becomes a Server-Sent Events stream
+        (``edge.streams.sse``); what a client pipelines after it is dropped."""
+        exchange.scheduled = True
+        if self._tunnel is not None or self._transport is None:
+            return
+        if self._active is not None or self._queue or exchange.body is not None:
+            self._reject(RequestRejected(400, "event_stream_while_busy"))
+            return
+        self._deadline_kind = _DEADLINE_NONE
+        self._tunnel = streams.open_events(self._connections, self._transport, exchange.request)
 
     def _start(self, exchange: Exchange) -> None:
         self._active = exchange
@@ -1105,8 +1129,14 @@ class EdgeConnection(asyncio.Protocol):
 
         assert self._transport is not None
         self._deadline_kind = _DEADLINE_NONE
-        self._tunnel = Tunnel(self._connections, self, self._transport, exchange.request, rest)
-        self._tunnel.start()
+        streams = self._connections.streams
+        if streams is not None and streams.handles(exchange.request.path):
+            # The stream path: terminated here (edge.streams), not tunnelled.
+            self._tunnel = streams.open(self._connections, self._transport, exchange.request, rest)
+            return
+        tunnel = Tunnel(self._connections, self, self._transport, exchange.request, rest)
+        self._tunnel = tunnel
+        tunnel.start()
 
 
 def _check_trailer(name: bytes, _limits: object) -> None:

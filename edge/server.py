@@ -47,6 +47,7 @@ from edge.redirect import RedirectProtocol
 from edge.scaling import ScalingSignals, read_limits
 from edge.state import EdgeState
 from edge.statusboard import SAMPLE_EVERY, StatusBoard
+from edge.streams.service import StreamService
 from edge.tls import TlsContexts, TlsStats
 from edge.transcode import CompressionStats, Transcoder
 from edge.upstream import UpstreamMetrics, UpstreamPool
@@ -228,6 +229,7 @@ class EdgeWorker:
         # Requests waiting on a backend that leaves rotation are retried elsewhere at once.
         health.subscribe(pipeline.on_health)
         connections = Connections(pipeline, loop)
+        streams = connections.streams = StreamService(pipeline, loop)
         tls_config = config.edge.tls
         tls = (
             TlsContexts(
@@ -424,6 +426,7 @@ class EdgeWorker:
             )
             connections.close_all()
             doors.close_all()
+            await streams.aclose()
             if reloads is not None:
                 reloads.cancel()
             if self.link is not None:

@@ -61,6 +61,26 @@ class TunnelServices(Protocol):
     def limiter(self) -> Limiter: ...
 
 
+class Upgraded(Protocol):
+    """A connection the HTTP/1.1 front end handed over after an upgrade: a ``Tunnel``, or an
+    edge-terminated stream session (``edge.streams.session``)."""
+
+    def from_client(self, data: bytes) -> None: ...
+
+    def client_lost(self) -> None: ...
+
+    def pause_upstream_reading(self) -> None:
+        """The client's socket is full (its transport paused writing)."""
+
+    def resume_upstream_reading(self) -> None: ...
+
+    def close_going_away(self) -> None:
+        """The edge drains (SIGTERM)."""
+
+    def check_idle(self, now: float) -> None:
+        """The listener's sweep, every ``SWEEP_INTERVAL``."""
+
+
 class TunnelHost(Protocol):
     """The front end's listener as a tunnel uses it (``edge.protocol.Connections``): the
     loop, the set of open tunnels it drains and sweeps, and the pipeline."""
@@ -69,7 +89,7 @@ class TunnelHost(Protocol):
     def loop(self) -> asyncio.AbstractEventLoop: ...
 
     @property
-    def tunnels(self) -> set[Tunnel]: ...
+    def tunnels(self) -> set[Upgraded]: ...
 
     @property
     def pipeline(self) -> TunnelServices: ...

@@ -497,6 +497,56 @@ class EdgeConnectionLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamChannel:
+    """Channels matching ``pattern`` (``ticker:*``: a prefix and ``*``, or an exact name):
+    what the edge does for a client that cannot keep up, and how much it remembers."""
+
+    pattern: str
+    #: ``conflate``: keep the latest value per channel (tickers, books: each message is the
+    #: whole value); ``disconnect``: close the client with 1008 and a reason (trades: never
+    #: dropped silently).
+    slow_consumer: Literal["conflate", "disconnect"] = "disconnect"
+    #: Messages kept per channel for ``since`` and snapshot replay, at most ``history_bytes``
+    #: of payload (the frames kept beside the payloads about double it).
+    history: int = 1024
+    history_bytes: Size = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeStreams:
+    """Edge-terminated market streams (``edge.streams``): clients subscribe over WebSocket
+    at ``path``; the edge holds one upstream subscription per channel at ``upstream_path``."""
+
+    channels: tuple[StreamChannel, ...]
+    #: The WebSocket path clients connect to (other upgrades are tunnelled 1:1).
+    path: str = "/stream"
+    #: The origin's stream endpoint (``?channel=NAME&since=SEQ``), routed like a request.
+    upstream_path: str = "/stream"
+    #: The REST snapshot of a channel (``{channel}`` is replaced), answered through the cache.
+    snapshot_path: str = "/api/v1/snapshot/{channel}"
+    #: Bytes queued per client beyond the socket's buffer before the slow-consumer policy.
+    send_queue: Size = 256 * 1024
+    #: Per client address (0: no limit).
+    max_connections_per_ip: int = 64
+    max_subscriptions_per_ip: int = 1024
+    max_subscriptions_per_connection: int = 128
+    #: Channels open at once in this worker.
+    max_channels: int = 10_000
+    #: Largest client message (a subscribe command).
+    max_message: Size = 4096
+    ping_interval: Duration = 20.0
+    #: A client that answers nothing (pong or message) for this long after a ping is closed.
+    ping_timeout: Duration = 20.0
+    #: An upstream subscription with no local subscriber is kept this long (a client that
+    #: reconnects finds its history).
+    linger: Duration = 10.0
+    #: Wait before resubscribing after an upstream subscription failed (doubles to 5 s).
+    retry_delay: Duration = 0.1
+    #: Largest upstream message.
+    max_upstream_message: Size = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
 class EdgeConfig:
     services: Annotated[tuple[Service, ...], NAMED]
     routes: tuple[Route, ...]
@@ -520,6 +570,8 @@ class EdgeConfig:
     #: Request rate limits, by name (``EdgeRateLimit``).
     rate_limits: Annotated[tuple[EdgeRateLimit, ...], NAMED] = ()
     connection_limits: EdgeConnectionLimits = EdgeConnectionLimits()
+    #: Market streams at the edge (``EdgeStreams``); none: every upgrade is tunnelled.
+    streams: EdgeStreams | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -938,6 +990,8 @@ def _semantic_problems(config: Config) -> list[str]:
     problems.extend(_redis_problems(edge.cache))
     problems.extend(_http2_problems(edge.http2))
     problems.extend(_rate_limit_problems(edge, seen_routes, service_names))
+    if edge.streams is not None:
+        problems.extend(_stream_problems(edge.streams))
     conns = edge.connection_limits
     if conns.per_client < 0 or conns.total < 0:
         problems.append("edge.connection_limits: per_client and total must not be negative")
@@ -1006,6 +1060,57 @@ def _rate_limit_problems(
         for i, service_name in enumerate(limit.services):
             if service_name not in service_names:
                 problems.append(f"{where}.services[{i}]: unknown service {service_name!r}")
+    return problems
+
+
+#: A channel name: ``kind:SYMBOL`` in a safe alphabet (it goes into URLs and JSON).
+CHANNEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,32}:[A-Za-z0-9_.-]{1,64}")
+_CHANNEL_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,32}:([A-Za-z0-9_.-]{1,64}|[A-Za-z0-9_.-]{0,63}\*)")
+
+
+def _stream_problems(streams: EdgeStreams) -> list[str]:
+    problems: list[str] = []
+    where = "edge.streams"
+    if not streams.channels:
+        problems.append(f"{where}.channels: at least one channel pattern is required")
+    seen: set[str] = set()
+    for i, channel in enumerate(streams.channels):
+        if not _CHANNEL_PATTERN.fullmatch(channel.pattern):
+            problems.append(
+                f"{where}.channels[{i}].pattern: {channel.pattern!r} is not KIND:NAME or"
+                " KIND:PREFIX* (letters, digits, _ . -)"
+            )
+        if channel.pattern in seen:
+            problems.append(f"{where}.channels[{i}].pattern: listed twice")
+        seen.add(channel.pattern)
+        if not 1 <= channel.history <= 1_000_000:
+            problems.append(f"{where}.channels[{i}].history: must be 1..1000000")
+        if not 1024 <= channel.history_bytes <= 1024**3:
+            problems.append(f"{where}.channels[{i}].history_bytes: must be 1 KiB..1 GiB")
+    for name in ("path", "upstream_path", "snapshot_path"):
+        value = getattr(streams, name)
+        if not value.startswith("/") or any(c in value for c in "?# "):
+            problems.append(f"{where}.{name}: must be a path starting with / (no query)")
+    if "{channel}" not in streams.snapshot_path:
+        problems.append(f"{where}.snapshot_path: must contain {{channel}}")
+    if not 4096 <= streams.send_queue <= 64 * 1024 * 1024:
+        problems.append(f"{where}.send_queue: must be 4 KiB..64 MiB")
+    for name in ("max_connections_per_ip", "max_subscriptions_per_ip"):
+        if getattr(streams, name) < 0:
+            problems.append(f"{where}.{name}: must not be negative (0: no limit)")
+    if not 1 <= streams.max_subscriptions_per_connection <= 100_000:
+        problems.append(f"{where}.max_subscriptions_per_connection: must be 1..100000")
+    if not 1 <= streams.max_channels <= 1_000_000:
+        problems.append(f"{where}.max_channels: must be 1..1000000")
+    if not 64 <= streams.max_message <= 1024 * 1024:
+        problems.append(f"{where}.max_message: must be 64 B..1 MiB")
+    if not 1024 <= streams.max_upstream_message <= 64 * 1024 * 1024:
+        problems.append(f"{where}.max_upstream_message: must be 1 KiB..64 MiB")
+    for name in ("ping_interval", "ping_timeout", "retry_delay"):
+        if getattr(streams, name) <= 0:
+            problems.append(f"{where}.{name}: must be positive")
+    if streams.linger < 0:
+        problems.append(f"{where}.linger: must not be negative")
     return problems
 
 
@@ -1178,6 +1283,7 @@ __all__ = [
     "EdgeHttp2",
     "EdgeLimits",
     "EdgeRateLimit",
+    "EdgeStreams",
     "EdgeTimeouts",
     "EdgeTls",
     "GeoConfig",
@@ -1195,6 +1301,7 @@ __all__ = [
     "Route",
     "Service",
     "Soa",
+    "StreamChannel",
     "TlsCertificate",
     "load_config",
     "parse_config",

@@ -35,6 +35,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from meridian.log import configure, get_logger
+from meridian.origin_streams import DEFAULT_HISTORY, DEFAULT_RATE, Feed, StreamServer
 
 log = get_logger("origin")
 
@@ -430,6 +431,7 @@ class OriginState:
     rendered: dict[tuple[str, str], tuple[int, Rendered]] = field(default_factory=dict)
     websockets: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
     symbols: Rendered | None = None
+    streams: StreamServer | None = None
 
     def bucket(self, now: float | None = None) -> int:
         return int((time.time() if now is None else now) // self.update_interval)
@@ -558,6 +560,7 @@ async def handle_control_get(request: web.Request) -> web.StreamResponse:
             "region": state.region,
             "switches": state.switches.as_dict(),
             "requests": state.counters.as_dict(),
+            "streams": state.streams.status() if state.streams is not None else {},
         }
     )
 
@@ -646,10 +649,19 @@ async def _close_websockets(app: web.Application) -> None:
         await ws.close(code=1001, message=b"origin shutting down")
 
 
-def create_app(region: str, update_interval: float = DEFAULT_UPDATE_INTERVAL) -> web.Application:
-    """The origin application for ``region``; bodies change every ``update_interval`` seconds."""
+def create_app(
+    region: str,
+    update_interval: float = DEFAULT_UPDATE_INTERVAL,
+    stream_rate: float = DEFAULT_RATE,
+    stream_history: int = DEFAULT_HISTORY,
+) -> web.Application:
+    """The origin application for ``region``; bodies change every ``update_interval`` seconds,
+    stream channels publish ``stream_rate`` messages a second (``meridian.origin_streams``)."""
     app = web.Application(middlewares=[control_middleware])
     app[STATE] = OriginState(region=region, update_interval=update_interval)
+    symbols = {s.name: (s.price, s.price_decimals) for s in SYMBOLS.values()}
+    app[STATE].streams = streams = StreamServer(Feed(symbols, stream_rate, stream_history))
+    streams.install(app)
     app.router.add_get("/api/v1/ticker/{symbol}", _market_handler("ticker"))
     app.router.add_get("/api/v1/depth/{symbol}", _market_handler("depth"))
     app.router.add_get("/api/v1/trades/{symbol}", _market_handler("trades"))
@@ -669,13 +681,20 @@ def create_app(region: str, update_interval: float = DEFAULT_UPDATE_INTERVAL) ->
 # Process
 
 
-async def serve(region: str, host: str, port: int, update_interval: float) -> int:
+async def serve(
+    region: str,
+    host: str,
+    port: int,
+    update_interval: float,
+    stream_rate: float = DEFAULT_RATE,
+    stream_history: int = DEFAULT_HISTORY,
+) -> int:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     runner = web.AppRunner(
-        create_app(region, update_interval),
+        create_app(region, update_interval, stream_rate, stream_history),
         access_log=None,
         handle_signals=False,
         shutdown_timeout=2.0,
@@ -711,6 +730,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_UPDATE_INTERVAL,
         help="seconds between market-data updates (default 1)",
     )
+    parser.add_argument(
+        "--stream-rate",
+        type=float,
+        default=DEFAULT_RATE,
+        help="messages per second on every stream channel (default 10)",
+    )
+    parser.add_argument(
+        "--stream-history",
+        type=int,
+        default=DEFAULT_HISTORY,
+        help="messages a stream subscription can replay with since= (default 10000)",
+    )
     parser.add_argument("--log-format", choices=("logfmt", "json"), default="logfmt")
     parser.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), default="info"
@@ -722,6 +753,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.update_interval <= 0:
         build_parser().error("--update-interval must be positive")
+    if not 0 < args.stream_rate <= 1000 or args.stream_history < 0:
+        build_parser().error("--stream-rate must be 0..1000 and --stream-history not negative")
     configure(args.log_level, args.log_format)
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     try:
@@ -731,7 +764,16 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # the stdlib loop is fine for an origin; uvloop is only faster
         pass
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(serve(args.region, args.host, args.port, args.update_interval))
+        return runner.run(
+            serve(
+                args.region,
+                args.host,
+                args.port,
+                args.update_interval,
+                args.stream_rate,
+                args.stream_history,
+            )
+        )
 
 
 if __name__ == "__main__":

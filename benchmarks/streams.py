@@ -1,0 +1,652 @@
+"""Market streams at the edge: N WebSocket clients, C channels at R messages/s each.
+
+    python -m benchmarks.streams --clients 10000 --channels 20 --rate 10 --duration 20
+    python -m benchmarks.streams --clients 2000 --nginx     # the same clients through nginx 1:1
+
+Starts a sample origin and an edge (one worker) with ``edge.streams``, then a load generator
+in another process (``--loadgen``), pinned to the other core where there are two (the edge on
+CPU 0, the load generator and the origin on CPU 1).  The load generator connects the clients
+(idle: the edge's RSS is read, for the memory per idle client), subscribes client ``i`` to
+channel ``i % C`` (``--subscriptions K``: channels ``i .. i+K-1``; ``trades:SYMBOL``: no
+conflation, every message counts), lets it settle,
+then counts for ``--duration`` seconds: messages delivered per second, the delivery lag
+(origin timestamp -> received, a sample of every ``LAG_SAMPLE``th message, so it includes the
+load generator's own queueing) and the edge's CPU seconds over the window (from
+/proc/PID/stat).  With ``--nginx`` the clients instead go through nginx's WebSocket proxy
+(Debian nginx, ``proxy_pass`` + Upgrade) straight to the origin's stream endpoint, 1:1, and the
+origin's open subscriptions are counted.
+
+Figures are printed as a table and one JSON line.  On a shared machine the rates are noisy;
+the CPU per delivered message is the steadier figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from meridian.origin import SYMBOLS
+
+#: Every LAG_SAMPLE-th message's lag is measured by the load generator.
+LAG_SAMPLE = 8
+_HANDSHAKE = (
+    "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """A masked client frame (mask key 0: valid, and the payload is unchanged)."""
+    size = len(payload)
+    if size < 126:
+        head = bytes((0x80 | opcode, 0x80 | size))
+    else:
+        head = bytes((0x80 | opcode, 0x80 | 126)) + size.to_bytes(2, "big")
+    return head + b"\x00\x00\x00\x00" + payload
+
+
+class StreamClient(asyncio.Protocol):
+    """A small WebSocket client: handshake, masked commands, unmasked server frames parsed
+    into ``messages`` (or handed to ``on_message``)."""
+
+    def __init__(
+        self,
+        path: str = "/stream",
+        on_message: Callable[[bytes], None] | None = None,
+        keep: bool = True,
+        sample: int = 1,
+    ) -> None:
+        self.path = path
+        #: Called with every ``sample``-th message.
+        self.on_message = on_message
+        self.sample = sample
+        self.keep = keep
+        self.messages: list[bytes] = []
+        self.buffer = bytearray()
+        self.upgraded = asyncio.get_running_loop().create_future()
+        self.lost = asyncio.get_running_loop().create_future()
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.status = 0
+        self.transport: asyncio.Transport | None = None
+        self.received = 0
+        self.arrived = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.write(_HANDSHAKE.format(path=self.path).encode())  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.upgraded.done():
+            self.upgraded.set_result(False)
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self.arrived.set()
+
+    def send_json(self, document: object) -> None:
+        assert self.transport is not None
+        self.transport.write(client_frame(json.dumps(document).encode()))
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        if not self.upgraded.done():
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            self.status = int(buffer[9:12])
+            del buffer[: end + 4]
+            self.upgraded.set_result(self.status == 101)
+        start = 0
+        size_total = len(buffer)
+        while size_total - start >= 2:
+            first, size = buffer[start], buffer[start + 1] & 0x7F
+            offset = start + 2
+            if size == 126:
+                if size_total - start < 4:
+                    break
+                size = int.from_bytes(buffer[start + 2 : start + 4], "big")
+                offset = start + 4
+            elif size == 127:
+                if size_total - start < 10:
+                    break
+                size = int.from_bytes(buffer[start + 2 : start + 10], "big")
+                offset = start + 10
+            if size_total < offset + size:
+                break
+            opcode = first & 0x0F
+            start = offset + size
+            if opcode in (0x1, 0x2):  # the origin itself (``--nginx``) sends binary frames
+                self.received += 1
+                sampled = self.on_message is not None and self.received % self.sample == 0
+                if sampled or self.keep:  # else counted without a copy
+                    payload = bytes(buffer[offset:start])
+                    if sampled and self.on_message is not None:
+                        self.on_message(payload)
+                    if self.keep:
+                        self.messages.append(payload)
+                continue
+            payload = bytes(buffer[offset:start])
+            if opcode == 0x9 and self.transport is not None:
+                self.transport.write(client_frame(payload, 0xA))
+            elif opcode == 0x8:
+                self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                self.close_reason = payload[2:].decode("utf-8", "replace")
+        del buffer[:start]
+        self.arrived.set()
+
+    def documents(self) -> list[dict[str, Any]]:
+        return [json.loads(m) for m in self.messages]
+
+    async def wait_for(self, count: int, within: float = 10.0) -> None:
+        """Until ``count`` text messages arrived (or the connection ended)."""
+        async with asyncio.timeout(within):
+            while self.received < count and not self.lost.done():
+                self.arrived.clear()
+                await self.arrived.wait()
+
+
+async def connect(port: int, path: str = "/stream", **kwargs: Any) -> StreamClient:
+    loop = asyncio.get_running_loop()
+    _, client = await loop.create_connection(
+        lambda: StreamClient(path, **kwargs), "127.0.0.1", port
+    )
+    if not await client.upgraded:
+        raise ConnectionError(f"upgrade refused: {client.status}")
+    return client
+
+
+# --------------------------------------------------------------------------------------------
+# Load generator (its own process)
+
+
+def _ts(payload: bytes) -> float:
+    at = payload.find(b'"ts":')
+    if at < 0:
+        return 0.0
+    end = payload.find(b",", at)
+    return float(payload[at + 5 : end])
+
+
+async def loadgen(args: argparse.Namespace) -> None:
+    channels = [f"trades:{name}" for name in list(SYMBOLS)[: args.channels]]
+    lags: list[float] = []
+    counting = False
+
+    def on_message(payload: bytes) -> None:
+        if counting and payload.startswith(b'{"channel"'):
+            lags.append(time.time() - _ts(payload))
+
+    def say(**fields: Any) -> None:
+        print(json.dumps(fields), flush=True)
+
+    clients: list[StreamClient] = []
+    for start in range(0, args.clients, 200):
+        batch = [
+            connect(args.port, "/stream", on_message=on_message, keep=False, sample=LAG_SAMPLE)
+            for _ in range(min(200, args.clients - start))
+        ]
+        clients.extend(await asyncio.gather(*batch))
+    say(phase="connected", clients=len(clients))
+    await asyncio.sleep(2.0)
+    for i, client in enumerate(clients):
+        for k in range(args.subscriptions):
+            client.send_json({"op": "subscribe", "channel": channels[(i + k) % len(channels)]})
+    await asyncio.sleep(args.warmup)
+    counting = True
+    before = sum(c.received for c in clients)
+    started = time.perf_counter()
+    cpu0 = time.process_time()
+    say(phase="measure_start")
+    await asyncio.sleep(args.duration)
+    counting = False
+    elapsed = time.perf_counter() - started
+    count = sum(c.received for c in clients) - before
+    say(phase="measure_end")
+    lags.sort()
+    closed = sum(1 for c in clients if c.lost.done())
+
+    def pct(q: float) -> float:
+        return lags[min(len(lags) - 1, int(q * len(lags)))] * 1000 if lags else float("nan")
+
+    say(
+        phase="result",
+        delivered=count,
+        seconds=elapsed,
+        rate=count / elapsed,
+        p50_ms=pct(0.50),
+        p99_ms=pct(0.99),
+        max_ms=lags[-1] * 1000 if lags else float("nan"),
+        closed=closed,
+        loadgen_cpu=time.process_time() - cpu0,
+    )
+    for client in clients:
+        if client.transport is not None:
+            client.transport.close()
+
+
+async def loadgen_nginx(args: argparse.Namespace) -> None:
+    """``--nginx``: every client opens its own stream through nginx to the origin."""
+    channels = [f"trades:{name}" for name in list(SYMBOLS)[: args.channels]]
+    lags: list[float] = []
+    counting = False
+
+    def on_message(payload: bytes) -> None:
+        if counting:
+            lags.append(time.time() - _ts(payload))
+
+    def say(**fields: Any) -> None:
+        print(json.dumps(fields), flush=True)
+
+    clients: list[StreamClient] = []
+    for start in range(0, args.clients, 200):
+        batch = [
+            connect(
+                args.port,
+                f"/stream?channel={channels[(start + i) % len(channels)]}",
+                on_message=on_message,
+                keep=False,
+                sample=LAG_SAMPLE,
+            )
+            for i in range(min(200, args.clients - start))
+        ]
+        clients.extend(await asyncio.gather(*batch))
+    say(phase="connected", clients=len(clients))
+    await asyncio.sleep(2.0 + args.warmup)
+    counting = True
+    before = sum(c.received for c in clients)
+    started = time.perf_counter()
+    say(phase="measure_start")
+    await asyncio.sleep(args.duration)
+    counting = False
+    elapsed = time.perf_counter() - started
+    count = sum(c.received for c in clients) - before
+    say(phase="measure_end")
+    lags.sort()
+
+    def pct(q: float) -> float:
+        return lags[min(len(lags) - 1, int(q * len(lags)))] * 1000 if lags else float("nan")
+
+    say(
+        phase="result",
+        delivered=count,
+        seconds=elapsed,
+        rate=count / elapsed,
+        p50_ms=pct(0.50),
+        p99_ms=pct(0.99),
+        max_ms=lags[-1] * 1000 if lags else float("nan"),
+        closed=sum(1 for c in clients if c.lost.done()),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The run: origin, edge (or nginx), load generator; /proc readings of the server process
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _pinned(cpu: int, argv: list[str]) -> list[str]:
+    if (os.cpu_count() or 1) >= 2 and shutil.which("taskset"):
+        return ["taskset", "-c", str(cpu), *argv]
+    return argv
+
+
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of ``pid``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _wait_port(port: int, within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def _http_get(port: int, path: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    return raw.split(b"\r\n\r\n", 1)[1]
+
+
+def _lag_buckets(admin_port: int, name: str = "delivery") -> dict[float, float]:
+    """One of the edge's lag histograms: upper bound -> cumulative count."""
+    out: dict[float, float] = {}
+    prefix = f"meridian_edge_stream_{name}_lag_seconds_bucket{{"
+    for line in _http_get(admin_port, "/metrics").decode().splitlines():
+        if line.startswith(prefix):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float(bound)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """The upper bound (ms) of the bucket holding quantile ``q`` of the window's deliveries."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return float("nan")
+    for bound, count in zip(bounds, counts, strict=True):
+        if count >= q * counts[-1]:
+            return bound * 1000
+    return float("inf")
+
+
+def _edge_config(path: Path, origin_port: int) -> None:
+    config = {
+        "regions": {
+            "eu-central": {
+                "location": {"lat": 50.11, "lon": 8.68},
+                "backends": [f"http://127.0.0.1:{origin_port}"],
+            }
+        },
+        "pops": {"fra": {"location": {"lat": 50.11, "lon": 8.68}, "addresses": ["127.0.1.3"]}},
+        "dns": {
+            "zone": "meridian.test",
+            "soa": {"mname": "ns1.meridian.test", "rname": "h.meridian.test"},
+            "ns": [{"name": "ns1.meridian.test", "addresses": ["127.0.0.1"]}],
+            "names": {"api": {"targets": "pops"}},
+        },
+        "edge": {
+            "services": {"market": {}},
+            "routes": [{"name": "api", "service": "market", "path_prefix": "/"}],
+            "access_log": False,
+            "streams": {
+                "channels": [
+                    {"pattern": "ticker:*", "slow_consumer": "conflate"},
+                    {"pattern": "trades:*"},
+                    {"pattern": "depth:*", "slow_consumer": "conflate"},
+                ],
+                "max_connections_per_ip": 0,
+                "max_subscriptions_per_ip": 0,
+            },
+        },
+    }
+    path.write_text(json.dumps(config))  # JSON is YAML
+
+
+def _nginx_config(path: Path, port: int, origin_port: int) -> None:
+    tmp = path.parent
+    path.write_text(
+        f"""
+worker_processes 1;
+worker_rlimit_nofile 40000;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 30000; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fcgi; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location /stream {{
+            proxy_pass http://127.0.0.1:{origin_port};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_read_timeout 3600s;
+        }}
+    }}
+}}
+"""
+    )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="streams-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    origin_port, port = _free_port(), _free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    try:
+        origin_argv = [
+            sys.executable,
+            "-m",
+            "meridian.origin",
+            "--region",
+            "eu-central",
+            "--port",
+            str(origin_port),
+            "--log-level",
+            "warning",
+            "--stream-rate",
+            str(args.rate),
+        ]
+        log = (tmp / "origin.log").open("wb")
+        procs.append(
+            subprocess.Popen(_pinned(args.origin_cpu, origin_argv), stdout=log, stderr=log, env=env)
+        )
+        _wait_port(origin_port)
+        if args.nginx:
+            if not shutil.which("nginx"):
+                raise SystemExit("nginx is not installed")
+            conf = tmp / "nginx.conf"
+            _nginx_config(conf, port, origin_port)
+            server_argv = ["nginx", "-c", str(conf), "-p", str(tmp), "-g", "daemon off;"]
+        else:
+            conf = tmp / "edge.yaml"
+            _edge_config(conf, origin_port)
+            admin_port = _free_port()
+            server_argv = [
+                sys.executable,
+                "-m",
+                "edge",
+                "--config",
+                str(conf),
+                "--pop",
+                "fra",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--admin",
+                f"127.0.0.1:{admin_port}",
+            ]
+        log = (tmp / "server.log").open("wb")
+        server = subprocess.Popen(_pinned(0, server_argv), stdout=log, stderr=log, env=env)
+        procs.append(server)
+        _wait_port(port)
+        # nginx: the worker is the master's child (the one that serves).
+        pid = server.pid
+        if args.nginx:
+            time.sleep(0.5)
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            pid = int(children[0]) if children else pid
+        time.sleep(1.0)
+        rss_start = _rss_kib(pid)
+        loadgen_argv = [
+            sys.executable,
+            "-m",
+            "benchmarks.streams",
+            "--loadgen",
+            "--port",
+            str(port),
+            "--clients",
+            str(args.clients),
+            "--channels",
+            str(args.channels),
+            "--duration",
+            str(args.duration),
+            "--warmup",
+            str(args.warmup),
+            "--subscriptions",
+            str(args.subscriptions),
+        ]
+        if args.nginx:
+            loadgen_argv.append("--nginx")
+        generator = subprocess.Popen(
+            _pinned(1, loadgen_argv), stdout=subprocess.PIPE, env=env, text=True
+        )
+        procs.append(generator)  # type: ignore[arg-type]
+        figures: dict[str, Any] = {
+            "server": "nginx 1:1 proxy" if args.nginx else "meridian edge",
+            "clients": args.clients,
+            "channels": args.channels,
+            "subscriptions_per_client": args.subscriptions,
+            "rate_per_channel": args.rate,
+            "origin_cpu": args.origin_cpu,
+            "cpus": os.cpu_count(),
+        }
+        cpu_start = (0.0, 0.0)
+        lag_start: dict[float, float] = {}
+        arrival_start: dict[float, float] = {}
+        assert generator.stdout is not None
+        for line in generator.stdout:
+            event = json.loads(line)
+            phase = event.pop("phase")
+            if phase == "connected":
+                time.sleep(1.5)
+                rss_idle = _rss_kib(pid)
+                figures["idle_kib_per_client"] = (rss_idle - rss_start) / args.clients
+            elif phase == "measure_start":
+                cpu_start = _cpu_seconds(pid)
+                if not args.nginx:
+                    lag_start = _lag_buckets(admin_port)
+                    arrival_start = _lag_buckets(admin_port, "arrival")
+                # While every client is connected (they close at the end of the run).
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    control = json.loads(_http_get(origin_port, "/_control"))
+                    figures["origin_connections"] = sum(
+                        control["streams"]["subscriptions"].values()
+                    )
+            elif phase == "measure_end":
+                user, system = (b - a for a, b in zip(cpu_start, _cpu_seconds(pid), strict=True))
+                cpu = user + system
+                figures["server_cpu_share"] = cpu / args.duration
+                figures["server_cpu_s"] = cpu
+                figures["server_cpu_system_share"] = system / cpu if cpu else 0.0
+                figures["rss_mib"] = _rss_kib(pid) / 1024
+                figures["rss_kib_per_1000_clients"] = _rss_kib(pid) / args.clients * 1000
+                if not args.nginx:
+                    lag_end = _lag_buckets(admin_port)
+                    figures["edge_lag_p50_ms_le"] = _bucket_quantile(lag_start, lag_end, 0.5)
+                    figures["edge_lag_p99_ms_le"] = _bucket_quantile(lag_start, lag_end, 0.99)
+                    arrival_end = _lag_buckets(admin_port, "arrival")
+                    figures["arrival_lag_p50_ms_le"] = _bucket_quantile(
+                        arrival_start, arrival_end, 0.5
+                    )
+                    figures["arrival_lag_p99_ms_le"] = _bucket_quantile(
+                        arrival_start, arrival_end, 0.99
+                    )
+            elif phase == "result":
+                figures.update(event)
+        generator.wait(timeout=60)
+        delivered, cpu = figures.get("delivered", 0), figures.get("server_cpu_s", 0.0)
+        if delivered and cpu:
+            figures["server_cpu_us_per_message"] = cpu / delivered * 1e6
+            figures["messages_per_server_core_second"] = delivered / cpu
+        return figures
+    finally:
+        for proc in reversed(procs):
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def report(figures: dict[str, Any]) -> None:
+    rows = [
+        ("server", "server"),
+        ("clients", "clients"),
+        ("channels x rate", None),
+        ("subscriptions per client", "subscriptions_per_client"),
+        ("messages delivered/s", "rate"),
+        ("lag p50 (ms)", "p50_ms"),
+        ("lag p99 (ms)", "p99_ms"),
+        ("lag max (ms)", "max_ms"),
+        ("origin ts -> edge write p50 (ms, bound)", "edge_lag_p50_ms_le"),
+        ("origin ts -> edge write p99 (ms, bound)", "edge_lag_p99_ms_le"),
+        ("  of which upstream p50 (ms, bound)", "arrival_lag_p50_ms_le"),
+        ("  of which upstream p99 (ms, bound)", "arrival_lag_p99_ms_le"),
+        ("server CPU share of a core", "server_cpu_share"),
+        ("server CPU us per message", "server_cpu_us_per_message"),
+        ("  of which in the kernel", "server_cpu_system_share"),
+        ("messages per server core-second", "messages_per_server_core_second"),
+        ("server RSS (MiB)", "rss_mib"),
+        ("server RSS per 1,000 clients (KiB)", "rss_kib_per_1000_clients"),
+        ("idle memory per client (KiB)", "idle_kib_per_client"),
+        ("origin connections", "origin_connections"),
+        ("clients closed during the run", "closed"),
+        ("load generator CPU (s)", "loadgen_cpu"),
+    ]
+    for label, key in rows:
+        if key is None:
+            value: Any = f"{figures['channels']} x {figures['rate_per_channel']}/s"
+        else:
+            value = figures.get(key, "-")
+        if isinstance(value, float):
+            value = f"{value:,.2f}"
+        elif isinstance(value, int):
+            value = f"{value:,}"
+        print(f"{label:40s} {value}")
+    print(json.dumps(figures))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.streams", description=__doc__)
+    parser.add_argument("--clients", type=int, default=10_000)
+    parser.add_argument("--channels", type=int, default=20)
+    parser.add_argument("--rate", type=float, default=10.0, help="messages/s per channel")
+    parser.add_argument(
+        "--subscriptions", type=int, default=1, help="channels per client (edge only)"
+    )
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--nginx", action="store_true", help="clients through nginx, 1:1")
+    parser.add_argument(
+        "--origin-cpu", type=int, default=1, help="the CPU the origin is pinned to (default 1)"
+    )
+    parser.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not 1 <= args.channels <= len(SYMBOLS):
+        parser.error(f"--channels must be 1..{len(SYMBOLS)}")
+    if not 1 <= args.subscriptions <= args.channels or (args.nginx and args.subscriptions > 1):
+        parser.error("--subscriptions must be 1..--channels (1 with --nginx)")
+    if args.loadgen:
+        import uvloop
+
+        work = loadgen_nginx(args) if args.nginx else loadgen(args)
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(work)
+        return 0
+    report(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

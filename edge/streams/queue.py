@@ -1,0 +1,221 @@
+"""One client's side of the fan-out: direct writes while its socket keeps up, a bounded queue
+of frames when it does not, and the channel's slow-consumer policy when that fills.
+
+No I/O: ``write`` is the transport's ``write`` (or a test's list append), ``paused`` follows
+the transport's ``pause_writing``/``resume_writing``.  While the socket keeps up a message costs
+one ``write`` of the shared frame bytes; with a ``WriteBatch`` the frames a client is sent
+during one event-loop iteration (a burst across its channels: markets tick together) go out
+in one write, one system call instead of one per frame.  Once the transport's buffer passes
+its high-water mark frames wait here, at most ``limit`` bytes of them:
+
+* ``conflate``: a channel has at most one frame waiting; a newer message replaces it in place
+  (the latest value is what a ticker or book subscriber needs) and the skipped one is counted;
+* ``disconnect``: every frame waits; past ``limit`` the client is closed with 1008 and a reason
+  naming the channel, so a trades subscriber never loses a message silently.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
+
+from edge.streams.frames import EVENTS, PLAIN
+from edge.streams.stats import StreamStats
+
+
+class Channel(Protocol):
+    """A channel as a queue sees it (``edge.streams.hub.Channel``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def conflate(self) -> bool: ...
+
+
+C = TypeVar("C", bound=Channel)
+
+
+#: Bytes a client's batch may gather before it is written at once (a burst, such as a replay
+#: after failover, is then written as it comes: the socket's flow control and the send queue
+#: bound it, not the batch).
+BATCH_BYTES = 16 * 1024
+
+
+class WriteBatch:
+    """Frames pushed to clients during one event-loop iteration, written at its end as one
+    write per client.  ``defer`` schedules the flush (``loop.call_soon``: it runs before the
+    next iteration's I/O callbacks)."""
+
+    __slots__ = ("defer", "dirty", "scheduled")
+
+    def __init__(self, defer: Callable[[Callable[[], None]], object]) -> None:
+        self.defer = defer
+        self.dirty: list[Subscriber[Any]] = []
+        self.scheduled = False
+
+    def flush(self) -> None:
+        self.scheduled = False
+        dirty, self.dirty = self.dirty, []
+        for sub in dirty:
+            sub.flush()
+
+
+class Pending(Generic[C]):
+    """A frame waiting in a client's queue (``channel`` set when it may be conflated)."""
+
+    __slots__ = ("channel", "frame", "ts")
+
+    def __init__(self, frame: bytes, ts: float, channel: C | None) -> None:
+        self.frame = frame
+        self.ts = ts
+        self.channel = channel
+
+
+class Subscriber(Generic[C]):
+    """One client connection's subscriptions and send queue."""
+
+    __slots__ = (
+        "batch",
+        "channels",
+        "closed",
+        "ip",
+        "kind",
+        "limit",
+        "on_close",
+        "out",
+        "out_bytes",
+        "paused",
+        "queue",
+        "queued",
+        "slots",
+        "stats",
+        "write",
+    )
+
+    def __init__(
+        self,
+        write: Callable[[bytes], object],
+        on_close: Callable[[int, str], None],
+        ip: str,
+        limit: int,
+        stats: StreamStats,
+        *,
+        kind: int = PLAIN,
+        batch: WriteBatch | None = None,
+    ) -> None:
+        self.write = write
+        #: Where frames wait for the end of the loop iteration (None: written at once).
+        self.batch = batch
+        #: Frames pushed this iteration (in ``batch.dirty`` while not empty), and their bytes.
+        self.out: list[bytes] = []
+        self.out_bytes = 0
+        #: What it is sent (``edge.streams.frames``: PLAIN, DEFLATE or EVENTS).
+        self.kind = kind
+        #: Called once when the policy closes the client (code, reason): the session writes
+        #: the close frame and ends the connection.
+        self.on_close = on_close
+        self.ip = ip
+        self.limit = limit
+        self.stats = stats
+        self.paused = False
+        self.closed = False
+        self.queue: deque[Pending[C]] = deque()
+        self.queued = 0
+        #: Conflatable frames waiting, by channel.
+        self.slots: dict[C, Pending[C]] = {}
+        #: Channel name -> the channel, for every subscription (live, waiting or pending).
+        self.channels: dict[str, C] = {}
+
+    @property
+    def sse(self) -> bool:
+        return self.kind == EVENTS
+
+    def push(self, frame: bytes) -> None:
+        """A frame the socket can take now: written, or batched for the iteration's end."""
+        batch = self.batch
+        if batch is None:
+            self.write(frame)
+            return
+        out = self.out
+        if not out:
+            batch.dirty.append(self)
+            if not batch.scheduled:
+                batch.scheduled = True
+                batch.defer(batch.flush)
+        out.append(frame)
+        self.out_bytes += len(frame)
+        if self.out_bytes >= BATCH_BYTES:
+            self.flush()  # stays in ``dirty``: the iteration's flush finds nothing
+
+    def flush(self) -> None:
+        """Writes what this iteration gathered, in one write."""
+        out = self.out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self.out_bytes = 0
+        if not self.closed:
+            self.write(data)
+
+    def send(self, frame: bytes, ts: float = 0.0) -> None:
+        """A frame for this client alone (acknowledgements, replay, resync); never conflated."""
+        if not self.paused and not self.queue:
+            self.push(frame)
+            self.stats.delivered(len(frame), ts)
+        else:
+            self.enqueue(frame, ts, None)
+
+    def enqueue(self, frame: bytes, ts: float, channel: C | None) -> None:
+        """Queue a frame the socket cannot take now; past the bound, the client is closed."""
+        if self.closed:
+            return
+        if channel is not None and channel.conflate:
+            slot = self.slots.get(channel)
+            if slot is not None:
+                self.queued += len(frame) - len(slot.frame)
+                slot.frame, slot.ts = frame, ts
+                self.stats.conflated += 1
+            else:
+                slot = self.slots[channel] = Pending(frame, ts, channel)
+                self.queue.append(slot)
+                self.queued += len(frame)
+        else:
+            self.queue.append(Pending(frame, ts, None))
+            self.queued += len(frame)
+        if self.queued > self.limit:
+            self.close_slow(channel.name if channel is not None else "-")
+
+    def resume(self) -> None:
+        """The socket drained below its low-water mark: write what waits while it takes it."""
+        self.paused = False
+        queue, stats = self.queue, self.stats
+        while queue and not self.paused and not self.closed:
+            item = queue.popleft()
+            self.queued -= len(item.frame)
+            if item.channel is not None:
+                self.slots.pop(item.channel, None)
+            self.write(item.frame)
+            stats.delivered(len(item.frame), item.ts)
+
+    def close_slow(self, channel: str) -> None:
+        """The queue passed its bound: close the client, saying why."""
+        self.stats.disconnected["slow_consumer"] += 1
+        self.stats.dropped += len(self.queue)
+        self.on_close(1008, f"slow consumer: send queue full on {channel}")
+
+    def mark_closed(self) -> None:
+        """No frame is written or queued any more (``paused`` sends fan-out to ``enqueue``,
+        which drops it)."""
+        self.closed = True
+        self.paused = True
+        self.drop_queue()
+        self.out.clear()
+        self.out_bytes = 0
+
+    def drop_queue(self) -> None:
+        self.queue.clear()
+        self.slots.clear()
+        self.queued = 0
