@@ -300,6 +300,13 @@ class EdgeWorker:
             snapshot = health.snapshot
             return any(snapshot.region_up(r.name) for r in pipeline.state.config.regions)
 
+        def service_ready(name: str) -> bool | None:
+            regions = [t.regions for t in pipeline.state.router.targets if t.service.name == name]
+            if not regions:
+                return None
+            snapshot = health.snapshot
+            return any(snapshot.region_up(r) for group in regions for r in group)
+
         def status() -> dict[str, Any]:
             return {
                 "pop": pop,
@@ -334,6 +341,7 @@ class EdgeWorker:
                 registry,
                 status=status,
                 ready=region_ready,
+                service_ready=service_ready,
                 draining=lambda: connections.draining,
                 peers=peers,
                 board=board,
