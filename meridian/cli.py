@@ -187,6 +187,10 @@ SUBCOMMANDS: dict[
         *_delegate("meridian.serve", "add_arguments", "run", 5),
     ),
     "demo": ("start sample origins, the edge and GeoDNS on loopback", _demo_add, _demo_run),
+    "world": (
+        "run many POPs, regions and clients on loopback and measure what the clients see",
+        *_delegate("meridian.world", "add_arguments", "run", 16),
+    ),
     "explain": (
         "show how GeoDNS answers one client, step by step",
         *_delegate("geodns.cli", "add_explain_arguments", "run_explain", 4),
