@@ -111,6 +111,9 @@ class _Side(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.pending = 0
         self.paused = False
+        #: A FIN came from this socket / was sent to it: with both, it is closed.
+        self.got_eof = False
+        self.sent_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -122,8 +125,9 @@ class _Side(asyncio.Protocol):
         self.conn.forward(self, data)
 
     def eof_received(self) -> bool:
+        self.got_eof = True
         self.conn.forward(self, b"")
-        return True
+        return not self.sent_eof  # half-open until the other side's FIN is passed on
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.conn.lost(self)
@@ -210,7 +214,11 @@ class _Connection:
         try:
             if data:
                 transport.write(data)
+            elif side.got_eof:  # FIN both ways: done
+                side.sent_eof = True
+                transport.close()
             elif transport.can_write_eof():
+                side.sent_eof = True
                 transport.write_eof()
         except OSError:  # the peer is gone: so is this connection
             self.abort()
