@@ -283,6 +283,7 @@ class World:
             if all(set(answers[c.name].values()) == {c.nearest_pop} for c in self.plan.clients):
                 return answers
             if time.monotonic() > deadline:
+                log.warning("world_not_converged", answers=answers)
                 return answers
             await asyncio.sleep(0.2)
 

@@ -26,7 +26,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from meridian.health.budget import detection
+from meridian.log import get_logger
 from meridian.world import World
+
+log = get_logger("world")
 
 #: Seconds between two rounds of DNS questions (every client to every GeoDNS).
 DNS_EVERY = 0.1
@@ -204,7 +207,7 @@ async def observe(world: World, fault: Fault, window: float) -> Timeline:
     def judge(client_name: str, landed: str | None) -> tuple[bool, str]:
         client = plan.client(client_name)
         if landed is None:
-            return True, "no answer"
+            return True, "no address in the answer"
         if injected and landed in fault.avoid:
             return True, f"answered {landed}, which the fault took out"
         if client.zone is not None and residency.get(landed) != client.zone:
@@ -226,6 +229,8 @@ async def observe(world: World, fault: Fault, window: float) -> Timeline:
                     bad, detail = judge(client.name, landed)
                     if answer.error:
                         bad, detail = True, answer.error
+                    elif landed is None:
+                        detail += f" (rcode {answer.rcode})"
                     observed.append(Observation(now(), client.name, f"dns {pop}", bad, detail))
                     if landed is not None:
                         last_answer[client.name] = landed
@@ -251,6 +256,7 @@ async def observe(world: World, fault: Fault, window: float) -> Timeline:
         t0 = time.monotonic()
         await fault.inject()
         injected = True
+        log.info("world_fault_injected", fault=fault.name)
         end = window
         while now() < min(end, 3 * window):
             await asyncio.sleep(0.2)
@@ -260,7 +266,9 @@ async def observe(world: World, fault: Fault, window: float) -> Timeline:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+    log.info("world_fault_watched", fault=fault.name, observations=len(observed))
     await fault.restore()
+    log.info("world_fault_restored", fault=fault.name)
     return summarize(fault.name, fault.what, list(observed))
 
 

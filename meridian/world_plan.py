@@ -199,6 +199,9 @@ def build_plan(
         dns = data.setdefault("dns", {})
         dns["ttl"] = f"{ttl:g}s"
         dns["min_ttl"] = f"{min(ttl, _seconds(dns.get('min_ttl', ttl))):g}s"
+    # Every vantage point asks from 127.0.0.1: per-prefix response limits would count the
+    # whole world as one abusive resolver.
+    data.setdefault("dns", {}).setdefault("rate_limit", {})["enabled"] = False
     # A request stuck on a black-holed region is retried elsewhere after this, not 10 s.
     timeouts = data.setdefault("edge", {}).setdefault("timeouts", {})
     timeouts.setdefault("connect", "1s")

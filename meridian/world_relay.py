@@ -114,6 +114,8 @@ class _Side(asyncio.Protocol):
         #: A FIN came from this socket / was sent to it: with both, it is closed.
         self.got_eof = False
         self.sent_eof = False
+        #: When the last chunk from this socket is due at the other.
+        self.last_at = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -185,6 +187,9 @@ class _Connection:
             at = max(self.loop.time(), self.ready_at) + self.link.delay
         else:
             at = self.loop.time() + self.link.delay
+        # Strictly later than the previous chunk: timers due at one instant run in no set
+        # order, and a FIN must not overtake the data before it.
+        at = source.last_at = max(at, source.last_at + 1e-6)
         source.pending += len(data)
         if source.pending > PENDING_LIMIT and not source.paused and source.transport is not None:
             source.paused = True
@@ -220,7 +225,7 @@ class _Connection:
             elif transport.can_write_eof():
                 side.sent_eof = True
                 transport.write_eof()
-        except OSError:  # the peer is gone: so is this connection
+        except (OSError, RuntimeError):  # the peer is gone: so is this connection
             self.abort()
 
     def black_hole(self) -> None:
