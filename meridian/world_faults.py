@@ -220,8 +220,10 @@ async def observe(world: World, fault: Fault, window: float) -> Timeline:
                 return True, f"answered {landed} outside residency zone {client.zone}"
         return False, f"answered {landed}"
 
+    running = True
+
     async def ask_round() -> None:
-        while True:
+        while running:
             pops = [p for p in world.live_pops() if not (injected and p in fault.silent)]
             for client in plan.clients:
                 found = await asyncio.gather(*(world.ask(client.name, p) for p in pops))
@@ -238,7 +240,7 @@ async def observe(world: World, fault: Fault, window: float) -> Timeline:
 
     async def load(client_name: str) -> None:
         base = plan.section.path
-        while True:
+        while running:
             pop = last_answer[client_name]
             path = f"{base}?world={next(counter)}"
             result = await world.fetch_via_pop(client_name, pop, path)
@@ -263,9 +265,14 @@ async def observe(world: World, fault: Fault, window: float) -> Timeline:
             bad = [o.at for o in observed if o.bad]
             end = max(window, (max(bad) if bad else 0.0) + QUIET)
     finally:
-        for task in tasks:
+        # The loops see the flag at their next turn; cancelling is the backstop (a
+        # cancellation can be lost in 3.11's wait_for when its inner future completes).
+        running = False
+        _, late = await asyncio.wait(tasks, timeout=6.0)
+        for task in late:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if late:
+            await asyncio.wait(late, timeout=2.0)
     log.info("world_fault_watched", fault=fault.name, observations=len(observed))
     await fault.restore()
     log.info("world_fault_restored", fault=fault.name)

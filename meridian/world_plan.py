@@ -216,6 +216,23 @@ def build_plan(
     if problems:
         raise ConfigError(problems)
 
+    longest = max(
+        (
+            distance_km(p.location.lat, p.location.lon, r.location.lat, r.location.lon)
+            for p in config.pops
+            for r in config.regions
+        ),
+        default=0.0,
+    )
+    fresh = 4 * one_way_delay(longest, section.wan)  # a new connection: two round trips
+    if config.health.timeout <= fresh:
+        raise ConfigError(
+            [
+                f"{source}: health.timeout: {config.health.timeout:g}s is shorter than a check"
+                f" over a new connection on the longest POP-region link ({fresh:.2f}s): every"
+                " far region would look down"
+            ]
+        )
     regions = tuple(
         RegionPlan(r.name, HostPort(_loopback(r.addresses), port()), r.residency)
         for r in config.regions
