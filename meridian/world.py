@@ -412,7 +412,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(world: World, args: argparse.Namespace) -> int:
-    from meridian.world_faults import FAULTS, format_timeline, run_faults
+    from meridian.world_faults import FAULTS, budgets, format_timeline, run_faults
 
     plan = world.plan
     started = time.monotonic()
@@ -439,7 +439,13 @@ async def _main(world: World, args: argparse.Namespace) -> int:
                 return 2
             timeline = await run_faults(world, wanted or list(FAULTS), print_progress=True)
             print("\nfailover timeline (seconds after the fault):")
-            print(format_timeline(timeline))
+            print(format_timeline(timeline, budgets(world)))
+            ttl = plan.topology.dns.ttl
+            print(
+                f"(budget: worst-case detection at these settings, until new answers avoid"
+                f" the POP; a resolver may keep an answer it cached before for up to the"
+                f" TTL, {ttl:g}s, more)"
+            )
         if args.stay:
             print("\nThe world runs; Ctrl-C stops every process.", flush=True)
             await asyncio.Event().wait()

@@ -297,7 +297,14 @@ async def run_faults(
     return timelines
 
 
-def format_timeline(timelines: Sequence[Timeline]) -> str:
+def budgets(world: World) -> dict[str, float]:
+    """Per fault that GeoDNS must route around: the detection budget at the world's settings
+    (``geodns.budget``'s two paths: the POP's process gone, its edge's regions gone)."""
+    found = detection(world.plan.topology.health)
+    return {"pop-killed": found.worst, "pop-regions-down": found.worst + found.refused}
+
+
+def format_timeline(timelines: Sequence[Timeline], budget: dict[str, float] | None = None) -> str:
     def at(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}"
 
@@ -311,7 +318,7 @@ def format_timeline(timelines: Sequence[Timeline]) -> str:
             f"{t.fault:<19}{at(t.last_bad_answer):>9}{at(t.first_good_answer):>9}"
             f"{f'{t.bad_answers}/{t.answers}':>12}{at(t.last_failed_request):>10}"
             f"{at(t.first_good_request):>9}{f'{t.failed_requests}/{t.requests}':>13}"
-            f"{t.recovery:>9.2f}"
+            f"{t.recovery:>9.2f}" + _verdict(t, (budget or {}).get(t.fault))
         )
     lines.append("")
     for t in timelines:
@@ -322,11 +329,20 @@ def format_timeline(timelines: Sequence[Timeline]) -> str:
     return "\n".join(lines)
 
 
+def _verdict(timeline: Timeline, budget: float | None) -> str:
+    if budget is None:
+        return ""
+    last = timeline.last_bad_answer or 0.0
+    verdict = "within" if last <= budget else "OVER"
+    return f"  answers {verdict} budget {budget:.1f}"
+
+
 __all__ = [
     "FAULTS",
     "Fault",
     "Observation",
     "Timeline",
+    "budgets",
     "format_timeline",
     "observe",
     "plan_faults",
