@@ -449,7 +449,7 @@ async def _main(world: World, args: argparse.Namespace) -> int:
         if args.stay:
             print("\nThe world runs; Ctrl-C stops every process.", flush=True)
             await asyncio.Event().wait()
-    return 0
+    return 130 if world.stopped_by_signal else 0
 
 
 @contextlib.contextmanager
