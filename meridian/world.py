@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import shutil
 import signal
+import ssl
 import statistics
 import sys
 import tempfile
@@ -58,8 +59,10 @@ def load_plan(
     pops: Sequence[str] = (),
     health: Mapping[str, Any] | None = None,
     ttl: float | None = None,
+    with_tls: bool = True,
 ) -> WorldPlan:
-    """Read a world file (default: the embedded one) and plan it; ConfigError when bad."""
+    """Read a world file (default: the embedded one) and plan it; ConfigError when bad.
+    ``with_tls``: every POP's edge also listens with TLS (a certificate made now)."""
     from meridian.ports import free_port
 
     source = path or packaged_world()
@@ -73,6 +76,7 @@ def load_plan(
         topology = yaml.safe_load(topology_file.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError([f"{source}: topology: cannot read {topology_file}: {exc}"]) from None
+    tls = _certificate(topology) if with_tls else None
     geo = (topology.get("geo") or {}) if isinstance(topology, dict) else {}
     locator = GeoLocator(GeoConfig(database=str(geo.get("database", "builtin"))), Location(0, 0))
     try:
@@ -90,9 +94,26 @@ def load_plan(
             port=free_port,
             health=health,
             ttl=ttl,
+            tls=tls,
         )
+    except BaseException:
+        if tls is not None:
+            shutil.rmtree(Path(tls[2]).parent, ignore_errors=True)
+        raise
     finally:
         locator.close()
+
+
+def _certificate(topology: object) -> tuple[str, str, str]:
+    """A throwaway CA and a certificate for the zone's names, in a directory of its own
+    (removed with the world)."""
+    from meridian.certs import issue_demo_certificate
+
+    dns = topology.get("dns") if isinstance(topology, dict) else None
+    zone = str((dns or {}).get("zone", "meridian.test")).rstrip(".")
+    directory = Path(tempfile.mkdtemp(prefix="meridian-world-tls-"))
+    made = issue_demo_certificate(directory, [f"*.{zone}", zone], ["127.0.0.1"])
+    return str(made.cert), str(made.key), str(made.ca)
 
 
 class World:
@@ -105,6 +126,7 @@ class World:
         self.supervisor = Supervisor()
         self._poller: asyncio.Task[None] | None = None
         self.stopped_by_signal = False
+        self._tls: ssl.SSLContext | None = None
 
     # ------------------------------------------------------------------------- processes
 
@@ -208,6 +230,8 @@ class World:
             self._poller = None
         self.supervisor.stop(timeout=5.0)
         shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.plan.ca is not None:
+            shutil.rmtree(Path(self.plan.ca).parent, ignore_errors=True)
 
     # ---------------------------------------------------------------------------- faults
 
@@ -271,6 +295,14 @@ class World:
         link = self.plan.link(client_tag(client), pop)
         return await fetch(link.listen, self.plan.fqdn, path or self.plan.section.path)
 
+    async def fetch_via_pop_tls(self, client: str, pop: str) -> Fetch:
+        """Over TLS (a full handshake: a new connection, no session resumption)."""
+        assert self.plan.ca is not None, "the world was planned without TLS"
+        if self._tls is None:
+            self._tls = ssl.create_default_context(cafile=self.plan.ca)
+        link = self.plan.link(client_tag(client), pop, tls=True)
+        return await fetch(link.listen, self.plan.fqdn, self.plan.section.path, tls=self._tls)
+
     async def fetch_direct(self, client: str, region: str) -> Fetch:
         link = self.plan.link(client_tag(client), region)
         return await fetch(link.listen, self.plan.fqdn, self.plan.section.path)
@@ -288,10 +320,14 @@ class World:
             await asyncio.sleep(0.2)
 
 
-async def ttfb_median(world: World, client: str, where: str, direct: bool, n: int) -> Fetch:
+async def ttfb_median(world: World, client: str, where: str, how: str, n: int) -> Fetch:
     """The median time to first byte of ``n`` fetches over fresh connections (after one to
-    warm the cache), as a Fetch; not ok when any failed."""
-    get = world.fetch_direct if direct else world.fetch_via_pop
+    warm the cache), as a Fetch; not ok when any failed.  ``how``: pop, tls or direct."""
+    get = {
+        "pop": world.fetch_via_pop,
+        "tls": world.fetch_via_pop_tls,
+        "direct": world.fetch_direct,
+    }[how]
     await get(client, where)
     results = [await get(client, where) for _ in range(n)]
     good = [r.ttfb for r in results if r.ok and r.ttfb is not None]
@@ -320,23 +356,28 @@ def format_landing(world: World, answers: Mapping[str, Mapping[str, str | None]]
 
 async def latency_table(world: World, samples: int = 5) -> str:
     plan = world.plan
+    tls = plan.ca is not None
     header = (
-        f"{'client':<7}{'via POP':<9}{'TTFB':>9}   {'direct to':<14}{'TTFB':>9}   {'faster':>7}"
+        f"{'client':<7}{'via POP':<9}{'TTFB':>9}{'TLS' if tls else '':>10}   {'direct to':<14}"
+        f"{'TTFB':>9}   {'faster':>7}"
     )
     lines = [header]
     for client in plan.clients:
         (landed, _) = await world.ask(client.name, client.nearest_pop)
         pop = landed or client.nearest_pop
-        via = await ttfb_median(world, client.name, pop, False, samples)
-        direct = await ttfb_median(world, client.name, client.nearest_region, True, samples)
+        via = await ttfb_median(world, client.name, pop, "pop", samples)
+        secure = await ttfb_median(world, client.name, pop, "tls", samples) if tls else None
+        direct = await ttfb_median(world, client.name, client.nearest_region, "direct", samples)
         lines.append(
-            f"{client.name:<7}{pop:<9}{_ms(via):>9}   {client.nearest_region:<14}"
-            f"{_ms(direct):>9}   "
+            f"{client.name:<7}{pop:<9}{_ms(via):>9}{_ms(secure) if secure else '':>10}   "
+            f"{client.nearest_region:<14}{_ms(direct):>9}   "
             + (f"{direct.ttfb / via.ttfb:6.1f}x" if via.ttfb and direct.ttfb else f"{'-':>7}")
         )
     lines.append(
-        f"(median of {samples} GETs of {plan.section.path}, each over a new TCP connection,"
-        " after one that warms the POP's cache; the origin's answer is never cached)"
+        f"(median of {samples} GETs of {plan.section.path}, each over a new TCP connection"
+        + (" (TLS: a full handshake each)" if tls else "")
+        + ", after one that warms the POP's cache; the origin (plain HTTP) caches nothing;"
+        " faster: direct / via POP)"
     )
     return "\n".join(lines)
 

@@ -80,6 +80,8 @@ class Link:
     target: HostPort
     #: One-way seconds, each direction.
     delay: float
+    #: To the POP's TLS listener (its plaintext one otherwise).
+    tls: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +95,8 @@ class PopPlan:
     residency: str | None
     #: This POP's config (YAML data), ready to write.
     config: dict[str, Any]
+    #: The edge's TLS listener, when the world has a certificate.
+    tls: HostPort | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +129,8 @@ class WorldPlan:
     clients: tuple[ClientPlan, ...]
     links: tuple[Link, ...]
     relay_control: HostPort
+    #: The CA clients trust for the POPs' TLS listeners, if they have them.
+    ca: str | None = None
 
     def pop(self, name: str) -> PopPlan:
         return next(p for p in self.pops if p.name == name)
@@ -135,8 +141,8 @@ class WorldPlan:
     def client(self, name: str) -> ClientPlan:
         return next(c for c in self.clients if c.name == name)
 
-    def link(self, src: str, dst: str) -> Link:
-        return next(k for k in self.links if k.src == src and k.dst == dst)
+    def link(self, src: str, dst: str, *, tls: bool = False) -> Link:
+        return next(k for k in self.links if k.src == src and k.dst == dst and k.tls == tls)
 
     @property
     def fqdn(self) -> str:
@@ -183,9 +189,11 @@ def build_plan(
     port: Callable[[], int],
     health: Mapping[str, Any] | None = None,
     ttl: float | None = None,
+    tls: tuple[str, str, str] | None = None,
 ) -> WorldPlan:
     """The whole world: ``pops`` picks a subset (all when empty), ``health`` overrides the
-    topology's health settings and ``ttl`` the DNS TTL (with ``min_ttl`` no larger)."""
+    topology's health settings and ``ttl`` the DNS TTL (with ``min_ttl`` no larger); ``tls``
+    (certificate, key, CA files) gives every POP's edge a TLS listener with that certificate."""
     data = copy.deepcopy(topology)
     all_pops: dict[str, Any] = dict(data.get("pops") or {})
     chosen = list(pops) or list(all_pops)
@@ -241,10 +249,13 @@ def build_plan(
     region_places = {r.name: r.location for r in config.regions}
     links: list[Link] = []
 
-    def add_link(src: str, src_at: tuple[float, float], dst: str, target: HostPort) -> Link:
+    def add_link(
+        src: str, src_at: tuple[float, float], dst: str, target: HostPort, tls: bool = False
+    ) -> Link:
         dst_loc = pop_places.get(dst) or region_places[dst]
         km = distance_km(src_at[0], src_at[1], dst_loc.lat, dst_loc.lon)
-        link = Link(src, dst, HostPort(target.host, port()), target, one_way_delay(km, section.wan))
+        delay = one_way_delay(km, section.wan)
+        link = Link(src, dst, HostPort(target.host, port()), target, delay, tls)
         links.append(link)
         return link
 
@@ -252,14 +263,20 @@ def build_plan(
     listeners = {
         p.name: {
             key: HostPort(_loopback(p.addresses), port())
-            for key in ("edge", "edge_admin", "dns", "dns_admin")
+            for key in ("edge", "edge_admin", "dns", "dns_admin", *(("tls",) if tls else ()))
         }
         for p in config.pops
     }
     for pop in config.pops:
         ours = listeners[pop.name]
         pop_data = copy.deepcopy(data)
-        pop_data["listeners"] = {key: str(value) for key, value in ours.items()}
+        pop_data["listeners"] = {key: str(v) for key, v in ours.items() if key != "tls"}
+        if tls is not None:
+            cert, key_file, _ = tls
+            pop_data["edge"]["tls"] = {
+                "listen": str(ours["tls"]),
+                "certificates": [{"cert": cert, "key": key_file}],
+            }
         for region in regions:
             link = add_link(
                 pop.name, (pop.location.lat, pop.location.lon), region.name, region.origin
@@ -280,6 +297,7 @@ def build_plan(
                 ours["dns_admin"],
                 pop.residency,
                 pop_data,
+                ours.get("tls"),
             )
         )
 
@@ -296,6 +314,8 @@ def build_plan(
         at = (place.lat, place.lon)
         for pop in config.pops:
             add_link(client_tag(spec.name), at, pop.name, listeners[pop.name]["edge"])
+            if tls is not None:
+                add_link(client_tag(spec.name), at, pop.name, listeners[pop.name]["tls"], True)
         for region in regions:
             add_link(client_tag(spec.name), at, region.name, region.origin)
         rule = config.residency_zone_for(place.country, place.continent)
@@ -328,6 +348,7 @@ def build_plan(
         tuple(clients),
         tuple(links),
         HostPort("127.0.0.1", port()),
+        tls[2] if tls is not None else None,
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -66,13 +67,25 @@ class Fetch:
     error: str | None = None
 
 
-async def fetch(target: HostPort, host: str, path: str, within: float = 5.0) -> Fetch:
-    """GET ``path`` over a new connection to ``target`` (``Host: host``), closing it after."""
+async def fetch(
+    target: HostPort,
+    host: str,
+    path: str,
+    within: float = 5.0,
+    tls: ssl.SSLContext | None = None,
+) -> Fetch:
+    """GET ``path`` over a new connection to ``target`` (``Host: host``), closing it after;
+    over TLS with ``tls`` (SNI ``host``)."""
     started = time.perf_counter()
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(within):
-            reader, writer = await asyncio.open_connection(target.host, target.port)
+            reader, writer = await asyncio.open_connection(
+                target.host,
+                target.port,
+                ssl=tls,
+                server_hostname=host if tls is not None else None,
+            )
             writer.write(
                 f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: meridian-world\r\n"
                 "Connection: close\r\n\r\n".encode()

@@ -6,11 +6,13 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import signal
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from meridian.certs import issue_demo_certificate
 from meridian.config import ConfigError, IPNetwork
 from meridian.demo import packaged_demo_config
 from meridian.geo import distance_km
@@ -174,3 +176,17 @@ def test_a_retired_child_is_signalled_by_pid_and_never_replaced() -> None:
     assert policy.pids() == [] and policy.tick(100.0) == []
     # The slot may be started again (a restored region).
     assert policy.add("origin us-east", False, 2.0) == [Spawn("origin us-east", "start")]
+
+
+def test_with_a_certificate_every_edge_listens_with_tls_and_clients_have_a_link_to_it(
+    tmp_path: Path,
+) -> None:
+    made = issue_demo_certificate(tmp_path, ["*.meridian.test"], ["127.0.0.1"])
+    world = plan(tls=(str(made.cert), str(made.key), str(made.ca)))
+    assert world.ca == str(made.ca)
+    for pop in world.pops:
+        assert pop.tls is not None and pop.tls.host == pop.address
+        assert pop.config["edge"]["tls"]["listen"] == str(pop.tls)
+        link = world.link(client_tag("BR"), pop.name, tls=True)
+        assert link.target == pop.tls
+        assert link.delay == world.link(client_tag("BR"), pop.name).delay
