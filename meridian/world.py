@@ -429,8 +429,17 @@ def health_overrides(interval: str | None, fall: int | None) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from meridian.units import parse_duration
+    from meridian.world_faults import FAULTS
 
     pops = [p.strip() for p in args.pops.split(",") if p.strip()]
+    args.fault_names = [f.strip() for f in args.faults.split(",") if f.strip()] or list(FAULTS)
+    unknown = [f for f in args.fault_names if f not in FAULTS]
+    if unknown:
+        print(
+            f"meridian world: --faults: unknown fault {unknown[0]!r} (known: {', '.join(FAULTS)})",
+            file=sys.stderr,
+        )
+        return 2
     try:
         plan = load_plan(
             Path(args.config) if args.config else None,
@@ -453,7 +462,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(world: World, args: argparse.Namespace) -> int:
-    from meridian.world_faults import FAULTS, budgets, format_timeline, run_faults
+    from meridian.world_faults import budgets, format_timeline, run_faults
 
     plan = world.plan
     started = time.monotonic()
@@ -473,12 +482,7 @@ async def _main(world: World, args: argparse.Namespace) -> int:
         print("\ntime to first byte, fresh TCP connections:")
         print(await latency_table(world, 5 if args.report else 3), flush=True)
         if args.report:
-            wanted = [f.strip() for f in args.faults.split(",") if f.strip()]
-            unknown = [f for f in wanted if f not in FAULTS]
-            if unknown:
-                print(f"meridian world: --faults: unknown fault {unknown[0]!r}", file=sys.stderr)
-                return 2
-            timeline = await run_faults(world, wanted or list(FAULTS), print_progress=True)
+            timeline = await run_faults(world, args.fault_names, print_progress=True)
             print("\nfailover timeline (seconds after the fault):")
             print(format_timeline(timeline, budgets(world)))
             ttl = plan.topology.dns.ttl
