@@ -2,8 +2,8 @@
 addresses), clients in BR, DE, US, SG and AU, the WAN as a delaying relay; every process
 started by the test through ``meridian world``'s own code and stopped by PID.
 
-Health checks every 0.5 s (fall 2) so that the faults settle in seconds; the budgets asserted
-are the ones GeoDNS exports for these settings (``geodns.budget``)."""
+Health checks every 1 s (fast 0.5 s, fall 2) so that the faults settle in seconds; the budgets
+asserted are the ones GeoDNS exports for these settings (``geodns.budget``)."""
 
 from __future__ import annotations
 
