@@ -151,3 +151,30 @@ def test_the_budget_adds_the_ttl_and_for_a_service_name_the_edges_detection(
 def test_explain_takes_a_pops_readiness_from_the_status_view(config: Config) -> None:
     text = explain(config, "200.160.2.1", BR, StaticHealth({"gru/market": False}), ["api"])
     assert "pop gru" in text and "=> answer 127.0.1.1" in text  # iad, gru skipped
+
+
+def test_each_names_budget_is_a_metric_and_follows_reloads(config: Config) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from geodns.server import DnsMetrics
+
+    registry = CollectorRegistry()
+    metrics = DnsMetrics(registry)
+    metrics.set_budgets(config)
+
+    def budget(name: str) -> float | None:
+        return registry.get_sample_value("meridian_dns_failover_budget_seconds", {"name": name})
+
+    assert budget("api.meridian.test.") == pytest.approx(62.8)
+    assert budget("plain.meridian.test.") == pytest.approx(47.4)
+    assert registry.get_sample_value(
+        "meridian_dns_failover_detection_seconds", {"name": "plain.meridian.test."}
+    ) == pytest.approx(17.4)
+    data = world_data()
+    del data["dns"]["names"]["plain"]
+    data["health"]["interval"] = 1
+    data["health"]["fast_interval"] = 1
+    data["health"]["timeout"] = 1
+    metrics.set_budgets(parse_config(data))
+    assert budget("plain.meridian.test.") is None  # the name is gone
+    assert budget("api.meridian.test.") == pytest.approx(4.3 + 3.3 + 30)
