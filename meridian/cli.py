@@ -46,7 +46,8 @@ def _summary(config: Config) -> str:
     )
     for n in dns.names:
         fqdn = dns.zone if n.name == "@" else f"{n.name}.{dns.zone}"
-        lines.append(f"  {fqdn:<28} -> nearest {n.answers} healthy {n.targets}")
+        ready = f" ready for service {n.service}" if n.service else ""
+        lines.append(f"  {fqdn:<28} -> nearest {n.answers} healthy {n.targets}{ready}")
     for rule in config.residency:
         who = ",".join(rule.countries[:6]) + ("..." if len(rule.countries) > 6 else "")
         if rule.continents:
