@@ -1,7 +1,8 @@
 """Observability: the edge's Prometheus metrics and the aiohttp admin listener.
 
 Endpoints: ``/metrics`` (Prometheus text), ``/healthz`` (the process answers; 503 while
-draining), ``/readyz`` (at least one region up in the health snapshot), ``/status`` (JSON),
+draining), ``/readyz`` (at least one region up in the health snapshot), ``/readyz/<service>``
+(a region of that service up: what GeoDNS checks per name), ``/status`` (JSON),
 ``/`` (the live status page: ``/status/events`` pushes the JSON every ``SAMPLE_EVERY`` seconds and
 at once on a health change) and ``/status/public`` (per service state, uptime and latency: HTML
 for browsers, JSON otherwise).  The pages are files of this package, inline CSS and JS only.
@@ -298,7 +299,10 @@ class AdminServer:
         draining: Callable[[], bool],
         peers: WorkerPeers | None = None,
         board: StatusBoard | None = None,
+        service_ready: Callable[[str], bool | None] | None = None,
     ) -> None:
+        """``service_ready(name)``: whether a healthy region serves that edge service (None
+        for a service the edge does not know), for ``/readyz/<service>``."""
         self.registry = registry
         self._status = status
         #: The public page's data; None serves it without uptime (a bare listener in tests).
@@ -307,6 +311,7 @@ class AdminServer:
         self._streams: set[asyncio.Event] = set()
         self._closing = False
         self._ready = ready
+        self._service_ready = service_ready
         self._draining = draining
         #: Worker 0 of ``--workers N``: /metrics and /status speak for every worker.
         self._peers = peers
@@ -314,6 +319,7 @@ class AdminServer:
         self.app.router.add_get("/metrics", self._metrics)
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/readyz", self._readyz)
+        self.app.router.add_get("/readyz/{service}", self._service_readyz)
         self.app.router.add_get("/status", self._status_handler)
         self.app.router.add_get("/", self._page)
         self.app.router.add_get("/status/events", self._events)
@@ -361,6 +367,18 @@ class AdminServer:
         if self._ready():
             return web.Response(text="ready\n")
         return web.Response(status=503, text="no region up\n")
+
+    async def _service_readyz(self, request: web.Request) -> web.Response:
+        """Ready for one service: GeoDNS stops answering this POP for the service's names
+        while this says 503 (its edge has no healthy region left for it)."""
+        if self._draining():
+            return web.Response(status=503, text="draining\n")
+        ready = self._service_ready(request.match_info["service"]) if self._service_ready else None
+        if ready is None:
+            return web.Response(status=404, text="no such service\n")
+        if ready:
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="no region up for the service\n")
 
     async def _document(self) -> dict[str, Any]:
         document = self._status()

@@ -146,6 +146,19 @@ def _status_board(pipeline: Pipeline, metrics: EdgeMetrics, health: HealthMonito
     )
 
 
+def _service_ready(pipeline: Pipeline, health: HealthMonitor) -> Callable[[str], bool | None]:
+    """``/readyz/<service>``: a region of the service is up (None: no route uses it)."""
+
+    def ready(name: str) -> bool | None:
+        regions = [t.regions for t in pipeline.state.router.targets if t.service.name == name]
+        if not regions:
+            return None
+        snapshot = health.snapshot
+        return any(snapshot.region_up(r) for group in regions for r in group)
+
+    return ready
+
+
 class EdgeWorker:
     """One event loop serving clients: the data plane, the health monitor, the admin listener."""
 
@@ -336,6 +349,7 @@ class EdgeWorker:
                 registry,
                 status=status,
                 ready=region_ready,
+                service_ready=_service_ready(pipeline, health),
                 draining=lambda: connections.draining,
                 peers=peers,
                 board=board,

@@ -113,7 +113,10 @@ def run_explain(args: argparse.Namespace) -> int:
             print(f"meridian explain: cannot read {url}: {exc}", file=sys.stderr)
             return 1
         health = status.get("health", {})
-        pops = {n: bool(v.get("up")) for n, v in health.get("pops", {}).items()}
+        for pop_name, pop_state in health.get("pops", {}).items():
+            pops[pop_name] = bool(pop_state.get("up"))
+            for service, ready in (pop_state.get("services") or {}).items():
+                pops[f"{pop_name}/{service}"] = bool(ready)
         regions = {n: bool(v.get("up")) for n, v in health.get("regions", {}).items()}
         source = f"from {url} (health generation {status.get('health_generation')})"
     for name in args.down:

@@ -7,6 +7,7 @@ import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from geodns.budget import failover_budget
 from geodns.selection import HealthView, select
 from geodns.zone import GeoName, Zone
 from meridian.config import Config
@@ -23,6 +24,9 @@ class StaticHealth:
 
     def pop_up(self, name: str) -> bool:
         return self.pops.get(name, True)
+
+    def pop_serves(self, pop: str, service: str) -> bool:
+        return self.pops.get(f"{pop}/{service}", True)
 
     def region_up(self, name: str) -> bool:
         return self.regions.get(name, True)
@@ -72,6 +76,8 @@ def explain(
     lines.append(f"health: {health_source}")
     chosen_names = _names(zone, names)
     for geo in chosen_names:
+        lines.append("")
+        lines.append(f"{geo.fqdn} {failover_budget(config, geo).describe()}")
         for family, rdtype in ((4, "A"), (6, "AAAA")):
             selection = select(config, geo, family, location, health)
             lines.append("")

@@ -29,6 +29,8 @@ class HealthView(Protocol):
 
     def pop_up(self, name: str) -> bool: ...
 
+    def pop_serves(self, pop: str, service: str) -> bool: ...
+
     def region_up(self, name: str) -> bool: ...
 
     def ttl_hint(self, target: str) -> float | None: ...
@@ -65,7 +67,13 @@ class Selection:
 
 
 def is_up(target: Target, health: HealthView) -> bool:
-    return health.pop_up(target.name) if target.kind == "pop" else health.region_up(target.name)
+    """A region: enough of its backends are usable.  A POP: its edge answers and, for a name
+    that serves an edge service, the edge has a healthy region for that service."""
+    if target.kind != "pop":
+        return health.region_up(target.name)
+    if not health.pop_up(target.name):
+        return False
+    return target.service is None or health.pop_serves(target.name, target.service)
 
 
 def select(

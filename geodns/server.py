@@ -34,6 +34,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from geodns.budget import failover_budget
 from geodns.ratelimit import ComputeBudget, ResponseRateLimiter, Verdict
 from geodns.responder import (
     MEMO_LIMIT,
@@ -143,7 +144,29 @@ class DnsMetrics:
         self.reloads = Counter(
             "meridian_dns_reloads", "Reload attempts", ["result"], registry=registry
         )
+        self.failover_budget = Gauge(
+            "meridian_dns_failover_budget_seconds",
+            "Worst case from a target's death until no client is sent there: health "
+            "detection at the current settings plus the name's TTL (geodns.budget).",
+            ["name"],
+            registry=registry,
+        )
+        self.failover_detection = Gauge(
+            "meridian_dns_failover_detection_seconds",
+            "Worst case from a target's death until new answers avoid it.",
+            ["name"],
+            registry=registry,
+        )
         registry.register(_TallyCollector(self))
+
+    def set_budgets(self, config: Config) -> None:
+        """One gauge per geo name of ``config`` (names gone since the last call removed)."""
+        self.failover_budget.clear()
+        self.failover_detection.clear()
+        for geo in Zone.build(config).geo_names.values():
+            budget = failover_budget(config, geo)
+            self.failover_budget.labels(geo.fqdn).set(budget.seconds)
+            self.failover_detection.labels(geo.fqdn).set(budget.detection)
 
     def slot(self, transport: str, info: ReplyInfo, country: str | None = None) -> int:
         """The slot of this kind of reply (created on first use)."""
@@ -479,6 +502,7 @@ class DnsServer:
         loop = asyncio.get_running_loop()
         await self.monitor.start()
         self.metrics.config_generation.set(self.holder.generation)
+        self.metrics.set_budgets(self.holder.current)
         if self.sockets is not None:
             udp_socket = self.sockets.udp
             receive_buffer, send_buffer = self.sockets.buffers
@@ -621,6 +645,7 @@ class DnsServer:
         old.locator.close()
         self.monitor.update_config(config)
         self.metrics.config_generation.set(generation)
+        self.metrics.set_budgets(config)
         self.metrics.reloads.labels("ok").inc()
         log.info("dns_reloaded", generation=generation, geo_database=str(pending.locator.path))
 

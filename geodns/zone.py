@@ -26,8 +26,12 @@ class Target:
     location: Location
     addresses: tuple[IPAddress, ...]
     residency: str | None
-    #: Keys the health engine gives TTL hints for ("pop:NAME", or a region's backend URLs).
+    #: Keys the health engine gives TTL hints for ("pop:NAME", "pop:NAME/SERVICE", or a
+    #: region's backend URLs).
     hint_keys: tuple[str, ...]
+    #: The edge service the name serves: a POP is up for it only while its edge is ready for
+    #: the service (cross-layer health), not merely while the process answers.
+    service: str | None = None
 
     def addresses_of(self, family: int) -> tuple[IPAddress, ...]:
         return tuple(a for a in self.addresses if a.version == family)
@@ -154,9 +158,18 @@ class Zone:
 
 def _targets(config: Config, spec: DnsName) -> tuple[Target, ...]:
     if spec.targets == "pops":
+        service = spec.service
         return tuple(
             Target(
-                "pop", pop.name, pop.location, pop.addresses, pop.residency, (f"pop:{pop.name}",)
+                "pop",
+                pop.name,
+                pop.location,
+                pop.addresses,
+                pop.residency,
+                (f"pop:{pop.name}",)
+                if service is None
+                else (f"pop:{pop.name}", f"pop:{pop.name}/{service}"),
+                service,
             )
             for pop in config.pops
             if not spec.candidates or pop.name in spec.candidates

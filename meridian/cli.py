@@ -46,7 +46,8 @@ def _summary(config: Config) -> str:
     )
     for n in dns.names:
         fqdn = dns.zone if n.name == "@" else f"{n.name}.{dns.zone}"
-        lines.append(f"  {fqdn:<28} -> nearest {n.answers} healthy {n.targets}")
+        ready = f" ready for service {n.service}" if n.service else ""
+        lines.append(f"  {fqdn:<28} -> nearest {n.answers} healthy {n.targets}{ready}")
     for rule in config.residency:
         who = ",".join(rule.countries[:6]) + ("..." if len(rule.countries) > 6 else "")
         if rule.continents:
@@ -187,6 +188,10 @@ SUBCOMMANDS: dict[
         *_delegate("meridian.serve", "add_arguments", "run", 5),
     ),
     "demo": ("start sample origins, the edge and GeoDNS on loopback", _demo_add, _demo_run),
+    "world": (
+        "run many POPs, regions and clients on loopback and measure what the clients see",
+        *_delegate("meridian.world", "add_arguments", "run", 16),
+    ),
     "explain": (
         "show how GeoDNS answers one client, step by step",
         *_delegate("geodns.cli", "add_explain_arguments", "run_explain", 4),

@@ -17,7 +17,7 @@ import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 import yaml
@@ -26,6 +26,7 @@ from meridian.units import parse_duration, parse_rate, parse_size
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+T = TypeVar("T")
 
 
 class ConfigError(Exception):
@@ -173,6 +174,10 @@ class Pop:
     #: Where GeoDNS checks this POP's edge; none means the POP is assumed up.
     health_url: Url | None = None
     residency: str | None = None
+    #: The edge's per-service readiness (``http://ADMIN/readyz``): GeoDNS checks
+    #: ``<ready_url>/<service>`` for each name with a ``service``, and does not answer this POP
+    #: for the name while its edge has no healthy region for that service.
+    ready_url: Url | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +239,9 @@ class DnsName:
     ttl: Duration | None = None
     #: Restrict to these POPs/regions; empty means all of the kind.
     candidates: tuple[str, ...] = ()
+    #: The edge service this name serves (POP names): a POP whose edge is not ready for it
+    #: (``pops.*.ready_url``) is down for this name.
+    service: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -943,6 +951,14 @@ def _semantic_problems(config: Config) -> list[str]:
 
     edge = config.edge
     service_names = {s.name for s in edge.services}
+    for dns_name in dns.names:
+        if dns_name.service is None:
+            continue
+        where = f"dns.names.{dns_name.name}.service"
+        if dns_name.targets != "pops":
+            problems.append(f"{where}: only a name that targets pops serves an edge service")
+        elif dns_name.service not in service_names:
+            problems.append(f"{where}: unknown edge service {dns_name.service!r}")
     for service in edge.services:
         where = f"edge.services.{service.name}"
         for i, name in enumerate(service.regions):
@@ -1250,6 +1266,17 @@ def parse_config(data: object, source: str = "<memory>") -> Config:
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
     return dataclasses.replace(config, source=source)
+
+
+def parse_section(cls: type[T], data: object, source: str, where: str) -> T:
+    """Load one frozen dataclass of another file's section (``meridian world``'s ``world:``)
+    with the loader and the error lines of the config: one line per problem."""
+    loader = _Loader()
+    value = loader.load(cls, data, where)
+    if value is _MISSING or loader.problems:
+        raise ConfigError([f"{source}: {p}" for p in loader.problems])
+    assert isinstance(value, cls)
+    return value
 
 
 def load_config(path: str | Path) -> Config:

@@ -296,23 +296,44 @@ class Supervisor:
 
     def _loop(self, until: float | None) -> None:
         while not self.policy.finished:
-            now = self.clock()
-            if until is not None and not self.policy.stopping and now >= until:
-                self._perform(self.policy.stop(now, 0, "run time over"))
-                continue
-            wake = self.policy.wakeup()
-            if until is not None and not self.policy.stopping:
-                wake = min(wake, until)
-            if self.watch is not None and not self.policy.stopping:
-                wake = min(wake, self.watch.due)
-            # At most a second: a safety net should a SIGCHLD ever go unseen.
-            timeout = 1.0 if math.isinf(wake) else min(max(0.0, wake - now), 1.0)
-            for key, _ in self._selector.select(timeout):
-                key.data()
-            self._handle_signals()
-            self._look_at_config()
-            self._reap()
-            self._perform(self.policy.tick(self.clock()))
+            self._turn(until, 1.0)
+
+    def _turn(self, until: float | None, longest: float) -> None:
+        """One pass: wait for an event (at most ``longest`` seconds), then signals, config,
+        exits and deadlines."""
+        now = self.clock()
+        if until is not None and not self.policy.stopping and now >= until:
+            self._perform(self.policy.stop(now, 0, "run time over"))
+            return
+        wake = self.policy.wakeup()
+        if until is not None and not self.policy.stopping:
+            wake = min(wake, until)
+        if self.watch is not None and not self.policy.stopping:
+            wake = min(wake, self.watch.due)
+        # At most ``longest`` (a second in run()): a safety net should a SIGCHLD go unseen.
+        timeout = longest if math.isinf(wake) else min(max(0.0, wake - now), longest)
+        for key, _ in self._selector.select(timeout):
+            key.data()
+        self._handle_signals()
+        self._look_at_config()
+        self._reap()
+        self._perform(self.policy.tick(self.clock()))
+
+    def poll(self) -> bool:
+        """One pass that does not block, for a caller that runs its own loop (``meridian
+        world`` calls it a few times a second).  False once stopping (a signal) or finished."""
+        if not self.policy.finished:
+            self._turn(None, 0.0)
+        return not self.policy.stopping and not self.policy.finished
+
+    def retire(self, name: str, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Stop child ``name`` for good (not replaced), by PID; see ``Policy.retire``."""
+        self._perform(self.policy.retire(name, self.clock(), sig))
+        self._reap()
+
+    def pid_of(self, name: str) -> int | None:
+        child = self.policy.children.get(name)
+        return child.pid if child is not None else None
 
     def _drain_wakeups(self) -> None:
         with contextlib.suppress(OSError):

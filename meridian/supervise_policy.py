@@ -327,6 +327,19 @@ class Policy:
             return [Spawn(child.name, f"replacing pid {pid} ({was})")]
         return []
 
+    def retire(
+        self, name: str, now: float, sig: signal.Signals = signal.SIGTERM, reason: str = "retired"
+    ) -> list[Action]:
+        """Remove slot ``name`` for good: its process (if any) gets ``sig`` and is not replaced
+        (SIGTERM drains, SIGKILL at the drain deadline; SIGKILL kills at once).  The name may be
+        added again later.  A fault injected on purpose (``meridian world``) looks like this."""
+        child = self.children.pop(name)
+        if child.pid is None or child.phase not in LIVE:
+            return self._finish_if_done()
+        killed = sig == signal.SIGKILL
+        self.retiring[child.pid] = Retiring(name, now + self.timing.drain, killed=killed)
+        return [Kill(name, child.pid, sig, reason)]
+
     def reloaded(self, generation: int, now: float) -> list[Action]:
         """A config generation was accepted: every live child is told to adopt it."""
         self.generation = generation

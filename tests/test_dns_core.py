@@ -44,6 +44,9 @@ class FakeHealth:
     def pop_up(self, name: str) -> bool:
         return name not in self.down
 
+    def pop_serves(self, pop: str, service: str) -> bool:
+        return f"{pop}/{service}" not in self.down
+
     def region_up(self, name: str) -> bool:
         return name not in self.down
 
@@ -575,6 +578,9 @@ class Ticking:
     generation: int = 7
 
     def pop_up(self, name: str) -> bool:
+        return True
+
+    def pop_serves(self, pop: str, service: str) -> bool:
         return True
 
     def region_up(self, name: str) -> bool:

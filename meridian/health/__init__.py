@@ -9,7 +9,7 @@
 
 from meridian.health.book import HealthBook, TargetInfo
 from meridian.health.monitor import HealthMonitor
-from meridian.health.snapshot import HealthSnapshot, pop_target
+from meridian.health.snapshot import HealthSnapshot, pop_service_target, pop_target
 from meridian.health.state import TRANSITIONS, Health, Signal, TargetHealth, Transition
 
 __all__ = [
@@ -22,5 +22,6 @@ __all__ = [
     "TargetHealth",
     "TargetInfo",
     "Transition",
+    "pop_service_target",
     "pop_target",
 ]

@@ -20,7 +20,7 @@ from typing import Literal
 
 from meridian.config import Config
 from meridian.health import state
-from meridian.health.snapshot import HealthSnapshot, pop_target
+from meridian.health.snapshot import HealthSnapshot, pop_service_target, pop_target
 from meridian.health.state import Health, TargetHealth, Transition
 
 TargetKind = Literal["backend", "pop"]
@@ -40,11 +40,14 @@ class TargetInfo:
     pop: str | None = None
     #: Whether this process runs active checks against it.
     probed: bool = True
+    #: For a POP's readiness for one edge service (``pop:NAME/SERVICE``): the service.
+    service: str | None = None
 
 
 def targets_of(config: Config, *, check_backends: bool, check_pops: bool) -> dict[str, TargetInfo]:
     """Every target of ``config``: all backends (passive detection needs them even unprobed) and,
-    when ``check_pops``, every POP with a ``health_url``."""
+    when ``check_pops``, every POP with a ``health_url``, and for every POP with a ``ready_url``
+    its readiness for each edge service a DNS name serves (``pop:NAME/SERVICE``)."""
     regions_of: dict[str, list[str]] = {}
     for region in config.regions:
         for url in region.backends:
@@ -58,6 +61,14 @@ def targets_of(config: Config, *, check_backends: bool, check_pops: bool) -> dic
             if pop.health_url is not None:
                 name = pop_target(pop.name)
                 targets[name] = TargetInfo(name, "pop", pop.health_url, pop=pop.name)
+        services = sorted({n.service for n in config.dns.names if n.service is not None})
+        for pop in config.pops:
+            if pop.ready_url is None:
+                continue
+            for service in services:
+                name = pop_service_target(pop.name, service)
+                url = f"{pop.ready_url.rstrip('/')}/{service}"
+                targets[name] = TargetInfo(name, "pop", url, pop=pop.name, service=service)
     return targets
 
 
@@ -217,6 +228,11 @@ class HealthBook:
             else:
                 usable[region.name] = healthy
         pop_health = {pop.name: usable_of.get(pop_target(pop.name), True) for pop in config.pops}
+        service_health = {
+            name: usable_of[name]
+            for name, info in self.targets.items()
+            if info.kind == "pop" and info.service is not None
+        }
         deadlines = {
             name: deadline for name in self.health if (deadline := self.deadline(name)) is not None
         }
@@ -225,6 +241,7 @@ class HealthBook:
             backend_health=backend_health,
             region_health=region_health,
             pop_health=pop_health,
+            pop_service_health=service_health,
             usable=usable,
             panic_regions=frozenset(panic),
             ejected_regions=frozenset(ejected),

@@ -225,6 +225,12 @@ class HealthMonitor:
             pop.name: {
                 "up": snapshot.pop_up(pop.name),
                 "checked": pop_target(pop.name) in self._book.targets,
+                # Per edge service: whether the POP's edge has a healthy region for it.
+                "services": {
+                    info.service: snapshot.pop_serves(pop.name, info.service)
+                    for info in self._book.targets.values()
+                    if info.pop == pop.name and info.service is not None
+                },
             }
             for pop in self._config.pops
         }

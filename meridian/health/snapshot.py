@@ -21,6 +21,11 @@ def pop_target(name: str) -> str:
     return POP_PREFIX + name
 
 
+def pop_service_target(pop: str, service: str) -> str:
+    """The target name of a POP edge's readiness for one service (``pop:fra/market``)."""
+    return f"{POP_PREFIX}{pop}/{service}"
+
+
 @dataclass(frozen=True, slots=True)
 class HealthSnapshot:
     """Who can serve, as of ``generation``.  Built by the health book; never mutated.
@@ -36,6 +41,9 @@ class HealthSnapshot:
     pop_health: Mapping[str, bool]
     #: Region -> backends to use, in config order: the usable ones, or all in panic mode.
     usable: Mapping[str, tuple[str, ...]]
+    #: ``pop:NAME/SERVICE`` -> whether that POP's edge has a healthy region for the service
+    #: (only the pairs this process checks; the others count as ready).
+    pop_service_health: Mapping[str, bool] = field(default_factory=dict)
     #: Regions whose healthy share is below the panic threshold.
     panic_regions: frozenset[str] = frozenset()
     #: Regions down only because traffic ejected backends (no active check failed enough):
@@ -54,6 +62,11 @@ class HealthSnapshot:
 
     def pop_up(self, name: str) -> bool:
         return self.pop_health.get(name, False)
+
+    def pop_serves(self, pop: str, service: str) -> bool:
+        """Whether ``pop``'s edge is ready for ``service`` (has a healthy region for it), as far
+        as this process checks it; a pair nobody checks counts as ready."""
+        return self.pop_service_health.get(pop_service_target(pop, service), True)
 
     def ejected_only(self, region: str) -> bool:
         """Down, but only through passive ejection: it would be up if its ejected backends
