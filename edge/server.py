@@ -159,6 +159,18 @@ def _service_ready(pipeline: Pipeline, health: HealthMonitor) -> Callable[[str],
     return ready
 
 
+def _pop_checker(pop: str) -> Callable[[Config, int], None]:
+    """A reload listener refusing a config in which this worker's POP is gone."""
+
+    def check(config: Config, generation: int) -> None:
+        try:
+            config.pop(pop)
+        except KeyError:
+            raise ConfigError([f"{config.source}: pops: POP {pop!r} is gone"]) from None
+
+    return check
+
+
 class EdgeWorker:
     """One event loop serving clients: the data plane, the health monitor, the admin listener."""
 
@@ -177,14 +189,6 @@ class EdgeWorker:
         self.link = link
         self.started = time.time()
 
-    def _check_pop(self, config: Config, generation: int) -> None:
-        try:
-            config.pop(self.options.pop)
-        except KeyError:
-            raise ConfigError(
-                [f"{config.source}: pops: POP {self.options.pop!r} is gone"]
-            ) from None
-
     async def serve(
         self,
         listen_sock: socket.socket | None,
@@ -194,7 +198,7 @@ class EdgeWorker:
         loop = asyncio.get_running_loop()
         config = self.holder.current
         pop = self.options.pop
-        self.holder.listeners.append(self._check_pop)
+        self.holder.listeners.append(_pop_checker(pop))
         registry = CollectorRegistry()
         metrics = EdgeMetrics(registry, pop=pop, latency_target=config.edge.latency_target)
         metrics.upstream_pool_limit.set(config.edge.pool_size)
