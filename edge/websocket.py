@@ -39,14 +39,12 @@ CLOSE_INTERNAL_ERROR = 1011
 _OPCODE_CLOSE = 0x8
 
 
-class TunnelServices(Protocol):
-    """What a tunnel reads from the worker's pipeline (``edge.pipeline.Pipeline``)."""
+class UpstreamServices(Protocol):
+    """What reaching an origin takes from the worker's pipeline (``edge.pipeline.Pipeline``):
+    the config in force, the health view, the walk's randomness and the connection pool."""
 
     @property
     def state(self) -> EdgeState: ...
-
-    @property
-    def metrics(self) -> EdgeMetrics: ...
 
     @property
     def health(self) -> HealthSource: ...
@@ -56,6 +54,13 @@ class TunnelServices(Protocol):
 
     @property
     def upstream(self) -> UpstreamPool: ...
+
+
+class TunnelServices(UpstreamServices, Protocol):
+    """What a tunnel reads from the worker's pipeline."""
+
+    @property
+    def metrics(self) -> EdgeMetrics: ...
 
     @property
     def limiter(self) -> Limiter: ...

@@ -14,15 +14,13 @@ subscriptions per channel (one per worker with subscribers to it).
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from edge.admin import EdgeMetrics
-from edge.exchange import HealthSource, ProxyRequest, RequestBody, ResponseSink
+from edge.exchange import ProxyRequest, RequestBody, ResponseSink
 from edge.http1 import error_response, header_value
-from edge.state import EdgeState
 from edge.streams.frames import accept_key, negotiate_deflate
 from edge.streams.hub import Hub
 from edge.streams.metrics import StreamMetrics
@@ -32,31 +30,18 @@ from edge.streams.snapshot import fetch_snapshot
 from edge.streams.sse import EventSession, event_params
 from edge.streams.stats import StreamStats
 from edge.streams.upstream import UpstreamLinks
-from edge.upstream import UpstreamPool
-from edge.websocket import TunnelHost
+from edge.websocket import TunnelHost, UpstreamServices
 from meridian.config import EdgeStreams
 
 #: Seconds between two hub sweeps (lingering channels, reloads).
 SWEEP_EVERY = 1.0
 
 
-class StreamServices(Protocol):
+class StreamServices(UpstreamServices, Protocol):
     """What the service reads from the worker's pipeline (``edge.pipeline.Pipeline``)."""
 
     @property
-    def state(self) -> EdgeState: ...
-
-    @property
     def metrics(self) -> EdgeMetrics: ...
-
-    @property
-    def health(self) -> HealthSource: ...
-
-    @property
-    def rng(self) -> random.Random: ...
-
-    @property
-    def upstream(self) -> UpstreamPool: ...
 
     async def handle(
         self, request: ProxyRequest, body: RequestBody | None, sink: ResponseSink

@@ -124,22 +124,85 @@ async def snapshot_then_stream(
     hub.start(sub, channel, seq)
 
 
-class StreamSession:
+class StreamClient:
+    """What every kind of stream client shares (``StreamSession``, ``sse.EventSession``): its
+    subscriber, its place in the hub, flow control, and the end: the closing bytes, then the
+    socket closed, aborted after ``CLOSE_GRACE`` if the client never lets go."""
+
+    __slots__ = ("abort_at", "closing", "host", "request", "service", "sub", "transport")
+
+    def __init__(
+        self,
+        service: Owner,
+        host: TunnelHost,
+        transport: asyncio.Transport,
+        request: ProxyRequest,
+        queue_limit: int,
+        kind: int,
+    ) -> None:
+        self.service = service
+        self.host = host
+        self.transport = transport
+        self.request = request
+        self.sub: Subscriber[Channel] = Subscriber(
+            transport.write,
+            self.close,
+            request.client_ip,
+            queue_limit,
+            service.stats,
+            kind=kind,
+            batch=service.batch,
+        )
+        self.closing = False
+        self.abort_at = 0.0
+
+    def closing_bytes(self, code: int, reason: str) -> bytes:
+        """What the client is sent last (a close frame, a close event)."""
+        raise NotImplementedError
+
+    def close(self, code: int, reason: str) -> None:
+        if self.closing:
+            return
+        self._leave_hub()
+        self.transport.write(self.closing_bytes(code, reason))
+        self.transport.close()
+        self.abort_at = self.host.loop.time() + CLOSE_GRACE
+
+    def _leave_hub(self) -> None:
+        self.closing = True
+        hub = self.service.hub
+        if hub is not None:
+            hub.remove(self.sub)
+        else:
+            self.sub.mark_closed()
+
+    def pause_upstream_reading(self) -> None:
+        self.sub.paused = True
+
+    def resume_upstream_reading(self) -> None:
+        if not self.closing:
+            self.sub.resume()
+
+    def client_lost(self) -> None:
+        if not self.closing:
+            self._leave_hub()
+        self.host.tunnels.discard(self)
+        self.service.closed(self)
+
+    def close_going_away(self) -> None:
+        self.close(CLOSE_SERVICE_RESTART, "service restart")
+
+    def ended(self, now: float) -> bool:
+        """For ``check_idle``: True when closing (the socket aborted once the grace is over)."""
+        if self.closing and now >= self.abort_at:
+            self.transport.abort()
+        return self.closing
+
+
+class StreamSession(StreamClient):
     """One client connection on the stream path (an ``edge.websocket.Upgraded``)."""
 
-    __slots__ = (
-        "abort_at",
-        "closing",
-        "extensions",
-        "frames",
-        "host",
-        "last_seen",
-        "ping_sent",
-        "request",
-        "service",
-        "sub",
-        "transport",
-    )
+    __slots__ = ("extensions", "frames", "last_seen", "ping_sent")
 
     def __init__(
         self,
@@ -151,24 +214,11 @@ class StreamSession:
         max_message: int,
         extensions: bytes | None = None,
     ) -> None:
-        self.service = service
-        self.host = host
-        self.transport = transport
-        self.request = request
+        kind = PLAIN if extensions is None else DEFLATE
+        super().__init__(service, host, transport, request, queue_limit, kind)
         #: The negotiated ``Sec-WebSocket-Extensions`` (permessage-deflate), if any.
         self.extensions = extensions
         self.frames = ClientFrames(max_message, deflate=extensions is not None)
-        self.sub: Subscriber[Channel] = Subscriber(
-            transport.write,
-            self.close,
-            request.client_ip,
-            queue_limit,
-            service.stats,
-            kind=PLAIN if extensions is None else DEFLATE,
-            batch=service.batch,
-        )
-        self.closing = False
-        self.abort_at = 0.0
         self.last_seen = host.loop.time()
         self.ping_sent = 0.0
 
@@ -270,26 +320,14 @@ class StreamSession:
 
     # -- flow control and endings -------------------------------------------------------------
 
-    def pause_upstream_reading(self) -> None:
-        self.sub.paused = True
-
-    def resume_upstream_reading(self) -> None:
-        if not self.closing:
-            self.sub.resume()
+    def closing_bytes(self, code: int, reason: str) -> bytes:
+        return close_frame(code, reason)
 
     def close(self, code: int, reason: str) -> None:
         """Close frame, then the socket (the server closes TCP first, RFC 6455 7.1.1)."""
         if self.closing:
             return
-        self.closing = True
-        hub = self.service.hub
-        if hub is not None:
-            hub.remove(self.sub)
-        else:
-            self.sub.mark_closed()
-        self.transport.write(close_frame(code, reason))
-        self.transport.close()
-        self.abort_at = self.host.loop.time() + CLOSE_GRACE
+        super().close(code, reason)
         if code not in (1000, CLOSE_SERVICE_RESTART):
             log.info(
                 "stream_closed",
@@ -299,24 +337,8 @@ class StreamSession:
                 request_id=self.request.request_id.decode("ascii", "replace"),
             )
 
-    def client_lost(self) -> None:
-        if not self.closing:
-            self.closing = True
-            hub = self.service.hub
-            if hub is not None:
-                hub.remove(self.sub)
-            else:
-                self.sub.mark_closed()
-        self.host.tunnels.discard(self)
-        self.service.closed(self)
-
-    def close_going_away(self) -> None:
-        self.close(CLOSE_SERVICE_RESTART, "service restart")
-
     def check_idle(self, now: float) -> None:
-        if self.closing:
-            if now >= self.abort_at:
-                self.transport.abort()
+        if self.ended(now):
             return
         keep_alive = self.service.keep_alive
         if self.ping_sent:

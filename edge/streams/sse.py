@@ -23,9 +23,8 @@ from urllib.parse import parse_qs
 from edge.exchange import ProxyRequest
 from edge.http1 import header_value
 from edge.streams.frames import CLOSE_SERVICE_RESTART, EVENTS, sse_event
-from edge.streams.hub import Channel, notify
-from edge.streams.queue import Subscriber
-from edge.streams.session import CLOSE_GRACE, WRITE_HIGH_WATER, Owner, snapshot_then_stream
+from edge.streams.hub import notify
+from edge.streams.session import WRITE_HIGH_WATER, Owner, StreamClient, snapshot_then_stream
 
 if TYPE_CHECKING:
     from edge.websocket import TunnelHost
@@ -75,20 +74,10 @@ def event_params(request: ProxyRequest) -> EventParams | str:
     return EventParams(channels[0], since, snapshot)
 
 
-class EventSession:
+class EventSession(StreamClient):
     """One Server-Sent Events client (an ``edge.websocket.Upgraded``)."""
 
-    __slots__ = (
-        "abort_at",
-        "closing",
-        "host",
-        "last_ping",
-        "received",
-        "request",
-        "service",
-        "sub",
-        "transport",
-    )
+    __slots__ = ("last_ping", "received")
 
     def __init__(
         self,
@@ -98,21 +87,7 @@ class EventSession:
         request: ProxyRequest,
         queue_limit: int,
     ) -> None:
-        self.service = service
-        self.host = host
-        self.transport = transport
-        self.request = request
-        self.sub: Subscriber[Channel] = Subscriber(
-            transport.write,
-            self.close,
-            request.client_ip,
-            queue_limit,
-            service.stats,
-            kind=EVENTS,
-            batch=service.batch,
-        )
-        self.closing = False
-        self.abort_at = 0.0
+        super().__init__(service, host, transport, request, queue_limit, EVENTS)
         self.received = 0
         self.last_ping = host.loop.time()
 
@@ -145,45 +120,12 @@ class EventSession:
         if self.received > MAX_CLIENT_BYTES:
             self.close(1008, "unexpected request body")
 
-    def pause_upstream_reading(self) -> None:
-        self.sub.paused = True
-
-    def resume_upstream_reading(self) -> None:
-        if not self.closing:
-            self.sub.resume()
-
-    def close(self, code: int, reason: str) -> None:
-        if self.closing:
-            return
-        self.closing = True
-        hub = self.service.hub
-        if hub is not None:
-            hub.remove(self.sub)
-        else:
-            self.sub.mark_closed()
+    def closing_bytes(self, code: int, reason: str) -> bytes:
         event = json.dumps({"type": "close", "code": code, "reason": reason}).encode()
-        self.transport.write(sse_event(event, event="close") + _LAST_CHUNK)
-        self.transport.close()
-        self.abort_at = self.host.loop.time() + CLOSE_GRACE
-
-    def client_lost(self) -> None:
-        if not self.closing:
-            self.closing = True
-            hub = self.service.hub
-            if hub is not None:
-                hub.remove(self.sub)
-            else:
-                self.sub.mark_closed()
-        self.host.tunnels.discard(self)
-        self.service.closed(self)
-
-    def close_going_away(self) -> None:
-        self.close(CLOSE_SERVICE_RESTART, "service restart")
+        return sse_event(event, event="close") + _LAST_CHUNK
 
     def check_idle(self, now: float) -> None:
-        if self.closing:
-            if now >= self.abort_at:
-                self.transport.abort()
+        if self.ended(now):
             return
         if now - self.last_ping >= self.service.keep_alive[0]:
             self.last_ping = now

@@ -19,37 +19,21 @@ import asyncio
 import contextlib
 import json
 import math
-import random
 from collections.abc import Callable
 from typing import Protocol
 from urllib.parse import quote
 
 import aiohttp
 
-from edge.exchange import HealthSource
-from edge.state import EdgeState
 from edge.streams.stats import StreamStats
-from edge.upstream import Attempt, UpstreamPool, live_regions, next_attempt
+from edge.upstream import Attempt, live_regions, next_attempt
+from edge.websocket import UpstreamServices
 from meridian.log import get_logger
 
 log = get_logger("edge.streams")
 
 #: The longest wait between two rounds of failed attempts.
 MAX_RETRY_DELAY = 5.0
-
-
-class UpstreamServices(Protocol):
-    @property
-    def state(self) -> EdgeState: ...
-
-    @property
-    def health(self) -> HealthSource: ...
-
-    @property
-    def rng(self) -> random.Random: ...
-
-    @property
-    def upstream(self) -> UpstreamPool: ...
 
 
 class Publisher(Protocol):
