@@ -181,6 +181,36 @@ def _ts(payload: bytes) -> float:
     return float(payload[at + 5 : end])
 
 
+def _report(
+    say: Callable[..., None],
+    clients: list[StreamClient],
+    lags: list[float],
+    started: float,
+    before: int,
+    **extra: float,
+) -> None:
+    """The load generator's result line for the window that began at ``started``."""
+    elapsed = time.perf_counter() - started
+    count = sum(c.received for c in clients) - before
+    say(phase="measure_end")
+    lags.sort()
+
+    def pct(q: float) -> float:
+        return lags[min(len(lags) - 1, int(q * len(lags)))] * 1000 if lags else float("nan")
+
+    say(
+        phase="result",
+        delivered=count,
+        seconds=elapsed,
+        rate=count / elapsed,
+        p50_ms=pct(0.50),
+        p99_ms=pct(0.99),
+        max_ms=lags[-1] * 1000 if lags else float("nan"),
+        closed=sum(1 for c in clients if c.lost.done()),
+        **extra,
+    )
+
+
 async def loadgen(args: argparse.Namespace) -> None:
     channels = [f"trades:{name}" for name in list(SYMBOLS)[: args.channels]]
     lags: list[float] = []
@@ -213,26 +243,7 @@ async def loadgen(args: argparse.Namespace) -> None:
     say(phase="measure_start")
     await asyncio.sleep(args.duration)
     counting = False
-    elapsed = time.perf_counter() - started
-    count = sum(c.received for c in clients) - before
-    say(phase="measure_end")
-    lags.sort()
-    closed = sum(1 for c in clients if c.lost.done())
-
-    def pct(q: float) -> float:
-        return lags[min(len(lags) - 1, int(q * len(lags)))] * 1000 if lags else float("nan")
-
-    say(
-        phase="result",
-        delivered=count,
-        seconds=elapsed,
-        rate=count / elapsed,
-        p50_ms=pct(0.50),
-        p99_ms=pct(0.99),
-        max_ms=lags[-1] * 1000 if lags else float("nan"),
-        closed=closed,
-        loadgen_cpu=time.process_time() - cpu0,
-    )
+    _report(say, clients, lags, started, before, loadgen_cpu=time.process_time() - cpu0)
     for client in clients:
         if client.transport is not None:
             client.transport.close()
@@ -272,24 +283,7 @@ async def loadgen_nginx(args: argparse.Namespace) -> None:
     say(phase="measure_start")
     await asyncio.sleep(args.duration)
     counting = False
-    elapsed = time.perf_counter() - started
-    count = sum(c.received for c in clients) - before
-    say(phase="measure_end")
-    lags.sort()
-
-    def pct(q: float) -> float:
-        return lags[min(len(lags) - 1, int(q * len(lags)))] * 1000 if lags else float("nan")
-
-    say(
-        phase="result",
-        delivered=count,
-        seconds=elapsed,
-        rate=count / elapsed,
-        p50_ms=pct(0.50),
-        p99_ms=pct(0.99),
-        max_ms=lags[-1] * 1000 if lags else float("nan"),
-        closed=sum(1 for c in clients if c.lost.done()),
-    )
+    _report(say, clients, lags, started, before)
 
 
 # --------------------------------------------------------------------------------------------
