@@ -7,7 +7,7 @@ draining), ``/readyz`` (at least one region up in the health snapshot), ``/ready
 at once on a health change) and ``/status/public`` (per service state, uptime and latency: HTML
 for browsers, JSON otherwise).  The pages are files of this package, inline CSS and JS only.
 With ``--workers N`` the listener is worker 0's, and ``/metrics`` and ``/status`` include the
-other workers too (``edge.workers``: every sample then carries a ``worker`` label).
+other workers too (``meridian.workers``: every sample then carries a ``worker`` label).
 The cache's purge endpoint is added at integration through ``AdminServer.app`` (a route added
 before ``start()``).
 """
@@ -47,7 +47,7 @@ from edge.statusboard import (
     TrafficSample,
     combine_traffic,
 )
-from edge.workers import WorkerPeers
+from meridian.workers import WorkerPeers
 
 #: Event streams open at once on the admin listener; more are refused (the page then polls).
 MAX_EVENT_STREAMS = 32

@@ -11,7 +11,7 @@ answered 401 (with ``WWW-Authenticate: Bearer``), a wrong token 403, and with no
 configured every purge is 403 (purging is off).  A purge clears this process's L1, the shared
 Redis L2, and, through the cache's pub/sub channel, the L1 of the POP's other instances.
 With ``--workers N`` the admin worker also has every other worker purge its own L1 (through
-its private socket, ``edge.workers``), with or without Redis, before it answers.
+its private socket, ``meridian.workers``), with or without Redis, before it answers.
 The answer is JSON: how many entries went locally (all workers together; per worker in
 ``workers``, with ``unreached`` the workers that did not answer) and in Redis, whether it
 was broadcast, and ``queued``: true when Redis did not take it now (stalled or down).  A
@@ -34,8 +34,8 @@ from typing import Any
 from aiohttp import web
 
 from edge.cache import HttpCache, PurgeResult
-from edge.workers import WorkerPeers
 from meridian.log import get_logger
+from meridian.workers import WorkerPeers
 
 log = get_logger("edge")
 

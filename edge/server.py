@@ -8,7 +8,7 @@
   a worker that dies or hangs.  Only worker 0 serves the admin listener; every worker also
   serves a private admin socket (in the supervisor's 0700 directory), through which worker
   0's ``/metrics`` and ``/status`` cover all the workers and a purge reaches every worker's
-  L1 (``edge.workers``).
+  L1 (``meridian.workers``).
 * SIGHUP (``meridian.lifecycle``): the file is validated in full, then one immutable
   ``EdgeState`` is swapped in; requests in flight keep the snapshot they started with.
   Under the supervisor the parent validates and each worker adopts its snapshot.
@@ -51,13 +51,13 @@ from edge.streams.service import StreamService
 from edge.tls import TlsContexts, TlsStats
 from edge.transcode import CompressionStats, Transcoder
 from edge.upstream import UpstreamMetrics, UpstreamPool
-from edge.workers import WorkerApi, WorkerPeers, WorkerSockets
 from meridian.config import Config, ConfigError, EdgeTls, HostPort
 from meridian.health import HealthMonitor
 from meridian.lifecycle import ConfigHolder, Lifecycle
 from meridian.log import get_logger
 from meridian.redis_conn import RedisTarget
 from meridian.supervise import Group, ParentLink, Supervisor, WorkerContext
+from meridian.workers import WorkerApi, WorkerPeers, WorkerSockets
 
 log = get_logger("edge")
 
@@ -76,7 +76,7 @@ class EdgeOptions:
     listen: HostPort | None
     admin: HostPort | None
     workers: int = 1
-    #: ``--workers N``: the directory of the workers' private admin sockets (``edge.workers``),
+    #: ``--workers N``: the directory of the workers' private admin sockets (``meridian.workers``),
     #: made by the supervisor.
     worker_dir: str | None = None
 

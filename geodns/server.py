@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any, cast
@@ -52,6 +52,7 @@ from meridian.health import HealthMonitor
 from meridian.lifecycle import ConfigHolder, Lifecycle
 from meridian.log import get_logger
 from meridian.supervise import Group, ParentLink, Supervisor, WorkerContext
+from meridian.workers import WorkerApi, WorkerPeers, WorkerSockets
 
 log = get_logger("geodns")
 
@@ -428,6 +429,32 @@ def bind_tcp(address: HostPort, backlog: int = 1024) -> socket.socket:
     return sock
 
 
+#: Which of ``--workers N`` answered worker 0's scrape (``meridian.workers``).
+DNS_WORKER_UP = "meridian_dns_worker_up"
+#: Labels kept when adding up workers' answers (each worker bounds its own: ``countries``).
+_MAX_COMBINED_LABELS = 1024
+
+
+def combine_answers(documents: Iterable[object]) -> dict[str, dict[str, int]]:
+    """The process group's answers (``DnsMetrics.answer_counts`` of each worker) added up.
+    A sibling's document is read as untrusted: what is not a label -> count mapping is
+    skipped, and the labels kept are bounded."""
+    combined: dict[str, dict[str, int]] = {"by_country": {}, "by_target": {}}
+    for document in documents:
+        if not isinstance(document, dict):
+            continue
+        for part, totals in combined.items():
+            counts = document.get(part)
+            if not isinstance(counts, dict):
+                continue
+            for label, count in counts.items():
+                if not isinstance(label, str) or type(count) is not int or count < 0:
+                    continue
+                if label in totals or len(totals) < _MAX_COMBINED_LABELS:
+                    totals[label] = totals.get(label, 0) + count
+    return combined
+
+
 class DnsServer:
     def __init__(
         self,
@@ -439,7 +466,12 @@ class DnsServer:
         registry: CollectorRegistry | None = None,
         tcp: bool = True,
         sockets: DnsSockets | None = None,
+        workers: WorkerSockets | None = None,
+        slot: int = 0,
     ) -> None:
+        """``workers``: under ``--workers N``, where each worker's private admin socket lives
+        (``meridian.workers``): worker ``slot`` serves its own there, and worker 0's admin
+        listener speaks for them all."""
         self.holder = holder
         self.pop = pop
         self.listen = listen
@@ -491,6 +523,10 @@ class DnsServer:
         self.serving.responder.install(self.serving.responder.compile(self.monitor.snapshot))
         self._tcp: asyncio.Server | None = None
         self._admin_runner: web.AppRunner | None = None
+        self._workers = workers
+        self._slot = slot
+        self._worker_api: WorkerApi | None = None
+        self._peers: WorkerPeers | None = None
         self._addresses: dict[str, IPAddress] = {}
         self.udp_address: tuple[str, int] | None = None
         self.tcp_address: tuple[str, int] | None = None
@@ -533,6 +569,13 @@ class DnsServer:
         elif self.admin is not None:
             # Our own socket, so that the bound address is known even for port 0.
             admin_socket = bind_tcp(self.admin)
+        if self._workers is not None:
+            self._worker_api = WorkerApi(
+                metrics=lambda: generate_latest(self.registry), status=self._worker_status
+            )
+            await self._worker_api.start(self._workers.bind(self._slot))
+            if admin_socket is not None:
+                self._peers = WorkerPeers(self._workers, self._slot, up_metric=DNS_WORKER_UP)
         if admin_socket is not None:
             app = web.Application()
             app.router.add_get("/metrics", self._metrics_page)
@@ -569,6 +612,10 @@ class DnsServer:
                 await asyncio.wait_for(self._tcp.wait_closed(), 2.0)
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
+        if self._peers is not None:
+            await self._peers.close()
+        if self._worker_api is not None:
+            await self._worker_api.stop()
         await self.monitor.stop()
         self.serving.locator.close()
         log.info("dns_stopped", pop=self.pop)
@@ -925,9 +972,14 @@ class DnsServer:
     # ------------------------------------------------------------------------------- admin
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+        body = generate_latest(self.registry)
+        if self._peers is not None:  # --workers N: every worker's samples, labelled
+            body = await self._peers.metrics(body)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def _worker_status(self) -> dict[str, Any]:
+        """What worker 0 asks its siblings for (``meridian.workers.WorkerApi``)."""
+        return {"pid": os.getpid(), "answers": self.metrics.answer_counts()}
 
     async def _html_page(self, request: web.Request) -> web.Response:
         """The live status page: polls /status and /metrics (inline CSS and JS only)."""
@@ -943,19 +995,31 @@ class DnsServer:
         )
 
     async def _status_page(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "pop": self.pop,
-                "zone": self.holder.current.dns.zone,
-                "config_generation": self.holder.generation,
-                "config_source": self.holder.current.source,
-                "geo_database": str(self.serving.locator.path),
-                "health_generation": self.monitor.snapshot.generation,
-                "health": self.monitor.status(),
-                "listening": {"udp": _fmt(self.udp_address), "tcp": _fmt(self.tcp_address)},
-                "answers": self.metrics.answer_counts(),
+        document = self._own_status()
+        if self._peers is not None:
+            # --workers N: the answers are the process group's; each worker is listed.
+            siblings = await self._peers.statuses()
+            own = self._worker_status()
+            document["workers"] = {
+                str(slot): status for slot, status in sorted({**siblings, self._slot: own}.items())
             }
-        )
+            document["answers"] = combine_answers(
+                [own["answers"], *(status.get("answers") for status in siblings.values())]
+            )
+        return web.json_response(document)
+
+    def _own_status(self) -> dict[str, Any]:
+        return {
+            "pop": self.pop,
+            "zone": self.holder.current.dns.zone,
+            "config_generation": self.holder.generation,
+            "config_source": self.holder.current.source,
+            "geo_database": str(self.serving.locator.path),
+            "health_generation": self.monitor.snapshot.generation,
+            "health": self.monitor.status(),
+            "listening": {"udp": _fmt(self.udp_address), "tcp": _fmt(self.tcp_address)},
+            "answers": self.metrics.answer_counts(),
+        }
 
 
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
@@ -1132,7 +1196,14 @@ def run(
         return 2
     supervisor = Supervisor(holder)
     try:
-        group = dns_group(holder.current, pop, listen=listen, admin=admin, workers=count)
+        group = dns_group(
+            holder.current,
+            pop,
+            listen=listen,
+            admin=admin,
+            workers=count,
+            run_dir=supervisor.run_dir,
+        )
         supervisor.add_group(group)
     except OSError as exc:
         log.error("dns_listen_failed", address=str(listen), error=str(exc))
@@ -1142,17 +1213,39 @@ def run(
 
 
 def dns_group(
-    config: Config, pop: str, *, listen: HostPort | None, admin: HostPort | None, workers: int
+    config: Config,
+    pop: str,
+    *,
+    listen: HostPort | None,
+    admin: HostPort | None,
+    workers: int,
+    run_dir: str | None = None,
 ) -> Group:
-    """GeoDNS workers for the supervisor: the sockets bound here, once."""
+    """GeoDNS workers for the supervisor: the sockets bound here, once.  ``run_dir``: the
+    supervisor's private directory, where the workers' admin sockets go (worker 0's
+    ``/metrics`` and ``/status`` then speak for every worker)."""
     listen = listen or config.listeners.dns
     sockets = DnsSockets.bind(listen, admin or config.listeners.dns_admin)
+    private: WorkerSockets | None = None
+    if workers > 1 and run_dir is not None:
+        directory = os.path.join(run_dir, "dns")
+        os.mkdir(directory, 0o700)
+        private = WorkerSockets(directory, workers)
 
     def run_one(context: WorkerContext) -> int:
         holder = ConfigHolder(config.source, context.config, context.generation)
         mine = sockets if context.slot == 0 else replace(sockets, admin=None)
         served: int = uvloop.run(
-            serve(holder, pop, listen=listen, admin=None, sockets=mine, link=context.link)
+            serve(
+                holder,
+                pop,
+                listen=listen,
+                admin=None,
+                sockets=mine,
+                link=context.link,
+                workers=private,
+                slot=context.slot,
+            )
         )
         return served
 
@@ -1170,6 +1263,8 @@ async def serve(
     admin: HostPort | None,
     sockets: DnsSockets | None = None,
     link: ParentLink | None = None,
+    workers: WorkerSockets | None = None,
+    slot: int = 0,
 ) -> int:
     """One GeoDNS process, until SIGTERM/SIGINT (or, under the supervisor, until it goes)."""
     config = holder.current
@@ -1177,7 +1272,9 @@ async def serve(
     if admin is None and sockets is None:
         admin = config.listeners.dns_admin
     try:
-        server = DnsServer(holder, pop, listen=listen, admin=admin, sockets=sockets)
+        server = DnsServer(
+            holder, pop, listen=listen, admin=admin, sockets=sockets, workers=workers, slot=slot
+        )
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("config_invalid", problem=problem)

@@ -52,7 +52,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         supervisor.add_group(edge_group(options, config, supervisor.run_dir))
         supervisor.add_group(
-            dns_group(config, args.pop, listen=None, admin=None, workers=config.dns.workers)
+            dns_group(
+                config,
+                args.pop,
+                listen=None,
+                admin=None,
+                workers=config.dns.workers,
+                run_dir=supervisor.run_dir,
+            )
         )
     except OSError as exc:
         log.error("serve_listen_failed", error=str(exc))

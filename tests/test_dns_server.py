@@ -24,7 +24,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from geodns.server import DnsServer
+from geodns.server import DnsServer, combine_answers
 from meridian.config import HostPort
 from meridian.lifecycle import ConfigHolder
 from tests.dns_support import (
@@ -683,6 +683,47 @@ def test_workers_share_the_udp_port(tmp_path: Path) -> None:
             assert addresses(ask(proc.port, f"api.{ZONE}", ecs="1.1.1.0/24")) == ["127.0.1.5"]
     assert proc.proc.returncode == 0
     assert len(proc.log_has("event=dns_stopped")) == 2
+
+
+def test_with_workers_the_admin_listener_speaks_for_every_worker(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "w.yaml", base_config())
+    sent = 300
+    with running_server(path, extra=("--workers", "2")) as proc:
+        wait_for(lambda: len(proc.log_has("event=dns_listening")) == 2, 10.0, "two workers")
+        for _ in range(sent):  # each from a socket of its own: the workers share the reading
+            assert addresses(ask(proc.port, f"api.{ZONE}", ecs="1.1.1.0/24")) == ["127.0.1.5"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{proc.admin_port}/metrics") as response:
+            text = response.read().decode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{proc.admin_port}/status") as response:
+            status = json.loads(response.read())
+    assert 'meridian_dns_worker_up{worker="0"} 1.0' in text
+    assert 'meridian_dns_worker_up{worker="1"} 1.0' in text
+    answered = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("meridian_dns_answers_by_country_total{")
+    ]
+    assert sum(answered) == sent
+    assert set(status["workers"]) == {"0", "1"}
+    assert sum(status["answers"]["by_country"].values()) == sent
+    assert sum(status["answers"]["by_target"].values()) == sent
+    per_worker = [sum(w["answers"]["by_country"].values()) for w in status["workers"].values()]
+    assert sum(per_worker) == sent
+
+
+def test_workers_answers_add_up_and_a_sibling_document_is_untrusted() -> None:
+    one = {"by_country": {"DE": 3, "BR": 1}, "by_target": {"fra": 4}}
+    two = {"by_country": {"DE": 2}, "by_target": {"fra": 1, "gru": 1}}
+    hostile = [
+        None,
+        "by_country",
+        {"by_country": ["DE", 1]},
+        {"by_country": {"DE": -5, "US": 1.5, "SG": True, "AU": "7"}, "by_target": {7: 1}},
+    ]
+    combined = combine_answers([one, two, *hostile])
+    assert combined == {"by_country": {"DE": 5, "BR": 1}, "by_target": {"fra": 5, "gru": 1}}
+    many = {"by_country": {f"X{i}": 1 for i in range(5000)}, "by_target": {}}
+    assert len(combine_answers([many, many])["by_country"]) == 1024
 
 
 def test_explain_prints_candidates_and_the_answer(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge.workers import decode_targets, encode_targets, merge_expositions
+from meridian.workers import decode_targets, encode_targets, merge_expositions
 from tests.edge_support import (
     LOCATIONS,
     Edge,

@@ -1,21 +1,24 @@
-"""One admin view of ``--workers N``: every worker's metrics on ``/metrics``, purges in every L1.
+"""One admin view of ``--workers N`` (the edge's and GeoDNS's): every worker's metrics on
+``/metrics``, every worker's status in ``/status``, and, for the edge, purges in every L1.
 
-Each worker process has its own registry and its own L1 cache; the public admin listener is
-served by worker 0 only.  So that it speaks for the whole process group, every worker also
-serves a private admin API on a Unix socket in a directory only the edge's user can enter
+Each worker process has its own registry (and, in the edge, its own L1 cache); the public admin
+listener is served by worker 0 only.  So that it speaks for the whole process group, every
+worker also serves a private admin API on a Unix socket in a directory only its user can enter
 (``WorkerSockets``: ``<dir>/worker-<slot>.sock``, made by the supervisor, mode 0700):
 
     GET  /metrics        the worker's own registry, Prometheus text
-    GET  /status         a short JSON status (pid, connections, requests in flight, cache)
-    POST /purge/local    {"targets": [[kind, value], ...]}: purge this worker's L1 only
+    GET  /status         a short JSON status (the edge: pid, connections, requests in flight,
+                         cache; GeoDNS: pid and answers)
+    POST /purge/local    {"targets": [[kind, value], ...]}: purge this worker's L1 (edge only)
 
 and worker 0 (``WorkerPeers``) asks the others:
 
 * ``/metrics``: worker 0 scrapes its siblings concurrently (``SCRAPE_TIMEOUT`` each), parses
   every worker's text with prometheus_client's parser, and renders one exposition in which
   each family appears once and each sample carries ``worker="<slot>"``, plus
-  ``meridian_edge_worker_up{worker}`` (0 for a sibling that did not answer: restarting, or
-  stuck).  ``sum without (worker) (...)`` gives the process group's figures.
+  ``meridian_edge_worker_up{worker}`` (``meridian_dns_worker_up`` for GeoDNS; 0 for a sibling
+  that did not answer: restarting, or stuck).  ``sum without (worker) (...)`` gives the
+  process group's figures.
 * purges: after its own purge (L1, and Redis with the broadcast when configured), worker 0
   sends the normalised targets to every sibling's ``/purge/local``; the answer counts what
   each worker removed and names the workers that could not be reached (a worker that is
@@ -47,7 +50,9 @@ from prometheus_client.registry import Collector
 
 from meridian.log import get_logger
 
-log = get_logger("edge")
+log = get_logger("meridian.workers")
+#: The gauge saying which workers answered a scrape (``WorkerPeers``' default: the edge's).
+EDGE_WORKER_UP = "meridian_edge_worker_up"
 
 #: Seconds worker 0 waits for a sibling's answer (metrics, purge, status).
 SCRAPE_TIMEOUT = 2.0
@@ -95,7 +100,7 @@ class WorkerApi:
         *,
         metrics: Callable[[], bytes],
         status: Callable[[], dict[str, Any]],
-        purge_local: Callable[[str, bytes], int],
+        purge_local: Callable[[str, bytes], int] | None = None,
     ) -> None:
         self._metrics = metrics
         self._status = status
@@ -103,7 +108,8 @@ class WorkerApi:
         self.app = web.Application()
         self.app.router.add_get("/metrics", self._metrics_handler)
         self.app.router.add_get("/status", self._status_handler)
-        self.app.router.add_post("/purge/local", self._purge_handler)
+        if purge_local is not None:
+            self.app.router.add_post("/purge/local", self._purge_handler)
         self._runner: web.AppRunner | None = None
 
     async def start(self, sock: socket.socket) -> None:
@@ -127,6 +133,7 @@ class WorkerApi:
             targets = decode_targets(await request.read())
         except ValueError as exc:
             return web.json_response({"error": "bad_request", "reason": str(exc)}, status=400)
+        assert self._purge_local is not None  # the route exists only with it
         removed = sum(self._purge_local(kind, value) for kind, value in targets)
         return web.json_response({"local": removed})
 
@@ -176,9 +183,11 @@ class _Families(Collector):
         return self._families
 
 
-def merge_expositions(texts: Mapping[str, str], up: Mapping[str, bool]) -> bytes:
+def merge_expositions(
+    texts: Mapping[str, str], up: Mapping[str, bool], up_metric: str = EDGE_WORKER_UP
+) -> bytes:
     """One Prometheus exposition from several workers' (``worker`` label -> text): each
-    family once, each sample labelled with its worker, plus ``meridian_edge_worker_up``."""
+    family once, each sample labelled with its worker, plus ``up_metric`` per worker."""
     families: dict[str, Metric] = {}
     for worker, text in texts.items():
         for family in text_string_to_metric_families(text):
@@ -192,21 +201,22 @@ def merge_expositions(texts: Mapping[str, str], up: Mapping[str, bool]) -> bytes
                     sample.name, {**sample.labels, "worker": worker}, sample.value, sample.timestamp
                 )
     worker_up = Metric(
-        "meridian_edge_worker_up",
+        up_metric,
         "Whether the worker answered this scrape (1) or not (0: restarting or stuck).",
         "gauge",
     )
     for worker, answered in sorted(up.items(), key=lambda item: int(item[0])):
-        worker_up.add_sample("meridian_edge_worker_up", {"worker": worker}, 1.0 if answered else 0)
+        worker_up.add_sample(up_metric, {"worker": worker}, 1.0 if answered else 0)
     return generate_latest(_Families([*families.values(), worker_up]))
 
 
 class WorkerPeers:
     """Worker 0's client for its siblings' private APIs."""
 
-    def __init__(self, sockets: WorkerSockets, slot: int) -> None:
+    def __init__(self, sockets: WorkerSockets, slot: int, up_metric: str = EDGE_WORKER_UP) -> None:
         self.sockets = sockets
         self.slot = slot
+        self._up_metric = up_metric
         self._sessions: dict[int, aiohttp.ClientSession] = {}
         self._timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT)
 
@@ -258,7 +268,7 @@ class WorkerPeers:
                 continue
             texts[str(slot)] = answer.decode()
             up[str(slot)] = True
-        return merge_expositions(texts, up)
+        return merge_expositions(texts, up, self._up_metric)
 
     async def purge(self, targets: Sequence[tuple[str, bytes]]) -> tuple[dict[int, int], list[int]]:
         """Purge ``targets`` from every sibling's L1: (removed per worker, unreached workers)."""
@@ -289,6 +299,7 @@ def _describe(error: BaseException) -> str:
 
 
 __all__ = [
+    "EDGE_WORKER_UP",
     "SCRAPE_TIMEOUT",
     "WorkerApi",
     "WorkerPeers",
