@@ -118,7 +118,7 @@ HIT_REPLAYS: Final = MemoSpec(
 
 SERVED_CODINGS: Final = MemoSpec(
     name="served codings",
-    owner="edge.cache.HttpCache._codings",
+    owner="edge.cache.requests.RequestReader._codings",
     key="Accept-Encoding value (None: absent)",
     value="the coding a stored entry is served in",
     cleared_by="its bound only (the answer depends on the value alone)",

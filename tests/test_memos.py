@@ -94,7 +94,7 @@ def _fill_codings(n: int) -> BoundedMemo[Any, Any]:
     cache = _cache()
     for i in range(n):
         cache.prepare(b"GET", b"http", b"h", b"/", [(b"accept-encoding", b"gzip, x%d" % i)])
-    return cache._codings
+    return cache.reader._codings
 
 
 def _fill_bypass(n: int) -> BoundedMemo[Any, Any]:

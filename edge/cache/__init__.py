@@ -86,14 +86,13 @@ import hmac
 import time
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from dataclasses import replace
 from typing import Any, Final, NamedTuple
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from edge.memos import BYPASS_LOOKUPS, SERVED_CODINGS, BoundedMemo
+from edge.memos import BYPASS_LOOKUPS, BoundedMemo
 from meridian.config import CacheConfig
 from meridian.log import get_logger
 
@@ -115,7 +114,6 @@ from .key import (
     Coding,
     KeyBuilder,
     Negotiator,
-    coding_class,
     negotiate_coding,
     normalise_host,
     split_target,
@@ -130,13 +128,13 @@ from .policy import (
     Use,
     decide,
     invalidation_targets,
-    parse_cache_control,
     stable_until,
 )
 from .purge_queue import PurgeBacklog
 from .purging import KINDS, SOFT_PURGE, PurgeResult, Purges
 from .purging import soft as soft_kind
 from .redis_l2 import RedisL2, RedisTarget
+from .requests import Prepared, RequestReader
 from .store import MemoryStore
 
 log = get_logger("cache")
@@ -170,22 +168,6 @@ _USE_STALE: Final = Use.STALE
 
 # Lookup and RequestInfo are made per request: NamedTuples, because a frozen dataclass's
 # __init__ costs about five times as much, which would dominate a cache hit.
-
-
-class Prepared(NamedTuple):
-    """``HttpCache.prepare``'s result: what a lookup needs from the request alone."""
-
-    keys: KeyBuilder
-    method: bytes
-    scheme: bytes
-    host: bytes
-    target: bytes
-    headers: Headers
-    key: CacheKey | None
-    #: Set when the cache has nothing to do with the request (also when ``bypass`` is set).
-    request: RequestInfo | None
-    #: The BYPASS reason, or "".
-    bypass: str
 
 
 class Lookup(NamedTuple):
@@ -373,25 +355,6 @@ def _labelled(family: CounterMetricFamily, values: dict[str, int]) -> CounterMet
 # --------------------------------------------------------------------------------------------
 # The facade
 
-_REQ_CACHE_CONTROL, _REQ_AUTHORIZATION, _REQ_IF_NONE_MATCH, _REQ_IF_MODIFIED_SINCE = 0, 1, 2, 3
-_REQ_ACCEPT_ENCODING, _REQ_PRECONDITION, _REQ_BODY, _REQ_COOKIE = 4, 5, 6, 7
-_REQ_RANGE, _REQ_IF_RANGE = 8, 9
-_REQUEST_FIELDS: Final = {
-    b"cache-control": _REQ_CACHE_CONTROL,
-    b"authorization": _REQ_AUTHORIZATION,
-    b"if-none-match": _REQ_IF_NONE_MATCH,
-    b"if-modified-since": _REQ_IF_MODIFIED_SINCE,
-    b"accept-encoding": _REQ_ACCEPT_ENCODING,
-    # Preconditions only an origin can evaluate (RFC 9111 4.3.2): such requests bypass.
-    b"if-match": _REQ_PRECONDITION,
-    b"if-unmodified-since": _REQ_PRECONDITION,
-    # Range and If-Range are answered from the stored complete response (ranges.py).
-    b"range": _REQ_RANGE,
-    b"if-range": _REQ_IF_RANGE,
-    b"content-length": _REQ_BODY,
-    b"transfer-encoding": _REQ_BODY,
-    b"cookie": _REQ_COOKIE,
-}
 #: The key memo lives outside the cache's bound: 1/16 of it, at most 4 MiB.
 _KEY_MEMO_MAX: Final = 4 << 20
 
@@ -433,7 +396,7 @@ class HttpCache:
         self._negotiate = negotiate
         self._compressor = compressor
         self._compress_offload_above = compress_offload_above
-        self._honour_request_no_cache = honour_request_no_cache
+        self.reader = RequestReader(negotiate, honour_request_no_cache)
         self._cross_instance_wait = cross_instance_wait
         self._extra_head = b"".join(n + b": " + v + b"\r\n" for n, v in extra_headers)
         self.admission = Admission(
@@ -493,7 +456,6 @@ class HttpCache:
         )
         #: ``edge.memos.BYPASS_LOOKUPS``, ``SERVED_CODINGS`` and ``SHARED_FIELDS``.
         self._bypass: BoundedMemo[str, Lookup] = BoundedMemo(BYPASS_LOOKUPS)
-        self._codings: BoundedMemo[bytes | None, Coding] = BoundedMemo(SERVED_CODINGS)
         if registry is not None:
             registry.register(self.metrics)
 
@@ -589,57 +551,7 @@ class HttpCache:
         with the request head it memoises, so a hit skips key building and header parsing.
         Valid until ``reconfigure`` (``lookup_prepared`` checks and prepares again).
         """
-        keys = self.keys
-        if not self.enabled:
-            return Prepared(keys, method, scheme, host, target, headers, None, None, "disabled")
-        head = method == b"HEAD"
-        if not head and method != b"GET":
-            return Prepared(keys, method, scheme, host, target, headers, None, None, "method")
-        key = keys.build(scheme, host, target)
-        if key.rule.bypass:
-            return Prepared(keys, method, scheme, host, target, headers, key, None, "rule")
-        found: list[bytes | None] = [None, None, None, None, None, None, None, None, None, None]
-        for name, value in headers:
-            slot = _REQUEST_FIELDS.get(name)
-            if slot is None:
-                continue
-            if slot == _REQ_BODY:
-                if name == b"transfer-encoding" or value.strip() not in (b"0", b""):
-                    return Prepared(
-                        keys, method, scheme, host, target, headers, key, None, "request-body"
-                    )
-                continue
-            previous = found[slot]
-            # List-valued fields arrive on several lines: join them (RFC 9110 5.3).
-            found[slot] = value if previous is None else previous + b"," + value
-        if found[_REQ_PRECONDITION] is not None:
-            return Prepared(keys, method, scheme, host, target, headers, key, None, "precondition")
-        cc_raw = found[_REQ_CACHE_CONTROL]
-        cc = NO_DIRECTIVES
-        if cc_raw is not None:
-            cc = parse_cache_control(cc_raw)
-            if not self._honour_request_no_cache and (cc.no_cache or cc.max_age is not None):
-                cc = replace(cc, no_cache=False, max_age=None)
-        accept_encoding = found[_REQ_ACCEPT_ENCODING]
-        coding = self._codings.get(accept_encoding)
-        if coding is None:
-            coding = coding_class(self._negotiate, accept_encoding)
-            if len(self._codings) >= self._codings.bound:  # a client can send any value
-                self._codings.clear()
-            self._codings[accept_encoding] = coding
-        request = RequestInfo(
-            headers=headers,
-            cc=cc,
-            coding=coding,
-            head=head,
-            authorized=found[_REQ_AUTHORIZATION] is not None,
-            if_none_match=found[_REQ_IF_NONE_MATCH],
-            if_modified_since=found[_REQ_IF_MODIFIED_SINCE],
-            cookie=found[_REQ_COOKIE] is not None,
-            range=None if head else found[_REQ_RANGE],
-            if_range=found[_REQ_IF_RANGE],
-        )
-        return Prepared(keys, method, scheme, host, target, headers, key, request, "")
+        return self.reader.prepare(self.keys, self.enabled, method, scheme, host, target, headers)
 
     def lookup_prepared(
         self, prepared: Prepared, now: float | None = None, extra: bytes = b""
