@@ -311,6 +311,40 @@ class Installer:
             raise Unavailable(f"apt-get install {package} failed: {exc}") from None
 
 
+def one_pop_config(
+    region: str,
+    pop: str,
+    location: tuple[float, float],
+    pop_address: str,
+    origin_port: int,
+    edge: dict[str, Any],
+) -> dict[str, Any]:
+    """A Meridian config of one region (the origin on loopback) and one POP beside it, every
+    path routed to one service; ``edge`` adds to the edge section (TLS, streams...)."""
+    lat, lon = location
+    return {
+        "regions": {
+            region: {
+                "location": {"lat": lat, "lon": lon},
+                "backends": [f"http://127.0.0.1:{origin_port}"],
+            }
+        },
+        "pops": {pop: {"location": {"lat": lat, "lon": lon}, "addresses": [pop_address]}},
+        "dns": {
+            "zone": "meridian.test",
+            "soa": {"mname": "ns1.meridian.test", "rname": "h.meridian.test"},
+            "ns": [{"name": "ns1.meridian.test", "addresses": ["127.0.0.1"]}],
+            "names": {"api": {"targets": "pops"}},
+        },
+        "edge": {
+            "services": {"market": {}},
+            "routes": [{"name": "api", "service": "market", "path_prefix": "/"}],
+            "access_log": False,
+            **edge,
+        },
+    }
+
+
 def meridian_command() -> list[str]:
     """How to run the ``meridian`` CLI from this checkout."""
     script = shutil.which("meridian")

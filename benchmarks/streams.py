@@ -38,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.compare import one_pop_config
 from meridian.origin import SYMBOLS
 
 #: Every LAG_SAMPLE-th message's lag is measured by the load generator.
@@ -360,35 +361,18 @@ def _bucket_quantile(before: dict[float, float], after: dict[float, float], q: f
 
 
 def _edge_config(path: Path, origin_port: int) -> None:
-    config = {
-        "regions": {
-            "eu-central": {
-                "location": {"lat": 50.11, "lon": 8.68},
-                "backends": [f"http://127.0.0.1:{origin_port}"],
-            }
-        },
-        "pops": {"fra": {"location": {"lat": 50.11, "lon": 8.68}, "addresses": ["127.0.1.3"]}},
-        "dns": {
-            "zone": "meridian.test",
-            "soa": {"mname": "ns1.meridian.test", "rname": "h.meridian.test"},
-            "ns": [{"name": "ns1.meridian.test", "addresses": ["127.0.0.1"]}],
-            "names": {"api": {"targets": "pops"}},
-        },
-        "edge": {
-            "services": {"market": {}},
-            "routes": [{"name": "api", "service": "market", "path_prefix": "/"}],
-            "access_log": False,
-            "streams": {
-                "channels": [
-                    {"pattern": "ticker:*", "slow_consumer": "conflate"},
-                    {"pattern": "trades:*"},
-                    {"pattern": "depth:*", "slow_consumer": "conflate"},
-                ],
-                "max_connections_per_ip": 0,
-                "max_subscriptions_per_ip": 0,
-            },
-        },
+    streams = {
+        "channels": [
+            {"pattern": "ticker:*", "slow_consumer": "conflate"},
+            {"pattern": "trades:*"},
+            {"pattern": "depth:*", "slow_consumer": "conflate"},
+        ],
+        "max_connections_per_ip": 0,
+        "max_subscriptions_per_ip": 0,
     }
+    config = one_pop_config(
+        "eu-central", "fra", (50.11, 8.68), "127.0.1.3", origin_port, {"streams": streams}
+    )
     path.write_text(json.dumps(config))  # JSON is YAML
 
 

@@ -33,7 +33,14 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.compare import Processes, free_port, session_cpu_seconds, tcp_accepts, wait_until
+from benchmarks.compare import (
+    Processes,
+    free_port,
+    one_pop_config,
+    session_cpu_seconds,
+    tcp_accepts,
+    wait_until,
+)
 
 PATH = "/api/v1/symbols"  # 2107 bytes of JSON, public, max-age=300
 
@@ -94,30 +101,11 @@ def make_certificate(workdir: Path) -> tuple[Path, Path]:
 
 
 def meridian_config(workdir: Path, origin: int, tls_port: int, cert: Path, key: Path) -> Path:
-    document = {
-        "regions": {
-            "us-east": {
-                "location": {"lat": 39.04, "lon": -77.49},
-                "backends": [f"http://127.0.0.1:{origin}"],
-            }
-        },
-        "pops": {"iad": {"location": {"lat": 39.04, "lon": -77.49}, "addresses": ["127.0.1.1"]}},
-        "dns": {
-            "zone": "meridian.test",
-            "soa": {"mname": "ns1.meridian.test", "rname": "h.meridian.test"},
-            "ns": [{"name": "ns1.meridian.test", "addresses": ["127.0.0.1"]}],
-            "names": {"api": {"targets": "pops"}},
-        },
-        "edge": {
-            "services": {"market": {}},
-            "routes": [{"name": "api", "service": "market", "path_prefix": "/"}],
-            "access_log": False,
-            "tls": {
-                "listen": f"127.0.0.1:{tls_port}",
-                "certificates": [{"cert": str(cert), "key": str(key)}],
-            },
-        },
+    tls = {
+        "listen": f"127.0.0.1:{tls_port}",
+        "certificates": [{"cert": str(cert), "key": str(key)}],
     }
+    document = one_pop_config("us-east", "iad", (39.04, -77.49), "127.0.1.1", origin, {"tls": tls})
     path = workdir / "meridian.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
