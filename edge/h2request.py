@@ -23,7 +23,6 @@ from edge.http1 import (
     Headers,
     RequestRejected,
     check_request_framing,
-    error_response,
     new_request_id,
     valid_request_id,
 )
@@ -33,8 +32,6 @@ from meridian.config import EdgeLimits
 from meridian.log import get_logger
 
 log = get_logger("edge")
-
-_NOT_CACHED: Headers = [(b"x-cache", b"BYPASS"), (b"age", b"0")]
 
 
 def build_request(
@@ -187,26 +184,7 @@ class H2Requests:
 
     def _reject(self, stream: H2Stream, rejected: RequestRejected) -> None:
         """Answer a request the edge refuses to forward on its own stream."""
-        state = self.pipeline.state
-        self.pipeline.metrics.errors.labels(str(rejected.status), rejected.reason).inc()
-        log.info(
-            "request_rejected",
-            status=rejected.status,
-            reason=rejected.reason,
-            client=self.client_ip,
-            protocol="h2",
-        )
-        stream.write_complete(
-            error_response(
-                rejected.status,
-                state.pop,
-                rejected.reason,
-                new_request_id(),
-                request_id_header=state.request_id_header,
-                extra=_NOT_CACHED,
-            ),
-            close=False,
-        )
+        stream.write_complete(self.pipeline.refusal(rejected, self.client_ip, "h2"), close=False)
         self.table.maybe_release(stream)
 
     async def _run(self, stream: H2Stream, lookup: Lookup | None) -> None:
@@ -224,16 +202,8 @@ class H2Requests:
                 protocol="h2",
             )
             if not stream.response_started and not stream.closed:
-                state = self.pipeline.state
                 stream.write_complete(
-                    error_response(
-                        500,
-                        state.pop,
-                        "internal_error",
-                        request.request_id,
-                        request_id_header=state.request_id_header,
-                        extra=_NOT_CACHED,
-                    ),
+                    self.pipeline.error_answer(500, "internal_error", request.request_id),
                     close=False,
                 )
             else:

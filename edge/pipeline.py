@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
+from typing import Final
 
 from edge.accesslog import AccessLog
 from edge.admin import EdgeMetrics
@@ -54,6 +55,7 @@ from edge.exchange import (
     RequestBody,
     ResponseSink,
 )
+from edge.http1 import RequestRejected, error_response, new_request_id
 from edge.stages.account import Accountant
 from edge.stages.fill import Filler
 from edge.stages.forward import Forwarder
@@ -64,6 +66,11 @@ from edge.stages.walk import UpstreamWalk
 from edge.state import EdgeState, RequestHead
 from edge.transcode import Transcoder
 from edge.upstream import SnapshotView, UpstreamPool
+from meridian.log import get_logger
+
+log = get_logger("edge")
+#: What the front ends' own error answers say of the cache.
+_NOT_CACHED: Final = ((b"x-cache", b"BYPASS"), (b"age", b"0"))
 
 
 class Pipeline:
@@ -112,6 +119,30 @@ class Pipeline:
         self.replay_hit = self.hits.replay_hit
         self.take_pending = self.hits.take_pending
         self.on_health = self.walker.on_health
+
+    def error_answer(self, status: int, reason: str, request_id: bytes) -> bytes:
+        """A front end's own error response (before or outside the stages), never cached."""
+        state = self.state
+        return error_response(
+            status,
+            state.pop,
+            reason,
+            request_id,
+            request_id_header=state.request_id_header,
+            extra=list(_NOT_CACHED),
+        )
+
+    def refusal(self, rejected: RequestRejected, client_ip: str, protocol: str) -> bytes:
+        """A request a front end refuses to forward: counted, logged, and its error answer."""
+        self.metrics.errors.labels(str(rejected.status), rejected.reason).inc()
+        log.info(
+            "request_rejected",
+            status=rejected.status,
+            reason=rejected.reason,
+            client=client_ip,
+            protocol=protocol,
+        )
+        return self.error_answer(rejected.status, rejected.reason, new_request_id())
 
     async def handle(
         self,

@@ -55,7 +55,6 @@ from edge.http1 import (
     check_request_framing,
     check_url_length,
     encode_chunk,
-    error_response,
     expects_continue,
     head_end,
     is_websocket_upgrade,
@@ -83,7 +82,6 @@ BODY_HIGH_WATER = 256 * 1024
 PIPELINE_DEPTH = 16
 
 #: On the edge's own rejections: every response says X-Cache and Age.
-_NOT_CACHED: Headers = [(b"x-cache", b"BYPASS"), (b"age", b"0")]
 
 _DEADLINE_NONE = 0
 _DEADLINE_HEADER = 1
@@ -852,14 +850,7 @@ class EdgeConnection(asyncio.Protocol):
             )
             if self._active is exchange and not exchange.response_started:
                 self.write_complete(
-                    error_response(
-                        500,
-                        self._pipeline.state.pop,
-                        "internal_error",
-                        exchange.request.request_id,
-                        request_id_header=self._pipeline.state.request_id_header,
-                        extra=_NOT_CACHED,
-                    ),
+                    self._pipeline.error_answer(500, "internal_error", exchange.request.request_id),
                     close=True,
                 )
             else:
@@ -1065,14 +1056,7 @@ class EdgeConnection(asyncio.Protocol):
 
     def _reject(self, rejected: RequestRejected) -> None:
         """Answer a request the edge refuses to forward, then close (framing is now unknown)."""
-        state = self._pipeline.state
-        self._pipeline.metrics.errors.labels(str(rejected.status), rejected.reason).inc()
-        log.info(
-            "request_rejected",
-            status=rejected.status,
-            reason=rejected.reason,
-            client=self.client_ip,
-        )
+        answer = self._pipeline.refusal(rejected, self.client_ip, "h1")
         self._rejected = None
         self._deadline_kind = _DEADLINE_NONE
         if self._current is not None and self._current.body is not None:
@@ -1080,16 +1064,7 @@ class EdgeConnection(asyncio.Protocol):
         if self._transport is None:
             return
         if self._active is None:
-            self._transport.write(
-                error_response(
-                    rejected.status,
-                    state.pop,
-                    rejected.reason,
-                    new_request_id(),
-                    request_id_header=state.request_id_header,
-                    extra=_NOT_CACHED,
-                )
-            )
+            self._transport.write(answer)
             self._transport.close()
         else:
             # A response is in progress: let it finish, then close; the bad request is dropped.
