@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from edge.connlimit import UNCOUNTED, ClientConnections
 from edge.fasthead import _VALUE, MeaningKey, parse_simple_head
 from edge.http1 import NO_BODY
-from edge.pipeline import EdgeState, ProxyRequest
+from edge.pipeline import EdgeState, Pipeline, ProxyRequest
 from edge.protocol import EdgeConnection
 from meridian.config import load_config
 
@@ -60,6 +60,10 @@ class _CapturingPipeline:
     def fast_response(self, request: ProxyRequest) -> bytes | None:
         self.requests.append(request)
         return b"HTTP/1.1 204 No Content\r\n\r\n"
+
+    # Refusals as the real pipeline makes them (they read only ``state`` and ``metrics``).
+    error_answer = Pipeline.error_answer
+    refusal = Pipeline.refusal
 
 
 class _Transport:
