@@ -8,6 +8,7 @@ import asyncio
 import bisect
 import collections
 import contextlib
+import errno
 import gc
 import ipaddress
 import os
@@ -34,6 +35,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from geodns import mmsg
 from geodns.budget import failover_budget
 from geodns.ratelimit import ComputeBudget, ResponseRateLimiter, Verdict
 from geodns.responder import (
@@ -69,6 +71,8 @@ TCP_MAX_CONNECTIONS = 4096
 UDP_SOCKET_BUFFER = 8 * 1024 * 1024
 #: Datagrams read per wake-up before the loop gets a turn (TCP, admin, health checks).
 UDP_BATCH = 64
+#: recvmmsg batches read per wake-up of the UDP socket (``_udp_readable_batched``).
+UDP_BATCH_ROUNDS = 4
 #: Replies held while the socket's send buffer is full; past this they are dropped (counted).
 UDP_SEND_BACKLOG = 4096
 _COUNTED_QTYPES = frozenset(
@@ -493,6 +497,9 @@ class DnsServer:
         )
         self._udp: socket.socket | None = None
         self._sendto: Any = None  # the UDP socket's bound sendto
+        #: Read and answer UDP a batch per system call (``geodns.mmsg``) where Linux allows.
+        self.batch_syscalls = True
+        self._batch: mmsg.DatagramBatch | None = None
         #: Replies computed during one read batch, sent together at its end (see _udp_readable).
         self._outbox: list[tuple[bytes, tuple[Any, ...]]] = []
         self._backlog: collections.deque[tuple[bytes, tuple[Any, ...]]] = collections.deque()
@@ -549,7 +556,11 @@ class DnsServer:
         # wake-up and sends with plain sendto (no transport bookkeeping per datagram).
         self._udp = udp_socket
         self._sendto = udp_socket.sendto
-        loop.add_reader(udp_socket.fileno(), self._udp_readable)
+        if self.batch_syscalls and mmsg.AVAILABLE:
+            self._batch = mmsg.DatagramBatch(udp_socket)
+            loop.add_reader(udp_socket.fileno(), self._udp_readable_batched)
+        else:
+            loop.add_reader(udp_socket.fileno(), self._udp_readable)
         self.udp_address = udp_socket.getsockname()[:2]
         if self.serve_tcp and self.sockets is not None:
             self._tcp = await loop.create_server(lambda: _TcpProtocol(self), sock=self.sockets.tcp)
@@ -606,6 +617,7 @@ class DnsServer:
                 self._backlog.clear()
             self._udp.close()
             self._udp = None
+            self._batch = None
         if self._tcp is not None:
             self._tcp.close()
             with contextlib.suppress(Exception):
@@ -774,6 +786,56 @@ class DnsServer:
         finally:
             if self._outbox:
                 self._send_outbox()
+
+    def _udp_readable_batched(self) -> None:
+        """``_udp_readable`` with one ``recvmmsg`` and one ``sendmmsg`` per batch instead of
+        a ``recvfrom`` and a ``sendto`` per query (gdnsd's loop): up to ``UDP_BATCH_ROUNDS``
+        batches per wake-up, each batch's replies sent before the next is read (replies go
+        back to the batch's own address slots)."""
+        batch = self._batch
+        if batch is None:
+            return
+        handle = self.handle_datagram
+        datagram = batch.datagram
+        for _ in range(UDP_BATCH_ROUNDS):
+            try:
+                got = batch.receive()
+            except OSError as exc:
+                self.metrics.receive_errors += 1
+                count = self.metrics.receive_errors
+                if count & (count - 1) == 0:
+                    log.warning("dns_udp_receive_failed", error=str(exc), count=count)
+                return
+            try:
+                for i in range(got):
+                    received = datagram(i)
+                    if received is None:  # longer than any query: never answered
+                        self.metrics.unanswered["udp"] += 1
+                        continue
+                    try:
+                        handle(*received)
+                    except Exception as exc:  # never lose the rest of the batch to one
+                        self.metrics.errors += 1
+                        log.error("dns_datagram_failed", error=f"{type(exc).__name__}: {exc}")
+            finally:
+                if self._outbox:
+                    self._send_batch(batch)
+            if got < mmsg.BATCH:
+                return
+
+    def _send_batch(self, batch: mmsg.DatagramBatch) -> None:
+        outbox, self._outbox = self._outbox, []
+        for index, code in batch.send(outbox):
+            out, addr = outbox[index]
+            if code == 0:  # longer than a slot: the plain call
+                try:
+                    self._sendto(out, addr[:2])
+                except OSError as exc:
+                    self._send_failed(exc, out, addr[:2])
+            elif code in (errno.EAGAIN, errno.EINTR):
+                self._send_failed(BlockingIOError(code, "send buffer full"), out, addr[:2])
+            else:
+                self.metrics.send_errors += 1
 
     def _send_outbox(self) -> None:
         outbox, self._outbox = self._outbox, []

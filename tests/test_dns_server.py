@@ -423,6 +423,7 @@ async def test_udp_replies_wait_when_the_send_buffer_is_full(tmp_path: Path) -> 
     del config["dns"]["names"]["origin"]
     holder = ConfigHolder.from_file(str(write_config(tmp_path / "w.yaml", config)))
     server = DnsServer(holder, "iad", listen=HostPort("127.0.0.1", 0), admin=None, tcp=False)
+    server.batch_syscalls = False  # the recvfrom/sendto loop (tests/test_dns_mmsg.py: batched)
     await server.start()
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:

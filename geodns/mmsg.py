@@ -1,0 +1,223 @@
+"""UDP datagrams a batch per system call: ``recvmmsg(2)`` and ``sendmmsg(2)`` through ctypes.
+
+gdnsd answers a burst of queries with one ``recvmmsg`` and one ``sendmmsg``; Python's socket
+module has neither, so a Python server pays two system calls per query (``recvfrom``,
+``sendto``), each with its own kernel entry and its own Python argument parsing.  On loopback
+at a saturating rate those calls are most of the CPU a memoized answer costs.  This module
+keeps one set of preallocated ``mmsghdr`` arrays per socket and reads their results through
+``memoryview`` casts, so a batch costs two foreign calls plus a few slice operations per
+datagram.
+
+Linux only (the structure layout is the 64-bit Linux ABI, checked at import); where it does
+not hold, :data:`AVAILABLE` is False and the caller keeps ``recvfrom``/``sendto``.  The
+environment variable ``MERIDIAN_UDP_MMSG=0`` turns it off too (A/B measurements, or a kernel
+or seccomp profile that refuses these calls).
+
+Hostile input: a datagram longer than :data:`SLOT_BYTES` arrives with ``MSG_TRUNC`` set and
+is reported truncated, never answered as if whole (a DNS query is a few hundred bytes; the
+largest legal EDNS query is far below this).  The sender's address is the kernel's, copied
+into a fixed slot; nothing a client sends decides a length here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import socket
+import sys
+from typing import Any, Final
+
+#: Datagrams per system call each way (gdnsd reads 64 per ``recvmmsg`` too).
+BATCH: Final = 64
+#: Bytes per datagram slot, both ways: more than any query; a longer reply goes by ``sendto``.
+SLOT_BYTES: Final = 4096
+#: Bytes per address slot: a ``sockaddr_in6`` (28) rounded up; a ``sockaddr_in`` is 16.
+NAME_BYTES: Final = 32
+_MSG_DONTWAIT: Final = 0x40
+_MSG_TRUNC: Final = 0x20
+#: Sender address bytes -> the host string ``recvfrom`` would give: senders repeat (resolvers).
+HOST_MEMO_LIMIT: Final = 65_536
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+class _MsgHdr(ctypes.Structure):
+    _fields_ = [
+        ("msg_name", ctypes.c_void_p),
+        ("msg_namelen", ctypes.c_uint32),
+        ("msg_iov", ctypes.c_void_p),
+        ("msg_iovlen", ctypes.c_size_t),
+        ("msg_control", ctypes.c_void_p),
+        ("msg_controllen", ctypes.c_size_t),
+        ("msg_flags", ctypes.c_int),
+    ]
+
+
+class _MMsgHdr(ctypes.Structure):
+    _fields_ = [("msg_hdr", _MsgHdr), ("msg_len", ctypes.c_uint)]
+
+
+#: ``struct mmsghdr`` as 32-bit words (16): msg_namelen is word 2, msg_flags 12, msg_len 14.
+_WORDS: Final = 16
+_NAMELEN_WORD: Final = 2
+_FLAGS_WORD: Final = 12
+_LEN_WORD: Final = 14
+#: ... and as 64-bit words: msg_name is word 0 of 8; an iovec's iov_len is word 1 of 2.
+_QWORDS: Final = 8
+
+
+def _libc_calls() -> tuple[Any, Any] | None:
+    if os.environ.get("MERIDIAN_UDP_MMSG", "1") == "0":
+        return None
+    if not sys.platform.startswith("linux") or ctypes.sizeof(ctypes.c_void_p) != 8:
+        return None
+    if ctypes.sizeof(_MMsgHdr) != 64 or _MMsgHdr.msg_len.offset != 56:
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        recvmmsg, sendmmsg = libc.recvmmsg, libc.sendmmsg
+    except (OSError, AttributeError):
+        return None
+    recvmmsg.restype = ctypes.c_int
+    int_, pointer, uint = ctypes.c_int, ctypes.c_void_p, ctypes.c_uint
+    recvmmsg.argtypes = [int_, pointer, uint, int_, pointer]
+    sendmmsg.restype = ctypes.c_int
+    sendmmsg.argtypes = [int_, pointer, uint, int_]
+    return recvmmsg, sendmmsg
+
+
+_CALLS = _libc_calls()
+#: recvmmsg/sendmmsg are usable here.
+AVAILABLE: Final = _CALLS is not None
+
+
+class _Ring:
+    """``BATCH`` message headers, each with one iovec into a ``SLOT_BYTES`` slot of a buffer."""
+
+    def __init__(self, names: int) -> None:
+        self.buffer = ctypes.create_string_buffer(BATCH * SLOT_BYTES)
+        self.iovecs = (_IoVec * BATCH)()
+        self.messages = (_MMsgHdr * BATCH)()
+        base = ctypes.addressof(self.buffer)
+        for i in range(BATCH):
+            self.iovecs[i].iov_base = base + i * SLOT_BYTES
+            self.iovecs[i].iov_len = SLOT_BYTES
+            header = self.messages[i].msg_hdr
+            header.msg_name = names + i * NAME_BYTES
+            header.msg_namelen = NAME_BYTES
+            header.msg_iov = ctypes.addressof(self.iovecs[i])
+            header.msg_iovlen = 1
+        self.address = ctypes.addressof(self.messages)
+        self.bytes = memoryview(self.buffer).cast("B")
+        self.words = memoryview(self.messages).cast("B").cast("I")
+        self.qwords = memoryview(self.messages).cast("B").cast("Q")
+        self.iov_qwords = memoryview(self.iovecs).cast("B").cast("Q")
+
+
+class DatagramBatch:
+    """Receive and send a socket's datagrams a batch at a time.
+
+    :meth:`receive` reads up to ``BATCH`` datagrams; :meth:`datagram` gives datagram ``i``
+    as ``recvfrom`` would, with a third address item: ``i``, the slot :meth:`send` answers
+    to (the sender's address is sent back from the kernel's own copy, never re-encoded).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        if _CALLS is None:
+            raise OSError(errno.ENOSYS, "recvmmsg/sendmmsg are not available here")
+        self._recvmmsg, self._sendmmsg = _CALLS
+        self._fd = sock.fileno()
+        self._family = sock.family
+        self._names = ctypes.create_string_buffer(BATCH * NAME_BYTES)
+        names = ctypes.addressof(self._names)
+        self._names_address = names
+        self._name_bytes = memoryview(self._names).cast("B")
+        self._in = _Ring(names)
+        self._out = _Ring(names)
+        self._hosts: dict[bytes, str] = {}
+        self._last = BATCH
+        #: Datagrams longer than a slot, dropped unanswered.
+        self.truncated = 0
+
+    def receive(self) -> int:
+        """Datagrams read into the slots (0: none waiting).  Raises ``OSError`` on an error
+        other than "nothing to read"."""
+        ring = self._in
+        if self._family != socket.AF_INET:
+            # The kernel wrote each slot's address length (value-result); a sockaddr_in6
+            # needs the whole slot again.
+            words = ring.words
+            for i in range(self._last):
+                words[i * _WORDS + _NAMELEN_WORD] = NAME_BYTES
+        got: int = self._recvmmsg(self._fd, ring.address, BATCH, _MSG_DONTWAIT, None)
+        if got < 0:
+            code = ctypes.get_errno()
+            if code in (errno.EAGAIN, errno.EINTR):
+                return 0
+            raise OSError(code, f"recvmmsg: {errno.errorcode.get(code, code)}")
+        self._last = got
+        return got
+
+    def datagram(self, i: int) -> tuple[bytes, tuple[Any, ...]] | None:
+        """Datagram ``i`` of the last :meth:`receive` and its sender ``(host, port, i)``;
+        None for one that did not fit its slot."""
+        words = self._in.words
+        if words[i * _WORDS + _FLAGS_WORD] & _MSG_TRUNC:
+            self.truncated += 1
+            return None
+        start = i * SLOT_BYTES
+        data = bytes(self._in.bytes[start : start + words[i * _WORDS + _LEN_WORD]])
+        name = self._name_bytes[i * NAME_BYTES : i * NAME_BYTES + NAME_BYTES]
+        port = name[2] << 8 | name[3]
+        raw = bytes(name[4:8]) if self._family == socket.AF_INET else bytes(name[8:24])
+        host = self._hosts.get(raw)
+        if host is None:
+            host = socket.inet_ntop(self._family, raw)
+            if len(self._hosts) >= HOST_MEMO_LIMIT:
+                self._hosts.clear()
+            self._hosts[raw] = host
+        return data, (host, port, i)
+
+    def send(self, replies: list[tuple[bytes, tuple[Any, ...]]]) -> list[tuple[int, int]]:
+        """Send each ``(reply, address)`` to the slot in ``address[2]``: the replies of one
+        :meth:`receive` batch, before the next.  Returns what was not sent, as ``(index into
+        replies, errno)``: a reply longer than a slot (errno 0: the caller uses ``sendto``),
+        or one the kernel refused (EAGAIN: the send buffer is full, for it and all after)."""
+        ring = self._out
+        failed: list[tuple[int, int]] = []
+        count = 0
+        slots: list[int] = []
+        buffer, qwords, iov_qwords = ring.bytes, ring.qwords, ring.iov_qwords
+        names = self._names_address
+        for index, (out, address) in enumerate(replies):
+            size = len(out)
+            if size > SLOT_BYTES:
+                failed.append((index, 0))
+                continue
+            start = count * SLOT_BYTES
+            buffer[start : start + size] = out
+            iov_qwords[2 * count + 1] = size
+            qwords[count * _QWORDS] = names + address[2] * NAME_BYTES
+            slots.append(index)
+            count += 1
+        sent_at = 0
+        while sent_at < count:
+            sent: int = self._sendmmsg(
+                self._fd, ring.address + sent_at * ctypes.sizeof(_MMsgHdr), count - sent_at, 0
+            )
+            if sent > 0:
+                sent_at += sent
+                continue
+            code = ctypes.get_errno() if sent < 0 else errno.EAGAIN
+            if code == errno.EINTR:
+                continue
+            if code == errno.EAGAIN:
+                failed.extend((index, code) for index in slots[sent_at:])
+                break
+            failed.append((slots[sent_at], code))  # this one refused; go on with the rest
+            sent_at += 1
+        return failed
