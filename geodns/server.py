@@ -853,6 +853,9 @@ class DnsServer:
         tail = data[2:]
         memo = self._shared.get(tail)
         if memo is None:
+            # A sender's own memo before the shape lookup: a resolver without ECS repeats.
+            memo = self._by_client.get((tail, addr[0]))
+        if memo is None:
             if not self._limiting and data[11]:
                 # An ECS query of a known shape (a never-seen subnet, typically): a range
                 # lookup and one join, memoized like any reply that depends on the query only.
@@ -867,10 +870,8 @@ class DnsServer:
                     shared[tail] = (reply, slot)
                     self._outbox.append((data[:2] + reply, addr))
                     return
-            memo = self._by_client.get((tail, addr[0]))
-            if memo is None:
-                self._compute_datagram(data, addr, tail)
-                return
+            self._compute_datagram(data, addr, tail)
+            return
         self._hits[memo[1]] += 1
         if self._limiting:
             self._send_limited(data[:2] + memo[0], addr)
