@@ -26,8 +26,9 @@ from prometheus_client import CollectorRegistry
 
 from edge.h2front import H2Connection, H2Stats
 from edge.h2meter import PREFACE
+from edge.h2streams import ResponseHeads
 from edge.hpack_literal import LiteralEncoder
-from edge.http1 import Headers
+from edge.memos import RESPONSE_HEADS, BoundedMemo
 from edge.protocol import SWEEP_INTERVAL, Connections
 from edge.tls import TlsContexts, TlsStats
 
@@ -53,8 +54,8 @@ class FrontDoors:
         self.h2_open: set[H2Connection] = set()
         #: Plain connections whose first bytes have not arrived yet, and since when.
         self.waiting: dict[FrontDoor, float] = {}
-        #: ``edge.h2front.parse_wire``'s memo: heads of prebuilt responses, parsed.
-        self.wire_memo: dict[bytes, tuple[int, Headers]] = {}
+        #: ``edge.h2streams.response_head``'s memo: heads of prebuilt responses, as HPACK.
+        self.wire_memo: ResponseHeads = BoundedMemo(RESPONSE_HEADS)
         #: The HPACK encoder of every HTTP/2 connection (stateless: ``edge.hpack_literal``).
         self.hpack_encoder = LiteralEncoder()
         self.draining = False

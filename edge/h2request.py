@@ -9,13 +9,13 @@ Host) is answered on its own stream; the connection goes on.
 from __future__ import annotations
 
 import asyncio
-
-import h2.errors
-import h2.events
+from collections.abc import Sequence
 
 from edge.accesslog import H1_FIELDS
 from edge.cache import Lookup
+from edge.h2core import DataReceived, RequestReceived
 from edge.h2streams import H2Body, H2Stream, StreamTable
+from edge.h2wire import ErrorCode
 from edge.http1 import (
     NO_BODY,
     BodyFraming,
@@ -35,7 +35,7 @@ log = get_logger("edge")
 
 
 def build_request(
-    fields: list[tuple[bytes, bytes]],
+    fields: Sequence[tuple[bytes, bytes]],
     ended: bool,
     *,
     limits: EdgeLimits,
@@ -45,8 +45,9 @@ def build_request(
     scheme: bytes,
     protocol: str,
 ) -> ProxyRequest:
-    """The ``ProxyRequest`` of one HTTP/2 request head (``h2`` has validated the fields: no
-    upper case, no connection-specific fields, pseudo-fields first and once).  The limits of
+    """The ``ProxyRequest`` of one HTTP/2 request head (``edge.h2hpack.request_problem`` has
+    validated the fields: no upper case, no connection-specific fields, pseudo-fields first and
+    once).  The limits of
     HTTP/1.1 apply; ``:authority`` (else Host) goes through ``decide_target`` like any Host;
     cookie crumbs are joined for HTTP/1.1 (RFC 9113 8.2.3).  Raises ``RequestRejected``."""
     method = b""
@@ -142,14 +143,14 @@ class H2Requests:
         self.protocol = protocol
         self.limits = limits
 
-    def open(self, event: h2.events.RequestReceived) -> None:
+    def open(self, event: RequestReceived) -> None:
         """A new request stream: answered from the cache at once, else run in a task."""
         stream_id = event.stream_id
         stream = self.table.open(stream_id)
-        ended = event.stream_ended is not None
+        ended = event.ended
         try:
             request = build_request(
-                list(event.headers or ()),
+                event.headers,
                 ended,
                 limits=self.limits,
                 request_id_header=self.pipeline.state.request_id_header,
@@ -212,13 +213,13 @@ class H2Requests:
             stream.task = None
             if not stream.closed and not stream.finished:
                 # The stage returned without ending its response: never leave it hanging.
-                self.table.reset_stream(stream, h2.errors.ErrorCodes.INTERNAL_ERROR, "unfinished")
+                self.table.reset_stream(stream, ErrorCode.INTERNAL_ERROR, "unfinished")
             self.table.maybe_release(stream)
 
-    def data(self, event: h2.events.DataReceived) -> None:
+    def data(self, event: DataReceived) -> None:
         """Request body bytes: to their stream's body, else their window back at once."""
         stream = self.table.streams.get(event.stream_id)
-        length = event.flow_controlled_length
+        length = event.flow_length
         if stream is None or stream.body is None or stream.body.complete:
             # Nobody reads it (answered already, reset): give the window back at once.
             if length:
@@ -229,7 +230,7 @@ class H2Requests:
         if body.received > self.limits.max_body:
             body.fail(RequestRejected(413, "body_too_large"))
             self.table.acknowledge(event.stream_id, body.unconsumed())
-        if event.stream_ended is not None:
+        if event.ended:
             body.finish()
 
 

@@ -12,6 +12,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
+import hpack
 import pytest
 from hyperframe.frame import (
     ContinuationFrame,
@@ -26,8 +27,10 @@ from prometheus_client import CollectorRegistry
 from edge.front import FrontDoors
 from edge.h2front import H2Connection
 from edge.h2meter import PREFACE, FrameMeter
-from edge.h2streams import parse_wire
+from edge.h2streams import ResponseHeads, parse_wire, response_head
+from edge.hpack_literal import LiteralEncoder
 from edge.http1 import RequestRejected, error_response
+from edge.memos import RESPONSE_HEADS, BoundedMemo
 from edge.protocol import Connections
 from tests.stage_support import Reply, World, world
 
@@ -103,13 +106,12 @@ def test_meter_refuses_a_frame_larger_than_allowed_on_its_header():
 # -- parse_wire ------------------------------------------------------------------------------
 
 
-def test_parse_wire_drops_hop_by_hop_fields_and_memoises_the_head():
-    memo: dict[bytes, Any] = {}
+def test_parse_wire_drops_hop_by_hop_fields():
     wire = (
         b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: keep-alive\r\n"
         b"Keep-Alive: timeout=5\r\nX-Cache: HIT\r\nContent-Length: 5\r\n\r\nhello"
     )
-    status, fields, body = parse_wire(wire, memo)
+    status, fields, body = parse_wire(wire)
     assert status == 200 and body == b"hello"
     assert fields == [
         (b":status", b"200"),
@@ -117,15 +119,34 @@ def test_parse_wire_drops_hop_by_hop_fields_and_memoises_the_head():
         (b"x-cache", b"HIT"),
         (b"content-length", b"5"),
     ]
-    assert parse_wire(wire, memo)[1] is fields  # the head is parsed once
     chunked = b"HTTP/1.1 502 Bad Gateway\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
-    status, fields, body = parse_wire(chunked, memo)
+    status, fields, body = parse_wire(chunked)
     assert status == 502 and body == b"abc" and fields == [(b":status", b"502")]
     error = error_response(
         431, "iad", "headers_too_large", b"rid", request_id_header=b"x-request-id"
     )
-    status, fields, body = parse_wire(error, memo)
+    status, fields, body = parse_wire(error)
     assert status == 431 and (b"x-request-id", b"rid") in fields and body
+
+
+def test_response_head_encodes_a_prebuilt_head_once_and_sends_the_body_as_stored():
+    memo: ResponseHeads = BoundedMemo(RESPONSE_HEADS)
+    encoder = LiteralEncoder()
+    wire = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: keep-alive\r\n"
+        b"X-Cache: HIT\r\nContent-Length: 5\r\n\r\nhello"
+    )
+    status, block, body = response_head(wire, memo, encoder)
+    assert status == 200 and body == b"hello"
+    assert hpack.Decoder().decode(block, raw=True) == parse_wire(wire)[1]
+    again = response_head(wire + b"", memo, encoder)
+    assert again[1] is block and len(memo) == 1  # encoded once per distinct head
+    chunked = b"HTTP/1.1 502 Bad Gateway\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    assert response_head(chunked, memo, encoder)[2] == b"abc"
+    assert len(memo) == 1  # a chunked body is decoded every time, its head not remembered
+    for i in range(memo.bound + 5):
+        response_head(b"HTTP/1.1 200 OK\r\nX-N: %d\r\n\r\n" % i, memo, encoder)
+    assert 0 < len(memo) <= memo.bound
 
 
 # -- H2Connection over an in-memory transport --------------------------------------------------
@@ -442,9 +463,7 @@ async def test_requests_in_the_same_read_as_the_clients_goaway_are_answered():
 
 
 def test_literal_hpack_blocks_decode_and_leave_the_dynamic_table_empty():
-    import hpack
-
-    from edge.hpack_literal import LiteralEncoder, encode_integer
+    from edge.hpack_literal import encode_integer
 
     encoder = LiteralEncoder()
     fields = [
@@ -539,8 +558,8 @@ async def test_the_front_door_picks_the_protocol_by_the_first_bytes(chunks, expe
     ],
 )
 async def test_fields_that_could_smuggle_into_http11_never_reach_upstream(field):
-    import hpack
-
+    """A malformed request is a stream error (RFC 9113 8.1.1): RST_STREAM PROTOCOL_ERROR, never
+    forwarded; the connection goes on."""
     w = world({"http://u1": [Reply(headers=[(b"cache-control", b"no-store")])]})
     peer = Peer(w)
     block = hpack.Encoder().encode(
@@ -555,10 +574,14 @@ async def test_fields_that_could_smuggle_into_http11_never_reach_upstream(field)
     peer.server.data_received(
         HeadersFrame(1, data=block, flags=["END_HEADERS", "END_STREAM"]).serialize()
     )
-    await peer.settle()
+    for _ in range(10):
+        await asyncio.sleep(0)
     assert not w.upstream.sent
-    goaway = [e for e in peer.events if isinstance(e, h2.events.ConnectionTerminated)]
-    assert goaway and goaway[0].error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    out = peer.transport.take()  # raw: the h2 client never saw stream 1 opened
+    assert _frames(out) == [(0x3, 0, 1)]  # RST_STREAM on stream 1, no GOAWAY
+    assert out[9:13] == b"\x00\x00\x00\x01"  # PROTOCOL_ERROR
+    assert not peer.server.table.streams and not peer.server.core.streams
+    assert not peer.transport.closed
     peer.close()
 
 
