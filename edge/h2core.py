@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from edge.h2hpack import Fields, HeaderDecoder
+from edge.h2hpack import DecodedBlock, Fields, HeaderDecoder
 from edge.h2wire import (
     ACK,
     CONTINUATION,
@@ -81,6 +81,8 @@ class RequestReceived:
     headers: Fields
     #: The HEADERS frame carried END_STREAM: no body.
     ended: bool
+    #: The decoded block (the same object while the client repeats the block).
+    block: DecodedBlock
 
 
 @dataclass(slots=True)
@@ -416,18 +418,20 @@ class H2Core(StreamBook):
                 return
             raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "stream_id_not_increasing")
         self.highest_stream = stream_id
-        fields, problem, expected = self.decoder.request(block)
+        decoded = self.decoder.request(block)
         if len(self.streams) >= self.max_concurrent_streams:
             raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "too_many_streams")
+        problem = decoded.problem
         if problem is not None or self_dep:
             self._stream_error(stream_id, ErrorCode.PROTOCOL_ERROR, problem or "self_dep", events)
             return
+        expected = decoded.expected
         if ended and expected > 0:
             self._stream_error(stream_id, ErrorCode.PROTOCOL_ERROR, "length_mismatch", events)
             return
         self.streams[stream_id] = Stream(self.local_window, not ended, expected)
         self.send_windows[stream_id] = self.peer_initial_window
-        events.append(RequestReceived(stream_id, fields, ended))
+        events.append(RequestReceived(stream_id, decoded.fields, ended, decoded))
 
     def _data(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         length = len(payload)

@@ -290,6 +290,8 @@ class H2Connection(asyncio.Protocol):
                     continue
                 self.streams_seen += 1
                 self._had_request = True
+                # Streams answered at once never enter the table: idle from now.
+                self._idle_since = self.loop.time()
                 stats = self.doors.h2_stats
                 stats.streams += 1
                 stats.bump(stats.requests, self.tls_version)

@@ -171,6 +171,25 @@ def _field_problem(name: bytes, value: bytes) -> str | None:
     return None
 
 
+class DecodedBlock:
+    """A request header block decoded and checked; the memo's value, so what the application
+    derives from the fields alone can be kept on it (``app``) for the next request that
+    repeats the block."""
+
+    __slots__ = ("app", "expected", "fields", "memoised", "problem")
+
+    def __init__(self, fields: Fields, problem: str | None, expected: int, memoised: bool) -> None:
+        self.fields = fields
+        #: Why the fields are malformed as a request (None: well formed).
+        self.problem = problem
+        #: Its Content-Length (-1: none).
+        self.expected = expected
+        #: In the memo: the same object comes back while the block repeats.
+        self.memoised = memoised
+        #: The application's own (``edge.h2request``: the request head it validated).
+        self.app: object = None
+
+
 class HeaderDecoder:
     """One connection's HPACK decoder with its memo of blocks that leave the table alone."""
 
@@ -180,13 +199,11 @@ class HeaderDecoder:
         decoder = hpack.Decoder(max_header_list_size=max_header_list_size)
         decoder.max_allowed_table_size = max_table_size
         self._decoder = decoder
-        #: block bytes -> (its fields, why they are malformed as a request or None, its
-        #: Content-Length or -1).
-        self.memo: BoundedMemo[bytes, tuple[Fields, str | None, int]] = BoundedMemo(HPACK_BLOCKS)
+        #: block bytes -> the block decoded.
+        self.memo: BoundedMemo[bytes, DecodedBlock] = BoundedMemo(HPACK_BLOCKS)
 
-    def request(self, block: bytes) -> tuple[Fields, str | None, int]:
-        """A request head's fields, why it is malformed (None: well formed), and its
-        Content-Length (-1: none).
+    def request(self, block: bytes) -> DecodedBlock:
+        """A request head's fields, checked (``request_problem``).
 
         Raises ``H2ConnectionError``: COMPRESSION_ERROR for a block that cannot be decoded
         (the table is no longer in step), ENHANCE_YOUR_CALM for a decoded list over the
@@ -196,13 +213,15 @@ class HeaderDecoder:
         if known is not None:
             return known
         fields = self._decode(block)
-        answer = (fields, *request_problem(fields))
+        problem, expected = request_problem(fields)
         if leaves_table_alone(block):
+            answer = DecodedBlock(fields, problem, expected, True)
             if len(memo) >= memo.bound:
                 memo.clear()
             memo[block] = answer
         else:
             memo.clear()  # the table changed: no remembered block means what it meant
+            answer = DecodedBlock(fields, problem, expected, False)
         return answer
 
     def trailers(self, block: bytes) -> tuple[Fields, str | None]:
@@ -226,4 +245,4 @@ class HeaderDecoder:
         return tuple((bytes(name), bytes(value)) for name, value in decoded)
 
 
-__all__ = ["Fields", "HeaderDecoder", "leaves_table_alone", "request_problem"]
+__all__ = ["DecodedBlock", "Fields", "HeaderDecoder", "leaves_table_alone", "request_problem"]

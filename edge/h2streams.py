@@ -250,12 +250,19 @@ class H2Stream:
         # on its own, the connection goes on.
         if self.closed:
             return
-        self.response_started = True
         conn = self._conn
         status, block, body = response_head(data, conn.wire_memo, conn.encoder)
         request = self.request
         if request is not None and (request.method == "HEAD" or status in (204, 304)):
             body = b""
+        self.send_prebuilt(block, body)
+
+    def send_prebuilt(self, block: bytes, body: bytes) -> None:
+        """A whole response: its HPACK block and its body (empty: none)."""
+        if self.closed:
+            return
+        self.response_started = True
+        conn = self._conn
         self._pending_headers = block
         if not body:
             self.end_response()
@@ -439,6 +446,28 @@ class StreamTable:
             self.owner.count_reset(reason)
         self.end_stream(stream, cancel=True)
         self.write_out()
+
+    def answer(self, stream_id: int, wire: bytes, head_only: bool) -> None:
+        """A new stream answered at once with a prebuilt response (a cache hit): HEADERS and
+        one DATA frame from the stored bytes when the windows allow, without a stream object
+        (the usual case); else through one, waiting for the windows like any response."""
+        status, block, body = response_head(wire, self.wire_memo, self.encoder)
+        if head_only or status == 204 or status == 304:
+            body = b""
+        core = self.core
+        window = core.sendable(stream_id)
+        if window is None:
+            return  # reset meanwhile
+        if len(body) <= window:
+            if body:
+                core.send_headers(stream_id, block, False)
+                core.send_data(stream_id, body, True)
+            else:
+                core.send_headers(stream_id, block, True)
+            self.write_out()
+            return
+        stream = self.open(stream_id)
+        stream.send_prebuilt(block, body)
 
     def refuse(self, stream_id: int) -> None:
         self.core.reset(stream_id, ErrorCode.REFUSED_STREAM)
