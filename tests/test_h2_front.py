@@ -295,6 +295,55 @@ async def test_a_miss_then_a_hit_over_h2_carry_the_http11_headers():
     peer.close()
 
 
+async def test_a_repeated_header_block_replays_its_request_head_and_memoised_hit(monkeypatch):
+    """The client's encoder indexes the request's fields the first time; from the second
+    request on the block is all indexed (the HPACK memo's), and from the third its validated
+    head (kept on the decoded block) replays the memoised hit: no build_request, no stream
+    object, HEADERS and DATA from the stored bytes."""
+    from edge import h2request
+
+    w = world({"http://u1": [Reply(headers=CACHEABLE, chunks=(b"tick",))]})
+    peer = Peer(w)
+    peer.get("/api/ticker")  # miss: fills the cache
+    await peer.settle()
+    built = []
+    real = h2request.build_request
+    monkeypatch.setattr(
+        h2request, "build_request", lambda *a, **k: built.append(1) or real(*a, **k)
+    )
+    second = peer.get("/api/ticker")
+    assert built == [1]  # the block is new to the memo (indexed now, literals before)
+    streams = [peer.get("/api/ticker") for _ in range(3)]
+    assert built == [1]  # replayed
+    assert not peer.server.table.streams  # answered without a stream object
+    for stream in (second, *streams):
+        headers, body, ended = peer.response(stream)
+        assert ended and body == b"tick" and headers[b"x-cache"] == b"HIT"
+    head = peer.get("/api/ticker", method="HEAD")
+    headers, body, ended = peer.response(head)
+    assert ended and body == b"" and headers[b"content-length"] == b"4"
+    assert len(w.upstream.sent) == 1
+    peer.close()
+
+
+async def test_a_hit_larger_than_the_window_waits_for_it_on_a_stream():
+    w = world({"http://u1": [Reply(headers=CACHEABLE, chunks=(b"tick",))]})
+    peer = Peer(w, initial_window_size=3)
+    first = peer.get("/api/ticker")
+    await peer.settle()
+    second = peer.get("/api/ticker")
+    for stream in (first, second):
+        _, body, ended = peer.response(stream)
+        assert body == b"tic" and not ended
+    assert second in peer.server.table.streams  # the hit's last byte waits on its stream
+    peer.client.increment_flow_control_window(10, stream_id=second)
+    peer.pump()
+    _, body, ended = peer.response(second)
+    assert body == b"tick" and ended
+    assert second not in peer.server.table.streams
+    peer.close()
+
+
 async def test_response_bytes_wait_for_the_peer_window():
     body = b"x" * 100_000
     w = world({"http://u1": [Reply(chunks=(body,), headers=[(b"cache-control", b"no-store")])]})
