@@ -26,9 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from edge.h2front import H2Connection, H2Stats
 from edge.h2meter import PREFACE
-from edge.h2streams import ResponseHeads
-from edge.hpack_literal import LiteralEncoder
-from edge.memos import RESPONSE_HEADS, BoundedMemo
+from edge.h2streams import PrebuiltResponses
 from edge.protocol import SWEEP_INTERVAL, Connections
 from edge.tls import TlsContexts, TlsStats
 
@@ -54,10 +52,9 @@ class FrontDoors:
         self.h2_open: set[H2Connection] = set()
         #: Plain connections whose first bytes have not arrived yet, and since when.
         self.waiting: dict[FrontDoor, float] = {}
-        #: ``edge.h2streams.response_head``'s memo: heads of prebuilt responses, as HPACK.
-        self.wire_memo: ResponseHeads = BoundedMemo(RESPONSE_HEADS)
-        #: The HPACK encoder of every HTTP/2 connection (stateless: ``edge.hpack_literal``).
-        self.hpack_encoder = LiteralEncoder()
+        #: Prebuilt responses read back as HPACK blocks and bodies, memoised for every
+        #: HTTP/2 connection of the worker (stateless encoding: ``edge.hpack_literal``).
+        self.h2_responses = PrebuiltResponses()
         self.draining = False
         self._sweeper: asyncio.Task[None] | None = None
         # Connections waiting for their first bytes hold descriptors too: without this, idle

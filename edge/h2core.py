@@ -160,7 +160,7 @@ class StreamBook:
         self.decoder = HeaderDecoder(max_header_block)
         self.max_concurrent_streams = max_concurrent_streams
         self.max_header_block = max_header_block
-        self.out: list[bytes] = [
+        self.out: list[bytes | memoryview] = [
             settings_frame(
                 {
                     SETTING_MAX_CONCURRENT_STREAMS: max_concurrent_streams,
@@ -261,7 +261,7 @@ class StreamBook:
             self._local_end(stream_id, stream)
         return True
 
-    def send_data(self, stream_id: int, data: bytes, end_stream: bool) -> bool:
+    def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool) -> bool:
         """One DATA frame, within ``sendable``; False if the stream is gone."""
         stream = self.streams.get(stream_id)
         if stream is None or not stream.local_open:
@@ -298,7 +298,7 @@ class StreamBook:
         out = self.out
         if not out:
             return b""
-        data = out[0] if len(out) == 1 else b"".join(out)
+        data = b"".join(out) if len(out) > 1 else bytes(out[0])
         out.clear()
         return data
 

@@ -58,9 +58,8 @@ from edge.h2core import (
 )
 from edge.h2meter import FrameMeter
 from edge.h2request import H2Requests
-from edge.h2streams import ResponseHeads, StreamTable
+from edge.h2streams import PrebuiltResponses, StreamTable
 from edge.h2wire import ErrorCode, H2ConnectionError
-from edge.hpack_literal import LiteralEncoder
 from edge.pipeline import Pipeline
 from edge.protocol import Connections
 from meridian.log import get_logger
@@ -150,8 +149,7 @@ class H2Host(Protocol):
     connections: Connections
     h2_open: set[H2Connection]
     h2_stats: H2Stats
-    wire_memo: ResponseHeads
-    hpack_encoder: LiteralEncoder
+    h2_responses: PrebuiltResponses
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,7 +186,7 @@ class H2Connection(asyncio.Protocol):
             max_frame_size=self.settings.max_frame_size,
         )
         self._transport: asyncio.Transport | None = None
-        self.table = StreamTable(self.core, self.loop, self, doors.wire_memo, doors.hpack_encoder)
+        self.table = StreamTable(self.core, self.loop, self, doors.h2_responses)
         #: The request side (made when the connection is, with the client's address).
         self.requests: H2Requests | None = None
         self.write_paused = False

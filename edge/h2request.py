@@ -216,10 +216,12 @@ class H2Requests:
         it is equivalent to, and whatever it looked up goes on to the slow path."""
         pipeline = self.pipeline
         head_only = head.method == "HEAD"
+        # Without a request ID line of its own, a hit's bytes are the cached object itself.
+        stable = head.supplied_id is None
         if head.hit is not None:
             wire = pipeline.replay_hit(head, self.client_ip, head.supplied_id, self.protocol)
             if wire is not None:
-                self._answer(stream_id, stream, wire, head_only)
+                self._answer(stream_id, stream, wire, head_only, stable)
                 return
         supplied = head.supplied_id
         if request is not None:
@@ -251,7 +253,7 @@ class H2Requests:
         finally:
             access_log.protocol = H1_FIELDS
         if wire is not None:
-            self._answer(stream_id, stream, wire, head_only)
+            self._answer(stream_id, stream, wire, head_only, stable)
             return
         lookup = pipeline.take_pending(as_http11)
         if stream is None:
@@ -261,10 +263,10 @@ class H2Requests:
         stream.task = self.loop.create_task(self._run(stream, lookup))
 
     def _answer(
-        self, stream_id: int, stream: H2Stream | None, wire: bytes, head_only: bool
+        self, stream_id: int, stream: H2Stream | None, wire: bytes, head_only: bool, stable: bool
     ) -> None:
         if stream is None:
-            self.table.answer(stream_id, wire, head_only)
+            self.table.answer(stream_id, wire, head_only, stable)
         else:
             stream.write_complete(wire, close=False)
 

@@ -24,7 +24,7 @@ from edge.h2core import H2Core
 from edge.h2wire import ErrorCode
 from edge.hpack_literal import LiteralEncoder
 from edge.http1 import BodyFraming, BodyKind, Headers, RequestRejected
-from edge.memos import BoundedMemo
+from edge.memos import RESPONSE_HEADS, RESPONSE_OBJECTS, BoundedMemo
 from edge.pipeline import ProxyRequest
 
 #: Response bytes a stream buffers (waiting for the peer's window) before its writer waits.
@@ -86,29 +86,65 @@ def _parse_head(head: bytes) -> tuple[int, Headers, bool]:
 
 
 ResponseHeads = BoundedMemo[bytes, tuple[int, bytes]]
+#: The largest prebuilt response remembered by object (``PrebuiltResponses.by_object``).
+BY_OBJECT_MAX_BYTES: Final = 16 * 1024
 
 
 def response_head(
     wire: bytes, memo: ResponseHeads, encoder: LiteralEncoder
-) -> tuple[int, bytes, bytes]:
+) -> tuple[int, bytes, bytes | memoryview]:
     """Status, HPACK block (without indexing) and body of a prebuilt HTTP/1.1 response; the
     head's (status, block) memoised, so a hit costs a lookup and a slice."""
     end = wire.find(b"\r\n\r\n")
     if end < 0:
         raise ValueError("prebuilt response without a head end")
     head = wire[:end]
+    body = memoryview(wire)[end + 4 :]  # sent from the stored bytes, not copied
     known = memo.get(head)
     if known is not None:
-        return known[0], known[1], wire[end + 4 :]
+        return known[0], known[1], body
     status, headers, chunked = _parse_head(head)
     block = encoder.encode(headers)
-    body = wire[end + 4 :]
     if chunked:  # never memoised: rare, and its body must be decoded each time
-        return status, block, _dechunk(body)
+        return status, block, _dechunk(bytes(body))
     if len(memo) >= memo.bound:
         memo.clear()
     memo[head] = (status, block)
     return status, block, body
+
+
+class PrebuiltResponses:
+    """A worker's prebuilt HTTP/1.1 responses (cache hits, edge errors) read back for HTTP/2.
+
+    Two memos (``edge.memos``): ``heads``, the head's bytes -> status and HPACK block
+    (``RESPONSE_HEADS``); ``by_object``, the response's bytes object -> all three
+    (``RESPONSE_OBJECTS``): the hit path returns the very same object while a cached answer
+    holds (one Age second), so a hit then costs one dict lookup by ``id``, without hashing
+    or slicing the bytes."""
+
+    __slots__ = ("by_object", "encoder", "heads")
+
+    def __init__(self) -> None:
+        self.encoder = LiteralEncoder()
+        self.heads: ResponseHeads = BoundedMemo(RESPONSE_HEADS)
+        self.by_object: BoundedMemo[int, tuple[bytes, int, bytes, bytes | memoryview]] = (
+            BoundedMemo(RESPONSE_OBJECTS)
+        )
+
+    def read(self, wire: bytes, stable: bool) -> tuple[int, bytes, bytes | memoryview]:
+        """Status, HPACK block and body of ``wire``; ``stable``: the hit path may return this
+        very object again (no per-request lines in it), so it is worth remembering."""
+        known = self.by_object.get(id(wire))
+        if known is not None and known[0] is wire:
+            return known[1], known[2], known[3]
+        status, block, body = response_head(wire, self.heads, self.encoder)
+        if stable and len(wire) <= BY_OBJECT_MAX_BYTES:
+            memo = self.by_object
+            if len(memo) >= memo.bound:
+                memo.clear()
+            # Holding ``wire`` keeps its id from being reused while the entry lives.
+            memo[id(wire)] = (wire, status, block, body)
+        return status, block, body
 
 
 def _dechunk(data: bytes) -> bytes:
@@ -189,7 +225,7 @@ class H2Stream:
         self.bytes_sent = 0
         #: The response's HPACK block, until it is sent.
         self._pending_headers: bytes | None = None
-        self._outbound: deque[bytes] = deque()
+        self._outbound: deque[bytes | memoryview] = deque()
         self.out_size = 0
         self._end_pending = False
         #: Our END_STREAM went out (or the stream was reset): nothing more to send.
@@ -223,7 +259,7 @@ class H2Stream:
             fields.append((b"content-length", str(framing.length).encode()))
         elif framing.kind is BodyKind.NONE and head_length is not None:
             fields.append((b"content-length", str(head_length).encode()))
-        self._pending_headers = self._conn.encoder.encode(fields)
+        self._pending_headers = self._conn.responses.encoder.encode(fields)
 
     def write_body(self, data: bytes) -> None:
         if not data or self.closed:
@@ -251,13 +287,13 @@ class H2Stream:
         if self.closed:
             return
         conn = self._conn
-        status, block, body = response_head(data, conn.wire_memo, conn.encoder)
+        status, block, body = conn.responses.read(data, False)
         request = self.request
         if request is not None and (request.method == "HEAD" or status in (204, 304)):
             body = b""
         self.send_prebuilt(block, body)
 
-    def send_prebuilt(self, block: bytes, body: bytes) -> None:
+    def send_prebuilt(self, block: bytes, body: bytes | memoryview) -> None:
         """A whole response: its HPACK block and its body (empty: none)."""
         if self.closed:
             return
@@ -304,7 +340,7 @@ class H2Stream:
         if end_stream:
             self.ended = True
 
-    def take(self, window: int) -> tuple[bytes, bool] | None:
+    def take(self, window: int) -> tuple[bytes | memoryview, bool] | None:
         """Up to ``window`` bytes to send now, and whether they end the stream."""
         if not self._outbound:
             if self._end_pending and not self.ended:
@@ -352,21 +388,19 @@ class H2Stream:
 class StreamTable:
     """The streams of one connection and everything sent on them."""
 
-    __slots__ = ("core", "encoder", "loop", "owner", "streams", "wire_memo")
+    __slots__ = ("core", "loop", "owner", "responses", "streams")
 
     def __init__(
         self,
         core: H2Core,
         loop: asyncio.AbstractEventLoop,
         owner: StreamOwner,
-        wire_memo: ResponseHeads,
-        encoder: LiteralEncoder,
+        responses: PrebuiltResponses,
     ) -> None:
         self.core = core
         self.loop = loop
         self.owner = owner
-        self.wire_memo = wire_memo
-        self.encoder = encoder
+        self.responses = responses
         self.streams: dict[int, H2Stream] = {}
 
     @property
@@ -447,11 +481,12 @@ class StreamTable:
         self.end_stream(stream, cancel=True)
         self.write_out()
 
-    def answer(self, stream_id: int, wire: bytes, head_only: bool) -> None:
+    def answer(self, stream_id: int, wire: bytes, head_only: bool, stable: bool) -> None:
         """A new stream answered at once with a prebuilt response (a cache hit): HEADERS and
         one DATA frame from the stored bytes when the windows allow, without a stream object
-        (the usual case); else through one, waiting for the windows like any response."""
-        status, block, body = response_head(wire, self.wire_memo, self.encoder)
+        (the usual case); else through one, waiting for the windows like any response.
+        ``stable``: see ``PrebuiltResponses.read``."""
+        status, block, body = self.responses.read(wire, stable)
         if head_only or status == 204 or status == 304:
             body = b""
         core = self.core
@@ -509,6 +544,7 @@ __all__ = [
     "STREAM_HIGH_WATER",
     "H2Body",
     "H2Stream",
+    "PrebuiltResponses",
     "ResponseHeads",
     "StreamTable",
     "parse_wire",

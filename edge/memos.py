@@ -255,12 +255,21 @@ HPACK_BLOCKS: Final = MemoSpec(
 )
 RESPONSE_HEADS: Final = MemoSpec(
     name="HTTP/2 response heads",
-    owner="edge.front.FrontDoors.wire_memo (edge.h2streams.response_head)",
+    owner="edge.h2streams.PrebuiltResponses.heads (one per worker; response_head)",
     key="the head of a prebuilt HTTP/1.1 response (a cache hit's, an edge error's), as bytes",
     value="its status and its HPACK block (literals without indexing: valid on any "
     "connection, edge.hpack_literal), or None when its body is chunked (decoded each time)",
     cleared_by="its bound only (a pure function of the head)",
     bound=1024,
+)
+RESPONSE_OBJECTS: Final = MemoSpec(
+    name="HTTP/2 prebuilt response objects",
+    owner="edge.h2streams.PrebuiltResponses.by_object (one per worker)",
+    key="id() of a prebuilt response of at most 16 KiB that the hit path hands back as the "
+    "same object while it holds (a cached answer within one Age second; no request ID line)",
+    value="the object itself (so its id stays its own), its status, HPACK block and body view",
+    cleared_by="its bound only; an object that is not the one remembered under its id misses",
+    bound=64,
 )
 
 # -- rate limits (edge.ratelimit) -----------------------------------------------------------------
@@ -315,6 +324,7 @@ MEMOS: Final = (
     ACCESS_LOG_MIDDLES,
     HPACK_BLOCKS,
     RESPONSE_HEADS,
+    RESPONSE_OBJECTS,
     RATE_LIMIT_KEYS,
     RATE_LIMIT_CLIENTS,
     RATE_LIMIT_LANES,

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from edge.front import FrontDoors
 from edge.h2front import H2Connection
 from edge.h2meter import PREFACE, FrameMeter
-from edge.h2streams import ResponseHeads, parse_wire, response_head
+from edge.h2streams import PrebuiltResponses, ResponseHeads, parse_wire, response_head
 from edge.hpack_literal import LiteralEncoder
 from edge.http1 import RequestRejected, error_response
 from edge.memos import RESPONSE_HEADS, BoundedMemo
@@ -137,7 +137,7 @@ def test_response_head_encodes_a_prebuilt_head_once_and_sends_the_body_as_stored
         b"X-Cache: HIT\r\nContent-Length: 5\r\n\r\nhello"
     )
     status, block, body = response_head(wire, memo, encoder)
-    assert status == 200 and body == b"hello"
+    assert status == 200 and bytes(body) == b"hello"
     assert hpack.Decoder().decode(block, raw=True) == parse_wire(wire)[1]
     again = response_head(wire + b"", memo, encoder)
     assert again[1] is block and len(memo) == 1  # encoded once per distinct head
@@ -147,6 +147,24 @@ def test_response_head_encodes_a_prebuilt_head_once_and_sends_the_body_as_stored
     for i in range(memo.bound + 5):
         response_head(b"HTTP/1.1 200 OK\r\nX-N: %d\r\n\r\n" % i, memo, encoder)
     assert 0 < len(memo) <= memo.bound
+
+
+def test_prebuilt_responses_are_remembered_by_object_only_when_stable_and_small():
+    responses = PrebuiltResponses()
+    wire = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    status, block, body = responses.read(wire, True)
+    assert (status, bytes(body)) == (200, b"hello")
+    assert responses.by_object[id(wire)][0] is wire
+    again = responses.read(wire, True)
+    assert again[1] is block and again[2] is body  # the remembered view, not a new slice
+    twin = bytes(bytearray(wire))  # equal bytes, another object: read afresh, still right
+    assert twin is not wire and responses.read(twin, True)[2] is not body
+    assert bytes(responses.read(twin, True)[2]) == b"hello"
+    responses.by_object.clear()
+    responses.read(wire, False)  # a request's own bytes (a request ID line): not kept
+    large = b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 20_000
+    responses.read(large, True)
+    assert not responses.by_object
 
 
 # -- H2Connection over an in-memory transport --------------------------------------------------
