@@ -26,6 +26,9 @@ GOAWAY with its code and closes); a stream error resets that stream (RST_STREAM)
   them, at most ``max_header_block`` bytes (else ENHANCE_YOUR_CALM), decoded by
   ``edge.h2hpack.HeaderDecoder`` (memoised); malformed requests are stream errors.
 * PRIORITY is checked for size and ignored; GOAWAY from the client is an event.
+* The frames that cost the server and not the client (RST_STREAM, SETTINGS, PING, PRIORITY,
+  empty DATA and CONTINUATION) are counted by ``edge.h2meter.FrameMeter`` as they are read:
+  past its limits, ENHANCE_YOUR_CALM (rapid reset, control floods).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from edge.h2hpack import DecodedBlock, Fields, HeaderDecoder
+from edge.h2meter import FrameMeter
 from edge.h2wire import (
     ACK,
     CONTINUATION,
@@ -155,8 +159,12 @@ class StreamBook:
         max_header_list_size: int,
         max_frame_size: int,
         max_header_block: int,
+        meter: FrameMeter | None = None,
     ) -> None:
         self.reader = FrameReader(max_frame_size)
+        #: Counts the frames that cost us and not the client (None: unlimited, in tests).
+        self.meter = meter
+        self._now = 0.0
         self.decoder = HeaderDecoder(max_header_block)
         self.max_concurrent_streams = max_concurrent_streams
         self.max_header_block = max_header_block
@@ -308,8 +316,10 @@ class H2Core(StreamBook):
 
     # -- receiving -----------------------------------------------------------------------------
 
-    def receive(self, data: bytes) -> list[Event]:
-        """The events ``data`` completes.  Raises ``H2ConnectionError``."""
+    def receive(self, data: bytes, now: float = 0.0) -> list[Event]:
+        """The events ``data`` completes (``now``: the clock, for the frame meter).  Raises
+        ``H2ConnectionError``."""
+        self._now = now
         reader = self.reader
         reader.feed(data)
         events: list[Event] = []
@@ -333,12 +343,18 @@ class H2Core(StreamBook):
             if kind == HEADERS:
                 self._headers(flags, stream_id, payload, events)
             elif kind == DATA:
+                if not payload and not flags & END_STREAM:
+                    self._meter(kind)
                 self._data(flags, stream_id, payload, events)
             elif kind == WINDOW_UPDATE:
                 self._window_update(stream_id, payload, events)
             elif kind == SETTINGS:
+                if not flags & ACK:
+                    self._meter(kind)
                 self._settings(flags, stream_id, payload, events)
             elif kind == PING:
+                if not flags & ACK:
+                    self._meter(kind)
                 if stream_id:
                     raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "ping_on_stream")
                 if len(payload) != 8:
@@ -346,10 +362,14 @@ class H2Core(StreamBook):
                 if not flags & ACK:
                     self.out.append(ping_ack(payload))
             elif kind == RST_STREAM:
+                self._meter(kind)
                 self._rst_stream(stream_id, payload, events)
             elif kind == PRIORITY:
+                self._meter(kind)
                 self._priority(stream_id, payload, events)
             elif kind == CONTINUATION:
+                if not payload:
+                    self._meter(kind)
                 self._continuation(flags, stream_id, payload, events)
             elif kind == GOAWAY:
                 if stream_id:
@@ -363,6 +383,13 @@ class H2Core(StreamBook):
                 raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "push_promise_from_client")
             # Other types: extensions, ignored (RFC 9113 5.5).
         return events
+
+    def _meter(self, kind: int) -> None:
+        meter = self.meter
+        if meter is not None:
+            verdict = meter.frame(kind, self._now)
+            if verdict is not None:
+                raise H2ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, verdict)
 
     def _headers(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if not stream_id & 1:  # zero, or a server's even ID

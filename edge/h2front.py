@@ -16,8 +16,9 @@ Hostile by default:
   most ``edge.limits.max_header_bytes`` advertised; the HPACK decoder refuses a decoded list
   beyond twice that (an HPACK bomb: GOAWAY ENHANCE_YOUR_CALM), a list beyond the limit but
   within the refusal is answered 431 on its stream; frame size ``edge.http2.max_frame_size``.
-* ``edge.h2meter.FrameMeter`` on the raw bytes: rapid reset, control-frame floods and
-  CONTINUATION floods end the connection with GOAWAY ENHANCE_YOUR_CALM.
+* ``edge.h2meter.FrameMeter``, fed by the core as it reads frames: rapid reset and
+  control-frame floods end the connection with GOAWAY ENHANCE_YOUR_CALM, as do the core's
+  own caps on a header block (CONTINUATION flood) and on a decoded list (HPACK bomb).
 * Anything the core calls a connection error (stream-id abuse, a frame on an idle stream,
   a broken header block, window overflow) ends it with GOAWAY and that error code; a
   malformed request (bad pseudo-headers, fields that could smuggle into HTTP/1.1) is a stream
@@ -70,7 +71,6 @@ log = get_logger("edge")
 LINGER: Final = 1.0
 #: The HPACK decoder refuses decoded header lists beyond this many times the advertised limit.
 HPACK_REFUSE_FACTOR: Final = 2
-_CALM: Final = ErrorCode.ENHANCE_YOUR_CALM
 _STREAMS_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 1000.0, 10000.0)
 
 
@@ -178,12 +178,10 @@ class H2Connection(asyncio.Protocol):
             max_header_list_size=self.limits.max_header_bytes,
             max_frame_size=self.settings.max_frame_size,
             max_header_block=refuse,
-        )
-        self.meter = FrameMeter(
-            max_resets=self.settings.max_resets_per_second,
-            max_control=self.settings.max_control_frames_per_second,
-            max_header_block=refuse,
-            max_frame_size=self.settings.max_frame_size,
+            meter=FrameMeter(
+                max_resets=self.settings.max_resets_per_second,
+                max_control=self.settings.max_control_frames_per_second,
+            ),
         )
         self._transport: asyncio.Transport | None = None
         self.table = StreamTable(self.core, self.loop, self, doors.h2_responses)
@@ -261,13 +259,8 @@ class H2Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return  # lingering after GOAWAY: dropped unread
-        verdict = self.meter.feed(data, self.loop.time())
-        if verdict is not None:
-            code = ErrorCode.FRAME_SIZE_ERROR if verdict == "frame_too_large" else _CALM
-            self.goaway(code, verdict)
-            return
         try:
-            events = self.core.receive(data)
+            events = self.core.receive(data, self.loop.time())
         except H2ConnectionError as exc:
             self.goaway(exc.code, exc.reason, exc.detail[:200])
             return

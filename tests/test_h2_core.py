@@ -24,6 +24,7 @@ from edge.h2core import (
     WindowUpdated,
 )
 from edge.h2hpack import HeaderDecoder, leaves_table_alone, request_problem
+from edge.h2meter import FrameMeter
 from edge.h2wire import (
     PREFACE,
     ErrorCode,
@@ -267,6 +268,82 @@ def test_an_hpack_bomb_is_refused_while_decoding():
     assert client.error(frame(HEADERS, END_HEADERS | END_STREAM, 1, block)) == (
         ErrorCode.ENHANCE_YOUR_CALM,
         "hpack_bomb",
+    )
+
+
+# -- the frame meter: floods -------------------------------------------------------------------
+
+
+def _metered(**limits: int) -> Client:
+    client = Client()
+    client.core.meter = FrameMeter(**{"max_resets": 3, "max_control": 3, **limits})
+    return client
+
+
+def test_rapid_reset_within_one_second_only():
+    client = _metered()
+    for sid in (1, 3, 5):
+        client.request(sid, end=False)
+        client.core.receive(frame(RST, 0, sid, u32(8)), 0.0)
+    client.request(7, end=False)
+    with pytest.raises(H2ConnectionError) as caught:
+        client.core.receive(frame(RST, 0, 7, u32(8)), 0.5)
+    assert (caught.value.code, caught.value.reason) == (ErrorCode.ENHANCE_YOUR_CALM, "rapid_reset")
+    client = _metered()
+    for sid in (1, 3, 5):
+        client.request(sid, end=False)
+        client.core.receive(frame(RST, 0, sid, u32(8)), 0.0)
+    for sid in (7, 9, 11):
+        client.request(sid, end=False)
+        client.core.receive(frame(RST, 0, sid, u32(8)), 1.0)  # a new second
+
+
+def test_control_floods_count_requests_not_acks():
+    client = _metered()
+    acks = frame(SETTINGS, 0x1, 0) + frame(PING, 0x1, 0, b"12345678")
+    client.core.receive(acks * 10, 0.0)
+    client.core.receive(frame(PING, 0, 0, b"12345678") * 3, 0.0)
+    with pytest.raises(H2ConnectionError) as caught:
+        client.core.receive(frame(SETTINGS, 0, 0), 0.0)
+    assert caught.value.reason == "control_flood"
+    empty = _metered()
+    empty.request(1, end=False)
+    empty.core.receive(frame(DATA, END_STREAM, 1), 0.0)  # an empty end: not counted
+    for sid in (3, 5, 7):
+        empty.request(sid, end=False)
+        empty.core.receive(frame(DATA, 0, sid), 0.0)
+    with pytest.raises(H2ConnectionError) as caught:
+        empty.core.receive(frame(DATA, 0, 3), 0.0)
+    assert caught.value.reason == "control_flood"
+    continuation = _metered()
+    continuation.core.receive(frame(HEADERS, 0, 1, b"\x82") + frame(CONT, 0, 1) * 3, 0.0)
+    with pytest.raises(H2ConnectionError) as caught:
+        continuation.core.receive(frame(CONT, 0, 1), 0.0)
+    assert caught.value.reason == "control_flood"
+    priority = _metered()
+    with pytest.raises(H2ConnectionError) as caught:
+        priority.core.receive(frame(PRIORITY, 0, 3, u32(1) + b"\x10") * 4, 0.0)
+    assert caught.value.reason == "control_flood"
+
+
+def test_payload_bytes_are_never_read_as_frames_even_a_byte_at_a_time():
+    client = _metered()
+    client.request(1, end=False)
+    lookalikes = frame(RST, 0, 1, u32(8)) * 5
+    data = frame(DATA, 0, 1, lookalikes) * 10
+    events = []
+    for i in range(len(data)):
+        events += client.core.receive(data[i : i + 1], 0.0)
+    assert events == [DataReceived(1, lookalikes, len(lookalikes), False)] * 10
+
+
+def test_http11_after_an_h2c_preface_is_refused_on_its_first_nine_bytes():
+    """ "GET /smuggle HTTP/1.1" read as a frame header announces 4.6 MB: refused at once,
+    never waited for."""
+    client = Client()
+    assert client.error(b"GET /smuggle HTTP/1.1\r\nHost: a\r\n\r\n") == (
+        ErrorCode.FRAME_SIZE_ERROR,
+        "frame_too_large",
     )
 
 

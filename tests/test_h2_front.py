@@ -15,93 +15,20 @@ import h2.settings
 import hpack
 import pytest
 from hyperframe.frame import (
-    ContinuationFrame,
-    DataFrame,
     HeadersFrame,
-    PingFrame,
-    RstStreamFrame,
     SettingsFrame,
 )
 from prometheus_client import CollectorRegistry
 
 from edge.front import FrontDoors
 from edge.h2front import H2Connection
-from edge.h2meter import PREFACE, FrameMeter
+from edge.h2meter import PREFACE
 from edge.h2streams import PrebuiltResponses, ResponseHeads, parse_wire, response_head
 from edge.hpack_literal import LiteralEncoder
 from edge.http1 import RequestRejected, error_response
 from edge.memos import RESPONSE_HEADS, BoundedMemo
 from edge.protocol import Connections
 from tests.stage_support import Reply, World, world
-
-# -- FrameMeter ------------------------------------------------------------------------------
-
-
-def _meter(**limits: int) -> FrameMeter:
-    values = {"max_resets": 3, "max_control": 3, "max_header_block": 100, **limits}
-    return FrameMeter(**values)
-
-
-def test_meter_skips_the_preface_and_payloads_even_split_across_reads():
-    meter = _meter()
-    data = PREFACE + b"".join(
-        DataFrame(1, data=b"\x03" * 50).serialize() for _ in range(10)
-    )  # payload bytes that would read as RST_STREAM frame types if misparsed
-    for i in range(len(data)):  # one byte at a time
-        assert meter.feed(data[i : i + 1], 0.0) is None
-
-
-def test_meter_rapid_reset_within_one_second_only():
-    meter = _meter()
-    frame = RstStreamFrame(1, error_code=8).serialize()
-    assert meter.feed(PREFACE + frame * 3, 0.0) is None
-    assert meter.feed(frame, 0.5) == "rapid_reset"
-    meter = _meter()
-    assert meter.feed(PREFACE + frame * 3, 0.0) is None
-    assert meter.feed(frame * 3, 1.0) is None  # a new second
-
-
-def test_meter_control_floods_count_requests_not_acks():
-    meter = _meter()
-    ack = SettingsFrame(0, flags=["ACK"]).serialize()
-    pong = PingFrame(0, flags=["ACK"]).serialize()
-    assert meter.feed(PREFACE + (ack + pong) * 10, 0.0) is None
-    ping = PingFrame(0).serialize()
-    assert meter.feed(ping * 3, 0.0) is None
-    assert meter.feed(SettingsFrame(0).serialize(), 0.0) == "control_flood"
-    empty = _meter()
-    assert (
-        empty.feed(PREFACE + DataFrame(1, data=b"", flags=["END_STREAM"]).serialize() * 9, 0.0)
-        is None
-    )
-    assert empty.feed(DataFrame(1, data=b"").serialize() * 4, 0.0) == "control_flood"
-
-
-def test_meter_header_block_across_continuation_frames():
-    meter = _meter(max_header_block=100)
-    assert meter.feed(PREFACE + HeadersFrame(1, data=b"a" * 60).serialize(), 0.0) is None
-    assert meter.feed(ContinuationFrame(1, data=b"b" * 30).serialize(), 0.0) is None
-    assert meter.feed(ContinuationFrame(1, data=b"c" * 30).serialize(), 0.0) == (
-        "header_block_too_large"
-    )
-    ended = _meter(max_header_block=100)
-    block = HeadersFrame(1, data=b"a" * 60).serialize()
-    end = ContinuationFrame(1, data=b"b" * 30, flags=["END_HEADERS"]).serialize()
-    assert ended.feed(PREFACE + block + end + block + end, 0.0) is None  # each block counted alone
-
-
-def test_meter_refuses_a_frame_larger_than_allowed_on_its_header():
-    """Judged on the 9-byte header, before any payload is buffered: the HTTP/1.1 request
-    line after an h2c preface reads as a 4.6 MB frame ("GET" as its length), and h2 alone
-    would wait for all of it."""
-    meter = _meter(max_frame_size=16384)
-    assert meter.feed(PREFACE + DataFrame(1, data=b"x" * 16384).serialize(), 0.0) is None
-    assert meter.feed(b"GET /smuggle HTTP/1.1\r\nHost: a\r\n\r\n", 0.0) == "frame_too_large"
-    split = _meter(max_frame_size=16384)
-    header = b"\x00\x40\x01\x00\x00\x00\x00\x00\x01"  # 16,385 bytes of DATA
-    assert split.feed(PREFACE + header[:4], 0.0) is None
-    assert split.feed(header[4:], 0.0) == "frame_too_large"
-
 
 # -- parse_wire ------------------------------------------------------------------------------
 
