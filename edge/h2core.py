@@ -199,6 +199,8 @@ class StreamBook:
         self._block_stream = 0
         self._block_ended = False
         self.goaway_received = False
+        #: The last stream ID our latest GOAWAY named (-1: none sent).
+        self.goaway_sent = -1
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -299,7 +301,12 @@ class StreamBook:
         return True
 
     def goaway(self, code: int, last_stream_id: int | None = None) -> None:
+        """GOAWAY: streams above ``last_stream_id`` (default: the highest seen) were not and
+        will not be processed.  A later GOAWAY never names a higher stream (RFC 9113 6.8)."""
         last = self.highest_stream if last_stream_id is None else last_stream_id
+        if self.goaway_sent >= 0:
+            last = min(last, self.goaway_sent)
+        self.goaway_sent = last
         self.out.append(goaway(last, code))
 
     def take_output(self) -> bytes:

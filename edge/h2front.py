@@ -269,12 +269,14 @@ class H2Connection(asyncio.Protocol):
             self._dispatch(events)
         finally:
             self._in_read = False
-        self.write_out()
+        self._flush()
 
     def _dispatch(self, events: list[Event]) -> None:
         table, requests = self.table, self.requests
         assert requests is not None
         for event in events:
+            if self._closing:
+                return  # closed by an earlier event (the client's GOAWAY, its last stream)
             if isinstance(event, RequestReceived):
                 if self._goaway_last >= 0 and event.stream_id > self._goaway_last:
                     table.refuse(event.stream_id)
@@ -329,6 +331,14 @@ class H2Connection(asyncio.Protocol):
     def write_out(self) -> None:
         if self._in_read:
             return  # written once, when the read's events are done
+        if self._closing:
+            # GOAWAY went out and the transport is closing: what the streams still say (the
+            # resets of their cancelled tasks) is dropped, as a closed transport refuses it.
+            self.core.out.clear()
+            return
+        self._flush()
+
+    def _flush(self) -> None:
         data = self.core.take_output()
         if data and self._transport is not None:
             self._transport.write(data)
@@ -352,7 +362,7 @@ class H2Connection(asyncio.Protocol):
         )
         self.core.goaway(code)
         self._in_read = False
-        self.write_out()
+        self._flush()
         self.table.end_all()
         transport = self._transport
         if transport is not None:
@@ -381,7 +391,7 @@ class H2Connection(asyncio.Protocol):
         self._closing = True
         self.core.goaway(ErrorCode.NO_ERROR)
         self._in_read = False
-        self.write_out()
+        self._flush()
         if self._transport is not None:
             self._transport.close()
 

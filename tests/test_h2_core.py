@@ -536,6 +536,10 @@ def test_nothing_is_sent_on_a_stream_that_is_gone():
     client.core.goaway(ErrorCode.NO_ERROR)
     frames = client.out()
     assert frames[-1].type == GOAWAY and frames[-1].last_stream_id == 1
+    client.request(3)  # refused by the application, say
+    client.core.goaway(ErrorCode.INTERNAL_ERROR)
+    (last,) = client.out()
+    assert last.last_stream_id == 1 and last.error_code == ErrorCode.INTERNAL_ERROR
 
 
 # -- the frame reader ---------------------------------------------------------------------------

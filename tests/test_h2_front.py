@@ -363,6 +363,27 @@ async def test_a_protocol_error_ends_the_connection_with_goaway():
     peer.close()
 
 
+async def test_after_an_offenders_goaway_nothing_more_is_written():
+    """Its streams' tasks are cancelled; the resets they would send are dropped (the transport
+    was half-closed with write_eof: a write would raise), and GOAWAY is the last frame."""
+    gate = asyncio.Event()
+    w = world({"http://u1": [Reply(headers=[(b"cache-control", b"no-store")], gate=gate)]})
+    peer = Peer(w)
+    stream = peer.get("/api/slow")
+    await peer.settle()
+    task = peer.server.table.streams[stream].task
+    assert task is not None
+    peer.server.data_received(HeadersFrame(2, data=b"", flags=["END_HEADERS"]).serialize())
+    frames = _frames(peer.transport.take())
+    assert frames[-1][0] == 0x7 and peer.transport.eof
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert task.done() and not peer.transport.take()
+    peer.server.check_deadline(asyncio.get_running_loop().time() + 2)
+    assert peer.transport.closed
+    peer.close()
+
+
 @pytest.mark.parametrize(
     ("extra", "status"),
     [
