@@ -676,3 +676,53 @@ def test_the_memo_holds_only_blocks_that_leave_the_table_alone():
 )
 def test_request_checks(fields, problem):
     assert request_problem(tuple(fields))[0] == problem
+
+
+# -- hostile bytes ----------------------------------------------------------------------------
+
+hostile_frames = st.lists(
+    st.tuples(
+        st.integers(0, 10),  # the known types and one unknown
+        st.sampled_from([0, 0x1, 0x4, 0x5, 0x8, 0x20, 0x25, 0x2D, 0xFF]),
+        st.sampled_from([0, 1, 2, 3, 5, 7, 2**31 - 1]),
+        st.one_of(
+            st.binary(max_size=40),
+            st.sampled_from([u32(0), u32(1), u32(2**31 - 1), b"\x82\x84\x87\x41\x01a", b""]),
+        ),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(hostile_frames, st.integers(1, 64))
+def test_any_frames_give_events_or_a_connection_error_and_nothing_else(frames, cut):
+    """Whatever a client sends, the core answers with events or ``H2ConnectionError``: never
+    another exception, and what it holds stays within its bounds."""
+    client = Client(max_streams=4, block_limit=200)
+    client.core.meter = FrameMeter(max_resets=1000, max_control=1000)
+    data = b"".join(frame(k, f, s, p) for k, f, s, p in frames)
+    try:
+        for pos in range(0, len(data), cut):
+            events = client.core.receive(data[pos : pos + cut], 0.0)
+            for event in events:
+                if isinstance(event, RequestReceived):  # answer some, as the edge would
+                    client.core.send_headers(event.stream_id, b"\x88", event.stream_id % 3 == 0)
+    except H2ConnectionError as error:
+        assert isinstance(error.code, ErrorCode) and error.reason
+    core = client.core
+    assert len(core.streams) <= 4 and set(core.streams) == set(core.send_windows)
+    assert core.reader.buffered <= 16384 + 9 + 64
+    assert len(core.decoder.memo) <= core.decoder.memo.bound
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_header_block_decodes_or_is_a_compression_error(block):
+    decoder = HeaderDecoder(4096)
+    try:
+        decoded = decoder.request(block)
+    except H2ConnectionError as error:
+        assert error.code in (ErrorCode.COMPRESSION_ERROR, ErrorCode.ENHANCE_YOUR_CALM)
+    else:
+        assert all(isinstance(n, bytes) and isinstance(v, bytes) for n, v in decoded.fields)
