@@ -287,6 +287,32 @@ class StreamBook:
             self._local_end(stream_id, stream)
         return True
 
+    def respond(self, stream_id: int, block: bytes, body: bytes | memoryview) -> bool | None:
+        """A whole response at once: HEADERS, then the body as one DATA frame ending the
+        stream (HEADERS ends it when there is no body).  False: the body does not fit the
+        windows or the frame size now (nothing sent); None: the stream cannot send."""
+        stream = self.streams.get(stream_id)
+        if stream is None or not stream.local_open:
+            return None
+        length = len(body)
+        max_frame = self.peer_max_frame
+        out = self.out
+        if length:
+            window = self.send_windows[stream_id]
+            if length > window or length > self.send_window or length > max_frame:
+                return False
+            self.send_windows[stream_id] = window - length
+            self.send_window -= length
+            out.append(headers_frames(stream_id, block, False, max_frame))
+            out.append(frame_header(length, DATA, END_STREAM, stream_id))
+            out.append(body)
+        else:
+            out.append(headers_frames(stream_id, block, True, max_frame))
+        stream.local_open = False
+        if not stream.remote_open:
+            self._forget(stream_id)
+        return True
+
     def _local_end(self, stream_id: int, stream: Stream) -> None:
         stream.local_open = False
         if not stream.remote_open:

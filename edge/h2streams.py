@@ -489,20 +489,11 @@ class StreamTable:
         status, block, body = self.responses.read(wire, stable)
         if head_only or status == 204 or status == 304:
             body = b""
-        core = self.core
-        window = core.sendable(stream_id)
-        if window is None:
-            return  # reset meanwhile
-        if len(body) <= window:
-            if body:
-                core.send_headers(stream_id, block, False)
-                core.send_data(stream_id, body, True)
-            else:
-                core.send_headers(stream_id, block, True)
+        sent = self.core.respond(stream_id, block, body)
+        if sent:
             self.write_out()
-            return
-        stream = self.open(stream_id)
-        stream.send_prebuilt(block, body)
+        elif sent is not None:  # None: reset meanwhile
+            self.open(stream_id).send_prebuilt(block, body)
 
     def refuse(self, stream_id: int) -> None:
         self.core.reset(stream_id, ErrorCode.REFUSED_STREAM)

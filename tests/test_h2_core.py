@@ -526,6 +526,24 @@ def test_a_large_header_block_goes_out_in_continuation_frames():
     assert b"".join(f.data for f in frames) == b"\x00" * 40000
 
 
+def test_a_whole_response_at_once_when_it_fits():
+    client = Client(s4=10)  # a 10-byte stream window
+    client.request(1)
+    core = client.core
+    assert core.respond(1, b"\x88", b"x" * 11) is False  # does not fit: nothing sent
+    assert client.out() == [] and 1 in core.streams
+    assert core.respond(1, b"\x88", b"x" * 10) is True
+    headers, data = client.out()
+    assert headers.type == HEADERS and sorted(headers.flags) == ["END_HEADERS"]
+    assert data.data == b"x" * 10 and "END_STREAM" in data.flags
+    assert 1 not in core.streams and core.send_window == 65535 - 10
+    client.request(3)
+    assert core.respond(3, b"\x88", b"") is True  # no body: HEADERS ends the stream
+    (only,) = client.out()
+    assert sorted(only.flags) == ["END_HEADERS", "END_STREAM"]
+    assert core.respond(3, b"\x88", b"") is None  # gone
+
+
 def test_nothing_is_sent_on_a_stream_that_is_gone():
     client = Client()
     client.request(1)
