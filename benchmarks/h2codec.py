@@ -3,14 +3,16 @@
 
     python -m benchmarks.h2codec [--requests 200000] [--per-connection 1000] [--rounds 3]
 
+Two scenarios: the same request again and again (h2load's), and one path per request (no
+block ever repeats, so the HPACK memo never answers: the ``hpack`` decoder's own cost).
 h2load's traffic shape, ``--per-connection`` requests on each connection (``benchmarks.tls``
-runs 40,000 requests over 64 connections: 625 each): each read carries 10 requests (HEADERS with
-END_STREAM, the client's HPACK encoder indexing them, so from the second on each block is a
-few indexed bytes) and a connection WINDOW_UPDATE giving back what the previous responses
-took; each request is answered with a 2 KB body (HEADERS from a precomputed block without
-indexing, ``edge.hpack_literal``, and one DATA frame), and the read's output taken once.  No
-sockets, TLS, stages or cache: what ``benchmarks.tls`` measures around it.  Prints CPU µs per
-request (``time.process_time``) per round and the best round for each codec.
+runs 40,000 requests over 64 connections: 625 each): each read carries 10 requests (HEADERS
+with END_STREAM, the client's HPACK encoder indexing them, so from the second on each block
+is a few indexed bytes) and a connection WINDOW_UPDATE giving back what the previous
+responses took; each request is answered with a 2 KB body (HEADERS from a precomputed block
+without indexing, ``edge.hpack_literal``, and one DATA frame), and the read's output taken
+once.  No sockets, TLS, stages or cache: what ``benchmarks.tls`` measures around it.  Prints
+CPU µs per request (``time.process_time``) per round and the best round for each codec.
 """
 
 from __future__ import annotations
@@ -45,15 +47,22 @@ REQUEST = [
 PER_READ = 10
 
 
-def client_reads(requests: int) -> list[bytes]:
-    """What the client sends: the preface and SETTINGS, then reads of ``PER_READ`` requests."""
+def client_reads(requests: int, varied: bool) -> list[bytes]:
+    """What the client sends: the preface and SETTINGS, then reads of ``PER_READ`` requests;
+    ``varied``: each with a path of its own, which the client's encoder indexes (so the
+    dynamic table changes with every block, and no block repeats: the HPACK memo never
+    answers)."""
     encoder = hpack.Encoder()
     reads = [PREFACE + settings_frame({})]
     stream_id = 1
     for _ in range(requests // PER_READ):
         frames = [window_update(0, PER_READ * len(BODY))] if stream_id > 1 else []
         for _ in range(PER_READ):
-            block = encoder.encode(REQUEST)
+            fields = REQUEST
+            if varied:
+                fields = [*REQUEST[:1], (b":path", b"/api/v1/symbols?n=%d" % stream_id)]
+                fields += REQUEST[2:]
+            block = encoder.encode(fields)
             frames.append(frame_header(len(block), 0x1, 0x5, stream_id) + block)
             stream_id += 2
         reads.append(b"".join(frames))
@@ -140,15 +149,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-connection", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    reads = client_reads(args.per_connection)
-    ours = measure("edge.h2core", run_core, reads, args)
     try:
         import h2  # noqa: F401 (a test dependency only)
     except ImportError:
-        print(f"edge.h2core  best: {ours:.2f} us/request (h2 not installed: no comparison)")
-        return 0
-    theirs = measure("h2 library", run_h2, reads, args)
-    print(f"best: edge.h2core {ours:.2f} us/request, h2 {theirs:.2f} ({theirs / ours:.1f}x)")
+        have_h2 = False
+    else:
+        have_h2 = True
+    for scenario, varied in (("same request", False), ("varied paths", True)):
+        print(f"-- {scenario}")
+        reads = client_reads(args.per_connection, varied)
+        ours = measure("edge.h2core", run_core, reads, args)
+        if not have_h2:
+            print(f"best: edge.h2core {ours:.2f} us/request (h2 not installed: no comparison)")
+            continue
+        theirs = measure("h2 library", run_h2, reads, args)
+        print(f"best: edge.h2core {ours:.2f} us/request, h2 {theirs:.2f} ({theirs / ours:.1f}x)")
     return 0
 
 
