@@ -179,8 +179,8 @@ class StreamBook:
             )
         ]
         self.streams: dict[int, Stream] = {}
-        #: Per stream, what we may still send; kept apart from ``streams`` so that a
-        #: stream's send window outlives nothing and costs one dict.
+        #: Per open stream, what we may still send on it (apart from ``streams``: a
+        #: SETTINGS_INITIAL_WINDOW_SIZE change moves them all, RFC 9113 6.9.2).
         self.send_windows: dict[int, int] = {}
         self.highest_stream = 0
         self._reset: dict[int, None] = {}
