@@ -26,8 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from edge.h2front import H2Connection, H2Stats
 from edge.h2meter import PREFACE
-from edge.hpack_literal import LiteralEncoder
-from edge.http1 import Headers
+from edge.h2streams import PrebuiltResponses
 from edge.protocol import SWEEP_INTERVAL, Connections
 from edge.tls import TlsContexts, TlsStats
 
@@ -53,10 +52,9 @@ class FrontDoors:
         self.h2_open: set[H2Connection] = set()
         #: Plain connections whose first bytes have not arrived yet, and since when.
         self.waiting: dict[FrontDoor, float] = {}
-        #: ``edge.h2front.parse_wire``'s memo: heads of prebuilt responses, parsed.
-        self.wire_memo: dict[bytes, tuple[int, Headers]] = {}
-        #: The HPACK encoder of every HTTP/2 connection (stateless: ``edge.hpack_literal``).
-        self.hpack_encoder = LiteralEncoder()
+        #: Prebuilt responses read back as HPACK blocks and bodies, memoised for every
+        #: HTTP/2 connection of the worker (stateless encoding: ``edge.hpack_literal``).
+        self.h2_responses = PrebuiltResponses()
         self.draining = False
         self._sweeper: asyncio.Task[None] | None = None
         # Connections waiting for their first bytes hold descriptors too: without this, idle

@@ -1,12 +1,14 @@
 """The HTTP/2 front end: each stream an ``Exchange`` through the same stages as HTTP/1.1.
 
-``H2Connection`` is a thin ``asyncio.Protocol`` around the ``h2`` library's state machine (as
-hypercorn drives it): bytes in -> ``h2`` events -> streams; what ``h2`` wants sent is written
-once per read.  ``edge.h2request.H2Requests`` turns each request stream into a
-``ProxyRequest`` for the pipeline, with an ``edge.h2streams.H2Stream`` as its ``ResponseSink``,
-so no stage knows HTTP/2; ``edge.h2streams.StreamTable`` is the send side (HEADERS encoded
-without indexing, ``edge.hpack_literal``; DATA as the peer's windows allow).  This module keeps
-the connection: the frame meter, event dispatch, GOAWAY, drain and deadlines.
+``H2Connection`` is a thin ``asyncio.Protocol`` around the edge's own sans-I/O connection core
+(``edge.h2core.H2Core``, RFC 9113): bytes in -> events -> streams; what the core has to send
+(every frame a read produced: SETTINGS ACKs, PING replies, WINDOW_UPDATEs, the responses of
+the streams answered at once) is written in one ``transport.write`` per read.
+``edge.h2request.H2Requests`` turns each request stream into a ``ProxyRequest`` for the
+pipeline, with an ``edge.h2streams.H2Stream`` as its ``ResponseSink``, so no stage knows
+HTTP/2; ``edge.h2streams.StreamTable`` is the send side (HEADERS encoded without indexing,
+``edge.hpack_literal``, memoised per prebuilt head; DATA as the peer's windows allow).  This
+module keeps the connection: the frame meter, event dispatch, GOAWAY, drain and deadlines.
 
 Hostile by default:
 
@@ -14,10 +16,13 @@ Hostile by default:
   most ``edge.limits.max_header_bytes`` advertised; the HPACK decoder refuses a decoded list
   beyond twice that (an HPACK bomb: GOAWAY ENHANCE_YOUR_CALM), a list beyond the limit but
   within the refusal is answered 431 on its stream; frame size ``edge.http2.max_frame_size``.
-* ``edge.h2meter.FrameMeter`` on the raw bytes: rapid reset, control-frame floods and
-  CONTINUATION floods end the connection with GOAWAY ENHANCE_YOUR_CALM.
-* Anything ``h2`` calls a protocol error (stream-id abuse, a frame on a closed stream, bad
-  pseudo-headers) ends it with GOAWAY and that error code.
+* ``edge.h2meter.FrameMeter``, fed by the core as it reads frames: rapid reset and
+  control-frame floods end the connection with GOAWAY ENHANCE_YOUR_CALM, as do the core's
+  own caps on a header block (CONTINUATION flood) and on a decoded list (HPACK bomb).
+* Anything the core calls a connection error (stream-id abuse, a frame on an idle stream,
+  a broken header block, window overflow) ends it with GOAWAY and that error code; a
+  malformed request (bad pseudo-headers, fields that could smuggle into HTTP/1.1) is a stream
+  error: RST_STREAM PROTOCOL_ERROR, never forwarded.
 * Flow control: a stream's response bytes wait for the peer's window; the stage writing them
   waits (``drain``) once more than ``h2streams.STREAM_HIGH_WATER`` bytes wait, so memory per
   stream is bounded; a stream stuck on a zero window for ``edge.http2.stall_timeout`` is reset
@@ -33,47 +38,39 @@ Hostile by default:
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, Protocol, cast
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-import hpack
-from hyperframe.frame import GoAwayFrame
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from edge.accesslog import protocol_fields
 from edge.connlimit import UNCOUNTED
+from edge.h2core import (
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    H2Core,
+    RequestReceived,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
 from edge.h2meter import FrameMeter
 from edge.h2request import H2Requests
-from edge.h2streams import StreamTable
-from edge.hpack_literal import LiteralEncoder
-from edge.http1 import Headers
+from edge.h2streams import PrebuiltResponses, StreamTable
+from edge.h2wire import ErrorCode, H2ConnectionError
 from edge.pipeline import Pipeline
 from edge.protocol import Connections
-from meridian.config import EdgeHttp2, EdgeLimits
 from meridian.log import get_logger
 
 log = get_logger("edge")
-# hpack logs every field it codes at debug level: a call per field even when nobody listens.
-for _name in ("hpack.hpack", "hpack.table"):
-    logging.getLogger(_name).disabled = True
 
 #: Seconds a connection ended by GOAWAY is still read (and its bytes dropped) before closing.
 LINGER: Final = 1.0
 #: The HPACK decoder refuses decoded header lists beyond this many times the advertised limit.
 HPACK_REFUSE_FACTOR: Final = 2
-_CLOSED: Final = h2.connection.ConnectionState.CLOSED
-_FRAME_SIZE: Final = h2.errors.ErrorCodes.FRAME_SIZE_ERROR
-_CALM: Final = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 _STREAMS_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 1000.0, 10000.0)
 
 
@@ -152,46 +149,11 @@ class H2Host(Protocol):
     connections: Connections
     h2_open: set[H2Connection]
     h2_stats: H2Stats
-    wire_memo: dict[bytes, tuple[int, Headers]]
-    hpack_encoder: LiteralEncoder
+    h2_responses: PrebuiltResponses
 
 
 # --------------------------------------------------------------------------------------------
 # The connection
-
-
-def server_state(
-    settings: EdgeHttp2, limits: EdgeLimits, encoder: LiteralEncoder, refuse: int
-) -> h2.connection.H2Connection:
-    """The h2 library's state for one server connection under the edge's settings and limits;
-    header lists decoding past ``refuse`` bytes are refused at once (not only once the client
-    has acknowledged our SETTINGS)."""
-    config = h2.config.H2Configuration(
-        client_side=False,
-        header_encoding=None,
-        validate_inbound_headers=True,
-        normalize_inbound_headers=True,
-        validate_outbound_headers=False,
-        normalize_outbound_headers=False,
-    )
-    state = h2.connection.H2Connection(config=config)
-    codes = h2.settings.SettingCodes
-    state.local_settings = h2.settings.Settings(
-        client=False,
-        initial_values={
-            codes.MAX_CONCURRENT_STREAMS: settings.max_concurrent_streams,
-            codes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
-            codes.MAX_FRAME_SIZE: settings.max_frame_size,
-            codes.ENABLE_PUSH: 0,
-        },
-    )
-    state.max_inbound_frame_size = settings.max_frame_size
-    # Responses are encoded without indexing, blocks memoised for the worker
-    # (``edge.hpack_literal``): a hit's HEADERS cost a lookup, not an HPACK encoding.
-    state.encoder = cast(hpack.Encoder, encoder)  # duck-typed, see there
-    state.decoder.max_header_list_size = refuse
-    state.decoder.max_allowed_table_size = 4096
-    return state
 
 
 class H2Connection(asyncio.Protocol):
@@ -211,19 +173,24 @@ class H2Connection(asyncio.Protocol):
         self.settings = edge.http2
         self.limits = edge.limits
         refuse = max(self.limits.max_header_bytes * HPACK_REFUSE_FACTOR, 8192)
-        self.h2 = server_state(self.settings, self.limits, doors.hpack_encoder, refuse)
-        self.meter = FrameMeter(
-            max_resets=self.settings.max_resets_per_second,
-            max_control=self.settings.max_control_frames_per_second,
-            max_header_block=refuse,
+        self.core = H2Core(
+            max_concurrent_streams=self.settings.max_concurrent_streams,
+            max_header_list_size=self.limits.max_header_bytes,
             max_frame_size=self.settings.max_frame_size,
+            max_header_block=refuse,
+            meter=FrameMeter(
+                max_resets=self.settings.max_resets_per_second,
+                max_control=self.settings.max_control_frames_per_second,
+            ),
         )
         self._transport: asyncio.Transport | None = None
-        self.table = StreamTable(self.h2, self.loop, self, doors.wire_memo)
+        self.table = StreamTable(self.core, self.loop, self, doors.h2_responses)
         #: The request side (made when the connection is, with the client's address).
         self.requests: H2Requests | None = None
         self.write_paused = False
         self._reading_paused = False
+        #: Inside ``data_received``: what is sent is written once, at its end.
+        self._in_read = False
         self._closing = False
         #: The last stream accepted once GOAWAY was sent (-1: not sent).
         self._goaway_last = -1
@@ -264,8 +231,7 @@ class H2Connection(asyncio.Protocol):
             protocol=self.protocol,
             limits=self.limits,
         )
-        self.h2.initiate_connection()
-        self.write_out()
+        self.write_out()  # our SETTINGS
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
@@ -293,73 +259,62 @@ class H2Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return  # lingering after GOAWAY: dropped unread
-        verdict = self.meter.feed(data, self.loop.time())
-        if verdict is not None:
-            code = _FRAME_SIZE if verdict == "frame_too_large" else _CALM
-            self.goaway(code, verdict)
-            return
         try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            code = exc.error_code if isinstance(exc.error_code, int) else 1
-            reason = type(exc).__name__
-            self.goaway(h2.errors.ErrorCodes(code), _snake(reason), str(exc)[:200])
+            events = self.core.receive(data, self.loop.time())
+        except H2ConnectionError as exc:
+            self.goaway(exc.code, exc.reason, exc.detail[:200])
             return
-        if self.h2.state_machine.state is _CLOSED and not self._closing:
-            terminated = next(
-                (e for e in events if isinstance(e, h2.events.ConnectionTerminated)), None
-            )
-            if terminated is not None and terminated.error_code == h2.errors.ErrorCodes.NO_ERROR:
-                # The client's graceful GOAWAY: it opens no more streams, the ones it opened
-                # (in this very read too) still get their responses (RFC 9113 6.8), then the
-                # connection closes.  h2 closes its state machine on any GOAWAY received; it
-                # is reopened for sending before the requests of this read are answered.
-                self.h2.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
-                self._peer_went_away = True
+        self._in_read = True
+        try:
+            self._dispatch(events)
+        finally:
+            self._in_read = False
+        self._flush()
+
+    def _dispatch(self, events: list[Event]) -> None:
         table, requests = self.table, self.requests
         assert requests is not None
         for event in events:
-            if isinstance(event, h2.events.RequestReceived):
+            if self._closing:
+                return  # closed by an earlier event (the client's GOAWAY, its last stream)
+            if isinstance(event, RequestReceived):
                 if self._goaway_last >= 0 and event.stream_id > self._goaway_last:
                     table.refuse(event.stream_id)
                     continue
                 self.streams_seen += 1
                 self._had_request = True
+                # Streams answered at once never enter the table: idle from now.
+                self._idle_since = self.loop.time()
                 stats = self.doors.h2_stats
                 stats.streams += 1
                 stats.bump(stats.requests, self.tls_version)
                 requests.open(event)
-            elif isinstance(event, h2.events.DataReceived):
+            elif isinstance(event, DataReceived):
                 requests.data(event)
-            elif isinstance(event, h2.events.StreamEnded):
-                stream = table.streams.get(event.stream_id)
-                if stream is not None and stream.body is not None:
-                    stream.body.finish()
-            elif isinstance(event, h2.events.StreamReset):
-                stream = table.streams.get(event.stream_id)
-                self.doors.h2_stats.bump(self.doors.h2_stats.resets, "client")
-                if stream is not None:
-                    table.end_stream(stream, cancel=True)
-            elif isinstance(event, h2.events.WindowUpdated):
+            elif isinstance(event, WindowUpdated):
                 if event.stream_id == 0:
                     table.flush_all()
                 else:
                     stream = table.streams.get(event.stream_id)
                     if stream is not None:
                         table.flush_stream(stream)
-            elif isinstance(event, h2.events.RemoteSettingsChanged):
-                if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-                    table.flush_all()
-            elif isinstance(event, h2.events.TrailersReceived):
+            elif isinstance(event, StreamReset):
+                stream = table.streams.get(event.stream_id)
+                self.count_reset("client" if event.by_peer else event.reason)
+                if stream is not None:
+                    table.end_stream(stream, cancel=True)
+            elif isinstance(event, TrailersReceived):
                 stream = table.streams.get(event.stream_id)  # dropped, never merged
                 if stream is not None and stream.body is not None:
                     stream.body.finish()
-            elif isinstance(event, h2.events.ConnectionTerminated):
-                if not self._peer_went_away or not table.streams:
+            elif isinstance(event, GoAwayReceived):
+                if event.code != ErrorCode.NO_ERROR or not table.streams:
                     self._close()
                     return
-                self._goaway_last = max(self._goaway_last, self.h2.highest_inbound_stream_id)
-        self.write_out()
+                # The client's graceful GOAWAY: it opens no more streams, the ones it opened
+                # still get their responses (RFC 9113 6.8), then the connection closes.
+                self._peer_went_away = True
+                self._goaway_last = max(self._goaway_last, self.core.highest_stream)
 
     # -- connection control -------------------------------------------------------------------
 
@@ -374,7 +329,17 @@ class H2Connection(asyncio.Protocol):
         return self._transport is not None
 
     def write_out(self) -> None:
-        data = self.h2.data_to_send()
+        if self._in_read:
+            return  # written once, when the read's events are done
+        if self._closing:
+            # GOAWAY went out and the transport is closing: what the streams still say (the
+            # resets of their cancelled tasks) is dropped, as a closed transport refuses it.
+            self.core.out.clear()
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        data = self.core.take_output()
         if data and self._transport is not None:
             self._transport.write(data)
 
@@ -386,7 +351,7 @@ class H2Connection(asyncio.Protocol):
     def count_reset(self, reason: str) -> None:
         self.doors.h2_stats.bump(self.doors.h2_stats.resets, reason)
 
-    def goaway(self, code: h2.errors.ErrorCodes, reason: str, detail: str = "") -> None:
+    def goaway(self, code: ErrorCode, reason: str, detail: str = "") -> None:
         """End the connection now with GOAWAY ``code`` (an offender, a protocol error)."""
         if self._closing:
             return
@@ -395,9 +360,9 @@ class H2Connection(asyncio.Protocol):
         log.warning(
             "h2_goaway", reason=reason, code=code.name, client=self.client_ip, detail=detail
         )
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            self.h2.close_connection(error_code=code)
-        self.write_out()
+        self.core.goaway(code)
+        self._in_read = False
+        self._flush()
         self.table.end_all()
         transport = self._transport
         if transport is not None:
@@ -412,16 +377,11 @@ class H2Connection(asyncio.Protocol):
         """Graceful GOAWAY: streams so far finish, later ones are refused, then close."""
         if self._goaway_last >= 0 or self._closing:
             return
-        self._goaway_last = self.h2.highest_inbound_stream_id
+        self._goaway_last = self.core.highest_stream
         self.doors.h2_stats.bump(self.doors.h2_stats.goaways, "draining")
-        # Written by hand: once h2 sends GOAWAY its state machine refuses to send anything
-        # else, and the streams in flight still have responses to finish.
-        frame = GoAwayFrame(0)
-        frame.last_stream_id = self._goaway_last
-        frame.error_code = h2.errors.ErrorCodes.NO_ERROR
+        # The streams in flight still have responses to finish after it.
+        self.core.goaway(ErrorCode.NO_ERROR, self._goaway_last)
         self.write_out()
-        if self._transport is not None:
-            self._transport.write(frame.serialize())
         if not self.table.streams:
             self._close()
 
@@ -429,9 +389,9 @@ class H2Connection(asyncio.Protocol):
         if self._closing:
             return
         self._closing = True
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            self.h2.close_connection()
-        self.write_out()
+        self.core.goaway(ErrorCode.NO_ERROR)
+        self._in_read = False
+        self._flush()
         if self._transport is not None:
             self._transport.close()
 
@@ -457,7 +417,7 @@ class H2Connection(asyncio.Protocol):
                     task.cancel()
             if stream.stalled_since and now - stream.stalled_since >= stall:
                 log.info("h2_stream_stalled", client=self.client_ip, stream=stream.stream_id)
-                self.table.reset_stream(stream, h2.errors.ErrorCodes.CANCEL, "zero_window_stall")
+                self.table.reset_stream(stream, ErrorCode.CANCEL, "zero_window_stall")
         if self.table.streams or self._closing:
             return
         limit = timeouts.client_idle if self._had_request else timeouts.client_header
@@ -473,15 +433,6 @@ class H2Connection(asyncio.Protocol):
         if self._reading_paused and self._transport is not None:
             self._reading_paused = False
             self._transport.resume_reading()
-
-
-def _snake(name: str) -> str:
-    out = []
-    for i, ch in enumerate(name):
-        if ch.isupper() and i:
-            out.append("_")
-        out.append(ch.lower())
-    return "".join(out)
 
 
 __all__ = ["H2Connection", "H2Host", "H2Stats"]

@@ -9,13 +9,13 @@ Host) is answered on its own stream; the connection goes on.
 from __future__ import annotations
 
 import asyncio
-
-import h2.errors
-import h2.events
+from collections.abc import Sequence
 
 from edge.accesslog import H1_FIELDS
 from edge.cache import Lookup
+from edge.h2core import DataReceived, RequestReceived
 from edge.h2streams import H2Body, H2Stream, StreamTable
+from edge.h2wire import ErrorCode
 from edge.http1 import (
     NO_BODY,
     BodyFraming,
@@ -28,6 +28,7 @@ from edge.http1 import (
 )
 from edge.pipeline import Pipeline, ProxyRequest
 from edge.request_target import decide_target, screen_headers
+from edge.state import EdgeState, RequestHead
 from meridian.config import EdgeLimits
 from meridian.log import get_logger
 
@@ -35,7 +36,7 @@ log = get_logger("edge")
 
 
 def build_request(
-    fields: list[tuple[bytes, bytes]],
+    fields: Sequence[tuple[bytes, bytes]],
     ended: bool,
     *,
     limits: EdgeLimits,
@@ -45,8 +46,9 @@ def build_request(
     scheme: bytes,
     protocol: str,
 ) -> ProxyRequest:
-    """The ``ProxyRequest`` of one HTTP/2 request head (``h2`` has validated the fields: no
-    upper case, no connection-specific fields, pseudo-fields first and once).  The limits of
+    """The ``ProxyRequest`` of one HTTP/2 request head (``edge.h2hpack.request_problem`` has
+    validated the fields: no upper case, no connection-specific fields, pseudo-fields first and
+    once).  The limits of
     HTTP/1.1 apply; ``:authority`` (else Host) goes through ``decide_target`` like any Host;
     cookie crumbs are joined for HTTP/1.1 (RFC 9113 8.2.3).  Raises ``RequestRejected``."""
     method = b""
@@ -119,6 +121,17 @@ def build_request(
     )
 
 
+class H2Head:
+    """A request head validated from a repeated header block, under one config snapshot
+    (kept on the block's ``DecodedBlock.app``; ``edge.memos.HPACK_BLOCKS`` bounds them)."""
+
+    __slots__ = ("head", "state")
+
+    def __init__(self, state: EdgeState, head: RequestHead) -> None:
+        self.state = state
+        self.head = head
+
+
 class H2Requests:
     """The request streams of one connection, handed to the pipeline."""
 
@@ -142,17 +155,29 @@ class H2Requests:
         self.protocol = protocol
         self.limits = limits
 
-    def open(self, event: h2.events.RequestReceived) -> None:
-        """A new request stream: answered from the cache at once, else run in a task."""
+    def open(self, event: RequestReceived) -> None:
+        """A new request stream: answered from the cache at once, else run in a task.
+
+        A bodiless GET/HEAD whose header block the client repeats (``DecodedBlock.memoised``)
+        keeps the request head it was validated into (an ``edge.state.RequestHead``, as
+        HTTP/1.1 keeps one per repeated request's bytes) on the decoded block, under this
+        config snapshot: the next request with that block skips ``build_request`` and the
+        cache key, and replays the memoised hit like HTTP/1.1 (``Pipeline.replay_hit``)."""
         stream_id = event.stream_id
+        ended = event.ended
+        state = self.pipeline.state
+        if ended:
+            known = event.block.app
+            if isinstance(known, H2Head) and known.state is state:
+                self._replay(stream_id, known.head, None)
+                return
         stream = self.table.open(stream_id)
-        ended = event.stream_ended is not None
         try:
             request = build_request(
-                list(event.headers or ()),
+                event.headers,
                 ended,
                 limits=self.limits,
-                request_id_header=self.pipeline.state.request_id_header,
+                request_id_header=state.request_id_header,
                 client_ip=self.client_ip,
                 received_at=self.pipeline.clock(),
                 scheme=self.scheme,
@@ -162,25 +187,88 @@ class H2Requests:
             self._reject(stream, rejected)
             return
         stream.request = request
-        lookup = None
         if ended and (request.method == "GET" or request.method == "HEAD"):
-            # A cache hit never leaves this callback, as on HTTP/1.1: the hit stage's bytes
-            # (it accounts the hit), read back into frames.  Asked as the HTTP/1.1 request it
-            # is equivalent to; whatever it looked up goes on to the slow path.
-            as_http11 = request._replace(http_version="1.1")
-            access_log = self.pipeline.access_log
-            access_log.protocol = self.protocol
-            try:
-                wire = self.pipeline.fast_response(as_http11)
-            finally:
-                access_log.protocol = H1_FIELDS
-            if wire is not None:
-                stream.write_complete(wire, close=False)
-                return
-            lookup = self.pipeline.take_pending(as_http11)
-        elif request.body.kind is not BodyKind.NONE:
+            head = RequestHead(
+                request.method,
+                request.target,
+                request.path,
+                request.host,
+                request.headers,
+                request.request_id if request.request_id_supplied else None,
+            )
+            if event.block.memoised:
+                event.block.app = H2Head(state, head)
+            self._replay(stream_id, head, stream, request)
+            return
+        if request.body.kind is not BodyKind.NONE:
             stream.body = H2Body(self.table, stream_id)
+        stream.task = self.loop.create_task(self._run(stream, None))
+
+    def _replay(
+        self,
+        stream_id: int,
+        head: RequestHead,
+        stream: H2Stream | None,
+        request: ProxyRequest | None = None,
+    ) -> None:
+        """A bodiless GET/HEAD: a cache hit never leaves this callback, as on HTTP/1.1 (the
+        hit stage's bytes, which it accounts, sent as frames); asked as the HTTP/1.1 request
+        it is equivalent to, and whatever it looked up goes on to the slow path."""
+        pipeline = self.pipeline
+        head_only = head.method == "HEAD"
+        # Without a request ID line of its own, a hit's bytes are the cached object itself.
+        stable = head.supplied_id is None
+        if head.hit is not None:
+            wire = pipeline.replay_hit(head, self.client_ip, head.supplied_id, self.protocol)
+            if wire is not None:
+                self._answer(stream_id, stream, wire, head_only, stable)
+                return
+        supplied = head.supplied_id
+        if request is not None:
+            request_id, received_at = request.request_id, request.received_at
+        else:
+            request_id = supplied if supplied is not None else new_request_id()
+            received_at = pipeline.clock()
+        as_http11 = ProxyRequest(
+            head.method,
+            head.target,
+            head.path,
+            head.host,
+            "1.1",
+            head.headers,
+            True,
+            self.client_ip,
+            NO_BODY,
+            request_id,
+            received_at,
+            supplied is not None,
+            head,
+            self.scheme,
+            self.protocol,
+        )
+        access_log = pipeline.access_log
+        access_log.protocol = self.protocol
+        try:
+            wire = pipeline.fast_response(as_http11)
+        finally:
+            access_log.protocol = H1_FIELDS
+        if wire is not None:
+            self._answer(stream_id, stream, wire, head_only, stable)
+            return
+        lookup = pipeline.take_pending(as_http11)
+        if stream is None:
+            stream = self.table.open(stream_id)
+        # The slow path sees the HTTP/2 request, without the memoised head (as before).
+        stream.request = as_http11._replace(http_version="2", head=None)
         stream.task = self.loop.create_task(self._run(stream, lookup))
+
+    def _answer(
+        self, stream_id: int, stream: H2Stream | None, wire: bytes, head_only: bool, stable: bool
+    ) -> None:
+        if stream is None:
+            self.table.answer(stream_id, wire, head_only, stable)
+        else:
+            stream.write_complete(wire, close=False)
 
     def _reject(self, stream: H2Stream, rejected: RequestRejected) -> None:
         """Answer a request the edge refuses to forward on its own stream."""
@@ -212,13 +300,13 @@ class H2Requests:
             stream.task = None
             if not stream.closed and not stream.finished:
                 # The stage returned without ending its response: never leave it hanging.
-                self.table.reset_stream(stream, h2.errors.ErrorCodes.INTERNAL_ERROR, "unfinished")
+                self.table.reset_stream(stream, ErrorCode.INTERNAL_ERROR, "unfinished")
             self.table.maybe_release(stream)
 
-    def data(self, event: h2.events.DataReceived) -> None:
+    def data(self, event: DataReceived) -> None:
         """Request body bytes: to their stream's body, else their window back at once."""
         stream = self.table.streams.get(event.stream_id)
-        length = event.flow_controlled_length
+        length = event.flow_length
         if stream is None or stream.body is None or stream.body.complete:
             # Nobody reads it (answered already, reset): give the window back at once.
             if length:
@@ -229,8 +317,8 @@ class H2Requests:
         if body.received > self.limits.max_body:
             body.fail(RequestRejected(413, "body_too_large"))
             self.table.acknowledge(event.stream_id, body.unconsumed())
-        if event.stream_ended is not None:
+        if event.ended:
             body.finish()
 
 
-__all__ = ["H2Requests", "build_request"]
+__all__ = ["H2Head", "H2Requests", "build_request"]

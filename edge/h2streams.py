@@ -2,33 +2,33 @@
 connection (``StreamTable``): HEADERS and DATA as the peer's windows allow, resets, and the
 release of a stream once it is answered (``edge.h2front`` drives it).
 
-A stream's response bytes wait in the stream (never in ``h2``) until the windows open; the
-stage writing them waits (``drain``) beyond ``STREAM_HIGH_WATER``.  The prebuilt HTTP/1.1
-bytes of a cache hit or an edge error (``write_complete``) are read back into status, fields
-and body (``parse_wire``, the head's parse memoised per distinct head).  A stream that cannot
-be answered (``h2`` refuses its frames) is forgotten at once, never left to hold the connection
-open.  Request bodies (``H2Body``) are acknowledged to the peer only as they are consumed.
+A stream's response bytes wait in the stream until the windows open (``edge.h2core`` keeps
+the windows and builds the frames); the stage writing them waits (``drain``) beyond
+``STREAM_HIGH_WATER``.  The prebuilt HTTP/1.1 bytes of a cache hit or an edge error
+(``write_complete``) are read back into a status, an HPACK block and the body
+(``response_head``: the head's block memoised per distinct head, ``edge.memos``
+``RESPONSE_HEADS``; the body goes out as DATA straight from the stored bytes).  A stream that
+cannot be answered (the core has closed it) is forgotten at once, never left to hold the
+connection open.  Request bodies (``H2Body``) are acknowledged to the peer only as they are
+consumed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from typing import Final, Protocol
 
-import h2.connection
-import h2.errors
-import h2.exceptions
-
 from edge.bodyqueue import BodyQueue
+from edge.h2core import H2Core
+from edge.h2wire import ErrorCode
+from edge.hpack_literal import LiteralEncoder
 from edge.http1 import BodyFraming, BodyKind, Headers, RequestRejected
+from edge.memos import RESPONSE_HEADS, RESPONSE_OBJECTS, BoundedMemo
 from edge.pipeline import ProxyRequest
 
 #: Response bytes a stream buffers (waiting for the peer's window) before its writer waits.
 STREAM_HIGH_WATER: Final = 64 * 1024
-#: Parsed heads of prebuilt HTTP/1.1 responses remembered (cleared when full).
-WIRE_MEMO_SIZE: Final = 1024
 HOP_BY_HOP: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"}
 )
@@ -46,7 +46,7 @@ class StreamOwner(Protocol):
         """The transport is still there."""
 
     def write_out(self) -> None:
-        """Write what ``h2`` has to send."""
+        """Write what the core has to send."""
 
     def streams_gone(self) -> None:
         """The last stream was released."""
@@ -58,34 +58,93 @@ class StreamOwner(Protocol):
 # Prebuilt HTTP/1.1 responses read back for HTTP/2
 
 
-def parse_wire(wire: bytes, memo: dict[bytes, tuple[int, Headers]]) -> tuple[int, Headers, bytes]:
+def parse_wire(wire: bytes) -> tuple[int, Headers, bytes]:
     """Status, HTTP/2 header fields and body of a complete HTTP/1.1 response made by the edge
     (a cached entry's bytes, an error).  Hop-by-hop fields are dropped, names lower-cased; a
     chunked body is decoded."""
     end = wire.find(b"\r\n\r\n")
     if end < 0:
         raise ValueError("prebuilt response without a head end")
-    head = wire[:end]
+    status, headers, chunked = _parse_head(wire[:end])
     body = wire[end + 4 :]
-    parsed = memo.get(head)
-    if parsed is None:
-        lines = head.split(b"\r\n")
-        status = int(lines[0][9:12])
-        headers: Headers = [(b":status", lines[0][9:12])]
-        chunked = False
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name in _HOP_BY_HOP:
-                chunked = chunked or (name == b"transfer-encoding" and b"chunked" in value.lower())
-                continue
-            headers.append((name, value.strip()))
-        if chunked:  # never memoised: rare, and its body must be decoded each time
-            return status, headers, _dechunk(body)
-        if len(memo) >= WIRE_MEMO_SIZE:
-            memo.clear()
-        memo[head] = parsed = (status, headers)
-    return parsed[0], parsed[1], body
+    return status, headers, _dechunk(body) if chunked else body
+
+
+def _parse_head(head: bytes) -> tuple[int, Headers, bool]:
+    lines = head.split(b"\r\n")
+    status = int(lines[0][9:12])
+    headers: Headers = [(b":status", lines[0][9:12])]
+    chunked = False
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name in _HOP_BY_HOP:
+            chunked = chunked or (name == b"transfer-encoding" and b"chunked" in value.lower())
+            continue
+        headers.append((name, value.strip()))
+    return status, headers, chunked
+
+
+ResponseHeads = BoundedMemo[bytes, tuple[int, bytes]]
+#: The largest prebuilt response remembered by object (``PrebuiltResponses.by_object``).
+BY_OBJECT_MAX_BYTES: Final = 16 * 1024
+
+
+def response_head(
+    wire: bytes, memo: ResponseHeads, encoder: LiteralEncoder
+) -> tuple[int, bytes, bytes | memoryview]:
+    """Status, HPACK block (without indexing) and body of a prebuilt HTTP/1.1 response; the
+    head's (status, block) memoised, so a hit costs a lookup and a slice."""
+    end = wire.find(b"\r\n\r\n")
+    if end < 0:
+        raise ValueError("prebuilt response without a head end")
+    head = wire[:end]
+    body = memoryview(wire)[end + 4 :]  # sent from the stored bytes, not copied
+    known = memo.get(head)
+    if known is not None:
+        return known[0], known[1], body
+    status, headers, chunked = _parse_head(head)
+    block = encoder.encode(headers)
+    if chunked:  # never memoised: rare, and its body must be decoded each time
+        return status, block, _dechunk(bytes(body))
+    if len(memo) >= memo.bound:
+        memo.clear()
+    memo[head] = (status, block)
+    return status, block, body
+
+
+class PrebuiltResponses:
+    """A worker's prebuilt HTTP/1.1 responses (cache hits, edge errors) read back for HTTP/2.
+
+    Two memos (``edge.memos``): ``heads``, the head's bytes -> status and HPACK block
+    (``RESPONSE_HEADS``); ``by_object``, the response's bytes object -> all three
+    (``RESPONSE_OBJECTS``): the hit path returns the very same object while a cached answer
+    holds (one Age second), so a hit then costs one dict lookup by ``id``, without hashing
+    or slicing the bytes."""
+
+    __slots__ = ("by_object", "encoder", "heads")
+
+    def __init__(self) -> None:
+        self.encoder = LiteralEncoder()
+        self.heads: ResponseHeads = BoundedMemo(RESPONSE_HEADS)
+        self.by_object: BoundedMemo[int, tuple[bytes, int, bytes, bytes | memoryview]] = (
+            BoundedMemo(RESPONSE_OBJECTS)
+        )
+
+    def read(self, wire: bytes, stable: bool) -> tuple[int, bytes, bytes | memoryview]:
+        """Status, HPACK block and body of ``wire``; ``stable``: the hit path may return this
+        very object again (no per-request lines in it), so it is worth remembering."""
+        known = self.by_object.get(id(wire))
+        if known is not None and known[0] is wire:
+            return known[1], known[2], known[3]
+        status, block, body = response_head(wire, self.heads, self.encoder)
+        if stable and len(wire) <= BY_OBJECT_MAX_BYTES:
+            memo = self.by_object
+            if len(memo) >= memo.bound:
+                memo.clear()
+            # Holding ``wire`` keeps its id from being reused while the entry lives.
+            memo[id(wire)] = (wire, status, block, body)
+        return status, block, body
 
 
 def _dechunk(data: bytes) -> bytes:
@@ -164,8 +223,9 @@ class H2Stream:
         self.task: asyncio.Task[None] | None = None
         self.response_started = False
         self.bytes_sent = 0
-        self._pending_headers: Headers | None = None
-        self._outbound: deque[bytes] = deque()
+        #: The response's HPACK block, until it is sent.
+        self._pending_headers: bytes | None = None
+        self._outbound: deque[bytes | memoryview] = deque()
         self.out_size = 0
         self._end_pending = False
         #: Our END_STREAM went out (or the stream was reset): nothing more to send.
@@ -199,7 +259,7 @@ class H2Stream:
             fields.append((b"content-length", str(framing.length).encode()))
         elif framing.kind is BodyKind.NONE and head_length is not None:
             fields.append((b"content-length", str(head_length).encode()))
-        self._pending_headers = fields
+        self._pending_headers = self._conn.responses.encoder.encode(fields)
 
     def write_body(self, data: bytes) -> None:
         if not data or self.closed:
@@ -226,12 +286,20 @@ class H2Stream:
         # on its own, the connection goes on.
         if self.closed:
             return
-        self.response_started = True
-        status, fields, body = parse_wire(data, self._conn.wire_memo)
+        conn = self._conn
+        status, block, body = conn.responses.read(data, False)
         request = self.request
         if request is not None and (request.method == "HEAD" or status in (204, 304)):
             body = b""
-        self._pending_headers = fields
+        self.send_prebuilt(block, body)
+
+    def send_prebuilt(self, block: bytes, body: bytes | memoryview) -> None:
+        """A whole response: its HPACK block and its body (empty: none)."""
+        if self.closed:
+            return
+        self.response_started = True
+        conn = self._conn
+        self._pending_headers = block
         if not body:
             self.end_response()
             return
@@ -243,11 +311,11 @@ class H2Stream:
         self._outbound.append(body)
         self.out_size += len(body)
         self._end_pending = True
-        self._conn.flush_stream(self)
-        self._conn.write_out()
+        conn.flush_stream(self)
+        conn.write_out()  # deferred to the end of the read when answered within one
 
     def abort(self) -> None:
-        self._conn.reset_stream(self, h2.errors.ErrorCodes.INTERNAL_ERROR, "aborted")
+        self._conn.reset_stream(self, ErrorCode.INTERNAL_ERROR, "aborted")
 
     async def drain(self) -> None:
         while self.write_paused and not self.closed:
@@ -272,7 +340,7 @@ class H2Stream:
         if end_stream:
             self.ended = True
 
-    def take(self, window: int) -> tuple[bytes, bool] | None:
+    def take(self, window: int) -> tuple[bytes | memoryview, bool] | None:
         """Up to ``window`` bytes to send now, and whether they end the stream."""
         if not self._outbound:
             if self._end_pending and not self.ended:
@@ -320,19 +388,19 @@ class H2Stream:
 class StreamTable:
     """The streams of one connection and everything sent on them."""
 
-    __slots__ = ("h2", "loop", "owner", "streams", "wire_memo")
+    __slots__ = ("core", "loop", "owner", "responses", "streams")
 
     def __init__(
         self,
-        h2conn: h2.connection.H2Connection,
+        core: H2Core,
         loop: asyncio.AbstractEventLoop,
         owner: StreamOwner,
-        wire_memo: dict[bytes, tuple[int, Headers]],
+        responses: PrebuiltResponses,
     ) -> None:
-        self.h2 = h2conn
+        self.core = core
         self.loop = loop
         self.owner = owner
-        self.wire_memo = wire_memo
+        self.responses = responses
         self.streams: dict[int, H2Stream] = {}
 
     @property
@@ -361,17 +429,11 @@ class StreamTable:
             self.write_out()
 
     def acknowledge(self, stream_id: int, length: int) -> None:
-        try:
-            self.h2.acknowledge_received_data(length, stream_id)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            # The stream is gone: the connection's window must still be given back.
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self.h2.increment_flow_control_window(length)
+        """Received bytes given back (to the connection alone once the stream is gone)."""
+        self.core.acknowledge(stream_id, length)
 
-    def send_headers(self, stream: H2Stream, fields: Headers, end_stream: bool) -> None:
-        try:
-            self.h2.send_headers(stream.stream_id, fields, end_stream=end_stream)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+    def send_headers(self, stream: H2Stream, block: bytes, end_stream: bool) -> None:
+        if not self.core.send_headers(stream.stream_id, block, end_stream):
             # Never left behind: a stream that cannot be answered is forgotten (its task,
             # if any, is cancelled), or the connection would wait for it forever.
             self.end_stream(stream, cancel=True)
@@ -381,15 +443,14 @@ class StreamTable:
 
     def flush_stream(self, stream: H2Stream) -> None:
         """Send what the stream has buffered, as far as the windows allow."""
-        h2conn = self.h2
+        core = self.core
         sid = stream.stream_id
         while not stream.closed:
-            try:
-                window = min(h2conn.local_flow_control_window(sid), h2conn.max_outbound_frame_size)
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            window = core.sendable(sid)
+            if window is None:
                 self.end_stream(stream, cancel=True)
                 break
-            if window <= 0 and stream.waiting and stream.out_size:
+            if window == 0 and stream.waiting and stream.out_size:
                 if not stream.stalled_since:
                     stream.stalled_since = self.loop.time()
                 break
@@ -397,9 +458,7 @@ class StreamTable:
             if piece is None:
                 break
             chunk, end = piece
-            try:
-                h2conn.send_data(sid, chunk, end_stream=end)
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            if not core.send_data(sid, chunk, end):
                 self.end_stream(stream, cancel=True)
                 break
             stream.stalled_since = 0.0
@@ -415,17 +474,29 @@ class StreamTable:
                 self.flush_stream(stream)
         self.write_out()
 
-    def reset_stream(self, stream: H2Stream, code: h2.errors.ErrorCodes, reason: str) -> None:
+    def reset_stream(self, stream: H2Stream, code: ErrorCode, reason: str) -> None:
         if not stream.closed:
-            with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                self.h2.reset_stream(stream.stream_id, code)
+            self.core.reset(stream.stream_id, code)
             self.owner.count_reset(reason)
         self.end_stream(stream, cancel=True)
         self.write_out()
 
+    def answer(self, stream_id: int, wire: bytes, head_only: bool, stable: bool) -> None:
+        """A new stream answered at once with a prebuilt response (a cache hit): HEADERS and
+        one DATA frame from the stored bytes when the windows allow, without a stream object
+        (the usual case); else through one, waiting for the windows like any response.
+        ``stable``: see ``PrebuiltResponses.read``."""
+        status, block, body = self.responses.read(wire, stable)
+        if head_only or status == 204 or status == 304:
+            body = b""
+        sent = self.core.respond(stream_id, block, body)
+        if sent:
+            self.write_out()
+        elif sent is not None:  # None: reset meanwhile
+            self.open(stream_id).send_prebuilt(block, body)
+
     def refuse(self, stream_id: int) -> None:
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+        self.core.reset(stream_id, ErrorCode.REFUSED_STREAM)
         self.owner.count_reset("refused_draining")
 
     def maybe_release(self, stream: H2Stream) -> None:
@@ -438,8 +509,7 @@ class StreamTable:
         if body is not None and not body.complete:
             # Answered before the body ended: stop the upload (RFC 9113 8.1) and give back
             # what it already took of the connection's window.
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self.h2.reset_stream(stream.stream_id, h2.errors.ErrorCodes.NO_ERROR)
+            self.core.reset(stream.stream_id, ErrorCode.NO_ERROR)
             body.fail(RequestRejected(400, "answered_early"))
         self.end_stream(stream, cancel=False)
 
@@ -460,4 +530,14 @@ class StreamTable:
             self.owner.streams_gone()
 
 
-__all__ = ["HOP_BY_HOP", "STREAM_HIGH_WATER", "H2Body", "H2Stream", "StreamTable", "parse_wire"]
+__all__ = [
+    "HOP_BY_HOP",
+    "STREAM_HIGH_WATER",
+    "H2Body",
+    "H2Stream",
+    "PrebuiltResponses",
+    "ResponseHeads",
+    "StreamTable",
+    "parse_wire",
+    "response_head",
+]

@@ -4,13 +4,13 @@ RFC 7541 lets an encoder never touch the decoder's dynamic table: every field is
 without indexing* (its name by static-table index when the table has it), or a fully indexed
 static entry (``:status: 200``).  The block then means the same on every connection and at any
 time, so a cached response's HEADERS block is encoded once and reused: a hit costs a
-dictionary lookup instead of the ``hpack`` library's encoder (about half of what sending a
-response through ``h2`` cost: RESULTS 2026-12-06 TLS).  The price is bytes on the wire: no
-Huffman coding, no references to earlier responses (a 2 KB hit's head is about 300 bytes
-instead of about 30 after the first); the issue asks for this trade.
+dictionary lookup instead of an HPACK encoder (``edge.h2streams.PrebuiltResponses`` keeps the
+block per prebuilt head).  The price is bytes on the wire: no Huffman coding, no references
+to earlier responses (a 2 KB hit's head is about 300 bytes instead of about 30 after the
+first); the issue asks for this trade.
 
-``LiteralEncoder`` stands in for ``hpack.Encoder`` inside an ``h2`` connection (``h2`` calls
-``encode`` and sets ``header_table_size``; the table is never used, so any size is fine).
+``LiteralEncoder.encode`` is what the HTTP/2 streams use for the heads of streamed responses
+(``edge.h2streams.H2Stream.start_response``), memoised by the whole field list.
 """
 
 from __future__ import annotations
@@ -60,15 +60,14 @@ def encode_field(name: bytes, value: bytes) -> bytes:
 
 
 class LiteralEncoder:
-    """``hpack.Encoder``'s interface, as ``h2`` uses it, without indexing."""
+    """Header lists as HPACK blocks without indexing, memoised by the list."""
 
-    __slots__ = ("_memo", "header_table_size")
+    __slots__ = ("_memo",)
 
     def __init__(self) -> None:
-        self.header_table_size = 4096
         self._memo: dict[tuple[tuple[bytes, bytes], ...], bytes] = {}
 
-    def encode(self, headers: Iterable[tuple[bytes, bytes]], huffman: bool = True) -> bytes:
+    def encode(self, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
         key = tuple(headers)
         block = self._memo.get(key)
         if block is None:

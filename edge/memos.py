@@ -241,6 +241,37 @@ ACCESS_LOG_MIDDLES: Final = MemoSpec(
     bound=4096,
 )
 
+# -- HTTP/2 (edge.h2hpack, edge.h2streams) --------------------------------------------------------
+
+HPACK_BLOCKS: Final = MemoSpec(
+    name="HPACK request blocks",
+    owner="edge.h2hpack.HeaderDecoder.memo (one per HTTP/2 connection)",
+    key="a request header block's bytes that insert nothing into the dynamic table and "
+    "update not its size (indexed and literal-without-indexing representations only)",
+    value="its decoded fields and why they are malformed (None: well formed)",
+    cleared_by="any block that changes the connection's dynamic table (as if keyed by the "
+    "table's generation too), a decoding error; its bound",
+    bound=16,
+)
+RESPONSE_HEADS: Final = MemoSpec(
+    name="HTTP/2 response heads",
+    owner="edge.h2streams.PrebuiltResponses.heads (one per worker; response_head)",
+    key="the head of a prebuilt HTTP/1.1 response (a cache hit's, an edge error's), as bytes",
+    value="its status and its HPACK block (literals without indexing: valid on any "
+    "connection, edge.hpack_literal), or None when its body is chunked (decoded each time)",
+    cleared_by="its bound only (a pure function of the head)",
+    bound=1024,
+)
+RESPONSE_OBJECTS: Final = MemoSpec(
+    name="HTTP/2 prebuilt response objects",
+    owner="edge.h2streams.PrebuiltResponses.by_object (one per worker)",
+    key="id() of a prebuilt response of at most 16 KiB that the hit path hands back as the "
+    "same object while it holds (a cached answer within one Age second; no request ID line)",
+    value="the object itself (so its id stays its own), its status, HPACK block and body view",
+    cleared_by="its bound only; an object that is not the one remembered under its id misses",
+    bound=64,
+)
+
 # -- rate limits (edge.ratelimit) -----------------------------------------------------------------
 
 RATE_LIMIT_KEYS: Final = MemoSpec(
@@ -291,6 +322,9 @@ MEMOS: Final = (
     UPSTREAM_URLS,
     MEDIA_TYPE_PATTERNS,
     ACCESS_LOG_MIDDLES,
+    HPACK_BLOCKS,
+    RESPONSE_HEADS,
+    RESPONSE_OBJECTS,
     RATE_LIMIT_KEYS,
     RATE_LIMIT_CLIENTS,
     RATE_LIMIT_LANES,

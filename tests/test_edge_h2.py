@@ -32,6 +32,7 @@ from tests.tls_support import issue, tls_config
 
 CURL = shutil.which("curl")
 H2LOAD = shutil.which("h2load")
+NGHTTP = shutil.which("nghttp")
 NAME = "api.meridian.test"
 
 
@@ -295,6 +296,43 @@ def test_h2load_short_load_has_no_failed_request(stack, tls):
         r"requests: 3000 total, 3000 started, 3000 done, 3000 succeeded, 0 failed", out
     ), out
     assert "status codes: 3000 2xx" in out, out
+
+
+@pytest.mark.skipif(NGHTTP is None, reason="nghttp is not installed (nghttp2-client)")
+def test_nghttp_with_padding_a_table_size_update_and_tiny_windows(stack):
+    """nghttp2's own client: every frame padded, its encoder's table shrunk (a dynamic table
+    size update, then literals), priorities sent, a 1 KB stream window and a 16 KB connection
+    window: many small DATA frames and WINDOW_UPDATEs each way, over TLS."""
+    port = stack["tls_port"]
+    url = f"https://127.0.0.1:{port}/big?size=200000"
+    out = subprocess.run(
+        [
+            "nghttp",
+            "-nsy",
+            "-b",
+            "17",
+            "--encoder-header-table-size=100",
+            "-w",
+            "10",
+            "-W",
+            "14",
+            "-m",
+            "4",
+            url,
+            f"https://127.0.0.1:{port}/echo?nghttp=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [
+        line for line in out.stdout.splitlines() if "/big?size=200000" in line or "/echo" in line
+    ]
+    assert len(rows) == 8, out.stdout + out.stderr  # four of each, on one connection
+    big = [row for row in rows if "/big" in row]
+    assert all(" 200 " in row and "195K" in row for row in big), out.stdout
+    assert all(" 200 " in row for row in rows), out.stdout
 
 
 @pytest.mark.skipif(CURL is None, reason="curl is not installed")

@@ -12,104 +12,33 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
+import hpack
 import pytest
 from hyperframe.frame import (
-    ContinuationFrame,
-    DataFrame,
     HeadersFrame,
-    PingFrame,
-    RstStreamFrame,
     SettingsFrame,
 )
 from prometheus_client import CollectorRegistry
 
 from edge.front import FrontDoors
 from edge.h2front import H2Connection
-from edge.h2meter import PREFACE, FrameMeter
-from edge.h2streams import parse_wire
+from edge.h2meter import PREFACE
+from edge.h2streams import PrebuiltResponses, ResponseHeads, parse_wire, response_head
+from edge.hpack_literal import LiteralEncoder
 from edge.http1 import RequestRejected, error_response
+from edge.memos import RESPONSE_HEADS, BoundedMemo
 from edge.protocol import Connections
 from tests.stage_support import Reply, World, world
-
-# -- FrameMeter ------------------------------------------------------------------------------
-
-
-def _meter(**limits: int) -> FrameMeter:
-    values = {"max_resets": 3, "max_control": 3, "max_header_block": 100, **limits}
-    return FrameMeter(**values)
-
-
-def test_meter_skips_the_preface_and_payloads_even_split_across_reads():
-    meter = _meter()
-    data = PREFACE + b"".join(
-        DataFrame(1, data=b"\x03" * 50).serialize() for _ in range(10)
-    )  # payload bytes that would read as RST_STREAM frame types if misparsed
-    for i in range(len(data)):  # one byte at a time
-        assert meter.feed(data[i : i + 1], 0.0) is None
-
-
-def test_meter_rapid_reset_within_one_second_only():
-    meter = _meter()
-    frame = RstStreamFrame(1, error_code=8).serialize()
-    assert meter.feed(PREFACE + frame * 3, 0.0) is None
-    assert meter.feed(frame, 0.5) == "rapid_reset"
-    meter = _meter()
-    assert meter.feed(PREFACE + frame * 3, 0.0) is None
-    assert meter.feed(frame * 3, 1.0) is None  # a new second
-
-
-def test_meter_control_floods_count_requests_not_acks():
-    meter = _meter()
-    ack = SettingsFrame(0, flags=["ACK"]).serialize()
-    pong = PingFrame(0, flags=["ACK"]).serialize()
-    assert meter.feed(PREFACE + (ack + pong) * 10, 0.0) is None
-    ping = PingFrame(0).serialize()
-    assert meter.feed(ping * 3, 0.0) is None
-    assert meter.feed(SettingsFrame(0).serialize(), 0.0) == "control_flood"
-    empty = _meter()
-    assert (
-        empty.feed(PREFACE + DataFrame(1, data=b"", flags=["END_STREAM"]).serialize() * 9, 0.0)
-        is None
-    )
-    assert empty.feed(DataFrame(1, data=b"").serialize() * 4, 0.0) == "control_flood"
-
-
-def test_meter_header_block_across_continuation_frames():
-    meter = _meter(max_header_block=100)
-    assert meter.feed(PREFACE + HeadersFrame(1, data=b"a" * 60).serialize(), 0.0) is None
-    assert meter.feed(ContinuationFrame(1, data=b"b" * 30).serialize(), 0.0) is None
-    assert meter.feed(ContinuationFrame(1, data=b"c" * 30).serialize(), 0.0) == (
-        "header_block_too_large"
-    )
-    ended = _meter(max_header_block=100)
-    block = HeadersFrame(1, data=b"a" * 60).serialize()
-    end = ContinuationFrame(1, data=b"b" * 30, flags=["END_HEADERS"]).serialize()
-    assert ended.feed(PREFACE + block + end + block + end, 0.0) is None  # each block counted alone
-
-
-def test_meter_refuses_a_frame_larger_than_allowed_on_its_header():
-    """Judged on the 9-byte header, before any payload is buffered: the HTTP/1.1 request
-    line after an h2c preface reads as a 4.6 MB frame ("GET" as its length), and h2 alone
-    would wait for all of it."""
-    meter = _meter(max_frame_size=16384)
-    assert meter.feed(PREFACE + DataFrame(1, data=b"x" * 16384).serialize(), 0.0) is None
-    assert meter.feed(b"GET /smuggle HTTP/1.1\r\nHost: a\r\n\r\n", 0.0) == "frame_too_large"
-    split = _meter(max_frame_size=16384)
-    header = b"\x00\x40\x01\x00\x00\x00\x00\x00\x01"  # 16,385 bytes of DATA
-    assert split.feed(PREFACE + header[:4], 0.0) is None
-    assert split.feed(header[4:], 0.0) == "frame_too_large"
-
 
 # -- parse_wire ------------------------------------------------------------------------------
 
 
-def test_parse_wire_drops_hop_by_hop_fields_and_memoises_the_head():
-    memo: dict[bytes, Any] = {}
+def test_parse_wire_drops_hop_by_hop_fields():
     wire = (
         b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: keep-alive\r\n"
         b"Keep-Alive: timeout=5\r\nX-Cache: HIT\r\nContent-Length: 5\r\n\r\nhello"
     )
-    status, fields, body = parse_wire(wire, memo)
+    status, fields, body = parse_wire(wire)
     assert status == 200 and body == b"hello"
     assert fields == [
         (b":status", b"200"),
@@ -117,15 +46,52 @@ def test_parse_wire_drops_hop_by_hop_fields_and_memoises_the_head():
         (b"x-cache", b"HIT"),
         (b"content-length", b"5"),
     ]
-    assert parse_wire(wire, memo)[1] is fields  # the head is parsed once
     chunked = b"HTTP/1.1 502 Bad Gateway\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
-    status, fields, body = parse_wire(chunked, memo)
+    status, fields, body = parse_wire(chunked)
     assert status == 502 and body == b"abc" and fields == [(b":status", b"502")]
     error = error_response(
         431, "iad", "headers_too_large", b"rid", request_id_header=b"x-request-id"
     )
-    status, fields, body = parse_wire(error, memo)
+    status, fields, body = parse_wire(error)
     assert status == 431 and (b"x-request-id", b"rid") in fields and body
+
+
+def test_response_head_encodes_a_prebuilt_head_once_and_sends_the_body_as_stored():
+    memo: ResponseHeads = BoundedMemo(RESPONSE_HEADS)
+    encoder = LiteralEncoder()
+    wire = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: keep-alive\r\n"
+        b"X-Cache: HIT\r\nContent-Length: 5\r\n\r\nhello"
+    )
+    status, block, body = response_head(wire, memo, encoder)
+    assert status == 200 and bytes(body) == b"hello"
+    assert hpack.Decoder().decode(block, raw=True) == parse_wire(wire)[1]
+    again = response_head(wire + b"", memo, encoder)
+    assert again[1] is block and len(memo) == 1  # encoded once per distinct head
+    chunked = b"HTTP/1.1 502 Bad Gateway\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    assert response_head(chunked, memo, encoder)[2] == b"abc"
+    assert len(memo) == 1  # a chunked body is decoded every time, its head not remembered
+    for i in range(memo.bound + 5):
+        response_head(b"HTTP/1.1 200 OK\r\nX-N: %d\r\n\r\n" % i, memo, encoder)
+    assert 0 < len(memo) <= memo.bound
+
+
+def test_prebuilt_responses_are_remembered_by_object_only_when_stable_and_small():
+    responses = PrebuiltResponses()
+    wire = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    status, block, body = responses.read(wire, True)
+    assert (status, bytes(body)) == (200, b"hello")
+    assert responses.by_object[id(wire)][0] is wire
+    again = responses.read(wire, True)
+    assert again[1] is block and again[2] is body  # the remembered view, not a new slice
+    twin = bytes(bytearray(wire))  # equal bytes, another object: read afresh, still right
+    assert twin is not wire and responses.read(twin, True)[2] is not body
+    assert bytes(responses.read(twin, True)[2]) == b"hello"
+    responses.by_object.clear()
+    responses.read(wire, False)  # a request's own bytes (a request ID line): not kept
+    large = b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 20_000
+    responses.read(large, True)
+    assert not responses.by_object
 
 
 # -- H2Connection over an in-memory transport --------------------------------------------------
@@ -274,6 +240,55 @@ async def test_a_miss_then_a_hit_over_h2_carry_the_http11_headers():
     peer.close()
 
 
+async def test_a_repeated_header_block_replays_its_request_head_and_memoised_hit(monkeypatch):
+    """The client's encoder indexes the request's fields the first time; from the second
+    request on the block is all indexed (the HPACK memo's), and from the third its validated
+    head (kept on the decoded block) replays the memoised hit: no build_request, no stream
+    object, HEADERS and DATA from the stored bytes."""
+    from edge import h2request
+
+    w = world({"http://u1": [Reply(headers=CACHEABLE, chunks=(b"tick",))]})
+    peer = Peer(w)
+    peer.get("/api/ticker")  # miss: fills the cache
+    await peer.settle()
+    built = []
+    real = h2request.build_request
+    monkeypatch.setattr(
+        h2request, "build_request", lambda *a, **k: built.append(1) or real(*a, **k)
+    )
+    second = peer.get("/api/ticker")
+    assert built == [1]  # the block is new to the memo (indexed now, literals before)
+    streams = [peer.get("/api/ticker") for _ in range(3)]
+    assert built == [1]  # replayed
+    assert not peer.server.table.streams  # answered without a stream object
+    for stream in (second, *streams):
+        headers, body, ended = peer.response(stream)
+        assert ended and body == b"tick" and headers[b"x-cache"] == b"HIT"
+    head = peer.get("/api/ticker", method="HEAD")
+    headers, body, ended = peer.response(head)
+    assert ended and body == b"" and headers[b"content-length"] == b"4"
+    assert len(w.upstream.sent) == 1
+    peer.close()
+
+
+async def test_a_hit_larger_than_the_window_waits_for_it_on_a_stream():
+    w = world({"http://u1": [Reply(headers=CACHEABLE, chunks=(b"tick",))]})
+    peer = Peer(w, initial_window_size=3)
+    first = peer.get("/api/ticker")
+    await peer.settle()
+    second = peer.get("/api/ticker")
+    for stream in (first, second):
+        _, body, ended = peer.response(stream)
+        assert body == b"tic" and not ended
+    assert second in peer.server.table.streams  # the hit's last byte waits on its stream
+    peer.client.increment_flow_control_window(10, stream_id=second)
+    peer.pump()
+    _, body, ended = peer.response(second)
+    assert body == b"tick" and ended
+    assert second not in peer.server.table.streams
+    peer.close()
+
+
 async def test_response_bytes_wait_for_the_peer_window():
     body = b"x" * 100_000
     w = world({"http://u1": [Reply(chunks=(body,), headers=[(b"cache-control", b"no-store")])]})
@@ -343,6 +358,27 @@ async def test_a_protocol_error_ends_the_connection_with_goaway():
     goaway = [e for e in peer.events if isinstance(e, h2.events.ConnectionTerminated)]
     assert goaway and goaway[0].error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
     assert peer.transport.eof and not peer.transport.closed  # lingering
+    peer.server.check_deadline(asyncio.get_running_loop().time() + 2)
+    assert peer.transport.closed
+    peer.close()
+
+
+async def test_after_an_offenders_goaway_nothing_more_is_written():
+    """Its streams' tasks are cancelled; the resets they would send are dropped (the transport
+    was half-closed with write_eof: a write would raise), and GOAWAY is the last frame."""
+    gate = asyncio.Event()
+    w = world({"http://u1": [Reply(headers=[(b"cache-control", b"no-store")], gate=gate)]})
+    peer = Peer(w)
+    stream = peer.get("/api/slow")
+    await peer.settle()
+    task = peer.server.table.streams[stream].task
+    assert task is not None
+    peer.server.data_received(HeadersFrame(2, data=b"", flags=["END_HEADERS"]).serialize())
+    frames = _frames(peer.transport.take())
+    assert frames[-1][0] == 0x7 and peer.transport.eof
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert task.done() and not peer.transport.take()
     peer.server.check_deadline(asyncio.get_running_loop().time() + 2)
     assert peer.transport.closed
     peer.close()
@@ -442,9 +478,7 @@ async def test_requests_in_the_same_read_as_the_clients_goaway_are_answered():
 
 
 def test_literal_hpack_blocks_decode_and_leave_the_dynamic_table_empty():
-    import hpack
-
-    from edge.hpack_literal import LiteralEncoder, encode_integer
+    from edge.hpack_literal import encode_integer
 
     encoder = LiteralEncoder()
     fields = [
@@ -539,8 +573,8 @@ async def test_the_front_door_picks_the_protocol_by_the_first_bytes(chunks, expe
     ],
 )
 async def test_fields_that_could_smuggle_into_http11_never_reach_upstream(field):
-    import hpack
-
+    """A malformed request is a stream error (RFC 9113 8.1.1): RST_STREAM PROTOCOL_ERROR, never
+    forwarded; the connection goes on."""
     w = world({"http://u1": [Reply(headers=[(b"cache-control", b"no-store")])]})
     peer = Peer(w)
     block = hpack.Encoder().encode(
@@ -555,10 +589,14 @@ async def test_fields_that_could_smuggle_into_http11_never_reach_upstream(field)
     peer.server.data_received(
         HeadersFrame(1, data=block, flags=["END_HEADERS", "END_STREAM"]).serialize()
     )
-    await peer.settle()
+    for _ in range(10):
+        await asyncio.sleep(0)
     assert not w.upstream.sent
-    goaway = [e for e in peer.events if isinstance(e, h2.events.ConnectionTerminated)]
-    assert goaway and goaway[0].error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    out = peer.transport.take()  # raw: the h2 client never saw stream 1 opened
+    assert _frames(out) == [(0x3, 0, 1)]  # RST_STREAM on stream 1, no GOAWAY
+    assert out[9:13] == b"\x00\x00\x00\x01"  # PROTOCOL_ERROR
+    assert not peer.server.table.streams and not peer.server.core.streams
+    assert not peer.transport.closed
     peer.close()
 
 

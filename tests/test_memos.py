@@ -180,6 +180,37 @@ def _fill_rate_limit_lanes(n: int) -> BoundedMemo[Any, Any]:
     return lanes
 
 
+def _fill_hpack_blocks(n: int) -> BoundedMemo[Any, Any]:
+    from edge.h2hpack import HeaderDecoder
+
+    decoder = HeaderDecoder(65536)
+    for i in range(n):  # static :method GET, :scheme http, then a literal :path without indexing
+        path = b"/%d" % i
+        decoder.request(b"\x82\x86\x04" + bytes([len(path)]) + path)
+    return decoder.memo
+
+
+def _fill_response_heads(n: int) -> BoundedMemo[Any, Any]:
+    from edge.h2streams import response_head
+    from edge.hpack_literal import LiteralEncoder
+
+    memo: BoundedMemo[Any, Any] = BoundedMemo(memos.RESPONSE_HEADS)
+    encoder = LiteralEncoder()
+    for i in range(n):
+        response_head(b"HTTP/1.1 200 OK\r\nx-n: %d\r\n\r\n" % i, memo, encoder)
+    return memo
+
+
+def _fill_response_objects(n: int) -> BoundedMemo[Any, Any]:
+    from edge.h2streams import PrebuiltResponses
+
+    responses = PrebuiltResponses()
+    kept = [b"HTTP/1.1 200 OK\r\nx-n: %d\r\n\r\n" % i for i in range(n)]
+    for wire in kept:
+        responses.read(wire, True)
+    return responses.by_object
+
+
 #: Each dict memo, filled past its bound through its owner's own code path.
 DICT_MEMOS: dict[MemoSpec, Callable[[int], BoundedMemo[Any, Any]]] = {
     memos.ROUTES: lambda n: _fill_route(_state(), n),
@@ -197,6 +228,9 @@ DICT_MEMOS: dict[MemoSpec, Callable[[int], BoundedMemo[Any, Any]]] = {
     memos.RATE_LIMIT_KEYS: _fill_rate_limit_keys,
     memos.RATE_LIMIT_CLIENTS: _fill_rate_limit_clients,
     memos.RATE_LIMIT_LANES: _fill_rate_limit_lanes,
+    memos.HPACK_BLOCKS: _fill_hpack_blocks,
+    memos.RESPONSE_HEADS: _fill_response_heads,
+    memos.RESPONSE_OBJECTS: _fill_response_objects,
 }
 LRU_MEMOS: dict[MemoSpec, _lru_cache_wrapper[Any]] = {
     memos.CACHE_CONTROL_PARSES: cache_policy.parse_cache_control,
