@@ -28,7 +28,8 @@ from meridian.log import get_logger
 
 from .entry import Entry
 from .purge_queue import PurgeBacklog
-from .redis_l2 import PurgeMessage, RedisL2
+from .redis_broadcast import PurgeMessage
+from .redis_l2 import RedisL2
 from .store import MemoryStore
 
 log = get_logger("edge.cache")
