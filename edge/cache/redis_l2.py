@@ -35,7 +35,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from meridian.log import get_logger
 from meridian.redis_conn import RedisConnection, RedisTarget
@@ -56,6 +56,9 @@ from .redis_codec import (
 )
 from .redis_guard import CircuitBreaker, Guard, Skipped, count
 from .redis_purge import RedisPurger
+
+if TYPE_CHECKING:
+    from meridian.config import CacheConfig
 
 log = get_logger("cache")
 
@@ -119,6 +122,29 @@ class RedisL2:
         #: Set while the purge subscription is live and caught up (tests and readiness wait
         #: on it).
         self.subscribed = self._subscription.subscribed
+
+    @classmethod
+    def from_config(
+        cls,
+        config: CacheConfig,
+        *,
+        clock: Callable[[], float],
+        instance_id: str | None = None,
+        negotiate: Negotiator = negotiate_coding,
+    ) -> RedisL2 | None:
+        """The L2 ``config`` names (``redis_url``, or Sentinel or Cluster nodes), with its
+        deadline and value bound; None when it names none."""
+        target = RedisTarget.from_config(config)
+        if target is None:
+            return None
+        return cls(
+            target,
+            timeout=config.redis_timeout,
+            max_value=config.redis_max_value,
+            clock=clock,
+            instance_id=instance_id,
+            negotiate=negotiate,
+        )
 
     @property
     def available(self) -> bool:
