@@ -169,10 +169,10 @@ class PurgeEndpoint:
     @staticmethod
     async def _purge(cache: HttpCache, kind: str, value: str, soft: bool) -> PurgeResult:
         if kind == "url":
-            return await cache.purge_url(value, soft=soft)
+            return await cache.purges.purge_url(value, soft=soft)
         if kind == "prefix":
-            return await cache.purge_prefix(value, soft=soft)
-        return await cache.purge_tag(value, soft=soft)
+            return await cache.purges.purge_prefix(value, soft=soft)
+        return await cache.purges.purge_tag(value, soft=soft)
 
 
 __all__ = ["PurgeEndpoint"]

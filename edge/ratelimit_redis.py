@@ -22,7 +22,7 @@ from typing import Final
 
 from redis.exceptions import NoScriptError, RedisError
 
-from edge.cache.redis_l2 import CircuitBreaker
+from edge.cache.redis_guard import CircuitBreaker
 from edge.fdlimit import Throttle
 from edge.http1 import Headers
 from edge.ratelimit import LimitRule, RateLimits, Refusal

@@ -290,7 +290,7 @@ class EdgeWorker:
             worker_api = WorkerApi(
                 metrics=lambda: generate_latest(registry),
                 status=short_status,
-                purge_local=cache.purge_local,
+                purge_local=cache.purges.purge_local,
             )
             await worker_api.start(sockets.bind(self.worker))
             if admin_sock is not None:

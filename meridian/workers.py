@@ -56,7 +56,7 @@ EDGE_WORKER_UP = "meridian_edge_worker_up"
 
 #: Seconds worker 0 waits for a sibling's answer (metrics, purge, status).
 SCRAPE_TIMEOUT = 2.0
-#: Purge kinds a sibling accepts (``HttpCache.purge_local``), each also soft (``soft_tag``:
+#: Purge kinds a sibling accepts (``Purges.purge_local``), each also soft (``soft_tag``:
 #: mark stale, ``edge.cache.SOFT_PURGE``).
 _HARD_PURGE_KINDS = frozenset({"primary", "url_prefix", "path_prefix", "tag"})
 PURGE_KINDS = _HARD_PURGE_KINDS | {"soft_" + kind for kind in _HARD_PURGE_KINDS}

@@ -426,14 +426,14 @@ async def shares_entries_and_purges(pop: Pop, stored: Callable[[], set[bytes]]) 
         found = cache.lookup(b"GET", b"https", host, path, [(b"host", host), *headers])
         return found.kind is LookupKind.HIT
 
-    result = await a.purge_url("https://api.example/api/v1/lang")
+    result = await a.purges.purge_url("https://api.example/api/v1/lang")
     assert result.shared == 4 and not result.queued  # both variants, their set, the Vary names
     await until(lambda: not in_l1(b, b"/api/v1/lang", ((b"accept-language", b"fr"),)))
-    result = await a.purge_prefix("/api/v1/symbols")
+    result = await a.purges.purge_prefix("/api/v1/symbols")
     assert result.shared == 2 and not result.queued
     await until(lambda: not in_l1(b, b"/api/v1/symbols") and not in_l1(b, b"/api/v1/symbols/a"))
     assert in_l1(b, b"/api/v1/other")
-    result = await a.purge_tag("grp")
+    result = await a.purges.purge_tag("grp")
     assert result.shared >= 1 and not result.queued
     await until(lambda: not in_l1(b, b"/api/v1/other"))
     assert stored() == set()

@@ -392,7 +392,7 @@ class World:
         """Let background work (refreshes) finish."""
         cache = self.pipeline.cache
         for _ in range(50):
-            tasks = [t for t in (cache._tasks if cache else ()) if not t.done()]
+            tasks = [t for t in (cache.background.tasks if cache else ()) if not t.done()]
             if not tasks:
                 await asyncio.sleep(0)
                 return

@@ -689,13 +689,14 @@ async def test_purges_by_url_prefix_and_tag() -> None:
         origin.answer(200, [(b"cache-control", b"max-age=60"), (b"surrogate-key", tags)], b"x")
         await request(cache, origin, path)
     assert b"surrogate-key" not in get(cache, b"/api/v1/symbols").wire  # not shown to clients
-    assert (await cache.purge_tag("btc")).local == 1
-    assert (await cache.purge_url("https://API.example/api/v1/ticker/ETH?utm_source=x")).local == 1
+    assert (await cache.purges.purge_tag("btc")).local == 1
+    purged = await cache.purges.purge_url("https://API.example/api/v1/ticker/ETH?utm_source=x")
+    assert purged.local == 1
     await request(cache, origin, b"/api/v1/ticker/BTC")
-    assert (await cache.purge_prefix("https://api.example/api/v1/")).local == 2
+    assert (await cache.purges.purge_prefix("https://api.example/api/v1/")).local == 2
     assert len(cache.store) == 0
     with pytest.raises(ValueError):
-        await cache.purge_prefix("api/v1")
+        await cache.purges.purge_prefix("api/v1")
 
 
 async def test_a_soft_purge_of_a_hot_key_serves_stale_while_one_refresh_runs() -> None:
@@ -704,7 +705,7 @@ async def test_a_soft_purge_of_a_hot_key_serves_stale_while_one_refresh_runs() -
     origin.answer(200, [(b"cache-control", b"max-age=600, stale-while-revalidate=30")], b"v1")
     await request(cache, origin, b"/api/v1/symbols")
     clock.advance(1)
-    result = await cache.purge_url("https://api.example/api/v1/symbols", soft=True)
+    result = await cache.purges.purge_url("https://api.example/api/v1/symbols", soft=True)
     assert (result.local, result.kind) == (1, "soft_primary")
     clock.advance(0.01)
     origin.gate = asyncio.Event()
@@ -727,19 +728,19 @@ async def test_soft_purges_by_tag_and_prefix_mark_stale_and_hard_ones_remove() -
             200, [(b"cache-control", b"max-age=60"), (b"etag", b'"e"'), (b"surrogate-key", tags)]
         )
         await request(cache, origin, path)
-    assert (await cache.purge_tag("btc", soft=True)).local == 1
-    assert (await cache.purge_tag("btc", soft=True)).local == 0  # stale already
+    assert (await cache.purges.purge_tag("btc", soft=True)).local == 1
+    assert (await cache.purges.purge_tag("btc", soft=True)).local == 0  # stale already
     assert get(cache, b"/api/v1/symbols").kind is LookupKind.HIT
     # No stale window: the next request revalidates (coalesced), it does not miss.
     assert get(cache, b"/static/btc").kind is LookupKind.REVALIDATE
-    assert (await cache.purge_prefix("/api/v1/sym", soft=True)).local == 1
+    assert (await cache.purges.purge_prefix("/api/v1/sym", soft=True)).local == 1
     assert get(cache, b"/api/v1/symbols").kind is LookupKind.REVALIDATE
     clock.advance(0.01)
     origin.answer(304, [(b"cache-control", b"max-age=60"), (b"etag", b'"e"')])
     assert (await request(cache, origin, b"/api/v1/symbols"))[0] == "REVALIDATED"
     assert get(cache, b"/api/v1/symbols").kind is LookupKind.HIT
     assert len(cache.store) == 2
-    assert (await cache.purge_prefix("https://api.example/")).local == 2
+    assert (await cache.purges.purge_prefix("https://api.example/")).local == 2
     assert len(cache.store) == 0
 
 
@@ -754,7 +755,7 @@ async def test_a_fill_racing_a_purge_is_not_stored() -> None:
     while not origin.calls:
         assert loop.time() < deadline
         await asyncio.sleep(0)
-    await cache.purge_prefix("/api/v1/")
+    await cache.purges.purge_prefix("/api/v1/")
     origin.gate.set()
     how, _ = await task
     assert how == "MISS"  # the requester gets its answer...
@@ -889,7 +890,7 @@ async def test_a_memoised_hit_never_outlives_its_entry() -> None:
     clock.advance(0.1)
     memo = prepared_hit(cache, b"/api/v1/symbols")[2]
     assert memo is not None and cache.replay_hit(memo, clock())
-    await cache.purge_url("https://api.example/api/v1/symbols")
+    await cache.purges.purge_url("https://api.example/api/v1/symbols")
     assert not cache.replay_hit(memo, clock())  # purged: never replayed
 
     clock.advance(0.1)  # a fill that started before a purge is not stored

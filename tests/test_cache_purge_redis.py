@@ -81,19 +81,19 @@ async def test_a_purge_during_a_stall_reaches_redis_and_the_other_instance_after
 
     server.pause()
     started = time.monotonic()
-    result = await a.purge_url(SYMBOLS_URL)
+    result = await a.purges.purge_url(SYMBOLS_URL)
     answered = time.monotonic() - started
     assert (result.local, result.propagated, result.queued) == (1, False, True)
-    assert len(a.purge_backlog) == 1
+    assert len(a.purges.backlog) == 1
     assert answered < 1.0  # the admin answer does not wait for Redis
     # During the stall b cannot be told (Redis is the POP's only channel): its copy stays.
     assert await pop.request(b, SYMBOLS) == ("hit", b"old")
     await asyncio.sleep(0.5)  # several retries fail meanwhile
-    assert a.metrics.purge_retries >= 2 and len(a.purge_backlog) == 1
+    assert a.metrics.purge_retries >= 2 and len(a.purges.backlog) == 1
 
     server.resume()
     resumed = time.monotonic()
-    await until(lambda: len(b.store) == 0 and not a.purge_backlog, within=5.0)
+    await until(lambda: len(b.store) == 0 and not a.purges.backlog, within=5.0)
     print(f"\npurge reached b {time.monotonic() - resumed:.2f} s after Redis resumed")
     assert raw(server).keys(b"meridian:cache:e:*") == []  # deleted from L2, not refillable
     assert await pop.request(b, SYMBOLS) == ("MISS", b"new")
@@ -107,12 +107,12 @@ async def test_purges_pile_up_coalesced_and_bounded_during_a_stall(
     await _spread(pop, SYMBOLS)
     server.pause()
     for _ in range(3):
-        assert (await a.purge_url(SYMBOLS_URL)).queued
+        assert (await a.purges.purge_url(SYMBOLS_URL)).queued
     assert a.invalidate(b"POST", 204, b"https", b"api.example", SYMBOLS, []) == 0
     await a.drain()  # the invalidation's own attempt fails after one Redis timeout
-    assert len(a.purge_backlog) == 1  # four purges of one URL: one pending item
+    assert len(a.purges.backlog) == 1  # four purges of one URL: one pending item
     server.resume()
-    await until(lambda: len(b.store) == 0 and not a.purge_backlog, within=5.0)
+    await until(lambda: len(b.store) == 0 and not a.purges.backlog, within=5.0)
 
 
 async def test_a_pending_purge_keeps_the_l2_copy_out_after_the_race_window(
@@ -129,7 +129,7 @@ async def test_a_pending_purge_keeps_the_l2_copy_out_after_the_race_window(
         await _spread(pop, SYMBOLS)
         pop.origin.body = b"new"
         server.pause()
-        result = await a.purge_prefix("/api/v1/")
+        result = await a.purges.purge_prefix("/api/v1/")
         assert result.queued and result.local == 1
         server.resume()
         clock.advance(120.0)  # still fresh (ttl 300 s): in Redis and usable
@@ -148,7 +148,7 @@ async def test_a_soft_purge_marks_the_other_instance_stale_and_leaves_l2_unread(
     await _spread(pop, SYMBOLS)
     pop.origin.body = b"new"
     calls = pop.origin.calls
-    result = await a.purge_url(SYMBOLS_URL, soft=True)
+    result = await a.purges.purge_url(SYMBOLS_URL, soft=True)
     assert (result.local, result.shared, result.propagated) == (1, 0, True)
 
     def stale_in_b() -> bool:

@@ -372,15 +372,15 @@ async def test_purges_propagate_to_every_instance_and_redis(pop: Pop, server: Re
         assert (await pop.request(b, path))[0] == "HIT"  # b holds it in L1 now
     assert len(b.store) == 3
 
-    result = await a.purge_url("https://api.example/api/v1/ticker/ETH")
+    result = await a.purges.purge_url("https://api.example/api/v1/ticker/ETH")
     assert (result.local, result.shared, result.propagated) == (1, 1, True)
     await until(lambda: len(b.store) == 2)
 
-    result = await a.purge_prefix("/api/v1/ticker/")
+    result = await a.purges.purge_prefix("/api/v1/ticker/")
     assert result.local == 1 and result.shared == 1
     await until(lambda: len(b.store) == 1)
 
-    result = await b.purge_tag("btc")
+    result = await b.purges.purge_tag("btc")
     assert result.local == 1
     await until(lambda: len(a.store) == 0)
     assert raw(server).keys(b"meridian:cache:e:*") == []

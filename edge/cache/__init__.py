@@ -7,7 +7,15 @@ Everything the edge needs is ``HttpCache``.  Its pieces, each usable alone:
 * ``entry``: a stored response pre-serialised for HTTP/1.1 (a hit is one write);
 * ``store``: L1, bounded in bytes, CLOCK eviction, purge by key/prefix/surrogate key;
 * ``coalesce``: one upstream fetch per key, hit-for-miss memory, one background refresh;
-* ``redis_l2``: the POP-shared Redis level, circuit breaker, purge broadcast.
+* ``requests``: what a lookup reads from a request's head, once (``prepare``);
+* ``lookups``: what a lookup answers (``Lookup``), and the memo that replays a HIT;
+* ``admission``: what a response becomes in the store, or why it is not stored;
+* ``filling``: one fill (L1 again, L2, origin, store); ``fills``: the requests that wait for
+  one, coalesced, and the background refreshes;
+* ``purging``: purges asked for, applied, propagated, retried and remembered;
+* ``redis_l2``: the POP-shared Redis level (``redis_codec``, ``redis_guard``: deadline and
+  circuit breaker, ``redis_purge``, ``redis_broadcast``: purges to the other instances);
+* ``metrics``: plain counters on the hot path, Prometheus families on scrape.
 
 API (all headers are ``list[tuple[bytes, bytes]]`` with lower-case names)::
 
@@ -25,7 +33,7 @@ API (all headers are ``list[tuple[bytes, bytes]]`` with lower-case names)::
     await cache.fill(lookup, fetch, extra=b"") -> Filled     # MISS / REVALIDATE, coalesced
     cache.refresh(lookup, fetch) -> bool                     # STALE with lookup.refresh
     cache.invalidate(method, status, scheme, host, target, response_headers) -> int
-    await cache.purge_url(url) / purge_prefix(prefix) / purge_tag(tag) -> PurgeResult
+    await cache.purges.purge_url(url) / purge_prefix(prefix) / purge_tag(tag) -> PurgeResult
     cache.check_purge_token(token) -> bool
     await cache.aclose()
 
@@ -80,24 +88,19 @@ Metrics (a collector on the registry, plain integer counters on the hot path):
 
 from __future__ import annotations
 
-import asyncio
-import enum
 import hmac
 import time
-import weakref
-from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import Any, Final, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Final
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from edge.memos import BYPASS_LOOKUPS, BoundedMemo
 from meridian.config import CacheConfig
 from meridian.log import get_logger
 
 from .admission import Admission
-from .coalesce import Coalescer, Role
+from .background import Background
 from .entry import (
     X_CACHE_BYPASS,
     X_CACHE_HIT,
@@ -107,53 +110,20 @@ from .entry import (
     Compressor,
     Entry,
 )
-from .filling import FROM_L1, FROM_L2, FROM_ORIGIN, FROM_STALE, Filling, Outcome
-from .key import (
-    DEFAULT_RULE,
-    CacheKey,
-    Coding,
-    KeyBuilder,
-    Negotiator,
-    negotiate_coding,
-    normalise_host,
-    split_target,
-)
+from .fills import Filled, Fills
+from .key import DEFAULT_RULE, CacheKey, Coding, KeyBuilder, Negotiator, negotiate_coding
+from .lookups import HitMemo, Lookup, LookupKind, serve
+from .lookups import memo_hit as _memo_hit
 from .messages import Fetch, RequestInfo, UpstreamResponse
-from .policy import (
-    NO_DIRECTIVES,
-    STALE_IF_ERROR,
-    STALE_WHILE_REVALIDATE,
-    Header,
-    Headers,
-    Use,
-    decide,
-    invalidation_targets,
-    stable_until,
-)
+from .metrics import CacheMetrics
+from .policy import Header, Headers, Use, decide
 from .purge_queue import PurgeBacklog
-from .purging import KINDS, SOFT_PURGE, PurgeResult, Purges
-from .purging import soft as soft_kind
+from .purging import SOFT_PURGE, PurgeResult, Purges, invalidated
 from .redis_l2 import RedisL2, RedisTarget
 from .requests import Prepared, RequestReader
 from .store import MemoryStore
 
 log = get_logger("cache")
-
-
-class LookupKind(enum.Enum):
-    #: Fresh: write ``Lookup.wire``.
-    HIT = "hit"
-    #: Stale but usable now: write ``Lookup.wire``; start ``refresh`` when ``Lookup.refresh``.
-    STALE = "stale"
-    #: Stored but must be validated first: ``fill`` (conditional fetch, stale-if-error).
-    REVALIDATE = "revalidate"
-    #: Nothing stored: ``fill``.
-    MISS = "miss"
-    #: Not for the cache (method, rule, request body or precondition, request no-store,
-    #: cache disabled): proxy it; why in ``reason``.
-    BYPASS = "bypass"
-    #: ``Cache-Control: only-if-cached`` and nothing usable: write ``Lookup.wire`` (a 504).
-    ONLY_IF_CACHED = "only_if_cached"
 
 
 # Module-level aliases: attribute access on an Enum class costs ~10x a global lookup (3.11).
@@ -164,192 +134,6 @@ _REVALIDATE: Final = LookupKind.REVALIDATE
 _ONLY_IF_CACHED: Final = LookupKind.ONLY_IF_CACHED
 _FRESH: Final = Use.FRESH
 _USE_STALE: Final = Use.STALE
-
-
-# Lookup and RequestInfo are made per request: NamedTuples, because a frozen dataclass's
-# __init__ costs about five times as much, which would dominate a cache hit.
-
-
-class Lookup(NamedTuple):
-    """The L1 answer for one request."""
-
-    kind: LookupKind
-    #: The complete response to write (HIT, STALE, ONLY_IF_CACHED), else empty.
-    wire: bytes = b""
-    key: CacheKey | None = None
-    entry: Entry | None = None
-    #: Set for STALE, REVALIDATE and MISS (what ``fill`` and ``refresh`` need); not for HIT.
-    request: RequestInfo | None = None
-    #: BYPASS: why; STALE: the stale reason.
-    reason: str = ""
-    #: STALE: a background refresh should be started.
-    refresh: bool = False
-
-
-class HitMemo:
-    """The bytes of a HIT (or a STALE answer served while one refresh runs) for one prepared
-    request, reusable (``replay_hit``) while ``since <= now < until`` and ``entry`` is still
-    the one stored under its key: until then the response stays fresh (or within its
-    stale-while-revalidate window) with the same whole-second Age, so ``lookup_prepared``
-    would build these very bytes again.  A STALE memo also stands for the refresh its first
-    answer started: at most one refresh is asked for per key and Age second.
-
-    Holds nothing the cache does not count: the entry weakly and the bytes as the entry's own
-    cached response (``Entry.cached_wire``), so an evicted entry is freed at once.  (It held
-    both strongly before: the edge's 4,096 memoised request heads could keep that many evicted
-    responses alive beyond the cache's byte bound.)  ``wire`` is valid after ``replay_hit``
-    returned True."""
-
-    __slots__ = ("_entry", "keys", "since", "slot", "stale", "until")
-
-    def __init__(
-        self,
-        keys: KeyBuilder,
-        entry: Entry,
-        slot: int,
-        since: float,
-        until: float,
-        stale: str = "",
-    ) -> None:
-        self.keys = keys
-        self._entry = weakref.ref(entry)
-        self.slot = slot
-        self.since = since
-        self.until = until
-        #: The stale reason for a STALE answer (a metric label), "" for a HIT.
-        self.stale = stale
-
-    @property
-    def entry(self) -> Entry | None:
-        return self._entry()
-
-    @property
-    def wire(self) -> bytes:
-        entry = self._entry()
-        wire = entry.cached_wire(self.slot) if entry is not None else None
-        if wire is None:
-            raise LookupError("the memoised response is gone (replay_hit said so)")
-        return wire
-
-
-class Filled(NamedTuple):
-    """The result of ``fill``: bytes to write, or an unstored response for the edge to forward."""
-
-    wire: bytes | None
-    response: UpstreamResponse | None
-    x_cache: bytes
-    entry: Entry | None = None
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics
-
-
-class CacheMetrics(Collector):
-    """Plain integers bumped on the hot path, turned into Prometheus families on scrape."""
-
-    def __init__(self, cache: HttpCache) -> None:
-        self._cache = cache
-        self.l1_hits = 0
-        self.l2_hits = 0
-        self.coalesced_hits = 0
-        self.misses = 0
-        self.stale: dict[str, int] = {}
-        self.bypass: dict[str, int] = {}
-        self.coalesced_waiters = 0
-        self.redis_errors: dict[str, int] = {}
-        self.purge_retries = 0
-
-    @property
-    def hits(self) -> dict[str, int]:
-        return {"l1": self.l1_hits, "l2": self.l2_hits, "coalesced": self.coalesced_hits}
-
-    def count_stale(self, reason: str) -> None:
-        self.stale[reason] = self.stale.get(reason, 0) + 1
-
-    def count_bypass(self, reason: str) -> None:
-        self.bypass[reason] = self.bypass.get(reason, 0) + 1
-
-    def count_redis_error(self, reason: str) -> None:
-        self.redis_errors[reason] = self.redis_errors.get(reason, 0) + 1
-
-    def count_waiter(self) -> None:
-        self.coalesced_waiters += 1
-
-    def count_purge_retry(self) -> None:
-        self.purge_retries += 1
-
-    def collect(self) -> Iterable[Metric]:
-        store = self._cache.store
-        yield _labelled(
-            CounterMetricFamily(
-                "meridian_cache_hits", "Requests served fresh from the cache.", labels=["layer"]
-            ),
-            self.hits,
-        )
-        yield CounterMetricFamily(
-            "meridian_cache_misses", "Requests that needed an upstream fetch.", value=self.misses
-        )
-        yield _labelled(
-            CounterMetricFamily(
-                "meridian_cache_stale_served", "Stale responses served.", labels=["reason"]
-            ),
-            self.stale,
-        )
-        yield _labelled(
-            CounterMetricFamily(
-                "meridian_cache_bypass", "Requests not handled by the cache.", labels=["reason"]
-            ),
-            self.bypass,
-        )
-        yield CounterMetricFamily(
-            "meridian_cache_coalesced_waiters",
-            "Requests that waited for another request's upstream fetch.",
-            value=self.coalesced_waiters,
-        )
-        yield CounterMetricFamily(
-            "meridian_cache_evictions", "L1 entries evicted for space.", value=store.evictions
-        )
-        yield _labelled(
-            CounterMetricFamily(
-                "meridian_cache_redis_errors", "Redis calls failed or timed out.", labels=["reason"]
-            ),
-            self.redis_errors,
-        )
-        yield GaugeMetricFamily("meridian_cache_bytes", "Bytes held by L1.", value=store.bytes)
-        yield GaugeMetricFamily(
-            "meridian_cache_purges_pending",
-            "Purges Redis has not taken yet (stalled or down), retried with backoff.",
-            value=len(self._cache.purge_backlog),
-        )
-        yield CounterMetricFamily(
-            "meridian_cache_purge_retries",
-            "Attempts to apply pending purges to Redis.",
-            value=self.purge_retries,
-        )
-        yield GaugeMetricFamily("meridian_cache_entries", "Entries held by L1.", value=len(store))
-        hits = sum(self.hits.values())
-        lookups = hits + self.misses
-        yield GaugeMetricFamily(
-            "meridian_cache_hit_ratio",
-            "Fresh hits over hits plus misses since start.",
-            value=hits / lookups if lookups else 0.0,
-        )
-        l2 = self._cache.l2
-        yield GaugeMetricFamily(
-            "meridian_cache_redis_circuit_open",
-            "1 while Redis is being skipped after repeated errors.",
-            value=1.0 if l2 is not None and not l2.available else 0.0,
-        )
-
-    def describe(self) -> Iterable[Metric]:
-        return []  # families are dynamic; registering must not call collect() early
-
-
-def _labelled(family: CounterMetricFamily, values: dict[str, int]) -> CounterMetricFamily:
-    for label, value in sorted(values.items()):
-        family.add_metric([label], value)
-    return family
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,7 +147,6 @@ def _key_memo_bytes(config: CacheConfig) -> int:
     return max(64 * 1024, min(_KEY_MEMO_MAX, config.memory // 16))
 
 
-#: A purge kind with this prefix marks stale instead of removing (``purge_url(soft=True)``).
 class HttpCache:
     """The edge cache; see the module docstring for the call sequence."""
 
@@ -393,11 +176,7 @@ class HttpCache:
         self.enabled = config.enabled
         self.metrics = CacheMetrics(self)
         self.clock = clock
-        self._negotiate = negotiate
-        self._compressor = compressor
-        self._compress_offload_above = compress_offload_above
         self.reader = RequestReader(negotiate, honour_request_no_cache)
-        self._cross_instance_wait = cross_instance_wait
         self._extra_head = b"".join(n + b": " + v + b"\r\n" for n, v in extra_headers)
         self.admission = Admission(
             config.targets,
@@ -412,44 +191,34 @@ class HttpCache:
         )
         self.keys = KeyBuilder(config.rules, memo_bytes=_key_memo_bytes(config))
         self.store = MemoryStore(config.memory, config.max_object, negotiate=negotiate)
-        self._coalescer: Coalescer[Outcome] = Coalescer(
-            lock_timeout=config.lock_timeout,
-            hit_for_miss=config.hit_for_miss,
-            clock=clock,
-            on_wait=self.metrics.count_waiter,
-            on_background_error=self._background_failed,
-        )
-        if l2 is None and config.enabled and (target := RedisTarget.from_config(config)):
-            l2 = RedisL2(
-                target,
-                timeout=config.redis_timeout,
-                max_value=config.redis_max_value,
-                clock=clock,
-                instance_id=instance_id,
-                on_error=self.metrics.count_redis_error,
-                negotiate=negotiate,
+        if l2 is None and config.enabled:
+            l2 = RedisL2.from_config(
+                config, clock=clock, instance_id=instance_id, negotiate=negotiate
             )
         if l2 is not None and l2.on_error is None:
             l2.on_error = self.metrics.count_redis_error
         self.l2 = l2
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.background = Background()
         self.purges = Purges(
             self.store,
             l2,
+            self.keys,
             clock,
+            self.background.spawn,
             race_window=purge_race_window,
             backlog=purge_backlog,
             on_retry=self.metrics.count_purge_retry,
         )
-        self.filling = Filling(
+        self.fills = Fills(
+            config,
             self.store,
             l2,
             self.admission,
             self.purges,
+            self.metrics,
             clock,
-            self._spawn,
+            self.background.spawn,
             negotiate=negotiate,
-            lock_timeout=config.lock_timeout,
             cross_instance_wait=cross_instance_wait,
             compressor=compressor,
             compress_offload_above=compress_offload_above,
@@ -469,10 +238,9 @@ class HttpCache:
 
     async def drain(self) -> None:
         """Wait for fills, refreshes and Redis writes in flight (tests, graceful shutdown)."""
-        while self._tasks or len(self._coalescer):
-            await self._coalescer.drain()
-            if self._tasks:
-                await asyncio.gather(*tuple(self._tasks), return_exceptions=True)
+        while self.background or len(self.fills):
+            await self.fills.drain()
+            await self.background.wait()
 
     async def aclose(self) -> None:
         await self.drain()
@@ -495,23 +263,14 @@ class HttpCache:
         self.store.max_bytes = config.memory
         self.store.max_object = config.max_object
         self.store.evict()
-        self._coalescer.lock_timeout = config.lock_timeout
-        self.filling.lock_timeout = config.lock_timeout
-        self._coalescer.hit_for_miss.ttl = config.hit_for_miss
+        self.purges.keys = self.keys
+        self.fills.set_limits(config)
         self.admission.set_targets(config.targets)
 
     @property
     def targeted_fields(self) -> frozenset[bytes]:
         """RFC 9213 fields this cache consumes: never sent on, stored or not."""
         return self.admission.targeted_fields
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _background_failed(self, error: BaseException) -> None:
-        log.debug("cache_refresh_failed", error=str(error) or type(error).__name__)
 
     # ----------------------------------------------------------------------------------------
     # Lookup (synchronous, L1 only)
@@ -580,7 +339,7 @@ class HttpCache:
                 ) and entry.not_modified_for(if_none_match, if_modified_since):
                     wire = entry.wire_not_modified(request.coding, now, X_CACHE_HIT, extra)
                 elif request.range is not None:
-                    wire = self._serve(entry, request, X_CACHE_HIT, now, extra)
+                    wire = serve(entry, request, X_CACHE_HIT, now, extra)
                 else:
                     wire = entry.wire(request.coding, now, request.head, X_CACHE_HIT, extra)
                 return Lookup(_HIT, wire, key, entry)
@@ -592,7 +351,7 @@ class HttpCache:
             return Lookup(_MISS, key=key, request=request)
         if use is _USE_STALE:
             self.metrics.count_stale(reason)
-            wire = self._serve(entry, request, X_CACHE_STALE, now, extra)
+            wire = serve(entry, request, X_CACHE_STALE, now, extra)
             return Lookup(_STALE, wire, key, entry, request, reason, refresh=True)
         if cc.only_if_cached:
             return Lookup(_ONLY_IF_CACHED, self._only_if_cached_wire, key)
@@ -600,40 +359,8 @@ class HttpCache:
             return self._bypassed("request-no-store")
         return Lookup(_REVALIDATE, key=key, entry=entry, request=request)
 
-    def memo_hit(
-        self,
-        prepared: Prepared,
-        lookup: Lookup,
-        now: float,
-        unshared: frozenset[bytes] = frozenset(),
-    ) -> HitMemo | None:
-        """A ``HitMemo`` for a HIT or a stale-while-revalidate answer of
-        ``lookup_prepared(prepared, now)``, or None when the answer may change sooner than
-        the next Age tick (no stable window, request directives).
-
-        ``unshared``: request fields the memo's key ignores (``edge.fasthead.MeaningKey``); an
-        entry that varies on one of them is never memoised (each request must be matched)."""
-        request, entry = prepared.request, lookup.entry
-        if entry is None or request is None:
-            return None
-        for name in entry.response.vary:
-            if name in unshared:
-                return None
-        if lookup.kind is _STALE:
-            if lookup.reason != STALE_WHILE_REVALIDATE:
-                return None
-        elif lookup.kind is not _HIT:
-            return None
-        if request.cc is not NO_DIRECTIVES:  # max-age, min-fresh, max-stale: per request
-            return None
-        until = stable_until(entry.response.freshness, now)
-        if until <= now:
-            return None
-        slot = entry.slot_of(lookup.wire)
-        if slot is None:  # built per request (extra header lines): nothing to replay
-            return None
-        stale = lookup.reason if lookup.kind is _STALE else ""
-        return HitMemo(prepared.keys, entry, slot, now, until, stale)
+    #: ``lookups.memo_hit``: a ``HitMemo`` for a HIT or a stale-while-revalidate answer.
+    memo_hit = staticmethod(_memo_hit)
 
     def replay_hit(self, memo: HitMemo, now: float) -> bool:
         """Whether ``memo.wire`` is still this cache's answer at ``now``; counted (as an L1 hit
@@ -654,20 +381,6 @@ class HttpCache:
             return True
         return False
 
-    @staticmethod
-    def _serve(
-        entry: Entry, request: RequestInfo, x_cache: bytes, now: float, extra: bytes
-    ) -> bytes:
-        if (
-            request.if_none_match is not None or request.if_modified_since is not None
-        ) and entry.not_modified_for(request.if_none_match, request.if_modified_since):
-            return entry.wire_not_modified(request.coding, now, x_cache, extra)
-        if request.range is not None:  # evaluated after the conditionals (RFC 9110 13.2.2)
-            ranged = entry.wire_range(request.range, request.if_range, now, x_cache, extra)
-            if ranged is not None:
-                return ranged
-        return entry.wire(request.coding, now, request.head, x_cache, extra)
-
     def storable_head(self, lookup: Lookup, status: int, headers: Headers) -> str | None:
         """Why a fill's response with this status and these headers will not be stored (its
         body need not be buffered: the edge may stream it), or None when it may be.
@@ -684,60 +397,11 @@ class HttpCache:
 
     async def fill(self, lookup: Lookup, fetch: Fetch, extra: bytes = b"") -> Filled:
         """Answer a MISS or REVALIDATE: one coalesced fetch per key, stored when allowed."""
-        key, request = lookup.key, lookup.request
-        fillable = lookup.kind is LookupKind.MISS or lookup.kind is LookupKind.REVALIDATE
-        if key is None or request is None or not fillable:
-            raise ValueError(f"fill() needs a MISS or REVALIDATE lookup, got {lookup.kind}")
-        for _round in range(2):
-            coalesce_key = self.filling.coalesce_key(key, request)
-            outcome, role = await self._coalescer.run(
-                coalesce_key, lambda: self.filling.fill_once(key, request, lookup.entry, fetch)
-            )
-            entry = outcome.entry
-            if role is not Role.WAITER or entry is None:
-                self._count(outcome)
-                return self._deliver(outcome, request, extra + outcome.leader_lines)
-            if self.filling.usable_by(entry, request):
-                if outcome.source == FROM_STALE:
-                    self.metrics.count_stale(STALE_IF_ERROR)
-                    return self._deliver(outcome, request, extra)
-                self.metrics.coalesced_hits += 1
-                return self._deliver(outcome._replace(x_cache=X_CACHE_HIT), request, extra)
-            # The leader's response is another variant (its Vary names are known now, so the
-            # second round queues under the precise key), or not for a request with
-            # Authorization.  After two rounds, fetch alone.
-        outcome, _ = await self.filling.fill_once(key, request, lookup.entry, fetch)
-        self._count(outcome)
-        return self._deliver(outcome, request, extra + outcome.leader_lines)
-
-    def _count(self, outcome: Outcome) -> None:
-        """Metrics for a request answered by a fill (background refreshes are not counted)."""
-        source = outcome.source
-        if source == FROM_ORIGIN:
-            self.metrics.misses += 1
-        elif source == FROM_L2:
-            self.metrics.l2_hits += 1
-        elif source == FROM_L1:
-            self.metrics.l1_hits += 1
-        else:
-            self.metrics.count_stale(STALE_IF_ERROR)
+        return await self.fills.fill(lookup, fetch, extra)
 
     def refresh(self, lookup: Lookup, fetch: Fetch) -> bool:
         """Revalidate a STALE lookup in the background; False when one is already running."""
-        key, request = lookup.key, lookup.request
-        if key is None or request is None or lookup.entry is None:
-            return False
-        return self._coalescer.refresh(
-            self.filling.coalesce_key(key, request),
-            lambda: self.filling.fill_once(key, request, lookup.entry, fetch),
-        )
-
-    def _deliver(self, outcome: Outcome, request: RequestInfo, extra: bytes) -> Filled:
-        entry = outcome.entry
-        if entry is None:
-            return Filled(None, outcome.response, X_CACHE_MISS)
-        wire = self._serve(entry, request, outcome.x_cache, self.clock(), extra)
-        return Filled(wire, None, outcome.x_cache, entry)
+        return self.fills.refresh(lookup, fetch)
 
     # ----------------------------------------------------------------------------------------
     # Invalidation and purges
@@ -756,48 +420,9 @@ class HttpCache:
         instances (in the background).  Returns the L1 entries removed."""
         if not self.enabled:
             return 0
-        key = self.keys.build(scheme, host, target)
-        own_url = key.url.decode("latin-1")
-        targets = invalidation_targets(method, status, own_url, response_headers)
-        removed = 0
-        for url in targets:
-            # The request's own URL is keyed already: only Location targets are parsed again.
-            primary = key.primary if url == own_url else self.keys.from_url(url).primary
-            removed += self.purges.apply("primary", primary)
-            if self.l2 is not None:
-                self._spawn(self.purges.propagate("primary", primary, self.clock()))
-        return removed
-
-    async def purge_url(self, url: str, *, soft: bool = False) -> PurgeResult:
-        """Purge one resource (all its variants) by absolute URL, normalised like requests.
-
-        ``soft``: mark what the purge covers stale instead of removing it (every purge takes
-        it): served within its stale-while-revalidate window while one refresh runs, or
-        revalidated (coalesced) first, so a hot key costs the origin one request, not a
-        stampede.  The count is of entries marked stale."""
-        return await self.purges.purge(soft_kind("primary", soft), self.keys.from_url(url).primary)
-
-    async def purge_prefix(self, prefix: str, *, soft: bool = False) -> PurgeResult:
-        """Purge by URL prefix (``https://host/api/``) or, starting with ``/``, by path prefix
-        on every host.  Cost: L1's path index (the entries under the prefix; a URL prefix
-        ending inside the host scans) and a SCAN of Redis (see ``redis_l2``)."""
-        raw = prefix.encode("latin-1")
-        if raw.startswith(b"/"):
-            return await self.purges.purge(soft_kind("path_prefix", soft), raw)
-        path, scheme, authority = split_target(raw)
-        if scheme is None or authority is None:
-            raise ValueError(f"not a URL or path prefix: {prefix!r}")
-        url_prefix = scheme + b"://" + normalise_host(authority, scheme) + path
-        return await self.purges.purge(soft_kind("url_prefix", soft), url_prefix)
-
-    async def purge_tag(self, tag: str, *, soft: bool = False) -> PurgeResult:
-        """Purge every response tagged with ``tag`` in its Surrogate-Key header."""
-        return await self.purges.purge(soft_kind("tag", soft), tag.encode("utf-8"))
-
-    @property
-    def purge_backlog(self) -> PurgeBacklog:
-        """Purges Redis has not taken yet (``Purges``)."""
-        return self.purges.backlog
+        return self.purges.invalidate(
+            invalidated(self.keys, method, status, scheme, host, target, response_headers)
+        )
 
     def check_purge_token(self, presented: bytes | str) -> bool:
         """Constant-time check of a purge request's token; always False when none is set."""
@@ -806,13 +431,6 @@ class HttpCache:
             return False
         given = presented.encode("utf-8") if isinstance(presented, str) else presented
         return hmac.compare_digest(expected.encode("utf-8"), given)
-
-    def purge_local(self, kind: str, value: bytes) -> int:
-        """Apply a purge another worker of this instance normalised (``PurgeResult.kind`` and
-        ``value``) to this process's L1 only; returns the entries removed."""
-        if kind.removeprefix(SOFT_PURGE) not in KINDS:
-            raise ValueError(f"unknown purge kind {kind!r}")
-        return self.purges.apply(kind, value)
 
     def _on_resync(self) -> None:
         # Purges broadcast while we were not subscribed are lost: start L1 afresh.

@@ -1,4 +1,6 @@
-"""Purges and invalidations of one cache (``HttpCache`` normalises them, this applies them).
+"""Purges and invalidations of one cache: asked for by URL, prefix or tag (the admin API), by
+another worker (``purge_local``) or by an unsafe request (``invalidated``: RFC 9111 4.4),
+normalised to the cache's keys, then applied.
 
 A purge takes effect in this process's L1 at once, then in Redis, which deletes the shared
 copies and broadcasts the purge to the POP's other instances.  When Redis cannot take it
@@ -20,15 +22,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Final
+from typing import Any, Final
 
 from meridian.log import get_logger
 
 from .entry import Entry
+from .key import KeyBuilder, normalise_host, split_target
+from .policy import Headers, invalidation_targets
 from .purge_queue import PurgeBacklog
-from .redis_l2 import PurgeMessage, RedisL2
+from .redis_broadcast import PurgeMessage
+from .redis_l2 import RedisL2
 from .store import MemoryStore
 
 log = get_logger("edge.cache")
@@ -39,7 +44,8 @@ KINDS: Final = frozenset({"primary", "url_prefix", "path_prefix", "tag"})
 _PRUNE_PRIMARIES_ABOVE: Final = 4096
 
 
-def soft(kind: str, is_soft: bool) -> str:
+def soft_kind(kind: str, is_soft: bool) -> str:
+    """``kind``, or its soft form."""
     return SOFT_PURGE + kind if is_soft else kind
 
 
@@ -47,6 +53,36 @@ def path_starts_with(url: bytes, prefix: bytes) -> bool:
     """Whether the path of ``url`` (``scheme://host/path``) starts with ``prefix``."""
     start = url.find(b"/", url.find(b"://") + 3)
     return start != -1 and url.startswith(prefix, start)
+
+
+def prefix_purge(prefix: str) -> tuple[str, bytes]:
+    """The purge a prefix asks for: ``path_prefix`` of a path prefix (starting with ``/``, on
+    every host), else ``url_prefix`` of the URL prefix with its host normalised like keys."""
+    raw = prefix.encode("latin-1")
+    if raw.startswith(b"/"):
+        return "path_prefix", raw
+    path, scheme, authority = split_target(raw)
+    if scheme is None or authority is None:
+        raise ValueError(f"not a URL or path prefix: {prefix!r}")
+    return "url_prefix", scheme + b"://" + normalise_host(authority, scheme) + path
+
+
+def invalidated(
+    keys: KeyBuilder,
+    method: bytes,
+    status: int,
+    scheme: bytes,
+    host: bytes,
+    target: bytes,
+    response_headers: Headers,
+) -> Iterator[bytes]:
+    """The primary keys an unsafe request's response invalidates (RFC 9111 4.4): its target
+    URI and same-origin Location/Content-Location."""
+    key = keys.build(scheme, host, target)
+    own_url = key.url.decode("latin-1")
+    for url in invalidation_targets(method, status, own_url, response_headers):
+        # The request's own URL is keyed already: only Location targets are parsed again.
+        yield key.primary if url == own_url else keys.from_url(url).primary
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,13 +103,16 @@ class PurgeResult:
 
 
 class Purges:
-    """The purges of one cache: applied, propagated, retried and remembered (module doc)."""
+    """The purges of one cache: asked for, applied, propagated, retried and remembered (module
+    doc)."""
 
     def __init__(
         self,
         store: MemoryStore,
         l2: RedisL2 | None,
+        keys: KeyBuilder,
         clock: Callable[[], float],
+        spawn: Callable[[Coroutine[Any, Any, Any]], None],
         *,
         race_window: float,
         backlog: PurgeBacklog | None = None,
@@ -81,7 +120,11 @@ class Purges:
     ) -> None:
         self._store = store
         self._l2 = l2
+        #: The cache's keys (``HttpCache.reconfigure`` replaces them): URLs purge as requests
+        #: to them are keyed.
+        self.keys = keys
         self._clock = clock
+        self._spawn = spawn
         self._race_window = race_window
         self._on_retry = on_retry
         self._by_primary: dict[bytes, float] = {}
@@ -89,6 +132,35 @@ class Purges:
         #: Purges whose Redis half failed, retried by ``_retry`` until Redis takes them.
         self.backlog = backlog or PurgeBacklog()
         self._retrier: asyncio.Task[None] | None = None
+
+    # -- asked for (the admin API, the POP's other workers) -----------------------------------
+
+    async def purge_url(self, url: str, *, soft: bool = False) -> PurgeResult:
+        """Purge one resource (all its variants) by absolute URL, normalised like requests.
+
+        ``soft``: mark what the purge covers stale instead of removing it (every purge takes
+        it): served within its stale-while-revalidate window while one refresh runs, or
+        revalidated (coalesced) first, so a hot key costs the origin one request, not a
+        stampede.  The count is of entries marked stale."""
+        return await self.purge(soft_kind("primary", soft), self.keys.from_url(url).primary)
+
+    async def purge_prefix(self, prefix: str, *, soft: bool = False) -> PurgeResult:
+        """Purge by URL prefix (``https://host/api/``) or, starting with ``/``, by path prefix
+        on every host.  Cost: L1's path index (the entries under the prefix; a URL prefix
+        ending inside the host scans) and a SCAN of Redis (see ``redis_purge``)."""
+        kind, value = prefix_purge(prefix)
+        return await self.purge(soft_kind(kind, soft), value)
+
+    async def purge_tag(self, tag: str, *, soft: bool = False) -> PurgeResult:
+        """Purge every response tagged with ``tag`` in its Surrogate-Key header."""
+        return await self.purge(soft_kind("tag", soft), tag.encode("utf-8"))
+
+    def purge_local(self, kind: str, value: bytes) -> int:
+        """Apply a purge another worker of this instance normalised (``PurgeResult.kind`` and
+        ``value``) to this process's L1 only; returns the entries removed."""
+        if kind.removeprefix(SOFT_PURGE) not in KINDS:
+            raise ValueError(f"unknown purge kind {kind!r}")
+        return self.apply(kind, value)
 
     # -- applying ------------------------------------------------------------------------------
 
@@ -126,6 +198,16 @@ class Purges:
             self._queue(kind, value, at)
             return PurgeResult(local, 0, False, kind, value, queued=True)
         return PurgeResult(local, shared, True, kind, value)
+
+    def invalidate(self, primaries: Iterable[bytes]) -> int:
+        """Purge resources here at once, and in Redis and the POP's other instances in the
+        background (an unsafe request's invalidations); returns the L1 entries removed."""
+        removed = 0
+        for primary in primaries:
+            removed += self.apply("primary", primary)
+            if self._l2 is not None:
+                self._spawn(self.propagate("primary", primary, self._clock()))
+        return removed
 
     async def propagate(self, kind: str, value: bytes, at: float) -> None:
         """The Redis half of a purge already applied here (invalidations, in the background)."""
@@ -241,4 +323,13 @@ class Purges:
             log.warning("cache_purges_not_propagated", pending=len(self.backlog))
 
 
-__all__ = ["KINDS", "SOFT_PURGE", "PurgeResult", "Purges", "path_starts_with", "soft"]
+__all__ = [
+    "KINDS",
+    "SOFT_PURGE",
+    "PurgeResult",
+    "Purges",
+    "invalidated",
+    "path_starts_with",
+    "prefix_purge",
+    "soft_kind",
+]

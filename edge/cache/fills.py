@@ -1,0 +1,162 @@
+"""The requests a lookup could not answer from L1 alone: a MISS or REVALIDATE waits for a fill,
+coalesced with every other request for the same key onto one ``Filling.fill_once``, and is
+answered from its outcome (the leader's own answer, or a waiter's share of it: the same entry
+served for this request's conditionals, range and coding); a STALE answer's refresh runs in the
+background, at most one per key.  Counted as the answer's source says (``CacheMetrics``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any, NamedTuple
+
+from meridian.config import CacheConfig
+from meridian.log import get_logger
+
+from .admission import Admission
+from .coalesce import Coalescer, Role
+from .entry import X_CACHE_HIT, X_CACHE_MISS, Compressor, Entry
+from .filling import FROM_L1, FROM_L2, FROM_ORIGIN, FROM_STALE, Filling, Outcome
+from .key import Negotiator
+from .lookups import Lookup, LookupKind, serve
+from .messages import Fetch, RequestInfo, UpstreamResponse
+from .metrics import CacheMetrics
+from .policy import STALE_IF_ERROR
+from .purging import Purges
+from .redis_l2 import RedisL2
+from .store import MemoryStore
+
+log = get_logger("cache")
+
+
+class Filled(NamedTuple):
+    """The result of ``fill``: bytes to write, or an unstored response for the edge to forward."""
+
+    wire: bytes | None
+    response: UpstreamResponse | None
+    x_cache: bytes
+    entry: Entry | None = None
+
+
+def _background_failed(error: BaseException) -> None:
+    log.debug("cache_refresh_failed", error=str(error) or type(error).__name__)
+
+
+class Fills:
+    """The coalesced fills and background refreshes of one cache (module docstring)."""
+
+    def __init__(
+        self,
+        config: CacheConfig,
+        store: MemoryStore,
+        l2: RedisL2 | None,
+        admission: Admission,
+        purges: Purges,
+        metrics: CacheMetrics,
+        clock: Callable[[], float],
+        spawn: Callable[[Coroutine[Any, Any, Any]], None],
+        *,
+        negotiate: Negotiator,
+        cross_instance_wait: float,
+        compressor: Compressor | None,
+        compress_offload_above: int,
+    ) -> None:
+        """``config``: ``lock_timeout`` and ``hit_for_miss`` (``set_limits`` changes them);
+        the rest is ``Filling``'s."""
+        self._filling = Filling(
+            store,
+            l2,
+            admission,
+            purges,
+            clock,
+            spawn,
+            negotiate=negotiate,
+            lock_timeout=config.lock_timeout,
+            cross_instance_wait=cross_instance_wait,
+            compressor=compressor,
+            compress_offload_above=compress_offload_above,
+        )
+        self._metrics = metrics
+        self._clock = clock
+        self._coalescer: Coalescer[Outcome] = Coalescer(
+            lock_timeout=config.lock_timeout,
+            hit_for_miss=config.hit_for_miss,
+            clock=clock,
+            on_wait=metrics.count_waiter,
+            on_background_error=_background_failed,
+        )
+
+    def __len__(self) -> int:
+        """Fills and refreshes in flight."""
+        return len(self._coalescer)
+
+    async def drain(self) -> None:
+        await self._coalescer.drain()
+
+    def set_limits(self, config: CacheConfig) -> None:
+        """A reloaded config's ``lock_timeout`` and ``hit_for_miss``, from now on."""
+        self._coalescer.lock_timeout = config.lock_timeout
+        self._filling.lock_timeout = config.lock_timeout
+        self._coalescer.hit_for_miss.ttl = config.hit_for_miss
+
+    async def fill(self, lookup: Lookup, fetch: Fetch, extra: bytes = b"") -> Filled:
+        """Answer a MISS or REVALIDATE: one coalesced fetch per key, stored when allowed."""
+        key, request = lookup.key, lookup.request
+        fillable = lookup.kind is LookupKind.MISS or lookup.kind is LookupKind.REVALIDATE
+        if key is None or request is None or not fillable:
+            raise ValueError(f"fill() needs a MISS or REVALIDATE lookup, got {lookup.kind}")
+        filling = self._filling
+        for _round in range(2):
+            coalesce_key = filling.coalesce_key(key, request)
+            outcome, role = await self._coalescer.run(
+                coalesce_key, lambda: filling.fill_once(key, request, lookup.entry, fetch)
+            )
+            entry = outcome.entry
+            if role is not Role.WAITER or entry is None:
+                self._count(outcome)
+                return self._deliver(outcome, request, extra + outcome.leader_lines)
+            if filling.usable_by(entry, request):
+                if outcome.source == FROM_STALE:
+                    self._metrics.count_stale(STALE_IF_ERROR)
+                    return self._deliver(outcome, request, extra)
+                self._metrics.coalesced_hits += 1
+                return self._deliver(outcome._replace(x_cache=X_CACHE_HIT), request, extra)
+            # The leader's response is another variant (its Vary names are known now, so the
+            # second round queues under the precise key), or not for a request with
+            # Authorization.  After two rounds, fetch alone.
+        outcome, _ = await filling.fill_once(key, request, lookup.entry, fetch)
+        self._count(outcome)
+        return self._deliver(outcome, request, extra + outcome.leader_lines)
+
+    def refresh(self, lookup: Lookup, fetch: Fetch) -> bool:
+        """Revalidate a STALE lookup in the background; False when one is already running."""
+        key, request = lookup.key, lookup.request
+        if key is None or request is None or lookup.entry is None:
+            return False
+        filling = self._filling
+        return self._coalescer.refresh(
+            filling.coalesce_key(key, request),
+            lambda: filling.fill_once(key, request, lookup.entry, fetch),
+        )
+
+    def _count(self, outcome: Outcome) -> None:
+        """Metrics for a request answered by a fill (background refreshes are not counted)."""
+        source = outcome.source
+        metrics = self._metrics
+        if source == FROM_ORIGIN:
+            metrics.misses += 1
+        elif source == FROM_L2:
+            metrics.l2_hits += 1
+        elif source == FROM_L1:
+            metrics.l1_hits += 1
+        else:
+            metrics.count_stale(STALE_IF_ERROR)
+
+    def _deliver(self, outcome: Outcome, request: RequestInfo, extra: bytes) -> Filled:
+        entry = outcome.entry
+        if entry is None:
+            return Filled(None, outcome.response, X_CACHE_MISS)
+        wire = serve(entry, request, outcome.x_cache, self._clock(), extra)
+        return Filled(wire, None, outcome.x_cache, entry)
+
+
+__all__ = ["Filled", "Fills"]
