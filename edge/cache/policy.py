@@ -758,18 +758,20 @@ def stable_until(freshness: Freshness, now: float) -> float:
     resident = now - freshness.response_time
     if resident <= 0 or freshness.always_revalidate:
         return now
-    expires = freshness.response_time + freshness.lifetime - freshness.initial_age
-    if now < expires:
-        end = expires
+    # The same age and ttl arithmetic as decide(): computed another way (an expiry instant),
+    # the two could disagree at the boundary by a rounding and replay a use decide() refuses.
+    age = freshness.initial_age + resident
+    ttl = freshness.lifetime - age
+    if ttl > 0:
+        end = now + ttl
     elif (
         not freshness.no_stale
         and freshness.stale_while_revalidate > 0
-        and now - expires < freshness.stale_while_revalidate
+        and -ttl < freshness.stale_while_revalidate
     ):
-        end = expires + freshness.stale_while_revalidate
+        end = now + ttl + freshness.stale_while_revalidate
     else:
         return now
-    age = freshness.initial_age + resident
     next_age = now + (1.0 - age % 1.0)
     return end if end < next_age else next_age
 
