@@ -1,20 +1,36 @@
 """Market streams at the edge: N WebSocket clients, C channels at R messages/s each.
 
     python -m benchmarks.streams --clients 10000 --channels 20 --rate 10 --duration 20
-    python -m benchmarks.streams --clients 2000 --nginx     # the same clients through nginx 1:1
+    python -m benchmarks.streams ... --lockstep                # every channel ticks together
+    python -m benchmarks.streams ... --channels-per-client 1   # the one-channel figure
+    python -m benchmarks.streams --clients 2000 --nginx        # the same clients through nginx 1:1
+
+The arithmetic of the goal (issue 15): 20 channels x 10 messages/s = 200 messages/s published;
+200,000 messages/s delivered to 10,000 clients is 1,000 deliveries per published message, so
+each channel fans out to 1,000 clients: every client subscribes to 2 channels (20,000
+subscriptions, 20 deliveries a second per client).  That is the default
+(``--channels-per-client 2``); client ``i`` subscribes to channels ``i .. i+K-1`` (mod C), so
+every channel has ``N * K / C`` subscribers.  Expected delivery rate: ``N * K * R``.
+
+The origin's channels tick at independent phases (each at its own offset in the tick interval,
+from a hash of its name), as real instruments do; ``--lockstep`` makes them all tick at the
+same instant, which hands the edge every channel's fan-out (N * K writes) in one burst: the
+worst case for the lag, the best case for coalescing one client's frames into one write.
 
 Starts a sample origin and an edge (one worker) with ``edge.streams``, then a load generator
 in another process (``--loadgen``), pinned to the other core where there are two (the edge on
 CPU 0, the load generator and the origin on CPU 1).  The load generator connects the clients
-(idle: the edge's RSS is read, for the memory per idle client), subscribes client ``i`` to
-channel ``i % C`` (``--subscriptions K``: channels ``i .. i+K-1``; ``trades:SYMBOL``: no
-conflation, every message counts), lets it settle,
-then counts for ``--duration`` seconds: messages delivered per second, the delivery lag
-(origin timestamp -> received, a sample of every ``LAG_SAMPLE``th message, so it includes the
-load generator's own queueing) and the edge's CPU seconds over the window (from
-/proc/PID/stat).  With ``--nginx`` the clients instead go through nginx's WebSocket proxy
-(Debian nginx, ``proxy_pass`` + Upgrade) straight to the origin's stream endpoint, 1:1, and the
-origin's open subscriptions are counted.
+(idle: the edge's RSS is read, for the memory per idle client), subscribes them to
+``trades:SYMBOL`` channels (no conflation, every message counts), lets it settle, then counts
+for ``--duration`` seconds: messages delivered per second (frames counted from their headers,
+not parsed), the delivery lag (origin timestamp -> received, a sample of every
+``LAG_SAMPLE``th message, so it includes the load generator's own queueing) and the CPU
+seconds of the edge and of the load generator over the window (from /proc/PID/stat).  When the
+delivered rate falls short of the expected one the run says which side was saturated
+(``limited_by``: the load generator or the server, by their CPU over the window).  With
+``--nginx`` the clients instead go through nginx's WebSocket proxy (Debian nginx,
+``proxy_pass`` + Upgrade) straight to the origin's stream endpoint, 1:1, and the origin's open
+subscriptions are counted.
 
 Figures are printed as a table and one JSON line.  On a shared machine the rates are noisy;
 the CPU per delivered message is the steadier figure.
@@ -234,7 +250,7 @@ async def loadgen(args: argparse.Namespace) -> None:
     say(phase="connected", clients=len(clients))
     await asyncio.sleep(2.0)
     for i, client in enumerate(clients):
-        for k in range(args.subscriptions):
+        for k in range(args.channels_per_client):
             client.send_json({"op": "subscribe", "channel": channels[(i + k) % len(channels)]})
     await asyncio.sleep(args.warmup)
     counting = True
@@ -281,10 +297,11 @@ async def loadgen_nginx(args: argparse.Namespace) -> None:
     counting = True
     before = sum(c.received for c in clients)
     started = time.perf_counter()
+    cpu0 = time.process_time()
     say(phase="measure_start")
     await asyncio.sleep(args.duration)
     counting = False
-    _report(say, clients, lags, started, before)
+    _report(say, clients, lags, started, before, loadgen_cpu=time.process_time() - cpu0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,6 +326,15 @@ def _cpu_seconds(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _waited_seconds(pid: int) -> float:
+    """Seconds ``pid`` has spent runnable but waiting for a CPU (/proc/PID/schedstat): on a
+    shared machine, the time other processes took from it."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _rss_kib(pid: int) -> int:
@@ -423,10 +449,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "--stream-rate",
             str(args.rate),
         ]
+        if args.lockstep:
+            origin_argv.append("--stream-lockstep")
         log = (tmp / "origin.log").open("wb")
-        procs.append(
-            subprocess.Popen(_pinned(args.origin_cpu, origin_argv), stdout=log, stderr=log, env=env)
+        origin = subprocess.Popen(
+            _pinned(args.origin_cpu, origin_argv), stdout=log, stderr=log, env=env
         )
+        procs.append(origin)
         _wait_port(origin_port)
         if args.nginx:
             if not shutil.which("nginx"):
@@ -478,8 +507,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             str(args.duration),
             "--warmup",
             str(args.warmup),
-            "--subscriptions",
-            str(args.subscriptions),
+            "--channels-per-client",
+            str(args.channels_per_client),
         ]
         if args.nginx:
             loadgen_argv.append("--nginx")
@@ -491,12 +520,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "server": "nginx 1:1 proxy" if args.nginx else "meridian edge",
             "clients": args.clients,
             "channels": args.channels,
-            "subscriptions_per_client": args.subscriptions,
+            "subscriptions_per_client": args.channels_per_client,
             "rate_per_channel": args.rate,
+            "lockstep": args.lockstep,
+            "expected_rate": args.clients * args.channels_per_client * args.rate,
             "origin_cpu": args.origin_cpu,
             "cpus": os.cpu_count(),
         }
-        cpu_start = (0.0, 0.0)
+        cpu_start = origin_start = (0.0, 0.0)
+        waited_start = 0.0
         lag_start: dict[float, float] = {}
         arrival_start: dict[float, float] = {}
         assert generator.stdout is not None
@@ -508,7 +540,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rss_idle = _rss_kib(pid)
                 figures["idle_kib_per_client"] = (rss_idle - rss_start) / args.clients
             elif phase == "measure_start":
-                cpu_start = _cpu_seconds(pid)
+                cpu_start, origin_start = _cpu_seconds(pid), _cpu_seconds(origin.pid)
+                waited_start = _waited_seconds(pid)
                 if not args.nginx:
                     lag_start = _lag_buckets(admin_port)
                     arrival_start = _lag_buckets(admin_port, "arrival")
@@ -524,6 +557,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 figures["server_cpu_share"] = cpu / args.duration
                 figures["server_cpu_s"] = cpu
                 figures["server_cpu_system_share"] = system / cpu if cpu else 0.0
+                figures["server_cpu_wait_share"] = (
+                    _waited_seconds(pid) - waited_start
+                ) / args.duration
+                origin_end = _cpu_seconds(origin.pid)
+                figures["origin_cpu_share"] = (sum(origin_end) - sum(origin_start)) / args.duration
                 figures["rss_mib"] = _rss_kib(pid) / 1024
                 figures["rss_kib_per_1000_clients"] = _rss_kib(pid) / args.clients * 1000
                 if not args.nginx:
@@ -544,6 +582,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if delivered and cpu:
             figures["server_cpu_us_per_message"] = cpu / delivered * 1e6
             figures["messages_per_server_core_second"] = delivered / cpu
+        if figures.get("seconds"):
+            figures["loadgen_cpu_share"] = figures.get("loadgen_cpu", 0.0) / figures["seconds"]
+        figures["limited_by"] = limited_by(figures)
         return figures
     finally:
         for proc in reversed(procs):
@@ -556,13 +597,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 proc.wait()
 
 
+#: A process using this share of a core over the window is taken as saturated; a server
+#: that waited this share of it for a CPU was slowed by other processes (a shared machine).
+SATURATED = 0.9
+CONTENDED = 0.1
+
+
+def limited_by(figures: dict[str, Any]) -> str:
+    """What held the delivered rate (or the lag) back: ``none`` when every expected message
+    arrived and the load generator kept up, else the saturated side (a load generator at a
+    full core also inflates the lag it measures)."""
+    loadgen = figures.get("loadgen_cpu_share", 0.0) >= SATURATED
+    server = figures.get("server_cpu_share", 0.0) >= SATURATED
+    waited = figures.get("server_cpu_wait_share", 0.0)
+    short = figures.get("rate", 0.0) < 0.97 * figures["expected_rate"]
+    if loadgen:
+        return "load generator (at a full core: its rate and lag, not the server's)"
+    if server:
+        return "server (at a full core)"
+    if waited >= CONTENDED:
+        return f"CPU contention (the server waited for a CPU {waited:.0%} of the window)"
+    if short:
+        return "neither at a full core (other processes on the machine?)"
+    return "none"
+
+
 def report(figures: dict[str, Any]) -> None:
     rows = [
         ("server", "server"),
         ("clients", "clients"),
         ("channels x rate", None),
         ("subscriptions per client", "subscriptions_per_client"),
+        ("origin ticks", None),
         ("messages delivered/s", "rate"),
+        ("  expected (clients x channels x rate)", "expected_rate"),
         ("lag p50 (ms)", "p50_ms"),
         ("lag p99 (ms)", "p99_ms"),
         ("lag max (ms)", "max_ms"),
@@ -573,17 +641,22 @@ def report(figures: dict[str, Any]) -> None:
         ("server CPU share of a core", "server_cpu_share"),
         ("server CPU us per message", "server_cpu_us_per_message"),
         ("  of which in the kernel", "server_cpu_system_share"),
+        ("server waiting for a CPU (share)", "server_cpu_wait_share"),
         ("messages per server core-second", "messages_per_server_core_second"),
         ("server RSS (MiB)", "rss_mib"),
         ("server RSS per 1,000 clients (KiB)", "rss_kib_per_1000_clients"),
         ("idle memory per client (KiB)", "idle_kib_per_client"),
         ("origin connections", "origin_connections"),
         ("clients closed during the run", "closed"),
-        ("load generator CPU (s)", "loadgen_cpu"),
+        ("load generator CPU share of a core", "loadgen_cpu_share"),
+        ("origin CPU share of a core", "origin_cpu_share"),
+        ("limited by", "limited_by"),
     ]
     for label, key in rows:
-        if key is None:
-            value: Any = f"{figures['channels']} x {figures['rate_per_channel']}/s"
+        if key is None and label == "origin ticks":
+            value: Any = "lockstep" if figures["lockstep"] else "independent phases"
+        elif key is None:
+            value = f"{figures['channels']} x {figures['rate_per_channel']}/s"
         else:
             value = figures.get(key, "-")
         if isinstance(value, float):
@@ -600,7 +673,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, default=20)
     parser.add_argument("--rate", type=float, default=10.0, help="messages/s per channel")
     parser.add_argument(
-        "--subscriptions", type=int, default=1, help="channels per client (edge only)"
+        "--channels-per-client",
+        "--subscriptions",
+        dest="channels_per_client",
+        type=int,
+        default=2,
+        help="channels each client subscribes to (default 2: 1,000 subscribers per channel "
+        "at 10,000 clients on 20 channels; edge only)",
+    )
+    parser.add_argument(
+        "--lockstep", action="store_true", help="every origin channel ticks at the same instant"
     )
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=3.0)
@@ -613,8 +695,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.channels <= len(SYMBOLS):
         parser.error(f"--channels must be 1..{len(SYMBOLS)}")
-    if not 1 <= args.subscriptions <= args.channels or (args.nginx and args.subscriptions > 1):
-        parser.error("--subscriptions must be 1..--channels (1 with --nginx)")
+    if not 1 <= args.channels_per_client <= args.channels or (
+        args.nginx and args.channels_per_client > 1
+    ):
+        parser.error("--channels-per-client must be 1..--channels (1 with --nginx)")
     if args.loadgen:
         import uvloop
 
