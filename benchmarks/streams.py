@@ -337,6 +337,18 @@ def _waited_seconds(pid: int) -> float:
         return 0.0
 
 
+def _write_syscalls(pid: int) -> int:
+    """Write system calls ``pid`` has made (/proc/PID/io ``syscw``): per delivered message,
+    how well frames were coalesced, whatever else runs on the machine."""
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("syscw:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def _rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -529,6 +541,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         cpu_start = origin_start = (0.0, 0.0)
         waited_start = 0.0
+        writes_start = 0
         lag_start: dict[float, float] = {}
         arrival_start: dict[float, float] = {}
         assert generator.stdout is not None
@@ -542,6 +555,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             elif phase == "measure_start":
                 cpu_start, origin_start = _cpu_seconds(pid), _cpu_seconds(origin.pid)
                 waited_start = _waited_seconds(pid)
+                writes_start = _write_syscalls(pid)
                 if not args.nginx:
                     lag_start = _lag_buckets(admin_port)
                     arrival_start = _lag_buckets(admin_port, "arrival")
@@ -557,6 +571,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 figures["server_cpu_share"] = cpu / args.duration
                 figures["server_cpu_s"] = cpu
                 figures["server_cpu_system_share"] = system / cpu if cpu else 0.0
+                figures["server_write_syscalls"] = _write_syscalls(pid) - writes_start
                 figures["server_cpu_wait_share"] = (
                     _waited_seconds(pid) - waited_start
                 ) / args.duration
@@ -582,6 +597,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if delivered and cpu:
             figures["server_cpu_us_per_message"] = cpu / delivered * 1e6
             figures["messages_per_server_core_second"] = delivered / cpu
+        if delivered and figures.get("server_write_syscalls"):
+            figures["messages_per_write"] = delivered / figures["server_write_syscalls"]
         if figures.get("seconds"):
             figures["loadgen_cpu_share"] = figures.get("loadgen_cpu", 0.0) / figures["seconds"]
         figures["limited_by"] = limited_by(figures)
@@ -641,6 +658,7 @@ def report(figures: dict[str, Any]) -> None:
         ("server CPU share of a core", "server_cpu_share"),
         ("server CPU us per message", "server_cpu_us_per_message"),
         ("  of which in the kernel", "server_cpu_system_share"),
+        ("messages per write system call", "messages_per_write"),
         ("server waiting for a CPU (share)", "server_cpu_wait_share"),
         ("messages per server core-second", "messages_per_server_core_second"),
         ("server RSS (MiB)", "rss_mib"),

@@ -120,31 +120,31 @@ def _write_gathered(
     fanouts: list[tuple[bytes, float, Any, tuple[Subscriber[Any], ...]]],
 ) -> None:
     """Several messages (and clients' own frames): each client's, in the order they were
-    made, in one write.  A client's own frames always precede the iteration's fan-outs
-    (``Subscriber.send`` flushes the fan-outs before it adds one)."""
-    gathered: dict[Subscriber[Any], list[bytes]] = {}
-    for sub in dirty:
-        if sub.out:
-            gathered[sub] = sub.out
-            sub.out = []
-            sub.out_bytes = 0
+    made, gathered in its ``out`` and written in one write.  A client's own frames always
+    precede the iteration's fan-outs (``Subscriber.send`` flushes the fan-outs first)."""
+    touched = dirty
     for frame, ts, channel, subscribers in fanouts:
         written = 0
         for sub in subscribers:
             if sub.paused or sub.queue:
                 sub.enqueue(frame, ts, channel)
                 continue
-            frames = gathered.get(sub)
-            if frames is None:
-                gathered[sub] = [frame]
-            else:
-                frames.append(frame)
+            out = sub.out
+            if not out:
+                touched.append(sub)
+            out.append(frame)
             written += 1
         if written:
             subscribers[0].stats.delivered(len(frame), ts, written)
-    for sub, frames in gathered.items():
+    for sub in touched:
+        out = sub.out
+        if not out:
+            continue  # written already (its own frames reached ``BATCH_BYTES``) or closed
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        sub.out_bytes = 0
         if not sub.closed:
-            sub.write(frames[0] if len(frames) == 1 else b"".join(frames))
+            sub.write(data)
 
 
 class Pending(Generic[C]):
