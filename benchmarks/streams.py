@@ -32,8 +32,12 @@ delivered rate falls short of the expected one the run says which side was satur
 ``proxy_pass`` + Upgrade) straight to the origin's stream endpoint, 1:1, and the origin's open
 subscriptions are counted.
 
-Figures are printed as a table and one JSON line.  On a shared machine the rates are noisy;
-the CPU per delivered message is the steadier figure.
+Figures are printed as a table and one JSON line.  The run holds the machine's benchmark lock
+(``benchmarks.compare.bench_lock``).  On a shared machine the rates are noisy, and so is
+everything else once the edge waits for a CPU: a starved edge falls behind, and its backlog
+coalesces frames into fewer writes (``messages per write system call``), which lowers the CPU
+per message while the lag grows.  ``benchmarks.streams_fanout`` measures the fan-out with its
+coalescing fixed.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.compare import one_pop_config
+from benchmarks.compare import bench_lock, one_pop_config
 from meridian.origin import SYMBOLS
 
 #: Every LAG_SAMPLE-th message's lag is measured by the load generator.
@@ -724,7 +728,9 @@ def main(argv: list[str] | None = None) -> int:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(work)
         return 0
-    report(run(args))
+    with bench_lock("the streams benchmark"):  # one load run on the machine at a time
+        figures = run(args)
+    report(figures)
     return 0
 
 

@@ -37,6 +37,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from benchmarks.compare import bench_lock
 from edge.streams.hub import Hub
 from edge.streams.queue import Subscriber, WriteBatch
 from edge.streams.stats import StreamStats
@@ -182,7 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.channels_per_client <= args.channels:
         parser.error("--channels-per-client must be 1..--channels")
-    figures = run(args)
+    if args.sockets:
+        with bench_lock("the fan-out benchmark"):
+            figures = run(args)
+    else:
+        figures = run(args)
     for key, value in figures.items():
         print(f"{key:28s} {value:,.2f}" if isinstance(value, float) else f"{key:28s} {value}")
     print(json.dumps(figures))
