@@ -17,17 +17,19 @@ from a hash of its name), as real instruments do; ``--lockstep`` makes them all 
 same instant, which hands the edge every channel's fan-out (N * K writes) in one burst: the
 worst case for the lag, the best case for coalescing one client's frames into one write.
 
-Starts a sample origin and an edge (one worker) with ``edge.streams``, then a load generator
-in another process (``--loadgen``), pinned to the other core where there are two (the edge on
-CPU 0, the load generator and the origin on CPU 1).  The load generator connects the clients
-(idle: the edge's RSS is read, for the memory per idle client), subscribes them to
-``trades:SYMBOL`` channels (no conflation, every message counts), lets it settle, then counts
-for ``--duration`` seconds: messages delivered per second (frames counted from their headers,
-not parsed), the delivery lag (origin timestamp -> received, a sample of every
-``LAG_SAMPLE``th message, so it includes the load generator's own queueing) and the CPU
-seconds of the edge and of the load generator over the window (from /proc/PID/stat).  When the
-delivered rate falls short of the expected one the run says which side was saturated
-(``limited_by``: the load generator or the server, by their CPU over the window).  With
+Starts a sample origin and an edge (one worker) with ``edge.streams``, then ``--loadgens``
+load generator processes (default 1) sharing the clients, on the cores other than the edge's
+(the edge on CPU 0, the load generators round robin on CPUs 1.., the origin on CPU 1); the run
+drives them over their stdin, so the window is the same for all and for the edge's readings.
+The load generators connect the clients (idle: the edge's RSS is read, for the memory per idle
+client), subscribe them to ``trades:SYMBOL`` channels (no conflation, every message counts),
+let it settle, then count for ``--duration`` seconds: messages delivered per second (frames
+counted from their headers, not parsed), the delivery lag (origin timestamp -> received, a
+sample of every ``LAG_SAMPLE``th message, so it includes the load generator's own queueing;
+merged from every generator's histogram) and the CPU seconds of the edge, the origin and each
+load generator over the window (from /proc/PID/stat).  The run says what limited it
+(``limited_by``): a load generator or the server at a full core, or a server that waited for
+a CPU (/proc/PID/schedstat: other processes on the machine).  With
 ``--nginx`` the clients instead go through nginx's WebSocket proxy (Debian nginx,
 ``proxy_pass`` + Upgrade) straight to the origin's stream endpoint, 1:1, and the origin's open
 subscriptions are counted.
@@ -54,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -202,110 +205,107 @@ def _ts(payload: bytes) -> float:
     return float(payload[at + 5 : end])
 
 
-def _report(
-    say: Callable[..., None],
-    clients: list[StreamClient],
-    lags: list[float],
-    started: float,
-    before: int,
-    **extra: float,
-) -> None:
-    """The load generator's result line for the window that began at ``started``."""
-    elapsed = time.perf_counter() - started
-    count = sum(c.received for c in clients) - before
-    say(phase="measure_end")
-    lags.sort()
-
-    def pct(q: float) -> float:
-        return lags[min(len(lags) - 1, int(q * len(lags)))] * 1000 if lags else float("nan")
-
-    say(
-        phase="result",
-        delivered=count,
-        seconds=elapsed,
-        rate=count / elapsed,
-        p50_ms=pct(0.50),
-        p99_ms=pct(0.99),
-        max_ms=lags[-1] * 1000 if lags else float("nan"),
-        closed=sum(1 for c in clients if c.lost.done()),
-        **extra,
-    )
+#: Lag histogram buckets per second (0.1 ms): load generators report counts, the run merges.
+LAG_BUCKETS_PER_SECOND = 10_000
 
 
 async def loadgen(args: argparse.Namespace) -> None:
+    """One load generator process: ``--clients`` clients (global numbers from ``--first``,
+    which decide their channels), driven by the run over stdin, one command a line:
+    ``subscribe``, ``start`` (the window opens), ``stop`` (it closes: the result line) and
+    ``end``.  With ``--nginx`` each client opens its own stream through nginx to the origin
+    (the channel in the URL), and ``subscribe`` does nothing."""
     channels = [f"trades:{name}" for name in list(SYMBOLS)[: args.channels]]
-    lags: list[float] = []
+    lags: Counter[int] = Counter()
     counting = False
 
     def on_message(payload: bytes) -> None:
         if counting and payload.startswith(b'{"channel"'):
-            lags.append(time.time() - _ts(payload))
+            lag = max(0.0, time.time() - _ts(payload))
+            lags[int(lag * LAG_BUCKETS_PER_SECOND)] += 1
 
     def say(**fields: Any) -> None:
         print(json.dumps(fields), flush=True)
 
-    clients: list[StreamClient] = []
-    for start in range(0, args.clients, 200):
-        batch = [
-            connect(args.port, "/stream", on_message=on_message, keep=False, sample=LAG_SAMPLE)
-            for _ in range(min(200, args.clients - start))
-        ]
-        clients.extend(await asyncio.gather(*batch))
-    say(phase="connected", clients=len(clients))
-    await asyncio.sleep(2.0)
-    for i, client in enumerate(clients):
-        for k in range(args.channels_per_client):
-            client.send_json({"op": "subscribe", "channel": channels[(i + k) % len(channels)]})
-    await asyncio.sleep(args.warmup)
-    counting = True
-    before = sum(c.received for c in clients)
-    started = time.perf_counter()
-    cpu0 = time.process_time()
-    say(phase="measure_start")
-    await asyncio.sleep(args.duration)
-    counting = False
-    _report(say, clients, lags, started, before, loadgen_cpu=time.process_time() - cpu0)
-    for client in clients:
-        if client.transport is not None:
-            client.transport.close()
-
-
-async def loadgen_nginx(args: argparse.Namespace) -> None:
-    """``--nginx``: every client opens its own stream through nginx to the origin."""
-    channels = [f"trades:{name}" for name in list(SYMBOLS)[: args.channels]]
-    lags: list[float] = []
-    counting = False
-
-    def on_message(payload: bytes) -> None:
-        if counting:
-            lags.append(time.time() - _ts(payload))
-
-    def say(**fields: Any) -> None:
-        print(json.dumps(fields), flush=True)
+    def path(number: int) -> str:
+        return f"/stream?channel={channels[number % len(channels)]}" if args.nginx else "/stream"
 
     clients: list[StreamClient] = []
     for start in range(0, args.clients, 200):
         batch = [
             connect(
                 args.port,
-                f"/stream?channel={channels[(start + i) % len(channels)]}",
+                path(args.first + i),
                 on_message=on_message,
                 keep=False,
                 sample=LAG_SAMPLE,
             )
-            for i in range(min(200, args.clients - start))
+            for i in range(start, min(start + 200, args.clients))
         ]
         clients.extend(await asyncio.gather(*batch))
     say(phase="connected", clients=len(clients))
-    await asyncio.sleep(2.0 + args.warmup)
-    counting = True
-    before = sum(c.received for c in clients)
-    started = time.perf_counter()
-    cpu0 = time.process_time()
-    say(phase="measure_start")
-    await asyncio.sleep(args.duration)
-    counting = False
-    _report(say, clients, lags, started, before, loadgen_cpu=time.process_time() - cpu0)
+    before, started, cpu0 = 0, 0.0, 0.0
+    while command := (await asyncio.to_thread(sys.stdin.readline)).strip():
+        if command == "subscribe":
+            for i, client in enumerate(clients) if not args.nginx else ():
+                for k in range(args.channels_per_client):
+                    channel = channels[(args.first + i + k) % len(channels)]
+                    client.send_json({"op": "subscribe", "channel": channel})
+            say(phase="subscribed")
+        elif command == "start":
+            counting = True
+            before = sum(c.received for c in clients)
+            started, cpu0 = time.perf_counter(), time.process_time()
+            say(phase="started")
+        elif command == "stop":
+            counting = False
+            say(
+                phase="result",
+                delivered=sum(c.received for c in clients) - before,
+                seconds=time.perf_counter() - started,
+                lags={str(k): v for k, v in lags.items()},
+                closed=sum(1 for c in clients if c.lost.done()),
+                loadgen_cpu=time.process_time() - cpu0,
+            )
+        elif command == "end":
+            break
+    for client in clients:
+        if client.transport is not None:
+            client.transport.close()
+
+
+def merge_results(results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """The load generators' result lines as one: counts added, lag histograms merged into
+    p50/p99/max, the busiest generator's CPU share (one at a full core limits the run)."""
+    lags: Counter[int] = Counter()
+    for result in results:
+        lags.update({int(k): v for k, v in result["lags"].items()})
+    total = sum(lags.values())
+    ordered = sorted(lags.items())
+
+    def pct(q: float) -> float:
+        seen = 0
+        for bucket, count in ordered:
+            seen += count
+            if seen >= q * total:
+                return (bucket + 1) / LAG_BUCKETS_PER_SECOND * 1000
+        return float("nan")
+
+    delivered = sum(r["delivered"] for r in results)
+    cpu = [r["loadgen_cpu"] for r in results]
+    return {
+        "delivered": delivered,
+        "seconds": seconds,
+        "rate": delivered / seconds if seconds else 0.0,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "max_ms": (ordered[-1][0] + 1) / LAG_BUCKETS_PER_SECOND * 1000 if ordered else float("nan"),
+        "lag_samples": total,
+        "closed": sum(r["closed"] for r in results),
+        "loadgens": len(results),
+        "loadgen_cpu": sum(cpu),
+        "loadgen_cpu_share": max(cpu) / seconds if seconds else 0.0,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,6 +446,70 @@ http {{
     )
 
 
+def _start_loadgens(
+    args: argparse.Namespace, port: int, env: dict[str, str]
+) -> list[subprocess.Popen[str]]:
+    """``--loadgens`` load generator processes sharing the clients, on the cores other than
+    the server's (core 0), round robin."""
+    cores = os.cpu_count() or 1
+    generators = []
+    share, extra = divmod(args.clients, args.loadgens)
+    first = 0
+    for j in range(args.loadgens):
+        count = share + (1 if j < extra else 0)
+        argv = [
+            sys.executable,
+            "-m",
+            "benchmarks.streams",
+            "--loadgen",
+            "--port",
+            str(port),
+            "--clients",
+            str(count),
+            "--first",
+            str(first),
+            "--channels",
+            str(args.channels),
+            "--channels-per-client",
+            str(args.channels_per_client),
+            *(["--nginx"] if args.nginx else []),
+        ]
+        cpu = 1 + j % (cores - 1) if cores >= 2 else 0
+        generators.append(
+            subprocess.Popen(
+                _pinned(cpu, argv),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+                text=True,
+            )
+        )
+        first += count
+    return generators
+
+
+def _command(
+    generators: list[subprocess.Popen[str]], command: str | None, answer: str | None
+) -> list[dict[str, Any]]:
+    """Sends ``command`` to every load generator, then reads each one's ``answer`` line."""
+    if command is not None:
+        for generator in generators:
+            assert generator.stdin is not None
+            generator.stdin.write(command + "\n")
+            generator.stdin.flush()
+    events = []
+    for generator in generators if answer is not None else ():
+        assert generator.stdout is not None
+        for line in generator.stdout:
+            event = json.loads(line)
+            if event.get("phase") == answer:
+                events.append(event)
+                break
+        else:
+            raise RuntimeError(f"a load generator ended before {answer!r}")
+    return events
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="streams-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
@@ -508,30 +572,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pid = int(children[0]) if children else pid
         time.sleep(1.0)
         rss_start = _rss_kib(pid)
-        loadgen_argv = [
-            sys.executable,
-            "-m",
-            "benchmarks.streams",
-            "--loadgen",
-            "--port",
-            str(port),
-            "--clients",
-            str(args.clients),
-            "--channels",
-            str(args.channels),
-            "--duration",
-            str(args.duration),
-            "--warmup",
-            str(args.warmup),
-            "--channels-per-client",
-            str(args.channels_per_client),
-        ]
-        if args.nginx:
-            loadgen_argv.append("--nginx")
-        generator = subprocess.Popen(
-            _pinned(1, loadgen_argv), stdout=subprocess.PIPE, env=env, text=True
-        )
-        procs.append(generator)  # type: ignore[arg-type]
+        generators = _start_loadgens(args, port, env)
+        procs.extend(generators)  # type: ignore[arg-type]
         figures: dict[str, Any] = {
             "server": "nginx 1:1 proxy" if args.nginx else "meridian edge",
             "clients": args.clients,
@@ -543,68 +585,55 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "origin_cpu": args.origin_cpu,
             "cpus": os.cpu_count(),
         }
-        cpu_start = origin_start = (0.0, 0.0)
-        waited_start = 0.0
-        writes_start = 0
+        _command(generators, None, "connected")
+        time.sleep(1.5)
+        figures["idle_kib_per_client"] = (_rss_kib(pid) - rss_start) / args.clients
+        time.sleep(0.5)
+        _command(generators, "subscribe", "subscribed")
+        time.sleep(args.warmup)
+        # While every client is connected (they close at the end of the run).
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            control = json.loads(_http_get(origin_port, "/_control"))
+            figures["origin_connections"] = sum(control["streams"]["subscriptions"].values())
         lag_start: dict[float, float] = {}
         arrival_start: dict[float, float] = {}
-        assert generator.stdout is not None
-        for line in generator.stdout:
-            event = json.loads(line)
-            phase = event.pop("phase")
-            if phase == "connected":
-                time.sleep(1.5)
-                rss_idle = _rss_kib(pid)
-                figures["idle_kib_per_client"] = (rss_idle - rss_start) / args.clients
-            elif phase == "measure_start":
-                cpu_start, origin_start = _cpu_seconds(pid), _cpu_seconds(origin.pid)
-                waited_start = _waited_seconds(pid)
-                writes_start = _write_syscalls(pid)
-                if not args.nginx:
-                    lag_start = _lag_buckets(admin_port)
-                    arrival_start = _lag_buckets(admin_port, "arrival")
-                # While every client is connected (they close at the end of the run).
-                with contextlib.suppress(OSError, ValueError, KeyError):
-                    control = json.loads(_http_get(origin_port, "/_control"))
-                    figures["origin_connections"] = sum(
-                        control["streams"]["subscriptions"].values()
-                    )
-            elif phase == "measure_end":
-                user, system = (b - a for a, b in zip(cpu_start, _cpu_seconds(pid), strict=True))
-                cpu = user + system
-                figures["server_cpu_share"] = cpu / args.duration
-                figures["server_cpu_s"] = cpu
-                figures["server_cpu_system_share"] = system / cpu if cpu else 0.0
-                figures["server_write_syscalls"] = _write_syscalls(pid) - writes_start
-                figures["server_cpu_wait_share"] = (
-                    _waited_seconds(pid) - waited_start
-                ) / args.duration
-                origin_end = _cpu_seconds(origin.pid)
-                figures["origin_cpu_share"] = (sum(origin_end) - sum(origin_start)) / args.duration
-                figures["rss_mib"] = _rss_kib(pid) / 1024
-                figures["rss_kib_per_1000_clients"] = _rss_kib(pid) / args.clients * 1000
-                if not args.nginx:
-                    lag_end = _lag_buckets(admin_port)
-                    figures["edge_lag_p50_ms_le"] = _bucket_quantile(lag_start, lag_end, 0.5)
-                    figures["edge_lag_p99_ms_le"] = _bucket_quantile(lag_start, lag_end, 0.99)
-                    arrival_end = _lag_buckets(admin_port, "arrival")
-                    figures["arrival_lag_p50_ms_le"] = _bucket_quantile(
-                        arrival_start, arrival_end, 0.5
-                    )
-                    figures["arrival_lag_p99_ms_le"] = _bucket_quantile(
-                        arrival_start, arrival_end, 0.99
-                    )
-            elif phase == "result":
-                figures.update(event)
-        generator.wait(timeout=60)
-        delivered, cpu = figures.get("delivered", 0), figures.get("server_cpu_s", 0.0)
+        if not args.nginx:
+            lag_start = _lag_buckets(admin_port)
+            arrival_start = _lag_buckets(admin_port, "arrival")
+        cpu_start, origin_start = _cpu_seconds(pid), _cpu_seconds(origin.pid)
+        waited_start, writes_start = _waited_seconds(pid), _write_syscalls(pid)
+        started = time.perf_counter()
+        _command(generators, "start", "started")
+        time.sleep(args.duration)
+        results = _command(generators, "stop", "result")
+        seconds = time.perf_counter() - started
+        user, system = (b - a for a, b in zip(cpu_start, _cpu_seconds(pid), strict=True))
+        cpu = user + system
+        figures["server_cpu_share"] = cpu / seconds
+        figures["server_cpu_s"] = cpu
+        figures["server_cpu_system_share"] = system / cpu if cpu else 0.0
+        figures["server_write_syscalls"] = _write_syscalls(pid) - writes_start
+        figures["server_cpu_wait_share"] = (_waited_seconds(pid) - waited_start) / seconds
+        figures["origin_cpu_share"] = (sum(_cpu_seconds(origin.pid)) - sum(origin_start)) / seconds
+        figures["rss_mib"] = _rss_kib(pid) / 1024
+        figures["rss_kib_per_1000_clients"] = _rss_kib(pid) / args.clients * 1000
+        if not args.nginx:
+            lag_end = _lag_buckets(admin_port)
+            figures["edge_lag_p50_ms_le"] = _bucket_quantile(lag_start, lag_end, 0.5)
+            figures["edge_lag_p99_ms_le"] = _bucket_quantile(lag_start, lag_end, 0.99)
+            arrival_end = _lag_buckets(admin_port, "arrival")
+            figures["arrival_lag_p50_ms_le"] = _bucket_quantile(arrival_start, arrival_end, 0.5)
+            figures["arrival_lag_p99_ms_le"] = _bucket_quantile(arrival_start, arrival_end, 0.99)
+        figures.update(merge_results(results, seconds))
+        _command(generators, "end", None)
+        for generator in generators:
+            generator.wait(timeout=60)
+        delivered = figures["delivered"]
         if delivered and cpu:
             figures["server_cpu_us_per_message"] = cpu / delivered * 1e6
             figures["messages_per_server_core_second"] = delivered / cpu
-        if delivered and figures.get("server_write_syscalls"):
+        if delivered and figures["server_write_syscalls"]:
             figures["messages_per_write"] = delivered / figures["server_write_syscalls"]
-        if figures.get("seconds"):
-            figures["loadgen_cpu_share"] = figures.get("loadgen_cpu", 0.0) / figures["seconds"]
         figures["limited_by"] = limited_by(figures)
         return figures
     finally:
@@ -670,7 +699,8 @@ def report(figures: dict[str, Any]) -> None:
         ("idle memory per client (KiB)", "idle_kib_per_client"),
         ("origin connections", "origin_connections"),
         ("clients closed during the run", "closed"),
-        ("load generator CPU share of a core", "loadgen_cpu_share"),
+        ("load generators", "loadgens"),
+        ("load generator CPU share (busiest)", "loadgen_cpu_share"),
         ("origin CPU share of a core", "origin_cpu_share"),
         ("limited by", "limited_by"),
     ]
@@ -712,7 +742,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--origin-cpu", type=int, default=1, help="the CPU the origin is pinned to (default 1)"
     )
+    parser.add_argument(
+        "--loadgens",
+        type=int,
+        default=1,
+        help="load generator processes sharing the clients (on cores 1.., round robin)",
+    )
     parser.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not 1 <= args.channels <= len(SYMBOLS):
@@ -721,12 +758,13 @@ def main(argv: list[str] | None = None) -> int:
         args.nginx and args.channels_per_client > 1
     ):
         parser.error("--channels-per-client must be 1..--channels (1 with --nginx)")
+    if args.loadgens < 1:
+        parser.error("--loadgens must be at least 1")
     if args.loadgen:
         import uvloop
 
-        work = loadgen_nginx(args) if args.nginx else loadgen(args)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(work)
+            runner.run(loadgen(args))
         return 0
     with bench_lock("the streams benchmark"):  # one load run on the machine at a time
         figures = run(args)
