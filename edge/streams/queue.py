@@ -6,8 +6,8 @@ the transport's ``pause_writing``/``resume_writing``.  While the socket keeps up
 one ``write`` of the shared frame bytes; with a ``WriteBatch`` the fan-out costs no work per
 subscriber until the end of the event-loop iteration, and the frames a client is sent during
 one iteration (channels that ticked together, a backlog) go out in one write, one system call
-instead of one per frame.  Once the transport's buffer passes
-its high-water mark frames wait here, at most ``limit`` bytes of them:
+instead of one per frame.  Once the transport's buffer passes its high-water mark frames wait
+here, at most ``limit`` bytes of them:
 
 * ``conflate``: a channel has at most one frame waiting; a newer message replaces it in place
   (the latest value is what a ticker or book subscriber needs) and the skipped one is counted;
