@@ -1,23 +1,53 @@
 """Market streams at the edge: N WebSocket clients, C channels at R messages/s each.
 
     python -m benchmarks.streams --clients 10000 --channels 20 --rate 10 --duration 20
-    python -m benchmarks.streams --clients 2000 --nginx     # the same clients through nginx 1:1
+    python -m benchmarks.streams ... --lockstep                # every channel ticks together
+    python -m benchmarks.streams ... --channels-per-client 1   # the one-channel figure
+    python -m benchmarks.streams --clients 2000 --nginx        # the same clients through nginx 1:1
 
-Starts a sample origin and an edge (one worker) with ``edge.streams``, then a load generator
-in another process (``--loadgen``), pinned to the other core where there are two (the edge on
-CPU 0, the load generator and the origin on CPU 1).  The load generator connects the clients
-(idle: the edge's RSS is read, for the memory per idle client), subscribes client ``i`` to
-channel ``i % C`` (``--subscriptions K``: channels ``i .. i+K-1``; ``trades:SYMBOL``: no
-conflation, every message counts), lets it settle,
-then counts for ``--duration`` seconds: messages delivered per second, the delivery lag
-(origin timestamp -> received, a sample of every ``LAG_SAMPLE``th message, so it includes the
-load generator's own queueing) and the edge's CPU seconds over the window (from
-/proc/PID/stat).  With ``--nginx`` the clients instead go through nginx's WebSocket proxy
-(Debian nginx, ``proxy_pass`` + Upgrade) straight to the origin's stream endpoint, 1:1, and the
-origin's open subscriptions are counted.
+The arithmetic of the goal (issue 15): 20 channels x 10 messages/s = 200 messages/s published;
+200,000 messages/s delivered to 10,000 clients is 1,000 deliveries per published message, so
+each channel fans out to 1,000 clients: every client subscribes to 2 channels (20,000
+subscriptions, 20 deliveries a second per client).  That is the default
+(``--channels-per-client 2``); client ``i`` subscribes to channels ``i .. i+K-1`` (mod C), so
+every channel has ``N * K / C`` subscribers.  Expected delivery rate: ``N * K * R``.
 
-Figures are printed as a table and one JSON line.  On a shared machine the rates are noisy;
-the CPU per delivered message is the steadier figure.
+The origin's channels tick at independent phases (each at its own offset in the tick interval,
+from a hash of its name), as real instruments do; ``--lockstep`` makes them all tick at the
+same instant, which hands the edge every channel's fan-out (N * K writes) in one burst: the
+worst case for the lag, the best case for coalescing one client's frames into one write.
+
+Starts a sample origin and an edge (one worker) with ``edge.streams``, then ``--loadgens``
+load generator processes (default 1) sharing the clients, on the cores other than the edge's
+(the edge on CPU 0, the load generators round robin on CPUs 1.., the origin on CPU 1); the run
+drives them over their stdin, so the window is the same for all and for the edge's readings.
+The load generators connect the clients (idle: the edge's RSS is read, for the memory per idle
+client), subscribe them to ``trades:SYMBOL`` channels (no conflation, every message counts),
+let it settle, then count for ``--duration`` seconds: messages delivered per second (frames
+counted from their headers, not parsed) and the delivery lag (origin timestamp -> received,
+merged from every generator's histogram; it includes the load generator's own queueing).
+
+So that one load generator can take 200,000 messages/s, most clients are cheap to receive:
+every ``--probe-every``th client is a probe, read as soon as anything arrives, and every
+message it gets is a lag sample; the others are read only once ``--bulk-lowat`` bytes wait in
+their socket (SO_RCVLOWAT: one read per some 24 frames instead of one per frame) and give no
+lag sample (their reads are late on purpose).  Their frames all count: what waits unread at
+the window's start and at its end is the same on average.  ``--probe-every 1`` reads every
+client at once and samples every ``LAG_SAMPLE``th message.
+
+Beside them: the CPU seconds of the edge, the origin and each load generator over the window
+(from /proc/PID/stat).  The run says what limited it (``limited_by``): a load generator or the
+server at a full core, or a server that waited for a CPU (/proc/PID/schedstat: other processes
+on the machine).  With ``--nginx`` the clients instead go through nginx's WebSocket proxy
+(Debian nginx, ``proxy_pass`` + Upgrade) straight to the origin's stream endpoint, 1:1, and
+the origin's open subscriptions are counted.
+
+Figures are printed as a table and one JSON line.  The run holds the machine's benchmark lock
+(``benchmarks.compare.bench_lock``).  On a shared machine the rates are noisy, and so is
+everything else once the edge waits for a CPU: a starved edge falls behind, and its backlog
+coalesces frames into fewer writes (``messages per write system call``), which lowers the CPU
+per message while the lag grows.  ``benchmarks.streams_fanout`` measures the fan-out with its
+coalescing fixed.
 """
 
 from __future__ import annotations
@@ -34,11 +64,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.compare import one_pop_config
+from benchmarks.compare import bench_lock, one_pop_config
 from meridian.origin import SYMBOLS
 
 #: Every LAG_SAMPLE-th message's lag is measured by the load generator.
@@ -182,109 +213,117 @@ def _ts(payload: bytes) -> float:
     return float(payload[at + 5 : end])
 
 
-def _report(
-    say: Callable[..., None],
-    clients: list[StreamClient],
-    lags: list[float],
-    started: float,
-    before: int,
-    **extra: float,
-) -> None:
-    """The load generator's result line for the window that began at ``started``."""
-    elapsed = time.perf_counter() - started
-    count = sum(c.received for c in clients) - before
-    say(phase="measure_end")
-    lags.sort()
-
-    def pct(q: float) -> float:
-        return lags[min(len(lags) - 1, int(q * len(lags)))] * 1000 if lags else float("nan")
-
-    say(
-        phase="result",
-        delivered=count,
-        seconds=elapsed,
-        rate=count / elapsed,
-        p50_ms=pct(0.50),
-        p99_ms=pct(0.99),
-        max_ms=lags[-1] * 1000 if lags else float("nan"),
-        closed=sum(1 for c in clients if c.lost.done()),
-        **extra,
-    )
+#: Lag histogram buckets per second (0.1 ms): load generators report counts, the run merges.
+LAG_BUCKETS_PER_SECOND = 10_000
 
 
 async def loadgen(args: argparse.Namespace) -> None:
+    """One load generator process: ``--clients`` clients (global numbers from ``--first``,
+    which decide their channels), driven by the run over stdin, one command a line:
+    ``subscribe``, ``start`` (the window opens), ``stop`` (it closes: the result line) and
+    ``end``.  With ``--nginx`` each client opens its own stream through nginx to the origin
+    (the channel in the URL), and ``subscribe`` does nothing."""
     channels = [f"trades:{name}" for name in list(SYMBOLS)[: args.channels]]
-    lags: list[float] = []
+    lags: Counter[int] = Counter()
     counting = False
 
     def on_message(payload: bytes) -> None:
         if counting and payload.startswith(b'{"channel"'):
-            lags.append(time.time() - _ts(payload))
+            lag = max(0.0, time.time() - _ts(payload))
+            lags[int(lag * LAG_BUCKETS_PER_SECOND)] += 1
 
     def say(**fields: Any) -> None:
         print(json.dumps(fields), flush=True)
 
+    def path(number: int) -> str:
+        return f"/stream?channel={channels[number % len(channels)]}" if args.nginx else "/stream"
+
+    def probe(number: int) -> bool:
+        return bool(number % args.probe_every == 0)
+
     clients: list[StreamClient] = []
     for start in range(0, args.clients, 200):
+        numbers = range(args.first + start, args.first + min(start + 200, args.clients))
         batch = [
-            connect(args.port, "/stream", on_message=on_message, keep=False, sample=LAG_SAMPLE)
-            for _ in range(min(200, args.clients - start))
+            connect(
+                args.port,
+                path(number),
+                on_message=on_message if probe(number) else None,
+                keep=False,
+                sample=1 if args.probe_every > 1 else LAG_SAMPLE,
+            )
+            for number in numbers
         ]
         clients.extend(await asyncio.gather(*batch))
+        for number, client in zip(numbers, clients[-len(numbers) :], strict=True):
+            if args.bulk_lowat and not probe(number) and client.transport is not None:
+                # Readable only once this many bytes wait: one read per many frames.
+                sock = client.transport.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, args.bulk_lowat)
     say(phase="connected", clients=len(clients))
-    await asyncio.sleep(2.0)
-    for i, client in enumerate(clients):
-        for k in range(args.subscriptions):
-            client.send_json({"op": "subscribe", "channel": channels[(i + k) % len(channels)]})
-    await asyncio.sleep(args.warmup)
-    counting = True
-    before = sum(c.received for c in clients)
-    started = time.perf_counter()
-    cpu0 = time.process_time()
-    say(phase="measure_start")
-    await asyncio.sleep(args.duration)
-    counting = False
-    _report(say, clients, lags, started, before, loadgen_cpu=time.process_time() - cpu0)
+    before, started, cpu0 = 0, 0.0, 0.0
+    while command := (await asyncio.to_thread(sys.stdin.readline)).strip():
+        if command == "subscribe":
+            for i, client in enumerate(clients) if not args.nginx else ():
+                for k in range(args.channels_per_client):
+                    channel = channels[(args.first + i + k) % len(channels)]
+                    client.send_json({"op": "subscribe", "channel": channel})
+            say(phase="subscribed")
+        elif command == "start":
+            counting = True
+            before = sum(c.received for c in clients)
+            started, cpu0 = time.perf_counter(), time.process_time()
+            say(phase="started")
+        elif command == "stop":
+            counting = False
+            say(
+                phase="result",
+                delivered=sum(c.received for c in clients) - before,
+                seconds=time.perf_counter() - started,
+                lags={str(k): v for k, v in lags.items()},
+                closed=sum(1 for c in clients if c.lost.done()),
+                loadgen_cpu=time.process_time() - cpu0,
+            )
+        elif command == "end":
+            break
     for client in clients:
         if client.transport is not None:
             client.transport.close()
 
 
-async def loadgen_nginx(args: argparse.Namespace) -> None:
-    """``--nginx``: every client opens its own stream through nginx to the origin."""
-    channels = [f"trades:{name}" for name in list(SYMBOLS)[: args.channels]]
-    lags: list[float] = []
-    counting = False
+def merge_results(results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """The load generators' result lines as one: counts added, lag histograms merged into
+    p50/p99/max, the busiest generator's CPU share (one at a full core limits the run)."""
+    lags: Counter[int] = Counter()
+    for result in results:
+        lags.update({int(k): v for k, v in result["lags"].items()})
+    total = sum(lags.values())
+    ordered = sorted(lags.items())
 
-    def on_message(payload: bytes) -> None:
-        if counting:
-            lags.append(time.time() - _ts(payload))
+    def pct(q: float) -> float:
+        seen = 0
+        for bucket, count in ordered:
+            seen += count
+            if seen >= q * total:
+                return (bucket + 1) / LAG_BUCKETS_PER_SECOND * 1000
+        return float("nan")
 
-    def say(**fields: Any) -> None:
-        print(json.dumps(fields), flush=True)
-
-    clients: list[StreamClient] = []
-    for start in range(0, args.clients, 200):
-        batch = [
-            connect(
-                args.port,
-                f"/stream?channel={channels[(start + i) % len(channels)]}",
-                on_message=on_message,
-                keep=False,
-                sample=LAG_SAMPLE,
-            )
-            for i in range(min(200, args.clients - start))
-        ]
-        clients.extend(await asyncio.gather(*batch))
-    say(phase="connected", clients=len(clients))
-    await asyncio.sleep(2.0 + args.warmup)
-    counting = True
-    before = sum(c.received for c in clients)
-    started = time.perf_counter()
-    say(phase="measure_start")
-    await asyncio.sleep(args.duration)
-    counting = False
-    _report(say, clients, lags, started, before)
+    delivered = sum(r["delivered"] for r in results)
+    cpu = [r["loadgen_cpu"] for r in results]
+    return {
+        "delivered": delivered,
+        "seconds": seconds,
+        # Each generator's count over its own window (from its "start" to its "stop").
+        "rate": sum(r["delivered"] / r["seconds"] for r in results if r["seconds"]),
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "max_ms": (ordered[-1][0] + 1) / LAG_BUCKETS_PER_SECOND * 1000 if ordered else float("nan"),
+        "lag_samples": total,
+        "closed": sum(r["closed"] for r in results),
+        "loadgens": len(results),
+        "loadgen_cpu": sum(cpu),
+        "loadgen_cpu_share": max(cpu) / seconds if seconds else 0.0,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,6 +348,27 @@ def _cpu_seconds(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _waited_seconds(pid: int) -> float:
+    """Seconds ``pid`` has spent runnable but waiting for a CPU (/proc/PID/schedstat): on a
+    shared machine, the time other processes took from it."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _write_syscalls(pid: int) -> int:
+    """Write system calls ``pid`` has made (/proc/PID/io ``syscw``): per delivered message,
+    how well frames were coalesced, whatever else runs on the machine."""
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("syscw:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def _rss_kib(pid: int) -> int:
@@ -404,6 +464,74 @@ http {{
     )
 
 
+def _start_loadgens(
+    args: argparse.Namespace, port: int, env: dict[str, str]
+) -> list[subprocess.Popen[str]]:
+    """``--loadgens`` load generator processes sharing the clients, on the cores other than
+    the server's (core 0), round robin."""
+    cores = os.cpu_count() or 1
+    generators = []
+    share, extra = divmod(args.clients, args.loadgens)
+    first = 0
+    for j in range(args.loadgens):
+        count = share + (1 if j < extra else 0)
+        argv = [
+            sys.executable,
+            "-m",
+            "benchmarks.streams",
+            "--loadgen",
+            "--port",
+            str(port),
+            "--clients",
+            str(count),
+            "--first",
+            str(first),
+            "--channels",
+            str(args.channels),
+            "--channels-per-client",
+            str(args.channels_per_client),
+            "--probe-every",
+            str(args.probe_every),
+            "--bulk-lowat",
+            str(args.bulk_lowat),
+            *(["--nginx"] if args.nginx else []),
+        ]
+        cpu = 1 + j % (cores - 1) if cores >= 2 else 0
+        generators.append(
+            subprocess.Popen(
+                _pinned(cpu, argv),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+                text=True,
+            )
+        )
+        first += count
+    return generators
+
+
+def _command(
+    generators: list[subprocess.Popen[str]], command: str | None, answer: str | None
+) -> list[dict[str, Any]]:
+    """Sends ``command`` to every load generator, then reads each one's ``answer`` line."""
+    if command is not None:
+        for generator in generators:
+            assert generator.stdin is not None
+            generator.stdin.write(command + "\n")
+            generator.stdin.flush()
+    events = []
+    for generator in generators if answer is not None else ():
+        assert generator.stdout is not None
+        for line in generator.stdout:
+            event = json.loads(line)
+            if event.get("phase") == answer:
+                events.append(event)
+                break
+        else:
+            raise RuntimeError(f"a load generator ended before {answer!r}")
+    return events
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="streams-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
@@ -423,10 +551,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "--stream-rate",
             str(args.rate),
         ]
+        if args.lockstep:
+            origin_argv.append("--stream-lockstep")
         log = (tmp / "origin.log").open("wb")
-        procs.append(
-            subprocess.Popen(_pinned(args.origin_cpu, origin_argv), stdout=log, stderr=log, env=env)
+        origin = subprocess.Popen(
+            _pinned(args.origin_cpu, origin_argv), stdout=log, stderr=log, env=env
         )
+        procs.append(origin)
         _wait_port(origin_port)
         if args.nginx:
             if not shutil.which("nginx"):
@@ -463,87 +594,69 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pid = int(children[0]) if children else pid
         time.sleep(1.0)
         rss_start = _rss_kib(pid)
-        loadgen_argv = [
-            sys.executable,
-            "-m",
-            "benchmarks.streams",
-            "--loadgen",
-            "--port",
-            str(port),
-            "--clients",
-            str(args.clients),
-            "--channels",
-            str(args.channels),
-            "--duration",
-            str(args.duration),
-            "--warmup",
-            str(args.warmup),
-            "--subscriptions",
-            str(args.subscriptions),
-        ]
-        if args.nginx:
-            loadgen_argv.append("--nginx")
-        generator = subprocess.Popen(
-            _pinned(1, loadgen_argv), stdout=subprocess.PIPE, env=env, text=True
-        )
-        procs.append(generator)  # type: ignore[arg-type]
+        generators = _start_loadgens(args, port, env)
+        procs.extend(generators)  # type: ignore[arg-type]
         figures: dict[str, Any] = {
             "server": "nginx 1:1 proxy" if args.nginx else "meridian edge",
             "clients": args.clients,
             "channels": args.channels,
-            "subscriptions_per_client": args.subscriptions,
+            "subscriptions_per_client": args.channels_per_client,
             "rate_per_channel": args.rate,
+            "lockstep": args.lockstep,
+            "expected_rate": args.clients * args.channels_per_client * args.rate,
             "origin_cpu": args.origin_cpu,
             "cpus": os.cpu_count(),
         }
-        cpu_start = (0.0, 0.0)
+        _command(generators, None, "connected")
+        time.sleep(1.5)
+        figures["idle_kib_per_client"] = (_rss_kib(pid) - rss_start) / args.clients
+        time.sleep(0.5)
+        _command(generators, "subscribe", "subscribed")
+        time.sleep(args.warmup)
+        # While every client is connected (they close at the end of the run).
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            control = json.loads(_http_get(origin_port, "/_control"))
+            figures["origin_connections"] = sum(control["streams"]["subscriptions"].values())
         lag_start: dict[float, float] = {}
         arrival_start: dict[float, float] = {}
-        assert generator.stdout is not None
-        for line in generator.stdout:
-            event = json.loads(line)
-            phase = event.pop("phase")
-            if phase == "connected":
-                time.sleep(1.5)
-                rss_idle = _rss_kib(pid)
-                figures["idle_kib_per_client"] = (rss_idle - rss_start) / args.clients
-            elif phase == "measure_start":
-                cpu_start = _cpu_seconds(pid)
-                if not args.nginx:
-                    lag_start = _lag_buckets(admin_port)
-                    arrival_start = _lag_buckets(admin_port, "arrival")
-                # While every client is connected (they close at the end of the run).
-                with contextlib.suppress(OSError, ValueError, KeyError):
-                    control = json.loads(_http_get(origin_port, "/_control"))
-                    figures["origin_connections"] = sum(
-                        control["streams"]["subscriptions"].values()
-                    )
-            elif phase == "measure_end":
-                user, system = (b - a for a, b in zip(cpu_start, _cpu_seconds(pid), strict=True))
-                cpu = user + system
-                figures["server_cpu_share"] = cpu / args.duration
-                figures["server_cpu_s"] = cpu
-                figures["server_cpu_system_share"] = system / cpu if cpu else 0.0
-                figures["rss_mib"] = _rss_kib(pid) / 1024
-                figures["rss_kib_per_1000_clients"] = _rss_kib(pid) / args.clients * 1000
-                if not args.nginx:
-                    lag_end = _lag_buckets(admin_port)
-                    figures["edge_lag_p50_ms_le"] = _bucket_quantile(lag_start, lag_end, 0.5)
-                    figures["edge_lag_p99_ms_le"] = _bucket_quantile(lag_start, lag_end, 0.99)
-                    arrival_end = _lag_buckets(admin_port, "arrival")
-                    figures["arrival_lag_p50_ms_le"] = _bucket_quantile(
-                        arrival_start, arrival_end, 0.5
-                    )
-                    figures["arrival_lag_p99_ms_le"] = _bucket_quantile(
-                        arrival_start, arrival_end, 0.99
-                    )
-            elif phase == "result":
-                figures.update(event)
-        generator.wait(timeout=60)
-        delivered, cpu = figures.get("delivered", 0), figures.get("server_cpu_s", 0.0)
+        if not args.nginx:
+            lag_start = _lag_buckets(admin_port)
+            arrival_start = _lag_buckets(admin_port, "arrival")
+        cpu_start, origin_start = _cpu_seconds(pid), _cpu_seconds(origin.pid)
+        waited_start, writes_start = _waited_seconds(pid), _write_syscalls(pid)
+        started = time.perf_counter()
+        _command(generators, "start", "started")
+        time.sleep(args.duration)
+        results = _command(generators, "stop", "result")
+        seconds = time.perf_counter() - started
+        user, system = (b - a for a, b in zip(cpu_start, _cpu_seconds(pid), strict=True))
+        cpu = user + system
+        figures["server_cpu_share"] = cpu / seconds
+        figures["server_cpu_s"] = cpu
+        figures["server_cpu_system_share"] = system / cpu if cpu else 0.0
+        figures["server_write_syscalls"] = _write_syscalls(pid) - writes_start
+        figures["server_cpu_wait_share"] = (_waited_seconds(pid) - waited_start) / seconds
+        figures["origin_cpu_share"] = (sum(_cpu_seconds(origin.pid)) - sum(origin_start)) / seconds
+        figures["rss_mib"] = _rss_kib(pid) / 1024
+        figures["rss_kib_per_1000_clients"] = _rss_kib(pid) / args.clients * 1000
+        if not args.nginx:
+            lag_end = _lag_buckets(admin_port)
+            figures["edge_lag_p50_ms_le"] = _bucket_quantile(lag_start, lag_end, 0.5)
+            figures["edge_lag_p99_ms_le"] = _bucket_quantile(lag_start, lag_end, 0.99)
+            arrival_end = _lag_buckets(admin_port, "arrival")
+            figures["arrival_lag_p50_ms_le"] = _bucket_quantile(arrival_start, arrival_end, 0.5)
+            figures["arrival_lag_p99_ms_le"] = _bucket_quantile(arrival_start, arrival_end, 0.99)
+        figures.update(merge_results(results, seconds))
+        _command(generators, "end", None)
+        for generator in generators:
+            generator.wait(timeout=60)
+        delivered = figures["delivered"]
         if delivered and cpu:
             figures["server_cpu_us_per_message"] = cpu / delivered * 1e6
             figures["messages_per_server_core_second"] = delivered / cpu
+        if delivered and figures["server_write_syscalls"]:
+            figures["messages_per_write"] = delivered / figures["server_write_syscalls"]
+        figures["limited_by"] = limited_by(figures)
         return figures
     finally:
         for proc in reversed(procs):
@@ -556,13 +669,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 proc.wait()
 
 
+#: A process using this share of a core over the window is taken as saturated; a server
+#: that waited this share of it for a CPU was slowed by other processes (a shared machine).
+SATURATED = 0.9
+CONTENDED = 0.1
+
+
+def limited_by(figures: dict[str, Any]) -> str:
+    """What held the delivered rate (or the lag) back: ``none`` when every expected message
+    arrived and the load generator kept up, else the saturated side (a load generator at a
+    full core also inflates the lag it measures)."""
+    loadgen = figures.get("loadgen_cpu_share", 0.0) >= SATURATED
+    server = figures.get("server_cpu_share", 0.0) >= SATURATED
+    waited = figures.get("server_cpu_wait_share", 0.0)
+    short = figures.get("rate", 0.0) < 0.97 * figures["expected_rate"]
+    if loadgen:
+        return "load generator (at a full core: its rate and lag, not the server's)"
+    if server:
+        return "server (at a full core)"
+    if waited >= CONTENDED:
+        return f"CPU contention (the server waited for a CPU {waited:.0%} of the window)"
+    if short:
+        return "neither at a full core (other processes on the machine?)"
+    return "none"
+
+
 def report(figures: dict[str, Any]) -> None:
     rows = [
         ("server", "server"),
         ("clients", "clients"),
         ("channels x rate", None),
         ("subscriptions per client", "subscriptions_per_client"),
+        ("origin ticks", None),
         ("messages delivered/s", "rate"),
+        ("  expected (clients x channels x rate)", "expected_rate"),
         ("lag p50 (ms)", "p50_ms"),
         ("lag p99 (ms)", "p99_ms"),
         ("lag max (ms)", "max_ms"),
@@ -573,17 +713,25 @@ def report(figures: dict[str, Any]) -> None:
         ("server CPU share of a core", "server_cpu_share"),
         ("server CPU us per message", "server_cpu_us_per_message"),
         ("  of which in the kernel", "server_cpu_system_share"),
+        ("messages per write system call", "messages_per_write"),
+        ("server waiting for a CPU (share)", "server_cpu_wait_share"),
         ("messages per server core-second", "messages_per_server_core_second"),
         ("server RSS (MiB)", "rss_mib"),
         ("server RSS per 1,000 clients (KiB)", "rss_kib_per_1000_clients"),
         ("idle memory per client (KiB)", "idle_kib_per_client"),
         ("origin connections", "origin_connections"),
         ("clients closed during the run", "closed"),
-        ("load generator CPU (s)", "loadgen_cpu"),
+        ("load generators", "loadgens"),
+        ("lag samples (probe clients)", "lag_samples"),
+        ("load generator CPU share (busiest)", "loadgen_cpu_share"),
+        ("origin CPU share of a core", "origin_cpu_share"),
+        ("limited by", "limited_by"),
     ]
     for label, key in rows:
-        if key is None:
-            value: Any = f"{figures['channels']} x {figures['rate_per_channel']}/s"
+        if key is None and label == "origin ticks":
+            value: Any = "lockstep" if figures["lockstep"] else "independent phases"
+        elif key is None:
+            value = f"{figures['channels']} x {figures['rate_per_channel']}/s"
         else:
             value = figures.get(key, "-")
         if isinstance(value, float):
@@ -600,7 +748,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, default=20)
     parser.add_argument("--rate", type=float, default=10.0, help="messages/s per channel")
     parser.add_argument(
-        "--subscriptions", type=int, default=1, help="channels per client (edge only)"
+        "--channels-per-client",
+        "--subscriptions",
+        dest="channels_per_client",
+        type=int,
+        default=2,
+        help="channels each client subscribes to (default 2: 1,000 subscribers per channel "
+        "at 10,000 clients on 20 channels; edge only)",
+    )
+    parser.add_argument(
+        "--lockstep", action="store_true", help="every origin channel ticks at the same instant"
     )
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=3.0)
@@ -608,21 +765,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--origin-cpu", type=int, default=1, help="the CPU the origin is pinned to (default 1)"
     )
+    parser.add_argument(
+        "--loadgens",
+        type=int,
+        default=1,
+        help="load generator processes sharing the clients (on cores 1.., round robin)",
+    )
+    parser.add_argument(
+        "--probe-every",
+        type=int,
+        default=50,
+        help="every Nth client is a probe: read at once, its every message's lag sampled "
+        "(default 50; 1: every client, every 8th message)",
+    )
+    parser.add_argument(
+        "--bulk-lowat",
+        type=int,
+        default=4096,
+        help="the other clients are read once this many bytes wait (SO_RCVLOWAT; 0: at once)",
+    )
     parser.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not 1 <= args.channels <= len(SYMBOLS):
         parser.error(f"--channels must be 1..{len(SYMBOLS)}")
-    if not 1 <= args.subscriptions <= args.channels or (args.nginx and args.subscriptions > 1):
-        parser.error("--subscriptions must be 1..--channels (1 with --nginx)")
+    if not 1 <= args.channels_per_client <= args.channels or (
+        args.nginx and args.channels_per_client > 1
+    ):
+        parser.error("--channels-per-client must be 1..--channels (1 with --nginx)")
+    if args.loadgens < 1 or args.probe_every < 1 or args.bulk_lowat < 0:
+        parser.error("--loadgens and --probe-every must be at least 1, --bulk-lowat not negative")
     if args.loadgen:
         import uvloop
 
-        work = loadgen_nginx(args) if args.nginx else loadgen(args)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(work)
+            runner.run(loadgen(args))
         return 0
-    report(run(args))
+    with bench_lock("the streams benchmark"):  # one load run on the machine at a time
+        figures = run(args)
+    report(figures)
     return 0
 
 

@@ -654,13 +654,17 @@ def create_app(
     update_interval: float = DEFAULT_UPDATE_INTERVAL,
     stream_rate: float = DEFAULT_RATE,
     stream_history: int = DEFAULT_HISTORY,
+    stream_lockstep: bool = False,
 ) -> web.Application:
     """The origin application for ``region``; bodies change every ``update_interval`` seconds,
-    stream channels publish ``stream_rate`` messages a second (``meridian.origin_streams``)."""
+    stream channels publish ``stream_rate`` messages a second, each at its own phase unless
+    ``stream_lockstep`` (``meridian.origin_streams``)."""
     app = web.Application(middlewares=[control_middleware])
     app[STATE] = OriginState(region=region, update_interval=update_interval)
     symbols = {s.name: (s.price, s.price_decimals) for s in SYMBOLS.values()}
-    app[STATE].streams = streams = StreamServer(Feed(symbols, stream_rate, stream_history))
+    app[STATE].streams = streams = StreamServer(
+        Feed(symbols, stream_rate, stream_history, lockstep=stream_lockstep)
+    )
     streams.install(app)
     app.router.add_get("/api/v1/ticker/{symbol}", _market_handler("ticker"))
     app.router.add_get("/api/v1/depth/{symbol}", _market_handler("depth"))
@@ -688,13 +692,14 @@ async def serve(
     update_interval: float,
     stream_rate: float = DEFAULT_RATE,
     stream_history: int = DEFAULT_HISTORY,
+    stream_lockstep: bool = False,
 ) -> int:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     runner = web.AppRunner(
-        create_app(region, update_interval, stream_rate, stream_history),
+        create_app(region, update_interval, stream_rate, stream_history, stream_lockstep),
         access_log=None,
         handle_signals=False,
         shutdown_timeout=2.0,
@@ -742,6 +747,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_HISTORY,
         help="messages a stream subscription can replay with since= (default 10000)",
     )
+    parser.add_argument(
+        "--stream-lockstep",
+        action="store_true",
+        help="every stream channel ticks at the same instant (default: each at its own phase)",
+    )
     parser.add_argument("--log-format", choices=("logfmt", "json"), default="logfmt")
     parser.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), default="info"
@@ -772,6 +782,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.update_interval,
                 args.stream_rate,
                 args.stream_history,
+                args.stream_lockstep,
             )
         )
 

@@ -1,11 +1,18 @@
 """The sample origin's market streams: channels with per-channel sequences, replay, snapshots.
 
 Channels are ``ticker:SYMBOL``, ``trades:SYMBOL`` and ``depth:SYMBOL``.  Every channel
-publishes at ``rate`` messages per second, and message ``n`` of a channel is scheduled at
-``n / rate`` (Unix time) and derived from (channel, n) alone: every region publishes the same
-bytes under the same sequence number, so an edge that loses one region resubscribes to another
-``since`` its last sequence and continues with no gap and no difference.  What a region can
-replay is bounded (``history`` messages back from now), like a real feed's.
+publishes at ``rate`` messages per second, and message ``n`` of channel ``c`` is scheduled at
+``(n + phase(c)) / rate`` (Unix time) and derived from (channel, n) alone: every region
+publishes the same bytes under the same sequence number at the same time, so an edge that
+loses one region resubscribes to another ``since`` its last sequence and continues with no gap
+and no difference.  What a region can replay is bounded (``history`` messages back from now),
+like a real feed's.
+
+A channel's phase is a fraction of the tick interval taken from a hash of its name
+(``channel_phase``): real markets do not tick every instrument at the same instant, and a
+publisher that did would hand an edge every channel's fan-out in one burst.  ``lockstep``
+puts every phase at 0 (every channel ticks together: the worst case for a fan-out, kept for
+benchmarks).
 
     GET /stream?channel=ticker:BTC-USD[&since=SEQ]   WebSocket: one text frame per message
     GET /api/v1/snapshot/ticker:BTC-USD              the channel's state at a sequence
@@ -52,29 +59,48 @@ def _rng_value(channel: str, seq: int, salt: int) -> float:
     return (h >> 11) / float(1 << 53)
 
 
+def channel_phase(channel: str) -> float:
+    """Where in the tick interval ``channel`` ticks, in [0, 1): from its name alone, so every
+    region (and every run) agrees."""
+    return _rng_value(channel, 0, 0x9E37)
+
+
 class Feed:
     """The deterministic channels of one origin process (no I/O: tested with a clock)."""
 
-    def __init__(self, symbols: dict[str, tuple[float, int]], rate: float, history: int) -> None:
+    def __init__(
+        self,
+        symbols: dict[str, tuple[float, int]],
+        rate: float,
+        history: int,
+        *,
+        lockstep: bool = False,
+    ) -> None:
         #: symbol -> (reference price, price decimals)
         self.symbols = symbols
         self.rate = rate
         self.history = history
+        self.lockstep = lockstep
 
     def known(self, channel: str) -> bool:
         kind, _, symbol = channel.partition(":")
         return kind in KINDS and symbol in self.symbols
 
-    def current(self, now: float) -> int:
-        """The last sequence published at ``now``."""
-        return math.floor(now * self.rate)
+    def phase(self, channel: str) -> float:
+        """The channel's offset in the tick interval, as a fraction of it (0 in lockstep)."""
+        return 0.0 if self.lockstep else channel_phase(channel)
 
-    def oldest(self, now: float) -> int:
-        """The oldest sequence still replayable at ``now``."""
-        return self.current(now) - self.history + 1
+    def current(self, channel: str, now: float) -> int:
+        """The channel's last sequence published at ``now``."""
+        return math.floor(now * self.rate - self.phase(channel))
 
-    def timestamp(self, seq: int) -> float:
-        return seq / self.rate
+    def oldest(self, channel: str, now: float) -> int:
+        """The channel's oldest sequence still replayable at ``now``."""
+        return self.current(channel, now) - self.history + 1
+
+    def timestamp(self, channel: str, seq: int) -> float:
+        """When message ``seq`` of ``channel`` is published (its ``ts``)."""
+        return (seq + self.phase(channel)) / self.rate
 
     def data(self, channel: str, seq: int) -> dict[str, Any]:
         kind, _, symbol = channel.partition(":")
@@ -120,7 +146,7 @@ class Feed:
         document = {
             "channel": channel,
             "seq": seq,
-            "ts": self.timestamp(seq),
+            "ts": self.timestamp(channel, seq),
             "data": self.data(channel, seq),
         }
         return json.dumps(document, separators=(",", ":")).encode()
@@ -132,21 +158,28 @@ class Feed:
             data = [self.data(channel, n) for n in range(seq - SNAPSHOT_TRADES + 1, seq + 1)]
         else:
             data = self.data(channel, seq)
-        document = {"channel": channel, "seq": seq, "ts": self.timestamp(seq), "data": data}
+        document = {
+            "channel": channel,
+            "seq": seq,
+            "ts": self.timestamp(channel, seq),
+            "data": data,
+        }
         return json.dumps(document, separators=(",", ":")).encode()
 
 
 class StreamServer:
-    """The stream endpoints of one origin: one publishing loop, subscribers per channel."""
+    """The stream endpoints of one origin: one publishing task per channel in use, its
+    subscribers, each channel on its own schedule (``Feed.timestamp``)."""
 
     def __init__(self, feed: Feed) -> None:
         self.feed = feed
         self.subscribers: dict[str, set[web.WebSocketResponse]] = {}
         #: Subscriptions opened since start, per channel.
         self.opened: Counter[str] = Counter()
-        self._ticker: asyncio.Task[None] | None = None
-        #: The last sequence the loop has published (the same for every channel).
-        self.sent = feed.current(time.time())
+        #: Channel -> the last sequence its task has published (channels in use only).
+        self.sent: dict[str, int] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._running = False
 
     def status(self) -> dict[str, Any]:
         return {
@@ -154,6 +187,7 @@ class StreamServer:
             "opened": dict(sorted(self.opened.items())),
             "rate": self.feed.rate,
             "history": self.feed.history,
+            "lockstep": self.feed.lockstep,
         }
 
     def install(self, app: web.Application) -> None:
@@ -163,16 +197,30 @@ class StreamServer:
         app.on_shutdown.append(self._stop)
 
     async def _start(self, _app: web.Application) -> None:
-        self._ticker = asyncio.create_task(self._publish())
+        self._running = True
 
     async def _stop(self, _app: web.Application) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
+        self._running = False
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+                await task
         for sockets in list(self.subscribers.values()):
             for ws in list(sockets):
                 await ws.close(code=1001, message=b"origin shutting down")
+
+    def published(self, channel: str) -> int:
+        """The channel's last published sequence; its publishing task starts on first use
+        (what was scheduled before counts as published: a subscriber replays it)."""
+        sent = self.sent.get(channel)
+        if sent is None:
+            sent = self.sent[channel] = self.feed.current(channel, time.time())
+            if self._running:
+                self._tasks[channel] = asyncio.create_task(self._publish(channel))
+        return sent
 
     def _channel(self, request: web.Request) -> str:
         channel = request.query.get("channel", "") or request.match_info.get("channel", "")
@@ -182,7 +230,7 @@ class StreamServer:
 
     async def handle_snapshot(self, request: web.Request) -> web.StreamResponse:
         channel = self._channel(request)
-        seq = self.sent
+        seq = self.published(channel)
         return web.Response(
             body=self.feed.snapshot(channel, seq),
             content_type="application/json",
@@ -204,17 +252,19 @@ class StreamServer:
         await ws.prepare(request)
         sockets = self.subscribers.setdefault(channel, set())
         self.opened[channel] += 1
+        self.published(channel)
         try:
             if since is not None:
-                # Replay what this region still has up to what the loop has published, then
-                # join the loop with no await in between: nothing is missed, nothing repeated.
-                first = max(since + 1, self.feed.oldest(time.time()))
+                # Replay what this region still has up to what the channel's task has
+                # published, then join it with no await in between: nothing is missed,
+                # nothing repeated.
+                first = max(since + 1, self.feed.oldest(channel, time.time()))
                 while True:
-                    last = self.sent
+                    last = self.sent[channel]
                     for seq in range(first, last + 1):
                         await ws.send_bytes(self.feed.message(channel, seq))
                     first = max(first, last + 1)
-                    if self.sent == last:
+                    if self.sent[channel] == last:
                         break
             sockets.add(ws)
             async for message in ws:
@@ -224,26 +274,27 @@ class StreamServer:
             sockets.discard(ws)
         return ws
 
-    async def _publish(self) -> None:
-        """Publishes message ``n`` of every subscribed channel at ``n / rate``."""
+    async def _publish(self, channel: str) -> None:
+        """Publishes message ``n`` of ``channel`` at ``feed.timestamp(channel, n)``."""
         feed = self.feed
+        sockets = self.subscribers.setdefault(channel, set())
         while True:
-            sent = self.sent
-            next_at = feed.timestamp(sent + 1)
+            sent = self.sent[channel]
+            next_at = feed.timestamp(channel, sent + 1)
             await asyncio.sleep(max(0.0, next_at - time.time()))
-            now_seq = feed.current(time.time())
+            now_seq = feed.current(channel, time.time())
             # Woken very late (a suspended process): what no subscriber could replay any
             # more is skipped (subscribers see the gap and resync), not sent in a burst.
             sent = max(sent, now_seq - max(1, feed.history))
             for seq in range(sent + 1, now_seq + 1):
                 # Published as of now: a subscriber joining later replays it instead.
-                self.sent = seq
-                targets = [(c, list(s)) for c, s in self.subscribers.items() if s]
-                for channel, sockets in targets:
-                    message = feed.message(channel, seq)
-                    for ws in sockets:
-                        if ws.closed:
-                            self.subscribers[channel].discard(ws)
-                            continue
-                        with contextlib.suppress(ConnectionError, RuntimeError):
-                            await ws.send_bytes(message)
+                self.sent[channel] = seq
+                if not sockets:
+                    continue
+                message = feed.message(channel, seq)
+                for ws in list(sockets):
+                    if ws.closed:
+                        sockets.discard(ws)
+                        continue
+                    with contextlib.suppress(ConnectionError, RuntimeError):
+                        await ws.send_bytes(message)

@@ -557,3 +557,38 @@ async def test_a_region_taken_out_by_health_checks_hands_its_streams_over_withou
         documents = client.documents()
         assert not [d for d in documents if d.get("type") == "resync"]
         assert len(check(documents, "trades:LTC-USD", conflate=False)) >= 30
+
+
+async def test_the_origins_channels_tick_at_their_own_instants(tmp_path):
+    """Each channel's message is published at its own phase in the tick interval, never
+    before its timestamp: a publisher that ticked every channel together would send some
+    before their time; one that ignored phases would stamp them all alike."""
+    with processes() as procs:
+        origin = StreamOrigin("eu-central", tmp_path)
+        procs.append(origin)
+        origin.ready()
+        channels = ["trades:BTC-USD", "trades:ETH-USD", "ticker:BTC-USD", "depth:ETH-USD"]
+        arrivals: dict[str, list[tuple[float, dict[str, Any]]]] = {c: [] for c in channels}
+
+        def receiver(channel: str) -> Any:
+            return lambda payload: arrivals[channel].append((time.time(), json.loads(payload)))
+
+        clients = [
+            await connect(origin.port, f"/stream?channel={c}", on_message=receiver(c), keep=False)
+            for c in channels
+        ]
+        await asyncio.sleep(1.5)
+        for client in clients:
+            assert client.transport is not None
+            client.transport.close()
+        stamps: dict[int, list[float]] = {}
+        for channel, received in arrivals.items():
+            assert len(received) >= 10, channel
+            for arrived, message in received:
+                assert arrived >= message["ts"] - 0.005, (channel, arrived, message["ts"])
+                stamps.setdefault(message["seq"], []).append(message["ts"])
+        common = [ts for ts in stamps.values() if len(ts) > 1]  # seen on several channels
+        assert len(common) >= 5
+        for ts in common:
+            assert len(set(ts)) == len(ts)  # every channel at its own instant
+            assert max(ts) - min(ts) < 0.1  # within the same tick interval

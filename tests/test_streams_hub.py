@@ -463,3 +463,101 @@ def test_a_burst_is_written_as_it_comes_not_gathered_without_bound() -> None:
     while deferred:
         deferred.pop()()
     assert sum(len(split_frames(w)) for w in client.frames) == 101  # the ack and 100 messages
+
+
+def batched_clients(
+    count: int, channels: tuple[str, ...]
+) -> tuple[Hub, StreamStats, list[FakeClient], list[Any]]:
+    """``count`` clients on ``channels`` sharing one write batch; their acknowledgements
+    written; ``deferred`` holds what the loop would run at the iteration's end."""
+    from edge.streams.queue import WriteBatch
+
+    hub, stats, _, _ = make_hub()
+    deferred: list[Any] = []
+    batch = WriteBatch(deferred.append)
+    clients = [FakeClient(hub, stats) for _ in range(count)]
+    for client in clients:
+        client.sub.batch = batch
+        for channel in channels:
+            hub.join(client.sub, channel)
+            hub.start(client.sub, channel, None)
+    while deferred:
+        deferred.pop()()
+    for client in clients:
+        client.frames.clear()
+    return hub, stats, clients, deferred
+
+
+def test_a_fan_out_is_recorded_once_and_written_at_the_iterations_end() -> None:
+    hub, stats, clients, deferred = batched_clients(3, ("trades:A",))
+    batch = clients[0].sub.batch
+    assert batch is not None
+    publish(hub, "trades:A", 1)
+    # Nothing per subscriber yet: one record, no client in the batch's own list.
+    assert len(batch.fanouts) == 1 and not batch.dirty and len(deferred) == 1
+    assert all(not c.frames and not c.sub.out for c in clients)
+    before = stats.messages_out
+    deferred.pop()()
+    assert [len(c.frames) for c in clients] == [1, 1, 1]
+    assert clients[0].frames[0] is clients[1].frames[0] is clients[2].frames[0]
+    assert stats.messages_out - before == 3 and sum(stats.lag_counts) >= 3
+    assert not batch.fanouts and not batch.scheduled
+
+
+def test_messages_of_one_iteration_reach_each_client_in_one_write_in_order() -> None:
+    hub, _, clients, deferred = batched_clients(2, ("trades:A", "trades:B"))
+    single = FakeClient(hub, clients[0].sub.stats)  # on one of the channels only
+    single.sub.batch = clients[0].sub.batch
+    hub.join(single.sub, "trades:B")
+    hub.start(single.sub, "trades:B", None)
+    deferred.pop()()
+    single.frames.clear()
+    for seq in (1, 2):
+        publish(hub, "trades:A", seq)
+        publish(hub, "trades:B", seq)
+    assert len(deferred) == 1
+    deferred.pop()()
+    for client in clients:
+        assert len(client.frames) == 1  # four messages, one write
+        assert [(m["channel"], m["seq"]) for m in client.messages()] == [
+            ("trades:A", 1),
+            ("trades:B", 1),
+            ("trades:A", 2),
+            ("trades:B", 2),
+        ]
+    assert len(single.frames) == 1
+    assert [(m["channel"], m["seq"]) for m in single.messages()] == [
+        ("trades:B", 1),
+        ("trades:B", 2),
+    ]
+
+
+def test_a_clients_own_frame_follows_what_was_fanned_out_before_it() -> None:
+    hub, _, clients, deferred = batched_clients(1, ("trades:A",))
+    (client,) = clients
+    publish(hub, "trades:A", 1)
+    publish(hub, "trades:A", 3)  # a hole: the resync is the client's own frame
+    while deferred:
+        deferred.pop()()
+    messages = client.messages()
+    assert [(m.get("type"), m["seq"]) for m in messages] == [
+        (None, 1),
+        ("resync", 2),
+        (None, 3),
+    ]
+    check(messages, "trades:A", conflate=False)
+
+
+def test_a_client_paused_at_the_flush_gets_the_fan_out_queued_then_conflated() -> None:
+    hub, stats, clients, deferred = batched_clients(2, ("ticker:T",))
+    slow, fast = clients
+    publish(hub, "ticker:T", 1)
+    slow.sub.paused = True  # its socket filled after the fan-out, before the flush
+    deferred.pop()()
+    assert not slow.frames and len(fast.frames) == 1
+    publish(hub, "ticker:T", 2)
+    deferred.pop()()
+    assert len(slow.sub.queue) == 1 and stats.conflated == 1  # 2 replaced 1 in place
+    slow.sub.resume()
+    assert [m["seq"] for m in slow.messages()] == [2]
+    assert [m["seq"] for m in fast.messages()] == [1, 2]

@@ -3,6 +3,7 @@ origin's deterministic feed, and what the edge accepts from an upstream."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -146,12 +147,12 @@ def test_client_frame_violations_have_their_close_code(data: bytes, code: int) -
 
 
 def test_feed_is_deterministic_and_sequenced_by_time() -> None:
-    feed = Feed({"BTC-USD": (67_000.0, 2)}, rate=10.0, history=100)
-    assert feed.current(1000.05) == 10_000
-    assert feed.oldest(1000.05) == 9_901
+    feed = Feed({"BTC-USD": (67_000.0, 2)}, rate=10.0, history=100, lockstep=True)
+    assert feed.current("trades:BTC-USD", 1000.05) == 10_000
+    assert feed.oldest("trades:BTC-USD", 1000.05) == 9_901
     message = json.loads(feed.message("trades:BTC-USD", 10_000))
     assert message["seq"] == 10_000 and message["ts"] == 1000.0
-    assert feed.message("ticker:BTC-USD", 7) == Feed(feed.symbols, 10.0, 5).message(
+    assert feed.message("ticker:BTC-USD", 7) == Feed(feed.symbols, 10.0, 5, lockstep=True).message(
         "ticker:BTC-USD", 7
     )
     snapshot = json.loads(feed.snapshot("trades:BTC-USD", 50))
@@ -235,3 +236,33 @@ def test_compressed_client_messages_are_inflated_within_the_bound() -> None:
     assert info.value.code == CLOSE_TOO_BIG
     with pytest.raises(FrameError):
         ClientFrames(1000, deflate=False).feed(compressed(b"x"))
+
+
+def test_feed_channels_tick_at_independent_phases() -> None:
+    """Each channel ticks at its own offset in the interval, from its name alone; the
+    sequence a channel has published at a time agrees with its messages' timestamps."""
+    symbols = {name: (100.0, 2) for name in ("BTC-USD", "ETH-USD", "SOL-USD", "XRP-USD")}
+    feed = Feed(symbols, rate=10.0, history=100)
+    channels = [f"{kind}:{name}" for kind in ("ticker", "trades", "depth") for name in symbols]
+    phases = [feed.phase(c) for c in channels]
+    assert all(0.0 <= p < 1.0 for p in phases)
+    assert len({round(p, 6) for p in phases}) == len(channels)  # no two tick together
+    # Spread over the interval, not bunched: 12 channels leave no gap of half of it.
+    ordered = sorted(phases)
+    gaps = [b - a for a, b in itertools.pairwise(ordered)]
+    assert max([*gaps, 1.0 - ordered[-1] + ordered[0]]) < 0.5
+    # The same in every process and region (a fresh feed), and the same bytes.
+    again = Feed(symbols, rate=10.0, history=5)
+    assert [again.phase(c) for c in channels] == phases
+    assert again.message("trades:SOL-USD", 77) == feed.message("trades:SOL-USD", 77)
+    for channel in channels:
+        ts = json.loads(feed.message(channel, 5_000))["ts"]
+        assert ts == feed.timestamp(channel, 5_000) == (5_000 + feed.phase(channel)) / 10.0
+        assert feed.current(channel, ts) == 5_000
+        assert feed.current(channel, ts - 1e-6) == 4_999
+    # Two channels' messages of the same sequence are published at different instants.
+    stamps = {feed.timestamp(c, 5_000) for c in channels}
+    assert len(stamps) == len(channels)
+    # Lockstep: every channel at phase 0, all ticking together (the fan-out's worst case).
+    lockstep = Feed(symbols, rate=10.0, history=100, lockstep=True)
+    assert {lockstep.timestamp(c, 5_000) for c in channels} == {500.0}

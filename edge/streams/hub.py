@@ -291,13 +291,19 @@ class Hub:
         ts: float,
         channel: Channel,
     ) -> None:
-        """The same bytes to every subscriber: written at once, or queued (``Subscriber``)."""
+        """The same bytes to every subscriber: recorded once in the write batch, else written
+        at once or queued (``Subscriber``)."""
+        subs = tuple(subscribers)
+        batch = subs[0].batch
+        if batch is not None:
+            batch.fan_out(frame, ts, channel, subs)
+            return
         written = 0
-        for sub in tuple(subscribers):
+        for sub in subs:
             if sub.paused or sub.queue:
                 sub.enqueue(frame, ts, channel)
             else:
-                sub.push(frame)
+                sub.write(frame)
                 written += 1
         if written:
             self.stats.delivered(len(frame), ts, written)

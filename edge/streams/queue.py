@@ -3,10 +3,11 @@ of frames when it does not, and the channel's slow-consumer policy when that fil
 
 No I/O: ``write`` is the transport's ``write`` (or a test's list append), ``paused`` follows
 the transport's ``pause_writing``/``resume_writing``.  While the socket keeps up a message costs
-one ``write`` of the shared frame bytes; with a ``WriteBatch`` the frames a client is sent
-during one event-loop iteration (a burst across its channels: markets tick together) go out
-in one write, one system call instead of one per frame.  Once the transport's buffer passes
-its high-water mark frames wait here, at most ``limit`` bytes of them:
+one ``write`` of the shared frame bytes; with a ``WriteBatch`` the fan-out costs no work per
+subscriber until the end of the event-loop iteration, and the frames a client is sent during
+one iteration (channels that ticked together, a backlog) go out in one write, one system call
+instead of one per frame.  Once the transport's buffer passes its high-water mark frames wait
+here, at most ``limit`` bytes of them:
 
 * ``conflate``: a channel has at most one frame waiting; a newer message replaces it in place
   (the latest value is what a ticker or book subscriber needs) and the skipped one is counted;
@@ -37,29 +38,113 @@ class Channel(Protocol):
 C = TypeVar("C", bound=Channel)
 
 
-#: Bytes a client's batch may gather before it is written at once (a burst, such as a replay
-#: after failover, is then written as it comes: the socket's flow control and the send queue
-#: bound it, not the batch).
+#: Bytes a batch may gather before it is written at once (a burst, such as a replay after
+#: failover, is then written as it comes: the socket's flow control and the send queue bound
+#: it, not the batch): the frames fanned out in one iteration, and each client's own frames.
 BATCH_BYTES = 16 * 1024
 
 
 class WriteBatch:
-    """Frames pushed to clients during one event-loop iteration, written at its end as one
-    write per client.  ``defer`` schedules the flush (``loop.call_soon``: it runs before the
-    next iteration's I/O callbacks)."""
+    """What the fan-out and the clients' own frames produce during one event-loop iteration,
+    written at its end as one write per client.  ``defer`` schedules the flush
+    (``loop.call_soon``: it runs before the next iteration's I/O callbacks).
 
-    __slots__ = ("defer", "dirty", "scheduled")
+    A fan-out is recorded once, as (frame, timestamp, channel, its subscribers): nothing is
+    done per subscriber until the flush.  The flush of an iteration that fanned out one
+    message (channels tick at their own instants: the usual case) is one tight loop of
+    writes of the shared bytes; one that fanned out several (channels ticking together, a
+    backlog after a stall) gathers each client's frames, in order, into one write, so a
+    client on K channels costs one system call per iteration instead of K.  Every
+    subscriber of one hub shares its service's batch."""
+
+    __slots__ = ("defer", "dirty", "fanout_bytes", "fanouts", "scheduled")
 
     def __init__(self, defer: Callable[[Callable[[], None]], object]) -> None:
         self.defer = defer
+        #: Subscribers with frames of their own (``Subscriber.out``) this iteration.
         self.dirty: list[Subscriber[Any]] = []
+        #: Messages fanned out this iteration, oldest first, and their frames' bytes.
+        self.fanouts: list[tuple[bytes, float, Any, tuple[Subscriber[Any], ...]]] = []
+        self.fanout_bytes = 0
         self.scheduled = False
+
+    def schedule(self) -> None:
+        if not self.scheduled:
+            self.scheduled = True
+            self.defer(self.flush)
+
+    def fan_out(
+        self, frame: bytes, ts: float, channel: Any, subscribers: tuple[Subscriber[Any], ...]
+    ) -> None:
+        """``frame`` for each of ``subscribers`` (a snapshot of the channel's group), written
+        (or queued by each one's flow control and policy) at the flush."""
+        self.fanouts.append((frame, ts, channel, subscribers))
+        self.fanout_bytes += len(frame)
+        if self.fanout_bytes >= BATCH_BYTES:
+            self.flush()
+        else:
+            self.schedule()
 
     def flush(self) -> None:
         self.scheduled = False
         dirty, self.dirty = self.dirty, []
-        for sub in dirty:
-            sub.flush()
+        fanouts, self.fanouts = self.fanouts, []
+        self.fanout_bytes = 0
+        if not fanouts:
+            for sub in dirty:
+                sub.flush()
+        elif len(fanouts) == 1 and not dirty:
+            _write_one(*fanouts[0])
+        else:
+            _write_gathered(dirty, fanouts)
+
+
+def _write_one(
+    frame: bytes, ts: float, channel: Any, subscribers: tuple[Subscriber[Any], ...]
+) -> None:
+    """One message to each of its subscribers: the same bytes, one write each (a closed
+    subscriber is paused: ``enqueue`` drops the frame)."""
+    written = 0
+    for sub in subscribers:
+        if sub.paused or sub.queue:
+            sub.enqueue(frame, ts, channel)
+        else:
+            sub.write(frame)
+            written += 1
+    if written:
+        subscribers[0].stats.delivered(len(frame), ts, written)
+
+
+def _write_gathered(
+    dirty: list[Subscriber[Any]],
+    fanouts: list[tuple[bytes, float, Any, tuple[Subscriber[Any], ...]]],
+) -> None:
+    """Several messages (and clients' own frames): each client's, in the order they were
+    made, gathered in its ``out`` and written in one write.  A client's own frames always
+    precede the iteration's fan-outs (``Subscriber.send`` flushes the fan-outs first)."""
+    touched = dirty
+    for frame, ts, channel, subscribers in fanouts:
+        written = 0
+        for sub in subscribers:
+            if sub.paused or sub.queue:
+                sub.enqueue(frame, ts, channel)
+                continue
+            out = sub.out
+            if not out:
+                touched.append(sub)
+            out.append(frame)
+            written += 1
+        if written:
+            subscribers[0].stats.delivered(len(frame), ts, written)
+    for sub in touched:
+        out = sub.out
+        if not out:
+            continue  # written already (its own frames reached ``BATCH_BYTES``) or closed
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        sub.out_bytes = 0
+        if not sub.closed:
+            sub.write(data)
 
 
 class Pending(Generic[C]):
@@ -133,7 +218,8 @@ class Subscriber(Generic[C]):
         return self.kind == EVENTS
 
     def push(self, frame: bytes) -> None:
-        """A frame the socket can take now: written, or batched for the iteration's end."""
+        """A frame of this client's own the socket can take now: written, or batched for the
+        iteration's end."""
         batch = self.batch
         if batch is None:
             self.write(frame)
@@ -141,9 +227,7 @@ class Subscriber(Generic[C]):
         out = self.out
         if not out:
             batch.dirty.append(self)
-            if not batch.scheduled:
-                batch.scheduled = True
-                batch.defer(batch.flush)
+            batch.schedule()
         out.append(frame)
         self.out_bytes += len(frame)
         if self.out_bytes >= BATCH_BYTES:
@@ -161,7 +245,12 @@ class Subscriber(Generic[C]):
             self.write(data)
 
     def send(self, frame: bytes, ts: float = 0.0) -> None:
-        """A frame for this client alone (acknowledgements, replay, resync); never conflated."""
+        """A frame for this client alone (acknowledgements, replay, resync); never conflated.
+        What was fanned out earlier in the iteration is written (or queued) first, so the
+        client gets everything in the order it was made."""
+        batch = self.batch
+        if batch is not None and batch.fanouts:
+            batch.flush()
         if not self.paused and not self.queue:
             self.push(frame)
             self.stats.delivered(len(frame), ts)
