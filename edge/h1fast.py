@@ -1,0 +1,130 @@
+"""The HTTP/1.1 front end's shortcut past llhttp: a bodiless keep-alive GET/HEAD that arrives
+whole in one read, on a connection at a message boundary with nothing in flight, is answered
+from these bytes alone (``HeadShortcuts.answer``).  In order of cost:
+
+1. the exact bytes seen before (``EdgeState.request_heads``): a memoised hit, else the head
+   parsed before;
+2. the same head but for its User-Agent, Cookie and request ID (``edge.fasthead.MeaningKey``):
+   the memoised hit, if any, never the parsed head (those fields go upstream on a miss);
+3. a head of the common shape (``edge.fasthead.parse_simple_head``), parsed in one pass.
+
+Anything else (or anything odd) is left to llhttp and every check of ``edge.h1parse``.  The
+shortcut decides; the connection acts (writes the bytes, or schedules the request).  One per
+listener: it keeps no per-connection state.
+"""
+
+from __future__ import annotations
+
+from edge.fasthead import MeaningKey, parse_simple_head
+from edge.h1parse import REQUEST_HEAD_MAX_BYTES, remember_head, seen_before
+from edge.http1 import NO_BODY, new_request_id, valid_request_id
+from edge.pipeline import EdgeState, Pipeline, ProxyRequest, RequestHead
+
+
+class HeadShortcuts:
+    """Answers from request bytes alone (module docstring)."""
+
+    __slots__ = ("_meaning", "_pipeline")
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+        #: The head-stripping rule for the config snapshot it was made for (the request ID
+        #: field's name is configurable).
+        self._meaning: tuple[EdgeState, MeaningKey] | None = None
+
+    def meaning_key(self, state: EdgeState) -> MeaningKey:
+        """The ``MeaningKey`` of config snapshot ``state`` (made once per snapshot)."""
+        meaning = self._meaning
+        if meaning is None or meaning[0] is not state:
+            key = MeaningKey(state.request_id_header)
+            self._meaning = meaning = (state, key)
+        return meaning[1]
+
+    def answer(
+        self, data: bytes, client_ip: str, scheme: bytes, protocol: str | None
+    ) -> bytes | ProxyRequest | None:
+        """For ``data`` from a client at ``client_ip``: the response bytes of a cache hit; or
+        the request it is, when the cache did not answer it (the connection schedules it, with
+        ``Pipeline.take_pending``'s lookup); or None when it is not a head of a known shape
+        (llhttp parses it)."""
+        pipeline = self._pipeline
+        state = pipeline.state
+        heads = state.request_heads
+        head = heads.get(data)
+        if head is not None:
+            if head.hit is not None:
+                wire = pipeline.replay_hit(head, client_ip, head.supplied_id, protocol)
+                if wire is not None:
+                    return wire
+            return self._replay(head, client_ip, scheme, protocol)
+        if len(data) > REQUEST_HEAD_MAX_BYTES or data[-4:] != b"\r\n\r\n":
+            return None
+        volatile = self.meaning_key(state).split(data)
+        key = volatile.key
+        if key is not data:
+            head = heads.get(key)
+            if (
+                head is not None
+                and head.hit is not None
+                # The stripped fields count against the limits like any other.
+                and data.count(b"\n") <= state.max_headers + 2
+                and len(data) <= state.max_header_bytes
+            ):
+                rid = volatile.request_id
+                supplied = rid if rid is not None and valid_request_id(rid) else None
+                wire = pipeline.replay_hit(head, client_ip, supplied, protocol)
+                if wire is not None:
+                    return wire
+        limits = state.config.edge.limits
+        simple = parse_simple_head(
+            data,
+            request_id_header=state.request_id_header,
+            max_headers=limits.max_headers,
+            max_header_bytes=limits.max_header_bytes,
+            max_url=limits.max_url,
+        )
+        if simple is None:
+            return None
+        head = RequestHead(*simple)
+        if seen_before(state.first_sights, key):
+            remember_head(heads, key, head)
+            return self._replay(head, client_ip, scheme, protocol)
+        return self._replay(head, client_ip, scheme, protocol, memoised=False)
+
+    def _replay(
+        self,
+        head: RequestHead,
+        client_ip: str,
+        scheme: bytes,
+        protocol: str | None,
+        *,
+        memoised: bool = True,
+    ) -> bytes | ProxyRequest:
+        """A request whose exact bytes were parsed and validated before: no parser, no
+        callbacks (the parser stays at the message boundary it was at).  ``memoised``: the
+        head lives in ``request_heads``, so what the hit path derives from it is kept on it;
+        a head seen once goes through as if llhttp had parsed it."""
+        supplied = head.supplied_id
+        pipeline = self._pipeline
+        request = ProxyRequest(
+            head.method,
+            head.target,
+            head.path,
+            head.host,
+            "1.1",
+            head.headers,
+            True,
+            client_ip,
+            NO_BODY,
+            supplied if supplied is not None else new_request_id(),
+            pipeline.clock(),
+            supplied is not None,
+            head if memoised else None,
+            scheme,
+            protocol,
+        )
+        wire = pipeline.fast_response(request)
+        return wire if wire is not None else request
+
+
+__all__ = ["HeadShortcuts"]
