@@ -72,7 +72,9 @@ def varied(keys: int, seed: int = 7, target: bytes = TICKER) -> Iterator[bytes]:
         n += 1
         key = rng.randrange(keys) if keys else 0
         yield (
-            b"GET " + target % key + b" HTTP/1.1\r\nHost: example.test\r\n"
+            b"GET "
+            + target % key
+            + b" HTTP/1.1\r\nHost: example.test\r\n"
             + BROWSER
             + b"User-Agent: Mozilla/5.0 (X11; Linux x86_64) sdk/%d\r\n" % (n % 977)
             + b"Cookie: session=%016x\r\n" % rng.getrandbits(64)
