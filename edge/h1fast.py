@@ -6,7 +6,11 @@ from these bytes alone (``HeadShortcuts.answer``).  In order of cost:
    parsed before;
 2. the same head but for its User-Agent, Cookie and request ID (``edge.fasthead.MeaningKey``):
    the memoised hit, if any, never the parsed head (those fields go upstream on a miss);
-3. a head of the common shape (``edge.fasthead.parse_simple_head``), parsed in one pass.
+3. a head seen for the first time whose fields but the volatile ones were seen before, with
+   another request line (traffic spread over many keys: ``HeadShape``): only its request line
+   is read, and it is answered if it is a cache hit (its headers are the shape's plus its own
+   volatile fields, these last); anything else goes on to 4, which decides it exactly;
+4. a head of the common shape (``edge.fasthead.parse_simple_head``), parsed in one pass.
 
 Anything else (or anything odd) is left to llhttp and every check of ``edge.h1parse``.  The
 shortcut decides; the connection acts (writes the bytes, or schedules the request).  One per
@@ -15,30 +19,43 @@ listener: it keeps no per-connection state.
 
 from __future__ import annotations
 
-from edge.fasthead import MeaningKey, parse_simple_head
+import re
+from typing import Final
+
+from edge.fasthead import MeaningKey, Volatile, parse_simple_head
 from edge.h1parse import REQUEST_HEAD_MAX_BYTES, remember_head, seen_before
-from edge.http1 import NO_BODY, new_request_id, valid_request_id
+from edge.http1 import NO_BODY, RequestRejected, new_request_id, valid_request_id
+from edge.memos import HEAD_SHAPES, BoundedMemo
 from edge.pipeline import EdgeState, Pipeline, ProxyRequest, RequestHead
+from edge.request_target import check_path, path_of
+from edge.state import HeadShape
+
+#: The request line ``parse_simple_head`` accepts (its pattern's first line).
+_REQUEST_LINE: Final = re.compile(rb"(GET|HEAD) (/[!-~]*) HTTP/1\.1\r\n")
+_METHODS: Final = {b"GET": "GET", b"HEAD": "HEAD"}
 
 
 class HeadShortcuts:
     """Answers from request bytes alone (module docstring)."""
 
-    __slots__ = ("_meaning", "_pipeline")
+    __slots__ = ("_meaning", "_pipeline", "_shapes", "_state")
 
     def __init__(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
-        #: The head-stripping rule for the config snapshot it was made for (the request ID
-        #: field's name is configurable).
-        self._meaning: tuple[EdgeState, MeaningKey] | None = None
+        #: The config snapshot the two below were made for: the head-stripping rule (the
+        #: request ID field's name is configurable) and ``edge.memos.HEAD_SHAPES`` (heads
+        #: validated under that snapshot's limits).
+        self._state: EdgeState | None = None
+        self._meaning = MeaningKey(b"x-request-id")
+        self._shapes: BoundedMemo[bytes, HeadShape] = BoundedMemo(HEAD_SHAPES)
 
     def meaning_key(self, state: EdgeState) -> MeaningKey:
         """The ``MeaningKey`` of config snapshot ``state`` (made once per snapshot)."""
-        meaning = self._meaning
-        if meaning is None or meaning[0] is not state:
-            key = MeaningKey(state.request_id_header)
-            self._meaning = meaning = (state, key)
-        return meaning[1]
+        if state is not self._state:
+            self._state = state
+            self._meaning = MeaningKey(state.request_id_header)
+            self._shapes = BoundedMemo(HEAD_SHAPES)
+        return self._meaning
 
     def answer(
         self, data: bytes, client_ip: str, scheme: bytes, protocol: str | None
@@ -76,6 +93,19 @@ class HeadShortcuts:
                 if wire is not None:
                     return wire
         limits = state.config.edge.limits
+        seen = seen_before(state.first_sights, key)
+        line_end = key.find(b"\r\n") + 2
+        shape_key = key[line_end:]
+        shape = self._shapes.get(shape_key)
+        if (
+            shape is not None
+            and not seen  # a head seen twice is memoised whole (4)
+            and data.count(b"\n") <= state.max_headers + 2
+            and len(data) <= state.max_header_bytes
+        ):
+            wire = self._shaped(shape, key, line_end, volatile, client_ip, scheme, protocol)
+            if wire is not None:
+                return wire
         simple = parse_simple_head(
             data,
             request_id_header=state.request_id_header,
@@ -86,10 +116,59 @@ class HeadShortcuts:
         if simple is None:
             return None
         head = RequestHead(*simple)
-        if seen_before(state.first_sights, key):
+        if shape is None and simple.host is not None:
+            stripped = self._meaning.stripped
+            self._shapes.remember(
+                shape_key,
+                HeadShape([f for f in simple.headers if f[0] not in stripped], simple.host),
+            )
+        if seen:
             remember_head(heads, key, head)
             return self._replay(head, client_ip, scheme, protocol)
         return self._replay(head, client_ip, scheme, protocol, memoised=False)
+
+    def _shaped(
+        self,
+        shape: HeadShape,
+        key: bytes,
+        line_end: int,
+        volatile: Volatile,
+        client_ip: str,
+        scheme: bytes,
+        protocol: str | None,
+    ) -> bytes | None:
+        """Step 3 (module docstring): the hit's bytes, or None."""
+        line = _REQUEST_LINE.match(key)
+        if line is None or line.end() != line_end:
+            return None
+        method, target = line.groups()
+        pipeline = self._pipeline
+        if len(target) > pipeline.state.config.edge.limits.max_url:
+            return None
+        try:
+            check_path(target)
+        except RequestRejected:
+            return None  # refused by the full parse, which says why
+        rid = volatile.request_id
+        supplied = rid if rid is not None and valid_request_id(rid) else None
+        request = ProxyRequest(
+            _METHODS[method],
+            target,
+            path_of(target),
+            shape.host,
+            "1.1",
+            shape.headers + volatile.fields() if volatile.parts else shape.headers,
+            True,
+            client_ip,
+            NO_BODY,
+            supplied if supplied is not None else new_request_id(),
+            pipeline.clock(),
+            supplied is not None,
+            None,
+            scheme,
+            protocol,
+        )
+        return pipeline.shaped_response(request, shape)
 
     def _replay(
         self,

@@ -96,6 +96,14 @@ ROUTES: Final = MemoSpec(
     cleared_by="a config reload (a new EdgeState)",
     bound=4096,
 )
+HEAD_SHAPES: Final = MemoSpec(
+    name="head shapes",
+    owner="edge.h1fast.HeadShortcuts._shapes",
+    key="a request head's MeaningKey without its request line (its fields but the volatile ones)",
+    value="the HeadShape: those fields as validated and decided, and what the cache reads of them",
+    cleared_by="a config reload (a new EdgeState)",
+    bound=1024,
+)
 FILL_HEADERS: Final = MemoSpec(
     name="fill headers",
     owner="edge.state.RequestHead.fill_headers (edge.stages.fill.fill_headers)",
@@ -149,6 +157,23 @@ CACHE_KEYS: Final = MemoSpec(
     bound=65536,  # the default; KeyBuilder(memo_size=...) sets its own
 )
 
+CACHE_RULES: Final = MemoSpec(
+    name="cache rules by path",
+    owner="edge.cache.key.KeyBuilder._by_path (rule_for)",
+    key="a request path (the target without its query)",
+    value="the cache rule whose prefix covers it (longest first)",
+    cleared_by="its bound (cleared when full); a reload builds a new KeyBuilder",
+    bound=4096,
+)
+CACHE_KEY_HOSTS: Final = MemoSpec(
+    name="cache key hosts",
+    owner="edge.cache.key._scheme_and_host (lru_cache)",
+    key="(scheme, Host as sent)",
+    value="b'scheme://host' as keyed (host normalised)",
+    cleared_by="its bound only (least recently used out; a pure function of the key)",
+    bound=1024,
+    policy="lru",
+)
 TARGETED_CACHE_CONTROL_PARSES: Final = MemoSpec(
     name="targeted Cache-Control parses",
     owner="edge.cache.policy._targeted_value (lru_cache)",
@@ -274,6 +299,7 @@ RATE_LIMIT_LANES: Final = MemoSpec(
 MEMOS: Final = (
     REQUEST_HEADS,
     FIRST_SIGHTS,
+    HEAD_SHAPES,
     ROUTES,
     FILL_HEADERS,
     HIT_REPLAYS,
@@ -285,6 +311,8 @@ MEMOS: Final = (
     TARGETED_CACHE_CONTROL_PARSES,
     HTTP_DATES,
     CACHE_CODINGS,
+    CACHE_RULES,
+    CACHE_KEY_HOSTS,
     DROP_MATCHERS,
     HOSTS,
     NEGOTIATIONS,

@@ -20,6 +20,7 @@ from typing import Final
 
 from edge.cache import HttpCache, Lookup, LookupKind
 from edge.cache.entry import with_lines
+from edge.cache.policy import NO_DIRECTIVES
 from edge.exchange import (
     Exchange,
     ProxyRequest,
@@ -29,11 +30,12 @@ from edge.exchange import (
 )
 from edge.fasthead import stripped_fields
 from edge.http1 import new_request_id
+from edge.ratelimit import RateLimits
 from edge.stages.fill import Filler
 from edge.stages.limit import Limiter
 from edge.stages.respond import Responder
 from edge.stages.services import EdgeServices
-from edge.state import HitReplay, RequestHead
+from edge.state import EdgeState, HeadShape, HitReplay, RequestHead
 
 _HIT: Final = LookupKind.HIT
 _STALE: Final = LookupKind.STALE
@@ -134,36 +136,96 @@ class HitStage:
         if limits is not None:
             if limits.shared_routes and route in limits.shared_routes:
                 return None  # decided on the slow path, through Redis
-            refusal = limits.check(route, request.client_ip, request.headers, request.received_at)
-            if refusal is not None:
-                refused = limiter.refuse_hit(
-                    refusal,
-                    state,
-                    route,
-                    request.method,
-                    request.path,
-                    request.request_id,
-                    request.client_ip,
-                    request.received_at,
-                    request.protocol,
+            refused = self._refused(request, state, route, limits)
+            if refused is not None:
+                return refused
+        wire = lookup.wire
+        if prepared is not None and head is not None:
+            memo = cache.memo_hit(prepared, lookup, now, stripped_fields(state.request_id_header))
+            if memo is not None:
+                label = "HIT" if kind is _HIT else "STALE"
+                head.hit = HitReplay(
+                    memo, route, entry_region(lookup.entry), int(wire[9:12]), label
                 )
-                if refused is not None:
-                    return refused
-        if kind is _HIT:
+            if extra:
+                wire = with_lines(wire, extra)
+        return self._served(request, state, lookup, route, wire)
+
+    def shaped_response(self, request: ProxyRequest, shape: HeadShape) -> bytes | None:
+        """``fast_response`` for a head read by its shape (``edge.h1fast``: its headers are
+        ``shape``'s plus this request's volatile fields): the bytes of a HIT or STALE answer,
+        else None with nothing counted and no lookup pending (the caller then reads the head
+        in full, which decides the rest as for any request)."""
+        cache = self.cache
+        if cache is None or not cache.enabled:
+            return None
+        read = shape.reads.get(request.method)
+        if read is None:
+            made = cache.reader.read(request.method == "HEAD", shape.headers)
+            # Request directives (max-age, no-store, only-if-cached, ...) go the long way.
+            read = made if not isinstance(made, str) and made.cc is NO_DIRECTIVES else False
+            shape.reads[request.method] = read
+        if read is False:
+            return None
+        state = self.services.state
+        target = state.route(request.host, request.path)
+        route = target.route.name if target is not None else "-"
+        limiter = self.limiter
+        limits = limiter.limits if limiter.state is state else limiter.current(state)
+        if limits is not None and limits.shared_routes and route in limits.shared_routes:
+            return None
+        prepared = cache.reader.prepare_read(
+            cache.keys,
+            _METHOD_BYTES[request.method],
+            _SCHEME,
+            request.host or b"",
+            request.target,
+            read._replace(headers=request.headers),
+        )
+        if prepared.bypass:
+            return None
+        extra = request_id_line(request, state) if request.request_id_supplied else b""
+        lookup = cache.lookup_prepared(prepared, None, extra)
+        if lookup.kind is not _HIT and lookup.kind is not _STALE:
+            return None
+        if limits is not None:
+            refused = self._refused(request, state, route, limits)
+            if refused is not None:
+                return refused
+        return self._served(request, state, lookup, route, lookup.wire)
+
+    def _refused(
+        self, request: ProxyRequest, state: EdgeState, route: str, limits: RateLimits
+    ) -> bytes | None:
+        """The 429 for a client over its rate on ``route``, else None."""
+        refusal = limits.check(route, request.client_ip, request.headers, request.received_at)
+        if refusal is None:
+            return None
+        return self.limiter.refuse_hit(
+            refusal,
+            state,
+            route,
+            request.method,
+            request.path,
+            request.request_id,
+            request.client_ip,
+            request.received_at,
+            request.protocol,
+        )
+
+    def _served(
+        self, request: ProxyRequest, state: EdgeState, lookup: Lookup, route: str, wire: bytes
+    ) -> bytes:
+        """``wire``, the answer of a HIT or STALE ``lookup``, accounted (and for STALE, the
+        one background refresh started)."""
+        if lookup.kind is _HIT:
             label = "HIT"
         else:
             label = "STALE"
             if lookup.refresh:
                 self.filler.refresh(request, lookup)
-        wire = lookup.wire
         region = entry_region(lookup.entry)
         status = int(wire[9:12])
-        if prepared is not None and head is not None:
-            memo = cache.memo_hit(prepared, lookup, now, stripped_fields(state.request_id_header))
-            if memo is not None:
-                head.hit = HitReplay(memo, route, region, status, label)
-            if extra:
-                wire = with_lines(wire, extra)
         total = self.clock() - request.received_at
         self.metrics.observe_request(
             route, status, label, region, total, state.config.edge.latency_target
