@@ -204,7 +204,7 @@ class KeyBuilder:
         key = self._memo.get(memo_key)
         if key is not None:
             return key
-        key = self._build(scheme, host, target)
+        key = self.build_once(scheme, host, target)
         cost = MEMO_KEY_OVERHEAD + len(host) + len(target) + 4 * len(key.url)
         if len(self._memo) >= self._memo_size or self._memo_bytes + cost > self._memo_limit:
             self._memo.clear()
@@ -216,18 +216,16 @@ class KeyBuilder:
     def build_once(self, scheme: bytes, host: bytes, target: bytes) -> CacheKey:
         """``build`` without the memo, for a request seen for the first time (memoising the
         keys of traffic spread over more targets than the memo holds only churns it)."""
-        return self._build(scheme, host, target)
-
-    def _build(self, scheme: bytes, host: bytes, target: bytes) -> CacheKey:
-        target, absolute_scheme, authority = split_target(target)
-        if absolute_scheme is not None and authority is not None:
-            # RFC 9112 3.2.2: an absolute-form target's authority replaces Host.
-            scheme, host = absolute_scheme, authority
+        if target[:1] != b"/":
+            target, absolute_scheme, authority = split_target(target)
+            if absolute_scheme is not None and authority is not None:
+                # RFC 9112 3.2.2: an absolute-form target's authority replaces Host.
+                scheme, host = absolute_scheme, authority
         path, has_query, query = target.partition(b"?")
         if b"#" in target:
             path = path.partition(b"#")[0]
             query = query.partition(b"#")[0]
-        rule = self.rule_for(path)
+        rule = self._by_path.get(path) or self.rule_for(path)
         if has_query and (rule.drop_params or b"&" in query):  # else one member: kept as is
             query = normalise_query(query, rule)
         normalised = path + b"?" + query if query else path
@@ -240,8 +238,8 @@ class KeyBuilder:
         raw = url.encode("latin-1") if isinstance(url, str) else url
         path, scheme, authority = split_target(raw)
         if scheme is None or authority is None:
-            return self._build(b"http", b"", raw)
-        return self._build(scheme, authority, path)
+            return self.build_once(b"http", b"", raw)
+        return self.build_once(scheme, authority, path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Final
 
 from edge.cache import HttpCache, Lookup, LookupKind
 from edge.cache.entry import with_lines
+from edge.cache.messages import RequestInfo
 from edge.cache.policy import NO_DIRECTIVES
 from edge.exchange import (
     Exchange,
@@ -180,7 +181,7 @@ class HitStage:
             _SCHEME,
             request.host or b"",
             request.target,
-            read._replace(headers=request.headers),
+            RequestInfo._make((request.headers, *read[1:])),  # this request's own headers
         )
         if prepared.bypass:
             return None
