@@ -73,7 +73,7 @@ class BoundedMemo(dict[K, V]):
 
 REQUEST_HEADS: Final = MemoSpec(
     name="request heads",
-    owner="edge.state.EdgeState.request_heads (filled by edge.protocol.remember_head)",
+    owner="edge.state.EdgeState.request_heads (filled by edge.h1parse.remember_head)",
     key="the raw bytes of a bodiless keep-alive GET/HEAD chunk, at most 2048 bytes",
     value="its validated RequestHead (with the cache's Prepared lookup and the route name)",
     cleared_by="a config reload (a new EdgeState); the chunk's bytes are the whole key",
@@ -81,7 +81,7 @@ REQUEST_HEADS: Final = MemoSpec(
 )
 FIRST_SIGHTS: Final = MemoSpec(
     name="first sights",
-    owner="edge.state.EdgeState.first_sights (edge.protocol.EdgeConnection._fast_path)",
+    owner="edge.state.EdgeState.first_sights (edge.h1fast.HeadShortcuts.answer)",
     key="the hash of a request head's bytes (or of its MeaningKey) seen once",
     value="None: a head is memoised in REQUEST_HEADS on its second sight, so traffic spread "
     "over more keys than the memo holds does not churn it (a collision only memoises early)",

@@ -1,14 +1,15 @@
 """The hit stage: the cache lookup, and answers from cached bytes.
 
-A cache hit never leaves the protocol callback: ``fast_response`` (called from
-``on_message_complete`` for a bodiless HTTP/1.1 GET/HEAD on an idle keep-alive connection)
-does one ``HttpCache.lookup`` and returns the entry's prebuilt bytes (HIT, or STALE after
-starting the one background refresh), which the protocol writes in one ``transport.write``.
-The compressed variants live in the entry, built once, so a Brotli hit costs what an identity
-hit costs.  ``replay_hit`` is cheaper still: the last hit for the same request bytes, replayed
-while it holds.  Both account their hits here, inline (the hot path makes no further call),
-and both ask the rate limits first (``stages.limit``): a client over its rate is answered 429,
-never from the cache.
+A cache hit never leaves the protocol callback: ``fast_response`` (called when the front end
+has read a bodiless HTTP/1.1 GET/HEAD on an idle keep-alive connection) does one
+``HttpCache.lookup`` and returns the entry's prebuilt bytes (HIT, or STALE after starting the
+one background refresh), which the protocol writes in one ``transport.write``.  The
+compressed variants live in the entry, built once, so a Brotli hit costs what an identity hit
+costs.  ``replay_hit`` is cheaper still: the last hit for the same request bytes, replayed
+while it holds.  ``shaped_response`` answers a head read by its shape (``edge.h1fast``) when
+it is a hit, and nothing else.  All account their hits here (``_served``), and all ask the
+rate limits first (``stages.limit``): a client over its rate is answered 429, never from the
+cache.
 
 On the slow path ``lookup`` asks the cache (unless the fast path already did:
 ``take_pending``) and ``answer`` writes HIT / STALE / ONLY_IF_CACHED bytes.
@@ -86,7 +87,7 @@ class HitStage:
         """Complete response bytes for a cache hit (fresh, or stale while one background
         refresh runs), else None.
 
-        Called synchronously from ``on_message_complete`` (or a replayed ``RequestHead``) for
+        Called synchronously when a head is complete (or a replayed ``RequestHead``), for
         a bodiless HTTP/1.1 GET/HEAD on a keep-alive connection with nothing in flight; the
         protocol writes the bytes in one ``transport.write``.  Metrics and the access line
         are accounted here.
