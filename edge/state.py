@@ -15,7 +15,8 @@ from typing import Literal, NamedTuple
 
 from edge.cache import HitMemo, Prepared
 from edge.cache.messages import RequestInfo
-from edge.cache.policy import targeted_fields
+from edge.cache.policy import NO_DIRECTIVES, targeted_fields
+from edge.cache.requests import RequestReader
 from edge.http1 import HOP_BY_HOP, Headers, head_budget, via_value
 from edge.memos import FILL_HEADERS, FIRST_SIGHTS, REQUEST_HEADS, ROUTES, BoundedMemo
 from edge.router import Router, RouteTarget, normalise_host
@@ -190,10 +191,19 @@ class HeadShape:
         #: The head's fields as decided (Host screened), without the volatile ones.
         self.headers = headers
         self.host = host
-        #: Method -> what the cache reads from such heads (``RequestReader.read``), or False
-        #: when such heads go the long way (request directives, a bypass); filled by the hit
-        #: stage on first use.
+        #: Method -> what the cache reads from such heads, or False when they go the long
+        #: way (``read``, on first use).
         self.reads: dict[str, RequestInfo | Literal[False]] = {}
+
+    def read(self, method: str, reader: RequestReader) -> RequestInfo | Literal[False]:
+        """What ``reader`` makes of such heads with ``method`` (GET or HEAD), remembered; False
+        for request directives (max-age, no-store, only-if-cached, ...) or a bypass."""
+        made = reader.read(method == "HEAD", self.headers)
+        read: RequestInfo | Literal[False] = False
+        if not isinstance(made, str) and made.cc is NO_DIRECTIVES:
+            read = made
+        self.reads[method] = read
+        return read
 
 
 class HitReplay(NamedTuple):

@@ -22,7 +22,6 @@ from typing import Final
 from edge.cache import HttpCache, Lookup, LookupKind
 from edge.cache.entry import with_lines
 from edge.cache.messages import RequestInfo
-from edge.cache.policy import NO_DIRECTIVES
 from edge.exchange import (
     Exchange,
     ProxyRequest,
@@ -32,7 +31,6 @@ from edge.exchange import (
 )
 from edge.fasthead import stripped_fields
 from edge.http1 import new_request_id
-from edge.ratelimit import RateLimits
 from edge.stages.fill import Filler
 from edge.stages.limit import Limiter
 from edge.stages.respond import Responder
@@ -138,7 +136,7 @@ class HitStage:
         if limits is not None:
             if limits.shared_routes and route in limits.shared_routes:
                 return None  # decided on the slow path, through Redis
-            refused = self._refused(request, state, route, limits)
+            refused = limiter.check_hit(limits, state, route, request)
             if refused is not None:
                 return refused
         wire = lookup.wire
@@ -163,10 +161,7 @@ class HitStage:
             return None
         read = shape.reads.get(request.method)
         if read is None:
-            made = cache.reader.read(request.method == "HEAD", shape.headers)
-            # Request directives (max-age, no-store, only-if-cached, ...) go the long way.
-            read = made if not isinstance(made, str) and made.cc is NO_DIRECTIVES else False
-            shape.reads[request.method] = read
+            read = shape.read(request.method, cache.reader)
         if read is False:
             return None
         state = self.services.state
@@ -191,29 +186,10 @@ class HitStage:
         if lookup.kind is not _HIT and lookup.kind is not _STALE:
             return None
         if limits is not None:
-            refused = self._refused(request, state, route, limits)
+            refused = limiter.check_hit(limits, state, route, request)
             if refused is not None:
                 return refused
         return self._served(request, state, lookup, route, lookup.wire)
-
-    def _refused(
-        self, request: ProxyRequest, state: EdgeState, route: str, limits: RateLimits
-    ) -> bytes | None:
-        """The 429 for a client over its rate on ``route``, else None."""
-        refusal = limits.check(route, request.client_ip, request.headers, request.received_at)
-        if refusal is None:
-            return None
-        return self.limiter.refuse_hit(
-            refusal,
-            state,
-            route,
-            request.method,
-            request.path,
-            request.request_id,
-            request.client_ip,
-            request.received_at,
-            request.protocol,
-        )
 
     def _served(
         self, request: ProxyRequest, state: EdgeState, lookup: Lookup, route: str, wire: bytes
