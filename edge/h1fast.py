@@ -25,7 +25,7 @@ from typing import Final
 from edge.fasthead import MeaningKey, Volatile, parse_simple_head
 from edge.h1parse import REQUEST_HEAD_MAX_BYTES, remember_head, seen_before
 from edge.http1 import NO_BODY, RequestRejected, new_request_id, valid_request_id
-from edge.memos import HEAD_SHAPES, BoundedMemo
+from edge.memos import CHECKED_PATHS, HEAD_SHAPES, BoundedMemo
 from edge.pipeline import EdgeState, Pipeline, ProxyRequest, RequestHead
 from edge.request_target import check_path, path_of
 from edge.state import HeadShape
@@ -38,7 +38,7 @@ _METHODS: Final = {b"GET": "GET", b"HEAD": "HEAD"}
 class HeadShortcuts:
     """Answers from request bytes alone (module docstring)."""
 
-    __slots__ = ("_meaning", "_pipeline", "_shapes", "_state")
+    __slots__ = ("_meaning", "_paths", "_pipeline", "_shapes", "_state")
 
     def __init__(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
@@ -48,6 +48,9 @@ class HeadShortcuts:
         self._state: EdgeState | None = None
         self._meaning = MeaningKey(b"x-request-id")
         self._shapes: BoundedMemo[bytes, HeadShape] = BoundedMemo(HEAD_SHAPES)
+        #: ``edge.memos.CHECKED_PATHS``: a target's path that ``check_path`` accepted -> the
+        #: routing path (paths repeat where targets, told apart by their query, do not).
+        self._paths: BoundedMemo[bytes, str] = BoundedMemo(CHECKED_PATHS)
 
     def meaning_key(self, state: EdgeState) -> MeaningKey:
         """The ``MeaningKey`` of config snapshot ``state`` (made once per snapshot)."""
@@ -143,18 +146,23 @@ class HeadShortcuts:
             return None
         method, target = line.groups()
         pipeline = self._pipeline
-        if len(target) > pipeline.state.config.edge.limits.max_url:
+        if len(target) > pipeline.state.config.edge.limits.max_url or b"#" in target:
             return None
-        try:
-            check_path(target)
-        except RequestRejected:
-            return None  # refused by the full parse, which says why
+        end = target.find(b"?")
+        raw_path = target if end < 0 else target[:end]
+        path = self._paths.get(raw_path)
+        if path is None:
+            try:
+                check_path(target)
+            except RequestRejected:
+                return None  # refused by the full parse, which says why
+            path = self._paths.remember(raw_path, path_of(target))
         rid = volatile.request_id
         supplied = rid if rid is not None and valid_request_id(rid) else None
         request = ProxyRequest(
             _METHODS[method],
             target,
-            path_of(target),
+            path,
             shape.host,
             "1.1",
             shape.headers + volatile.fields() if volatile.parts else shape.headers,

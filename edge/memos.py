@@ -104,6 +104,14 @@ HEAD_SHAPES: Final = MemoSpec(
     cleared_by="a config reload (a new EdgeState)",
     bound=1024,
 )
+CHECKED_PATHS: Final = MemoSpec(
+    name="checked paths",
+    owner="edge.h1fast.HeadShortcuts._paths",
+    key="the path of a request target (before its query) that request_target.check_path accepted",
+    value="its routing path (str)",
+    cleared_by="its bound only (a pure function of the key)",
+    bound=4096,
+)
 FILL_HEADERS: Final = MemoSpec(
     name="fill headers",
     owner="edge.state.RequestHead.fill_headers (edge.stages.fill.fill_headers)",
@@ -300,6 +308,7 @@ MEMOS: Final = (
     REQUEST_HEADS,
     FIRST_SIGHTS,
     HEAD_SHAPES,
+    CHECKED_PATHS,
     ROUTES,
     FILL_HEADERS,
     HIT_REPLAYS,

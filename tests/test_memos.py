@@ -154,6 +154,17 @@ def _fill_head_shapes(n: int) -> BoundedMemo[Any, Any]:
     return shortcuts._shapes
 
 
+def _fill_checked_paths(n: int) -> BoundedMemo[Any, Any]:
+    from edge.h1fast import HeadShortcuts
+    from tests.stage_support import world
+
+    shortcuts = HeadShortcuts(world().pipeline)
+    for i in range(n + 1):  # the first learns the shape; the others are read by it
+        head = b"GET /p%d?q=1 HTTP/1.1\r\nHost: h\r\nUser-Agent: %d\r\n\r\n" % (i, i)
+        shortcuts.answer(head, "-", b"http", None)
+    return shortcuts._paths
+
+
 def _upstream_urls(n: int) -> BoundedMemo[Any, Any]:
     pool = UpstreamPool(pool_size=1, timeouts=EdgeTimeouts())
     memo = pool._urls
@@ -209,6 +220,7 @@ DICT_MEMOS: dict[MemoSpec, Callable[[int], BoundedMemo[Any, Any]]] = {
     memos.CACHE_KEYS: _fill_cache_keys,
     memos.CACHE_RULES: _fill_cache_rules,
     memos.HEAD_SHAPES: _fill_head_shapes,
+    memos.CHECKED_PATHS: _fill_checked_paths,
     memos.HOSTS: _fill_hosts,
     memos.NEGOTIATIONS: _fill_negotiations,
     memos.UPSTREAM_URLS: _upstream_urls,
