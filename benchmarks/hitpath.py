@@ -14,7 +14,8 @@ Scenarios, as in
 
 * identity - the same request bytes every time (the edge replays its memo of request heads);
 * varied   - one ticker, with User-Agent, Cookie and X-Request-Id new on every request;
-* spread   - ``--keys`` distinct keys picked at random, headers varied as above.
+* spread   - ``--keys`` distinct keys picked at random, headers varied as above; the keys differ
+  in their query string (``/api/v1/symbols?k=N``), as in ``benchmarks.compare``'s (f).
 
 ``--memory``: memory per cached 2 KB ticker instead of CPU.  RSS (from /proc) before the fill,
 after filling ``--keys`` keys (``gc.collect`` first), and after one hit on each key; growth per
@@ -58,14 +59,22 @@ def identity() -> Iterator[bytes]:
         yield head
 
 
-def varied(keys: int, seed: int = 7) -> Iterator[bytes]:
+#: The target of key N: (e) asks for one ticker, (f) for many keys of one path, told apart by
+#: their query (``benchmarks.compare``); ``--memory`` fills ticker paths.
+TICKER = b"/api/v1/ticker/K%d"
+SPREAD = b"/api/v1/symbols?k=%d"
+
+
+def varied(keys: int, seed: int = 7, target: bytes = TICKER) -> Iterator[bytes]:
     rng = random.Random(seed)
     n = 0
     while True:
         n += 1
         key = rng.randrange(keys) if keys else 0
         yield (
-            b"GET /api/v1/ticker/K%d HTTP/1.1\r\nHost: example.test\r\n" % key
+            b"GET "
+            + target % key
+            + b" HTTP/1.1\r\nHost: example.test\r\n"
             + BROWSER
             + b"User-Agent: Mozilla/5.0 (X11; Linux x86_64) sdk/%d\r\n" % (n % 977)
             + b"Cookie: session=%016x\r\n" % rng.getrandbits(64)
@@ -94,7 +103,9 @@ async def measure(
     connection: EdgeConnection = connections.factory()
     connection.connection_made(transport)
 
-    await fill_keys(connection, transport, pipeline_clock, max(keys, 1))
+    await fill_keys(connection, transport, pipeline_clock, 1)
+    if keys:
+        await fill_keys(connection, transport, pipeline_clock, keys, SPREAD)
     # The collector as an edge worker sets it (``edge.server``): heap frozen once set up,
     # young generation every GC_THRESHOLDS[0] net allocations.
     settle_garbage_collector()
@@ -102,7 +113,7 @@ async def measure(
     scenarios: dict[str, Callable[[], Iterator[bytes]]] = {
         "identity": identity,
         "varied": lambda: varied(1),
-        "spread": lambda: varied(keys),
+        "spread": lambda: varied(keys, target=SPREAD),
     }
     for name, make in scenarios.items():
         if only and name not in only:
@@ -133,14 +144,19 @@ async def measure(
 
 
 async def fill_keys(
-    connection: EdgeConnection, transport: FakeTransport, clock: FakeClock, count: int
+    connection: EdgeConnection,
+    transport: FakeTransport,
+    clock: FakeClock,
+    count: int,
+    target: bytes = TICKER,
 ) -> None:
-    """One miss (a fill from the scripted upstream) for each of ``count`` ticker keys."""
+    """One miss (a fill from the scripted upstream) for each of ``count`` keys (``target``
+    with the key's number)."""
     for key in range(count):
         clock.advance(0.0001)
         before = transport.writes
         connection.data_received(
-            b"GET /api/v1/ticker/K%d HTTP/1.1\r\nHost: example.test\r\n" % key + BROWSER + b"\r\n"
+            b"GET " + target % key + b" HTTP/1.1\r\nHost: example.test\r\n" + BROWSER + b"\r\n"
         )
         for _ in range(1000):
             if transport.writes > before:

@@ -2,7 +2,7 @@
 
 Both front ends stream request bodies the same way: the protocol ``feed``s chunks, ``finish``es
 or ``fail``s the body, and the forward stage iterates it.  What differs is what taking a chunk
-releases: for HTTP/1.1 the connection's read pause (``edge.protocol.StreamedBody``), for HTTP/2
+releases: for HTTP/1.1 the connection's read pause (``edge.h1parse.StreamedBody``), for HTTP/2
 the peer's flow-control window (``edge.h2streams.H2Body``).  Each chunk carries its ``credit``
 and the subclass says in ``_taken`` what to do with it.  A leaf module.
 """

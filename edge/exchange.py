@@ -62,7 +62,7 @@ class ProxyRequest(NamedTuple):
 
 
 class RequestBody(Protocol):
-    """The request body as the connection streams it (see ``edge.protocol.StreamedBody``)."""
+    """The request body as the connection streams it (see ``edge.h1parse.StreamedBody``)."""
 
     def __aiter__(self) -> AsyncIterator[bytes]: ...
 

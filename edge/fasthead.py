@@ -132,6 +132,14 @@ class Volatile(NamedTuple):
     key: bytes
     #: The client's request ID (the first such field), valid or not; None when absent.
     request_id: bytes | None
+    #: ``re.split``'s pieces (kept, name, value, kept, ...): ``fields`` reads the stripped
+    #: fields from them; empty when none.
+    parts: list[bytes] | tuple[()] = ()
+
+    def fields(self) -> Headers:
+        """The stripped fields, in order, as ``(lower-case name, value)``."""
+        parts = self.parts
+        return [(parts[i].lower(), parts[i + 1]) for i in range(1, len(parts), 3)]
 
 
 class MeaningKey:
@@ -179,7 +187,7 @@ class MeaningKey:
                 cookie = True
         # No head ends in NUL: a stripped key never equals a real head's bytes.
         marker = b"\x00c" if cookie else b"\x00"
-        return Volatile(b"".join(parts[::3]) + marker, request_id)
+        return Volatile(b"".join(parts[::3]) + marker, request_id, parts)
 
 
 def _any_case(name: bytes) -> bytes:

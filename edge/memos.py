@@ -73,7 +73,7 @@ class BoundedMemo(dict[K, V]):
 
 REQUEST_HEADS: Final = MemoSpec(
     name="request heads",
-    owner="edge.state.EdgeState.request_heads (filled by edge.protocol.remember_head)",
+    owner="edge.state.EdgeState.request_heads (filled by edge.h1parse.remember_head)",
     key="the raw bytes of a bodiless keep-alive GET/HEAD chunk, at most 2048 bytes",
     value="its validated RequestHead (with the cache's Prepared lookup and the route name)",
     cleared_by="a config reload (a new EdgeState); the chunk's bytes are the whole key",
@@ -81,7 +81,7 @@ REQUEST_HEADS: Final = MemoSpec(
 )
 FIRST_SIGHTS: Final = MemoSpec(
     name="first sights",
-    owner="edge.state.EdgeState.first_sights (edge.protocol.EdgeConnection._fast_path)",
+    owner="edge.state.EdgeState.first_sights (edge.h1fast.HeadShortcuts.answer)",
     key="the hash of a request head's bytes (or of its MeaningKey) seen once",
     value="None: a head is memoised in REQUEST_HEADS on its second sight, so traffic spread "
     "over more keys than the memo holds does not churn it (a collision only memoises early)",
@@ -94,6 +94,22 @@ ROUTES: Final = MemoSpec(
     key="(Host header as decided, path)",
     value="the RouteTarget, or None for no route",
     cleared_by="a config reload (a new EdgeState)",
+    bound=4096,
+)
+HEAD_SHAPES: Final = MemoSpec(
+    name="head shapes",
+    owner="edge.h1fast.HeadShortcuts._shapes",
+    key="a request head's MeaningKey without its request line (its fields but the volatile ones)",
+    value="the HeadShape: those fields as validated and decided, and what the cache reads of them",
+    cleared_by="a config reload (a new EdgeState)",
+    bound=1024,
+)
+CHECKED_PATHS: Final = MemoSpec(
+    name="checked paths",
+    owner="edge.h1fast.HeadShortcuts._paths",
+    key="the path of a request target (before its query) that request_target.check_path accepted",
+    value="its routing path (str)",
+    cleared_by="its bound only (a pure function of the key)",
     bound=4096,
 )
 FILL_HEADERS: Final = MemoSpec(
@@ -149,6 +165,23 @@ CACHE_KEYS: Final = MemoSpec(
     bound=65536,  # the default; KeyBuilder(memo_size=...) sets its own
 )
 
+CACHE_RULES: Final = MemoSpec(
+    name="cache rules by path",
+    owner="edge.cache.key.KeyBuilder._by_path (rule_for)",
+    key="a request path (the target without its query)",
+    value="the cache rule whose prefix covers it (longest first)",
+    cleared_by="its bound (cleared when full); a reload builds a new KeyBuilder",
+    bound=4096,
+)
+CACHE_KEY_HOSTS: Final = MemoSpec(
+    name="cache key hosts",
+    owner="edge.cache.key._scheme_and_host (lru_cache)",
+    key="(scheme, Host as sent)",
+    value="b'scheme://host' as keyed (host normalised)",
+    cleared_by="its bound only (least recently used out; a pure function of the key)",
+    bound=1024,
+    policy="lru",
+)
 TARGETED_CACHE_CONTROL_PARSES: Final = MemoSpec(
     name="targeted Cache-Control parses",
     owner="edge.cache.policy._targeted_value (lru_cache)",
@@ -305,6 +338,8 @@ RATE_LIMIT_LANES: Final = MemoSpec(
 MEMOS: Final = (
     REQUEST_HEADS,
     FIRST_SIGHTS,
+    HEAD_SHAPES,
+    CHECKED_PATHS,
     ROUTES,
     FILL_HEADERS,
     HIT_REPLAYS,
@@ -316,6 +351,8 @@ MEMOS: Final = (
     TARGETED_CACHE_CONTROL_PARSES,
     HTTP_DATES,
     CACHE_CODINGS,
+    CACHE_RULES,
+    CACHE_KEY_HOSTS,
     DROP_MATCHERS,
     HOSTS,
     NEGOTIATIONS,

@@ -63,7 +63,7 @@ from edge.stages.hit import HitStage, needs_fill
 from edge.stages.limit import Limiter
 from edge.stages.respond import Responder
 from edge.stages.walk import UpstreamWalk
-from edge.state import EdgeState, RequestHead
+from edge.state import EdgeState, HeadShape, RequestHead
 from edge.transcode import Transcoder
 from edge.upstream import SnapshotView, UpstreamPool
 from meridian.log import get_logger
@@ -76,11 +76,13 @@ _NOT_CACHED: Final = ((b"x-cache", b"BYPASS"), (b"age", b"0"))
 class Pipeline:
     """The request path of one worker process: its services, and its stages in order.
 
-    The protocol calls ``fast_response``, ``replay_hit`` and ``take_pending`` (bound straight
+    The protocol calls ``fast_response``, ``shaped_response``, ``replay_hit`` and
+    ``take_pending`` (bound straight
     to the hit stage's methods: no extra call on the hot path) and ``handle``; the server
     swaps ``state`` on reload and subscribes ``on_health`` to the health monitor."""
 
     fast_response: Callable[[ProxyRequest], bytes | None]
+    shaped_response: Callable[[ProxyRequest, HeadShape], bytes | None]
     replay_hit: Callable[[RequestHead, str, bytes | None, str | None], bytes | None]
     take_pending: Callable[[ProxyRequest], Lookup | None]
     on_health: Callable[[SnapshotView], None]
@@ -116,6 +118,7 @@ class Pipeline:
         self.hits = HitStage(self, self.filler, self.respond, self.limiter)
         self.accountant = Accountant(self)
         self.fast_response = self.hits.fast_response
+        self.shaped_response = self.hits.shaped_response
         self.replay_hit = self.hits.replay_hit
         self.take_pending = self.hits.take_pending
         self.on_health = self.walker.on_health

@@ -254,7 +254,7 @@ def decide_target(url: bytes, host_header: bytes | None, http_version: str) -> T
         raise RequestRejected(400, "missing_host")
     if url[:1] == b"/":
         check_path(url)
-        return Target(url, _path_of(url), header_host)
+        return Target(url, path_of(url), header_host)
     if url == b"*":
         raise RequestRejected(400, "asterisk_form")
     scheme_end = url.find(b"://")
@@ -282,10 +282,11 @@ def decide_target(url: bytes, host_header: bytes | None, http_version: str) -> T
     if not target or target[:1] == b"?":
         target = b"/" + target
     check_path(target)
-    return Target(target, _path_of(target), host)
+    return Target(target, path_of(target), host)
 
 
-def _path_of(target: bytes) -> str:
+def path_of(target: bytes) -> str:
+    """The routing path of an origin-form target (without its query)."""
     return target.split(b"?", 1)[0].decode("latin-1")
 
 
@@ -444,5 +445,6 @@ __all__ = [
     "decide_target",
     "forward_headers",
     "parse_host",
+    "path_of",
     "screen_headers",
 ]

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from edge.cache import HitMemo, Prepared
-from edge.cache.policy import targeted_fields
+from edge.cache.messages import RequestInfo
+from edge.cache.policy import NO_DIRECTIVES, targeted_fields
+from edge.cache.requests import RequestReader
 from edge.http1 import HOP_BY_HOP, Headers, head_budget, via_value
 from edge.memos import FILL_HEADERS, FIRST_SIGHTS, REQUEST_HEADS, ROUTES, BoundedMemo
 from edge.router import Router, RouteTarget, normalise_host
@@ -176,6 +178,34 @@ class RequestHead:
         return memo
 
 
+class HeadShape:
+    """What a request head is apart from its request line and its volatile fields
+    (``edge.fasthead.MeaningKey``: User-Agent, Cookie, the request ID), remembered by those
+    bytes (``edge.memos.HEAD_SHAPES``), so that heads differing only in their target (traffic
+    spread over many keys) are validated and read once (``edge.h1fast``).  The bytes were
+    accepted whole by ``parse_simple_head`` under one config snapshot."""
+
+    __slots__ = ("headers", "host", "reads")
+
+    def __init__(self, headers: Headers, host: bytes) -> None:
+        #: The head's fields as decided (Host screened), without the volatile ones.
+        self.headers = headers
+        self.host = host
+        #: Method -> what the cache reads from such heads, or False when they go the long
+        #: way (``read``, on first use).
+        self.reads: dict[str, RequestInfo | Literal[False]] = {}
+
+    def read(self, method: str, reader: RequestReader) -> RequestInfo | Literal[False]:
+        """What ``reader`` makes of such heads with ``method`` (GET or HEAD), remembered; False
+        for request directives (max-age, no-store, only-if-cached, ...) or a bypass."""
+        made = reader.read(method == "HEAD", self.headers)
+        read: RequestInfo | Literal[False] = False
+        if not isinstance(made, str) and made.cc is NO_DIRECTIVES:
+            read = made
+        self.reads[method] = read
+        return read
+
+
 class HitReplay(NamedTuple):
     """A memoised hit (or stale-while-revalidate answer) and what its metrics and access line
     need (``edge.memos.HIT_REPLAYS``: one per ``RequestHead``)."""
@@ -188,4 +218,4 @@ class HitReplay(NamedTuple):
     label: str
 
 
-__all__ = ["EdgeState", "HitReplay", "RequestHead"]
+__all__ = ["EdgeState", "HeadShape", "HitReplay", "RequestHead"]

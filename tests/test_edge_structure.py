@@ -12,11 +12,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "edge"
 MAX_CLASS_LINES = 300
-#: Classes allowed over the bound for now, in code being reworked by other work: the HTTP/1.1
-#: connection (the hit path, issue 12 item 5).
-OVERSIZED = {
-    "edge/protocol.py:EdgeConnection",
-}
+#: Classes allowed over the bound: none now (the HTTP/1.1 connection, the cache and the Redis L2
+#: were split by responsibility); the set stays so that an exception is written down here.
+OVERSIZED: set[str] = set()
 
 
 def _modules() -> dict[str, Path]:

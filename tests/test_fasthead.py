@@ -102,12 +102,17 @@ class _Connections:
         self.open: set[object] = set()
         self.draining = False
         self.clients = ClientConnections()
+        self.shortcuts = _NoShortcuts()
 
-    def admit(self) -> bool:
-        return True
+    def accept(self, transport: object) -> tuple[str, int]:
+        return "-", UNCOUNTED
 
-    def admit_client(self, peer: str) -> int:
-        return UNCOUNTED
+
+class _NoShortcuts:
+    """The fast path switched off: every head goes through llhttp."""
+
+    def answer(self, data: bytes, *args: object) -> None:
+        return None
 
 
 def strict(data: bytes) -> ProxyRequest | None:
@@ -115,7 +120,6 @@ def strict(data: bytes) -> ProxyRequest | None:
     is one bodiless keep-alive HTTP/1.1 GET/HEAD, else None (rejected, or another shape)."""
     connections = _Connections()
     connection = EdgeConnection(connections)  # type: ignore[arg-type]
-    connection._fast_path = lambda data: False  # type: ignore[method-assign]
     transport = _Transport()
     connection.connection_made(transport)  # type: ignore[arg-type]
     connection.data_received(data)

@@ -137,6 +137,34 @@ def _fill_cache_keys(n: int) -> BoundedMemo[Any, Any]:
     return builder._memo
 
 
+def _fill_cache_rules(n: int) -> BoundedMemo[Any, Any]:
+    builder = cache_key.KeyBuilder(())
+    for i in range(n):
+        builder.build_once(b"http", b"h", b"/p%d?q=1" % i)
+    return builder._by_path
+
+
+def _fill_head_shapes(n: int) -> BoundedMemo[Any, Any]:
+    from edge.h1fast import HeadShortcuts
+    from tests.stage_support import world
+
+    shortcuts = HeadShortcuts(world().pipeline)
+    for i in range(n):  # heads of a new shape each: parsed, remembered, not cached
+        shortcuts.answer(b"GET / HTTP/1.1\r\nHost: h\r\nX-%d: 1\r\n\r\n" % i, "-", b"http", None)
+    return shortcuts._shapes
+
+
+def _fill_checked_paths(n: int) -> BoundedMemo[Any, Any]:
+    from edge.h1fast import HeadShortcuts
+    from tests.stage_support import world
+
+    shortcuts = HeadShortcuts(world().pipeline)
+    for i in range(n + 1):  # the first learns the shape; the others are read by it
+        head = b"GET /p%d?q=1 HTTP/1.1\r\nHost: h\r\nUser-Agent: %d\r\n\r\n" % (i, i)
+        shortcuts.answer(head, "-", b"http", None)
+    return shortcuts._paths
+
+
 def _upstream_urls(n: int) -> BoundedMemo[Any, Any]:
     pool = UpstreamPool(pool_size=1, timeouts=EdgeTimeouts())
     memo = pool._urls
@@ -221,6 +249,9 @@ DICT_MEMOS: dict[MemoSpec, Callable[[int], BoundedMemo[Any, Any]]] = {
     memos.BYPASS_LOOKUPS: _fill_bypass,
     memos.SHARED_FIELDS: _fill_shared_fields,
     memos.CACHE_KEYS: _fill_cache_keys,
+    memos.CACHE_RULES: _fill_cache_rules,
+    memos.HEAD_SHAPES: _fill_head_shapes,
+    memos.CHECKED_PATHS: _fill_checked_paths,
     memos.HOSTS: _fill_hosts,
     memos.NEGOTIATIONS: _fill_negotiations,
     memos.UPSTREAM_URLS: _upstream_urls,
@@ -237,6 +268,7 @@ LRU_MEMOS: dict[MemoSpec, _lru_cache_wrapper[Any]] = {
     memos.TARGETED_CACHE_CONTROL_PARSES: cache_policy._targeted_value,
     memos.HTTP_DATES: cache_policy._parse_http_date,
     memos.CACHE_CODINGS: cache_key.negotiate_coding,
+    memos.CACHE_KEY_HOSTS: cache_key._scheme_and_host,
     memos.DROP_MATCHERS: cache_key._drop_matcher,
     memos.MEDIA_TYPE_PATTERNS: compress._type_patterns,
 }

@@ -23,11 +23,17 @@ cannot change what is served.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
-from edge.memos import CACHE_CODINGS, CACHE_KEYS, DROP_MATCHERS, BoundedMemo
+from edge.memos import (
+    CACHE_CODINGS,
+    CACHE_KEY_HOSTS,
+    CACHE_KEYS,
+    CACHE_RULES,
+    DROP_MATCHERS,
+    BoundedMemo,
+)
 from meridian.config import CacheRule
 
 from .policy import Headers, joined
@@ -46,9 +52,10 @@ _DEFAULT_PORTS: Final = {b"http": b"80", b"https": b"443"}
 _CASE_INSENSITIVE_VALUES: Final = frozenset({b"accept", b"accept-charset", b"accept-language"})
 
 
-@dataclass(frozen=True, slots=True)
-class CacheKey:
-    """A request's primary cache key and the normalised pieces it was built from."""
+class CacheKey(NamedTuple):
+    """A request's primary cache key and the normalised pieces it was built from (a
+    NamedTuple: one is built per first-sight request, and a frozen dataclass costs several
+    times as much to build)."""
 
     #: ``b"G|https://host/path?query"``: stored responses live under this.
     primary: bytes
@@ -58,6 +65,12 @@ class CacheKey:
     target: bytes
     path: bytes
     rule: CacheRule
+
+
+@lru_cache(maxsize=CACHE_KEY_HOSTS.bound)
+def _scheme_and_host(scheme: bytes, host: bytes) -> bytes:
+    """``scheme://host`` as keyed: the part of a key every request to one host shares."""
+    return scheme + b"://" + normalise_host(host, scheme)
 
 
 def normalise_host(host: bytes, scheme: bytes) -> bytes:
@@ -123,6 +136,8 @@ def normalise_query(query: bytes, rule: CacheRule) -> bytes:
 
 def split_target(target: bytes) -> tuple[bytes, bytes | None, bytes | None]:
     """``(path_and_query, scheme, authority)``; the last two only for absolute-form targets."""
+    if target[:1] == b"/":  # origin form: nothing to split
+        return target, None, None
     lowered = target[:8].lower()
     for scheme in (b"http", b"https"):
         prefix = scheme + b"://"
@@ -154,7 +169,7 @@ class KeyBuilder:
     holds): it lives outside the cache's byte bound, so it must stay small in RSS too.
     """
 
-    __slots__ = ("_memo", "_memo_bytes", "_memo_limit", "_memo_size", "_rules")
+    __slots__ = ("_by_path", "_memo", "_memo_bytes", "_memo_limit", "_memo_size", "_rules")
 
     def __init__(
         self, rules: Sequence[CacheRule], *, memo_size: int = 65536, memo_bytes: int = 4 << 20
@@ -168,20 +183,28 @@ class KeyBuilder:
         self._memo_size = memo_size
         self._memo_limit = memo_bytes
         self._memo_bytes = 0
+        #: ``edge.memos.CACHE_RULES``: path -> its rule (paths repeat where targets do not).
+        self._by_path: BoundedMemo[bytes, CacheRule] = BoundedMemo(CACHE_RULES)
 
     def rule_for(self, path: bytes) -> CacheRule:
+        rule = self._by_path.get(path)
+        if rule is not None:
+            return rule
+        rule = DEFAULT_RULE
         text = path.decode("latin-1")
-        for rule in self._rules:
-            if prefix_matches(text, rule.path_prefix):
-                return rule
-        return DEFAULT_RULE
+        for candidate in self._rules:
+            if prefix_matches(text, candidate.path_prefix):
+                rule = candidate
+                break
+        self._by_path.remember(path, rule)
+        return rule
 
     def build(self, scheme: bytes, host: bytes, target: bytes) -> CacheKey:
         memo_key = (scheme, host, target)
         key = self._memo.get(memo_key)
         if key is not None:
             return key
-        key = self._build(scheme, host, target)
+        key = self.build_once(scheme, host, target)
         cost = MEMO_KEY_OVERHEAD + len(host) + len(target) + 4 * len(key.url)
         if len(self._memo) >= self._memo_size or self._memo_bytes + cost > self._memo_limit:
             self._memo.clear()
@@ -190,23 +213,24 @@ class KeyBuilder:
         self._memo_bytes += cost
         return key
 
-    def _build(self, scheme: bytes, host: bytes, target: bytes) -> CacheKey:
-        target, absolute_scheme, authority = split_target(target)
-        if absolute_scheme is not None and authority is not None:
-            # RFC 9112 3.2.2: an absolute-form target's authority replaces Host.
-            scheme, host = absolute_scheme, authority
-        scheme = scheme.lower()
+    def build_once(self, scheme: bytes, host: bytes, target: bytes) -> CacheKey:
+        """``build`` without the memo, for a request seen for the first time (memoising the
+        keys of traffic spread over more targets than the memo holds only churns it)."""
+        if target[:1] != b"/":
+            target, absolute_scheme, authority = split_target(target)
+            if absolute_scheme is not None and authority is not None:
+                # RFC 9112 3.2.2: an absolute-form target's authority replaces Host.
+                scheme, host = absolute_scheme, authority
         path, has_query, query = target.partition(b"?")
-        path, _, _fragment = path.partition(b"#")
-        query = query.partition(b"#")[0]
-        rule = self.rule_for(path)
-        if has_query:
+        if b"#" in target:
+            path = path.partition(b"#")[0]
+            query = query.partition(b"#")[0]
+        rule = self._by_path.get(path) or self.rule_for(path)
+        if has_query and (rule.drop_params or b"&" in query):  # else one member: kept as is
             query = normalise_query(query, rule)
         normalised = path + b"?" + query if query else path
-        url = scheme + b"://" + normalise_host(host, scheme) + normalised
-        return CacheKey(
-            primary=METHOD_CLASS_GET + url, url=url, target=normalised, path=path, rule=rule
-        )
+        url = _scheme_and_host(scheme.lower(), host) + normalised
+        return CacheKey(METHOD_CLASS_GET + url, url, normalised, path, rule)
 
     def from_url(self, url: str | bytes) -> CacheKey:
         """The key of an absolute URL (purge requests, invalidation targets); a bare path
@@ -214,8 +238,8 @@ class KeyBuilder:
         raw = url.encode("latin-1") if isinstance(url, str) else url
         path, scheme, authority = split_target(raw)
         if scheme is None or authority is None:
-            return self._build(b"http", b"", raw)
-        return self._build(scheme, authority, path)
+            return self.build_once(b"http", b"", raw)
+        return self.build_once(scheme, authority, path)
 
 
 # --------------------------------------------------------------------------------------------

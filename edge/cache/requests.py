@@ -86,6 +86,31 @@ class RequestReader:
         key = keys.build(scheme, host, target)
         if key.rule.bypass:
             return Prepared(keys, method, scheme, host, target, headers, key, None, "rule")
+        read = self.read(head, headers)
+        if isinstance(read, str):
+            return Prepared(keys, method, scheme, host, target, headers, key, None, read)
+        return Prepared(keys, method, scheme, host, target, headers, key, read, "")
+
+    def prepare_read(
+        self,
+        keys: KeyBuilder,
+        method: bytes,
+        scheme: bytes,
+        host: bytes,
+        target: bytes,
+        read: RequestInfo,
+    ) -> Prepared:
+        """``prepare`` for a GET or HEAD whose headers were read before (``read``: what
+        ``read`` made of headers like them, carrying this request's own).  The key is built
+        without its memo: such a request is one seen for the first time."""
+        key = keys.build_once(scheme, host, target)
+        if key.rule.bypass:
+            return Prepared(keys, method, scheme, host, target, read.headers, key, None, "rule")
+        return Prepared(keys, method, scheme, host, target, read.headers, key, read, "")
+
+    def read(self, head: bool, headers: Headers) -> RequestInfo | str:
+        """What a GET (or with ``head``, a HEAD) with these headers means to a lookup, whatever
+        its target: its ``RequestInfo``, or the reason it bypasses the cache."""
         found: list[bytes | None] = [None, None, None, None, None, None, None, None, None, None]
         for name, value in headers:
             slot = _FIELDS.get(name)
@@ -93,15 +118,13 @@ class RequestReader:
                 continue
             if slot == _BODY:
                 if name == b"transfer-encoding" or value.strip() not in (b"0", b""):
-                    return Prepared(
-                        keys, method, scheme, host, target, headers, key, None, "request-body"
-                    )
+                    return "request-body"
                 continue
             previous = found[slot]
             # List-valued fields arrive on several lines: join them (RFC 9110 5.3).
             found[slot] = value if previous is None else previous + b"," + value
         if found[_PRECONDITION] is not None:
-            return Prepared(keys, method, scheme, host, target, headers, key, None, "precondition")
+            return "precondition"
         cc_raw = found[_CACHE_CONTROL]
         cc = NO_DIRECTIVES
         if cc_raw is not None:
@@ -115,7 +138,7 @@ class RequestReader:
             if len(self._codings) >= self._codings.bound:  # a client can send any value
                 self._codings.clear()
             self._codings[accept_encoding] = coding
-        request = RequestInfo(
+        return RequestInfo(
             headers=headers,
             cc=cc,
             coding=coding,
@@ -127,7 +150,6 @@ class RequestReader:
             range=None if head else found[_RANGE],
             if_range=found[_IF_RANGE],
         )
-        return Prepared(keys, method, scheme, host, target, headers, key, request, "")
 
 
 __all__ = ["Prepared", "RequestReader"]

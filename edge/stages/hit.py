@@ -1,14 +1,15 @@
 """The hit stage: the cache lookup, and answers from cached bytes.
 
-A cache hit never leaves the protocol callback: ``fast_response`` (called from
-``on_message_complete`` for a bodiless HTTP/1.1 GET/HEAD on an idle keep-alive connection)
-does one ``HttpCache.lookup`` and returns the entry's prebuilt bytes (HIT, or STALE after
-starting the one background refresh), which the protocol writes in one ``transport.write``.
-The compressed variants live in the entry, built once, so a Brotli hit costs what an identity
-hit costs.  ``replay_hit`` is cheaper still: the last hit for the same request bytes, replayed
-while it holds.  Both account their hits here, inline (the hot path makes no further call),
-and both ask the rate limits first (``stages.limit``): a client over its rate is answered 429,
-never from the cache.
+A cache hit never leaves the protocol callback: ``fast_response`` (called when the front end
+has read a bodiless HTTP/1.1 GET/HEAD on an idle keep-alive connection) does one
+``HttpCache.lookup`` and returns the entry's prebuilt bytes (HIT, or STALE after starting the
+one background refresh), which the protocol writes in one ``transport.write``.  The
+compressed variants live in the entry, built once, so a Brotli hit costs what an identity hit
+costs.  ``replay_hit`` is cheaper still: the last hit for the same request bytes, replayed
+while it holds.  ``shaped_response`` answers a head read by its shape (``edge.h1fast``) when
+it is a hit, and nothing else.  All account their hits here (``_served``), and all ask the
+rate limits first (``stages.limit``): a client over its rate is answered 429, never from the
+cache.
 
 On the slow path ``lookup`` asks the cache (unless the fast path already did:
 ``take_pending``) and ``answer`` writes HIT / STALE / ONLY_IF_CACHED bytes.
@@ -20,6 +21,7 @@ from typing import Final
 
 from edge.cache import HttpCache, Lookup, LookupKind
 from edge.cache.entry import with_lines
+from edge.cache.messages import RequestInfo
 from edge.exchange import (
     Exchange,
     ProxyRequest,
@@ -33,7 +35,7 @@ from edge.stages.fill import Filler
 from edge.stages.limit import Limiter
 from edge.stages.respond import Responder
 from edge.stages.services import EdgeServices
-from edge.state import HitReplay, RequestHead
+from edge.state import EdgeState, HeadShape, HitReplay, RequestHead
 
 _HIT: Final = LookupKind.HIT
 _STALE: Final = LookupKind.STALE
@@ -83,7 +85,7 @@ class HitStage:
         """Complete response bytes for a cache hit (fresh, or stale while one background
         refresh runs), else None.
 
-        Called synchronously from ``on_message_complete`` (or a replayed ``RequestHead``) for
+        Called synchronously when a head is complete (or a replayed ``RequestHead``), for
         a bodiless HTTP/1.1 GET/HEAD on a keep-alive connection with nothing in flight; the
         protocol writes the bytes in one ``transport.write``.  Metrics and the access line
         are accounted here.
@@ -134,36 +136,74 @@ class HitStage:
         if limits is not None:
             if limits.shared_routes and route in limits.shared_routes:
                 return None  # decided on the slow path, through Redis
-            refusal = limits.check(route, request.client_ip, request.headers, request.received_at)
-            if refusal is not None:
-                refused = limiter.refuse_hit(
-                    refusal,
-                    state,
-                    route,
-                    request.method,
-                    request.path,
-                    request.request_id,
-                    request.client_ip,
-                    request.received_at,
-                    request.protocol,
+            refused = limiter.check_hit(limits, state, route, request)
+            if refused is not None:
+                return refused
+        wire = lookup.wire
+        if prepared is not None and head is not None:
+            memo = cache.memo_hit(prepared, lookup, now, stripped_fields(state.request_id_header))
+            if memo is not None:
+                label = "HIT" if kind is _HIT else "STALE"
+                head.hit = HitReplay(
+                    memo, route, entry_region(lookup.entry), int(wire[9:12]), label
                 )
-                if refused is not None:
-                    return refused
-        if kind is _HIT:
+            if extra:
+                wire = with_lines(wire, extra)
+        return self._served(request, state, lookup, route, wire)
+
+    def shaped_response(self, request: ProxyRequest, shape: HeadShape) -> bytes | None:
+        """``fast_response`` for a head read by its shape (``edge.h1fast``: its headers are
+        ``shape``'s plus this request's volatile fields): the bytes of a HIT or STALE answer,
+        else None with nothing counted and no lookup pending (the caller then reads the head
+        in full, which decides the rest as for any request)."""
+        cache = self.cache
+        if cache is None or not cache.enabled:
+            return None
+        read = shape.reads.get(request.method)
+        if read is None:
+            read = shape.read(request.method, cache.reader)
+        if read is False:
+            return None
+        state = self.services.state
+        target = state.route(request.host, request.path)
+        route = target.route.name if target is not None else "-"
+        limiter = self.limiter
+        limits = limiter.limits if limiter.state is state else limiter.current(state)
+        if limits is not None and limits.shared_routes and route in limits.shared_routes:
+            return None
+        prepared = cache.reader.prepare_read(
+            cache.keys,
+            _METHOD_BYTES[request.method],
+            _SCHEME,
+            request.host or b"",
+            request.target,
+            RequestInfo._make((request.headers, *read[1:])),  # this request's own headers
+        )
+        if prepared.bypass:
+            return None
+        extra = request_id_line(request, state) if request.request_id_supplied else b""
+        lookup = cache.lookup_prepared(prepared, None, extra)
+        if lookup.kind is not _HIT and lookup.kind is not _STALE:
+            return None
+        if limits is not None:
+            refused = limiter.check_hit(limits, state, route, request)
+            if refused is not None:
+                return refused
+        return self._served(request, state, lookup, route, lookup.wire)
+
+    def _served(
+        self, request: ProxyRequest, state: EdgeState, lookup: Lookup, route: str, wire: bytes
+    ) -> bytes:
+        """``wire``, the answer of a HIT or STALE ``lookup``, accounted (and for STALE, the
+        one background refresh started)."""
+        if lookup.kind is _HIT:
             label = "HIT"
         else:
             label = "STALE"
             if lookup.refresh:
                 self.filler.refresh(request, lookup)
-        wire = lookup.wire
         region = entry_region(lookup.entry)
         status = int(wire[9:12])
-        if prepared is not None and head is not None:
-            memo = cache.memo_hit(prepared, lookup, now, stripped_fields(state.request_id_header))
-            if memo is not None:
-                head.hit = HitReplay(memo, route, region, status, label)
-            if extra:
-                wire = with_lines(wire, extra)
         total = self.clock() - request.received_at
         self.metrics.observe_request(
             route, status, label, region, total, state.config.edge.latency_target

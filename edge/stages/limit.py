@@ -165,6 +165,26 @@ class Limiter:
             head_only=request.method == "HEAD",
         )
 
+    def check_hit(
+        self, limits: RateLimits, state: EdgeState, route: str, request: ProxyRequest
+    ) -> bytes | None:
+        """``refuse_hit``'s bytes when ``request``'s client is over its rate on ``route``,
+        else None (the hit is served)."""
+        refusal = limits.check(route, request.client_ip, request.headers, request.received_at)
+        if refusal is None:
+            return None
+        return self.refuse_hit(
+            refusal,
+            state,
+            route,
+            request.method,
+            request.path,
+            request.request_id,
+            request.client_ip,
+            request.received_at,
+            request.protocol,
+        )
+
     def refuse_hit(
         self,
         refusal: Refusal,

@@ -1,0 +1,141 @@
+"""The requests of one HTTP/1.1 connection, answered strictly in order and one at a time
+(pipelining): the one being handled (``Pipeline.handle`` in a task, writing through the
+connection's ``ResponseWriter``) and those read behind it, at most ``PIPELINE_DEPTH`` before
+the connection stops reading.
+
+Accounting that cannot leak: every exchange ends in ``_run``'s ``finally``, which hands it back
+to the connection (``QueueHost.request_done``): the connection decides whether it may carry
+the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Iterator
+from typing import Protocol
+
+from edge.h1parse import Exchange
+from edge.h1response import ResponseWriter
+from edge.http1 import expects_continue
+from edge.pipeline import Pipeline
+from meridian.log import get_logger
+
+log = get_logger("edge")
+
+#: Pipelined requests queued before the connection stops reading.
+PIPELINE_DEPTH = 16
+
+
+class QueueHost(Protocol):
+    """The connection, as its request queue reports to it."""
+
+    def request_done(self, exchange: Exchange) -> None:
+        """``exchange`` was answered (or failed): the connection may go on or close."""
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+class RequestQueue:
+    """The requests of one connection (module docstring)."""
+
+    __slots__ = ("_host", "_loop", "_pipeline", "_response", "_waiting", "active", "task")
+
+    def __init__(
+        self,
+        host: QueueHost,
+        pipeline: Pipeline,
+        loop: asyncio.AbstractEventLoop,
+        response: ResponseWriter,
+    ) -> None:
+        self._host = host
+        self._pipeline = pipeline
+        self._loop = loop
+        self._response = response
+        #: The exchange being handled, and its task.
+        self.active: Exchange | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._waiting: deque[Exchange] = deque()
+
+    @property
+    def busy(self) -> bool:
+        return self.active is not None or bool(self._waiting)
+
+    def __iter__(self) -> Iterator[Exchange]:
+        """The exchange being handled (if any), then those waiting."""
+        if self.active is not None:
+            yield self.active
+        yield from self._waiting
+
+    def push(self, exchange: Exchange) -> None:
+        """Handle ``exchange`` now if nothing is in progress, else after those before it."""
+        exchange.scheduled = True
+        if self.active is None:
+            self._start(exchange)
+            return
+        self._waiting.append(exchange)
+        if len(self._waiting) == PIPELINE_DEPTH:
+            self._host.pause_reading()
+
+    def start_next(self) -> bool:
+        """Start the next waiting request; False when none waits."""
+        if not self._waiting:
+            return False
+        was_full = len(self._waiting) >= PIPELINE_DEPTH
+        self._start(self._waiting.popleft())
+        if was_full:
+            self._host.resume_reading()
+        return True
+
+    def drop_waiting(self) -> None:
+        """Forget the requests not started (the connection closes after the active one)."""
+        self._waiting.clear()
+
+    def cancel(self) -> None:
+        """Cancel the active request's task (the client went away)."""
+        task = self.task
+        if task is not None and not task.done():
+            task.cancel()
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def _start(self, exchange: Exchange) -> None:
+        self.active = exchange
+        self._response.begin(exchange)
+        if exchange.body is not None and expects_continue(exchange.request.headers):
+            self._response.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.task = self._loop.create_task(self._run(exchange))
+
+    async def _run(self, exchange: Exchange) -> None:
+        response = self._response
+        try:
+            await self._pipeline.handle(exchange.request, exchange.body, response, exchange.lookup)
+        except asyncio.CancelledError:
+            pass  # the client went away
+        except Exception as exc:  # a bug: answer 500 if we still can, never hang the client
+            log.error(
+                "request_failed",
+                error=repr(exc),
+                request_id=exchange.request.request_id.decode("ascii", "replace"),
+            )
+            if self.active is exchange and not exchange.response_started:
+                response.write_complete(
+                    self._pipeline.error_answer(500, "internal_error", exchange.request.request_id),
+                    close=True,
+                )
+            else:
+                response.abort()
+        finally:
+            if self.active is exchange:
+                self.active = None
+                self.task = None
+                response.active = None
+                response.request_deadline = 0.0
+                self._host.request_done(exchange)
+
+
+__all__ = ["PIPELINE_DEPTH", "QueueHost", "RequestQueue"]

@@ -1,0 +1,174 @@
+"""Heads read by their shape (``edge.h1fast``, step 3): a head seen for the first time whose
+fields but User-Agent, Cookie and the request ID were seen before, with another target.  Only
+its request line is read, and only a cache hit is answered that way; these tests hold it to
+what the full parse of the same bytes decides.  In memory: bytes in through ``data_received``,
+the pipeline behind it scripted (``tests.stage_support``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import edge.h1fast
+from edge.protocol import Connections, EdgeConnection
+from tests.stage_support import FakeTransport, Reply, World, world
+from tests.test_front_http1 import responses
+
+BODY = b'{"symbols":["BTC-USD","ETH-USD"]}'
+CACHEABLE = [(b"Content-Type", b"application/json"), (b"Cache-Control", b"max-age=60")]
+
+
+def head(target: bytes, n: int, *, cookie: bytes = b"theme=dark", rid: bool = True) -> bytes:
+    """A browser-like head whose User-Agent, Cookie and request ID are new each time."""
+    return (
+        b"GET " + target + b" HTTP/1.1\r\nHost: example.test\r\nAccept: application/json\r\n"
+        b"User-Agent: sdk/%d\r\nCookie: session=%d; "
+        % (n, n)
+        + cookie
+        + b"\r\n"
+        + (b"X-Request-Id: req-%d\r\n" % n if rid else b"")
+        + b"Accept-Language: en\r\n\r\n"
+    )
+
+
+class Client:
+    def __init__(self, w: World) -> None:
+        self.world = w
+        self.connections = Connections(w.pipeline, asyncio.get_running_loop())
+        self.transport = FakeTransport()
+        self.connection: EdgeConnection = self.connections.factory()
+        self.connection.connection_made(self.transport)
+
+    async def ask(self, data: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+        """Send ``data``; its response (the next one written)."""
+        count = len(responses(bytes(self.transport.written))) + 1
+        self.connection.data_received(data)
+        for _ in range(200):
+            answers = responses(bytes(self.transport.written))
+            if len(answers) >= count:
+                return answers[count - 1]
+            await asyncio.sleep(0)
+        raise AssertionError("no response")
+
+
+@pytest.fixture
+def parses(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Heads ``parse_simple_head`` read in full."""
+    seen: list[bytes] = []
+    real: Callable[..., Any] = edge.h1fast.parse_simple_head
+
+    def counting(data: bytes, **limits: Any) -> Any:
+        seen.append(data)
+        return real(data, **limits)
+
+    monkeypatch.setattr(edge.h1fast, "parse_simple_head", counting)
+    return seen
+
+
+@pytest.fixture
+async def client() -> Any:
+    w = world({"http://u1": [Reply(headers=CACHEABLE, chunks=(BODY,))]})
+    c = Client(w)
+    yield c
+    c.connection.connection_lost(None)
+
+
+async def fill(client: Client, targets: list[bytes]) -> None:
+    for target in targets:
+        status, headers, _ = await client.ask(
+            b"GET " + target + b" HTTP/1.1\r\nHost: example.test\r\n\r\n"
+        )
+        assert status == 200 and headers[b"x-cache"] == b"MISS"
+
+
+async def test_first_sight_hits_of_a_known_shape_skip_the_parse_and_answer_as_it_would(
+    client: Client, parses: list[bytes]
+) -> None:
+    targets = [b"/api/v1/symbols?k=%d" % k for k in range(5)]
+    await fill(client, targets)
+    hits_before = client.world.pipeline.cache.metrics.l1_hits  # type: ignore[union-attr]
+    parses.clear()
+    # The first head of the shape is parsed in full; the others are read by their shape.
+    answers = [await client.ask(head(target, n)) for n, target in enumerate(targets)]
+    assert parses == [head(targets[0], 0)]
+    for n, (status, headers, body) in enumerate(answers):
+        assert status == 200 and body == BODY
+        assert headers[b"x-cache"] == b"HIT" and b"age" in headers
+        assert headers[b"x-request-id"] == b"req-%d" % n  # this request's, echoed
+    # Each hit counted once; nothing went upstream.
+    assert client.world.pipeline.cache.metrics.l1_hits == hits_before + 5  # type: ignore[union-attr]
+    assert len(client.world.upstream.sent) == 5
+    # Without a request ID, the edge makes one (never another request's).
+    await fill(client, [b"/api/v1/symbols?k=9"])
+    _, headers, _ = await client.ask(head(b"/api/v1/symbols?k=9", 9, rid=False))
+    assert headers[b"x-cache"] == b"HIT" and b"x-request-id" not in headers
+
+
+async def test_a_miss_of_a_known_shape_goes_upstream_as_the_full_parse_reads_it(
+    client: Client, parses: list[bytes]
+) -> None:
+    await fill(client, [b"/api/v1/symbols?k=0"])
+    await client.ask(head(b"/api/v1/symbols?k=0", 0))  # learns the shape
+    data = head(b"/api/v1/symbols?k=77", 77)
+    status, headers, _ = await client.ask(data)
+    assert status == 200 and headers[b"x-cache"] == b"MISS"
+    assert parses[-1] == data  # read in full before it went upstream
+    sent = client.world.upstream.sent[-1]
+    assert sent.target == "/api/v1/symbols?k=77"
+    assert sent.headers["user-agent"] == "sdk/77"
+    assert sent.headers["cookie"] == "session=77; theme=dark"
+    # Header order as the client sent it (the shape's own order puts volatile fields last).
+    names = [name.lower() for name in sent.headers]
+    assert names.index("user-agent") < names.index("accept-language")
+
+
+@pytest.mark.parametrize(
+    ("target", "status"),
+    [(b"/api/v1/../orders?k=1", 400), (b"/api/v1/%2e%2e/x", 400), (b"/api/v1/a%00b", 400)],
+)
+async def test_a_target_the_full_parse_refuses_is_refused_in_a_known_shape(
+    client: Client, target: bytes, status: int
+) -> None:
+    await fill(client, [b"/api/v1/symbols?k=0"])
+    await client.ask(head(b"/api/v1/symbols?k=0", 0))  # learns the shape
+    answer, _, _ = await client.ask(head(target, 1))
+    assert answer == status
+    await asyncio.sleep(0)
+    assert client.transport.closed
+
+
+async def test_a_response_varying_on_cookie_is_matched_on_this_requests_cookie(
+    parses: list[bytes],
+) -> None:
+    vary = [*CACHEABLE, (b"Vary", b"Cookie")]
+    w = world(
+        {
+            "http://u1": [
+                Reply(headers=vary, chunks=(b"for a",)),
+                Reply(headers=vary, chunks=(b"for b",)),
+            ]
+        }
+    )
+    client = Client(w)
+    target = b"/api/v1/symbols?k=1"
+
+    def with_cookie(n: int, cookie: bytes) -> bytes:
+        return head(target, n, cookie=cookie).replace(b"session=%d; " % n, b"")
+
+    assert (await client.ask(with_cookie(1, b"a")))[2] == b"for a"
+    assert (await client.ask(with_cookie(2, b"b")))[2] == b"for b"
+    state = w.pipeline.state
+    parses.clear()
+    for n, cookie in ((3, b"b"), (4, b"a"), (5, b"b")):
+        # Forgotten as the memos' bounds would forget them: read by its shape again.
+        state.first_sights.clear()
+        state.request_heads.clear()
+        status, headers, body = await client.ask(with_cookie(n, cookie))
+        assert status == 200 and headers[b"x-cache"] == b"HIT"
+        assert body == b"for " + cookie
+    assert parses == []  # each read by its shape, with its own Cookie
+    assert len(w.upstream.sent) == 2
+    client.connection.connection_lost(None)
