@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             wait_until(tcp_accepts(tls_port), edge, "TLS port")
             _warm(tls_port)
+            print(f"meridian key exchange: {key_exchange(tls_port)}", flush=True)
             results += measure("meridian", edge.process.pid, tls_port, args)
             procs.stop(edge)
         if "nginx" in peers:
@@ -314,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             wait_until(tcp_accepts(port), nginx, "TLS port")
             _warm(port)
+            print(f"nginx key exchange: {key_exchange(port)}", flush=True)
             results += measure("nginx", nginx.process.pid, port, args)
             procs.stop(nginx)
     finally:
@@ -322,6 +324,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     return 0
+
+
+def key_exchange(port: int) -> str:
+    """The TLS 1.3 group a default ``openssl`` client gets, and whether it was asked to retry
+    (a HelloRetryRequest costs a round trip and a second key share: the comparison is only
+    fair when both servers answer the client's first share)."""
+    run = subprocess.run(
+        [_tool("openssl"), "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3", "-msg"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    found = re.search(r"Server Temp Key: ([^\n]+)", run.stdout)
+    hellos = run.stdout.count(", ServerHello")
+    retry = " after a HelloRetryRequest" if hellos > 1 else ""
+    return (found.group(1) if found else "unknown") + retry
 
 
 def _warm(port: int) -> None:
