@@ -15,9 +15,8 @@ Server contexts compared:
 * ``edge``: the edge's listening context (``edge.tls.TlsContexts``: its protocol policy and the
   SNI callback that switches to the certificate's context);
 * ``edge-p256``: the edge's policy (``new_context``, no SNI callback) with what it had before,
-  ``set_ecdh_curve("prime256v1")``: on
-  OpenSSL 3 that call sets the *only* group, so a TLS 1.3 client offering X25519 got a
-  HelloRetryRequest, a second ClientHello and a P-256 exchange.
+  ``set_ecdh_curve("prime256v1")``: on OpenSSL 3 that call sets the *only* group, so a TLS 1.3
+  client offering X25519 got a HelloRetryRequest, a second ClientHello and a P-256 exchange.
 
 Round trips are the server's ``do_handshake`` calls that wanted more bytes (one per flight
 the client had to send).  The socket path (accept, event loop, protocol objects) is measured
