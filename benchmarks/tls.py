@@ -1,13 +1,16 @@
 """TLS and HTTP/2 at the edge against nginx, one run, the same certificate and origin.
 
-    python -m benchmarks.tls [--seconds 10] [--json out.json]
+    python -m benchmarks.tls [--seconds 10] [--json out.json] [--scenarios handshakes]
+        [--clients 4] [--peers meridian,nginx]
 
 The sample origin (``meridian.origin``) behind, in turn, the Meridian edge (one worker, TLS
 listener, access log off) and nginx (one worker, ``listen ... ssl http2``, ``proxy_cache``,
 access log off), both with one ECDSA P-256 certificate made at start by ``openssl req``.
 Scenarios, each against both servers:
 
-* ``handshakes``: new TLS 1.3 handshakes, no request (``openssl s_time -new``, two clients);
+* ``handshakes``: new TLS 1.3 handshakes, no request (``openssl s_time -new``, two clients,
+  ``--clients`` more: two synchronous clients leave both servers short of a full core, so the
+  rate then measures handshake latency too; with four or more the servers saturate);
 * ``h1-tls-hit``: HTTP/1.1 over TLS, 2 KB cache hits (``h2load --h1``, 64 connections);
 * ``h2-hit``: HTTP/2 over TLS, 2 KB cache hits (``h2load``, 64 connections x 10 streams);
 * ``h2-br-hit``: the same with ``Accept-Encoding: br`` (Meridian serves its stored Brotli
@@ -43,6 +46,7 @@ from benchmarks.compare import (
 )
 
 PATH = "/api/v1/symbols"  # 2107 bytes of JSON, public, max-age=300
+SCENARIOS = ("h1-tls-hit", "h2-hit", "h2-br-hit", "handshakes")
 
 
 @dataclass
@@ -167,12 +171,12 @@ class Counts:
     seconds: float
 
 
-def s_time(port: int, seconds: float) -> int:
-    """New TLS 1.3 handshakes from two ``openssl s_time -new`` clients in parallel."""
+def s_time(port: int, seconds: float, clients: int = 2) -> int:
+    """New TLS 1.3 handshakes from ``clients`` ``openssl s_time -new`` clients in parallel."""
     _, client = _cores()
     argv = [*client, _tool("openssl"), "s_time", "-connect", f"127.0.0.1:{port}", "-new"]
     argv += ["-time", str(int(seconds))]
-    runs = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    runs = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) for _ in range(clients)]
     total = 0
     for run in runs:
         out, _ = run.communicate(timeout=seconds + 60)
@@ -191,6 +195,8 @@ def measure(server: str, leader: int, port: int, args: argparse.Namespace) -> li
         ("h2-hit", False, 10, []),
         ("h2-br-hit", False, 10, ["accept-encoding: br"]),
     ):
+        if scenario not in args.scenarios:
+            continue
         before = session_cpu_seconds(leader)
         counts = h2load(url, args.requests, h1=h1, streams=streams, headers=headers)
         cpu = session_cpu_seconds(leader) - before
@@ -206,8 +212,10 @@ def measure(server: str, leader: int, port: int, args: argparse.Namespace) -> li
                 counts.failed,
             )
         )
+    if "handshakes" not in args.scenarios:
+        return results
     before = session_cpu_seconds(leader)
-    handshakes = s_time(port, args.seconds)
+    handshakes = s_time(port, args.seconds, args.clients)
     cpu = session_cpu_seconds(leader) - before
     results.append(
         Result(
@@ -229,7 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=60_000, help="per h2load run")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--peers", default="meridian,nginx")
+    parser.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help=f"a subset of {','.join(SCENARIOS)}"
+    )
+    parser.add_argument(
+        "--clients", type=int, default=2, help="openssl s_time clients for handshakes"
+    )
     args = parser.parse_args(argv)
+    args.scenarios = args.scenarios.split(",")
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"--scenarios: unknown {','.join(sorted(unknown))}")
     workdir = Path(tempfile.mkdtemp(prefix="bench-tls-"))
     procs = Processes(workdir)
     server_cores, _ = _cores()
@@ -275,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             wait_until(tcp_accepts(tls_port), edge, "TLS port")
             _warm(tls_port)
+            print(f"meridian key exchange: {key_exchange(tls_port)}", flush=True)
             results += measure("meridian", edge.process.pid, tls_port, args)
             procs.stop(edge)
         if "nginx" in peers:
@@ -296,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             wait_until(tcp_accepts(port), nginx, "TLS port")
             _warm(port)
+            print(f"nginx key exchange: {key_exchange(port)}", flush=True)
             results += measure("nginx", nginx.process.pid, port, args)
             procs.stop(nginx)
     finally:
@@ -304,6 +324,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     return 0
+
+
+def key_exchange(port: int) -> str:
+    """The TLS 1.3 group a default ``openssl`` client gets, and whether it was asked to retry
+    (a HelloRetryRequest costs a round trip and a second key share: the comparison is only
+    fair when both servers answer the client's first share)."""
+    run = subprocess.run(
+        [_tool("openssl"), "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3", "-msg"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    found = re.search(r"Server Temp Key: ([^\n]+)", run.stdout)
+    hellos = run.stdout.count(", ServerHello")
+    retry = " after a HelloRetryRequest" if hellos > 1 else ""
+    return (found.group(1) if found else "unknown") + retry
 
 
 def _warm(port: int) -> None:

@@ -105,6 +105,9 @@ async def _tls_listeners(
     server = await loop.create_server(
         doors.tls_factory,
         sock=tls_sock if tls_sock is not None else _bind(tls_config.listen),
+        # The loop calls listen() again on a socket it is given, with its default of 100
+        # unless told: a burst of new TLS connections then overflowed the accept queue.
+        backlog=LISTEN_BACKLOG,
         ssl=tls.listening,
         ssl_handshake_timeout=config.edge.timeouts.client_header,
     )
@@ -119,6 +122,7 @@ async def _tls_listeners(
                 ),
                 tls_config.redirect.host,
                 tls_config.redirect.port,
+                backlog=LISTEN_BACKLOG,
                 reuse_port=True,  # every worker binds it; the kernel spreads connections
             )
         )
@@ -297,7 +301,9 @@ class EdgeWorker:
                 peers = WorkerPeers(sockets, self.worker)
         listen = self.options.listen or config.listeners.edge
         if listen_sock is not None:
-            server = await loop.create_server(doors.plain_factory, sock=listen_sock)
+            server = await loop.create_server(
+                doors.plain_factory, sock=listen_sock, backlog=LISTEN_BACKLOG
+            )
         else:
             server = await loop.create_server(
                 doors.plain_factory,

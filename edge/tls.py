@@ -60,7 +60,11 @@ def new_context(min_version: str, alpn: list[str]) -> ssl.SSLContext:
     context.set_ciphers(TLS12_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_SINGLE_ECDH_USE
     context.set_alpn_protocols(alpn)
-    context.set_ecdh_curve("prime256v1")  # TLS 1.2's group; 1.3 negotiates X25519 first
+    # Key exchange groups: OpenSSL's defaults (X25519 first, then P-256, ...), as nginx's
+    # ``ssl_ecdh_curve auto``.  Never ``set_ecdh_curve``: on OpenSSL 3 it makes its curve the
+    # *only* group, for TLS 1.3 too, so every client offering an X25519 key share (curl,
+    # browsers, openssl) got a HelloRetryRequest: one more round trip and a dearer P-256
+    # exchange on each new connection (``benchmarks.handshake`` measures it).
     return context
 
 

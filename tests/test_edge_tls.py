@@ -3,22 +3,33 @@ Python's ssl; certificates made at test time by trustme."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import re
 import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
+import uvloop
+from prometheus_client import CollectorRegistry
 
+from edge.front import FrontDoors
+from edge.protocol import Connections
+from edge.server import LISTEN_BACKLOG, _tls_listeners
+from edge.tls import TlsContexts, TlsStats
+from meridian.config import EdgeTls, HostPort, TlsCertificate
 from tests.edge_support import ROOT, Edge, Origin, poll_until, processes
+from tests.stage_support import world
 from tests.tls_support import https_get, issue, peer_names, tls_config
 
 CURL = shutil.which("curl")
@@ -363,3 +374,33 @@ def test_meridian_check_summarises_the_tls_listener(tmp_path):
         f"edge tls: 127.0.0.1:{port}, 1 certificate(s) (api.meridian.test, *.m.test),"
         " first expiry 2031-05-04, TLSv1.2+, ALPN h2, http/1.1"
     ) in check.stdout
+
+
+def _accept_queue_limit(sock: Any) -> int:
+    """A listening socket's accept queue limit, as Linux reports it: ``tcpi_sacked`` of
+    TCP_INFO holds ``sk_max_ack_backlog`` for a socket in LISTEN."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return struct.unpack_from("8B6I", info)[13]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TCP_INFO layout is Linux's")
+def test_the_tls_listener_keeps_the_edges_accept_backlog(tmp_path):
+    # uvloop (like asyncio) calls listen() again on a socket it is handed, with 100 unless
+    # told otherwise: the TLS listener had an accept queue of 100 where the plain one had 2048.
+    a = issue(trustme.CA(), tmp_path, "a", "a.test")
+    tls = EdgeTls(HostPort("127.0.0.1", 0), (TlsCertificate(str(a.cert), str(a.key)),))
+
+    async def limits() -> list[int]:
+        w = world()
+        doors = FrontDoors(Connections(w.pipeline, asyncio.get_running_loop()), CollectorRegistry())
+        contexts = TlsContexts(tls, "<memory>", http2=True, stats=TlsStats())
+        server, extra = await _tls_listeners(doors, contexts, tls, None, w.pipeline.state.config, 0)
+        try:
+            return [_accept_queue_limit(sock) for sock in server.sockets]
+        finally:
+            server.close()
+            for other in extra:
+                other.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(limits()) == [LISTEN_BACKLOG]

@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -146,3 +148,21 @@ async def test_a_head_split_anywhere_is_the_same_request(client: Client, cut: in
     client.send(GET[cut:])
     answers = await client.responses(before + 1)
     assert answers[-1][0] == 200 and answers[-1][2] == TICKER
+
+
+async def test_a_closed_connection_is_freed_by_reference_counting_alone() -> None:
+    # Its parser holds the connection's bound callbacks: a cycle, unless connection_lost
+    # lets go of the parser.  With the cycle every closed connection (13 objects) waited for
+    # the cyclic collector, in memory no longer in cache, instead of being freed at once.
+    w = world({"http://u1": [Reply(headers=CACHEABLE, chunks=(TICKER,))]})
+    gc.disable()
+    try:
+        c = Client(w)
+        c.send(GET)
+        await c.responses(1)
+        gone = weakref.ref(c.connection)
+        c.close()
+        del c
+        assert gone() is None
+    finally:
+        gc.enable()

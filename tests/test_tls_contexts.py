@@ -114,6 +114,47 @@ def test_min_version_tls13_refuses_a_tls12_client(tmp_path):
             c_in.write(s_out.read())
 
 
+def _client_flights(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> int:
+    """How many flights the client sent before the server's side of a handshake was done."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="a.test")
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    for flights in range(1, 6):
+        with contextlib.suppress(ssl.SSLWantReadError):
+            client.do_handshake()
+        s_in.write(c_out.read())
+        try:
+            server.do_handshake()
+        except ssl.SSLWantReadError:
+            c_in.write(s_out.read())
+            continue
+        return flights
+    raise AssertionError("no handshake in 5 flights")
+
+
+def test_a_tls13_client_with_an_x25519_share_gets_no_hello_retry(tmp_path):
+    # OpenSSL 3's set_ecdh_curve("prime256v1") made P-256 the only group: every client that
+    # sent an X25519 key share (curl, browsers, openssl) got a HelloRetryRequest, a third
+    # flight and a round trip more per new connection.
+    ca = trustme.CA()
+    a = issue(ca, tmp_path, "a", "a.test")
+    contexts = TlsContexts(_tls((a.cert, a.key)), "<memory>", http2=True, stats=TlsStats())
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.check_hostname = False
+    client_ctx.verify_mode = ssl.CERT_NONE
+    client_ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    assert _client_flights(contexts.listening, client_ctx) == 2  # ClientHello, Finished
+    # A client that offers only P-256 is served too (its one share is acceptable: no retry),
+    # and so is a TLS 1.2 one (ECDHE).
+    client_ctx.set_ecdh_curve("prime256v1")
+    assert _client_flights(contexts.listening, client_ctx) == 2
+    tls12 = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    tls12.check_hostname = False
+    tls12.verify_mode = ssl.CERT_NONE
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    assert _client_flights(contexts.listening, tls12) == 2
+
+
 def test_certificate_problems_name_the_field(tmp_path):
     ca = trustme.CA()
     good = issue(ca, tmp_path, "good", "a.test")
