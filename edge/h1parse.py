@@ -146,6 +146,43 @@ class MessageSink(Protocol):
     def resume_reading(self) -> None: ...
 
 
+class _NoRequests:
+    """The callbacks of ``_CLOSED_PARSER``: a parser bound to nothing (it is never fed)."""
+
+
+#: What a closed connection's parser is swapped for.  A parser holds bound methods of its
+#: ``MessageParser`` (its callbacks), a reference cycle: left in place, every closed connection
+#: stayed allocated until the cyclic collector ran, instead of being freed, in cache, by
+#: reference counting the moment its transport let go of it.
+_CLOSED_PARSER = httptools.HttpRequestParser(_NoRequests())
+
+
+class _Closed:
+    """The sink of a closed connection's ``MessageParser``: nothing is fed after
+    ``connection_lost``, so nothing reaches it; it only stands in for the connection."""
+
+    client_ip = "-"
+    scheme = b"http"
+    protocol: str | None = None
+
+    def message_begun(self) -> None: ...
+
+    def head_received(self, exchange: Exchange) -> None: ...
+
+    def body_received(self) -> None: ...
+
+    def schedule(self, exchange: Exchange) -> None: ...
+
+    def message_complete(self, exchange: Exchange) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+_CLOSED_SINK = _Closed()
+
+
 class MessageParser:
     """Request messages of one connection (module docstring); ``current`` is the exchange
     whose message is being read, ``reading_head`` whether a head is."""
@@ -183,6 +220,12 @@ class MessageParser:
         self._head_seen: RequestHead | None = None
         #: What a callback refused (httptools reports only that a callback raised).
         self._rejected: RequestRejected | None = None
+
+    def close(self) -> None:
+        """No more bytes come (the connection is lost): let go of the parser and the sink,
+        the cycles that would keep the connection for the cyclic collector."""
+        self._parser = _CLOSED_PARSER
+        self._sink = _CLOSED_SINK
 
     def feed(self, data: bytes, at_boundary: bool) -> bytes | None:
         """Parse ``data`` (``at_boundary``: no message was begun before it).  Returns the bytes

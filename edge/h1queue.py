@@ -38,6 +38,20 @@ class QueueHost(Protocol):
     def resume_reading(self) -> None: ...
 
 
+class _Gone:
+    """The host of a lost connection's queue: what the queue reports after the loss changes
+    nothing (the connection's own ``request_done`` returns at once without a transport)."""
+
+    def request_done(self, exchange: Exchange) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+_GONE = _Gone()
+
+
 class RequestQueue:
     """The requests of one connection (module docstring)."""
 
@@ -94,10 +108,16 @@ class RequestQueue:
         self._waiting.clear()
 
     def cancel(self) -> None:
-        """Cancel the active request's task (the client went away)."""
+        """Cancel the active request's task (the client went away, or its deadline passed)."""
         task = self.task
         if task is not None and not task.done():
             task.cancel()
+
+    def release(self) -> None:
+        """The connection is lost: cancel, and let go of it (a reference cycle that would
+        keep it for the cyclic collector)."""
+        self.cancel()
+        self._host = _GONE
 
     @property
     def running(self) -> bool:
