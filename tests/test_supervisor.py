@@ -325,8 +325,11 @@ def toy_main(mode: str, config: str, directory: str, workers: int) -> int:
                 generation = offered
                 record.write_text(str(generation))
 
-        record.write_text(str(generation))
+        # Attach (its first heartbeat is sent at once) before the record says "live": a test
+        # that stops a live toy must stop one its supervisor saw ready, or it is never "hung"
+        # but "not ready after start_deadline" (seen under load, with pytest-xdist).
         context.link.attach(generation=lambda: generation, adopt=adopt, parent_gone=stop.set)
+        record.write_text(str(generation))
         await stop.wait()
         context.link.detach()
         return 0
