@@ -61,6 +61,19 @@ class ProxyRequest(NamedTuple):
     protocol: str | None = None
 
 
+def head_of(request: ProxyRequest) -> RequestHead:
+    """The head of a bodiless ``request`` just validated (HTTP/1.1 or HTTP/2), to be memoised
+    by its bytes or its header block."""
+    return RequestHead(
+        request.method,
+        request.target,
+        request.path,
+        request.host,
+        request.headers,
+        request.request_id if request.request_id_supplied else None,
+    )
+
+
 class RequestBody(Protocol):
     """The request body as the connection streams it (see ``edge.h1parse.StreamedBody``)."""
 
@@ -268,5 +281,6 @@ __all__ = [
     "connection_line",
     "entry_region",
     "forwarding_context",
+    "head_of",
     "request_id_line",
 ]

@@ -21,6 +21,7 @@ import httptools
 
 from edge.bodyqueue import BodyQueue
 from edge.cache import Lookup
+from edge.exchange import head_of
 from edge.http1 import (
     NO_BODY,
     BodyKind,
@@ -434,14 +435,7 @@ class MessageParser:
             and request.http_version == "1.1"
             and (request.method == "GET" or request.method == "HEAD")
         ):
-            self._head_seen = RequestHead(
-                request.method,
-                request.target,
-                request.path,
-                request.host,
-                request.headers,
-                request.request_id if request.request_id_supplied else None,
-            )
+            self._head_seen = head_of(request)
         self._sink.message_complete(exchange)
 
     # -- helpers ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from edge.accesslog import H1_FIELDS
 from edge.cache import Lookup
+from edge.exchange import head_of
 from edge.h2core import DataReceived, RequestReceived
 from edge.h2streams import H2Body, H2Stream, StreamTable
 from edge.h2wire import ErrorCode
@@ -188,14 +189,7 @@ class H2Requests:
             return
         stream.request = request
         if ended and (request.method == "GET" or request.method == "HEAD"):
-            head = RequestHead(
-                request.method,
-                request.target,
-                request.path,
-                request.host,
-                request.headers,
-                request.request_id if request.request_id_supplied else None,
-            )
+            head = head_of(request)
             if event.block.memoised:
                 event.block.app = H2Head(state, head)
             self._replay(stream_id, head, stream, request)
