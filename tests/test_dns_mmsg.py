@@ -7,21 +7,18 @@ the same senders, and keep the hostile-input and full-send-buffer behaviour of t
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import errno
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import dns.message
 import pytest
 
 from geodns import mmsg
 from geodns.server import DnsServer
 from meridian.config import HostPort
 from meridian.lifecycle import ConfigHolder
-from tests.dns_support import POP_ADDRESSES, addresses, base_config, make_query, write_config
+from tests.dns_support import base_config, make_query, write_config
 
 ZONE = "meridian.test"  # tests/dns_support.py's base_config
 pytestmark = pytest.mark.skipif(not mmsg.AVAILABLE, reason="recvmmsg/sendmmsg need Linux")
@@ -167,43 +164,3 @@ async def test_the_batched_loop_answers_byte_for_byte_what_the_plain_loop_answer
     batched = await _answers(tmp_path, batched=True)
     assert len(plain) >= 18  # every well-formed query and the FORMERR-able garbage answered
     assert batched == plain
-
-
-async def test_a_full_send_buffer_holds_the_batchs_replies_until_writable(
-    tmp_path: Path,
-) -> None:
-    """sendmmsg refusing with EAGAIN: the reply waits in the backlog, as in the plain loop
-    (tests/test_dns_server.py::test_udp_replies_wait_when_the_send_buffer_is_full)."""
-    config = base_config()
-    del config["dns"]["names"]["origin"]
-    holder = ConfigHolder.from_file(str(write_config(tmp_path / "w.yaml", config)))
-    server = DnsServer(holder, "iad", listen=HostPort("127.0.0.1", 0), admin=None, tcp=False)
-    await server.start()
-    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        client.bind(("127.0.0.1", 0))
-        client.setblocking(False)
-        assert server._batch is not None
-        real = server._batch._sendmmsg
-        refused: list[int] = []
-
-        def full_once(fd: int, messages: int, count: int, flags: int) -> int:
-            if not refused:
-                refused.append(count)
-                ctypes.set_errno(errno.EAGAIN)
-                return -1
-            result: int = real(fd, messages, count, flags)
-            return result
-
-        server._batch._sendmmsg = full_once
-        query = make_query(f"api.{ZONE}")
-        assert server.udp_address is not None
-        client.sendto(query.to_wire(), server.udp_address)
-        loop = asyncio.get_running_loop()
-        reply = dns.message.from_wire(await asyncio.wait_for(loop.sock_recv(client, 65535), 5))
-        assert refused and reply.id == query.id
-        assert addresses(reply) == [POP_ADDRESSES["iad"]]
-        assert not server._backlog and server.metrics.send_errors == 0
-    finally:
-        client.close()
-        await server.stop()

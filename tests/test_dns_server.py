@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import json
 import shutil
 import signal
@@ -24,6 +26,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
+from geodns import mmsg
 from geodns.server import DnsServer, combine_answers
 from meridian.config import HostPort
 from meridian.lifecycle import ConfigHolder
@@ -416,29 +419,62 @@ def test_a_burst_of_cold_queries_is_answered_in_full(server: ServerProcess) -> N
     assert len(answered) == count
 
 
-async def test_udp_replies_wait_when_the_send_buffer_is_full(tmp_path: Path) -> None:
+def _refuse_first_send(server: DnsServer) -> list[int]:
+    """Make the server's first UDP send "would block" (``sendto``, or ``sendmmsg`` in the
+    batched loop); the list records that it happened."""
+    refused: list[int] = []
+    batch = server._batch
+    if batch is not None:
+        real_sendmmsg = batch._sendmmsg
+
+        def batch_full_once(fd: int, messages: int, count: int, flags: int) -> int:
+            if not refused:
+                refused.append(count)
+                ctypes.set_errno(errno.EAGAIN)
+                return -1
+            sent: int = real_sendmmsg(fd, messages, count, flags)
+            return sent
+
+        batch._sendmmsg = batch_full_once
+        return refused
+    real_sendto = server._sendto
+
+    def full_once(data: bytes, addr: tuple[str, int]) -> None:
+        if not refused:
+            refused.append(1)
+            raise BlockingIOError
+        real_sendto(data, addr)
+
+    server._sendto = full_once
+    return refused
+
+
+@pytest.mark.parametrize(
+    "batched",
+    [
+        pytest.param(False, id="recvfrom-sendto"),
+        pytest.param(
+            True,
+            id="recvmmsg-sendmmsg",
+            marks=pytest.mark.skipif(not mmsg.AVAILABLE, reason="recvmmsg/sendmmsg need Linux"),
+        ),
+    ],
+)
+async def test_udp_replies_wait_when_the_send_buffer_is_full(tmp_path: Path, batched: bool) -> None:
     """A reply the kernel cannot take now ("would block") is held and sent once the socket is
-    writable again, not dropped."""
+    writable again, not dropped: in the plain loop and in the batched one."""
     config = base_config()
     del config["dns"]["names"]["origin"]
     holder = ConfigHolder.from_file(str(write_config(tmp_path / "w.yaml", config)))
     server = DnsServer(holder, "iad", listen=HostPort("127.0.0.1", 0), admin=None, tcp=False)
-    server.batch_syscalls = False  # the recvfrom/sendto loop (tests/test_dns_mmsg.py: batched)
+    server.batch_syscalls = batched
     await server.start()
+    assert (server._batch is not None) is batched
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         client.bind(("127.0.0.1", 0))
         client.setblocking(False)
-        real_sendto = server._sendto
-        refused: list[bytes] = []
-
-        def full_once(data: bytes, addr: tuple[str, int]) -> None:
-            if not refused:
-                refused.append(data)
-                raise BlockingIOError
-            real_sendto(data, addr)
-
-        server._sendto = full_once
+        refused = _refuse_first_send(server)
         query = make_query(f"api.{ZONE}")
         assert server.udp_address is not None
         client.sendto(query.to_wire(), server.udp_address)
