@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, NamedTuple, Protocol
 
 from edge.errors import EdgeError
-from edge.http1 import BodyFraming, ForwardingContext, Headers, RequestRejected, is_trusted
+from edge.http1 import (
+    NO_BODY,
+    BodyFraming,
+    ForwardingContext,
+    Headers,
+    RequestRejected,
+    is_trusted,
+)
 from edge.state import EdgeState, RequestHead
 from edge.upstream import Attempt, HealthView
 
@@ -59,6 +66,37 @@ class ProxyRequest(NamedTuple):
     scheme: bytes = b"http"
     #: The access line's protocol fields (``edge.accesslog.protocol_fields``); None: HTTP/1.1.
     protocol: str | None = None
+
+
+def replayed_request(
+    head: RequestHead,
+    client_ip: str,
+    request_id: bytes,
+    received_at: float,
+    memo: RequestHead | None,
+    scheme: bytes,
+    protocol: str | None,
+) -> ProxyRequest:
+    """The request of a head validated before (HTTP/1.1 bytes or an HTTP/2 header block seen
+    again), bodiless, without a parse; ``memo``: the head the hit path may keep what it
+    derives on (None for a head seen once)."""
+    return ProxyRequest(
+        head.method,
+        head.target,
+        head.path,
+        head.host,
+        "1.1",
+        head.headers,
+        True,
+        client_ip,
+        NO_BODY,
+        request_id,
+        received_at,
+        head.supplied_id is not None,
+        memo,
+        scheme,
+        protocol,
+    )
 
 
 def head_of(request: ProxyRequest) -> RequestHead:
@@ -282,5 +320,6 @@ __all__ = [
     "entry_region",
     "forwarding_context",
     "head_of",
+    "replayed_request",
     "request_id_line",
 ]

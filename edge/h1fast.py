@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
+from edge.exchange import replayed_request
 from edge.fasthead import MeaningKey, Volatile, parse_simple_head
 from edge.h1parse import REQUEST_HEAD_MAX_BYTES, remember_head, seen_before
 from edge.http1 import NO_BODY, RequestRejected, new_request_id, valid_request_id
@@ -193,19 +194,11 @@ class HeadShortcuts:
         a head seen once goes through as if llhttp had parsed it."""
         supplied = head.supplied_id
         pipeline = self._pipeline
-        request = ProxyRequest(
-            head.method,
-            head.target,
-            head.path,
-            head.host,
-            "1.1",
-            head.headers,
-            True,
+        request = replayed_request(
+            head,
             client_ip,
-            NO_BODY,
             supplied if supplied is not None else new_request_id(),
             pipeline.clock(),
-            supplied is not None,
             head if memoised else None,
             scheme,
             protocol,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from edge.accesslog import H1_FIELDS
 from edge.cache import Lookup
-from edge.exchange import head_of
+from edge.exchange import head_of, replayed_request
 from edge.h2core import DataReceived, RequestReceived
 from edge.h2streams import H2Body, H2Stream, StreamTable
 from edge.h2wire import ErrorCode
@@ -223,22 +223,8 @@ class H2Requests:
         else:
             request_id = supplied if supplied is not None else new_request_id()
             received_at = pipeline.clock()
-        as_http11 = ProxyRequest(
-            head.method,
-            head.target,
-            head.path,
-            head.host,
-            "1.1",
-            head.headers,
-            True,
-            self.client_ip,
-            NO_BODY,
-            request_id,
-            received_at,
-            supplied is not None,
-            head,
-            self.scheme,
-            self.protocol,
+        as_http11 = replayed_request(
+            head, self.client_ip, request_id, received_at, head, self.scheme, self.protocol
         )
         access_log = pipeline.access_log
         access_log.protocol = self.protocol

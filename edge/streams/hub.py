@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 
 from edge.streams.frames import DEFLATE, EVENTS, KINDS, data_frame, sse_event, text_frame
-from edge.streams.queue import Subscriber
+from edge.streams.queue import Subscriber, write_to_each
 from edge.streams.stats import StreamStats
 from meridian.config import CHANNEL_NAME, EdgeStreams, StreamChannel
 
@@ -298,15 +298,7 @@ class Hub:
         if batch is not None:
             batch.fan_out(frame, ts, channel, subs)
             return
-        written = 0
-        for sub in subs:
-            if sub.paused or sub.queue:
-                sub.enqueue(frame, ts, channel)
-            else:
-                sub.write(frame)
-                written += 1
-        if written:
-            self.stats.delivered(len(frame), ts, written)
+        write_to_each(frame, ts, channel, subs)
 
     def _gap(self, channel: Channel, seq: int) -> None:
         """The upstream continues past a hole: one resync frame for every subscriber."""

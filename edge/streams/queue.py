@@ -94,12 +94,12 @@ class WriteBatch:
             for sub in dirty:
                 sub.flush()
         elif len(fanouts) == 1 and not dirty:
-            _write_one(*fanouts[0])
+            write_to_each(*fanouts[0])
         else:
             _write_gathered(dirty, fanouts)
 
 
-def _write_one(
+def write_to_each(
     frame: bytes, ts: float, channel: Any, subscribers: tuple[Subscriber[Any], ...]
 ) -> None:
     """One message to each of its subscribers: the same bytes, one write each (a closed
