@@ -65,12 +65,13 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from benchmarks.compare import bench_lock, one_pop_config
 from meridian.origin import SYMBOLS
+from meridian.origin_streams import Feed
 
 #: Every LAG_SAMPLE-th message's lag is measured by the load generator.
 LAG_SAMPLE = 8
@@ -371,6 +372,57 @@ def _write_syscalls(pid: int) -> int:
     return 0
 
 
+#: /proc/stat's per-CPU columns: user nice system idle iowait irq softirq steal ...
+_IDLE_COLUMNS = (3, 4)
+_SOFTIRQ_COLUMN = 6
+
+
+def core_ticks(stat: str, cpu: int) -> tuple[int, int, int]:
+    """(busy, softirq, total) clock ticks of ``cpu`` from the text of /proc/stat.  Busy is
+    everything but idle and iowait: every process on the core and the kernel's softirq work,
+    which the processes' own utime+stime leave out (on loopback, the TCP input of the socket
+    a process wrote to runs as softirq on the writer's core)."""
+    prefix = f"cpu{cpu} "
+    for line in stat.splitlines():
+        if line.startswith(prefix):
+            ticks = [int(field) for field in line.split()[1:]]
+            total = sum(ticks[:8])  # guest time is already counted in user
+            idle = sum(ticks[i] for i in _IDLE_COLUMNS)
+            return total - idle, ticks[_SOFTIRQ_COLUMN], total
+    raise ValueError(f"no cpu{cpu} line in /proc/stat")
+
+
+def core_shares(before: tuple[int, int, int], after: tuple[int, int, int]) -> tuple[float, float]:
+    """(busy, softirq) shares of a core between two ``core_ticks`` readings."""
+    busy, softirq, total = (b - a for a, b in zip(before, after, strict=True))
+    return (busy / total, softirq / total) if total > 0 else (0.0, 0.0)
+
+
+#: Receive packet steering of loopback's one queue: a hexadecimal CPU mask, 0 for none.
+LO_RPS = Path("/sys/class/net/lo/queues/rx-0/rps_cpus")
+
+
+@contextlib.contextmanager
+def loopback_rx_on(cpu: int | None, control: Path = LO_RPS) -> Iterator[None]:
+    """With ``cpu``, loopback's receive processing (the TCP input of the socket written to)
+    runs on that core for the block (RPS), not on the writer's: the server's core then pays
+    for its sends only, as with clients on other machines.  The setting is machine-wide (it
+    needs root), so the one found is put back, whatever happens."""
+    if cpu is None:
+        yield
+        return
+    before = control.read_text().strip()
+    control.write_text(f"{1 << cpu:x}\n")
+    try:
+        yield
+    finally:
+        control.write_text(before + "\n")
+
+
+def _core_ticks(cpu: int) -> tuple[int, int, int]:
+    return core_ticks(Path("/proc/stat").read_text(), cpu)
+
+
 def _rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -418,6 +470,69 @@ def _bucket_quantile(before: dict[float, float], after: dict[float, float], q: f
         if count >= q * counts[-1]:
             return bound * 1000
     return float("inf")
+
+
+def ss_unread(text: str) -> int:
+    """The bytes waiting unread in the receive queues listed by ``ss -tnH`` (Recv-Q, the
+    first column of an established socket's line)."""
+    total = 0
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0].isdigit():
+            total += int(fields[0])
+    return total
+
+
+def _sample_unread(origin_port: int, seconds: float, sample: bool) -> list[int]:
+    """Sleeps ``seconds``; meanwhile, four times a second, the bytes waiting unread in the
+    server's sockets to the origin (``ss``: the kernel filters, so it is cheap): the hop
+    between the origin's write and the server's read, seen directly."""
+    end = time.monotonic() + seconds
+    samples: list[int] = []
+    ss = shutil.which("ss") if sample else None
+    while (left := end - time.monotonic()) > 0:
+        if ss is not None:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                listing = subprocess.run(
+                    [ss, "-tnH", "state", "established", f"( dport = :{origin_port} )"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                    check=True,
+                )
+                samples.append(ss_unread(listing.stdout))
+        time.sleep(min(0.25, max(0.0, end - time.monotonic())) if ss else left)
+    return samples
+
+
+def _frame_size(channels: int) -> float:
+    """The mean size of an origin message on the wire (payload and a 2-byte frame head)."""
+    feed = Feed({s: (v.price, v.price_decimals) for s, v in SYMBOLS.items()}, 10.0, 1)
+    names = [f"trades:{name}" for name in list(SYMBOLS)[:channels]]
+    return sum(len(feed.message(name, 1_000_000_000)) + 2 for name in names) / len(names)
+
+
+def _origin_late(origin_port: int) -> dict[str, int]:
+    """The origin's count of messages per whole millisecond they were written late."""
+    with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
+        late: dict[str, int] = json.loads(_http_get(origin_port, "/_control"))["streams"][
+            "publish_late_ms"
+        ]
+        return late
+    return {}
+
+
+def ms_quantile(before: dict[str, int], after: dict[str, int], q: float) -> float:
+    """Quantile ``q`` (the bucket's upper bound, ms) of the counts per whole millisecond
+    added between two readings."""
+    counts = sorted((int(ms), n - before.get(ms, 0)) for ms, n in after.items())
+    total = sum(n for _, n in counts)
+    seen = 0
+    for ms, n in counts:
+        seen += n
+        if total and seen >= q * total:
+            return float(ms + 1)
+    return float("nan")
 
 
 def _edge_config(path: Path, origin_port: int) -> None:
@@ -619,15 +734,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             figures["origin_connections"] = sum(control["streams"]["subscriptions"].values())
         lag_start: dict[float, float] = {}
         arrival_start: dict[float, float] = {}
+        late_start = _origin_late(origin_port)
         if not args.nginx:
             lag_start = _lag_buckets(admin_port)
             arrival_start = _lag_buckets(admin_port, "arrival")
         cpu_start, origin_start = _cpu_seconds(pid), _cpu_seconds(origin.pid)
+        cores_start = {core: _core_ticks(core) for core in _watched_cores()}
         waited_start, writes_start = _waited_seconds(pid), _write_syscalls(pid)
         started = time.perf_counter()
         _command(generators, "start", "started")
-        time.sleep(args.duration)
+        unread = _sample_unread(origin_port, args.duration, not args.nginx)
         results = _command(generators, "stop", "result")
+        late_end = _origin_late(origin_port)
         seconds = time.perf_counter() - started
         user, system = (b - a for a, b in zip(cpu_start, _cpu_seconds(pid), strict=True))
         cpu = user + system
@@ -637,6 +755,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         figures["server_write_syscalls"] = _write_syscalls(pid) - writes_start
         figures["server_cpu_wait_share"] = (_waited_seconds(pid) - waited_start) / seconds
         figures["origin_cpu_share"] = (sum(_cpu_seconds(origin.pid)) - sum(origin_start)) / seconds
+        for core, ticks in cores_start.items():
+            busy, softirq = core_shares(ticks, _core_ticks(core))
+            name = "edge_core" if core == 0 else f"core{core}"
+            figures[f"{name}_busy_share"], figures[f"{name}_softirq_share"] = busy, softirq
         figures["rss_mib"] = _rss_kib(pid) / 1024
         figures["rss_kib_per_1000_clients"] = _rss_kib(pid) / args.clients * 1000
         if not args.nginx:
@@ -646,6 +768,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             arrival_end = _lag_buckets(admin_port, "arrival")
             figures["arrival_lag_p50_ms_le"] = _bucket_quantile(arrival_start, arrival_end, 0.5)
             figures["arrival_lag_p99_ms_le"] = _bucket_quantile(arrival_start, arrival_end, 0.99)
+        figures["origin_late_p50_ms_le"] = ms_quantile(late_start, late_end, 0.5)
+        figures["origin_late_p99_ms_le"] = ms_quantile(late_start, late_end, 0.99)
+        if unread:
+            # Bytes the origin delivered that the edge had not read yet, over the window; in
+            # time, at the rate the origin publishes them.
+            mean = sum(unread) / len(unread)
+            per_second = args.channels * args.rate * _frame_size(args.channels)
+            figures["upstream_unread_kib_mean"] = mean / 1024
+            figures["upstream_unread_kib_max"] = max(unread) / 1024
+            figures["upstream_unread_ms_mean"] = mean / per_second * 1000
         figures.update(merge_results(results, seconds))
         _command(generators, "end", None)
         for generator in generators:
@@ -675,21 +807,35 @@ SATURATED = 0.9
 CONTENDED = 0.1
 
 
+def _watched_cores() -> list[int]:
+    """The server's core (0) and, with two or more, the load generators' first core (1)."""
+    return [0, 1] if (os.cpu_count() or 1) >= 2 else [0]
+
+
 def limited_by(figures: dict[str, Any]) -> str:
     """What held the delivered rate (or the lag) back: ``none`` when every expected message
-    arrived and the load generator kept up, else the saturated side (a load generator at a
-    full core also inflates the lag it measures)."""
-    loadgen = figures.get("loadgen_cpu_share", 0.0) >= SATURATED
-    server = figures.get("server_cpu_share", 0.0) >= SATURATED
-    waited = figures.get("server_cpu_wait_share", 0.0)
-    short = figures.get("rate", 0.0) < 0.97 * figures["expected_rate"]
-    if loadgen:
-        return "load generator (at a full core: its rate and lag, not the server's)"
-    if server:
-        return "server (at a full core)"
-    if waited >= CONTENDED:
-        return f"CPU contention (the server waited for a CPU {waited:.0%} of the window)"
-    if short:
+    arrived and nothing was at a full core, else each saturated side.
+
+    The server's core counts the server's own CPU and the core's softirq time: on loopback the
+    kernel runs the TCP input of every socket the server writes to (the client's receive
+    path) as softirq on the server's core, charged to no process.  A server whose core is full
+    falls behind: its backlog (origin messages unread in its upstream sockets) is the lag, and
+    coalesces frames into fewer writes until it costs what the core can pay.  A full load
+    generator core (load generators, origin, the clients' side of the kernel) inflates the lag
+    the clients measure, not the edge's own (``origin ts -> edge write``)."""
+    sides = []
+    server = figures.get("server_cpu_share", 0.0) + figures.get("edge_core_softirq_share", 0.0)
+    if figures.get("loadgen_cpu_share", 0.0) >= SATURATED:
+        sides.append("load generator (at a full core: its rate and lag, not the server's)")
+    elif figures.get("core1_busy_share", 0.0) >= SATURATED:
+        sides.append("the load generators' core (full: the clients' lag, not the edge's)")
+    if server >= SATURATED:
+        sides.append(f"server (its core full: {server:.0%} with the kernel's softirq work)")
+    elif (waited := figures.get("server_cpu_wait_share", 0.0)) >= CONTENDED:
+        sides.append(f"CPU contention (the server waited for a CPU {waited:.0%} of the window)")
+    if sides:
+        return "; ".join(sides)
+    if figures.get("rate", 0.0) < 0.97 * figures["expected_rate"]:
         return "neither at a full core (other processes on the machine?)"
     return "none"
 
@@ -706,6 +852,11 @@ def report(figures: dict[str, Any]) -> None:
         ("lag p50 (ms)", "p50_ms"),
         ("lag p99 (ms)", "p99_ms"),
         ("lag max (ms)", "max_ms"),
+        ("origin ts -> origin write p50 (ms, bound)", "origin_late_p50_ms_le"),
+        ("origin ts -> origin write p99 (ms, bound)", "origin_late_p99_ms_le"),
+        ("upstream unread at the edge (KiB, mean)", "upstream_unread_kib_mean"),
+        ("  max", "upstream_unread_kib_max"),
+        ("  in publishing time (ms, mean)", "upstream_unread_ms_mean"),
         ("origin ts -> edge write p50 (ms, bound)", "edge_lag_p50_ms_le"),
         ("origin ts -> edge write p99 (ms, bound)", "edge_lag_p99_ms_le"),
         ("  of which upstream p50 (ms, bound)", "arrival_lag_p50_ms_le"),
@@ -715,6 +866,10 @@ def report(figures: dict[str, Any]) -> None:
         ("  of which in the kernel", "server_cpu_system_share"),
         ("messages per write system call", "messages_per_write"),
         ("server waiting for a CPU (share)", "server_cpu_wait_share"),
+        ("server's core busy (all, with softirq)", "edge_core_busy_share"),
+        ("  of which softirq (loopback TCP input)", "edge_core_softirq_share"),
+        ("load generators' core busy", "core1_busy_share"),
+        ("  of which softirq", "core1_softirq_share"),
         ("messages per server core-second", "messages_per_server_core_second"),
         ("server RSS (MiB)", "rss_mib"),
         ("server RSS per 1,000 clients (KiB)", "rss_kib_per_1000_clients"),
@@ -722,6 +877,7 @@ def report(figures: dict[str, Any]) -> None:
         ("origin connections", "origin_connections"),
         ("clients closed during the run", "closed"),
         ("load generators", "loadgens"),
+        ("loopback receive processing on CPU", "loopback_rx_cpu"),
         ("lag samples (probe clients)", "lag_samples"),
         ("load generator CPU share (busiest)", "loadgen_cpu_share"),
         ("origin CPU share of a core", "origin_cpu_share"),
@@ -784,6 +940,14 @@ def main(argv: list[str] | None = None) -> int:
         default=4096,
         help="the other clients are read once this many bytes wait (SO_RCVLOWAT; 0: at once)",
     )
+    parser.add_argument(
+        "--rx-cpu",
+        type=int,
+        default=None,
+        help="run loopback's receive processing on this CPU for the run (RPS on lo; root; "
+        "restored after): the clients' TCP input off the edge's core, as with clients on "
+        "other machines (default: the writer's core, the kernel's default)",
+    )
     parser.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -796,14 +960,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--channels-per-client must be 1..--channels (1 with --nginx)")
     if args.loadgens < 1 or args.probe_every < 1 or args.bulk_lowat < 0:
         parser.error("--loadgens and --probe-every must be at least 1, --bulk-lowat not negative")
+    if args.rx_cpu is not None and not 0 <= args.rx_cpu < (os.cpu_count() or 1):
+        parser.error(f"--rx-cpu must be 0..{(os.cpu_count() or 1) - 1}")
     if args.loadgen:
         import uvloop
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(loadgen(args))
         return 0
-    with bench_lock("the streams benchmark"):  # one load run on the machine at a time
+    with (
+        bench_lock("the streams benchmark"),  # one load run on the machine at a time
+        loopback_rx_on(args.rx_cpu),
+    ):
         figures = run(args)
+    figures["loopback_rx_cpu"] = "writer's" if args.rx_cpu is None else args.rx_cpu
     report(figures)
     return 0
 

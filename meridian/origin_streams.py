@@ -23,7 +23,9 @@ timestamp (the scheduled publish time, seconds).  A snapshot is ``{"channel": C,
 N (each message is the whole value), for trades the last ``SNAPSHOT_TRADES`` trades up to N.
 A client that applies the snapshot then every message after N has missed nothing.
 
-``GET /_control`` reports the open stream subscriptions per channel (``streams``).
+``GET /_control`` reports the open stream subscriptions per channel (``streams``), and how late
+the publishing tasks wrote their messages (``publish_late_ms``: write time minus ``ts``, a count
+per whole millisecond): the first hop of a message's delivery lag, measured where it happens.
 """
 
 from __future__ import annotations
@@ -167,6 +169,26 @@ class Feed:
         return json.dumps(document, separators=(",", ":")).encode()
 
 
+#: The largest lateness kept apart (ms); later writes are counted in this bucket.
+LATE_CAP_MS = 10_000
+
+
+class Lateness:
+    """How late messages were written, a count per whole millisecond (bounded: at most
+    ``LATE_CAP_MS + 1`` buckets)."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: Counter[int] = Counter()
+
+    def record(self, seconds: float, count: int = 1) -> None:
+        self.counts[min(LATE_CAP_MS, max(0, int(seconds * 1000)))] += count
+
+    def snapshot(self) -> dict[str, int]:
+        return {str(ms): n for ms, n in sorted(self.counts.items())}
+
+
 class StreamServer:
     """The stream endpoints of one origin: one publishing task per channel in use, its
     subscribers, each channel on its own schedule (``Feed.timestamp``)."""
@@ -180,6 +202,8 @@ class StreamServer:
         self.sent: dict[str, int] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._running = False
+        #: Write time minus ``ts`` of every message written by the publishing tasks.
+        self.late = Lateness()
 
     def status(self) -> dict[str, Any]:
         return {
@@ -188,6 +212,7 @@ class StreamServer:
             "rate": self.feed.rate,
             "history": self.feed.history,
             "lockstep": self.feed.lockstep,
+            "publish_late_ms": self.late.snapshot(),
         }
 
     def install(self, app: web.Application) -> None:
@@ -292,6 +317,7 @@ class StreamServer:
                 if not sockets:
                     continue
                 message = feed.message(channel, seq)
+                self.late.record(time.time() - feed.timestamp(channel, seq), len(sockets))
                 for ws in list(sockets):
                     if ws.closed:
                         sockets.discard(ws)
