@@ -31,14 +31,28 @@ So that one load generator can take 200,000 messages/s, most clients are cheap t
 every ``--probe-every``th client is a probe, read as soon as anything arrives, and every
 message it gets is a lag sample; the others are read only once ``--bulk-lowat`` bytes wait in
 their socket (SO_RCVLOWAT: one read per some 24 frames instead of one per frame) and give no
-lag sample (their reads are late on purpose).  Their frames all count: what waits unread at
-the window's start and at its end is the same on average.  ``--probe-every 1`` reads every
-client at once and samples every ``LAG_SAMPLE``th message.
+lag sample (their reads are late on purpose).  Their frames all count, those waiting unread in
+their sockets at the window's start and end included (FIONREAD): clients subscribed together
+fill up together, so leaving them out made the count depend on where in that cycle the window
+fell (-13% at 1,000 clients, +4% at 10,000).  ``--probe-every 1`` reads every client at once
+and samples every ``LAG_SAMPLE``th message.
+
+The lag is split by hop: origin timestamp -> the origin's write (its own count per ms,
+``publish_late_ms`` in its ``/_control``), the bytes written by the origin that wait unread in
+the edge's upstream sockets (``ss``, four times a second; also as publishing time), origin
+timestamp -> edge arrival and -> edge write (the edge's histograms, as bucket bounds), and the
+clients' own reading.
 
 Beside them: the CPU seconds of the edge, the origin and each load generator over the window
-(from /proc/PID/stat).  The run says what limited it (``limited_by``): a load generator or the
-server at a full core, or a server that waited for a CPU (/proc/PID/schedstat: other processes
-on the machine).  With ``--nginx`` the clients instead go through nginx's WebSocket proxy
+(from /proc/PID/stat), and how busy each core was (/proc/stat), softirq apart: on loopback
+the kernel runs the TCP input of the socket written to as softirq on the writer's core,
+charged to no process, so the edge's own CPU share understates its core's load (at 200,000
+deliveries/s about 15-20% of the core is the clients' side of TCP).  ``--rx-cpu 1`` steers
+loopback's receive processing to CPU 1 for the run (RPS; root; put back after), so the edge's
+core pays for its sends only, as with clients on other machines.  The run says what limited it
+(``limited_by``): a load generator or its core, the server's core full (its CPU and the
+softirq), or a server that waited for a CPU (/proc/PID/schedstat: other processes on the
+machine).  With ``--nginx`` the clients instead go through nginx's WebSocket proxy
 (Debian nginx, ``proxy_pass`` + Upgrade) straight to the origin's stream endpoint, 1:1, and
 the origin's open subscriptions are counted.
 
@@ -55,6 +69,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -63,6 +78,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -116,6 +132,8 @@ class StreamClient(asyncio.Protocol):
         self.status = 0
         self.transport: asyncio.Transport | None = None
         self.received = 0
+        #: Bytes of the data frames counted in ``received`` (their mean size: ``unread_frames``).
+        self.received_bytes = 0
         self.arrived = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -146,6 +164,7 @@ class StreamClient(asyncio.Protocol):
         start = 0
         size_total = len(buffer)
         while size_total - start >= 2:
+            frame_start = start
             first, size = buffer[start], buffer[start + 1] & 0x7F
             offset = start + 2
             if size == 126:
@@ -164,6 +183,7 @@ class StreamClient(asyncio.Protocol):
             start = offset + size
             if opcode in (0x1, 0x2):  # the origin itself (``--nginx``) sends binary frames
                 self.received += 1
+                self.received_bytes += start - frame_start
                 sampled = self.on_message is not None and self.received % self.sample == 0
                 if sampled or self.keep:  # else counted without a copy
                     payload = bytes(buffer[offset:start])
@@ -262,7 +282,7 @@ async def loadgen(args: argparse.Namespace) -> None:
                 sock = client.transport.get_extra_info("socket")
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, args.bulk_lowat)
     say(phase="connected", clients=len(clients))
-    before, started, cpu0 = 0, 0.0, 0.0
+    before, started, cpu0 = 0.0, 0.0, 0.0
     while command := (await asyncio.to_thread(sys.stdin.readline)).strip():
         if command == "subscribe":
             for i, client in enumerate(clients) if not args.nginx else ():
@@ -272,14 +292,14 @@ async def loadgen(args: argparse.Namespace) -> None:
             say(phase="subscribed")
         elif command == "start":
             counting = True
-            before = sum(c.received for c in clients)
+            before = sum(c.received for c in clients) + unread_frames(clients)
             started, cpu0 = time.perf_counter(), time.process_time()
             say(phase="started")
         elif command == "stop":
             counting = False
             say(
                 phase="result",
-                delivered=sum(c.received for c in clients) - before,
+                delivered=round(sum(c.received for c in clients) + unread_frames(clients) - before),
                 seconds=time.perf_counter() - started,
                 lags={str(k): v for k, v in lags.items()},
                 closed=sum(1 for c in clients if c.lost.done()),
@@ -290,6 +310,28 @@ async def loadgen(args: argparse.Namespace) -> None:
     for client in clients:
         if client.transport is not None:
             client.transport.close()
+
+
+def unread_frames(clients: list[StreamClient]) -> float:
+    """The data frames that have reached the clients' sockets but are not read yet (bytes
+    waiting in the kernel, FIONREAD, and in the clients' buffers, over the mean frame size).
+    A client read only once ``--bulk-lowat`` bytes wait holds up to that many unread, and
+    clients subscribed together fill up together: counting them keeps the window's count
+    from depending on where in that cycle the window starts and ends."""
+    frames = sum(c.received for c in clients)
+    if not frames:
+        return 0.0
+    size = sum(c.received_bytes for c in clients) / frames
+    waiting = 0
+    for client in clients:
+        waiting += len(client.buffer)
+        sock = client.transport.get_extra_info("socket") if client.transport else None
+        if sock is not None and not client.lost.done():
+            with contextlib.suppress(OSError, ValueError):
+                waiting += int.from_bytes(
+                    fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"), sys.byteorder
+                )
+    return waiting / size
 
 
 def merge_results(results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:

@@ -1,22 +1,31 @@
 """The streams benchmark's own readings (``benchmarks.streams``): a core's busy share with the
 kernel's softirq work, the bytes left unread in the edge's upstream sockets, the origin's
-lateness histogram, which side limited a run, and the loopback steering it may set."""
+lateness histogram, which side limited a run, the loopback steering it may set, and the frames
+a load generator's clients hold unread."""
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
+import socket
+import sys
+import termios
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from benchmarks.streams import (
+    connect,
     core_shares,
     core_ticks,
     limited_by,
     loopback_rx_on,
     ms_quantile,
     ss_unread,
+    unread_frames,
 )
+from edge.streams.frames import text_frame
 from meridian.origin_streams import LATE_CAP_MS, Lateness
 
 STAT = """cpu  100 0 100 800 0 0 20 0 0 0
@@ -102,3 +111,42 @@ def test_origin_lateness_is_counted_per_millisecond_and_bounded() -> None:
     late.record(-0.5)  # a clock step back: counted as on time
     late.record(3600.0)  # a suspended process: the last bucket
     assert late.snapshot() == {"0": 2, "1": 3, str(LATE_CAP_MS): 1}
+
+
+async def test_frames_waiting_unread_in_a_clients_socket_are_counted() -> None:
+    """A client read only once many bytes wait (SO_RCVLOWAT) holds frames the window would
+    otherwise miss or count late: they are counted from the socket's unread bytes."""
+    frame = text_frame(b"x" * 141)
+    more = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\n\r\n" + frame * 4)
+        await more.wait()
+        writer.write(frame * 6)
+        await writer.drain()
+        await reader.read()  # until the client closes
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = await connect(port, keep=False)
+    try:
+        await client.wait_for(4, within=5.0)
+        assert client.transport is not None
+        sock = client.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1 << 20)  # nothing more is read
+        assert unread_frames([client]) == 0.0
+        more.set()
+        for _ in range(500):
+            waiting = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+            if int.from_bytes(waiting, sys.byteorder) == 6 * len(frame):
+                break
+            await asyncio.sleep(0.01)
+        assert client.received == 4
+        assert unread_frames([client]) == 6.0
+        assert unread_frames([]) == 0.0
+    finally:
+        assert client.transport is not None
+        client.transport.close()
+        server.close()
+        await server.wait_closed()
