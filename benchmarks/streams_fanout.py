@@ -2,6 +2,7 @@
 
     python -m benchmarks.streams_fanout                      # fake transports (user space)
     python -m benchmarks.streams_fanout --sockets            # real loopback TCP sockets
+    python -m benchmarks.streams_fanout --sockets --rx-cpu 1 # the receivers' TCP input on CPU 1
 
 ``benchmarks.streams`` measures the whole path, but on a machine it shares its figures move
 with the lag: a starved edge falls behind, and a backlog coalesces frames into fewer writes.
@@ -20,7 +21,15 @@ edge's own user-space work per delivery; with ``--sockets`` each subscriber writ
 non-blocking loopback TCP socket drained by a child process (pinned to the other core where
 there are two), so the figure includes the kernel's send path.  On loopback the kernel runs
 the receiving socket's TCP input in the sender's context, so ``--sockets`` also charges the
-receiver's side to the edge (about half of the send's kernel time, by perf).
+receiver's side to the edge (about half of the send's kernel time, by perf); ``--rx-cpu 1``
+steers loopback's receive processing to CPU 1 for the run (RPS, as ``benchmarks.streams``
+does), so the figure is the sender's side alone, as with clients on other machines.
+
+What this says about the lag of ``benchmarks.streams``: one core makes at most
+``messages_per_core_second`` deliveries a second at the shape's messages per write.  A load
+above that (with one message per write) leaves the edge's core full, and it falls behind until
+its backlog (origin messages waiting unread in its upstream sockets) coalesces enough frames
+per write to cost what the core can pay: the lag is that backlog.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks.compare import bench_lock
+from benchmarks.streams import loopback_rx_on
 from edge.streams.hub import Hub
 from edge.streams.queue import Subscriber, WriteBatch
 from edge.streams.stats import StreamStats
@@ -180,12 +190,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--lockstep", action="store_true", help="every channel in one iteration")
     parser.add_argument("--sockets", action="store_true", help="loopback TCP, not a no-op")
+    parser.add_argument(
+        "--rx-cpu",
+        type=int,
+        default=None,
+        help="with --sockets: loopback's receive processing on this CPU (RPS; root; restored)",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.channels_per_client <= args.channels:
         parser.error("--channels-per-client must be 1..--channels")
+    if args.rx_cpu is not None and not (args.sockets and 0 <= args.rx_cpu < (os.cpu_count() or 1)):
+        parser.error("--rx-cpu needs --sockets and a CPU of this machine")
     if args.sockets:
-        with bench_lock("the fan-out benchmark"):
+        with bench_lock("the fan-out benchmark"), loopback_rx_on(args.rx_cpu):
             figures = run(args)
+        figures["loopback_rx_cpu"] = "writer's" if args.rx_cpu is None else args.rx_cpu
     else:
         figures = run(args)
     for key, value in figures.items():
