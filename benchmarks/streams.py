@@ -866,13 +866,14 @@ def limited_by(figures: dict[str, Any]) -> str:
     generator core (load generators, origin, the clients' side of the kernel) inflates the lag
     the clients measure, not the edge's own (``origin ts -> edge write``)."""
     sides = []
-    server = figures.get("server_cpu_share", 0.0) + figures.get("edge_core_softirq_share", 0.0)
+    own, softirq = figures.get("server_cpu_share", 0.0), figures.get("edge_core_softirq_share", 0.0)
+    server = own + softirq  # (the kernel may charge a little softirq to both: at most "full")
     if figures.get("loadgen_cpu_share", 0.0) >= SATURATED:
         sides.append("load generator (at a full core: its rate and lag, not the server's)")
     elif figures.get("core1_busy_share", 0.0) >= SATURATED:
         sides.append("the load generators' core (full: the clients' lag, not the edge's)")
     if server >= SATURATED:
-        sides.append(f"server (its core full: {server:.0%} with the kernel's softirq work)")
+        sides.append(f"server (its core full: its own {own:.0%}, softirq {softirq:.0%})")
     elif (waited := figures.get("server_cpu_wait_share", 0.0)) >= CONTENDED:
         sides.append(f"CPU contention (the server waited for a CPU {waited:.0%} of the window)")
     if sides:

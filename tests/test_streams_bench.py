@@ -75,7 +75,7 @@ def _figures(**values: Any) -> dict[str, Any]:
 def test_a_server_whose_core_is_full_with_softirq_is_the_limit() -> None:
     # 82% for the process alone looked like headroom; the core's softirq fills the rest.
     full = _figures(server_cpu_share=0.82, edge_core_softirq_share=0.15)
-    assert limited_by(full).startswith("server (its core full: 97%")
+    assert limited_by(full) == "server (its core full: its own 82%, softirq 15%)"
     assert limited_by(_figures(server_cpu_share=0.82, edge_core_softirq_share=0.02)) == "none"
 
 
