@@ -2,7 +2,8 @@
 
 The first request for a key (the leader) starts the fetch as its own task, so the fetch goes on
 when the leader's client disconnects: the waiters still need it.  Every caller awaits the task
-through ``asyncio.shield``.  A fetch returns ``(value, shareable)``:
+through ``asyncio.shield`` (the leader through a future of its own that the task's end settles:
+the same protection, one future fewer).  A fetch returns ``(value, shareable)``:
 
 * shareable (the response was cacheable): every waiter gets the same value;
 * not shareable: the waiters are released at once to fetch on their own, and the key is
@@ -106,8 +107,11 @@ class Coalescer(Generic[R]):
             return value, Role.ALONE
         task = self._inflight.get(key)
         if task is None:
-            task = self._start(key, fetch)
-            value, _ = await asyncio.shield(task)
+            # The leader's own future, settled by the fetch task's done callback: what
+            # ``asyncio.shield`` would make, without its second future and callbacks.
+            mine: asyncio.Future[tuple[R, bool]] = asyncio.get_running_loop().create_future()
+            self._start(key, fetch, leader=mine)
+            value, _ = await mine
             return value, Role.LEADER
         if self._on_wait is not None:
             self._on_wait()
@@ -130,25 +134,44 @@ class Coalescer(Generic[R]):
         return True
 
     def _start(
-        self, key: bytes, fetch: Fetch[R], *, background: bool = False
+        self,
+        key: bytes,
+        fetch: Fetch[R],
+        *,
+        background: bool = False,
+        leader: asyncio.Future[tuple[R, bool]] | None = None,
     ) -> asyncio.Task[tuple[R, bool]]:
+        """The fetch for ``key`` as a task of its own; ``leader``, the future the leader
+        awaits, gets its outcome (unless the leader was cancelled meanwhile)."""
+
         async def lead() -> tuple[R, bool]:
             return await fetch()
 
-        task = asyncio.ensure_future(lead())
+        task = asyncio.get_running_loop().create_task(lead())
         self._inflight[key] = task
 
         def done(finished: asyncio.Task[tuple[R, bool]]) -> None:
             if self._inflight.get(key) is finished:
                 del self._inflight[key]
+            waiting = leader is not None and not leader.done()
             if finished.cancelled():
+                if waiting:
+                    assert leader is not None
+                    leader.cancel()
                 return
             error = finished.exception()  # also marks it retrieved: no "never retrieved" noise
             if error is not None:
+                if waiting:
+                    assert leader is not None
+                    leader.set_exception(error)
                 if background and self._on_background_error is not None:
                     self._on_background_error(error)
                 return
-            if finished.result()[1]:
+            result = finished.result()
+            if waiting:
+                assert leader is not None
+                leader.set_result(result)
+            if result[1]:
                 self.hit_for_miss.clear(key)
             else:
                 self.hit_for_miss.mark(key, self._clock())
