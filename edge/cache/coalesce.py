@@ -109,8 +109,8 @@ class Coalescer(Generic[R]):
         if task is None:
             # The leader's own future, settled by the fetch task's done callback: what
             # ``asyncio.shield`` would make, without its second future and callbacks.
-            mine: asyncio.Future[tuple[R, bool]] = asyncio.get_running_loop().create_future()
-            self._start(key, fetch, leader=mine)
+            _, mine = self._start(key, fetch, leader=True)
+            assert mine is not None
             value, _ = await mine
             return value, Role.LEADER
         if self._on_wait is not None:
@@ -139,45 +139,47 @@ class Coalescer(Generic[R]):
         fetch: Fetch[R],
         *,
         background: bool = False,
-        leader: asyncio.Future[tuple[R, bool]] | None = None,
-    ) -> asyncio.Task[tuple[R, bool]]:
-        """The fetch for ``key`` as a task of its own; ``leader``, the future the leader
-        awaits, gets its outcome (unless the leader was cancelled meanwhile)."""
+        leader: bool = False,
+    ) -> tuple[asyncio.Task[tuple[R, bool]], asyncio.Future[tuple[R, bool]] | None]:
+        """The fetch for ``key`` as a task of its own and, with ``leader``, the future the
+        leader awaits: it gets the outcome (unless the leader was cancelled meanwhile)."""
 
         async def lead() -> tuple[R, bool]:
             return await fetch()
 
-        task = asyncio.get_running_loop().create_task(lead())
+        loop = asyncio.get_running_loop()  # once: in 3.11 each call costs a getpid()
+        task = loop.create_task(lead())
+        mine = loop.create_future() if leader else None
         self._inflight[key] = task
 
         def done(finished: asyncio.Task[tuple[R, bool]]) -> None:
             if self._inflight.get(key) is finished:
                 del self._inflight[key]
-            waiting = leader is not None and not leader.done()
+            waiting = mine is not None and not mine.done()
             if finished.cancelled():
                 if waiting:
-                    assert leader is not None
-                    leader.cancel()
+                    assert mine is not None
+                    mine.cancel()
                 return
             error = finished.exception()  # also marks it retrieved: no "never retrieved" noise
             if error is not None:
                 if waiting:
-                    assert leader is not None
-                    leader.set_exception(error)
+                    assert mine is not None
+                    mine.set_exception(error)
                 if background and self._on_background_error is not None:
                     self._on_background_error(error)
                 return
             result = finished.result()
             if waiting:
-                assert leader is not None
-                leader.set_result(result)
+                assert mine is not None
+                mine.set_result(result)
             if result[1]:
                 self.hit_for_miss.clear(key)
             else:
                 self.hit_for_miss.mark(key, self._clock())
 
         task.add_done_callback(done)
-        return task
+        return task, mine
 
     async def drain(self) -> None:
         """Wait for every fetch in flight (tests, shutdown)."""

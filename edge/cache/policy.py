@@ -684,14 +684,19 @@ def without_fields(headers: Headers, names: frozenset[bytes]) -> list[Header]:
 def stored_headers(headers: Headers, *, keep_set_cookie: bool) -> list[Header]:
     """The response headers kept with a stored response: hop-by-hop fields (including those
     named by Connection), Age, Content-Length, X-Cache and Surrogate-Key removed."""
-    named = frozenset(field_names(joined(headers, b"connection")))
     kept: list[Header] = []
+    connection = False
     for name, value in headers:
-        if name in _NOT_STORED or name in named:
+        if name in _NOT_STORED:
+            connection = connection or name == b"connection"
             continue
         if name == b"set-cookie" and not keep_set_cookie:
             continue
         kept.append((name, value))
+    if connection:  # rare: a fill's headers come without (``rewrite_response_headers``)
+        named = frozenset(field_names(joined(headers, b"connection")))
+        if named:
+            kept = [line for line in kept if line[0] not in named]
     return kept
 
 
