@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Generic, TypeVar
 
 R = TypeVar("R")
@@ -144,11 +144,13 @@ class Coalescer(Generic[R]):
         """The fetch for ``key`` as a task of its own and, with ``leader``, the future the
         leader awaits: it gets the outcome (unless the leader was cancelled meanwhile)."""
 
-        async def lead() -> tuple[R, bool]:
-            return await fetch()
+        async def lead(awaitable: Awaitable[tuple[R, bool]]) -> tuple[R, bool]:
+            return await awaitable
 
         loop = asyncio.get_running_loop()  # once: in 3.11 each call costs a getpid()
-        task = loop.create_task(lead())
+        fetching = fetch()
+        # A coroutine runs as the task itself (no wrapper to pass through on each resume).
+        task = loop.create_task(fetching if isinstance(fetching, Coroutine) else lead(fetching))
         mine = loop.create_future() if leader else None
         self._inflight[key] = task
 
