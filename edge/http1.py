@@ -16,6 +16,7 @@ Headers travel as ``list[tuple[bytes, bytes]]`` with lower-cased names, values u
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -326,7 +327,9 @@ class ForwardingContext:
     request_id: bytes
 
 
+@functools.lru_cache(maxsize=64)
 def via_value(http_version: str, pop: str) -> bytes:
+    """This hop's Via value (one per HTTP version and POP: made once, not per request)."""
     return f"{http_version} meridian-{pop}".encode()
 
 

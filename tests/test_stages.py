@@ -11,8 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edge.cache.policy import upstream_request_headers
 from edge.http1 import BodyKind, rewrite_response_headers
-from edge.upstream import FailureKind
+from edge.stages.fill import fill_header_block
+from edge.upstream import FailureKind, upstream_headers
 from tests.stage_support import (
     Fail,
     FakeBody,
@@ -294,6 +296,23 @@ def test_response_header_rewrite_matches_the_plain_reading(lines, with_via) -> N
     assert rewrite_response_headers(lines, dropped=dropped, via=via) == _rewrite_reference(
         lines, dropped, via
     )
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(
+                [b"host", b"if-none-match", b"range", b"content-length", b"if-range", b"accept"]
+            ),
+            st.binary(min_size=0, max_size=4),
+        ),
+        max_size=8,
+    )
+)
+def test_fill_header_block_is_the_composed_reading(lines) -> None:
+    """The one-pass fill header block is what the three steps it replaces make."""
+    assert fill_header_block(lines) == upstream_headers(upstream_request_headers(lines, ()))
 
 
 def test_config_for_the_stages_routes_market_paths() -> None:

@@ -878,7 +878,7 @@ def upstream_validators(etag: bytes | None, last_modified: bytes | None) -> list
 
 
 #: Never forwarded on a fill: the cache answers these itself from the complete response.
-_NOT_FORWARDED_ON_FILL: Final = CONDITIONAL_REQUEST_HEADERS | {b"range"}
+NOT_FORWARDED_ON_FILL: Final = CONDITIONAL_REQUEST_HEADERS | {b"range"}
 
 
 def upstream_request_headers(headers: Headers, validators: Iterable[Header]) -> list[Header]:
@@ -888,7 +888,7 @@ def upstream_request_headers(headers: Headers, validators: Iterable[Header]) -> 
     for Range, ignored: a full 200 is a valid answer) by the cache, since a 304 or 206 could
     not be stored.
     """
-    forwarded = [(n, v) for n, v in headers if n not in _NOT_FORWARDED_ON_FILL]
+    forwarded = [(n, v) for n, v in headers if n not in NOT_FORWARDED_ON_FILL]
     forwarded.extend(validators)
     return forwarded
 
@@ -975,6 +975,7 @@ __all__ = [
     "ERROR_STATUSES",
     "HEURISTIC_CAP",
     "HOP_BY_HOP",
+    "NOT_FORWARDED_ON_FILL",
     "NO_DIRECTIVES",
     "SAFE_METHODS",
     "STALE_IF_ERROR",
