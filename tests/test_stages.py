@@ -216,6 +216,23 @@ async def test_a_backend_leaving_rotation_is_given_up_on_and_retried_elsewhere()
     assert ("http://u1", False) not in w.health.reports  # abandoned, not blamed
 
 
+async def test_a_request_with_nowhere_else_to_go_is_not_watched_for_rotation() -> None:
+    """With one backend in all the service's regions, ``on_health`` could never send the
+    request elsewhere: the walk does not register it (no task lookup per request), and the
+    backend leaving rotation leaves it waiting for its answer."""
+    gate = asyncio.Event()
+    config = make_config(services={"market": {"regions": ["us-east"]}})
+    w = world({"http://u1": [reply(gate=gate)]}, config=config)
+    task = asyncio.create_task(w.run(request()))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(w.upstream.sent) == 1 and not w.pipeline.walker._waiting
+    w.pipeline.on_health(FakeSnapshot(frozenset({"http://u1"})))
+    gate.set()
+    sink = await task
+    assert sink.status == 200 and sink.header(b"x-meridian-region") == b"us-east"
+
+
 # -- response headers: one function for the edge and for its tests ---------------------------
 
 
