@@ -212,7 +212,7 @@ def is_compressible(
             if value.strip().lower() not in (b"", b"identity"):
                 return False
         elif name == b"cache-control":
-            if b"no-transform" in _directives(value):
+            if b"transform" in value.lower() and b"no-transform" in _directives(value):
                 return False
         elif name == b"content-range":
             return False

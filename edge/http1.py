@@ -16,6 +16,7 @@ Headers travel as ``list[tuple[bytes, bytes]]`` with lower-cased names, values u
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -326,7 +327,9 @@ class ForwardingContext:
     request_id: bytes
 
 
+@functools.lru_cache(maxsize=64)
 def via_value(http_version: str, pop: str) -> bytes:
+    """This hop's Via value (one per HTTP version and POP: made once, not per request)."""
     return f"{http_version} meridian-{pop}".encode()
 
 
@@ -344,26 +347,36 @@ def rewrite_response_headers(
 
     With ``via``: earlier Via values and this hop's are joined into one Via line at the end.
     With ``region``: an ``x-meridian-region`` line follows it."""
-    lowered = [(name.lower(), value) for name, value in headers]
-    named = connection_tokens(lowered)
+    # One pass; the fields a Connection header names (rarely any but hop-by-hop ones) are
+    # taken out after it, once all its lines are known.
     out: Headers = []
     prior_via: list[bytes] | None = None
-    for line in lowered:
-        name = line[0]
+    connection: list[bytes] | None = None
+    for name, value in headers:
+        name = name.lower()
         if (
             name in HOP_BY_HOP
             or name == b"content-length"
             or name in dropped
             or name.startswith(b"proxy")
-            or (named and name in named)
         ):
+            if name == b"connection":
+                if connection is None:
+                    connection = []
+                connection.append(value)
             continue
         if via is not None and name == b"via":
             if prior_via is None:
                 prior_via = []
-            prior_via.append(line[1])
+            prior_via.append(value)
             continue
-        out.append(line)
+        out.append((name, value))
+    if connection is not None:
+        named = connection_tokens([(b"connection", value) for value in connection])
+        if named - HOP_BY_HOP:
+            out = [line for line in out if line[0] not in named]
+            if b"via" in named:
+                prior_via = None
     if via is not None:
         out.append((b"via", via if prior_via is None else b", ".join([*prior_via, via])))
     if region is not None:

@@ -259,13 +259,15 @@ class ResponseReader:
         length: int | None = None
         keep_alive = parser.should_keep_alive() or parser.get_http_version() == "1.1"
         for name, value in self._headers:
-            lowered = name.lower()
-            if lowered == b"content-length":
-                length = int(value)  # llhttp checked it: digits only, one value
-            elif lowered == b"transfer-encoding":
-                self._chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
-            elif lowered == b"connection" and b"close" in value.lower():
-                keep_alive = False
+            size = len(name)  # only names of the three lengths below need lowering
+            if size == 14 or size == 17 or size == 10:
+                lowered = name.lower()
+                if lowered == b"content-length":
+                    length = int(value)  # llhttp checked it: digits only, one value
+                elif lowered == b"transfer-encoding":
+                    self._chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+                elif lowered == b"connection" and b"close" in value.lower():
+                    keep_alive = False
         self._no_body = self.head_request or status in _NO_BODY_STATUSES
         if self._no_body or self._chunked:
             length = None

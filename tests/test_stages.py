@@ -11,8 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edge.cache.policy import upstream_request_headers
 from edge.http1 import BodyKind, rewrite_response_headers
-from edge.upstream import FailureKind
+from edge.stages.fill import fill_header_block
+from edge.upstream import FailureKind, upstream_headers
 from tests.stage_support import (
     Fail,
     FakeBody,
@@ -214,6 +216,23 @@ async def test_a_backend_leaving_rotation_is_given_up_on_and_retried_elsewhere()
     assert ("http://u1", False) not in w.health.reports  # abandoned, not blamed
 
 
+async def test_a_request_with_nowhere_else_to_go_is_not_watched_for_rotation() -> None:
+    """With one backend in all the service's regions, ``on_health`` could never send the
+    request elsewhere: the walk does not register it (no task lookup per request), and the
+    backend leaving rotation leaves it waiting for its answer."""
+    gate = asyncio.Event()
+    config = make_config(services={"market": {"regions": ["us-east"]}})
+    w = world({"http://u1": [reply(gate=gate)]}, config=config)
+    task = asyncio.create_task(w.run(request()))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(w.upstream.sent) == 1 and not w.pipeline.walker._waiting
+    w.pipeline.on_health(FakeSnapshot(frozenset({"http://u1"})))
+    gate.set()
+    sink = await task
+    assert sink.status == 200 and sink.header(b"x-meridian-region") == b"us-east"
+
+
 # -- response headers: one function for the edge and for its tests ---------------------------
 
 
@@ -240,6 +259,77 @@ def test_response_header_rewrite_drops_hop_by_hop_and_joins_via(lines) -> None:
     assert [n for n in names[:-2]] == [
         n for n in (x for x, _ in plain) if n not in (b"via", b"x-cache")
     ]
+
+
+def _rewrite_reference(
+    lines: list[tuple[bytes, bytes]], dropped: frozenset[bytes], via: bytes | None
+) -> list[tuple[bytes, bytes]]:
+    """``rewrite_response_headers`` as its docstring states it, in three plain passes."""
+    lowered = [(name.lower(), value) for name, value in lines]
+    named = {
+        token.strip().lower()
+        for name, value in lowered
+        if name == b"connection"
+        for token in value.split(b",")
+        if token.strip()
+    }
+    hop = {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
+    kept = [
+        (name, value)
+        for name, value in lowered
+        if name not in hop
+        and name != b"content-length"
+        and name not in dropped
+        and not name.startswith(b"proxy")
+        and name not in named
+    ]
+    if via is None:
+        return kept
+    prior = [value for name, value in kept if name == b"via"]
+    return [line for line in kept if line[0] != b"via"] + [(b"via", b", ".join([*prior, via]))]
+
+
+CONNECTION_VALUE = st.lists(
+    st.sampled_from([b"close", b"Keep-Alive", b"x-private", b"VIA", b"etag", b" ", b"upgrade"]),
+    max_size=3,
+).map(b",".join)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.one_of(
+            HEADER, st.tuples(st.sampled_from([b"Connection", b"connection"]), CONNECTION_VALUE)
+        ),
+        max_size=10,
+    ),
+    st.booleans(),
+)
+def test_response_header_rewrite_matches_the_plain_reading(lines, with_via) -> None:
+    """The one-pass rewrite drops exactly what the three-pass reading does, in the same order,
+    whatever the Connection lines name (Via and end-to-end fields included)."""
+    via = b"1.1 meridian-iad" if with_via else None
+    dropped = frozenset({b"x-cache"})
+    assert rewrite_response_headers(lines, dropped=dropped, via=via) == _rewrite_reference(
+        lines, dropped, via
+    )
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(
+                [b"host", b"if-none-match", b"range", b"content-length", b"if-range", b"accept"]
+            ),
+            st.binary(min_size=0, max_size=4),
+        ),
+        max_size=8,
+    )
+)
+def test_fill_header_block_is_the_composed_reading(lines) -> None:
+    """The one-pass fill header block is what the three steps it replaces make."""
+    assert fill_header_block(lines) == upstream_headers(upstream_request_headers(lines, ()))
 
 
 def test_config_for_the_stages_routes_market_paths() -> None:

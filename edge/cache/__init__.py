@@ -90,8 +90,8 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import Callable, Sequence
-from typing import Final
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry
 
@@ -395,9 +395,10 @@ class HttpCache:
     # ----------------------------------------------------------------------------------------
     # Fill (asynchronous: coalescing, L2, origin)
 
-    async def fill(self, lookup: Lookup, fetch: Fetch, extra: bytes = b"") -> Filled:
-        """Answer a MISS or REVALIDATE: one coalesced fetch per key, stored when allowed."""
-        return await self.fills.fill(lookup, fetch, extra)
+    def fill(self, lookup: Lookup, fetch: Fetch, extra: bytes = b"") -> Coroutine[Any, Any, Filled]:
+        """Answer a MISS or REVALIDATE: one coalesced fetch per key, stored when allowed (the
+        ``Fills.fill`` coroutine itself: no layer of its own to pass through on every resume)."""
+        return self.fills.fill(lookup, fetch, extra)
 
     def refresh(self, lookup: Lookup, fetch: Fetch) -> bool:
         """Revalidate a STALE lookup in the background; False when one is already running."""

@@ -96,7 +96,10 @@ class Admission:
         )
         if reason is not None:
             return reason
-        if not worth_storing(compute_freshness(status, meta, key.rule, now, now), meta):
+        # A validator alone makes it worth storing (``worth_storing``): no freshness to work out.
+        if not meta.has_validator and not worth_storing(
+            compute_freshness(status, meta, key.rule, now, now), meta
+        ):
             return "no-freshness"
         return None
 

@@ -2,7 +2,8 @@
 
 The first request for a key (the leader) starts the fetch as its own task, so the fetch goes on
 when the leader's client disconnects: the waiters still need it.  Every caller awaits the task
-through ``asyncio.shield``.  A fetch returns ``(value, shareable)``:
+through ``asyncio.shield`` (the leader through a future of its own that the task's end settles:
+the same protection, one future fewer).  A fetch returns ``(value, shareable)``:
 
 * shareable (the response was cacheable): every waiter gets the same value;
 * not shareable: the waiters are released at once to fetch on their own, and the key is
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Generic, TypeVar
 
 R = TypeVar("R")
@@ -106,8 +107,11 @@ class Coalescer(Generic[R]):
             return value, Role.ALONE
         task = self._inflight.get(key)
         if task is None:
-            task = self._start(key, fetch)
-            value, _ = await asyncio.shield(task)
+            # The leader's own future, settled by the fetch task's done callback: what
+            # ``asyncio.shield`` would make, without its second future and callbacks.
+            _, mine = self._start(key, fetch, leader=True)
+            assert mine is not None
+            value, _ = await mine
             return value, Role.LEADER
         if self._on_wait is not None:
             self._on_wait()
@@ -130,31 +134,54 @@ class Coalescer(Generic[R]):
         return True
 
     def _start(
-        self, key: bytes, fetch: Fetch[R], *, background: bool = False
-    ) -> asyncio.Task[tuple[R, bool]]:
-        async def lead() -> tuple[R, bool]:
-            return await fetch()
+        self,
+        key: bytes,
+        fetch: Fetch[R],
+        *,
+        background: bool = False,
+        leader: bool = False,
+    ) -> tuple[asyncio.Task[tuple[R, bool]], asyncio.Future[tuple[R, bool]] | None]:
+        """The fetch for ``key`` as a task of its own and, with ``leader``, the future the
+        leader awaits: it gets the outcome (unless the leader was cancelled meanwhile)."""
 
-        task = asyncio.ensure_future(lead())
+        async def lead(awaitable: Awaitable[tuple[R, bool]]) -> tuple[R, bool]:
+            return await awaitable
+
+        loop = asyncio.get_running_loop()  # once: in 3.11 each call costs a getpid()
+        fetching = fetch()
+        # A coroutine runs as the task itself (no wrapper to pass through on each resume).
+        task = loop.create_task(fetching if isinstance(fetching, Coroutine) else lead(fetching))
+        mine = loop.create_future() if leader else None
         self._inflight[key] = task
 
         def done(finished: asyncio.Task[tuple[R, bool]]) -> None:
             if self._inflight.get(key) is finished:
                 del self._inflight[key]
+            waiting = mine is not None and not mine.done()
             if finished.cancelled():
+                if waiting:
+                    assert mine is not None
+                    mine.cancel()
                 return
             error = finished.exception()  # also marks it retrieved: no "never retrieved" noise
             if error is not None:
+                if waiting:
+                    assert mine is not None
+                    mine.set_exception(error)
                 if background and self._on_background_error is not None:
                     self._on_background_error(error)
                 return
-            if finished.result()[1]:
+            result = finished.result()
+            if waiting:
+                assert mine is not None
+                mine.set_result(result)
+            if result[1]:
                 self.hit_for_miss.clear(key)
             else:
                 self.hit_for_miss.mark(key, self._clock())
 
         task.add_done_callback(done)
-        return task
+        return task, mine
 
     async def drain(self) -> None:
         """Wait for every fetch in flight (tests, shutdown)."""

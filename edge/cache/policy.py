@@ -684,14 +684,19 @@ def without_fields(headers: Headers, names: frozenset[bytes]) -> list[Header]:
 def stored_headers(headers: Headers, *, keep_set_cookie: bool) -> list[Header]:
     """The response headers kept with a stored response: hop-by-hop fields (including those
     named by Connection), Age, Content-Length, X-Cache and Surrogate-Key removed."""
-    named = frozenset(field_names(joined(headers, b"connection")))
     kept: list[Header] = []
+    connection = False
     for name, value in headers:
-        if name in _NOT_STORED or name in named:
+        if name in _NOT_STORED:
+            connection = connection or name == b"connection"
             continue
         if name == b"set-cookie" and not keep_set_cookie:
             continue
         kept.append((name, value))
+    if connection:  # rare: a fill's headers come without (``rewrite_response_headers``)
+        named = frozenset(field_names(joined(headers, b"connection")))
+        if named:
+            kept = [line for line in kept if line[0] not in named]
     return kept
 
 
@@ -873,7 +878,7 @@ def upstream_validators(etag: bytes | None, last_modified: bytes | None) -> list
 
 
 #: Never forwarded on a fill: the cache answers these itself from the complete response.
-_NOT_FORWARDED_ON_FILL: Final = CONDITIONAL_REQUEST_HEADERS | {b"range"}
+NOT_FORWARDED_ON_FILL: Final = CONDITIONAL_REQUEST_HEADERS | {b"range"}
 
 
 def upstream_request_headers(headers: Headers, validators: Iterable[Header]) -> list[Header]:
@@ -883,7 +888,7 @@ def upstream_request_headers(headers: Headers, validators: Iterable[Header]) -> 
     for Range, ignored: a full 200 is a valid answer) by the cache, since a 304 or 206 could
     not be stored.
     """
-    forwarded = [(n, v) for n, v in headers if n not in _NOT_FORWARDED_ON_FILL]
+    forwarded = [(n, v) for n, v in headers if n not in NOT_FORWARDED_ON_FILL]
     forwarded.extend(validators)
     return forwarded
 
@@ -970,6 +975,7 @@ __all__ = [
     "ERROR_STATUSES",
     "HEURISTIC_CAP",
     "HOP_BY_HOP",
+    "NOT_FORWARDED_ON_FILL",
     "NO_DIRECTIVES",
     "SAFE_METHODS",
     "STALE_IF_ERROR",

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
+from typing import Final
 
 from edge.cache import Lookup, UpstreamResponse
-from edge.cache.policy import upstream_request_headers, without_fields
+from edge.cache.policy import NOT_FORWARDED_ON_FILL, without_fields
 from edge.exchange import (
     Exchange,
     ExchangeRecord,
@@ -24,6 +25,7 @@ from edge.exchange import (
     forwarding_context,
     request_id_line,
 )
+from edge.http1 import Headers
 from edge.request_target import forward_headers
 from edge.router import RouteTarget
 from edge.stages.fill_read import FillFetch, Handover
@@ -31,7 +33,6 @@ from edge.stages.respond import Responder
 from edge.stages.services import EdgeServices
 from edge.stages.walk import UpstreamWalk
 from edge.state import EdgeState
-from edge.upstream import upstream_headers
 
 _X_CACHE_LABELS = {
     b"HIT": "HIT",
@@ -139,22 +140,35 @@ def fill_headers(request: ProxyRequest, state: EdgeState) -> bytes:
         # (4,096 memoised heads x ~1 KB of headers was 4 MiB of RSS outside the cache bound).
         if head is not None:
             head.filled = True
-        return upstream_headers(upstream_request_headers(_fill_request_headers(request, state), ()))
+        return fill_header_block(_fill_request_headers(request, state))
     memo = head.fill_headers
     if memo is None:
         memo = head.new_fill_headers()
     base = memo.get(request.client_ip)
     if base is None:
-        lines = upstream_request_headers(_fill_request_headers(request, state), ())
+        lines = _fill_request_headers(request, state)
         if lines[-1][0] != state.request_id_header:  # it comes last; never otherwise
-            return upstream_headers(lines)
-        base = upstream_headers(lines[:-1])
+            return fill_header_block(lines)
+        base = fill_header_block(lines[:-1])
         memo.remember(request.client_ip, base)
     return base + request_id_line(request, state)
 
 
 def _fill_request_headers(request: ProxyRequest, state: EdgeState) -> list[tuple[bytes, bytes]]:
     return forward_headers(request.headers, forwarding_context(request, state), fill=True)
+
+
+#: Never sent on a fill: the client's conditionals and Range (``NOT_FORWARDED_ON_FILL``), and
+#: Content-Length (the upstream client writes the framing: ``upstream_headers``).
+_NOT_SENT_ON_FILL: Final = NOT_FORWARDED_ON_FILL | {b"content-length"}
+
+
+def fill_header_block(lines: Headers) -> bytes:
+    """``upstream_headers(upstream_request_headers(lines, ()))`` in one pass: a fill's forwarded
+    header lines as they go upstream."""
+    return b"".join(
+        [name + b": " + value + b"\r\n" for name, value in lines if name not in _NOT_SENT_ON_FILL]
+    )
 
 
 def unstored(
@@ -210,4 +224,4 @@ def _one(data: bytes) -> AsyncIterable[bytes]:
     return _one_chunk(data)
 
 
-__all__ = ["Filler", "fill_headers", "unstored"]
+__all__ = ["Filler", "fill_header_block", "fill_headers", "unstored"]

@@ -17,7 +17,7 @@ from http import HTTPStatus
 from edge.cache import Lookup, UpstreamResponse
 from edge.compress import DecompressionBomb, accepts, is_compressible
 from edge.exchange import ErrorAnswer, ExchangeRecord, FetchError, ProxyRequest, accept_encoding
-from edge.http1 import RequestRejected, rewrite_response_headers
+from edge.http1 import Headers, RequestRejected, rewrite_response_headers
 from edge.router import RouteTarget
 from edge.stages.services import EdgeServices
 from edge.stages.walk import UpstreamCall, UpstreamWalk
@@ -168,6 +168,26 @@ class FillFetch:
         response, attempt = got
         return await self.read_for_cache(response, attempt)
 
+    def _hand_over(
+        self,
+        response: OriginResponse,
+        attempt: Attempt,
+        status: int,
+        headers: Headers,
+        reason: bytes,
+        length: int | None,
+        prefix: list[bytes],
+        data: bytes | None,
+    ) -> tuple[UpstreamResponse, bool]:
+        """The (incomplete) response returned to the cache for what it will not store, and
+        whether ``handover`` took the live response (then the request releases it)."""
+        marker = UpstreamResponse(status, headers, b"", reason, complete=False)
+        handover = self.handover
+        if handover is None or handover.abandoned:
+            return marker, False  # a background refresh, or the client is gone: nothing to send
+        handover.attach(marker, response, attempt, length, prefix, data)
+        return marker, True
+
     async def read_for_cache(self, response: OriginResponse, attempt: Attempt) -> UpstreamResponse:
         """The upstream response as ``fill`` stores it: whole, decoded to identity.  What the
         cache will not keep goes back in ``handover``: live, or, when the edge must decode a
@@ -179,17 +199,6 @@ class FillFetch:
         handover = self.handover
         state = self.state
         kept = False
-
-        def hand_over(
-            length: int | None, prefix: list[bytes], data: bytes | None
-        ) -> UpstreamResponse:
-            nonlocal kept
-            marker = UpstreamResponse(status, headers, b"", reason, complete=False)
-            if handover is None or handover.abandoned:
-                return marker  # a background refresh, or the client is gone: nothing to send
-            handover.attach(marker, response, attempt, length, prefix, data)
-            kept = True
-            return marker
 
         try:
             status = response.status
@@ -221,23 +230,45 @@ class FillFetch:
                     if length is not None and length <= limit and content.is_eof():
                         # Already whole in the client's buffer (a small answer comes with its
                         # head): taken in one piece and sent in one write, not streamed.
-                        return hand_over(length, [], content.read_nowait(-1))
-                    return hand_over(length, [], None)
+                        marker, kept = self._hand_over(
+                            response,
+                            attempt,
+                            status,
+                            headers,
+                            reason,
+                            length,
+                            [],
+                            content.read_nowait(-1),
+                        )
+                        return marker
+                    marker, kept = self._hand_over(
+                        response, attempt, status, headers, reason, length, [], None
+                    )
+                    return marker
             if content.is_eof():
                 body = content.read_nowait(-1)  # whole already: no reads to wait for
                 if len(body) > limit:
-                    return hand_over(length, [body], None)
+                    marker, kept = self._hand_over(
+                        response, attempt, status, headers, reason, length, [body], None
+                    )
+                    return marker
             else:
                 chunks: list[bytes] = []
                 size = 0
                 async for chunk in content.iter_any():
                     chunks.append(chunk)
                     size += len(chunk)
-                    if size > limit:
-                        return hand_over(length, chunks, None)  # too big to keep: stream the rest
+                    if size > limit:  # too big to keep: stream the rest
+                        marker, kept = self._hand_over(
+                            response, attempt, status, headers, reason, length, chunks, None
+                        )
+                        return marker
                 body = b"".join(chunks)
             if refused is not None:
-                return hand_over(len(body), [], body)
+                marker, kept = self._hand_over(
+                    response, attempt, status, headers, reason, len(body), [], body
+                )
+                return marker
             transcoder = services.transcoder
             if decodable:
                 assert coding is not None and transcoder is not None
@@ -254,7 +285,10 @@ class FillFetch:
                 except (DecompressionBomb, ValueError):
                     # Not stored; whether this client gets it as it is or a 502 is the
                     # encoder's call (it passes the origin's coding to clients that accept it).
-                    return hand_over(len(body), [], body)
+                    marker, kept = self._hand_over(
+                        response, attempt, status, headers, reason, len(body), [], body
+                    )
+                    return marker
                 body = decoded
                 headers = decoded_headers(headers)
             compressible = transcoder is not None and is_compressible(

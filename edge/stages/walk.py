@@ -71,6 +71,11 @@ class UpstreamWalk:
         #: entry per distinct region list in the config: bounded by it).
         self._live: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._live_for: object = None
+        #: Whether a service's region list holds more than one backend (else a request never
+        #: has anywhere else to go, and ``on_health`` could never give up on it), per config
+        #: generation in ``_spare_for``.
+        self._spare: dict[tuple[str, ...], bool] = {}
+        self._spare_for: object = None
 
     async def walk(
         self, state: EdgeState, target: RouteTarget, record: ExchangeRecord, call: UpstreamCall
@@ -99,7 +104,9 @@ class UpstreamWalk:
         streamed = payload is not None and not isinstance(payload, bytes)
         upstream = services.upstream
         metrics = services.metrics
-        abandonable = method in target.retry_methods and not streamed
+        replayable = method in target.retry_methods and not streamed
+        # Given up on (``on_health``) only when there is somewhere else to go.
+        abandonable = replayable and self._has_spare(state, target)
         failure: UpstreamFailure | None = None
         while True:
             attempt = next_attempt(
@@ -154,7 +161,7 @@ class UpstreamWalk:
                         headers,
                         payload,
                         call.length,
-                        replayable=abandonable,
+                        replayable=replayable,
                     )
                 finally:
                     # Unwatched before anything else: the health report below may publish
@@ -199,6 +206,19 @@ class UpstreamWalk:
             f"upstream_{failure.kind.value}",
             RETRY_AFTER_SECONDS if status == 503 else None,
         )
+
+    def _has_spare(self, state: EdgeState, target: RouteTarget) -> bool:
+        """Whether ``target``'s regions hold more than one backend between them."""
+        if state is not self._spare_for:
+            self._spare_for = state
+            self._spare.clear()
+        spare = self._spare.get(target.regions)
+        if spare is None:
+            backends = {r.name: len(r.backends) for r in state.config.regions}
+            spare = self._spare[target.regions] = (
+                sum(backends.get(name, 0) for name in target.regions) > 1
+            )
+        return spare
 
     def _failed(self, attempt: Attempt, exc: UpstreamFailure, call: UpstreamCall) -> None:
         services = self.services
