@@ -134,6 +134,8 @@ _REVALIDATE: Final = LookupKind.REVALIDATE
 _ONLY_IF_CACHED: Final = LookupKind.ONLY_IF_CACHED
 _FRESH: Final = Use.FRESH
 _USE_STALE: Final = Use.STALE
+#: A NamedTuple made per hit from all its fields: ``tuple.__new__``, not the generated one.
+_new_tuple: Final = tuple.__new__
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,7 +491,8 @@ def fresh_hit(
         wire = serve(entry, request, X_CACHE_HIT, now, extra)
     else:
         wire = entry.wire(request.coding, now, request.head, X_CACHE_HIT, extra)
-    return Lookup(_HIT, wire, key, entry)
+    # Lookup(_HIT, wire, key, entry), without the NamedTuple's generated __new__ (per hit).
+    return _new_tuple(Lookup, (_HIT, wire, key, entry, None, "", False))
 
 
 __all__ = [
