@@ -8,8 +8,9 @@ from these bytes alone (``HeadShortcuts.answer``).  In order of cost:
    the memoised hit, if any, never the parsed head (those fields go upstream on a miss);
 3. a head seen for the first time whose fields but the volatile ones were seen before, with
    another request line (traffic spread over many keys: ``HeadShape``): only its request line
-   is read, and it is answered if it is a cache hit (its headers are the shape's plus its own
-   volatile fields, these last); anything else goes on to 4, which decides it exactly;
+   is read, and it is answered if it is a fresh cache hit (``edge.stages.shaped``: its headers
+   are the shape's plus its own volatile fields, these last); anything else (a miss, a stale
+   answer) goes on to 4, which decides it exactly;
 4. a head of the common shape (``edge.fasthead.parse_simple_head``), parsed in one pass.
 
 Anything else (or anything odd) is left to llhttp and every check of ``edge.h1parse``.  The
