@@ -345,9 +345,9 @@ class HttpCache:
         """A fresh HIT for a GET or HEAD seen for the first time whose headers were read before
         (``read``: what ``RequestReader.read`` made of headers like its own, but for fields a
         lookup never reads), else None with nothing counted: a miss, a stale answer, anything
-        else, which the caller then looks up in full.  ``headers()``, the request's
-        own, is called only for a resource that varies (its variant is chosen by them).  The key
-        is built without its memo (``KeyBuilder.build_once``)."""
+        else, which the caller then looks up in full.  ``headers()``, the request's own, is
+        called only for a resource that varies (they choose its variant).  The key is built
+        without its memo (``KeyBuilder.build_once``).  Used by ``edge.stages.shaped``."""
         key = self.keys.build_once(scheme, host, target)
         if key.rule.bypass:
             return None
