@@ -174,20 +174,25 @@ class MeaningKey:
     def split(self, data: bytes) -> Volatile:
         parts = self._pattern.split(data)
         if len(parts) == 1:
-            return Volatile(data, None)
+            return _volatile(Volatile, (data, None, ()))
         request_id: bytes | None = None
         cookie = False
-        names = parts[1::3]
-        for index, name in enumerate(names):
-            name = name.lower()
-            if name == self._request_id:
+        request_id_name = self._request_id
+        for index in range(1, len(parts), 3):
+            name = parts[index].lower()
+            if name == request_id_name:
                 if request_id is None:
-                    request_id = parts[2 + 3 * index]
+                    request_id = parts[index + 1]
             elif name == b"cookie":
                 cookie = True
         # No head ends in NUL: a stripped key never equals a real head's bytes.
-        marker = b"\x00c" if cookie else b"\x00"
-        return Volatile(b"".join(parts[::3]) + marker, request_id, parts)
+        kept = parts[::3]
+        kept.append(b"\x00c" if cookie else b"\x00")
+        return _volatile(Volatile, (b"".join(kept), request_id, parts))
+
+
+#: ``Volatile``'s constructor without its generated ``__new__`` (one made per request).
+_volatile: Final = tuple.__new__
 
 
 def _any_case(name: bytes) -> bytes:

@@ -8,8 +8,9 @@ from these bytes alone (``HeadShortcuts.answer``).  In order of cost:
    the memoised hit, if any, never the parsed head (those fields go upstream on a miss);
 3. a head seen for the first time whose fields but the volatile ones were seen before, with
    another request line (traffic spread over many keys: ``HeadShape``): only its request line
-   is read, and it is answered if it is a cache hit (its headers are the shape's plus its own
-   volatile fields, these last); anything else goes on to 4, which decides it exactly;
+   is read, and it is answered if it is a fresh cache hit (``edge.stages.shaped``: its headers
+   are the shape's plus its own volatile fields, these last); anything else (a miss, a stale
+   answer) goes on to 4, which decides it exactly;
 4. a head of the common shape (``edge.fasthead.parse_simple_head``), parsed in one pass.
 
 Anything else (or anything odd) is left to llhttp and every check of ``edge.h1parse``.  The
@@ -25,7 +26,7 @@ from typing import Final
 from edge.exchange import replayed_request
 from edge.fasthead import MeaningKey, Volatile, parse_simple_head
 from edge.h1parse import REQUEST_HEAD_MAX_BYTES, remember_head, seen_before
-from edge.http1 import NO_BODY, RequestRejected, new_request_id, valid_request_id
+from edge.http1 import RequestRejected, new_request_id, valid_request_id
 from edge.memos import CHECKED_PATHS, HEAD_SHAPES, BoundedMemo
 from edge.pipeline import EdgeState, Pipeline, ProxyRequest, RequestHead
 from edge.request_target import check_path, path_of
@@ -159,25 +160,17 @@ class HeadShortcuts:
                 return None  # refused by the full parse, which says why
             path = self._paths.remember(raw_path, path_of(target))
         rid = volatile.request_id
-        supplied = rid if rid is not None and valid_request_id(rid) else None
-        request = ProxyRequest(
+        return pipeline.shaped_response(
+            shape,
+            volatile,
             _METHODS[method],
             target,
             path,
-            shape.host,
-            "1.1",
-            shape.headers + volatile.fields() if volatile.parts else shape.headers,
-            True,
+            rid if rid is not None and valid_request_id(rid) else None,
             client_ip,
-            NO_BODY,
-            supplied if supplied is not None else new_request_id(),
-            pipeline.clock(),
-            supplied is not None,
-            None,
             scheme,
             protocol,
         )
-        return pipeline.shaped_response(request, shape)
 
     def _replay(
         self,

@@ -55,6 +55,7 @@ from edge.exchange import (
     RequestBody,
     ResponseSink,
 )
+from edge.fasthead import Volatile
 from edge.http1 import RequestRejected, error_response, new_request_id
 from edge.stages.account import Accountant
 from edge.stages.fill import Filler
@@ -62,6 +63,7 @@ from edge.stages.forward import Forwarder
 from edge.stages.hit import HitStage, needs_fill
 from edge.stages.limit import Limiter
 from edge.stages.respond import Responder
+from edge.stages.shaped import ShapedHits
 from edge.stages.walk import UpstreamWalk
 from edge.state import EdgeState, HeadShape, RequestHead
 from edge.transcode import Transcoder
@@ -82,7 +84,10 @@ class Pipeline:
     swaps ``state`` on reload and subscribes ``on_health`` to the health monitor."""
 
     fast_response: Callable[[ProxyRequest], bytes | None]
-    shaped_response: Callable[[ProxyRequest, HeadShape], bytes | None]
+    shaped_response: Callable[
+        [HeadShape, Volatile, str, bytes, str, bytes | None, str, bytes, str | None],
+        bytes | None,
+    ]
     replay_hit: Callable[[RequestHead, str, bytes | None, str | None], bytes | None]
     take_pending: Callable[[ProxyRequest], Lookup | None]
     on_health: Callable[[SnapshotView], None]
@@ -118,7 +123,7 @@ class Pipeline:
         self.hits = HitStage(self, self.filler, self.respond, self.limiter)
         self.accountant = Accountant(self)
         self.fast_response = self.hits.fast_response
-        self.shaped_response = self.hits.shaped_response
+        self.shaped_response = ShapedHits(self.hits).respond
         self.replay_hit = self.hits.replay_hit
         self.take_pending = self.hits.take_pending
         self.on_health = self.walker.on_health

@@ -959,3 +959,52 @@ async def test_stored_entries_share_the_header_fields_they_have_in_common() -> N
     assert first[b"cache-control"] is second[b"cache-control"]
     assert first[b"etag"] != second[b"etag"]
     assert parse(get(cache, b"/api/v1/ticker/ETH").wire)[1][b"etag"] == b'"ETH"'
+
+
+async def test_lookup_read_answers_only_fresh_hits_and_counts_nothing_else() -> None:
+    clock = FakeClock()
+    cache, origin = make_cache(clock), Origin(clock)
+    origin.answer(200, [(b"cache-control", b"max-age=10, stale-while-revalidate=60")], b"tick")
+    await request(cache, origin, b"/api/v1/ticker/BTC")
+    headers = [(b"host", HOST), (b"accept", b"application/json")]
+    read = cache.reader.read(False, headers)
+    assert not isinstance(read, str)
+    asked: list[int] = []
+
+    def own_headers() -> list[Header]:
+        asked.append(1)
+        return headers
+
+    extra = b"x-request-id: r1\r\n"
+    found = cache.lookup_read(b"https", HOST, b"/api/v1/ticker/BTC", read, own_headers, extra)
+    assert found is not None and found.kind is LookupKind.HIT
+    assert found.wire == get(cache, b"/api/v1/ticker/BTC").wire.replace(
+        b"x-cache: ", extra + b"x-cache: "
+    )
+    assert cache.metrics.l1_hits == 2 and asked == []  # no Vary: its headers never read
+    # A miss, a bypassed rule and a stale answer: None, and nothing counted.
+    for target in (b"/api/v1/ticker/ETH", b"/api/v1/orders"):
+        assert cache.lookup_read(b"https", HOST, target, read, own_headers) is None
+    clock.advance(20)
+    assert cache.lookup_read(b"https", HOST, b"/api/v1/ticker/BTC", read, own_headers) is None
+    assert cache.metrics.l1_hits == 2 and cache.metrics.stale == {}
+
+
+async def test_lookup_read_chooses_a_variant_by_the_requests_own_headers() -> None:
+    clock = FakeClock()
+    cache, origin = make_cache(clock), Origin(clock)
+    origin.answer(200, [(b"cache-control", b"max-age=10"), (b"vary", b"x-tier")], b"gold")
+    await request(cache, origin, b"/api/v1/ticker/BTC", [(b"x-tier", b"gold")])
+    read = cache.reader.read(False, [(b"host", HOST)])
+    assert not isinstance(read, str)
+    for tier, answered in ((b"gold", True), (b"free", False)):
+        found = cache.lookup_read(
+            b"https",
+            HOST,
+            b"/api/v1/ticker/BTC",
+            read,
+            lambda tier=tier: [(b"host", HOST), (b"x-tier", tier)],  # type: ignore[misc]
+        )
+        assert (found is not None) is answered
+        if found is not None:
+            assert parse(found.wire)[2] == b"gold"

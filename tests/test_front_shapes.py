@@ -172,3 +172,41 @@ async def test_a_response_varying_on_cookie_is_matched_on_this_requests_cookie(
     assert parses == []  # each read by its shape, with its own Cookie
     assert len(w.upstream.sent) == 2
     client.connection.connection_lost(None)
+
+
+async def test_a_stale_answer_of_a_known_shape_is_read_in_full_and_refreshed_with_its_cookie(
+    parses: list[bytes],
+) -> None:
+    stale = [
+        (b"Content-Type", b"application/json"),
+        (b"Cache-Control", b"max-age=1, stale-while-revalidate=60"),
+    ]
+    w = world({"http://u1": [Reply(headers=stale, chunks=(BODY,))]})
+    client = Client(w)
+    cache = w.pipeline.cache
+    assert cache is not None
+    await fill(client, [b"/api/v1/symbols?k=0", b"/api/v1/symbols?k=1"])
+    status, headers, _ = await client.ask(head(b"/api/v1/symbols?k=0", 0))  # learns the shape
+    assert headers[b"x-cache"] == b"HIT"
+    w.cache_clock.advance(5.0)
+    parses.clear()
+    data = head(b"/api/v1/symbols?k=1", 1, cookie=b"theme=light")
+    status, headers, body = await client.ask(data)
+    assert status == 200 and headers[b"x-cache"] == b"STALE" and body == BODY
+    # Not answered by its shape: the full read decides it, and counts it once.
+    assert parses == [data]
+    assert sum(cache.metrics.stale.values()) == 1
+    for _ in range(50):
+        if len(w.upstream.sent) == 3:
+            break
+        await asyncio.sleep(0)
+    refresh = w.upstream.sent[-1]  # the background refresh, with this request's own fields
+    assert refresh.target == "/api/v1/symbols?k=1"
+    assert refresh.headers["cookie"] == "session=1; theme=light"
+    # Refreshed, it is a fresh hit again: read by its shape once its head is forgotten.
+    w.pipeline.state.first_sights.clear()
+    w.pipeline.state.request_heads.clear()
+    parses.clear()
+    status, headers, _ = await client.ask(head(b"/api/v1/symbols?k=1", 2))
+    assert headers[b"x-cache"] == b"HIT" and parses == []
+    client.connection.connection_lost(None)

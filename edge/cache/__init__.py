@@ -134,6 +134,8 @@ _REVALIDATE: Final = LookupKind.REVALIDATE
 _ONLY_IF_CACHED: Final = LookupKind.ONLY_IF_CACHED
 _FRESH: Final = Use.FRESH
 _USE_STALE: Final = Use.STALE
+#: A NamedTuple made per hit from all its fields: ``tuple.__new__``, not the generated one.
+_new_tuple: Final = tuple.__new__
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,42 +324,42 @@ class HttpCache:
             return self._bypassed(prepared.bypass)
         key, request = prepared.key, prepared.request
         assert key is not None and request is not None
-        if now is None:
-            now = self.clock()
-        entry = self.store.get(key.primary, request.headers)
-        if entry is not None and request.authorized and not entry.response.auth_ok:
-            entry = None
-        cc = request.cc
-        if entry is not None:
-            use, reason = decide(entry.response.freshness, cc, now)
-            if use is _FRESH:  # the hot path
-                self.metrics.l1_hits += 1
-                if_none_match = request.if_none_match
-                if_modified_since = request.if_modified_since
-                if (
-                    if_none_match is not None or if_modified_since is not None
-                ) and entry.not_modified_for(if_none_match, if_modified_since):
-                    wire = entry.wire_not_modified(request.coding, now, X_CACHE_HIT, extra)
-                elif request.range is not None:
-                    wire = serve(entry, request, X_CACHE_HIT, now, extra)
-                else:
-                    wire = entry.wire(request.coding, now, request.head, X_CACHE_HIT, extra)
-                return Lookup(_HIT, wire, key, entry)
-        if entry is None:
-            if cc.only_if_cached:
-                return Lookup(_ONLY_IF_CACHED, self._only_if_cached_wire, key)
-            if cc.no_store:
-                return self._bypassed("request-no-store")
-            return Lookup(_MISS, key=key, request=request)
-        if use is _USE_STALE:
-            self.metrics.count_stale(reason)
-            wire = serve(entry, request, X_CACHE_STALE, now, extra)
-            return Lookup(_STALE, wire, key, entry, request, reason, refresh=True)
-        if cc.only_if_cached:
-            return Lookup(_ONLY_IF_CACHED, self._only_if_cached_wire, key)
-        if cc.no_store:
-            return self._bypassed("request-no-store")
-        return Lookup(_REVALIDATE, key=key, entry=entry, request=request)
+        return classify(
+            self,
+            key,
+            request,
+            self.store.get(key.primary, request.headers),
+            self.clock() if now is None else now,
+            extra,
+        )
+
+    def lookup_read(
+        self,
+        scheme: bytes,
+        host: bytes,
+        target: bytes,
+        read: RequestInfo,
+        headers: Callable[[], Headers],
+        extra: bytes = b"",
+    ) -> Lookup | None:
+        """A fresh HIT for a GET or HEAD seen for the first time whose headers were read before
+        (``read``: what ``RequestReader.read`` made of headers like its own, but for fields a
+        lookup never reads), else None with nothing counted: a miss, a stale answer, anything
+        else, which the caller then looks up in full.  ``headers()``, the request's own, is
+        called only for a resource that varies (they choose its variant).  The key is built
+        without its memo (``KeyBuilder.build_once``).  Used by ``edge.stages.shaped``."""
+        key = self.keys.build_once(scheme, host, target)
+        if key.rule.bypass:
+            return None
+        store = self.store
+        primary = key.primary
+        entry = store.get(primary, () if store.vary_names(primary) is None else headers())
+        if entry is None or (read.authorized and not entry.response.auth_ok):
+            return None
+        now = self.clock()
+        if decide(entry.response.freshness, read.cc, now)[0] is not _FRESH:
+            return None
+        return fresh_hit(self, key, read, entry, now, extra)
 
     #: ``lookups.memo_hit``: a ``HitMemo`` for a HIT or a stale-while-revalidate answer.
     memo_hit = staticmethod(_memo_hit)
@@ -437,6 +439,61 @@ class HttpCache:
         # Purges broadcast while we were not subscribed are lost: start L1 afresh.
         removed = self.store.clear()
         log.info("cache_l1_cleared_after_resubscribe", removed=removed)
+
+
+def classify(
+    cache: HttpCache,
+    key: CacheKey,
+    request: RequestInfo,
+    entry: Entry | None,
+    now: float,
+    extra: bytes,
+) -> Lookup:
+    """What ``cache`` answers a request (``request``, keyed ``key``) that found ``entry`` (or
+    nothing) in L1 at ``now``: freshness, conditionals, ranges and, for HIT/STALE, the bytes
+    (``extra``: per-request header lines): ``HttpCache.lookup_prepared``'s verdict."""
+    if entry is not None and request.authorized and not entry.response.auth_ok:
+        entry = None
+    cc = request.cc
+    if entry is not None:
+        use, reason = decide(entry.response.freshness, cc, now)
+        if use is _FRESH:  # the hot path
+            return fresh_hit(cache, key, request, entry, now, extra)
+    if entry is None:
+        if cc.only_if_cached:
+            return Lookup(_ONLY_IF_CACHED, cache._only_if_cached_wire, key)
+        if cc.no_store:
+            return cache._bypassed("request-no-store")
+        return Lookup(_MISS, key=key, request=request)
+    if use is _USE_STALE:
+        cache.metrics.count_stale(reason)
+        wire = serve(entry, request, X_CACHE_STALE, now, extra)
+        return Lookup(_STALE, wire, key, entry, request, reason, refresh=True)
+    if cc.only_if_cached:
+        return Lookup(_ONLY_IF_CACHED, cache._only_if_cached_wire, key)
+    if cc.no_store:
+        return cache._bypassed("request-no-store")
+    return Lookup(_REVALIDATE, key=key, entry=entry, request=request)
+
+
+def fresh_hit(
+    cache: HttpCache, key: CacheKey, request: RequestInfo, entry: Entry, now: float, extra: bytes
+) -> Lookup:
+    """The HIT of a request whose stored response ``entry`` is fresh at ``now``, counted: the
+    entry's bytes for its coding (a 304 for a matching conditional, a range's part)."""
+    cache.metrics.l1_hits += 1
+    if_none_match = request.if_none_match
+    if_modified_since = request.if_modified_since
+    if (if_none_match is not None or if_modified_since is not None) and entry.not_modified_for(
+        if_none_match, if_modified_since
+    ):
+        wire = entry.wire_not_modified(request.coding, now, X_CACHE_HIT, extra)
+    elif request.range is not None:
+        wire = serve(entry, request, X_CACHE_HIT, now, extra)
+    else:
+        wire = entry.wire(request.coding, now, request.head, X_CACHE_HIT, extra)
+    # Lookup(_HIT, wire, key, entry), without the NamedTuple's generated __new__ (per hit).
+    return _new_tuple(Lookup, (_HIT, wire, key, entry, None, "", False))
 
 
 __all__ = [

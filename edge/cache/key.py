@@ -67,6 +67,10 @@ class CacheKey(NamedTuple):
     rule: CacheRule
 
 
+#: ``CacheKey`` made from all its fields by ``tuple.__new__``, not the generated ``__new__``.
+_new_tuple: Final = tuple.__new__
+
+
 @lru_cache(maxsize=CACHE_KEY_HOSTS.bound)
 def _scheme_and_host(scheme: bytes, host: bytes) -> bytes:
     """``scheme://host`` as keyed: the part of a key every request to one host shares."""
@@ -230,7 +234,8 @@ class KeyBuilder:
             query = normalise_query(query, rule)
         normalised = path + b"?" + query if query else path
         url = _scheme_and_host(scheme.lower(), host) + normalised
-        return CacheKey(METHOD_CLASS_GET + url, url, normalised, path, rule)
+        # CacheKey(...) without the NamedTuple's generated __new__: one per first-sight request.
+        return _new_tuple(CacheKey, (METHOD_CLASS_GET + url, url, normalised, path, rule))
 
     def from_url(self, url: str | bytes) -> CacheKey:
         """The key of an absolute URL (purge requests, invalidation targets); a bare path

@@ -6,8 +6,8 @@ has read a bodiless HTTP/1.1 GET/HEAD on an idle keep-alive connection) does one
 one background refresh), which the protocol writes in one ``transport.write``.  The
 compressed variants live in the entry, built once, so a Brotli hit costs what an identity hit
 costs.  ``replay_hit`` is cheaper still: the last hit for the same request bytes, replayed
-while it holds.  ``shaped_response`` answers a head read by its shape (``edge.h1fast``) when
-it is a hit, and nothing else.  All account their hits here (``_served``), and all ask the
+while it holds.  ``edge.stages.shaped`` answers a head read by its shape (``edge.h1fast``)
+when it is a hit, and nothing else.  All account their hits here (``served``), and all ask the
 rate limits first (``stages.limit``): a client over its rate is answered 429, never from the
 cache.
 
@@ -21,7 +21,6 @@ from typing import Final
 
 from edge.cache import HttpCache, Lookup, LookupKind
 from edge.cache.entry import with_lines
-from edge.cache.messages import RequestInfo
 from edge.exchange import (
     Exchange,
     ProxyRequest,
@@ -35,7 +34,7 @@ from edge.stages.fill import Filler
 from edge.stages.limit import Limiter
 from edge.stages.respond import Responder
 from edge.stages.services import EdgeServices
-from edge.state import EdgeState, HeadShape, HitReplay, RequestHead
+from edge.state import EdgeState, HitReplay, RequestHead
 
 _HIT: Final = LookupKind.HIT
 _STALE: Final = LookupKind.STALE
@@ -149,49 +148,9 @@ class HitStage:
                 )
             if extra:
                 wire = with_lines(wire, extra)
-        return self._served(request, state, lookup, route, wire)
+        return self.served(request, state, lookup, route, wire)
 
-    def shaped_response(self, request: ProxyRequest, shape: HeadShape) -> bytes | None:
-        """``fast_response`` for a head read by its shape (``edge.h1fast``: its headers are
-        ``shape``'s plus this request's volatile fields): the bytes of a HIT or STALE answer,
-        else None with nothing counted and no lookup pending (the caller then reads the head
-        in full, which decides the rest as for any request)."""
-        cache = self.cache
-        if cache is None or not cache.enabled:
-            return None
-        read = shape.reads.get(request.method)
-        if read is None:
-            read = shape.read(request.method, cache.reader)
-        if read is False:
-            return None
-        state = self.services.state
-        target = state.route(request.host, request.path)
-        route = target.route.name if target is not None else "-"
-        limiter = self.limiter
-        limits = limiter.limits if limiter.state is state else limiter.current(state)
-        if limits is not None and limits.shared_routes and route in limits.shared_routes:
-            return None
-        prepared = cache.reader.prepare_read(
-            cache.keys,
-            _METHOD_BYTES[request.method],
-            _SCHEME,
-            request.host or b"",
-            request.target,
-            RequestInfo._make((request.headers, *read[1:])),  # this request's own headers
-        )
-        if prepared.bypass:
-            return None
-        extra = request_id_line(request, state) if request.request_id_supplied else b""
-        lookup = cache.lookup_prepared(prepared, None, extra)
-        if lookup.kind is not _HIT and lookup.kind is not _STALE:
-            return None
-        if limits is not None:
-            refused = limiter.check_hit(limits, state, route, request)
-            if refused is not None:
-                return refused
-        return self._served(request, state, lookup, route, lookup.wire)
-
-    def _served(
+    def served(
         self, request: ProxyRequest, state: EdgeState, lookup: Lookup, route: str, wire: bytes
     ) -> bytes:
         """``wire``, the answer of a HIT or STALE ``lookup``, accounted (and for STALE, the
