@@ -67,6 +67,8 @@ _WORDS: Final = 16
 _NAMELEN_WORD: Final = 2
 _FLAGS_WORD: Final = 12
 _LEN_WORD: Final = 14
+#: From a message's length word back to its flags word.
+_TRUNC_WORDS_BACK: Final = _LEN_WORD - _FLAGS_WORD
 #: ... and as 64-bit words: msg_name is word 0 of 8; an iovec's iov_len is word 1 of 2.
 _QWORDS: Final = 8
 
@@ -146,6 +148,18 @@ class DatagramBatch:
         self._out = _Ring(names, self._in.buffer)
         self._hosts: dict[bytes, str] = {}
         self._last = BATCH
+        #: Per slot: its number, where its bytes start, the word of its length, and where
+        #: its sender's address is (IPv4: a word of the names; IPv6: a byte offset).
+        v4 = self._family == socket.AF_INET
+        self._plan = tuple(
+            (
+                i,
+                i * SLOT_BYTES,
+                i * _WORDS + _LEN_WORD,
+                i * (NAME_BYTES // 4) + 1 if v4 else i * NAME_BYTES + 8,
+            )
+            for i in range(BATCH)
+        )
         #: Replies of :meth:`answer` longer than a slot, with their datagram's slot.
         self._overflow: list[tuple[bytes, int]] = []
         #: Datagrams longer than a slot, dropped unanswered.
@@ -221,25 +235,26 @@ class DatagramBatch:
         lengths = self._out.iov_qwords
         pointers = self._out.qwords
         names = self._names_address
+        v4 = self._family == socket.AF_INET
         name_words = self._name_words
         name_bytes = self._name_bytes
-        v4 = self._family == socket.AF_INET
         shared_get = shared.get
         by_sender_get = by_sender.get
+        moved: list[int] = []
         count = 0
-        start = -SLOT_BYTES
-        for i in range(got):
-            start += SLOT_BYTES
-            if words[i * _WORDS + _FLAGS_WORD] & _MSG_TRUNC:
+        at = 0
+        for i, start, length_at, sender_at in self._plan[:got]:
+            size = words[length_at]
+            if size >= SLOT_BYTES and words[length_at - _TRUNC_WORDS_BACK] & _MSG_TRUNC:
                 self.truncated += 1
                 continue
-            key = bytes(slots[start + 2 : start + words[i * _WORDS + _LEN_WORD]])
+            key = bytes(slots[start + 2 : start + size])
             memo = shared_get(key)
             if memo is None:
                 if v4:
-                    sender: Any = name_words[i * (NAME_BYTES // 4) + 1]
+                    sender: Any = name_words[sender_at]
                 else:
-                    sender = bytes(name_bytes[i * NAME_BYTES + 8 : i * NAME_BYTES + 24])
+                    sender = bytes(name_bytes[sender_at : sender_at + 16])
                 memo = by_sender_get((key, sender))
                 if memo is None:
                     tail = compute(i, key, sender)
@@ -255,13 +270,14 @@ class DatagramBatch:
             if size > SLOT_BYTES:
                 self._overflow.append((bytes(slots[start : start + 2]) + tail, i))
                 continue
-            at = count * SLOT_BYTES
             if at != start:  # an earlier datagram got no reply: this one moves down
                 slots[at : at + 2] = slots[start : start + 2]
+                pointers[count * _QWORDS] = names + i * NAME_BYTES
+                moved.append(count)
             slots[at + 2 : at + size] = tail
             lengths[2 * count + 1] = size
-            pointers[count * _QWORDS] = names + i * NAME_BYTES
             count += 1
+            at += SLOT_BYTES
         unsent: list[tuple[bytes, tuple[str, int], int]] = []
         if count:
             for k, code in self._flush(count):
@@ -269,6 +285,8 @@ class DatagramBatch:
                 slot = (pointers[k * _QWORDS] - names) // NAME_BYTES
                 reply = bytes(slots[at : at + lengths[2 * k + 1]])
                 unsent.append((reply, self.sender(slot), code))
+        for k in moved:  # message k answers slot k again
+            pointers[k * _QWORDS] = names + k * NAME_BYTES
         if self._overflow:
             unsent.extend((reply, self.sender(i), 0) for reply, i in self._overflow)
             self._overflow.clear()
@@ -326,4 +344,6 @@ class DatagramBatch:
             slots.append(index)
             count += 1
         failed.extend((slots[k], code) for k, code in self._flush(count))
+        for k in range(count):  # message k answers slot k again (as answer() expects)
+            qwords[k * _QWORDS] = names + k * NAME_BYTES
         return failed
