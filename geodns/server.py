@@ -505,7 +505,9 @@ class DnsServer:
         self._backlog: collections.deque[tuple[bytes, tuple[Any, ...]]] = collections.deque()
         #: UDP reply memo: query bytes after the ID -> (reply bytes after the ID, tally slot).
         #: ``_shared`` holds replies that depend only on the query (ECS gave the subnet),
-        #: ``_by_client`` those for one sender address.  Emptied when health or config changes.
+        #: ``_by_client`` those for one sender address (keyed by its host string, or in the
+        #: batched loop as :meth:`mmsg.DatagramBatch.answer` reads it).  Emptied when health
+        #: or config changes.
         self._shared: dict[bytes, tuple[bytes, int]] = {}
         self._by_client: dict[tuple[bytes, Any], tuple[bytes, int]] = {}
         self._hits = self.metrics.hits
