@@ -6,15 +6,18 @@ module has neither, so a Python server pays two system calls per query (``recvfr
 at a saturating rate those calls are most of the CPU a memoized answer costs.  This module
 keeps one set of preallocated ``mmsghdr`` arrays per socket and reads their results through
 ``memoryview`` casts, so a batch costs two foreign calls plus a few slice operations per
-datagram.
+datagram.  :meth:`DatagramBatch.answer` goes further for a server whose replies are memoized:
+the reply is written over its query in the same slot (the first two bytes, DNS's ID, stay)
+and sent from there, so a memoized datagram costs no Python call at all.
 
 Linux only (the structure layout is the 64-bit Linux ABI, checked at import); where it does
 not hold, :data:`AVAILABLE` is False and the caller keeps ``recvfrom``/``sendto``.  The
 environment variable ``MERIDIAN_UDP_MMSG=0`` turns it off too (A/B measurements, or a kernel
 or seccomp profile that refuses these calls).
 
-Hostile input: a datagram longer than :data:`SLOT_BYTES` arrives with ``MSG_TRUNC`` set and
-is reported truncated, never answered as if whole (a DNS query is a few hundred bytes; the
+Hostile input: a datagram longer than :data:`SLOT_BYTES` arrives with ``MSG_TRUNC`` set (and
+fills its slot, which is when the flag is read) and is reported truncated, never answered as
+if whole (a DNS query is a few hundred bytes; the
 largest legal EDNS query is far below this).  The sender's address is the kernel's, copied
 into a fixed slot; nothing a client sends decides a length here.
 """
