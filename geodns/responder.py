@@ -255,6 +255,14 @@ _Shape = tuple[
     tuple[list[int], ...],
 ]
 
+_Plain = tuple[
+    "Compiled",
+    AnswerTable,
+    "array[int]",
+    list[tuple[bytes, "ReplyInfo", list[int]] | None],
+    int,
+]
+
 
 class _Slot(NamedTuple):
     """The compiled answers of one answer class to one query type: the table, and per answer
@@ -370,6 +378,9 @@ class Responder:
         #: :meth:`shaped` needs; and the address lengths seen (the key is the query minus one).
         self._shapes: dict[bytes, _Shape] = {}
         self._shape_lengths: tuple[int, ...] = ()
+        #: Queries without ECS (after the ID) -> what :meth:`plain` needs: the compiled
+        #: table, and the reply per answer as :meth:`quick` made it (None: not made yet).
+        self._plain: dict[bytes, _Plain] = {}
         #: The address length tried first (the first seen: /24 from most resolvers).
         self._shape_length = 3
         #: What :meth:`shaped` returns with each reply (set by the shell: its tally slot for a
@@ -498,6 +509,7 @@ class Responder:
         """Answer from ``compiled`` from now on (an atomic swap: one attribute)."""
         self._compiled = compiled
         self._shapes = {}
+        self._plain = {}
         self._indexes = {}
 
     def _answers(self, health: HealthView) -> Compiled:
@@ -717,19 +729,77 @@ class Responder:
             reusable = False
         if shared and reusable and not tcp and len(self._shapes) < SHAPE_LIMIT:
             self._learn_shape(data, offset, fields, compiled, found[0], slot)
-        return self._assemble(data, body, offset, fields, scope, tcp, reusable, shared, country)
+        made = self._assemble(data, body, offset, fields, scope, tcp, reusable, shared, country)
+        if reusable and not shared and not tcp:
+            self._learn_plain(data[2:], compiled, filled, answer, made)
+        return made
 
-    def shaped(self, data: bytes, generation: int) -> tuple[bytes, ReplyInfo, int] | None:
-        """The UDP reply (after the ID) to an ECS query whose shape - every byte but the ID
-        and the address - was answered by :meth:`quick` before under the compilation in force
-        for ``generation``: one slice, one dict lookup, one range lookup and one join.  None
-        when the shape is new (then :meth:`quick` decides, and learns it).  The last item is
-        what :attr:`tag_of` said of the reply's :class:`ReplyInfo` (the shell's tally slot)."""
+    def plain(
+        self, query: bytes, v4: bool, address: int, generation: int
+    ) -> tuple[bytes, ReplyInfo, int] | None:
+        """The UDP reply (after the ID) to ``query`` (after its ID), which carries no ECS
+        subnet, from a sender at ``address`` (IPv4 if ``v4``, else IPv6) - a resolver never
+        seen before, typically: one dict lookup and one range lookup on the compiled answers,
+        the reply rendered once per answer (by :meth:`quick`, for an earlier sender that got
+        the same answer).  None when :meth:`quick` must decide (a new query shape or answer,
+        or a compilation other than ``generation``'s).  The last item is as in :meth:`shaped`.
+        """
+        shape = self._plain.get(query)
+        if shape is None:
+            return None
+        compiled, table, index, replies, made_for = shape
+        if made_for != generation or compiled is not self._compiled:
+            return None
+        if v4:
+            block = address >> 16
+            i = bisect_right(table.v4_starts, address, index[block], index[block + 1] + 1) - 1
+            answer = table.v4_answers[i]
+            country = self._country_blocks[block]
+            if country == MIXED:
+                country = self.countries.of_v4(address)  # a /16 of several countries
+        else:
+            answer = table.v6_answers[bisect_right(table.v6_starts, address) - 1]
+            country = self.countries.of_v6(address)
+        learned = replies[answer]
+        if learned is None:
+            return None
+        reply, info, row = learned
+        tag = row[country]
+        if tag < 0:
+            tag = row[country] = self._country_tag(info, country)
+        return reply, info, tag
+
+    def _learn_plain(
+        self, query: bytes, compiled: Compiled, filled: _Slot, answer: int, made: Quick
+    ) -> None:
+        """Remember, for :meth:`plain`, the reply :meth:`quick` made to ``query`` (after its
+        ID, no ECS subnet) for a sender whose range got ``answer``: the same bytes for every
+        sender that gets that answer, under this compilation."""
+        shape = self._plain.get(query)
+        if shape is None or shape[4] != compiled.health.generation or shape[0] is not compiled:
+            if len(self._plain) >= SHAPE_LIMIT:
+                self._plain.clear()
+            table = filled.table
+            index = self._indexes.get(id(table.v4_starts))
+            if index is None:
+                index = self._indexes[id(table.v4_starts)] = _block_index(table.v4_starts)
+            replies: list[tuple[bytes, ReplyInfo, list[int]] | None] = [None] * len(filled.bodies)
+            shape = (compiled, table, index, replies, compiled.health.generation)
+            self._plain[query] = shape
+        shape[3][answer] = (made.tail, made.info, self._country_row(made.info))
+
+    def shaped(self, query: bytes, generation: int) -> tuple[bytes, ReplyInfo, int] | None:
+        """The UDP reply (after the ID) to an ECS ``query`` (after its ID) whose shape - every
+        byte but the ID and the address - was answered by :meth:`quick` before under the
+        compilation in force for ``generation``: one slice, one dict lookup, one range lookup
+        and one join.  None when the shape is new (then :meth:`quick` decides, and learns it).
+        The last item is what :attr:`tag_of` said of the reply's :class:`ReplyInfo` (the
+        shell's tally slot)."""
         length = self._shape_length
-        shape = self._shapes.get(data[2:-length])
+        shape = self._shapes.get(query[:-length])
         if shape is None:
             for length in self._shape_lengths:
-                shape = self._shapes.get(data[2:-length])
+                shape = self._shapes.get(query[:-length])
                 if shape is not None:
                     break
             else:
@@ -737,8 +807,8 @@ class Responder:
         compiled, starts, answers, shift, mask, bits, heads, infos, index, made_for, rows = shape
         if made_for != generation or compiled is not self._compiled:
             return None
-        address = data[-length:]
-        if mask and data[-1] & mask:
+        address = query[-length:]
+        if mask and query[-1] & mask:
             return None  # bits set past the source prefix: the strict parser's FORMERR
         value = int.from_bytes(address, "big") << shift
         if index is not None:  # IPv4: the ranges of the address's /16 first

@@ -505,15 +505,18 @@ class DnsServer:
         self._backlog: collections.deque[tuple[bytes, tuple[Any, ...]]] = collections.deque()
         #: UDP reply memo: query bytes after the ID -> (reply bytes after the ID, tally slot).
         #: ``_shared`` holds replies that depend only on the query (ECS gave the subnet),
-        #: ``_by_client`` those for one sender address.  Emptied when health or config changes.
+        #: ``_by_client`` those for one sender address (keyed by its host string, or in the
+        #: batched loop as :meth:`mmsg.DatagramBatch.answer` reads it).  Emptied when health
+        #: or config changes.
         self._shared: dict[bytes, tuple[bytes, int]] = {}
-        self._by_client: dict[tuple[bytes, str], tuple[bytes, int]] = {}
+        self._by_client: dict[tuple[bytes, Any], tuple[bytes, int]] = {}
         self._hits = self.metrics.hits
         self._memo_generation = -1
         #: Replies of known ECS shapes (:meth:`Responder.shaped`) carry their tally slot.
         self._computed = self.metrics.computed
         self.serving.responder.tag_of = self._udp_slot
         self._shaped = self.serving.responder.shaped
+        self._plain = self.serving.responder.plain
         self._limiting = self.serving.limiter.config.enabled
         #: Sender address -> its rate-limiting prefix (depends on the config: reset on reload).
         self._prefixes: dict[str, tuple[int, int]] = {}
@@ -698,6 +701,7 @@ class DnsServer:
             return
         old, self.serving = self.serving, pending  # atomic: replies are computed synchronously
         self._shaped = pending.responder.shaped
+        self._plain = pending.responder.plain
         self._limiting = pending.limiter.config.enabled
         self._prefixes.clear()
         self._forget_replies()
@@ -790,52 +794,138 @@ class DnsServer:
     def _udp_readable_batched(self) -> None:
         """``_udp_readable`` with one ``recvmmsg`` and one ``sendmmsg`` per batch instead of
         a ``recvfrom`` and a ``sendto`` per query (gdnsd's loop): up to ``UDP_BATCH_ROUNDS``
-        batches per wake-up, each batch's replies sent before the next is read (replies go
-        back to the batch's own address slots)."""
+        batches per wake-up, each batch's replies sent before the next is read, until a read
+        finds nothing.  (Under load, queries arrive while a batch is answered: reading again
+        at once costs less than a return to the event loop and an ``epoll_wait``; measured
+        with ``benchmarks.compare dns``, 5.8-6.3 vs 6.3 µs/query.)  Memoized
+        replies are written over their queries inside :meth:`mmsg.DatagramBatch.answer`
+        (no Python call per datagram); the rest come from :meth:`_answer_slot`.  Under
+        response rate limiting every datagram takes :meth:`handle_datagram`."""
         batch = self._batch
         if batch is None:
             return
-        handle = self.handle_datagram
-        datagram = batch.datagram
         for _ in range(UDP_BATCH_ROUNDS):
+            truncated = batch.truncated
             try:
-                got = batch.receive()
+                if self._limiting:
+                    got = self._limited_batch(batch)
+                else:
+                    got, unsent = batch.answer(
+                        self._shared, self._by_client, self._hits, self._answer_slot
+                    )
+                    for out, addr, code in unsent:
+                        self._unsent(out, addr, code)
             except OSError as exc:
                 self.metrics.receive_errors += 1
                 count = self.metrics.receive_errors
                 if count & (count - 1) == 0:
                     log.warning("dns_udp_receive_failed", error=str(exc), count=count)
                 return
-            try:
-                for i in range(got):
-                    received = datagram(i)
-                    if received is None:  # longer than any query: never answered
-                        self.metrics.unanswered["udp"] += 1
-                        continue
-                    try:
-                        handle(*received)
-                    except Exception as exc:  # never lose the rest of the batch to one
-                        self.metrics.errors += 1
-                        log.error("dns_datagram_failed", error=f"{type(exc).__name__}: {exc}")
-            finally:
-                if self._outbox:
-                    self._send_batch(batch)
-            if got < mmsg.BATCH:
+            if batch.truncated != truncated:  # longer than any query: never answered
+                self.metrics.unanswered["udp"] += batch.truncated - truncated
+            if not got:
                 return
 
-    def _send_batch(self, batch: mmsg.DatagramBatch) -> None:
-        outbox, self._outbox = self._outbox, []
-        for index, code in batch.send(outbox):
-            out, addr = outbox[index]
-            if code == 0:  # longer than a slot: the plain call
-                try:
-                    self._sendto(out, addr[:2])
-                except OSError as exc:
-                    self._send_failed(exc, out, addr[:2])
-            elif code in (errno.EAGAIN, errno.EINTR):
-                self._send_failed(BlockingIOError(code, "send buffer full"), out, addr[:2])
+    def _answer_slot(self, i: int, key: bytes, sender: Any) -> bytes | None:
+        """The reply (after the ID) to datagram ``i`` of the batch, which no memo answers
+        (``key``: its bytes after the ID; ``sender``: its sender as the batch keys the
+        per-client memo - the IPv4 address read as a machine ``int``, or 16 IPv6 bytes).
+        Called only when not rate limiting (which must see every computed reply)."""
+        try:
+            generation = self.monitor.snapshot.generation
+            if len(key) > 9 and key[9]:  # an additional record: perhaps an OPT with ECS
+                reply = self._known_ecs(key, generation)
+                if reply is not None:
+                    return reply
+            if type(sender) is int:
+                reply = self._known_plain(key, True, socket.ntohl(sender), sender, generation)
             else:
-                self.metrics.send_errors += 1
+                address = int.from_bytes(sender, "big")
+                reply = self._known_plain(key, False, address, sender, generation)
+            if reply is not None:
+                return reply
+            assert self._batch is not None
+            received = self._batch.datagram(i)
+            if received is None:
+                return None
+            data, addr = received
+            out = self._compute_datagram(data, addr, key, sender)
+        except Exception as exc:  # never lose the rest of the batch to one bad datagram
+            self.metrics.errors += 1
+            log.error("dns_datagram_failed", error=f"{type(exc).__name__}: {exc}")
+            return None
+        if out is None:
+            return None
+        if out[:2] != data[:2]:  # not this query's ID (never so today): sent as it is
+            self._unsent(out, addr[:2], 0)
+            return None
+        return out[2:]
+
+    def _known_ecs(self, query: bytes, generation: int) -> bytes | None:
+        """The reply (after the ID) to ECS ``query`` (after its ID) of a shape answered
+        before (:meth:`Responder.shaped`: a range lookup on the subnet), memoized for every
+        sender; None: :meth:`_compute_datagram` decides."""
+        shaped = self._shaped(query, generation)
+        if shaped is None:
+            return None
+        reply, _, slot = shaped
+        self._computed[slot] += 1
+        self.metrics.shaped += 1
+        if len(self._shared) >= MEMO_LIMIT:
+            self._forget_replies()
+        self._shared[query] = (reply, slot)
+        return reply
+
+    def _known_plain(
+        self, query: bytes, v4: bool, address: int, sender: Any, generation: int
+    ) -> bytes | None:
+        """The reply (after the ID) to ``query`` (after its ID, no ECS) of a shape answered
+        before, from a sender at ``address`` never seen before (:meth:`Responder.plain`: a
+        range lookup on the sender), memoized for ``sender``; None: as :meth:`_known_ecs`."""
+        plain = self._plain(query, v4, address, generation)
+        if plain is None:
+            return None
+        reply, _, slot = plain
+        self._computed[slot] += 1
+        self.metrics.shaped += 1
+        if len(self._shared) + len(self._by_client) >= MEMO_LIMIT:
+            self._forget_replies()
+        self._by_client[(query, sender)] = (reply, slot)
+        return reply
+
+    def _limited_batch(self, batch: mmsg.DatagramBatch) -> int:
+        """One batch under rate limiting: each datagram through :meth:`handle_datagram`."""
+        got = batch.receive()
+        handle = self.handle_datagram
+        try:
+            for i in range(got):
+                received = batch.datagram(i)
+                if received is None:
+                    continue
+                try:
+                    handle(*received)
+                except Exception as exc:  # never lose the rest of the batch to one
+                    self.metrics.errors += 1
+                    log.error("dns_datagram_failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            if self._outbox:
+                outbox, self._outbox = self._outbox, []
+                for index, code in batch.send(outbox):
+                    out, addr = outbox[index]
+                    self._unsent(out, addr[:2], code)
+        return got
+
+    def _unsent(self, out: bytes, addr: tuple[Any, ...], code: int) -> None:
+        """A reply a batch did not send: too long for a slot (``code`` 0), or refused."""
+        if code == 0:  # longer than a slot: the plain call
+            try:
+                self._sendto(out, addr)
+            except OSError as exc:
+                self._send_failed(exc, out, addr)
+        elif code in (errno.EAGAIN, errno.EINTR):
+            self._send_failed(BlockingIOError(code, "send buffer full"), out, addr)
+        else:
+            self.metrics.send_errors += 1
 
     def _send_outbox(self) -> None:
         outbox, self._outbox = self._outbox, []
@@ -856,21 +946,9 @@ class DnsServer:
             # A sender's own memo before the shape lookup: a resolver without ECS repeats.
             memo = self._by_client.get((tail, addr[0]))
         if memo is None:
-            if not self._limiting and data[11]:
-                # An ECS query of a known shape (a never-seen subnet, typically): a range
-                # lookup and one join, memoized like any reply that depends on the query only.
-                shaped = self._shaped(data, self.monitor.snapshot.generation)
-                if shaped is not None:
-                    reply, _, slot = shaped
-                    self._computed[slot] += 1
-                    self.metrics.shaped += 1
-                    shared = self._shared
-                    if len(shared) >= MEMO_LIMIT:
-                        self._forget_replies()
-                    shared[tail] = (reply, slot)
-                    self._outbox.append((data[:2] + reply, addr))
-                    return
-            self._compute_datagram(data, addr, tail)
+            out = self._answer_new(data, addr, tail, addr[0])
+            if out is not None:
+                self._outbox.append((out, addr))
             return
         self._hits[memo[1]] += 1
         if self._limiting:
@@ -878,12 +956,38 @@ class DnsServer:
             return
         self._outbox.append((data[:2] + memo[0], addr))
 
-    def _compute_datagram(self, data: bytes, addr: tuple[Any, ...], tail: bytes) -> None:
+    def _answer_new(
+        self, data: bytes, addr: tuple[Any, ...], tail: bytes, sender: str
+    ) -> bytes | None:
+        """The reply to a UDP query no memo answers (None: none is sent)."""
+        if not self._limiting:
+            generation = self.monitor.snapshot.generation
+            if len(data) > 11 and data[11]:  # an additional record: perhaps an OPT with ECS
+                reply = self._known_ecs(tail, generation)
+                if reply is not None:
+                    return data[:2] + reply
+            v4 = ":" not in sender
+            try:  # the C parser: ipaddress's costs more than the rest of this path
+                if v4:
+                    raw = socket.inet_pton(socket.AF_INET, sender)
+                else:
+                    raw = socket.inet_pton(socket.AF_INET6, sender.partition("%")[0])
+            except OSError:
+                return None
+            address = int.from_bytes(raw, "big")
+            reply = self._known_plain(tail, v4, address, sender, generation)
+            if reply is not None:
+                return data[:2] + reply
+        return self._compute_datagram(data, addr, tail, sender)
+
+    def _compute_datagram(
+        self, data: bytes, addr: tuple[Any, ...], tail: bytes, sender: Any
+    ) -> bytes | None:
         host = addr[0]
         try:
             source = self.client_address(host)
         except ValueError:
-            return
+            return None
         serving = self.serving
         prefix: tuple[int, int] | None = None
         if self._limiting:
@@ -891,10 +995,10 @@ class DnsServer:
             # sender's network, by its response rate and by what its answers have cost.
             if len(data) < 12 or data[2] & 0x80:
                 self.metrics.unanswered["udp"] += 1
-                return  # never answered (too short, or a response): spends no token
+                return None  # never answered (too short, or a response): spends no token
             prefix = self._prefix(host)
             if prefix is None:
-                return
+                return None
             now = time.monotonic()
             verdict = serving.limiter.check_prefix(prefix, now)
             tally = self.metrics.rate_limited
@@ -903,10 +1007,7 @@ class DnsServer:
                 tally = self.metrics.cost_limited
             if verdict is not Verdict.SEND:
                 tally[verdict.value] += 1
-                slip = slip_for_query(data) if verdict is Verdict.SLIP else None
-                if slip is not None:
-                    self._outbox.append((slip, addr))
-                return
+                return slip_for_query(data) if verdict is Verdict.SLIP else None
         started = time.perf_counter()
         health = self.monitor.snapshot
         if health.generation != self._memo_generation:
@@ -920,25 +1021,23 @@ class DnsServer:
             if prefix is not None:
                 serving.budget.charge(prefix, time.perf_counter() - started, time.monotonic())
             if reply is None:
-                return
-            out = reply.wire
-        else:
-            out = data[:2] + quick.tail
-            metrics = self.metrics
-            slot = metrics.slot("udp", quick.info, quick.country)
-            metrics.computed[slot] += 1
-            elapsed = time.perf_counter() - started
-            metrics.timed("udp", elapsed)
-            if prefix is not None:
-                serving.budget.charge(prefix, elapsed, time.monotonic())
-            if quick.reusable:
-                if len(self._shared) + len(self._by_client) >= MEMO_LIMIT:
-                    self._forget_replies()
-                if quick.shared:
-                    self._shared[tail] = (quick.tail, slot)
-                else:
-                    self._by_client[(tail, host)] = (quick.tail, slot)
-        self._outbox.append((out, addr))
+                return None
+            return reply.wire
+        metrics = self.metrics
+        slot = metrics.slot("udp", quick.info, quick.country)
+        metrics.computed[slot] += 1
+        elapsed = time.perf_counter() - started
+        metrics.timed("udp", elapsed)
+        if prefix is not None:
+            serving.budget.charge(prefix, elapsed, time.monotonic())
+        if quick.reusable:
+            if len(self._shared) + len(self._by_client) >= MEMO_LIMIT:
+                self._forget_replies()
+            if quick.shared:
+                self._shared[tail] = (quick.tail, slot)
+            else:
+                self._by_client[(tail, sender)] = (quick.tail, slot)
+        return data[:2] + quick.tail
 
     def _prefix(self, host: str) -> tuple[int, int] | None:
         """The rate-limiting prefix of a sender (cached per address string)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -164,3 +165,60 @@ async def test_the_batched_loop_answers_byte_for_byte_what_the_plain_loop_answer
     batched = await _answers(tmp_path, batched=True)
     assert len(plain) >= 18  # every well-formed query and the FORMERR-able garbage answered
     assert batched == plain
+
+
+def test_answer_writes_memoized_and_computed_replies_over_their_queries(
+    sockets: tuple[socket.socket, list[socket.socket]],
+) -> None:
+    """``DatagramBatch.answer``: a reply keeps its query's first two bytes (the DNS ID) and
+    goes to its own sender, from the shared memo, the per-sender memo or ``compute``; a
+    datagram without a reply moves the later ones down; a reply longer than a slot is handed
+    back for ``sendto``."""
+    server, clients = sockets
+    batch = mmsg.DatagramBatch(server)
+    target = server.getsockname()[:2]
+    clients[0].sendto(b"\x00\x01drop", target)  # compute says: no reply
+    clients[1].sendto(b"\x00\x02shared", target)
+    clients[2].sendto(b"\x00\x03mine", target)
+    clients[0].sendto(b"\x00\x04new", target)
+    clients[1].sendto(b"\x00\x05huge", target)
+    clients[1].sendto(b"\x00\x06mine", target)  # the same address: the same memo (by host)
+    raw = [
+        socket.inet_pton(server.family, client.getsockname()[0])
+        for client in (clients[0], clients[1], clients[2])
+    ]
+    senders = [
+        int.from_bytes(address, sys.byteorder) if server.family == socket.AF_INET else address
+        for address in raw
+    ]
+    shared = {b"shared": (b"S", 0)}
+    by_sender: dict[tuple[bytes, Any], tuple[bytes, int]] = {(b"mine", senders[2]): (b"M", 1)}
+    hits = [0, 0]
+    asked: list[tuple[bytes, Any]] = []
+
+    def compute(i: int, key: bytes, sender: Any) -> bytes | None:
+        asked.append((key, sender))
+        data = batch.datagram(i)
+        assert data is not None and data[0][2:] == key
+        if key == b"drop":
+            return None
+        if key == b"huge":
+            return b"h" * mmsg.SLOT_BYTES
+        return b"C" + key
+
+    got, unsent = batch.answer(shared, by_sender, hits, compute)
+    assert got == 6
+    assert asked == [
+        (b"drop", senders[0]),
+        (b"new", senders[0]),
+        (b"huge", senders[1]),
+    ]
+    assert senders[1] == senders[2]  # loopback: one address, several ports
+    assert hits == [1, 2]
+    assert [(reply, address[0]) for reply, address, _ in unsent] == [
+        (b"\x00\x05" + b"h" * mmsg.SLOT_BYTES, clients[1].getsockname()[0])
+    ]
+    assert unsent[0][1][1] == clients[1].getsockname()[1] and unsent[0][2] == 0
+    assert clients[0].recv(100) == b"\x00\x04Cnew"
+    assert {clients[1].recv(100) for _ in range(2)} == {b"\x00\x02S", b"\x00\x06M"}
+    assert clients[2].recv(100) == b"\x00\x03M"
