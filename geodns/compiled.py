@@ -320,6 +320,10 @@ class AnswerTable:
     #: Answer number by signature (what a later health generation compares against).
     by_signature: tuple[int, ...]
     keys: tuple[AnswerKey, ...]
+    #: For each /16 of the IPv4 space (and one past the end), the number of the range that
+    #: holds its first address: a lookup bisects only its /16's ranges.  Built here, with the
+    #: table (off the hot path: a first query after a health change must not pay for it).
+    v4_blocks: array[int]
 
     def find(self, ecs_family: int, address: int) -> tuple[int, int, int]:
         """(answer number, first address of its range, first address of the next range or
@@ -333,6 +337,24 @@ class AnswerTable:
         i = bisect_right(starts, address) - 1
         following = starts[i + 1] if i + 1 < len(starts) else top
         return answers[i], starts[i], following
+
+
+def block_index(starts: Sequence[int]) -> array[int]:
+    """For each /16 of the IPv4 space (and one past the end): the number of the range of
+    ``starts`` (sorted, the first 0) that holds the /16's first address."""
+    blocks = 65537
+    if len(starts) > blocks:  # many ranges: a bisection per /16
+        return array("I", [bisect_right(starts, block << 16) - 1 for block in range(blocks)])
+    # Few ranges: range i holds the /16s whose first address lies in [starts[i],
+    # starts[i+1]); filled a slice per range.
+    index = array("I", bytes(4 * blocks))
+    ends = [*starts[1:], V4_TOP]
+    for i, (start, end) in enumerate(zip(starts, ends, strict=True)):
+        first, stop = (start + 0xFFFF) >> 16, (end + 0xFFFF) >> 16
+        if stop > first:
+            index[first:stop] = array("I", (i,)) * (stop - first)
+    index[blocks - 1] = len(starts) - 1
+    return index
 
 
 def _relabel(
@@ -380,6 +402,7 @@ def compile_table(
             tuple(selections),
             numbers,
             previous.keys,
+            previous.v4_blocks,
         )
     code = "B" if len(selections) <= 256 else "I"
     if len(selections) == 1:  # one answer everywhere: one range
@@ -395,6 +418,7 @@ def compile_table(
         tuple(selections),
         numbers,
         tuple(keys),
+        block_index(v4_starts),
     )
     if reuse is not None:
         if len(reuse) >= REUSE_LIMIT:

@@ -386,9 +386,6 @@ class Responder:
         #: What :meth:`shaped` returns with each reply (set by the shell: its tally slot for a
         #: kind of reply and the client's country).
         self.tag_of: Callable[[ReplyInfo, str | None], int] | None = None
-        #: Per IPv4 table (by the identity of its starts, which the shapes hold): the range
-        #: holding the first address of each /16, so a lookup bisects a few ranges only.
-        self._indexes: dict[int, array[int]] = {}
         #: How long the last compilation took.
         self.compile_seconds = 0.0
         #: Bodies that depend on the question only - NXDOMAIN, NODATA, the apex SOA / NS / ANY,
@@ -510,7 +507,6 @@ class Responder:
         self._compiled = compiled
         self._shapes = {}
         self._plain = {}
-        self._indexes = {}
 
     def _answers(self, health: HealthView) -> Compiled:
         compiled = self._compiled
@@ -780,9 +776,7 @@ class Responder:
             if len(self._plain) >= SHAPE_LIMIT:
                 self._plain.clear()
             table = filled.table
-            index = self._indexes.get(id(table.v4_starts))
-            if index is None:
-                index = self._indexes[id(table.v4_starts)] = _block_index(table.v4_starts)
+            index = table.v4_blocks
             replies: list[tuple[bytes, ReplyInfo, list[int]] | None] = [None] * len(filled.bodies)
             shape = (compiled, table, index, replies, compiled.health.generation)
             self._plain[query] = shape
@@ -892,9 +886,7 @@ class Responder:
             starts: Sequence[int] = table.v4_starts
             answers: Sequence[int] = table.v4_answers
             bits = 32
-            index = self._indexes.get(id(table.v4_starts))
-            if index is None:
-                index = self._indexes[id(table.v4_starts)] = _block_index(table.v4_starts)
+            index = table.v4_blocks
         else:
             starts, answers, bits = table.v6_starts, table.v6_answers, 128
         mask = 0xFF >> (source & 7) if source & 7 else 0
@@ -1483,17 +1475,3 @@ def _address_map(locator: GeoLocator, zone: Zone) -> AddressMap:
             _MAP_CACHE.clear()
         _MAP_CACHE[key] = cached
     return cached
-
-
-def _block_index(starts: Sequence[int]) -> array[int]:
-    """For each /16 of the IPv4 space (and one past the end): the number of the range that
-    holds its first address."""
-    index = array("I", bytes(4 * 65537))
-    i = 0
-    last = len(starts) - 1
-    for block in range(65537):
-        boundary = block << 16
-        while i < last and starts[i + 1] <= boundary:
-            i += 1
-        index[block] = i
-    return index

@@ -4,6 +4,7 @@ for IPv4 and IPv6, on the shipped database and MaxMind's City test database."""
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import random
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import dns.edns
 import dns.message
 import pytest
 
-from geodns.compiled import widest_scope, widest_scope_plain
+from geodns.compiled import block_index, widest_scope, widest_scope_plain
 from geodns.responder import Responder
 from geodns.selection import select
 from geodns.zone import GeoName, Zone
@@ -192,3 +193,30 @@ def test_widest_scope_bit_trick_equals_the_plain_loop(bits: int) -> None:
         address = rng.randint(a, b)
         following = b + 1
         assert widest_scope(address, a, following, bits) == widest_scope_plain(address, a, b, bits)
+
+
+def _block_index_plain(starts: list[int]) -> list[int]:
+    """The definition: for each /16 (and one past the end), the range holding its first
+    address."""
+    return [bisect.bisect_right(starts, block << 16) - 1 for block in range(65537)]
+
+
+@pytest.mark.parametrize("ranges", [1, 2, 50, 3000, 70_000])
+def test_block_index_is_the_range_holding_each_16s_first_address(ranges: int) -> None:
+    rng = random.Random(ranges)
+    starts = sorted({0, *(rng.getrandbits(32) for _ in range(ranges - 1))})
+    if ranges > 2:  # ranges starting exactly on a /16 boundary, and a /16 split in several
+        starts = sorted({*starts, 5 << 16, 6 << 16, (6 << 16) + 9, (6 << 16) + 99})
+    assert list(block_index(starts)) == _block_index_plain(starts)
+
+
+@pytest.mark.parametrize("database", ["builtin", "city-test"])
+def test_every_compiled_table_carries_its_block_index(database: str) -> None:
+    """The /16 index is made with the table, in the compilation (off the hot path: a first
+    query after a health change once paid ~15 ms for it, which rate limiting then charged to
+    the client's network)."""
+    _, responder = _world(database if database == "builtin" else str(CITY_TEST_DB))
+    tables = [t for by_family in responder.compile(ALL_UP).tables for t in by_family.values()]
+    assert tables
+    for table in tables:
+        assert list(table.v4_blocks) == _block_index_plain(list(table.v4_starts))
