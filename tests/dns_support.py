@@ -227,6 +227,14 @@ class ServerProcess:
     def signal(self, signum: int) -> None:
         os.kill(self.proc.pid, signum)
 
+    def reload(self, timeout: float = 30.0) -> None:
+        """SIGHUP, then wait until the server says it reloaded.  A reload rebuilds the zone
+        and re-walks the geo database in a thread (seconds on a busy machine), so a test
+        waits for it rather than guessing how long it takes."""
+        before = len(self.log_has("dns_reloaded"))
+        self.signal(signal.SIGHUP)
+        wait_for(lambda: len(self.log_has("dns_reloaded")) > before, timeout, "the reload")
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGTERM)

@@ -560,7 +560,7 @@ def test_residency_on_failure_refuse_and_fallback(tmp_path: Path, health: Health
             assert addresses(ask(proc.port, f"api.{ZONE}", ecs="8.8.8.0/24")) == ["127.0.1.1"]
             config["residency"]["eu-data"]["on_failure"] = "fallback"
             write_config(path, config)
-            proc.signal(signal.SIGHUP)
+            proc.reload()
             wait_for(
                 lambda: (
                     addresses(ask(proc.port, f"api.{ZONE}", ecs=germany)) == [POP_ADDRESSES["iad"]]
@@ -587,7 +587,7 @@ def test_all_down_policies(tmp_path: Path, health: HealthEndpoint) -> None:
             )
             config["dns"]["all_down"] = "fail_open"
             write_config(path, config)
-            proc.signal(signal.SIGHUP)
+            proc.reload()
             wait_for(
                 lambda: addresses(ask(proc.port, f"api.{ZONE}")) == ["127.0.1.1"],
                 5.0,
@@ -595,7 +595,7 @@ def test_all_down_policies(tmp_path: Path, health: HealthEndpoint) -> None:
             )
             config["dns"]["all_down"] = "empty"
             write_config(path, config)
-            proc.signal(signal.SIGHUP)
+            proc.reload()
             wait_for(
                 lambda: (r := ask(proc.port, f"api.{ZONE}")).rcode() == 0 and not r.answer,
                 5.0,
@@ -629,7 +629,7 @@ def test_sighup_good_and_bad_files_under_queries(tmp_path: Path) -> None:
             wait_for(lambda: answered[0] > 20, 5.0, "queries flowing")
             config["pops"]["gru"]["addresses"] = ["127.0.1.22"]
             write_config(path, config)
-            proc.signal(signal.SIGHUP)
+            proc.reload()
             wait_for(
                 lambda: (
                     addresses(ask(proc.port, f"api.{ZONE}", ecs="200.160.2.0/24")) == ["127.0.1.22"]
@@ -673,7 +673,7 @@ def test_geo_database_swap_on_sighup(tmp_path: Path) -> None:
         assert ecs_scope(ask(proc.port, f"api.{ZONE}", ecs="81.2.69.160/27")) == 17
         config["geo"]["database"] = str(CITY_TEST_DB)
         write_config(path, config)
-        proc.signal(signal.SIGHUP)
+        proc.reload()
         # MaxMind's test database holds exactly 81.2.69.160/27 (London).
         wait_for(
             lambda: ecs_scope(ask(proc.port, f"api.{ZONE}", ecs="81.2.69.160/27")) == 27,
