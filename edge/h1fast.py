@@ -168,6 +168,7 @@ class HeadShortcuts:
             volatile,
             _METHODS[method],
             target,
+            raw_path,
             path,
             rid if rid is not None and valid_request_id(rid) else None,
             client_ip,

@@ -341,19 +341,31 @@ class HttpCache:
         read: RequestInfo,
         headers: Callable[[], Headers],
         extra: bytes = b"",
+        path: bytes | None = None,
     ) -> Lookup | None:
         """A fresh HIT for a GET or HEAD seen for the first time whose headers were read before
         (``read``: what ``RequestReader.read`` made of headers like its own, but for fields a
         lookup never reads), else None with nothing counted: a miss, a stale answer, anything
         else, which the caller then looks up in full.  ``headers()``, the request's own, is
         called only for a resource that varies (they choose its variant).  The key is built
-        without its memo (``KeyBuilder.build_once``).  Used by ``edge.stages.shaped``."""
-        key = self.keys.build_once(scheme, host, target)
+        without its memo (``KeyBuilder.build_once``; ``build_origin`` when the caller gives
+        ``path``: ``target`` is then origin-form, without a fragment, and ``scheme`` lower-case).
+        Used by ``edge.stages.shaped``."""
+        keys = self.keys
+        key = (
+            keys.build_once(scheme, host, target)
+            if path is None
+            else keys.build_origin(scheme, host, target, path)
+        )
         if key.rule.bypass:
             return None
         store = self.store
         primary = key.primary
-        entry = store.get(primary, () if store.vary_names(primary) is None else headers())
+        entry = store.get_key(primary)  # one probe when nothing varies (most resources)
+        if entry is not None:
+            entry.visited = True
+        elif store.vary_names(primary) is not None:
+            entry = store.get(primary, headers())
         if entry is None or (read.authorized and not entry.response.auth_ok):
             return None
         now = self.clock()
