@@ -81,7 +81,8 @@ class HeadShortcuts:
             return self._replay(head, client_ip, scheme, protocol)
         if len(data) > REQUEST_HEAD_MAX_BYTES or data[-4:] != b"\r\n\r\n":
             return None
-        volatile = self.meaning_key(state).split(data)
+        meaning = self._meaning if state is self._state else self.meaning_key(state)
+        volatile = meaning.split(data)
         key = volatile.key
         if key is not data:
             head = heads.get(key)

@@ -379,21 +379,27 @@ class HttpCache:
     def replay_hit(self, memo: HitMemo, now: float) -> bool:
         """Whether ``memo.wire`` is still this cache's answer at ``now``; counted (as an L1 hit
         or a stale answer) when it is.  One dict lookup and a few comparisons."""
+        return self.replay_wire(memo, now) is not None
+
+    def replay_wire(self, memo: HitMemo, now: float) -> bytes | None:
+        """``memo.wire`` when it is still this cache's answer at ``now`` (counted, as an L1 hit
+        or a stale answer), else None: ``replay_hit`` and the bytes in one step."""
         entry = memo.entry
         if (
-            entry is not None
-            and memo.since <= now < memo.until
-            and memo.keys is self.keys
-            and self.store.get_key(entry.key) is entry
-            and entry.cached_wire(memo.slot) is not None
+            entry is None
+            or not memo.since <= now < memo.until
+            or memo.keys is not self.keys
+            or self.store.get_key(entry.key) is not entry
         ):
+            return None
+        wire = entry.cached_wire(memo.slot)
+        if wire is not None:
             entry.visited = True
             if memo.stale:
                 self.metrics.count_stale(memo.stale)
             else:
                 self.metrics.l1_hits += 1
-            return True
-        return False
+        return wire
 
     def storable_head(self, lookup: Lookup, status: int, headers: Headers) -> str | None:
         """Why a fill's response with this status and these headers will not be stored (its
