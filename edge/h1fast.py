@@ -112,7 +112,9 @@ class HeadShortcuts:
             and data.count(b"\n") <= state.max_headers + 2
             and len(data) <= state.max_header_bytes
         ):
-            wire = self._shaped(shape, key, line_end, volatile, client_ip, scheme, protocol)
+            wire = self._shaped(
+                shape, key, line_end, volatile, limits.max_url, client_ip, scheme, protocol
+            )
             if wire is not None:
                 return wire
         simple = parse_simple_head(
@@ -142,6 +144,7 @@ class HeadShortcuts:
         key: bytes,
         line_end: int,
         volatile: Volatile,
+        max_url: int,
         client_ip: str,
         scheme: bytes,
         protocol: str | None,
@@ -152,7 +155,7 @@ class HeadShortcuts:
             return None
         method, target = line.groups()
         pipeline = self._pipeline
-        if len(target) > pipeline.state.config.edge.limits.max_url or b"#" in target:
+        if len(target) > max_url or b"#" in target:
             return None
         end = target.find(b"?")
         raw_path = target if end < 0 else target[:end]

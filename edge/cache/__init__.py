@@ -361,11 +361,7 @@ class HttpCache:
             return None
         store = self.store
         primary = key.primary
-        entry = store.get_key(primary)  # one probe when nothing varies (most resources)
-        if entry is not None:
-            entry.visited = True
-        elif store.vary_names(primary) is not None:
-            entry = store.get(primary, headers())
+        entry = store.get(primary, () if store.vary_names(primary) is None else headers())
         if entry is None or (read.authorized and not entry.response.auth_ok):
             return None
         now = self.clock()
@@ -376,14 +372,9 @@ class HttpCache:
     #: ``lookups.memo_hit``: a ``HitMemo`` for a HIT or a stale-while-revalidate answer.
     memo_hit = staticmethod(_memo_hit)
 
-    def replay_hit(self, memo: HitMemo, now: float) -> bool:
-        """Whether ``memo.wire`` is still this cache's answer at ``now``; counted (as an L1 hit
-        or a stale answer) when it is.  One dict lookup and a few comparisons."""
-        return self.replay_wire(memo, now) is not None
-
-    def replay_wire(self, memo: HitMemo, now: float) -> bytes | None:
-        """``memo.wire`` when it is still this cache's answer at ``now`` (counted, as an L1 hit
-        or a stale answer), else None: ``replay_hit`` and the bytes in one step."""
+    def replay_hit(self, memo: HitMemo, now: float) -> bytes | None:
+        """``memo.wire`` when it is still this cache's answer at ``now``, counted (as an L1 hit
+        or a stale answer), else None.  One dict lookup and a few comparisons."""
         entry = memo.entry
         if (
             entry is None

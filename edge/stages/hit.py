@@ -204,7 +204,7 @@ class HitStage:
             return None
         started = self.clock()
         memo = replay.memo
-        wire = cache.replay_wire(memo, cache.clock())
+        wire = cache.replay_hit(memo, cache.clock())
         if wire is None:
             head.hit = None
             return None
