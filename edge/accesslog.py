@@ -32,7 +32,8 @@ class AccessLog:
         #: Formatted lines, and requests still to format (at flush, in order).
         self._lines: list[str | _Pending] = []
         self._middles: BoundedMemo[_MiddleKey, str] = BoundedMemo(ACCESS_LOG_MIDDLES)
-        self._enabled = access_logger.enabled(logging.INFO)
+        #: Whether lines are recorded (``configure``); a plain attribute: read on every hit.
+        self.enabled: bool = access_logger.enabled(logging.INFO)
         self._second = -1
         self._stamp = ""
         self._millisecond = -1
@@ -41,16 +42,12 @@ class AccessLog:
         #: a front end sets them around its synchronous calls into the hit stage).
         self.protocol = H1_FIELDS
 
-    @property
-    def enabled(self) -> bool:
-        return self._enabled
-
     def configure(self, enabled: bool) -> None:
         """Switch the access log on or off (``edge.access_log``, at start and on reload);
         it stays off while the ``edge.access`` logger's level is above info."""
         if not enabled:
             self.flush()
-        self._enabled = enabled and access_logger.enabled(logging.INFO)
+        self.enabled = enabled and access_logger.enabled(logging.INFO)
 
     def _timestamp(self) -> str:
         now = time.time()
@@ -61,7 +58,7 @@ class AccessLog:
         return f"{self._stamp}.{int(now * 1000) % 1000:03d}Z"
 
     def record(self, **fields: object) -> None:
-        if not self._enabled:
+        if not self.enabled:
             return
         if current_format() == "json":
             line = format_event("info", "edge.access", "access", fields, "json")
@@ -91,7 +88,7 @@ class AccessLog:
         """The access line of one request: the same fields as ``record``, in the same order,
         for about half a microsecond here (logfmt formatting waits for ``flush``).
         ``protocol``: ``protocol_fields(...)``; None: ``self.protocol``."""
-        if not self._enabled:
+        if not self.enabled:
             return
         tail = self.protocol if protocol is None else protocol
         if current_format() == "json":

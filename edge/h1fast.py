@@ -6,11 +6,11 @@ from these bytes alone (``HeadShortcuts.answer``).  In order of cost:
    parsed before;
 2. the same head but for its User-Agent, Cookie and request ID (``edge.fasthead.MeaningKey``):
    the memoised hit, if any, never the parsed head (those fields go upstream on a miss);
-3. a head seen for the first time whose fields but the volatile ones were seen before, with
-   another request line (traffic spread over many keys: ``HeadShape``): only its request line
-   is read, and it is answered if it is a fresh cache hit (``edge.stages.shaped``: its headers
-   are the shape's plus its own volatile fields, these last); anything else (a miss, a stale
-   answer) goes on to 4, which decides it exactly;
+3. a head seen at most once before (one seen twice is memoised whole by 4) whose fields but
+   the volatile ones were seen before, with another request line (traffic spread over many
+   keys: ``HeadShape``): only its request line is read, and it is answered if it is a fresh
+   cache hit (``edge.stages.shaped``: its headers are the shape's plus its own volatile fields,
+   these last); anything else (a miss, a stale answer) goes on to 4, which decides it exactly;
 4. a head of the common shape (``edge.fasthead.parse_simple_head``), parsed in one pass.
 
 Anything else (or anything odd) is left to llhttp and every check of ``edge.h1parse``.  The
@@ -25,7 +25,7 @@ from typing import Final
 
 from edge.exchange import replayed_request
 from edge.fasthead import MeaningKey, Volatile, parse_simple_head
-from edge.h1parse import REQUEST_HEAD_MAX_BYTES, remember_head, seen_before
+from edge.h1parse import REQUEST_HEAD_MAX_BYTES, remember_head, sightings
 from edge.http1 import RequestRejected, new_request_id, valid_request_id
 from edge.memos import CHECKED_PATHS, HEAD_SHAPES, BoundedMemo
 from edge.pipeline import EdgeState, Pipeline, ProxyRequest, RequestHead
@@ -81,7 +81,8 @@ class HeadShortcuts:
             return self._replay(head, client_ip, scheme, protocol)
         if len(data) > REQUEST_HEAD_MAX_BYTES or data[-4:] != b"\r\n\r\n":
             return None
-        volatile = self.meaning_key(state).split(data)
+        meaning = self._meaning if state is self._state else self.meaning_key(state)
+        volatile = meaning.split(data)
         key = volatile.key
         if key is not data:
             head = heads.get(key)
@@ -98,17 +99,22 @@ class HeadShortcuts:
                 if wire is not None:
                     return wire
         limits = state.config.edge.limits
-        seen = seen_before(state.first_sights, key)
+        seen = sightings(state.first_sights, key)
         line_end = key.find(b"\r\n") + 2
         shape_key = key[line_end:]
         shape = self._shapes.get(shape_key)
         if (
             shape is not None
-            and not seen  # a head seen twice is memoised whole (4)
+            # A head seen thrice is memoised whole (4); one seen once before is answered by
+            # its shape still: a key hit now and then (traffic spread over more keys than the
+            # memos hold) is not worth a full parse and a memo that would not replay.
+            and seen < 2
             and data.count(b"\n") <= state.max_headers + 2
             and len(data) <= state.max_header_bytes
         ):
-            wire = self._shaped(shape, key, line_end, volatile, client_ip, scheme, protocol)
+            wire = self._shaped(
+                shape, key, line_end, volatile, limits.max_url, client_ip, scheme, protocol
+            )
             if wire is not None:
                 return wire
         simple = parse_simple_head(
@@ -138,6 +144,7 @@ class HeadShortcuts:
         key: bytes,
         line_end: int,
         volatile: Volatile,
+        max_url: int,
         client_ip: str,
         scheme: bytes,
         protocol: str | None,
@@ -148,7 +155,7 @@ class HeadShortcuts:
             return None
         method, target = line.groups()
         pipeline = self._pipeline
-        if len(target) > pipeline.state.config.edge.limits.max_url or b"#" in target:
+        if len(target) > max_url or b"#" in target:
             return None
         end = target.find(b"?")
         raw_path = target if end < 0 else target[:end]
@@ -165,6 +172,7 @@ class HeadShortcuts:
             volatile,
             _METHODS[method],
             target,
+            raw_path,
             path,
             rid if rid is not None and valid_request_id(rid) else None,
             client_ip,

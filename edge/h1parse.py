@@ -62,17 +62,24 @@ def remember_head(heads: BoundedMemo[bytes, RequestHead], data: bytes, head: Req
     heads[data] = head
 
 
-def seen_before(first_sights: BoundedMemo[int, None], data: bytes) -> bool:
+def seen_before(first_sights: BoundedMemo[int, int], data: bytes) -> bool:
     """Whether ``data`` (a head, or its meaning key) was seen since the memo was last cleared;
     notes it if not.  A head is memoised on its second sight: traffic spread over more keys
     than ``REQUEST_HEADS`` holds would only churn it (and the collector) otherwise."""
+    return sightings(first_sights, data) > 0
+
+
+def sightings(first_sights: BoundedMemo[int, int], data: bytes) -> int:
+    """How often ``data`` was seen since the memo was last cleared: 0, 1, or 2 for twice or
+    more; this sight is noted.  (Counts are small ints, which CPython never allocates: the memo
+    costs what a set of the hashes would.)"""
     digest = hash(data)  # cached in the bytes object: the memo lookups computed it already
-    if digest in first_sights:
-        return True
-    if len(first_sights) >= first_sights.bound:
-        first_sights.clear()
-    first_sights[digest] = None
-    return False
+    seen = first_sights.get(digest, 0)
+    if seen < 2:
+        if not seen and len(first_sights) >= first_sights.bound:
+            first_sights.clear()
+        first_sights[digest] = seen + 1
+    return seen
 
 
 class StreamedBody(BodyQueue):
@@ -488,4 +495,5 @@ __all__ = [
     "StreamedBody",
     "remember_head",
     "seen_before",
+    "sightings",
 ]

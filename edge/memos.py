@@ -82,9 +82,11 @@ REQUEST_HEADS: Final = MemoSpec(
 FIRST_SIGHTS: Final = MemoSpec(
     name="first sights",
     owner="edge.state.EdgeState.first_sights (edge.h1fast.HeadShortcuts.answer)",
-    key="the hash of a request head's bytes (or of its MeaningKey) seen once",
-    value="None: a head is memoised in REQUEST_HEADS on its second sight, so traffic spread "
-    "over more keys than the memo holds does not churn it (a collision only memoises early)",
+    key="the hash of a request head's bytes (or of its MeaningKey) seen before",
+    value="how often it was seen (1, or 2 for more): a head is memoised in REQUEST_HEADS on its "
+    "second sight (its third when edge.h1fast answered the second by its shape), so traffic "
+    "spread over more keys than the memo holds does not churn it (a collision only memoises "
+    "early)",
     cleared_by="a config reload (a new EdgeState)",
     bound=16384,
 )

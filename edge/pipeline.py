@@ -85,7 +85,7 @@ class Pipeline:
 
     fast_response: Callable[[ProxyRequest], bytes | None]
     shaped_response: Callable[
-        [HeadShape, Volatile, str, bytes, str, bytes | None, str, bytes, str | None],
+        [HeadShape, Volatile, str, bytes, bytes, str, bytes | None, str, bytes, str | None],
         bytes | None,
     ]
     replay_hit: Callable[[RequestHead, str, bytes | None, str | None], bytes | None]

@@ -57,8 +57,8 @@ class EdgeState:
     request_heads: BoundedMemo[bytes, RequestHead] = field(
         default_factory=lambda: BoundedMemo(REQUEST_HEADS)
     )
-    #: ``edge.memos.FIRST_SIGHTS``: hashes of heads seen once (memoised on a second sight).
-    first_sights: BoundedMemo[int, None] = field(default_factory=lambda: BoundedMemo(FIRST_SIGHTS))
+    #: ``edge.memos.FIRST_SIGHTS``: hashes of heads seen -> how often (1, or 2 for more).
+    first_sights: BoundedMemo[int, int] = field(default_factory=lambda: BoundedMemo(FIRST_SIGHTS))
     #: ``edge.memos.ROUTES``: (Host header, path) -> route; dropped with the snapshot.
     route_memo: BoundedMemo[tuple[bytes | None, str], RouteTarget | None] = field(
         default_factory=lambda: BoundedMemo(ROUTES)

@@ -205,3 +205,29 @@ def test_headers_outside_the_key_never_change_it(extra: list[tuple[bytes, bytes]
     base = [(b"accept-language", b"en")]
     names = [b"accept-language"]
     assert vary_key(names, base + extra) == vary_key(names, base)
+
+
+@given(
+    st.sampled_from([b"/api/v1/ticker/BTC", b"/api/v1/symbols", b"/api/x", b"/other", b"/"]),
+    st.one_of(
+        st.none(),
+        st.lists(
+            st.sampled_from([b"a=1", b"b=2", b"utm_source=x", b"fbclid=1", b"", b"k=9", b"z"]),
+            max_size=4,
+        ).map(b"&".join),
+    ),
+    st.sampled_from([b"Example.COM", b"example.com:80", b"example.com."]),
+)
+def test_build_origin_keys_a_split_origin_form_target_as_build_once(
+    path: bytes, query: bytes | None, host: bytes
+) -> None:
+    # The front end's shortcut (edge.h1fast) splits the target itself; the key must not care.
+    keys = builder()
+    target = path if query is None else path + b"?" + query
+    assert keys.build_origin(b"http", host, target, path) == keys.build_once(b"http", host, target)
+
+
+def test_build_origin_reuses_a_target_the_rule_leaves_as_it_is() -> None:
+    target = b"/api/v1/symbols?k=42"
+    key = builder().build_origin(b"http", b"example.com", target, b"/api/v1/symbols")
+    assert key.target is target and key.primary == b"G|http://example.com/api/v1/symbols?k=42"

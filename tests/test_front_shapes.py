@@ -107,6 +107,28 @@ async def test_first_sight_hits_of_a_known_shape_skip_the_parse_and_answer_as_it
     assert headers[b"x-cache"] == b"HIT" and b"x-request-id" not in headers
 
 
+async def test_a_key_hit_again_is_read_by_its_shape_until_its_third_sight_memoises_it(
+    client: Client, parses: list[bytes]
+) -> None:
+    # Traffic spread over many keys hits each now and then: a second sight is read by its
+    # shape (a full parse and a memo would not pay), a third is parsed and memoised whole.
+    targets = [b"/api/v1/symbols?k=%d" % k for k in range(2)]
+    await fill(client, targets)
+    await client.ask(head(targets[0], 0))  # learns the shape
+    parses.clear()
+    heads = client.world.pipeline.state.request_heads
+    memoised = len(heads)
+    for n in (1, 2):
+        status, headers, body = await client.ask(head(targets[1], n))
+        assert status == 200 and body == BODY and headers[b"x-cache"] == b"HIT"
+        assert headers[b"x-request-id"] == b"req-%d" % n
+    assert parses == [] and len(heads) == memoised
+    third = head(targets[1], 3)
+    status, headers, _ = await client.ask(third)
+    assert headers[b"x-cache"] == b"HIT" and headers[b"x-request-id"] == b"req-3"
+    assert parses == [third] and len(heads) == memoised + 1
+
+
 async def test_a_miss_of_a_known_shape_goes_upstream_as_the_full_parse_reads_it(
     client: Client, parses: list[bytes]
 ) -> None:

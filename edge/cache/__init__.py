@@ -341,14 +341,22 @@ class HttpCache:
         read: RequestInfo,
         headers: Callable[[], Headers],
         extra: bytes = b"",
+        path: bytes | None = None,
     ) -> Lookup | None:
         """A fresh HIT for a GET or HEAD seen for the first time whose headers were read before
         (``read``: what ``RequestReader.read`` made of headers like its own, but for fields a
         lookup never reads), else None with nothing counted: a miss, a stale answer, anything
         else, which the caller then looks up in full.  ``headers()``, the request's own, is
         called only for a resource that varies (they choose its variant).  The key is built
-        without its memo (``KeyBuilder.build_once``).  Used by ``edge.stages.shaped``."""
-        key = self.keys.build_once(scheme, host, target)
+        without its memo (``KeyBuilder.build_once``; ``build_origin`` when the caller gives
+        ``path``: ``target`` is then origin-form, without a fragment, and ``scheme`` lower-case).
+        Used by ``edge.stages.shaped``."""
+        keys = self.keys
+        key = (
+            keys.build_once(scheme, host, target)
+            if path is None
+            else keys.build_origin(scheme, host, target, path)
+        )
         if key.rule.bypass:
             return None
         store = self.store
@@ -364,24 +372,25 @@ class HttpCache:
     #: ``lookups.memo_hit``: a ``HitMemo`` for a HIT or a stale-while-revalidate answer.
     memo_hit = staticmethod(_memo_hit)
 
-    def replay_hit(self, memo: HitMemo, now: float) -> bool:
-        """Whether ``memo.wire`` is still this cache's answer at ``now``; counted (as an L1 hit
-        or a stale answer) when it is.  One dict lookup and a few comparisons."""
+    def replay_hit(self, memo: HitMemo, now: float) -> bytes | None:
+        """``memo.wire`` when it is still this cache's answer at ``now``, counted (as an L1 hit
+        or a stale answer), else None.  One dict lookup and a few comparisons."""
         entry = memo.entry
         if (
-            entry is not None
-            and memo.since <= now < memo.until
-            and memo.keys is self.keys
-            and self.store.get_key(entry.key) is entry
-            and entry.cached_wire(memo.slot) is not None
+            entry is None
+            or not memo.since <= now < memo.until
+            or memo.keys is not self.keys
+            or self.store.get_key(entry.key) is not entry
         ):
+            return None
+        wire = entry.cached_wire(memo.slot)
+        if wire is not None:
             entry.visited = True
             if memo.stale:
                 self.metrics.count_stale(memo.stale)
             else:
                 self.metrics.l1_hits += 1
-            return True
-        return False
+        return wire
 
     def storable_head(self, lookup: Lookup, status: int, headers: Headers) -> str | None:
         """Why a fill's response with this status and these headers will not be stored (its

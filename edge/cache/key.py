@@ -237,6 +237,23 @@ class KeyBuilder:
         # CacheKey(...) without the NamedTuple's generated __new__: one per first-sight request.
         return _new_tuple(CacheKey, (METHOD_CLASS_GET + url, url, normalised, path, rule))
 
+    def build_origin(self, scheme: bytes, host: bytes, target: bytes, path: bytes) -> CacheKey:
+        """``build_once`` for an origin-form ``target`` without a fragment whose path (before
+        any ``?``) is ``path``, and a lower-case ``scheme``: what the front end split already
+        is not split again, and a query the rule leaves as it is (one parameter, nothing to
+        drop) is not rebuilt: the target is its own normalised form."""
+        rule = self._by_path.get(path) or self.rule_for(path)
+        normalised = target
+        if len(target) != len(path):
+            query = target[len(path) + 1 :]
+            if not query:
+                normalised = path
+            elif rule.drop_params or b"&" in query:
+                query = normalise_query(query, rule)
+                normalised = path + b"?" + query if query else path
+        url = _scheme_and_host(scheme, host) + normalised
+        return _new_tuple(CacheKey, (METHOD_CLASS_GET + url, url, normalised, path, rule))
+
     def from_url(self, url: str | bytes) -> CacheKey:
         """The key of an absolute URL (purge requests, invalidation targets); a bare path
         keys as ``http://`` with no host."""

@@ -82,7 +82,7 @@ class HitMemo:
     cached response (``Entry.cached_wire``), so an evicted entry is freed at once.  (It held
     both strongly before: the edge's 4,096 memoised request heads could keep that many evicted
     responses alive beyond the cache's byte bound.)  ``wire`` is valid after ``replay_hit``
-    returned True."""
+    returned bytes."""
 
     __slots__ = ("_entry", "keys", "since", "slot", "stale", "until")
 

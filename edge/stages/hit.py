@@ -204,10 +204,10 @@ class HitStage:
             return None
         started = self.clock()
         memo = replay.memo
-        if not cache.replay_hit(memo, cache.clock()):
+        wire = cache.replay_hit(memo, cache.clock())
+        if wire is None:
             head.hit = None
             return None
-        wire = memo.wire
         state = self.services.state
         limiter = self.limiter
         limits = limiter.limits if limiter.state is state else limiter.current(state)

@@ -37,6 +37,7 @@ class ShapedHits:
         volatile: Volatile,
         method: str,
         target: bytes,
+        raw_path: bytes,
         path: str,
         supplied: bytes | None,
         client_ip: str,
@@ -44,9 +45,10 @@ class ShapedHits:
         protocol: str | None,
     ) -> bytes | None:
         """The bytes of a fresh HIT for a head read by its shape (``edge.h1fast``: its fields
-        are ``shape``'s plus its ``volatile`` ones; ``supplied``: its valid request ID), or a
-        rate limit's refusal; else None with nothing counted and no lookup pending (the caller
-        then reads the head in full, which decides the rest)."""
+        are ``shape``'s plus its ``volatile`` ones; ``target``: origin-form, without a fragment;
+        ``raw_path``: its path before any ``?``, ``path`` as routed; ``supplied``: its valid
+        request ID), or a rate limit's refusal; else None with nothing counted and no lookup
+        pending (the caller then reads the head in full, which decides the rest)."""
         hits = self.hits
         received_at = hits.clock()
         cache = hits.cache
@@ -66,7 +68,13 @@ class ShapedHits:
             return None
         extra = b"" if supplied is None else state.request_id_header + b": " + supplied + b"\r\n"
         lookup = cache.lookup_read(
-            _SCHEME, shape.host, target, read, lambda: shape.headers + volatile.fields(), extra
+            _SCHEME,
+            shape.host,
+            target,
+            read,
+            lambda: shape.headers + volatile.fields(),
+            extra,
+            raw_path,
         )
         if lookup is None:
             return None
