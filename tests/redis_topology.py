@@ -621,6 +621,8 @@ async def edge_failover(
         warm_answers = [x_cache for kind, _, x_cache in results if kind == "warm"]
         figures["l1_answers"] = len(warm_answers)
         figures["l1_not_hit"] = sum(1 for x_cache in warm_answers if x_cache != "HIT")
+        # What the others were, so a failure says (STALE, MISS, ...).
+        figures["l1_not_hit_verdicts"] = sorted({x for x in warm_answers if x != "HIT"})
         figures["redis_errors"] = sum(
             edge.metric("meridian_cache_redis_errors_total") for edge in (a, b)
         )
