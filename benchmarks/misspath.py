@@ -32,6 +32,7 @@ from typing import Any
 
 import uvloop
 
+from benchmarks.hitpath import print_rounds
 from edge.protocol import Connections, EdgeConnection
 from edge.server import _settle_garbage_collector as settle_garbage_collector
 from edge.upstream import UpstreamPool
@@ -213,9 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         figures = runner.run(measure(args.requests, args.rounds, tuple(args.only), args.profile))
     print(f"edge miss path in one process: {args.requests:,} requests a round")
-    for name, values in figures.items():
-        rounds = "  ".join(f"{v:6.2f}" for v in values)
-        print(f"  {name:5s} CPU µs/request  best {min(values):6.2f}   rounds {rounds}")
+    print_rounds(figures, 5)
     return 0
 
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 import edge.h1fast
-from edge.protocol import Connections, EdgeConnection
-from tests.stage_support import FakeTransport, Reply, World, world
+from tests.stage_support import Reply, world
+from tests.test_front_http1 import Client as Http1Client
 from tests.test_front_http1 import responses
 
 BODY = b'{"symbols":["BTC-USD","ETH-USD"]}'
@@ -34,24 +34,12 @@ def head(target: bytes, n: int, *, cookie: bytes = b"theme=dark", rid: bool = Tr
     )
 
 
-class Client:
-    def __init__(self, w: World) -> None:
-        self.world = w
-        self.connections = Connections(w.pipeline, asyncio.get_running_loop())
-        self.transport = FakeTransport()
-        self.connection: EdgeConnection = self.connections.factory()
-        self.connection.connection_made(self.transport)
-
+class Client(Http1Client):
     async def ask(self, data: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
         """Send ``data``; its response (the next one written)."""
         count = len(responses(bytes(self.transport.written))) + 1
-        self.connection.data_received(data)
-        for _ in range(200):
-            answers = responses(bytes(self.transport.written))
-            if len(answers) >= count:
-                return answers[count - 1]
-            await asyncio.sleep(0)
-        raise AssertionError("no response")
+        self.send(data)
+        return (await self.responses(count))[count - 1]
 
 
 @pytest.fixture
