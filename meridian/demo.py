@@ -22,6 +22,8 @@ from meridian.config import ConfigError, parse_config
 from meridian.log import get_logger
 from meridian.supervise import Supervisor, wait_for_port
 
+#: How long the demo waits for every part to listen before it gives up.
+START_SECONDS = 60.0
 log = get_logger("demo")
 
 
@@ -147,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
             else:
                 log.warning("demo_part_missing", part=part, reason="not implemented yet")
 
-        deadline = time.monotonic() + 20
+        # Generous: a cold start in a container on a busy machine took over 20 s (CI).
+        deadline = time.monotonic() + START_SECONDS
         ports = [
             (urlsplit(u).hostname or "127.0.0.1", urlsplit(u).port or 80)
             for r in config.regions
