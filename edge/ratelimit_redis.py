@@ -6,7 +6,8 @@ instances whose clocks disagree still agree on one budget); a key's theoretical 
 is one string value that expires when its burst is back.  Keys are hash-tagged
 (``meridian:rl:{<limit>:<key>}``) so a Cluster keeps each in one slot.
 
-Every call has ``edge.cache.redis_timeout``; after three failures in a row a breaker skips
+Every call has ``edge.cache.redis_timeout`` (a late one still finishes, see ``redis_guard``);
+after three failures in a row a breaker skips
 Redis for five seconds (then one probe).  While Redis is slow, gone or skipped, the limit is
 decided by its local table instead (``Gcra``, per instance: each instance allows the whole
 rate, so the POP's budget is multiplied by its instances, never unlimited), counted in
@@ -16,13 +17,12 @@ rate, so the POP's budget is multiplied by its instances, never unlimited), coun
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Hashable
 from typing import Final
 
 from redis.exceptions import NoScriptError, RedisError
 
-from edge.cache.redis_guard import CircuitBreaker
+from edge.cache.redis_guard import SOCKET_TIMEOUT, CircuitBreaker, Unhurried
 from edge.fdlimit import Throttle
 from edge.http1 import Headers
 from edge.ratelimit import LimitRule, RateLimits, Refusal
@@ -73,6 +73,7 @@ class SharedLimits:
         self.target = target
         self.timeout = timeout
         self.breaker = CircuitBreaker()
+        self._unhurried = Unhurried()  # a late call finishes: its connection stays usable
         #: (limit, reason) -> decisions made locally instead of in Redis.
         self.fallbacks: dict[tuple[str, str], int] = {}
         self._connection: RedisConnection | None = None
@@ -117,8 +118,9 @@ class SharedLimits:
         reason = "breaker_open"
         if self.breaker.allow(now):
             try:
-                async with asyncio.timeout(self.timeout):
-                    admitted, wait, ahead = await self._run(redis_key(rule.name, key), rule)
+                admitted, wait, ahead = await self._unhurried.wait(
+                    self._run(redis_key(rule.name, key), rule), self.timeout
+                )
             except (RedisError, OSError, TimeoutError, ValueError) as exc:
                 reason = "timeout" if isinstance(exc, TimeoutError) else "error"
                 if self.breaker.record_failure(now):
@@ -146,7 +148,9 @@ class SharedLimits:
         connection = self._connection
         if connection is None:
             connection = self._connection = RedisConnection(
-                self.target, timeout=self.timeout, connect_timeout=self.timeout
+                self.target,
+                timeout=max(self.timeout, SOCKET_TIMEOUT),
+                connect_timeout=max(self.timeout, SOCKET_TIMEOUT),
             )
         client = connection.client
         args = (repr(rule.gcra.interval), repr(rule.gcra.span))
@@ -166,6 +170,7 @@ class SharedLimits:
         return int(admitted) == 1, float(wait), float(ahead)
 
     async def aclose(self) -> None:
+        await self._unhurried.aclose()
         if self._connection is not None:
             await self._connection.aclose()
             self._connection = None

@@ -482,6 +482,38 @@ def _redis_connected(edge: Edge) -> bool:
     return bool(edge.status()["health"]["redis"]["connected"])
 
 
+async def _share_through_redis(
+    a: Edge, b: Edge, stored: Callable[[], set[bytes]], count: int
+) -> tuple[list[str], int]:
+    """``count`` objects filled through ``a``, stored in Redis and read from there by ``b``
+    (so in both L1s); also how many were lost on the way.
+
+    L2 calls are best effort: on a loaded machine the first ones can outlast the 50 ms Redis
+    deadline (a write skipped, a read answered from the origin), and the breaker then skips
+    calls for a while.  Such a lost object is replaced by another (at most ``count`` of them),
+    not taken for a failure.
+    """
+    shared: list[str] = []
+    lost = 0
+    while len(shared) < count:
+        path = f"/cc/warm/{len(shared) + lost}"
+        before = len(stored())
+        status, _, _ = await asyncio.to_thread(_get, a, path)
+        assert status == 200, path
+        deadline = time.monotonic() + 2
+        while len(stored()) <= before and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if len(stored()) > before:
+            status, headers, _ = await asyncio.to_thread(_get, b, path)
+            assert status == 200, (path, headers)
+            if headers["x-cache"] == "HIT":
+                shared.append(path)
+                continue
+        lost += 1
+        assert lost <= count, f"{lost} L2 writes or reads lost while warming: Redis unusable"
+    return shared, lost
+
+
 async def edge_failover(
     tmp: Path,
     redis_fields: dict[str, Any],
@@ -501,8 +533,6 @@ async def edge_failover(
     transition shared across the new topology by two health monitors that lived through it.
     """
     figures: dict[str, Any] = {}
-    warm = [f"/cc/warm/{i}" for i in range(24)]
-    purged = "/cc/warm/purged"
     health_url = "http://127.0.0.1:9"
     health_config = make_config({"r": [health_url, "http://127.0.0.1:10"]})
     monitor_options: dict[str, Any] = {"check_backends": False, "pop": "iad", "redis": target}
@@ -515,12 +545,8 @@ async def edge_failover(
         procs.extend([a, b])
         a.ready()
         b.ready()
-        for path in [*warm, purged]:
-            assert await asyncio.to_thread(_get, a, path) is not None
-        await until(lambda: len(stored()) >= len(warm) + 1, 10)
-        for path in [*warm, purged]:
-            status, headers, _ = await asyncio.to_thread(_get, b, path)
-            assert (status, headers["x-cache"]) == (200, "HIT"), (path, headers)
+        shared, figures["warm_writes_lost"] = await _share_through_redis(a, b, stored, 25)
+        warm, purged = shared[:-1], shared[-1]
         for edge in (a, b):
             await until(lambda e=edge: _redis_connected(e), 10)
 

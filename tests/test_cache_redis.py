@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from edge.cache import HttpCache, LookupKind, UpstreamResponse
 from edge.cache.entry import StoredResponse
 from edge.cache.policy import Freshness
+from edge.cache.redis_guard import Backlogged, Unhurried
 from edge.cache.redis_l2 import (
     CircuitBreaker,
     DecodeError,
@@ -119,6 +120,64 @@ def test_breaker_needs_consecutive_failures() -> None:
     breaker.record_success()
     assert not breaker.record_failure(0.0)
     assert breaker.allow(0.0)
+
+
+async def test_a_call_past_its_deadline_finishes_in_the_background() -> None:
+    """The caller stops waiting; the call is not cancelled (cancelled mid-reply, a Redis
+    connection would be torn down and remade under the next deadline)."""
+    unhurried = Unhurried(limit=2)
+    reply: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    finished: list[str] = []
+
+    async def slow_call() -> str:
+        finished.append(await reply)
+        return finished[-1]
+
+    with pytest.raises(TimeoutError):
+        await unhurried.wait(slow_call(), 0.0)
+    assert unhurried.running == 1
+    reply.set_result("late")
+    await asyncio.sleep(0)  # the straggler's step
+    await asyncio.sleep(0)  # its done callback
+    assert finished == ["late"] and unhurried.running == 0
+
+    async def prompt() -> str:
+        return "now"
+
+    assert await unhurried.wait(prompt(), 1.0) == "now"
+
+
+async def test_stragglers_are_bounded_and_cancelled_on_close() -> None:
+    unhurried = Unhurried(limit=2)
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def stuck() -> None:
+        await never
+
+    for _ in range(2):
+        with pytest.raises(TimeoutError):
+            await unhurried.wait(stuck(), 0.0)
+    with pytest.raises(Backlogged):  # a timeout to the guard: counted, breaker fed
+        await unhurried.wait(stuck(), 1.0)
+    await unhurried.aclose()
+    assert unhurried.running == 0
+
+
+async def test_a_failing_straggler_is_read_and_forgotten() -> None:
+    """Its error is retrieved (no "exception was never retrieved" at exit)."""
+    unhurried = Unhurried()
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def fails_late() -> None:
+        await gate
+        raise ConnectionError("reset")
+
+    with pytest.raises(TimeoutError):
+        await unhurried.wait(fails_late(), 0.0)
+    gate.set_result(None)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert unhurried.running == 0
 
 
 def test_purge_message_round_trip_and_garbage() -> None:

@@ -7,7 +7,12 @@ Redis is an optimisation, never a dependency:
 * errors and timeouts feed a circuit breaker: after ``threshold`` consecutive failures Redis is
   skipped for ``cooldown`` seconds, then one probe decides; opening and closing log once each;
   every failure is reported to ``on_error`` with its reason (timeout, connection, error);
-* nothing raises to the caller: a failed or skipped call returns ``SKIPPED``.
+* nothing raises to the caller: a failed or skipped call returns ``SKIPPED``;
+* the deadline is how long the caller waits, not how long the call may run: a call past its
+  deadline finishes in the background (``Unhurried``), within the connection's own socket
+  timeouts (``SOCKET_TIMEOUT``).  Cancelled mid-reply, a connection is torn down and must be
+  made again under the next call's deadline: on a loaded machine that connect never fits in
+  50 ms, and Redis stayed unusable while it was merely slow.
 
 ``CircuitBreaker`` is pure (the caller passes the time); ``Guard`` runs the calls.
 """
@@ -17,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import redis.asyncio as aioredis
 
@@ -77,6 +82,60 @@ class CircuitBreaker:
         return False
 
 
+#: The socket timeouts (connect, each reply) of a guarded connection: how long a call its
+#: caller stopped waiting for may still take to finish in the background.
+SOCKET_TIMEOUT: Final = 1.0
+
+#: Calls still running past their deadline, at most (then new calls fail at once, as timeouts).
+BACKGROUND_LIMIT: Final = 64
+
+
+class Backlogged(TimeoutError):
+    """Too many earlier calls are still running past their deadline."""
+
+
+class Unhurried:
+    """Waits for calls up to a deadline without cancelling them (see the module docstring).
+
+    A call past its deadline runs on in the background, at most ``limit`` of them; its result
+    is dropped, its error read (and forgotten).  ``aclose`` cancels the stragglers.
+    """
+
+    __slots__ = ("_running", "limit")
+
+    def __init__(self, limit: int = BACKGROUND_LIMIT) -> None:
+        self.limit = limit
+        self._running: set[asyncio.Future[Any]] = set()
+
+    @property
+    def running(self) -> int:
+        """Calls started and not finished (also those whose caller still waits)."""
+        return len(self._running)
+
+    async def wait(self, call: Awaitable[T], deadline: float) -> T:
+        """``call``'s result, or TimeoutError after ``deadline`` seconds (the call goes on)."""
+        if len(self._running) >= self.limit:
+            if asyncio.iscoroutine(call):
+                call.close()  # never started: not "never awaited" either
+            raise Backlogged(f"{len(self._running)} earlier Redis calls still running")
+        task = asyncio.ensure_future(call)
+        self._running.add(task)
+        task.add_done_callback(self._finished)
+        async with asyncio.timeout(deadline):
+            return await asyncio.shield(task)
+
+    def _finished(self, task: asyncio.Future[Any]) -> None:
+        self._running.discard(task)
+        if not task.cancelled():
+            task.exception()  # read, so a straggler's error is not reported as never retrieved
+
+    async def aclose(self) -> None:
+        stragglers = list(self._running)
+        for task in stragglers:
+            task.cancel()
+        await asyncio.gather(*stragglers, return_exceptions=True)
+
+
 class Skipped:
     """What ``Guard.call`` returns when Redis was skipped or failed (``SKIPPED``)."""
 
@@ -99,6 +158,7 @@ class Guard:
         self.breaker = breaker or CircuitBreaker()
         self._monotonic = monotonic  # breaker cool-downs
         self.on_error = on_error
+        self.unhurried = Unhurried()
 
     async def call(
         self,
@@ -114,8 +174,9 @@ class Guard:
         if not self.breaker.allow(self._monotonic()) and not force:
             return SKIPPED
         try:
-            async with asyncio.timeout(deadline if deadline is not None else self.timeout):
-                result = await make()
+            result = await self.unhurried.wait(
+                make(), deadline if deadline is not None else self.timeout
+            )
         except Exception as exc:  # Redis trouble of any kind must never fail a request
             self._failure(op, exc)
             return SKIPPED
@@ -151,4 +212,15 @@ def error_reason(exc: BaseException) -> str:
     return "error"
 
 
-__all__ = ["SKIPPED", "CircuitBreaker", "Guard", "Skipped", "count", "error_reason"]
+__all__ = [
+    "BACKGROUND_LIMIT",
+    "SKIPPED",
+    "SOCKET_TIMEOUT",
+    "Backlogged",
+    "CircuitBreaker",
+    "Guard",
+    "Skipped",
+    "Unhurried",
+    "count",
+    "error_reason",
+]

@@ -54,7 +54,7 @@ from .redis_codec import (
     redis_key,
     slot_tag,
 )
-from .redis_guard import CircuitBreaker, Guard, Skipped, count
+from .redis_guard import SOCKET_TIMEOUT, CircuitBreaker, Guard, Skipped, count
 from .redis_purge import RedisPurger
 
 if TYPE_CHECKING:
@@ -105,7 +105,10 @@ class RedisL2:
             target = RedisTarget.standalone(target)
         # No client-side retries: a second attempt would only double the time a request waits.
         self._connection = RedisConnection(
-            target, timeout=timeout, connect_timeout=timeout, pool_size=pool_size
+            target,
+            timeout=max(timeout, SOCKET_TIMEOUT),
+            connect_timeout=max(timeout, SOCKET_TIMEOUT),
+            pool_size=pool_size,
         )
         self._redis = self._connection.client
         self._release = self._redis.register_script(_RELEASE_LUA)
@@ -334,6 +337,7 @@ class RedisL2:
 
     async def aclose(self) -> None:
         await self._subscription.aclose()
+        await self._guard.unhurried.aclose()
         await self._connection.aclose()
 
 
