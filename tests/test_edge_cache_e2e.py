@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis
 
 from edge.cache.testing import RedisServer
 from tests.edge_support import (
@@ -117,6 +118,15 @@ def world(tmp_path_factory):
 
 def _seen(echo: Origin, path: str) -> int:
     return len(echo.seen_for(path))
+
+
+def _in_redis(world: dict[str, Any], path: str) -> None:
+    """Wait for the L2 copy of ``path`` (an edge writes it after it answered the client)."""
+    client = redis.Redis.from_url(world["redis"].url)
+    try:
+        poll_until(lambda: any(client.scan_iter(match=b"*e:*" + path.encode())), within=5)
+    finally:
+        client.close()
 
 
 def test_miss_then_hit_with_age_and_the_filling_region(world):
@@ -422,6 +432,7 @@ async def test_two_edges_share_entries_through_redis(world):
         async with session.get(a.base + path) as response:
             assert response.headers["X-Cache"] == "MISS"
             body = await response.read()
+        await asyncio.to_thread(_in_redis, world, path)
         async with session.get(b.base + path) as response:
             assert response.headers["X-Cache"] == "HIT"
             assert await response.read() == body
@@ -446,6 +457,7 @@ def test_purge_by_url_prefix_and_tag_across_instances(world):
     }
     for path in paths.values():
         assert Client(a.port).get(path)[1]["x-cache"] == "MISS"
+        _in_redis(world, path)
         assert Client(b.port).get(path)[1]["x-cache"] == "HIT"  # from Redis, now in B's L1
         assert _only_if_cached(b, path) == 200
 

@@ -83,8 +83,11 @@ class CircuitBreaker:
 
 
 #: The socket timeouts (connect, each reply) of a guarded connection: how long a call its
-#: caller stopped waiting for may still take to finish in the background.
-SOCKET_TIMEOUT: Final = 1.0
+#: caller stopped waiting for may still take to finish in the background, and when a call with
+#: a long deadline (a purge) takes Redis for stalled.  Five times the default deadline: enough
+#: for a connect on a loaded machine (Redis itself answers in well under a millisecond), and
+#: what an admin call during a stall costs (a purge then answers "queued" after it).
+SOCKET_TIMEOUT: Final = 0.25
 
 #: Calls still running past their deadline, at most (then new calls fail at once, as timeouts).
 BACKGROUND_LIMIT: Final = 64
