@@ -138,7 +138,8 @@ class Admission:
         names = meta.vary
         if meta.content_encoding is None:
             # The entry serves every coding itself: Accept-Encoding does not split variants.
-            names = tuple(name for name in names if name != b"accept-encoding")
+            if b"accept-encoding" in names:
+                names = tuple(name for name in names if name != b"accept-encoding")
         elif b"accept-encoding" not in names:
             # An encoded body we cannot decode is only for clients of the same coding class,
             # even when the origin forgot to say Vary: Accept-Encoding.
