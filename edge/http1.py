@@ -333,6 +333,13 @@ def via_value(http_version: str, pop: str) -> bytes:
     return f"{http_version} meridian-{pop}".encode()
 
 
+@functools.lru_cache(maxsize=16)
+def _removed_from_responses(dropped: frozenset[bytes]) -> frozenset[bytes]:
+    """The response fields never passed on, but for ``Proxy-*``: hop-by-hop, Content-Length
+    and ``dropped`` (one set per config: one membership test a field)."""
+    return HOP_BY_HOP | {b"content-length"} | dropped
+
+
 def rewrite_response_headers(
     headers: Iterable[tuple[bytes, bytes]],
     *,
@@ -352,14 +359,10 @@ def rewrite_response_headers(
     out: Headers = []
     prior_via: list[bytes] | None = None
     connection: list[bytes] | None = None
+    removed = _removed_from_responses(dropped)
     for name, value in headers:
         name = name.lower()
-        if (
-            name in HOP_BY_HOP
-            or name == b"content-length"
-            or name in dropped
-            or name.startswith(b"proxy")
-        ):
+        if name in removed or name.startswith(b"proxy"):
             if name == b"connection":
                 if connection is None:
                     connection = []
