@@ -262,13 +262,13 @@ class Exchange:
 def forwarding_context(request: ProxyRequest, state: EdgeState) -> ForwardingContext:
     """How the request's headers are rewritten for upstream (``request_target``)."""
     return ForwardingContext(
-        client_ip=request.client_ip,
-        scheme=request.scheme,
-        pop=state.pop,
-        http_version=request.http_version,
-        trusted=is_trusted(request.client_ip, state.trusted_proxies),
-        request_id_header=state.request_id_header,
-        request_id=request.request_id,
+        request.client_ip,
+        request.scheme,
+        state.pop,
+        request.http_version,
+        is_trusted(request.client_ip, state.trusted_proxies),
+        state.request_id_header,
+        request.request_id,
     )
 
 

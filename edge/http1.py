@@ -22,7 +22,6 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from enum import Enum
 from http import HTTPStatus
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
@@ -314,9 +313,10 @@ def is_trusted(client_ip: str, trusted: TrustedNetworks) -> bool:
     return any(address in network for network in trusted)
 
 
-@dataclass(frozen=True, slots=True)
-class ForwardingContext:
-    """What the edge knows about the client hop, for the X-Forwarded-* and Via headers."""
+class ForwardingContext(NamedTuple):
+    """What the edge knows about the client hop, for the X-Forwarded-* and Via headers.  One
+    per forwarded request: a NamedTuple (a frozen dataclass's ``__init__`` cost twice as much,
+    2% of a cache miss)."""
 
     client_ip: str
     scheme: bytes
