@@ -276,11 +276,16 @@ def header_value(headers: Headers, name: bytes) -> bytes | None:
 
 
 def connection_tokens(headers: Headers) -> frozenset[bytes]:
-    tokens: set[bytes] = set()
+    tokens: set[bytes] | None = None
     for name, value in headers:
         if name == b"connection":
+            if tokens is None:
+                tokens = set()
             tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return frozenset(tokens)
+    return _NO_TOKENS if tokens is None else frozenset(tokens)
+
+
+_NO_TOKENS: Final = frozenset[bytes]()
 
 
 def is_websocket_upgrade(headers: Headers) -> bool:
