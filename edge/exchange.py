@@ -24,7 +24,7 @@ from edge.http1 import (
     RequestRejected,
     is_trusted,
 )
-from edge.state import EdgeState, RequestHead
+from edge.state import EdgeState, FillHeaders, RequestHead
 from edge.upstream import Attempt, HealthView
 
 if TYPE_CHECKING:
@@ -66,6 +66,9 @@ class ProxyRequest(NamedTuple):
     scheme: bytes = b"http"
     #: The access line's protocol fields (``edge.accesslog.protocol_fields``); None: HTTP/1.1.
     protocol: str | None = None
+    #: Where a fill's upstream lines for these very ``headers`` are memoised when ``head`` is
+    #: None (a head read by its shape, whose fields are the shape's list: ``edge.h1fast``).
+    fills: FillHeaders | None = None
 
 
 def replayed_request(

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 import edge.h1fast
+import edge.stages.fill
+from edge.protocol import EdgeConnection
 from tests.stage_support import Reply, world
 from tests.test_front_http1 import Client as Http1Client
 from tests.test_front_http1 import responses
@@ -287,3 +289,50 @@ async def test_a_stale_answer_of_a_known_shape_is_read_in_full_and_refreshed_wit
     status, headers, _ = await client.ask(head(b"/api/v1/symbols?k=1", 2))
     assert headers[b"x-cache"] == b"HIT" and parses == []
     client.connection.connection_lost(None)
+
+
+async def test_misses_of_a_shape_without_volatile_fields_reuse_its_upstream_lines_per_scheme(
+    parses: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fields of such heads are the shape's list itself: a fill's upstream lines are made
+    # once per client address and scheme (edge.state.FillHeaders), never across schemes.
+    w = world({"http://u1": [Reply(headers=CACHEABLE, chunks=(BODY,))]})
+    plain = Client(w)
+    tls = Client(w)
+    tls.connection = EdgeConnection(plain.connections, tls_version="TLSv1.3")
+    tls.connection.connection_made(tls.transport)
+
+    def bare(k: int) -> bytes:
+        return b"GET /api/v1/symbols?k=%d HTTP/1.1\r\nHost: example.test\r\nAccept: */*\r\n\r\n" % k
+
+    built: list[object] = []
+    real: Callable[..., Any] = edge.stages.fill.forward_headers
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        built.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(edge.stages.fill, "forward_headers", counting)
+    await plain.ask(bare(0))  # learns the shape (parsed in full)
+    parses.clear()
+    for k, client in ((1, plain), (2, plain), (3, tls), (4, plain), (5, tls)):
+        status, headers, _ = await client.ask(bare(k))
+        assert status == 200 and headers[b"x-cache"] == b"MISS"
+    assert parses == []
+    sent = w.upstream.sent
+    assert [s.target for s in sent] == [f"/api/v1/symbols?k={k}" for k in range(6)]
+    protos = [s.headers["x-forwarded-proto"] for s in sent]
+    assert protos == ["http", "http", "http", "https", "http", "https"]
+
+    def without_id(headers: Any) -> list[tuple[str, str]]:
+        return [(n, v) for n, v in headers.items() if n != "x-request-id"]
+
+    # What the full parse forwarded for the first, the memo forwards for the others.
+    assert all(without_id(s.headers) == without_id(sent[0].headers) for s in sent[1:3])
+    # Built for the parsed head, the shape's first fill (the memo is made on the second), then
+    # once per scheme: the last two came from the memo.
+    assert len(built) == 4
+    ids = [s.headers["x-request-id"] for s in sent]
+    assert len(set(ids)) == len(ids)  # each request's own ID
+    plain.close()
+    tls.close()

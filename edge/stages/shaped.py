@@ -185,6 +185,8 @@ class ShapedHits:
             None,
             scheme,
             protocol,
+            # The shape's own field list (no volatile fields): its fills' upstream lines too.
+            shape if headers is shape.headers else None,
         )
         self.hits.pend(request, Lookup(_MISS, b"", lookup.key, None, own))
         return request
