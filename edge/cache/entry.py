@@ -267,7 +267,7 @@ class ResponseForms:
                 # Every variant says it varies by coding, identity included (RFC 9110 12.5.5).
                 vary_seen = True
                 value = _with_accept_encoding(value)
-            lines.append(name + b": " + value + b"\r\n")
+            lines.append(b"%s: %s\r\n" % (name, value))  # one format, not three concatenations
         if self._compressor is not None and not vary_seen:
             lines.append(b"vary: accept-encoding\r\n")
         if compressed:
