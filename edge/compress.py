@@ -184,6 +184,18 @@ def _parse_weight(params: bytes) -> int | None:
 # Eligibility
 
 
+_TYPE, _ENCODING, _CACHE_CONTROL, _RANGE, _SET_COOKIE, _LENGTH = range(6)
+#: The response fields ``is_compressible`` reads, each to its branch.
+_ELIGIBILITY_FIELDS: Final = {
+    b"content-type": _TYPE,
+    b"content-encoding": _ENCODING,
+    b"cache-control": _CACHE_CONTROL,
+    b"content-range": _RANGE,
+    b"set-cookie": _SET_COOKIE,
+    b"content-length": _LENGTH,
+}
+
+
 def is_compressible(
     status: int,
     headers: list[tuple[bytes, bytes]],
@@ -205,22 +217,26 @@ def is_compressible(
         return False
     media_type: bytes | None = None
     content_length: int | None = None
+    fields = _ELIGIBILITY_FIELDS
     for name, value in headers:
-        if name == b"content-type":
+        field = fields.get(name)  # one dict probe for the many fields that do not matter
+        if field is None:
+            continue
+        if field == _TYPE:
             media_type = value.partition(b";")[0].strip().lower()
-        elif name == b"content-encoding":
+        elif field == _ENCODING:
             if value.strip().lower() not in (b"", b"identity"):
                 return False
-        elif name == b"cache-control":
+        elif field == _CACHE_CONTROL:
             if b"transform" in value.lower() and b"no-transform" in _directives(value):
                 return False
-        elif name == b"content-range":
+        elif field == _RANGE:
             return False
-        elif name == b"set-cookie":
+        elif field == _SET_COOKIE:
             # BREACH: a compressed body next to a secret lets an attacker guess it by size.
             if config.disable_with_set_cookie:
                 return False
-        elif name == b"content-length":
+        else:
             content_length = _parse_length(value)
     if media_type is None or not _type_matches(media_type, config.types):
         return False

@@ -24,7 +24,7 @@ from edge.http1 import (
     RequestRejected,
     is_trusted,
 )
-from edge.state import EdgeState, RequestHead
+from edge.state import EdgeState, FillHeaders, RequestHead
 from edge.upstream import Attempt, HealthView
 
 if TYPE_CHECKING:
@@ -66,6 +66,9 @@ class ProxyRequest(NamedTuple):
     scheme: bytes = b"http"
     #: The access line's protocol fields (``edge.accesslog.protocol_fields``); None: HTTP/1.1.
     protocol: str | None = None
+    #: Where a fill's upstream lines for these very ``headers`` are memoised when ``head`` is
+    #: None (a head read by its shape, whose fields are the shape's list: ``edge.h1fast``).
+    fills: FillHeaders | None = None
 
 
 def replayed_request(
@@ -262,13 +265,13 @@ class Exchange:
 def forwarding_context(request: ProxyRequest, state: EdgeState) -> ForwardingContext:
     """How the request's headers are rewritten for upstream (``request_target``)."""
     return ForwardingContext(
-        client_ip=request.client_ip,
-        scheme=request.scheme,
-        pop=state.pop,
-        http_version=request.http_version,
-        trusted=is_trusted(request.client_ip, state.trusted_proxies),
-        request_id_header=state.request_id_header,
-        request_id=request.request_id,
+        request.client_ip,
+        request.scheme,
+        state.pop,
+        request.http_version,
+        is_trusted(request.client_ip, state.trusted_proxies),
+        state.request_id_header,
+        request.request_id,
     )
 
 

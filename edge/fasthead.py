@@ -141,6 +141,31 @@ class Volatile(NamedTuple):
         parts = self.parts
         return [(parts[i].lower(), parts[i + 1]) for i in range(1, len(parts), 3)]
 
+    def in_order(self, kept: Headers) -> tuple[Headers, bool] | None:
+        """The head's fields in the order the client sent them, and whether one is a Cookie:
+        ``kept`` (its other fields, one per line, in order: a ``HeadShape``'s) with the
+        stripped ones put back where they were.  None when ``kept`` does not hold one field
+        per line kept (the caller then parses the head in full)."""
+        parts = self.parts
+        if not parts:
+            return kept, False
+        # Each kept piece holds one field per "\n" in it (the split takes the "\n" before a
+        # stripped line and the "\r" after it); the last also ends the head ("\r\n\r\n").
+        fields: Headers = []
+        cookie = False
+        at = 0
+        for index in range(0, len(parts) - 1, 3):
+            upto = at + parts[index].count(b"\n")
+            fields += kept[at:upto]
+            at = upto
+            name = parts[index + 1].lower()
+            cookie = cookie or name == b"cookie"
+            fields.append((name, parts[index + 2]))
+        if parts[-1].count(b"\n") - 2 != len(kept) - at:
+            return None
+        fields += kept[at:]
+        return fields, cookie
+
 
 class MeaningKey:
     """Heads that differ only in fields a cache hit never depends on, mapped to one key.

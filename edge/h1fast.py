@@ -10,7 +10,9 @@ from these bytes alone (``HeadShortcuts.answer``).  In order of cost:
    the volatile ones were seen before, with another request line (traffic spread over many
    keys: ``HeadShape``): only its request line is read, and it is answered if it is a fresh
    cache hit (``edge.stages.shaped``: its headers are the shape's plus its own volatile fields,
-   these last); anything else (a miss, a stale answer) goes on to 4, which decides it exactly;
+   these last); a first sight that finds nothing stored is scheduled as the request it is
+   (its fields in the client's order), its MISS pending; anything else (a stale answer, a
+   miss seen before) goes on to 4, which decides it exactly;
 4. a head of the common shape (``edge.fasthead.parse_simple_head``), parsed in one pass.
 
 Anything else (or anything odd) is left to llhttp and every check of ``edge.h1parse``.  The
@@ -112,11 +114,13 @@ class HeadShortcuts:
             and data.count(b"\n") <= state.max_headers + 2
             and len(data) <= state.max_header_bytes
         ):
-            wire = self._shaped(
-                shape, key, line_end, volatile, limits.max_url, client_ip, scheme, protocol
+            # A first sight that misses goes upstream from its shape (``edge.stages.shaped``);
+            # one seen before is parsed below, and memoised.
+            answered = self._shaped(
+                shape, key, line_end, volatile, limits.max_url, client_ip, scheme, protocol, seen
             )
-            if wire is not None:
-                return wire
+            if answered is not None:
+                return answered
         simple = parse_simple_head(
             data,
             request_id_header=state.request_id_header,
@@ -148,8 +152,10 @@ class HeadShortcuts:
         client_ip: str,
         scheme: bytes,
         protocol: str | None,
-    ) -> bytes | None:
-        """Step 3 (module docstring): the hit's bytes, or None."""
+        seen: int,
+    ) -> bytes | ProxyRequest | None:
+        """Step 3 (module docstring): the hit's bytes; for a head never ``seen`` before that
+        finds nothing stored, its request (the MISS pending); else None."""
         line = _REQUEST_LINE.match(key)
         if line is None or line.end() != line_end:
             return None
@@ -178,6 +184,7 @@ class HeadShortcuts:
             client_ip,
             scheme,
             protocol,
+            not seen,
         )
 
     def _replay(

@@ -116,10 +116,12 @@ CHECKED_PATHS: Final = MemoSpec(
 )
 FILL_HEADERS: Final = MemoSpec(
     name="fill headers",
-    owner="edge.state.RequestHead.fill_headers (edge.stages.fill.fill_headers)",
-    key="client address",
+    owner="edge.state.FillHeaders.fill_headers of a RequestHead or a HeadShape "
+    "(edge.stages.fill.fill_headers)",
+    key="client address and scheme",
     value="the upstream request headers of a fill for that head, without the request ID",
-    cleared_by="its RequestHead leaving REQUEST_HEADS; made on a head's second fill only",
+    cleared_by="its RequestHead leaving REQUEST_HEADS (its HeadShape leaving HEAD_SHAPES); "
+    "made on a head's second fill only",
     bound=16,
 )
 HIT_REPLAYS: Final = MemoSpec(

@@ -85,8 +85,8 @@ class Pipeline:
 
     fast_response: Callable[[ProxyRequest], bytes | None]
     shaped_response: Callable[
-        [HeadShape, Volatile, str, bytes, bytes, str, bytes | None, str, bytes, str | None],
-        bytes | None,
+        [HeadShape, Volatile, str, bytes, bytes, str, bytes | None, str, bytes, str | None, bool],
+        bytes | ProxyRequest | None,
     ]
     replay_hit: Callable[[RequestHead, str, bytes | None, str | None], bytes | None]
     take_pending: Callable[[ProxyRequest], Lookup | None]

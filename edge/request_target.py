@@ -358,6 +358,22 @@ def check_trailer(name: bytes) -> None:
         raise RequestRejected(400, "forbidden_trailer")
 
 
+#: What ``forward_headers`` never sends on (besides ``Proxy-*``, names with ``_`` and those
+#: Connection names): hop-by-hop fields and Expect, plus for an untrusted client
+#: ``ROUTING_OVERRIDES``, for a fill ``UNKEYED_DROPPED_ON_FILL``.
+_SKIPPED_TRUSTED: Final = HOP_BY_HOP | {b"expect"}
+_SKIPPED: Final = _SKIPPED_TRUSTED | ROUTING_OVERRIDES
+_SKIPPED_ON_FILL: Final = _SKIPPED_TRUSTED | UNKEYED_DROPPED_ON_FILL
+#: The fields of earlier hops ``forward_headers`` extends or replaces.
+_FOR, _PROTO, _FORWARDED_HOST, _VIA = range(4)
+_PRIOR_HOPS: Final = {
+    b"x-forwarded-for": _FOR,
+    b"x-forwarded-proto": _PROTO,
+    b"x-forwarded-host": _FORWARDED_HOST,
+    b"via": _VIA,
+}
+
+
 def forward_headers(
     headers: Headers,
     ctx: ForwardingContext,
@@ -380,7 +396,9 @@ def forward_headers(
     if keep_upgrade:
         named = named - {b"upgrade"}
     trusted = ctx.trusted
-    dropped = UNKEYED_DROPPED_ON_FILL if fill else (frozenset() if trusted else ROUTING_OVERRIDES)
+    # Hop-by-hop, Expect, and what this kind of request drops: one set (``_SKIPPED``).
+    skipped = _SKIPPED_ON_FILL if fill else (_SKIPPED_TRUSTED if trusted else _SKIPPED)
+    request_id_header = ctx.request_id_header
     out: Headers = []
     prior_for: list[bytes] = []
     prior_proto: bytes | None = None
@@ -388,31 +406,23 @@ def forward_headers(
     host: bytes | None = None
     prior_via: list[bytes] = []
     for name, value in headers:
-        if name == b"upgrade" and keep_upgrade:
+        if keep_upgrade and name == b"upgrade":
             out.append((name, value))
             continue
-        if (
-            name in HOP_BY_HOP
-            or name in named
-            or name.startswith(b"proxy")
-            or name == b"expect"
-            or name in dropped
-            or b"_" in name
-        ):
+        if name in skipped or name.startswith(b"proxy") or b"_" in name or name in named:
             continue
-        if name == b"x-forwarded-for":
-            prior_for.append(value)
+        prior = _PRIOR_HOPS.get(name)
+        if prior is not None:
+            if prior == _FOR:
+                prior_for.append(value)
+            elif prior == _PROTO:
+                prior_proto = value
+            elif prior == _FORWARDED_HOST:
+                prior_host = value
+            else:
+                prior_via.append(value)
             continue
-        if name == b"x-forwarded-proto":
-            prior_proto = value
-            continue
-        if name == b"x-forwarded-host":
-            prior_host = value
-            continue
-        if name == b"via":
-            prior_via.append(value)
-            continue
-        if name == ctx.request_id_header:
+        if name == request_id_header:
             continue
         if name == b"host":
             host = value
@@ -427,7 +437,8 @@ def forward_headers(
     forwarded_host = prior_host if trusted and prior_host is not None else host
     if forwarded_host is not None:
         out.append((b"x-forwarded-host", forwarded_host))
-    out.append((b"via", b", ".join([*prior_via, via_value(ctx.http_version, ctx.pop)])))
+    via = via_value(ctx.http_version, ctx.pop)
+    out.append((b"via", b", ".join([*prior_via, via]) if prior_via else via))
     out.append((ctx.request_id_header, ctx.request_id))
     if keep_upgrade:
         out.append((b"connection", b"upgrade"))

@@ -122,7 +122,28 @@ class EdgeState:
         return target
 
 
-class RequestHead:
+class FillHeaders:
+    """The upstream header lines of fills made from requests whose fields (but the request
+    ID) are one list: by client address and scheme, without the request ID line
+    (``edge.memos.FILL_HEADERS``, ``stages.fill.fill_headers``).  Kept by a ``RequestHead``
+    (one request's exact bytes) and by a ``HeadShape`` (heads that differ only in their
+    request line)."""
+
+    __slots__ = ("fill_headers", "filled")
+
+    def __init__(self) -> None:
+        #: Made on the second fill (``filled``): a memo that would serve once is not kept.
+        self.fill_headers: BoundedMemo[tuple[str, bytes], bytes] | None = None
+        #: Whether a fill was made from these fields already.
+        self.filled = False
+
+    def new_fill_headers(self) -> BoundedMemo[tuple[str, bytes], bytes]:
+        memo: BoundedMemo[tuple[str, bytes], bytes] = BoundedMemo(FILL_HEADERS)
+        self.fill_headers = memo
+        return memo
+
+
+class RequestHead(FillHeaders):
     """A validated bodiless HTTP/1.1 keep-alive GET/HEAD, by the exact bytes it came in.
 
     Parsing and validation are a pure function of those bytes (under one config snapshot's
@@ -133,8 +154,6 @@ class RequestHead:
     """
 
     __slots__ = (
-        "fill_headers",
-        "filled",
         "headers",
         "hit",
         "host",
@@ -155,6 +174,7 @@ class RequestHead:
         headers: Headers,
         supplied_id: bytes | None,
     ) -> None:
+        super().__init__()
         self.method = method
         self.target = target
         self.path = path
@@ -164,21 +184,11 @@ class RequestHead:
         self.supplied_id = supplied_id
         self.prepared: Prepared | None = None
         self.route: str | None = None
-        #: ``edge.memos.FILL_HEADERS``: a fill's upstream request headers by client address,
-        #: without the request ID (``stages.fill.fill_headers``); made on the first fill.
-        self.fill_headers: BoundedMemo[str, bytes] | None = None
-        #: Whether a fill was made for this head already (the memo is made on the second).
-        self.filled = False
         #: The last fresh hit for these bytes, replayed while it holds (``Pipeline.replay_hit``).
         self.hit: HitReplay | None = None
 
-    def new_fill_headers(self) -> BoundedMemo[str, bytes]:
-        memo: BoundedMemo[str, bytes] = BoundedMemo(FILL_HEADERS)
-        self.fill_headers = memo
-        return memo
 
-
-class HeadShape:
+class HeadShape(FillHeaders):
     """What a request head is apart from its request line and its volatile fields
     (``edge.fasthead.MeaningKey``: User-Agent, Cookie, the request ID), remembered by those
     bytes (``edge.memos.HEAD_SHAPES``), so that heads differing only in their target (traffic
@@ -188,7 +198,9 @@ class HeadShape:
     __slots__ = ("headers", "host", "reads")
 
     def __init__(self, headers: Headers, host: bytes) -> None:
-        #: The head's fields as decided (Host screened), without the volatile ones.
+        super().__init__()
+        #: The head's fields as decided (Host screened), without the volatile ones (a fill of
+        #: a head that had none keeps its upstream lines here: ``FillHeaders``).
         self.headers = headers
         self.host = host
         #: Method -> what the cache reads from such heads, or False when they go the long
@@ -218,4 +230,4 @@ class HitReplay(NamedTuple):
     label: str
 
 
-__all__ = ["EdgeState", "HeadShape", "HitReplay", "RequestHead"]
+__all__ = ["EdgeState", "FillHeaders", "HeadShape", "HitReplay", "RequestHead"]

@@ -61,7 +61,7 @@ def encode_head(
 
 def header_block(lines: Iterable[tuple[bytes, bytes]]) -> bytes:
     """Header lines as they go on the wire (names and values as given, each line ending CRLF)."""
-    return b"".join([name + b": " + value + _CRLF for name, value in lines])
+    return b"".join([b"%s: %s\r\n" % line for line in lines])  # one format a line, no concats
 
 
 def has_host(block: bytes) -> bool:

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 import edge.h1fast
+import edge.stages.fill
+from edge.protocol import EdgeConnection
 from tests.stage_support import Reply, world
 from tests.test_front_http1 import Client as Http1Client
 from tests.test_front_http1 import responses
@@ -122,10 +124,13 @@ async def test_a_miss_of_a_known_shape_goes_upstream_as_the_full_parse_reads_it(
 ) -> None:
     await fill(client, [b"/api/v1/symbols?k=0"])
     await client.ask(head(b"/api/v1/symbols?k=0", 0))  # learns the shape
+    parses.clear()
     data = head(b"/api/v1/symbols?k=77", 77)
     status, headers, _ = await client.ask(data)
     assert status == 200 and headers[b"x-cache"] == b"MISS"
-    assert parses[-1] == data  # read in full before it went upstream
+    assert headers[b"x-request-id"] == b"req-77"
+    # A first sight that misses goes upstream from its shape: no full parse.
+    assert parses == []
     sent = client.world.upstream.sent[-1]
     assert sent.target == "/api/v1/symbols?k=77"
     assert sent.headers["user-agent"] == "sdk/77"
@@ -133,6 +138,70 @@ async def test_a_miss_of_a_known_shape_goes_upstream_as_the_full_parse_reads_it(
     # Header order as the client sent it (the shape's own order puts volatile fields last).
     names = [name.lower() for name in sent.headers]
     assert names.index("user-agent") < names.index("accept-language")
+    # The very request the full parse makes of it: the same bytes where no shape is known.
+    w = world({"http://u1": [Reply(headers=CACHEABLE, chunks=(BODY,))]})
+    other = Client(w)
+    parses.clear()
+    assert (await other.ask(data))[1][b"x-cache"] == b"MISS"
+    assert parses == [data]
+    parsed = w.upstream.sent[-1]
+    assert parsed.target == sent.target
+    assert list(parsed.headers.items()) == list(sent.headers.items())
+    other.connection.connection_lost(None)
+
+
+async def test_a_miss_of_a_known_shape_seen_before_is_read_in_full_and_memoised(
+    parses: list[bytes],
+) -> None:
+    # Uncacheable: each sight of the head goes upstream.
+    private = [(b"Content-Type", b"application/json"), (b"Cache-Control", b"private")]
+    w = world({"http://u1": [Reply(headers=private, chunks=(BODY,))]})
+    client = Client(w)
+    await fill(client, [b"/api/v1/symbols?k=0"])
+    await client.ask(head(b"/api/v1/symbols?k=0", 0))  # learns the shape
+    heads = w.pipeline.state.request_heads
+    memoised = len(heads)
+    parses.clear()
+    first = head(b"/api/v1/symbols?k=5", 5)
+    status, headers, _ = await client.ask(first)  # a first sight: from its shape
+    assert status == 200 and headers[b"x-cache"] == b"MISS" and parses == []
+    again = head(b"/api/v1/symbols?k=5", 5)
+    status, headers, _ = await client.ask(again)  # seen before: read in full, memoised
+    assert status == 200 and headers[b"x-cache"] == b"MISS" and parses == [again]
+    assert len(heads) == memoised + 1
+    sent = w.upstream.sent[-2:]
+    assert [s.target for s in sent] == ["/api/v1/symbols?k=5"] * 2
+    assert list(sent[0].headers.items()) == list(sent[1].headers.items())
+    client.connection.connection_lost(None)
+
+
+async def test_a_miss_of_a_known_shape_keeps_its_cookie_from_the_fill(
+    parses: list[bytes],
+) -> None:
+    # A response the origin says nothing about caching (freshness by heuristic) is not stored
+    # for a request with a Cookie: the shape (made without the Cookie) must not hide it.
+    heuristic = [
+        (b"Content-Type", b"application/json"),
+        (b"Last-Modified", b"Sun, 06 Nov 1994 08:49:37 GMT"),
+    ]
+    w = world({"http://u1": [Reply(headers=heuristic, chunks=(BODY,))]})
+    client = Client(w)
+    state = w.pipeline.state
+
+    async def first_sight(data: bytes) -> bytes:
+        state.first_sights.clear()
+        state.request_heads.clear()
+        return (await client.ask(data))[1][b"x-cache"]
+
+    await client.ask(head(b"/api/v1/symbols?k=0", 0))  # learns the shape
+    parses.clear()
+    target = b"/api/v1/symbols?k=1"
+    assert [await first_sight(head(target, n)) for n in (1, 2)] == [b"MISS", b"MISS"]
+    assert parses == [] and len(w.upstream.sent) == 3
+    # Without a Cookie (another shape, parsed once), the same answer is stored.
+    plain = b"GET /api/v1/symbols?k=2 HTTP/1.1\r\nHost: example.test\r\nUser-Agent: a\r\n\r\n"
+    assert [await first_sight(plain) for _ in range(2)] == [b"MISS", b"HIT"]
+    client.connection.connection_lost(None)
 
 
 @pytest.mark.parametrize(
@@ -220,3 +289,50 @@ async def test_a_stale_answer_of_a_known_shape_is_read_in_full_and_refreshed_wit
     status, headers, _ = await client.ask(head(b"/api/v1/symbols?k=1", 2))
     assert headers[b"x-cache"] == b"HIT" and parses == []
     client.connection.connection_lost(None)
+
+
+async def test_misses_of_a_shape_without_volatile_fields_reuse_its_upstream_lines_per_scheme(
+    parses: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fields of such heads are the shape's list itself: a fill's upstream lines are made
+    # once per client address and scheme (edge.state.FillHeaders), never across schemes.
+    w = world({"http://u1": [Reply(headers=CACHEABLE, chunks=(BODY,))]})
+    plain = Client(w)
+    tls = Client(w)
+    tls.connection = EdgeConnection(plain.connections, tls_version="TLSv1.3")
+    tls.connection.connection_made(tls.transport)
+
+    def bare(k: int) -> bytes:
+        return b"GET /api/v1/symbols?k=%d HTTP/1.1\r\nHost: example.test\r\nAccept: */*\r\n\r\n" % k
+
+    built: list[object] = []
+    real: Callable[..., Any] = edge.stages.fill.forward_headers
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        built.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(edge.stages.fill, "forward_headers", counting)
+    await plain.ask(bare(0))  # learns the shape (parsed in full)
+    parses.clear()
+    for k, client in ((1, plain), (2, plain), (3, tls), (4, plain), (5, tls)):
+        status, headers, _ = await client.ask(bare(k))
+        assert status == 200 and headers[b"x-cache"] == b"MISS"
+    assert parses == []
+    sent = w.upstream.sent
+    assert [s.target for s in sent] == [f"/api/v1/symbols?k={k}" for k in range(6)]
+    protos = [s.headers["x-forwarded-proto"] for s in sent]
+    assert protos == ["http", "http", "http", "https", "http", "https"]
+
+    def without_id(headers: Any) -> list[tuple[str, str]]:
+        return [(n, v) for n, v in headers.items() if n != "x-request-id"]
+
+    # What the full parse forwarded for the first, the memo forwards for the others.
+    assert all(without_id(s.headers) == without_id(sent[0].headers) for s in sent[1:3])
+    # Built for the parsed head, the shape's first fill (the memo is made on the second), then
+    # once per scheme: the last two came from the memo.
+    assert len(built) == 4
+    ids = [s.headers["x-request-id"] for s in sent]
+    assert len(set(ids)) == len(ids)  # each request's own ID
+    plain.close()
+    tls.close()

@@ -33,7 +33,7 @@ CTX = ForwardingContext(
     request_id_header=b"x-request-id",
     request_id=b"rid",
 )
-TRUSTED = ForwardingContext(**{**{f: getattr(CTX, f) for f in CTX.__slots__}, "trusted": True})
+TRUSTED = CTX._replace(trusted=True)
 
 
 def _status(call, *args, **kwargs) -> tuple[int, str] | None:

@@ -116,7 +116,7 @@ from .lookups import HitMemo, Lookup, LookupKind, serve
 from .lookups import memo_hit as _memo_hit
 from .messages import Fetch, RequestInfo, UpstreamResponse
 from .metrics import CacheMetrics
-from .policy import Header, Headers, Use, decide
+from .policy import NO_DIRECTIVES, Header, Headers, Use, decide
 from .purge_queue import PurgeBacklog
 from .purging import SOFT_PURGE, PurgeResult, Purges, invalidated
 from .redis_l2 import RedisL2, RedisTarget
@@ -130,6 +130,8 @@ log = get_logger("cache")
 _HIT: Final = LookupKind.HIT
 _STALE: Final = LookupKind.STALE
 _MISS: Final = LookupKind.MISS
+#: A request without cache directives (``RequestInfo.cc``).
+_PLAIN: Final = NO_DIRECTIVES
 _REVALIDATE: Final = LookupKind.REVALIDATE
 _ONLY_IF_CACHED: Final = LookupKind.ONLY_IF_CACHED
 _FRESH: Final = Use.FRESH
@@ -342,15 +344,14 @@ class HttpCache:
         headers: Callable[[], Headers],
         extra: bytes = b"",
         path: bytes | None = None,
+        misses: bool = False,
     ) -> Lookup | None:
         """A fresh HIT for a GET or HEAD seen for the first time whose headers were read before
         (``read``: what ``RequestReader.read`` made of headers like its own, but for fields a
-        lookup never reads), else None with nothing counted: a miss, a stale answer, anything
-        else, which the caller then looks up in full.  ``headers()``, the request's own, is
-        called only for a resource that varies (they choose its variant).  The key is built
-        without its memo (``KeyBuilder.build_once``; ``build_origin`` when the caller gives
-        ``path``: ``target`` is then origin-form, without a fragment, and ``scheme`` lower-case).
-        Used by ``edge.stages.shaped``."""
+        lookup never reads), else None with nothing counted (the caller looks up in full); with
+        ``misses``, a miss is its MISS, carrying ``read``.  ``headers()``, the request's own, is
+        called only for a resource that varies.  The key is built without its memo (given
+        ``path``: ``build_origin``, ``target`` origin-form without a fragment)."""
         keys = self.keys
         key = (
             keys.build_once(scheme, host, target)
@@ -362,7 +363,9 @@ class HttpCache:
         store = self.store
         primary = key.primary
         entry = store.get(primary, () if store.vary_names(primary) is None else headers())
-        if entry is None or (read.authorized and not entry.response.auth_ok):
+        if entry is None:  # a MISS, but for a request with directives (``classify``)
+            return Lookup(_MISS, b"", key, None, read) if misses and read.cc is _PLAIN else None
+        if read.authorized and not entry.response.auth_ok:
             return None
         now = self.clock()
         if decide(entry.response.freshness, read.cc, now)[0] is not _FRESH:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Final
+from typing import Final, NamedTuple
 
 from edge.memos import SHARED_FIELDS, BoundedMemo
+from meridian.config import CacheRule
 
 from .entry import Compressor, Entry, StoredResponse
 from .key import CacheKey, Negotiator, variant_key, vary_key
@@ -40,6 +41,18 @@ _UNIQUE_PER_RESPONSE: Final = frozenset(
 )
 #: Distinct shared header fields kept (``Admission.pooled``).
 SHARED_FIELDS_SIZE: Final = SHARED_FIELDS.bound
+
+
+class _HeadVerdict(NamedTuple):
+    """``Admission.storable_head``'s reading of one response head for one request."""
+
+    headers: Sequence[Header]
+    request: RequestInfo
+    status: int
+    rule: CacheRule
+    meta: ResponseMeta
+    #: ``uncacheable_reason``'s answer (None: storable, as far as the head tells).
+    reason: str | None
 
 
 class Admission:
@@ -69,8 +82,8 @@ class Admission:
         self._extra_head = extra_head
         self._negotiate = negotiate
         self.set_targets(targets)
-        #: The last header list ``storable_head`` parsed, and its meta (``admit`` reuses it).
-        self._head_meta: tuple[Sequence[Header], ResponseMeta] | None = None
+        #: What ``storable_head`` last made of a response head (``admit`` reuses it).
+        self._head_meta: _HeadVerdict | None = None
         #: One copy of each stored header field that many responses repeat (``pooled``).
         self._shared_fields: BoundedMemo[Header, Header] = BoundedMemo(SHARED_FIELDS)
         self._last_date: Header = (b"date", b"")
@@ -90,10 +103,11 @@ class Admission:
         body need not be buffered: the edge may stream it), or None when it may be: the rules
         ``admit`` applies once the body is in, minus what needs the body."""
         meta = response_meta(headers, self._targeted)
-        self._head_meta = (headers, meta)  # admit reuses it for the same header list
         reason = uncacheable_reason(
             b"GET", status, request.cc, request.authorized, meta, key.rule, request.cookie
         )
+        # ``admit`` reuses both for the same header list, request, status and rule.
+        self._head_meta = _HeadVerdict(headers, request, status, key.rule, meta, reason)
         if reason is not None:
             return reason
         # A validator alone makes it worth storing (``worth_storing``): no freshness to work out.
@@ -113,15 +127,21 @@ class Admission:
     ) -> tuple[Entry | None, str]:
         """An entry for a complete upstream response, or None and why it may not be stored."""
         known = self._head_meta
-        if known is not None and known[0] is response.headers:
-            meta = known[1]
-        else:
-            meta = response_meta(response.headers, self._targeted)
         self._head_meta = None
         rule = key.rule
-        reason = uncacheable_reason(
-            b"GET", response.status, request.cc, request.authorized, meta, rule, request.cookie
-        )
+        if (
+            known is not None
+            and known.headers is response.headers
+            and known.request is request
+            and known.status == response.status
+            and known.rule is rule
+        ):
+            meta, reason = known.meta, known.reason
+        else:
+            meta = response_meta(response.headers, self._targeted)
+            reason = uncacheable_reason(
+                b"GET", response.status, request.cc, request.authorized, meta, rule, request.cookie
+            )
         if reason is not None:
             return None, reason
         if not response.complete:
@@ -138,7 +158,8 @@ class Admission:
         names = meta.vary
         if meta.content_encoding is None:
             # The entry serves every coding itself: Accept-Encoding does not split variants.
-            names = tuple(name for name in names if name != b"accept-encoding")
+            if b"accept-encoding" in names:
+                names = tuple(name for name in names if name != b"accept-encoding")
         elif b"accept-encoding" not in names:
             # An encoded body we cannot decode is only for clients of the same coding class,
             # even when the origin forgot to say Vary: Accept-Encoding.

@@ -267,7 +267,7 @@ class ResponseForms:
                 # Every variant says it varies by coding, identity included (RFC 9110 12.5.5).
                 vary_seen = True
                 value = _with_accept_encoding(value)
-            lines.append(name + b": " + value + b"\r\n")
+            lines.append(b"%s: %s\r\n" % (name, value))  # one format, not three concatenations
         if self._compressor is not None and not vary_seen:
             lines.append(b"vary: accept-encoding\r\n")
         if compressed:
@@ -371,23 +371,25 @@ class Entry(ResponseForms):
         own_url = primary[_CLASS_LENGTH:] != url
         self._aliases: tuple[bytes, bytes] | None = (key, url) if own_key or own_url else None
         etag = lm_raw = None
-        for name, value in response.headers:
-            if name == b"etag" and etag is None:
-                etag = value.strip() or None
-            elif name == b"last-modified" and lm_raw is None:
-                lm_raw = value
-        self.etag: bytes | None = etag
-        self.last_modified_raw: bytes | None = lm_raw
-        self.visited = False
-        self.size = (
+        size = (
             ENTRY_OVERHEAD
             + INDEX_OVERHEAD
             + len(url)  # the index's copy of the path segment, at most the URL
             + len(primary)
             + (len(key) + len(url) if self._aliases is not None else 0)
             + len(response.body)
-            + sum(len(n) + len(v) + HEADER_OVERHEAD for n, v in response.headers)
         )
+        for name, value in response.headers:  # one pass: the validators, and what they cost
+            size += len(name) + len(value) + HEADER_OVERHEAD
+            if name == b"etag":
+                if etag is None:
+                    etag = value.strip() or None
+            elif name == b"last-modified" and lm_raw is None:
+                lm_raw = value
+        self.etag: bytes | None = etag
+        self.last_modified_raw: bytes | None = lm_raw
+        self.visited = False
+        self.size = size
 
     # ----------------------------------------------------------------------------------------
     # Accessors

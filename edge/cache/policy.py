@@ -352,6 +352,8 @@ def response_meta(headers: Headers, targeted: Sequence[bytes] = ()) -> ResponseM
     """
     found: list[list[bytes] | None] = [None] * 10
     fields = _META_FIELDS
+    # The targeted fields' lines are gathered in the same pass (rarely any: then no dict).
+    targeted_lines: dict[bytes, list[bytes]] | None = None
     for name, value in headers:
         slot = fields.get(name)
         if slot is not None:
@@ -360,7 +362,11 @@ def response_meta(headers: Headers, targeted: Sequence[bytes] = ()) -> ResponseM
                 found[slot] = [value]
             else:
                 values.append(value)
-    targeted_cc = targeted_cache_control(headers, targeted) if targeted else None
+        elif targeted and name in targeted:
+            if targeted_lines is None:
+                targeted_lines = {}
+            targeted_lines.setdefault(name, []).append(value)
+    targeted_cc = _first_targeted(targeted_lines, targeted) if targeted_lines is not None else None
     if targeted_cc is not None:
         found[_CC] = found[_EXPIRES] = None
     vary_lines = found[_VARY]
@@ -432,6 +438,22 @@ def targeted_cache_control(headers: Headers, fields: Sequence[bytes]) -> CacheCo
         if value is None:
             continue
         cc = _targeted_value(value, field == b"surrogate-control")
+        if cc is not None:
+            return cc
+    return None
+
+
+def _first_targeted(
+    lines: dict[bytes, list[bytes]], fields: Sequence[bytes]
+) -> CacheControl | None:
+    """``targeted_cache_control`` of headers whose lines of ``fields`` are ``lines``."""
+    for field in fields:
+        values = lines.get(field)
+        if values is None:
+            continue
+        cc = _targeted_value(
+            values[0] if len(values) == 1 else b",".join(values), field == b"surrogate-control"
+        )
         if cc is not None:
             return cc
     return None
@@ -551,9 +573,11 @@ def storable(
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Freshness:
-    """When a stored response was received, how old it was then, and how long it lives."""
+class Freshness(NamedTuple):
+    """When a stored response was received, how old it was then, and how long it lives.
+
+    A NamedTuple: one is made per fill, and a frozen dataclass's ``__init__`` cost twice as
+    much.  (Still tracked by the cyclic GC: CPython untracks exact tuples of atoms only.)"""
 
     #: Our clock when the response arrived (RFC 9111 ``response_time``).
     response_time: float

@@ -240,7 +240,7 @@ class Purges:
             if freshness.ttl(now) <= 0:
                 continue  # stale already
             # Lifetime cut to the age it has now: stale from this instant, its windows intact.
-            expired = replace(freshness, lifetime=freshness.age(now))
+            expired = freshness._replace(lifetime=freshness.age(now))
             if store.put(entry.refreshed(replace(entry.response, freshness=expired))):
                 marked += 1
         return marked

@@ -53,6 +53,8 @@ _FIELDS: Final = {
     b"transfer-encoding": _BODY,
     b"cookie": _COOKIE,
 }
+#: The request fields a lookup reads (``RequestReader.read``).
+READ_FIELDS: Final = frozenset(_FIELDS)
 
 
 class RequestReader:
@@ -152,4 +154,4 @@ class RequestReader:
         )
 
 
-__all__ = ["Prepared", "RequestReader"]
+__all__ = ["READ_FIELDS", "Prepared", "RequestReader"]

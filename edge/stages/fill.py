@@ -32,7 +32,7 @@ from edge.stages.fill_read import FillFetch, Handover
 from edge.stages.respond import Responder
 from edge.stages.services import EdgeServices
 from edge.stages.walk import UpstreamWalk
-from edge.state import EdgeState
+from edge.state import EdgeState, FillHeaders
 
 _X_CACHE_LABELS = {
     b"HIT": "HIT",
@@ -131,9 +131,12 @@ def fill_headers(request: ProxyRequest, state: EdgeState) -> bytes:
     """A fill's upstream request header lines (``forward_headers`` with ``fill``, minus the
     client's conditionals), as sent; built from the screened request (its Host line
     is the key's host), never from anything the key does not hold.  For a memoised request
-    head they depend on the client address and the request ID alone: built once per address
-    (``edge.memos.FILL_HEADERS``), then the request ID line appended."""
-    head = request.head
+    head, or a head read by its shape whose fields are the shape's (``ProxyRequest.fills``),
+    they depend on the client address and scheme and the request ID alone: built once per
+    address and scheme (``edge.memos.FILL_HEADERS``), then the request ID line appended."""
+    head: FillHeaders | None = request.head
+    if head is None:
+        head = request.fills
     if head is None or not head.filled:
         # The memo pays off only for a head that fills again (a refresh after expiry, an
         # uncacheable answer): made on its second fill, not carried by every head seen once
@@ -144,13 +147,15 @@ def fill_headers(request: ProxyRequest, state: EdgeState) -> bytes:
     memo = head.fill_headers
     if memo is None:
         memo = head.new_fill_headers()
-    base = memo.get(request.client_ip)
+    # By scheme too: one listener's shortcuts serve plain and TLS clients (X-Forwarded-Proto).
+    client = (request.client_ip, request.scheme)
+    base = memo.get(client)
     if base is None:
         lines = _fill_request_headers(request, state)
         if lines[-1][0] != state.request_id_header:  # it comes last; never otherwise
             return fill_header_block(lines)
         base = fill_header_block(lines[:-1])
-        memo.remember(request.client_ip, base)
+        memo.remember(client, base)
     return base + request_id_line(request, state)
 
 
@@ -166,9 +171,7 @@ _NOT_SENT_ON_FILL: Final = NOT_FORWARDED_ON_FILL | {b"content-length"}
 def fill_header_block(lines: Headers) -> bytes:
     """``upstream_headers(upstream_request_headers(lines, ()))`` in one pass: a fill's forwarded
     header lines as they go upstream."""
-    return b"".join(
-        [name + b": " + value + b"\r\n" for name, value in lines if name not in _NOT_SENT_ON_FILL]
-    )
+    return b"".join([b"%s: %s\r\n" % line for line in lines if line[0] not in _NOT_SENT_ON_FILL])
 
 
 def unstored(

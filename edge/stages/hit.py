@@ -258,6 +258,11 @@ class HitStage:
             )
         return wire
 
+    def pend(self, request: ProxyRequest, lookup: Lookup) -> None:
+        """Keep ``lookup``, made for ``request`` outside ``fast_response`` (a head read by its
+        shape that missed: ``edge.stages.shaped``), for ``take_pending``."""
+        self._pending = (request, lookup)
+
     def take_pending(self, request: ProxyRequest) -> Lookup | None:
         """The lookup ``fast_response`` just made for ``request`` and could not answer from,
         for the protocol to hand to ``handle`` (the task runs later, after other connections'

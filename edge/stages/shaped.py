@@ -1,18 +1,23 @@
 """Cache hits for heads read by their shape (``edge.h1fast``, step 3): a request seen for the
 first time whose fields, but its request line and volatile ones, match a head validated before.
 
-Such a request is answered only if it is a fresh HIT (``HttpCache.lookup_read``); anything
-else (a miss, a stale answer and its refresh) returns None with nothing
-counted, and the front end reads the head in full, which decides it exactly.  The
-``ProxyRequest`` is made only when a rate limit or the access log needs it: a plain hit goes
-from the target to the cached bytes without one.
+Such a request is answered only if it is a fresh HIT (``HttpCache.lookup_read``).  A head
+seen for the first time that finds nothing stored (``misses``) becomes its ``ProxyRequest``
+from the shape, its fields in the client's order (``Volatile.in_order``), with the MISS kept for
+``take_pending``: the fill goes upstream without a full parse or a second lookup.  Anything
+else (a stale answer and its refresh, ...) returns None with nothing counted, and the front
+end reads the head in full, which decides it exactly.  The ``ProxyRequest`` of a hit is made
+only when a rate limit or the access log needs it: a plain hit goes from the target to the
+cached bytes without one.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-from edge.cache import LookupKind
+from edge.cache import Lookup, LookupKind
+from edge.cache.messages import RequestInfo
+from edge.cache.requests import READ_FIELDS
 from edge.exchange import ProxyRequest, entry_region
 from edge.fasthead import Volatile
 from edge.http1 import NO_BODY, new_request_id
@@ -20,6 +25,7 @@ from edge.stages.hit import HitStage
 from edge.state import HeadShape
 
 _HIT: Final = LookupKind.HIT
+_MISS: Final = LookupKind.MISS
 _SCHEME: Final = b"http"
 
 
@@ -43,12 +49,15 @@ class ShapedHits:
         client_ip: str,
         scheme: bytes,
         protocol: str | None,
-    ) -> bytes | None:
+        misses: bool = False,
+    ) -> bytes | ProxyRequest | None:
         """The bytes of a fresh HIT for a head read by its shape (``edge.h1fast``: its fields
         are ``shape``'s plus its ``volatile`` ones; ``target``: origin-form, without a fragment;
         ``raw_path``: its path before any ``?``, ``path`` as routed; ``supplied``: its valid
-        request ID), or a rate limit's refusal; else None with nothing counted and no lookup
-        pending (the caller then reads the head in full, which decides the rest)."""
+        request ID), or a rate limit's refusal; with ``misses``, the request of one that
+        finds nothing stored, its MISS pending (``HitStage.take_pending``); else None with
+        nothing counted and no lookup pending (the caller then reads the head in full, which
+        decides the rest)."""
         hits = self.hits
         received_at = hits.clock()
         cache = hits.cache
@@ -75,9 +84,24 @@ class ShapedHits:
             lambda: shape.headers + volatile.fields(),
             extra,
             raw_path,
+            misses and state.request_id_header not in READ_FIELDS,
         )
         if lookup is None:
             return None
+        if lookup.kind is _MISS:
+            return self._missed(
+                lookup,
+                shape,
+                volatile,
+                method,
+                target,
+                path,
+                supplied,
+                received_at,
+                client_ip,
+                scheme,
+                protocol,
+            )
         wire = lookup.wire
         if limits is None and not hits.access_log.enabled:  # a plain hit: no request made
             total = hits.clock() - received_at
@@ -108,6 +132,64 @@ class ShapedHits:
             if refused is not None:
                 return refused
         return hits.served(request, state, lookup, route, wire)
+
+    def _missed(
+        self,
+        lookup: Lookup,
+        shape: HeadShape,
+        volatile: Volatile,
+        method: str,
+        target: bytes,
+        path: str,
+        supplied: bytes | None,
+        received_at: float,
+        client_ip: str,
+        scheme: bytes,
+        protocol: str | None,
+    ) -> ProxyRequest | None:
+        """The request of a head read by its shape that found nothing stored, as the full
+        parse would make it, its MISS (``lookup``, carrying the shape's read) pending with the
+        request's own read; None when its fields cannot be put back in order."""
+        ordered = volatile.in_order(shape.headers)
+        read = lookup.request
+        if ordered is None or read is None:
+            return None
+        headers, cookie = ordered
+        # The shape's read but for the fields it never saw: this request's own, and its Cookie
+        # (the request ID field is none the reader reads: ``respond`` checked).
+        own = RequestInfo(
+            headers,
+            read.cc,
+            read.coding,
+            read.head,
+            read.authorized,
+            read.if_none_match,
+            read.if_modified_since,
+            cookie,
+            read.range,
+            read.if_range,
+        )
+        request = ProxyRequest(
+            method,
+            target,
+            path,
+            shape.host,
+            "1.1",
+            headers,
+            True,
+            client_ip,
+            NO_BODY,
+            supplied if supplied is not None else new_request_id(),
+            received_at,
+            supplied is not None,
+            None,
+            scheme,
+            protocol,
+            # The shape's own field list (no volatile fields): its fills' upstream lines too.
+            shape if headers is shape.headers else None,
+        )
+        self.hits.pend(request, Lookup(_MISS, b"", lookup.key, None, own))
+        return request
 
 
 __all__ = ["ShapedHits"]
