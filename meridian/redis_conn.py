@@ -176,10 +176,14 @@ class RedisConnection:
             )
 
     async def prepare(self) -> None:
-        """Learn a cluster's slot map now (tens of ms) rather than inside the first command's
-        deadline; nothing to do for one server or Sentinel."""
+        """Open the command connections now, rather than inside the first commands' deadlines:
+        a cluster's slot map (tens of ms) and one connection to each master; Sentinel's master
+        lookup and one connection to it; one connection to a single server."""
         if isinstance(self.client, RedisCluster):
             await self.client.initialize()
+            await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
+        else:
+            await self.client.ping()
 
     def pubsub(self) -> Subscription:
         """A new pub/sub connection that sees every ``PUBLISH`` of the deployment."""

@@ -240,6 +240,7 @@ class Pop:
         for cache in self.caches:
             assert cache.l2 is not None
             await asyncio.wait_for(cache.l2.subscribed.wait(), 5)
+            await asyncio.wait_for(cache.l2.connected.wait(), 5)
 
     async def request(
         self, cache: HttpCache, target: bytes, headers: Sequence[Header] = ()
@@ -397,6 +398,33 @@ async def test_slow_redis_costs_at_most_a_few_timeouts(pop: Pop, server: RedisSe
         assert b.l2 is not None and not b.l2.available
     finally:
         server.resume()
+
+
+async def test_start_opens_the_command_connection_before_any_request(server: RedisServer) -> None:
+    """A cold instance's first lookups would otherwise pay the connect inside their deadline
+    (50 ms here): on a loaded machine they missed L2 and went to the origin."""
+    l2 = RedisL2(server.url, timeout=TIMEOUT, max_value=1 << 20, clock=time.time)
+    l2.start(lambda message: None, lambda: None)
+    try:
+        await asyncio.wait_for(l2.connected.wait(), 5)
+        clients = raw(server).client_list()
+        # The command connection, opened ahead (its last command the warm-up's PING).
+        assert sum(1 for client in clients if client["cmd"] == "ping") == 1, clients
+    finally:
+        await l2.aclose()
+
+
+async def test_redis_down_at_start_connects_once_it_answers(server: RedisServer) -> None:
+    server.pause()
+    l2 = RedisL2(server.url, timeout=TIMEOUT, max_value=1 << 20, clock=time.time, admin_timeout=0.2)
+    l2.start(lambda message: None, lambda: None)
+    try:
+        await asyncio.sleep(0.5)
+        assert not l2.connected.is_set()
+        server.resume()
+        await asyncio.wait_for(l2.connected.wait(), 5)
+    finally:
+        await l2.aclose()
 
 
 async def test_breaker_closes_after_redis_returns(server: RedisServer) -> None:

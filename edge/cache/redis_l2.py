@@ -125,6 +125,10 @@ class RedisL2:
         #: Set while the purge subscription is live and caught up (tests and readiness wait
         #: on it).
         self.subscribed = self._subscription.subscribed
+        #: Set once the command connections are open (``start`` opens them): the first
+        #: requests then do not pay a connect, or a cluster's slot map, inside their deadline.
+        self.connected = asyncio.Event()
+        self._connecting: asyncio.Task[None] | None = None
 
     @classmethod
     def from_config(
@@ -334,8 +338,31 @@ class RedisL2:
         sent meanwhile cannot be replayed: the owner should drop what they might have covered.
         """
         self._subscription.start(on_purge, on_resync)
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+
+    async def _connect(self) -> None:
+        """Open the command connections, retrying each second until Redis answers once."""
+        failures = 0
+        while True:
+            try:
+                await asyncio.wait_for(self._connection.prepare(), self.admin_timeout)
+            except Exception as exc:  # Redis down or slow at start: requests go without it
+                failures += 1
+                (log.warning if failures == 1 else log.debug)(
+                    "redis_connect_failed", error=str(exc) or type(exc).__name__
+                )
+                await asyncio.sleep(1.0)
+            else:
+                if failures:
+                    log.info("redis_connected", failures=failures)
+                self.connected.set()
+                return
 
     async def aclose(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+            await asyncio.gather(self._connecting, return_exceptions=True)
         await self._subscription.aclose()
         await self._guard.unhurried.aclose()
         await self._connection.aclose()
