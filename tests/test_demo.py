@@ -42,9 +42,9 @@ def _listening(port: int) -> bool:
 
 
 def _free_offset() -> int:
-    base_ports = (8080, 9100, 5353, 9153, 9001, 9002, 9003)
+    base_ports = (8080, 8443, 9100, 5353, 9153, 9001, 9002, 9003)
     for _ in range(50):
-        offset = random.randrange(12000, 19000)
+        offset = random.randrange(12000, 19000)  # below tests/test_image.py's band
         if all(_port_free(p + offset) for p in base_ports):
             return offset
     raise RuntimeError("no free port offset")

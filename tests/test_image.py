@@ -47,6 +47,7 @@ IMAGE_USER = "10001:10001"
 DEMO_PORTS = {
     "origins": (9001, 9002, 9003),
     "edge": (8080,),
+    "edge_tls": (8443,),  # the edge's port + meridian.demo.HTTPS_PORT_OFFSET
     "edge_admin": (9100,),
     "dns": (5353,),
     "dns_admin": (9153,),
@@ -218,12 +219,24 @@ def _free(port: int) -> bool:
     return True
 
 
+def _ephemeral_start() -> int:
+    """Where the kernel's ephemeral ports begin: another test's client socket may take any of
+    them at any moment, so the demo's fixed ports stay below."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
 def free_offset() -> int:
-    """A --port-offset under which every demo port is free now (TCP and UDP)."""
+    """A --port-offset under which every demo port is free now (TCP and UDP), below the
+    ephemeral range."""
     ports = [p for group in DEMO_PORTS.values() for p in group]
     rng = random.Random()
+    # From 19,000: tests/test_demo.py's band ends there (two pytest workers may run both).
+    top = max(_ephemeral_start(), 20_000 + max(ports) + 1)
     for _ in range(200):
-        offset = rng.randrange(10_000, 65_535 - max(ports))
+        offset = rng.randrange(19_000, top - max(ports))
         if all(_free(p + offset) for p in ports):
             return offset
     raise AssertionError("no free port range for the demo")
