@@ -17,8 +17,9 @@ rate, so the POP's budget is multiplied by its instances, never unlimited), coun
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Hashable
-from typing import Final
+from typing import Any, Final
 
 from redis.exceptions import NoScriptError, RedisError
 
@@ -79,6 +80,45 @@ class SharedLimits:
         self._connection: RedisConnection | None = None
         self._sha: str | None = None
         self._log = Throttle()
+        self._preparing: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Open the connection and load the script now, in the background: the first
+        decisions would otherwise pay both inside their deadline and fall back to local."""
+        if self._preparing is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (a synchronous test): decisions connect on first use
+                return
+            self._preparing = loop.create_task(self._prepare())
+
+    async def _prepare(self) -> None:
+        try:
+            await self._connected().prepare()
+            await self._load(self._connected().client)
+        except Exception as exc:  # Redis down or slow: decisions connect (or fall back) later
+            log.warning(
+                "rate_limit_redis_connect_failed",
+                target=self.target.display,
+                error=str(exc) or type(exc).__name__,
+            )
+
+    def _connected(self) -> RedisConnection:
+        connection = self._connection
+        if connection is None:
+            connection = self._connection = RedisConnection(
+                self.target,
+                timeout=max(self.timeout, SOCKET_TIMEOUT),
+                connect_timeout=max(self.timeout, SOCKET_TIMEOUT),
+            )
+        return connection
+
+    async def _load(self, client: Any) -> str:
+        sha = self._sha
+        if sha is None:
+            loaded = await _awaited(client.script_load(SCRIPT))
+            sha = self._sha = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
+        return sha
 
     async def check(
         self, limits: RateLimits, route: str, peer: str, headers: Headers, now: float
@@ -145,20 +185,10 @@ class SharedLimits:
         return gcra.take(bucket, now), gcra.remaining(bucket, now)
 
     async def _run(self, key: str, rule: LimitRule) -> tuple[bool, float, float]:
-        connection = self._connection
-        if connection is None:
-            connection = self._connection = RedisConnection(
-                self.target,
-                timeout=max(self.timeout, SOCKET_TIMEOUT),
-                connect_timeout=max(self.timeout, SOCKET_TIMEOUT),
-            )
-        client = connection.client
+        client = self._connected().client
         args = (repr(rule.gcra.interval), repr(rule.gcra.span))
         reply: object
-        sha = self._sha
-        if sha is None:
-            loaded = await _awaited(client.script_load(SCRIPT))
-            sha = self._sha = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
+        sha = await self._load(client)
         try:
             reply = await _awaited(client.evalsha(sha, 1, key, *args))
         except NoScriptError:  # Redis restarted (or failed over): load it again
@@ -170,6 +200,9 @@ class SharedLimits:
         return int(admitted) == 1, float(wait), float(ahead)
 
     async def aclose(self) -> None:
+        if self._preparing is not None:
+            self._preparing.cancel()
+            await asyncio.gather(self._preparing, return_exceptions=True)
         await self._unhurried.aclose()
         if self._connection is not None:
             await self._connection.aclose()

@@ -249,6 +249,8 @@ class EdgeWorker:
         )
         # Requests waiting on a backend that leaves rotation are retried elsewhere at once.
         health.subscribe(pipeline.on_health)
+        # The rate limits built now, not on the first request: shared ones open Redis now.
+        pipeline.limiter.current(state)
         connections = Connections(pipeline, loop)
         streams = connections.streams = StreamService(pipeline, loop)
         tls_config = config.edge.tls
@@ -373,6 +375,7 @@ class EdgeWorker:
         def on_reload(new: Config, generation: int) -> None:
             # In-flight requests hold the old EdgeState; new ones read this one.
             pipeline.state = EdgeState.build(new, pop, generation)
+            pipeline.limiter.current(pipeline.state)
             access_log.configure(new.edge.access_log)
             health.update_config(new)
             cache.reconfigure(new.edge.cache)

@@ -5,6 +5,7 @@ says so."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +17,7 @@ from edge.ratelimit import Gcra
 from edge.ratelimit_redis import SCRIPT, redis_key
 from tests.health_support import captured_logs
 from tests.stage_support import Reply, World, make_config, world
+from tests.test_cache_redis import until
 from tests.test_front_http1 import CACHEABLE, TICKER, responses
 from tests.test_front_ratelimit import GET, Peer, scrape
 
@@ -70,6 +72,20 @@ async def test_two_instances_share_one_budget(server: RedisServer) -> None:
     assert len(keys) == 2 and all(b"{api:" in key for key in keys)  # hash-tagged
     for w in (one, two):
         await w.pipeline.limiter.aclose()
+
+
+async def test_installed_limits_open_redis_before_the_first_request(server: RedisServer) -> None:
+    """The edge builds its limits when it installs a config: a shared one then connects and
+    loads its script at once, so the first decisions do not pay both inside their deadline."""
+    w = shared_world(server)
+    sha = hashlib.sha1(SCRIPT.encode()).hexdigest()
+    client = redis.Redis.from_url(server.url)
+    assert not client.script_exists(sha)[0]
+    w.pipeline.limiter.current(w.pipeline.state)
+    await until(lambda: bool(client.script_exists(sha)[0]))
+    assert (await RedisPeer(w, "192.0.2.1").get())[0] == 200
+    assert fallbacks(w) == 0
+    await w.pipeline.limiter.aclose()
 
 
 async def test_redis_gone_each_instance_limits_alone_and_says_so(server: RedisServer) -> None:

@@ -67,8 +67,8 @@ class Limiter:
             self.shared = None
 
     def current(self, state: EdgeState) -> RateLimits | None:
-        """The limits of snapshot ``state`` (built on its first request; a reload keeps the
-        tables of unchanged limits)."""
+        """The limits of snapshot ``state`` (built when the edge installs it, else on its first
+        request; a reload keeps the tables of unchanged limits)."""
         if state is not self.state:
             edge = state.config.edge
             self.limits = RateLimits.build(
@@ -94,6 +94,7 @@ class Limiter:
             self.shared = shared = None
         if wanted and shared is None and target is not None:
             self.shared = SharedLimits(target, timeout=cache.redis_timeout)
+            self.shared.start()
 
     def shares(self, exchange: Exchange) -> bool:
         """Whether the exchange's route has a shared limit (``refused_shared`` decides it)."""
