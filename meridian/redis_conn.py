@@ -22,22 +22,51 @@ the time a request waits.  Credentials never appear in ``repr``, logs or ``displ
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from redis._parsers.resp2 import _AsyncRESP2Parser
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import InvalidResponse
 
 if TYPE_CHECKING:
     from redis.asyncio.client import PubSub
 
     from meridian.config import CacheConfig
+
+#: The longest string a reply may carry unless told otherwise (the purge log's entries, the
+#: rate limiter's replies and health transitions are all far shorter).
+MAX_REPLY_STRING = 1024 * 1024
+
+
+@functools.cache
+def bounded_parser(max_string: int) -> type[_AsyncRESP2Parser]:
+    """redis-py's RESP2 parser, refusing a string longer than ``max_string`` before reading it.
+
+    A Redis server (or whatever answers on its address) is as untrusted as a client: without
+    this, a reply announcing ``$4000000000`` is read for as long as the peer sends, growing
+    the edge's memory with it.  The refusal is a protocol error: redis-py drops that
+    connection and the caller sees a Redis error (an L2 miss, a local rate-limit decision).
+    """
+
+    class BoundedParser(_AsyncRESP2Parser):
+        async def _read(self, length: int) -> bytes:
+            if length > max_string:
+                raise InvalidResponse(f"reply string of {length} bytes (limit {max_string})")
+            data: bytes = await super()._read(length)
+            return data
+
+    BoundedParser.__qualname__ = BoundedParser.__name__ = f"BoundedParser{max_string}"
+    return BoundedParser
+
 
 Mode = Literal["standalone", "sentinel", "cluster"]
 #: A client for commands: one server (directly or the Sentinel-chosen master) or a cluster.
@@ -116,8 +145,9 @@ class RedisConnection:
     """A command client for a target, plus pub/sub connections on demand.
 
     ``timeout`` bounds every socket read (None: wait), ``connect_timeout`` every connect;
-    ``pool_size`` caps the connections per server.  Build it inside the event loop that uses
-    it; ``aclose`` releases every connection (also the Sentinels').
+    ``pool_size`` caps the connections per server, ``max_string`` every string in a reply
+    (``bounded_parser``).  Build it inside the event loop that uses it; ``aclose`` releases
+    every connection (also the Sentinels').
     """
 
     def __init__(
@@ -127,6 +157,7 @@ class RedisConnection:
         timeout: float | None,
         connect_timeout: float | None,
         pool_size: int = 32,
+        max_string: int = MAX_REPLY_STRING,
     ) -> None:
         self.target = target
         self._sentinel: Sentinel | None = None
@@ -136,6 +167,10 @@ class RedisConnection:
             "retry": Retry(NoBackoff(), 0),
             "health_check_interval": 0,
         }
+        # Where redis-py takes a parser (a connection pool's arguments): one server and a
+        # Sentinel-chosen master.  RedisCluster takes none, so a cluster's replies are not
+        # bounded here.
+        bounded: dict[str, Any] = {"protocol": 2, "parser_class": bounded_parser(max_string)}
         self._node_kwargs: dict[str, Any] = {
             **common,
             "username": target.username,
@@ -147,7 +182,7 @@ class RedisConnection:
         self.client: RedisClient
         if target.mode == "standalone":
             assert target.url is not None
-            self.client = Redis.from_url(target.url, max_connections=pool_size, **common)
+            self.client = Redis.from_url(target.url, max_connections=pool_size, **common, **bounded)
         elif target.mode == "sentinel":
             assert target.master is not None
             self._sentinel = Sentinel(
@@ -164,6 +199,7 @@ class RedisConnection:
                 db=target.db,
                 max_connections=pool_size,
                 **self._node_kwargs,
+                **bounded,
             )
         else:
             self.client = RedisCluster(

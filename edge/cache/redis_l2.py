@@ -38,7 +38,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from meridian.log import get_logger
-from meridian.redis_conn import RedisConnection, RedisTarget
+from meridian.redis_conn import MAX_REPLY_STRING, RedisConnection, RedisTarget
 
 from .entry import Entry, StoredResponse
 from .key import VARIANT_SEPARATOR, Negotiator, negotiate_coding, vary_key
@@ -109,6 +109,8 @@ class RedisL2:
             timeout=max(timeout, SOCKET_TIMEOUT),
             connect_timeout=max(timeout, SOCKET_TIMEOUT),
             pool_size=pool_size,
+            # A stored value is at most max_value; anything longer is not ours.
+            max_string=max(max_value, MAX_REPLY_STRING),
         )
         self._redis = self._connection.client
         self._release = self._redis.register_script(_RELEASE_LUA)
