@@ -20,7 +20,7 @@ from edge.cache.messages import RequestInfo
 from edge.cache.requests import READ_FIELDS
 from edge.exchange import ProxyRequest, entry_region
 from edge.fasthead import Volatile
-from edge.http1 import NO_BODY, new_request_id
+from edge.http1 import NO_BODY, Headers, new_request_id
 from edge.stages.hit import HitStage
 from edge.state import HeadShape
 
@@ -110,20 +110,15 @@ class ShapedHits:
                 route, int(wire[9:12]), "HIT", region, total, latency_target
             )
             return wire
-        request = ProxyRequest(
+        request = shaped_request(
             method,
             target,
             path,
-            shape.host,
-            "1.1",
+            shape,
             shape.headers + volatile.fields() if volatile.parts else shape.headers,
-            True,
             client_ip,
-            NO_BODY,
-            supplied if supplied is not None else new_request_id(),
+            supplied,
             received_at,
-            supplied is not None,
-            None,
             scheme,
             protocol,
         )
@@ -169,27 +164,46 @@ class ShapedHits:
             read.range,
             read.if_range,
         )
-        request = ProxyRequest(
-            method,
-            target,
-            path,
-            shape.host,
-            "1.1",
-            headers,
-            True,
-            client_ip,
-            NO_BODY,
-            supplied if supplied is not None else new_request_id(),
-            received_at,
-            supplied is not None,
-            None,
-            scheme,
-            protocol,
-            # The shape's own field list (no volatile fields): its fills' upstream lines too.
-            shape if headers is shape.headers else None,
+        request = shaped_request(
+            method, target, path, shape, headers, client_ip, supplied, received_at, scheme, protocol
         )
         self.hits.pend(request, Lookup(_MISS, b"", lookup.key, None, own))
         return request
 
 
-__all__ = ["ShapedHits"]
+def shaped_request(
+    method: str,
+    target: bytes,
+    path: str,
+    shape: HeadShape,
+    headers: Headers,
+    client_ip: str,
+    supplied: bytes | None,
+    received_at: float,
+    scheme: bytes,
+    protocol: str | None,
+) -> ProxyRequest:
+    """The request of a head read by its shape (HTTP/1.1, keep-alive, no body), as the full
+    parse would make it, with ``headers`` as its fields."""
+    return ProxyRequest(
+        method,
+        target,
+        path,
+        shape.host,
+        "1.1",
+        headers,
+        True,
+        client_ip,
+        NO_BODY,
+        supplied if supplied is not None else new_request_id(),
+        received_at,
+        supplied is not None,
+        None,
+        scheme,
+        protocol,
+        # The shape's own field list (no volatile fields): its fills' upstream lines too.
+        shape if headers is shape.headers else None,
+    )
+
+
+__all__ = ["ShapedHits", "shaped_request"]
