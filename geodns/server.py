@@ -40,18 +40,20 @@ from geodns.budget import failover_budget
 from geodns.ratelimit import ComputeBudget, ResponseRateLimiter, Verdict
 from geodns.responder import (
     MEMO_LIMIT,
+    Compiled,
     Reply,
     ReplyInfo,
     Responder,
     slip_for_query,
     truncate_for_slip,
 )
+from geodns.selection import HealthView
 from geodns.tcpframe import MessageFramer
 from geodns.zone import IPAddress, Zone
 from meridian.config import Config, ConfigError, HostPort
 from meridian.geo import GeoError, GeoLocator
 from meridian.health import HealthMonitor
-from meridian.lifecycle import ConfigHolder, Lifecycle
+from meridian.lifecycle import ConfigHolder, Lifecycle, trim_heap
 from meridian.log import get_logger
 from meridian.supervise import Group, ParentLink, Supervisor, WorkerContext
 from meridian.workers import WorkerApi, WorkerPeers, WorkerSockets
@@ -355,6 +357,14 @@ class Serving:
     budget: ComputeBudget
 
 
+def _compile_and_trim(responder: Responder, health: HealthView) -> Compiled:
+    """A compilation off the event loop, its freed temporaries then handed back to the
+    system (``trim_heap``) in the same thread."""
+    compiled = responder.compile(health)
+    trim_heap()
+    return compiled
+
+
 def build_serving(config: Config, generation: int, pop: str) -> Serving:
     """Everything a config needs before it can serve; raises ConfigError if it cannot."""
     try:
@@ -531,6 +541,7 @@ class DnsServer:
         self._compiling = False
         self._compile_again = False
         self.serving.responder.install(self.serving.responder.compile(self.monitor.snapshot))
+        trim_heap()  # the build's temporaries are freed: hand them back
         self._tcp: asyncio.Server | None = None
         self._admin_runner: web.AppRunner | None = None
         self._workers = workers
@@ -662,7 +673,7 @@ class DnsServer:
             return
         serving, snapshot = self.serving, self.monitor.snapshot
         self._compiling = True
-        future = loop.run_in_executor(None, serving.responder.compile, snapshot)
+        future = loop.run_in_executor(None, _compile_and_trim, serving.responder, snapshot)
         future.add_done_callback(lambda done: self._compiled(serving, done))
 
     def _compiled(self, serving: Serving, done: asyncio.Future[Any]) -> None:
@@ -695,6 +706,15 @@ class DnsServer:
             self._compile_again = False
             self._compile_soon()
 
+    def _trim_soon(self) -> None:
+        """``trim_heap`` in a thread (it takes up to tens of ms): queries keep flowing."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a test driving the server by hand)
+            trim_heap()
+            return
+        loop.run_in_executor(None, trim_heap)
+
     def on_reload(self, config: Config, generation: int) -> None:
         pending, self._pending = self._pending, None
         if pending is None or pending.config is not config:
@@ -706,6 +726,8 @@ class DnsServer:
         self._prefixes.clear()
         self._forget_replies()
         old.locator.close()
+        del old
+        self._trim_soon()  # the old answers and the new build's temporaries
         self.monitor.update_config(config)
         self.metrics.config_generation.set(generation)
         self.metrics.set_budgets(config)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import functools
 import os
 import signal
 from collections.abc import Callable
@@ -28,6 +30,30 @@ log = get_logger("lifecycle")
 
 #: What identifies the file behind a path: device, inode, size, modification time (ns).
 FileIdentity = tuple[int, int, int, int]
+
+
+@functools.cache
+def _libc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):  # not glibc (musl, macOS): nothing to ask
+        return None
+    return trim
+
+
+def trim_heap() -> bool:
+    """Give the memory freed after a large build back to the system (glibc's
+    ``malloc_trim``); False where the C library has no such call.
+
+    Building GeoDNS's address map walks every network of the database into temporaries that
+    are freed once it is compiled, but glibc keeps what was freed in its heap: measured on the
+    shipped database, RSS 220 MiB after the build and 139 MiB after the trim.
+    """
+    trim = _libc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def file_identity(path: str) -> FileIdentity | None:
