@@ -14,6 +14,8 @@ Everything else runs ``Pipeline.handle`` in a task, one stage after the other on
    * HIT / STALE / ONLY_IF_CACHED -> ``HitStage.answer``: the prebuilt bytes
    * MISS / REVALIDATE -> ``Filler.fill``: ``HttpCache.fill`` with a ``FillFetch``
      (coalesced, L2, then the upstream walk); what the cache did not store is streamed
+   * ONLY_IF_CACHED_L2 (``only-if-cached``, nothing usable in L1, an L2 to ask) ->
+     ``Filler.fill`` too: ``HttpCache.stored_only``, L2's copy or the 504, never upstream
    * BYPASS (methods other than GET/HEAD, bypass rules, request bodies, preconditions) ->
      ``Forwarder.forward``: the streaming proxy path, then invalidation for unsafe methods
 

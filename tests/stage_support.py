@@ -17,6 +17,9 @@ from prometheus_client import CollectorRegistry
 from edge.accesslog import AccessLog
 from edge.admin import EdgeMetrics
 from edge.cache import HttpCache
+from edge.cache.entry import Entry, StoredResponse
+from edge.cache.policy import Headers as RequestHeaders
+from edge.cache.redis_l2 import NO_LOCK, RedisL2
 from edge.cache.testing import FakeClock
 from edge.exchange import ProxyRequest
 from edge.http1 import NO_BODY, BodyFraming, BodyKind, Headers, RequestRejected
@@ -399,11 +402,38 @@ class World:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class MemoryL2(RedisL2):
+    """A POP's shared L2 in a dict, for the worlds given it: what a fill writes (never
+    purged or expired), read back by key; no lock is ever held.  No Redis is reached."""
+
+    def __init__(self) -> None:
+        super().__init__("redis://127.0.0.1:9", timeout=0.05, max_value=1 << 20, clock=FakeClock())
+        self.stored: dict[bytes, tuple[bytes, StoredResponse]] = {}
+        self.reads = 0
+
+    async def get(
+        self, primary: bytes, headers: RequestHeaders
+    ) -> tuple[bytes, StoredResponse] | None:
+        self.reads += 1
+        return self.stored.get(primary)
+
+    async def put(self, entry: Entry) -> bool:
+        self.stored[entry.primary] = (entry.key, entry.response)
+        return True
+
+    async def acquire(self, key: bytes, ttl: float) -> bytes | None:
+        return NO_LOCK
+
+    async def release(self, key: bytes, token: bytes) -> None:
+        pass
+
+
 def world(
     script: dict[str, list[Reply | Fail]] | None = None,
     *,
     cached: bool = True,
     config: Config | None = None,
+    l2: RedisL2 | None = None,
 ) -> World:
     config = config or make_config()
     registry = CollectorRegistry()
@@ -412,7 +442,7 @@ def world(
     upstream = ScriptedUpstream(script)
     health = FakeHealth()
     transcoder = Transcoder(CompressionStats())
-    cache = HttpCache(config.edge.cache, registry, clock=cache_clock) if cached else None
+    cache = HttpCache(config.edge.cache, registry, clock=cache_clock, l2=l2) if cached else None
     pipeline = Pipeline(
         EdgeState.build(config, "iad", 1),
         upstream=upstream,

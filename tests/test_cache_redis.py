@@ -249,6 +249,14 @@ class Pop:
         found = cache.lookup(b"GET", b"https", HOST, target, [(b"host", HOST), *headers])
         if found.kind is LookupKind.HIT:
             return "hit", body_of(found.wire)
+        if found.kind is LookupKind.ONLY_IF_CACHED:  # the 504 at once: no L2 to ask
+            return "504", body_of(found.wire)
+        if found.kind is LookupKind.ONLY_IF_CACHED_L2:  # as the edge's fill stage does
+            filled = await cache.stored_only(found)
+            assert filled.wire is not None
+            if filled.wire.startswith(b"HTTP/1.1 504 "):
+                return "504-after-l2", body_of(filled.wire)
+            return filled.x_cache.decode(), body_of(filled.wire)
         filled = await cache.fill(found, self.origin.fetch)
         if filled.wire is None:
             assert filled.response is not None
@@ -302,6 +310,110 @@ async def test_a_store_in_one_instance_is_a_hit_in_the_other(pop: Pop) -> None:
     assert pop.origin.calls == 1
     assert b.metrics.l2_hits == 1
     assert await pop.request(b, b"/api/v1/symbols") == ("hit", b"payload")  # now in b's L1
+
+
+ONLY_IF_CACHED = [(b"cache-control", b"only-if-cached")]
+
+
+async def test_only_if_cached_is_answered_from_the_other_instances_store(pop: Pop) -> None:
+    """RFC 9111 5.2.1.7: a response stored in the POP's L2 is stored; no origin call."""
+    a, b = pop.caches
+    assert await pop.request(a, b"/api/v1/symbols") == ("MISS", b"payload")
+    await a.drain()
+    assert await pop.request(b, b"/api/v1/symbols", ONLY_IF_CACHED) == ("HIT", b"payload")
+    assert pop.origin.calls == 1
+    assert b.metrics.l2_hits == 1
+    assert b.metrics.misses == 0
+    # Put in b's L1, as a fill's L2 hit is: the next one is answered by the lookup itself.
+    assert await pop.request(b, b"/api/v1/symbols", ONLY_IF_CACHED) == ("hit", b"payload")
+    assert b.metrics.l2_hits == 1
+
+
+async def test_only_if_cached_with_nothing_stored_is_a_504_and_fills_nothing(pop: Pop) -> None:
+    a, b = pop.caches
+    for cache in (a, b):
+        assert await pop.request(cache, b"/api/v1/symbols", ONLY_IF_CACHED) == (
+            "504-after-l2",
+            b"",
+        )
+    assert pop.origin.calls == 0
+    assert (a.metrics.l2_hits, a.metrics.misses, len(a.fills), len(a.store)) == (0, 0, 0, 0)
+    # No hit-for-miss mark, no lock left behind: a normal request fills as usual.
+    assert await pop.request(b, b"/api/v1/symbols") == ("MISS", b"payload")
+    assert pop.origin.calls == 1
+
+
+async def test_only_if_cached_and_a_normal_fill_do_not_share_answers(pop: Pop) -> None:
+    """A fill in flight for the key is neither joined (its answer may come from the origin)
+    nor told of the only-if-cached request's 504."""
+    b = pop.caches[1]
+    pop.origin.gate = asyncio.Event()
+    filling = asyncio.create_task(pop.request(b, b"/api/v1/symbols"))
+    await until(lambda: pop.origin.calls == 1)
+    assert await pop.request(b, b"/api/v1/symbols", ONLY_IF_CACHED) == ("504-after-l2", b"")
+    pop.origin.gate.set()
+    assert await filling == ("MISS", b"payload")
+    assert pop.origin.calls == 1
+    assert await pop.request(b, b"/api/v1/symbols", ONLY_IF_CACHED) == ("hit", b"payload")
+
+
+async def test_only_if_cached_with_a_stale_copy_takes_a_fresher_one_from_l2(pop: Pop) -> None:
+    a, b = pop.caches
+    pop.origin.headers = []  # the ticker rule: ttl 1 s, swr 2 s
+    path = b"/api/v1/ticker/BTC"
+    await pop.request(a, path)
+    await a.drain()
+    assert await pop.request(b, path) == ("HIT", b"payload")  # in b's L1 too
+    pop.clock.advance(5)  # past stale-while-revalidate in both: to be validated first
+    pop.origin.body = b"newer"
+    assert await pop.request(a, path) == ("MISS", b"newer")
+    await a.drain()
+    assert await pop.request(b, path, ONLY_IF_CACHED) == ("HIT", b"newer")
+    assert (pop.origin.calls, b.metrics.l2_hits) == (2, 2)
+
+
+async def test_only_if_cached_is_not_answered_with_a_purged_copy(
+    pop: Pop, server: RedisServer
+) -> None:
+    a, b = pop.caches
+    path = b"/api/v1/symbols"
+    await pop.request(a, path)
+    await a.drain()
+    assert await pop.request(b, path, ONLY_IF_CACHED) == ("HIT", b"payload")
+    stored = redis_key(b"meridian:cache:", b"e:", b"G|https://api.example/api/v1/symbols")
+    blob = raw(server).get(stored)
+    assert blob is not None
+    result = await a.purges.purge_url("https://api.example/api/v1/symbols")
+    assert (result.local, result.shared, result.propagated) == (1, 1, True)
+    await until(lambda: len(b.store) == 0)
+    assert await pop.request(b, path, ONLY_IF_CACHED) == ("504-after-l2", b"")
+    # A copy from before the purge back in Redis (a write that raced the DEL) is not served.
+    raw(server).set(stored, blob)
+    assert await pop.request(b, path, ONLY_IF_CACHED) == ("504-after-l2", b"")
+    assert (pop.origin.calls, b.metrics.l2_hits) == (1, 1)
+
+
+async def test_only_if_cached_with_redis_paused_is_a_504_within_the_deadline(
+    pop: Pop, server: RedisServer
+) -> None:
+    a, b = pop.caches
+    await pop.request(a, b"/api/v1/symbols")
+    await a.drain()
+    server.pause()  # SIGSTOP: connections stay open, nothing answers
+    try:
+        started = time.monotonic()
+        answer = await pop.request(b, b"/api/v1/symbols", ONLY_IF_CACHED)
+        assert answer == ("504-after-l2", b"")
+        assert time.monotonic() - started < TIMEOUT + 0.5
+        assert b.metrics.redis_errors.get("timeout", 0) == 1
+        # Once the breaker opens, the 504 is answered by the lookup, without asking Redis.
+        for i in range(5):
+            await pop.request(b, b"/api/v1/symbols/%d" % i, ONLY_IF_CACHED)
+        assert b.l2 is not None and not b.l2.available
+        assert await pop.request(b, b"/api/v1/symbols", ONLY_IF_CACHED) == ("504", b"")
+        assert pop.origin.calls == 1
+    finally:
+        server.resume()
 
 
 async def test_vary_variants_are_shared_too(pop: Pop) -> None:

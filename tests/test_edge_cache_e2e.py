@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
 import pytest
 import redis
 
@@ -439,6 +440,39 @@ async def test_two_edges_share_entries_through_redis(world):
             assert response.headers["X-Meridian-Region"] == "eu-central"
     assert await asyncio.to_thread(_seen, echo, path) == 1
     assert await asyncio.to_thread(b.metric, "meridian_cache_hits_total", layer="l2") >= 1
+
+
+async def test_only_if_cached_is_answered_from_redis_by_the_other_edge(world):
+    """RFC 9111 5.2.1.7 in a POP: what edge A stored in Redis answers B's only-if-cached
+    requests (HTTP/1.1 and h2c), a HIT; nothing anywhere is a 504; neither reaches the origin."""
+    a, b, echo = world["a"], world["b"], world["echo"]
+    name = "api.meridian.test"
+    only = {"Host": name, "Cache-Control": "only-if-cached"}
+    stored = {"h1": "/cc/long/only-if-cached/h1", "h2": "/cc/long/only-if-cached/h2"}
+    bodies = {}
+    for kind, path in stored.items():
+        status, headers, bodies[kind] = Client(a.port, host=name).get(path)
+        assert (status, headers["x-cache"]) == (200, "MISS")
+        await asyncio.to_thread(_in_redis, world, path)
+    l2_hits = await asyncio.to_thread(b.metric, "meridian_cache_hits_total", layer="l2")
+    status, headers, body = Client(b.port).get(stored["h1"], **only)
+    assert (status, headers["x-cache"], body) == (200, "HIT", bodies["h1"])
+    missing = "/cc/long/only-if-cached/nowhere"
+    async with httpx.AsyncClient(http1=False, http2=True, base_url=b.base, timeout=10) as h2c:
+        response = await h2c.get(stored["h2"], headers=only)
+        assert response.http_version == "HTTP/2"
+        assert (response.status_code, response.headers["x-cache"]) == (200, "HIT")
+        assert response.content == bodies["h2"]
+        response = await h2c.get(missing, headers=only)
+        assert (response.status_code, response.headers["x-cache"]) == (504, "MISS")
+    assert Client(b.port).get(missing, **only)[0] == 504
+    assert await asyncio.to_thread(b.metric, "meridian_cache_hits_total", layer="l2") >= (
+        l2_hits + 2
+    )
+    assert [_seen(echo, path) for path in (*stored.values(), missing)] == [1, 1, 0]
+    # The 504s left nothing behind: a plain request still fills.
+    _, headers, _ = Client(b.port, host=name).get(missing)
+    assert headers["x-cache"] == "MISS" and _seen(echo, missing) == 1
 
 
 def _only_if_cached(edge: Edge, path: str) -> int:

@@ -20,6 +20,7 @@ from tests.stage_support import (
     FakeBody,
     FakeSink,
     FakeSnapshot,
+    MemoryL2,
     Reply,
     make_config,
     request,
@@ -48,6 +49,36 @@ async def test_miss_fills_the_cache_and_the_next_request_is_a_fast_hit() -> None
     assert b"x-cache: HIT" in hit and b"x-meridian-region: us-east" in hit
     assert len(w.upstream.sent) == 1
     assert w.pipeline.metrics.upstream_stats.in_flight == 0
+
+
+ONLY_IF_CACHED = [(b"cache-control", b"only-if-cached")]
+
+
+async def test_only_if_cached_without_l2_is_the_lookups_504() -> None:
+    w = world({"http://u1": [reply()]})
+    answer = await w.run(request(headers=ONLY_IF_CACHED))
+    assert (answer.status, answer.header(b"x-cache")) == (504, b"MISS")
+    assert w.upstream.sent == []
+
+
+@pytest.mark.parametrize("version", ["1.1", "2"])
+async def test_only_if_cached_is_answered_from_what_another_instance_put_in_l2(version) -> None:
+    """Through the fast path's pending lookup (HTTP/1.1) or the slow path's own (h2)."""
+    shared = MemoryL2()
+    a, b = world({"http://u1": [reply()]}, l2=shared), world({"http://u1": [reply()]}, l2=shared)
+    await a.run(request())
+    assert a.pipeline.cache is not None
+    await a.pipeline.cache.drain()  # the L2 write is in the background
+    only = request(headers=ONLY_IF_CACHED)._replace(http_version=version)
+    hit = await b.run(only)
+    assert (hit.status, hit.header(b"x-cache"), bytes(hit.body)) == (200, b"HIT", TICKER)
+    assert hit.header(b"x-meridian-region") == b"us-east"
+    assert b.pipeline.cache is not None and b.pipeline.cache.metrics.l2_hits == 1
+    missing = await b.run(
+        request("/api/other", headers=ONLY_IF_CACHED)._replace(http_version=version)
+    )
+    assert (missing.status, missing.header(b"x-cache")) == (504, b"MISS")
+    assert b.upstream.sent == [] and shared.reads == 3  # a's fill, then b's two
 
 
 async def test_a_fill_sends_no_conditionals_and_the_forwarding_headers() -> None:

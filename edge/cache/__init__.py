@@ -31,6 +31,7 @@ API (all headers are ``list[tuple[bytes, bytes]]`` with lower-case names)::
     cache.lookup_prepared(prepared, now=None, extra=b"") -> Lookup     # lookup = both, in turn
     cache.storable_head(lookup, status, headers) -> str | None         # stream, not buffer?
     await cache.fill(lookup, fetch, extra=b"") -> Filled     # MISS / REVALIDATE, coalesced
+    await cache.stored_only(lookup, extra=b"") -> Filled     # ONLY_IF_CACHED_L2: L1, L2 or 504
     cache.refresh(lookup, fetch) -> bool                     # STALE with lookup.refresh
     cache.invalidate(method, status, scheme, host, target, response_headers) -> int
     await cache.purges.purge_url(url) / purge_prefix(prefix) / purge_tag(tag) -> PurgeResult
@@ -56,6 +57,9 @@ The edge's request path::
             transport.write(r.wire)
             if r.refresh:
                 cache.refresh(r, fetch)                   # at most one per key, in background
+        case LookupKind.ONLY_IF_CACHED_L2:               # only-if-cached, an L2 to ask
+            f = await cache.stored_only(r)                # L2's copy (HIT) or the 504, alone
+            transport.write(f.wire)
         case LookupKind.MISS | LookupKind.REVALIDATE:
             f = await cache.fill(r, fetch)                # coalesce -> L2 -> origin -> store
             if f.wire is not None:
@@ -112,7 +116,7 @@ from .entry import (
 )
 from .fills import Filled, Fills
 from .key import DEFAULT_RULE, CacheKey, Coding, KeyBuilder, Negotiator, negotiate_coding
-from .lookups import HitMemo, Lookup, LookupKind, serve
+from .lookups import HitMemo, Lookup, LookupKind, only_if_cached_wire, serve
 from .lookups import memo_hit as _memo_hit
 from .messages import Fetch, RequestInfo, UpstreamResponse
 from .metrics import CacheMetrics
@@ -134,6 +138,7 @@ _MISS: Final = LookupKind.MISS
 _PLAIN: Final = NO_DIRECTIVES
 _REVALIDATE: Final = LookupKind.REVALIDATE
 _ONLY_IF_CACHED: Final = LookupKind.ONLY_IF_CACHED
+_ONLY_IF_CACHED_L2: Final = LookupKind.ONLY_IF_CACHED_L2
 _FRESH: Final = Use.FRESH
 _USE_STALE: Final = Use.STALE
 #: A NamedTuple made per hit from all its fields: ``tuple.__new__``, not the generated one.
@@ -188,11 +193,6 @@ class HttpCache:
             extra_head=self._extra_head,
             negotiate=negotiate,
         )
-        self._only_if_cached_wire = (
-            b"HTTP/1.1 504 Gateway Timeout\r\ncontent-length: 0\r\n"
-            + self._extra_head
-            + b"x-cache: MISS\r\n\r\n"
-        )
         self.keys = KeyBuilder(config.rules, memo_bytes=_key_memo_bytes(config))
         self.store = MemoryStore(config.memory, config.max_object, negotiate=negotiate)
         if l2 is None and config.enabled:
@@ -226,6 +226,7 @@ class HttpCache:
             cross_instance_wait=cross_instance_wait,
             compressor=compressor,
             compress_offload_above=compress_offload_above,
+            only_if_cached_wire=only_if_cached_wire(self._extra_head),
         )
         #: ``edge.memos.BYPASS_LOOKUPS``, ``SERVED_CODINGS`` and ``SHARED_FIELDS``.
         self._bypass: BoundedMemo[str, Lookup] = BoundedMemo(BYPASS_LOOKUPS)
@@ -418,6 +419,10 @@ class HttpCache:
         """Revalidate a STALE lookup in the background; False when one is already running."""
         return self.fills.refresh(lookup, fetch)
 
+    def stored_only(self, lookup: Lookup, extra: bytes = b"") -> Coroutine[Any, Any, Filled]:
+        """Answer an ONLY_IF_CACHED_L2 lookup from L1 or L2, else the 504 (``Fills``')."""
+        return self.fills.stored_only(lookup, extra)
+
     # ----------------------------------------------------------------------------------------
     # Invalidation and purges
 
@@ -473,7 +478,7 @@ def classify(
             return fresh_hit(cache, key, request, entry, now, extra)
     if entry is None:
         if cc.only_if_cached:
-            return Lookup(_ONLY_IF_CACHED, cache._only_if_cached_wire, key)
+            return only_if_cached(cache, key, request)
         if cc.no_store:
             return cache._bypassed("request-no-store")
         return Lookup(_MISS, key=key, request=request)
@@ -482,10 +487,20 @@ def classify(
         wire = serve(entry, request, X_CACHE_STALE, now, extra)
         return Lookup(_STALE, wire, key, entry, request, reason, refresh=True)
     if cc.only_if_cached:
-        return Lookup(_ONLY_IF_CACHED, cache._only_if_cached_wire, key)
+        return only_if_cached(cache, key, request)
     if cc.no_store:
         return cache._bypassed("request-no-store")
     return Lookup(_REVALIDATE, key=key, entry=entry, request=request)
+
+
+def only_if_cached(cache: HttpCache, key: CacheKey, request: RequestInfo) -> Lookup:
+    """An ``only-if-cached`` request's verdict when L1 has nothing usable for it (nothing, or
+    a response to validate first): ask L2 (``stored_only``) when one is there to ask, else
+    the 504 now.  An L2 whose breaker is open is not asked: the 504 at once, as without one."""
+    l2 = cache.l2
+    if l2 is not None and l2.available:
+        return Lookup(_ONLY_IF_CACHED_L2, b"", key, None, request)
+    return Lookup(_ONLY_IF_CACHED, cache.fills.only_if_cached_wire, key)
 
 
 def fresh_hit(

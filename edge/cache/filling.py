@@ -4,7 +4,8 @@ instance that holds it), then the origin (conditionally when something is stored
 store and, in the background, L2.
 
 ``HttpCache.fill`` coalesces requests onto one ``Filling.fill_once`` and hands each its answer;
-this module is what that one fill does.  The RFC 9111 decisions are ``policy``'s; what a
+this module is what that one fill does, and what an ``only-if-cached`` request may be answered
+with from L1 or L2 alone (``stored_only``).  The RFC 9111 decisions are ``policy``'s; what a
 response becomes in the store is ``Admission``'s; purges that raced the fill are ``Purges``'.
 """
 
@@ -15,7 +16,15 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Final, NamedTuple
 
 from .admission import Admission
-from .entry import X_CACHE_HIT, X_CACHE_MISS, X_CACHE_REVALIDATED, X_CACHE_STALE, Compressor, Entry
+from .entry import (
+    X_CACHE_HIT,
+    X_CACHE_MISS,
+    X_CACHE_REVALIDATED,
+    X_CACHE_STALE,
+    Compressor,
+    Entry,
+    StoredResponse,
+)
 from .key import CacheKey, Negotiator, variant_key, vary_key
 from .messages import Fetch, RequestInfo, UpstreamResponse
 from .policy import (
@@ -133,16 +142,12 @@ class Filling:
                         min(self._cross_instance_wait, self.lock_timeout),
                     )
             if found is not None:
-                shared = self._admission.entry(key, *found)
-                # A purge or an invalidation deletes in Redis in the background: a copy
-                # received before it must not come back from L2 in the meantime.
-                received = shared.response.freshness.response_time
-                if self._purges.covers(shared, received):
-                    found = None
-                elif self.usable_by(shared, request):
-                    if decide(shared.response.freshness, request.cc, self._clock())[0] is Use.FRESH:
+                shared, fresh = self._from_l2(key, request, found)
+                if shared is not None:
+                    if fresh:
                         store.put(shared)
                         return Outcome(shared, None, X_CACHE_HIT, FROM_L2), True
+                    received = shared.response.freshness.response_time
                     if stale is None or received > stale.response.freshness.response_time:
                         stale = shared
         to_share: Entry | None = None
@@ -152,6 +157,41 @@ class Filling:
             if l2 is not None and (to_share is not None or token):
                 self._spawn(self._share(to_share, key, request, token or NO_LOCK))
         return outcome, shareable
+
+    def _from_l2(
+        self, key: CacheKey, request: RequestInfo, found: tuple[bytes, StoredResponse]
+    ) -> tuple[Entry | None, bool]:
+        """L2's copy (``RedisL2.get``) as an entry, when it may answer ``request`` (not purged
+        since, its variant, shareable with it), and whether it is fresh for it."""
+        shared = self._admission.entry(key, *found)
+        # A purge or an invalidation deletes in Redis in the background: a copy received
+        # before it must not come back from L2 in the meantime.
+        received = shared.response.freshness.response_time
+        if self._purges.covers(shared, received) or not self.usable_by(shared, request):
+            return None, False
+        return shared, decide(shared.response.freshness, request.cc, self._clock())[0] is Use.FRESH
+
+    async def stored_only(self, key: CacheKey, request: RequestInfo) -> Outcome | None:
+        """A fresh stored response for an ``only-if-cached`` request (RFC 9111 5.2.1.7): L1
+        again (a fill may have landed since the lookup), then L2, read as ``fill_once`` reads
+        them (an L2 copy is put in L1); None when neither has one.  Never the origin, the
+        POP-wide fill lock or a wait for the instance that holds it."""
+        store, l2 = self._store, self._l2
+        current = store.get(key.primary, request.headers)
+        if (
+            current is not None
+            and self.usable_by(current, request)
+            and decide(current.response.freshness, request.cc, self._clock())[0] is Use.FRESH
+        ):
+            return Outcome(current, None, X_CACHE_HIT, FROM_L1)
+        found = await l2.get(key.primary, request.headers) if l2 is not None else None
+        if found is None:
+            return None
+        shared, fresh = self._from_l2(key, request, found)
+        if shared is None or not fresh:  # a stale copy would need the origin to revalidate
+            return None
+        store.put(shared)
+        return Outcome(shared, None, X_CACHE_HIT, FROM_L2)
 
     async def _share(
         self, entry: Entry | None, key: CacheKey, request: RequestInfo, token: bytes

@@ -2,7 +2,8 @@
 coalesced with every other request for the same key onto one ``Filling.fill_once``, and is
 answered from its outcome (the leader's own answer, or a waiter's share of it: the same entry
 served for this request's conditionals, range and coding); a STALE answer's refresh runs in the
-background, at most one per key.  Counted as the answer's source says (``CacheMetrics``)."""
+background, at most one per key; an ``only-if-cached`` request L1 could not answer reads L2
+alone (``stored_only``).  Counted as the answer's source says (``CacheMetrics``)."""
 
 from __future__ import annotations
 
@@ -59,9 +60,10 @@ class Fills:
         cross_instance_wait: float,
         compressor: Compressor | None,
         compress_offload_above: int,
+        only_if_cached_wire: bytes,
     ) -> None:
         """``config``: ``lock_timeout`` and ``hit_for_miss`` (``set_limits`` changes them);
-        the rest is ``Filling``'s."""
+        ``only_if_cached_wire``: ``stored_only``'s 504; the rest is ``Filling``'s."""
         self._filling = Filling(
             store,
             l2,
@@ -77,6 +79,8 @@ class Fills:
         )
         self._metrics = metrics
         self._clock = clock
+        #: The 504 of an ``only-if-cached`` request no level answers (``classify``'s too).
+        self.only_if_cached_wire = only_if_cached_wire
         self._coalescer: Coalescer[Outcome] = Coalescer(
             lock_timeout=config.lock_timeout,
             hit_for_miss=config.hit_for_miss,
@@ -126,6 +130,23 @@ class Fills:
         outcome, _ = await filling.fill_once(key, request, lookup.entry, fetch)
         self._count(outcome)
         return self._deliver(outcome, request, extra + outcome.leader_lines)
+
+    async def stored_only(self, lookup: Lookup, extra: bytes = b"") -> Filled:
+        """Answer an ONLY_IF_CACHED_L2 lookup: a fresh response stored in L1 or L2
+        (``Filling.stored_only``), counted as a hit there, else the 504 of an
+        ``only-if-cached`` request that nothing stored answers.
+
+        Not coalesced: a fill may end at the origin, and its waiters would get that answer
+        (and an ``only-if-cached`` request's 504 must never reach a request that may fill).
+        Nothing is fetched, locked or remembered as a hit-for-miss."""
+        key, request = lookup.key, lookup.request
+        if key is None or request is None or lookup.kind is not LookupKind.ONLY_IF_CACHED_L2:
+            raise ValueError(f"stored_only() needs an ONLY_IF_CACHED_L2 lookup, got {lookup.kind}")
+        outcome = await self._filling.stored_only(key, request)
+        if outcome is None:
+            return Filled(self.only_if_cached_wire, None, X_CACHE_MISS)
+        self._count(outcome)
+        return self._deliver(outcome, request, extra)
 
     def refresh(self, lookup: Lookup, fetch: Fetch) -> bool:
         """Revalidate a STALE lookup in the background; False when one is already running."""

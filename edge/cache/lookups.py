@@ -29,6 +29,9 @@ class LookupKind(enum.Enum):
     BYPASS = "bypass"
     #: ``Cache-Control: only-if-cached`` and nothing usable: write ``Lookup.wire`` (a 504).
     ONLY_IF_CACHED = "only_if_cached"
+    #: ``Cache-Control: only-if-cached``, nothing usable in L1 and an L2 to ask: ``stored_only``
+    #: (L2's copy, or the 504; never the origin).
+    ONLY_IF_CACHED_L2 = "only_if_cached_l2"
 
 
 # Module-level aliases: attribute access on an Enum class costs ~10x a global lookup (3.11).
@@ -48,7 +51,8 @@ class Lookup(NamedTuple):
     wire: bytes = b""
     key: CacheKey | None = None
     entry: Entry | None = None
-    #: Set for STALE, REVALIDATE and MISS (what ``fill`` and ``refresh`` need); not for HIT.
+    #: Set for STALE, REVALIDATE, MISS and ONLY_IF_CACHED_L2 (what ``fill``, ``refresh`` and
+    #: ``stored_only`` need); not for HIT.
     request: RequestInfo | None = None
     #: BYPASS: why; STALE: the stale reason.
     reason: str = ""
@@ -116,6 +120,16 @@ class HitMemo:
         return wire
 
 
+def only_if_cached_wire(extra_head: bytes) -> bytes:
+    """The answer to ``only-if-cached`` when no level of the cache has a usable response
+    (RFC 9111 5.2.1.7: 504), with the cache-wide header lines ``extra_head``."""
+    return (
+        b"HTTP/1.1 504 Gateway Timeout\r\ncontent-length: 0\r\n"
+        + extra_head
+        + b"x-cache: MISS\r\n\r\n"
+    )
+
+
 def memo_hit(
     prepared: Prepared,
     lookup: Lookup,
@@ -151,4 +165,4 @@ def memo_hit(
     return HitMemo(prepared.keys, entry, slot, now, until, stale)
 
 
-__all__ = ["HitMemo", "Lookup", "LookupKind", "memo_hit", "serve"]
+__all__ = ["HitMemo", "Lookup", "LookupKind", "memo_hit", "only_if_cached_wire", "serve"]

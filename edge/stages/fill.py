@@ -1,4 +1,6 @@
-"""The fill stage: MISS and REVALIDATE through ``HttpCache.fill``, and background refreshes.
+"""The fill stage: MISS and REVALIDATE through ``HttpCache.fill``, background refreshes, and
+``only-if-cached`` requests L1 could not answer (ONLY_IF_CACHED_L2) through
+``HttpCache.stored_only``: L2's copy or the 504, never a fetch.
 
 The cache decides (coalescing, L2, what to store, stale-if-error); this stage gives it the
 fetch (``fill_read.FillFetch``) and sends what it returns: cached bytes, or a response it did
@@ -12,7 +14,7 @@ import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Final
 
-from edge.cache import Lookup, UpstreamResponse
+from edge.cache import Filled, Lookup, LookupKind, UpstreamResponse
 from edge.cache.policy import NOT_FORWARDED_ON_FILL, without_fields
 from edge.exchange import (
     Exchange,
@@ -41,6 +43,7 @@ _X_CACHE_LABELS = {
     b"REVALIDATED": "REVALIDATED",
     b"BYPASS": "BYPASS",
 }
+_ONLY_IF_CACHED_L2: Final = LookupKind.ONLY_IF_CACHED_L2
 
 
 class Filler:
@@ -57,9 +60,12 @@ class Filler:
         lookup = exchange.lookup
         assert cache is not None and lookup is not None
         request, record, respond = exchange.request, exchange.record, self.respond
+        extra = request_id_line(request, exchange.state) + connection_line(request)
+        if lookup.kind is _ONLY_IF_CACHED_L2:  # no fetch: L2's copy, or the 504
+            self._write_cached(exchange, await cache.stored_only(lookup, extra))
+            return
         handover = Handover()
         fetch = self.fetch_for(request, exchange.state, exchange.routed, lookup, record, handover)
-        extra = request_id_line(request, exchange.state) + connection_line(request)
         try:
             try:
                 filled = await cache.fill(lookup, fetch, extra)
@@ -69,10 +75,7 @@ class Filler:
                 )
                 return
             if filled.wire is not None:
-                record.cache = _X_CACHE_LABELS.get(filled.x_cache, "MISS")
-                if filled.entry is not None:
-                    record.region = entry_region(filled.entry)
-                respond.write_wire(exchange, filled.wire)
+                self._write_cached(exchange, filled)
                 return
             record.cache = "MISS"
             response = filled.response
@@ -86,6 +89,15 @@ class Filler:
             await respond.encode_and_send(exchange, outgoing)
         finally:
             handover.close(services.upstream)
+
+    def _write_cached(self, exchange: Exchange, filled: Filled) -> None:
+        """Write the cache's bytes (``filled.wire``), recorded as its X-Cache says."""
+        assert filled.wire is not None
+        record = exchange.record
+        record.cache = _X_CACHE_LABELS.get(filled.x_cache, "MISS")
+        if filled.entry is not None:
+            record.region = entry_region(filled.entry)
+        self.respond.write_wire(exchange, filled.wire)
 
     def fetch_for(
         self,

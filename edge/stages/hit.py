@@ -12,7 +12,8 @@ rate limits first (``stages.limit``): a client over its rate is answered 429, ne
 cache.
 
 On the slow path ``lookup`` asks the cache (unless the fast path already did:
-``take_pending``) and ``answer`` writes HIT / STALE / ONLY_IF_CACHED bytes.
+``take_pending``) and ``answer`` writes HIT / STALE / ONLY_IF_CACHED bytes (ONLY_IF_CACHED_L2,
+which asks L2 first, goes to the fill stage: ``needs_fill``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ _STALE: Final = LookupKind.STALE
 _MISS: Final = LookupKind.MISS
 _REVALIDATE: Final = LookupKind.REVALIDATE
 _ONLY_IF_CACHED: Final = LookupKind.ONLY_IF_CACHED
+_ONLY_IF_CACHED_L2: Final = LookupKind.ONLY_IF_CACHED_L2
 _BYPASS: Final = LookupKind.BYPASS
 _METHOD_BYTES: Final = {"GET": b"GET", "HEAD": b"HEAD"}
 _SCHEME: Final = b"http"
@@ -274,7 +276,8 @@ class HitStage:
         if pending[0] is not request:
             return None
         lookup = pending[1]
-        if lookup.kind is _MISS or lookup.kind is _REVALIDATE or lookup.kind is _BYPASS:
+        kind = lookup.kind
+        if kind is _MISS or kind is _REVALIDATE or kind is _BYPASS or kind is _ONLY_IF_CACHED_L2:
             return lookup  # carries no bytes: nothing about the connection is baked in
         return None
 
@@ -313,8 +316,10 @@ class HitStage:
 
 
 def needs_fill(lookup: Lookup) -> bool:
-    """MISS and REVALIDATE go to the fill stage."""
-    return lookup.kind is _MISS or lookup.kind is _REVALIDATE
+    """MISS, REVALIDATE and ONLY_IF_CACHED_L2 (L2 alone: ``Filler.fill``) go to the fill
+    stage."""
+    kind = lookup.kind
+    return kind is _MISS or kind is _REVALIDATE or kind is _ONLY_IF_CACHED_L2
 
 
 __all__ = ["HitStage", "needs_fill"]
