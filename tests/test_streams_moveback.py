@@ -1,9 +1,13 @@
 """Upstream subscriptions moving back to a nearer region once it has recovered, without
-sockets: the pure policy (``nearer_region``), the uptime record and the config.  The
-end-to-end run, with real origins and real health checks, is in ``tests.test_streams_e2e``."""
+sockets: the pure policy (``nearer_region``), the uptime record, and ``UpstreamLinks`` driven
+by an injected clock and a health view the test sets (no sleeps).  The end-to-end run, with
+real origins and real health checks, is in ``tests.test_streams_e2e``."""
 
 from __future__ import annotations
 
+import asyncio
+import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +15,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from edge.state import EdgeState
 from edge.streams.moveback import RegionUptime, nearer_region
+from edge.streams.stats import StreamStats
+from edge.streams.upstream import UpstreamLinks
+from edge.upstream import Attempt
 from meridian.config import parse_config
 from tests.test_config import demo_data, problems_of
 
@@ -130,6 +138,147 @@ def test_a_failure_in_a_region_restarts_its_hold() -> None:
     assert uptime.since == {"a": 7.0}
     assert nearer_region("c", ("a", "c"), uptime.since, 36.9, 30.0) is None
     assert nearer_region("c", ("a", "c"), uptime.since, 37.0, 30.0) == "a"
+
+
+# --------------------------------------------------------------------------------------------
+# The links, with an injected clock
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Services:
+    state: EdgeState
+    health: Any
+    rng: random.Random = field(default_factory=lambda: random.Random(7))
+    upstream: Any = None
+
+
+@dataclass
+class HealthSource:
+    snapshot: Health
+
+    def report(self, backend_url: str, ok: bool) -> None:
+        pass
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def links_at_fra(
+    loop: asyncio.AbstractEventLoop, **streams: Any
+) -> tuple[UpstreamLinks, Health, Clock, list[tuple[str, Attempt | None]]]:
+    """Links of a worker at fra (eu-central, then us-east, then ap-southeast), its
+    subscriptions' reopening recorded instead of run."""
+    data = demo_data()
+    data["edge"]["streams"] = {"channels": [{"pattern": "trades:*"}], **streams}
+    config = parse_config(data)
+    health = Health({r.name: r.backends[0] for r in config.regions})
+    clock = Clock()
+    services = Services(EdgeState.build(config, "fra", 1), HealthSource(health))
+    links = UpstreamLinks(services, lambda: None, StreamStats(clock), loop, clock=clock)  # type: ignore[arg-type]
+    opened: list[tuple[str, Attempt | None]] = []
+    links.open = lambda name, first=None: opened.append((name, first))  # type: ignore[method-assign]
+    return links, health, clock, opened
+
+
+def on_us_east(links: UpstreamLinks, health: Health, *names: str) -> None:
+    for name in names:
+        links.attempts[name] = Attempt("us-east", health.backends["us-east"])
+        links.connected[name] = "us-east"
+
+
+def test_a_subscription_moves_back_only_after_the_hold(loop: asyncio.AbstractEventLoop) -> None:
+    links, health, clock, opened = links_at_fra(loop, move_back_after="30s")
+    health.down.add("eu-central")
+    links.on_health(health)
+    on_us_east(links, health, "trades:BTC-USD")
+    health.down.clear()
+    links.on_health(health)  # eu-central up from 1000
+    clock.now = 1029.9
+    links.move_back_nearer()
+    assert opened == [] and links.moves == {}
+    clock.now = 1030.0
+    links.move_back_nearer()
+    assert opened == [("trades:BTC-USD", Attempt("eu-central", health.backends["eu-central"]))]
+    assert links.moves == {"nearer_region_back": 1}
+    assert "trades:BTC-USD" not in links.attempts  # closed: the new task reconnects
+
+
+def test_a_flapping_region_takes_no_subscription_back(loop: asyncio.AbstractEventLoop) -> None:
+    links, health, clock, opened = links_at_fra(loop, move_back_after="30s")
+    on_us_east(links, health, "trades:BTC-USD")
+    for _ in range(10):  # up 20 s, down 1 s, for 210 s: never up 30 s in a row
+        health.down.discard("eu-central")
+        links.on_health(health)
+        for _ in range(20):
+            clock.now += 1.0
+            links.move_back_nearer()
+        health.down.add("eu-central")
+        links.on_health(health)
+        clock.now += 1.0
+        links.move_back_nearer()
+    assert opened == []
+    health.down.clear()
+    links.on_health(health)
+    clock.now += 30.0
+    links.move_back_nearer()
+    assert [first.region for _, first in opened if first is not None] == ["eu-central"]
+
+
+def test_the_sweep_times_regions_without_a_health_subscription(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    links, health, clock, opened = links_at_fra(loop, move_back_after="5s")
+    health.down.add("eu-central")
+    links.move_back_nearer()
+    on_us_east(links, health, "trades:BTC-USD")
+    health.down.clear()
+    clock.now += 1.0
+    links.move_back_nearer()  # seen up here, at 1001
+    clock.now += 4.9
+    links.move_back_nearer()
+    assert opened == []
+    clock.now += 0.1
+    links.move_back_nearer()
+    assert len(opened) == 1
+
+
+def test_moves_are_spread_over_sweeps(loop: asyncio.AbstractEventLoop) -> None:
+    links, health, clock, opened = links_at_fra(loop, move_back_after="1s", move_back_rate=50)
+    health.down.add("eu-central")
+    links.on_health(health)
+    names = [f"trades:S{i}-USD" for i in range(120)]
+    on_us_east(links, health, *names)
+    health.down.clear()
+    links.on_health(health)
+    clock.now += 1.0
+    moved = []
+    for _ in range(3):
+        links.move_back_nearer()
+        moved.append(len(opened))
+    assert moved == [50, 100, 120]
+    assert sorted(name for name, _ in opened) == sorted(names)
+    assert links.moves == {"nearer_region_back": 120}
+
+
+def test_a_subscription_on_the_nearest_region_stays(loop: asyncio.AbstractEventLoop) -> None:
+    links, health, clock, opened = links_at_fra(loop, move_back_after="0s")
+    links.attempts["trades:BTC-USD"] = Attempt("eu-central", health.backends["eu-central"])
+    links.on_health(health)
+    clock.now += 100
+    links.move_back_nearer()
+    assert opened == []
 
 
 @pytest.mark.parametrize(
