@@ -253,6 +253,8 @@ class EdgeWorker:
         pipeline.limiter.current(state)
         connections = Connections(pipeline, loop)
         streams = connections.streams = StreamService(pipeline, loop)
+        # Streams time regions coming up from here, to move back to a nearer one later.
+        health.subscribe(streams.on_health)
         tls_config = config.edge.tls
         tls = (
             TlsContexts(

@@ -552,6 +552,12 @@ class EdgeStreams:
     retry_delay: Duration = 0.1
     #: Largest upstream message.
     max_upstream_message: Size = 1024 * 1024
+    #: A subscription that moved off a failed region moves back to a nearer one once that
+    #: one has been up this long without a break (hysteresis: a flapping region keeps none).
+    move_back_after: Duration = 30.0
+    #: Subscriptions moved back per sweep (once a second) per worker at most: a recovered
+    #: region is not hit by every channel's resubscription at once.
+    move_back_rate: int = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -1127,6 +1133,10 @@ def _stream_problems(streams: EdgeStreams) -> list[str]:
             problems.append(f"{where}.{name}: must be positive")
     if streams.linger < 0:
         problems.append(f"{where}.linger: must not be negative")
+    if streams.move_back_after < 0:
+        problems.append(f"{where}.move_back_after: must not be negative (0: at once)")
+    if not 1 <= streams.move_back_rate <= 100_000:
+        problems.append(f"{where}.move_back_rate: must be 1..100000")
     return problems
 
 

@@ -49,9 +49,17 @@ STREAMS: dict[str, Any] = {
 class StreamOrigin(Origin):
     """The sample origin with its stream options (``--stream-rate``, ``--stream-history``)."""
 
-    def __init__(self, name: str, tmp: Path, *, rate: float = 10.0, history: int = 10_000):
+    def __init__(
+        self,
+        name: str,
+        tmp: Path,
+        *,
+        rate: float = 10.0,
+        history: int = 10_000,
+        port: int | None = None,
+    ):
         self.region = name
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [
             sys.executable,
@@ -557,6 +565,62 @@ async def test_a_region_taken_out_by_health_checks_hands_its_streams_over_withou
         documents = client.documents()
         assert not [d for d in documents if d.get("type") == "resync"]
         assert len(check(documents, "trades:LTC-USD", conflate=False)) >= 30
+
+
+async def test_streams_move_back_to_the_nearer_region_once_it_has_held(tmp_path):
+    """eu-central (nearest to fra) killed: the subscription goes to us-east; restarted on its
+    port: once the health checks see it up and it has held ``move_back_after``, the
+    subscription comes back, and the client connected throughout misses nothing."""
+    channel = "trades:XRP-USD"
+    with processes() as procs:
+        edge, origins = start(
+            procs,
+            tmp_path,
+            {"eu-central": {"rate": 50.0}, "us-east": {"rate": 50.0}},
+            streams={"move_back_after": "1s"},
+        )
+        eu, us = origins["eu-central"], origins["us-east"]
+        client = await subscribe(edge.port, channel)
+        await client.wait_for(10)
+        assert eu.streams()["subscriptions"] == {channel: 1}
+        eu.signal(signal.SIGKILL)
+        eu.wait(5)
+        await asyncio.to_thread(
+            poll_until, lambda: us.streams()["subscriptions"] == {channel: 1}, within=10
+        )
+        # Down in the edge's health view before it comes back (fall = 2 checks).
+        await asyncio.to_thread(
+            poll_until,
+            lambda: edge.status()["health"]["targets"][eu.url]["state"] == "down",
+            within=10,
+        )
+        back = StreamOrigin("eu-central", tmp_path, rate=50.0, port=eu.port)
+        procs.append(back)
+        back.ready()
+        restarted = time.monotonic()
+        await asyncio.to_thread(
+            poll_until, lambda: back.streams()["subscriptions"] == {channel: 1}, within=10
+        )
+        # Not before the hold: health saw it up after it started, then 1 s had to pass.
+        assert time.monotonic() - restarted >= 1.0
+        await asyncio.to_thread(poll_until, lambda: us.streams()["subscriptions"] == {})
+        await client.wait_for(client.received + 25)
+        documents = client.documents()
+        assert not [d for d in documents if d.get("type") == "resync"]
+        seqs = check(documents, channel, conflate=False)  # no gap, no duplicate, no step back
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+        assert (
+            await asyncio.to_thread(
+                edge.metric,
+                "meridian_edge_stream_upstream_moves_total",
+                reason="nearer_region_back",
+            )
+            == 1
+        )
+        assert await asyncio.to_thread(
+            edge.wait_for_log,
+            r"stream_upstream_moving .*region=us-east .*reason=nearer_region_back to=eu-central",
+        )
 
 
 async def test_the_origins_channels_tick_at_their_own_instants(tmp_path):

@@ -26,12 +26,15 @@ class StreamMetrics(Collector):
         channels: Callable[[], int],
         connected: Mapping[str, str],
         made: Mapping[str, int],
+        moves: Mapping[str, int],
     ) -> None:
         self.stats = stats
         self.channels = channels
         #: Channel -> region of its upstream subscription; subscriptions made by region.
         self.connected = connected
         self.made = made
+        #: Subscriptions moved to another region while connected, by reason.
+        self.moves = moves
 
     def collect(self) -> Iterable[Metric]:
         stats = self.stats
@@ -60,6 +63,15 @@ class StreamMetrics(Collector):
         for region, count in sorted(self.made.items()):
             made.add_metric((region,), count)
         yield made
+        moves = CounterMetricFamily(
+            _PREFIX + "upstream_moves",
+            "Upstream subscriptions moved to another region while connected, by reason"
+            " (backend_down, nearer_region_back).",
+            labels=("reason",),
+        )
+        for reason, count in sorted(self.moves.items()):
+            moves.add_metric((reason,), count)
+        yield moves
         for name, doc, value in (
             ("messages_in", "Upstream messages received.", stats.messages_in),
             ("messages_out", "Frames written to clients.", stats.messages_out),

@@ -30,6 +30,7 @@ from edge.streams.snapshot import fetch_snapshot
 from edge.streams.sse import EventSession, event_params
 from edge.streams.stats import StreamStats
 from edge.streams.upstream import UpstreamLinks
+from edge.upstream import HealthView
 from edge.websocket import TunnelHost, UpstreamServices
 from meridian.config import EdgeStreams
 
@@ -80,6 +81,7 @@ class StreamService:
                 channels=lambda: len(self.hub.channels) if self.hub is not None else 0,
                 connected=self.links.connected,
                 made=self.links.made,
+                moves=self.links.moves,
             )
         )
         self._follow_config()
@@ -100,6 +102,11 @@ class StreamService:
     def fail(self, name: str, reason: str) -> None:
         if self.hub is not None:
             self.hub.fail(name, reason)
+
+    def on_health(self, snapshot: HealthView) -> None:
+        """The health monitor published a snapshot (its subscription): the upstream links
+        time regions coming up from here."""
+        self.links.on_health(snapshot)
 
     # -- config -------------------------------------------------------------------------------
 
@@ -128,6 +135,7 @@ class StreamService:
         if self.hub is not None:
             self.hub.sweep()
         self.links.move_off_unhealthy()
+        self.links.move_back_nearer()
 
     # -- sessions -----------------------------------------------------------------------------
 

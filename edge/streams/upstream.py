@@ -6,7 +6,9 @@ backend by the failover walk (``next_attempt``), with the health monitor's view;
 is reported to the monitor like a request's.  The subscription asks for ``since=`` the
 channel's last sequence, so when it dies (the origin killed, a reset, a close) the next one,
 on another backend or region, replays what was missed; if that region cannot replay that far
-the hub sees the gap and tells clients (``Hub.publish``).
+the hub sees the gap and tells clients (``Hub.publish``).  A subscription that moved to a
+farther region moves back once the nearer one has been up for ``move_back_after``
+(``edge.streams.moveback``), resubscribing since its last sequence the same way.
 
 Every upstream message is hostile until checked: valid UTF-8 JSON (it is sent to clients as a
 text frame), an object naming this channel, an integer ``seq`` and a finite ``ts``; bounded in
@@ -25,8 +27,9 @@ from urllib.parse import quote
 
 import aiohttp
 
+from edge.streams.moveback import RegionUptime, nearer_region
 from edge.streams.stats import StreamStats
-from edge.upstream import Attempt, live_regions, next_attempt
+from edge.upstream import Attempt, HealthView, live_regions, next_attempt
 from edge.websocket import UpstreamServices
 from meridian.log import get_logger
 
@@ -69,11 +72,15 @@ class UpstreamLinks:
         publisher: Callable[[], Publisher | None],
         stats: StreamStats,
         loop: asyncio.AbstractEventLoop,
+        *,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.services = services
         self.publisher = publisher
         self.stats = stats
         self.loop = loop
+        #: Times regions came up (the move-back hold); the loop's clock unless a test's.
+        self.clock = clock if clock is not None else loop.time
         self.tasks: dict[str, asyncio.Task[None]] = {}
         #: Channel -> the region its subscription is connected to now.
         self.connected: dict[str, str] = {}
@@ -81,11 +88,16 @@ class UpstreamLinks:
         self.made: dict[str, int] = {}
         #: Channel -> the attempt (region, backend) its subscription is connected to now.
         self.attempts: dict[str, Attempt] = {}
+        #: Subscriptions moved while connected, by reason (``backend_down``,
+        #: ``nearer_region_back``).
+        self.moves: dict[str, int] = {}
+        self.uptime = RegionUptime()
         self._session: aiohttp.ClientSession | None = None
 
-    def open(self, name: str) -> None:
+    def open(self, name: str, first: Attempt | None = None) -> None:
+        """Subscribes to ``name`` (on ``first``, else where the failover walk says)."""
         if name not in self.tasks:
-            self.tasks[name] = self.loop.create_task(self._run(name))
+            self.tasks[name] = self.loop.create_task(self._run(name, first))
 
     def close(self, name: str) -> None:
         task = self.tasks.pop(name, None)
@@ -106,15 +118,57 @@ class UpstreamLinks:
                 continue  # (a region in panic lists every backend as usable: not "up")
             if self._next([attempt]) is None:
                 continue
-            log.info(
-                "stream_upstream_moving",
-                channel=name,
-                region=attempt.region,
-                backend=attempt.backend,
-                reason="backend_down",
+            self._move(name, attempt, "backend_down")
+
+    def on_health(self, snapshot: HealthView) -> None:
+        """A new health snapshot (the monitor's subscription): regions coming up are timed
+        from now, for the move-back hold."""
+        self.uptime.observe(
+            (r.name for r in self.services.state.config.regions), snapshot, self.clock()
+        )
+
+    def move_back_nearer(self) -> None:
+        """Subscriptions on a region behind one that has been up for ``move_back_after`` move
+        back to it (``edge.streams.moveback``), at most ``move_back_rate`` per call (one
+        sweep), resubscribing since their last sequence."""
+        state, health = self.services.state, self.services.health.snapshot
+        streams = state.config.edge.streams
+        target = state.router.match("", streams.upstream_path) if streams is not None else None
+        now = self.clock()
+        # Also here, not only on the subscription: a worker without one still times regions.
+        self.on_health(health)
+        if streams is None or target is None or not self.attempts:
+            return
+        regions = live_regions(target.regions, health)
+        budget = streams.move_back_rate
+        for name, attempt in list(self.attempts.items()):
+            region = nearer_region(
+                attempt.region, regions, self.uptime.since, now, streams.move_back_after
             )
-            self.close(name)
-            self.open(name)
+            if region is None:
+                continue
+            first = next_attempt((region,), health, [], {}, self.services.rng)
+            if first is None:
+                continue
+            self._move(name, attempt, "nearer_region_back", first)
+            budget -= 1
+            if budget == 0:
+                return  # the others on the next sweeps
+
+    def _move(self, name: str, attempt: Attempt, reason: str, first: Attempt | None = None) -> None:
+        # A move back names where it goes; a move off lets the walk choose.
+        where = {"to": first.region} if first is not None else {}
+        log.info(
+            "stream_upstream_moving",
+            channel=name,
+            region=attempt.region,
+            backend=attempt.backend,
+            reason=reason,
+            **where,
+        )
+        self.moves[reason] = self.moves.get(reason, 0) + 1
+        self.close(name)
+        self.open(name, first)
 
     async def aclose(self) -> None:
         tasks = list(self.tasks.values())
@@ -148,11 +202,13 @@ class UpstreamLinks:
         regions = live_regions(target.regions, health)
         return next_attempt(regions, health, tried, {}, self.services.rng)
 
-    async def _run(self, name: str) -> None:
+    async def _run(self, name: str, first: Attempt | None = None) -> None:
         tried: list[Attempt] = []
         delay = 0.0
         while True:
-            attempt = self._next(tried)
+            # A move back names its first attempt; the walk decides the others.
+            attempt = first if first is not None else self._next(tried)
+            first = None
             if attempt is None:
                 streams = self.services.state.config.edge.streams
                 base = streams.retry_delay if streams is not None else 1.0
@@ -164,6 +220,8 @@ class UpstreamLinks:
             outcome = await self._subscribe(name, attempt)
             if outcome == "refused":
                 return
+            # Failed or ended there: nothing moves back to it before a full hold.
+            self.uptime.setback(attempt.region, self.clock())
             if outcome == "served":
                 # It worked, then ended: the next try goes elsewhere first, at once.
                 tried[:] = [attempt]
