@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Awaitable, Callable, Coroutine
+from types import CoroutineType
 from typing import Generic, TypeVar
 
 R = TypeVar("R")
@@ -51,6 +52,10 @@ class HitForMiss:
 
     def __len__(self) -> int:
         return len(self._until)
+
+    def __contains__(self, key: bytes) -> bool:
+        """Whether ``key`` is remembered (maybe expired: ``active`` says)."""
+        return key in self._until
 
     def active(self, key: bytes, now: float) -> bool:
         until = self._until.get(key)
@@ -93,6 +98,10 @@ class Coalescer(Generic[R]):
         self._on_wait = on_wait
         self._on_background_error = on_background_error
         self._inflight: dict[bytes, asyncio.Task[tuple[R, bool]]] = {}
+        #: The loop of the last fetch started: in 3.11 ``get_running_loop`` costs a getpid()
+        #: system call, so it is asked only when that loop no longer runs (tests run a loop
+        #: each; a worker runs one for its life).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def in_flight(self, key: bytes) -> bool:
         return key in self._inflight
@@ -102,7 +111,9 @@ class Coalescer(Generic[R]):
 
     async def run(self, key: bytes, fetch: Fetch[R]) -> tuple[R, Role]:
         """Run ``fetch`` for ``key`` unless one is in flight; returns the value and our role."""
-        if self.hit_for_miss.active(key, self._clock()):
+        hit_for_miss = self.hit_for_miss
+        # The clock is read only for a key remembered (most keys never are).
+        if key in hit_for_miss and hit_for_miss.active(key, self._clock()):
             value, _ = await fetch()
             return value, Role.ALONE
         task = self._inflight.get(key)
@@ -147,10 +158,16 @@ class Coalescer(Generic[R]):
         async def lead(awaitable: Awaitable[tuple[R, bool]]) -> tuple[R, bool]:
             return await awaitable
 
-        loop = asyncio.get_running_loop()  # once: in 3.11 each call costs a getpid()
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            loop = self._loop = asyncio.get_running_loop()
         fetching = fetch()
         # A coroutine runs as the task itself (no wrapper to pass through on each resume).
-        task = loop.create_task(fetching if isinstance(fetching, Coroutine) else lead(fetching))
+        # (``type is`` first: the ABC's isinstance costs more, and fetches are coroutines.)
+        if type(fetching) is CoroutineType or isinstance(fetching, Coroutine):
+            task = loop.create_task(fetching)
+        else:
+            task = loop.create_task(lead(fetching))
         mine = loop.create_future() if leader else None
         self._inflight[key] = task
 

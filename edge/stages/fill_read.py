@@ -141,9 +141,6 @@ class FillFetch:
         self.handover = handover
 
     async def __call__(self, validators: list[tuple[bytes, bytes]]) -> UpstreamResponse:
-        # Each call walks the regions afresh (a fill may fetch twice: after a 304 for
-        # another representation); the request's record learns where it went.
-        walk = ExchangeRecord()
         headers = self.forwarded
         if validators:
             headers += upstream_headers(validators)
@@ -152,15 +149,24 @@ class FillFetch:
             "GET",
             self.target_text,
             headers,
-            request_id=self.request.request_id.decode("latin-1"),
+            None,
+            None,
+            None,
+            self.request.request_id.decode("latin-1"),
         )
-        try:
-            got = await self.walker.walk(self.state, self.target, walk, call)
-        finally:
-            record.attempts.extend(walk.attempts)
-            if walk.region != "-":
-                record.region, record.backend = walk.region, walk.backend
-                record.upstream_seconds = walk.upstream_seconds
+        if not record.attempts:  # the first fetch: the walk writes the request's record
+            got = await self.walker.walk(self.state, self.target, record, call)
+        else:
+            # A second fetch (after a 304 for another representation) walks the regions
+            # afresh; the request's record learns where it went.
+            walk = ExchangeRecord()
+            try:
+                got = await self.walker.walk(self.state, self.target, walk, call)
+            finally:
+                record.attempts.extend(walk.attempts)
+                if walk.region != "-":
+                    record.region, record.backend = walk.region, walk.backend
+                    record.upstream_seconds = walk.upstream_seconds
         if isinstance(got, ErrorAnswer):
             raise FetchError(got.status, got.reason, got.retry_after)
         if isinstance(got, RequestRejected):
