@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Protocol
 
+from edge.cache.coalesce import leads_fill
 from edge.h1parse import Exchange
 from edge.h1response import ResponseWriter
 from edge.http1 import expects_continue
@@ -114,9 +115,13 @@ class RequestQueue:
             task.cancel()
 
     def release(self) -> None:
-        """The connection is lost: cancel, and let go of it (a reference cycle that would
-        keep it for the cyclic collector)."""
-        self.cancel()
+        """The connection is lost: cancel the active request, unless it leads a cache fill
+        that others wait on or the cache keeps (``edge.cache.coalesce.leads_fill``: it
+        finishes, its answer going nowhere), and let go of the connection (a reference cycle
+        that would keep it for the cyclic collector)."""
+        task = self.task
+        if task is not None and not task.done() and not leads_fill(task):
+            task.cancel()
         self._host = _GONE
 
     @property

@@ -20,6 +20,7 @@ from collections import deque
 from typing import Final, Protocol
 
 from edge.bodyqueue import BodyQueue
+from edge.cache.coalesce import leads_fill
 from edge.h2core import H2Core
 from edge.h2wire import ErrorCode
 from edge.hpack_literal import LiteralEncoder
@@ -524,7 +525,14 @@ class StreamTable:
                 self.acknowledge(stream.stream_id, left)
         stream.close()
         task = stream.task
-        if cancel and task is not None and not task.done() and task is not asyncio.current_task():
+        if (
+            cancel
+            and task is not None
+            and not task.done()
+            and task is not asyncio.current_task()
+            # A cache fill's leader finishes (others wait on it): its answer goes nowhere.
+            and not leads_fill(task)
+        ):
             task.cancel()
         if not self.streams:
             self.owner.streams_gone()

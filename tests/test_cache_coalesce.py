@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from edge.cache.coalesce import Coalescer, HitForMiss, Role
+from edge.cache.coalesce import Coalescer, HitForMiss, Role, leads_fill
 from edge.cache.testing import FakeClock
 
 
@@ -157,20 +157,38 @@ async def test_leader_failure_reaches_every_waiter_once() -> None:
     assert not co.hit_for_miss.active(b"k", 0.0)
 
 
-async def test_leader_cancellation_does_not_cancel_the_fetch() -> None:
+async def test_a_leader_is_known_to_lead_while_it_fetches_and_no_longer() -> None:
+    # The front ends ask ``leads_fill`` before cancelling a request whose client went away.
+    co = coalescer(FakeClock())
+    origin = Origin()
+    leader = asyncio.create_task(co.run(b"k", origin.fetch))
+    await until(lambda: co.in_flight(b"k"))
+    assert leads_fill(leader)
+    origin.release.set()
+    assert await leader == ("v1", Role.LEADER)
+    assert not leads_fill(leader) and not co.in_flight(b"k")
+
+
+async def test_a_cancelled_leader_releases_its_waiters_to_coalesce_again() -> None:
+    # A leader cancelled anyway (its deadline passed): its fetch ends with it, and one of its
+    # waiters leads a new one that the others share.
     waits: list[int] = []
     co = coalescer(FakeClock(), waits=waits)
     origin = Origin()
     leader = asyncio.create_task(co.run(b"k", origin.fetch))
     await until(lambda: co.in_flight(b"k"))
-    waiter = asyncio.create_task(co.run(b"k", origin.fetch))
-    await until(lambda: len(waits) == 1)
+    waiters = [asyncio.create_task(co.run(b"k", origin.fetch)) for _ in range(3)]
+    await until(lambda: len(waits) == 3)
     leader.cancel()
     with pytest.raises(asyncio.CancelledError):
         await leader
+    assert not leads_fill(leader)
+    await until(lambda: origin.calls == 2 and len(waits) == 5)
     origin.release.set()
-    assert await waiter == ("v1", Role.WAITER)
-    assert origin.calls == 1
+    results = await asyncio.gather(*waiters)
+    assert sorted(role.value for _, role in results) == ["leader", "waiter", "waiter"]
+    assert {value for value, _ in results} == {"v2"}
+    assert origin.calls == 2
 
 
 async def test_background_refresh_runs_exactly_once_per_key() -> None:

@@ -166,3 +166,54 @@ async def test_a_closed_connection_is_freed_by_reference_counting_alone() -> Non
         assert gone() is None
     finally:
         gc.enable()
+
+
+async def test_a_fill_leader_whose_client_goes_away_still_fills_for_its_waiters() -> None:
+    # The leader's fetch runs in its own request task: its client going away must not cancel
+    # it (``edge.cache.coalesce.leads_fill``), or the request waiting on it would fetch again.
+    gate = asyncio.Event()
+    w = world({"http://u1": [Reply(headers=CACHEABLE, chunks=(TICKER,), gate=gate)]})
+    cache = w.pipeline.cache
+    assert cache is not None
+    leader, waiter = Client(w), Client(w)
+    leader.send(GET)
+    await leader.until(lambda: len(w.upstream.sent) == 1)
+    waiter.send(GET)
+    await waiter.until(lambda: cache.metrics.coalesced_waiters == 1)
+    leader.close()  # its client goes away while the origin is still answering
+    gate.set()
+    ((status, headers, body),) = await waiter.responses(1)
+    assert status == 200 and body == TICKER and headers[b"x-cache"] == b"HIT"
+    assert len(w.upstream.sent) == 1
+    assert leader.transport.written == bytearray()  # nothing for the client that left
+    third = Client(w)  # and the fill was stored
+    third.send(GET)
+    ((_, headers, body),) = await third.responses(1)
+    assert headers[b"x-cache"] == b"HIT" and body == TICKER
+    assert len(w.upstream.sent) == 1
+    waiter.close()
+    third.close()
+
+
+async def test_a_fill_leader_past_its_deadline_is_cancelled_and_its_waiter_fetches() -> None:
+    # The total deadline still ends a leader (its 504 goes out on time); the request waiting
+    # on it then leads a fetch of its own.
+    gate = asyncio.Event()
+    w = world({"http://u1": [Reply(headers=CACHEABLE, chunks=(TICKER,), gate=gate)]})
+    cache = w.pipeline.cache
+    assert cache is not None
+    leader, waiter = Client(w), Client(w)
+    leader.send(GET)
+    await leader.until(lambda: len(w.upstream.sent) == 1)
+    waiter.send(GET)
+    await waiter.until(lambda: cache.metrics.coalesced_waiters == 1)
+    leader.connection._response.request_deadline = 1.0  # long passed
+    leader.connection.check_deadline(asyncio.get_running_loop().time())
+    ((status, _, _),) = await leader.responses(1)
+    assert status == 504
+    await waiter.until(lambda: len(w.upstream.sent) == 2)
+    gate.set()
+    ((status, headers, body),) = await waiter.responses(1)
+    assert status == 200 and body == TICKER and headers[b"x-cache"] == b"MISS"
+    leader.close()
+    waiter.close()

@@ -240,6 +240,30 @@ async def test_a_miss_then_a_hit_over_h2_carry_the_http11_headers():
     peer.close()
 
 
+async def test_a_fill_leaders_reset_stream_does_not_stop_the_fill_its_waiter_needs():
+    # RST_STREAM on a stream leading a cache fill: the stream ends, its fetch goes on for the
+    # stream waiting on it (one origin request) and for the cache.
+    gate = asyncio.Event()
+    w = world({"http://u1": [Reply(headers=CACHEABLE, chunks=(b"tick",), gate=gate)]})
+    cache = w.pipeline.cache
+    assert cache is not None
+    peer = Peer(w)
+    leader = peer.get("/api/ticker")
+    await peer.settle()
+    waiter = peer.get("/api/ticker")
+    await peer.settle()
+    assert len(w.upstream.sent) == 1 and cache.metrics.coalesced_waiters == 1
+    peer.client.reset_stream(leader)
+    peer.pump()
+    gate.set()
+    await peer.settle()
+    headers, body, ended = peer.response(waiter)
+    assert ended and body == b"tick" and headers[b"x-cache"] == b"HIT"
+    assert peer.response(leader) == ({}, b"", False)
+    assert len(w.upstream.sent) == 1
+    peer.close()
+
+
 async def test_a_repeated_header_block_replays_its_request_head_and_memoised_hit(monkeypatch):
     """The client's encoder indexes the request's fields the first time; from the second
     request on the block is all indexed (the HPACK memo's), and from the third its validated
@@ -364,8 +388,9 @@ async def test_a_protocol_error_ends_the_connection_with_goaway():
 
 
 async def test_after_an_offenders_goaway_nothing_more_is_written():
-    """Its streams' tasks are cancelled; the resets they would send are dropped (the transport
-    was half-closed with write_eof: a write would raise), and GOAWAY is the last frame."""
+    """Its streams end; what their tasks would still send is dropped (the transport was
+    half-closed with write_eof: a write would raise), and GOAWAY is the last frame.  (A stream
+    leading a cache fill finishes it, for the requests waiting on it: ``leads_fill``.)"""
     gate = asyncio.Event()
     w = world({"http://u1": [Reply(headers=[(b"cache-control", b"no-store")], gate=gate)]})
     peer = Peer(w)
@@ -376,7 +401,8 @@ async def test_after_an_offenders_goaway_nothing_more_is_written():
     peer.server.data_received(HeadersFrame(2, data=b"", flags=["END_HEADERS"]).serialize())
     frames = _frames(peer.transport.take())
     assert frames[-1][0] == 0x7 and peer.transport.eof
-    for _ in range(5):
+    gate.set()  # the origin answers the fill the stream led
+    for _ in range(10):
         await asyncio.sleep(0)
     assert task.done() and not peer.transport.take()
     peer.server.check_deadline(asyncio.get_running_loop().time() + 2)

@@ -1,9 +1,13 @@
 """Request coalescing: concurrent misses of one key cause one upstream fetch.
 
-The first request for a key (the leader) starts the fetch as its own task, so the fetch goes on
-when the leader's client disconnects: the waiters still need it.  Every caller awaits the task
-through ``asyncio.shield`` (the leader through a future of its own that the task's end settles:
-the same protection, one future fewer).  A fetch returns ``(value, shareable)``:
+The first request for a key (the leader) runs the fetch in its own task: no task, future or
+callback more per miss.  The fetch must still go on when the leader's client disconnects (the
+requests waiting on it need it, and so does the cache): the front ends ask ``leads_fill``
+before they cancel a request whose client went away, and leave a leader to finish its fill
+(its answer goes nowhere).  A leader cancelled anyway (its total deadline passed) releases its
+waiters: they coalesce again, one of them leading a new fetch.  Waiters await the leader
+through ``asyncio.shield`` on a future made when the first of them arrives.  A background
+refresh runs as a task of its own.  A fetch returns ``(value, shareable)``:
 
 * shareable (the response was cacheable): every waiter gets the same value;
 * not shareable: the waiters are released at once to fetch on their own, and the key is
@@ -24,7 +28,7 @@ import asyncio
 import enum
 from collections.abc import Awaitable, Callable, Coroutine
 from types import CoroutineType
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 R = TypeVar("R")
 #: A fetch: returns the value and whether waiters may share it.
@@ -80,6 +84,50 @@ class HitForMiss:
         self._until.pop(key, None)
 
 
+#: The tasks leading a fill now (``leads_fill``): a front end does not cancel them when their
+#: client goes away.  Each is removed when its fill settles.
+_LEADING: set[asyncio.Task[Any]] = set()
+
+
+def leads_fill(task: asyncio.Task[Any]) -> bool:
+    """Whether ``task`` is running a fetch other requests (and the cache) may need: a front
+    end lets it finish rather than cancel it when its client goes away."""
+    return task in _LEADING
+
+
+class _LeaderGone(Exception):
+    """The leader was cancelled before its fetch settled: its waiters coalesce again."""
+
+
+class _Flight(Generic[R]):
+    """One fetch in flight: a leader's (``task`` None until a waiter or ``drain`` asks for
+    ``outcome``) or a background refresh's (``task``, which ``outcome`` is)."""
+
+    __slots__ = ("outcome", "task")
+
+    def __init__(self, task: asyncio.Task[tuple[R, bool]] | None = None) -> None:
+        self.task = task
+        self.outcome: asyncio.Future[tuple[R, bool]] | None = task
+
+    def awaited(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[tuple[R, bool]]:
+        """What waiters await: the refresh's task, or a future the leader settles."""
+        if self.outcome is None:
+            self.outcome = loop.create_future()
+        return self.outcome
+
+    def settle(self, result: tuple[R, bool] | None, error: BaseException | None) -> None:
+        """The leader's end, for whoever awaits ``outcome``."""
+        outcome = self.outcome
+        if outcome is None or outcome.done():
+            return
+        if error is None:
+            assert result is not None
+            outcome.set_result(result)
+        else:
+            # (``asyncio.shield`` marks it retrieved for a waiter that stopped waiting.)
+            outcome.set_exception(error)
+
+
 class Coalescer(Generic[R]):
     """One in-flight fetch per key; see the module docstring."""
 
@@ -97,10 +145,10 @@ class Coalescer(Generic[R]):
         self._clock = clock
         self._on_wait = on_wait
         self._on_background_error = on_background_error
-        self._inflight: dict[bytes, asyncio.Task[tuple[R, bool]]] = {}
-        #: The loop of the last fetch started: in 3.11 ``get_running_loop`` costs a getpid()
-        #: system call, so it is asked only when that loop no longer runs (tests run a loop
-        #: each; a worker runs one for its life).
+        self._inflight: dict[bytes, _Flight[R]] = {}
+        #: The loop of the last fetch: in 3.11 ``get_running_loop`` costs a getpid() system
+        #: call, so it is asked only when that loop no longer runs (tests run a loop each; a
+        #: worker runs one for its life).
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def in_flight(self, key: bytes) -> bool:
@@ -109,101 +157,111 @@ class Coalescer(Generic[R]):
     def __len__(self) -> int:
         return len(self._inflight)
 
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     async def run(self, key: bytes, fetch: Fetch[R]) -> tuple[R, Role]:
         """Run ``fetch`` for ``key`` unless one is in flight; returns the value and our role."""
         hit_for_miss = self.hit_for_miss
-        # The clock is read only for a key remembered (most keys never are).
-        if key in hit_for_miss and hit_for_miss.active(key, self._clock()):
-            value, _ = await fetch()
-            return value, Role.ALONE
-        task = self._inflight.get(key)
-        if task is None:
-            # The leader's own future, settled by the fetch task's done callback: what
-            # ``asyncio.shield`` would make, without its second future and callbacks.
-            _, mine = self._start(key, fetch, leader=True)
-            assert mine is not None
-            value, _ = await mine
-            return value, Role.LEADER
-        if self._on_wait is not None:
-            self._on_wait()
+        while True:
+            # The clock is read only for a key remembered (most keys never are).
+            if key in hit_for_miss and hit_for_miss.active(key, self._clock()):
+                value, _ = await fetch()
+                return value, Role.ALONE
+            flight = self._inflight.get(key)
+            if flight is None:
+                return await self._lead(key, fetch), Role.LEADER
+            if self._on_wait is not None:
+                self._on_wait()
+            try:
+                async with asyncio.timeout(self.lock_timeout):
+                    value, shareable = await asyncio.shield(flight.awaited(self._running_loop()))
+            except TimeoutError:
+                value, _ = await fetch()
+                return value, Role.ALONE
+            except _LeaderGone:
+                continue  # coalesce again: one of the waiters leads now
+            if not shareable:
+                value, _ = await fetch()
+                return value, Role.ALONE
+            return value, Role.WAITER
+
+    async def _lead(self, key: bytes, fetch: Fetch[R]) -> R:
+        """The leader's fetch, in the leader's own task."""
+        flight: _Flight[R] = _Flight()
+        inflight = self._inflight
+        inflight[key] = flight
+        task = asyncio.current_task(self._running_loop())  # with the loop: no getpid()
+        if task is not None:
+            _LEADING.add(task)
         try:
-            async with asyncio.timeout(self.lock_timeout):
-                value, shareable = await asyncio.shield(task)
-        except TimeoutError:
-            value, _ = await fetch()
-            return value, Role.ALONE
-        if not shareable:
-            value, _ = await fetch()
-            return value, Role.ALONE
-        return value, Role.WAITER
+            result = await fetch()
+        except asyncio.CancelledError:
+            flight.settle(None, _LeaderGone())
+            raise
+        except Exception as exc:
+            flight.settle(None, exc)
+            raise
+        finally:
+            if inflight.get(key) is flight:
+                del inflight[key]
+            if task is not None:
+                _LEADING.discard(task)
+        flight.settle(result, None)
+        self._remember(key, result[1])
+        return result[0]
+
+    def _remember(self, key: bytes, shareable: bool) -> None:
+        if shareable:
+            self.hit_for_miss.clear(key)
+        else:
+            self.hit_for_miss.mark(key, self._clock())
 
     def refresh(self, key: bytes, fetch: Fetch[R]) -> bool:
         """Start a background fetch for ``key`` unless one is in flight; True if started."""
         if key in self._inflight:
             return False
-        self._start(key, fetch, background=True)
-        return True
-
-    def _start(
-        self,
-        key: bytes,
-        fetch: Fetch[R],
-        *,
-        background: bool = False,
-        leader: bool = False,
-    ) -> tuple[asyncio.Task[tuple[R, bool]], asyncio.Future[tuple[R, bool]] | None]:
-        """The fetch for ``key`` as a task of its own and, with ``leader``, the future the
-        leader awaits: it gets the outcome (unless the leader was cancelled meanwhile)."""
 
         async def lead(awaitable: Awaitable[tuple[R, bool]]) -> tuple[R, bool]:
             return await awaitable
 
-        loop = self._loop
-        if loop is None or not loop.is_running():
-            loop = self._loop = asyncio.get_running_loop()
         fetching = fetch()
+        loop = self._running_loop()
         # A coroutine runs as the task itself (no wrapper to pass through on each resume).
         # (``type is`` first: the ABC's isinstance costs more, and fetches are coroutines.)
         if type(fetching) is CoroutineType or isinstance(fetching, Coroutine):
             task = loop.create_task(fetching)
         else:
             task = loop.create_task(lead(fetching))
-        mine = loop.create_future() if leader else None
-        self._inflight[key] = task
+        flight = _Flight(task)
+        self._inflight[key] = flight
 
         def done(finished: asyncio.Task[tuple[R, bool]]) -> None:
-            if self._inflight.get(key) is finished:
+            if self._inflight.get(key) is flight:
                 del self._inflight[key]
-            waiting = mine is not None and not mine.done()
             if finished.cancelled():
-                if waiting:
-                    assert mine is not None
-                    mine.cancel()
                 return
             error = finished.exception()  # also marks it retrieved: no "never retrieved" noise
             if error is not None:
-                if waiting:
-                    assert mine is not None
-                    mine.set_exception(error)
-                if background and self._on_background_error is not None:
+                if self._on_background_error is not None:
                     self._on_background_error(error)
                 return
-            result = finished.result()
-            if waiting:
-                assert mine is not None
-                mine.set_result(result)
-            if result[1]:
-                self.hit_for_miss.clear(key)
-            else:
-                self.hit_for_miss.mark(key, self._clock())
+            self._remember(key, finished.result()[1])
 
         task.add_done_callback(done)
-        return task, mine
+        return True
 
     async def drain(self) -> None:
         """Wait for every fetch in flight (tests, shutdown)."""
         while self._inflight:
-            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+            loop = self._running_loop()
+            await asyncio.gather(
+                *(flight.awaited(loop) for flight in list(self._inflight.values())),
+                return_exceptions=True,
+            )
 
 
-__all__ = ["Coalescer", "Fetch", "HitForMiss", "Role"]
+__all__ = ["Coalescer", "Fetch", "HitForMiss", "Role", "leads_fill"]
