@@ -173,8 +173,11 @@ class Pipeline:
                 exchange.record.route = target.route.name
             # Before the 404 too: limits on every route also count requests for none ("-").
             limiter = self.limiter
-            if limiter.refused(exchange) or (
-                limiter.shares(exchange) and await limiter.refused_shared(exchange)
+            state = exchange.state
+            limits = limiter.limits if limiter.state is state else limiter.current(state)
+            if limits is not None and (
+                limiter.refused(exchange)
+                or (limiter.shares(exchange) and await limiter.refused_shared(exchange))
             ):
                 return
             if target is None:

@@ -171,9 +171,31 @@ class Coalescer(Generic[R]):
             if key in hit_for_miss and hit_for_miss.active(key, self._clock()):
                 value, _ = await fetch()
                 return value, Role.ALONE
-            flight = self._inflight.get(key)
+            inflight = self._inflight
+            flight = inflight.get(key)
             if flight is None:
-                return await self._lead(key, fetch), Role.LEADER
+                # Lead: the fetch runs in this task (in here, not in a coroutine of its own:
+                # one frame fewer on every miss).
+                flight = inflight[key] = _Flight()
+                task = asyncio.current_task(self._running_loop())  # with the loop: no getpid()
+                if task is not None:
+                    _LEADING.add(task)
+                try:
+                    result = await fetch()
+                except asyncio.CancelledError:
+                    flight.settle(None, _LeaderGone())
+                    raise
+                except Exception as exc:
+                    flight.settle(None, exc)
+                    raise
+                finally:
+                    if inflight.get(key) is flight:
+                        del inflight[key]
+                    if task is not None:
+                        _LEADING.discard(task)
+                flight.settle(result, None)
+                self._remember(key, result[1])
+                return result[0], Role.LEADER
             if self._on_wait is not None:
                 self._on_wait()
             try:
@@ -188,31 +210,6 @@ class Coalescer(Generic[R]):
                 value, _ = await fetch()
                 return value, Role.ALONE
             return value, Role.WAITER
-
-    async def _lead(self, key: bytes, fetch: Fetch[R]) -> R:
-        """The leader's fetch, in the leader's own task."""
-        flight: _Flight[R] = _Flight()
-        inflight = self._inflight
-        inflight[key] = flight
-        task = asyncio.current_task(self._running_loop())  # with the loop: no getpid()
-        if task is not None:
-            _LEADING.add(task)
-        try:
-            result = await fetch()
-        except asyncio.CancelledError:
-            flight.settle(None, _LeaderGone())
-            raise
-        except Exception as exc:
-            flight.settle(None, exc)
-            raise
-        finally:
-            if inflight.get(key) is flight:
-                del inflight[key]
-            if task is not None:
-                _LEADING.discard(task)
-        flight.settle(result, None)
-        self._remember(key, result[1])
-        return result[0]
 
     def _remember(self, key: bytes, shareable: bool) -> None:
         if shareable:
