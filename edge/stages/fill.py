@@ -94,8 +94,10 @@ class Filler:
         """Write the cache's bytes (``filled.wire``), recorded as its X-Cache says."""
         assert filled.wire is not None
         record = exchange.record
-        record.cache = _X_CACHE_LABELS.get(filled.x_cache, "MISS")
-        if filled.entry is not None:
+        x_cache = filled.x_cache
+        record.cache = _X_CACHE_LABELS.get(x_cache, "MISS")
+        # A MISS was filled by this request's own walk, which recorded the region already.
+        if filled.entry is not None and (x_cache != b"MISS" or record.region == "-"):
             record.region = entry_region(filled.entry)
         self.respond.write_wire(exchange, filled.wire)
 
