@@ -353,9 +353,13 @@ class Entry(ResponseForms):
         compressor: Compressor | None = None,
         extra_head: bytes = b"",
         hidden: frozenset[bytes] = frozenset(),
+        measured: tuple[int, bytes | None, bytes | None] | None = None,
     ) -> None:
         """``hidden``: stored fields never sent on (the RFC 9213 fields the cache consumed;
-        kept in ``response.headers`` so that a 304 without them leaves their policy in force)."""
+        kept in ``response.headers`` so that a 304 without them leaves their policy in force).
+        ``measured``: what the loop over ``response.headers`` below would find, when the caller
+        knows it already (``Admission``'s head shapes): their bytes with ``HEADER_OVERHEAD``
+        each, the first ETag (stripped, None when empty) and the first Last-Modified."""
         compressible = (
             response.compressible
             and response.content_coding is None
@@ -379,13 +383,17 @@ class Entry(ResponseForms):
             + (len(key) + len(url) if self._aliases is not None else 0)
             + len(response.body)
         )
-        for name, value in response.headers:  # one pass: the validators, and what they cost
-            size += len(name) + len(value) + HEADER_OVERHEAD
-            if name == b"etag":
-                if etag is None:
-                    etag = value.strip() or None
-            elif name == b"last-modified" and lm_raw is None:
-                lm_raw = value
+        if measured is not None:
+            header_bytes, etag, lm_raw = measured
+            size += header_bytes
+        else:
+            for name, value in response.headers:  # one pass: the validators, and their cost
+                size += len(name) + len(value) + HEADER_OVERHEAD
+                if name == b"etag":
+                    if etag is None:
+                        etag = value.strip() or None
+                elif name == b"last-modified" and lm_raw is None:
+                    lm_raw = value
         self.etag: bytes | None = etag
         self.last_modified_raw: bytes | None = lm_raw
         self.visited = False
