@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge.cache.admission import Admission
+from edge.cache.entry import Compressor, HeadTemplate
 from edge.cache.key import CacheKey, negotiate_coding
 from edge.cache.messages import RequestInfo, UpstreamResponse
 from edge.cache.policy import NO_DIRECTIVES, parse_cache_control, response_meta
@@ -126,6 +127,11 @@ def cache_key(rule: CacheRule) -> CacheKey:
     return CacheKey(b"G|http://h/p", b"http://h/p", b"/p", b"/p", rule)
 
 
+def halve(body: bytes, coding: str) -> bytes:
+    """A compressor for the tests: any bytes shorter than the body will do."""
+    return body[: len(body) // 2]
+
+
 REQUEST = RequestInfo([], NO_DIRECTIVES, "identity", False, False, None, None)
 COOKIE_REQUEST = RequestInfo(
     [(b"cookie", b"a=1")], parse_cache_control(b"no-cache"), "gzip", False, True, None, None, True
@@ -142,6 +148,8 @@ COOKIE_REQUEST = RequestInfo(
     targets=st.sampled_from([(), ("cdn",), ("surrogate", "cdn")]),
     body=st.sampled_from([b"", b"x" * 10, b"{}" * 400]),
     request=st.sampled_from([REQUEST, COOKIE_REQUEST]),
+    compressor=st.sampled_from([None, halve]),
+    reasons=st.lists(st.sampled_from([b"OK", b"Fine", b""]), min_size=4, max_size=4),
 )
 def test_a_shape_reads_every_response_of_it_as_the_plain_path(
     head: tuple[list[bool], list[tuple[bytes, bytes]], list[list[bytes]]],
@@ -152,16 +160,22 @@ def test_a_shape_reads_every_response_of_it_as_the_plain_path(
     targets: tuple[str, ...],
     body: bytes,
     request: RequestInfo,
+    compressor: Compressor | None,
+    reasons: list[bytes],
 ) -> None:
     volatile, lines, values = head
     compression = STATE.config.edge.compression
     shapes = HeadShapes()
+    extra = b"x-pop: iad\r\n"
     plain_admission = Admission(
-        targets, compressor=None, extra_head=b"", negotiate=negotiate_coding
+        targets, compressor=compressor, extra_head=extra, negotiate=negotiate_coding
     )
-    admission = Admission(targets, compressor=None, extra_head=b"", negotiate=negotiate_coding)
+    admission = Admission(
+        targets, compressor=compressor, extra_head=extra, negotiate=negotiate_coding
+    )
     key = cache_key(rule)
     for sight, own in enumerate([values[0], values[0], values[1], values[0]]):
+        reason = reasons[sight]
         raw = response_of(volatile, lines, own)
         shape_of, found = shape_key(raw, status, region, route, rule)
         assert shape_of is not None
@@ -188,8 +202,9 @@ def test_a_shape_reads_every_response_of_it_as_the_plain_path(
         assert admission._head_meta is not None and plain_admission._head_meta is not None
         assert admission._head_meta.meta == response_meta(plain, plain_admission._targeted)
         assert admission._head_meta.meta == plain_admission._head_meta.meta
-        response = UpstreamResponse(status, headers, body, b"OK")
-        plain_response = UpstreamResponse(status, plain, body, b"OK")
+        compressible = shape.compressible and len(body) >= compression.min_size
+        response = UpstreamResponse(status, headers, body, reason, compressible=compressible)
+        plain_response = UpstreamResponse(status, plain, body, reason, compressible=compressible)
         entry, why = admission.admit(key, request, response, NOW - 0.01, NOW)
         plain_entry, plain_why = plain_admission.admit(
             key, request, plain_response, NOW - 0.01, NOW
@@ -206,7 +221,54 @@ def test_a_shape_reads_every_response_of_it_as_the_plain_path(
             plain_entry.last_modified_raw,
             plain_entry.key,
         )
-        assert entry.wire("identity", NOW + 0.5) == plain_entry.wire("identity", NOW + 0.5)
+        for coding in ("identity", "gzip"):
+            assert entry.wire(coding, NOW + 0.5) == plain_entry.wire(coding, NOW + 0.5)
+        assert entry.size == plain_entry.size
+
+
+def test_a_ticker_is_stored_and_answered_by_its_shape() -> None:
+    """The common case takes the shaped path all the way (the head from its template)."""
+    rule = CacheRule("/", ttl=1.0)
+    shapes = HeadShapes()
+    admission = Admission((), compressor=halve, extra_head=b"", negotiate=negotiate_coding)
+    plain_admission = Admission((), compressor=halve, extra_head=b"", negotiate=negotiate_coding)
+    key = cache_key(rule)
+    for n in range(3):
+        raw = [
+            (b"ETag", b'"e%d"' % n),
+            (b"Last-Modified", b"Mon, 07 Dec 2026 03:52:4%d GMT" % n),
+            (b"Cache-Control", b"public, max-age=1"),
+            (b"Content-Type", b"application/json"),
+            (b"Content-Length", b"400"),
+            (b"Date", b"Mon, 07 Dec 2026 03:52:4%d GMT" % n),
+            (b"Server", b"Python/3.11 aiohttp/3.14.5"),
+        ]
+        shape_of, volatile = shape_key(raw, 200, "us-east", "api", rule)
+        assert shape_of is not None
+        shape, seen = shapes.find(STATE, admission, shape_of)
+        if n == 0:
+            assert (shape, seen) == (None, False)
+            continue
+        if shape is None:
+            shape = shapes.make(shape_of, raw, 200, STATE, "us-east", "api", admission, rule)
+        assert shape.stored is not None and shape.compressible
+        headers = shape.headers(volatile)
+        assert admission.storable_head(key, REQUEST, 200, headers, NOW, shape.stored) is None
+        body = b"{}" * 200
+        entry, _ = admission.admit(
+            key, REQUEST, UpstreamResponse(200, headers, body, b"OK", True), NOW, NOW
+        )
+        plain = rewrite_response_headers(
+            raw, dropped=STATE.dropped_response_headers, via=STATE.via, region="us-east"
+        )
+        plain_admission.storable_head(key, REQUEST, 200, plain, NOW)
+        plain_entry, _ = plain_admission.admit(
+            key, REQUEST, UpstreamResponse(200, plain, body, b"OK", True), NOW, NOW
+        )
+        assert entry is not None and plain_entry is not None
+        assert isinstance(entry._head0, HeadTemplate)
+        assert entry.wire("identity", NOW) == plain_entry.wire("identity", NOW)
+        assert entry.size == plain_entry.size and entry._head0 == plain_entry._head0
 
 
 def test_a_shape_is_keyed_on_every_stable_value_and_the_context() -> None:

@@ -21,7 +21,7 @@ from typing import Final, NamedTuple
 from edge.memos import SHARED_FIELDS, BoundedMemo
 from meridian.config import CacheRule
 
-from .entry import HEADER_OVERHEAD, Compressor, Entry, StoredResponse
+from .entry import HEADER_OVERHEAD, Compressor, Entry, HeadTemplate, StoredResponse
 from .key import CacheKey, Negotiator, variant_key, vary_key
 from .messages import RequestInfo, UpstreamResponse, truncated
 from .policy import (
@@ -68,6 +68,8 @@ class StoredShape:
         "etag_at",
         "fills",
         "has_length",
+        "head",
+        "head_tried",
         "header_bytes",
         "meta",
         "modified_at",
@@ -103,6 +105,10 @@ class StoredShape:
         self.modified_at = modified_at
         #: The header list has a Content-Length line (``truncated`` must look).
         self.has_length = has_length
+        #: The identity head's template, made from the first entry of the shape whose Date
+        #: was the origin's (``Entry.head_template``); used by entries it ``fits``.
+        self.head: HeadTemplate | None = None
+        self.head_tried = False
 
 
 class _HeadVerdict(NamedTuple):
@@ -265,7 +271,15 @@ class Admission:
             compressible=response.compressible,
             auth_ok=shareable_with_authorization(meta.cc),
         )
-        return self.entry(key, variant_key(key.primary, names, secondary), stored, measured), ""
+        entry = self.entry(key, variant_key(key.primary, names, secondary), stored, measured)
+        if shape is not None and meta.date is not None:  # no Date of ours after the fields
+            template = shape.head
+            if template is None and not shape.head_tried:
+                shape.head_tried = True
+                template = shape.head = entry.head_template([at for at, _, _ in shape.fills])
+            if template is not None and template.fits(entry):
+                entry.use_head_template(template)
+        return entry, ""
 
     def entry(
         self,
