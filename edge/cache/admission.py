@@ -26,15 +26,19 @@ from .key import CacheKey, Negotiator, variant_key, vary_key
 from .messages import RequestInfo, UpstreamResponse, truncated
 from .policy import (
     VOLATILE_FIELDS,
+    Freshness,
+    FreshnessParts,
     Header,
     Headers,
     MetaShape,
     ResponseMeta,
     compute_freshness,
     format_http_date,
+    freshness_parts,
     merge_not_modified,
     meta_shape,
     response_meta,
+    shaped_freshness,
     shaped_meta,
     shareable_with_authorization,
     stored_headers,
@@ -67,6 +71,7 @@ class StoredShape:
     __slots__ = (
         "etag_at",
         "fills",
+        "freshness",
         "has_length",
         "head",
         "head_tried",
@@ -105,6 +110,8 @@ class StoredShape:
         self.modified_at = modified_at
         #: The header list has a Content-Length line (``truncated`` must look).
         self.has_length = has_length
+        #: ``freshness_parts`` of the shape by status (made when first needed; None: none).
+        self.freshness: dict[int, FreshnessParts | None] = {}
         #: The identity head's template, made from the first entry of the shape whose Date
         #: was the origin's (``Entry.head_template``); used by entries it ``fits``.
         self.head: HeadTemplate | None = None
@@ -238,7 +245,11 @@ class Admission:
         ):
             # Shorter than announced: the upstream died mid-body, or this is a HEAD response.
             return None, "incomplete"
-        freshness = compute_freshness(response.status, meta, rule, request_time, response_time)
+        status = response.status
+        if shape is not None:
+            freshness = self._shaped_freshness(shape, status, meta, request_time, response_time)
+        else:
+            freshness = compute_freshness(status, meta, rule, request_time, response_time)
         if not worth_storing(freshness, meta):
             return None, "no-freshness"
         measured: tuple[int, bytes | None, bytes | None] | None = None
@@ -259,17 +270,17 @@ class Admission:
             # even when the origin forgot to say Vary: Accept-Encoding.
             names = (*names, b"accept-encoding")
         secondary = vary_key(names, request.headers, self._negotiate) if names else b""
-        stored = StoredResponse(
-            status=response.status,
-            reason=response.reason,
-            headers=fields,
-            body=response.body,
-            freshness=freshness,
-            vary=names,
-            surrogate_keys=meta.surrogate_keys,
-            content_coding=meta.content_encoding,
-            compressible=response.compressible,
-            auth_ok=shareable_with_authorization(meta.cc),
+        stored = StoredResponse(  # positional: a third cheaper than by keyword
+            status,
+            response.reason,
+            fields,
+            response.body,
+            freshness,
+            names,
+            meta.surrogate_keys,
+            meta.content_encoding,
+            response.compressible,
+            shareable_with_authorization(meta.cc),
         )
         entry = self.entry(key, variant_key(key.primary, names, secondary), stored, measured)
         if shape is not None and meta.date is not None:  # no Date of ours after the fields
@@ -385,6 +396,26 @@ class Admission:
             return self._last_fields, measured
         self._last_fields = stored
         return stored, measured
+
+    def _shaped_freshness(
+        self,
+        shape: StoredShape,
+        status: int,
+        meta: ResponseMeta,
+        request_time: float,
+        response_time: float,
+    ) -> Freshness:
+        """``compute_freshness`` of a response of ``shape`` (its parts made once a status)."""
+        known = shape.freshness
+        if status in known:
+            parts = known[status]
+        elif len(known) < 4:  # a shape has one status (its key's); bounded all the same
+            parts = known[status] = freshness_parts(status, meta, shape.rule)
+        else:
+            parts = None
+        if parts is None:
+            return compute_freshness(status, meta, shape.rule, request_time, response_time)
+        return shaped_freshness(parts, meta, request_time, response_time)
 
     def _shared(self, field: Header) -> Header:
         """The one copy of ``field`` every entry shares (``SHARED_FIELDS``)."""

@@ -757,6 +757,45 @@ def compute_freshness(
     )
 
 
+#: What ``compute_freshness`` makes of a head shape when its lifetime and stale windows
+#: depend on no volatile field: (lifetime, stale-while-revalidate, stale-if-error, no_stale,
+#: always_revalidate).
+FreshnessParts = tuple[float, float, float, bool, bool]
+
+
+def freshness_parts(status: int, meta: ResponseMeta, rule: CacheRule) -> FreshnessParts | None:
+    """``compute_freshness``' answer but for its times, for every response whose status and
+    Cache-Control are these under ``rule``, when the lifetime is the rule's forced ttl or the
+    origin's s-maxage/max-age (Date, Expires, Last-Modified then play no part); else None."""
+    cc = meta.cc
+    if not (rule.force_ttl and rule.ttl is not None) and cc.s_maxage is None and cc.max_age is None:
+        return None
+    made = compute_freshness(status, meta, rule, 0.0, 0.0)
+    return (
+        made.lifetime,
+        made.stale_while_revalidate,
+        made.stale_if_error,
+        made.no_stale,
+        made.always_revalidate,
+    )
+
+
+def shaped_freshness(
+    parts: FreshnessParts, meta: ResponseMeta, request_time: float, response_time: float
+) -> Freshness:
+    """``compute_freshness`` of a response whose ``freshness_parts`` are ``parts``."""
+    lifetime, swr, sie, no_stale, always = parts
+    return Freshness(
+        response_time,
+        initial_age(meta, request_time, response_time),
+        lifetime,
+        swr,
+        sie,
+        no_stale,
+        always,
+    )
+
+
 def worth_storing(freshness: Freshness, meta: ResponseMeta) -> bool:
     """A storable response that can never be served without a full refetch is not kept."""
     return (
@@ -1077,6 +1116,7 @@ __all__ = [
     "VOLATILE_FIELDS",
     "CacheControl",
     "Freshness",
+    "FreshnessParts",
     "Header",
     "Headers",
     "MetaShape",
@@ -1087,6 +1127,7 @@ __all__ = [
     "field_names",
     "format_http_date",
     "freshness_lifetime",
+    "freshness_parts",
     "header",
     "initial_age",
     "invalidation_targets",
@@ -1099,6 +1140,7 @@ __all__ = [
     "parse_etags",
     "parse_http_date",
     "response_meta",
+    "shaped_freshness",
     "shaped_meta",
     "shareable_with_authorization",
     "split_directives",
