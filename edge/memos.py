@@ -255,9 +255,10 @@ NEGOTIATIONS: Final = MemoSpec(
 RESPONSE_SHAPES: Final = MemoSpec(
     name="fill response head shapes",
     owner="edge.stages.fill_read._SHAPES (HeadShapes; FillFetch.read_for_cache)",
-    key="an origin head's lines with the values of Date, ETag, Last-Modified, Expires, Age and "
-    "Content-Length left out (their names kept in place), its status, the region, the route "
-    "and the cache rule; at most 48 lines and 4 KiB of kept lines",
+    key="an origin head's lines with the values of edge.cache.policy.VOLATILE_FIELDS (Date, "
+    "ETag, Last-Modified, Expires, Age, Content-Length, Set-Cookie, tracing IDs, ...) left "
+    "out (their names kept in place), its status, the region, the route and the cache rule; "
+    "at most 48 lines and 4 KiB of kept lines",
     value="the HeadShape: the rewritten header list as a template, its coding, whether it may "
     "be compressed, the cache's StoredShape (meta, stored fields, entry size); None on the "
     "key's first sight",

@@ -412,10 +412,30 @@ def response_meta(headers: Headers, targeted: Sequence[bytes] = ()) -> ResponseM
 
 
 #: The response fields whose values differ from one response of a kind to the next (a head
-#: shape keeps their names and places, not their values): ``response_meta`` reads only the first
-#: line of each, and nothing but its own slot of the meta depends on them (``MetaShape``).
+#: shape keeps their names and places, not their values).  Of their values, ``response_meta``
+#: reads only the first line of Date, ETag, Last-Modified, Expires and Age, each into its own
+#: slot of the meta (``MetaShape``); of the others only their presence counts anywhere (a
+#: Set-Cookie's, a Content-Length's), or nothing at all (tracing fields, passed on as they are).
 VOLATILE_FIELDS: Final = frozenset(
-    {b"date", b"etag", b"last-modified", b"expires", b"age", b"content-length"}
+    {
+        b"date",
+        b"etag",
+        b"last-modified",
+        b"expires",
+        b"age",
+        b"content-length",
+        b"content-md5",
+        b"set-cookie",
+        b"x-request-id",
+        b"x-trace-id",
+        b"traceparent",
+        b"tracestate",
+        b"x-amzn-trace-id",
+        b"x-amz-request-id",
+        b"x-runtime",
+        b"x-response-time",
+        b"server-timing",
+    }
 )
 
 

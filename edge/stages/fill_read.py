@@ -9,11 +9,12 @@ head): then it goes out with the head in one write.  Upstream failures raise ``F
 inside the fill, so the cache can answer from a stale entry within stale-if-error.
 
 Responses of one kind (a ticker's, every second) differ only in a few fields: Date, ETag,
-Last-Modified, Expires, Age, Content-Length.  ``HeadShapes`` remembers, per head shape (the
-origin's lines but those fields' values, the status, and what else decides the result), what
-the edge and the cache make of it: the rewritten header list as a template, the coding, whether
-it may be compressed, and the cache's reading (``edge.cache.admission.StoredShape``).  A fill
-of a known shape then fills in the volatile values instead of walking the lines once per stage.
+Last-Modified, Expires, Age, Content-Length, tracing IDs (``policy.VOLATILE_FIELDS``).
+``HeadShapes`` remembers, per head shape (the origin's lines but those fields' values, the
+status, and what else decides the result), what the edge and the cache make of it: the
+rewritten header list as a template, the coding, whether it may be compressed, and the cache's
+reading (``edge.cache.admission.StoredShape``).  A fill of a known shape then fills in the
+volatile values instead of walking the lines once per stage.
 """
 
 from __future__ import annotations
