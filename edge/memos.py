@@ -252,6 +252,19 @@ NEGOTIATIONS: Final = MemoSpec(
     bound=1024,
     policy="oldest",
 )
+RESPONSE_SHAPES: Final = MemoSpec(
+    name="fill response head shapes",
+    owner="edge.stages.fill_read._SHAPES (HeadShapes; FillFetch.read_for_cache)",
+    key="an origin head's lines with the values of edge.cache.policy.VOLATILE_FIELDS (Date, "
+    "ETag, Last-Modified, Expires, Age, Content-Length, Set-Cookie, tracing IDs, ...) left "
+    "out (their names kept in place), its status, the region, the route and the cache rule; "
+    "at most 48 lines and 4 KiB of kept lines",
+    value="the HeadShape: the rewritten header list as a template, its coding, whether it may "
+    "be compressed, the cache's StoredShape (meta, stored fields, entry size); None on the "
+    "key's first sight",
+    cleared_by="another EdgeState (a config reload) or cache; its bound",
+    bound=1024,
+)
 UPSTREAM_URLS: Final = MemoSpec(
     name="upstream URLs",
     owner="edge.upstream.UpstreamPool._urls",
@@ -360,6 +373,7 @@ MEMOS: Final = (
     DROP_MATCHERS,
     HOSTS,
     NEGOTIATIONS,
+    RESPONSE_SHAPES,
     UPSTREAM_URLS,
     MEDIA_TYPE_PATTERNS,
     ACCESS_LOG_MIDDLES,

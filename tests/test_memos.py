@@ -111,6 +111,22 @@ def _fill_shared_fields(n: int) -> BoundedMemo[Any, Any]:
     return admission._shared_fields
 
 
+def _fill_response_shapes(n: int) -> BoundedMemo[Any, Any]:
+    from edge.stages.fill_read import HeadShapes, shape_key
+    from meridian.config import CacheRule
+
+    shapes, state, admission, rule = HeadShapes(), _state(), _cache().admission, CacheRule("/")
+    for i in range(n):
+        raw = [(b"X-N", b"%d" % i), (b"Date", b"Mon, 07 Dec 2026 03:52:41 GMT")]
+        key, _volatile = shape_key(raw, 200, "r", "route", rule)
+        assert key is not None
+        for _sight in range(2):  # made on the second sight
+            shape, seen = shapes.find(state, admission, key)
+            if shape is None and seen:
+                shapes.make(key, raw, 200, state, "r", "route", admission, rule)
+    return shapes.memo
+
+
 def _fill_hosts(n: int) -> BoundedMemo[Any, Any]:
     for i in range(n):
         request_target.parse_host(b"h%d.example" % i)
@@ -255,6 +271,7 @@ DICT_MEMOS: dict[MemoSpec, Callable[[int], BoundedMemo[Any, Any]]] = {
     memos.HOSTS: _fill_hosts,
     memos.NEGOTIATIONS: _fill_negotiations,
     memos.UPSTREAM_URLS: _upstream_urls,
+    memos.RESPONSE_SHAPES: _fill_response_shapes,
     memos.ACCESS_LOG_MIDDLES: _fill_middles,
     memos.RATE_LIMIT_KEYS: _fill_rate_limit_keys,
     memos.RATE_LIMIT_CLIENTS: _fill_rate_limit_clients,

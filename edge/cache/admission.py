@@ -6,6 +6,10 @@ fields pooled, and the entry around it.
 this module turns them into entries and keeps the memory they cost low: header fields that
 many responses repeat are shared (``SHARED_FIELDS``), fills within one second share their
 Date, and consecutive fills of one kind of object share their whole field tuple.
+
+A caller that knows a response's head shape (``StoredShape``: its header names in order and its
+values but the volatile ones, ``policy.VOLATILE_FIELDS``) passes it, and the meta, the stored
+fields and the entry's measure are then made from that template and the volatile values alone.
 """
 
 from __future__ import annotations
@@ -17,17 +21,25 @@ from typing import Final, NamedTuple
 from edge.memos import SHARED_FIELDS, BoundedMemo
 from meridian.config import CacheRule
 
-from .entry import Compressor, Entry, StoredResponse
+from .entry import HEADER_OVERHEAD, Compressor, Entry, HeadTemplate, StoredResponse
 from .key import CacheKey, Negotiator, variant_key, vary_key
 from .messages import RequestInfo, UpstreamResponse, truncated
 from .policy import (
+    VOLATILE_FIELDS,
+    Freshness,
+    FreshnessParts,
     Header,
     Headers,
+    MetaShape,
     ResponseMeta,
     compute_freshness,
     format_http_date,
+    freshness_parts,
     merge_not_modified,
+    meta_shape,
     response_meta,
+    shaped_freshness,
+    shaped_meta,
     shareable_with_authorization,
     stored_headers,
     targeted_fields,
@@ -41,6 +53,69 @@ _UNIQUE_PER_RESPONSE: Final = frozenset(
 )
 #: Distinct shared header fields kept (``Admission.pooled``).
 SHARED_FIELDS_SIZE: Final = SHARED_FIELDS.bound
+#: Header lines of a head that may have a shape (``StoredShape``); longer heads take the plain
+#: path every time.
+SHAPED_LINES_MAX: Final = 48
+#: Stand-ins for the volatile values while a shape's template is made: objects of their own,
+#: recognised by identity (no origin's value is ever one of them).
+_MARKS: Final = tuple(b"\x00volatile %d\x00" % i for i in range(SHAPED_LINES_MAX))
+
+
+class StoredShape:
+    """What ``admit`` makes of every response of one head shape (its header names in order,
+    its values but those of ``VOLATILE_FIELDS``) under one rule and one set of RFC 9213
+    targets: the parsed meta, and the stored header tuple as a template whose volatile fields
+    are taken from each response's own header list (``fills``), with what they cost an entry.
+    Made by ``Admission.stored_shape``; the edge memoises it (``edge.stages.fill_read``)."""
+
+    __slots__ = (
+        "etag_at",
+        "fills",
+        "freshness",
+        "has_length",
+        "head",
+        "head_tried",
+        "header_bytes",
+        "meta",
+        "modified_at",
+        "rule",
+        "targeted",
+        "template",
+    )
+
+    def __init__(
+        self,
+        rule: CacheRule,
+        targeted: tuple[bytes, ...],
+        meta: MetaShape,
+        template: tuple[Header, ...],
+        fills: tuple[tuple[int, int, bool], ...],
+        header_bytes: int,
+        etag_at: tuple[int, ...],
+        modified_at: int,
+        has_length: bool,
+    ) -> None:
+        #: What the shape was made for (``storable_head`` uses it for these only).
+        self.rule = rule
+        self.targeted = targeted
+        self.meta = meta
+        #: The stored fields, volatile ones as found in the first response (each replaced).
+        self.template = template
+        #: (index in the stored fields, index in the response's header list, is a Date).
+        self.fills = fills
+        #: ``HEADER_OVERHEAD`` per stored field, names and the stable values' bytes.
+        self.header_bytes = header_bytes
+        #: Indexes of the stored ETag lines, and of the first Last-Modified (-1: none).
+        self.etag_at = etag_at
+        self.modified_at = modified_at
+        #: The header list has a Content-Length line (``truncated`` must look).
+        self.has_length = has_length
+        #: ``freshness_parts`` of the shape by status (made when first needed; None: none).
+        self.freshness: dict[int, FreshnessParts | None] = {}
+        #: The identity head's template, made from the first entry of the shape whose Date
+        #: was the origin's (``Entry.head_template``); used by entries it ``fits``.
+        self.head: HeadTemplate | None = None
+        self.head_tried = False
 
 
 class _HeadVerdict(NamedTuple):
@@ -53,6 +128,8 @@ class _HeadVerdict(NamedTuple):
     meta: ResponseMeta
     #: ``uncacheable_reason``'s answer (None: storable, as far as the head tells).
     reason: str | None
+    #: The head's shape, when the caller knew it and it applies (``admit`` stores by it).
+    shape: StoredShape | None
 
 
 class Admission:
@@ -97,17 +174,31 @@ class Admission:
         self.targeted_fields: frozenset[bytes] = frozenset(self._targeted)
 
     def storable_head(
-        self, key: CacheKey, request: RequestInfo, status: int, headers: Headers, now: float
+        self,
+        key: CacheKey,
+        request: RequestInfo,
+        status: int,
+        headers: Headers,
+        now: float,
+        shape: StoredShape | None = None,
     ) -> str | None:
         """Why a fill's response with this status and these headers will not be stored (its
         body need not be buffered: the edge may stream it), or None when it may be: the rules
-        ``admit`` applies once the body is in, minus what needs the body."""
-        meta = response_meta(headers, self._targeted)
+        ``admit`` applies once the body is in, minus what needs the body.
+
+        ``shape``: ``stored_shape`` of a header list of the same shape as ``headers`` (only
+        the volatile fields are then read); ignored when made for another rule or targets."""
+        rule = key.rule
+        if shape is not None and shape.rule is rule and shape.targeted is self._targeted:
+            meta = shaped_meta(shape.meta, headers)
+        else:
+            shape = None
+            meta = response_meta(headers, self._targeted)
         reason = uncacheable_reason(
-            b"GET", status, request.cc, request.authorized, meta, key.rule, request.cookie
+            b"GET", status, request.cc, request.authorized, meta, rule, request.cookie
         )
         # ``admit`` reuses both for the same header list, request, status and rule.
-        self._head_meta = _HeadVerdict(headers, request, status, key.rule, meta, reason)
+        self._head_meta = _HeadVerdict(headers, request, status, rule, meta, reason, shape)
         if reason is not None:
             return reason
         # A validator alone makes it worth storing (``worth_storing``): no freshness to work out.
@@ -129,6 +220,7 @@ class Admission:
         known = self._head_meta
         self._head_meta = None
         rule = key.rule
+        shape: StoredShape | None = None
         if (
             known is not None
             and known.headers is response.headers
@@ -136,7 +228,7 @@ class Admission:
             and known.status == response.status
             and known.rule is rule
         ):
-            meta, reason = known.meta, known.reason
+            meta, reason, shape = known.meta, known.reason, known.shape
         else:
             meta = response_meta(response.headers, self._targeted)
             reason = uncacheable_reason(
@@ -146,15 +238,28 @@ class Admission:
             return None, reason
         if not response.complete:
             return None, "streamed"
-        if meta.content_encoding is None and truncated(response):
+        if (
+            meta.content_encoding is None
+            and (shape is None or shape.has_length)
+            and truncated(response)
+        ):
             # Shorter than announced: the upstream died mid-body, or this is a HEAD response.
             return None, "incomplete"
-        freshness = compute_freshness(response.status, meta, rule, request_time, response_time)
+        status = response.status
+        if shape is not None:
+            freshness = self._shaped_freshness(shape, status, meta, request_time, response_time)
+        else:
+            freshness = compute_freshness(status, meta, rule, request_time, response_time)
         if not worth_storing(freshness, meta):
             return None, "no-freshness"
-        headers = stored_headers(response.headers, keep_set_cookie=rule.store_set_cookie)
-        if meta.date is None:
-            headers.append((b"date", format_http_date(response_time)))
+        measured: tuple[int, bytes | None, bytes | None] | None = None
+        if shape is not None:
+            fields, measured = self._shaped_fields(shape, response.headers, meta, response_time)
+        else:
+            headers = stored_headers(response.headers, keep_set_cookie=rule.store_set_cookie)
+            if meta.date is None:
+                headers.append((b"date", format_http_date(response_time)))
+            fields = self.pooled(headers)
         names = meta.vary
         if meta.content_encoding is None:
             # The entry serves every coding itself: Accept-Encoding does not split variants.
@@ -165,21 +270,35 @@ class Admission:
             # even when the origin forgot to say Vary: Accept-Encoding.
             names = (*names, b"accept-encoding")
         secondary = vary_key(names, request.headers, self._negotiate) if names else b""
-        stored = StoredResponse(
-            status=response.status,
-            reason=response.reason,
-            headers=self.pooled(headers),
-            body=response.body,
-            freshness=freshness,
-            vary=names,
-            surrogate_keys=meta.surrogate_keys,
-            content_coding=meta.content_encoding,
-            compressible=response.compressible,
-            auth_ok=shareable_with_authorization(meta.cc),
+        stored = StoredResponse(  # positional: a third cheaper than by keyword
+            status,
+            response.reason,
+            fields,
+            response.body,
+            freshness,
+            names,
+            meta.surrogate_keys,
+            meta.content_encoding,
+            response.compressible,
+            shareable_with_authorization(meta.cc),
         )
-        return self.entry(key, variant_key(key.primary, names, secondary), stored), ""
+        entry = self.entry(key, variant_key(key.primary, names, secondary), stored, measured)
+        if shape is not None and meta.date is not None:  # no Date of ours after the fields
+            template = shape.head
+            if template is None and not shape.head_tried:
+                shape.head_tried = True
+                template = shape.head = entry.head_template([at for at, _, _ in shape.fills])
+            if template is not None and template.fits(entry):
+                entry.use_head_template(template)
+        return entry, ""
 
-    def entry(self, key: CacheKey, store_key: bytes, response: StoredResponse) -> Entry:
+    def entry(
+        self,
+        key: CacheKey,
+        store_key: bytes,
+        response: StoredResponse,
+        measured: tuple[int, bytes | None, bytes | None] | None = None,
+    ) -> Entry:
         """The entry for ``response`` under ``store_key`` (a fill's, or a copy from L2)."""
         return Entry(
             response,
@@ -189,7 +308,124 @@ class Admission:
             compressor=self._compressor,
             extra_head=self._extra_head,
             hidden=self.targeted_fields,
+            measured=measured,
         )
+
+    def stored_shape(self, headers: Headers, rule: CacheRule) -> StoredShape | None:
+        """The ``StoredShape`` of ``headers`` (a fill's header list, as ``admit`` gets it)
+        under ``rule``, or None for a head too long to be worth one (``SHAPED_LINES_MAX``)."""
+        if len(headers) > SHAPED_LINES_MAX:
+            return None
+        # The template is ``stored_headers`` of the list with each volatile value replaced by
+        # a mark: where a mark comes out, each response's own value goes.
+        origin: dict[int, int] = {}
+        marked: list[Header] = []
+        for index, (name, value) in enumerate(headers):
+            if name in VOLATILE_FIELDS:
+                mark = _MARKS[len(origin)]
+                origin[id(mark)] = index
+                value = mark
+            marked.append((name, value))
+        template: list[Header] = []
+        fills: list[tuple[int, int, bool]] = []
+        header_bytes = 0
+        etag_at: list[int] = []
+        modified_at = -1
+        for at, (name, value) in enumerate(
+            stored_headers(marked, keep_set_cookie=rule.store_set_cookie)
+        ):
+            header_bytes += len(name) + HEADER_OVERHEAD
+            index = origin.get(id(value), -1)
+            if index >= 0:
+                fills.append((at, index, name == b"date"))
+                template.append(headers[index])
+            else:
+                header_bytes += len(value)
+                field = (name, value)
+                template.append(field if name in _UNIQUE_PER_RESPONSE else self._shared(field))
+            if name == b"etag":
+                etag_at.append(at)
+            elif name == b"last-modified" and modified_at < 0:
+                modified_at = at
+        return StoredShape(
+            rule,
+            self._targeted,
+            meta_shape(headers, self._targeted),
+            tuple(template),
+            tuple(fills),
+            header_bytes,
+            tuple(etag_at),
+            modified_at,
+            any(name == b"content-length" for name, _ in headers),
+        )
+
+    def _shaped_fields(
+        self, shape: StoredShape, headers: Headers, meta: ResponseMeta, response_time: float
+    ) -> tuple[tuple[Header, ...], tuple[int, bytes | None, bytes | None]]:
+        """What ``stored_headers`` and ``pooled`` make of ``headers`` of ``shape``, and what
+        ``Entry`` would measure of it (``Entry``'s ``measured``)."""
+        fields = list(shape.template)
+        size = shape.header_bytes
+        for at, index, dated in shape.fills:
+            field = headers[index]
+            if dated:  # as ``pooled`` does: fills within a second share the last Date
+                if field == self._last_date:
+                    field = self._last_date
+                else:
+                    self._last_date = field
+            fields[at] = field
+            size += len(field[1])
+        if meta.date is None:
+            field = (b"date", format_http_date(response_time))
+            if field == self._last_date:
+                field = self._last_date
+            else:
+                self._last_date = field
+            fields.append(field)
+            size += len(field[0]) + len(field[1]) + HEADER_OVERHEAD
+        etag: bytes | None = None
+        for at in shape.etag_at:
+            etag = fields[at][1].strip() or None
+            if etag is not None:
+                break
+        at = shape.modified_at
+        measured = (size, etag, fields[at][1] if at >= 0 else None)
+        stored = tuple(fields)
+        # Consecutive fills of one kind of object (tickers) often carry the very same fields.
+        if stored == self._last_fields:
+            return self._last_fields, measured
+        self._last_fields = stored
+        return stored, measured
+
+    def _shaped_freshness(
+        self,
+        shape: StoredShape,
+        status: int,
+        meta: ResponseMeta,
+        request_time: float,
+        response_time: float,
+    ) -> Freshness:
+        """``compute_freshness`` of a response of ``shape`` (its parts made once a status)."""
+        known = shape.freshness
+        if status in known:
+            parts = known[status]
+        elif len(known) < 4:  # a shape has one status (its key's); bounded all the same
+            parts = known[status] = freshness_parts(status, meta, shape.rule)
+        else:
+            parts = None
+        if parts is None:
+            return compute_freshness(status, meta, shape.rule, request_time, response_time)
+        return shaped_freshness(parts, meta, request_time, response_time)
+
+    def _shared(self, field: Header) -> Header:
+        """The one copy of ``field`` every entry shares (``SHARED_FIELDS``)."""
+        pool = self._shared_fields
+        kept = pool.get(field)
+        if kept is None:
+            if len(pool) >= SHARED_FIELDS_SIZE:
+                pool.clear()
+            pool[field] = kept = field
+        return kept
 
     def refreshed(
         self,

@@ -21,11 +21,11 @@ about growth through ``on_resize``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from http import HTTPStatus
-from typing import Final
+from typing import Final, NamedTuple
 
 from .key import METHOD_CLASS_GET, Coding
 from .policy import Freshness, Header, not_modified, parse_http_date
@@ -130,6 +130,51 @@ def with_lines(wire: bytes, lines: bytes) -> bytes:
     return wire[:at] + lines + wire[at:]
 
 
+#: Stand-ins for the values a ``HeadTemplate`` leaves out while it is made: objects of their
+#: own, recognised by identity.
+_MARKS: Final = tuple(b"\x00value %d\x00" % i for i in range(64))
+
+
+class HeadTemplate(NamedTuple):
+    """The identity head (``ResponseForms._head``) of every entry whose stored fields differ
+    only in the values at ``values`` (a head shape's, ``admission.StoredShape``), for one
+    status line, one house (extra head, hidden fields) and compressor or none: its constant
+    bytes, between which those values go.  An entry holds it in place of its head until the
+    head is first asked for (shared: nothing per entry)."""
+
+    #: The bytes before, between and after the values (one more than ``values``).
+    pieces: tuple[bytes, ...]
+    #: Index in the stored fields of each value, in order.
+    values: tuple[int, ...]
+    #: A Content-Length line follows the fields.
+    with_length: bool
+    status: int
+    reason: bytes
+    house: tuple[bytes, frozenset[bytes]]
+    compressed: bool
+
+    def fits(self, forms: ResponseForms) -> bool:
+        """Whether this is the template of ``forms``' head (given its fields' shape)."""
+        response = forms.response
+        return (
+            self.house is forms._house
+            and self.compressed == (forms._compressor is not None)
+            and self.status == response.status
+            and self.reason == response.reason
+        )
+
+    def head(self, fields: Sequence[Header], length: int) -> bytes:
+        pieces = self.pieces
+        parts = [pieces[0]]
+        for at, piece in zip(self.values, pieces[1:], strict=True):
+            parts.append(fields[at][1])
+            parts.append(piece)
+        if self.with_length:
+            parts.append(b"content-length: %d\r\n" % length)
+        parts.append(self.house[0])
+        return b"".join(parts)
+
+
 class ResponseForms:
     """What an entry builds from its stored response, and keeps while it is worth keeping: the
     compressed variants, the head of each coding, and the last full response of each shape per
@@ -167,8 +212,9 @@ class ResponseForms:
         # codings and shapes are made when first needed.
         #: Coding -> body; None marks a coding whose compressed form did not shrink.
         self._variants: dict[str, bytes | None] | None = None
-        #: The identity head (the others are in ``_wire``, under ``_HEAD_SLOT + index``).
-        self._head0: bytes | None = None
+        #: The identity head (the others are in ``_wire``, under ``_HEAD_SLOT + index``), or
+        #: the template it is made from (``use_head_template``) until first asked for.
+        self._head0: bytes | HeadTemplate | None = None
         #: Slot 0 (identity, GET, HIT): the Age its response was last built for (-1: never)
         #: and those bytes when kept (``_remember``).
         self._age0 = -1
@@ -225,21 +271,29 @@ class ResponseForms:
     def _head(self, coding: str, length: int) -> bytes:
         """Status line and headers (without X-Cache/Age and the blank line) for a coding."""
         index = _CODING_INDEX[coding]
+        template: HeadTemplate | None = None
         if index == 0:
-            head = self._head0
+            kept0 = self._head0
+            if isinstance(kept0, bytes):
+                return kept0
+            template = kept0
+            head = None
         else:
             kept = self._wire.get(_HEAD_SLOT + index) if self._wire is not None else None
             head = kept if isinstance(kept, bytes) else None
         if head is not None:
             return head
         response = self.response
-        reason = response.reason or reason_phrase(response.status)
-        lines = [b"HTTP/1.1 %d %s\r\n" % (response.status, reason)]
-        lines.extend(self._header_lines(coding))
-        if response.status not in _NO_CONTENT_LENGTH:
-            lines.append(b"content-length: %d\r\n" % length)
-        lines.append(self._house[0])
-        head = b"".join(lines)
+        if template is not None:
+            head = template.head(response.headers, length)
+        else:
+            reason = response.reason or reason_phrase(response.status)
+            lines = [b"HTTP/1.1 %d %s\r\n" % (response.status, reason)]
+            lines.extend(self._header_lines(coding))
+            if response.status not in _NO_CONTENT_LENGTH:
+                lines.append(b"content-length: %d\r\n" % length)
+            lines.append(self._house[0])
+            head = b"".join(lines)
         if index == 0:
             self._head0 = head
             self._grow(len(head) + BYTES_OVERHEAD)
@@ -249,6 +303,57 @@ class ResponseForms:
         self._wire[_HEAD_SLOT + index] = head
         self._grow(len(head) + GROWN_OBJECT_OVERHEAD)
         return head
+
+    def head_template(self, values: Sequence[int]) -> HeadTemplate | None:
+        """The ``HeadTemplate`` of this response's identity head with the values of the
+        stored fields at ``values`` left out (None when one of them is hidden or its line is
+        not plain ``name: value``).  Made from ``_header_lines`` itself, so it stays true."""
+        response = self.response
+        if len(values) > len(_MARKS):
+            return None
+        fields = list(response.headers)
+        for mark, at in zip(_MARKS, values, strict=False):
+            fields[at] = (fields[at][0], mark)
+        probe = ResponseForms(
+            replace(response, headers=tuple(fields)), self._compressor, *self._house
+        )
+        lines = probe._header_lines("identity")
+        hidden = self._house[1]
+        shown = [at for at, (name, _) in enumerate(fields) if not (hidden and name in hidden)]
+        if len(lines) < len(shown):
+            return None  # not a line per field shown: no telling which line is whose
+        reason = response.reason or reason_phrase(response.status)
+        pieces: list[bytes] = []
+        piece = [b"HTTP/1.1 %d %s\r\n" % (response.status, reason)]
+        taken = 0
+        for at, line in enumerate(lines):
+            if taken < len(values) and at < len(shown) and shown[at] == values[taken]:
+                name, mark = fields[values[taken]]
+                if line != b"%s: %s\r\n" % (name, mark):
+                    return None
+                piece.append(name + b": ")
+                pieces.append(b"".join(piece))
+                piece = [b"\r\n"]
+                taken += 1
+            else:
+                piece.append(line)
+        if taken != len(values):
+            return None  # a value hidden
+        pieces.append(b"".join(piece))
+        return HeadTemplate(
+            tuple(pieces),
+            tuple(values),
+            response.status not in _NO_CONTENT_LENGTH,
+            response.status,
+            response.reason,
+            self._house,
+            self._compressor is not None,
+        )
+
+    def use_head_template(self, template: HeadTemplate) -> None:
+        """Make the identity head from ``template`` when first asked for (it ``fits``)."""
+        if self._head0 is None:
+            self._head0 = template
 
     def _header_lines(self, coding: str) -> list[bytes]:
         compressed = coding != "identity"
@@ -353,9 +458,13 @@ class Entry(ResponseForms):
         compressor: Compressor | None = None,
         extra_head: bytes = b"",
         hidden: frozenset[bytes] = frozenset(),
+        measured: tuple[int, bytes | None, bytes | None] | None = None,
     ) -> None:
         """``hidden``: stored fields never sent on (the RFC 9213 fields the cache consumed;
-        kept in ``response.headers`` so that a 304 without them leaves their policy in force)."""
+        kept in ``response.headers`` so that a 304 without them leaves their policy in force).
+        ``measured``: what the loop over ``response.headers`` below would find, when the caller
+        knows it already (``Admission``'s head shapes): their bytes with ``HEADER_OVERHEAD``
+        each, the first ETag (stripped, None when empty) and the first Last-Modified."""
         compressible = (
             response.compressible
             and response.content_coding is None
@@ -379,13 +488,17 @@ class Entry(ResponseForms):
             + (len(key) + len(url) if self._aliases is not None else 0)
             + len(response.body)
         )
-        for name, value in response.headers:  # one pass: the validators, and what they cost
-            size += len(name) + len(value) + HEADER_OVERHEAD
-            if name == b"etag":
-                if etag is None:
-                    etag = value.strip() or None
-            elif name == b"last-modified" and lm_raw is None:
-                lm_raw = value
+        if measured is not None:
+            header_bytes, etag, lm_raw = measured
+            size += header_bytes
+        else:
+            for name, value in response.headers:  # one pass: the validators, and their cost
+                size += len(name) + len(value) + HEADER_OVERHEAD
+                if name == b"etag":
+                    if etag is None:
+                        etag = value.strip() or None
+                elif name == b"last-modified" and lm_raw is None:
+                    lm_raw = value
         self.etag: bytes | None = etag
         self.last_modified_raw: bytes | None = lm_raw
         self.visited = False
@@ -631,6 +744,7 @@ __all__ = [
     "X_CACHE_STALE",
     "Compressor",
     "Entry",
+    "HeadTemplate",
     "StoredResponse",
     "reason_phrase",
 ]

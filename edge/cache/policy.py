@@ -411,6 +411,93 @@ def response_meta(headers: Headers, targeted: Sequence[bytes] = ()) -> ResponseM
     )
 
 
+#: The response fields whose values differ from one response of a kind to the next (a head
+#: shape keeps their names and places, not their values).  Of their values, ``response_meta``
+#: reads only the first line of Date, ETag, Last-Modified, Expires and Age, each into its own
+#: slot of the meta (``MetaShape``); of the others only their presence counts anywhere (a
+#: Set-Cookie's, a Content-Length's), or nothing at all (tracing fields, passed on as they are).
+VOLATILE_FIELDS: Final = frozenset(
+    {
+        b"date",
+        b"etag",
+        b"last-modified",
+        b"expires",
+        b"age",
+        b"content-length",
+        b"content-md5",
+        b"set-cookie",
+        b"x-request-id",
+        b"x-trace-id",
+        b"traceparent",
+        b"tracestate",
+        b"x-amzn-trace-id",
+        b"x-amz-request-id",
+        b"x-runtime",
+        b"x-response-time",
+        b"server-timing",
+    }
+)
+
+
+class MetaShape(NamedTuple):
+    """``response_meta`` of one head shape: the slots its stable lines decide (``base``), and
+    the index in the header list of the first line of each volatile field it reads (-1: none,
+    or ignored).  ``shaped_meta`` finishes it for one response of that shape."""
+
+    base: ResponseMeta
+    date_at: int
+    expires_at: int
+    age_at: int
+    modified_at: int
+    etag_at: int
+
+
+def meta_shape(headers: Headers, targeted: Sequence[bytes] = ()) -> MetaShape:
+    """The ``MetaShape`` of ``headers``: valid for every header list whose names are these, in
+    this order, and whose values are these but for ``VOLATILE_FIELDS``."""
+    base = response_meta(headers, targeted)
+    at = {b"date": -1, b"expires": -1, b"age": -1, b"last-modified": -1, b"etag": -1}
+    for index, (name, _value) in enumerate(headers):
+        if at.get(name) == -1:
+            at[name] = index
+    expires_at = at[b"expires"]
+    if expires_at >= 0 and base.expires is None:
+        expires_at = -1  # an RFC 9213 field replaced Cache-Control and Expires
+    return MetaShape(base, at[b"date"], expires_at, at[b"age"], at[b"last-modified"], at[b"etag"])
+
+
+def shaped_meta(shape: MetaShape, headers: Headers) -> ResponseMeta:
+    """``response_meta(headers, targeted)`` for ``headers`` of ``shape`` (``meta_shape``):
+    only the volatile fields are read."""
+    base = shape.base
+    at = shape.date_at
+    date = None if at < 0 else parse_http_date(headers[at][1])
+    at = shape.expires_at
+    expires: float | None = None
+    if at >= 0:
+        parsed = parse_http_date(headers[at][1])
+        expires = 0.0 if parsed is None else parsed
+    at = shape.age_at
+    age = 0.0 if at < 0 else _age_value([headers[at][1]])
+    at = shape.modified_at
+    modified = None if at < 0 else parse_http_date(headers[at][1])
+    at = shape.etag_at
+    etag = None if at < 0 else _strip_or_none(headers[at][1])
+    return ResponseMeta(
+        base.cc,
+        date,
+        expires,
+        age,
+        modified,
+        etag,
+        base.vary,
+        base.vary_star,
+        base.set_cookie,
+        base.surrogate_keys,
+        base.content_encoding,
+    )
+
+
 #: The target whose field is the W3C Edge Architecture's Surrogate-Control, not RFC 9213's.
 SURROGATE_TARGET: Final = "surrogate"
 
@@ -687,6 +774,45 @@ def compute_freshness(
         stale_if_error=sie,
         no_stale=no_stale,
         always_revalidate=cc.no_cache,
+    )
+
+
+#: What ``compute_freshness`` makes of a head shape when its lifetime and stale windows
+#: depend on no volatile field: (lifetime, stale-while-revalidate, stale-if-error, no_stale,
+#: always_revalidate).
+FreshnessParts = tuple[float, float, float, bool, bool]
+
+
+def freshness_parts(status: int, meta: ResponseMeta, rule: CacheRule) -> FreshnessParts | None:
+    """``compute_freshness``' answer but for its times, for every response whose status and
+    Cache-Control are these under ``rule``, when the lifetime is the rule's forced ttl or the
+    origin's s-maxage/max-age (Date, Expires, Last-Modified then play no part); else None."""
+    cc = meta.cc
+    if not (rule.force_ttl and rule.ttl is not None) and cc.s_maxage is None and cc.max_age is None:
+        return None
+    made = compute_freshness(status, meta, rule, 0.0, 0.0)
+    return (
+        made.lifetime,
+        made.stale_while_revalidate,
+        made.stale_if_error,
+        made.no_stale,
+        made.always_revalidate,
+    )
+
+
+def shaped_freshness(
+    parts: FreshnessParts, meta: ResponseMeta, request_time: float, response_time: float
+) -> Freshness:
+    """``compute_freshness`` of a response whose ``freshness_parts`` are ``parts``."""
+    lifetime, swr, sie, no_stale, always = parts
+    return Freshness(
+        response_time,
+        initial_age(meta, request_time, response_time),
+        lifetime,
+        swr,
+        sie,
+        no_stale,
+        always,
     )
 
 
@@ -1007,10 +1133,13 @@ __all__ = [
     "STALE_WHILE_REVALIDATE",
     "SURROGATE_TARGET",
     "UNDERSTOOD_STATUSES",
+    "VOLATILE_FIELDS",
     "CacheControl",
     "Freshness",
+    "FreshnessParts",
     "Header",
     "Headers",
+    "MetaShape",
     "ResponseMeta",
     "Use",
     "compute_freshness",
@@ -1018,17 +1147,21 @@ __all__ = [
     "field_names",
     "format_http_date",
     "freshness_lifetime",
+    "freshness_parts",
     "header",
     "initial_age",
     "invalidation_targets",
     "joined",
     "merge_not_modified",
+    "meta_shape",
     "not_modified",
     "not_modified_applies",
     "parse_cache_control",
     "parse_etags",
     "parse_http_date",
     "response_meta",
+    "shaped_freshness",
+    "shaped_meta",
     "shareable_with_authorization",
     "split_directives",
     "storable",

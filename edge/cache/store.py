@@ -242,27 +242,30 @@ class MemoryStore:
 
     def put(self, entry: Entry) -> bool:
         """Store ``entry`` (replacing the same key); False when it is too large to keep."""
-        if len(entry.response.body) > self.max_object or entry.size > self.max_bytes:
-            self.remove(entry.key)  # the older copy is superseded: never serve it again
+        key = entry.key  # a property: read once
+        response = entry.response
+        if len(response.body) > self.max_object or entry.size > self.max_bytes:
+            self.remove(key)  # the older copy is superseded: never serve it again
             return False
-        old = self._entries.pop(entry.key, None)
+        entries = self._entries
+        old = entries.pop(key, None)
         if old is not None:
             self._unlink(old)
         primary = entry.primary
-        names = entry.response.vary
+        names = response.vary
         if names:
             if self._vary.get(primary) != names:
                 self.remove_primary(primary)
                 self._vary[primary] = names
-            self._variants.setdefault(primary, set()).add(entry.key)
+            self._variants.setdefault(primary, set()).add(key)
         elif primary in self._vary:
             self.remove_primary(primary)
-        self._entries[entry.key] = entry
-        for tag in entry.response.surrogate_keys:
-            self._tags.setdefault(tag, set()).add(entry.key)
+        entries[key] = entry
+        for tag in response.surrogate_keys:
+            self._tags.setdefault(tag, set()).add(key)
         path = url_path(entry.url)
         if path is not None:
-            self._paths.add(path, entry.key)
+            self._paths.add(path, key)
         self.bytes += entry.size
         self.stored += 1
         entry.on_resize = self._on_resize

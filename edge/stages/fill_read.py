@@ -7,6 +7,14 @@ body, decoded to identity.  What the cache will not keep (``HttpCache.storable_h
 whole), unless its body is whole in the client's buffer already (a small answer arrives with its
 head): then it goes out with the head in one write.  Upstream failures raise ``FetchError``
 inside the fill, so the cache can answer from a stale entry within stale-if-error.
+
+Responses of one kind (a ticker's, every second) differ only in a few fields: Date, ETag,
+Last-Modified, Expires, Age, Content-Length, tracing IDs (``policy.VOLATILE_FIELDS``).
+``HeadShapes`` remembers, per head shape (the origin's lines but those fields' values, the
+status, and what else decides the result), what the edge and the cache make of it: the
+rewritten header list as a template, the coding, whether it may be compressed, and the cache's
+reading (``edge.cache.admission.StoredShape``).  A fill of a known shape then fills in the
+volatile values instead of walking the lines once per stage.
 """
 
 from __future__ import annotations
@@ -14,10 +22,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 
-from edge.cache import Lookup, UpstreamResponse
+from edge.cache import HttpCache, Lookup, UpstreamResponse
+from edge.cache.admission import Admission, StoredShape
+from edge.cache.policy import VOLATILE_FIELDS
 from edge.compress import DecompressionBomb, accepts, is_compressible
 from edge.exchange import ErrorAnswer, ExchangeRecord, FetchError, ProxyRequest, accept_encoding
 from edge.http1 import Headers, RequestRejected, rewrite_response_headers
+from edge.memos import RESPONSE_SHAPES, BoundedMemo
 from edge.router import RouteTarget
 from edge.stages.services import EdgeServices
 from edge.stages.walk import UpstreamCall, UpstreamWalk
@@ -30,6 +41,7 @@ from edge.upstream import (
     UpstreamPool,
     upstream_headers,
 )
+from meridian.config import CacheRule
 from meridian.log import get_logger
 
 log = get_logger("edge")
@@ -38,6 +50,157 @@ log = get_logger("edge")
 _REASONS: dict[str, bytes] = {
     status.phrase: status.phrase.encode("latin-1") for status in HTTPStatus
 }
+
+
+#: Header lines of an origin head that may have a shape; its stable lines' bytes, at most.
+_SHAPED_LINES = 48
+_SHAPED_BYTES = 4096
+#: Stand-ins for the volatile values while a shape's template is made: objects of their own,
+#: recognised by identity (no origin's value is ever one of them).
+_MARKS: tuple[bytes, ...] = tuple(b"\x00volatile %d\x00" % i for i in range(_SHAPED_LINES))
+
+#: (the origin's lines, each a (name, value) line as received or, for a volatile field, its
+#: lower-cased name; status; region; route; id of the cache rule).  The rule is held by the
+#: shape's ``StoredShape`` (its id cannot be reused while the key exists).
+ShapeKey = tuple[tuple[tuple[bytes, bytes] | bytes, ...], int, str, str, int]
+
+
+class HeadShape:
+    """What every fill response of one head shape becomes (module docstring)."""
+
+    __slots__ = ("coding", "compressible", "fills", "stored", "template")
+
+    def __init__(
+        self,
+        template: list[tuple[bytes, bytes]],
+        fills: tuple[tuple[int, int, bytes], ...],
+        coding: bytes | None,
+        compressible: bool,
+        stored: StoredShape | None,
+    ) -> None:
+        #: ``rewrite_response_headers``' list for the first response of the shape; each
+        #: response's own values go in at ``fills``: (index there, index among the origin's
+        #: volatile values, the field's name).
+        self.template = template
+        self.fills = fills
+        #: ``content_coding`` of the list.
+        self.coding = coding
+        #: ``is_compressible`` of the list, but for the body's size (``min_size``).
+        self.compressible = compressible
+        #: The cache's reading of the list (None: the head is too long for one).
+        self.stored = stored
+
+    def headers(self, volatile: list[bytes]) -> Headers:
+        """The rewritten header list of a response of this shape with these volatile values."""
+        headers = self.template.copy()
+        for at, index, name in self.fills:
+            headers[at] = (name, volatile[index])
+        return headers
+
+
+class HeadShapes:
+    """The ``RESPONSE_SHAPES`` memo: ``HeadShape`` by ``ShapeKey``, for one edge state and one
+    cache (another state or cache clears it: what the key leaves out is theirs).  A shape is
+    made on its key's second sight (the first leaves None), so heads that never repeat cost a
+    key and no template."""
+
+    __slots__ = ("admission", "memo", "state")
+
+    def __init__(self) -> None:
+        self.memo: BoundedMemo[ShapeKey, HeadShape | None] = BoundedMemo(RESPONSE_SHAPES)
+        self.state: EdgeState | None = None
+        self.admission: Admission | None = None
+
+    def find(
+        self, state: EdgeState, admission: Admission, key: ShapeKey
+    ) -> tuple[HeadShape | None, bool]:
+        """The shape of ``key`` and whether it was seen before (then the caller makes it)."""
+        memo = self.memo
+        if state is not self.state or admission is not self.admission:
+            memo.clear()
+            self.state, self.admission = state, admission
+        shape = memo.get(key)
+        if shape is not None:
+            return shape, True
+        if key in memo:
+            return None, True
+        if sum(len(line[0]) + len(line[1]) for line in key[0] if type(line) is tuple) > (
+            _SHAPED_BYTES
+        ):
+            return None, False  # too big to keep a copy of
+        if len(memo) >= memo.bound:
+            memo.clear()
+        memo[key] = None
+        return None, False
+
+    def make(
+        self,
+        key: ShapeKey,
+        raw: list[tuple[bytes, bytes]],
+        status: int,
+        state: EdgeState,
+        region: str,
+        route: str,
+        admission: Admission,
+        rule: CacheRule,
+    ) -> HeadShape:
+        """The shape of ``raw`` (whose key is ``key``), remembered."""
+        # ``rewrite_response_headers`` of the lines with each volatile value replaced by a
+        # mark: where a mark comes out, each response's own value goes.
+        origin: dict[int, int] = {}
+        marked: list[tuple[bytes, bytes]] = []
+        volatile: list[bytes] = []
+        for part, line in zip(key[0], raw, strict=True):
+            if type(part) is bytes:
+                mark = _MARKS[len(origin)]
+                origin[id(mark)] = len(origin)
+                volatile.append(line[1])
+                line = (line[0], mark)
+            marked.append(line)
+        template = rewrite_response_headers(
+            marked, dropped=state.dropped_response_headers, via=state.via, region=region
+        )
+        fills: list[tuple[int, int, bytes]] = []
+        for at, (name, value) in enumerate(template):
+            index = origin.get(id(value), -1)
+            if index >= 0:
+                fills.append((at, index, name))
+        shape = HeadShape(template, tuple(fills), None, False, None)
+        headers = shape.headers(volatile)
+        shape.template = list(headers)  # no mark left in it
+        shape.coding = content_coding(headers)
+        shape.compressible = is_compressible(
+            status, headers, state.config.edge.compression, route=route
+        )
+        shape.stored = admission.stored_shape(headers, rule)
+        memo = self.memo
+        if len(memo) >= memo.bound and key not in memo:
+            memo.clear()
+        memo[key] = shape
+        return shape
+
+
+#: One per worker: a fill's shapes are those of its state and cache (``HeadShapes.find``).
+_SHAPES = HeadShapes()
+
+
+def shape_key(
+    raw: list[tuple[bytes, bytes]], status: int, region: str, route: str, rule: CacheRule
+) -> tuple[ShapeKey | None, list[bytes]]:
+    """The ``ShapeKey`` of an origin head, and its volatile values in order (None: too many
+    lines for a shape)."""
+    volatile: list[bytes] = []
+    if len(raw) > _SHAPED_LINES:
+        return None, volatile
+    parts: list[tuple[bytes, bytes] | bytes] = []
+    for line in raw:
+        lowered = line[0].lower()
+        if lowered in VOLATILE_FIELDS:
+            parts.append(lowered)
+            volatile.append(line[1])
+        else:
+            parts.append(line)
+    return (tuple(parts), status, region, route, id(rule)), volatile
 
 
 class Handover:
@@ -194,6 +357,38 @@ class FillFetch:
         handover.attach(marker, response, attempt, length, prefix, data)
         return marker, True
 
+    def _shaped(
+        self, response: OriginResponse, attempt: Attempt, cache: HttpCache
+    ) -> tuple[HeadShape | None, Headers]:
+        """The response's head shape when known (or made now, on its second sight), and its
+        headers as ``rewrite_response_headers`` makes them."""
+        state = self.state
+        raw = response.raw_headers
+        key = self.lookup.key
+        assert key is not None
+        route = self.target.route.name
+        shape_of, volatile = shape_key(raw, response.status, attempt.region, route, key.rule)
+        if shape_of is not None:
+            admission = cache.admission
+            shape, seen = _SHAPES.find(state, admission, shape_of)
+            if shape is None and seen:
+                shape = _SHAPES.make(
+                    shape_of,
+                    raw,
+                    response.status,
+                    state,
+                    attempt.region,
+                    route,
+                    admission,
+                    key.rule,
+                )
+            if shape is not None:
+                return shape, shape.headers(volatile)
+        headers = rewrite_response_headers(
+            raw, dropped=state.dropped_response_headers, via=state.via, region=attempt.region
+        )
+        return None, headers
+
     async def read_for_cache(self, response: OriginResponse, attempt: Attempt) -> UpstreamResponse:
         """The upstream response as ``fill`` stores it: whole, decoded to identity.  What the
         cache will not keep goes back in ``handover``: live, or, when the edge must decode a
@@ -209,21 +404,30 @@ class FillFetch:
         try:
             status = response.status
             reason = _REASONS.get(response.reason) or response.reason.encode("latin-1", "replace")
-            headers = rewrite_response_headers(
-                response.raw_headers,
-                dropped=state.dropped_response_headers,
-                via=state.via,
-                region=attempt.region,
-            )
+            shape, headers = self._shaped(response, attempt, cache)
             if status < 200 or status in (204, 304):
                 return UpstreamResponse(status, headers, b"", reason)
             edge = state.config.edge
             limit = edge.cache.max_object
             length = response.content_length
             content = response.content
-            coding = content_coding(headers)
+            if shape is not None:
+                coding = shape.coding
+                lookup = self.lookup
+                key, request = lookup.key, lookup.request
+                assert key is not None
+                # ``HttpCache.storable_head``, told the head's shape.
+                refused = (
+                    "lookup"
+                    if request is None
+                    else cache.admission.storable_head(
+                        key, request, status, headers, cache.clock(), shape.stored
+                    )
+                )
+            else:
+                coding = content_coding(headers)
+                refused = cache.storable_head(self.lookup, status, headers)
             decodable = coding is not None and coding in DECODABLE
-            refused = cache.storable_head(self.lookup, status, headers)
             if refused is not None or (length is not None and length > limit):
                 small_for_decoding = (
                     coding is not None
@@ -297,13 +501,19 @@ class FillFetch:
                     return marker
                 body = decoded
                 headers = decoded_headers(headers)
-            compressible = transcoder is not None and is_compressible(
-                status,
-                headers,
-                edge.compression,
-                route=self.target.route.name,
-                body_size=len(body),
-            )
+                shape = None  # not the shape's headers any more
+            if transcoder is None:
+                compressible = False
+            elif shape is not None:
+                compressible = shape.compressible and len(body) >= edge.compression.min_size
+            else:
+                compressible = is_compressible(
+                    status,
+                    headers,
+                    edge.compression,
+                    route=self.target.route.name,
+                    body_size=len(body),
+                )
             return UpstreamResponse(status, headers, body, reason, compressible=compressible)
         except UPSTREAM_BODY_ERRORS as exc:
             # The origin died (or stalled) mid-body: nothing is stored, the client is told.
@@ -322,4 +532,4 @@ class FillFetch:
                 services.upstream.release(attempt.backend)
 
 
-__all__ = ["FillFetch", "Handover"]
+__all__ = ["FillFetch", "Handover", "HeadShape", "HeadShapes", "shape_key"]
