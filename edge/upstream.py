@@ -31,7 +31,7 @@ import contextlib
 import random
 import ssl
 from collections import deque
-from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, Callable, Coroutine, Iterable, Mapping, Sequence
 from enum import Enum
 from typing import NamedTuple, Protocol
 
@@ -386,7 +386,9 @@ class UpstreamPool:
         #: path), by backend + target.
         self._urls: BoundedMemo[str, bytes] = BoundedMemo(UPSTREAM_URLS)
         self.client = OriginClient(
-            _limits(pool_size, timeouts, settings), tls=_tls_factory(settings, source)
+            _limits(pool_size, timeouts, settings),
+            tls=_tls_factory(settings, source),
+            failure=_failure,
         )
 
     def reconfigure(
@@ -476,7 +478,7 @@ class UpstreamPool:
         gate = self._slots.get(backend)
         return 0 if gate is None else gate.busy
 
-    async def send(
+    def send(
         self,
         backend: str,
         method: str,
@@ -486,8 +488,10 @@ class UpstreamPool:
         length: int | None = None,
         *,
         replayable: bool = False,
-    ) -> OriginResponse:
-        """Send one attempt and return once the response head is in; raises UpstreamFailure.
+    ) -> Coroutine[object, object, OriginResponse]:
+        """Send one attempt (awaited: the response once its head is in); raises
+        UpstreamFailure.  The client's own coroutine, returned as it is: no frame of its own
+        (the client maps its errors with ``_failure``).
 
         ``headers``: from ``upstream_headers``; ``length``: a streamed body's declared length
         (None: chunked); ``replayable``: may be sent again on a new connection when a
@@ -499,13 +503,12 @@ class UpstreamPool:
                 self._urls.clear()  # bounded without bookkeeping: it refills with what is hot
             prefix = self.client.pool(backend).backend.prefix
             sent = self._urls[text] = prefix + target.encode("latin-1")
-        try:
-            return await self.client.send(
-                backend, method, sent, headers, body, length, replayable=replayable
-            )
-        except UpstreamError as exc:
-            kind = exc.kind
-            if kind == "connect_os":
-                cause = exc.__cause__
-                kind = "local" if is_local_error(cause) else "connect"
-            raise UpstreamFailure(FailureKind(kind), exc.detail) from None
+        return self.client.send(backend, method, sent, headers, body, length, replayable=replayable)
+
+
+def _failure(exc: UpstreamError) -> UpstreamFailure:
+    """The client's error as the walk knows it (``OriginClient.failure``)."""
+    kind = exc.kind
+    if kind == "connect_os":
+        kind = "local" if is_local_error(exc.__cause__) else "connect"
+    return UpstreamFailure(FailureKind(kind), exc.detail)

@@ -237,7 +237,9 @@ class Connection(asyncio.Protocol):
             self.paused = True
             self.transport.pause_reading()
         if reader.head is not None or reader.complete:
-            self._wake()
+            waiter = self._waiter  # _wake, inline: once per response
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
     def eof_received(self) -> bool | None:
         reader = self.reader
@@ -329,14 +331,10 @@ class Connection(asyncio.Protocol):
         finally:
             self._drain = None
 
-    async def exchange(
-        self,
-        head: bytes,
-        body: bytes | AsyncIterable[bytes] | None,
-        chunked: bool,
-        head_request: bool,
-    ) -> ResponseHead:
-        """Write the request, wait for the response head.  Raises ``UpstreamError``."""
+    def begin(self, head: bytes, body: bytes | None, head_request: bool) -> ResponseReader:
+        """Write a request whose body is in memory and arm the first-byte deadline; the
+        caller then waits (``_waiter``) until ``awaiting_head`` is False and calls
+        ``head_in``.  Synchronous: the usual exchange costs no coroutine of its own."""
         transport = self.transport
         assert transport is not None
         spare = self.spare
@@ -346,22 +344,23 @@ class Connection(asyncio.Protocol):
             else spare.next(head_request=head_request)
         )
         self.requests += 1
-        if body is None or isinstance(body, bytes):
-            transport.write(head + body if body else head)  # one write, one segment
-        else:
-            transport.write(head)
-            await self._send_stream(body, chunked)
-        self.last_read = self.pool.loop.time()
+        transport.write(head + body if body else head)  # one write, one segment
+        pool = self.pool
+        now = self.last_read = pool.loop.time()
         if reader.head is None and self.error is None and not self.closed:
-            self._arm("first byte", self.pool.limits.first_byte)
-            loop = self.pool.loop
-            while reader.head is None and self.error is None and not self.closed:
-                # A future woken by ``_wake`` (inline: no coroutine per wait); one left
-                # behind by a cancellation is done or never woken: harmless.
-                waiter = self._waiter = loop.create_future()
-                await waiter
+            self.deadline_kind = "first byte"
+            self.due = now + pool.limits.first_byte
+        return reader
+
+    def head_in(self) -> ResponseHead:
+        """After the wait for the head: the head, its read deadline armed; or, when none came
+        (an error, a timeout, the connection closed), the connection closed and
+        ``UpstreamError`` raised."""
+        reader = self.reader
+        assert reader is not None
         error = self.error
-        if reader.head is None:
+        head = reader.head
+        if head is None:
             self.close()
             if isinstance(error, TimeoutError):
                 raise UpstreamError("timeout", str(error))
@@ -369,10 +368,44 @@ class Connection(asyncio.Protocol):
                 raise UpstreamError("protocol", str(error))
             raise UpstreamError("reset", "connection closed before a response head")
         if reader.complete or error is not None:
-            self._cancel_timer()  # an error is raised by the body iterator
+            self.due = 0.0  # an error is raised by the body iterator
         else:
-            self._arm("read", self.pool.limits.read_idle)
-        return reader.head
+            self.deadline_kind = "read"
+            self.due = self.pool.loop.time() + self.pool.limits.read_idle
+        return head
+
+    async def exchange(
+        self,
+        head: bytes,
+        body: bytes | AsyncIterable[bytes] | None,
+        chunked: bool,
+        head_request: bool,
+    ) -> ResponseHead:
+        """Write the request, wait for the response head.  Raises ``UpstreamError``."""
+        if body is None or isinstance(body, bytes):
+            reader = self.begin(head, body, head_request)
+        else:
+            transport = self.transport
+            assert transport is not None
+            spare = self.spare
+            reader = self.reader = (
+                ResponseReader(head_request=head_request)
+                if spare is None
+                else spare.next(head_request=head_request)
+            )
+            self.requests += 1
+            transport.write(head)
+            await self._send_stream(body, chunked)
+            self.last_read = self.pool.loop.time()
+            if reader.head is None and self.error is None and not self.closed:
+                self._arm("first byte", self.pool.limits.first_byte)
+        loop = self.pool.loop
+        while reader.head is None and self.error is None and not self.closed:
+            # A future woken by ``_wake`` (inline: no coroutine per wait); one left
+            # behind by a cancellation is done or never woken: harmless.
+            waiter = self._waiter = loop.create_future()
+            await waiter
+        return self.head_in()
 
     async def _send_stream(self, body: AsyncIterable[bytes], chunked: bool) -> None:
         transport = self.transport
@@ -653,11 +686,16 @@ class OriginClient:
     """The pools of one process, by backend URL."""
 
     def __init__(
-        self, limits: ClientLimits, tls: Callable[[], ssl.SSLContext] | None = None
+        self,
+        limits: ClientLimits,
+        tls: Callable[[], ssl.SSLContext] | None = None,
+        failure: Callable[[UpstreamError], Exception] | None = None,
     ) -> None:
         """``tls``: makes the context of an ``https://`` backend (called once per backend, when
-        it is first used)."""
+        it is first used); ``failure``: what ``send`` raises instead of an ``UpstreamError``
+        (``edge.upstream``'s mapping, so that its ``send`` needs no coroutine of its own)."""
         self.limits = limits
+        self.failure = failure
         self.stats = ClientStats()
         self._tls_factory = tls
         self._pools: dict[str, BackendPool] = {}
@@ -730,57 +768,96 @@ class OriginClient:
         URL's path included, ``Backend.prefix``); ``headers``: the lines as sent
         (``upstream_wire.header_block``), without framing; ``length``: a streamed body's
         declared length (None: sent chunked); ``replayable``: the request may be sent twice
-        (an idempotent method, the body in memory).  Raises ``UpstreamError``."""
-        pool = self.pool(url)
-        backend = pool.backend
-        connection = pool.idle_connection()
-        reused = connection is not None
-        if connection is None:
-            connection = await pool.connect()
-        chunked = False
-        if body is None:
-            framing = b"content-length: 0\r\n" if method in _BODY_EXPECTED else b""
-        elif isinstance(body, bytes):
-            framing = b"content-length: %d\r\n" % len(body)
-        elif length is not None:
-            framing = b"content-length: %d\r\n" % length
-        else:
-            framing = b"transfer-encoding: chunked\r\n"
-            chunked = True
-        head = encode_head(
-            method.encode("ascii"),
-            target,
-            headers,
-            None if has_host(headers) else backend.authority,
-            framing,
-        )
-        started = time.monotonic()
-        head_request = method == "HEAD"
+        (an idempotent method, the body in memory).  Raises ``UpstreamError``, or what the
+        client's ``failure`` makes of it."""
         try:
-            response_head = await connection.exchange(head, body, chunked, head_request)
+            pool = self._pools.get(url) or self.pool(url)
+            chunked = False
+            if body is None:
+                framing = b"content-length: 0\r\n" if method in _BODY_EXPECTED else b""
+            elif isinstance(body, bytes):
+                framing = b"content-length: %d\r\n" % len(body)
+            elif length is not None:
+                framing = b"content-length: %d\r\n" % length
+            else:
+                framing = b"transfer-encoding: chunked\r\n"
+                chunked = True
+            head = encode_head(
+                _METHODS.get(method) or method.encode("ascii"),
+                target,
+                headers,
+                None if has_host(headers) else pool.backend.authority,
+                framing,
+            )
+            head_request = method == "HEAD"
+            connection = pool.idle_connection()
+            if connection is None:
+                connection = await pool.connect()
+                started = time.monotonic()
+                try:
+                    response_head = await connection.exchange(head, body, chunked, head_request)
+                except BaseException:
+                    connection.close()  # cancelled, or failed: never pooled half-way
+                    raise
+            else:
+                started = time.monotonic()
+                try:
+                    if body is None or isinstance(body, bytes):
+                        # The usual case, inline (``Connection.exchange`` without its
+                        # coroutine): write, then wait on a bare future woken by the
+                        # connection's callbacks.
+                        reader = connection.begin(head, body, head_request)
+                        loop = pool.loop
+                        while (
+                            reader.head is None
+                            and connection.error is None
+                            and not connection.closed
+                        ):
+                            waiter = connection._waiter = loop.create_future()
+                            await waiter
+                        response_head = connection.head_in()
+                    else:
+                        response_head = await connection.exchange(head, body, chunked, head_request)
+                except UpstreamError as exc:
+                    connection.close()
+                    if not (replayable and exc.kind == "reset"):
+                        raise
+                    # A kept-alive connection closed under the request with not a byte
+                    # back: the origin's idle timeout racing ours.  A request that may go
+                    # twice goes again, once, on a new connection (as Go's client does);
+                    # any other is the walk's call.
+                    stats = self.stats
+                    stats.stale[url] = stats.stale.get(url, 0) + 1
+                    connection = await pool.connect()
+                    try:
+                        response_head = await connection.exchange(head, body, chunked, head_request)
+                    except BaseException:
+                        connection.close()
+                        raise
+                except BaseException:
+                    connection.close()  # cancelled, or failed: never pooled half-way
+                    raise
         except UpstreamError as exc:
-            connection.close()
-            if not (reused and replayable and exc.kind == "reset"):
+            failure = self.failure
+            if failure is None:
                 raise
-            # A kept-alive connection closed under the request with not a byte back: the
-            # origin's idle timeout racing ours.  A request that may go twice goes again,
-            # once, on a new connection (as Go's client does); any other is the walk's call.
-            stats = self.stats
-            stats.stale[url] = stats.stale.get(url, 0) + 1
-            connection = await pool.connect()
-            try:
-                response_head = await connection.exchange(head, body, chunked, head_request)
-            except BaseException:
-                connection.close()
-                raise
-        except BaseException:
-            connection.close()  # cancelled, or failed: never pooled half-way
-            raise
-        ClientStats.add(self.stats.first_byte_seconds, url, time.monotonic() - started)
+            raise failure(exc) from None
+        seconds = time.monotonic() - started
+        pair = self.stats.first_byte_seconds.get(url)  # ClientStats.add, inline
+        if pair is None:
+            self.stats.first_byte_seconds[url] = [seconds, 1.0]
+        else:
+            pair[0] += seconds
+            pair[1] += 1.0
         return OriginResponse(connection, response_head)
 
 
 _BODY_EXPECTED = frozenset({"POST", "PUT", "PATCH"})
+#: Request methods as sent, for the common ones (others are encoded per request).
+_METHODS: Final = {
+    name: name.encode("ascii")
+    for name in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+}
 
 
 __all__ = [
