@@ -431,10 +431,15 @@ class UpstreamPool:
     def try_acquire(self, backend: str, *, streamed: bool = False) -> bool:
         """Count a request for ``backend`` and take a slot if one is free (the usual case).
         False: the request is counted but must ``wait_for_slot``."""
-        self.outstanding[backend] = self.outstanding.get(backend, 0) + 1
+        outstanding = self.outstanding
+        outstanding[backend] = outstanding.get(backend, 0) + 1
         if streamed:
             return False  # rare: always through wait_for_slot (two gates)
-        return self._gate(backend).try_take()
+        gate = self._slots.get(backend) or self._gate(backend)
+        if gate.busy < gate.limit and not gate.waiters:  # Gate.try_take, inline
+            gate.busy += 1
+            return True
+        return False
 
     async def wait_for_slot(self, backend: str, within: float, *, streamed: bool = False) -> None:
         """After ``try_acquire`` said False: wait up to ``within`` seconds for a slot (and,
@@ -465,10 +470,14 @@ class UpstreamPool:
 
     def release(self, backend: str, *, streamed: bool = False) -> None:
         """The request that took a slot for ``backend`` is done with it."""
-        self.outstanding[backend] = self.outstanding.get(backend, 1) - 1
+        outstanding = self.outstanding
+        outstanding[backend] = outstanding.get(backend, 1) - 1
         gate = self._slots.get(backend)
         if gate is not None:
-            gate.give_back()
+            if gate.waiters:
+                gate.give_back()
+            elif gate.busy > 0:  # Gate.give_back with nobody waiting, inline
+                gate.busy -= 1
         if streamed:
             stream = self._streams.get(backend)
             if stream is not None:

@@ -21,11 +21,13 @@ from edge.state import EdgeState
 from edge.upstream import (
     Attempt,
     FailureKind,
+    HealthView,
     OriginResponse,
     SnapshotView,
     UpstreamFailure,
     live_regions,
     next_attempt,
+    pick_backend,
     retry_allowed,
 )
 from meridian.log import get_logger
@@ -55,6 +57,25 @@ class UpstreamCall(NamedTuple):
 
 Walked = tuple[OriginResponse, Attempt] | ErrorAnswer | RequestRejected
 
+#: What one health snapshot says of a region list: the regions to try (``live_regions``),
+#: the first of them with a usable backend and those backends (where ``next_attempt`` makes
+#: a first attempt), and that attempt when only one backend is usable there.
+_Live = tuple[tuple[str, ...], str, tuple[str, ...], Attempt | None]
+
+
+def _live_in(names: tuple[str, ...], health: HealthView) -> _Live:
+    regions = live_regions(names, health)
+    for region in regions:
+        backends = health.usable_backends(region)
+        if backends:
+            return (
+                regions,
+                region,
+                backends,
+                (Attempt(region, backends[0]) if len(backends) == 1 else None),
+            )
+    return regions, "", (), None
+
 
 class UpstreamWalk:
     """The failover walk of one worker, and the tasks it may give up on."""
@@ -66,16 +87,19 @@ class UpstreamWalk:
         self._waiting: dict[str, dict[asyncio.Task[object], _Waiting]] = {}
         self._abandoning: set[asyncio.Task[object]] = set()
         self._own_failures = {FailureKind.POOL: Throttle(), FailureKind.LOCAL: Throttle()}
-        #: ``live_regions`` per service's region list, for the snapshot in ``_live_for``: a
-        #: snapshot is replaced, never changed, so the answers hold until the next one (one
-        #: entry per distinct region list in the config: bounded by it).
-        self._live: dict[tuple[str, ...], tuple[str, ...]] = {}
+        #: ``_live_in`` (live regions and the first attempt's candidates) per service's region
+        #: list, for the snapshot in ``_live_for``: a snapshot is replaced, never changed, so
+        #: the answers hold until the next one (one entry per distinct region list in the
+        #: config: bounded by it).
+        self._live: dict[tuple[str, ...], _Live] = {}
         self._live_for: object = None
         #: Whether a service's region list holds more than one backend (else a request never
         #: has anywhere else to go, and ``on_health`` could never give up on it), per config
         #: generation in ``_spare_for``.
         self._spare: dict[tuple[str, ...], bool] = {}
         self._spare_for: object = None
+        #: The loop of the tasks walking (``asyncio.current_task`` without looking it up).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def walk(
         self, state: EdgeState, target: RouteTarget, record: ExchangeRecord, call: UpstreamCall
@@ -91,9 +115,10 @@ class UpstreamWalk:
         if health is not self._live_for:
             self._live_for = health
             self._live.clear()
-        regions = self._live.get(target.regions)
-        if regions is None:
-            regions = self._live[target.regions] = live_regions(target.regions, health)
+        live = self._live.get(target.regions)
+        if live is None:
+            live = self._live[target.regions] = _live_in(target.regions, health)
+        regions, first_region, first_backends, only = live
         if not regions:
             return ErrorAnswer(503, "no_healthy_region", RETRY_AFTER_SECONDS)
         method, headers, body = call.method, call.headers, call.body
@@ -108,14 +133,21 @@ class UpstreamWalk:
         # Given up on (``on_health``) only when there is somewhere else to go.
         abandonable = replayable and self._has_spare(state, target)
         failure: UpstreamFailure | None = None
+        # The first attempt (nearly every request's only one): ``next_attempt``'s first pick
+        # from what ``_live_in`` found for this snapshot.
+        attempt = only
+        if attempt is None and first_backends:
+            backend = pick_backend(first_backends, upstream.outstanding, services.rng)
+            assert backend is not None
+            attempt = Attempt(first_region, backend)
         while True:
-            attempt = next_attempt(
-                regions, health, record.attempts, upstream.outstanding, services.rng
-            )
-            if attempt is None:
-                break
             if record.attempts:
                 assert failure is not None
+                attempt = next_attempt(
+                    regions, health, record.attempts, upstream.outstanding, services.rng
+                )
+                if attempt is None:
+                    break
                 if not retry_allowed(method, target.retry_methods, streamed, failure.kind):
                     break
                 if health_source.snapshot is not health:
@@ -133,6 +165,8 @@ class UpstreamWalk:
                     metrics.failovers.labels(
                         target.service.name, record.attempts[0].region, attempt.region
                     ).inc()
+            elif attempt is None:
+                break
             record.attempts.append(attempt)
             record.region, record.backend = attempt.region, attempt.backend
             backend = attempt.backend
@@ -150,9 +184,18 @@ class UpstreamWalk:
                 continue
             try:
                 if abandonable:
-                    task = asyncio.current_task()
+                    # ``asyncio.current_task`` with the loop known: no get_running_loop (a
+                    # getpid() each in 3.11) per request.
+                    loop = self._loop
+                    task = None if loop is None else asyncio.current_task(loop)
+                    if task is None:
+                        task = asyncio.current_task()
+                        self._loop = None if task is None else task.get_loop()
                     if task is not None:
-                        self._watch(backend, task, regions, record.attempts)
+                        waiting = self._waiting.get(backend)  # ``on_health`` may give up on it
+                        if waiting is None:
+                            waiting = self._waiting[backend] = {}
+                        waiting[task] = (regions, record.attempts)
                 try:
                     response = await upstream.send(
                         backend,
@@ -191,7 +234,7 @@ class UpstreamWalk:
             except BaseException:
                 upstream.release(backend, streamed=streamed)
                 raise
-            if task is not None:
+            if task is not None and self._abandoning:
                 self._settle(task)
             elapsed = services.clock() - started
             record.upstream_seconds = elapsed
@@ -243,18 +286,6 @@ class UpstreamWalk:
         )
 
     # -- giving up on attempts to a backend that left rotation --------------------------------
-
-    def _watch(
-        self,
-        backend: str,
-        task: asyncio.Task[object],
-        regions: tuple[str, ...],
-        tried: list[Attempt],
-    ) -> None:
-        waiting = self._waiting.get(backend)
-        if waiting is None:
-            waiting = self._waiting[backend] = {}
-        waiting[task] = (regions, tried)
 
     def _unwatch(self, backend: str, task: asyncio.Task[object]) -> None:
         waiting = self._waiting.get(backend)
