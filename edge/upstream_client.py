@@ -178,6 +178,7 @@ class Connection(asyncio.Protocol):
         "_waiter",
         "backend",
         "closed",
+        "content",
         "deadline_kind",
         "due",
         "error",
@@ -214,6 +215,9 @@ class Connection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         #: When the current deadline passes (``loop.time()``; 0: none), checked by the sweep.
         self.due = 0.0
+        #: Each response's ``content``: it reads whichever exchange is current, so one per
+        #: connection serves them all (none is made per response).
+        self.content = ResponseContent(self)
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -516,7 +520,7 @@ class OriginResponse:
         self.reason = head.reason.decode("latin-1")
         self.raw_headers = head.headers
         self.content_length = head.content_length
-        self.content = ResponseContent(connection)
+        self.content = connection.content
 
     def release(self) -> None:
         connection = self._connection

@@ -34,8 +34,8 @@ from meridian.log import get_logger
 
 log = get_logger("edge")
 
-#: A request waiting for a response head: its regions and its attempts so far.
-_Waiting = tuple[tuple[str, ...], list[Attempt]]
+#: A request waiting for a response head: its backend, its regions and its attempts so far.
+_Waiting = tuple[str, tuple[str, ...], list[Attempt]]
 
 
 class UpstreamCall(NamedTuple):
@@ -82,9 +82,10 @@ class UpstreamWalk:
 
     def __init__(self, services: EdgeServices) -> None:
         self.services = services
-        #: Tasks waiting for a response head, by backend, with where else they could go
-        #: (``on_health``), and the ones it cancelled to retry elsewhere.
-        self._waiting: dict[str, dict[asyncio.Task[object], _Waiting]] = {}
+        #: Tasks waiting for a response head, with their backend and where else they could
+        #: go (``on_health``), and the ones it cancelled to retry elsewhere.  One flat table:
+        #: a request is watched and unwatched with one operation each.
+        self._waiting: dict[asyncio.Task[object], _Waiting] = {}
         self._abandoning: set[asyncio.Task[object]] = set()
         self._own_failures = {FailureKind.POOL: Throttle(), FailureKind.LOCAL: Throttle()}
         #: ``_live_in`` (live regions and the first attempt's candidates) per service's region
@@ -191,11 +192,8 @@ class UpstreamWalk:
                     if task is None:
                         task = asyncio.current_task()
                         self._loop = None if task is None else task.get_loop()
-                    if task is not None:
-                        waiting = self._waiting.get(backend)  # ``on_health`` may give up on it
-                        if waiting is None:
-                            waiting = self._waiting[backend] = {}
-                        waiting[task] = (regions, record.attempts)
+                    if task is not None:  # watched: ``on_health`` may give up on it
+                        self._waiting[task] = (backend, regions, record.attempts)
                 try:
                     response = await upstream.send(
                         backend,
@@ -210,7 +208,7 @@ class UpstreamWalk:
                     # Unwatched before anything else: the health report below may publish
                     # a snapshot, and this task must not be given up on for its own report.
                     if task is not None:
-                        self._unwatch(backend, task)
+                        self._waiting.pop(task, None)
             except UpstreamFailure as exc:
                 upstream.release(backend, streamed=streamed)
                 if task is not None:
@@ -287,13 +285,6 @@ class UpstreamWalk:
 
     # -- giving up on attempts to a backend that left rotation --------------------------------
 
-    def _unwatch(self, backend: str, task: asyncio.Task[object]) -> None:
-        waiting = self._waiting.get(backend)
-        if waiting is not None:
-            waiting.pop(task, None)
-            if not waiting:
-                del self._waiting[backend]
-
     def _abandoned(self, task: asyncio.Task[object]) -> bool:
         """Whether a CancelledError in ``task`` was ``on_health``'s (and only its)."""
         if task not in self._abandoning:
@@ -318,17 +309,14 @@ class UpstreamWalk:
         if not self._waiting:
             return
         outstanding = self.services.upstream.outstanding
-        for backend, waiting in list(self._waiting.items()):
-            if snapshot.backend_up(backend):
+        for task, (backend, regions, tried) in list(self._waiting.items()):
+            if task.done() or task in self._abandoning or snapshot.backend_up(backend):
                 continue
-            for task, (regions, tried) in list(waiting.items()):
-                if task.done() or task in self._abandoning:
-                    continue
-                later = next_attempt(regions, snapshot, tried, outstanding, self.services.rng)
-                if later is None:
-                    continue  # nowhere else to go: this backend may still answer
-                self._abandoning.add(task)
-                task.cancel()
+            later = next_attempt(regions, snapshot, tried, outstanding, self.services.rng)
+            if later is None:
+                continue  # nowhere else to go: this backend may still answer
+            self._abandoning.add(task)
+            task.cancel()
 
 
 __all__ = ["UpstreamCall", "UpstreamWalk", "Walked"]
