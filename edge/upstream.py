@@ -47,7 +47,7 @@ from edge.errors import EdgeError
 from edge.memos import UPSTREAM_URLS, BoundedMemo
 from edge.upstream_client import ClientLimits, OriginClient, UpstreamError
 from edge.upstream_client import OriginResponse as OriginResponse
-from edge.upstream_wire import UpstreamBodyError, header_block
+from edge.upstream_wire import UpstreamBodyError
 from meridian.config import EdgeTimeouts, EdgeUpstream
 from meridian.health.checks import is_local_error
 from meridian.origin_tls import client_context
@@ -217,7 +217,8 @@ def upstream_headers(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     """Header lines (lower-case names, raw values) as they go upstream, in order: bytes as the
     client sent them, never decoded (``upstream_wire.header_block``).  Content-Length is left
     out: the client writes the framing of the body it actually sends."""
-    return header_block([line for line in headers if line[0] != b"content-length"])
+    # ``header_block``'s format, filtered in the same pass (no list of the lines kept).
+    return b"".join([b"%s: %s\r\n" % line for line in headers if line[0] != b"content-length"])
 
 
 class Gate:

@@ -105,7 +105,10 @@ def from_upstream(
         region=attempt.region,
     )
     headers.append((b"x-cache", exchange.record.cache.encode()))
-    if not any(name == b"age" for name, _ in headers):
+    for name, _ in headers:  # a loop, not any() over a generator: once per response
+        if name == b"age":
+            break
+    else:
         headers.append((b"age", b"0"))
     headers.append((state.request_id_header, request.request_id))
     length = response.content_length

@@ -9,7 +9,8 @@ request waiting for the first byte of a backend that leaves rotation is given up
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable
+import random
+from collections.abc import AsyncIterable, Mapping
 from typing import NamedTuple
 
 from edge.exchange import RETRY_AFTER_SECONDS, ErrorAnswer, ExchangeRecord, RequestBody
@@ -77,6 +78,16 @@ def _live_in(names: tuple[str, ...], health: HealthView) -> _Live:
     return regions, "", (), None
 
 
+def _first_pick(live: _Live, outstanding: Mapping[str, int], rng: random.Random) -> Attempt | None:
+    """``next_attempt``'s first attempt from ``_live_in``'s answer, when it is not made yet
+    (more than one backend to choose from, or none)."""
+    _, region, backends, only = live
+    if only is not None:
+        return only
+    backend = pick_backend(backends, outstanding, rng)
+    return None if backend is None else Attempt(region, backend)
+
+
 class UpstreamWalk:
     """The failover walk of one worker, and the tasks it may give up on."""
 
@@ -119,7 +130,7 @@ class UpstreamWalk:
         live = self._live.get(target.regions)
         if live is None:
             live = self._live[target.regions] = _live_in(target.regions, health)
-        regions, first_region, first_backends, only = live
+        regions, _, _, only = live
         if not regions:
             return ErrorAnswer(503, "no_healthy_region", RETRY_AFTER_SECONDS)
         method, headers, body = call.method, call.headers, call.body
@@ -137,10 +148,8 @@ class UpstreamWalk:
         # The first attempt (nearly every request's only one): ``next_attempt``'s first pick
         # from what ``_live_in`` found for this snapshot.
         attempt = only
-        if attempt is None and first_backends:
-            backend = pick_backend(first_backends, upstream.outstanding, services.rng)
-            assert backend is not None
-            attempt = Attempt(first_region, backend)
+        if attempt is None:
+            attempt = _first_pick(live, upstream.outstanding, services.rng)
         while True:
             if record.attempts:
                 assert failure is not None
