@@ -464,7 +464,7 @@ class Connection(asyncio.Protocol):
         reader = self.reader
         self.reader = None
         self.spare = reader
-        self._cancel_timer()
+        self.due = 0.0  # _cancel_timer, inline
         if (
             reader is not None
             and reader.complete

@@ -143,7 +143,10 @@ class UpstreamWalk:
         metrics = services.metrics
         replayable = method in target.retry_methods and not streamed
         # Given up on (``on_health``) only when there is somewhere else to go.
-        abandonable = replayable and self._has_spare(state, target)
+        abandonable = False
+        if replayable:
+            spare = self._spare.get(target.regions) if state is self._spare_for else None
+            abandonable = self._has_spare(state, target) if spare is None else spare
         failure: UpstreamFailure | None = None
         # The first attempt (nearly every request's only one): ``next_attempt``'s first pick
         # from what ``_live_in`` found for this snapshot.
