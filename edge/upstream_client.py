@@ -1,8 +1,10 @@
 """The edge's HTTP/1.1 client to origins: asyncio protocols around ``upstream_wire``.
 
 ``OriginClient.send`` sends one request on a pooled connection and returns an
-``OriginResponse`` once its head is in; its body is read with ``content.iter_any()`` (or taken
-whole when it came with the head) and ``release()`` gives the connection back.
+``OriginResponse`` once its head is in (on a kept-alive connection, with the body in memory,
+written and awaited inline: no coroutine besides ``send``'s own); its body is read with
+``content.iter_any()`` (or taken whole when it came with the head) and ``release()`` gives
+the connection back.
 
 * **Pool**: per backend, idle connections most recent first (warm ones are reused, cold ones
   age out): at most ``max_idle`` kept, each closed after ``idle_timeout`` unused or
@@ -17,8 +19,9 @@ whole when it came with the head) and ``release()`` gives the connection back.
   transport stops reading until the client side has taken it; a streamed request body waits
   for the upstream transport's writes to drain before it reads more from the client.
 * **Failures**: before the head, ``UpstreamError`` (``UpstreamFailure`` once mapped by
-  ``UpstreamPool``; "connect" when no connection could be made, a certificate that does not
-  verify included: nothing was sent, so even a POST may go elsewhere); after it,
+  ``UpstreamPool``'s ``failure``, which ``send`` applies itself; "connect" when no connection
+  could be made, a certificate that does not verify included: nothing was sent, so even a
+  POST may go elsewhere); after it,
   ``UpstreamBodyError`` from the body iterator.  A connection that saw anything wrong is
   closed, never pooled.
 * **TLS** (``https://`` backends): a context per backend from ``meridian.origin_tls`` (verified,
