@@ -52,7 +52,6 @@ from edge.upstream_wire import (
     UpstreamProtocolError,
     chunk,
     encode_head,
-    has_host,
 )
 from meridian.log import get_logger
 from meridian.origin_tls import ResumingContext, verify_reason
@@ -487,7 +486,12 @@ class Connection(asyncio.Protocol):
         ):
             self.close()
             return
-        self.pool.put_idle(self)
+        pool = self.pool  # put_idle, inline: once per response
+        self.used_at = pool.loop.time()
+        idle = pool.idle
+        idle.append(self)
+        if len(idle) > pool.limits.max_idle:
+            idle.popleft().close()  # the coldest goes
 
 
 class ResponseContent:
@@ -644,14 +648,6 @@ class BackendPool:
         stats.open[url] = len(self.open)
         return connection
 
-    def put_idle(self, connection: Connection) -> None:
-        connection.used_at = self.loop.time()
-
-        idle = self.idle
-        idle.append(connection)
-        if len(idle) > self.limits.max_idle:
-            idle.popleft().close()  # the coldest goes
-
     def keep_session(self, connection: Connection) -> None:
         """After a whole response on a TLS connection (a TLS 1.3 ticket has come by then): its
         session is offered by the backend's next handshake (``ResumingContext``)."""
@@ -793,7 +789,7 @@ class OriginClient:
                 _METHODS.get(method) or method.encode("ascii"),
                 target,
                 headers,
-                None if has_host(headers) else pool.backend.authority,
+                pool.backend.authority,  # used only when the lines carry no Host
                 framing,
             )
             head_request = method == "HEAD"

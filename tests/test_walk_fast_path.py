@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from edge.stages.walk import _first_pick, _live_in
 from edge.upstream import FailureKind, UpstreamFailure, UpstreamPool, next_attempt
 from edge.upstream_client import BackendPool, Connection
+from edge.upstream_wire import encode_head
 from meridian.config import EdgeTimeouts
 from tests.stage_support import FakeSnapshot, FakeTransport, Reply, request, world
 
@@ -199,3 +200,11 @@ async def test_the_first_byte_deadline_of_an_inline_exchange_is_a_timeout() -> N
         await task
     assert failed.value.kind is FailureKind.TIMEOUT
     assert not pool.open
+
+
+def test_a_request_head_gets_the_backends_host_only_when_its_lines_carry_none() -> None:
+    for lines in (b"host: a.test\r\nx: 1\r\n", b"x: 1\r\nhost: a.test\r\n"):
+        head = encode_head(b"GET", b"/", lines, b"origin:8080", b"")
+        assert head.count(b"host:") == 1 and b"origin:8080" not in head
+    head = encode_head(b"GET", b"/", b"x-host: 1\r\n", b"origin:8080", b"")
+    assert head == b"GET / HTTP/1.1\r\nhost: origin:8080\r\nx-host: 1\r\n\r\n"
