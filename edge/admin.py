@@ -185,7 +185,9 @@ class UpstreamStats(Collector):
         durations = self._durations.get(region)
         if durations is None:
             durations = self._durations[region] = _Histogram(self._bounds)
-        durations.observe(seconds)
+        values = durations.values  # _Histogram.observe, inlined: once per upstream attempt
+        values[bisect_left(self._bounds, seconds)] += 1
+        values[-1] += seconds
 
     def collect(self) -> Iterable[Metric]:
         histogram = HistogramMetricFamily(

@@ -31,7 +31,7 @@ import contextlib
 import random
 import ssl
 from collections import deque
-from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, Callable, Coroutine, Iterable, Mapping, Sequence
 from enum import Enum
 from typing import NamedTuple, Protocol
 
@@ -47,7 +47,7 @@ from edge.errors import EdgeError
 from edge.memos import UPSTREAM_URLS, BoundedMemo
 from edge.upstream_client import ClientLimits, OriginClient, UpstreamError
 from edge.upstream_client import OriginResponse as OriginResponse
-from edge.upstream_wire import UpstreamBodyError, header_block
+from edge.upstream_wire import UpstreamBodyError
 from meridian.config import EdgeTimeouts, EdgeUpstream
 from meridian.health.checks import is_local_error
 from meridian.origin_tls import client_context
@@ -217,7 +217,8 @@ def upstream_headers(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     """Header lines (lower-case names, raw values) as they go upstream, in order: bytes as the
     client sent them, never decoded (``upstream_wire.header_block``).  Content-Length is left
     out: the client writes the framing of the body it actually sends."""
-    return header_block([line for line in headers if line[0] != b"content-length"])
+    # ``header_block``'s format, filtered in the same pass (no list of the lines kept).
+    return b"".join([b"%s: %s\r\n" % line for line in headers if line[0] != b"content-length"])
 
 
 class Gate:
@@ -386,7 +387,9 @@ class UpstreamPool:
         #: path), by backend + target.
         self._urls: BoundedMemo[str, bytes] = BoundedMemo(UPSTREAM_URLS)
         self.client = OriginClient(
-            _limits(pool_size, timeouts, settings), tls=_tls_factory(settings, source)
+            _limits(pool_size, timeouts, settings),
+            tls=_tls_factory(settings, source),
+            failure=_failure,
         )
 
     def reconfigure(
@@ -429,10 +432,15 @@ class UpstreamPool:
     def try_acquire(self, backend: str, *, streamed: bool = False) -> bool:
         """Count a request for ``backend`` and take a slot if one is free (the usual case).
         False: the request is counted but must ``wait_for_slot``."""
-        self.outstanding[backend] = self.outstanding.get(backend, 0) + 1
+        outstanding = self.outstanding
+        outstanding[backend] = outstanding.get(backend, 0) + 1
         if streamed:
             return False  # rare: always through wait_for_slot (two gates)
-        return self._gate(backend).try_take()
+        gate = self._slots.get(backend) or self._gate(backend)
+        if gate.busy < gate.limit and not gate.waiters:  # Gate.try_take, inline
+            gate.busy += 1
+            return True
+        return False
 
     async def wait_for_slot(self, backend: str, within: float, *, streamed: bool = False) -> None:
         """After ``try_acquire`` said False: wait up to ``within`` seconds for a slot (and,
@@ -463,10 +471,14 @@ class UpstreamPool:
 
     def release(self, backend: str, *, streamed: bool = False) -> None:
         """The request that took a slot for ``backend`` is done with it."""
-        self.outstanding[backend] = self.outstanding.get(backend, 1) - 1
+        outstanding = self.outstanding
+        outstanding[backend] = outstanding.get(backend, 1) - 1
         gate = self._slots.get(backend)
         if gate is not None:
-            gate.give_back()
+            if gate.waiters:
+                gate.give_back()
+            elif gate.busy > 0:  # Gate.give_back with nobody waiting, inline
+                gate.busy -= 1
         if streamed:
             stream = self._streams.get(backend)
             if stream is not None:
@@ -476,7 +488,7 @@ class UpstreamPool:
         gate = self._slots.get(backend)
         return 0 if gate is None else gate.busy
 
-    async def send(
+    def send(
         self,
         backend: str,
         method: str,
@@ -486,8 +498,10 @@ class UpstreamPool:
         length: int | None = None,
         *,
         replayable: bool = False,
-    ) -> OriginResponse:
-        """Send one attempt and return once the response head is in; raises UpstreamFailure.
+    ) -> Coroutine[object, object, OriginResponse]:
+        """Send one attempt (awaited: the response once its head is in); raises
+        UpstreamFailure.  The client's own coroutine, returned as it is: no frame of its own
+        (the client maps its errors with ``_failure``).
 
         ``headers``: from ``upstream_headers``; ``length``: a streamed body's declared length
         (None: chunked); ``replayable``: may be sent again on a new connection when a
@@ -499,13 +513,12 @@ class UpstreamPool:
                 self._urls.clear()  # bounded without bookkeeping: it refills with what is hot
             prefix = self.client.pool(backend).backend.prefix
             sent = self._urls[text] = prefix + target.encode("latin-1")
-        try:
-            return await self.client.send(
-                backend, method, sent, headers, body, length, replayable=replayable
-            )
-        except UpstreamError as exc:
-            kind = exc.kind
-            if kind == "connect_os":
-                cause = exc.__cause__
-                kind = "local" if is_local_error(cause) else "connect"
-            raise UpstreamFailure(FailureKind(kind), exc.detail) from None
+        return self.client.send(backend, method, sent, headers, body, length, replayable=replayable)
+
+
+def _failure(exc: UpstreamError) -> UpstreamFailure:
+    """The client's error as the walk knows it (``OriginClient.failure``)."""
+    kind = exc.kind
+    if kind == "connect_os":
+        kind = "local" if is_local_error(exc.__cause__) else "connect"
+    return UpstreamFailure(FailureKind(kind), exc.detail)

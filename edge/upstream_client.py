@@ -1,8 +1,10 @@
 """The edge's HTTP/1.1 client to origins: asyncio protocols around ``upstream_wire``.
 
 ``OriginClient.send`` sends one request on a pooled connection and returns an
-``OriginResponse`` once its head is in; its body is read with ``content.iter_any()`` (or taken
-whole when it came with the head) and ``release()`` gives the connection back.
+``OriginResponse`` once its head is in (on a kept-alive connection, with the body in memory,
+written and awaited inline: no coroutine besides ``send``'s own); its body is read with
+``content.iter_any()`` (or taken whole when it came with the head) and ``release()`` gives
+the connection back.
 
 * **Pool**: per backend, idle connections most recent first (warm ones are reused, cold ones
   age out): at most ``max_idle`` kept, each closed after ``idle_timeout`` unused or
@@ -17,8 +19,9 @@ whole when it came with the head) and ``release()`` gives the connection back.
   transport stops reading until the client side has taken it; a streamed request body waits
   for the upstream transport's writes to drain before it reads more from the client.
 * **Failures**: before the head, ``UpstreamError`` (``UpstreamFailure`` once mapped by
-  ``UpstreamPool``; "connect" when no connection could be made, a certificate that does not
-  verify included: nothing was sent, so even a POST may go elsewhere); after it,
+  ``UpstreamPool``'s ``failure``, which ``send`` applies itself; "connect" when no connection
+  could be made, a certificate that does not verify included: nothing was sent, so even a
+  POST may go elsewhere); after it,
   ``UpstreamBodyError`` from the body iterator.  A connection that saw anything wrong is
   closed, never pooled.
 * **TLS** (``https://`` backends): a context per backend from ``meridian.origin_tls`` (verified,
@@ -49,7 +52,6 @@ from edge.upstream_wire import (
     UpstreamProtocolError,
     chunk,
     encode_head,
-    has_host,
 )
 from meridian.log import get_logger
 from meridian.origin_tls import ResumingContext, verify_reason
@@ -178,6 +180,7 @@ class Connection(asyncio.Protocol):
         "_waiter",
         "backend",
         "closed",
+        "content",
         "deadline_kind",
         "due",
         "error",
@@ -214,6 +217,9 @@ class Connection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         #: When the current deadline passes (``loop.time()``; 0: none), checked by the sweep.
         self.due = 0.0
+        #: Each response's ``content``: it reads whichever exchange is current, so one per
+        #: connection serves them all (none is made per response).
+        self.content = ResponseContent(self)
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -237,7 +243,9 @@ class Connection(asyncio.Protocol):
             self.paused = True
             self.transport.pause_reading()
         if reader.head is not None or reader.complete:
-            self._wake()
+            waiter = self._waiter  # _wake, inline: once per response
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
     def eof_received(self) -> bool | None:
         reader = self.reader
@@ -329,14 +337,10 @@ class Connection(asyncio.Protocol):
         finally:
             self._drain = None
 
-    async def exchange(
-        self,
-        head: bytes,
-        body: bytes | AsyncIterable[bytes] | None,
-        chunked: bool,
-        head_request: bool,
-    ) -> ResponseHead:
-        """Write the request, wait for the response head.  Raises ``UpstreamError``."""
+    def begin(self, head: bytes, body: bytes | None, head_request: bool) -> ResponseReader:
+        """Write a request whose body is in memory and arm the first-byte deadline; the
+        caller then waits (``_waiter``) until ``awaiting_head`` is False and calls
+        ``head_in``.  Synchronous: the usual exchange costs no coroutine of its own."""
         transport = self.transport
         assert transport is not None
         spare = self.spare
@@ -346,22 +350,23 @@ class Connection(asyncio.Protocol):
             else spare.next(head_request=head_request)
         )
         self.requests += 1
-        if body is None or isinstance(body, bytes):
-            transport.write(head + body if body else head)  # one write, one segment
-        else:
-            transport.write(head)
-            await self._send_stream(body, chunked)
-        self.last_read = self.pool.loop.time()
+        transport.write(head + body if body else head)  # one write, one segment
+        pool = self.pool
+        now = self.last_read = pool.loop.time()
         if reader.head is None and self.error is None and not self.closed:
-            self._arm("first byte", self.pool.limits.first_byte)
-            loop = self.pool.loop
-            while reader.head is None and self.error is None and not self.closed:
-                # A future woken by ``_wake`` (inline: no coroutine per wait); one left
-                # behind by a cancellation is done or never woken: harmless.
-                waiter = self._waiter = loop.create_future()
-                await waiter
+            self.deadline_kind = "first byte"
+            self.due = now + pool.limits.first_byte
+        return reader
+
+    def head_in(self) -> ResponseHead:
+        """After the wait for the head: the head, its read deadline armed; or, when none came
+        (an error, a timeout, the connection closed), the connection closed and
+        ``UpstreamError`` raised."""
+        reader = self.reader
+        assert reader is not None
         error = self.error
-        if reader.head is None:
+        head = reader.head
+        if head is None:
             self.close()
             if isinstance(error, TimeoutError):
                 raise UpstreamError("timeout", str(error))
@@ -369,10 +374,44 @@ class Connection(asyncio.Protocol):
                 raise UpstreamError("protocol", str(error))
             raise UpstreamError("reset", "connection closed before a response head")
         if reader.complete or error is not None:
-            self._cancel_timer()  # an error is raised by the body iterator
+            self.due = 0.0  # an error is raised by the body iterator
         else:
-            self._arm("read", self.pool.limits.read_idle)
-        return reader.head
+            self.deadline_kind = "read"
+            self.due = self.pool.loop.time() + self.pool.limits.read_idle
+        return head
+
+    async def exchange(
+        self,
+        head: bytes,
+        body: bytes | AsyncIterable[bytes] | None,
+        chunked: bool,
+        head_request: bool,
+    ) -> ResponseHead:
+        """Write the request, wait for the response head.  Raises ``UpstreamError``."""
+        if body is None or isinstance(body, bytes):
+            reader = self.begin(head, body, head_request)
+        else:
+            transport = self.transport
+            assert transport is not None
+            spare = self.spare
+            reader = self.reader = (
+                ResponseReader(head_request=head_request)
+                if spare is None
+                else spare.next(head_request=head_request)
+            )
+            self.requests += 1
+            transport.write(head)
+            await self._send_stream(body, chunked)
+            self.last_read = self.pool.loop.time()
+            if reader.head is None and self.error is None and not self.closed:
+                self._arm("first byte", self.pool.limits.first_byte)
+        loop = self.pool.loop
+        while reader.head is None and self.error is None and not self.closed:
+            # A future woken by ``_wake`` (inline: no coroutine per wait); one left
+            # behind by a cancellation is done or never woken: harmless.
+            waiter = self._waiter = loop.create_future()
+            await waiter
+        return self.head_in()
 
     async def _send_stream(self, body: AsyncIterable[bytes], chunked: bool) -> None:
         transport = self.transport
@@ -427,7 +466,7 @@ class Connection(asyncio.Protocol):
         reader = self.reader
         self.reader = None
         self.spare = reader
-        self._cancel_timer()
+        self.due = 0.0  # _cancel_timer, inline
         if (
             reader is not None
             and reader.complete
@@ -447,7 +486,12 @@ class Connection(asyncio.Protocol):
         ):
             self.close()
             return
-        self.pool.put_idle(self)
+        pool = self.pool  # put_idle, inline: once per response
+        self.used_at = pool.loop.time()
+        idle = pool.idle
+        idle.append(self)
+        if len(idle) > pool.limits.max_idle:
+            idle.popleft().close()  # the coldest goes
 
 
 class ResponseContent:
@@ -483,7 +527,7 @@ class OriginResponse:
         self.reason = head.reason.decode("latin-1")
         self.raw_headers = head.headers
         self.content_length = head.content_length
-        self.content = ResponseContent(connection)
+        self.content = connection.content
 
     def release(self) -> None:
         connection = self._connection
@@ -604,14 +648,6 @@ class BackendPool:
         stats.open[url] = len(self.open)
         return connection
 
-    def put_idle(self, connection: Connection) -> None:
-        connection.used_at = self.loop.time()
-
-        idle = self.idle
-        idle.append(connection)
-        if len(idle) > self.limits.max_idle:
-            idle.popleft().close()  # the coldest goes
-
     def keep_session(self, connection: Connection) -> None:
         """After a whole response on a TLS connection (a TLS 1.3 ticket has come by then): its
         session is offered by the backend's next handshake (``ResumingContext``)."""
@@ -653,11 +689,16 @@ class OriginClient:
     """The pools of one process, by backend URL."""
 
     def __init__(
-        self, limits: ClientLimits, tls: Callable[[], ssl.SSLContext] | None = None
+        self,
+        limits: ClientLimits,
+        tls: Callable[[], ssl.SSLContext] | None = None,
+        failure: Callable[[UpstreamError], Exception] | None = None,
     ) -> None:
         """``tls``: makes the context of an ``https://`` backend (called once per backend, when
-        it is first used)."""
+        it is first used); ``failure``: what ``send`` raises instead of an ``UpstreamError``
+        (``edge.upstream``'s mapping, so that its ``send`` needs no coroutine of its own)."""
         self.limits = limits
+        self.failure = failure
         self.stats = ClientStats()
         self._tls_factory = tls
         self._pools: dict[str, BackendPool] = {}
@@ -730,57 +771,96 @@ class OriginClient:
         URL's path included, ``Backend.prefix``); ``headers``: the lines as sent
         (``upstream_wire.header_block``), without framing; ``length``: a streamed body's
         declared length (None: sent chunked); ``replayable``: the request may be sent twice
-        (an idempotent method, the body in memory).  Raises ``UpstreamError``."""
-        pool = self.pool(url)
-        backend = pool.backend
-        connection = pool.idle_connection()
-        reused = connection is not None
-        if connection is None:
-            connection = await pool.connect()
-        chunked = False
-        if body is None:
-            framing = b"content-length: 0\r\n" if method in _BODY_EXPECTED else b""
-        elif isinstance(body, bytes):
-            framing = b"content-length: %d\r\n" % len(body)
-        elif length is not None:
-            framing = b"content-length: %d\r\n" % length
-        else:
-            framing = b"transfer-encoding: chunked\r\n"
-            chunked = True
-        head = encode_head(
-            method.encode("ascii"),
-            target,
-            headers,
-            None if has_host(headers) else backend.authority,
-            framing,
-        )
-        started = time.monotonic()
-        head_request = method == "HEAD"
+        (an idempotent method, the body in memory).  Raises ``UpstreamError``, or what the
+        client's ``failure`` makes of it."""
         try:
-            response_head = await connection.exchange(head, body, chunked, head_request)
+            pool = self._pools.get(url) or self.pool(url)
+            chunked = False
+            if body is None:
+                framing = b"content-length: 0\r\n" if method in _BODY_EXPECTED else b""
+            elif isinstance(body, bytes):
+                framing = b"content-length: %d\r\n" % len(body)
+            elif length is not None:
+                framing = b"content-length: %d\r\n" % length
+            else:
+                framing = b"transfer-encoding: chunked\r\n"
+                chunked = True
+            head = encode_head(
+                _METHODS.get(method) or method.encode("ascii"),
+                target,
+                headers,
+                pool.backend.authority,  # used only when the lines carry no Host
+                framing,
+            )
+            head_request = method == "HEAD"
+            connection = pool.idle_connection()
+            if connection is None:
+                connection = await pool.connect()
+                started = time.monotonic()
+                try:
+                    response_head = await connection.exchange(head, body, chunked, head_request)
+                except BaseException:
+                    connection.close()  # cancelled, or failed: never pooled half-way
+                    raise
+            else:
+                started = time.monotonic()
+                try:
+                    if body is None or isinstance(body, bytes):
+                        # The usual case, inline (``Connection.exchange`` without its
+                        # coroutine): write, then wait on a bare future woken by the
+                        # connection's callbacks.
+                        reader = connection.begin(head, body, head_request)
+                        loop = pool.loop
+                        while (
+                            reader.head is None
+                            and connection.error is None
+                            and not connection.closed
+                        ):
+                            waiter = connection._waiter = loop.create_future()
+                            await waiter
+                        response_head = connection.head_in()
+                    else:
+                        response_head = await connection.exchange(head, body, chunked, head_request)
+                except UpstreamError as exc:
+                    connection.close()
+                    if not (replayable and exc.kind == "reset"):
+                        raise
+                    # A kept-alive connection closed under the request with not a byte
+                    # back: the origin's idle timeout racing ours.  A request that may go
+                    # twice goes again, once, on a new connection (as Go's client does);
+                    # any other is the walk's call.
+                    stats = self.stats
+                    stats.stale[url] = stats.stale.get(url, 0) + 1
+                    connection = await pool.connect()
+                    try:
+                        response_head = await connection.exchange(head, body, chunked, head_request)
+                    except BaseException:
+                        connection.close()
+                        raise
+                except BaseException:
+                    connection.close()  # cancelled, or failed: never pooled half-way
+                    raise
         except UpstreamError as exc:
-            connection.close()
-            if not (reused and replayable and exc.kind == "reset"):
+            failure = self.failure
+            if failure is None:
                 raise
-            # A kept-alive connection closed under the request with not a byte back: the
-            # origin's idle timeout racing ours.  A request that may go twice goes again,
-            # once, on a new connection (as Go's client does); any other is the walk's call.
-            stats = self.stats
-            stats.stale[url] = stats.stale.get(url, 0) + 1
-            connection = await pool.connect()
-            try:
-                response_head = await connection.exchange(head, body, chunked, head_request)
-            except BaseException:
-                connection.close()
-                raise
-        except BaseException:
-            connection.close()  # cancelled, or failed: never pooled half-way
-            raise
-        ClientStats.add(self.stats.first_byte_seconds, url, time.monotonic() - started)
+            raise failure(exc) from None
+        seconds = time.monotonic() - started
+        pair = self.stats.first_byte_seconds.get(url)  # ClientStats.add, inline
+        if pair is None:
+            self.stats.first_byte_seconds[url] = [seconds, 1.0]
+        else:
+            pair[0] += seconds
+            pair[1] += 1.0
         return OriginResponse(connection, response_head)
 
 
 _BODY_EXPECTED = frozenset({"POST", "PUT", "PATCH"})
+#: Request methods as sent, for the common ones (others are encoded per request).
+_METHODS: Final = {
+    name: name.encode("ascii")
+    for name in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+}
 
 
 __all__ = [

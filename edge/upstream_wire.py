@@ -50,11 +50,12 @@ class UpstreamProtocolError(EdgeError):
 def encode_head(
     method: bytes, target: bytes, headers: bytes, host: bytes | None, framing: bytes
 ) -> bytes:
-    """A request head: ``headers`` are the lines as sent (each ending CRLF), ``host`` a Host
-    line's value to add when they carry none, ``framing`` the body's framing line(s)."""
+    """A request head: ``headers`` are the lines as sent (each ending CRLF, lower-case names),
+    ``host`` a Host line's value to add when they carry none, ``framing`` the body's framing
+    line(s)."""
     parts = [method, b" ", target, _HTTP11]
-    if host is not None:
-        parts += [b"host: ", host, _CRLF]
+    if host is not None and not (headers.startswith(b"host:") or b"\r\nhost:" in headers):
+        parts += [b"host: ", host, _CRLF]  # has_host, inline: once per request
     parts += [headers, framing, _CRLF]
     return b"".join(parts)
 

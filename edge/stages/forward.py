@@ -42,7 +42,25 @@ class Forwarder:
 
     async def forward(self, exchange: Exchange) -> None:
         respond = self.respond
-        fetched = await self.fetch(exchange)
+        request, body = exchange.request, exchange.body
+        framing = request.body
+        # The body read and the walk awaited here, not in a coroutine of their own: one
+        # frame fewer per forwarded request.
+        fetched: Walked | None = None
+        payload: bytes | AsyncIterable[bytes] | None = None
+        has_body = framing.has_body
+        if body is not None and has_body:
+            try:
+                payload = await buffer_request_body(body, framing, REQUEST_BUFFER_LIMIT)
+            except RequestRejected as exc:
+                fetched = exc  # the client's fault (too slow, too big, gone): nothing was sent
+        if fetched is None:
+            fetched = await self.walker.walk(
+                exchange.state,
+                exchange.routed,
+                exchange.record,
+                upstream_call(exchange, body if has_body else None, payload),
+            )
         if isinstance(fetched, RequestRejected):
             await respond.send_error(exchange, fetched.status, fetched.reason)
             return
@@ -50,7 +68,6 @@ class Forwarder:
             await respond.send_error(exchange, fetched.status, fetched.reason, fetched.retry_after)
             return
         response, attempt = fetched
-        request = exchange.request
         try:
             outgoing = from_upstream(exchange, response, attempt)
             cache = self.services.cache
@@ -68,29 +85,26 @@ class Forwarder:
             response.release()
             self.services.upstream.release(attempt.backend, streamed=exchange.record.streamed_body)
 
-    async def fetch(self, exchange: Exchange) -> Walked:
-        """The response head for the client's request as it is, or why there is none."""
-        request, body = exchange.request, exchange.body
-        headers = forward_headers(request.headers, forwarding_context(request, exchange.state))
-        payload: bytes | AsyncIterable[bytes] | None = None
-        if body is not None and request.body.has_body:
-            try:
-                payload = await buffer_request_body(body, request.body, REQUEST_BUFFER_LIMIT)
-            except RequestRejected as exc:
-                return exc  # the client's fault (too slow, too big, gone): nothing was sent
-        framing = request.body
-        call = UpstreamCall(
-            request.method,
-            request.target.decode("latin-1"),
-            upstream_headers(headers),
-            body if framing.has_body else None,
-            payload,
-            # A streamed body keeps the client's declared length (origins that refuse chunked
-            # uploads still get it); a chunked one goes chunked.
-            framing.length if framing.kind is BodyKind.LENGTH else None,
-            request.request_id.decode("latin-1"),
-        )
-        return await self.walker.walk(exchange.state, exchange.routed, exchange.record, call)
+
+def upstream_call(
+    exchange: Exchange, body: RequestBody | None, payload: bytes | AsyncIterable[bytes] | None
+) -> UpstreamCall:
+    """What the walk sends for the client's request as it is: ``body`` the client's (when the
+    request has one), ``payload`` what of it is sent (``buffer_request_body``)."""
+    request = exchange.request
+    headers = forward_headers(request.headers, forwarding_context(request, exchange.state))
+    framing = request.body
+    return UpstreamCall(
+        request.method,
+        request.target.decode("latin-1"),
+        upstream_headers(headers),
+        body,
+        payload,
+        # A streamed body keeps the client's declared length (origins that refuse chunked
+        # uploads still get it); a chunked one goes chunked.
+        framing.length if framing.kind is BodyKind.LENGTH else None,
+        request.request_id.decode("latin-1"),
+    )
 
 
 def from_upstream(
@@ -105,7 +119,10 @@ def from_upstream(
         region=attempt.region,
     )
     headers.append((b"x-cache", exchange.record.cache.encode()))
-    if not any(name == b"age" for name, _ in headers):
+    for name, _ in headers:  # a loop, not any() over a generator: once per response
+        if name == b"age":
+            break
+    else:
         headers.append((b"age", b"0"))
     headers.append((state.request_id_header, request.request_id))
     length = response.content_length
@@ -150,4 +167,10 @@ async def _chain(prefix: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterat
         yield chunk
 
 
-__all__ = ["REQUEST_BUFFER_LIMIT", "Forwarder", "buffer_request_body", "from_upstream"]
+__all__ = [
+    "REQUEST_BUFFER_LIMIT",
+    "Forwarder",
+    "buffer_request_body",
+    "from_upstream",
+    "upstream_call",
+]

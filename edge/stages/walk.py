@@ -9,7 +9,8 @@ request waiting for the first byte of a backend that leaves rotation is given up
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable
+import random
+from collections.abc import AsyncIterable, Mapping
 from typing import NamedTuple
 
 from edge.exchange import RETRY_AFTER_SECONDS, ErrorAnswer, ExchangeRecord, RequestBody
@@ -21,19 +22,21 @@ from edge.state import EdgeState
 from edge.upstream import (
     Attempt,
     FailureKind,
+    HealthView,
     OriginResponse,
     SnapshotView,
     UpstreamFailure,
     live_regions,
     next_attempt,
+    pick_backend,
     retry_allowed,
 )
 from meridian.log import get_logger
 
 log = get_logger("edge")
 
-#: A request waiting for a response head: its regions and its attempts so far.
-_Waiting = tuple[tuple[str, ...], list[Attempt]]
+#: A request waiting for a response head: its backend, its regions and its attempts so far.
+_Waiting = tuple[str, tuple[str, ...], list[Attempt]]
 
 
 class UpstreamCall(NamedTuple):
@@ -55,27 +58,60 @@ class UpstreamCall(NamedTuple):
 
 Walked = tuple[OriginResponse, Attempt] | ErrorAnswer | RequestRejected
 
+#: What one health snapshot says of a region list: the regions to try (``live_regions``),
+#: the first of them with a usable backend and those backends (where ``next_attempt`` makes
+#: a first attempt), and that attempt when only one backend is usable there.
+_Live = tuple[tuple[str, ...], str, tuple[str, ...], Attempt | None]
+
+
+def _live_in(names: tuple[str, ...], health: HealthView) -> _Live:
+    regions = live_regions(names, health)
+    for region in regions:
+        backends = health.usable_backends(region)
+        if backends:
+            return (
+                regions,
+                region,
+                backends,
+                (Attempt(region, backends[0]) if len(backends) == 1 else None),
+            )
+    return regions, "", (), None
+
+
+def _first_pick(live: _Live, outstanding: Mapping[str, int], rng: random.Random) -> Attempt | None:
+    """``next_attempt``'s first attempt from ``_live_in``'s answer, when it is not made yet
+    (more than one backend to choose from, or none)."""
+    _, region, backends, only = live
+    if only is not None:
+        return only
+    backend = pick_backend(backends, outstanding, rng)
+    return None if backend is None else Attempt(region, backend)
+
 
 class UpstreamWalk:
     """The failover walk of one worker, and the tasks it may give up on."""
 
     def __init__(self, services: EdgeServices) -> None:
         self.services = services
-        #: Tasks waiting for a response head, by backend, with where else they could go
-        #: (``on_health``), and the ones it cancelled to retry elsewhere.
-        self._waiting: dict[str, dict[asyncio.Task[object], _Waiting]] = {}
+        #: Tasks waiting for a response head, with their backend and where else they could
+        #: go (``on_health``), and the ones it cancelled to retry elsewhere.  One flat table:
+        #: a request is watched and unwatched with one operation each.
+        self._waiting: dict[asyncio.Task[object], _Waiting] = {}
         self._abandoning: set[asyncio.Task[object]] = set()
         self._own_failures = {FailureKind.POOL: Throttle(), FailureKind.LOCAL: Throttle()}
-        #: ``live_regions`` per service's region list, for the snapshot in ``_live_for``: a
-        #: snapshot is replaced, never changed, so the answers hold until the next one (one
-        #: entry per distinct region list in the config: bounded by it).
-        self._live: dict[tuple[str, ...], tuple[str, ...]] = {}
+        #: ``_live_in`` (live regions and the first attempt's candidates) per service's region
+        #: list, for the snapshot in ``_live_for``: a snapshot is replaced, never changed, so
+        #: the answers hold until the next one (one entry per distinct region list in the
+        #: config: bounded by it).
+        self._live: dict[tuple[str, ...], _Live] = {}
         self._live_for: object = None
         #: Whether a service's region list holds more than one backend (else a request never
         #: has anywhere else to go, and ``on_health`` could never give up on it), per config
         #: generation in ``_spare_for``.
         self._spare: dict[tuple[str, ...], bool] = {}
         self._spare_for: object = None
+        #: The loop of the tasks walking (``asyncio.current_task`` without looking it up).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def walk(
         self, state: EdgeState, target: RouteTarget, record: ExchangeRecord, call: UpstreamCall
@@ -91,9 +127,10 @@ class UpstreamWalk:
         if health is not self._live_for:
             self._live_for = health
             self._live.clear()
-        regions = self._live.get(target.regions)
-        if regions is None:
-            regions = self._live[target.regions] = live_regions(target.regions, health)
+        live = self._live.get(target.regions)
+        if live is None:
+            live = self._live[target.regions] = _live_in(target.regions, health)
+        regions, _, _, only = live
         if not regions:
             return ErrorAnswer(503, "no_healthy_region", RETRY_AFTER_SECONDS)
         method, headers, body = call.method, call.headers, call.body
@@ -106,16 +143,24 @@ class UpstreamWalk:
         metrics = services.metrics
         replayable = method in target.retry_methods and not streamed
         # Given up on (``on_health``) only when there is somewhere else to go.
-        abandonable = replayable and self._has_spare(state, target)
+        abandonable = False
+        if replayable:
+            spare = self._spare.get(target.regions) if state is self._spare_for else None
+            abandonable = self._has_spare(state, target) if spare is None else spare
         failure: UpstreamFailure | None = None
+        # The first attempt (nearly every request's only one): ``next_attempt``'s first pick
+        # from what ``_live_in`` found for this snapshot.
+        attempt = only
+        if attempt is None:
+            attempt = _first_pick(live, upstream.outstanding, services.rng)
         while True:
-            attempt = next_attempt(
-                regions, health, record.attempts, upstream.outstanding, services.rng
-            )
-            if attempt is None:
-                break
             if record.attempts:
                 assert failure is not None
+                attempt = next_attempt(
+                    regions, health, record.attempts, upstream.outstanding, services.rng
+                )
+                if attempt is None:
+                    break
                 if not retry_allowed(method, target.retry_methods, streamed, failure.kind):
                     break
                 if health_source.snapshot is not health:
@@ -133,6 +178,8 @@ class UpstreamWalk:
                     metrics.failovers.labels(
                         target.service.name, record.attempts[0].region, attempt.region
                     ).inc()
+            elif attempt is None:
+                break
             record.attempts.append(attempt)
             record.region, record.backend = attempt.region, attempt.backend
             backend = attempt.backend
@@ -150,9 +197,15 @@ class UpstreamWalk:
                 continue
             try:
                 if abandonable:
-                    task = asyncio.current_task()
-                    if task is not None:
-                        self._watch(backend, task, regions, record.attempts)
+                    # ``asyncio.current_task`` with the loop known: no get_running_loop (a
+                    # getpid() each in 3.11) per request.
+                    loop = self._loop
+                    task = None if loop is None else asyncio.current_task(loop)
+                    if task is None:
+                        task = asyncio.current_task()
+                        self._loop = None if task is None else task.get_loop()
+                    if task is not None:  # watched: ``on_health`` may give up on it
+                        self._waiting[task] = (backend, regions, record.attempts)
                 try:
                     response = await upstream.send(
                         backend,
@@ -167,7 +220,7 @@ class UpstreamWalk:
                     # Unwatched before anything else: the health report below may publish
                     # a snapshot, and this task must not be given up on for its own report.
                     if task is not None:
-                        self._unwatch(backend, task)
+                        self._waiting.pop(task, None)
             except UpstreamFailure as exc:
                 upstream.release(backend, streamed=streamed)
                 if task is not None:
@@ -191,7 +244,7 @@ class UpstreamWalk:
             except BaseException:
                 upstream.release(backend, streamed=streamed)
                 raise
-            if task is not None:
+            if task is not None and self._abandoning:
                 self._settle(task)
             elapsed = services.clock() - started
             record.upstream_seconds = elapsed
@@ -244,25 +297,6 @@ class UpstreamWalk:
 
     # -- giving up on attempts to a backend that left rotation --------------------------------
 
-    def _watch(
-        self,
-        backend: str,
-        task: asyncio.Task[object],
-        regions: tuple[str, ...],
-        tried: list[Attempt],
-    ) -> None:
-        waiting = self._waiting.get(backend)
-        if waiting is None:
-            waiting = self._waiting[backend] = {}
-        waiting[task] = (regions, tried)
-
-    def _unwatch(self, backend: str, task: asyncio.Task[object]) -> None:
-        waiting = self._waiting.get(backend)
-        if waiting is not None:
-            waiting.pop(task, None)
-            if not waiting:
-                del self._waiting[backend]
-
     def _abandoned(self, task: asyncio.Task[object]) -> bool:
         """Whether a CancelledError in ``task`` was ``on_health``'s (and only its)."""
         if task not in self._abandoning:
@@ -287,17 +321,14 @@ class UpstreamWalk:
         if not self._waiting:
             return
         outstanding = self.services.upstream.outstanding
-        for backend, waiting in list(self._waiting.items()):
-            if snapshot.backend_up(backend):
+        for task, (backend, regions, tried) in list(self._waiting.items()):
+            if task.done() or task in self._abandoning or snapshot.backend_up(backend):
                 continue
-            for task, (regions, tried) in list(waiting.items()):
-                if task.done() or task in self._abandoning:
-                    continue
-                later = next_attempt(regions, snapshot, tried, outstanding, self.services.rng)
-                if later is None:
-                    continue  # nowhere else to go: this backend may still answer
-                self._abandoning.add(task)
-                task.cancel()
+            later = next_attempt(regions, snapshot, tried, outstanding, self.services.rng)
+            if later is None:
+                continue  # nowhere else to go: this backend may still answer
+            self._abandoning.add(task)
+            task.cancel()
 
 
 __all__ = ["UpstreamCall", "UpstreamWalk", "Walked"]
