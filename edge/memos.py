@@ -154,7 +154,7 @@ BYPASS_LOOKUPS: Final = MemoSpec(
 )
 SHARED_FIELDS: Final = MemoSpec(
     name="shared header fields",
-    owner="edge.cache.admission.Admission._shared_fields (pooled)",
+    owner="edge.cache.admission.SharedFields._pool (pooled, shaped)",
     key="a stored header field (name, value) that responses repeat",
     value="the one copy every stored entry shares",
     cleared_by="its bound only (entries keep the copies they hold)",

@@ -327,7 +327,8 @@ class Connection(asyncio.Protocol):
         self.due = 0.0
         self._fail(TimeoutError(f"{self.deadline_kind} timeout"))
 
-    async def _drained(self) -> None:
+    async def drained(self) -> None:
+        """Until the socket's buffer has room again (``resume_writing``)."""
         if not self.write_paused or self.closed:
             return
         drain = self.pool.loop.create_future()
@@ -401,7 +402,7 @@ class Connection(asyncio.Protocol):
             )
             self.requests += 1
             transport.write(head)
-            await self._send_stream(body, chunked)
+            await _send_stream(self, body, chunked)
             self.last_read = self.pool.loop.time()
             if reader.head is None and self.error is None and not self.closed:
                 self._arm("first byte", self.pool.limits.first_byte)
@@ -412,28 +413,6 @@ class Connection(asyncio.Protocol):
             waiter = self._waiter = loop.create_future()
             await waiter
         return self.head_in()
-
-    async def _send_stream(self, body: AsyncIterable[bytes], chunked: bool) -> None:
-        transport = self.transport
-        assert transport is not None
-        reader = self.reader
-        assert reader is not None
-        try:
-            async for data in body:
-                if self.closed or reader.head is not None:
-                    # The origin answered (or went away) before the body was all sent: stop
-                    # sending; the connection cannot carry another request.
-                    self.close_after_exchange()
-                    return
-                if data:
-                    transport.write(chunk(data) if chunked else data)
-                if self.write_paused:
-                    await self._drained()
-        except Exception as exc:  # the client's body broke (its ``error`` tells the walk)
-            self.close()
-            raise UpstreamError("reset", f"request body: {type(exc).__name__}") from None
-        if chunked and not self.closed:
-            transport.write(LAST_CHUNK)
 
     def close_after_exchange(self) -> None:
         if self.reader is not None:
@@ -492,6 +471,31 @@ class Connection(asyncio.Protocol):
         idle.append(self)
         if len(idle) > pool.limits.max_idle:
             idle.popleft().close()  # the coldest goes
+
+
+async def _send_stream(connection: Connection, body: AsyncIterable[bytes], chunked: bool) -> None:
+    """Write a streamed request body on ``connection`` (its head is out), chunked or not,
+    pausing while the socket's buffer is full; raises ``UpstreamError`` when it breaks."""
+    transport = connection.transport
+    assert transport is not None
+    reader = connection.reader
+    assert reader is not None
+    try:
+        async for data in body:
+            if connection.closed or reader.head is not None:
+                # The origin answered (or went away) before the body was all sent: stop
+                # sending; the connection cannot carry another request.
+                connection.close_after_exchange()
+                return
+            if data:
+                transport.write(chunk(data) if chunked else data)
+            if connection.write_paused:
+                await connection.drained()
+    except Exception as exc:  # the client's body broke (its ``error`` tells the walk)
+        connection.close()
+        raise UpstreamError("reset", f"request body: {type(exc).__name__}") from None
+    if chunked and not connection.closed:
+        transport.write(LAST_CHUNK)
 
 
 class ResponseContent:

@@ -107,8 +107,8 @@ def _fill_bypass(n: int) -> BoundedMemo[Any, Any]:
 def _fill_shared_fields(n: int) -> BoundedMemo[Any, Any]:
     admission = _cache().admission
     for i in range(n):
-        admission.pooled([(b"x-field", b"%d" % i)])
-    return admission._shared_fields
+        admission.fields.pooled([(b"x-field", b"%d" % i)])
+    return admission.fields._pool
 
 
 def _fill_response_shapes(n: int) -> BoundedMemo[Any, Any]:

@@ -139,11 +139,9 @@ class Admission:
         "_compressor",
         "_extra_head",
         "_head_meta",
-        "_last_date",
-        "_last_fields",
         "_negotiate",
-        "_shared_fields",
         "_targeted",
+        "fields",
         "targeted_fields",
     )
 
@@ -161,10 +159,8 @@ class Admission:
         self.set_targets(targets)
         #: What ``storable_head`` last made of a response head (``admit`` reuses it).
         self._head_meta: _HeadVerdict | None = None
-        #: One copy of each stored header field that many responses repeat (``pooled``).
-        self._shared_fields: BoundedMemo[Header, Header] = BoundedMemo(SHARED_FIELDS)
-        self._last_date: Header = (b"date", b"")
-        self._last_fields: tuple[Header, ...] = ()
+        #: One copy of each stored header field that many responses repeat.
+        self.fields = SharedFields()
 
     def set_targets(self, targets: Sequence[str]) -> None:
         """The RFC 9213 targets (``CacheConfig.targets``); entries already stored keep hiding
@@ -254,12 +250,12 @@ class Admission:
             return None, "no-freshness"
         measured: tuple[int, bytes | None, bytes | None] | None = None
         if shape is not None:
-            fields, measured = self._shaped_fields(shape, response.headers, meta, response_time)
+            fields, measured = self.fields.shaped(shape, response.headers, meta, response_time)
         else:
             headers = stored_headers(response.headers, keep_set_cookie=rule.store_set_cookie)
             if meta.date is None:
                 headers.append((b"date", format_http_date(response_time)))
-            fields = self.pooled(headers)
+            fields = self.fields.pooled(headers)
         names = meta.vary
         if meta.content_encoding is None:
             # The entry serves every coding itself: Accept-Encoding does not split variants.
@@ -342,7 +338,9 @@ class Admission:
             else:
                 header_bytes += len(value)
                 field = (name, value)
-                template.append(field if name in _UNIQUE_PER_RESPONSE else self._shared(field))
+                template.append(
+                    field if name in _UNIQUE_PER_RESPONSE else self.fields.shared(field)
+                )
             if name == b"etag":
                 etag_at.append(at)
             elif name == b"last-modified" and modified_at < 0:
@@ -359,7 +357,111 @@ class Admission:
             any(name == b"content-length" for name, _ in headers),
         )
 
-    def _shaped_fields(
+    def _shaped_freshness(
+        self,
+        shape: StoredShape,
+        status: int,
+        meta: ResponseMeta,
+        request_time: float,
+        response_time: float,
+    ) -> Freshness:
+        """``compute_freshness`` of a response of ``shape`` (its parts made once a status)."""
+        known = shape.freshness
+        if status in known:
+            parts = known[status]
+        elif len(known) < 4:  # a shape has one status (its key's); bounded all the same
+            parts = known[status] = freshness_parts(status, meta, shape.rule)
+        else:
+            parts = None
+        if parts is None:
+            return compute_freshness(status, meta, shape.rule, request_time, response_time)
+        return shaped_freshness(parts, meta, request_time, response_time)
+
+    def refreshed(
+        self,
+        key: CacheKey,
+        stale: Entry,
+        update: UpstreamResponse,
+        request_time: float,
+        response_time: float,
+    ) -> tuple[Entry, ResponseMeta]:
+        """RFC 9111 4.3.4: ``stale`` freshened with a 304's headers, and the merged meta."""
+        rule = key.rule
+        merged = merge_not_modified(
+            stale.response.headers, update.headers, keep_set_cookie=rule.store_set_cookie
+        )
+        update_meta = response_meta(update.headers, self._targeted)
+        if update_meta.date is None:  # the stored Date would make the refreshed entry look old
+            merged = [(n, v) for n, v in merged if n != b"date"]
+            merged.append((b"date", format_http_date(response_time)))
+        meta = response_meta(merged, self._targeted)._replace(age=update_meta.age)
+        old = stale.response
+        refreshed = stale.refreshed(
+            replace(
+                old,
+                headers=tuple(merged),
+                freshness=compute_freshness(old.status, meta, rule, request_time, response_time),
+                surrogate_keys=update_meta.surrogate_keys or old.surrogate_keys,
+                auth_ok=shareable_with_authorization(meta.cc),
+            )
+        )
+        return refreshed, meta
+
+
+class SharedFields:
+    """The stored header fields of a cache's entries, each field that is not unique to its
+    response (``content-type: application/json``) one copy every entry shares (``pooled``, and
+    ``shaped`` for a fill of a known head shape): a million cached tickers would otherwise
+    each hold their own (about 0.7 KB of a 4.5 KB entry)."""
+
+    __slots__ = ("_last_date", "_last_fields", "_pool")
+
+    def __init__(self) -> None:
+        #: One copy of each field that many responses repeat (bounded: cleared when full).
+        self._pool: BoundedMemo[Header, Header] = BoundedMemo(SHARED_FIELDS)
+        self._last_date: Header = (b"date", b"")
+        self._last_fields: tuple[Header, ...] = ()
+
+    def pooled(self, headers: list[Header]) -> tuple[Header, ...]:
+        """The stored headers, each field that is not unique to its response replaced by the
+        one copy every entry shares: a million cached tickers would otherwise each hold their
+        own ``content-type: application/json`` (about 0.7 KB of a 4.5 KB entry).  Bounded: the
+        pool is cleared when full and refills with what is common."""
+        pool = self._pool
+        shared: list[Header] = []
+        for field in headers:
+            if field[0] == b"date":
+                # Unique per second, not per response: fills within a second share the last.
+                if field == self._last_date:
+                    field = self._last_date
+                else:
+                    self._last_date = field
+            elif field[0] not in _UNIQUE_PER_RESPONSE:
+                kept = pool.get(field)
+                if kept is None:
+                    if len(pool) >= SHARED_FIELDS_SIZE:
+                        pool.clear()
+                    pool[field] = kept = field
+                field = kept
+            shared.append(field)
+        fields = tuple(shared)
+        # Consecutive fills of one kind of object (tickers) often carry the very same fields.
+        if fields == self._last_fields:
+            return self._last_fields
+        self._last_fields = fields
+        return fields
+
+    def shared(self, field: Header) -> Header:
+        """The one copy of ``field`` every entry shares (``SHARED_FIELDS``)."""
+        pool = self._pool
+        kept = pool.get(field)
+        if kept is None:
+            if len(pool) >= SHARED_FIELDS_SIZE:
+                pool.clear()
+            pool[field] = kept = field
+        return kept
+
+    def shaped(
         self, shape: StoredShape, headers: Headers, meta: ResponseMeta, response_time: float
     ) -> tuple[tuple[Header, ...], tuple[int, bytes | None, bytes | None]]:
         """What ``stored_headers`` and ``pooled`` make of ``headers`` of ``shape``, and what
@@ -397,94 +499,5 @@ class Admission:
         self._last_fields = stored
         return stored, measured
 
-    def _shaped_freshness(
-        self,
-        shape: StoredShape,
-        status: int,
-        meta: ResponseMeta,
-        request_time: float,
-        response_time: float,
-    ) -> Freshness:
-        """``compute_freshness`` of a response of ``shape`` (its parts made once a status)."""
-        known = shape.freshness
-        if status in known:
-            parts = known[status]
-        elif len(known) < 4:  # a shape has one status (its key's); bounded all the same
-            parts = known[status] = freshness_parts(status, meta, shape.rule)
-        else:
-            parts = None
-        if parts is None:
-            return compute_freshness(status, meta, shape.rule, request_time, response_time)
-        return shaped_freshness(parts, meta, request_time, response_time)
 
-    def _shared(self, field: Header) -> Header:
-        """The one copy of ``field`` every entry shares (``SHARED_FIELDS``)."""
-        pool = self._shared_fields
-        kept = pool.get(field)
-        if kept is None:
-            if len(pool) >= SHARED_FIELDS_SIZE:
-                pool.clear()
-            pool[field] = kept = field
-        return kept
-
-    def refreshed(
-        self,
-        key: CacheKey,
-        stale: Entry,
-        update: UpstreamResponse,
-        request_time: float,
-        response_time: float,
-    ) -> tuple[Entry, ResponseMeta]:
-        """RFC 9111 4.3.4: ``stale`` freshened with a 304's headers, and the merged meta."""
-        rule = key.rule
-        merged = merge_not_modified(
-            stale.response.headers, update.headers, keep_set_cookie=rule.store_set_cookie
-        )
-        update_meta = response_meta(update.headers, self._targeted)
-        if update_meta.date is None:  # the stored Date would make the refreshed entry look old
-            merged = [(n, v) for n, v in merged if n != b"date"]
-            merged.append((b"date", format_http_date(response_time)))
-        meta = response_meta(merged, self._targeted)._replace(age=update_meta.age)
-        old = stale.response
-        refreshed = stale.refreshed(
-            replace(
-                old,
-                headers=tuple(merged),
-                freshness=compute_freshness(old.status, meta, rule, request_time, response_time),
-                surrogate_keys=update_meta.surrogate_keys or old.surrogate_keys,
-                auth_ok=shareable_with_authorization(meta.cc),
-            )
-        )
-        return refreshed, meta
-
-    def pooled(self, headers: list[Header]) -> tuple[Header, ...]:
-        """The stored headers, each field that is not unique to its response replaced by the
-        one copy every entry shares: a million cached tickers would otherwise each hold their
-        own ``content-type: application/json`` (about 0.7 KB of a 4.5 KB entry).  Bounded: the
-        pool is cleared when full and refills with what is common."""
-        pool = self._shared_fields
-        shared: list[Header] = []
-        for field in headers:
-            if field[0] == b"date":
-                # Unique per second, not per response: fills within a second share the last.
-                if field == self._last_date:
-                    field = self._last_date
-                else:
-                    self._last_date = field
-            elif field[0] not in _UNIQUE_PER_RESPONSE:
-                kept = pool.get(field)
-                if kept is None:
-                    if len(pool) >= SHARED_FIELDS_SIZE:
-                        pool.clear()
-                    pool[field] = kept = field
-                field = kept
-            shared.append(field)
-        fields = tuple(shared)
-        # Consecutive fills of one kind of object (tickers) often carry the very same fields.
-        if fields == self._last_fields:
-            return self._last_fields
-        self._last_fields = fields
-        return fields
-
-
-__all__ = ["SHARED_FIELDS_SIZE", "Admission"]
+__all__ = ["SHARED_FIELDS_SIZE", "Admission", "SharedFields"]
