@@ -973,10 +973,12 @@ async def test_lookup_read_answers_only_fresh_hits_and_counts_nothing_else() -> 
 
     def own_headers() -> list[Header]:
         asked.append(1)
-        return headers
+        return []
 
     extra = b"x-request-id: r1\r\n"
-    found = cache.lookup_read(b"https", HOST, b"/api/v1/ticker/BTC", read, own_headers, extra)
+    found = cache.lookup_read(
+        b"https", HOST, b"/api/v1/ticker/BTC", read, headers, own_headers, extra
+    )
     assert found is not None and found.kind is LookupKind.HIT
     assert found.wire == get(cache, b"/api/v1/ticker/BTC").wire.replace(
         b"x-cache: ", extra + b"x-cache: "
@@ -984,9 +986,10 @@ async def test_lookup_read_answers_only_fresh_hits_and_counts_nothing_else() -> 
     assert cache.metrics.l1_hits == 2 and asked == []  # no Vary: its headers never read
     # A miss, a bypassed rule and a stale answer: None, and nothing counted.
     for target in (b"/api/v1/ticker/ETH", b"/api/v1/orders"):
-        assert cache.lookup_read(b"https", HOST, target, read, own_headers) is None
+        assert cache.lookup_read(b"https", HOST, target, read, headers, own_headers) is None
     clock.advance(20)
-    assert cache.lookup_read(b"https", HOST, b"/api/v1/ticker/BTC", read, own_headers) is None
+    found = cache.lookup_read(b"https", HOST, b"/api/v1/ticker/BTC", read, headers, own_headers)
+    assert found is None
     assert cache.metrics.l1_hits == 2 and cache.metrics.stale == {}
 
 
@@ -1003,7 +1006,8 @@ async def test_lookup_read_chooses_a_variant_by_the_requests_own_headers() -> No
             HOST,
             b"/api/v1/ticker/BTC",
             read,
-            lambda tier=tier: [(b"host", HOST), (b"x-tier", tier)],  # type: ignore[misc]
+            [(b"host", HOST)],
+            lambda tier=tier: [(b"x-tier", tier)],  # type: ignore[misc]
         )
         assert (found is not None) is answered
         if found is not None:

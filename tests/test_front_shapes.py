@@ -14,6 +14,10 @@ import pytest
 
 import edge.h1fast
 import edge.stages.fill
+from edge.cache import LookupKind
+from edge.exchange import ProxyRequest
+from edge.fasthead import parse_simple_head
+from edge.h1fast import HeadShortcuts
 from edge.protocol import EdgeConnection
 from tests.stage_support import Reply, world
 from tests.test_front_http1 import Client as Http1Client
@@ -336,3 +340,41 @@ async def test_misses_of_a_shape_without_volatile_fields_reuse_its_upstream_line
     assert len(set(ids)) == len(ids)  # each request's own ID
     plain.close()
     tls.close()
+
+
+@pytest.mark.parametrize("volatile", [True, False])
+def test_a_miss_read_by_its_shape_is_pending_as_the_full_parse_and_lookup_make_it(
+    volatile: bool,
+) -> None:
+    # With volatile fields the shape's read is made this request's own; without, the shape's
+    # read (and the lookup made of it) is this request's already: both as the long way has it.
+    w = world()
+    shortcuts = HeadShortcuts(w.pipeline)
+    cache = w.pipeline.cache
+    assert cache is not None
+
+    def data(k: int) -> bytes:
+        target = b"/api/v1/symbols?k=%d" % k
+        if volatile:
+            return head(target, k)
+        return b"GET " + target + b" HTTP/1.1\r\nHost: example.test\r\nAccept: */*\r\n\r\n"
+
+    learnt = shortcuts.answer(data(0), "10.0.0.7", b"http", None)  # parsed in full
+    assert isinstance(learnt, ProxyRequest) and w.pipeline.take_pending(learnt) is not None
+    for k in (1, 2):
+        request = shortcuts.answer(data(k), "10.0.0.7", b"http", None)
+        assert isinstance(request, ProxyRequest)
+        pending = w.pipeline.take_pending(request)
+        simple = parse_simple_head(
+            data(k),
+            request_id_header=b"x-request-id",
+            max_headers=100,
+            max_header_bytes=65536,
+            max_url=8192,
+        )
+        assert simple is not None
+        assert request.headers == simple.headers and request.target == simple.target
+        assert request.request_id_supplied is volatile
+        expected = cache.lookup(b"GET", b"http", b"example.test", simple.target, simple.headers)
+        assert pending is not None and pending.kind is LookupKind.MISS
+        assert pending.key == expected.key and pending.request == expected.request

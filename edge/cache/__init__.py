@@ -342,7 +342,8 @@ class HttpCache:
         host: bytes,
         target: bytes,
         read: RequestInfo,
-        headers: Callable[[], Headers],
+        headers: Headers,
+        more: Callable[[], Headers] | None = None,
         extra: bytes = b"",
         path: bytes | None = None,
         misses: bool = False,
@@ -350,9 +351,10 @@ class HttpCache:
         """A fresh HIT for a GET or HEAD seen for the first time whose headers were read before
         (``read``: what ``RequestReader.read`` made of headers like its own, but for fields a
         lookup never reads), else None with nothing counted (the caller looks up in full); with
-        ``misses``, a miss is its MISS, carrying ``read``.  ``headers()``, the request's own, is
-        called only for a resource that varies.  The key is built without its memo (given
-        ``path``: ``build_origin``, ``target`` origin-form without a fragment)."""
+        ``misses``, a miss is its MISS, carrying ``read``.  The request's own fields are
+        ``headers`` plus ``more()``, called only for a resource that varies.  The key is built
+        without its memo (given ``path``: ``build_origin``, ``target`` origin-form without a
+        fragment)."""
         keys = self.keys
         key = (
             keys.build_once(scheme, host, target)
@@ -363,9 +365,14 @@ class HttpCache:
             return None
         store = self.store
         primary = key.primary
-        entry = store.get(primary, () if store.vary_names(primary) is None else headers())
+        if more is not None and store.vary_names(primary) is not None:
+            headers = [*headers, *more()]
+        entry = store.get(primary, headers)
         if entry is None:  # a MISS, but for a request with directives (``classify``)
-            return Lookup(_MISS, b"", key, None, read) if misses and read.cc is _PLAIN else None
+            if misses and read.cc is _PLAIN:
+                # Lookup(...) without the NamedTuple's generated __new__ (one per such miss).
+                return _new_tuple(Lookup, (_MISS, b"", key, None, read, "", False))
+            return None
         if read.authorized and not entry.response.auth_ok:
             return None
         now = self.clock()

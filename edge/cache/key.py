@@ -129,6 +129,10 @@ def normalise_query(query: bytes, rule: CacheRule) -> bytes:
     """The query as keyed and forwarded: empty members dropped, ``drop_params`` removed, and
     (with ``sort_query``) a stable sort by parameter name, so repeated parameters keep their
     relative order (the origin may read the first or the last)."""
+    if b"&" not in query:  # one member (or none): nothing to sort, at most itself to drop
+        if query and rule.drop_params and _drop_matcher(rule.drop_params)(_param_name(query)):
+            return b""
+        return query
     params = [p for p in query.split(b"&") if p]
     if rule.drop_params:
         drop = _drop_matcher(rule.drop_params)
@@ -249,8 +253,9 @@ class KeyBuilder:
             if not query:
                 normalised = path
             elif rule.drop_params or b"&" in query:
-                query = normalise_query(query, rule)
-                normalised = path + b"?" + query if query else path
+                kept = normalise_query(query, rule)
+                if kept is not query:  # (else one member kept: the target is its own form)
+                    normalised = path + b"?" + kept if kept else path
         url = _scheme_and_host(scheme, host) + normalised
         return _new_tuple(CacheKey, (METHOD_CLASS_GET + url, url, normalised, path, rule))
 

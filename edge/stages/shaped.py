@@ -22,11 +22,19 @@ from edge.exchange import ProxyRequest, entry_region
 from edge.fasthead import Volatile
 from edge.http1 import NO_BODY, Headers, new_request_id
 from edge.stages.hit import HitStage
-from edge.state import HeadShape
+from edge.state import EdgeState, HeadShape
 
 _HIT: Final = LookupKind.HIT
 _MISS: Final = LookupKind.MISS
 _SCHEME: Final = b"http"
+#: A NamedTuple made from all its fields without its generated ``__new__`` (a frame less).
+_new_tuple: Final = tuple.__new__
+
+
+def _route_name(state: EdgeState, host: bytes, path: str) -> str:
+    """The name of the route ``host`` and ``path`` take (the access line's ``-`` for none)."""
+    routed = state.route(host, path)
+    return routed.route.name if routed is not None else "-"
 
 
 class ShapedHits:
@@ -69,19 +77,22 @@ class ShapedHits:
         if read is False:
             return None
         state = hits.services.state
-        routed = state.route(shape.host, path)
-        route = routed.route.name if routed is not None else "-"
         limiter = hits.limiter
         limits = limiter.limits if limiter.state is state else limiter.current(state)
-        if limits is not None and limits.shared_routes and route in limits.shared_routes:
-            return None
+        route: str | None = None
+        if limits is not None:
+            route = _route_name(state, shape.host, path)
+            if limits.shared_routes and route in limits.shared_routes:
+                return None
         extra = b"" if supplied is None else state.request_id_header + b": " + supplied + b"\r\n"
         lookup = cache.lookup_read(
             _SCHEME,
             shape.host,
             target,
             read,
-            lambda: shape.headers + volatile.fields(),
+            shape.headers,
+            # Its stripped fields, read only for a resource that varies (no closure per request).
+            volatile.fields if volatile.parts else None,
             extra,
             raw_path,
             misses and state.request_id_header not in READ_FIELDS,
@@ -103,6 +114,8 @@ class ShapedHits:
                 protocol,
             )
         wire = lookup.wire
+        if route is None:  # a miss goes on without one: the pipeline routes it
+            route = _route_name(state, shape.host, path)
         if limits is None and not hits.access_log.enabled:  # a plain hit: no request made
             total = hits.clock() - received_at
             region, latency_target = entry_region(lookup.entry), state.config.edge.latency_target
@@ -145,29 +158,41 @@ class ShapedHits:
         """The request of a head read by its shape that found nothing stored, as the full
         parse would make it, its MISS (``lookup``, carrying the shape's read) pending with the
         request's own read; None when its fields cannot be put back in order."""
-        ordered = volatile.in_order(shape.headers)
         read = lookup.request
-        if ordered is None or read is None:
+        if read is None:
             return None
-        headers, cookie = ordered
-        # The shape's read but for the fields it never saw: this request's own, and its Cookie
-        # (the request ID field is none the reader reads: ``respond`` checked).
-        own = RequestInfo(
-            headers,
-            read.cc,
-            read.coding,
-            read.head,
-            read.authorized,
-            read.if_none_match,
-            read.if_modified_since,
-            cookie,
-            read.range,
-            read.if_range,
-        )
+        headers = shape.headers
+        if volatile.parts:
+            ordered = volatile.in_order(headers)
+            if ordered is None:
+                return None
+            headers, cookie = ordered
+        else:
+            cookie = False
+        if headers is not read.headers or cookie != read.cookie:
+            # The shape's read but for the fields it never saw: this request's own, and its
+            # Cookie (the request ID field is none the reader reads: ``respond`` checked).
+            own = _new_tuple(
+                RequestInfo,
+                (
+                    headers,
+                    read.cc,
+                    read.coding,
+                    read.head,
+                    read.authorized,
+                    read.if_none_match,
+                    read.if_modified_since,
+                    cookie,
+                    read.range,
+                    read.if_range,
+                ),
+            )
+            lookup = _new_tuple(Lookup, (_MISS, b"", lookup.key, None, own, "", False))
+        # (Else the shape's read is this request's own: its MISS carries it already.)
         request = shaped_request(
             method, target, path, shape, headers, client_ip, supplied, received_at, scheme, protocol
         )
-        self.hits.pend(request, Lookup(_MISS, b"", lookup.key, None, own))
+        self.hits.pend(request, lookup)
         return request
 
 
@@ -185,24 +210,28 @@ def shaped_request(
 ) -> ProxyRequest:
     """The request of a head read by its shape (HTTP/1.1, keep-alive, no body), as the full
     parse would make it, with ``headers`` as its fields."""
-    return ProxyRequest(
-        method,
-        target,
-        path,
-        shape.host,
-        "1.1",
-        headers,
-        True,
-        client_ip,
-        NO_BODY,
-        supplied if supplied is not None else new_request_id(),
-        received_at,
-        supplied is not None,
-        None,
-        scheme,
-        protocol,
-        # The shape's own field list (no volatile fields): its fills' upstream lines too.
-        shape if headers is shape.headers else None,
+    # ProxyRequest(...) without the NamedTuple's generated __new__: one per request.
+    return _new_tuple(
+        ProxyRequest,
+        (
+            method,
+            target,
+            path,
+            shape.host,
+            "1.1",
+            headers,
+            True,
+            client_ip,
+            NO_BODY,
+            supplied if supplied is not None else new_request_id(),
+            received_at,
+            supplied is not None,
+            None,
+            scheme,
+            protocol,
+            # The shape's own field list (no volatile fields): its fills' upstream lines too.
+            shape if headers is shape.headers else None,
+        ),
     )
 
 
