@@ -17,6 +17,7 @@ from edge.cache import (
     LookupKind,
     Prepared,
     UpstreamResponse,
+    lookup_read,
 )
 from edge.cache.policy import format_http_date
 from edge.cache.testing import FakeClock
@@ -976,8 +977,8 @@ async def test_lookup_read_answers_only_fresh_hits_and_counts_nothing_else() -> 
         return []
 
     extra = b"x-request-id: r1\r\n"
-    found = cache.lookup_read(
-        b"https", HOST, b"/api/v1/ticker/BTC", read, headers, own_headers, extra
+    found = lookup_read(
+        cache, b"https", HOST, b"/api/v1/ticker/BTC", read, headers, own_headers, extra
     )
     assert found is not None and found.kind is LookupKind.HIT
     assert found.wire == get(cache, b"/api/v1/ticker/BTC").wire.replace(
@@ -986,9 +987,9 @@ async def test_lookup_read_answers_only_fresh_hits_and_counts_nothing_else() -> 
     assert cache.metrics.l1_hits == 2 and asked == []  # no Vary: its headers never read
     # A miss, a bypassed rule and a stale answer: None, and nothing counted.
     for target in (b"/api/v1/ticker/ETH", b"/api/v1/orders"):
-        assert cache.lookup_read(b"https", HOST, target, read, headers, own_headers) is None
+        assert lookup_read(cache, b"https", HOST, target, read, headers, own_headers) is None
     clock.advance(20)
-    found = cache.lookup_read(b"https", HOST, b"/api/v1/ticker/BTC", read, headers, own_headers)
+    found = lookup_read(cache, b"https", HOST, b"/api/v1/ticker/BTC", read, headers, own_headers)
     assert found is None
     assert cache.metrics.l1_hits == 2 and cache.metrics.stale == {}
 
@@ -1001,7 +1002,8 @@ async def test_lookup_read_chooses_a_variant_by_the_requests_own_headers() -> No
     read = cache.reader.read(False, [(b"host", HOST)])
     assert not isinstance(read, str)
     for tier, answered in ((b"gold", True), (b"free", False)):
-        found = cache.lookup_read(
+        found = lookup_read(
+            cache,
             b"https",
             HOST,
             b"/api/v1/ticker/BTC",

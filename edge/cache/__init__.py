@@ -336,50 +336,6 @@ class HttpCache:
             extra,
         )
 
-    def lookup_read(
-        self,
-        scheme: bytes,
-        host: bytes,
-        target: bytes,
-        read: RequestInfo,
-        headers: Headers,
-        more: Callable[[], Headers] | None = None,
-        extra: bytes = b"",
-        path: bytes | None = None,
-        misses: bool = False,
-    ) -> Lookup | None:
-        """A fresh HIT for a GET or HEAD seen for the first time whose headers were read before
-        (``read``: what ``RequestReader.read`` made of headers like its own, but for fields a
-        lookup never reads), else None with nothing counted (the caller looks up in full); with
-        ``misses``, a miss is its MISS, carrying ``read``.  The request's own fields are
-        ``headers`` plus ``more()``, called only for a resource that varies.  The key is built
-        without its memo (given ``path``: ``build_origin``, ``target`` origin-form without a
-        fragment)."""
-        keys = self.keys
-        key = (
-            keys.build_once(scheme, host, target)
-            if path is None
-            else keys.build_origin(scheme, host, target, path)
-        )
-        if key.rule.bypass:
-            return None
-        store = self.store
-        primary = key.primary
-        if more is not None and store.vary_names(primary) is not None:
-            headers = [*headers, *more()]
-        entry = store.get(primary, headers)
-        if entry is None:  # a MISS, but for a request with directives (``classify``)
-            if misses and read.cc is _PLAIN:
-                # Lookup(...) without the NamedTuple's generated __new__ (one per such miss).
-                return _new_tuple(Lookup, (_MISS, b"", key, None, read, "", False))
-            return None
-        if read.authorized and not entry.response.auth_ok:
-            return None
-        now = self.clock()
-        if decide(entry.response.freshness, read.cc, now)[0] is not _FRESH:
-            return None
-        return fresh_hit(self, key, read, entry, now, extra)
-
     #: ``lookups.memo_hit``: a ``HitMemo`` for a HIT or a stale-while-revalidate answer.
     memo_hit = staticmethod(_memo_hit)
 
@@ -510,6 +466,51 @@ def only_if_cached(cache: HttpCache, key: CacheKey, request: RequestInfo) -> Loo
     return Lookup(_ONLY_IF_CACHED, cache.fills.only_if_cached_wire, key)
 
 
+def lookup_read(
+    cache: HttpCache,
+    scheme: bytes,
+    host: bytes,
+    target: bytes,
+    read: RequestInfo,
+    headers: Headers,
+    more: Callable[[], Headers] | None = None,
+    extra: bytes = b"",
+    path: bytes | None = None,
+    misses: bool = False,
+) -> Lookup | None:
+    """``cache``'s fresh HIT for a GET or HEAD seen for the first time whose headers were
+    read before (``read``: what ``RequestReader.read`` made of headers like its own, but for
+    fields a lookup never reads), else None with nothing counted (the caller looks up in full);
+    with ``misses``, a miss is its MISS, carrying ``read``.  The request's own fields are
+    ``headers`` plus ``more()``, called only for a resource that varies.  The key is built
+    without its memo (given ``path``: ``build_origin``, ``target`` origin-form without a
+    fragment)."""
+    keys = cache.keys
+    key = (
+        keys.build_once(scheme, host, target)
+        if path is None
+        else keys.build_origin(scheme, host, target, path)
+    )
+    if key.rule.bypass:
+        return None
+    store = cache.store
+    primary = key.primary
+    if more is not None and store.vary_names(primary) is not None:
+        headers = [*headers, *more()]
+    entry = store.get(primary, headers)
+    if entry is None:  # a MISS, but for a request with directives (``classify``)
+        if misses and read.cc is _PLAIN:
+            # Lookup(...) without the NamedTuple's generated __new__ (one per such miss).
+            return _new_tuple(Lookup, (_MISS, b"", key, None, read, "", False))
+        return None
+    if read.authorized and not entry.response.auth_ok:
+        return None
+    now = cache.clock()
+    if decide(entry.response.freshness, read.cc, now)[0] is not _FRESH:
+        return None
+    return fresh_hit(cache, key, read, entry, now, extra)
+
+
 def fresh_hit(
     cache: HttpCache, key: CacheKey, request: RequestInfo, entry: Entry, now: float, extra: bytes
 ) -> Lookup:
@@ -554,4 +555,5 @@ __all__ = [
     "RedisL2",
     "RequestInfo",
     "UpstreamResponse",
+    "lookup_read",
 ]

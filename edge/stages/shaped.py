@@ -1,7 +1,7 @@
 """Cache hits for heads read by their shape (``edge.h1fast``, step 3): a request seen for the
 first time whose fields, but its request line and volatile ones, match a head validated before.
 
-Such a request is answered only if it is a fresh HIT (``HttpCache.lookup_read``).  A head
+Such a request is answered only if it is a fresh HIT (``edge.cache.lookup_read``).  A head
 seen for the first time that finds nothing stored (``misses``) becomes its ``ProxyRequest``
 from the shape, its fields in the client's order (``Volatile.in_order``), with the MISS kept for
 ``take_pending``: the fill goes upstream without a full parse or a second lookup.  Anything
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from edge.cache import Lookup, LookupKind
+from edge.cache import Lookup, LookupKind, lookup_read
 from edge.cache.messages import RequestInfo
 from edge.cache.requests import READ_FIELDS
 from edge.exchange import ProxyRequest, entry_region
@@ -85,7 +85,8 @@ class ShapedHits:
             if limits.shared_routes and route in limits.shared_routes:
                 return None
         extra = b"" if supplied is None else state.request_id_header + b": " + supplied + b"\r\n"
-        lookup = cache.lookup_read(
+        lookup = lookup_read(
+            cache,
             _SCHEME,
             shape.host,
             target,
