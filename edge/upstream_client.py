@@ -338,19 +338,24 @@ class Connection(asyncio.Protocol):
         finally:
             self._drain = None
 
+    def _next_reader(self, head_request: bool) -> ResponseReader:
+        """The reader of the exchange starting (the last one's parser reused when it can be)."""
+        spare = self.spare
+        self.reader = reader = (
+            ResponseReader(head_request=head_request)
+            if spare is None
+            else spare.next(head_request=head_request)
+        )
+        self.requests += 1
+        return reader
+
     def begin(self, head: bytes, body: bytes | None, head_request: bool) -> ResponseReader:
         """Write a request whose body is in memory and arm the first-byte deadline; the
         caller then waits (``_waiter``) until ``awaiting_head`` is False and calls
         ``head_in``.  Synchronous: the usual exchange costs no coroutine of its own."""
         transport = self.transport
         assert transport is not None
-        spare = self.spare
-        reader = self.reader = (
-            ResponseReader(head_request=head_request)
-            if spare is None
-            else spare.next(head_request=head_request)
-        )
-        self.requests += 1
+        reader = self._next_reader(head_request)
         transport.write(head + body if body else head)  # one write, one segment
         pool = self.pool
         now = self.last_read = pool.loop.time()
@@ -394,13 +399,7 @@ class Connection(asyncio.Protocol):
         else:
             transport = self.transport
             assert transport is not None
-            spare = self.spare
-            reader = self.reader = (
-                ResponseReader(head_request=head_request)
-                if spare is None
-                else spare.next(head_request=head_request)
-            )
-            self.requests += 1
+            reader = self._next_reader(head_request)
             transport.write(head)
             await _send_stream(self, body, chunked)
             self.last_read = self.pool.loop.time()
