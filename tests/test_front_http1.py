@@ -168,9 +168,9 @@ async def test_a_closed_connection_is_freed_by_reference_counting_alone() -> Non
         gc.enable()
 
 
-async def test_a_fill_leader_whose_client_goes_away_still_fills_for_its_waiters() -> None:
-    # The leader's fetch runs in its own request task: its client going away must not cancel
-    # it (``edge.cache.coalesce.leads_fill``), or the request waiting on it would fetch again.
+async def _a_leader_and_its_waiter() -> tuple[World, asyncio.Event, Client, Client]:
+    """Two clients asking for one key: the first leads the fill (the origin holds its answer
+    until the event is set), the second waits on it."""
     gate = asyncio.Event()
     w = world({"http://u1": [Reply(headers=CACHEABLE, chunks=(TICKER,), gate=gate)]})
     cache = w.pipeline.cache
@@ -180,6 +180,13 @@ async def test_a_fill_leader_whose_client_goes_away_still_fills_for_its_waiters(
     await leader.until(lambda: len(w.upstream.sent) == 1)
     waiter.send(GET)
     await waiter.until(lambda: cache.metrics.coalesced_waiters == 1)
+    return w, gate, leader, waiter
+
+
+async def test_a_fill_leader_whose_client_goes_away_still_fills_for_its_waiters() -> None:
+    # The leader's fetch runs in its own request task: its client going away must not cancel
+    # it (``edge.cache.coalesce.leads_fill``), or the request waiting on it would fetch again.
+    w, gate, leader, waiter = await _a_leader_and_its_waiter()
     leader.close()  # its client goes away while the origin is still answering
     gate.set()
     ((status, headers, body),) = await waiter.responses(1)
@@ -198,15 +205,7 @@ async def test_a_fill_leader_whose_client_goes_away_still_fills_for_its_waiters(
 async def test_a_fill_leader_past_its_deadline_is_cancelled_and_its_waiter_fetches() -> None:
     # The total deadline still ends a leader (its 504 goes out on time); the request waiting
     # on it then leads a fetch of its own.
-    gate = asyncio.Event()
-    w = world({"http://u1": [Reply(headers=CACHEABLE, chunks=(TICKER,), gate=gate)]})
-    cache = w.pipeline.cache
-    assert cache is not None
-    leader, waiter = Client(w), Client(w)
-    leader.send(GET)
-    await leader.until(lambda: len(w.upstream.sent) == 1)
-    waiter.send(GET)
-    await waiter.until(lambda: cache.metrics.coalesced_waiters == 1)
+    w, gate, leader, waiter = await _a_leader_and_its_waiter()
     leader.connection._response.request_deadline = 1.0  # long passed
     leader.connection.check_deadline(asyncio.get_running_loop().time())
     ((status, _, _),) = await leader.responses(1)
