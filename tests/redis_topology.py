@@ -653,9 +653,18 @@ async def edge_failover(
         figures["redis_errors"] = sum(
             edge.metric("meridian_cache_redis_errors_total") for edge in (a, b)
         )
-        figures["purges_pending"] = sum(
-            edge.metric("meridian_cache_purges_pending") for edge in (a, b)
-        )
+
+        # A purge whose delete failed while its slot had no master (the broadcast may have gone
+        # out) stays pending and is retried with backoff, up to 1 s apart: it has to drain,
+        # not merely be pending no more at the instant this looks.
+        def pending() -> float:
+            return sum(edge.metric("meridian_cache_purges_pending") for edge in (a, b))
+
+        figures["purges_pending"] = await asyncio.to_thread(pending)
+        while figures["purges_pending"] and time.monotonic() - killed < 30:
+            await asyncio.sleep(0.1)
+            figures["purges_pending"] = await asyncio.to_thread(pending)
+        figures["purges_drained_s"] = since()
     return figures
 
 
