@@ -854,11 +854,28 @@ class MeridianLimited(MeridianEdge):
         data["edge"]["rate_limits"] = {"bench": {"rate": "10000000/s", "burst": 100000}}
 
 
-#: Peers run only when named (``--peers``): variants of another peer.
-OPT_IN_PEERS: frozenset[str] = frozenset({"meridian-limited"})
+class PythonFloor(HttpPeer):
+    """``benchmarks.floor_proxy``: the least a Python caching proxy on the edge's event loop and
+    parser does per request (a yardstick for the miss path, not an edge)."""
+
+    name = "python-floor"
+
+    def start(self, processes: Processes, cpus: Cpus, installer: Installer) -> Proc:
+        command = [sys.executable, str(REPO / "benchmarks" / "floor_proxy.py")]
+        listen, origin = f"127.0.0.1:{self.port}", self.origin.addr
+        proc = processes.start(
+            "python-floor", [*command, "--listen", listen, "--origin", origin], cpus.server
+        )
+        wait_until(tcp_accepts(self.port), proc, f"TCP {self.port}")
+        return proc
+
+
+#: Peers run only when named (``--peers``): variants of another peer, yardsticks.
+OPT_IN_PEERS: frozenset[str] = frozenset({"meridian-limited", "python-floor"})
 HTTP_PEERS: dict[str, type[HttpPeer]] = {
     "meridian": MeridianEdge,
     "meridian-limited": MeridianLimited,
+    "python-floor": PythonFloor,
     "nginx": Nginx,
     "varnish": Varnish,
 }
@@ -1057,6 +1074,7 @@ def run_http(args: argparse.Namespace, report: Report, stack: ExitStack, workdir
                 before = origin.requests_total()
                 counts_before = peer.cache_counts()
                 cpu_before = server_cpu(peer.proc)
+                origin_cpu_before = server_cpu(origin.proc)
                 script = fresh_script(
                     workdir, scenario, f"{run_id}-{round_number}-{peer.name}", scripts
                 )
@@ -1068,6 +1086,11 @@ def run_http(args: argparse.Namespace, report: Report, stack: ExitStack, workdir
                     # Misses still in flight when wrk stopped must not land in the next run.
                     settle(origin)
                 values["origin_requests"] = origin.requests_total() - before
+                # The origin shares the load generators' core: when that core is the limit (misses
+                # through a fast proxy), a peer's rate depends on what each request costs there.
+                values["origin_cpu_us"] = per_unit_us(
+                    server_cpu(origin.proc) - origin_cpu_before, values["origin_requests"]
+                )
                 counts_after = peer.cache_counts()
                 notes: dict[str, str] = {}
                 if counts_before is not None and counts_after is not None:
@@ -1084,7 +1107,8 @@ def run_http(args: argparse.Namespace, report: Report, stack: ExitStack, workdir
                     f"  round {round_number} {scenario.name:16} {peer.name:9} "
                     f"{values['rps']:>9.0f} req/s  cpu {values['cpu_us']:5.1f} us/req  "
                     f"p50 {values['p50_ms']:.2f} ms  p99 {values['p99_ms']:.2f} ms  "
-                    f"errors {values['errors']:.0f}  origin {values['origin_requests']:.0f}{hits}"
+                    f"errors {values['errors']:.0f}  origin {values['origin_requests']:.0f}"
+                    f" ({values['origin_cpu_us']:.0f} us/req){hits}"
                 )
     # The same probe once more after the load: a peer that stopped caching under load shows here.
     for scenario in args.http_scenarios:

@@ -3,9 +3,12 @@ runs themselves are in benchmarks/, not in the test suite)."""
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
+import select
 import subprocess
 import sys
+from pathlib import Path
 
 import dns.edns
 import dns.message
@@ -19,6 +22,7 @@ from benchmarks.compare import (
     per_unit_us,
     session_cpu_seconds,
 )
+from tests.edge_support import ROOT, Origin, processes
 
 BURN = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
 
@@ -82,3 +86,36 @@ def test_http_table_reports_medians_cpu_and_the_ratio_to_nginx() -> None:
     assert "| 40,000 | 20.0 |" in meridian_row and "| 2.00x |" in meridian_row
     varnish_row = next(line for line in table.splitlines() if "| varnish |" in line)
     assert "pending" in varnish_row and "(not run)" in varnish_row
+
+
+def test_the_python_floor_proxy_misses_once_then_answers_from_its_store(tmp_path: Path) -> None:
+    """The yardstick ``benchmarks.compare`` runs as ``python-floor`` really proxies and caches:
+    the origin's answer on a miss, the same bytes from its store on the next request."""
+    with processes() as procs:
+        origin = Origin("eu-central", tmp_path)
+        procs.append(origin)
+        origin.ready()
+        argv = [sys.executable, "-m", "benchmarks.floor_proxy", "--listen", "127.0.0.1:0"]
+        floor = subprocess.Popen(
+            [*argv, "--origin", f"127.0.0.1:{origin.port}"],
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        try:
+            assert floor.stdout is not None
+            ready, _, _ = select.select([floor.stdout], [], [], 20)
+            assert ready, "the floor proxy did not say where it listens"
+            port = int(floor.stdout.readline().decode().rsplit(":", 1)[1])
+            answers = []
+            for _ in range(2):
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                connection.request("GET", "/api/v1/ticker/BTC-USD?u=1")
+                response = connection.getresponse()
+                answers.append((response.status, response.getheader("X-Cache"), response.read()))
+                connection.close()
+        finally:
+            floor.terminate()
+            floor.wait(10)
+    (status, first, body), (again, second, stored) = answers
+    assert (status, first, again, second) == (200, "MISS", 200, "HIT")
+    assert b'"symbol"' in body and stored == body
