@@ -265,14 +265,6 @@ RESPONSE_SHAPES: Final = MemoSpec(
     cleared_by="another EdgeState (a config reload) or cache; its bound",
     bound=1024,
 )
-UPSTREAM_URLS: Final = MemoSpec(
-    name="upstream URLs",
-    owner="edge.upstream.UpstreamPool._urls",
-    key="backend URL + request target",
-    value="the yarl URL aiohttp is given",
-    cleared_by="its bound only",
-    bound=4096,
-)
 MEDIA_TYPE_PATTERNS: Final = MemoSpec(
     name="compressible media type patterns",
     owner="edge.compress._type_patterns (lru_cache)",
@@ -374,7 +366,6 @@ MEMOS: Final = (
     HOSTS,
     NEGOTIATIONS,
     RESPONSE_SHAPES,
-    UPSTREAM_URLS,
     MEDIA_TYPE_PATTERNS,
     ACCESS_LOG_MIDDLES,
     HPACK_BLOCKS,

@@ -44,7 +44,6 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from edge.errors import EdgeError
-from edge.memos import UPSTREAM_URLS, BoundedMemo
 from edge.upstream_client import ClientLimits, OriginClient, UpstreamError
 from edge.upstream_client import OriginResponse as OriginResponse
 from edge.upstream_wire import UpstreamBodyError
@@ -383,9 +382,10 @@ class UpstreamPool:
         self.pool_waits: dict[str, int] = {}
         self._slots: dict[str, Gate] = {}
         self._streams: dict[str, Gate] = {}
-        #: ``edge.memos.UPSTREAM_URLS``: request targets as sent (under the backend URL's
-        #: path), by backend + target.
-        self._urls: BoundedMemo[str, bytes] = BoundedMemo(UPSTREAM_URLS)
+        #: The path each backend URL names (``Backend.prefix``), sent before request targets:
+        #: one entry per backend, like ``_slots`` (targets themselves are encoded per request:
+        #: nearly every miss has a target never seen, so a memo of them only cost).
+        self._prefixes: dict[str, bytes] = {}
         self.client = OriginClient(
             _limits(pool_size, timeouts, settings),
             tls=_tls_factory(settings, source),
@@ -506,13 +506,12 @@ class UpstreamPool:
         ``headers``: from ``upstream_headers``; ``length``: a streamed body's declared length
         (None: chunked); ``replayable``: may be sent again on a new connection when a
         kept-alive one turns out closed (``OriginClient.send``)."""
-        text = backend + target
-        sent = self._urls.get(text)
-        if sent is None:
-            if len(self._urls) >= self._urls.bound:
-                self._urls.clear()  # bounded without bookkeeping: it refills with what is hot
-            prefix = self.client.pool(backend).backend.prefix
-            sent = self._urls[text] = prefix + target.encode("latin-1")
+        prefix = self._prefixes.get(backend)
+        if prefix is None:
+            prefix = self._prefixes[backend] = self.client.pool(backend).backend.prefix
+        sent = target.encode("latin-1")
+        if prefix:
+            sent = prefix + sent
         return self.client.send(backend, method, sent, headers, body, length, replayable=replayable)
 
 

@@ -19,8 +19,7 @@ from edge.cache import policy as cache_policy
 from edge.cache.testing import FakeClock
 from edge.memos import MEMOS, BoundedMemo, MemoSpec
 from edge.state import EdgeState, RequestHead
-from edge.upstream import UpstreamPool
-from meridian.config import CacheConfig, EdgeTimeouts
+from meridian.config import CacheConfig
 from tests.stage_support import make_config
 
 
@@ -181,16 +180,6 @@ def _fill_checked_paths(n: int) -> BoundedMemo[Any, Any]:
     return shortcuts._paths
 
 
-def _upstream_urls(n: int) -> BoundedMemo[Any, Any]:
-    pool = UpstreamPool(pool_size=1, timeouts=EdgeTimeouts())
-    memo = pool._urls
-    for i in range(n):  # what ``send`` does per attempt, without a session
-        if len(memo) >= memo.bound:
-            memo.clear()
-        memo[f"http://b/{i}"] = None
-    return memo
-
-
 def _fill_rate_limit_keys(n: int) -> BoundedMemo[Any, Any]:
     from edge.ratelimit import Gcra
 
@@ -270,7 +259,6 @@ DICT_MEMOS: dict[MemoSpec, Callable[[int], BoundedMemo[Any, Any]]] = {
     memos.CHECKED_PATHS: _fill_checked_paths,
     memos.HOSTS: _fill_hosts,
     memos.NEGOTIATIONS: _fill_negotiations,
-    memos.UPSTREAM_URLS: _upstream_urls,
     memos.RESPONSE_SHAPES: _fill_response_shapes,
     memos.ACCESS_LOG_MIDDLES: _fill_middles,
     memos.RATE_LIMIT_KEYS: _fill_rate_limit_keys,
