@@ -355,7 +355,13 @@ class Connection(asyncio.Protocol):
         ``head_in``.  Synchronous: the usual exchange costs no coroutine of its own."""
         transport = self.transport
         assert transport is not None
-        reader = self._next_reader(head_request)
+        spare = self.spare  # _next_reader, inline: once per request
+        self.reader = reader = (
+            ResponseReader(head_request=head_request)
+            if spare is None
+            else spare.next(head_request=head_request)
+        )
+        self.requests += 1
         transport.write(head + body if body else head)  # one write, one segment
         pool = self.pool
         now = self.last_read = pool.loop.time()
@@ -587,8 +593,9 @@ class BackendPool:
             if now - connection.used_at > self.limits.idle_timeout:
                 connection.close()
                 continue
-            stats = self.stats
-            stats.reused[self.backend.url] = stats.reused.get(self.backend.url, 0) + 1
+            reused = self.stats.reused
+            url = connection.backend
+            reused[url] = reused.get(url, 0) + 1
             return connection
         return None
 
@@ -788,13 +795,19 @@ class OriginClient:
             else:
                 framing = b"transfer-encoding: chunked\r\n"
                 chunked = True
-            head = encode_head(
-                _METHODS.get(method) or method.encode("ascii"),
-                target,
-                headers,
-                pool.backend.authority,  # used only when the lines carry no Host
-                framing,
-            )
+            if headers.startswith(b"host:"):  # the usual head: the client's Host leads
+                # ``encode_head``'s answer for lines that carry a Host (its host test, inline:
+                # one join, no call or list per request).
+                verb = _METHODS.get(method) or method.encode("ascii")
+                head = b"".join((verb, b" ", target, b" HTTP/1.1\r\n", headers, framing, b"\r\n"))
+            else:
+                head = encode_head(
+                    _METHODS.get(method) or method.encode("ascii"),
+                    target,
+                    headers,
+                    pool.backend.authority,  # used only when the lines carry no Host
+                    framing,
+                )
             head_request = method == "HEAD"
             connection = pool.idle_connection()
             if connection is None:
@@ -821,7 +834,13 @@ class OriginClient:
                         ):
                             waiter = connection._waiter = loop.create_future()
                             await waiter
-                        response_head = connection.head_in()
+                        # ``head_in``, inline when a head came (else it raises).
+                        response_head = reader.head or connection.head_in()
+                        if reader.complete or connection.error is not None:
+                            connection.due = 0.0
+                        else:
+                            connection.deadline_kind = "read"
+                            connection.due = loop.time() + pool.limits.read_idle
                     else:
                         response_head = await connection.exchange(head, body, chunked, head_request)
                 except UpstreamError as exc:
