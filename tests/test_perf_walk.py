@@ -14,11 +14,14 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
 from edge.upstream import UpstreamPool
 from edge.upstream_client import Connection
 from edge.upstream_wire import encode_head
 from meridian.config import EdgeTimeouts
+from meridian.health import HealthMonitor
+from tests.health_support import make_config as health_config
 from tests.test_walk_fast_path import MemoryBackend
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
@@ -119,5 +122,53 @@ def test_an_inline_head_arms_the_deadline_head_in_arms(replies: list[bytes]) -> 
             assert seen == _deadline(pool.made[1].protocol)
             assert seen == (("read", True) if reply is PARTIAL else ("first byte", False))
             del inline, reference
+
+    _run(go())
+
+
+class _ClockFirst(HealthMonitor):
+    """``report`` as it was: the clock read before the book is asked."""
+
+    def report(self, backend_url: str, ok: bool) -> None:
+        transitions = self._book.traffic(backend_url, ok, self._clock())
+        if transitions:
+            self._publish(transitions, source="traffic")
+
+
+BACKEND_URLS = ("http://a", "http://b", "http://c")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    events=st.lists(
+        st.tuples(
+            st.sampled_from([*BACKEND_URLS, "http://unknown"]),
+            st.booleans(),
+            st.floats(0.0, 40.0),
+        ),
+        max_size=30,
+    ),
+    failures=st.integers(1, 3),
+)
+def test_a_success_report_skips_the_clock_and_changes_nothing_else(
+    events: list[tuple[str, bool, float]], failures: int
+) -> None:
+    config = health_config({"r": list(BACKEND_URLS)}, outlier={"consecutive_failures": failures})
+
+    async def go() -> None:
+        now = [100.0]
+        monitors = [
+            kind(config, registry=CollectorRegistry(), clock=lambda: now[0])
+            for kind in (HealthMonitor, _ClockFirst)
+        ]
+        for backend, ok, later in events:
+            now[0] += later
+            for monitor in monitors:
+                monitor.report(backend, ok)
+            fast, reference = monitors
+            assert fast.snapshot == reference.snapshot
+            assert fast._book.health == reference._book.health
+        for monitor in monitors:
+            await monitor.stop()
 
     _run(go())

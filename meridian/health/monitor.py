@@ -154,7 +154,14 @@ class HealthMonitor:
     def report(self, backend_url: str, ok: bool) -> None:
         """A live request to ``backend_url`` succeeded or failed (connect error, reset, timeout,
         or a configured 5xx).  Cheap: a dict lookup when nothing changes."""
-        transitions = self._book.traffic(backend_url, ok, self._clock())
+        book = self._book
+        if ok:
+            # ``HealthBook.traffic``'s own hot path (a success with nothing to reset), before
+            # the clock is read: once per request.
+            old = book.health.get(backend_url)
+            if old is None or old.traffic_failures == 0:
+                return
+        transitions = book.traffic(backend_url, ok, self._clock())
         if transitions:
             self._publish(transitions, source="traffic")
 
