@@ -88,7 +88,13 @@ class RequestQueue:
         """Handle ``exchange`` now if nothing is in progress, else after those before it."""
         exchange.scheduled = True
         if self.active is None:
-            self._start(exchange)
+            if exchange.body is not None:
+                self._start(exchange)
+                return
+            # ``_start`` for a bodiless request (no 100 Continue), written out: per request.
+            self.active = exchange
+            self._response.begin(exchange)
+            self.task = self._loop.create_task(self._run(exchange))
             return
         self._waiting.append(exchange)
         if len(self._waiting) == PIPELINE_DEPTH:

@@ -48,7 +48,7 @@ from typing import Final
 
 from edge.accesslog import AccessLog
 from edge.admin import EdgeMetrics
-from edge.cache import HttpCache, Lookup
+from edge.cache import HttpCache, Lookup, LookupKind
 from edge.exchange import (
     CACHEABLE_METHODS,
     Exchange,
@@ -75,6 +75,7 @@ from meridian.log import get_logger
 log = get_logger("edge")
 #: What the front ends' own error answers say of the cache.
 _NOT_CACHED: Final = ((b"x-cache", b"BYPASS"), (b"age", b"0"))
+_MISS: Final = LookupKind.MISS
 
 
 class Pipeline:
@@ -163,17 +164,17 @@ class Pipeline:
     ) -> None:
         """The slow path of one request.  ``lookup``: what ``fast_response`` found for it
         (``take_pending``), so that the cache is not asked twice."""
-        exchange = Exchange(request, body, sink, self.state, lookup)
+        state = self.state
+        exchange = Exchange(request, body, sink, state, lookup)
         stats = self.metrics.upstream_stats
         stats.in_flight += 1
         try:
-            target = exchange.state.route(request.host, request.path)
+            target = state.route(request.host, request.path)
             if target is not None:
                 exchange.target = target
                 exchange.record.route = target.route.name
             # Before the 404 too: limits on every route also count requests for none ("-").
             limiter = self.limiter
-            state = exchange.state
             limits = limiter.limits if limiter.state is state else limiter.current(state)
             if limits is not None and (
                 limiter.refused(exchange)
@@ -185,9 +186,25 @@ class Pipeline:
                 return
             # The total deadline: the connection's sweep cancels this task when it passes (no
             # timer per request); the cancellation is turned into a 504 here.
-            sink.expire_after(exchange.state.config.edge.timeouts.total)
+            sink.expire_after(state.config.edge.timeouts.total)
             try:
-                await self._serve(exchange)
+                # lookup -> hit | fill | forward, in this frame (a coroutine less per request).
+                if lookup is None:
+                    lookup = exchange.lookup = self.hits.lookup(exchange)
+                if lookup is not None:
+                    if lookup.kind is _MISS:  # the common verdict here: neither hit nor answer
+                        await self.filler.fill(exchange)
+                        return
+                    if self.hits.answer(exchange, lookup):
+                        return
+                    if needs_fill(lookup):
+                        await self.filler.fill(exchange)
+                        return
+                if self.cache is None and request.method in CACHEABLE_METHODS:
+                    exchange.record.cache = "MISS"  # no cache at all: nothing was bypassed
+                else:
+                    exchange.record.cache = "BYPASS"
+                await self.forwarder.forward(exchange)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if not sink.deadline_expired or task is None or task.uncancel() > 0:
@@ -200,23 +217,6 @@ class Pipeline:
         finally:
             stats.in_flight -= 1
             self.accountant.account(exchange)
-
-    async def _serve(self, exchange: Exchange) -> None:
-        """lookup -> hit | fill | forward."""
-        lookup = exchange.lookup
-        if lookup is None:
-            lookup = exchange.lookup = self.hits.lookup(exchange)
-        if lookup is not None:
-            if self.hits.answer(exchange, lookup):
-                return
-            if needs_fill(lookup):
-                await self.filler.fill(exchange)
-                return
-        if self.cache is None and exchange.request.method in CACHEABLE_METHODS:
-            exchange.record.cache = "MISS"  # no cache at all: nothing was bypassed
-        else:
-            exchange.record.cache = "BYPASS"
-        await self.forwarder.forward(exchange)
 
 
 #: ``EdgeState``, ``ProxyRequest`` and ``RequestHead`` are re-exported for ``edge.protocol``'s
