@@ -8,6 +8,7 @@ request without ``_start``.  In memory: fake transports and clocks, no sockets, 
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from edge.cache import Lookup, LookupKind
 from edge.exchange import Exchange as StageExchange
 from edge.h1parse import Exchange
+from edge.h1queue import RequestQueue
 from edge.protocol import _DEADLINE_IDLE, Connections, EdgeConnection
 from edge.stages.hit import needs_fill
 from tests.stage_support import FakeSink, FakeTransport, Reply, request, world
@@ -133,3 +135,99 @@ def test_push_starts_a_bodiless_request_as_start_does(keep_alive: bool, method: 
         assert states[0] == states[1]
 
     asyncio.run(scenario())
+
+
+async def _run_as_before(queue: RequestQueue, exchange: Exchange) -> None:
+    """``RequestQueue._run`` as it was: its own coroutine around ``Pipeline.handle``, the
+    reference the queue as ``handle``'s ``RequestGuard`` must match."""
+    response = queue._response
+    try:
+        await queue._pipeline.handle(exchange.request, exchange.body, response, exchange.lookup)
+    except asyncio.CancelledError:
+        pass
+    except Exception:
+        if queue.active is exchange and not exchange.response_started:
+            response.write_complete(
+                queue._pipeline.error_answer(500, "internal_error", exchange.request.request_id),
+                close=True,
+            )
+        else:
+            response.abort()
+    finally:
+        if queue.active is exchange:
+            queue.active = None
+            queue.task = None
+            response.active = None
+            response.request_deadline = 0.0
+            queue._host.request_done(exchange)
+
+
+#: What the fill does: answers, fails before or after its response started, or is cancelled
+#: (its client gone) before or after it answered.
+OUTCOMES = ["answer", "fail", "answer_then_fail", "cancel", "answer_then_cancel"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from(OUTCOMES), min_size=1, max_size=4), st.booleans())
+def test_the_queue_as_handles_guard_ends_requests_as_its_own_coroutine_did(
+    outcomes: list[str], keep_alive: bool
+) -> None:
+    async def scenario(reference: bool) -> tuple[object, ...]:
+        w = world()
+        loop = asyncio.get_running_loop()
+        connection, transport = _connection(w, loop)
+        queue = connection._requests
+        done: list[bool] = []
+        host_done = connection.request_done
+
+        def request_done(exchange: Exchange) -> None:
+            done.append(exchange.scheduled)
+            host_done(exchange)
+
+        connection.request_done = request_done  # type: ignore[method-assign]
+        queue._host = connection
+        gate = loop.create_future()
+
+        async def fill(exchange: StageExchange) -> None:
+            outcome = outcomes[len(done) % len(outcomes)]
+            if outcome.startswith("answer"):
+                w.pipeline.respond.write_wire(
+                    exchange, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+                )
+            if outcome.endswith("fail"):
+                raise RuntimeError("a bug")
+            if outcome.endswith("cancel"):
+                await gate
+
+        w.pipeline.filler = SimpleNamespace(fill=fill)  # type: ignore[assignment]
+        for n, _ in enumerate(outcomes):
+            if transport.closed:  # type: ignore[attr-defined]
+                break
+            req = request(f"/api/ticker?n={n}", keep_alive=keep_alive)
+            exchange = Exchange(req, None, False)
+            if reference:
+                exchange.scheduled = True
+                queue.active = exchange
+                queue._response.begin(exchange)
+                queue.task = loop.create_task(_run_as_before(queue, exchange))
+            else:
+                queue.push(exchange)
+            task = queue.task
+            assert task is not None
+            for _ in range(20):
+                await asyncio.sleep(0)
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        stats = w.pipeline.metrics.upstream_stats
+        return (
+            bytes(transport.written),  # type: ignore[attr-defined]
+            transport.closed,  # type: ignore[attr-defined]
+            done,
+            queue.active,
+            queue.task,
+            connection._response.request_deadline,
+            stats.in_flight,
+        )
+
+    assert asyncio.run(scenario(True)) == asyncio.run(scenario(False))
