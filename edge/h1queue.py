@@ -3,9 +3,10 @@
 connection's ``ResponseWriter``) and those read behind it, at most ``PIPELINE_DEPTH`` before
 the connection stops reading.
 
-Accounting that cannot leak: every exchange ends in ``_run``'s ``finally``, which hands it back
-to the connection (``QueueHost.request_done``): the connection decides whether it may carry
-the next request.
+Accounting that cannot leak: every exchange ends in ``request_ended`` (the queue is the
+``RequestGuard`` of its task's ``Pipeline.handle``, which calls it in its ``finally``), which
+hands it back to the connection (``QueueHost.request_done``): the connection decides whether
+it may carry the next request.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from edge.cache.coalesce import leads_fill
 from edge.h1parse import Exchange
 from edge.h1response import ResponseWriter
 from edge.http1 import expects_continue
-from edge.pipeline import Pipeline
+from edge.pipeline import Pipeline, ProxyRequest
 from meridian.log import get_logger
 
 log = get_logger("edge")
@@ -88,7 +89,15 @@ class RequestQueue:
         """Handle ``exchange`` now if nothing is in progress, else after those before it."""
         exchange.scheduled = True
         if self.active is None:
-            self._start(exchange)
+            if exchange.body is not None:
+                self._start(exchange)
+                return
+            # ``_start`` for a bodiless request (no 100 Continue), written out: per request.
+            self.active = exchange
+            self._response.begin(exchange)
+            self.task = self._loop.create_task(
+                self._pipeline.handle(exchange.request, None, self._response, exchange.lookup, self)
+            )
             return
         self._waiting.append(exchange)
         if len(self._waiting) == PIPELINE_DEPTH:
@@ -133,34 +142,41 @@ class RequestQueue:
         self._response.begin(exchange)
         if exchange.body is not None and expects_continue(exchange.request.headers):
             self._response.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self.task = self._loop.create_task(self._run(exchange))
-
-    async def _run(self, exchange: Exchange) -> None:
-        response = self._response
-        try:
-            await self._pipeline.handle(exchange.request, exchange.body, response, exchange.lookup)
-        except asyncio.CancelledError:
-            pass  # the client went away
-        except Exception as exc:  # a bug: answer 500 if we still can, never hang the client
-            log.error(
-                "request_failed",
-                error=repr(exc),
-                request_id=exchange.request.request_id.decode("ascii", "replace"),
+        self.task = self._loop.create_task(
+            self._pipeline.handle(
+                exchange.request, exchange.body, self._response, exchange.lookup, self
             )
-            if self.active is exchange and not exchange.response_started:
-                response.write_complete(
-                    self._pipeline.error_answer(500, "internal_error", exchange.request.request_id),
-                    close=True,
-                )
-            else:
-                response.abort()
-        finally:
-            if self.active is exchange:
-                self.active = None
-                self.task = None
-                response.active = None
-                response.request_deadline = 0.0
-                self._host.request_done(exchange)
+        )
+
+    # -- RequestGuard: the end of the active request's task (``Pipeline.handle``) -------------
+
+    def request_failed(self, request: ProxyRequest, exc: Exception) -> None:
+        """A bug: answer 500 if we still can, never hang the client."""
+        log.error(
+            "request_failed",
+            error=repr(exc),
+            request_id=request.request_id.decode("ascii", "replace"),
+        )
+        exchange = self.active
+        response = self._response
+        if exchange is not None and exchange.request is request and not exchange.response_started:
+            response.write_complete(
+                self._pipeline.error_answer(500, "internal_error", request.request_id),
+                close=True,
+            )
+        else:
+            response.abort()
+
+    def request_ended(self, request: ProxyRequest) -> None:
+        """Hand the exchange back to the connection (``QueueHost.request_done``)."""
+        exchange = self.active
+        if exchange is not None and exchange.request is request:
+            self.active = None
+            self.task = None
+            response = self._response
+            response.active = None
+            response.request_deadline = 0.0
+            self._host.request_done(exchange)
 
 
 __all__ = ["PIPELINE_DEPTH", "QueueHost", "RequestQueue"]

@@ -44,11 +44,11 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
 from edge.accesslog import AccessLog
 from edge.admin import EdgeMetrics
-from edge.cache import HttpCache, Lookup
+from edge.cache import HttpCache, Lookup, LookupKind
 from edge.exchange import (
     CACHEABLE_METHODS,
     Exchange,
@@ -75,6 +75,18 @@ from meridian.log import get_logger
 log = get_logger("edge")
 #: What the front ends' own error answers say of the cache.
 _NOT_CACHED: Final = ((b"x-cache", b"BYPASS"), (b"age", b"0"))
+_MISS: Final = LookupKind.MISS
+
+
+class RequestGuard(Protocol):
+    """How a front end ends a request ``Pipeline.handle`` runs in its task
+    (``edge.h1queue.RequestQueue``), so that no coroutine of its own wraps the handling."""
+
+    def request_failed(self, request: ProxyRequest, exc: Exception) -> None:
+        """Handling ``request`` raised ``exc`` (a bug): answer 500 if still possible."""
+
+    def request_ended(self, request: ProxyRequest) -> None:
+        """``request`` is over: answered, failed, or cancelled (its client went away)."""
 
 
 class Pipeline:
@@ -160,65 +172,79 @@ class Pipeline:
         body: RequestBody | None,
         sink: ResponseSink,
         lookup: Lookup | None = None,
+        guard: RequestGuard | None = None,
     ) -> None:
         """The slow path of one request.  ``lookup``: what ``fast_response`` found for it
-        (``take_pending``), so that the cache is not asked twice."""
-        exchange = Exchange(request, body, sink, self.state, lookup)
-        stats = self.metrics.upstream_stats
-        stats.in_flight += 1
+        (``take_pending``), so that the cache is not asked twice.  ``guard``: the front end's
+        end of it (``RequestGuard``): then a cancellation ends it quietly, an error is handed
+        to the guard, and the guard hears of its end (what the front end's own coroutine
+        around this one would do, a coroutine less per request)."""
         try:
-            target = exchange.state.route(request.host, request.path)
-            if target is not None:
-                exchange.target = target
-                exchange.record.route = target.route.name
-            # Before the 404 too: limits on every route also count requests for none ("-").
-            limiter = self.limiter
-            state = exchange.state
-            limits = limiter.limits if limiter.state is state else limiter.current(state)
-            if limits is not None and (
-                limiter.refused(exchange)
-                or (limiter.shares(exchange) and await limiter.refused_shared(exchange))
-            ):
-                return
-            if target is None:
-                await self.respond.send_error(exchange, 404, "no_route")
-                return
-            # The total deadline: the connection's sweep cancels this task when it passes (no
-            # timer per request); the cancellation is turned into a 504 here.
-            sink.expire_after(exchange.state.config.edge.timeouts.total)
+            state = self.state
+            exchange = Exchange(request, body, sink, state, lookup)
+            stats = self.metrics.upstream_stats
+            stats.in_flight += 1
             try:
-                await self._serve(exchange)
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if not sink.deadline_expired or task is None or task.uncancel() > 0:
-                    raise  # the client went away (or another cancellation came too)
-                if sink.response_started:
-                    sink.abort()
-                    exchange.record.status = exchange.record.status or 504
-                else:
-                    await self.respond.send_error(exchange, 504, "deadline_exceeded")
+                target = state.route(request.host, request.path)
+                if target is not None:
+                    exchange.target = target
+                    exchange.record.route = target.route.name
+                # Before the 404 too: limits on every route also count requests for none ("-").
+                limiter = self.limiter
+                limits = limiter.limits if limiter.state is state else limiter.current(state)
+                if limits is not None and (
+                    limiter.refused(exchange)
+                    or (limiter.shares(exchange) and await limiter.refused_shared(exchange))
+                ):
+                    return
+                if target is None:
+                    await self.respond.send_error(exchange, 404, "no_route")
+                    return
+                # The total deadline: the connection's sweep cancels this task when it passes
+                # (no timer per request); the cancellation is turned into a 504 here.
+                sink.expire_after(state.config.edge.timeouts.total)
+                try:
+                    # lookup -> hit | fill | forward, in this frame (a coroutine less).
+                    if lookup is None:
+                        lookup = exchange.lookup = self.hits.lookup(exchange)
+                    if lookup is not None:
+                        if lookup.kind is _MISS:  # the usual verdict here: no answer, a fill
+                            await self.filler.fill(exchange)
+                            return
+                        if self.hits.answer(exchange, lookup):
+                            return
+                        if needs_fill(lookup):
+                            await self.filler.fill(exchange)
+                            return
+                    if self.cache is None and request.method in CACHEABLE_METHODS:
+                        exchange.record.cache = "MISS"  # no cache at all: nothing was bypassed
+                    else:
+                        exchange.record.cache = "BYPASS"
+                    await self.forwarder.forward(exchange)
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if not sink.deadline_expired or task is None or task.uncancel() > 0:
+                        raise  # the client went away (or another cancellation came too)
+                    if sink.response_started:
+                        sink.abort()
+                        exchange.record.status = exchange.record.status or 504
+                    else:
+                        await self.respond.send_error(exchange, 504, "deadline_exceeded")
+            finally:
+                stats.in_flight -= 1
+                self.accountant.account(exchange)
+        except asyncio.CancelledError:
+            if guard is None:
+                raise
+        except Exception as exc:
+            if guard is None:
+                raise
+            guard.request_failed(request, exc)
         finally:
-            stats.in_flight -= 1
-            self.accountant.account(exchange)
-
-    async def _serve(self, exchange: Exchange) -> None:
-        """lookup -> hit | fill | forward."""
-        lookup = exchange.lookup
-        if lookup is None:
-            lookup = exchange.lookup = self.hits.lookup(exchange)
-        if lookup is not None:
-            if self.hits.answer(exchange, lookup):
-                return
-            if needs_fill(lookup):
-                await self.filler.fill(exchange)
-                return
-        if self.cache is None and exchange.request.method in CACHEABLE_METHODS:
-            exchange.record.cache = "MISS"  # no cache at all: nothing was bypassed
-        else:
-            exchange.record.cache = "BYPASS"
-        await self.forwarder.forward(exchange)
+            if guard is not None:
+                guard.request_ended(request)
 
 
 #: ``EdgeState``, ``ProxyRequest`` and ``RequestHead`` are re-exported for ``edge.protocol``'s
 #: import line (they live in ``edge.state`` and ``edge.exchange``).
-__all__ = ["EdgeState", "Pipeline", "ProxyRequest", "RequestHead"]
+__all__ = ["EdgeState", "Pipeline", "ProxyRequest", "RequestGuard", "RequestHead"]
