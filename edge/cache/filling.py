@@ -117,46 +117,58 @@ class Filling:
         secondary = vary_key(response.vary, request.headers, self._negotiate)
         return entry.key == variant_key(entry.primary, response.vary, secondary)
 
-    async def fill_once(
+    def fill_once(
         self, key: CacheKey, request: RequestInfo, stale: Entry | None, fetch: Fetch
-    ) -> tuple[Outcome, bool]:
-        """One fill: L1 again, L2, origin.  Returns the outcome and whether the requests
-        coalesced on it may share it."""
-        store, l2 = self._store, self._l2
+    ) -> Coroutine[Any, Any, tuple[Outcome, bool, Entry | None]]:
+        """One fill: L1 again, L2, origin.  The coroutine returns the outcome, whether the
+        requests coalesced on it may share it, and the entry it stored (None: nothing new).
+
+        L1 is asked now, before the coroutine runs; without L2 the coroutine is ``_fetch``'s
+        itself (no frame of its own to pass through on every resume)."""
         # Another fill may have landed while this one queued (lock timeout, hit-for-miss).
-        current = store.get(key.primary, request.headers)
+        current = self._store.get(key.primary, request.headers)
         if current is not None and current is not stale and self.usable_by(current, request):
             if decide(current.response.freshness, request.cc, self._clock())[0] is Use.FRESH:
-                return Outcome(current, None, X_CACHE_HIT, FROM_L1), True
+                return _ready((Outcome(current, None, X_CACHE_HIT, FROM_L1), True, None))
             stale = stale or current
+        if self._l2 is None:
+            return self._fetch(key, request, fetch, stale)
+        return self._fill_shared(key, request, fetch, stale)
+
+    async def _fill_shared(
+        self, key: CacheKey, request: RequestInfo, fetch: Fetch, stale: Entry | None
+    ) -> tuple[Outcome, bool, Entry | None]:
+        """``fill_once`` with L2: the POP's copy (or its fill lock, or a wait for the instance
+        that holds it), then the origin; what it stores is written to L2 in the background."""
+        l2 = self._l2
+        assert l2 is not None
         token: bytes | None = None
-        if l2 is not None:
-            found = await l2.get(key.primary, request.headers)
-            if found is None:
-                token = await l2.acquire(self.coalesce_key(key, request), self.lock_timeout)
-                if token is None:  # another instance is filling: give it a moment
-                    found = await l2.wait_for_fill(
-                        key.primary,
-                        request.headers,
-                        self.coalesce_key(key, request),
-                        min(self._cross_instance_wait, self.lock_timeout),
-                    )
-            if found is not None:
-                shared, fresh = self._from_l2(key, request, found)
-                if shared is not None:
-                    if fresh:
-                        store.put(shared)
-                        return Outcome(shared, None, X_CACHE_HIT, FROM_L2), True
-                    received = shared.response.freshness.response_time
-                    if stale is None or received > stale.response.freshness.response_time:
-                        stale = shared
+        found = await l2.get(key.primary, request.headers)
+        if found is None:
+            token = await l2.acquire(self.coalesce_key(key, request), self.lock_timeout)
+            if token is None:  # another instance is filling: give it a moment
+                found = await l2.wait_for_fill(
+                    key.primary,
+                    request.headers,
+                    self.coalesce_key(key, request),
+                    min(self._cross_instance_wait, self.lock_timeout),
+                )
+        if found is not None:
+            shared, fresh = self._from_l2(key, request, found)
+            if shared is not None:
+                if fresh:
+                    self._store.put(shared)
+                    return Outcome(shared, None, X_CACHE_HIT, FROM_L2), True, None
+                received = shared.response.freshness.response_time
+                if stale is None or received > stale.response.freshness.response_time:
+                    stale = shared
         to_share: Entry | None = None
         try:
             outcome, shareable, to_share = await self._fetch(key, request, fetch, stale)
         finally:
-            if l2 is not None and (to_share is not None or token):
+            if to_share is not None or token:
                 self._spawn(self._share(to_share, key, request, token or NO_LOCK))
-        return outcome, shareable
+        return outcome, shareable, to_share
 
     def _from_l2(
         self, key: CacheKey, request: RequestInfo, found: tuple[bytes, StoredResponse]
@@ -294,6 +306,12 @@ class Filling:
             if entry.needs_variant(coding):
                 data = await asyncio.to_thread(compressor, entry.body, coding)
                 entry.set_variant(coding, data)
+
+
+async def _ready(
+    result: tuple[Outcome, bool, Entry | None],
+) -> tuple[Outcome, bool, Entry | None]:
+    return result
 
 
 __all__ = ["FROM_L1", "FROM_L2", "FROM_ORIGIN", "FROM_STALE", "SUPERSEDING", "Filling", "Outcome"]
