@@ -46,6 +46,8 @@ FROM_L1, FROM_L2, FROM_ORIGIN, FROM_STALE = "l1", "l2", "origin", "stale"
 SUPERSEDING: Final = frozenset(
     {"status", "must-understand", "no-store", "private", "vary-star", "set-cookie", "no-freshness"}
 )
+#: ``Outcome`` made from all its fields by ``tuple.__new__``, not the generated ``__new__``.
+_new_tuple: Final = tuple.__new__
 _AUTH_COALESCE_SUFFIX: Final = b"\x00auth"
 _COOKIE_COALESCE_SUFFIX: Final = b"\x00cookie"
 
@@ -245,8 +247,8 @@ class Filling:
             raise
         response_time = clock()
         if (
-            response.status in ERROR_STATUSES
-            and stale is not None
+            stale is not None
+            and response.status in ERROR_STATUSES
             and usable_on_error(stale.response.freshness, response_time)
         ):
             return Outcome(stale, None, X_CACHE_STALE, FROM_STALE), True, None
@@ -256,7 +258,8 @@ class Filling:
                 self._store.remove_entry(stale)  # a 5xx says nothing about the resource
             return Outcome(None, response, X_CACHE_MISS, FROM_ORIGIN), False, None
         stored = self._keep(entry, request_time)
-        return Outcome(entry, None, X_CACHE_MISS, FROM_ORIGIN), True, entry if stored else None
+        outcome = _new_tuple(Outcome, (entry, None, X_CACHE_MISS, FROM_ORIGIN, b""))
+        return outcome, True, entry if stored else None
 
     def _revalidated(
         self,

@@ -42,6 +42,8 @@ def _background_failed(error: BaseException) -> None:
     log.debug("cache_refresh_failed", error=str(error) or type(error).__name__)
 
 
+#: ``Filled`` made from all its fields by ``tuple.__new__``, not the generated ``__new__``.
+_new_tuple: Final = tuple.__new__
 _MISS: Final = LookupKind.MISS
 _REVALIDATE: Final = LookupKind.REVALIDATE
 
@@ -134,8 +136,16 @@ class Fills:
                 coalescer.abandon(coalesce_key, flight, error)
                 raise
             coalescer.led(coalesce_key, flight, outcome, shareable)
-            self._count(outcome)
-            return self._deliver(outcome, request, extra + outcome.leader_lines)
+            entry = outcome.entry
+            if outcome.source == FROM_ORIGIN:  # ``_count`` and ``_deliver``, inline
+                self._metrics.misses += 1
+            else:
+                self._count(outcome)
+            if entry is None:
+                return _new_tuple(Filled, (None, outcome.response, X_CACHE_MISS, None))
+            x_cache = outcome.x_cache
+            wire = serve(entry, request, x_cache, self._clock(), extra + outcome.leader_lines)
+            return _new_tuple(Filled, (wire, None, x_cache, entry))
         for round_ in range(2):
             if round_:  # the leader's Vary names are known now
                 coalesce_key = filling.coalesce_key(key, request)
@@ -203,9 +213,9 @@ class Fills:
     def _deliver(self, outcome: Outcome, request: RequestInfo, extra: bytes) -> Filled:
         entry = outcome.entry
         if entry is None:
-            return Filled(None, outcome.response, X_CACHE_MISS)
+            return _new_tuple(Filled, (None, outcome.response, X_CACHE_MISS, None))
         wire = serve(entry, request, outcome.x_cache, self._clock(), extra)
-        return Filled(wire, None, outcome.x_cache, entry)
+        return _new_tuple(Filled, (wire, None, outcome.x_cache, entry))
 
 
 __all__ = ["Filled", "Fills"]

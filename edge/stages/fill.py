@@ -59,23 +59,49 @@ class Filler:
         cache = services.cache
         lookup = exchange.lookup
         assert cache is not None and lookup is not None
-        request, record, respond = exchange.request, exchange.record, self.respond
-        extra = request_id_line(request, exchange.state) + connection_line(request)
+        request, record, respond, state = (
+            exchange.request,
+            exchange.record,
+            self.respond,
+            exchange.state,
+        )
+        extra = request_id_line(request, state) + connection_line(request)
         if lookup.kind is _ONLY_IF_CACHED_L2:  # no fetch: L2's copy, or the 504
             self._write_cached(exchange, await cache.stored_only(lookup, extra))
             return
+        target = exchange.target
+        assert target is not None, "no route: the pipeline answers 404 before any stage"
         handover = Handover()
-        fetch = self.fetch_for(request, exchange.state, exchange.routed, lookup, record, handover)
+        # ``fetch_for``, inline (every miss comes here).
+        fetch = FillFetch(
+            services,
+            self.walker,
+            request,
+            state,
+            target,
+            lookup,
+            fill_headers(request, state),
+            record,
+            handover,
+        )
         try:
             try:
-                filled = await cache.fill(lookup, fetch, extra)
+                # ``HttpCache.fill`` is this coroutine: called without passing through it.
+                filled = await cache.fills.fill(lookup, fetch, extra)
             except FetchError as exc:
                 await respond.send_error(
                     exchange, exc.status, exc.reason, exc.retry_after, close=exc.close
                 )
                 return
-            if filled.wire is not None:
-                self._write_cached(exchange, filled)
+            wire = filled.wire
+            if wire is not None:  # ``_write_cached``, inline
+                x_cache = filled.x_cache
+                record.cache = _X_CACHE_LABELS.get(x_cache, "MISS")
+                entry = filled.entry
+                # A MISS was filled by this request's own walk, which recorded the region.
+                if entry is not None and (x_cache != b"MISS" or record.region == "-"):
+                    record.region = entry_region(entry)
+                respond.write_wire(exchange, wire)
                 return
             record.cache = "MISS"
             response = filled.response
