@@ -174,14 +174,15 @@ class Coalescer(Generic[R]):
         coroutine to pass through: one frame fewer on every miss) and ends with ``led`` or
         ``abandon``; None when a fetch for ``key`` is in flight or the key is remembered as
         uncacheable (maybe expired): then ``run`` decides."""
-        if key in self._inflight or key in self.hit_for_miss._until:
+        inflight = self._inflight
+        if key in inflight or key in self.hit_for_miss._until:
             return None
-        return self._lead(key)
-
-    def _lead(self, key: bytes) -> _Flight[R]:
-        task = asyncio.current_task(self._running_loop())  # with the loop: no getpid()
+        loop = self._loop  # ``_running_loop``, inline
+        if loop is None or not loop.is_running():
+            loop = self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)  # with the loop: no getpid()
         flight: _Flight[R] = _Flight(None, task)
-        self._inflight[key] = flight
+        inflight[key] = flight
         if task is not None:
             _LEADING.add(task)
         return flight
@@ -226,7 +227,9 @@ class Coalescer(Generic[R]):
                 return value, Role.ALONE
             flight = self._inflight.get(key)
             if flight is None:
-                flight = self._lead(key)
+                # Not remembered (asked just now: ``active`` forgets an expired key): leads.
+                flight = self.lead(key)
+                assert flight is not None
                 try:
                     value, shareable = await fetch()
                 except BaseException as error:
