@@ -1,6 +1,7 @@
 """The fill chain's short path: a fill led in ``Fills.fill`` itself (``Coalescer.lead``, ``led``,
-``abandon``; ``Filling.fill_once`` handing back ``_fetch``'s coroutine without L2) answers,
-stores, counts and coalesces exactly as the same fill led through ``Coalescer.run``.
+``abandon``; ``Filling.fill_once`` handing back ``_fetch``'s coroutine without L2; a first fill
+fetched in ``Fills.fill`` and stored by ``Filling.fetched``) answers, stores, counts and
+coalesces exactly as the same fill led through ``Coalescer.run`` and ``Filling._fetch``.
 
 In memory: a ``FakeClock`` and a gated scripted origin, no sockets, no sleeps (the loop is only
 yielded to)."""
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import pytest
@@ -17,7 +19,11 @@ from hypothesis import strategies as st
 
 from edge.cache import Filled, HttpCache, Lookup, LookupKind, UpstreamResponse
 from edge.cache.coalesce import Coalescer, Role, leads_fill
-from edge.cache.policy import format_http_date
+from edge.cache.entry import X_CACHE_HIT
+from edge.cache.filling import FROM_STALE
+from edge.cache.fills import Fills, _fill_pair
+from edge.cache.messages import Fetch
+from edge.cache.policy import STALE_IF_ERROR, format_http_date
 from edge.cache.testing import FakeClock
 from meridian.config import CacheConfig, CacheRule
 
@@ -57,11 +63,34 @@ class Origin:
         return UpstreamResponse(status, lines, b"" if status == 304 else b"body %d" % status)
 
 
-def make_cache(clock: FakeClock, *, through_run: bool) -> HttpCache:
-    cache = HttpCache(CacheConfig(rules=(RULE,), hit_for_miss=10.0, lock_timeout=5.0), clock=clock)
-    if through_run:  # the general path: every fill goes through ``Coalescer.run``
-        cache.fills._coalescer.lead = lambda key: None  # type: ignore[method-assign]
-    return cache
+def make_cache(clock: FakeClock) -> HttpCache:
+    return HttpCache(CacheConfig(rules=(RULE,), hit_for_miss=10.0, lock_timeout=5.0), clock=clock)
+
+
+async def through_run(fills: Fills, lookup: Lookup, fetch: Fetch, extra: bytes = b"") -> Filled:
+    """``Fills.fill`` as it was before its short path: every fill through ``Coalescer.run``,
+    led or joined, onto ``Filling.fill_once`` (its ``_fetch`` frame and all)."""
+    key, request = lookup.key, lookup.request
+    assert key is not None and request is not None
+    filling = fills._filling
+    for _round in range(2):
+        coalesce_key = filling.coalesce_key(key, request)
+        outcome, role = await fills._coalescer.run(
+            coalesce_key, lambda: _fill_pair(filling, key, request, lookup.entry, fetch)
+        )
+        entry = outcome.entry
+        if role is not Role.WAITER or entry is None:
+            fills._count(outcome)
+            return fills._deliver(outcome, request, extra + outcome.leader_lines)
+        if filling.usable_by(entry, request):
+            if outcome.source == FROM_STALE:
+                fills._metrics.count_stale(STALE_IF_ERROR)
+                return fills._deliver(outcome, request, extra)
+            fills._metrics.coalesced_hits += 1
+            return fills._deliver(outcome._replace(x_cache=X_CACHE_HIT), request, extra)
+    outcome, _, _ = await filling.fill_once(key, request, lookup.entry, fetch)
+    fills._count(outcome)
+    return fills._deliver(outcome, request, extra + outcome.leader_lines)
 
 
 def lookup(cache: HttpCache, language: bytes) -> Lookup:
@@ -86,12 +115,13 @@ def outcome(result: Filled | BaseException) -> object:
     )
 
 
-#: One step: the origin's answer, the languages of the concurrent requests, whether the first
-#: request (the leader) is cancelled while it fetches, and the seconds the clock moves after.
+#: One step: the origin's answer; the requests, each a language and whether it is late (looked
+#: up with the others, filled after they end: another fill landed meanwhile); whether the first
+#: request (the leader) is cancelled while it fetches; the seconds the clock moves after.
 STEPS = st.lists(
     st.tuples(
         st.sampled_from(sorted(ANSWERS)),
-        st.lists(st.sampled_from([b"en", b"de"]), min_size=1, max_size=4),
+        st.lists(st.tuples(st.sampled_from([b"en", b"de"]), st.booleans()), min_size=1, max_size=4),
         st.booleans(),
         st.sampled_from([0.0, 6.0, 50.0]),
     ),
@@ -100,20 +130,27 @@ STEPS = st.lists(
 )
 
 
-async def play(steps: list[tuple[str, list[bytes], bool, float]], *, through_run: bool) -> Any:
+Step = tuple[str, list[tuple[bytes, bool]], bool, float]
+
+
+async def play(steps: list[Step], *, general: bool) -> Any:
     clock = FakeClock()
-    cache = make_cache(clock, through_run=through_run)
+    cache = make_cache(clock)
+    fill = partial(through_run, cache.fills) if general else cache.fill
     origin = Origin(clock)
     trace: list[object] = []
-    for answer, languages, cancel, advance in steps:
+    for answer, requests, cancel, advance in steps:
         origin.answer = answer
         origin.gate = asyncio.Event()
-        lookups = [lookup(cache, language) for language in languages]
-        trace.append([found.kind for found in lookups])
-        fills = [
-            asyncio.create_task(cache.fill(found, origin.fetch))
-            for found in lookups
+        lookups = [(lookup(cache, language), late) for language, late in requests]
+        trace.append([found.kind for found, _ in lookups])
+        fillable = [
+            (found, late)
+            for found, late in lookups
             if found.kind in (LookupKind.MISS, LookupKind.REVALIDATE)
+        ]
+        fills = [
+            asyncio.create_task(fill(found, origin.fetch)) for found, late in fillable if not late
         ]
         await yield_to_loop()
         trace.append([leads_fill(task) for task in fills])
@@ -121,7 +158,15 @@ async def play(steps: list[tuple[str, list[bytes], bool, float]], *, through_run
             fills[0].cancel()
             await yield_to_loop()
         origin.gate.set()
-        results = await asyncio.gather(*fills, return_exceptions=True)
+        results: list[Filled | BaseException] = list(
+            await asyncio.gather(*fills, return_exceptions=True)
+        )
+        for found, late in fillable:
+            if late:
+                try:
+                    results.append(await fill(found, origin.fetch))
+                except Exception as error:
+                    results.append(error)
         trace.append([outcome(result) for result in results])
         trace.append([leads_fill(task) for task in fills])
         trace.append((len(cache.fills), sorted(cache.fills._coalescer.hit_for_miss._until)))
@@ -143,22 +188,24 @@ async def play(steps: list[tuple[str, list[bytes], bool, float]], *, through_run
 
 @settings(max_examples=200, deadline=None)
 @given(STEPS)
-def test_a_fill_led_in_fills_is_one_led_through_run(
-    steps: list[tuple[str, list[bytes], bool, float]],
-) -> None:
-    short = asyncio.run(play(steps, through_run=False))
-    general = asyncio.run(play(steps, through_run=True))
+def test_a_fill_led_in_fills_is_one_led_through_run(steps: list[Step]) -> None:
+    short = asyncio.run(play(steps, general=False))
+    general = asyncio.run(play(steps, general=True))
     assert short == general
 
 
-async def test_a_first_miss_leads_without_run_and_is_known_to_lead() -> None:
+async def test_a_first_miss_leads_without_run_or_fetch_frame_and_is_known_to_lead() -> None:
     clock = FakeClock()
-    cache = make_cache(clock, through_run=False)
+    cache = make_cache(clock)
 
     async def no_run(key: bytes, fetch: object) -> tuple[object, Role]:
         raise AssertionError("a first miss went through Coalescer.run")
 
+    def no_fetch_frame(*args: object) -> object:
+        raise AssertionError("a first miss went through Filling._fetch")
+
     cache.fills._coalescer.run = no_run  # type: ignore[method-assign, assignment]
+    cache.fills._filling._fetch = no_fetch_frame  # type: ignore[method-assign, assignment]
     origin = Origin(clock)
     fill = asyncio.create_task(cache.fill(lookup(cache, b"en"), origin.fetch))
     await yield_to_loop()

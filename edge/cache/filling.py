@@ -245,7 +245,29 @@ class Filling:
             if stale is not None and usable_on_error(stale.response.freshness, clock()):
                 return Outcome(stale, None, X_CACHE_STALE, FROM_STALE), True, None
             raise
-        response_time = clock()
+        return self.fetched(key, request, response, request_time, stale)
+
+    def origin_only(self, key: CacheKey, request: RequestInfo, stale: Entry | None) -> bool:
+        """Whether this fill is ``fill_once`` reduced to one fetch of the origin without
+        validators, then ``fetched``: no L2, no stored response (L1 asked again) and none to
+        revalidate or to answer with on an error.  (The caller fetches: no ``_fetch`` frame.)"""
+        return (
+            stale is None
+            and self._l2 is None
+            and self._store.get(key.primary, request.headers) is None
+        )
+
+    def fetched(
+        self,
+        key: CacheKey,
+        request: RequestInfo,
+        response: UpstreamResponse,
+        request_time: float,
+        stale: Entry | None = None,
+    ) -> tuple[Outcome, bool, Entry | None]:
+        """``_fetch``'s end, the origin's ``response`` in hand (the clock read now is its
+        response time): stored when allowed, or the stale entry within stale-if-error."""
+        response_time = self._clock()
         if (
             stale is not None
             and response.status in ERROR_STATUSES

@@ -130,8 +130,14 @@ class Fills:
         if flight is not None:
             # The common case, no fill of the key in flight: this task leads it in here (no
             # ``Coalescer.run`` coroutine, no closure), as ``run`` would.
+            stale = lookup.entry
             try:
-                outcome, shareable, _ = await filling.fill_once(key, request, lookup.entry, fetch)
+                if filling.origin_only(key, request, stale):  # ``fill_once``, frame and all
+                    request_time = self._clock()
+                    response = await fetch([])
+                    outcome, shareable, _ = filling.fetched(key, request, response, request_time)
+                else:
+                    outcome, shareable, _ = await filling.fill_once(key, request, stale, fetch)
             except BaseException as error:
                 coalescer.abandon(coalesce_key, flight, error)
                 raise
