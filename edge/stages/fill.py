@@ -65,7 +65,8 @@ class Filler:
             self.respond,
             exchange.state,
         )
-        extra = request_id_line(request, state) + connection_line(request)
+        id_line = request_id_line(request, state)
+        extra = id_line + connection_line(request)
         if lookup.kind is _ONLY_IF_CACHED_L2:  # no fetch: L2's copy, or the 504
             self._write_cached(exchange, await cache.stored_only(lookup, extra))
             return
@@ -80,7 +81,7 @@ class Filler:
             state,
             target,
             lookup,
-            fill_headers(request, state),
+            fill_headers(request, state, id_line),
             record,
             handover,
         )
@@ -145,7 +146,7 @@ class Filler:
             state,
             target,
             lookup,
-            fill_headers(request, state),
+            fill_headers(request, state, request_id_line(request, state)),
             record,
             handover,
         )
@@ -167,13 +168,14 @@ class Filler:
         cache.refresh(lookup, bounded)
 
 
-def fill_headers(request: ProxyRequest, state: EdgeState) -> bytes:
+def fill_headers(request: ProxyRequest, state: EdgeState, id_line: bytes) -> bytes:
     """A fill's upstream request header lines (``forward_headers`` with ``fill``, minus the
     client's conditionals), as sent; built from the screened request (its Host line
     is the key's host), never from anything the key does not hold.  For a memoised request
     head, or a head read by its shape whose fields are the shape's (``ProxyRequest.fills``),
     they depend on the client address and scheme and the request ID alone: built once per
-    address and scheme (``edge.memos.FILL_HEADERS``), then the request ID line appended."""
+    address and scheme (``edge.memos.FILL_HEADERS``), then the request ID line appended
+    (``id_line``: ``request_id_line``, which the caller has made already)."""
     head: FillHeaders | None = request.head
     if head is None:
         head = request.fills
@@ -196,7 +198,7 @@ def fill_headers(request: ProxyRequest, state: EdgeState) -> bytes:
             return fill_header_block(lines)
         base = fill_header_block(lines[:-1])
         memo.remember(client, base)
-    return base + request_id_line(request, state)
+    return base + id_line
 
 
 def _fill_request_headers(request: ProxyRequest, state: EdgeState) -> list[tuple[bytes, bytes]]:
