@@ -100,13 +100,19 @@ class _LeaderGone(Exception):
 
 
 class _Flight(Generic[R]):
-    """One fetch in flight: a leader's (``task`` None until a waiter or ``drain`` asks for
-    ``outcome``) or a background refresh's (``task``, which ``outcome`` is)."""
+    """One fetch in flight: a leader's (``outcome`` None until a waiter or ``drain`` asks for
+    it; ``leader`` its task, in ``_LEADING`` until it settles) or a background refresh's
+    (``task``, which ``outcome`` is)."""
 
-    __slots__ = ("outcome", "task")
+    __slots__ = ("leader", "outcome", "task")
 
-    def __init__(self, task: asyncio.Task[tuple[R, bool]] | None = None) -> None:
+    def __init__(
+        self,
+        task: asyncio.Task[tuple[R, bool]] | None = None,
+        leader: asyncio.Task[Any] | None = None,
+    ) -> None:
         self.task = task
+        self.leader = leader
         self.outcome: asyncio.Future[tuple[R, bool]] | None = task
 
     def awaited(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[tuple[R, bool]]:
@@ -163,6 +169,54 @@ class Coalescer(Generic[R]):
             loop = self._loop = asyncio.get_running_loop()
         return loop
 
+    def lead(self, key: bytes) -> _Flight[R] | None:
+        """Lead the fetch for ``key`` in the calling task, which runs it itself (no ``run``
+        coroutine to pass through: one frame fewer on every miss) and ends with ``led`` or
+        ``abandon``; None when a fetch for ``key`` is in flight or the key is remembered as
+        uncacheable (maybe expired): then ``run`` decides."""
+        inflight = self._inflight
+        if key in inflight or key in self.hit_for_miss._until:
+            return None
+        loop = self._loop  # ``_running_loop``, inline
+        if loop is None or not loop.is_running():
+            loop = self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)  # with the loop: no getpid()
+        flight: _Flight[R] = _Flight(None, task)
+        inflight[key] = flight
+        if task is not None:
+            _LEADING.add(task)
+        return flight
+
+    def led(self, key: bytes, flight: _Flight[R], value: R, shareable: bool) -> None:
+        """The end of ``flight``'s fetch: ``value``, for its waiters if ``shareable``."""
+        inflight = self._inflight  # ``_land``, inline (every miss ends here)
+        if inflight.get(key) is flight:
+            del inflight[key]
+        if flight.leader is not None:
+            _LEADING.discard(flight.leader)
+        if flight.outcome is not None:  # someone waits (a tuple only for them)
+            flight.settle((value, shareable), None)
+        if shareable:  # ``_remember``, inline: a shareable answer forgets the key
+            self.hit_for_miss._until.pop(key, None)
+        else:
+            self.hit_for_miss.mark(key, self._clock())
+
+    def abandon(self, key: bytes, flight: _Flight[R], error: BaseException) -> None:
+        """The end of ``flight``'s fetch: ``error`` raised in the leader.  Its waiters get the
+        same exception; a leader cancelled releases them to coalesce again."""
+        if isinstance(error, asyncio.CancelledError):
+            flight.settle(None, _LeaderGone())
+        elif isinstance(error, Exception):
+            flight.settle(None, error)
+        self._land(key, flight)
+
+    def _land(self, key: bytes, flight: _Flight[R]) -> None:
+        inflight = self._inflight
+        if inflight.get(key) is flight:
+            del inflight[key]
+        if flight.leader is not None:
+            _LEADING.discard(flight.leader)
+
     async def run(self, key: bytes, fetch: Fetch[R]) -> tuple[R, Role]:
         """Run ``fetch`` for ``key`` unless one is in flight; returns the value and our role."""
         hit_for_miss = self.hit_for_miss
@@ -171,31 +225,18 @@ class Coalescer(Generic[R]):
             if key in hit_for_miss and hit_for_miss.active(key, self._clock()):
                 value, _ = await fetch()
                 return value, Role.ALONE
-            inflight = self._inflight
-            flight = inflight.get(key)
+            flight = self._inflight.get(key)
             if flight is None:
-                # Lead: the fetch runs in this task (in here, not in a coroutine of its own:
-                # one frame fewer on every miss).
-                flight = inflight[key] = _Flight()
-                task = asyncio.current_task(self._running_loop())  # with the loop: no getpid()
-                if task is not None:
-                    _LEADING.add(task)
+                # Not remembered (asked just now: ``active`` forgets an expired key): leads.
+                flight = self.lead(key)
+                assert flight is not None
                 try:
-                    result = await fetch()
-                except asyncio.CancelledError:
-                    flight.settle(None, _LeaderGone())
+                    value, shareable = await fetch()
+                except BaseException as error:
+                    self.abandon(key, flight, error)
                     raise
-                except Exception as exc:
-                    flight.settle(None, exc)
-                    raise
-                finally:
-                    if inflight.get(key) is flight:
-                        del inflight[key]
-                    if task is not None:
-                        _LEADING.discard(task)
-                flight.settle(result, None)
-                self._remember(key, result[1])
-                return result[0], Role.LEADER
+                self.led(key, flight, value, shareable)
+                return value, Role.LEADER
             if self._on_wait is not None:
                 self._on_wait()
             try:

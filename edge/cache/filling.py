@@ -46,6 +46,8 @@ FROM_L1, FROM_L2, FROM_ORIGIN, FROM_STALE = "l1", "l2", "origin", "stale"
 SUPERSEDING: Final = frozenset(
     {"status", "must-understand", "no-store", "private", "vary-star", "set-cookie", "no-freshness"}
 )
+#: ``Outcome`` made from all its fields by ``tuple.__new__``, not the generated ``__new__``.
+_new_tuple: Final = tuple.__new__
 _AUTH_COALESCE_SUFFIX: Final = b"\x00auth"
 _COOKIE_COALESCE_SUFFIX: Final = b"\x00cookie"
 
@@ -117,46 +119,58 @@ class Filling:
         secondary = vary_key(response.vary, request.headers, self._negotiate)
         return entry.key == variant_key(entry.primary, response.vary, secondary)
 
-    async def fill_once(
+    def fill_once(
         self, key: CacheKey, request: RequestInfo, stale: Entry | None, fetch: Fetch
-    ) -> tuple[Outcome, bool]:
-        """One fill: L1 again, L2, origin.  Returns the outcome and whether the requests
-        coalesced on it may share it."""
-        store, l2 = self._store, self._l2
+    ) -> Coroutine[Any, Any, tuple[Outcome, bool, Entry | None]]:
+        """One fill: L1 again, L2, origin.  The coroutine returns the outcome, whether the
+        requests coalesced on it may share it, and the entry it stored (None: nothing new).
+
+        L1 is asked now, before the coroutine runs; without L2 the coroutine is ``_fetch``'s
+        itself (no frame of its own to pass through on every resume)."""
         # Another fill may have landed while this one queued (lock timeout, hit-for-miss).
-        current = store.get(key.primary, request.headers)
+        current = self._store.get(key.primary, request.headers)
         if current is not None and current is not stale and self.usable_by(current, request):
             if decide(current.response.freshness, request.cc, self._clock())[0] is Use.FRESH:
-                return Outcome(current, None, X_CACHE_HIT, FROM_L1), True
+                return _ready((Outcome(current, None, X_CACHE_HIT, FROM_L1), True, None))
             stale = stale or current
+        if self._l2 is None:
+            return self._fetch(key, request, fetch, stale)
+        return self._fill_shared(key, request, fetch, stale)
+
+    async def _fill_shared(
+        self, key: CacheKey, request: RequestInfo, fetch: Fetch, stale: Entry | None
+    ) -> tuple[Outcome, bool, Entry | None]:
+        """``fill_once`` with L2: the POP's copy (or its fill lock, or a wait for the instance
+        that holds it), then the origin; what it stores is written to L2 in the background."""
+        l2 = self._l2
+        assert l2 is not None
         token: bytes | None = None
-        if l2 is not None:
-            found = await l2.get(key.primary, request.headers)
-            if found is None:
-                token = await l2.acquire(self.coalesce_key(key, request), self.lock_timeout)
-                if token is None:  # another instance is filling: give it a moment
-                    found = await l2.wait_for_fill(
-                        key.primary,
-                        request.headers,
-                        self.coalesce_key(key, request),
-                        min(self._cross_instance_wait, self.lock_timeout),
-                    )
-            if found is not None:
-                shared, fresh = self._from_l2(key, request, found)
-                if shared is not None:
-                    if fresh:
-                        store.put(shared)
-                        return Outcome(shared, None, X_CACHE_HIT, FROM_L2), True
-                    received = shared.response.freshness.response_time
-                    if stale is None or received > stale.response.freshness.response_time:
-                        stale = shared
+        found = await l2.get(key.primary, request.headers)
+        if found is None:
+            token = await l2.acquire(self.coalesce_key(key, request), self.lock_timeout)
+            if token is None:  # another instance is filling: give it a moment
+                found = await l2.wait_for_fill(
+                    key.primary,
+                    request.headers,
+                    self.coalesce_key(key, request),
+                    min(self._cross_instance_wait, self.lock_timeout),
+                )
+        if found is not None:
+            shared, fresh = self._from_l2(key, request, found)
+            if shared is not None:
+                if fresh:
+                    self._store.put(shared)
+                    return Outcome(shared, None, X_CACHE_HIT, FROM_L2), True, None
+                received = shared.response.freshness.response_time
+                if stale is None or received > stale.response.freshness.response_time:
+                    stale = shared
         to_share: Entry | None = None
         try:
             outcome, shareable, to_share = await self._fetch(key, request, fetch, stale)
         finally:
-            if l2 is not None and (to_share is not None or token):
+            if to_share is not None or token:
                 self._spawn(self._share(to_share, key, request, token or NO_LOCK))
-        return outcome, shareable
+        return outcome, shareable, to_share
 
     def _from_l2(
         self, key: CacheKey, request: RequestInfo, found: tuple[bytes, StoredResponse]
@@ -231,10 +245,32 @@ class Filling:
             if stale is not None and usable_on_error(stale.response.freshness, clock()):
                 return Outcome(stale, None, X_CACHE_STALE, FROM_STALE), True, None
             raise
-        response_time = clock()
+        return self.fetched(key, request, response, request_time, stale)
+
+    def origin_only(self, key: CacheKey, request: RequestInfo, stale: Entry | None) -> bool:
+        """Whether this fill is ``fill_once`` reduced to one fetch of the origin without
+        validators, then ``fetched``: no L2, no stored response (L1 asked again) and none to
+        revalidate or to answer with on an error.  (The caller fetches: no ``_fetch`` frame.)"""
+        return (
+            stale is None
+            and self._l2 is None
+            and self._store.get(key.primary, request.headers) is None
+        )
+
+    def fetched(
+        self,
+        key: CacheKey,
+        request: RequestInfo,
+        response: UpstreamResponse,
+        request_time: float,
+        stale: Entry | None = None,
+    ) -> tuple[Outcome, bool, Entry | None]:
+        """``_fetch``'s end, the origin's ``response`` in hand (the clock read now is its
+        response time): stored when allowed, or the stale entry within stale-if-error."""
+        response_time = self._clock()
         if (
-            response.status in ERROR_STATUSES
-            and stale is not None
+            stale is not None
+            and response.status in ERROR_STATUSES
             and usable_on_error(stale.response.freshness, response_time)
         ):
             return Outcome(stale, None, X_CACHE_STALE, FROM_STALE), True, None
@@ -242,9 +278,15 @@ class Filling:
         if entry is None:
             if stale is not None and reason in SUPERSEDING and response.status < 500:
                 self._store.remove_entry(stale)  # a 5xx says nothing about the resource
-            return Outcome(None, response, X_CACHE_MISS, FROM_ORIGIN), False, None
-        stored = self._keep(entry, request_time)
-        return Outcome(entry, None, X_CACHE_MISS, FROM_ORIGIN), True, entry if stored else None
+            outcome = _new_tuple(Outcome, (None, response, X_CACHE_MISS, FROM_ORIGIN, b""))
+            return outcome, False, None
+        # ``_keep``, inline (every stored miss comes here).
+        stored = not self._purges.raced(entry, request_time) and self._store.put(entry)
+        body = entry.response.body  # (``entry.body``, without the property)
+        if stored and len(body) > self._compress_offload_above and entry.compressible:
+            self._spawn(self._prepare_variants(entry))
+        outcome = _new_tuple(Outcome, (entry, None, X_CACHE_MISS, FROM_ORIGIN, b""))
+        return outcome, True, entry if stored else None
 
     def _revalidated(
         self,
@@ -282,7 +324,7 @@ class Filling:
             return False
         if not self._store.put(entry):
             return False
-        if entry.compressible and len(entry.body) > self._compress_offload_above:
+        if len(entry.body) > self._compress_offload_above and entry.compressible:
             # Big bodies: build the compressed variants in a thread, not on the first hit.
             self._spawn(self._prepare_variants(entry))
         return True
@@ -294,6 +336,12 @@ class Filling:
             if entry.needs_variant(coding):
                 data = await asyncio.to_thread(compressor, entry.body, coding)
                 entry.set_variant(coding, data)
+
+
+async def _ready(
+    result: tuple[Outcome, bool, Entry | None],
+) -> tuple[Outcome, bool, Entry | None]:
+    return result
 
 
 __all__ = ["FROM_L1", "FROM_L2", "FROM_ORIGIN", "FROM_STALE", "SUPERSEDING", "Filling", "Outcome"]

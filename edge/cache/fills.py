@@ -8,7 +8,7 @@ alone (``stored_only``).  Counted as the answer's source says (``CacheMetrics``)
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from meridian.config import CacheConfig
 from meridian.log import get_logger
@@ -17,7 +17,7 @@ from .admission import Admission
 from .coalesce import Coalescer, Role
 from .entry import X_CACHE_HIT, X_CACHE_MISS, Compressor, Entry
 from .filling import FROM_L1, FROM_L2, FROM_ORIGIN, FROM_STALE, Filling, Outcome
-from .key import Negotiator
+from .key import CacheKey, Negotiator
 from .lookups import Lookup, LookupKind, serve
 from .messages import Fetch, RequestInfo, UpstreamResponse
 from .metrics import CacheMetrics
@@ -40,6 +40,21 @@ class Filled(NamedTuple):
 
 def _background_failed(error: BaseException) -> None:
     log.debug("cache_refresh_failed", error=str(error) or type(error).__name__)
+
+
+#: ``Filled`` made from all its fields by ``tuple.__new__``, not the generated ``__new__``.
+_new_tuple: Final = tuple.__new__
+_MISS: Final = LookupKind.MISS
+_REVALIDATE: Final = LookupKind.REVALIDATE
+
+
+async def _fill_pair(
+    filling: Filling, key: CacheKey, request: RequestInfo, stale: Entry | None, fetch: Fetch
+) -> tuple[Outcome, bool]:
+    """``filling.fill_once`` as the coalescer's fetch (the value and whether it is shared),
+    asked when it runs: a background refresh's when its task starts."""
+    outcome, shareable, _ = await filling.fill_once(key, request, stale, fetch)
+    return outcome, shareable
 
 
 class Fills:
@@ -105,14 +120,43 @@ class Fills:
     async def fill(self, lookup: Lookup, fetch: Fetch, extra: bytes = b"") -> Filled:
         """Answer a MISS or REVALIDATE: one coalesced fetch per key, stored when allowed."""
         key, request = lookup.key, lookup.request
-        fillable = lookup.kind is LookupKind.MISS or lookup.kind is LookupKind.REVALIDATE
-        if key is None or request is None or not fillable:
+        kind = lookup.kind
+        if key is None or request is None or (kind is not _MISS and kind is not _REVALIDATE):
             raise ValueError(f"fill() needs a MISS or REVALIDATE lookup, got {lookup.kind}")
         filling = self._filling
-        for _round in range(2):
-            coalesce_key = filling.coalesce_key(key, request)
-            outcome, role = await self._coalescer.run(
-                coalesce_key, lambda: filling.fill_once(key, request, lookup.entry, fetch)
+        coalescer = self._coalescer
+        coalesce_key = filling.coalesce_key(key, request)
+        flight = coalescer.lead(coalesce_key)
+        if flight is not None:
+            # The common case, no fill of the key in flight: this task leads it in here (no
+            # ``Coalescer.run`` coroutine, no closure), as ``run`` would.
+            stale = lookup.entry
+            try:
+                if filling.origin_only(key, request, stale):  # ``fill_once``, frame and all
+                    request_time = self._clock()
+                    response = await fetch([])
+                    outcome, shareable, _ = filling.fetched(key, request, response, request_time)
+                else:
+                    outcome, shareable, _ = await filling.fill_once(key, request, stale, fetch)
+            except BaseException as error:
+                coalescer.abandon(coalesce_key, flight, error)
+                raise
+            coalescer.led(coalesce_key, flight, outcome, shareable)
+            entry = outcome.entry
+            if outcome.source == FROM_ORIGIN:  # ``_count`` and ``_deliver``, inline
+                self._metrics.misses += 1
+            else:
+                self._count(outcome)
+            if entry is None:
+                return _new_tuple(Filled, (None, outcome.response, X_CACHE_MISS, None))
+            x_cache = outcome.x_cache
+            wire = serve(entry, request, x_cache, self._clock(), extra + outcome.leader_lines)
+            return _new_tuple(Filled, (wire, None, x_cache, entry))
+        for round_ in range(2):
+            if round_:  # the leader's Vary names are known now
+                coalesce_key = filling.coalesce_key(key, request)
+            outcome, role = await coalescer.run(
+                coalesce_key, lambda: _fill_pair(filling, key, request, lookup.entry, fetch)
             )
             entry = outcome.entry
             if role is not Role.WAITER or entry is None:
@@ -127,7 +171,7 @@ class Fills:
             # The leader's response is another variant (its Vary names are known now, so the
             # second round queues under the precise key), or not for a request with
             # Authorization.  After two rounds, fetch alone.
-        outcome, _ = await filling.fill_once(key, request, lookup.entry, fetch)
+        outcome, _, _ = await filling.fill_once(key, request, lookup.entry, fetch)
         self._count(outcome)
         return self._deliver(outcome, request, extra + outcome.leader_lines)
 
@@ -156,7 +200,7 @@ class Fills:
         filling = self._filling
         return self._coalescer.refresh(
             filling.coalesce_key(key, request),
-            lambda: filling.fill_once(key, request, lookup.entry, fetch),
+            lambda: _fill_pair(filling, key, request, lookup.entry, fetch),
         )
 
     def _count(self, outcome: Outcome) -> None:
@@ -175,9 +219,9 @@ class Fills:
     def _deliver(self, outcome: Outcome, request: RequestInfo, extra: bytes) -> Filled:
         entry = outcome.entry
         if entry is None:
-            return Filled(None, outcome.response, X_CACHE_MISS)
+            return _new_tuple(Filled, (None, outcome.response, X_CACHE_MISS, None))
         wire = serve(entry, request, outcome.x_cache, self._clock(), extra)
-        return Filled(wire, None, outcome.x_cache, entry)
+        return _new_tuple(Filled, (wire, None, outcome.x_cache, entry))
 
 
 __all__ = ["Filled", "Fills"]

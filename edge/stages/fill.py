@@ -59,23 +59,50 @@ class Filler:
         cache = services.cache
         lookup = exchange.lookup
         assert cache is not None and lookup is not None
-        request, record, respond = exchange.request, exchange.record, self.respond
-        extra = request_id_line(request, exchange.state) + connection_line(request)
+        request, record, respond, state = (
+            exchange.request,
+            exchange.record,
+            self.respond,
+            exchange.state,
+        )
+        id_line = request_id_line(request, state)
+        extra = id_line + connection_line(request)
         if lookup.kind is _ONLY_IF_CACHED_L2:  # no fetch: L2's copy, or the 504
             self._write_cached(exchange, await cache.stored_only(lookup, extra))
             return
+        target = exchange.target
+        assert target is not None, "no route: the pipeline answers 404 before any stage"
         handover = Handover()
-        fetch = self.fetch_for(request, exchange.state, exchange.routed, lookup, record, handover)
+        # ``fetch_for``, inline (every miss comes here).
+        fetch = FillFetch(
+            services,
+            self.walker,
+            request,
+            state,
+            target,
+            lookup,
+            fill_headers(request, state, id_line),
+            record,
+            handover,
+        )
         try:
             try:
-                filled = await cache.fill(lookup, fetch, extra)
+                # ``HttpCache.fill`` is this coroutine: called without passing through it.
+                filled = await cache.fills.fill(lookup, fetch, extra)
             except FetchError as exc:
                 await respond.send_error(
                     exchange, exc.status, exc.reason, exc.retry_after, close=exc.close
                 )
                 return
-            if filled.wire is not None:
-                self._write_cached(exchange, filled)
+            wire = filled.wire
+            if wire is not None:  # ``_write_cached``, inline
+                x_cache = filled.x_cache
+                record.cache = _X_CACHE_LABELS.get(x_cache, "MISS")
+                entry = filled.entry
+                # A MISS was filled by this request's own walk, which recorded the region.
+                if entry is not None and (x_cache != b"MISS" or record.region == "-"):
+                    record.region = entry_region(entry)
+                respond.write_wire(exchange, wire)
                 return
             record.cache = "MISS"
             response = filled.response
@@ -119,7 +146,7 @@ class Filler:
             state,
             target,
             lookup,
-            fill_headers(request, state),
+            fill_headers(request, state, request_id_line(request, state)),
             record,
             handover,
         )
@@ -141,13 +168,14 @@ class Filler:
         cache.refresh(lookup, bounded)
 
 
-def fill_headers(request: ProxyRequest, state: EdgeState) -> bytes:
+def fill_headers(request: ProxyRequest, state: EdgeState, id_line: bytes) -> bytes:
     """A fill's upstream request header lines (``forward_headers`` with ``fill``, minus the
     client's conditionals), as sent; built from the screened request (its Host line
     is the key's host), never from anything the key does not hold.  For a memoised request
     head, or a head read by its shape whose fields are the shape's (``ProxyRequest.fills``),
     they depend on the client address and scheme and the request ID alone: built once per
-    address and scheme (``edge.memos.FILL_HEADERS``), then the request ID line appended."""
+    address and scheme (``edge.memos.FILL_HEADERS``), then the request ID line appended
+    (``id_line``: ``request_id_line``, which the caller has made already)."""
     head: FillHeaders | None = request.head
     if head is None:
         head = request.fills
@@ -170,7 +198,7 @@ def fill_headers(request: ProxyRequest, state: EdgeState) -> bytes:
             return fill_header_block(lines)
         base = fill_header_block(lines[:-1])
         memo.remember(client, base)
-    return base + request_id_line(request, state)
+    return base + id_line
 
 
 def _fill_request_headers(request: ProxyRequest, state: EdgeState) -> list[tuple[bytes, bytes]]:
