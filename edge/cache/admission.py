@@ -21,7 +21,14 @@ from typing import Final, NamedTuple
 from edge.memos import SHARED_FIELDS, BoundedMemo
 from meridian.config import CacheRule
 
-from .entry import HEADER_OVERHEAD, Compressor, Entry, HeadTemplate, StoredResponse
+from .entry import (
+    HEADER_OVERHEAD,
+    Compressor,
+    Entry,
+    HeadTemplate,
+    StoredResponse,
+    stored_response,
+)
 from .key import CacheKey, Negotiator, variant_key, vary_key
 from .messages import RequestInfo, UpstreamResponse, truncated
 from .policy import (
@@ -266,7 +273,7 @@ class Admission:
             # even when the origin forgot to say Vary: Accept-Encoding.
             names = (*names, b"accept-encoding")
         secondary = vary_key(names, request.headers, self._negotiate) if names else b""
-        stored = StoredResponse(  # positional: a third cheaper than by keyword
+        stored = stored_response(  # positional: a third cheaper than by keyword
             status,
             response.reason,
             fields,
