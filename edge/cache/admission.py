@@ -76,6 +76,7 @@ class StoredShape:
     Made by ``Admission.stored_shape``; the edge memoises it (``edge.stages.fill_read``)."""
 
     __slots__ = (
+        "auth_ok",
         "etag_at",
         "fills",
         "freshness",
@@ -85,6 +86,7 @@ class StoredShape:
         "header_bytes",
         "meta",
         "modified_at",
+        "names",
         "rule",
         "targeted",
         "template",
@@ -117,12 +119,31 @@ class StoredShape:
         self.modified_at = modified_at
         #: The header list has a Content-Length line (``truncated`` must look).
         self.has_length = has_length
+        base = meta.base  # what every response of the shape has in these (``shaped_meta``)
+        #: The stored response's Vary names (``variant_names``) and ``auth_ok``.
+        self.names = variant_names(base.vary, base.content_encoding)
+        self.auth_ok = shareable_with_authorization(base.cc)
         #: ``freshness_parts`` of the shape by status (made when first needed; None: none).
         self.freshness: dict[int, FreshnessParts | None] = {}
         #: The identity head's template, made from the first entry of the shape whose Date
         #: was the origin's (``Entry.head_template``); used by entries it ``fits``.
         self.head: HeadTemplate | None = None
         self.head_tried = False
+
+
+def variant_names(vary: tuple[bytes, ...], content_encoding: bytes | None) -> tuple[bytes, ...]:
+    """The request header names whose values select a stored variant: the response's Vary,
+    adjusted for the coding the entry serves."""
+    if content_encoding is None:
+        # The entry serves every coding itself: Accept-Encoding does not split variants.
+        if b"accept-encoding" in vary:
+            return tuple(name for name in vary if name != b"accept-encoding")
+        return vary
+    if b"accept-encoding" not in vary:
+        # An encoded body we cannot decode is only for clients of the same coding class,
+        # even when the origin forgot to say Vary: Accept-Encoding.
+        return (*vary, b"accept-encoding")
+    return vary
 
 
 class _HeadVerdict(NamedTuple):
@@ -258,20 +279,14 @@ class Admission:
         measured: tuple[int, bytes | None, bytes | None] | None = None
         if shape is not None:
             fields, measured = self.fields.shaped(shape, response.headers, meta, response_time)
+            names, auth_ok = shape.names, shape.auth_ok  # the shape's Vary and Cache-Control
         else:
             headers = stored_headers(response.headers, keep_set_cookie=rule.store_set_cookie)
             if meta.date is None:
                 headers.append((b"date", format_http_date(response_time)))
             fields = self.fields.pooled(headers)
-        names = meta.vary
-        if meta.content_encoding is None:
-            # The entry serves every coding itself: Accept-Encoding does not split variants.
-            if b"accept-encoding" in names:
-                names = tuple(name for name in names if name != b"accept-encoding")
-        elif b"accept-encoding" not in names:
-            # An encoded body we cannot decode is only for clients of the same coding class,
-            # even when the origin forgot to say Vary: Accept-Encoding.
-            names = (*names, b"accept-encoding")
+            names = variant_names(meta.vary, meta.content_encoding)
+            auth_ok = shareable_with_authorization(meta.cc)
         secondary = vary_key(names, request.headers, self._negotiate) if names else b""
         stored = stored_response(  # positional: a third cheaper than by keyword
             status,
@@ -283,9 +298,18 @@ class Admission:
             meta.surrogate_keys,
             meta.content_encoding,
             response.compressible,
-            shareable_with_authorization(meta.cc),
+            auth_ok,
         )
-        entry = self.entry(key, variant_key(key.primary, names, secondary), stored, measured)
+        entry = Entry(  # ``self.entry``, inlined: one call fewer per fill
+            stored,
+            key=variant_key(key.primary, names, secondary),
+            primary=key.primary,
+            url=key.url,
+            compressor=self._compressor,
+            extra_head=self._extra_head,
+            hidden=self.targeted_fields,
+            measured=measured,
+        )
         if shape is not None and meta.date is not None:  # no Date of ours after the fields
             template = shape.head
             if template is None and not shape.head_tried:
