@@ -350,7 +350,11 @@ class ResponseForms:
             head = b"".join(lines)
         if index == 0:
             self._head0 = head
-            self._grow(len(head) + BYTES_OVERHEAD)
+            # ``_grow``, inlined: every fill's first answer builds its head
+            delta = len(head) + BYTES_OVERHEAD
+            self.size += delta
+            if self.on_resize is not None:
+                self.on_resize(self, delta)
             return head
         if self._wire is None:
             self._wire = {}
@@ -658,7 +662,10 @@ class Entry(ResponseForms):
                     if cached is not None:
                         return cached  # type: ignore[return-value]
                     keep = True
-        effective, body = self._variant(coding)
+        if coding == "identity":  # ``_variant``'s answer for it, without the call
+            effective, body = "identity", self.response.body
+        else:
+            effective, body = self._variant(coding)
         data = b"".join(
             (
                 self._head(effective, len(body)),
