@@ -1,5 +1,6 @@
 """The answer path's shortcuts make exactly what the plain code makes: ``stored_response`` is a
-``StoredResponse`` like one built by its constructor (equal, hashed, shown and frozen alike)."""
+``StoredResponse`` like one built by its constructor (equal, hashed, shown and frozen alike), and
+``shaped_meta`` reads a head as ``response_meta`` does."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edge.cache.entry import StoredResponse, stored_response
-from edge.cache.policy import Freshness
+from edge.cache.policy import Freshness, meta_shape, response_meta, shaped_meta
 
 FIELD_BYTES = st.binary(max_size=12)
 FRESHNESS = st.builds(
@@ -49,3 +50,58 @@ def test_stored_response_is_the_constructors(fields: tuple[object, ...]) -> None
     assert dataclasses.replace(made, status=204) == dataclasses.replace(plain, status=204)
     with pytest.raises(dataclasses.FrozenInstanceError):
         made.status = 1  # type: ignore[misc]
+
+
+#: Values a volatile field may carry: valid and invalid dates, empty ones, odd ETags and Ages.
+VOLATILE_VALUE = st.sampled_from(
+    [
+        b"",
+        b" ",
+        b"0",
+        b"-1",
+        b"5, 7",
+        b"Mon, 07 Dec 2026 15:00:00 GMT",
+        b"Sunday, 06-Nov-94 08:49:37 GMT",
+        b"Sun Nov  6 08:49:37 1994",
+        b"not a date",
+        b'"abc"',
+        b' W/"x" ',
+    ]
+)
+SHAPE_LINE = st.sampled_from(
+    [
+        b"date",
+        b"etag",
+        b"last-modified",
+        b"expires",
+        b"age",
+        b"cache-control",
+        b"content-type",
+        b"vary",
+        b"cdn-cache-control",
+    ]
+)
+STABLE_VALUE = {
+    b"cache-control": b"max-age=60",
+    b"content-type": b"text/plain",
+    b"vary": b"accept-encoding",
+    b"cdn-cache-control": b"max-age=5",
+}
+
+
+@given(
+    st.lists(SHAPE_LINE, max_size=8),
+    st.data(),
+    st.sampled_from([(), (b"cdn-cache-control",)]),
+)
+def test_shaped_meta_is_response_meta(
+    names: list[bytes], data: st.DataObject, targeted: tuple[bytes, ...]
+) -> None:
+    def head() -> list[tuple[bytes, bytes]]:
+        return [
+            (name, STABLE_VALUE[name] if name in STABLE_VALUE else data.draw(VOLATILE_VALUE))
+            for name in names
+        ]
+
+    first, other = head(), head()
+    assert shaped_meta(meta_shape(first, targeted), other) == response_meta(other, targeted)

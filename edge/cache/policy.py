@@ -469,20 +469,29 @@ def meta_shape(headers: Headers, targeted: Sequence[bytes] = ()) -> MetaShape:
 def shaped_meta(shape: MetaShape, headers: Headers) -> ResponseMeta:
     """``response_meta(headers, targeted)`` for ``headers`` of ``shape`` (``meta_shape``):
     only the volatile fields are read."""
+    # ``parse_http_date`` inlined (its memo called directly on a non-empty value): a fill
+    # parses its Date and Last-Modified here.
     base = shape.base
     at = shape.date_at
-    date = None if at < 0 else parse_http_date(headers[at][1])
+    date: float | None = None
+    if at >= 0:
+        value = headers[at][1]
+        date = _parse_http_date(value) if value else None
     at = shape.expires_at
     expires: float | None = None
     if at >= 0:
-        parsed = parse_http_date(headers[at][1])
+        value = headers[at][1]
+        parsed = _parse_http_date(value) if value else None
         expires = 0.0 if parsed is None else parsed
     at = shape.age_at
     age = 0.0 if at < 0 else _age_value([headers[at][1]])
     at = shape.modified_at
-    modified = None if at < 0 else parse_http_date(headers[at][1])
+    modified: float | None = None
+    if at >= 0:
+        value = headers[at][1]
+        modified = _parse_http_date(value) if value else None
     at = shape.etag_at
-    etag = None if at < 0 else _strip_or_none(headers[at][1])
+    etag = (headers[at][1].strip() or None) if at >= 0 else None  # ``_strip_or_none``
     return ResponseMeta(
         base.cc,
         date,
