@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge.cache.entry import StoredResponse, stored_response
+from edge.cache.entry import Entry, ResponseForms, StoredResponse, stored_response
 from edge.cache.policy import Freshness, meta_shape, response_meta, shaped_meta
 
 FIELD_BYTES = st.binary(max_size=12)
@@ -105,3 +105,44 @@ def test_shaped_meta_is_response_meta(
 
     first, other = head(), head()
     assert shaped_meta(meta_shape(first, targeted), other) == response_meta(other, targeted)
+
+
+@given(
+    st.sampled_from([200, 204, 304, 404]),
+    st.binary(max_size=8),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from([b"", b"x-pop: a\r\n"]),
+    st.sampled_from([frozenset(), frozenset({b"cdn-cache-control"})]),
+)
+def test_entry_sets_what_response_forms_sets(
+    status: int,
+    body: bytes,
+    compressible: bool,
+    with_compressor: bool,
+    extra_head: bytes,
+    hidden: frozenset[bytes],
+) -> None:
+    """``Entry.__init__`` sets the ``ResponseForms`` slots itself: as its ``__init__`` would."""
+    response = StoredResponse(
+        status, b"", ((b"etag", b'"e"'),), body, Freshness(0, 0, 60, 0, 0, False, False)
+    )
+    response = dataclasses.replace(response, compressible=compressible)
+    compressor = (lambda data, coding: data) if with_compressor else None
+    entry = Entry(
+        response,
+        key=b"G:https://h/p",
+        primary=b"G:https://h/p",
+        url=b"https://h/p",
+        compressor=compressor,
+        extra_head=extra_head,
+        hidden=hidden,
+    )
+    forms = ResponseForms(response, entry._compressor, extra_head, hidden)
+    for slot in ResponseForms.__slots__:
+        if slot != "size":
+            assert getattr(entry, slot) == getattr(forms, slot), slot
+    assert entry._house is forms._house
+    assert (entry._compressor is not None) == (
+        with_compressor and compressible and status not in (204, 304) and bool(body)
+    )

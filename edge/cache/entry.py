@@ -529,7 +529,17 @@ class Entry(ResponseForms):
             and response.status not in _NO_CONTENT_LENGTH
             and response.body
         )
-        super().__init__(response, compressor if compressible else None, extra_head, hidden)
+        # ``ResponseForms.__init__``, inlined (an entry is made per fill): the same slots set
+        # to the same values (``size`` below).
+        self.response = response
+        self._compressor = compressor if compressible else None
+        self._house = _house(extra_head, hidden)
+        self._variants = None
+        self._head0 = None
+        self._age0 = -1
+        self._wire0 = None
+        self._wire = None
+        self.on_resize = None
         self.primary = primary
         # The store key is the primary key itself unless the response varies (Vary), and the
         # URL is the primary key after its method class (``key.METHOD_CLASS_GET``): each kept
