@@ -260,9 +260,10 @@ class MemoryStore:
         entries[key] = entry
         for tag in response.surrogate_keys:
             self._tags.setdefault(tag, set()).add(key)
-        path = url_path(entry.url)
-        if path is not None:
-            self._paths.add(path, key)
+        url = entry.url  # ``url_path``, inlined: a fill's path goes in the index
+        start = url.find(b"/", url.find(b"://") + 3)
+        if start != -1:
+            self._paths.add(url[start:], key)
         self.bytes += entry.size
         self.stored += 1
         entry.on_resize = self._on_resize
