@@ -42,10 +42,10 @@ from .policy import (
     compute_freshness,
     format_http_date,
     freshness_parts,
+    initial_age,
     merge_not_modified,
     meta_shape,
     response_meta,
-    shaped_freshness,
     shaped_meta,
     shareable_with_authorization,
     stored_headers,
@@ -225,9 +225,12 @@ class Admission:
         self._head_meta = _HeadVerdict(headers, request, status, rule, meta, reason, shape)
         if reason is not None:
             return reason
-        # A validator alone makes it worth storing (``worth_storing``): no freshness to work out.
-        if not meta.has_validator and not worth_storing(
-            compute_freshness(status, meta, key.rule, now, now), meta
+        # A validator alone makes it worth storing (``worth_storing``): no freshness to work out
+        # (``meta.has_validator``, read without the property's call).
+        if (
+            meta.etag is None
+            and meta.last_modified is None
+            and not worth_storing(compute_freshness(status, meta, key.rule, now, now), meta)
         ):
             return "no-freshness"
         return None
@@ -406,7 +409,16 @@ class Admission:
             parts = None
         if parts is None:
             return compute_freshness(status, meta, shape.rule, request_time, response_time)
-        return shaped_freshness(parts, meta, request_time, response_time)
+        lifetime, swr, sie, no_stale, always = parts  # times of this response, the rest made
+        return Freshness(
+            response_time,
+            initial_age(meta, request_time, response_time),
+            lifetime,
+            swr,
+            sie,
+            no_stale,
+            always,
+        )
 
     def refreshed(
         self,

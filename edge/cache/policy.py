@@ -809,22 +809,6 @@ def freshness_parts(status: int, meta: ResponseMeta, rule: CacheRule) -> Freshne
     )
 
 
-def shaped_freshness(
-    parts: FreshnessParts, meta: ResponseMeta, request_time: float, response_time: float
-) -> Freshness:
-    """``compute_freshness`` of a response whose ``freshness_parts`` are ``parts``."""
-    lifetime, swr, sie, no_stale, always = parts
-    return Freshness(
-        response_time,
-        initial_age(meta, request_time, response_time),
-        lifetime,
-        swr,
-        sie,
-        no_stale,
-        always,
-    )
-
-
 def worth_storing(freshness: Freshness, meta: ResponseMeta) -> bool:
     """A storable response that can never be served without a full refetch is not kept."""
     return (
@@ -1169,7 +1153,6 @@ __all__ = [
     "parse_etags",
     "parse_http_date",
     "response_meta",
-    "shaped_freshness",
     "shaped_meta",
     "shareable_with_authorization",
     "split_directives",
