@@ -146,3 +146,56 @@ def test_entry_sets_what_response_forms_sets(
     assert (entry._compressor is not None) == (
         with_compressor and compressible and status not in (204, 304) and bool(body)
     )
+
+
+HEAD_VALUE = st.sampled_from([b"", b"a", b"100%", b"%s", b"%d%%", b'"e1"', b'W/"x"'])
+HEAD_NAME = st.sampled_from(
+    [b"date", b"etag", b"content-type", b"vary", b"accept-ranges", b"x-note", b"cdn-cache-control"]
+)
+
+
+@given(
+    st.lists(st.tuples(HEAD_NAME, HEAD_VALUE), min_size=1, max_size=6),
+    st.data(),
+    st.sampled_from([200, 204, 404]),
+    st.sampled_from([b"", b"x-pop: 5%\r\n"]),
+    st.sampled_from([frozenset(), frozenset({b"cdn-cache-control"})]),
+    st.booleans(),
+)
+def test_a_template_head_is_the_plain_head(
+    fields: list[tuple[bytes, bytes]],
+    data: st.DataObject,
+    status: int,
+    extra_head: bytes,
+    hidden: frozenset[bytes],
+    compressed: bool,
+) -> None:
+    """``HeadTemplate.head`` (one ``%`` formatting) makes the head ``_head`` builds line by
+    line, for any values at its places, ``%`` in them or around them."""
+    places = sorted(data.draw(st.sets(st.integers(0, len(fields) - 1))))
+
+    def entry(headers: tuple[tuple[bytes, bytes], ...]) -> Entry:
+        response = StoredResponse(
+            status, b"", headers, b"body", Freshness(0, 0, 60, 0, 0, False, False)
+        )
+        return Entry(
+            dataclasses.replace(response, compressible=True),
+            key=b"G|https://h/p",
+            primary=b"G|https://h/p",
+            url=b"https://h/p",
+            compressor=(lambda body, coding: body[:1]) if compressed else None,
+            extra_head=extra_head,
+            hidden=hidden,
+        )
+
+    template = entry(tuple(fields)).head_template(places)
+    if template is None:
+        return  # a value hidden: the entry keeps building its head itself
+    other = list(fields)
+    for at in places:
+        other[at] = (other[at][0], data.draw(HEAD_VALUE))
+    shaped, plain = entry(tuple(other)), entry(tuple(other))
+    assert template.fits(shaped)
+    shaped.use_head_template(template)
+    assert shaped.wire("identity", 1.0) == plain.wire("identity", 1.0)
+    assert shaped.size == plain.size

@@ -196,8 +196,10 @@ class HeadTemplate(NamedTuple):
     bytes, between which those values go.  An entry holds it in place of its head until the
     head is first asked for (shared: nothing per entry)."""
 
-    #: The bytes before, between and after the values (one more than ``values``).
-    pieces: tuple[bytes, ...]
+    #: The head as a bytes ``%`` format: its constant bytes (each ``%`` doubled) with a ``%s``
+    #: for each value, then ``content-length: %d`` when ``with_length`` and the house's extra
+    #: head (one formatting, not a join of pieces).
+    form: bytes
     #: Index in the stored fields of each value, in order.
     values: tuple[int, ...]
     #: A Content-Length line follows the fields.
@@ -218,15 +220,12 @@ class HeadTemplate(NamedTuple):
         )
 
     def head(self, fields: Sequence[Header], length: int) -> bytes:
-        pieces = self.pieces
-        parts = [pieces[0]]
-        for at, piece in zip(self.values, pieces[1:], strict=True):
-            parts.append(fields[at][1])
-            parts.append(piece)
+        values: list[bytes | int] = []
+        for at in self.values:
+            values.append(fields[at][1])
         if self.with_length:
-            parts.append(b"content-length: %d\r\n" % length)
-        parts.append(self.house[0])
-        return b"".join(parts)
+            values.append(length)
+        return self.form % tuple(values)
 
 
 class ResponseForms:
@@ -398,10 +397,14 @@ class ResponseForms:
         if taken != len(values):
             return None  # a value hidden
         pieces.append(b"".join(piece))
+        with_length = response.status not in _NO_CONTENT_LENGTH
+        form = b"%s".join(piece.replace(b"%", b"%%") for piece in pieces)
+        if with_length:
+            form += b"content-length: %d\r\n"
         return HeadTemplate(
-            tuple(pieces),
+            form + self._house[0].replace(b"%", b"%%"),
             tuple(values),
-            response.status not in _NO_CONTENT_LENGTH,
+            with_length,
             response.status,
             response.reason,
             self._house,
