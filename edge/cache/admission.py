@@ -222,7 +222,9 @@ class Admission:
             b"GET", status, request.cc, request.authorized, meta, rule, request.cookie
         )
         # ``admit`` reuses both for the same header list, request, status and rule.
-        self._head_meta = _HeadVerdict(headers, request, status, rule, meta, reason, shape)
+        self._head_meta = tuple.__new__(  # the NamedTuple's ``__new__``, without its call
+            _HeadVerdict, (headers, request, status, rule, meta, reason, shape)
+        )
         if reason is not None:
             return reason
         # A validator alone makes it worth storing (``worth_storing``): no freshness to work out
@@ -410,14 +412,18 @@ class Admission:
         if parts is None:
             return compute_freshness(status, meta, shape.rule, request_time, response_time)
         lifetime, swr, sie, no_stale, always = parts  # times of this response, the rest made
-        return Freshness(
-            response_time,
-            initial_age(meta, request_time, response_time),
-            lifetime,
-            swr,
-            sie,
-            no_stale,
-            always,
+        # Every field given: ``tuple.__new__`` makes it without the NamedTuple's ``__new__``.
+        return tuple.__new__(
+            Freshness,
+            (
+                response_time,
+                initial_age(meta, request_time, response_time),
+                lifetime,
+                swr,
+                sie,
+                no_stale,
+                always,
+            ),
         )
 
     def refreshed(

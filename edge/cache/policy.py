@@ -492,18 +492,22 @@ def shaped_meta(shape: MetaShape, headers: Headers) -> ResponseMeta:
         modified = _parse_http_date(value) if value else None
     at = shape.etag_at
     etag = (headers[at][1].strip() or None) if at >= 0 else None  # ``_strip_or_none``
-    return ResponseMeta(
-        base.cc,
-        date,
-        expires,
-        age,
-        modified,
-        etag,
-        base.vary,
-        base.vary_star,
-        base.set_cookie,
-        base.surrogate_keys,
-        base.content_encoding,
+    # Every field given: ``tuple.__new__`` makes it without the NamedTuple's Python ``__new__``.
+    return tuple.__new__(
+        ResponseMeta,
+        (
+            base.cc,
+            date,
+            expires,
+            age,
+            modified,
+            etag,
+            base.vary,
+            base.vary_star,
+            base.set_cookie,
+            base.surrogate_keys,
+            base.content_encoding,
+        ),
     )
 
 
