@@ -80,10 +80,10 @@ class StoredShape:
         "etag_at",
         "fills",
         "freshness",
-        "has_length",
         "head",
         "head_tried",
         "header_bytes",
+        "length_at",
         "meta",
         "modified_at",
         "names",
@@ -102,7 +102,7 @@ class StoredShape:
         header_bytes: int,
         etag_at: tuple[int, ...],
         modified_at: int,
-        has_length: bool,
+        length_at: int,
     ) -> None:
         #: What the shape was made for (``storable_head`` uses it for these only).
         self.rule = rule
@@ -117,8 +117,9 @@ class StoredShape:
         #: Indexes of the stored ETag lines, and of the first Last-Modified (-1: none).
         self.etag_at = etag_at
         self.modified_at = modified_at
-        #: The header list has a Content-Length line (``truncated`` must look).
-        self.has_length = has_length
+        #: Index of the header list's first Content-Length line, the one ``truncated`` reads
+        #: (-1: none).
+        self.length_at = length_at
         base = meta.base  # what every response of the shape has in these (``shaped_meta``)
         #: The stored response's Vary names (``variant_names``) and ``auth_ok``.
         self.names = variant_names(base.vary, base.content_encoding)
@@ -267,13 +268,15 @@ class Admission:
             return None, reason
         if not response.complete:
             return None, "streamed"
-        if (
-            meta.content_encoding is None
-            and (shape is None or shape.has_length)
-            and truncated(response)
-        ):
+        if meta.content_encoding is None:
             # Shorter than announced: the upstream died mid-body, or this is a HEAD response.
-            return None, "incomplete"
+            if shape is None:
+                if truncated(response):
+                    return None, "incomplete"
+            elif (at := shape.length_at) >= 0 and (  # ``truncated``, its line known
+                response.headers[at][1].strip() != str(len(response.body)).encode()
+            ):
+                return None, "incomplete"
         status = response.status
         if shape is not None:
             freshness = self._shaped_freshness(shape, status, meta, request_time, response_time)
@@ -292,7 +295,12 @@ class Admission:
             fields = self.fields.pooled(headers)
             names = variant_names(meta.vary, meta.content_encoding)
             auth_ok = shareable_with_authorization(meta.cc)
-        secondary = vary_key(names, request.headers, self._negotiate) if names else b""
+        if names:
+            store_key = variant_key(
+                key.primary, names, vary_key(names, request.headers, self._negotiate)
+            )
+        else:
+            store_key = key.primary  # ``variant_key``'s answer when nothing varies
         stored = stored_response(  # positional: a third cheaper than by keyword
             status,
             response.reason,
@@ -307,7 +315,7 @@ class Admission:
         )
         entry = Entry(  # ``self.entry``, inlined: one call fewer per fill
             stored,
-            key=variant_key(key.primary, names, secondary),
+            key=store_key,
             primary=key.primary,
             url=key.url,
             compressor=self._compressor,
@@ -390,7 +398,7 @@ class Admission:
             header_bytes,
             tuple(etag_at),
             modified_at,
-            any(name == b"content-length" for name, _ in headers),
+            next((at for at, (name, _) in enumerate(headers) if name == b"content-length"), -1),
         )
 
     def _shaped_freshness(
