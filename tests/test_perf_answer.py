@@ -10,8 +10,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from edge.cache.admission import Admission
 from edge.cache.entry import Entry, ResponseForms, StoredResponse, stored_response
-from edge.cache.policy import Freshness, meta_shape, response_meta, shaped_meta
+from edge.cache.key import CacheKey, negotiate_coding
+from edge.cache.messages import RequestInfo, UpstreamResponse
+from edge.cache.policy import NO_DIRECTIVES, Freshness, meta_shape, response_meta, shaped_meta
+from meridian.config import CacheRule
+
+NOW = 1_796_615_561.0
 
 FIELD_BYTES = st.binary(max_size=12)
 FRESHNESS = st.builds(
@@ -199,3 +205,45 @@ def test_a_template_head_is_the_plain_head(
     shaped.use_head_template(template)
     assert shaped.wire("identity", 1.0) == plain.wire("identity", 1.0)
     assert shaped.size == plain.size
+
+
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                (b"content-length", b"0"),
+                (b"content-length", b"4"),
+                (b"content-length", b" 4 "),
+                (b"content-length", b"junk"),
+                (b"content-encoding", b"gzip"),
+                (b"cache-control", b"max-age=60"),
+                (b"etag", b'"e"'),
+                (b"vary", b"accept-language"),
+                (b"content-type", b"text/plain"),
+            ]
+        ),
+        max_size=6,
+    ),
+    st.sampled_from([b"", b"body", b"bodybody"]),
+)
+def test_a_shaped_admission_is_the_plain_one(
+    fields: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    """``admit`` of a head of a known shape (its Content-Length read by index, its store key
+    without ``variant_key`` when nothing varies) gives the verdict and entry of the plain one."""
+    headers = [(b"date", b"Mon, 07 Dec 2026 15:00:00 GMT"), *fields]
+    rule = CacheRule("/", ttl=5.0)
+    key = CacheKey(b"G|http://h/p", b"http://h/p", b"/p", b"/p", rule)
+    request = RequestInfo([], NO_DIRECTIVES, "identity", False, False, None, None)
+    made = [
+        Admission((), compressor=None, extra_head=b"", negotiate=negotiate_coding) for _ in "ab"
+    ]
+    shape = made[0].stored_shape(headers, rule)
+    answers = []
+    for admission, known in zip(made, (shape, None), strict=True):
+        verdict = admission.storable_head(key, request, 200, headers, NOW, known)
+        entry, why = admission.admit(
+            key, request, UpstreamResponse(200, headers, body, b"OK", False), NOW, NOW
+        )
+        answers.append((verdict, why, entry and (entry.key, entry.response, entry.size)))
+    assert answers[0] == answers[1]
