@@ -419,19 +419,10 @@ class Admission:
             parts = None
         if parts is None:
             return compute_freshness(status, meta, shape.rule, request_time, response_time)
-        lifetime, swr, sie, no_stale, always = parts  # times of this response, the rest made
-        # Every field given: ``tuple.__new__`` makes it without the NamedTuple's ``__new__``.
+        # Every field given (``parts`` are the last five): ``tuple.__new__`` makes it without
+        # the NamedTuple's ``__new__``.
         return tuple.__new__(
-            Freshness,
-            (
-                response_time,
-                initial_age(meta, request_time, response_time),
-                lifetime,
-                swr,
-                sie,
-                no_stale,
-                always,
-            ),
+            Freshness, (response_time, initial_age(meta, request_time, response_time), *parts)
         )
 
     def refreshed(

@@ -534,15 +534,9 @@ class Entry(ResponseForms):
         )
         # ``ResponseForms.__init__``, inlined (an entry is made per fill): the same slots set
         # to the same values (``size`` below).
-        self.response = response
+        self.response, self._house, self._age0 = response, _house(extra_head, hidden), -1
         self._compressor = compressor if compressible else None
-        self._house = _house(extra_head, hidden)
-        self._variants = None
-        self._head0 = None
-        self._age0 = -1
-        self._wire0 = None
-        self._wire = None
-        self.on_resize = None
+        self._variants = self._head0 = self._wire0 = self._wire = self.on_resize = None
         self.primary = primary
         # The store key is the primary key itself unless the response varies (Vary), and the
         # URL is the primary key after its method class (``key.METHOD_CLASS_GET``): each kept
@@ -675,10 +669,8 @@ class Entry(ResponseForms):
                     if cached is not None:
                         return cached  # type: ignore[return-value]
                     keep = True
-        if coding == "identity":  # ``_variant``'s answer for it, without the call
-            effective, body = "identity", self.response.body
-        else:
-            effective, body = self._variant(coding)
+        identity = coding == "identity"  # ``_variant``'s answer then, without its call
+        effective, body = ("identity", self.response.body) if identity else self._variant(coding)
         data = b"".join(
             (
                 self._head(effective, len(body)),
