@@ -119,7 +119,10 @@ class ResponseWriter:
     def write_complete(self, data: bytes, *, close: bool) -> None:
         if self.active is not None:
             self.active.response_started = True
-        self.write(data)
+        transport = self.transport  # ``write``, inlined: every cached answer comes this way
+        if transport is not None:
+            transport.write(data)
+            self.bytes_sent += len(data)
         if close:
             self.must_close = True
 

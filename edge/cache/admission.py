@@ -21,7 +21,14 @@ from typing import Final, NamedTuple
 from edge.memos import SHARED_FIELDS, BoundedMemo
 from meridian.config import CacheRule
 
-from .entry import HEADER_OVERHEAD, Compressor, Entry, HeadTemplate, StoredResponse
+from .entry import (
+    HEADER_OVERHEAD,
+    Compressor,
+    Entry,
+    HeadTemplate,
+    StoredResponse,
+    stored_response,
+)
 from .key import CacheKey, Negotiator, variant_key, vary_key
 from .messages import RequestInfo, UpstreamResponse, truncated
 from .policy import (
@@ -35,10 +42,10 @@ from .policy import (
     compute_freshness,
     format_http_date,
     freshness_parts,
+    initial_age,
     merge_not_modified,
     meta_shape,
     response_meta,
-    shaped_freshness,
     shaped_meta,
     shareable_with_authorization,
     stored_headers,
@@ -69,15 +76,17 @@ class StoredShape:
     Made by ``Admission.stored_shape``; the edge memoises it (``edge.stages.fill_read``)."""
 
     __slots__ = (
+        "auth_ok",
         "etag_at",
         "fills",
         "freshness",
-        "has_length",
         "head",
         "head_tried",
         "header_bytes",
+        "length_at",
         "meta",
         "modified_at",
+        "names",
         "rule",
         "targeted",
         "template",
@@ -93,7 +102,7 @@ class StoredShape:
         header_bytes: int,
         etag_at: tuple[int, ...],
         modified_at: int,
-        has_length: bool,
+        length_at: int,
     ) -> None:
         #: What the shape was made for (``storable_head`` uses it for these only).
         self.rule = rule
@@ -108,14 +117,34 @@ class StoredShape:
         #: Indexes of the stored ETag lines, and of the first Last-Modified (-1: none).
         self.etag_at = etag_at
         self.modified_at = modified_at
-        #: The header list has a Content-Length line (``truncated`` must look).
-        self.has_length = has_length
+        #: Index of the header list's first Content-Length line, the one ``truncated`` reads
+        #: (-1: none).
+        self.length_at = length_at
+        base = meta.base  # what every response of the shape has in these (``shaped_meta``)
+        #: The stored response's Vary names (``variant_names``) and ``auth_ok``.
+        self.names = variant_names(base.vary, base.content_encoding)
+        self.auth_ok = shareable_with_authorization(base.cc)
         #: ``freshness_parts`` of the shape by status (made when first needed; None: none).
         self.freshness: dict[int, FreshnessParts | None] = {}
         #: The identity head's template, made from the first entry of the shape whose Date
         #: was the origin's (``Entry.head_template``); used by entries it ``fits``.
         self.head: HeadTemplate | None = None
         self.head_tried = False
+
+
+def variant_names(vary: tuple[bytes, ...], content_encoding: bytes | None) -> tuple[bytes, ...]:
+    """The request header names whose values select a stored variant: the response's Vary,
+    adjusted for the coding the entry serves."""
+    if content_encoding is None:
+        # The entry serves every coding itself: Accept-Encoding does not split variants.
+        if b"accept-encoding" in vary:
+            return tuple(name for name in vary if name != b"accept-encoding")
+        return vary
+    if b"accept-encoding" not in vary:
+        # An encoded body we cannot decode is only for clients of the same coding class,
+        # even when the origin forgot to say Vary: Accept-Encoding.
+        return (*vary, b"accept-encoding")
+    return vary
 
 
 class _HeadVerdict(NamedTuple):
@@ -194,12 +223,17 @@ class Admission:
             b"GET", status, request.cc, request.authorized, meta, rule, request.cookie
         )
         # ``admit`` reuses both for the same header list, request, status and rule.
-        self._head_meta = _HeadVerdict(headers, request, status, rule, meta, reason, shape)
+        self._head_meta = tuple.__new__(  # the NamedTuple's ``__new__``, without its call
+            _HeadVerdict, (headers, request, status, rule, meta, reason, shape)
+        )
         if reason is not None:
             return reason
-        # A validator alone makes it worth storing (``worth_storing``): no freshness to work out.
-        if not meta.has_validator and not worth_storing(
-            compute_freshness(status, meta, key.rule, now, now), meta
+        # A validator alone makes it worth storing (``worth_storing``): no freshness to work out
+        # (``meta.has_validator``, read without the property's call).
+        if (
+            meta.etag is None
+            and meta.last_modified is None
+            and not worth_storing(compute_freshness(status, meta, key.rule, now, now), meta)
         ):
             return "no-freshness"
         return None
@@ -234,13 +268,15 @@ class Admission:
             return None, reason
         if not response.complete:
             return None, "streamed"
-        if (
-            meta.content_encoding is None
-            and (shape is None or shape.has_length)
-            and truncated(response)
-        ):
+        if meta.content_encoding is None:
             # Shorter than announced: the upstream died mid-body, or this is a HEAD response.
-            return None, "incomplete"
+            if shape is None:
+                if truncated(response):
+                    return None, "incomplete"
+            elif (at := shape.length_at) >= 0 and (  # ``truncated``, its line known
+                response.headers[at][1].strip() != str(len(response.body)).encode()
+            ):
+                return None, "incomplete"
         status = response.status
         if shape is not None:
             freshness = self._shaped_freshness(shape, status, meta, request_time, response_time)
@@ -251,22 +287,21 @@ class Admission:
         measured: tuple[int, bytes | None, bytes | None] | None = None
         if shape is not None:
             fields, measured = self.fields.shaped(shape, response.headers, meta, response_time)
+            names, auth_ok = shape.names, shape.auth_ok  # the shape's Vary and Cache-Control
         else:
             headers = stored_headers(response.headers, keep_set_cookie=rule.store_set_cookie)
             if meta.date is None:
                 headers.append((b"date", format_http_date(response_time)))
             fields = self.fields.pooled(headers)
-        names = meta.vary
-        if meta.content_encoding is None:
-            # The entry serves every coding itself: Accept-Encoding does not split variants.
-            if b"accept-encoding" in names:
-                names = tuple(name for name in names if name != b"accept-encoding")
-        elif b"accept-encoding" not in names:
-            # An encoded body we cannot decode is only for clients of the same coding class,
-            # even when the origin forgot to say Vary: Accept-Encoding.
-            names = (*names, b"accept-encoding")
-        secondary = vary_key(names, request.headers, self._negotiate) if names else b""
-        stored = StoredResponse(  # positional: a third cheaper than by keyword
+            names = variant_names(meta.vary, meta.content_encoding)
+            auth_ok = shareable_with_authorization(meta.cc)
+        if names:
+            store_key = variant_key(
+                key.primary, names, vary_key(names, request.headers, self._negotiate)
+            )
+        else:
+            store_key = key.primary  # ``variant_key``'s answer when nothing varies
+        stored = stored_response(  # positional: a third cheaper than by keyword
             status,
             response.reason,
             fields,
@@ -276,9 +311,18 @@ class Admission:
             meta.surrogate_keys,
             meta.content_encoding,
             response.compressible,
-            shareable_with_authorization(meta.cc),
+            auth_ok,
         )
-        entry = self.entry(key, variant_key(key.primary, names, secondary), stored, measured)
+        entry = Entry(  # ``self.entry``, inlined: one call fewer per fill
+            stored,
+            key=store_key,
+            primary=key.primary,
+            url=key.url,
+            compressor=self._compressor,
+            extra_head=self._extra_head,
+            hidden=self.targeted_fields,
+            measured=measured,
+        )
         if shape is not None and meta.date is not None:  # no Date of ours after the fields
             template = shape.head
             if template is None and not shape.head_tried:
@@ -354,7 +398,7 @@ class Admission:
             header_bytes,
             tuple(etag_at),
             modified_at,
-            any(name == b"content-length" for name, _ in headers),
+            next((at for at, (name, _) in enumerate(headers) if name == b"content-length"), -1),
         )
 
     def _shaped_freshness(
@@ -375,7 +419,11 @@ class Admission:
             parts = None
         if parts is None:
             return compute_freshness(status, meta, shape.rule, request_time, response_time)
-        return shaped_freshness(parts, meta, request_time, response_time)
+        # Every field given (``parts`` are the last five): ``tuple.__new__`` makes it without
+        # the NamedTuple's ``__new__``.
+        return tuple.__new__(
+            Freshness, (response_time, initial_age(meta, request_time, response_time), *parts)
+        )
 
     def refreshed(
         self,

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from http import HTTPStatus
-from typing import Final, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from .key import METHOD_CLASS_GET, Coding
 from .policy import Freshness, Header, not_modified, parse_http_date
@@ -101,6 +101,60 @@ class StoredResponse:
     auth_ok: bool = False
 
 
+class _StoredAssembly:
+    """``StoredResponse(...)`` for a fill, four times cheaper: a frozen dataclass's
+    ``__init__`` sets each field through ``object.__setattr__`` (a call each), while this sets
+    them as plain slots and then becomes a ``StoredResponse`` (the same slots, so the same
+    layout: the class switch is allowed), frozen, equal and hashed as one made the usual way."""
+
+    __slots__ = StoredResponse.__slots__
+
+    def __init__(
+        self,
+        status: int,
+        reason: bytes,
+        headers: tuple[Header, ...],
+        body: bytes,
+        freshness: Freshness,
+        vary: tuple[bytes, ...],
+        surrogate_keys: tuple[str, ...],
+        content_coding: bytes | None,
+        compressible: bool,
+        auth_ok: bool,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+        self.freshness = freshness
+        self.vary = vary
+        self.surrogate_keys = surrogate_keys
+        self.content_coding = content_coding
+        self.compressible = compressible
+        self.auth_ok = auth_ok
+        self.__class__ = StoredResponse  # type: ignore[assignment]
+
+
+if TYPE_CHECKING:
+
+    def stored_response(
+        status: int,
+        reason: bytes,
+        headers: tuple[Header, ...],
+        body: bytes,
+        freshness: Freshness,
+        vary: tuple[bytes, ...],
+        surrogate_keys: tuple[str, ...],
+        content_coding: bytes | None,
+        compressible: bool,
+        auth_ok: bool,
+    ) -> StoredResponse:
+        """``StoredResponse`` of these fields, every one given (``_StoredAssembly``)."""
+
+else:
+    stored_response = _StoredAssembly
+
+
 @lru_cache(maxsize=16)
 def _house(extra_head: bytes, hidden: frozenset[bytes]) -> tuple[bytes, frozenset[bytes]]:
     """The one tuple of these that every entry of a cache holds (a cache has one pair)."""
@@ -142,8 +196,10 @@ class HeadTemplate(NamedTuple):
     bytes, between which those values go.  An entry holds it in place of its head until the
     head is first asked for (shared: nothing per entry)."""
 
-    #: The bytes before, between and after the values (one more than ``values``).
-    pieces: tuple[bytes, ...]
+    #: The head as a bytes ``%`` format: its constant bytes (each ``%`` doubled) with a ``%s``
+    #: for each value, then ``content-length: %d`` when ``with_length`` and the house's extra
+    #: head (one formatting, not a join of pieces).
+    form: bytes
     #: Index in the stored fields of each value, in order.
     values: tuple[int, ...]
     #: A Content-Length line follows the fields.
@@ -164,15 +220,12 @@ class HeadTemplate(NamedTuple):
         )
 
     def head(self, fields: Sequence[Header], length: int) -> bytes:
-        pieces = self.pieces
-        parts = [pieces[0]]
-        for at, piece in zip(self.values, pieces[1:], strict=True):
-            parts.append(fields[at][1])
-            parts.append(piece)
+        values: list[bytes | int] = []
+        for at in self.values:
+            values.append(fields[at][1])
         if self.with_length:
-            parts.append(b"content-length: %d\r\n" % length)
-        parts.append(self.house[0])
-        return b"".join(parts)
+            values.append(length)
+        return self.form % tuple(values)
 
 
 class ResponseForms:
@@ -296,7 +349,11 @@ class ResponseForms:
             head = b"".join(lines)
         if index == 0:
             self._head0 = head
-            self._grow(len(head) + BYTES_OVERHEAD)
+            # ``_grow``, inlined: every fill's first answer builds its head
+            delta = len(head) + BYTES_OVERHEAD
+            self.size += delta
+            if self.on_resize is not None:
+                self.on_resize(self, delta)
             return head
         if self._wire is None:
             self._wire = {}
@@ -340,10 +397,14 @@ class ResponseForms:
         if taken != len(values):
             return None  # a value hidden
         pieces.append(b"".join(piece))
+        with_length = response.status not in _NO_CONTENT_LENGTH
+        form = b"%s".join(piece.replace(b"%", b"%%") for piece in pieces)
+        if with_length:
+            form += b"content-length: %d\r\n"
         return HeadTemplate(
-            tuple(pieces),
+            form + self._house[0].replace(b"%", b"%%"),
             tuple(values),
-            response.status not in _NO_CONTENT_LENGTH,
+            with_length,
             response.status,
             response.reason,
             self._house,
@@ -471,7 +532,11 @@ class Entry(ResponseForms):
             and response.status not in _NO_CONTENT_LENGTH
             and response.body
         )
-        super().__init__(response, compressor if compressible else None, extra_head, hidden)
+        # ``ResponseForms.__init__``, inlined (an entry is made per fill): the same slots set
+        # to the same values (``size`` below).
+        self.response, self._house, self._age0 = response, _house(extra_head, hidden), -1
+        self._compressor = compressor if compressible else None
+        self._variants = self._head0 = self._wire0 = self._wire = self.on_resize = None
         self.primary = primary
         # The store key is the primary key itself unless the response varies (Vary), and the
         # URL is the primary key after its method class (``key.METHOD_CLASS_GET``): each kept
@@ -604,7 +669,8 @@ class Entry(ResponseForms):
                     if cached is not None:
                         return cached  # type: ignore[return-value]
                     keep = True
-        effective, body = self._variant(coding)
+        identity = coding == "identity"  # ``_variant``'s answer then, without its call
+        effective, body = ("identity", self.response.body) if identity else self._variant(coding)
         data = b"".join(
             (
                 self._head(effective, len(body)),
@@ -747,4 +813,5 @@ __all__ = [
     "HeadTemplate",
     "StoredResponse",
     "reason_phrase",
+    "stored_response",
 ]

@@ -469,32 +469,45 @@ def meta_shape(headers: Headers, targeted: Sequence[bytes] = ()) -> MetaShape:
 def shaped_meta(shape: MetaShape, headers: Headers) -> ResponseMeta:
     """``response_meta(headers, targeted)`` for ``headers`` of ``shape`` (``meta_shape``):
     only the volatile fields are read."""
+    # ``parse_http_date`` inlined (its memo called directly on a non-empty value): a fill
+    # parses its Date and Last-Modified here.
     base = shape.base
     at = shape.date_at
-    date = None if at < 0 else parse_http_date(headers[at][1])
+    date: float | None = None
+    if at >= 0:
+        value = headers[at][1]
+        date = _parse_http_date(value) if value else None
     at = shape.expires_at
     expires: float | None = None
     if at >= 0:
-        parsed = parse_http_date(headers[at][1])
+        value = headers[at][1]
+        parsed = _parse_http_date(value) if value else None
         expires = 0.0 if parsed is None else parsed
     at = shape.age_at
     age = 0.0 if at < 0 else _age_value([headers[at][1]])
     at = shape.modified_at
-    modified = None if at < 0 else parse_http_date(headers[at][1])
+    modified: float | None = None
+    if at >= 0:
+        value = headers[at][1]
+        modified = _parse_http_date(value) if value else None
     at = shape.etag_at
-    etag = None if at < 0 else _strip_or_none(headers[at][1])
-    return ResponseMeta(
-        base.cc,
-        date,
-        expires,
-        age,
-        modified,
-        etag,
-        base.vary,
-        base.vary_star,
-        base.set_cookie,
-        base.surrogate_keys,
-        base.content_encoding,
+    etag = (headers[at][1].strip() or None) if at >= 0 else None  # ``_strip_or_none``
+    # Every field given: ``tuple.__new__`` makes it without the NamedTuple's Python ``__new__``.
+    return tuple.__new__(
+        ResponseMeta,
+        (
+            base.cc,
+            date,
+            expires,
+            age,
+            modified,
+            etag,
+            base.vary,
+            base.vary_star,
+            base.set_cookie,
+            base.surrogate_keys,
+            base.content_encoding,
+        ),
     )
 
 
@@ -797,22 +810,6 @@ def freshness_parts(status: int, meta: ResponseMeta, rule: CacheRule) -> Freshne
         made.stale_if_error,
         made.no_stale,
         made.always_revalidate,
-    )
-
-
-def shaped_freshness(
-    parts: FreshnessParts, meta: ResponseMeta, request_time: float, response_time: float
-) -> Freshness:
-    """``compute_freshness`` of a response whose ``freshness_parts`` are ``parts``."""
-    lifetime, swr, sie, no_stale, always = parts
-    return Freshness(
-        response_time,
-        initial_age(meta, request_time, response_time),
-        lifetime,
-        swr,
-        sie,
-        no_stale,
-        always,
     )
 
 
@@ -1160,7 +1157,6 @@ __all__ = [
     "parse_etags",
     "parse_http_date",
     "response_meta",
-    "shaped_freshness",
     "shaped_meta",
     "shareable_with_authorization",
     "split_directives",

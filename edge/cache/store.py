@@ -53,10 +53,21 @@ class PathIndex:
         self._root = _Node()
 
     def add(self, path: bytes, key: bytes) -> None:
-        *inner, last = path[1:].split(b"/")
+        segments = path[1:].split(b"/")
+        last = segments.pop()
         node = self._root
-        for segment in inner:
-            node = _inner(node, segment)
+        for segment in segments:  # the node for each, made (a leaf there made a node) if need be
+            children = node.children
+            if children is None:
+                children = node.children = {}
+            child = children.get(segment)
+            if isinstance(child, _Node):
+                node = child
+                continue
+            made = children[segment] = _Node()
+            if child is not None:
+                made.keys = child  # the leaf's key stays: its path now has more under it
+            node = made
         children = node.children
         if children is None:
             children = node.children = {}
@@ -149,20 +160,6 @@ class PathIndex:
 
     def clear(self) -> None:
         self._root = _Node()
-
-
-def _inner(node: _Node, segment: bytes) -> _Node:
-    """The child node for ``segment``, made (or a leaf there made a node) when needed."""
-    children = node.children
-    if children is None:
-        children = node.children = {}
-    child = children.get(segment)
-    if isinstance(child, _Node):
-        return child
-    made = children[segment] = _Node()
-    if child is not None:
-        made.keys = child  # the leaf's key stays: its path now has more under it
-    return made
 
 
 class MemoryStore:
@@ -263,13 +260,15 @@ class MemoryStore:
         entries[key] = entry
         for tag in response.surrogate_keys:
             self._tags.setdefault(tag, set()).add(key)
-        path = url_path(entry.url)
-        if path is not None:
-            self._paths.add(path, key)
+        url = entry.url  # ``url_path``, inlined: a fill's path goes in the index
+        start = url.find(b"/", url.find(b"://") + 3)
+        if start != -1:
+            self._paths.add(url[start:], key)
         self.bytes += entry.size
         self.stored += 1
         entry.on_resize = self._on_resize
-        self.evict()
+        if self.bytes > self.max_bytes:  # ``evict``'s own test: no call while within bounds
+            self.evict()
         return True
 
     def _resized(self, entry: ResponseForms, delta: int) -> None:
