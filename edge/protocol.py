@@ -319,25 +319,15 @@ class EdgeConnection(asyncio.Protocol):
         if at_boundary and self._requests.active is None and not self._connections.draining:
             answer = self._shortcuts.answer(data, self.client_ip, self.scheme, self.protocol)
             if answer is not None:
-                # (``_set_deadline`` and ``schedule`` written out: this runs per request.)
                 if isinstance(answer, bytes):
                     if self._transport is not None:
                         self._transport.write(answer)
-                    self._deadline_kind = _DEADLINE_IDLE
-                    self._deadline = (
-                        self._loop.time() + self._pipeline.state.deadlines[_DEADLINE_IDLE]
-                    )
+                    self._set_deadline(_DEADLINE_IDLE)
                 else:  # read, not answered: the cache's lookup goes with it
                     self._deadline_kind = _DEADLINE_NONE
                     exchange = Exchange(answer, None, False)
                     exchange.lookup = self._pipeline.take_pending(answer)
-                    streams = self._connections.streams
-                    if streams is None or not (
-                        self._tunnel is not None or streams.takes_events(answer)
-                    ):
-                        self._requests.push(exchange)
-                    else:
-                        self._to_event_stream(exchange, streams)
+                    self.schedule(exchange)
                 return
         try:
             rest = reader.feed(data, at_boundary)
@@ -428,8 +418,7 @@ class EdgeConnection(asyncio.Protocol):
         elif self._connections.draining:
             self.close_now()
         elif not self._reader.reading_head and self._reader.current is None:
-            self._deadline_kind = _DEADLINE_IDLE  # ``_set_deadline``, written out
-            self._deadline = self._loop.time() + self._pipeline.state.deadlines[_DEADLINE_IDLE]
+            self._set_deadline(_DEADLINE_IDLE)
 
     # -- connection control -------------------------------------------------------------------
 

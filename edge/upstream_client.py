@@ -355,13 +355,7 @@ class Connection(asyncio.Protocol):
         ``head_in``.  Synchronous: the usual exchange costs no coroutine of its own."""
         transport = self.transport
         assert transport is not None
-        spare = self.spare  # _next_reader, inline: once per request
-        self.reader = reader = (
-            ResponseReader(head_request=head_request)
-            if spare is None
-            else spare.next(head_request=head_request)
-        )
-        self.requests += 1
+        reader = self._next_reader(head_request)
         transport.write(head + body if body else head)  # one write, one segment
         pool = self.pool
         now = self.last_read = pool.loop.time()

@@ -1,9 +1,9 @@
 """The request side's written-out paths: the same outcome as the calls they stand for.
 
 ``Pipeline.handle`` sends a MISS straight to the fill (ahead of ``HitStage.answer`` and
-``needs_fill``); ``EdgeConnection`` sets its idle deadline without ``_set_deadline`` after an
-answer from the request's bytes and after a response; ``RequestQueue.push`` starts a bodiless
-request without ``_start``.  In memory: fake transports and clocks, no sockets, no sleeps."""
+``needs_fill``); ``EdgeConnection``'s idle deadline after an answer from the request's bytes
+and after a response is ``_set_deadline``'s; ``RequestQueue.push`` starts a bodiless request
+without ``_start``.  In memory: fake transports and clocks, no sockets, no sleeps."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def _expected_idle(connection: EdgeConnection, now: float) -> tuple[int, float]:
 
 @settings(max_examples=25, deadline=None)
 @given(st.floats(0.0, 1e6), st.integers(1, 4))
-def test_the_written_out_idle_deadline_is_set_deadlines(now: float, hits: int) -> None:
+def test_the_idle_deadline_after_an_answer_is_set_deadlines(now: float, hits: int) -> None:
     async def scenario() -> None:
         w = world({"http://u1": [Reply(200, CACHEABLE, (TICKER,))]})
         connection, transport = _connection(w, asyncio.get_running_loop())
