@@ -664,6 +664,8 @@ def start_origin(processes: Processes, cpus: Cpus) -> Origin:
 
 class HttpPeer:
     name = "?"
+    #: The request methods this peer proxies (None: all of them).
+    methods: frozenset[str] | None = None
 
     def __init__(self, workdir: Path, origin: Origin, topology: Topology) -> None:
         self.workdir = workdir / self.name
@@ -859,6 +861,7 @@ class PythonFloor(HttpPeer):
     parser does per request (a yardstick for the miss path, not an edge)."""
 
     name = "python-floor"
+    methods = frozenset({"GET"})
 
     def start(self, processes: Processes, cpus: Cpus, installer: Installer) -> Proc:
         command = [sys.executable, str(REPO / "benchmarks" / "floor_proxy.py")]
@@ -868,6 +871,11 @@ class PythonFloor(HttpPeer):
         )
         wait_until(tcp_accepts(self.port), proc, f"TCP {self.port}")
         return proc
+
+
+def serves(peer: HttpPeer, scenario: HttpScenario) -> bool:
+    """Whether ``peer`` is measured on ``scenario`` (a yardstick may proxy GETs only)."""
+    return peer.methods is None or scenario.method in peer.methods
 
 
 #: Peers run only when named (``--peers``): variants of another peer, yardsticks.
@@ -1051,6 +1059,8 @@ def run_http(args: argparse.Namespace, report: Report, stack: ExitStack, workdir
     scripts = {s.name: write_wrk_script(workdir, s, run_id) for s in args.http_scenarios}
     for scenario in args.http_scenarios:
         for peer in peers:
+            if not serves(peer, scenario):
+                continue
             try:
                 report.probes.setdefault(scenario.name, {})[peer.name] = json.dumps(
                     probe_http(peer.port, scenario)
@@ -1071,6 +1081,8 @@ def run_http(args: argparse.Namespace, report: Report, stack: ExitStack, workdir
     for round_number in range(1, args.rounds + 1):
         for scenario in args.http_scenarios:
             for peer in peers:  # A B C for each scenario, every round: drift hits all alike
+                if not serves(peer, scenario):
+                    continue
                 before = origin.requests_total()
                 counts_before = peer.cache_counts()
                 cpu_before = server_cpu(peer.proc)
@@ -1113,6 +1125,8 @@ def run_http(args: argparse.Namespace, report: Report, stack: ExitStack, workdir
     # The same probe once more after the load: a peer that stopped caching under load shows here.
     for scenario in args.http_scenarios:
         for peer in peers:
+            if not serves(peer, scenario):
+                continue
             with suppress(OSError):
                 report.probes.setdefault(f"{scenario.name}@end", {})[peer.name] = json.dumps(
                     probe_http(peer.port, scenario)
