@@ -313,16 +313,7 @@ class Admission:
             response.compressible,
             auth_ok,
         )
-        entry = Entry(  # ``self.entry``, inlined: one call fewer per fill
-            stored,
-            key=store_key,
-            primary=key.primary,
-            url=key.url,
-            compressor=self._compressor,
-            extra_head=self._extra_head,
-            hidden=self.targeted_fields,
-            measured=measured,
-        )
+        entry = self.entry(key, store_key, stored, measured)
         if shape is not None and meta.date is not None:  # no Date of ours after the fields
             template = shape.head
             if template is None and not shape.head_tried:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Final, NamedTuple
+from typing import Final, NamedTuple, cast
 
 from .key import METHOD_CLASS_GET, Coding
 from .policy import Freshness, Header, not_modified, parse_http_date
@@ -135,24 +135,9 @@ class _StoredAssembly:
         self.__class__ = StoredResponse  # type: ignore[assignment]
 
 
-if TYPE_CHECKING:
-
-    def stored_response(
-        status: int,
-        reason: bytes,
-        headers: tuple[Header, ...],
-        body: bytes,
-        freshness: Freshness,
-        vary: tuple[bytes, ...],
-        surrogate_keys: tuple[str, ...],
-        content_coding: bytes | None,
-        compressible: bool,
-        auth_ok: bool,
-    ) -> StoredResponse:
-        """``StoredResponse`` of these fields, every one given (``_StoredAssembly``)."""
-
-else:
-    stored_response = _StoredAssembly
+#: ``StoredResponse(...)`` as ``_StoredAssembly`` makes it, every field given (typed as the
+#: class itself, so a call is checked against its fields).
+stored_response: Final = cast("type[StoredResponse]", _StoredAssembly)
 
 
 @lru_cache(maxsize=16)
