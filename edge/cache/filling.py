@@ -280,11 +280,7 @@ class Filling:
                 self._store.remove_entry(stale)  # a 5xx says nothing about the resource
             outcome = _new_tuple(Outcome, (None, response, X_CACHE_MISS, FROM_ORIGIN, b""))
             return outcome, False, None
-        # ``_keep``, inline (every stored miss comes here).
-        stored = not self._purges.raced(entry, request_time) and self._store.put(entry)
-        body = entry.response.body  # (``entry.body``, without the property)
-        if stored and len(body) > self._compress_offload_above and entry.compressible:
-            self._spawn(self._prepare_variants(entry))
+        stored = self._keep(entry, request_time)
         outcome = _new_tuple(Outcome, (entry, None, X_CACHE_MISS, FROM_ORIGIN, b""))
         return outcome, True, entry if stored else None
 

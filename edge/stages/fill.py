@@ -73,18 +73,7 @@ class Filler:
         target = exchange.target
         assert target is not None, "no route: the pipeline answers 404 before any stage"
         handover = Handover()
-        # ``fetch_for``, inline (every miss comes here).
-        fetch = FillFetch(
-            services,
-            self.walker,
-            request,
-            state,
-            target,
-            lookup,
-            fill_headers(request, state, id_line),
-            record,
-            handover,
-        )
+        fetch = self.fetch_for(request, state, target, lookup, record, handover, id_line)
         try:
             try:
                 # ``HttpCache.fill`` is this coroutine: called without passing through it.
@@ -94,15 +83,8 @@ class Filler:
                     exchange, exc.status, exc.reason, exc.retry_after, close=exc.close
                 )
                 return
-            wire = filled.wire
-            if wire is not None:  # ``_write_cached``, inline
-                x_cache = filled.x_cache
-                record.cache = _X_CACHE_LABELS.get(x_cache, "MISS")
-                entry = filled.entry
-                # A MISS was filled by this request's own walk, which recorded the region.
-                if entry is not None and (x_cache != b"MISS" or record.region == "-"):
-                    record.region = entry_region(entry)
-                respond.write_wire(exchange, wire)
+            if filled.wire is not None:
+                self._write_cached(exchange, filled)
                 return
             record.cache = "MISS"
             response = filled.response
@@ -136,9 +118,13 @@ class Filler:
         lookup: Lookup,
         record: ExchangeRecord,
         handover: Handover | None,
+        id_line: bytes | None = None,
     ) -> FillFetch:
         """The fetch a fill calls: a GET of the normalised target with the client's headers
-        minus its conditionals and minus unkeyed headers that could change the response."""
+        minus its conditionals and minus unkeyed headers that could change the response.
+        ``id_line``: the request ID line, when the caller has made it already."""
+        if id_line is None:
+            id_line = request_id_line(request, state)
         return FillFetch(
             self.services,
             self.walker,
@@ -146,7 +132,7 @@ class Filler:
             state,
             target,
             lookup,
-            fill_headers(request, state, request_id_line(request, state)),
+            fill_headers(request, state, id_line),
             record,
             handover,
         )
