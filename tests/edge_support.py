@@ -33,6 +33,9 @@ from meridian.ports import free_port as free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+#: Seconds a started server has to come up: generous, since CI's two loaded cores can take
+#: over 15 s to import and configure an edge.  A bound on start-up, not a speed check.
+START_PATIENCE = 45.0
 
 
 def poll_until(check: Callable[[], T], *, within: float = 10.0, every: float = 0.02) -> T:
@@ -140,7 +143,7 @@ class Origin(Proc):
         super().__init__(argv, tmp / f"origin-{region}-{self.port}.log", f"origin {region}")
 
     def ready(self) -> Origin:
-        poll_until(lambda: _port_open(self.port), within=15)
+        poll_until(lambda: _port_open(self.port), within=START_PATIENCE)
         return self
 
     def control(self, switches: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -194,7 +197,7 @@ class Edge(Proc):
         self.base = f"http://127.0.0.1:{self.port}"
 
     def ready(self) -> Edge:
-        self.wait_for_log(r"event=edge_listening")
+        self.wait_for_log(r"event=edge_listening", within=START_PATIENCE)
         return self
 
     def admin(self, path: str) -> tuple[int, bytes]:
