@@ -24,6 +24,7 @@ may be an attack:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Final, NamedTuple
 
 import httptools
 
@@ -37,6 +38,9 @@ MAX_HEADERS = 200
 _CRLF = b"\r\n"
 _HTTP11 = b" HTTP/1.1\r\n"
 _NO_BODY_STATUSES = frozenset({204, 304})
+#: The lengths of the names that frame a response (Content-Length, Transfer-Encoding,
+#: Connection): only a header line whose name has one of them is lowered and looked at.
+_FRAMING_SIZES = frozenset({14, 17, 10})
 
 
 class UpstreamBodyError(EdgeError):
@@ -78,26 +82,21 @@ def chunk(data: bytes) -> bytes:
 LAST_CHUNK = b"0\r\n\r\n"
 
 
-class ResponseHead:
-    """A response head as received: raw header lines, names as the origin wrote them."""
+class ResponseHead(NamedTuple):
+    """A response head as received: raw header lines, names as the origin wrote them (a
+    NamedTuple: one is made per response, by ``tuple.__new__``)."""
 
-    __slots__ = ("content_length", "headers", "keep_alive", "reason", "status")
+    status: int
+    reason: bytes
+    headers: list[tuple[bytes, bytes]]
+    #: The body's length when the origin declared one and the message has a body.
+    content_length: int | None
+    #: The origin did not ask to close (HTTP/1.1 without ``Connection: close``).
+    keep_alive: bool
 
-    def __init__(
-        self,
-        status: int,
-        reason: bytes,
-        headers: list[tuple[bytes, bytes]],
-        content_length: int | None,
-        keep_alive: bool,
-    ) -> None:
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-        #: The body's length when the origin declared one and the message has a body.
-        self.content_length = content_length
-        #: The origin did not ask to close (HTTP/1.1 without ``Connection: close``).
-        self.keep_alive = keep_alive
+
+#: ``ResponseHead`` made from all its fields: ``tuple.__new__``, not the generated ``__new__``.
+_new_head: Final = tuple.__new__
 
 
 class _Stop(Exception):
@@ -113,13 +112,16 @@ class ResponseReader:
 
     __slots__ = (
         "_chunked",
+        "_close",
         "_error",
         "_head_bytes",
         "_headers",
         "_in_head",
-        "_no_body",
+        "_length",
         "_parser",
         "_reason",
+        "_reuse",
+        "_until_close",
         "body",
         "buffered",
         "complete",
@@ -157,8 +159,11 @@ class ResponseReader:
         self._reason = b""
         self._in_head = True
         self._head_bytes = 0
-        self._no_body = False
+        #: The framing the head's lines declared so far (``on_header``): Content-Length,
+        #: a chunked Transfer-Encoding, ``Connection: close``.
+        self._length: int | None = None
         self._chunked = False
+        self._close = False
         #: Why a callback stopped the parse (httptools does not chain the callback's error).
         self._error = ""
 
@@ -198,7 +203,7 @@ class ResponseReader:
             if not self._head_bytes:
                 return  # closed without a word: the shell reports a reset
             raise UpstreamProtocolError("connection closed inside the response head")
-        if self._close_delimited():
+        if self._until_close:
             self.complete = True
             return
         raise UpstreamBodyError("connection closed mid-body")
@@ -219,15 +224,6 @@ class ResponseReader:
             raise UpstreamProtocolError(detail)
         raise UpstreamBodyError(detail)
 
-    def _close_delimited(self) -> bool:
-        head = self.head
-        return (
-            head is not None
-            and head.content_length is None
-            and not self._chunked
-            and not self._no_body
-        )
-
     # -- httptools callbacks -------------------------------------------------------------
 
     def on_message_begin(self) -> None:
@@ -245,6 +241,14 @@ class ResponseReader:
             self._error = f"over {MAX_HEADERS} header lines"
             raise _Stop
         headers.append((name, value))
+        if len(name) in _FRAMING_SIZES:  # only names of these lengths need lowering
+            lowered = name.lower()
+            if lowered == b"content-length":
+                self._length = int(value)  # llhttp checked it: digits only, one value
+            elif lowered == b"transfer-encoding":
+                self._chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+            elif lowered == b"connection" and b"close" in value.lower():
+                self._close = True
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -256,25 +260,24 @@ class ResponseReader:
             # Interim (100 Continue, 103 Early Hints): not passed on; the final head follows.
             self._headers = []
             self._reason = b""
+            self._length = None
+            self._chunked = False
+            self._close = False
             return
-        length: int | None = None
-        keep_alive = parser.should_keep_alive() or parser.get_http_version() == "1.1"
-        for name, value in self._headers:
-            size = len(name)  # only names of the three lengths below need lowering
-            if size == 14 or size == 17 or size == 10:
-                lowered = name.lower()
-                if lowered == b"content-length":
-                    length = int(value)  # llhttp checked it: digits only, one value
-                elif lowered == b"transfer-encoding":
-                    self._chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
-                elif lowered == b"connection" and b"close" in value.lower():
-                    keep_alive = False
-        self._no_body = self.head_request or status in _NO_BODY_STATUSES
-        if self._no_body or self._chunked:
-            length = None
-        self.head = ResponseHead(status, self._reason, self._headers, length, keep_alive)
+        keep_alive = not self._close and (
+            parser.should_keep_alive() or parser.get_http_version() == "1.1"
+        )
+        chunked = self._chunked
+        no_body = self.head_request or status in _NO_BODY_STATUSES
+        length = None if no_body or chunked else self._length
+        #: Neither length nor chunking: the body ends with the connection (``feed_eof``).
+        self._until_close = length is None and not chunked and not no_body
+        self._reuse = keep_alive and not self._until_close
+        self.head = _new_head(
+            ResponseHead, (status, self._reason, self._headers, length, keep_alive)
+        )
         self._in_head = False
-        if self._no_body:
+        if no_body:
             # Whatever length it declared, this response ends here (RFC 9112 6.3).  llhttp
             # does not know the request was HEAD: a body it then reads is stopped (on_body).
             self._finish()
@@ -293,8 +296,7 @@ class ResponseReader:
 
     def _finish(self) -> None:
         self.complete = True
-        head = self.head
-        self.reusable = head is not None and head.keep_alive and not self._close_delimited()
+        self.reusable = self._reuse  # the head's keep-alive, unless it ends at the close
 
 
 __all__ = [
