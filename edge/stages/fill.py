@@ -72,8 +72,7 @@ class Filler:
             return
         target = exchange.target
         assert target is not None, "no route: the pipeline answers 404 before any stage"
-        handover = Handover()
-        fetch = self.fetch_for(request, state, target, lookup, record, handover, id_line)
+        fetch = self.fetch_for(request, state, target, lookup, record, True, id_line)
         try:
             try:
                 # ``HttpCache.fill`` is this coroutine: called without passing through it.
@@ -90,14 +89,17 @@ class Filler:
             response = filled.response
             assert response is not None
             outgoing = unstored(
-                request, exchange.state, response, handover, hidden=cache.targeted_fields
+                request, exchange.state, response, fetch.handover, hidden=cache.targeted_fields
             )
             if outgoing is None:
                 await respond.send_error(exchange, 502, "upstream_incomplete")
                 return
             await respond.encode_and_send(exchange, outgoing)
         finally:
-            handover.close(services.upstream)
+            fetch.live = False  # nothing is handed over from now on
+            handover = fetch.handover
+            if handover is not None:
+                handover.close(services.upstream)
 
     def _write_cached(self, exchange: Exchange, filled: Filled) -> None:
         """Write the cache's bytes (``filled.wire``), recorded as its X-Cache says."""
@@ -117,12 +119,14 @@ class Filler:
         target: RouteTarget,
         lookup: Lookup,
         record: ExchangeRecord,
-        handover: Handover | None,
+        live: bool,
         id_line: bytes | None = None,
     ) -> FillFetch:
         """The fetch a fill calls: a GET of the normalised target with the client's headers
         minus its conditionals and minus unkeyed headers that could change the response.
-        ``id_line``: the request ID line, when the caller has made it already."""
+        ``live``: whether the request takes a response the cache will not store, to stream
+        (``FillFetch.handover``); ``id_line``: the request ID line, when the caller has made
+        it already."""
         if id_line is None:
             id_line = request_id_line(request, state)
         return FillFetch(
@@ -134,7 +138,7 @@ class Filler:
             lookup,
             fill_headers(request, state, id_line),
             record,
-            handover,
+            live,
         )
 
     def refresh(self, request: ProxyRequest, lookup: Lookup) -> None:
@@ -144,7 +148,7 @@ class Filler:
         target = state.route(request.host, request.path)
         if cache is None or target is None:
             return
-        fetch = self.fetch_for(request, state, target, lookup, ExchangeRecord(), None)
+        fetch = self.fetch_for(request, state, target, lookup, ExchangeRecord(), False)
         deadline = state.config.edge.timeouts.total
 
         async def bounded(validators: list[tuple[bytes, bytes]]) -> UpstreamResponse:
@@ -206,12 +210,13 @@ def unstored(
     request: ProxyRequest,
     state: EdgeState,
     response: UpstreamResponse,
-    handover: Handover,
+    handover: Handover | None,
     *,
     hidden: frozenset[bytes] = frozenset(),
 ) -> OutgoingResponse | None:
     """The response to send for a fill the cache did not store (X-Cache: MISS), less the
-    ``hidden`` fields (the RFC 9213 fields addressed to this cache)."""
+    ``hidden`` fields (the RFC 9213 fields addressed to this cache); ``handover``: what the
+    fill's fetch handed over, if anything."""
     headers = without_fields(response.headers, hidden) if hidden else list(response.headers)
     headers.append((b"x-cache", b"MISS"))
     if not any(name == b"age" for name, _ in headers):
@@ -221,14 +226,15 @@ def unstored(
     no_body = request.method == "HEAD" or status < 200 or status in (204, 304)
     data: bytes | None
     length: int | None
-    if response is handover.marker and handover.data is not None:
+    body: AsyncIterable[bytes] | None
+    if handover is not None and response is handover.marker:
         data = handover.data
-        length = len(data)
-        body: AsyncIterable[bytes] | None = None if no_body else _one(data)
-    elif response is handover.marker:
-        length = handover.length
-        body = None if no_body else handover.body()
-        data = None
+        if data is not None:
+            length = len(data)
+            body = None if no_body else _one(data)
+        else:
+            length = handover.length
+            body = None if no_body else handover.body()
     elif response.complete:
         data = response.body
         length = len(data)

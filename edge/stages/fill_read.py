@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from http import HTTPStatus
+from typing import Final
 
 from edge.cache import HttpCache, Lookup, UpstreamResponse
 from edge.cache.admission import Admission, StoredShape
@@ -51,6 +52,10 @@ _REASONS: dict[str, bytes] = {
     status.phrase: status.phrase.encode("latin-1") for status in HTTPStatus
 }
 
+
+#: ``UpstreamCall`` and a stored ``UpstreamResponse`` made from all their fields by
+#: ``tuple.__new__``, not the NamedTuples' generated ``__new__`` (one call per miss each).
+_new_tuple: Final = tuple.__new__
 
 #: Header lines of an origin head that may have a shape; its stable lines' bytes, at most.
 _SHAPED_LINES = 48
@@ -205,26 +210,17 @@ def shape_key(
 
 class Handover:
     """A live upstream response that a fill's fetch hands back to its own request to stream
-    (the cache will not store it), instead of buffering it whole.
+    (the cache will not store it), instead of buffering it whole: made only then
+    (``FillFetch.handover``).
 
     ``marker`` is the (incomplete) ``UpstreamResponse`` the fetch returned to the cache; the
     request streams the live body only when ``fill`` returns that very object.  ``close``
     releases whatever was not taken (the client went away, a stale answer won, ...).
     """
 
-    __slots__ = ("abandoned", "attempt", "data", "length", "marker", "prefix", "response")
+    __slots__ = ("attempt", "data", "length", "marker", "prefix", "response")
 
-    def __init__(self) -> None:
-        self.abandoned = False
-        self.marker: UpstreamResponse | None = None
-        self.response: OriginResponse | None = None
-        self.attempt: Attempt | None = None
-        self.length: int | None = None
-        self.prefix: list[bytes] = []
-        #: The whole body, when it was read before the hand-over (no live stream left).
-        self.data: bytes | None = None
-
-    def attach(
+    def __init__(
         self,
         marker: UpstreamResponse,
         response: OriginResponse,
@@ -233,11 +229,12 @@ class Handover:
         prefix: list[bytes],
         data: bytes | None,
     ) -> None:
-        self.marker = marker
-        self.response = response
-        self.attempt = attempt
+        self.marker: UpstreamResponse | None = marker
+        self.response: OriginResponse | None = response
+        self.attempt: Attempt | None = attempt
         self.length = length
         self.prefix = prefix
+        #: The whole body, when it was read before the hand-over (no live stream left).
         self.data = data
 
     async def body(self) -> AsyncIterator[bytes]:
@@ -249,7 +246,6 @@ class Handover:
             yield chunk
 
     def close(self, upstream: UpstreamPool) -> None:
-        self.abandoned = True
         response, attempt = self.response, self.attempt
         self.response = self.attempt = None
         self.marker = None
@@ -263,12 +259,15 @@ class Handover:
 class FillFetch:
     """``async (validators) -> UpstreamResponse`` for one fill; raises ``FetchError``.
 
-    ``handover`` None (background refresh): nothing is streamed, and a response too big to
-    buffer is dropped unstored.  ``record`` learns where each fetch went."""
+    ``live`` False (a background refresh, or a request that has stopped taking one): nothing
+    is handed over to stream, and a response too big to buffer is dropped unstored; else
+    ``handover`` is what was handed over, if anything.  ``record`` learns where each fetch
+    went."""
 
     __slots__ = (
         "forwarded",
         "handover",
+        "live",
         "lookup",
         "record",
         "request",
@@ -289,7 +288,7 @@ class FillFetch:
         lookup: Lookup,
         forwarded: bytes,
         record: ExchangeRecord,
-        handover: Handover | None,
+        live: bool,
     ) -> None:
         assert lookup.key is not None
         self.services = services
@@ -301,21 +300,25 @@ class FillFetch:
         self.forwarded = forwarded
         self.target_text = lookup.key.target.decode("latin-1")
         self.record = record
-        self.handover = handover
+        self.live = live
+        self.handover: Handover | None = None
 
     async def __call__(self, validators: list[tuple[bytes, bytes]]) -> UpstreamResponse:
         headers = self.forwarded
         if validators:
             headers += upstream_headers(validators)
         record = self.record
-        call = UpstreamCall(
-            "GET",
-            self.target_text,
-            headers,
-            None,
-            None,
-            None,
-            self.request.request_id.decode("latin-1"),
+        call = _new_tuple(
+            UpstreamCall,
+            (
+                "GET",
+                self.target_text,
+                headers,
+                None,
+                None,
+                None,
+                self.request.request_id.decode("latin-1"),
+            ),
         )
         if not record.attempts:  # the first fetch: the walk writes the request's record
             got = await self.walker.walk(self.state, self.target, record, call)
@@ -349,12 +352,11 @@ class FillFetch:
         data: bytes | None,
     ) -> tuple[UpstreamResponse, bool]:
         """The (incomplete) response returned to the cache for what it will not store, and
-        whether ``handover`` took the live response (then the request releases it)."""
+        whether a ``handover`` took the live response (then the request releases it)."""
         marker = UpstreamResponse(status, headers, b"", reason, complete=False)
-        handover = self.handover
-        if handover is None or handover.abandoned:
+        if not self.live:
             return marker, False  # a background refresh, or the client is gone: nothing to send
-        handover.attach(marker, response, attempt, length, prefix, data)
+        self.handover = Handover(marker, response, attempt, length, prefix, data)
         return marker, True
 
     def _shaped(
@@ -397,7 +399,6 @@ class FillFetch:
         services = self.services
         cache = services.cache
         assert cache is not None
-        handover = self.handover
         state = self.state
         kept = False
 
@@ -436,7 +437,7 @@ class FillFetch:
                     and length <= limit
                     and not accepts(accept_encoding(self.request.headers), coding.decode("latin-1"))
                 )
-                if not small_for_decoding or handover is None or handover.abandoned:
+                if not small_for_decoding or not self.live:
                     if length is not None and length <= limit and content.is_eof():
                         # Already whole in the client's buffer (a small answer comes with its
                         # head): taken in one piece and sent in one write, not streamed.
@@ -514,7 +515,7 @@ class FillFetch:
                     route=self.target.route.name,
                     body_size=len(body),
                 )
-            return UpstreamResponse(status, headers, body, reason, compressible=compressible)
+            return _new_tuple(UpstreamResponse, (status, headers, body, reason, compressible, True))
         except UPSTREAM_BODY_ERRORS as exc:
             # The origin died (or stalled) mid-body: nothing is stored, the client is told.
             log.warning(
