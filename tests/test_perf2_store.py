@@ -4,7 +4,8 @@
   (``StoredShape.plain``) is ``uncacheable_reason``'s, whatever the requests and statuses
   before it;
 * ``MemoryStore.put``: the key and URL read from the entry's aliases are ``entry.key`` and
-  ``entry.url`` (the entry stored and indexed under them).
+  ``entry.url`` (the entry stored and indexed under them);
+* ``HttpCache.replay_hit``: the key a memo took from its entry is the one it is stored under.
 """
 
 from __future__ import annotations
@@ -12,15 +13,17 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edge.cache import HttpCache
 from edge.cache.admission import Admission
 from edge.cache.entry import Entry, StoredResponse
 from edge.cache.key import negotiate_coding
+from edge.cache.lookups import HitMemo
 from edge.cache.messages import RequestInfo
 from edge.cache.policy import NO_DIRECTIVES, Freshness, parse_cache_control
 from edge.cache.store import MemoryStore, url_path
 from edge.http1 import rewrite_response_headers
 from edge.stages.fill_read import HeadShapes, shape_key
-from meridian.config import CacheRule
+from meridian.config import CacheConfig, CacheRule
 from tests.test_fill_shapes import NOW, RULES, STATE, cache_key, heads, response_of
 
 PLAIN = RequestInfo([], NO_DIRECTIVES, "identity", False, False, None, None)
@@ -114,3 +117,25 @@ def test_put_stores_and_indexes_under_the_entrys_key_and_url(
     assert len(store) == 0 and store.bytes == 0
     if path is not None:
         assert store._paths.under(path) == []
+
+
+@settings(max_examples=50, deadline=None)
+@given(url=URLS, varies=st.booleans(), own_url=st.booleans())
+def test_a_replayed_hit_asks_the_store_for_its_entrys_own_key(
+    url: bytes, varies: bool, own_url: bool
+) -> None:
+    """``replay_hit`` looks up the key the memo took from its entry (``HitMemo.key``), which
+    is ``entry.key`` whether or not the entry keeps aliases: replayed while that entry is
+    stored under it, never once another is."""
+    cache = HttpCache(CacheConfig())
+    primary = b"G|" + url
+    key = primary + b"\x00accept-language=en" if varies else primary
+    entry = _entry(key, primary, b"http://other/p" if own_url else url)
+    assert cache.store.put(entry)
+    for _ in range(2):  # asked twice in one Age second: its bytes kept (slot 0)
+        wire = entry.wire("identity", NOW)
+    memo = HitMemo(cache.keys, entry, 0, NOW, NOW + 1)
+    assert memo.key == entry.key and memo.entry is entry
+    assert cache.replay_hit(memo, NOW) is wire
+    assert cache.store.put(_entry(key, primary, url))  # another entry under the same key
+    assert cache.replay_hit(memo, NOW) is None

@@ -348,15 +348,15 @@ class Admission:
         measured: tuple[int, bytes | None, bytes | None] | None = None,
     ) -> Entry:
         """The entry for ``response`` under ``store_key`` (a fill's, or a copy from L2)."""
-        return Entry(
+        return Entry(  # positional (``Entry.__init__``): key, primary, url, compressor, ...
             response,
-            key=store_key,
-            primary=key.primary,
-            url=key.url,
-            compressor=self._compressor,
-            extra_head=self._extra_head,
-            hidden=self.targeted_fields,
-            measured=measured,
+            store_key,
+            key.primary,
+            key.url,
+            self._compressor,
+            self._extra_head,
+            self.targeted_fields,
+            measured,
         )
 
     def stored_shape(self, headers: Headers, rule: CacheRule) -> StoredShape | None:
