@@ -342,12 +342,12 @@ class HttpCache:
     def replay_hit(self, memo: HitMemo, now: float) -> bytes | None:
         """``memo.wire`` when it is still this cache's answer at ``now``, counted (as an L1 hit
         or a stale answer), else None.  One dict lookup and a few comparisons."""
-        entry = memo.entry
+        entry = memo.ref()  # ``memo.entry`` and ``entry.key``, without their properties
         if (
             entry is None
             or not memo.since <= now < memo.until
             or memo.keys is not self.keys
-            or self.store.get_key(entry.key) is not entry
+            or self.store.get_key(memo.key) is not entry
         ):
             return None
         wire = entry.cached_wire(memo.slot)

@@ -32,6 +32,7 @@ from .entry import (
 from .key import CacheKey, Negotiator, variant_key, vary_key
 from .messages import RequestInfo, UpstreamResponse, truncated
 from .policy import (
+    NO_DIRECTIVES,
     VOLATILE_FIELDS,
     Freshness,
     FreshnessParts,
@@ -63,6 +64,8 @@ SHARED_FIELDS_SIZE: Final = SHARED_FIELDS.bound
 #: Header lines of a head that may have a shape (``StoredShape``); longer heads take the plain
 #: path every time.
 SHAPED_LINES_MAX: Final = 48
+#: ``StoredShape.plain``'s answer for a status not seen yet (a reason is a str or None).
+_UNKNOWN: Final = "\x00unknown"
 #: Stand-ins for the volatile values while a shape's template is made: objects of their own,
 #: recognised by identity (no origin's value is ever one of them).
 _MARKS: Final = tuple(b"\x00volatile %d\x00" % i for i in range(SHAPED_LINES_MAX))
@@ -87,6 +90,7 @@ class StoredShape:
         "meta",
         "modified_at",
         "names",
+        "plain",
         "rule",
         "targeted",
         "template",
@@ -126,6 +130,9 @@ class StoredShape:
         self.auth_ok = shareable_with_authorization(base.cc)
         #: ``freshness_parts`` of the shape by status (made when first needed; None: none).
         self.freshness: dict[int, FreshnessParts | None] = {}
+        #: ``uncacheable_reason`` of the shape by status, for a request without directives,
+        #: Authorization or Cookie (``storable_head``; made when first needed).
+        self.plain: dict[int, str | None] = {}
         #: The identity head's template, made from the first entry of the shape whose Date
         #: was the origin's (``Entry.head_template``); used by entries it ``fits``.
         self.head: HeadTemplate | None = None
@@ -214,14 +221,23 @@ class Admission:
         ``shape``: ``stored_shape`` of a header list of the same shape as ``headers`` (only
         the volatile fields are then read); ignored when made for another rule or targets."""
         rule = key.rule
+        plain: dict[int, str | None] | None = None
         if shape is not None and shape.rule is rule and shape.targeted is self._targeted:
             meta = shaped_meta(shape.meta, headers)
+            # The shape decides the verdict but for the request's own fields (of its volatile
+            # ones only the Expires' presence counts): a plain request's is the shape's.
+            if request.cc is NO_DIRECTIVES and not request.authorized and not request.cookie:
+                plain = shape.plain
         else:
             shape = None
             meta = response_meta(headers, self._targeted)
-        reason = uncacheable_reason(
-            b"GET", status, request.cc, request.authorized, meta, rule, request.cookie
-        )
+        reason = _UNKNOWN if plain is None else plain.get(status, _UNKNOWN)
+        if reason is _UNKNOWN:
+            reason = uncacheable_reason(
+                b"GET", status, request.cc, request.authorized, meta, rule, request.cookie
+            )
+            if plain is not None and len(plain) < 4:  # a shape has one status (its key's)
+                plain[status] = reason
         # ``admit`` reuses both for the same header list, request, status and rule.
         self._head_meta = tuple.__new__(  # the NamedTuple's ``__new__``, without its call
             _HeadVerdict, (headers, request, status, rule, meta, reason, shape)
@@ -274,7 +290,7 @@ class Admission:
                 if truncated(response):
                     return None, "incomplete"
             elif (at := shape.length_at) >= 0 and (  # ``truncated``, its line known
-                response.headers[at][1].strip() != str(len(response.body)).encode()
+                response.headers[at][1].strip() != b"%d" % len(response.body)
             ):
                 return None, "incomplete"
         status = response.status
@@ -282,7 +298,8 @@ class Admission:
             freshness = self._shaped_freshness(shape, status, meta, request_time, response_time)
         else:
             freshness = compute_freshness(status, meta, rule, request_time, response_time)
-        if not worth_storing(freshness, meta):
+        # A validator alone makes it worth storing, as in ``storable_head``.
+        if meta.etag is None and meta.last_modified is None and not worth_storing(freshness, meta):
             return None, "no-freshness"
         measured: tuple[int, bytes | None, bytes | None] | None = None
         if shape is not None:
@@ -331,15 +348,15 @@ class Admission:
         measured: tuple[int, bytes | None, bytes | None] | None = None,
     ) -> Entry:
         """The entry for ``response`` under ``store_key`` (a fill's, or a copy from L2)."""
-        return Entry(
+        return Entry(  # positional (``Entry.__init__``): key, primary, url, compressor, ...
             response,
-            key=store_key,
-            primary=key.primary,
-            url=key.url,
-            compressor=self._compressor,
-            extra_head=self._extra_head,
-            hidden=self.targeted_fields,
-            measured=measured,
+            store_key,
+            key.primary,
+            key.url,
+            self._compressor,
+            self._extra_head,
+            self.targeted_fields,
+            measured,
         )
 
     def stored_shape(self, headers: Headers, rule: CacheRule) -> StoredShape | None:

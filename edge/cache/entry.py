@@ -497,7 +497,6 @@ class Entry(ResponseForms):
     def __init__(
         self,
         response: StoredResponse,
-        *,
         key: bytes,
         primary: bytes,
         url: bytes,
@@ -506,11 +505,13 @@ class Entry(ResponseForms):
         hidden: frozenset[bytes] = frozenset(),
         measured: tuple[int, bytes | None, bytes | None] | None = None,
     ) -> None:
-        """``hidden``: stored fields never sent on (the RFC 9213 fields the cache consumed;
-        kept in ``response.headers`` so that a 304 without them leaves their policy in force).
-        ``measured``: what the loop over ``response.headers`` below would find, when the caller
-        knows it already (``Admission``'s head shapes): their bytes with ``HEADER_OVERHEAD``
-        each, the first ETag (stripped, None when empty) and the first Last-Modified."""
+        """By position or keyword (a fill's by position: keywords to a class are packed into a
+        dict and out again).  ``hidden``: stored fields never sent on (the RFC 9213 fields the
+        cache consumed; kept in ``response.headers`` so that a 304 without them leaves their
+        policy in force).  ``measured``: what the loop over ``response.headers`` below would
+        find, when the caller knows it already (``Admission``'s head shapes): their bytes with
+        ``HEADER_OVERHEAD`` each, the first ETag (stripped, None when empty) and the first
+        Last-Modified."""
         compressible = (
             response.compressible
             and response.content_coding is None

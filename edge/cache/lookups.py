@@ -88,7 +88,7 @@ class HitMemo:
     responses alive beyond the cache's byte bound.)  ``wire`` is valid after ``replay_hit``
     returned bytes."""
 
-    __slots__ = ("_entry", "keys", "since", "slot", "stale", "until")
+    __slots__ = ("key", "keys", "ref", "since", "slot", "stale", "until")
 
     def __init__(
         self,
@@ -100,7 +100,9 @@ class HitMemo:
         stale: str = "",
     ) -> None:
         self.keys = keys
-        self._entry = weakref.ref(entry)
+        #: The entry, weakly (``entry``), and the key it is stored under (``entry.key``).
+        self.ref = weakref.ref(entry)
+        self.key = entry.key
         self.slot = slot
         self.since = since
         self.until = until
@@ -109,11 +111,11 @@ class HitMemo:
 
     @property
     def entry(self) -> Entry | None:
-        return self._entry()
+        return self.ref()
 
     @property
     def wire(self) -> bytes:
-        entry = self._entry()
+        entry = self.ref()
         wire = entry.cached_wire(self.slot) if entry is not None else None
         if wire is None:
             raise LookupError("the memoised response is gone (replay_hit said so)")

@@ -55,7 +55,7 @@ def truncated(response: UpstreamResponse) -> bool:
     """Whether the body is shorter than the Content-Length announced."""
     for name, value in response.headers:
         if name == b"content-length":
-            return value.strip() != str(len(response.body)).encode()
+            return value.strip() != b"%d" % len(response.body)
     return False
 
 

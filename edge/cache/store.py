@@ -20,12 +20,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from typing import Final
 
 from .entry import Entry, ResponseForms
-from .key import VARIANT_SEPARATOR, Negotiator, negotiate_coding, vary_key
+from .key import METHOD_CLASS_GET, VARIANT_SEPARATOR, Negotiator, negotiate_coding, vary_key
 from .policy import Headers
 from .purge_queue import path_of
 
+#: What a primary key puts before the URL (``Entry.url``).
+_CLASS_LENGTH: Final = len(METHOD_CLASS_GET)
 #: The path (and query) of a stored URL ``scheme://host/path?q``; None without one.
 url_path = path_of
 
@@ -239,7 +242,12 @@ class MemoryStore:
 
     def put(self, entry: Entry) -> bool:
         """Store ``entry`` (replacing the same key); False when it is too large to keep."""
-        key = entry.key  # a property: read once
+        aliases = entry._aliases  # ``entry.key`` and ``entry.url``, without their properties
+        if aliases is None:
+            key = entry.primary
+            url = key[_CLASS_LENGTH:]
+        else:
+            key, url = aliases
         response = entry.response
         if len(response.body) > self.max_object or entry.size > self.max_bytes:
             self.remove(key)  # the older copy is superseded: never serve it again
@@ -260,8 +268,7 @@ class MemoryStore:
         entries[key] = entry
         for tag in response.surrogate_keys:
             self._tags.setdefault(tag, set()).add(key)
-        url = entry.url  # ``url_path``, inlined: a fill's path goes in the index
-        start = url.find(b"/", url.find(b"://") + 3)
+        start = url.find(b"/", url.find(b"://") + 3)  # ``url_path``, inlined
         if start != -1:
             self._paths.add(url[start:], key)
         self.bytes += entry.size
