@@ -784,6 +784,16 @@ class Entry(ResponseForms):
         return entry
 
 
+def stored_under(entry: Entry) -> tuple[bytes, bytes]:
+    """``entry.key`` and ``entry.url`` in one call, without their properties
+    (``MemoryStore.put``, once per fill)."""
+    aliases = entry._aliases
+    if aliases is None:
+        primary = entry.primary
+        return primary, primary[_CLASS_LENGTH:]
+    return aliases
+
+
 __all__ = [
     "ENTRY_OVERHEAD",
     "GROWN_OBJECT_OVERHEAD",
@@ -800,4 +810,5 @@ __all__ = [
     "StoredResponse",
     "reason_phrase",
     "stored_response",
+    "stored_under",
 ]

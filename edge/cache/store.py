@@ -20,15 +20,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Final
 
-from .entry import Entry, ResponseForms
-from .key import METHOD_CLASS_GET, VARIANT_SEPARATOR, Negotiator, negotiate_coding, vary_key
+from .entry import Entry, ResponseForms, stored_under
+from .key import VARIANT_SEPARATOR, Negotiator, negotiate_coding, vary_key
 from .policy import Headers
 from .purge_queue import path_of
 
-#: What a primary key puts before the URL (``Entry.url``).
-_CLASS_LENGTH: Final = len(METHOD_CLASS_GET)
 #: The path (and query) of a stored URL ``scheme://host/path?q``; None without one.
 url_path = path_of
 
@@ -242,12 +239,7 @@ class MemoryStore:
 
     def put(self, entry: Entry) -> bool:
         """Store ``entry`` (replacing the same key); False when it is too large to keep."""
-        aliases = entry._aliases  # ``entry.key`` and ``entry.url``, without their properties
-        if aliases is None:
-            key = entry.primary
-            url = key[_CLASS_LENGTH:]
-        else:
-            key, url = aliases
+        key, url = stored_under(entry)
         response = entry.response
         if len(response.body) > self.max_object or entry.size > self.max_bytes:
             self.remove(key)  # the older copy is superseded: never serve it again
