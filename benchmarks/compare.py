@@ -194,7 +194,13 @@ def session_cpu_seconds(leader: int) -> float:
     """User + system CPU seconds of every live process in the session ``leader`` started (a
     server and its workers: nginx's, varnishd's child), from /proc.  A figure that holds on a
     shared machine better than a rate does: what one request or query cost the server."""
-    ticks = 0
+    return sum(session_cpu_split(leader))
+
+
+def session_cpu_split(leader: int) -> tuple[float, float]:
+    """``session_cpu_seconds`` as (user, system): the system part is the kernel's work for the
+    server (its sockets), the user part the server's own code."""
+    user = system = 0
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -204,8 +210,9 @@ def session_cpu_seconds(leader: int) -> float:
         except OSError:
             continue  # exited meanwhile
         if int(fields[3]) == leader:  # field 6, the session ID
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / _CLOCK_TICKS
+            user += int(fields[11])  # utime
+            system += int(fields[12])  # stime
+    return user / _CLOCK_TICKS, system / _CLOCK_TICKS
 
 
 def _terminate(process: subprocess.Popen[bytes]) -> None:
@@ -946,6 +953,11 @@ def server_cpu(proc: Proc | None) -> float:
     return session_cpu_seconds(proc.process.pid) if proc is not None else 0.0
 
 
+def server_cpu_split(proc: Proc | None) -> tuple[float, float]:
+    """``server_cpu`` as (user, system) seconds."""
+    return session_cpu_split(proc.process.pid) if proc is not None else (0.0, 0.0)
+
+
 def per_unit_us(cpu_seconds: float, count: float) -> float:
     """Microseconds of server CPU per request or query (0 when nothing was counted)."""
     return cpu_seconds * 1e6 / count if count > 0 else 0.0
@@ -1085,14 +1097,20 @@ def run_http(args: argparse.Namespace, report: Report, stack: ExitStack, workdir
                     continue
                 before = origin.requests_total()
                 counts_before = peer.cache_counts()
-                cpu_before = server_cpu(peer.proc)
+                user_before, system_before = server_cpu_split(peer.proc)
                 origin_cpu_before = server_cpu(origin.proc)
                 script = fresh_script(
                     workdir, scenario, f"{run_id}-{round_number}-{peer.name}", scripts
                 )
                 values = run_wrk(wrk, peer.port, script, args.duration, args.connections, cpus)
+                user_after, system_after = server_cpu_split(peer.proc)
                 values["cpu_us"] = per_unit_us(
-                    server_cpu(peer.proc) - cpu_before, values["requests"]
+                    user_after + system_after - user_before - system_before, values["requests"]
+                )
+                # The kernel's part (sockets): alike for every peer on the same traffic, so what
+                # differs between them is mostly their own code's (user) part.
+                values["system_cpu_us"] = per_unit_us(
+                    system_after - system_before, values["requests"]
                 )
                 if scenario.unique:
                     # Misses still in flight when wrk stopped must not land in the next run.
@@ -1117,7 +1135,8 @@ def run_http(args: argparse.Namespace, report: Report, stack: ExitStack, workdir
                 hits = f"  ({notes['cache_shares']})" if notes.get("cache_shares") else ""
                 say(
                     f"  round {round_number} {scenario.name:16} {peer.name:9} "
-                    f"{values['rps']:>9.0f} req/s  cpu {values['cpu_us']:5.1f} us/req  "
+                    f"{values['rps']:>9.0f} req/s  cpu {values['cpu_us']:5.1f} us/req "
+                    f"(kernel {values['system_cpu_us']:4.1f})  "
                     f"p50 {values['p50_ms']:.2f} ms  p99 {values['p99_ms']:.2f} ms  "
                     f"errors {values['errors']:.0f}  origin {values['origin_requests']:.0f}"
                     f" ({values['origin_cpu_us']:.0f} us/req){hits}"

@@ -21,6 +21,7 @@ from benchmarks.compare import (
     http_table,
     per_unit_us,
     session_cpu_seconds,
+    session_cpu_split,
 )
 from tests.edge_support import ROOT, Origin, processes
 
@@ -44,6 +45,8 @@ def test_session_cpu_counts_every_process_of_the_session() -> None:
                 break
             subprocess.run(["sleep", "0.1"], check=True)
         assert 0.55 <= seen < 5.0
+        user, system = session_cpu_split(process.pid)  # BURN's clock reads are system time
+        assert user > 0 and system > 0 and user + system >= seen
         assert session_cpu_seconds(2**22 + 12345) == 0.0  # no such session
     finally:
         subprocess.run(["pkill", "-KILL", "-s", str(process.pid)], check=False)
