@@ -167,10 +167,10 @@ class RedisConnection:
             "retry": Retry(NoBackoff(), 0),
             "health_check_interval": 0,
         }
-        # Where redis-py takes a parser (a connection pool's arguments): one server and a
-        # Sentinel-chosen master.  RedisCluster takes none, so a cluster's replies are not
-        # bounded here.
-        bounded: dict[str, Any] = {"protocol": 2, "parser_class": bounded_parser(max_string)}
+        # Every connection reads its replies with the bounded parser: one server's, a
+        # Sentinel-chosen master's, a cluster's nodes' (below) and pub/sub's.
+        parser = bounded_parser(max_string)
+        bounded: dict[str, Any] = {"protocol": 2, "parser_class": parser}
         self._node_kwargs: dict[str, Any] = {
             **common,
             "username": target.username,
@@ -202,14 +202,23 @@ class RedisConnection:
                 **bounded,
             )
         else:
-            self.client = RedisCluster(
+            cluster = RedisCluster(
                 startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
                 max_connections=pool_size,
                 # A master down until its replica takes over uncovers its slots: the others
                 # keep working meanwhile.
                 require_full_coverage=False,
+                protocol=2,  # RESP2, as one server's and Sentinel's: what the parser reads
                 **self._node_kwargs,
             )
+            # RedisCluster takes no parser argument.  Its nodes' connections are made from
+            # its connection arguments (one dict, shared with its node manager: nodes found
+            # later, redirections) or, for the seeds, from their own copies; none is open yet.
+            cluster.connection_kwargs["parser_class"] = parser
+            for seed in cluster.nodes_manager.startup_nodes.values():
+                seed.connection_kwargs["parser_class"] = parser
+            self.client = cluster
+        self._parser = parser
 
     async def prepare(self) -> None:
         """Open the command connections now, rather than inside the first commands' deadlines:
@@ -225,7 +234,9 @@ class RedisConnection:
         """A new pub/sub connection that sees every ``PUBLISH`` of the deployment."""
         if isinstance(self.client, RedisCluster):
             host, port = self._next_node()
-            node_client = Redis(host=host, port=port, **self._node_kwargs)
+            node_client = Redis(host=host, port=port, protocol=2, **self._node_kwargs)
+            # Redis() takes no parser argument either: its pool's, before it connects.
+            node_client.connection_pool.connection_kwargs["parser_class"] = self._parser
             return Subscription(node_client.pubsub(), node_client)
         return Subscription(self.client.pubsub(), None)
 

@@ -17,13 +17,14 @@ from typing import Any
 import pytest
 import yaml
 from redis.crc import key_slot
+from redis.exceptions import RedisError
 
 from edge.cache.entry import Entry, StoredResponse
 from edge.cache.key import VARIANT_SEPARATOR
 from edge.cache.policy import Freshness
 from edge.cache.redis_l2 import RedisL2, redis_key
 from meridian.config import ConfigError, HostPort, parse_config
-from meridian.redis_conn import RedisTarget
+from meridian.redis_conn import RedisConnection, RedisTarget, bounded_parser
 from tests.redis_topology import (
     HOST,
     Cluster,
@@ -255,6 +256,42 @@ async def test_moved_and_ask_are_followed_while_a_slot_moves(deployment: Cluster
         assert l2.breaker.is_open is False
     finally:
         await l2.aclose()
+
+
+async def test_a_reply_longer_than_the_bound_is_refused_on_every_node(deployment: Cluster) -> None:
+    """A cluster's replies are bounded as one server's are (``bounded_parser``): a string over
+    ``max_string`` is refused before it is read, whichever master holds it, and a pub/sub
+    connection reads with the same bound."""
+    seeds = deployment.seeds
+    big = b"x" * 65536
+    keys = [b"meridian:bound:%d" % index for index in range(24)]  # over every master's slots
+    for key in keys:
+        deployment.master_for(key).client().set(key, big)
+    masters = {deployment.master_for(key).port for key in keys}
+    assert len(masters) == 3
+    connection = RedisConnection(
+        RedisTarget(mode="cluster", nodes=tuple(seeds)),
+        timeout=2.0,
+        connect_timeout=2.0,
+        max_string=4096,
+    )
+    try:
+        await connection.prepare()
+        for key in keys:
+            with pytest.raises(RedisError):
+                await connection.client.get(key)
+        await connection.client.set(b"meridian:bound:small", b"y" * 1000)
+        assert await connection.client.get(b"meridian:bound:small") == b"y" * 1000
+        subscription = connection.pubsub()
+        try:
+            pool = subscription.pubsub.connection_pool
+            assert pool.connection_kwargs["parser_class"] is bounded_parser(4096)
+        finally:
+            await subscription.aclose()
+    finally:
+        await connection.aclose()
+        for key in keys:
+            deployment.master_for(key).client().delete(key)
 
 
 # --------------------------------------------------------------------------------------------
