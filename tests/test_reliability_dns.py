@@ -53,11 +53,13 @@ def test_half_or_more_of_the_backends_down_never_gives_an_empty_answer() -> None
 def test_fuzzed_packets_over_udp_and_tcp() -> None:
     """Test 12: mutated real queries over UDP (from 256 networks) and TCP (pipelined, length
     lies), then one network flooding them: no crash, no handler error, every valid query
-    interleaved answered correctly, amplification for the flooding network <= 1."""
+    interleaved answered correctly (over UDP at the latest on a resolver's second try, needed
+    for at most 1% of them), amplification for the flooding network <= 1."""
     figures = chaos.measure_fuzz(packets=250_000)
     assert figures.sent == 250_000
     assert not figures.crashed and figures.handler_errors == 0, figures
     assert figures.probes > 2000 and figures.probes_lost == 0, figures
+    assert figures.probe_retries <= 0.01 * figures.probes, figures
     assert figures.unparseable == 0, figures
     assert figures.udp_answered > 0.5 * figures.udp_sent, figures
     assert figures.tcp_answered > 0.5 * figures.tcp_sent, figures
