@@ -141,6 +141,13 @@ def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _read_with(client: Redis, parser: type[_AsyncRESP2Parser]) -> Redis:
+    """``client``, its replies read with ``parser``.  ``Redis()`` takes no parser argument;
+    its pool's connection arguments do, read as each connection is made (none is yet)."""
+    client.connection_pool.connection_kwargs["parser_class"] = parser
+    return client
+
+
 class RedisConnection:
     """A command client for a target, plus pub/sub connections on demand.
 
@@ -167,8 +174,8 @@ class RedisConnection:
             "retry": Retry(NoBackoff(), 0),
             "health_check_interval": 0,
         }
-        # Every connection reads its replies with the bounded parser: one server's, a
-        # Sentinel-chosen master's, a cluster's nodes' (below) and pub/sub's.
+        # Every connection reads its replies with the bounded parser: one server's, the
+        # Sentinels' and their chosen master's, a cluster's nodes' (below) and pub/sub's.
         parser = bounded_parser(max_string)
         bounded: dict[str, Any] = {"protocol": 2, "parser_class": parser}
         self._node_kwargs: dict[str, Any] = {
@@ -191,8 +198,11 @@ class RedisConnection:
                     **common,
                     "password": target.sentinel_password,
                     "ssl": target.tls,
+                    "protocol": 2,
                 },
             )
+            for sentinel in self._sentinel.sentinels:  # asked which server is the master
+                _read_with(sentinel, parser)
             self.client = self._sentinel.master_for(
                 target.master,
                 redis_class=Redis,
@@ -234,9 +244,9 @@ class RedisConnection:
         """A new pub/sub connection that sees every ``PUBLISH`` of the deployment."""
         if isinstance(self.client, RedisCluster):
             host, port = self._next_node()
-            node_client = Redis(host=host, port=port, protocol=2, **self._node_kwargs)
-            # Redis() takes no parser argument either: its pool's, before it connects.
-            node_client.connection_pool.connection_kwargs["parser_class"] = self._parser
+            node_client = _read_with(
+                Redis(host=host, port=port, protocol=2, **self._node_kwargs), self._parser
+            )
             return Subscription(node_client.pubsub(), node_client)
         return Subscription(self.client.pubsub(), None)
 
