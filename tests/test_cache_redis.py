@@ -25,7 +25,7 @@ from edge.cache.redis_l2 import (
     glob_escape,
     redis_key,
 )
-from edge.cache.testing import FakeClock, RedisServer
+from edge.cache.testing import FakeClock, RedisServer, huge_replier
 from meridian.config import CacheConfig, CacheRule
 from meridian.redis_conn import RedisConnection, RedisTarget
 
@@ -544,32 +544,14 @@ async def test_start_opens_the_command_connection_before_any_request(server: Red
 async def test_a_reply_announcing_a_huge_string_is_refused_before_it_is_read() -> None:
     """Whatever answers on Redis's address is untrusted: a GET answered with a 4 GB string
     (sent for as long as the edge reads) is an L2 miss at once, not memory."""
-    sent = 0
-
-    async def hostile(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal sent
+    async with huge_replier() as hostile:
+        url = f"redis://127.0.0.1:{hostile.port}"
+        l2 = RedisL2(url, timeout=1.0, max_value=1 << 20, clock=time.time)
         try:
-            while await reader.read(65536):
-                writer.write(b"$4000000000\r\n")
-                chunk = b"x" * 65536
-                for _ in range(2000):  # up to 128 MiB, while the edge keeps reading
-                    writer.write(chunk)
-                    await writer.drain()
-                    sent += len(chunk)
-        except (ConnectionError, OSError):
-            pass
+            assert await l2.get(b"GET https://api.example/x", []) is None
+            assert hostile.sent < 8 << 20  # refused on the length line, not after the string
         finally:
-            writer.close()
-
-    server = await asyncio.start_server(hostile, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    l2 = RedisL2(f"redis://127.0.0.1:{port}", timeout=1.0, max_value=1 << 20, clock=time.time)
-    try:
-        assert await l2.get(b"GET https://api.example/x", []) is None
-        assert sent < 8 << 20  # refused on the length line, not after reading the string
-    finally:
-        await l2.aclose()
-        server.close()
+            await l2.aclose()
 
 
 async def test_redis_down_at_start_connects_once_it_answers(server: RedisServer) -> None:

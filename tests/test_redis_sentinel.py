@@ -6,7 +6,6 @@ under two real edges, the replica promoted, the edges answering throughout (figu
 
 from __future__ import annotations
 
-import asyncio
 import copy
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import yaml
 from redis.exceptions import RedisError
 
+from edge.cache.testing import huge_replier
 from meridian.config import ConfigError, parse_config
 from meridian.redis_conn import RedisConnection, RedisTarget
 from tests.redis_topology import (
@@ -223,35 +223,16 @@ async def test_the_master_killed_under_two_edges_fails_no_request(tmp_path: Path
 async def test_a_sentinel_answering_a_huge_string_is_refused_before_it_is_read() -> None:
     """A Sentinel is as untrusted as the master it names: a reply announcing a 4 GB string
     (sent for as long as the edge reads) fails the master lookup at once, not into memory."""
-    sent = 0
-
-    async def hostile(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal sent
+    async with huge_replier(b"*2\r\n") as hostile:
+        connection = RedisConnection(
+            RedisTarget(mode="sentinel", nodes=(("127.0.0.1", hostile.port),), master="mymaster"),
+            timeout=1.0,
+            connect_timeout=1.0,
+            max_string=1 << 20,
+        )
         try:
-            while await reader.read(65536):
-                writer.write(b"*2\r\n$4000000000\r\n")
-                chunk = b"x" * 65536
-                for _ in range(2000):  # up to 128 MiB, while the edge keeps reading
-                    writer.write(chunk)
-                    await writer.drain()
-                    sent += len(chunk)
-        except (ConnectionError, OSError):
-            pass
+            with pytest.raises(RedisError):
+                await connection.prepare()
+            assert hostile.sent < 8 << 20  # refused on the length line, not after the string
         finally:
-            writer.close()
-
-    server = await asyncio.start_server(hostile, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    connection = RedisConnection(
-        RedisTarget(mode="sentinel", nodes=(("127.0.0.1", port),), master="mymaster"),
-        timeout=1.0,
-        connect_timeout=1.0,
-        max_string=1 << 20,
-    )
-    try:
-        with pytest.raises(RedisError):
-            await connection.prepare()
-        assert sent < 8 << 20  # refused on the length line, not after reading the string
-    finally:
-        await connection.aclose()
-        server.close()
+            await connection.aclose()

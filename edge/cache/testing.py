@@ -6,12 +6,15 @@ Not imported by the cache itself.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from types import TracebackType
 
 from meridian.ports import free_port as free_port
@@ -115,4 +118,41 @@ class RedisServer:
         self.kill()
 
 
-__all__ = ["FakeClock", "RedisServer", "free_port"]
+class HugeReplier:
+    """What answers on a Redis address may be hostile (``huge_replier``): ``sent`` counts the
+    bytes of the string it streamed."""
+
+    def __init__(self, prefix: bytes) -> None:
+        self.prefix = prefix
+        self.port = 0
+        self.sent = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await reader.read(65536):
+                writer.write(self.prefix + b"$4000000000\r\n")
+                chunk = b"x" * 65536
+                for _ in range(2000):  # up to 128 MiB, while the client keeps reading
+                    writer.write(chunk)
+                    await writer.drain()
+                    self.sent += len(chunk)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def huge_replier(prefix: bytes = b"") -> AsyncIterator[HugeReplier]:
+    """A server on loopback that answers every command with ``prefix`` and a string announced
+    as 4 GB, sent for as long as the client reads (a bounded client stops after the length)."""
+    replier = HugeReplier(prefix)
+    server = await asyncio.start_server(replier.serve, "127.0.0.1", 0)
+    replier.port = server.sockets[0].getsockname()[1]
+    try:
+        yield replier
+    finally:
+        server.close()
+
+
+__all__ = ["FakeClock", "HugeReplier", "RedisServer", "free_port", "huge_replier"]
