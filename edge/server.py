@@ -63,7 +63,7 @@ log = get_logger("edge")
 
 LISTEN_BACKLOG = 2048
 #: The cyclic collector's thresholds once a worker serves (``_settle_garbage_collector``).
-GC_THRESHOLDS = (20_000, 5, 20)
+GC_THRESHOLDS = (2_000, 5, 20)
 #: Entries stored between two freezes of the heap (``FreezeCacheGrowth``): a full collection
 #: then walks at most the few objects per entry of this many (about 20 ms, measured).
 GC_FREEZE_EVERY = 10_000
@@ -483,15 +483,18 @@ def _settle_garbage_collector() -> None:
     Everything loaded so far (modules, config, routes: most of the heap) is frozen out of the
     collector's sight (``gc.freeze``), so full collections no longer walk it.  The young
     generation's threshold goes from 700 to ``GC_THRESHOLDS[0]`` net allocations: every
-    request leaves some cyclic garbage (futures and their callbacks, tasks, exceptions) and
-    keeps objects alive across awaits, and at 700 the collector ran every 15 or so misses and
-    walked the state of every request in flight each time (with 64 connections, about 25 us
-    per miss in the collector, plus what it does to the caches).  Cycles are still collected,
-    at most a few MB later.  The middle generation is collected every 5 young collections
-    (not 20): while the cache fills, what survives the young generation is mostly new entries
-    (about 5 tracked objects per miss with the key memo), and 20 collections' worth took
-    80-125 ms to walk, against 45-52 ms for 5 (same total).  The cache's entries, which arrive
-    later, are frozen as they accumulate (``FreezeCacheGrowth``)."""
+    request in flight keeps objects alive across awaits, and each young collection walks the
+    state of every request in flight (at 700 and 64 connections, about 25 us per miss in the
+    collector, measured before the key memo).  Cycles are still collected, at most a few MB
+    later.  The middle generation is collected every 5 young collections, and it walks what
+    survived them: while the cache fills, mostly new entries (about 3 tracked objects per
+    miss).  That walk is a pause every request in flight waits for, so the young threshold is
+    set by it: at 20,000 it walked 5 x 20,000 survivors, 41-52 ms, and a miss's p99 was
+    28-41 ms against nginx's 16-22; at 2,000 it is a tenth of that, and the p99 12-13 ms
+    (``benchmarks.compare http --scenarios miss``, alternated) for about 1% more of the CPU in
+    the collector (1.2% -> 2.3% of the samples under ``perf record``).  The cache's entries
+    are frozen as they accumulate (``FreezeCacheGrowth``), so older generations never walk
+    them."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
