@@ -215,6 +215,23 @@ def session_cpu_split(leader: int) -> tuple[float, float]:
     return user / _CLOCK_TICKS, system / _CLOCK_TICKS
 
 
+def session_rss_mib(leader: int) -> float:
+    """The resident memory (VmRSS) of every live process in the session ``leader`` started,
+    MiB (a server and its workers; pages a fork shares are counted in each)."""
+    total = 0.0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                session = int(stat.read().rsplit(b")", 1)[1].split()[3])
+        except OSError:
+            continue  # exited meanwhile
+        if session == leader:
+            total += process_rss_mib(int(entry.name))
+    return total
+
+
 def _terminate(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -681,6 +698,8 @@ class HttpPeer:
         self.topology = topology
         self.port = free_port()
         self.proc: Proc | None = None
+        #: The peer's cache size (``--cache-mib``): room for every key by default.
+        self.cache_mib = PEER_CACHE_MIB
 
     def start(self, processes: Processes, cpus: Cpus, installer: Installer) -> Proc:
         raise NotImplementedError
@@ -769,7 +788,7 @@ class MeridianEdge(HttpPeer):
         data = yaml.safe_load(DEMO_CONFIG.read_text())
         for region in data["regions"].values():
             region["backends"] = [f"http://{self.origin.addr}"]
-        data["edge"]["cache"]["memory"] = f"{PEER_CACHE_MIB}MiB"
+        data["edge"]["cache"]["memory"] = f"{self.cache_mib}MiB"
         data["edge"]["access_log"] = False  # as nginx here (access_log off)
         self.configure(data)
         admin_port = self.admin_port = free_port()
@@ -804,6 +823,7 @@ class Nginx(HttpPeer):
                     "CACHE_DIR": str(cache_dir),
                     "ORIGIN": self.origin.addr,
                     "LISTEN": f"127.0.0.1:{self.port}",
+                    "CACHE_MIB": str(self.cache_mib),
                 },
             )
         )
@@ -843,7 +863,7 @@ class Varnish(HttpPeer):
                 "-f",
                 str(vcl),
                 "-s",
-                f"malloc,{PEER_CACHE_MIB}m",
+                f"malloc,{self.cache_mib}m",
                 "-T",
                 "none",
             ],
@@ -1055,6 +1075,7 @@ def run_http(args: argparse.Namespace, report: Report, stack: ExitStack, workdir
     peers: list[HttpPeer] = []
     for name in args.peers_http:
         peer = HTTP_PEERS[name](workdir, origin, topology)
+        peer.cache_mib = args.cache_mib
         try:
             peer.proc = peer.start(processes, cpus, installer)
         except Unavailable as exc:
@@ -1122,6 +1143,10 @@ def run_http(args: argparse.Namespace, report: Report, stack: ExitStack, workdir
                     server_cpu(origin.proc) - origin_cpu_before, values["origin_requests"]
                 )
                 counts_after = peer.cache_counts()
+                # Resident memory at the round's end: with a small --cache-mib and a long
+                # miss run, whether memory levels off once the cache evicts.
+                assert peer.proc is not None
+                values["rss_mib"] = session_rss_mib(peer.proc.process.pid)
                 notes: dict[str, str] = {}
                 if counts_before is not None and counts_after is not None:
                     # The peer's own count of what it answered from cache during the run.
@@ -1139,7 +1164,8 @@ def run_http(args: argparse.Namespace, report: Report, stack: ExitStack, workdir
                     f"(kernel {values['system_cpu_us']:4.1f})  "
                     f"p50 {values['p50_ms']:.2f} ms  p99 {values['p99_ms']:.2f} ms  "
                     f"errors {values['errors']:.0f}  origin {values['origin_requests']:.0f}"
-                    f" ({values['origin_cpu_us']:.0f} us/req){hits}"
+                    f" ({values['origin_cpu_us']:.0f} us/req)  rss {values['rss_mib']:.1f} MiB"
+                    f"{hits}"
                 )
     # The same probe once more after the load: a peer that stopped caching under load shows here.
     for scenario in args.http_scenarios:
@@ -1775,6 +1801,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     parser.add_argument("--json", type=Path, help="write every measurement here")
     parser.add_argument(
+        "--cache-mib",
+        type=int,
+        default=PEER_CACHE_MIB,
+        help=f"http: each peer's cache size in MiB (default {PEER_CACHE_MIB}: every key fits); "
+        "a small one with a long miss run shows whether memory levels off while it evicts",
+    )
+    parser.add_argument(
         "--peers",
         default="",
         help="comma-separated subset, e.g. nginx,varnish,gdnsd (default: all)",
@@ -1796,6 +1829,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--duration must be 1s..10m and --rounds 1..20")
     if not 1 <= args.connections <= 20_000:
         parser.error("--connections must be 1..20000")
+    if not 1 <= args.cache_mib <= 65_536:
+        parser.error("--cache-mib must be 1..65536")
     wanted = {p for p in args.peers.split(",") if p}
     unknown = wanted - set(HTTP_PEERS) - set(DNS_PEERS)
     if unknown:
