@@ -1,13 +1,17 @@
-"""The miss's serving shortcuts make exactly what the plain path makes.
+"""The miss's serving and storing shortcuts make exactly what the plain paths make.
 
-``entry.first_answer`` (a fill's MISS formatted in one go from its entry's head template, the
-head not kept) writes the bytes ``Entry.wire`` writes, and leaves the entry as ``wire`` would
-less the head it did not keep: the next answer builds and counts that head, after which the two
-entries are alike to the byte."""
+* ``entry.first_answer`` (a fill's MISS formatted in one go from its entry's head template,
+  the head not kept) writes the bytes ``Entry.wire`` writes, and leaves the entry as ``wire``
+  would less the head it did not keep: the next answer builds and counts that head, after
+  which the two entries are alike to the byte;
+* ``MemoryStore.put`` indexes a plain URL (one split) under ``url_path(url)``, as its two
+  ``find`` calls did, and ``PathIndex.add_segments``'s shortcut to the last added directory's
+  node builds the trie a walk from the root builds, whatever the adds, discards and clears.
+"""
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from edge.cache.entry import (
@@ -24,6 +28,7 @@ from edge.cache.entry import (
 from edge.cache.lookups import serve
 from edge.cache.messages import RequestInfo
 from edge.cache.policy import NO_DIRECTIVES, Freshness
+from edge.cache.store import MemoryStore, PathIndex, _Node, url_path
 
 HEAD_VALUE = st.sampled_from([b"", b"a", b"100%", b"%s", b"%d%%", b'"e1"', b'W/"x"'])
 HEAD_NAME = st.sampled_from(
@@ -227,3 +232,149 @@ def test_a_ticker_miss_takes_the_shortcut() -> None:
     wire = serve(entry, request, X_CACHE_MISS, 100.5, b"x-request-id: 1\r\n")
     assert wire == first.wire("identity", 100.5, False, X_CACHE_MISS, b"x-request-id: 1\r\n")
     assert entry._head0 is template
+
+
+# -----------------------------------------------------------------------------------------------
+# The store: ``MemoryStore.put`` splits a plain URL once, and ``PathIndex.add_segments`` goes
+# straight to the last added path's directory node.
+
+
+def _dump(node: _Node | bytes) -> object:
+    """A path index's trie as plain values (a set of keys as a frozenset)."""
+    if isinstance(node, bytes):
+        return node
+    keys = frozenset(node.keys) if isinstance(node.keys, set) else node.keys
+    children = (
+        None
+        if node.children is None
+        else {segment: _dump(child) for segment, child in node.children.items()}
+    )
+    return keys, children
+
+
+PATHS = st.sampled_from(
+    [
+        *(b"/", b"/a", b"/a/", b"/a/b", b"/a/b/c", b"/a/b/c?u=1", b"/a/b/c?u=2/3", b"/a/c"),
+        *(b"/b", b"//", b"/a//b", b"/ab", b"/a/bc/d"),
+    ]
+)
+INDEX_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "add", "add", "discard", "discard", "clear"]),
+        PATHS,
+        st.sampled_from([b"k1", b"k2"]),
+    ),
+    max_size=40,
+)
+PREFIXES = [b"/", b"/a", b"/a/", b"/a/b", b"/a/b/", b"/a/b/c", b"/b", b"//", b"/x"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(INDEX_OPS)
+@example(  # the directory's node turns back into a leaf, then a path under it is added
+    [
+        ("add", b"/a", b"k1"),
+        ("add", b"/a/b", b"k2"),
+        ("discard", b"/a/b", b"k2"),
+        ("discard", b"/a", b"k1"),
+        ("add", b"/a/c", b"k3"),
+    ]
+)
+@example(  # the directory's node is pruned, then a path under it is added
+    [("add", b"/a/b/c", b"k1"), ("discard", b"/a/b/c", b"k1"), ("add", b"/a/b/d", b"k2")]
+)
+def test_the_directory_shortcut_builds_the_walks_trie(ops: list[tuple[str, bytes, bytes]]) -> None:
+    """Whatever the adds, discards and clears, the index that goes to its last directory's
+    node holds the very trie of one that walks from the root every time, and finds the same
+    keys under every prefix (as a scan of the paths would)."""
+    shortcut, walked = PathIndex(), PathIndex()
+    stored: dict[tuple[bytes, bytes], None] = {}
+    hits = 0
+    for op, path, key in ops:
+        if op == "add":
+            hits += shortcut._directory == path[1:].split(b"/")[:-1]
+            shortcut.add(path, key)
+            walked._directory = None  # never the shortcut: the walk every time
+            walked.add(path, key)
+            stored[(path, key)] = None
+        elif op == "discard":
+            shortcut.discard(path, key)
+            walked.discard(path, key)
+            stored.pop((path, key), None)
+        else:
+            shortcut.clear()
+            walked.clear()
+            stored.clear()
+        assert _dump(shortcut._root) == _dump(walked._root)
+        for prefix in PREFIXES:
+            found = sorted(shortcut.under(prefix))
+            assert found == sorted(walked.under(prefix))
+            assert set(found) == {k for p, k in stored if p.startswith(prefix)}
+
+
+STORE_URLS = st.sampled_from(
+    [
+        b"https://h.example/api/v1/ticker/BTC-USD?u=1",
+        b"https://h.example/api/v1/ticker/BTC-USD?u=2",
+        b"https://h.example/api/v1/ticker/ETH-USD?u=2/3",
+        b"https://other.example/api/v1/ticker/BTC-USD?u=1",
+        b"http://h/p",
+        b"http://h",
+        b"http://h/",
+        b"http://h?q",
+        b"http://h//",
+        b"http:/h/p",
+        b"https:/x//h/p",
+        b"ftp://h/p",
+        b"a/b://h/p/q",
+        b"/bare/path",
+        b"no-scheme",
+    ]
+)
+
+
+class _Recording(PathIndex):
+    """A path index noting the path each added key is indexed under (``add`` comes here)."""
+
+    __slots__ = ("added",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.added: list[tuple[bytes, bytes]] = []
+
+    def add_segments(self, segments: list[bytes], key: bytes) -> None:
+        self.added.append((b"/" + b"/".join(segments), key))
+        super().add_segments(segments, key)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(STORE_URLS, st.booleans()), max_size=12), st.integers(1, 40))
+def test_put_indexes_a_url_where_url_path_says(puts: list[tuple[bytes, bool]], room: int) -> None:
+    """``put``'s split of a plain URL indexes each entry under ``url_path(url)`` (as its two
+    ``find`` calls did); with evictions (a store of ``room`` entries) and replaced keys on
+    the way, the store's trie is the one of a store that walks from the root every time."""
+    store = MemoryStore(room * _entry_size(), 1 << 16)
+    walked = MemoryStore(room * _entry_size(), 1 << 16)
+    recording = store._paths = _Recording()
+    for url, own_url in puts:
+        primary = b"G|" + (b"https://alias.example/x" if own_url else url)
+        recording.added.clear()
+        entry = _stored(primary, url)
+        store.put(entry)
+        path = url_path(url)
+        assert recording.added == ([] if path is None else [(path, entry.key)])
+        walked._paths._directory = None
+        walked.put(_stored(primary, url))
+        assert _dump(store._paths._root) == _dump(walked._paths._root)
+        assert list(store._entries) == list(walked._entries)
+        assert store.bytes == walked.bytes
+
+
+def _stored(primary: bytes, url: bytes) -> Entry:
+    freshness = Freshness(0.0, 0.0, 60.0, 0.0, 0.0, False, False)
+    response = StoredResponse(200, b"OK", ((b"content-type", b"text/plain"),), b"x", freshness)
+    return Entry(response, key=primary, primary=primary, url=url)
+
+
+def _entry_size() -> int:
+    return _stored(b"G|https://h.example/api/v1/ticker/BTC-USD?u=1", b"https://h/p").size + 60
