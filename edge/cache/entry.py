@@ -193,6 +193,9 @@ class HeadTemplate(NamedTuple):
     reason: bytes
     house: tuple[bytes, frozenset[bytes]]
     compressed: bool
+    #: ``form`` followed by the rest of a MISS answer's head (``Entry.wire``'s: the
+    #: per-request lines, X-Cache, Age and the blank line): ``first_answer``'s one formatting.
+    miss_form: bytes
 
     def fits(self, forms: ResponseForms) -> bool:
         """Whether this is the template of ``forms``' head (given its fields' shape)."""
@@ -386,14 +389,16 @@ class ResponseForms:
         form = b"%s".join(piece.replace(b"%", b"%%") for piece in pieces)
         if with_length:
             form += b"content-length: %d\r\n"
+        form += self._house[0].replace(b"%", b"%%")
         return HeadTemplate(
-            form + self._house[0].replace(b"%", b"%%"),
+            form,
             tuple(values),
             with_length,
             response.status,
             response.reason,
             self._house,
             self._compressor is not None,
+            form + b"%sx-cache: " + X_CACHE_MISS + b"\r\nage: %d\r\n\r\n",
         )
 
     def use_head_template(self, template: HeadTemplate) -> None:
@@ -784,6 +789,40 @@ class Entry(ResponseForms):
         return entry
 
 
+def first_answer(
+    entry: Entry, coding: Coding | str, now: float, head_only: bool, extra: bytes
+) -> bytes | None:
+    """``entry.wire(coding, now, head_only, X_CACHE_MISS, extra)`` for an entry whose identity
+    head is still its template (``use_head_template``): the answer of the fill that stored it,
+    in one formatting, and without keeping the head.  A fill's MISS is its entry's first
+    answer and is never kept (``wire`` caches HIT and STALE forms only), so the head is built
+    when a later answer asks for it, and never for a key asked for once (every miss of a
+    stream of new keys).  None when ``wire`` is the way: no template, or a compressed answer.
+    """
+    template = entry._head0
+    if type(template) is not HeadTemplate or (
+        entry._compressor is not None and coding != "identity"
+    ):
+        return None
+    response = entry.response
+    freshness = response.freshness
+    resident = now - freshness.response_time  # ``wire``'s Age
+    age = int(freshness.initial_age + resident if resident > 0 else freshness.initial_age)
+    if age >= _MAX_AGE_VALUE:
+        age = _MAX_AGE_VALUE
+    fields = response.headers
+    body = response.body
+    values: list[bytes | int] = []
+    for at in template.values:
+        values.append(fields[at][1])
+    if template.with_length:
+        values.append(len(body))
+    values.append(extra)
+    values.append(age)
+    head = template.miss_form % tuple(values)
+    return head if head_only else head + body
+
+
 def stored_under(entry: Entry) -> tuple[bytes, bytes]:
     """``entry.key`` and ``entry.url`` in one call, without their properties
     (``MemoryStore.put``, once per fill)."""
@@ -808,6 +847,7 @@ __all__ = [
     "Entry",
     "HeadTemplate",
     "StoredResponse",
+    "first_answer",
     "reason_phrase",
     "stored_response",
     "stored_under",

@@ -8,7 +8,7 @@ import enum
 import weakref
 from typing import Final, NamedTuple
 
-from .entry import Entry
+from .entry import X_CACHE_MISS, Entry, first_answer
 from .key import CacheKey, KeyBuilder
 from .messages import RequestInfo
 from .policy import NO_DIRECTIVES, STALE_WHILE_REVALIDATE, stable_until
@@ -71,6 +71,10 @@ def serve(entry: Entry, request: RequestInfo, x_cache: bytes, now: float, extra:
         ranged = entry.wire_range(request.range, request.if_range, now, x_cache, extra)
         if ranged is not None:
             return ranged
+    if x_cache == X_CACHE_MISS:  # a fill's answer: its entry's first
+        first = first_answer(entry, request.coding, now, request.head, extra)
+        if first is not None:
+            return first
     return entry.wire(request.coding, now, request.head, x_cache, extra)
 
 

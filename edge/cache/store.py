@@ -28,6 +28,8 @@ from .purge_queue import path_of
 
 #: The path (and query) of a stored URL ``scheme://host/path?q``; None without one.
 url_path = path_of
+#: What comes before the ``//`` of the URLs a store holds (``MemoryStore.put``).
+_PLAIN_SCHEMES = frozenset({b"https:", b"http:"})
 
 
 class _Node:
@@ -47,27 +49,41 @@ class PathIndex:
     segment).  ``under(prefix)`` walks the prefix's whole segments, then takes every subtree
     whose segment starts with its last, partial one: O(depth + entries under the prefix)."""
 
-    __slots__ = ("_root",)
+    __slots__ = ("_directory", "_directory_node", "_root")
 
     def __init__(self) -> None:
         self._root = _Node()
+        #: The segments of the last added path's directory and the node they lead to: a stream
+        #: of new keys under one path (``?u=1``, ``?u=2``, ...) walks the trie once.  Forgotten
+        #: whenever a node leaves the trie or turns into a leaf (``discard``, ``clear``): until
+        #: then the walk would lead to the same node (``add`` only turns leaves into nodes).
+        self._directory: list[bytes] | None = None
+        self._directory_node = self._root
 
     def add(self, path: bytes, key: bytes) -> None:
-        segments = path[1:].split(b"/")
+        self.add_segments(path[1:].split(b"/"), key)
+
+    def add_segments(self, segments: list[bytes], key: bytes) -> None:
+        """``add`` of the path whose segments (after its leading ``/``) are ``segments``: a
+        list of one's own, which this keeps."""
         last = segments.pop()
-        node = self._root
-        for segment in segments:  # the node for each, made (a leaf there made a node) if need be
-            children = node.children
-            if children is None:
-                children = node.children = {}
-            child = children.get(segment)
-            if isinstance(child, _Node):
-                node = child
-                continue
-            made = children[segment] = _Node()
-            if child is not None:
-                made.keys = child  # the leaf's key stays: its path now has more under it
-            node = made
+        if segments == self._directory:  # the last add's directory: its node, without the walk
+            node = self._directory_node
+        else:
+            node = self._root
+            for segment in segments:  # the node for each, made (a leaf there made a node)
+                children = node.children
+                if children is None:
+                    children = node.children = {}
+                child = children.get(segment)
+                if isinstance(child, _Node):
+                    node = child
+                    continue
+                made = children[segment] = _Node()
+                if child is not None:
+                    made.keys = child  # the leaf's key stays: its path now has more under it
+                node = made
+            self._directory, self._directory_node = segments, node
         children = node.children
         if children is None:
             children = node.children = {}
@@ -120,12 +136,14 @@ class PathIndex:
                 elif not keys:
                     found.keys = None
             if not found.children:
+                self._directory = None  # ``found`` leaves the trie
                 if found.keys is None:
                     del children[last]
                 elif isinstance(found.keys, bytes):
                     children[last] = found.keys  # back to a leaf
         # Prune the branch that no longer leads to anything.
         while trail and node.keys is None and not node.children:
+            self._directory = None
             parent, segment = trail.pop()
             assert parent.children is not None
             del parent.children[segment]
@@ -159,7 +177,8 @@ class PathIndex:
         return found
 
     def clear(self) -> None:
-        self._root = _Node()
+        self._root = self._directory_node = _Node()
+        self._directory = None
 
 
 class MemoryStore:
@@ -260,9 +279,16 @@ class MemoryStore:
         entries[key] = entry
         for tag in response.surrogate_keys:
             self._tags.setdefault(tag, set()).add(key)
-        start = url.find(b"/", url.find(b"://") + 3)  # ``url_path``, inlined
-        if start != -1:
-            self._paths.add(url[start:], key)
+        # ``url_path``, as one split for a plain ``https://host/...``: ``find`` parses its
+        # arguments at a few hundred instructions a call, and a split of the path followed.
+        segments = url.split(b"/")
+        if len(segments) > 3 and segments[0] in _PLAIN_SCHEMES and not segments[1]:
+            del segments[:3]  # scheme, "" and host: the path's segments are left
+            self._paths.add_segments(segments, key)
+        else:
+            start = url.find(b"/", url.find(b"://") + 3)
+            if start != -1:
+                self._paths.add(url[start:], key)
         self.bytes += entry.size
         self.stored += 1
         entry.on_resize = self._on_resize
