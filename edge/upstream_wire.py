@@ -99,6 +99,13 @@ class ResponseHead(NamedTuple):
 _new_head: Final = tuple.__new__
 
 
+def _head_size(reason: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    """The bytes of a final response head with this reason and these lines, at the least
+    (``HTTP/1.1 200 `` and CRLF, ``name: value`` and CRLF each, the blank line; llhttp has
+    dropped the whitespace around values)."""
+    return 15 + len(reason) + sum(len(name) + len(value) + 4 for name, value in headers) + 2
+
+
 class _Stop(Exception):
     """Raised inside a parser callback to stop reading bytes that belong to no message."""
 
@@ -175,7 +182,8 @@ class ResponseReader:
         if self.complete:
             self.reusable = False  # bytes after the message: the connection is spoiled
             return
-        if self._in_head:
+        in_head = self._in_head
+        if in_head:
             self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
@@ -191,7 +199,14 @@ class ResponseReader:
                 self.reusable = False  # garbage after a whole message
             else:
                 self._fail(str(exc))
-        if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
+        if (
+            in_head
+            and self._head_bytes > MAX_HEAD_BYTES
+            # A head that ended in this read is measured itself (the read may carry body too):
+            # a whole head over the bound is refused like one still arriving.
+            and (self._in_head or _head_size(self._reason, self._headers) > MAX_HEAD_BYTES)
+        ):
+            self.reusable = False
             raise UpstreamProtocolError(f"response head over {MAX_HEAD_BYTES} bytes")
 
     def feed_eof(self) -> None:

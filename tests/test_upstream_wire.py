@@ -213,6 +213,22 @@ def test_a_head_without_end_and_too_many_lines_are_refused() -> None:
         _read(b"HTTP/1.1 200 OK\r\n" + lines + b"\r\n")
 
 
+def test_a_head_over_the_bound_is_refused_when_it_arrives_whole_in_one_read() -> None:
+    pad = b"X-Pad: " + b"a" * 991 + b"\r\n"
+    lines = pad * (MAX_HEAD_BYTES // len(pad) + 1)
+    whole = b"HTTP/1.1 200 OK\r\n" + lines + b"Content-Length: 2\r\n\r\nok"
+    reader = ResponseReader()
+    with pytest.raises(UpstreamProtocolError, match="head over"):
+        reader.feed(whole)
+    assert not reader.reusable
+    # Under the bound, with a body that takes the read over it: accepted, the body whole.
+    body = b"b" * (MAX_HEAD_BYTES * 2)
+    fits = b"HTTP/1.1 200 OK\r\n" + pad * 8 + b"Content-Length: %d\r\n\r\n" % len(body)
+    reader = ResponseReader()
+    reader.feed(fits + body)
+    assert reader.complete and reader.reusable and reader.take() == body
+
+
 def test_a_close_before_any_byte_is_no_protocol_error_but_inside_the_head_is() -> None:
     silent = ResponseReader()
     silent.feed_eof()  # the shell reports a reset: the classic keep-alive race
