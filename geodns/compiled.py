@@ -31,7 +31,7 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from itertools import compress, islice, repeat
+from itertools import compress, islice, repeat, tee
 from operator import and_, lshift, ne, or_, rshift
 
 from geodns.countries import CountryMap, build_country_map
@@ -309,7 +309,7 @@ def _joined(halves: tuple[array[int], array[int]], canonical: dict[int, int]) ->
     shares ``canonical`` (as the lists built by :func:`build_address_map` share them)."""
     high, low = halves
     joined = map(or_, map(lshift, high, repeat(64)), low)
-    return [canonical.setdefault(start, start) for start in joined]
+    return list(map(canonical.setdefault, *tee(joined)))  # setdefault(v, v), in C
 
 
 def settled(address_map: AddressMap) -> AddressMap:
