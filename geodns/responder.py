@@ -59,6 +59,7 @@ from geodns.compiled import (
     build_address_map,
     compile_table,
     group_key,
+    settled,
     widest_scope_plain,
 )
 from geodns.countries import MIXED
@@ -1468,8 +1469,9 @@ def _address_map(locator: GeoLocator, zone: Zone) -> AddressMap:
     )
     cached = _MAP_CACHE.get(key)
     if cached is None:
-        cached = build_address_map(
-            locator, locator.tree_ranges(), config, list(zone.geo_names.values())
+        # Settled once the walk of the database (the argument) is freed: see settled().
+        cached = settled(
+            build_address_map(locator, locator.tree_ranges(), config, list(zone.geo_names.values()))
         )
         if len(_MAP_CACHE) >= 4:
             _MAP_CACHE.clear()
