@@ -248,9 +248,11 @@ print(built, rss(), trim_heap())
 
 
 def test_the_address_maps_build_gives_its_freed_memory_back() -> None:
-    """Walking the shipped database into the address map frees ~80 MiB of temporaries that
-    glibc would keep (RSS 220 MiB after the build, 139 MiB after ``trim_heap``): the server
-    trims after every build and compilation.  In a fresh process, to see RSS alone."""
+    """Walking the shipped database into the address map frees temporaries that glibc would
+    keep (RSS 187-204 MiB after the build, 141 MiB after ``trim_heap``; before the IPv6 starts
+    were settled into fresh arenas, ``compiled.settled``, 220 -> 139 MiB of a larger heap):
+    the server trims after every build and compilation.  In a fresh process, to see RSS
+    alone; the RSS that is left is bounded by ``tests/test_geodns_memory.py``."""
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run(
         [sys.executable, "-c", _TRIM_PROBE],
@@ -263,4 +265,4 @@ def test_the_address_maps_build_gives_its_freed_memory_back() -> None:
     built, trimmed, trims = int(out[0]), int(out[1]), out[2] == "True"
     if not trims:
         pytest.skip("this C library has no malloc_trim")
-    assert trimmed <= built - 40, (built, trimmed)
+    assert trimmed <= built - 25, (built, trimmed)
