@@ -294,8 +294,20 @@ class Admission:
             ):
                 return None, "incomplete"
         status = response.status
+        parts = None
         if shape is not None:
-            freshness = self._shaped_freshness(shape, status, meta, request_time, response_time)
+            # ``compute_freshness`` of a response of the shape: its parts made once a status.
+            by_status = shape.freshness
+            if status in by_status:
+                parts = by_status[status]
+            elif len(by_status) < 4:  # a shape has one status (its key's); bounded all the same
+                parts = by_status[status] = freshness_parts(status, meta, rule)
+        if parts is not None:
+            # Every field given (``parts`` are the last five): ``tuple.__new__`` makes it
+            # without the NamedTuple's ``__new__``.
+            freshness = tuple.__new__(
+                Freshness, (response_time, initial_age(meta, request_time, response_time), *parts)
+            )
         else:
             freshness = compute_freshness(status, meta, rule, request_time, response_time)
         # A validator alone makes it worth storing, as in ``storable_head``.
@@ -330,7 +342,16 @@ class Admission:
             response.compressible,
             auth_ok,
         )
-        entry = self.entry(key, store_key, stored, measured)
+        entry = Entry(  # ``entry``, without its frame
+            stored,
+            store_key,
+            key.primary,
+            key.url,
+            self._compressor,
+            self._extra_head,
+            self.targeted_fields,
+            measured,
+        )
         if shape is not None and meta.date is not None:  # no Date of ours after the fields
             template = shape.head
             if template is None and not shape.head_tried:
@@ -407,30 +428,6 @@ class Admission:
             tuple(etag_at),
             modified_at,
             next((at for at, (name, _) in enumerate(headers) if name == b"content-length"), -1),
-        )
-
-    def _shaped_freshness(
-        self,
-        shape: StoredShape,
-        status: int,
-        meta: ResponseMeta,
-        request_time: float,
-        response_time: float,
-    ) -> Freshness:
-        """``compute_freshness`` of a response of ``shape`` (its parts made once a status)."""
-        known = shape.freshness
-        if status in known:
-            parts = known[status]
-        elif len(known) < 4:  # a shape has one status (its key's); bounded all the same
-            parts = known[status] = freshness_parts(status, meta, shape.rule)
-        else:
-            parts = None
-        if parts is None:
-            return compute_freshness(status, meta, shape.rule, request_time, response_time)
-        # Every field given (``parts`` are the last five): ``tuple.__new__`` makes it without
-        # the NamedTuple's ``__new__``.
-        return tuple.__new__(
-            Freshness, (response_time, initial_age(meta, request_time, response_time), *parts)
         )
 
     def refreshed(

@@ -320,7 +320,7 @@ class Filling:
             return False
         if not self._store.put(entry):
             return False
-        if len(entry.body) > self._compress_offload_above and entry.compressible:
+        if len(entry.response.body) > self._compress_offload_above and entry.compressible:
             # Big bodies: build the compressed variants in a thread, not on the first hit.
             self._spawn(self._prepare_variants(entry))
         return True

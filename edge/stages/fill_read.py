@@ -14,16 +14,20 @@ Last-Modified, Expires, Age, Content-Length, tracing IDs (``policy.VOLATILE_FIEL
 status, and what else decides the result), what the edge and the cache make of it: the
 rewritten header list as a template, the coding, whether it may be compressed, and the cache's
 reading (``edge.cache.admission.StoredShape``).  A fill of a known shape then fills in the
-volatile values instead of walking the lines once per stage.
+volatile values instead of walking the lines once per stage.  A head whose exact line names
+and stable lines were seen before with a made shape finds it without a ``ShapeKey``
+(``HeadShapes.read``): its names tell which lines are volatile (``ShapePlan``), and the shape's
+volatile values are taken from the lines where they are.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
+from operator import itemgetter
 from typing import Final
 
-from edge.cache import HttpCache, Lookup, UpstreamResponse
+from edge.cache import Lookup, UpstreamResponse
 from edge.cache.admission import Admission, StoredShape
 from edge.cache.policy import VOLATILE_FIELDS
 from edge.compress import DecompressionBomb, accepts, is_compressible
@@ -103,18 +107,117 @@ class HeadShape:
         return headers
 
 
+#: The names of an origin head's lines, in order (``tuple(map(_NAME, raw))``: no Python loop).
+_NAME: Final = itemgetter(0)
+
+
+def _no_lines(raw: list[tuple[bytes, bytes]]) -> tuple[()]:
+    return ()
+
+
+class ShapePlan:
+    """Which lines of an origin head with these exact names (in order) are volatile: what
+    ``shape_key`` finds by lower-casing each name, found once per names."""
+
+    __slots__ = ("stable", "volatile_at")
+
+    def __init__(self, names: tuple[bytes, ...]) -> None:
+        volatile = [at for at, name in enumerate(names) if name.lower() in VOLATILE_FIELDS]
+        stable = [at for at in range(len(names)) if at not in volatile]
+        #: Indexes of the volatile lines (the order of ``shape_key``'s volatile values).
+        self.volatile_at = tuple(volatile)
+        #: The stable lines of a head with these names (``itemgetter``: one line, not a
+        #: tuple, when there is one; the plan in the key says how many there are).
+        self.stable: Callable[[list[tuple[bytes, bytes]]], object] = (
+            itemgetter(*stable) if stable else _no_lines
+        )
+
+
+#: (the ``ShapePlan`` of the exact line names, the stable lines as its ``stable`` takes them,
+#: status, region, route, id of the cache rule): a ``ShapeKey`` of one spelling of its names
+#: (the plan by identity: no second comparison of the names).
+KnownKey = tuple[ShapePlan, object, int, str, str, int]
+
+
 class HeadShapes:
     """The ``RESPONSE_SHAPES`` memo: ``HeadShape`` by ``ShapeKey``, for one edge state and one
     cache (another state or cache clears it: what the key leaves out is theirs).  A shape is
     made on its key's second sight (the first leaves None), so heads that never repeat cost a
-    key and no template."""
+    key and no template.
 
-    __slots__ = ("admission", "memo", "state")
+    ``known`` finds a made shape again without its ``ShapeKey`` (``read``): by the head's
+    exact names and stable lines, with the shape's ``fills`` pointing at the head's own lines
+    (``ShapePlan``s by names in ``plans``); each is bounded as ``memo`` and cleared with it on
+    another state or cache."""
+
+    __slots__ = ("admission", "known", "memo", "plans", "state")
 
     def __init__(self) -> None:
         self.memo: BoundedMemo[ShapeKey, HeadShape | None] = BoundedMemo(RESPONSE_SHAPES)
         self.state: EdgeState | None = None
         self.admission: Admission | None = None
+        self.plans: BoundedMemo[tuple[bytes, ...], ShapePlan] = BoundedMemo(RESPONSE_SHAPES)
+        #: (the shape, its fills as (index in its headers, index of the origin's line, name)).
+        self.known: BoundedMemo[KnownKey, tuple[HeadShape, tuple[tuple[int, int, bytes], ...]]]
+        self.known = BoundedMemo(RESPONSE_SHAPES)
+
+    def read(
+        self,
+        raw: list[tuple[bytes, bytes]],
+        status: int,
+        state: EdgeState,
+        region: str,
+        route: str,
+        admission: Admission,
+        rule: CacheRule,
+    ) -> tuple[HeadShape | None, Headers]:
+        """The head shape of the origin's lines ``raw`` when known (or made now, on its second
+        sight), and its headers as ``rewrite_response_headers`` makes them."""
+        names = tuple(map(_NAME, raw))
+        plan = self.plans.get(names)
+        if plan is not None and state is self.state and admission is self.admission:
+            known = self.known.get((plan, plan.stable(raw), status, region, route, id(rule)))
+            if known is not None:
+                shape, fills = known
+                headers = shape.template.copy()  # ``HeadShape.headers``, from the lines
+                for at, line, name in fills:
+                    headers[at] = (name, raw[line][1])
+                return shape, headers
+        key, volatile = shape_key(raw, status, region, route, rule)
+        if key is not None:
+            made, seen = self.find(state, admission, key)
+            if made is None and seen:
+                made = self.make(key, raw, status, state, region, route, admission, rule)
+            if made is not None:
+                self._know(names, raw, made, status, region, route, rule)
+                return made, made.headers(volatile)
+        headers = rewrite_response_headers(
+            raw, dropped=state.dropped_response_headers, via=state.via, region=region
+        )
+        return None, headers
+
+    def _know(
+        self,
+        names: tuple[bytes, ...],
+        raw: list[tuple[bytes, bytes]],
+        shape: HeadShape,
+        status: int,
+        region: str,
+        route: str,
+        rule: CacheRule,
+    ) -> None:
+        """Remember ``shape`` for heads with ``raw``'s names and stable lines (``read``)."""
+        plans, known = self.plans, self.known
+        plan = plans.get(names)
+        if plan is None:
+            if len(plans) >= plans.bound:
+                plans.clear()
+            plan = plans[names] = ShapePlan(names)
+        if len(known) >= known.bound:
+            known.clear()
+        volatile_at = plan.volatile_at
+        fills = tuple((at, volatile_at[index], name) for at, index, name in shape.fills)
+        known[(plan, plan.stable(raw), status, region, route, id(rule))] = (shape, fills)
 
     def find(
         self, state: EdgeState, admission: Admission, key: ShapeKey
@@ -123,6 +226,8 @@ class HeadShapes:
         memo = self.memo
         if state is not self.state or admission is not self.admission:
             memo.clear()
+            self.plans.clear()
+            self.known.clear()
             self.state, self.admission = state, admission
         shape = memo.get(key)
         if shape is not None:
@@ -359,38 +464,6 @@ class FillFetch:
         self.handover = Handover(marker, response, attempt, length, prefix, data)
         return marker, True
 
-    def _shaped(
-        self, response: OriginResponse, attempt: Attempt, cache: HttpCache
-    ) -> tuple[HeadShape | None, Headers]:
-        """The response's head shape when known (or made now, on its second sight), and its
-        headers as ``rewrite_response_headers`` makes them."""
-        state = self.state
-        raw = response.raw_headers
-        key = self.lookup.key
-        assert key is not None
-        route = self.target.route.name
-        shape_of, volatile = shape_key(raw, response.status, attempt.region, route, key.rule)
-        if shape_of is not None:
-            admission = cache.admission
-            shape, seen = _SHAPES.find(state, admission, shape_of)
-            if shape is None and seen:
-                shape = _SHAPES.make(
-                    shape_of,
-                    raw,
-                    response.status,
-                    state,
-                    attempt.region,
-                    route,
-                    admission,
-                    key.rule,
-                )
-            if shape is not None:
-                return shape, shape.headers(volatile)
-        headers = rewrite_response_headers(
-            raw, dropped=state.dropped_response_headers, via=state.via, region=attempt.region
-        )
-        return None, headers
-
     async def read_for_cache(self, response: OriginResponse, attempt: Attempt) -> UpstreamResponse:
         """The upstream response as ``fill`` stores it: whole, decoded to identity.  What the
         cache will not keep goes back in ``handover``: live, or, when the edge must decode a
@@ -405,7 +478,18 @@ class FillFetch:
         try:
             status = response.status
             reason = _REASONS.get(response.reason) or response.reason.encode("latin-1", "replace")
-            shape, headers = self._shaped(response, attempt, cache)
+            lookup = self.lookup
+            key = lookup.key
+            assert key is not None
+            shape, headers = _SHAPES.read(
+                response.raw_headers,
+                status,
+                state,
+                attempt.region,
+                self.target.route.name,
+                cache.admission,
+                key.rule,
+            )
             if status < 200 or status in (204, 304):
                 return UpstreamResponse(status, headers, b"", reason)
             edge = state.config.edge
@@ -414,9 +498,7 @@ class FillFetch:
             content = response.content
             if shape is not None:
                 coding = shape.coding
-                lookup = self.lookup
-                key, request = lookup.key, lookup.request
-                assert key is not None
+                request = lookup.request
                 # ``HttpCache.storable_head``, told the head's shape.
                 refused = (
                     "lookup"
@@ -427,7 +509,7 @@ class FillFetch:
                 )
             else:
                 coding = content_coding(headers)
-                refused = cache.storable_head(self.lookup, status, headers)
+                refused = cache.storable_head(lookup, status, headers)
             decodable = coding is not None and coding in DECODABLE
             if refused is not None or (length is not None and length > limit):
                 small_for_decoding = (
@@ -533,4 +615,4 @@ class FillFetch:
                 services.upstream.release(attempt.backend)
 
 
-__all__ = ["FillFetch", "Handover", "HeadShape", "HeadShapes", "shape_key"]
+__all__ = ["FillFetch", "Handover", "HeadShape", "HeadShapes", "ShapePlan", "shape_key"]
