@@ -261,8 +261,10 @@ RESPONSE_SHAPES: Final = MemoSpec(
     "at most 48 lines and 4 KiB of kept lines",
     value="the HeadShape: the rewritten header list as a template, its coding, whether it may "
     "be compressed, the cache's StoredShape (meta, stored fields, entry size); None on the "
-    "key's first sight",
-    cleared_by="another EdgeState (a config reload) or cache; its bound",
+    "key's first sight.  Two more tables of this bound find a made shape without its key "
+    "(HeadShapes.read): the ShapePlan (which lines are volatile) by a head's exact line "
+    "names, and the shape with its fills by (plan, stable lines, status, region, route, rule)",
+    cleared_by="another EdgeState (a config reload) or cache; its bound (each table its own)",
     bound=1024,
 )
 MEDIA_TYPE_PATTERNS: Final = MemoSpec(
