@@ -225,7 +225,8 @@ def test_every_compiled_table_carries_its_block_index(database: str) -> None:
         assert list(table.v4_blocks) == _block_index_plain(list(table.v4_starts))
 
 
-_TRIM_PROBE = """
+#: The start of a probe run in a fresh process: the demo config loaded, and ``rss()`` in MiB.
+RSS_PROBE_PRELUDE = """
 import gc
 from geodns.server import _compile_and_trim, build_serving
 from meridian.config import load_config
@@ -238,6 +239,10 @@ def rss():
             return int(line.split()[1]) // 1024
 
 config = load_config("config/demo.yaml")
+"""
+_TRIM_PROBE = (
+    RSS_PROBE_PRELUDE
+    + """
 serving = build_serving(config, 1, config.pops[0].name)
 gc.collect()
 built = rss()
@@ -245,6 +250,7 @@ serving.responder.install(_compile_and_trim(serving.responder, ALL_UP))
 gc.collect()
 print(built, rss(), trim_heap())
 """
+)
 
 
 def test_the_address_maps_build_gives_its_freed_memory_back() -> None:

@@ -18,6 +18,7 @@ from geodns.zone import Zone
 from meridian.config import parse_config
 from meridian.geo import GeoLocator
 from tests.dns_support import CITY_TEST_DB, base_config
+from tests.test_geodns_compiled import RSS_PROBE_PRELUDE
 
 _V6 = st.one_of(
     st.integers(0, (1 << 128) - 1),
@@ -72,19 +73,9 @@ def test_a_settled_map_is_the_built_map(database: str) -> None:
     assert len({id(v) for v in everything}) == len(set(everything))
 
 
-_RSS_PROBE = """
-import gc
-from geodns.server import _compile_and_trim, build_serving
-from meridian.config import load_config
-from meridian.lifecycle import trim_heap
-from tests.test_dns_core import ALL_UP
-
-def rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) // 1024
-
-config = load_config("config/demo.yaml")
+_RSS_PROBE = (
+    RSS_PROBE_PRELUDE
+    + """
 gc.collect()
 before = rss()
 serving = build_serving(config, 1, "iad")
@@ -92,6 +83,7 @@ serving.responder.install(_compile_and_trim(serving.responder, ALL_UP))
 gc.collect()
 print(before, rss(), trim_heap())
 """
+)
 
 
 def test_the_compiled_world_holds_under_95_mib() -> None:

@@ -342,16 +342,7 @@ class Admission:
             response.compressible,
             auth_ok,
         )
-        entry = Entry(  # ``entry``, without its frame
-            stored,
-            store_key,
-            key.primary,
-            key.url,
-            self._compressor,
-            self._extra_head,
-            self.targeted_fields,
-            measured,
-        )
+        entry = self.entry(key, store_key, stored, measured)
         if shape is not None and meta.date is not None:  # no Date of ours after the fields
             template = shape.head
             if template is None and not shape.head_tried:
