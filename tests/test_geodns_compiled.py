@@ -240,6 +240,25 @@ def rss():
 
 config = load_config("config/demo.yaml")
 """
+
+
+def run_rss_probe(source: str) -> tuple[int, int]:
+    """The two RSS figures (MiB) a probe printed, run in a fresh process from the repository's
+    root; skipped where the C library has no ``malloc_trim`` (freed memory stays in the heap,
+    and RSS says nothing of what was freed)."""
+    out = subprocess.run(
+        [sys.executable, "-c", source],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.split()
+    if out[2] != "True":
+        pytest.skip("this C library has no malloc_trim")
+    return int(out[0]), int(out[1])
+
+
 _TRIM_PROBE = (
     RSS_PROBE_PRELUDE
     + """
@@ -259,16 +278,5 @@ def test_the_address_maps_build_gives_its_freed_memory_back() -> None:
     were settled into fresh arenas, ``compiled.settled``, 220 -> 139 MiB of a larger heap):
     the server trims after every build and compilation.  In a fresh process, to see RSS
     alone; the RSS that is left is bounded by ``tests/test_geodns_memory.py``."""
-    root = Path(__file__).resolve().parent.parent
-    out = subprocess.run(
-        [sys.executable, "-c", _TRIM_PROBE],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout.split()
-    built, trimmed, trims = int(out[0]), int(out[1]), out[2] == "True"
-    if not trims:
-        pytest.skip("this C library has no malloc_trim")
+    built, trimmed = run_rss_probe(_TRIM_PROBE)
     assert trimmed <= built - 25, (built, trimmed)

@@ -5,10 +5,6 @@ integers were left scattered among the build's freed temporaries."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -18,7 +14,7 @@ from geodns.zone import Zone
 from meridian.config import parse_config
 from meridian.geo import GeoLocator
 from tests.dns_support import CITY_TEST_DB, base_config
-from tests.test_geodns_compiled import RSS_PROBE_PRELUDE
+from tests.test_geodns_compiled import RSS_PROBE_PRELUDE, run_rss_probe
 
 _V6 = st.one_of(
     st.integers(0, (1 << 128) - 1),
@@ -91,16 +87,5 @@ def test_the_compiled_world_holds_under_95_mib() -> None:
     and compiled in a fresh process (imports excluded): 73 MiB with the IPv6 starts settled,
     121 MiB when they stayed scattered among the build's freed temporaries (pymalloc keeps an
     arena while one object in it lives)."""
-    root = Path(__file__).resolve().parent.parent
-    out = subprocess.run(
-        [sys.executable, "-c", _RSS_PROBE],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout.split()
-    before, after, trims = int(out[0]), int(out[1]), out[2] == "True"
-    if not trims:
-        pytest.skip("this C library has no malloc_trim: freed memory stays in the heap")
+    before, after = run_rss_probe(_RSS_PROBE)
     assert after - before <= 95, (before, after)
