@@ -70,6 +70,9 @@ def _edge_section(redis_url: str, *, extra_rule: dict[str, Any] | None = None) -
             "memory": MEMORY,
             "max_object": 256 * 1024,
             "redis_url": redis_url,
+            # As tests/redis_topology.py's sharing tests: a write past its deadline is dropped
+            # by design, and on a loaded CI machine the default 50 ms dropped a shared entry.
+            "redis_timeout": "1s",
             "purge_token": TOKEN,
             "rules": rules,
         },
