@@ -17,8 +17,8 @@ max-age=1), delivered on the loop's next turn as a socket read would be.  Scenar
 
 Prints CPU µs per request (``time.process_time``: this process only) per round and the best
 round.  What it leaves out: the kernel's socket work on both sides, which ``benchmarks.compare``
-measures end to end.  ``--profile FILE``: cProfile of the rounds run (``--only`` picks the scenario), written
-to FILE (``python -m pstats FILE``).
+measures end to end.  ``--profile FILE``: cProfile of the rounds run (``--only`` picks the
+scenario), written to FILE (``python -m pstats FILE``).
 """
 
 from __future__ import annotations
