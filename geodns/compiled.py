@@ -126,6 +126,8 @@ def widest_scope_plain(address: int, first: int, last: int, bits: int) -> int:
 class GroupMap:
     """The address space as ranges of signatures for one target set."""
 
+    #: The target set it was built for: a map shared across reloads may hold an earlier
+    #: config's (other addresses); only what :func:`group_key` reads is the same.
     targets: tuple[Target, ...]
     v4_starts: array[int]
     #: Signature numbers: ``bytes`` while there are at most 256 signatures, else ``array``.
@@ -141,10 +143,10 @@ class GroupMap:
         return len(self.v4_starts) + len(self.v6_starts)
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(frozen=True, slots=True, eq=False, weakref_slot=True)
 class AddressMap:
     """Both address families as ranges of signatures, per target set (see the module
-    docstring)."""
+    docstring).  Never changed once settled: responders of successive reloads share one."""
 
     #: By :func:`group_key` of the target set.
     groups: dict[GroupKey, GroupMap]

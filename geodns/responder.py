@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import struct
 import time
+import weakref
 from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
@@ -83,9 +84,13 @@ _COUNTS = b"\x00\x01\x00\x00\x00\x00"
 MEMO_LIMIT = 200_000
 #: ECS query shapes remembered (see :meth:`Responder.shaped`) before the table is emptied.
 SHAPE_LIMIT = 4096
-#: Address maps kept (by database file, overrides and what selection reads): tests and reloads
-#: of an unchanged world reuse one.
-_MAP_CACHE: dict[tuple[object, ...], AddressMap] = {}
+#: Address maps by what they are made of (:func:`_map_key`), each kept while a responder uses
+#: it: a reload that changes none of it reuses the serving map (no walk of the database), and
+#: a map no responder uses any more is freed, not kept for a world that may not come back.
+_MAPS: weakref.WeakValueDictionary[tuple[object, ...], AddressMap] = weakref.WeakValueDictionary()
+#: The map made or reused last, held: a check that builds a responder only to drop it (the
+#: supervisor validating a reloaded config) finds it again next time.  At most one map more.
+_last_map: list[AddressMap] = []
 
 
 #: ECS scope prefix lengths as the byte the reply carries.
@@ -323,7 +328,16 @@ class Responder:
     the result in (:meth:`install`), answering from the previous compilation meanwhile (those
     replies are not memoized)."""
 
-    def __init__(self, zone: Zone, locator: GeoLocator, *, compile_inline: bool = True) -> None:
+    def __init__(
+        self,
+        zone: Zone,
+        locator: GeoLocator,
+        *,
+        compile_inline: bool = True,
+        previous: Responder | None = None,
+    ) -> None:
+        """``previous``: the responder this one replaces (a reload), whose answer tables are
+        reused where they still hold (see :meth:`compile`)."""
         self.zone = zone
         self.locator = locator
         self.locate = locator.locate
@@ -366,7 +380,7 @@ class Responder:
             if number == len(self._class_names):
                 self._class_names.append((key, geo))
         self._name_lengths = tuple(sorted({len(key) for key in zone.geo_names}))
-        self.address_map = _address_map(locator, zone)
+        self.address_map, self.address_map_reused = _address_map(locator, zone)
         #: Client countries: what the shell's answer tallies are labelled with.
         self.countries = self.address_map.countries
         self._country_blocks = self.countries.v4_blocks
@@ -375,6 +389,11 @@ class Responder:
         self._country_rows: dict[ReplyInfo, list[int]] = {}
         self._compiled: Compiled | None = None
         self._reuse: dict[tuple[object, ...], AnswerTable] = {}
+        if previous is not None and previous.address_map is self.address_map:
+            # Its tables are keyed by the groups of this very map (by id: valid while the map
+            # lives), so they hold here too; a copy, since the previous responder may still
+            # compile for a health change until it is swapped out.
+            self._reuse = dict(previous._reuse)
         #: ECS query shapes (the query after its ID, up to the address) -> what
         #: :meth:`shaped` needs; and the address lengths seen (the key is the query minus one).
         self._shapes: dict[bytes, _Shape] = {}
@@ -1449,31 +1468,41 @@ def slip_for_query(query: bytes) -> bytes | None:
     return wire.HEADER.pack(ident, flags, 1, 0, 0, 0) + query[12:end]
 
 
-def _address_map(locator: GeoLocator, zone: Zone) -> AddressMap:
-    """The zone's address map over the locator's database (cached: built once per database,
-    overrides and targets)."""
-    config = zone.config
-    stat = locator.path.stat()
-    key = (
-        str(locator.path),
-        stat.st_mtime_ns,
-        stat.st_size,
-        config.geo,
-        locator.default_placement.lat,
-        locator.default_placement.lon,
-        locator.default_placement.country,
-        locator.default_placement.continent,
-        config.residency,
-        # What signatures read of the targets (not their addresses: those are compiled).
+def _map_key(locator: GeoLocator, zone: Zone) -> tuple[object, ...]:
+    """Everything :func:`build_address_map` reads: the database file (by identity, so a file
+    replaced or rewritten on disk is walked again), the default placement and the overrides
+    (where placements come from), the residency rules and what signatures read of the target
+    sets (kinds, names and places; not addresses, TTLs or health: those are compiled later)."""
+    default = locator.default_placement
+    return (
+        locator.identity,
+        (default.lat, default.lon, default.country, default.continent),
+        zone.config.geo.overrides,
+        zone.config.residency,
         tuple(dict.fromkeys(group_key(geo.targets) for geo in zone.geo_names.values())),
     )
-    cached = _MAP_CACHE.get(key)
-    if cached is None:
+
+
+def _address_map(locator: GeoLocator, zone: Zone) -> tuple[AddressMap, bool]:
+    """The zone's address map over the locator's database, and whether it was reused (built
+    once per database, overrides and targets while any responder uses it)."""
+    key = _map_key(locator, zone)
+    address_map = _MAPS.get(key)
+    reused = address_map is not None
+    if address_map is None:
+        _last_map.clear()  # not needed for the build: its memory may be reused by it
         # Settled once the walk of the database (the argument) is freed: see settled().
-        cached = settled(
-            build_address_map(locator, locator.tree_ranges(), config, list(zone.geo_names.values()))
+        address_map = settled(
+            build_address_map(
+                locator, locator.tree_ranges(), zone.config, list(zone.geo_names.values())
+            )
         )
-        if len(_MAP_CACHE) >= 4:
-            _MAP_CACHE.clear()
-        _MAP_CACHE[key] = cached
-    return cached
+        _MAPS[key] = address_map
+    _last_map[:] = [address_map]
+    return address_map, reused
+
+
+def forget_address_maps() -> None:
+    """Build the next address map anew (for tests comparing a reused map with a fresh one)."""
+    _MAPS.clear()
+    _last_map.clear()

@@ -365,8 +365,11 @@ def _compile_and_trim(responder: Responder, health: HealthView) -> Compiled:
     return compiled
 
 
-def build_serving(config: Config, generation: int, pop: str) -> Serving:
-    """Everything a config needs before it can serve; raises ConfigError if it cannot."""
+def build_serving(
+    config: Config, generation: int, pop: str, previous: Serving | None = None
+) -> Serving:
+    """Everything a config needs before it can serve; raises ConfigError if it cannot.
+    ``previous``: what serves now (a reload), whose answers are reused where they hold."""
     try:
         pop_config = config.pop(pop)
     except KeyError:
@@ -378,7 +381,12 @@ def build_serving(config: Config, generation: int, pop: str) -> Serving:
     return Serving(
         config,
         generation,
-        Responder(Zone.build(config), locator, compile_inline=False),
+        Responder(
+            Zone.build(config),
+            locator,
+            compile_inline=False,
+            previous=previous.responder if previous is not None else None,
+        ),
         locator,
         ResponseRateLimiter(config.dns.rate_limit),
         ComputeBudget(config.dns.rate_limit),
@@ -497,6 +505,8 @@ class DnsServer:
         self.metrics = DnsMetrics(self.registry)
         self.serving = build_serving(holder.current, holder.generation, pop)
         self._pending: Serving | None = None
+        #: How long building the pending serving took (logged when it is swapped in).
+        self._prepare_seconds = 0.0
         holder.listeners.append(self._prepare)
         self.monitor = HealthMonitor(
             holder.current,
@@ -650,10 +660,12 @@ class DnsServer:
 
     def _prepare(self, config: Config, generation: int) -> None:
         """Build the new serving state before the holder swaps; a failure rejects the reload."""
-        pending = build_serving(config, generation, self.pop)
+        started = time.perf_counter()
+        pending = build_serving(config, generation, self.pop, previous=self.serving)
         pending.responder.tag_of = self._udp_slot
         pending.responder.install(pending.responder.compile(self.monitor.snapshot))
         self._pending = pending
+        self._prepare_seconds = time.perf_counter() - started
 
     def _udp_slot(self, info: ReplyInfo, country: str | None) -> int:
         return self.metrics.slot("udp", info, country)
@@ -732,7 +744,15 @@ class DnsServer:
         self.metrics.config_generation.set(generation)
         self.metrics.set_budgets(config)
         self.metrics.reloads.labels("ok").inc()
-        log.info("dns_reloaded", generation=generation, geo_database=str(pending.locator.path))
+        log.info(
+            "dns_reloaded",
+            generation=generation,
+            geo_database=str(pending.locator.path),
+            # The address map (the database walk and everything else derived from the
+            # file, the overrides and the topology) was the serving one: nothing re-walked.
+            geo_database_reused=pending.responder.address_map_reused,
+            seconds=round(self._prepare_seconds, 3),
+        )
 
     def reload(self) -> bool:
         """What SIGHUP does (also for tests): reload config and geo database, or keep both."""

@@ -22,17 +22,18 @@ import csv
 import ipaddress
 import math
 import mmap
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import maxminddb
 
 from meridian.config import GeoConfig, GeoOverride, Location
-from meridian.geo_tree import TreeRanges, database_ranges
+from meridian.geo_tree import TreeRanges, tree_ranges
 
 T = TypeVar("T")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -64,6 +65,22 @@ CONTINENT_CENTRES: dict[str, tuple[float, float]] = {
 
 class GeoError(Exception):
     """The geo database cannot be used (missing, unreadable, wrong kind)."""
+
+
+class DatabaseIdentity(NamedTuple):
+    """Which file a locator reads: equal identities are the same bytes (a file replaced on
+    disk has a new inode, a file rewritten in place a new mtime or size), so whatever is
+    derived from the file alone can be reused between locators of equal identity."""
+
+    path: str
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: str, stat: os.stat_result) -> DatabaseIdentity:
+        return cls(path, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +207,9 @@ class GeoLocator:
     def __init__(self, geo: GeoConfig, fallback: Location) -> None:
         path = builtin_database() if geo.database == "builtin" else Path(geo.database)
         try:
+            path = path.resolve()
+            # Before the reader opens it: checked against the file our own mapping holds.
+            before = DatabaseIdentity.of(str(path), path.stat())
             self._reader = maxminddb.open_database(str(path))
         except (OSError, ValueError, maxminddb.InvalidDatabaseError) as exc:
             raise GeoError(f"geo.database: cannot open {path}: {exc}") from None
@@ -238,6 +258,11 @@ class GeoLocator:
         except (OSError, ValueError, IndexError) as exc:
             self._reader.close()
             raise GeoError(f"geo.database: cannot open {path}: {exc}") from None
+        #: The file both the reader and the tree read (what compiled answers are cached by).
+        self.identity = self._tree.identity
+        if self.identity != before:  # replaced between the two opens: which did the reader get?
+            self.close()
+            raise GeoError(f"geo.database: {path} changed while it was being opened")
         #: Data pointers seen (search tree leaf values) -> their placement.
         self._by_pointer: dict[int, Placement] = {}
         # The tree's directory, read directly by locate_v4 (most lookups end there).
@@ -270,10 +295,12 @@ class GeoLocator:
 
     def tree_ranges(self) -> TreeRanges:
         """Every network of the database, in address order (a walk of the whole tree: about
-        a second for the shipped database; what it is compiled into is kept, not this)."""
+        a second for the shipped database; what it is compiled into is kept, not this).
+        Walked in the mapping opened with the locator, so it is the file :attr:`identity`
+        names even if the path has been replaced since."""
         metadata = self._reader.metadata()
-        return database_ranges(
-            self.path, metadata.node_count, metadata.record_size, metadata.ip_version
+        return tree_ranges(
+            self._tree.data, metadata.node_count, metadata.record_size, metadata.ip_version
         )
 
     def locate(self, address: IPAddress | str) -> ClientLocation:
@@ -438,6 +465,7 @@ class _V4Tree:
             self._map = mmap.mmap(
                 fh.fileno(), 0, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ
             )
+            self.identity = DatabaseIdentity.of(str(path), os.fstat(fh.fileno()))
         if len(self._map) < node_count * self._node_bytes:
             self._map.close()
             raise ValueError("the search tree is larger than the file")
@@ -483,6 +511,11 @@ class _V4Tree:
                     add_depth(at)
             nodes, depths = next_nodes, next_depths
         return nodes, bytearray(depths)
+
+    @property
+    def data(self) -> mmap.mmap:
+        """The whole file, mapped read-only."""
+        return self._map
 
     def close(self) -> None:
         self._map.close()

@@ -130,10 +130,15 @@ def _walk(
 def database_ranges(path: Path, node_count: int, record_size: int, ip_version: int) -> TreeRanges:
     """Every leaf of the database's search tree, by family, in address order."""
     with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        size = record_size // 4
-        if len(data) < node_count * size:
-            raise ValueError("the search tree is larger than the file")
-        lefts, rights = child_arrays(data[: node_count * size], node_count, record_size)
+        return tree_ranges(data, node_count, record_size, ip_version)
+
+
+def tree_ranges(data: mmap.mmap, node_count: int, record_size: int, ip_version: int) -> TreeRanges:
+    """:func:`database_ranges` of a database already mapped (the whole file)."""
+    size = record_size // 4
+    if len(data) < node_count * size:
+        raise ValueError("the search tree is larger than the file")
+    lefts, rights = child_arrays(data[: node_count * size], node_count, record_size)
     v4_root = 0
     if ip_version == 6:
         for _ in range(96):
