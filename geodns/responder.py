@@ -82,6 +82,10 @@ _SLOT_QTYPES = (wire.TYPE_A, wire.TYPE_AAAA, wire.TYPE_ANY)
 _COUNTS = b"\x00\x01\x00\x00\x00\x00"
 #: Memoized replies kept before the table is simply emptied (a fresh start is cheap).
 MEMO_LIMIT = 200_000
+#: Slots of the UDP reply memo's doorkeeper (``DnsServer._seen``: one byte each, 1 MiB): a
+#: reply the shape lookups give cheaply is memoized only on its query's second sighting, so
+#: queries that never come back (a new ECS subnet each) do not fill the memo (~340 bytes each).
+DOORKEEPER_SLOTS = 1 << 20
 #: ECS query shapes remembered (see :meth:`Responder.shaped`) before the table is emptied.
 SHAPE_LIMIT = 4096
 #: Address maps by what they are made of (:func:`_map_key`), each kept while a responder uses

@@ -39,6 +39,7 @@ from geodns import mmsg
 from geodns.budget import failover_budget
 from geodns.ratelimit import ComputeBudget, ResponseRateLimiter, Verdict
 from geodns.responder import (
+    DOORKEEPER_SLOTS,
     MEMO_LIMIT,
     Compiled,
     Reply,
@@ -77,6 +78,7 @@ UDP_BATCH = 64
 UDP_BATCH_ROUNDS = 4
 #: Replies held while the socket's send buffer is full; past this they are dropped (counted).
 UDP_SEND_BACKLOG = 4096
+_DOORKEEPER_MASK = DOORKEEPER_SLOTS - 1
 _COUNTED_QTYPES = frozenset(
     {
         "A",
@@ -530,6 +532,12 @@ class DnsServer:
         #: or config changes.
         self._shared: dict[bytes, tuple[bytes, int]] = {}
         self._by_client: dict[tuple[bytes, Any], tuple[bytes, int]] = {}
+        #: The memos' doorkeeper (TinyLFU's): a fingerprint byte (odd: never 0, an empty slot)
+        #: of each memo key seen, in the slot its hash picks.  A reply :meth:`_known_ecs` or
+        #: :meth:`_known_plain` gives (a range lookup: cheap) is memoized only when its key's
+        #: fingerprint is already there.  A collision admits a reply early (1 in 128 at worst)
+        #: or overwrites a mark (admitted a sighting later): either way the reply is the same.
+        self._seen = bytearray(DOORKEEPER_SLOTS)
         self._hits = self.metrics.hits
         self._memo_generation = -1
         #: Replies of known ECS shapes (:meth:`Responder.shaped`) carry their tally slot.
@@ -913,7 +921,14 @@ class DnsServer:
         reply, _, slot = shaped
         self._computed[slot] += 1
         self.metrics.shaped += 1
-        if len(self._shared) >= MEMO_LIMIT:
+        # The doorkeeper (inline: this is every query's path when each brings a new subnet).
+        key_hash = hash(query)
+        at = key_hash & _DOORKEEPER_MASK
+        mark = (key_hash >> 48 & 0xFF) | 1
+        if self._seen[at] != mark:
+            self._seen[at] = mark
+            return reply
+        if len(self._shared) + len(self._by_client) >= MEMO_LIMIT:
             self._forget_replies()
         self._shared[query] = (reply, slot)
         return reply
@@ -930,9 +945,16 @@ class DnsServer:
         reply, _, slot = plain
         self._computed[slot] += 1
         self.metrics.shaped += 1
+        key = (query, sender)
+        key_hash = hash(key)
+        at = key_hash & _DOORKEEPER_MASK
+        mark = (key_hash >> 48 & 0xFF) | 1  # as in _known_ecs
+        if self._seen[at] != mark:
+            self._seen[at] = mark
+            return reply
         if len(self._shared) + len(self._by_client) >= MEMO_LIMIT:
             self._forget_replies()
-        self._by_client[(query, sender)] = (reply, slot)
+        self._by_client[key] = (reply, slot)
         return reply
 
     def _limited_batch(self, batch: mmsg.DatagramBatch) -> int:
